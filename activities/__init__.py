@@ -1,0 +1,1 @@
+"""Temporal activities (side effects, retriable): assets, avatar prep, outputs, run, teardown."""

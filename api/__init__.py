@@ -1,0 +1,1 @@
+"""FastAPI edge: sessions REST, seed-compatible routes, tokens, health, debug, metrics."""

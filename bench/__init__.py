@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name> --json PATH` (see shared BENCHMARKS.md)."""

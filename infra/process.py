@@ -1,0 +1,173 @@
+"""Start, probe and stop the local services (Temporal, livekit-server, nginx) as child processes.
+
+Each service runs in its own process group so that stopping it also stops whatever it
+forked (nginx workers, the Temporal UI server): nothing is left running after a test
+session or `lipsync stack down`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceStartError(RuntimeError):
+    """A service did not become healthy; the message carries the tail of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def tcp_port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    """True when `url` answers 2xx (used for readiness, so errors just mean "not yet")."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return 200 <= int(response.status) < 300
+    except (OSError, ValueError):
+        return False
+
+
+def log_tail(path: Path, max_lines: int = 40) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-max_lines:])
+
+
+def wait_until(probe: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if probe():
+            return True
+        time.sleep(interval_s)
+    return probe()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); read its state to tell.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_process_group(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group led by `pid`, then SIGKILL what is left after `timeout_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        if wait_until(lambda: not _group_alive(pid), timeout_s if sig == signal.SIGTERM else 5.0):
+            return
+    logger.warning("process group still alive after SIGKILL", extra={"pid": pid})
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        # fields: state ppid pgrp ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+@dataclass
+class ManagedProcess:
+    """One service process: its command, where it logs, and how to tell it is healthy."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    health: Callable[[], bool]
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+    startup_timeout_s: float = 60.0
+    _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("starting service", extra={"service": self.name, "argv": list(self.argv)})
+        with self.log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                list(self.argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.cwd,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,
+            )
+        popen = self._popen
+
+        def healthy_or_dead() -> bool:
+            return popen.poll() is not None or self.health()
+
+        wait_until(healthy_or_dead, self.startup_timeout_s, interval_s=0.2)
+        if popen.poll() is not None:
+            raise ServiceStartError(
+                f"{self.name} exited with code {popen.returncode} during start-up; "
+                f"log {self.log_path}:\n{log_tail(self.log_path)}"
+            )
+        if not self.health():
+            self.stop()
+            raise ServiceStartError(
+                f"{self.name} was not healthy after {self.startup_timeout_s:.0f} s; "
+                f"log {self.log_path}:\n{log_tail(self.log_path)}"
+            )
+
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def stop(self) -> None:
+        if self._popen is None:
+            return
+        stop_process_group(self._popen.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout=5)
+        logger.info("stopped service", extra={"service": self.name})

@@ -1,0 +1,1 @@
+"""The realtime sidecar: PCM ingest -> audio features -> engine -> compositor -> publishers."""

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from infra.cli import build_parser, main
+
+
+def test_lipsync_help_lists_subcommands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0
+    assert "stack" in result.stdout and "demo" in result.stdout
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["no-such-command"])
+    assert exc.value.code == 2
+
+
+def test_no_subcommand_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: lipsync" in capsys.readouterr().out

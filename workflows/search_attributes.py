@@ -1,0 +1,12 @@
+"""Search attributes that make sessions findable in the Temporal UI (all keyword-typed)."""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+ROOM = SearchAttributeKey.for_keyword("LipsyncRoom")
+PHASE = SearchAttributeKey.for_keyword("LipsyncPhase")
+OUTPUT = SearchAttributeKey.for_keyword("LipsyncOutput")
+SIDECAR = SearchAttributeKey.for_keyword("LipsyncSidecar")
+
+ALL_KEYS = (ROOM, PHASE, OUTPUT, SIDECAR)
