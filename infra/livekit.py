@@ -35,10 +35,20 @@ def livekit_binary_path() -> Path:
     return cache_dir() / "livekit-server" / LIVEKIT_SERVER_VERSION / "server"
 
 
+def binary_version(binary: Path) -> str | None:
+    """The version the binary reports (`server --version`), or None if it does not run."""
+    try:
+        result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except OSError:
+        return None
+    words = result.stdout.split()
+    return words[-1] if result.returncode == 0 and words else None
+
+
 def ensure_livekit_server() -> Path:
-    """Build livekit-server with `go install` unless the pinned build is already cached."""
+    """Build livekit-server with `go install` unless the pinned build is already cached (and runs)."""
     binary = livekit_binary_path()
-    if binary.exists():
+    if binary.exists() and binary_version(binary) == LIVEKIT_SERVER_VERSION.lstrip("v"):
         return binary
     go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
     if go is None:

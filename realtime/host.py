@@ -1,0 +1,165 @@
+"""The sidecar's control surface: what the Temporal activities on a sidecar's task queue call.
+
+`activities/` (the sidecar-side activities) depends on this protocol; `realtime/sidecar`
+implements it. Data here is plain dataclasses so activities can translate them to and from
+the workflow contracts without importing anything heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+
+class OutputKind(StrEnum):
+    LIVEKIT = "livekit"
+    RTMP = "rtmp"
+
+
+class SessionEndReason(StrEnum):
+    STOPPED = "stopped"  # stop signal / API stop
+    IDLE_TIMEOUT = "idle_timeout"  # no audio for the policy's idle timeout
+    MAX_DURATION = "max_duration"  # the session ran for its maximum duration
+    CLIENT_GONE = "client_gone"  # the audio client (WS or agent) left and did not return
+    OUTPUT_FAILED = "output_failed"  # every output in the fallback order failed while live
+
+
+@dataclass(frozen=True)
+class AvatarAsset:
+    """A fetched and validated avatar on the sidecar's disk."""
+
+    path: Path  # frames zip or idle video
+    kind: str  # "frames_zip" | "idle_video"
+    digest_sha256: str
+
+
+@dataclass(frozen=True)
+class PreparedAvatar:
+    """Result of avatar preparation, cached on disk by digest + engine version."""
+
+    digest_sha256: str
+    cache_dir: Path
+    frame_count: int
+    width_px: int
+    height_px: int
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    frames_done: int
+    frames_total: int
+
+
+@dataclass(frozen=True)
+class WarmUpResult:
+    engine: str  # "musetalk" | "preview"
+    device: str
+    warm_up_ms: float
+    already_warm: bool
+
+
+@dataclass(frozen=True)
+class LiveKitTarget:
+    url: str
+    room: str
+    identity: str
+    token: str  # minted by the control plane with livekit-api
+    publish_audio: bool = True
+    publish_on_behalf: str | None = None  # the agent's identity when driven by an agent
+
+
+@dataclass(frozen=True)
+class RtmpTarget:
+    url: str
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    kind: OutputKind
+    livekit: LiveKitTarget | None = None
+    rtmp: RtmpTarget | None = None
+    record_path: Path | None = None  # optional MP4 recording beside the live output
+
+
+@dataclass(frozen=True)
+class OpenedOutput:
+    kind: OutputKind
+    detail: str  # room name or RTMP URL without credentials
+
+
+@dataclass
+class SessionStats:
+    """Counters a running session reports (heartbeat details, /debug/audio, metrics).
+
+    Sample accounting holds at all times: received == rendered + pending + rejected.
+    """
+
+    session_id: str
+    output: str = ""
+    frames_published: int = 0
+    speech_frames: int = 0
+    idle_frames: int = 0
+    dropped_frames: int = 0
+    audio_samples_received: int = 0
+    audio_samples_rendered: int = 0
+    audio_samples_pending: int = 0
+    audio_samples_published: int = 0
+    audio_samples_rejected: int = 0
+    ttff_ms: float | None = None
+    lateness_ms_p99: float | None = None
+    av_offset_ms: float | None = None
+    fallbacks: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    idle_timeout_s: float
+    max_duration_s: float
+    stats_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    reason: SessionEndReason
+    stats: SessionStats
+
+
+@dataclass(frozen=True)
+class Capacity:
+    sidecar_id: str
+    task_queue: str
+    slots_total: int
+    slots_free: int
+
+
+class SessionHost(Protocol):
+    """One sidecar process: one engine shared by all its sessions."""
+
+    def capacity(self) -> Capacity: ...
+
+    async def prepare_avatar(
+        self, session_id: str, asset: AvatarAsset, on_progress: Callable[[PrepareProgress], None]
+    ) -> PreparedAvatar: ...
+
+    async def warm_up(self) -> WarmUpResult: ...
+
+    async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+        """Connect the session's output; raises on failure (the workflow applies the fallback policy)."""
+        ...
+
+    async def run_session(
+        self, session_id: str, limits: RunLimits, on_stats: Callable[[SessionStats], None]
+    ) -> SessionEnd:
+        """Serve the session until stop, idle timeout, max duration or client gone; calls on_stats periodically."""
+        ...
+
+    async def stop_session(self, session_id: str, reason: SessionEndReason) -> None: ...
+
+    async def teardown(self, session_id: str) -> None:
+        """Leave the room, stop RTMP/recording, release the slot. Idempotent."""
+        ...
