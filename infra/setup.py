@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from infra import livekit, system
+from infra import livekit, system, web
 
 
 def main() -> int:
@@ -19,6 +19,7 @@ def main() -> int:
     cached = livekit.livekit_binary_path().exists()
     binary = livekit.ensure_livekit_server()
     log.info("livekit-server %s: %s (%s)", livekit.LIVEKIT_SERVER_VERSION, binary, "cached" if cached else "built")
+    log.info("viewer page: %s", web.ensure_viewer_built())
     return 0
 
 

@@ -23,6 +23,8 @@ REQUIREMENTS = (
     SystemRequirement("libnginx-mod-rtmp", Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")),
     SystemRequirement("ffmpeg", Path("/usr/bin/ffmpeg")),
     SystemRequirement("espeak-ng", Path("/usr/bin/espeak-ng")),
+    # Headless browser for the viewer page's end-to-end test.
+    SystemRequirement("chromium", Path("/usr/bin/chromium")),
 )
 
 
