@@ -1,4 +1,4 @@
-"""The viewer page (web/viewer: livekit-client from npm) built into api/static/viewer by esbuild."""
+"""The viewer page (api/viewer: livekit-client from npm) built into api/static/viewer by esbuild."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from infra.paths import PROJECT_ROOT
 
-VIEWER_SOURCE_DIR = PROJECT_ROOT / "web" / "viewer"
+VIEWER_SOURCE_DIR = PROJECT_ROOT / "api" / "viewer"
 VIEWER_STATIC_DIR = PROJECT_ROOT / "api" / "static" / "viewer"
 
 
@@ -24,7 +24,7 @@ def ensure_viewer_built() -> Path:
     """npm ci (when node_modules is missing or older than the lock file) and build when sources changed."""
     npm = shutil.which("npm")
     if npm is None:
-        raise ViewerBuildError("npm not found: the viewer page is built from web/viewer with Node.js")
+        raise ViewerBuildError("npm not found: the viewer page is built from api/viewer with Node.js")
     lock = VIEWER_SOURCE_DIR / "package-lock.json"
     modules = VIEWER_SOURCE_DIR / "node_modules"
     if not modules.exists() or modules.stat().st_mtime < lock.stat().st_mtime:
