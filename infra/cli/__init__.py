@@ -13,7 +13,11 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in help order.
-SUBCOMMAND_MODULES = ("infra.cli.stack", "infra.cli.demo")
+SUBCOMMAND_MODULES = (
+    "infra.cli.stack",
+    "infra.cli.api",
+    "infra.cli.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

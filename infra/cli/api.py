@@ -1,0 +1,31 @@
+"""`lipsync api`: serve the FastAPI edge with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    api = subparsers.add_parser("api", help="serve the HTTP API (sessions, tokens, health, debug, metrics)")
+    api.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    api.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import ApiSettings, SettingsError
+    from infra.telemetry import TelemetryConfigError, configure_tracing
+
+    try:
+        settings = ApiSettings.from_env()
+        configure_tracing("lipsync-api")
+    except (SettingsError, TelemetryConfigError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
