@@ -17,6 +17,8 @@ SUBCOMMAND_MODULES = (
     "infra.cli.stack",
     "infra.cli.api",
     "infra.cli.demo",
+    "infra.cli.models",
+    "infra.cli.render",
 )
 
 

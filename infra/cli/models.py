@@ -1,0 +1,98 @@
+"""`lipsync models check|make-tiny`: what is in the model dir and what is wrong with it; tiny checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from realtime.engine.weights.layout import DEFAULT_MODEL_DIR
+
+
+def register(subparsers: Any) -> None:
+    models = subparsers.add_parser("models", help="inspect MuseTalk v1.5 model files; write tiny test checkpoints")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+
+    check = sub.add_parser("check", help="list the model files, their sizes, config validity and problems")
+    check.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="default ./models")
+    check.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (what would be used)")
+    check.add_argument("--load", action="store_true", help="also load every model (strict) to prove the weights fit")
+    check.add_argument("--json", action="store_true", help="print one JSON document")
+    check.set_defaults(handler=_check)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real layout and file formats")
+    tiny.add_argument("model_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_make_tiny)
+    models.set_defaults(handler=lambda args: (models.print_help(), 2)[1])
+
+
+def _check(args: argparse.Namespace) -> int:
+    from realtime.engine.errors import EngineError
+    from realtime.engine.weights.layout import check_model_dir
+
+    report = check_model_dir(args.model_dir)
+    document: dict[str, Any] = report.to_json()
+    try:
+        from realtime.engine.device import choose_device
+
+        device = choose_device(args.device)
+        document["device"] = {"device": device.device, "dtype": device.dtype_name, "reason": device.reason}
+    except (ImportError, ValueError) as exc:
+        document["device"] = {"error": str(exc)}
+    engine = "musetalk" if report.ok else ("preview" if not report.any_present else "none (fix the problems)")
+    document["engine_auto_would_use"] = engine
+    if args.load and report.ok and "error" not in document["device"]:
+        from realtime.engine.device import choose_device
+        from realtime.engine.weights.loader import load_musetalk
+
+        try:
+            models = load_musetalk(args.model_dir, choose_device(args.device))
+            document["load"] = {
+                "ok": True,
+                "ms": round(models.load_ms),
+                "vae_scaling_factor": models.vae_scaling_factor,
+            }
+        except EngineError as exc:
+            document["load"] = {"ok": False, "code": exc.code, "message": exc.message}
+            document["ok"] = False
+    if args.json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        _print_report(document)
+    return 0 if document["ok"] else 1
+
+
+def _print_report(document: dict[str, Any]) -> None:
+    out = sys.stdout
+    out.write(f"model dir: {document['model_dir']}\n")
+    for entry in document["files"]:
+        size = f"{entry['size_bytes'] / 1e6:10.1f} MB" if entry["exists"] else "   missing   "
+        out.write(f"  {size}  {entry['role']:<22} {entry['path']}\n")
+    device = document["device"]
+    if "error" in device:
+        out.write(f"device: unavailable ({device['error']})\n")
+    else:
+        out.write(f"device: {device['device']} {device['dtype']} ({device['reason']})\n")
+    if "load" in document:
+        load = document["load"]
+        out.write(
+            f"load: {'ok in ' + str(load['ms']) + ' ms' if load['ok'] else load['code'] + ': ' + load['message']}\n"
+        )
+    if document["problems"]:
+        out.write("problems:\n")
+        for problem in document["problems"]:
+            out.write(f"  [{problem['code']}] {problem['message']}\n")
+    else:
+        out.write("no problems: the MuseTalk v1.5 files are complete and valid\n")
+    out.write(f"engine=auto would use: {document['engine_auto_would_use']}\n")
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from realtime.engine.weights.random import write_checkpoint
+
+    layout = write_checkpoint(args.model_dir, "tiny", seed=args.seed)
+    sys.stdout.write(f"wrote a tiny random MuseTalk v1.5 checkpoint to {layout.root}\n")
+    return 0

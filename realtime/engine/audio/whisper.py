@@ -1,0 +1,136 @@
+"""whisper-tiny hidden states → MuseTalk v1.5 `[50, 384]` frame windows, offline and streaming.
+
+Both paths encode audio exactly as upstream does — 30 s segments from the utterance start,
+each padded to 30 s by `WhisperFeatureExtractor`, all 5 hidden states of the encoder stacked
+— and index them with `framing.gather_index`. The streaming path re-encodes the segment that
+is still growing whenever new frames become ready (a finished segment is encoded once), so a
+frame's window differs from the offline one only by what the encoder's attention sees of audio
+that had not arrived yet.
+
+Windows stay on the engine's device in the model dtype; `positional_encoding` is added by
+`add_positional_encoding`, right before the UNet, as upstream does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from realtime.engine.audio.framing import (
+    FEATURE_DIM,
+    HIDDEN_LAYERS,
+    SAMPLE_RATE_HZ,
+    SEGMENT_POSITIONS,
+    SEGMENT_SAMPLES,
+    WINDOW_POSITIONS,
+    gather_index,
+    offline_frame_count,
+    offline_position_count,
+    positional_encoding,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from realtime.engine.weights.loader import MuseTalkModels
+
+
+class WhisperWindows:
+    """Encodes audio segments and gathers per-frame windows on the models' device."""
+
+    def __init__(self, models: MuseTalkModels) -> None:
+        import torch
+
+        self._encoder = models.whisper_encoder
+        self._extractor = models.feature_extractor
+        self._device = models.device.torch_device()
+        self._dtype = models.device.torch_dtype()
+        self._pe = torch.from_numpy(positional_encoding()).to(self._device, self._dtype)
+
+    def encode_segments(self, segments: list[np.ndarray]) -> torch.Tensor:
+        """Hidden states `[len(segments), 1500, 5, 384]` of up-to-30 s segments (batched in one encoder call)."""
+        import torch
+
+        # device=: the log-mel STFT runs where the encoder runs (on the GPU when there is one).
+        features = self._extractor(
+            [np.asarray(s, dtype=np.float32) for s in segments],
+            sampling_rate=SAMPLE_RATE_HZ,
+            return_tensors="pt",
+            device=str(self._device),
+        ).input_features
+        with torch.inference_mode():
+            output = self._encoder(features.to(self._device, self._dtype), output_hidden_states=True)
+            return torch.stack(output.hidden_states, dim=2)
+
+    def offline_hidden(self, audio: np.ndarray) -> torch.Tensor:
+        """Upstream's whole-clip hidden states `[P, 5, 384]`: 30 s segments concatenated."""
+        import torch
+
+        segments = [audio[i : i + SEGMENT_SAMPLES] for i in range(0, max(len(audio), 1), SEGMENT_SAMPLES)]
+        hidden = self.encode_segments(segments)
+        return torch.cat(list(hidden), dim=0)
+
+    def offline_windows(self, audio: np.ndarray) -> torch.Tensor:
+        """MuseTalk v1.5's windows for a whole clip, `[F, 50, 384]`, F = floor(len/16000*25); no positional encoding."""
+        hidden = self.offline_hidden(audio)
+        return self.gather(hidden, range(offline_frame_count(len(audio))), offline_position_count(len(audio)), 0)
+
+    def gather(self, hidden: torch.Tensor, frames: range, valid_positions: int, hidden_offset: int) -> torch.Tensor:
+        """Windows `[len(frames), 50, 384]` from `hidden` whose row 0 is whisper position `hidden_offset`."""
+        import torch
+
+        positions, valid = gather_index(frames, valid_positions)
+        local = np.clip(positions - hidden_offset, 0, hidden.shape[0] - 1)
+        index = torch.from_numpy(local).to(hidden.device)
+        mask = torch.from_numpy(valid).to(hidden.device, hidden.dtype)[..., None, None]
+        windows = hidden[index] * mask  # [F, 10, 5, 384]
+        return windows.reshape(len(frames), WINDOW_POSITIONS * HIDDEN_LAYERS, FEATURE_DIM)
+
+    def add_positional_encoding(self, windows: torch.Tensor) -> torch.Tensor:
+        return windows.to(self._device, self._dtype) + self._pe
+
+
+class WhisperStreamFeaturizer:
+    """Per-stream featurizer: caches finished segments, re-encodes the growing one on demand."""
+
+    def __init__(self, windows: WhisperWindows) -> None:
+        self._windows = windows
+        self._segments: dict[int, tuple[int, Any]] = {}  # index -> (samples encoded, hidden [1500,5,384])
+
+    def reset(self) -> None:
+        self._segments.clear()
+
+    def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
+        """Per-frame windows (positional encoding applied) for `frames` of an utterance.
+
+        `audio` holds the utterance's samples from `audio_base` on (a multiple of 30 s: earlier
+        segments are finished and cached, or no longer needed).
+        """
+        import torch
+
+        if len(frames) == 0:
+            return []
+        positions, _ = gather_index(frames, valid_positions)
+        first_segment = int(positions.min()) // SEGMENT_POSITIONS
+        last_segment = min(int(positions.max()), max(valid_positions - 1, 0)) // SEGMENT_POSITIONS
+        stale = [k for k in self._segments if k < first_segment]
+        for k in stale:
+            del self._segments[k]
+        hidden_parts = []
+        for k in range(first_segment, last_segment + 1):
+            cached = self._segments.get(k)
+            if cached is not None and cached[0] == SEGMENT_SAMPLES:
+                hidden_parts.append(cached[1])
+                continue
+            start = k * SEGMENT_SAMPLES - audio_base
+            if start < 0:
+                raise RuntimeError(f"segment {k} is needed again but its audio was already released")
+            segment_audio = audio[start : start + SEGMENT_SAMPLES]
+            if cached is None or cached[0] != len(segment_audio):
+                cached = (len(segment_audio), self._windows.encode_segments([segment_audio])[0])
+                self._segments[k] = cached
+            hidden_parts.append(cached[1])
+        hidden = torch.cat(hidden_parts, dim=0) if len(hidden_parts) > 1 else hidden_parts[0]
+        windows = self._windows.gather(hidden, frames, valid_positions, first_segment * SEGMENT_POSITIONS)
+        return list(self._windows.add_positional_encoding(windows))

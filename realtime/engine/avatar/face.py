@@ -1,0 +1,160 @@
+"""Face boxes in MuseTalk's sense, the v1.5 crop rule, and the lower-face blend mask.
+
+Detector: OpenCV's frontal-face LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by
+scikit-image's `Cascade` because opencv-python 5 no longer ships a cascade classifier nor its
+XML files; scikit-image bundles that OpenCV cascade, so no weights are downloaded.
+
+MuseTalk's face box is not a detector box: upstream derives it from 68 face landmarks as
+`x`: jaw-contour extent, `y`: from `nose − (chin − nose)` down to the chin, so the box's
+vertical middle is the nose tip and its lower half is the mouth and jaw (which the UNet
+repaints). Without a landmark model we map the cascade's box (brows to lower lip/chin) onto
+that geometry with fixed proportions measured on frontal faces: nose tip at 62 % of the cascade
+box height, chin at 108 %, jaw contour 4 %…96 % of its width.
+
+v1.5 crop rule: `extra_margin` = 10 px added to the bottom of the face box (capped at the frame),
+then the crop is resized to 256×256.
+
+Blend mask (differs from upstream): MuseTalk v1.5 parses the face with BiSeNet ("jaw" mode) in
+a 1.5× expanded box, keeps the lower half of that parse and blurs it. We use no parsing model:
+the mask is a geometric ellipse over the lower half of the face box (nose line to chin, 90 % of
+the jaw width), feathered with a Gaussian and forced to zero at the box border. It follows the
+jaw less tightly than a parse (it may touch a little background at the jaw corners or neck), but
+it is identical for every frame in box coordinates, costs nothing to prepare, and never leaves a
+seam because it reaches zero inside the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+EXTRA_MARGIN_PX = 10  # MuseTalk v1.5 `--extra_margin`
+CROP_SIZE_PX = 256
+NOSE_AT = 0.62
+CHIN_AT = 1.08
+JAW_LEFT, JAW_RIGHT = 0.04, 0.96
+DETECTION_MAX_SIDE_PX = 512  # detect on a downscaled copy: the cascade's cost grows with pixels
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive), frame pixels
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    scale_factor: float = 1.15
+    step_ratio: float = 1.0
+    min_face_fraction: float = 0.08  # of the shorter (downscaled) frame side
+    max_face_fraction: float = 0.95
+
+
+class FaceDetector:
+    """Largest frontal face per frame, as a MuseTalk-style face box (or None)."""
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self._config = config or DetectorConfig()
+        self._cascade: Any = None
+
+    def _load(self) -> Any:
+        if self._cascade is None:
+            from skimage.data import lbp_frontal_face_cascade_filename
+            from skimage.feature import Cascade
+
+            self._cascade = Cascade(lbp_frontal_face_cascade_filename())
+        return self._cascade
+
+    def detect(self, frame_rgb: np.ndarray) -> Box | None:
+        import cv2
+
+        cascade = self._load()
+        height, width = frame_rgb.shape[:2]
+        scale = min(1.0, DETECTION_MAX_SIDE_PX / max(height, width))
+        small = (
+            frame_rgb if scale == 1.0 else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        )
+        gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
+        side = min(gray.shape)
+        lo = max(24, int(side * self._config.min_face_fraction))
+        hi = max(lo + 1, int(side * self._config.max_face_fraction))
+        found = cascade.detect_multi_scale(
+            img=gray,
+            scale_factor=self._config.scale_factor,
+            step_ratio=self._config.step_ratio,
+            min_size=(lo, lo),
+            max_size=(hi, hi),
+        )
+        if not found:
+            return None
+        best = max(found, key=lambda d: d["width"] * d["height"])
+        x, y = best["c"] / scale, best["r"] / scale
+        w, h = best["width"] / scale, best["height"] / scale
+        return musetalk_box_from_detection(x=x, y=y, w=w, h=h, frame_w=width, frame_h=height)
+
+
+def musetalk_box_from_detection(*, x: float, y: float, w: float, h: float, frame_w: int, frame_h: int) -> Box | None:
+    """Map a frontal-face detection (x, y, w, h) to the landmark-style box MuseTalk crops with."""
+    nose = y + NOSE_AT * h
+    chin = y + CHIN_AT * h
+    top = max(0.0, nose - (chin - nose))
+    x1, x2 = max(0.0, x + JAW_LEFT * w), min(float(frame_w), x + JAW_RIGHT * w)
+    box = (round(x1), round(top), round(x2), round(min(chin, float(frame_h))))
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+        return None
+    return box
+
+
+def crop_box_v15(face_box: Box, frame_h: int, extra_margin_px: int = EXTRA_MARGIN_PX) -> Box:
+    """MuseTalk v1.5's crop: the face box with `extra_margin` px more at the bottom, within the frame."""
+    x1, y1, x2, y2 = face_box
+    return (x1, y1, x2, min(y2 + extra_margin_px, frame_h))
+
+
+def fill_missing(boxes: list[Box | None], max_gap_frames: int) -> list[Box | None]:
+    """Frames without a detection borrow the nearest detected frame's box when it is at most `max_gap_frames` away.
+
+    Alignment is kept either way: frame i keeps index i (upstream drops faceless frames from its
+    latent list, which shifts every later frame against its image — we never do).
+    """
+    known = [i for i, box in enumerate(boxes) if box is not None]
+    if not known:
+        return list(boxes)
+    out = list(boxes)
+    for i, box in enumerate(boxes):
+        if box is not None:
+            continue
+        nearest = min(known, key=lambda k: (abs(k - i), k))
+        if abs(nearest - i) <= max_gap_frames:
+            out[i] = boxes[nearest]
+    return out
+
+
+def lower_face_mask(size_px: int = CROP_SIZE_PX) -> np.ndarray:
+    """The blend mask in face-box coordinates, float32 `[size, size]` in [0, 1] (see module docstring)."""
+    import cv2
+
+    mask = np.zeros((size_px, size_px), dtype=np.float32)
+    center = (size_px // 2, int(size_px * 0.74))
+    axes = (int(size_px * 0.40), int(size_px * 0.30))
+    cv2.ellipse(mask, center, axes, 0, 0, 360, 1.0, thickness=-1)
+    mask[: size_px // 2] = 0.0  # upstream keeps only the lower half (upper_boundary_ratio 0.5)
+    sigma = size_px * 0.035
+    blurred = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    # Taper to exactly zero at the box border so the pasted face never shows a seam.
+    ramp = np.clip(np.minimum(np.arange(size_px), np.arange(size_px)[::-1]) / (size_px * 0.04), 0.0, 1.0)
+    return (blurred * ramp[:, None] * ramp[None, :]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class MouthGeometry:
+    """Mouth position in frame pixels, derived from a MuseTalk face box (used by the preview engine)."""
+
+    center_x: float
+    lip_y: float  # the line between the lips
+    half_width: float
+    chin_y: float
+
+    @staticmethod
+    def from_face_box(box: Box) -> MouthGeometry:
+        x1, y1, x2, y2 = box
+        w, h = x2 - x1, y2 - y1
+        return MouthGeometry(center_x=x1 + 0.5 * w, lip_y=y1 + 0.69 * h, half_width=0.2 * w, chin_y=float(y2))

@@ -1,0 +1,242 @@
+"""Preparing an avatar once, caching it on disk by content digest + engine version.
+
+Steps: decode (zip / video / image) → face box per frame (manifest boxes win, else the
+detector; misses borrow a neighbour's box within `max_gap_frames`, else the frame is left to
+the idle path) → v1.5 crop boxes (+10 px bottom) → for MuseTalk, masked + reference latents of
+the 256² crops via the engine's `encode_latents`. Progress goes to `on_progress` in frame-steps
+(detection, then encoding), so `frames_total` is frames × steps.
+
+The cache entry is a directory of .npy files plus meta.json, written to a temporary name and
+renamed into place, so a crash never leaves a half entry and two concurrent prepares of the
+same bytes both end with one valid entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from realtime.engine.avatar.face import (
+    CROP_SIZE_PX,
+    Box,
+    DetectorConfig,
+    FaceDetector,
+    crop_box_v15,
+    fill_missing,
+)
+from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.avatar.source import SourceLimits, decode_source
+from realtime.engine.errors import AvatarManifestInvalid, AvatarNoFace
+from realtime.host import PrepareProgress
+
+logger = logging.getLogger(__name__)
+
+PREPARE_FORMAT_VERSION = 1
+LATENT_BATCH = 16
+
+LatentEncoder = Callable[[np.ndarray], np.ndarray]  # crops [B,256,256,3] uint8 RGB -> [B,8,32,32] float16
+ProgressCallback = Callable[[PrepareProgress], None]
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    extra_margin_px: int = 10
+    max_gap_frames: int = 3
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    limits: SourceLimits = field(default_factory=SourceLimits)
+
+
+def default_cache_root() -> Path:
+    configured = os.environ.get("LIPSYNC_CACHE_DIR")
+    return Path(configured) / "avatars" if configured else Path.home() / ".cache" / "lipsync-live" / "avatars"
+
+
+def cache_key(digest: str, engine: str, engine_version: str, model_fingerprint: str, settings: PrepareSettings) -> str:
+    material = json.dumps(
+        [PREPARE_FORMAT_VERSION, digest, engine, engine_version, model_fingerprint, asdict(settings)], sort_keys=True
+    )
+    return f"{engine}-{digest[:16]}-{hashlib.sha256(material.encode()).hexdigest()[:16]}"
+
+
+def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
+    """The v1.5 crop resized to 256×256 with Lanczos, as upstream."""
+    import cv2
+
+    x1, y1, x2, y2 = box
+    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE_PX, CROP_SIZE_PX), interpolation=cv2.INTER_LANCZOS4)
+
+
+def prepare_avatar(
+    source: bytes | Path,
+    *,
+    engine: str,
+    engine_version: str,
+    model_fingerprint: str = "",
+    cache_root: Path | None = None,
+    encode_latents: LatentEncoder | None = None,
+    on_progress: ProgressCallback | None = None,
+    settings: PrepareSettings | None = None,
+    detector: FaceDetector | None = None,
+) -> Avatar:
+    settings = settings or PrepareSettings()
+    name = source.name if isinstance(source, Path) else "avatar"
+    data = source.read_bytes() if isinstance(source, Path) else source
+    digest = hashlib.sha256(data).hexdigest()
+    key = cache_key(digest, engine, engine_version, model_fingerprint, settings)
+    root = cache_root or default_cache_root()
+    entry = root / key
+    if (entry / "meta.json").is_file():
+        try:
+            avatar = load_cached(entry, cache_hit=True)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning(
+                "avatar cache entry unreadable; preparing again", extra={"entry": str(entry), "error": str(exc)}
+            )
+        else:
+            steps = 2 if encode_latents else 1
+            if on_progress:
+                on_progress(PrepareProgress(avatar.frame_count * steps, avatar.frame_count * steps))
+            logger.info("avatar cache hit", extra={"key": key})
+            return avatar
+
+    started = time.perf_counter()
+    decoded = decode_source(data, settings.limits, name=name)
+    frames = np.stack(decoded.frames)
+    count, height, width = frames.shape[:3]
+    steps = 2 if encode_latents else 1
+    total = count * steps
+
+    def report(done: int) -> None:
+        if on_progress:
+            on_progress(PrepareProgress(done, total))
+
+    detector = detector or FaceDetector(settings.detector)
+    raw_boxes: list[Box | None] = []
+    for index, frame in enumerate(frames):
+        manifest_box = decoded.manifest_boxes[index] if decoded.manifest_boxes else None
+        if manifest_box is not None:
+            raw_boxes.append(_clip_manifest_box(manifest_box, width, height, decoded.names[index]))
+        elif decoded.manifest_boxes and manifest_box is None:
+            raw_boxes.append(None)  # the manifest says: no face in this frame
+        else:
+            raw_boxes.append(detector.detect(frame))
+        report(index + 1)
+    if all(box is None for box in raw_boxes):
+        raise AvatarNoFace(f"no face was found in any of the {count} frames of {name}")
+    boxes = fill_missing(raw_boxes, settings.max_gap_frames)
+    has_face = np.array([box is not None for box in boxes], dtype=bool)
+    face_boxes = np.full((count, 4), -1, dtype=np.int32)
+    crop_boxes = np.full((count, 4), -1, dtype=np.int32)
+    for index, box in enumerate(boxes):
+        if box is not None:
+            face_boxes[index] = box
+            crop_boxes[index] = crop_box_v15(box, height, settings.extra_margin_px)
+
+    latents = None
+    if encode_latents is not None:
+        latents = np.zeros((count, 8, 32, 32), dtype=np.float16)
+        with_face = np.flatnonzero(has_face)
+        for start in range(0, count, LATENT_BATCH):
+            batch = [i for i in with_face if start <= i < start + LATENT_BATCH]
+            if batch:
+                crops = np.stack([crop_face(frames[i], _box(crop_boxes[i])) for i in batch])
+                latents[batch] = encode_latents(crops).astype(np.float16)
+            report(count + min(start + LATENT_BATCH, count))
+
+    meta = {
+        "format": PREPARE_FORMAT_VERSION,
+        "key": key,
+        "digest_sha256": digest,
+        "engine": engine,
+        "engine_version": engine_version,
+        "model_fingerprint": model_fingerprint,
+        "kind": decoded.kind,
+        "source_name": name,
+        "frame_names": decoded.names,
+        "frame_count": int(count),
+        "width_px": int(width),
+        "height_px": int(height),
+        "frames_with_face": int(has_face.sum()),
+        "prepare_ms": (time.perf_counter() - started) * 1000,
+    }
+    _write_entry(
+        root=root,
+        key=key,
+        meta=meta,
+        frames=frames,
+        face_boxes=face_boxes,
+        crop_boxes=crop_boxes,
+        has_face=has_face,
+        latents=latents,
+    )
+    logger.info("avatar prepared", extra={k: meta[k] for k in ("key", "frame_count", "frames_with_face", "prepare_ms")})
+    return load_cached(root / key, cache_hit=False)
+
+
+def _box(row: np.ndarray) -> Box:
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def _clip_manifest_box(box: Box, width: int, height: int, frame_name: str) -> Box:
+    x1, y1, x2, y2 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
+    if x2 - x1 < 8 or y2 - y1 < 8:
+        raise AvatarManifestInvalid(f"avatar.json: the box for {frame_name} lies outside the {width}x{height} frame")
+    return (x1, y1, x2, y2)
+
+
+def _write_entry(
+    *,
+    root: Path,
+    key: str,
+    meta: dict[str, object],
+    frames: np.ndarray,
+    face_boxes: np.ndarray,
+    crop_boxes: np.ndarray,
+    has_face: np.ndarray,
+    latents: np.ndarray | None,
+) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        np.save(staging / "frames.npy", frames)
+        np.save(staging / "face_boxes.npy", face_boxes)
+        np.save(staging / "crop_boxes.npy", crop_boxes)
+        np.save(staging / "has_face.npy", has_face)
+        if latents is not None:
+            np.save(staging / "latents.npy", latents)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        try:
+            os.rename(staging, root / key)
+        except OSError:
+            if not (root / key / "meta.json").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_cached(entry: Path, cache_hit: bool) -> Avatar:
+    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    latents_path = entry / "latents.npy"
+    return Avatar(
+        key=meta["key"],
+        digest_sha256=meta["digest_sha256"],
+        engine=meta["engine"],
+        kind=meta["kind"],
+        cache_dir=entry,
+        cache_hit=cache_hit,
+        frames=np.load(entry / "frames.npy", mmap_mode="r"),
+        face_boxes=np.load(entry / "face_boxes.npy"),
+        crop_boxes=np.load(entry / "crop_boxes.npy"),
+        has_face=np.load(entry / "has_face.npy"),
+        latents=np.load(latents_path) if latents_path.is_file() else None,
+    )

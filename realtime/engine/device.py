@@ -1,0 +1,77 @@
+"""Device, dtype and CPU-thread choices. Nothing here runs at import time."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # "cuda", "cuda:1", "cpu"
+    dtype_name: str  # "float16" on CUDA, "float32" on CPU
+    reason: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def torch_device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype_name)
+        return dtype
+
+
+def choose_device(requested: str = "auto", dtype: str = "auto") -> DeviceChoice:
+    """`requested`: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; `dtype`: "auto", "float16", "float32".
+
+    fp16 on CUDA (as MuseTalk runs), fp32 on CPU (fp16 convolutions on CPU are slow or unsupported).
+    """
+    import torch
+
+    if requested == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        reason = "CUDA is available" if device == "cuda" else "no CUDA device is visible"
+    else:
+        device = requested
+        reason = "requested"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} was requested but torch sees no CUDA device")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float16", "float32", "bfloat16"):
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    return DeviceChoice(device=device, dtype_name=dtype, reason=reason)
+
+
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Bound torch's intra-op threads (default: the cores this process may use) and return the count.
+
+    torch defaults to every core of the host, which oversubscribes a shared machine; the
+    scheduler affinity is what this process may actually use.
+    """
+    import torch
+
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            threads = os.cpu_count() or 1
+    threads = max(1, threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch cpu threads set", extra={"threads": threads})
+    return threads

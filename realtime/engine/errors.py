@@ -1,0 +1,99 @@
+"""Typed engine errors: a machine-readable `code` plus a sentence a person can act on.
+
+Every failure the engine can explain has its own class, so callers (activities, the sidecar,
+the CLI) can map it to a failed phase or an `error {code,message}` message without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class: `code` is stable and machine-readable; `message` is the human sentence."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+# --- model files -----------------------------------------------------------------------------
+
+
+class ModelError(EngineError):
+    code = "model_error"
+
+
+class ModelFilesMissing(ModelError):
+    code = "model_files_missing"
+
+
+class ModelFileCorrupt(ModelError):
+    code = "model_file_corrupt"
+
+
+class ModelConfigInvalid(ModelError):
+    code = "model_config_invalid"
+
+
+class ModelWeightsMismatch(ModelError):
+    """The weights do not fit the architecture their config declares (strict load failed)."""
+
+    code = "model_weights_mismatch"
+
+
+# --- avatar sources --------------------------------------------------------------------------
+
+
+class AvatarError(EngineError):
+    code = "avatar_error"
+
+
+class AvatarUnsupported(AvatarError):
+    code = "avatar_unsupported"
+
+
+class AvatarNoImages(AvatarError):
+    code = "avatar_no_images"
+
+
+class AvatarTooLarge(AvatarError):
+    code = "avatar_too_large"
+
+
+class AvatarUnreadableImage(AvatarError):
+    code = "avatar_unreadable_image"
+
+
+class AvatarMixedSizes(AvatarError):
+    code = "avatar_mixed_sizes"
+
+
+class AvatarNoFace(AvatarError):
+    code = "avatar_no_face"
+
+
+class AvatarNoVideoStream(AvatarError):
+    code = "avatar_no_video_stream"
+
+
+class AvatarUnreadableVideo(AvatarError):
+    code = "avatar_unreadable_video"
+
+
+class AvatarManifestInvalid(AvatarError):
+    code = "avatar_manifest_invalid"
+
+
+# --- audio and rendering ---------------------------------------------------------------------
+
+
+class AudioInvalid(EngineError):
+    code = "audio_invalid"
+
+
+class RenderRequestInvalid(EngineError):
+    code = "render_request_invalid"

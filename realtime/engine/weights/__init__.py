@@ -1,0 +1,1 @@
+"""MuseTalk v1.5 model files: layout, validation (`check`), loading, tiny random checkpoints."""
