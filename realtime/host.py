@@ -95,7 +95,10 @@ class OpenedOutput:
 class SessionStats:
     """Counters a running session reports (heartbeat details, /debug/audio, metrics).
 
-    Sample accounting holds at all times: received == rendered + pending + rejected.
+    Sample accounting holds at all times (16 kHz timeline samples):
+        received == rendered + pending + rejected + flushed
+    (flushed: queued audio an interrupt discarded; 0 for a session never interrupted).
+    Once playback has drained, published == rendered for an output that publishes audio.
     """
 
     session_id: str
@@ -109,6 +112,7 @@ class SessionStats:
     audio_samples_pending: int = 0
     audio_samples_published: int = 0
     audio_samples_rejected: int = 0
+    audio_samples_flushed: int = 0
     ttff_ms: float | None = None
     lateness_ms_p99: float | None = None
     av_offset_ms: float | None = None
@@ -150,6 +154,15 @@ class SessionHost(Protocol):
 
     async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
         """Connect the session's output; raises on failure (the workflow applies the fallback policy)."""
+        ...
+
+    async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+        """Move a live session to another output (LiveKit -> RTMP) without restarting it.
+
+        Raises on failure, leaving the session on its current output. After a run that ended
+        `output_failed`, a successful switch makes the session runnable again: the next
+        run_session serves it on the new output (the workflow's live fallback).
+        """
         ...
 
     async def run_session(

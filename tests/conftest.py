@@ -7,11 +7,13 @@ and a skipped `service` test fails the run: a skip there would hide a broken har
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from temporalio.client import Client
@@ -19,8 +21,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from infra import livekit, rtmp, temporal
 from infra.paths import PROJECT_ROOT
-from infra.process import ManagedProcess
+from infra.process import ManagedProcess, ServiceStartError
 
+logger = logging.getLogger(__name__)
+ConfigT = TypeVar("ConfigT")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _skipped_service_tests: list[str] = []
 
@@ -59,22 +63,41 @@ def service_logs_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
         print(f"\nservice logs kept in {directory}")
 
 
-def _run_service(proc: ManagedProcess) -> Iterator[ManagedProcess]:
-    proc.start()
+def _run_service(
+    make: Callable[[], tuple[ConfigT, ManagedProcess]], attempts: int = 3
+) -> Iterator[tuple[ConfigT, ManagedProcess]]:
+    """Start the service made by `make` (fresh free ports each call) and stop it at the end.
+
+    A free port is only free when it was probed: another process (a parallel pytest, a
+    service's own internal listener) can take it before the service binds it, so a start
+    that fails with "address already in use" is retried on new ports.
+    """
+    for attempt in range(1, attempts + 1):
+        config, proc = make()
+        try:
+            proc.start()
+            break
+        except ServiceStartError as exc:
+            if attempt == attempts or "address already in use" not in str(exc).lower():
+                raise
+            logger.warning("service port taken during start-up; retrying on new ports", extra={"service": proc.name})
     try:
-        yield proc
+        yield config, proc
     finally:
         proc.stop()
 
 
 @pytest.fixture(scope="session")
 def temporal_dev_server(service_logs_dir: Path) -> Iterator[temporal.TemporalDevServerConfig]:
-    try:
+    def make() -> tuple[temporal.TemporalDevServerConfig, ManagedProcess]:
         config = temporal.TemporalDevServerConfig().with_free_ports()
-        proc = temporal.dev_server_process(config, service_logs_dir / "temporal.log")
+        return config, temporal.dev_server_process(config, service_logs_dir / "temporal.log")
+
+    try:
+        temporal.temporal_cli_path()
     except temporal.BinaryMissingError as exc:
         _unavailable(str(exc))
-    for _ in _run_service(proc):
+    for config, _proc in _run_service(make):
         yield config
 
 
@@ -104,10 +127,12 @@ def livekit_service(service_logs_dir: Path) -> Iterator[tuple[livekit.LiveKitSer
         livekit.ensure_livekit_server()
     except livekit.LiveKitBuildError as exc:
         _unavailable(str(exc))
-    config = livekit.LiveKitServerConfig().with_free_ports()
-    proc = livekit.server_process(config, service_logs_dir / "livekit")
-    for running in _run_service(proc):
-        yield config, running
+
+    def make() -> tuple[livekit.LiveKitServerConfig, ManagedProcess]:
+        config = livekit.LiveKitServerConfig().with_free_ports()
+        return config, livekit.server_process(config, service_logs_dir / "livekit")
+
+    yield from _run_service(make)
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +149,12 @@ def rtmp_service(service_logs_dir: Path) -> Iterator[tuple[rtmp.RtmpServerConfig
         rtmp.nginx_binary()
     except rtmp.NginxMissingError as exc:
         _unavailable(str(exc))
-    config = rtmp.RtmpServerConfig().with_free_ports()
-    proc = rtmp.server_process(config, service_logs_dir / "nginx")
-    for running in _run_service(proc):
-        yield config, running
+
+    def make() -> tuple[rtmp.RtmpServerConfig, ManagedProcess]:
+        config = rtmp.RtmpServerConfig().with_free_ports()
+        return config, rtmp.server_process(config, service_logs_dir / "nginx")
+
+    yield from _run_service(make)
 
 
 @pytest.fixture(scope="session")

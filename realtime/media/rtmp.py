@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -61,6 +62,9 @@ class RtmpStats:
     reconnects: int = 0
     frames_sent: int = 0
     frames_dropped: int = 0  # ticks that could not be sent (server down, or queue full)
+    speech_samples_sent: int = 0  # speech the sent ticks carried (16 kHz timeline units)
+    playout_samples_sent: int = 0  # all audio sent (48 kHz samples)
+    speech_samples_flushed: int = 0  # speech an interrupt silenced before it was sent (16 kHz units)
     last_error: str = ""
 
 
@@ -70,6 +74,7 @@ class _Tick:
     frame_index: int
     audio_48k: np.ndarray
     audio_start_sample: int
+    speech_samples: int
 
 
 class RtmpPublisher:
@@ -140,12 +145,40 @@ class RtmpPublisher:
         self.stats.connects += 1
         logger.info("rtmp connected", extra={"url": redact_rtmp_url(self.url), "connects": self.stats.connects})
 
-    def submit(self, frame_rgb: np.ndarray, frame_index: int, audio_48k: np.ndarray, audio_start_sample: int) -> None:
+    def submit(
+        self,
+        frame_rgb: np.ndarray,
+        frame_index: int,
+        audio_48k: np.ndarray,
+        audio_start_sample: int,
+        speech_samples: int = 0,
+    ) -> None:
         """One tick of the session clock: a frame and the audio that plays during it. Never blocks."""
         try:
-            self._queue.put_nowait(_Tick(frame_rgb, frame_index, audio_48k, audio_start_sample))
+            self._queue.put_nowait(_Tick(frame_rgb, frame_index, audio_48k, audio_start_sample, speech_samples))
         except queue.Full:
             self.stats.frames_dropped += 1
+
+    def replace_pending(self, idle_frame: Callable[[int], np.ndarray]) -> int:
+        """Interrupt: queued, unsent ticks show `idle_frame(frame_index)` with silence. Returns how many."""
+        with self._queue.mutex:
+            pending = list(self._queue.queue)
+            self._queue.queue.clear()
+            for tick in pending:
+                if tick is None:
+                    self._queue.queue.append(None)
+                    continue
+                self.stats.speech_samples_flushed += tick.speech_samples
+                self._queue.queue.append(
+                    _Tick(
+                        idle_frame(tick.frame_index),
+                        tick.frame_index,
+                        np.zeros_like(tick.audio_48k),
+                        tick.audio_start_sample,
+                        0,
+                    )
+                )
+        return sum(1 for tick in pending if tick is not None)
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._closed.set()
@@ -195,6 +228,8 @@ class RtmpPublisher:
                 muxer.write_video(tick.frame_rgb, tick.frame_index - base_frame)
                 muxer.write_audio(tick.audio_48k, tick.audio_start_sample - base_sample)
                 self.stats.frames_sent += 1
+                self.stats.speech_samples_sent += tick.speech_samples
+                self.stats.playout_samples_sent += len(tick.audio_48k)
             except Exception as exc:
                 logger.warning("rtmp connection lost", extra={"url": redact_rtmp_url(self.url), "error": str(exc)})
                 self.stats.connected = False

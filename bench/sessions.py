@@ -1,0 +1,348 @@
+"""Sessions benchmark: how many concurrent 25-fps sessions one sidecar process sustains.
+
+    python -m bench.sessions --sessions N --engine preview|musetalk --json PATH
+        [--duration-s 10] [--device auto] [--model tiny|full-size-random] [--frame-px 256] [--notes TEXT]
+        [--levels 1,4,8] [--max-render-budget-ms 240]
+
+For each level n in 1, 2, 4, ... N (and N), n sessions run concurrently for `--duration-s`
+on one event loop and one render lane, exactly as in the sidecar (`SessionRuntime`,
+`RenderLane`, the engine adapter). Each session has a simulated TTS client that pushes
+16 kHz s16le PCM in 20 ms messages at real-time pace through the same `AudioInput` the
+WS endpoint uses: a 3 s utterance, end_of_utterance, 0.6 s of nothing, again. Output goes
+to a counting publisher (no network): this measures the sidecar, not a LiveKit server.
+
+Per level: TTFF (first PCM byte of an utterance -> its first speech frame published),
+tick lateness (publish time - the tick's deadline on the session clock), dropped frames
+(speech ticks whose frame was not rendered in time), client underruns, render slack (how
+long before its tick a batch was ready), the render lane's batch sizes, and the planning
+budget the sessions' utterances got (`RenderLane.planning_budget_ms`: it grows with the load
+up to `--max-render-budget-ms`; set that to `RuntimeConfig.render_budget_ms`, 40, for the
+fixed budget). One render lane cost model spans the levels, as one sidecar process's lane
+does across its sessions: a level starts from what the levels before it measured.
+`max_sessions_ok` = the largest n with lateness p99 <= 40 ms and 0 dropped frames.
+
+Imports: numpy, soxr (ingest) and the engine (torch only for musetalk); no livekit, no av.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("bench.sessions")
+
+UTTERANCE_S = 3.0
+GAP_S = 0.6
+CHUNK_MS = 20
+LATENESS_OK_MS = 40.0
+
+
+class CountingPublisher:
+    """A `Publisher` that only counts: the benchmark measures the sidecar, not the network."""
+
+    def __init__(self) -> None:
+        from realtime.publish.base import PublisherStats
+
+        self.name = "counting"
+        self._stats = PublisherStats(name=self.name, connected=True)
+
+    async def start(self) -> None:
+        return None
+
+    async def publish(self, tick: Any) -> None:
+        self._stats.frames_published += 1
+        self._stats.audio_samples_published += tick.speech_samples
+
+    def interrupt(self, idle_frame: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def stats(self) -> Any:
+        return self._stats
+
+
+def cpu_name() -> str:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, str]:
+    """The engine adapter, the device description, the torch version (or None)."""
+    from realtime.engine.api import EngineConfig
+    from realtime.sidecar.engine_adapter import EngineAdapter
+
+    if args.engine == "preview":
+        config = EngineConfig(engine="preview", cache_dir=cache_dir)
+        return EngineAdapter(config), cpu_name(), ""
+    import torch
+
+    from realtime.engine.device import choose_device, configure_cpu_threads
+    from realtime.engine.musetalk import MuseTalkEngine
+    from realtime.engine.weights.loader import load_musetalk
+    from realtime.engine.weights.random import random_models, write_checkpoint
+
+    device = choose_device(args.device, "auto")
+    if not device.is_cuda:
+        configure_cpu_threads(None)
+    from bench.engine import VARIANTS
+    from realtime.engine.accel import AccelConfig
+
+    accel = {k: v for k, v in VARIANTS[args.variant].items() if k != "dtype"}
+    config = EngineConfig(engine="musetalk", device=device.device, cache_dir=cache_dir, accel=AccelConfig(**accel))
+    if args.model == "tiny":
+        write_checkpoint(cache_dir / "models", "tiny")
+        models = load_musetalk(cache_dir / "models", device)
+    else:
+        models = random_models("full", device)
+    engine = MuseTalkEngine(models, config, None)
+    name = str(torch.cuda.get_device_name(torch.device(device.device))) if device.is_cuda else cpu_name()
+    return EngineAdapter(config, engine=engine, reason=f"musetalk {args.model}"), name, str(torch.__version__)
+
+
+async def client(audio_input: Any, pcm: bytes, stop_at: float) -> None:
+    """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`."""
+    chunk = 16_000 * CHUNK_MS // 1000 * 2
+    while time.monotonic() < stop_at:
+        started = time.monotonic()
+        for index, offset in enumerate(range(0, len(pcm), chunk)):
+            delay = started + index * CHUNK_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            audio_input.push(pcm[offset : offset + chunk])
+        audio_input.end_utterance()
+        await asyncio.sleep(GAP_S)
+
+
+async def run_level(
+    engine: Any,
+    avatar: Any,
+    sessions: int,
+    duration_s: float,
+    pcm: bytes,
+    *,
+    max_batch_frames: int = 32,
+    runtime_config: Any = None,
+    cost_model: Any = None,
+) -> dict[str, Any]:
+    from realtime.sidecar.audio_input import AudioInput
+    from realtime.sidecar.config import RuntimeConfig
+    from realtime.sidecar.render_queue import RenderLane
+    from realtime.sidecar.runtime import SessionRuntime
+
+    lane = RenderLane(
+        engine.render,
+        max_batch_frames=max_batch_frames,
+        prepare=getattr(engine, "prepare_features", None),
+        cost_model=cost_model,
+    )
+    runtimes = []
+    for index in range(sessions):
+        runtime = SessionRuntime(
+            f"bench-{index}",
+            engine.open_session(avatar),
+            [CountingPublisher()],
+            lane,
+            runtime_config or RuntimeConfig(),
+        )
+        runtimes.append(runtime)
+    rng = random.Random(sessions)
+    started = time.monotonic()
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            await asyncio.sleep(rng.uniform(0.0, 0.04))  # sessions start at arbitrary phases of their clocks
+        stop_at = time.monotonic() + duration_s
+        inputs = [AudioInput(runtime, "bench", utterance_gap_ms=0) for runtime in runtimes]
+        await asyncio.gather(*(client(audio_input, pcm, stop_at) for audio_input in inputs))
+        drain_until = time.monotonic() + 5.0
+        # The runtime has no "drained" event; polling every 50 ms only delays the end of the level.
+        while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        lane.close()
+    wall_s = time.monotonic() - started
+    ttff = [v for r in runtimes for v in r.ttff_ms_values]
+    lateness = [v for r in runtimes for v in r.lateness_ms]
+    slack = [v for r in runtimes for v in r.render_slack_ms]
+    budgets = [v for r in runtimes for v in r.planned_budget_ms]
+    dropped = sum(r.render_misses for r in runtimes)
+    stats = [r.stats() for r in runtimes]
+    for s in stats:
+        assert s.audio_samples_received == (
+            s.audio_samples_rendered + s.audio_samples_pending + s.audio_samples_rejected + s.audio_samples_flushed
+        ), s
+    row: dict[str, Any] = {
+        "sessions": sessions,
+        "ttff_ms_p50": _pct(ttff, 50),
+        "ttff_ms_p99": _pct(ttff, 99),
+        "lateness_ms_p50": _pct(lateness, 50),
+        "lateness_ms_p99": _pct(lateness, 99),
+        "dropped_frames": dropped,
+        "underrun_ticks": sum(r.underrun_ticks for r in runtimes),
+        "clock_resyncs": sum(r.clock_resyncs for r in runtimes),
+        "render_slack_ms_p1": _pct(slack, 1),
+        "planned_budget_ms_p50": _pct(budgets, 50),
+        "planned_budget_ms_max": _pct(budgets, 100),
+        "speech_frames": sum(s.speech_frames for s in stats),
+        "frames_published": sum(s.frames_published for s in stats),
+        "utterances": len(ttff),
+        "lane_batches": lane.stats.batches,
+        "lane_mean_batch_frames": round(lane.stats.frames_rendered / max(1, lane.stats.batches), 2),
+        "lane_largest_batch_frames": lane.stats.largest_batch_frames,
+        "lane_busy_fraction": round(lane.stats.busy_s / wall_s, 3),
+        "lane_batches_cut_by_deadline": lane.stats.batches_cut_by_deadline,
+        "lane_batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())},
+        "lane_capacity_sessions": lane.capacity_sessions(),
+        "wall_s": round(wall_s, 2),
+    }
+    row["ok"] = bool(row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0)
+    return row
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def ladder(maximum: int) -> list[int]:
+    levels, n = [], 1
+    while n < maximum:
+        levels.append(n)
+        n *= 2
+    levels.append(maximum)
+    return levels
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.engine import astronaut_zip, speech_like
+    from realtime.host import AvatarAsset
+
+    with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp:
+        cache_dir = Path(tmp)
+        engine, device, torch_version = build_engine(args, cache_dir)
+        warm_started = time.perf_counter()
+        engine.warm_up()
+        warm_up_ms = (time.perf_counter() - warm_started) * 1000
+        avatar_path = cache_dir / "avatar.zip"
+        avatar_path.write_bytes(astronaut_zip(size=args.frame_px, count=16))
+        _, avatar = engine.prepare_avatar(AvatarAsset(avatar_path, "frames_zip", ""), lambda _p: None)
+        speech = speech_like(UTTERANCE_S, seed=3)
+        pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
+        from realtime.sidecar.config import RuntimeConfig
+        from realtime.sidecar.render_queue import BatchCostModel
+
+        runtime_config = RuntimeConfig(max_render_budget_ms=args.max_render_budget_ms)
+        cost_model = BatchCostModel()  # one sidecar process: the lane's measurements outlive each level's sessions
+        rows = []
+        for sessions in args.levels or ladder(args.sessions):
+            row = await run_level(
+                engine,
+                avatar,
+                sessions,
+                args.duration_s,
+                pcm,
+                max_batch_frames=args.max_batch_frames,
+                runtime_config=runtime_config,
+                cost_model=cost_model,
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if not row["ok"] and sessions >= 2 * max((r["sessions"] for r in rows if r["ok"]), default=1):
+                break  # two levels past the last good one: the curve has turned
+        info = engine.info()
+    ok = [r for r in rows if r["ok"]]
+    best = max(ok, key=lambda r: r["sessions"]) if ok else None
+    return {
+        "benchmark": "sessions",
+        "device": device,
+        "torch": torch_version or None,
+        "settings": {
+            "engine": info.name,
+            "model": args.model if args.engine == "musetalk" else "none (preview)",
+            "frame_px": [args.frame_px, args.frame_px],
+            "duration_s": args.duration_s,
+            "utterance_s": UTTERANCE_S,
+            "gap_s": GAP_S,
+            "client_chunk_ms": CHUNK_MS,
+            "input": "16 kHz s16le mono, real-time pace, through AudioInput (the WS path without the socket)",
+            "output": "counting publisher (no network)",
+            "warm_up_ms": round(warm_up_ms, 1),
+            "engine_variant": args.variant if args.engine == "musetalk" else None,
+            "max_batch_frames": args.max_batch_frames,
+            "render_budget_ms": runtime_config.render_budget_ms,
+            "max_render_budget_ms": runtime_config.max_render_budget_ms,
+            "render_budget_safety": runtime_config.render_budget_safety,
+            "adaptive_render_budget": runtime_config.max_render_budget_ms > runtime_config.render_budget_ms,
+            "levels": [r["sessions"] for r in rows],
+            "python": sys.version.split()[0],
+        },
+        "notes": args.notes,
+        "summary": {
+            "max_sessions_ok": best["sessions"] if best else 0,
+            "ttff_ms_p50": best["ttff_ms_p50"] if best else None,
+            "ttff_ms_p99": best["ttff_ms_p99"] if best else None,
+            "lateness_ms_p50": best["lateness_ms_p50"] if best else None,
+            "lateness_ms_p99": best["lateness_ms_p99"] if best else None,
+            "dropped_frames": best["dropped_frames"] if best else None,
+            "criterion": f"lateness p99 <= {LATENESS_OK_MS:.0f} ms and 0 dropped frames",
+            # Every level tried passed: the real limit lies above the largest N asked for.
+            "max_sessions_is_lower_bound": bool(rows) and all(r["ok"] for r in rows),
+        },
+        "results": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from realtime.sidecar.config import RuntimeConfig  # light: no livekit, torch or engine
+
+    parser = argparse.ArgumentParser(prog="python -m bench.sessions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, required=True, help="the largest number of concurrent sessions")
+    parser.add_argument("--engine", choices=("preview", "musetalk"), default="preview")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--duration-s", type=float, default=10.0, help="how long each level runs")
+    parser.add_argument("--device", default="auto", help="musetalk: auto | cpu | cuda | cuda:N")
+    parser.add_argument("--model", choices=("tiny", "full-size-random"), default="full-size-random")
+    parser.add_argument("--frame-px", type=int, default=256, help="avatar frame size (square)")
+    parser.add_argument("--variant", default="graphs", help="musetalk engine settings: a bench.engine variant")
+    parser.add_argument("--max-batch-frames", type=int, default=32, help="render lane batch limit")
+    parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=None)
+    parser.add_argument(
+        "--max-render-budget-ms",
+        type=float,
+        default=RuntimeConfig().max_render_budget_ms,
+        help="upper bound of the load-adaptive planning budget (40 = the fixed budget: adaptation off)",
+    )
+    parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    document = asyncio.run(bench(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(document["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""A live output that can be switched (LiveKit -> RTMP) without restarting the session.
+
+The session runtime keeps publishing to this one object; `switch_to` starts the new output
+first (so a failed switch leaves the old one in place), swaps it in between two ticks, then
+closes the old one. Stats add up across every output the session has used, so the sample
+accounting still holds after a switch, and `switches` makes the change visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from realtime.publish.base import Publisher, PublisherStats, PublishTick
+
+logger = logging.getLogger(__name__)
+
+
+class SwitchableOutput:
+    def __init__(self, initial: Publisher) -> None:
+        self._current = initial
+        self._retired = PublisherStats(name="retired")
+        self.switches = 0
+        self.history: list[str] = [initial.name]
+
+    @property
+    def name(self) -> str:
+        return self._current.name
+
+    @property
+    def current(self) -> Publisher:
+        return self._current
+
+    async def start(self) -> None:
+        await self._current.start()
+
+    async def publish(self, tick: PublishTick) -> None:
+        await self._current.publish(tick)
+
+    def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
+        self._current.interrupt(idle_frame)
+
+    async def switch_to(self, replacement: Publisher) -> None:
+        """Start `replacement` (raises if it cannot open: the current output stays), then retire the current one."""
+        await replacement.start()
+        old, self._current = self._current, replacement
+        with contextlib.suppress(Exception):
+            await old.close()
+        final = old.stats()
+        for counter in (
+            "frames_published",
+            "frames_dropped",
+            "audio_samples_published",
+            "playout_samples_published",
+            "reconnects",
+        ):
+            setattr(self._retired, counter, getattr(self._retired, counter) + getattr(final, counter))
+        self.switches += 1
+        self.history.append(replacement.name)
+        logger.info("output switched", extra={"from": old.name, "to": replacement.name, "switches": self.switches})
+
+    async def close(self) -> None:
+        await self._current.close()
+
+    def stats(self) -> PublisherStats:
+        current = self._current.stats()
+        return PublisherStats(
+            name=current.name,
+            connected=current.connected,
+            frames_published=self._retired.frames_published + current.frames_published,
+            frames_dropped=self._retired.frames_dropped + current.frames_dropped,
+            audio_samples_published=self._retired.audio_samples_published + current.audio_samples_published,
+            playout_samples_published=self._retired.playout_samples_published + current.playout_samples_published,
+            reconnects=self._retired.reconnects + current.reconnects,
+            last_error=current.last_error,
+            extra={**current.extra, "switches": float(self.switches)},
+        )

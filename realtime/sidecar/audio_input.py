@@ -1,0 +1,175 @@
+"""One audio source feeding a session (a WS connection, or an agent's byte streams).
+
+It owns the source's format and resamplers and applies every check before audio reaches
+the timeline: message size, sample alignment, finite in-range floats, the session's
+buffer limit. Anything refused is counted as rejected (16 kHz samples) before the error
+is raised, so the session's accounting adds up whatever the client sends.
+
+Utterances end on `end_of_utterance` (or a byte stream's close), when the source goes
+away, or — so a client that never says so is not left hanging — after
+`utterance_gap_ms` without audio (an implicit end: the tail plays with silence padding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+
+from realtime.ingest.errors import IngestError, IngestErrorCode
+from realtime.ingest.formats import PcmFormat
+from realtime.ingest.resample import AudioConverter
+from realtime.sidecar.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_UTTERANCE_GAP_MS
+from realtime.sidecar.runtime import SessionRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class AudioInput:
+    def __init__(
+        self,
+        runtime: SessionRuntime,
+        source: str,
+        pcm_format: PcmFormat | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS,
+    ) -> None:
+        self.runtime = runtime
+        self.source = source
+        self.max_message_bytes = max_message_bytes
+        self.utterance_gap_ms = utterance_gap_ms
+        self.converter = AudioConverter(pcm_format or PcmFormat())
+        self._generation = runtime.timeline.generation
+        self._first_byte_at_s: float | None = None
+        self._gap_timer: asyncio.TimerHandle | None = None
+        self.messages_accepted = 0
+        self.errors: Counter[str] = Counter()
+        self.implicit_ends = 0
+
+    @property
+    def pcm_format(self) -> PcmFormat:
+        return self.converter.pcm_format
+
+    def set_format(self, pcm_format: PcmFormat) -> None:
+        """Switch formats; audio still inside the old resamplers is flushed into the open utterance first."""
+        if pcm_format == self.converter.pcm_format:
+            return
+        self._sync_generation()
+        self._ingest_tail()
+        self.converter = AudioConverter(pcm_format)
+
+    def push(self, payload: bytes) -> None:
+        """Accept one binary message, or count it as rejected and raise IngestError."""
+        received_at_s = time.monotonic()
+        self._sync_generation()
+        pcm_format = self.converter.pcm_format
+        whole_frames = len(payload) // pcm_format.bytes_per_frame
+        if len(payload) > self.max_message_bytes:
+            self._reject(
+                IngestError(
+                    IngestErrorCode.MESSAGE_TOO_LARGE,
+                    f"binary message of {len(payload)} bytes exceeds the {self.max_message_bytes}-byte limit; "
+                    "send audio in smaller messages (20-100 ms each is typical)",
+                    rejected_samples=pcm_format.to_timeline_samples(whole_frames),
+                )
+            )
+        try:
+            mono, clipped = self.converter.decode(payload)
+            self.runtime.timeline.check_capacity(pcm_format.to_timeline_samples(len(mono)))
+        except IngestError as exc:
+            self._reject(exc)
+        if len(mono) == 0:
+            return
+        if self._first_byte_at_s is None:
+            self._first_byte_at_s = received_at_s
+        audio = self.converter.convert(mono, clipped)
+        self.runtime.ingest(audio, self.source, self._first_byte_at_s)
+        self.messages_accepted += 1
+        self._arm_gap_timer()
+
+    def push_samples(self, mono: np.ndarray) -> None:
+        """Already-decoded mono float32 at this input's rate (agent byte streams); raises BUFFER_FULL."""
+        self._sync_generation()
+        try:
+            self.runtime.timeline.check_capacity(self.converter.pcm_format.to_timeline_samples(len(mono)))
+        except IngestError as exc:
+            self._reject(exc)
+        if len(mono) == 0:
+            return
+        if self._first_byte_at_s is None:
+            self._first_byte_at_s = time.monotonic()
+        self.runtime.ingest(self.converter.convert(mono), self.source, self._first_byte_at_s)
+        self._arm_gap_timer()
+
+    def reject(self, error: IngestError) -> None:
+        """Count an error found outside `push` (e.g. a bad byte-stream tail) and raise it."""
+        self._reject(error)
+
+    def end_utterance(self) -> int | None:
+        """The client says the utterance is complete: flush the resamplers and let the tail play."""
+        self._cancel_gap_timer()
+        self._sync_generation()
+        self._ingest_tail()
+        self._first_byte_at_s = None
+        return self.runtime.end_utterance()
+
+    def interrupt(self) -> None:
+        self._cancel_gap_timer()
+        self.runtime.interrupt()
+        self._sync_generation()
+
+    def settle(self) -> None:
+        """Account now for what an interrupt caught inside this input's resamplers (received + flushed)."""
+        self._sync_generation()
+
+    def close(self) -> None:
+        """The source went away: what it sent still plays (its open utterance ends here)."""
+        if self.runtime.timeline.open_utterance is not None or self.converter.holding:
+            self.end_utterance()
+        self._cancel_gap_timer()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _reject(self, error: IngestError) -> None:
+        self.errors[str(error.code)] += 1
+        if error.rejected_samples:
+            self.runtime.timeline.reject(error.rejected_samples)
+        raise error
+
+    def _sync_generation(self) -> None:
+        """After an interrupt (from any source), drop what this input's resamplers still hold."""
+        generation = self.runtime.timeline.generation
+        if generation != self._generation:
+            self._generation = generation
+            self.runtime.timeline.discard_held(self.converter.reset())
+            self._first_byte_at_s = None
+
+    def _ingest_tail(self) -> None:
+        tail = self.converter.flush()
+        if tail.timeline.size or tail.playout.size:
+            self.runtime.ingest(tail, self.source, self._first_byte_at_s or time.monotonic())
+
+    def _arm_gap_timer(self) -> None:
+        if self.utterance_gap_ms <= 0:
+            return
+        self._cancel_gap_timer()
+        loop = asyncio.get_running_loop()
+        self._gap_timer = loop.call_later(self.utterance_gap_ms / 1000.0, self._on_gap)
+
+    def _cancel_gap_timer(self) -> None:
+        if self._gap_timer is not None:
+            self._gap_timer.cancel()
+            self._gap_timer = None
+
+    def _on_gap(self) -> None:
+        self._gap_timer = None
+        if self.runtime.timeline.open_utterance is not None or self.converter.holding:
+            self.implicit_ends += 1
+            logger.info(
+                "no audio for %d ms: ending the utterance", self.utterance_gap_ms, extra={"source": self.source}
+            )
+            self.end_utterance()

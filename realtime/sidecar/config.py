@@ -1,0 +1,105 @@
+"""Sidecar configuration: one home for every knob, importable without loading livekit, torch or the engine."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TIMELINE_SAMPLE_RATE_HZ = 16_000
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # 1 MiB: 32 s of s16le 16 kHz mono in one message
+DEFAULT_PORT = 8790
+DEFAULT_UTTERANCE_GAP_MS = 500  # no audio this long ends an open utterance (implicit end_of_utterance)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    buffer_limit_ms: int = 60_000  # audio queued ahead of playback, per session
+    render_budget_ms: float = 40.0  # frame 0 of an utterance is due at least this long after it is planned
+    # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms):
+    # a streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
+    max_render_budget_ms: float = 240.0  # the lead's upper bound (kept below render_ahead_frames ticks)
+    render_budget_safety: float = 2.0  # batches a frame may wait for: the one in flight, then its own
+    render_ahead_frames: int = 8  # frames rendered ahead of the clock, at most
+    render_batch_frames: int = 4  # frames per engine call, at most
+    crossfade_frames: int = 2  # speech -> idle blend when an utterance ends on an open mouth
+    resync_after_ms: float = 250.0  # a clock this late (event loop stalled) restarts from now
+    lateness_window_ticks: int = 3000  # ticks kept for lateness percentiles
+
+    @property
+    def buffer_limit_samples(self) -> int:
+        return self.buffer_limit_ms * TIMELINE_SAMPLE_RATE_HZ // 1000
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    sidecar_id: str = "sidecar-local"
+    task_queue: str = "sidecar-local"
+    slots_total: int = 4
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    video_delay_ms: float = 40.0  # see realtime.publish.livekit
+    max_video_bitrate_bps: int = 1_500_000
+    output_down_timeout_s: float = 30.0  # an output disconnected this long ends the session (output_failed)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS
+    stats_interval_ms: int = 1000  # periodic `stats` messages on the audio WS (0: only on request)
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    bind_host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    engine: str = "auto"  # auto | musetalk | preview
+    model_dir: Path = Path("models")
+    device: str = "auto"
+    cache_dir: Path | None = None
+    warm_up_at_start: bool = True
+    host: HostConfig = field(default_factory=HostConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "musetalk", "preview"),
+        default="auto",
+        help="auto: musetalk when weights exist under --model-dir, else the CPU preview engine",
+    )
+    parser.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk layout (default ./models)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")
+    parser.add_argument("--slots", type=int, default=4, help="concurrent sessions this sidecar accepts")
+    parser.add_argument("--sidecar-id", default=None, help="this sidecar's name (default: the hostname)")
+    parser.add_argument("--task-queue", default=None, help="its Temporal task queue (default sidecar-<id>)")
+    parser.add_argument("--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay")
+    parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
+    parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
+    parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
+
+
+def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
+    sidecar_id = args.sidecar_id or f"sidecar-{socket.gethostname()}"
+    return SidecarSettings(
+        bind_host=args.host,
+        port=args.port,
+        engine=args.engine,
+        model_dir=args.model_dir,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        warm_up_at_start=not args.no_warm_up,
+        host=HostConfig(
+            sidecar_id=sidecar_id,
+            task_queue=args.task_queue or sidecar_id,
+            slots_total=args.slots,
+            runtime=RuntimeConfig(buffer_limit_ms=args.buffer_limit_ms),
+            video_delay_ms=args.video_delay_ms,
+        ),
+        server=ServerConfig(max_message_bytes=args.max_message_bytes),
+    )

@@ -1,0 +1,203 @@
+"""The sidecar's port onto `realtime.engine`: one engine per process, a stream per utterance.
+
+The engine is synchronous and single-threaded; everything that touches it (preparation,
+warm-up, feature pulls, rendering) runs on the render lane's thread. The event loop only
+appends audio to an utterance's inbox; the inbox is moved into the engine's feature stream
+on the lane thread, right before that utterance's frames are pulled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from realtime.engine.api import Engine, EngineConfig, RenderRequest
+from realtime.engine.audio.framing import SAMPLES_PER_FRAME, ready_frame_count
+from realtime.engine.audio.stream import AudioFeatureStream
+from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.factory import create_engine
+from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
+from realtime.sidecar.engine_port import AvatarView, EngineInfo, SessionEngine, UtteranceStream
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_BATCH_SIZES = (1, 4, 8)
+
+
+class _AvatarView:
+    def __init__(self, avatar: Avatar) -> None:
+        self._avatar = avatar
+
+    @property
+    def width_px(self) -> int:
+        return self._avatar.width_px
+
+    @property
+    def height_px(self) -> int:
+        return self._avatar.height_px
+
+    def idle_frame(self, tick: int) -> np.ndarray:
+        return self._avatar.idle_frame(tick)
+
+
+class _Utterance:
+    """An utterance's audio inbox (loop thread) in front of the engine's feature stream (lane thread)."""
+
+    def __init__(self, engine: Engine, avatar: Avatar) -> None:
+        self._engine = engine
+        self._avatar = avatar
+        self._stream = engine.open_stream()
+        self._lock = threading.Lock()
+        self._inbox: list[np.ndarray] = []
+        self._samples = 0
+        self._ended = False
+        self._end_applied = False
+        self._next_frame = 0
+
+    def push_audio(self, samples_16k: np.ndarray) -> None:
+        if samples_16k.size == 0:
+            return
+        with self._lock:
+            self._inbox.append(np.ascontiguousarray(samples_16k, dtype=np.float32))
+            self._samples += len(samples_16k)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+
+    def ready_frame_count(self) -> int:
+        with self._lock:
+            if self._ended:
+                return math.ceil(self._samples / SAMPLES_PER_FRAME)
+            return ready_frame_count(self._samples)
+
+    def apply_inbox(self) -> AudioFeatureStream:
+        """Move the audio received so far into the feature stream (lane thread); returns the stream."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            ended = self._ended
+        for chunk in inbox:
+            self._stream.push(chunk)
+        if ended and not self._end_applied:
+            self._stream.end_of_utterance()
+            self._end_applied = True
+        return self._stream
+
+    def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
+        self.apply_inbox()
+        if frame_indices and frame_indices[0] != self._next_frame:
+            raise ValueError(f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}")
+        features = self._stream.pull(max_frames=len(frame_indices))
+        if len(features) != len(frame_indices):
+            raise ValueError(f"asked for {len(frame_indices)} frames, the feature stream had {len(features)} ready")
+        self._next_frame += len(features)
+        return [
+            RenderRequest(self._avatar, tick, feature.features, feature.speech_weight)
+            for feature, tick in zip(features, ticks, strict=True)
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._inbox = []
+
+
+class _SessionView:
+    def __init__(self, engine: Engine, avatar: Avatar) -> None:
+        self._engine = engine
+        self._avatar = avatar
+        self._view = _AvatarView(avatar)
+
+    @property
+    def avatar(self) -> AvatarView:
+        return self._view
+
+    def open_utterance(self) -> UtteranceStream:
+        return _Utterance(self._engine, self._avatar)
+
+
+class EngineAdapter:
+    """`EngineService` over `realtime.engine`. The engine is built on first use (never at import)."""
+
+    def __init__(self, config: EngineConfig, *, engine: Engine | None = None, reason: str = "") -> None:
+        """`engine`: an engine built elsewhere (benchmarks with full-size random weights); default: built from
+        `config` by `realtime.engine.factory.create_engine` on first use."""
+        self.config = config
+        self._engine: Engine | None = engine
+        self._reason = reason
+        self._warm = False
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                selection = create_engine(self.config)
+                self._engine, self._reason = selection.engine, selection.reason
+            return self._engine
+
+    def info(self) -> EngineInfo:
+        if self._engine is None:
+            return EngineInfo(name=self.config.engine, device=self.config.device, warm=False, detail="not loaded yet")
+        info = self._engine.info
+        return EngineInfo(name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail)
+
+    def warm_up(self) -> bool:
+        if self._warm:
+            return True
+        warm_up_buckets = getattr(self.engine, "warm_up_buckets", None)
+        if warm_up_buckets is not None:
+            warm_up_buckets()  # every batch bucket: no session frame ever waits for a graph capture or compile
+        else:
+            self.engine.warm_up(WARM_UP_BATCH_SIZES)
+        self._warm = True
+        return False
+
+    def prepare_avatar(
+        self, asset: AvatarAsset, on_progress: Callable[[PrepareProgress], None]
+    ) -> tuple[PreparedAvatar, object]:
+        avatar = self.engine.prepare_avatar(asset.path, on_progress=on_progress)
+        if asset.digest_sha256 and asset.digest_sha256 != avatar.digest_sha256:
+            logger.warning(
+                "avatar digest differs from the fetched asset's",
+                extra={"expected": asset.digest_sha256, "prepared": avatar.digest_sha256},
+            )
+        prepared = PreparedAvatar(
+            digest_sha256=avatar.digest_sha256,
+            cache_dir=avatar.cache_dir,
+            frame_count=avatar.frame_count,
+            width_px=avatar.width_px,
+            height_px=avatar.height_px,
+            cache_hit=avatar.cache_hit,
+        )
+        return prepared, avatar
+
+    def open_session(self, avatar: object) -> SessionEngine:
+        if not isinstance(avatar, Avatar):
+            raise TypeError(f"expected a prepared Avatar, got {type(avatar).__name__}")
+        return _SessionView(self.engine, avatar)
+
+    def render(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        return self.engine.render(requests)
+
+    def prepare_features(self, jobs: Sequence[tuple[object, int]]) -> int:
+        """Before a lane batch: encode every job's pending audio in one engine call (`RenderLane(prepare=...)`)."""
+        prefetch = getattr(self.engine, "prefetch_features", None)
+        if prefetch is None:
+            return 0
+        streams, counts = [], []
+        for source, frames in jobs:
+            if isinstance(source, _Utterance):
+                streams.append(source.apply_inbox())
+                counts.append(frames)
+        encoded: int = prefetch(streams, counts) if streams else 0
+        return encoded
+
+    def release_avatar(self, avatar: object) -> None:
+        forget = getattr(self._engine, "forget_avatar", None)
+        if forget is not None and isinstance(avatar, Avatar):
+            forget(avatar)

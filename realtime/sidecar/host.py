@@ -1,0 +1,345 @@
+"""`SidecarHost`: the `realtime.host.SessionHost` implementation — one engine, many sessions.
+
+The Temporal activities on this sidecar's task queue call these methods in the order of the
+session lifecycle: prepare_avatar -> warm_up -> open_output -> run_session -> teardown
+(stop_session may come at any time). The session's clock starts when its output opens (the
+room sees idle frames at once); run_session only watches it and reports stats.
+
+A session holds one of `slots_total` slots from prepare_avatar until teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from realtime.agents_protocol import AgentAudioBridge
+from realtime.host import (
+    AvatarAsset,
+    Capacity,
+    OpenedOutput,
+    OutputKind,
+    OutputTarget,
+    PreparedAvatar,
+    PrepareProgress,
+    RunLimits,
+    SessionEnd,
+    SessionEndReason,
+    SessionStats,
+    WarmUpResult,
+)
+from realtime.publish.base import Publisher
+from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
+from realtime.publish.recording import RecordingOutput
+from realtime.publish.rtmp import RtmpOutput
+from realtime.publish.switch import SwitchableOutput
+from realtime.sidecar.config import HostConfig
+from realtime.sidecar.engine_port import EngineInfo, EngineService
+from realtime.sidecar.errors import (
+    NoFreeSlot,
+    OutputAlreadyOpen,
+    OutputUnsupported,
+    SessionNotPrepared,
+    UnknownSession,
+)
+from realtime.sidecar.render_queue import BACKGROUND_DEADLINE_S, RenderLane
+from realtime.sidecar.runtime import SessionRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostedSession:
+    session_id: str
+    created_at_s: float = field(default_factory=time.monotonic)
+    prepared: PreparedAvatar | None = None
+    avatar: object | None = None
+    runtime: SessionRuntime | None = None
+    publishers: list[Publisher] = field(default_factory=list)
+    bridge: AgentAudioBridge | None = None
+    output: OpenedOutput | None = None
+    live_output: SwitchableOutput | None = None  # the live output (LiveKit or RTMP), switchable while live
+    stop_reason: SessionEndReason | None = None
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    audio_clients: int = 0  # WS connections + agent streams open now
+    had_audio_client: bool = False
+    output_down_since_s: float | None = None
+
+
+class SidecarHost:
+    def __init__(self, engine: EngineService, config: HostConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or HostConfig()
+        self.sessions: dict[str, HostedSession] = {}
+        self._lane: RenderLane | None = None
+        self._warm_lock = asyncio.Lock()
+
+    @property
+    def lane(self) -> RenderLane:
+        if self._lane is None:
+            # prepare: the engine adapter batches all jobs' audio features into one encode (when it can).
+            self._lane = RenderLane(self.engine.render, prepare=getattr(self.engine, "prepare_features", None))
+        return self._lane
+
+    # ---- SessionHost ----------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        slots = self.slots_total()
+        return Capacity(
+            sidecar_id=self.config.sidecar_id,
+            task_queue=self.config.task_queue,
+            slots_total=slots,
+            slots_free=max(0, slots - len(self.sessions)),
+        )
+
+    def slots_total(self) -> int:
+        """Configured slots, lowered to what the render lane's measured batch times sustain (admission control):
+        a saturated sidecar refuses new sessions rather than letting every session on it drop frames."""
+        measured = self._lane.capacity_sessions() if self._lane is not None else None
+        if measured is None:
+            return self.config.slots_total
+        # Never below the sessions already here (they keep their slots) nor below one (a sidecar serves one).
+        return max(1, min(self.config.slots_total, max(measured, 0)))
+
+    async def prepare_avatar(
+        self, session_id: str, asset: AvatarAsset, on_progress: Callable[[PrepareProgress], None]
+    ) -> PreparedAvatar:
+        session = self.sessions.get(session_id)
+        if session is None:
+            slots = self.slots_total()
+            if len(self.sessions) >= slots:
+                raise NoFreeSlot(
+                    f"sidecar {self.config.sidecar_id} has all {slots} slots in use "
+                    f"({self.config.slots_total} configured, capacity measured by its render lane)"
+                )
+            session = HostedSession(session_id)
+            self.sessions[session_id] = session
+        loop = asyncio.get_running_loop()
+
+        def progress_from_thread(progress: PrepareProgress) -> None:
+            loop.call_soon_threadsafe(on_progress, progress)
+
+        try:
+            # On the lane: the engine is single-threaded; live sessions' frames go first.
+            prepared, avatar = await self.lane.call(
+                BACKGROUND_DEADLINE_S, lambda: self.engine.prepare_avatar(asset, progress_from_thread)
+            )
+        except Exception:
+            if session.runtime is None:
+                self.sessions.pop(session_id, None)  # nothing else holds the slot
+            raise
+        session.prepared, session.avatar = prepared, avatar
+        return prepared
+
+    async def warm_up(self) -> WarmUpResult:
+        async with self._warm_lock:
+            started = time.perf_counter()
+            already = await self.lane.call(BACKGROUND_DEADLINE_S, self.engine.warm_up)
+            info = self.engine.info()
+            return WarmUpResult(
+                engine=info.name,
+                device=info.device,
+                warm_up_ms=(time.perf_counter() - started) * 1000.0,
+                already_warm=already,
+            )
+
+    async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+        """Open the live output (LiveKit or RTMP) and, with `target.record_path`, an MP4 recording beside it."""
+        session = self._session(session_id)
+        if session.avatar is None or session.prepared is None:
+            raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
+        publisher, opened = self._make_publisher(target, session.prepared)
+        live = SwitchableOutput(publisher)
+        publishers: list[Publisher] = [live]
+        if target.record_path is not None:
+            width_px, height_px = _even_size(session.prepared)
+            publishers.append(RecordingOutput(target.record_path, width_px, height_px))
+        await self.start_publishing(session_id, publishers, opened)
+        session.live_output = live
+        self._attach_agent_bridge(session, publisher, target)
+        return opened
+
+    async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+        """Move a live session to another output (LiveKit -> RTMP) without restarting it: the clock, the audio
+        queue and the recording go on; the new output is connected before the old one is closed, so a failed
+        switch (raised) leaves the session on its current output. Visible in stats as `fallbacks`."""
+        session = self._session(session_id)
+        if session.live_output is None or session.prepared is None or session.runtime is None:
+            raise SessionNotPrepared(f"session {session_id} has no open output to switch: call open_output first")
+        publisher, opened = self._make_publisher(target, session.prepared)
+        if session.bridge is not None:
+            await session.bridge.close()  # the agent's room is the old output's
+            session.bridge = None
+        await session.live_output.switch_to(publisher)
+        session.output = opened
+        session.output_down_since_s = None
+        if session.stop_reason is SessionEndReason.OUTPUT_FAILED:
+            # The run that ended because the old output failed is over; the next run_session serves the new one.
+            session.stop_reason = None
+            session.stop_event.clear()
+        self._attach_agent_bridge(session, publisher, target)
+        logger.info("session output switched", extra={"session_id": session_id, "output": opened.detail})
+        return opened
+
+    def _attach_agent_bridge(self, session: HostedSession, publisher: Publisher, target: OutputTarget) -> None:
+        if isinstance(publisher, LiveKitPublisher) and target.livekit is not None and session.runtime is not None:
+            bridge = AgentAudioBridge(session.runtime, target.livekit.publish_on_behalf)
+            session.bridge = bridge
+            publisher.on_room(bridge.attach)
+
+    async def start_publishing(self, session_id: str, publishers: list[Publisher], opened: OpenedOutput) -> None:
+        """Start `publishers` and the session's clock. `open_output` builds LiveKit publishers; other outputs
+        (RTMP, MP4 recording, a live switch) come in here as any `realtime.publish.base.Publisher`."""
+        session = self._session(session_id)
+        if session.avatar is None:
+            raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
+        if session.runtime is not None:
+            raise OutputAlreadyOpen(f"session {session_id} already publishes to {session.output}")
+        started: list[Publisher] = []
+        try:
+            for publisher in publishers:
+                await publisher.start()  # raises a typed OutputError: the workflow applies its fallback policy
+                started.append(publisher)
+        except BaseException:
+            for publisher in started:
+                with contextlib.suppress(Exception):
+                    await publisher.close()
+            raise
+        engine_view = self.engine.open_session(session.avatar)
+        runtime = SessionRuntime(session_id, engine_view, publishers, self.lane, self.config.runtime)
+        session.runtime, session.publishers, session.output = runtime, publishers, opened
+        await runtime.start()
+        logger.info("session output open", extra={"session_id": session_id, "output": opened.detail})
+
+    def _make_publisher(self, target: OutputTarget, prepared: PreparedAvatar) -> tuple[Publisher, OpenedOutput]:
+        # H.264 (RTMP) and LiveKit's encoders need even sizes: an odd avatar loses its last row/column.
+        width_px, height_px = _even_size(prepared)
+        if target.kind is OutputKind.LIVEKIT and target.livekit is not None:
+            options = LiveKitPublisherOptions(
+                width_px=width_px,
+                height_px=height_px,
+                video_delay_ms=self.config.video_delay_ms,
+                max_video_bitrate_bps=self.config.max_video_bitrate_bps,
+            )
+            return LiveKitPublisher(target.livekit, options), OpenedOutput(OutputKind.LIVEKIT, target.livekit.room)
+        if target.kind is OutputKind.RTMP and target.rtmp is not None:
+            rtmp = RtmpOutput(target.rtmp.url, width_px, height_px)  # raises RtmpUrlError for a malformed URL
+            return rtmp, OpenedOutput(OutputKind.RTMP, rtmp.detail)
+        raise OutputUnsupported(f"output kind {target.kind} needs its target ({target.kind}: url, ...) in the request")
+
+    async def run_session(
+        self, session_id: str, limits: RunLimits, on_stats: Callable[[SessionStats], None]
+    ) -> SessionEnd:
+        session = self._session(session_id)
+        runtime = session.runtime
+        if runtime is None:
+            raise SessionNotPrepared(f"session {session_id} has no open output: call open_output first")
+        started_s = time.monotonic()
+        next_stats_s = started_s
+        while True:
+            now = time.monotonic()
+            reason = session.stop_reason or self._end_reason(session, runtime, limits, started_s, now)
+            if reason is not None:
+                session.stop_reason = reason
+                stats = runtime.stats()
+                on_stats(stats)
+                logger.info("session ends", extra={"session_id": session_id, "reason": str(reason)})
+                return SessionEnd(reason=reason, stats=stats)
+            if now >= next_stats_s:
+                on_stats(runtime.stats())
+                next_stats_s = now + limits.stats_interval_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.stop_event.wait(), timeout=min(0.25, limits.stats_interval_s))
+
+    def _end_reason(
+        self, session: HostedSession, runtime: SessionRuntime, limits: RunLimits, started_s: float, now: float
+    ) -> SessionEndReason | None:
+        if now - started_s >= limits.max_duration_s:
+            return SessionEndReason.MAX_DURATION
+        if any(not p.stats().connected for p in session.publishers):
+            session.output_down_since_s = session.output_down_since_s or now
+            if now - session.output_down_since_s >= self.config.output_down_timeout_s:
+                return SessionEndReason.OUTPUT_FAILED
+        else:
+            session.output_down_since_s = None
+        if runtime.playing or runtime.timeline.pending_samples or session.audio_clients:
+            return None
+        last_activity = max(runtime.last_audio_at_s or started_s, started_s)
+        if now - last_activity >= limits.idle_timeout_s:
+            return SessionEndReason.CLIENT_GONE if session.had_audio_client else SessionEndReason.IDLE_TIMEOUT
+        return None
+
+    async def stop_session(self, session_id: str, reason: SessionEndReason) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        session.stop_reason = session.stop_reason or reason
+        session.stop_event.set()
+
+    async def teardown(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.stop_reason = session.stop_reason or SessionEndReason.STOPPED
+        session.stop_event.set()
+        if session.bridge is not None:
+            await session.bridge.close()
+        if session.runtime is not None:
+            await session.runtime.stop()
+        for publisher in session.publishers:
+            try:
+                await publisher.close()
+            except Exception:
+                logger.exception("closing a publisher failed", extra={"session_id": session_id})
+        avatar = session.avatar
+        if (
+            avatar is not None
+            and self._lane is not None
+            and not any(s.avatar is avatar for s in self.sessions.values())
+        ):
+            try:
+                await self._lane.call(BACKGROUND_DEADLINE_S, lambda: self.engine.release_avatar(avatar))
+            except Exception:
+                logger.exception("releasing the avatar failed", extra={"session_id": session_id})
+        logger.info("session torn down", extra={"session_id": session_id})
+
+    # ---- for the server -------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> HostedSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"no session {session_id} on sidecar {self.config.sidecar_id}")
+        return session
+
+    def runtime(self, session_id: str) -> SessionRuntime | None:
+        session = self.sessions.get(session_id)
+        return session.runtime if session is not None else None
+
+    def audio_client_joined(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.audio_clients += 1
+            session.had_audio_client = True
+
+    def audio_client_left(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            session.audio_clients = max(0, session.audio_clients - 1)
+
+    def engine_info(self) -> EngineInfo:
+        return self.engine.info()
+
+    async def close(self) -> None:
+        for session_id in list(self.sessions):
+            await self.teardown(session_id)
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+
+
+def _even_size(prepared: PreparedAvatar) -> tuple[int, int]:
+    return prepared.width_px - prepared.width_px % 2, prepared.height_px - prepared.height_px % 2

@@ -1,0 +1,428 @@
+"""The process's one render lane: engine work from every session, earliest deadline first, batched.
+
+The engine is shared by all sessions of a process and is called from one thread only (one
+GPU stream, CUDA graphs), so all of its calls — features, rendering, avatar preparation,
+warm-up — run on this lane's worker thread, off the event loop that runs the session clocks.
+
+Render jobs carry the deadline of the tick that shows their first frame. The worker takes
+the most urgent job, then more queued render jobs in deadline order while (a) the batch stays
+within `max_batch_frames` and (b) either the frames still fit the batch bucket already paid
+for (the engine pads a batch to the next size of `buckets`, so they are free) or the measured
+time of the larger bucket still finishes before the most urgent job's deadline (when that job
+is late even alone, the batch simply grows: cutting it would only lower throughput). It computes
+each job's feature windows and renders them all in a single engine call: the cross-session
+batch. It never waits for a batch to fill.
+
+Admission control: `BatchCostModel` keeps the measured wall time (features + render) of the
+lane's batches per bucket; `capacity_sessions` turns it into how many 25-fps sessions the
+lane sustains within a latency budget, which `SidecarHost.capacity()` reports, so placement
+refuses new sessions on a saturated sidecar instead of every session there stuttering.
+
+Planning budget: a realtime-streamed utterance's frames become ready one per tick, each only
+as long before its tick as its session planned the utterance's start ahead (`planning_budget_ms`).
+A fixed 40 ms holds one session, but with N sessions speaking a frame may wait for the batch in
+flight and then ride in its own, both of the size N sessions' frames make: `planning_budget_ms`
+sizes the lead from that measured batch time (× a safety factor) plus the queue's current
+backlog, within the runtime's bounds. Under load every session trades a little first-frame
+latency (TTFF grows by the budget) for frames that are all on time. Sessions count as speaking
+from their first audio (`set_speaking`), so a burst of sessions that start at once sees the load
+before any of its frames reach the queue, and until `speaking_hold_s` after their speech ends,
+so the pause between two sentences of a turn does not make the others plan too tight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RenderFn = Callable[[Sequence[Any]], list[np.ndarray]]
+PrepareFn = Callable[[Sequence[tuple[object, int]]], Any]
+BACKGROUND_DEADLINE_S = math.inf  # preparation/warm-up: only when no frame is waiting
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # realtime.engine.accel.DEFAULT_BATCH_BUCKETS (no torch import here)
+FRAME_PERIOD_MS = 40.0  # one 25-fps tick: a speaking session adds one ready frame per period
+# The lane never waits for a batch to fill, and one frame over a bucket costs the next bucket: near full load it
+# runs larger, padded batches than the bare rate suggests. A bucket counts as keeping up only with this headroom.
+STEADY_UTILIZATION = 0.75
+
+
+def bucket_for(frames: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `frames` (the largest when none does)."""
+    for bucket in buckets:
+        if bucket >= frames:
+            return bucket
+    return buckets[-1]
+
+
+class BatchCostModel:
+    """Measured wall time of a lane batch (features + render) per bucket, as an exponential moving average."""
+
+    def __init__(self, buckets: Sequence[int] = DEFAULT_BUCKETS, *, smoothing: float = 0.2) -> None:
+        self.buckets = tuple(buckets)
+        self._smoothing = smoothing
+        self._ms: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, frames: int, elapsed_ms: float) -> None:
+        bucket = bucket_for(max(1, frames), self.buckets)
+        with self._lock:
+            previous = self._ms.get(bucket)
+            self._ms[bucket] = elapsed_ms if previous is None else previous + self._smoothing * (elapsed_ms - previous)
+
+    def measured(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self._ms)
+
+    def estimate_ms(self, frames: int) -> float | None:
+        """The batch time of `frames`' bucket: measured; else the nearest measured larger bucket's (an upper
+        bound); else the largest measured smaller bucket's scaled by size (pessimistic: batching is sublinear);
+        None before any measurement."""
+        bucket = bucket_for(max(1, frames), self.buckets)
+        with self._lock:
+            if bucket in self._ms:
+                return self._ms[bucket]
+            above = [b for b in self._ms if b > bucket]
+            if above:
+                return self._ms[min(above)]
+            below = [b for b in self._ms if b < bucket]
+            if below:
+                largest = max(below)
+                return self._ms[largest] * bucket / largest
+        return None
+
+    def sustainable_fps(self, latency_budget_ms: float) -> float | None:
+        """The best frames/s over measured buckets whose batch time fits `latency_budget_ms` (None: unknown)."""
+        measured = self.measured()
+        # Known only once the frontier is: a bucket over the budget, or the largest bucket, was measured.
+        # Small batches alone (a lightly loaded lane) say nothing about how far batching scales.
+        frontier_known = any(ms > latency_budget_ms for ms in measured.values()) or self.buckets[-1] in measured
+        if not frontier_known:
+            return None
+        rates = [b * 1000.0 / ms for b, ms in measured.items() if 0 < ms <= latency_budget_ms]
+        return max(rates) if rates else 0.0
+
+    def capacity_sessions(
+        self, *, fps_per_session: float = 25.0, latency_budget_ms: float = 160.0, headroom: float = 0.8
+    ) -> int | None:
+        """Sessions (all speaking at once) the lane sustains with `headroom` to spare; None before measurements.
+
+        The budget bounds how long one batch may take: a session renders a few frames ahead
+        (`RuntimeConfig.render_ahead_frames`, 320 ms at 8), and a batch waits for the one before it.
+        """
+        fps = self.sustainable_fps(latency_budget_ms)
+        if fps is None:
+            return None
+        return max(0, math.floor(fps * headroom / fps_per_session))
+
+
+@dataclass(order=True)
+class _Job:
+    deadline_s: float
+    sequence: int
+    fn: Callable[[], Any] = field(compare=False)  # generic: the result; render: the requests
+    future: Future[Any] = field(compare=False)
+    is_render: bool = field(compare=False, default=False)
+    frames: int = field(compare=False, default=1)  # render: frames the job will ask for (its size in a batch)
+    source: object | None = field(compare=False, default=None)  # render: the feature source, for `prepare`
+
+
+@dataclass
+class RenderLaneStats:
+    jobs_done: int = 0
+    batches: int = 0
+    frames_rendered: int = 0
+    largest_batch_frames: int = 0
+    busy_s: float = 0.0
+    queue_depth_max: int = 0
+    batches_cut_by_deadline: int = 0  # batches that stopped growing because a larger one would be late
+
+
+class RenderLane:
+    def __init__(
+        self,
+        render: RenderFn,
+        *,
+        max_batch_frames: int = 32,
+        name: str = "render-lane",
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        cost_model: BatchCostModel | None = None,
+        deadline_margin_ms: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        prepare: PrepareFn | None = None,
+        speaking_hold_s: float = 1.0,
+    ) -> None:
+        """`buckets`: the engine's batch sizes; `clock`: the clock deadlines are on (the session clocks');
+        `prepare`: called with `(source, frames)` of a batch's jobs before their `make_requests` run (the engine
+        encodes all their audio features in one call there); `speaking_hold_s`: how long a session still counts
+        as speaking after its speech ended (see `planning_budget_ms`)."""
+        self._render = render
+        self._prepare = prepare
+        self.max_batch_frames = max_batch_frames
+        self.buckets = tuple(buckets)
+        self.cost_model = cost_model or BatchCostModel(self.buckets)
+        self._deadline_margin_s = deadline_margin_ms / 1000.0
+        self._clock = clock
+        self._heap: list[_Job] = []
+        self._cond = threading.Condition()
+        self._sequence = itertools.count()
+        self._closed = False
+        self._speaking_hold_s = speaking_hold_s
+        self._speaking_until_s: dict[str, float] = {}  # session -> counts as speaking until (inf: speaking now)
+        self._inflight_frames = 0  # frames of the batch being rendered (0: none)
+        self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
+        self.stats = RenderLaneStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def call(self, deadline_s: float, fn: Callable[[], T]) -> T:
+        """Run `fn` on the lane thread; returns its result (or raises its exception) on the caller's loop."""
+        return await asyncio.wrap_future(self._submit(deadline_s, fn, is_render=False))
+
+    async def render(
+        self,
+        deadline_s: float,
+        make_requests: Callable[[], Sequence[Any]],
+        *,
+        frames: int = 1,
+        source: object | None = None,
+    ) -> list[np.ndarray]:
+        """Render the requests `make_requests` builds (on the lane thread), batched with other sessions' jobs.
+
+        `frames`: how many requests it will build (sizes the batch before the features are computed);
+        `source`: what `prepare` gets for this job (the session's utterance stream)."""
+        future = self._submit(deadline_s, make_requests, is_render=True, frames=frames, source=source)
+        result: list[np.ndarray] = await asyncio.wrap_future(future)
+        return result
+
+    def capacity_sessions(self, fps_per_session: float = 25.0) -> int | None:
+        """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet)."""
+        return self.cost_model.capacity_sessions(fps_per_session=fps_per_session)
+
+    # ---- load and planning budget ---------------------------------------------------------
+
+    def set_speaking(self, session_key: str, speaking: bool) -> None:
+        """A session has speech in flight (audio received, frames still to show), or no longer has."""
+        with self._cond:
+            if speaking:
+                self._speaking_until_s[session_key] = math.inf
+            elif session_key in self._speaking_until_s:
+                self._speaking_until_s[session_key] = self._clock() + self._speaking_hold_s
+
+    def speaking_sessions(self) -> int:
+        """Sessions with speech in flight, or whose speech ended less than `speaking_hold_s` ago."""
+        now_s = self._clock()
+        with self._cond:
+            for key in [k for k, until_s in self._speaking_until_s.items() if until_s <= now_s]:
+                del self._speaking_until_s[key]
+            return len(self._speaking_until_s)
+
+    def steady_batch_ms(
+        self,
+        sessions: int,
+        *,
+        frame_period_ms: float = FRAME_PERIOD_MS,
+        utilization: float = STEADY_UTILIZATION,
+    ) -> float | None:
+        """The measured time of the batch the lane settles on with `sessions` speaking (None: nothing measured).
+
+        Each speaking session adds a ready frame per period, so while a batch of b frames takes T(b),
+        sessions·T(b)/period frames arrive: the lane settles on the smallest bucket b that keeps up with
+        `utilization` headroom (sessions·T(b) <= b·period·utilization). The batch of `sessions` frames alone
+        would understate it when T > period. When no bucket up to `max_batch_frames` keeps up (overload), the
+        largest batch's time.
+        """
+        largest = bucket_for(self.max_batch_frames, self.buckets)
+        fallback: float | None = None
+        for bucket in (b for b in self.buckets if b <= largest):
+            batch_ms = self.cost_model.estimate_ms(bucket)
+            if batch_ms is None:
+                return None
+            if max(1, sessions) * batch_ms <= bucket * frame_period_ms * utilization:
+                return batch_ms
+            fallback = batch_ms
+        return fallback
+
+    def backlog_ms(self) -> float:
+        """Estimated time until the lane has rendered what it holds now: the rest of the batch in flight plus
+        the queued render frames in batches of `max_batch_frames` (0 for what was never measured)."""
+        with self._cond:
+            queued = sum(job.frames for job in self._heap if job.is_render)
+            inflight, inflight_started_s = self._inflight_frames, self._inflight_started_s
+        total_ms = 0.0
+        if inflight:
+            inflight_ms = self.cost_model.estimate_ms(inflight) or 0.0
+            total_ms += max(0.0, inflight_ms - (time.perf_counter() - inflight_started_s) * 1000.0)
+        full_batches, rest = divmod(queued, self.max_batch_frames)
+        if full_batches:
+            total_ms += full_batches * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0)
+        if rest:
+            total_ms += self.cost_model.estimate_ms(rest) or 0.0
+        return total_ms
+
+    def planning_budget_ms(
+        self,
+        *,
+        min_ms: float,
+        max_ms: float,
+        safety_factor: float = 2.0,
+        frame_period_ms: float = FRAME_PERIOD_MS,
+    ) -> float:
+        """How far ahead a session should plan a new utterance's first tick: every frame of a realtime-streamed
+        utterance then has this long between becoming ready and its tick.
+
+        steady batch time at the current load × `safety_factor` (a frame may wait for the batch in flight, then
+        ride in the next: 2 batches) + the current backlog (frame 0 queues behind it), clamped to
+        [`min_ms`, `max_ms`]; `min_ms` before anything was measured.
+        """
+        batch_ms = self.steady_batch_ms(self.speaking_sessions(), frame_period_ms=frame_period_ms)
+        if batch_ms is None:
+            return min_ms
+        budget_ms = batch_ms * safety_factor + self.backlog_ms()
+        return min(max_ms, max(min_ms, budget_ms))
+
+    def _submit(
+        self,
+        deadline_s: float,
+        fn: Callable[[], Any],
+        *,
+        is_render: bool,
+        frames: int = 1,
+        source: object | None = None,
+    ) -> Future[Any]:
+        future: Future[Any] = Future()
+        job = _Job(deadline_s, next(self._sequence), fn, future, is_render, max(1, int(frames)), source)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("render lane is closed")
+            heapq.heappush(self._heap, job)
+            self.stats.queue_depth_max = max(self.stats.queue_depth_max, len(self._heap))
+            self._cond.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = heapq.heappop(self._heap)
+            started = time.perf_counter()
+            if job.is_render:
+                self._run_render_batch(job)
+            else:
+                self._run_generic(job)
+            self.stats.busy_s += time.perf_counter() - started
+
+    def _run_generic(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = job.fn()
+        except BaseException as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+        self.stats.jobs_done += 1
+
+    def _run_render_batch(self, first: _Job) -> None:
+        started = time.perf_counter()
+        jobs = [first, *self._take_batch(first)]
+        with self._cond:
+            self._inflight_frames = sum(job.frames for job in jobs)
+            self._inflight_started_s = started
+        try:
+            self._render_jobs(jobs, started)
+        finally:
+            with self._cond:
+                self._inflight_frames = 0
+
+    def _render_jobs(self, jobs: list[_Job], started: float) -> None:
+        sources = [(job.source, job.frames) for job in jobs if job.source is not None]
+        if self._prepare is not None and sources:
+            try:
+                self._prepare(sources)
+            except Exception:  # each job still computes its own features; only the batching is lost
+                logger.exception("batched feature preparation failed")
+        batch: list[tuple[_Job, Sequence[Any]]] = []
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    requests = job.fn()
+                except BaseException as exc:
+                    job.future.set_exception(exc)
+                else:
+                    batch.append((job, requests))
+        if not batch:
+            return
+        all_requests = [request for _, requests in batch for request in requests]
+        try:
+            images = self._render(all_requests) if all_requests else []
+        except BaseException as exc:
+            for queued, _ in batch:
+                queued.future.set_exception(exc)
+            return
+        if all_requests:
+            self.cost_model.observe(len(all_requests), (time.perf_counter() - started) * 1000.0)
+        offset = 0
+        for queued, requests in batch:
+            queued.future.set_result(images[offset : offset + len(requests)])
+            offset += len(requests)
+        self.stats.jobs_done += len(batch)
+        self.stats.batches += 1
+        self.stats.frames_rendered += len(all_requests)
+        self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, len(all_requests))
+
+    def _take_batch(self, first: _Job) -> list[_Job]:
+        """More queued render jobs to batch with `first` (see the module docstring for the rule)."""
+        taken: list[_Job] = []
+        frames = first.frames
+        cut_by_deadline = False
+        alone_ms = self.cost_model.estimate_ms(frames)
+        # When the most urgent job is late even alone, cutting the batch saves nobody: it only lowers throughput
+        # and makes every later job late too (a spiral). Then the batch grows to the frame limit.
+        head_feasible = alone_ms is None or (
+            self._clock() + alone_ms / 1000.0 + self._deadline_margin_s <= first.deadline_s
+        )
+        with self._cond:
+            while self._heap and self._heap[0].is_render:
+                candidate = self._heap[0]
+                grown = frames + candidate.frames
+                if grown > self.max_batch_frames:
+                    break
+                if head_feasible and bucket_for(grown, self.buckets) > bucket_for(frames, self.buckets):
+                    estimate_ms = self.cost_model.estimate_ms(grown)
+                    if estimate_ms is not None:
+                        finish_s = self._clock() + estimate_ms / 1000.0 + self._deadline_margin_s
+                        if finish_s > first.deadline_s:
+                            cut_by_deadline = True
+                            break  # the larger bucket would make the most urgent frame late
+                taken.append(heapq.heappop(self._heap))
+                frames = grown
+        if cut_by_deadline:
+            self.stats.batches_cut_by_deadline += 1
+        return taken
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._heap:
+                with contextlib.suppress(Exception):
+                    job.future.cancel()
+            self._heap.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=10.0)

@@ -1,0 +1,493 @@
+"""A session's runtime: the 25-fps clock, idle cycle, speech frames, crossfades, interrupts, stats.
+
+The clock is the audio's. Tick n is due at t0 + n·40 ms and carries 40 ms of audio: the
+next 1920 playout samples of the playing utterance, or silence. Its frame is the speech
+frame rendered for exactly those samples (same index space, see `timeline`), or the idle
+cycle's frame n. The clock never waits for the engine: a speech frame that is not rendered
+by its tick is a dropped frame (the previous frame is held) while its audio still plays.
+
+Utterances are planned before they play: once frame 0 of the next utterance is ready
+(80 ms of lookahead audio exist, or the utterance ended), it gets a start tick — the
+first tick at least the planning budget away — and the render task renders its frames
+ahead of the clock (at most `render_ahead_frames`), through the process's render lane.
+Audio streams in real time, so every frame of the utterance is ready only about that budget
+before its tick: it is `render_budget_ms` on an idle lane and grows with the lane's measured
+batch time at the current load, up to `max_render_budget_ms` (`RenderLane.planning_budget_ms`),
+so many sessions hold without dropped frames at the price of a later first frame.
+If the client's audio runs dry mid-utterance (it streams slower than real time), the
+utterance pauses: idle frames with silence, and it resumes one tick later.
+
+`interrupt` flushes every stage at once: queued audio (timeline), feature streams, frames
+rendered ahead, work in flight (its result is discarded by generation), and the
+publishers' queues. The next tick is idle (a hard cut, no crossfade), so a subscriber
+sees idle frames within two frames of the interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from realtime.host import SessionStats
+from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME
+from realtime.ingest.resample import ConvertedAudio
+from realtime.publish.base import FrameKind, Publisher, PublishTick
+from realtime.sidecar.config import RuntimeConfig
+from realtime.sidecar.engine_port import SessionEngine, UtteranceStream
+from realtime.sidecar.render_queue import RenderLane
+from realtime.sidecar.timeline import SessionTimeline, Utterance
+
+logger = logging.getLogger(__name__)
+
+_SILENCE = np.zeros(PLAYOUT_SAMPLES_PER_FRAME, dtype=np.float32)
+
+
+class PlaybackListener(Protocol):
+    """Told when an utterance starts and stops playing (WS connections, the agents bridge)."""
+
+    def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None: ...
+
+    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class FinishedPlayback:
+    utterance_id: int
+    source: str
+    position_s: float
+    interrupted: bool
+
+
+@dataclass
+class _Plan:
+    """An utterance with a start tick: its frames are rendered ahead and shown from that tick on."""
+
+    utterance: Utterance
+    stream: UtteranceStream
+    start_tick: int
+    next_frame: int = 0  # next frame to show
+    next_to_render: int = 0
+    rendered: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class SessionRuntime:
+    def __init__(
+        self,
+        session_id: str,
+        engine: SessionEngine,
+        publishers: list[Publisher],
+        lane: RenderLane,
+        config: RuntimeConfig | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.engine = engine
+        self.publishers = publishers
+        self.lane = lane
+        self.config = config or RuntimeConfig()
+        self.timeline = SessionTimeline(self.config.buffer_limit_samples)
+        self._period_s = 1.0 / FRAME_RATE_FPS
+        self._streams: dict[int, UtteranceStream] = {}
+        self._plans: deque[_Plan] = deque()
+        self._listeners: list[PlaybackListener] = []
+        self._generation = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._t0_s = 0.0
+        self._tick = 0
+        self._started_at_s: float | None = None
+        self._crossfade_from: np.ndarray | None = None  # int16 delta of the last speech frame over its idle frame
+        self._crossfade_left = 0
+        self._last_frame: np.ndarray | None = None
+        # Statistics.
+        self.frames_published = 0
+        self.speech_frames = 0
+        self.idle_frames = 0
+        self.render_misses = 0  # speech ticks whose frame was not rendered in time (held frame shown)
+        self.underrun_ticks = 0  # ticks an utterance paused because its audio had not arrived
+        self.clock_resyncs = 0
+        self.interrupts = 0
+        self.ttff_ms_values: list[float] = []
+        self.lateness_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)
+        self.render_slack_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)
+        self.planned_budget_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)  # per utterance
+        self.last_audio_at_s: float | None = None
+        self.render_errors = 0
+        self.last_error = ""
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not all(task.done() for task in self._tasks)
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._t0_s = time.monotonic()
+        self._started_at_s = self._t0_s
+        self._tasks = [
+            asyncio.create_task(self._clock_loop(), name=f"clock-{self.session_id}"),
+            asyncio.create_task(self._render_loop(), name=f"render-{self.session_id}"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the clock and the render task; unplayed audio is accounted as flushed."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._discard_all(interrupted=True, notify=True)
+
+    def add_listener(self, listener: PlaybackListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # ---- ingest side (called by audio inputs on the event loop) ----------------------------
+
+    def ingest(self, audio: ConvertedAudio, source: str, first_byte_at_s: float) -> None:
+        """Append accepted audio (capacity was checked by the caller)."""
+        self.last_audio_at_s = time.monotonic()
+        if audio.timeline.size == 0 and audio.playout.size == 0:
+            return
+        utterance = self.timeline.append(audio, source)
+        if utterance.first_audio_at_s is None:
+            utterance.first_audio_at_s = first_byte_at_s
+        stream = self._streams.get(utterance.utterance_id)
+        if stream is None:
+            stream = self.engine.open_utterance()
+            self._streams[utterance.utterance_id] = stream
+        stream.push_audio(audio.timeline)
+        self._update_speaking()
+        self._wake.set()
+
+    def end_utterance(self) -> int | None:
+        """Close the open utterance; returns its id (None when no audio was open)."""
+        utterance = self.timeline.end_utterance()
+        if utterance is None:
+            return None
+        stream = self._streams.get(utterance.utterance_id)
+        if stream is not None:
+            stream.end()
+        self._wake.set()
+        return utterance.utterance_id
+
+    def interrupt(self) -> list[FinishedPlayback]:
+        """Flush everything queued; returns the utterances it cut (each is also told to listeners)."""
+        self.interrupts += 1
+        finished = self._discard_all(interrupted=True, notify=True)
+        # A hard cut: the next tick is the idle frame, with nothing blended in.
+        self._crossfade_from = None
+        self._crossfade_left = 0
+        for publisher in self.publishers:
+            publisher.interrupt(self.engine.avatar.idle_frame)
+        self._wake.set()
+        return finished
+
+    def _discard_all(self, *, interrupted: bool, notify: bool) -> list[FinishedPlayback]:
+        self._generation += 1
+        planned = {plan.utterance.utterance_id for plan in self._plans}
+        finished = [
+            FinishedPlayback(p.utterance.utterance_id, p.utterance.source, p.utterance.duration_played_s, interrupted)
+            for p in self._plans
+        ]
+        dropped = self.timeline.flush()
+        finished += [
+            FinishedPlayback(u.utterance_id, u.source, u.duration_played_s, interrupted)
+            for u in dropped
+            if u.utterance_id not in planned
+        ]
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        self._plans.clear()
+        self._update_speaking()
+        if notify:
+            for item in finished:
+                self._notify_finished(item)
+        return finished
+
+    # ---- render task ----------------------------------------------------------------------
+
+    def _tick_deadline(self, tick: int) -> float:
+        return self._t0_s + tick * self._period_s
+
+    def _update_speaking(self) -> None:
+        """Tell the lane whether this session has speech in flight (its load estimate counts such sessions)."""
+        self.lane.set_speaking(self.session_id, bool(self._streams))
+
+    def _planning_budget_ms(self) -> float:
+        """How far ahead a new utterance's first tick is planned (see the module docstring)."""
+        config = self.config
+        period_ms = self._period_s * 1000.0
+        # Frames more than `render_ahead_frames` ahead are not rendered yet: a longer lead would only wait.
+        max_ms = max(
+            config.render_budget_ms, min(config.max_render_budget_ms, (config.render_ahead_frames - 1) * period_ms)
+        )
+        return self.lane.planning_budget_ms(
+            min_ms=config.render_budget_ms,
+            max_ms=max_ms,
+            safety_factor=config.render_budget_safety,
+            frame_period_ms=period_ms,
+        )
+
+    def _plan_next(self) -> None:
+        """Give the next queued utterance a start tick once its frame 0 can be rendered."""
+        planned = {plan.utterance.utterance_id for plan in self._plans}
+        candidates = [u for u in self.timeline.utterances if u.utterance_id not in planned]
+        if not candidates:
+            return
+        utterance = candidates[0]
+        stream = self._streams.get(utterance.utterance_id)
+        if stream is None or stream.ready_frame_count() < 1:
+            return
+        if self._plans:
+            last = self._plans[-1]
+            count = last.utterance.frame_count
+            if count is None:
+                return  # the previous utterance is still open: its length (and so this start) is unknown
+            start_tick = last.start_tick + count
+        else:
+            budget_ms = self._planning_budget_ms()
+            self.planned_budget_ms.append(budget_ms)
+            due = time.monotonic() + budget_ms / 1000.0
+            start_tick = max(self._tick, math.ceil((due - self._t0_s) / self._period_s))
+        self._plans.append(_Plan(utterance, stream, start_tick))
+
+    def _next_render_job(self) -> tuple[_Plan, list[int]] | None:
+        for plan in self._plans:
+            ready = plan.stream.ready_frame_count()
+            limit = min(ready, plan.next_frame + self.config.render_ahead_frames)
+            if plan.next_to_render < limit:
+                stop = min(limit, plan.next_to_render + self.config.render_batch_frames)
+                return plan, list(range(plan.next_to_render, stop))
+            if plan.next_to_render < ready:
+                return None  # this utterance is far enough ahead; later ones wait their turn
+        return None
+
+    async def _render_loop(self) -> None:
+        while True:
+            self._plan_next()
+            job = self._next_render_job()
+            if job is None:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            plan, frames = job
+            ticks = [plan.start_tick + k for k in frames]
+            generation = self._generation
+            stream = plan.stream
+
+            def make_requests(
+                stream: UtteranceStream = stream, frames: list[int] = frames, ticks: list[int] = ticks
+            ) -> Sequence[Any]:
+                return stream.render_requests(frames, ticks)
+
+            try:
+                images = await self.lane.render(
+                    self._tick_deadline(ticks[0]), make_requests, frames=len(frames), source=stream
+                )
+            except Exception as exc:
+                # A failed render costs frames (held frames count as dropped), never the session or its audio.
+                self.render_errors += 1
+                self.last_error = f"render failed: {exc}"
+                logger.exception("render failed", extra={"session_id": self.session_id})
+                images = []
+            if generation != self._generation or plan not in self._plans:
+                continue  # interrupted while rendering: the frames belong to flushed audio
+            # How long before its tick the batch's first frame became ready (negative: it missed).
+            self.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - time.monotonic()) * 1000.0)
+            for frame_index, image in zip(frames, images, strict=False):
+                if frame_index >= plan.next_frame:
+                    plan.rendered[frame_index] = image
+            plan.next_to_render = frames[-1] + 1
+
+    # ---- clock ----------------------------------------------------------------------------
+
+    async def _clock_loop(self) -> None:
+        while True:
+            deadline = self._tick_deadline(self._tick)
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.monotonic()
+            lateness_s = now - deadline
+            if lateness_s > self.config.resync_after_ms / 1000.0:
+                # The loop was stalled: restart the clock from now rather than bursting frames out.
+                self.clock_resyncs += 1
+                self._t0_s += lateness_s
+                deadline = self._tick_deadline(self._tick)
+                for plan in self._plans:
+                    plan.start_tick = max(plan.start_tick, self._tick)
+            self.lateness_ms.append(max(0.0, (now - deadline) * 1000.0))
+            tick = self._compose_tick(self._tick, deadline)
+            for publisher in self.publishers:
+                try:
+                    await publisher.publish(tick)
+                except Exception as exc:
+                    self.last_error = f"{publisher.name}: {exc}"
+                    logger.exception("publisher failed", extra={"session_id": self.session_id})
+            self.frames_published += 1
+            self._tick += 1
+
+    def _compose_tick(self, tick: int, deadline: float) -> PublishTick:
+        wall_us = int((time.time() + (deadline - time.monotonic())) * 1_000_000)
+        plan = self._plans[0] if self._plans else None
+        if plan is not None and plan.start_tick <= tick:
+            # Frame k plays once it can be rendered (its 80 ms lookahead exists, or the utterance ended):
+            # playing its audio earlier would show a held frame over it.
+            if plan.next_frame < plan.stream.ready_frame_count():
+                return self._speech_tick(plan, tick, deadline, wall_us)
+            # The client's audio has not caught up with the clock: pause this utterance for a tick.
+            self.underrun_ticks += 1
+            for later in self._plans:
+                later.start_tick += 1
+        return self._idle_tick(tick, deadline, wall_us)
+
+    def _speech_tick(self, plan: _Plan, tick: int, deadline: float, wall_us: int) -> PublishTick:
+        utterance = plan.utterance
+        k = plan.next_frame
+        audio = utterance.frame_audio(k)
+        image = plan.rendered.pop(k, None)
+        if image is None:
+            self.render_misses += 1
+            image = self._last_frame if self._last_frame is not None else self.engine.avatar.idle_frame(tick)
+        if k == 0:
+            self._notify_started(utterance, tick)
+            if utterance.first_audio_at_s is not None:
+                self.ttff_ms_values.append((time.monotonic() - utterance.first_audio_at_s) * 1000.0)
+        self.timeline.mark_played(utterance, audio)
+        plan.next_frame = k + 1
+        self.speech_frames += 1
+        self._last_frame = image
+        self._crossfade_from = None
+        self._crossfade_left = 0
+        if audio.is_last:
+            self._plans.popleft()
+            stream = self._streams.pop(utterance.utterance_id, None)
+            if stream is not None:
+                stream.close()
+            self._update_speaking()
+            # What the engine changed on its own base frame fades out over the next idle frames.
+            self._crossfade_from = image.astype(np.int16) - self.engine.avatar.idle_frame(tick).astype(np.int16)
+            self._crossfade_left = self.config.crossfade_frames
+            self._notify_finished(
+                FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False)
+            )
+        self._wake.set()  # the render-ahead window moved
+        return PublishTick(
+            frame_index=tick,
+            deadline_s=deadline,
+            wall_time_us=wall_us,
+            frame_rgb=image,
+            audio_playout=audio.playout,
+            speech_samples=audio.timeline_samples,
+            kind=FrameKind.SPEECH,
+            utterance_id=utterance.utterance_id,
+        )
+
+    def _idle_tick(self, tick: int, deadline: float, wall_us: int) -> PublishTick:
+        image = self.engine.avatar.idle_frame(tick)
+        kind = FrameKind.IDLE
+        if self._crossfade_from is not None and self._crossfade_left > 0:
+            weight = self._crossfade_left / (self.config.crossfade_frames + 1)
+            image = _fade_in_delta(image, self._crossfade_from, weight)
+            self._crossfade_left -= 1
+            kind = FrameKind.CROSSFADE
+        else:
+            self._crossfade_from = None
+        self.idle_frames += 1
+        self._last_frame = image
+        return PublishTick(
+            frame_index=tick,
+            deadline_s=deadline,
+            wall_time_us=wall_us,
+            frame_rgb=image,
+            audio_playout=_SILENCE,
+            speech_samples=0,
+            kind=kind,
+        )
+
+    # ---- notifications --------------------------------------------------------------------
+
+    def _notify_started(self, utterance: Utterance, frame_id: int) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.on_playback_started(utterance.utterance_id, utterance.source, frame_id)
+            except Exception:
+                logger.exception("playback listener failed")
+
+    def _notify_finished(self, item: FinishedPlayback) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.on_playback_finished(item.utterance_id, item.source, item.position_s, item.interrupted)
+            except Exception:
+                logger.exception("playback listener failed")
+
+    # ---- stats ----------------------------------------------------------------------------
+
+    @property
+    def tick(self) -> int:
+        return self._tick
+
+    @property
+    def playing(self) -> bool:
+        return bool(self._plans) and self._plans[0].start_tick <= self._tick
+
+    def stats(self) -> SessionStats:
+        accounting = self.timeline.accounting
+        publisher_stats = [p.stats() for p in self.publishers]
+        lateness = np.asarray(self.lateness_ms, dtype=np.float64)
+        extra: dict[str, float] = {
+            "audio_samples_flushed": float(accounting.flushed),
+            "audio_samples_clipped": float(accounting.clipped),
+            "render_misses": float(self.render_misses),
+            "underrun_ticks": float(self.underrun_ticks),
+            "clock_resyncs": float(self.clock_resyncs),
+            "interrupts": float(self.interrupts),
+            "render_errors": float(self.render_errors),
+        }
+        if lateness.size:
+            extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))
+        for ps in publisher_stats:
+            extra[f"{ps.name}_frames_published"] = float(ps.frames_published)
+            extra[f"{ps.name}_frames_dropped"] = float(ps.frames_dropped)
+            extra[f"{ps.name}_audio_samples_published"] = float(ps.audio_samples_published)
+            extra[f"{ps.name}_connected"] = float(ps.connected)
+            for key, value in ps.extra.items():  # e.g. a switchable output's `switches`
+                extra[f"{ps.name}_{key}"] = value
+        return SessionStats(
+            session_id=self.session_id,
+            output=",".join(ps.name for ps in publisher_stats),
+            frames_published=self.frames_published,
+            speech_frames=self.speech_frames,
+            idle_frames=self.idle_frames,
+            dropped_frames=self.render_misses + sum(ps.frames_dropped for ps in publisher_stats),
+            audio_samples_received=accounting.received,
+            audio_samples_rendered=accounting.rendered,
+            audio_samples_pending=self.timeline.pending_samples,
+            audio_samples_published=publisher_stats[0].audio_samples_published if publisher_stats else 0,
+            audio_samples_rejected=accounting.rejected,
+            audio_samples_flushed=accounting.flushed,
+            ttff_ms=self.ttff_ms_values[0] if self.ttff_ms_values else None,
+            lateness_ms_p99=float(np.percentile(lateness, 99)) if lateness.size else None,
+            fallbacks=int(sum(ps.extra.get("switches", 0.0) for ps in publisher_stats)),
+            extra=extra,
+        )
+
+
+def _fade_in_delta(base: np.ndarray, delta: np.ndarray, weight: float) -> np.ndarray:
+    """`base` + weight · `delta`: the last speech frame's mouth, faded, on the current idle frame (no ghosting
+    of the body, which has moved on by a frame or two of the idle cycle)."""
+    mixed = base.astype(np.float32) + delta.astype(np.float32) * weight
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)

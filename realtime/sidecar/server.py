@@ -1,0 +1,344 @@
+"""The sidecar's HTTP/WS server: audio ingest, health, per-session stats, and a small dev control API.
+
+Endpoints (docs/audio-protocol.md is the audio contract):
+- `WS  /v1/sessions/{session_id}/audio`   audio in, playback events + stats + errors out
+- `WS  /audio?session_id=...`              the same, at the seed's address
+- `GET /healthz`                           engine state, capacity, every session's stats
+- `GET /v1/sessions/{session_id}/stats`    one session's stats
+- `POST /v1/sessions/{session_id}`         dev control without Temporal: prepare + warm + open + run
+- `DELETE /v1/sessions/{session_id}`       dev control: stop + teardown
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from realtime.host import (
+    AvatarAsset,
+    LiveKitTarget,
+    OutputKind,
+    OutputTarget,
+    RunLimits,
+    SessionEndReason,
+    SessionStats,
+)
+from realtime.ingest.errors import IngestError, IngestErrorCode
+from realtime.ingest.formats import PcmFormat
+from realtime.ingest.protocol import (
+    ConfigMessage,
+    EndOfUtterance,
+    Interrupt,
+    StatsRequest,
+    parse_client_text,
+    playback_finished_message,
+    playback_started_message,
+    ready_message,
+)
+from realtime.media.errors import OutputError
+from realtime.sidecar.audio_input import AudioInput
+from realtime.sidecar.config import ServerConfig
+from realtime.sidecar.errors import SidecarError
+from realtime.sidecar.host import SidecarHost
+
+logger = logging.getLogger(__name__)
+
+WS_SOURCE = "ws"
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_GOING_AWAY = 1001
+LOOKAHEAD_MS = 80
+# Query parameters that are not part of the audio format.
+_NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms"}
+
+
+def stats_dict(stats: SessionStats) -> dict[str, Any]:
+    return dataclasses.asdict(stats)
+
+
+class _AudioConnection:
+    """One audio WebSocket: its input, its outgoing message queue, and playback events for WS audio.
+
+    Every outgoing message goes through `outbox` and one sender task, so messages never
+    interleave; `_close` is the one way out (error message first, then the close frame).
+    """
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        host: SidecarHost,
+        session_id: str,
+        config: ServerConfig,
+        registry: dict[str, _AudioConnection],
+    ) -> None:
+        self.websocket = websocket
+        self.host = host
+        self.session_id = session_id
+        self.config = config
+        self.registry = registry
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.input: AudioInput | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # PlaybackListener: events for utterances that came in over the WS.
+    def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None:
+        if source == WS_SOURCE:
+            self.outbox.put_nowait(playback_started_message(utterance_id, frame_id))
+
+    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None:
+        if source == WS_SOURCE:
+            self.outbox.put_nowait(playback_finished_message(utterance_id, position_s, interrupted))
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            if message is None:
+                return
+            await self.websocket.send_json(message)
+
+    async def _stats_loop(self, interval_ms: int) -> None:
+        while True:
+            await asyncio.sleep(interval_ms / 1000.0)
+            runtime = self.host.runtime(self.session_id)
+            if runtime is not None:
+                self.outbox.put_nowait({"type": "stats", **stats_dict(runtime.stats())})
+
+    async def _close(self, error: IngestError | None, code: int = CLOSE_POLICY_VIOLATION) -> None:
+        """Send `error` (if any) after everything queued, then close the socket. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if error is not None:
+            self.outbox.put_nowait(error.to_message())
+        self.outbox.put_nowait(None)
+        with contextlib.suppress(Exception):
+            if self._sender is None:
+                await self._send_loop()
+            else:
+                await asyncio.wait_for(asyncio.shield(self._sender), timeout=2.0)
+        if self.websocket.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code, reason=str(error.code) if error else "")
+
+    async def serve(self) -> None:
+        await self.websocket.accept()
+        runtime = self.host.runtime(self.session_id)
+        if runtime is None:
+            await self._close(
+                IngestError(
+                    IngestErrorCode.UNKNOWN_SESSION,
+                    f"no live session {self.session_id!r} on this sidecar (is its output open?)",
+                    fatal=True,
+                )
+            )
+            return
+        params = dict(self.websocket.query_params)
+        try:
+            pcm_format = PcmFormat.from_mapping({k: v for k, v in params.items() if k not in _NON_FORMAT_PARAMS})
+            stats_interval_ms = int(params.get("stats_interval_ms", self.config.stats_interval_ms))
+        except IngestError as exc:
+            await self._close(exc)
+            return
+        except ValueError:
+            await self._close(IngestError(IngestErrorCode.BAD_CONFIG, "stats_interval_ms must be an integer"))
+            return
+        self.input = AudioInput(
+            runtime,
+            WS_SOURCE,
+            pcm_format,
+            max_message_bytes=self.config.max_message_bytes,
+            utterance_gap_ms=self.config.utterance_gap_ms,
+        )
+        previous = self.registry.get(self.session_id)
+        if previous is not None:
+            # One audio connection per session: a reconnecting client takes over from its stale socket.
+            await previous._close(
+                IngestError(IngestErrorCode.REPLACED, "a newer audio connection for this session took over")
+            )
+        self.registry[self.session_id] = self
+        remove_listener = runtime.add_listener(self)
+        self.host.audio_client_joined(self.session_id)
+        self._sender = asyncio.create_task(self._send_loop())
+        helpers = [asyncio.create_task(self._watch_session_end())]
+        if stats_interval_ms > 0:
+            helpers.append(asyncio.create_task(self._stats_loop(stats_interval_ms)))
+        self.outbox.put_nowait(
+            ready_message(
+                self.session_id,
+                pcm_format,
+                max_message_bytes=self.config.max_message_bytes,
+                buffer_limit_ms=runtime.config.buffer_limit_ms,
+                lookahead_ms=LOOKAHEAD_MS,
+            )
+        )
+        try:
+            await self._receive_loop()
+        finally:
+            if self.registry.get(self.session_id) is self:
+                del self.registry[self.session_id]
+            remove_listener()
+            self.input.close()  # what the client sent still plays
+            self.host.audio_client_left(self.session_id)
+            for helper in helpers:
+                helper.cancel()
+            await self._close(None, code=1000)
+
+    async def _watch_session_end(self) -> None:
+        """Tell the client when its session ends (stop, idle timeout, teardown) and close the socket."""
+        session = self.host.sessions.get(self.session_id)
+        if session is not None:
+            await session.stop_event.wait()
+        await self._close(
+            IngestError(IngestErrorCode.SESSION_ENDED, f"session {self.session_id} has ended", fatal=True),
+            code=CLOSE_GOING_AWAY,
+        )
+
+    async def _receive_loop(self) -> None:
+        assert self.input is not None
+        while not self._closing:
+            try:
+                message = await self.websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect" or self._closing:
+                return
+            try:
+                if message.get("bytes") is not None:
+                    self.input.push(message["bytes"])
+                elif message.get("text") is not None:
+                    self._handle_text(message["text"])
+            except IngestError as exc:
+                if exc.fatal:
+                    await self._close(exc)
+                    return
+                self.outbox.put_nowait(exc.to_message())
+
+    def _handle_text(self, text: str) -> None:
+        assert self.input is not None
+        parsed = parse_client_text(text, self.input.pcm_format)
+        if isinstance(parsed, ConfigMessage):
+            self.input.set_format(parsed.pcm_format)
+            self.outbox.put_nowait({"type": "config_applied", "format": parsed.pcm_format.as_dict()})
+        elif isinstance(parsed, EndOfUtterance):
+            self.input.end_utterance()
+        elif isinstance(parsed, Interrupt):
+            self.input.interrupt()
+        elif isinstance(parsed, StatsRequest):
+            runtime = self.host.runtime(self.session_id)
+            if runtime is not None:
+                self.outbox.put_nowait({"type": "stats", **stats_dict(runtime.stats())})
+
+
+class LiveKitBody(BaseModel):
+    url: str
+    room: str
+    identity: str
+    token: str
+    publish_audio: bool = True
+    publish_on_behalf: str | None = None
+
+
+class DevSessionBody(BaseModel):
+    avatar_path: str
+    avatar_kind: str = "frames_zip"
+    livekit: LiveKitBody
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    max_duration_s: float = Field(default=3600.0, gt=0)
+
+
+def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI:
+    server_config = config or ServerConfig()
+    app = FastAPI(title="lipsync-live sidecar", docs_url=None, redoc_url=None)
+    run_tasks: dict[str, asyncio.Task[Any]] = {}
+    audio_connections: dict[str, _AudioConnection] = {}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        info = host.engine_info()
+        capacity = host.capacity()
+        sessions = {
+            session_id: stats_dict(session.runtime.stats()) if session.runtime else {"phase": "preparing"}
+            for session_id, session in host.sessions.items()
+        }
+        return {
+            "status": "ok",
+            "engine": dataclasses.asdict(info),
+            "capacity": dataclasses.asdict(capacity),
+            "sessions": sessions,
+        }
+
+    @app.get("/v1/sessions/{session_id}/stats")
+    async def session_stats(session_id: str) -> dict[str, Any]:
+        runtime = host.runtime(session_id)
+        if runtime is None:
+            raise HTTPException(404, detail={"code": "unknown_session", "message": f"no live session {session_id}"})
+        return stats_dict(runtime.stats())
+
+    @app.websocket("/v1/sessions/{session_id}/audio")
+    async def audio_ws(websocket: WebSocket, session_id: str) -> None:
+        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve()
+
+    @app.websocket("/audio")
+    async def audio_ws_seed(websocket: WebSocket) -> None:
+        session_id = websocket.query_params.get("session_id", "")
+        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve()
+
+    @app.post("/v1/sessions/{session_id}")
+    async def dev_start(session_id: str, body: DevSessionBody) -> JSONResponse:
+        path = Path(body.avatar_path)
+        try:
+            prepared = await host.prepare_avatar(
+                session_id, AvatarAsset(path=path, kind=body.avatar_kind, digest_sha256=""), lambda _p: None
+            )
+            warm = await host.warm_up()
+            target = OutputTarget(kind=OutputKind.LIVEKIT, livekit=LiveKitTarget(**body.livekit.model_dump()))
+            opened = await host.open_output(session_id, target)
+        except (SidecarError, OutputError) as exc:
+            await host.teardown(session_id)
+            return JSONResponse({"code": exc.code, "message": exc.message}, status_code=409)
+        except Exception as exc:
+            await host.teardown(session_id)
+            code = getattr(exc, "code", "prepare_failed")
+            return JSONResponse({"code": code, "message": str(exc)}, status_code=422)
+        limits = RunLimits(idle_timeout_s=body.idle_timeout_s, max_duration_s=body.max_duration_s)
+
+        async def run_then_teardown() -> None:
+            try:
+                await host.run_session(session_id, limits, lambda _s: None)
+            finally:
+                await host.teardown(session_id)
+                run_tasks.pop(session_id, None)
+
+        run_tasks[session_id] = asyncio.create_task(run_then_teardown())
+        return JSONResponse(
+            {
+                "session_id": session_id,
+                "avatar": dataclasses.asdict(prepared) | {"cache_dir": str(prepared.cache_dir)},
+                "engine": dataclasses.asdict(warm),
+                "output": {"kind": str(opened.kind), "detail": opened.detail},
+                "audio_ws": f"/v1/sessions/{session_id}/audio",
+            }
+        )
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def dev_stop(session_id: str) -> dict[str, Any]:
+        if session_id not in host.sessions:
+            raise HTTPException(404, detail={"code": "unknown_session", "message": f"no session {session_id}"})
+        await host.stop_session(session_id, SessionEndReason.STOPPED)
+        task = run_tasks.get(session_id)
+        if task is not None:
+            await task
+        else:
+            await host.teardown(session_id)
+        return {"session_id": session_id, "stopped": True}
+
+    return app

@@ -1,0 +1,257 @@
+"""The render lane's cross-session batching: bucket sizes, deadline-based batch formation, admission control."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realtime.host import AvatarAsset
+from realtime.sidecar.config import HostConfig
+from realtime.sidecar.errors import NoFreeSlot
+from realtime.sidecar.host import HostedSession, SidecarHost
+from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
+
+
+def test_bucket_for_picks_the_smallest_bucket_that_holds_the_frames() -> None:
+    assert [bucket_for(n, BUCKETS) for n in (1, 2, 3, 5, 17, 33, 49, 64, 65)] == [1, 2, 4, 8, 32, 48, 64, 64, 64]
+
+
+def test_cost_model_knows_capacity_only_once_the_batching_frontier_was_measured() -> None:
+    model = BatchCostModel(BUCKETS)
+    assert model.capacity_sessions() is None
+    model.observe(3, 30.0)  # a lightly loaded lane: small batches say nothing about large ones
+    assert model.estimate_ms(4) == 30.0
+    assert model.estimate_ms(8) == pytest.approx(60.0)  # scaled from below: pessimistic
+    assert model.capacity_sessions() is None
+    model.observe(16, 80.0)
+    model.observe(48, 240.0)  # over the 160 ms budget: the frontier is known
+    assert model.estimate_ms(2) == 30.0  # the nearest measured bucket above bounds a smaller one
+    # Best rate within the budget: 16 frames / 80 ms = 200 fps; 80 % of it over 25 fps sessions = 6.
+    assert model.sustainable_fps(160.0) == pytest.approx(200.0)
+    assert model.capacity_sessions() == 6
+    model.observe(16, 180.0)  # slower now: the moving average moves towards it
+    assert model.measured()[16] == pytest.approx(80.0 + 0.2 * 100.0)
+
+
+def _blocked_lane(lane: RenderLane, loop: asyncio.AbstractEventLoop, gate: asyncio.Event) -> asyncio.Future[object]:
+    """Occupy the lane with a generic job until `gate` is set, so render jobs queue up behind it."""
+    return asyncio.ensure_future(lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result()))
+
+
+async def _run_batches(
+    model: BatchCostModel, jobs: Sequence[tuple[float, int]], *, now_s: float = 0.0
+) -> tuple[list[int], RenderLane]:
+    """Queue render jobs (deadline, frames) behind a blocker; returns the batch sizes the lane rendered."""
+    batches: list[int] = []
+
+    def render(requests: Sequence[object]) -> list[np.ndarray]:
+        batches.append(len(requests))
+        return [np.zeros((2, 2, 3), np.uint8) for _ in requests]
+
+    lane = RenderLane(render, max_batch_frames=64, buckets=BUCKETS, cost_model=model, clock=lambda: now_s)
+    gate = asyncio.Event()
+    try:
+        blocker = _blocked_lane(lane, asyncio.get_running_loop(), gate)
+        await asyncio.sleep(0.05)
+        futures = [
+            asyncio.ensure_future(lane.render(deadline, _requests(frames), frames=frames)) for deadline, frames in jobs
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        await asyncio.gather(*futures)
+    finally:
+        lane.close()
+    return batches, lane
+
+
+def _requests(count: int) -> Callable[[], list[int]]:
+    return lambda: list(range(count))
+
+
+def _seeded_model(times_ms: dict[int, float]) -> BatchCostModel:
+    model = BatchCostModel(BUCKETS, smoothing=1.0)
+    for frames, ms in times_ms.items():
+        model.observe(frames, ms)
+    return model
+
+
+async def test_a_batch_stops_growing_where_the_larger_bucket_would_miss_the_most_urgent_deadline() -> None:
+    model = _seeded_model({4: 10.0, 8: 100.0, 16: 120.0})
+    # Now is 0 s. The urgent job (due in 50 ms) makes it alone at bucket 4 (10 ms) but not at bucket 8 (100 ms).
+    batches, lane = await _run_batches(model, [(0.05, 4), (0.5, 4), (0.5, 4)])
+    assert batches == [4, 8]
+    assert lane.stats.batches_cut_by_deadline == 1
+
+
+async def test_frames_that_fit_the_bucket_already_paid_for_join_regardless_of_deadline() -> None:
+    model = _seeded_model({4: 10.0, 8: 100.0})
+    # 2 + 1 + 1 frames stay in bucket 4: the engine pads to 4 anyway, so they cost nothing extra.
+    batches, _ = await _run_batches(model, [(0.05, 2), (0.5, 1), (0.5, 1), (0.5, 4)])
+    assert batches == [4, 4]
+
+
+async def test_loose_deadlines_batch_everything_up_to_the_frame_limit() -> None:
+    model = _seeded_model({4: 10.0, 8: 100.0, 16: 120.0})
+    batches, lane = await _run_batches(model, [(1.0, 4), (1.0, 4), (1.0, 4)])
+    assert batches == [12]
+    assert lane.stats.batches_cut_by_deadline == 0
+
+
+async def test_a_head_that_is_late_anyway_does_not_shrink_the_batch() -> None:
+    # Cutting for a job that misses even alone would only lower throughput and make the others late too.
+    model = _seeded_model({4: 10.0, 8: 100.0, 16: 120.0})
+    batches, _ = await _run_batches(model, [(0.001, 4), (0.05, 4), (0.05, 4)])
+    assert batches == [12]
+
+
+async def test_the_lane_measures_its_batches_and_prepares_each_batch_once() -> None:
+    prepared: list[list[tuple[object, int]]] = []
+    lane = RenderLane(
+        lambda requests: [np.zeros((2, 2, 3), np.uint8) for _ in requests],
+        buckets=BUCKETS,
+        prepare=lambda jobs: prepared.append(list(jobs)),
+    )
+    gate = asyncio.Event()
+    try:
+        blocker = _blocked_lane(lane, asyncio.get_running_loop(), gate)
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(lane.render(1.0, lambda: [1, 2], frames=2, source="stream-a"))
+        second = asyncio.ensure_future(lane.render(1.0, lambda: [3], frames=1, source="stream-b"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        assert [len(r) for r in await asyncio.gather(first, second)] == [2, 1]
+    finally:
+        lane.close()
+    assert prepared == [[("stream-a", 2), ("stream-b", 1)]]
+    assert set(lane.cost_model.measured()) == {4}  # 3 frames -> bucket 4
+
+
+class _NoEngine:
+    def render(self, requests: Sequence[object]) -> list[np.ndarray]:
+        return []
+
+
+async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_sessions_beyond_it() -> None:
+    host = SidecarHost(_NoEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
+    try:
+        assert host.capacity().slots_total == 10  # nothing measured yet: the configured slots
+        for frames, ms in ((16, 80.0), (48, 240.0)):
+            host.lane.cost_model.observe(frames, ms)
+        capacity = host.capacity()
+        assert (capacity.slots_total, capacity.slots_free) == (6, 6)
+        for index in range(6):
+            host.sessions[f"s{index}"] = HostedSession(f"s{index}")
+        assert host.capacity().slots_free == 0
+        with pytest.raises(NoFreeSlot, match="6 slots"):
+            await host.prepare_avatar("s6", AvatarAsset(Path("never-read.zip"), "frames_zip", ""), lambda _p: None)
+    finally:
+        await host.close()
+
+
+# ---- the planning budget: how far ahead sessions plan an utterance's first tick ---------------------------------
+
+# A fake engine's known per-batch costs: 15 ms at 1 frame, 30 ms at 4, 45 ms at 8, 70 ms at 16, 105 ms at 32.
+_KNOWN_COST_MS = {1: 15.0, 2: 22.0, 4: 30.0, 8: 45.0, 16: 70.0, 32: 105.0}
+
+
+class _ManualClock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _idle_lane(model: BatchCostModel, clock: Callable[[], float] = lambda: 0.0) -> RenderLane:
+    return RenderLane(
+        lambda requests: [np.zeros((2, 2, 3), np.uint8) for _ in requests],
+        max_batch_frames=32,
+        buckets=BUCKETS,
+        cost_model=model,
+        clock=clock,
+    )
+
+
+def test_the_planning_budget_is_the_minimum_until_the_lane_has_measured_a_batch() -> None:
+    lane = _idle_lane(BatchCostModel(BUCKETS))
+    try:
+        for index in range(16):
+            lane.set_speaking(f"s{index}", True)
+        assert lane.steady_batch_ms(16) is None
+        assert lane.planning_budget_ms(min_ms=40.0, max_ms=240.0) == 40.0
+    finally:
+        lane.close()
+
+
+def test_the_planning_budget_stays_at_the_minimum_for_one_session_and_moves_out_with_the_load() -> None:
+    lane = _idle_lane(_seeded_model(_KNOWN_COST_MS))
+    try:
+        budgets: dict[int, float] = {}
+        for sessions in (1, 4, 8, 12, 20):
+            for index in range(sessions):
+                lane.set_speaking(f"s{index}", True)
+            assert lane.speaking_sessions() == sessions
+            budgets[sessions] = lane.planning_budget_ms(min_ms=40.0, max_ms=240.0, safety_factor=2.0)
+        # 1 session: a frame alone (15 ms) keeps up; 2 × 15 ms is under the minimum, which holds (TTFF as before).
+        assert budgets[1] == 40.0
+        # The lane settles on the smallest bucket that keeps up: 4 sessions -> 4 frames / 30 ms (4·30 <= 4·40).
+        assert lane.steady_batch_ms(4) == 30.0 and budgets[4] == pytest.approx(60.0)
+        # 8 sessions: 8 frames take 45 ms > 40 ms, so frames pile up past 8: bucket 16 (8·70 <= 16·40).
+        assert lane.steady_batch_ms(8) == 70.0 and budgets[8] == pytest.approx(140.0)
+        # 12 sessions: bucket 32 (12·105 <= 32·40): 210 ms.
+        assert budgets[12] == pytest.approx(210.0)
+        # 20 sessions overload every bucket up to the 32-frame limit: the largest batch's time (its backlog grows).
+        assert lane.steady_batch_ms(20) == 105.0 and budgets[20] == pytest.approx(210.0)
+        assert lane.planning_budget_ms(min_ms=40.0, max_ms=240.0, safety_factor=3.0) == 240.0  # clamped
+    finally:
+        lane.close()
+
+
+def test_sessions_count_as_speaking_until_a_hold_after_their_speech_ends() -> None:
+    clock = _ManualClock()
+    lane = RenderLane(lambda requests: [], buckets=BUCKETS, clock=clock, speaking_hold_s=1.0)
+    try:
+        lane.set_speaking("a", True)
+        lane.set_speaking("b", True)
+        lane.set_speaking("never-spoke", False)  # a session without speech is not counted
+        assert lane.speaking_sessions() == 2
+        clock.now_s = 10.0
+        lane.set_speaking("a", False)  # a pause between sentences: still counted for a while
+        clock.now_s = 10.9
+        assert lane.speaking_sessions() == 2
+        clock.now_s = 11.1
+        assert lane.speaking_sessions() == 1
+        lane.set_speaking("a", True)
+        assert lane.speaking_sessions() == 2
+    finally:
+        lane.close()
+
+
+async def test_the_planning_budget_adds_the_queued_backlog() -> None:
+    lane = _idle_lane(_seeded_model(_KNOWN_COST_MS))
+    gate = asyncio.Event()
+    try:
+        for index in range(4):
+            lane.set_speaking(f"s{index}", True)
+        idle_budget_ms = lane.planning_budget_ms(min_ms=40.0, max_ms=1000.0)
+        assert lane.backlog_ms() == 0.0
+        blocker = _blocked_lane(lane, asyncio.get_running_loop(), gate)
+        await asyncio.sleep(0.05)
+        # 40 frames queued behind the blocker: a full 32-frame batch (105 ms) + 8 frames (45 ms).
+        futures = [asyncio.ensure_future(lane.render(1.0, _requests(4), frames=4)) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        assert lane.backlog_ms() == pytest.approx(150.0)
+        assert lane.planning_budget_ms(min_ms=40.0, max_ms=1000.0) == pytest.approx(idle_budget_ms + 150.0)
+        gate.set()
+        await blocker
+        await asyncio.gather(*futures)
+    finally:
+        lane.close()
