@@ -1,0 +1,135 @@
+"""Control-plane activities (shared queue `lipsync-control`, retried per policy).
+
+fetch_assets → validate_assets → place_session ... release_slot. Any control worker can
+run them; the assets land in that worker's content-addressed store (`asset_dir`), which
+sidecars read directly when it is shared storage and re-download (same guard, digest
+checked) when it is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities import fetch, validate
+from activities.errors import AssetError
+from workflows.contracts import (
+    CONTROL_TASK_QUEUE,
+    PLACEMENT_WORKFLOW_ID,
+    AcquireSlot,
+    ActivityName,
+    AvatarKind,
+    ErrorCode,
+    FetchAssetsInput,
+    FetchedAsset,
+    Placement,
+    PlaceSessionInput,
+    ReleaseSlot,
+    ReleaseSlotInput,
+    ValidateAssetsInput,
+    ValidatedAvatar,
+)
+from workflows.placement import PlacementWorkflow
+
+logger = logging.getLogger(__name__)
+
+ASSET_SUFFIXES = {AvatarKind.FRAMES_ZIP: ".zip", AvatarKind.IDLE_VIDEO: ".video"}
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    asset_dir: Path
+    placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
+    task_queue: str = CONTROL_TASK_QUEUE
+
+
+class ControlActivities:
+    def __init__(self, config: ControlConfig) -> None:
+        self.config = config
+
+    def definitions(self) -> Sequence[Callable[..., Any]]:
+        return [self.fetch_assets, self.validate_assets, self.place_session, self.release_slot]
+
+    @activity.defn(name=ActivityName.FETCH_ASSETS.value)
+    async def fetch_assets(self, request: FetchAssetsInput) -> FetchedAsset:
+        try:
+            result = await fetch.download(
+                request.source.url,
+                request.limits,
+                self.config.asset_dir,
+                suffix=ASSET_SUFFIXES[request.source.kind],
+            )
+        except AssetError as exc:
+            logger.warning("asset refused", extra={"session": request.session_id, "code": exc.code.value})
+            raise exc.to_application_error() from exc
+        return FetchedAsset(
+            source_url=request.source.url,
+            final_url=result.final_url,
+            kind=request.source.kind,
+            digest_sha256=result.digest_sha256,
+            size_bytes=result.size_bytes,
+            stored_path=str(result.path),
+        )
+
+    @activity.defn(name=ActivityName.VALIDATE_ASSETS.value)
+    async def validate_assets(self, request: ValidateAssetsInput) -> ValidatedAvatar:
+        asset = request.asset
+        path = Path(asset.stored_path)
+        try:
+            # Decoding is CPU work: off the event loop so this worker keeps polling and heartbeating.
+            if asset.kind is AvatarKind.FRAMES_ZIP:
+                report = await asyncio.to_thread(validate.validate_frames_zip, path, request.zip, request.frames)
+            else:
+                report = await asyncio.to_thread(validate.validate_idle_video, path, request.video, request.frames)
+        except AssetError as exc:
+            logger.warning("asset invalid", extra={"session": request.session_id, "code": exc.code.value})
+            raise exc.to_application_error() from exc
+        return ValidatedAvatar(
+            asset=asset,
+            frame_count=report.frame_count,
+            width_px=report.width_px,
+            height_px=report.height_px,
+            face=report.face,
+            fps=report.fps,
+        )
+
+    @activity.defn(name=ActivityName.PLACE_SESSION.value)
+    async def place_session(self, request: PlaceSessionInput) -> Placement:
+        handle = activity.client().get_workflow_handle_for(PlacementWorkflow.run, self.config.placement_workflow_id)
+        try:
+            return await handle.execute_update(
+                PlacementWorkflow.acquire,
+                AcquireSlot(session_id=request.session_id, exclude_incarnations=request.exclude_incarnations),
+            )
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == ErrorCode.NO_CAPACITY:
+                # Retryable: the policy's retries are the wait for a slot to free up.
+                raise ApplicationError(cause.message, type=ErrorCode.NO_CAPACITY.value) from exc
+            raise
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise ApplicationError(
+                    "no sidecar has registered yet (the placement registry does not exist)",
+                    type=ErrorCode.NO_CAPACITY.value,
+                ) from exc
+            raise
+
+    @activity.defn(name=ActivityName.RELEASE_SLOT.value)
+    async def release_slot(self, request: ReleaseSlotInput) -> bool:
+        handle = activity.client().get_workflow_handle_for(PlacementWorkflow.run, self.config.placement_workflow_id)
+        try:
+            return await handle.execute_update(PlacementWorkflow.release, ReleaseSlot(session_id=request.session_id))
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False  # no registry, so no slot to hold
+            raise

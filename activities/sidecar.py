@@ -1,0 +1,427 @@
+"""Sidecar-side activities: what SessionWorkflow runs on one sidecar's own task queue.
+
+Each activity translates the workflow contracts to `realtime.host` calls on the process's
+`SessionHost` and back. They run once (the workflow sets maximum_attempts=1) and keep
+heartbeating while they work, so a dead process is noticed within the policy's heartbeat
+timeout. Every call names the sidecar incarnation it was placed on; a newer process under
+the same id refuses it (`sidecar_restarted`) rather than act on a predecessor's session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities import fetch
+from activities.control import ASSET_SUFFIXES
+from activities.errors import AssetError, application_error_from
+from realtime.host import (
+    AvatarAsset,
+    LiveKitTarget,
+    OutputKind,
+    OutputTarget,
+    PrepareProgress,
+    RtmpTarget,
+    RunLimits,
+    SessionEndReason,
+    SessionHost,
+    SessionStats,
+)
+from workflows.contracts import (
+    CONTROL_TASK_QUEUE,
+    PLACEMENT_WORKFLOW_ID,
+    ActivityName,
+    AvatarReady,
+    EndReason,
+    EngineReady,
+    ErrorCode,
+    FetchedAsset,
+    OpenOutputInput,
+    OutputOpened,
+    PrepareAvatarInput,
+    RunSessionInput,
+    RunSessionResult,
+    SidecarCall,
+    StatsReport,
+    StopSessionInput,
+    SwitchOutputInput,
+    TeardownInput,
+    WarmUpInput,
+    sidecar_task_queue,
+)
+from workflows.contracts import OutputKind as ContractOutputKind
+from workflows.policy import FetchLimits
+
+logger = logging.getLogger(__name__)
+
+REPORT_STATS_SIGNAL = "report_stats"  # SessionWorkflow.report_stats
+
+
+@dataclass(frozen=True)
+class SidecarWorkerConfig:
+    """How one sidecar process joins the Temporal side: its queue, registry, lease and secrets."""
+
+    sidecar_id: str
+    asset_dir: Path  # local copies of avatar assets, content-addressed
+    task_queue: str = ""  # "" = sidecar_task_queue(sidecar_id), i.e. `sidecar-<id>`
+    recordings_dir: Path | None = None  # MP4 recordings when a session asks for one
+    control_task_queue: str = CONTROL_TASK_QUEUE  # where PlacementWorkflow runs
+    placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
+    lease_s: float = 15.0  # placement drops this sidecar this long after its last registration heartbeat
+    registration_interval_s: float = 5.0
+    livekit_api_key: str = ""
+    livekit_api_secret: str = field(default="", repr=False)
+    livekit_token_ttl_s: int = 6 * 3600
+
+    @property
+    def queue(self) -> str:
+        return self.task_queue or sidecar_task_queue(self.sidecar_id)
+
+    @classmethod
+    def for_host(cls, host: SessionHost, asset_dir: Path, **overrides: Any) -> SidecarWorkerConfig:
+        """Id and queue from the host's own Capacity (one source of truth); LiveKit credentials from
+        LIVEKIT_API_KEY / LIVEKIT_API_SECRET (they never enter workflow history)."""
+        capacity = host.capacity()
+        values: dict[str, Any] = {
+            "task_queue": capacity.task_queue,
+            "livekit_api_key": os.environ.get("LIVEKIT_API_KEY", ""),
+            "livekit_api_secret": os.environ.get("LIVEKIT_API_SECRET", ""),
+        }
+        values.update(overrides)
+        return cls(sidecar_id=capacity.sidecar_id, asset_dir=asset_dir, **values)
+
+
+class SidecarActivities:
+    def __init__(self, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+        self.host = host
+        self.config = config
+        self.incarnation = incarnation
+
+    def definitions(self) -> Sequence[Callable[..., Any]]:
+        return [
+            self.prepare_avatar,
+            self.warm_up,
+            self.open_output,
+            self.switch_output,
+            self.run_session,
+            self.stop_session,
+            self.teardown,
+        ]
+
+    @activity.defn(name=ActivityName.PREPARE_AVATAR.value)
+    async def prepare_avatar(self, request: PrepareAvatarInput) -> AvatarReady:
+        self._check_incarnation(request.call)
+        avatar = request.avatar
+        async with self._shutdown_means_host_gone("prepare_avatar"), _keep_alive() as beat:
+            path = await self._local_asset(avatar.asset, request.fetch)
+
+            def on_progress(progress: PrepareProgress) -> None:
+                beat(progress)
+
+            try:
+                prepared = await self.host.prepare_avatar(
+                    request.call.session_id,
+                    AvatarAsset(path=path, kind=avatar.asset.kind.value, digest_sha256=avatar.asset.digest_sha256),
+                    on_progress,
+                )
+            except Exception as exc:
+                raise application_error_from(
+                    exc, default_code=ErrorCode.SIDECAR_ERROR, context="prepare_avatar"
+                ) from exc
+        return AvatarReady(
+            digest_sha256=prepared.digest_sha256,
+            frame_count=prepared.frame_count,
+            width_px=prepared.width_px,
+            height_px=prepared.height_px,
+            cache_hit=prepared.cache_hit,
+        )
+
+    @activity.defn(name=ActivityName.WARM_UP.value)
+    async def warm_up(self, request: WarmUpInput) -> EngineReady:
+        self._check_incarnation(request.call)
+        async with self._shutdown_means_host_gone("warm_up"), _keep_alive():
+            try:
+                result = await self.host.warm_up()
+            except Exception as exc:
+                raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="warm_up") from exc
+        return EngineReady(
+            engine=result.engine, device=result.device, warm_up_ms=result.warm_up_ms, already_warm=result.already_warm
+        )
+
+    @activity.defn(name=ActivityName.OPEN_OUTPUT.value)
+    async def open_output(self, request: OpenOutputInput) -> OutputOpened:
+        self._check_incarnation(request.call)
+        target = self._output_target(request)
+        async with self._shutdown_means_host_gone("open_output"), _keep_alive():
+            try:
+                opened = await self.host.open_output(request.call.session_id, target)
+            except Exception as exc:
+                raise application_error_from(
+                    exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=f"{request.kind.value} output"
+                ) from exc
+        return OutputOpened(kind=ContractOutputKind(opened.kind.value), detail=opened.detail)
+
+    @activity.defn(name=ActivityName.SWITCH_OUTPUT.value)
+    async def switch_output(self, request: SwitchOutputInput) -> OutputOpened:
+        """Live fallback: the session's output failed while live; move it to `request.kind` in place."""
+        self._check_incarnation(request.call)
+        target = self._output_target(
+            OpenOutputInput(
+                call=request.call,
+                kind=request.kind,
+                room=request.room,
+                livekit=request.livekit,
+                rtmp=request.rtmp,
+                record=False,  # the recording opened with the session goes on; a switch does not start one
+            )
+        )
+        async with self._shutdown_means_host_gone("switch_output"), _keep_alive():
+            try:
+                opened = await self.host.switch_output(request.call.session_id, target)
+            except Exception as exc:
+                raise application_error_from(
+                    exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=f"switch to {request.kind.value} output"
+                ) from exc
+        return OutputOpened(kind=ContractOutputKind(opened.kind.value), detail=opened.detail)
+
+    @activity.defn(name=ActivityName.RUN_SESSION.value)
+    async def run_session(self, request: RunSessionInput) -> RunSessionResult:
+        """Serve until the host ends the session; heartbeat details are its stats (the workflow's liveness signal)."""
+        self._check_incarnation(request.call)
+        session_id = request.call.session_id
+        latest: list[SessionStats] = []
+        reported = asyncio.Event()
+        # The host may call on_stats from a task it started outside this activity (its session
+        # clock); heartbeating needs this activity's context, so carry a copy of it.
+        activity_context = contextvars.copy_context()
+
+        def on_stats(stats: SessionStats) -> None:
+            latest[:] = [stats]
+            activity_context.run(activity.heartbeat, dataclasses.asdict(stats))
+            reported.set()
+
+        reporter = asyncio.create_task(self._report_stats(latest, reported, request.stats_report_interval_s))
+        limits = RunLimits(
+            idle_timeout_s=request.idle_timeout_s,
+            max_duration_s=request.max_duration_s,
+            stats_interval_s=request.stats_interval_s,
+        )
+        try:
+            end = await self.host.run_session(session_id, limits, on_stats)
+        except asyncio.CancelledError:
+            # The workflow cancelled the run (stop grace over, or the workflow itself cancelled), or this
+            # process is stopping: then the session must move elsewhere, which the typed error tells it.
+            with contextlib.suppress(Exception):
+                await self.host.stop_session(session_id, SessionEndReason.STOPPED)
+            if activity.is_worker_shutdown():
+                raise self._shutting_down("run_session") from None
+            raise
+        except Exception as exc:
+            raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="run_session") from exc
+        finally:
+            reporter.cancel()
+            # Stats reports are best effort: a reporter that failed must not replace the run's outcome.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reporter
+        return RunSessionResult(end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats))
+
+    @activity.defn(name=ActivityName.STOP_SESSION.value)
+    async def stop_session(self, request: StopSessionInput) -> bool:
+        self._check_incarnation(request.call)
+        try:
+            reason = SessionEndReason(request.reason.value)
+        except ValueError:
+            reason = SessionEndReason.STOPPED
+        try:
+            await self.host.stop_session(request.call.session_id, reason)
+        except Exception as exc:
+            raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="stop_session") from exc
+        return True
+
+    @activity.defn(name=ActivityName.TEARDOWN.value)
+    async def teardown(self, request: TeardownInput) -> bool:
+        if request.call.incarnation != self.incarnation:
+            # Meant for a predecessor under this sidecar id: its sessions died with it.
+            logger.info("teardown for another incarnation ignored", extra={"session": request.call.session_id})
+            return False
+        async with _keep_alive():
+            try:
+                await self.host.teardown(request.call.session_id)
+            except Exception as exc:
+                raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="teardown") from exc
+        return True
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _shutdown_means_host_gone(self, step: str) -> AsyncIterator[None]:
+        """A step cut short because this process is stopping fails with `sidecar_shutting_down`.
+
+        Reported as a plain cancellation instead, the workflow could not tell it from its own
+        cancel; typed, it moves the session to another sidecar at once (policy permitting)
+        rather than after a heartbeat timeout.
+        """
+        try:
+            yield
+        except asyncio.CancelledError:
+            if activity.is_worker_shutdown():
+                raise self._shutting_down(step) from None
+            raise
+
+    def _shutting_down(self, step: str) -> ApplicationError:
+        return ApplicationError(
+            f"sidecar {self.config.sidecar_id} is shutting down: {step} was cut short",
+            type=ErrorCode.SIDECAR_SHUTTING_DOWN.value,
+            non_retryable=True,
+        )
+
+    def _check_incarnation(self, call: SidecarCall) -> None:
+        if call.incarnation != self.incarnation:
+            raise ApplicationError(
+                f"sidecar {self.config.sidecar_id} restarted: this call was placed on incarnation "
+                f"{call.incarnation}, this process is {self.incarnation}",
+                type=ErrorCode.SIDECAR_RESTARTED.value,
+                non_retryable=True,
+            )
+
+    async def _local_asset(self, asset: FetchedAsset, limits: FetchLimits) -> Path:
+        """The validated asset on this host's disk: shared store, local copy, or a fresh download (digest checked)."""
+        suffix = ASSET_SUFFIXES[asset.kind]
+        local = self.config.asset_dir / f"{asset.digest_sha256}{suffix}"
+        if await asyncio.to_thread(_has_digest, local, asset.digest_sha256):
+            return local
+        shared = Path(asset.stored_path)
+        if await asyncio.to_thread(_has_digest, shared, asset.digest_sha256):
+            await asyncio.to_thread(_copy_atomically, shared, local)
+            return local
+        try:
+            download = await fetch.download(asset.source_url, limits, self.config.asset_dir, suffix=suffix)
+        except AssetError as exc:
+            raise exc.to_application_error() from exc
+        if download.digest_sha256 != asset.digest_sha256:
+            raise ApplicationError(
+                f"{asset.source_url} changed since it was validated (sha256 {download.digest_sha256}, "
+                f"expected {asset.digest_sha256})",
+                type=ErrorCode.ASSET_CHANGED.value,
+                non_retryable=True,
+            )
+        return download.path
+
+    def _output_target(self, request: OpenOutputInput) -> OutputTarget:
+        record_path = None
+        if request.record and self.config.recordings_dir is not None:
+            record_path = self.config.recordings_dir / f"{request.call.session_id}.mp4"
+        if request.kind is ContractOutputKind.LIVEKIT:
+            if request.livekit is None:
+                raise ApplicationError("no LiveKit output was requested", type=ErrorCode.INVALID_REQUEST.value)
+            livekit = request.livekit
+            target = LiveKitTarget(
+                url=livekit.url,
+                room=request.room,
+                identity=livekit.identity,
+                token=self._mint_livekit_token(request.room, livekit.identity, livekit.publish_on_behalf),
+                publish_audio=livekit.publish_audio,
+                publish_on_behalf=livekit.publish_on_behalf,
+            )
+            return OutputTarget(kind=OutputKind.LIVEKIT, livekit=target, record_path=record_path)
+        if request.rtmp is None:
+            raise ApplicationError("no RTMP output was requested", type=ErrorCode.INVALID_REQUEST.value)
+        return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=request.rtmp.url), record_path=record_path)
+
+    def _mint_livekit_token(self, room: str, identity: str, publish_on_behalf: str | None) -> str:
+        if not self.config.livekit_api_key or not self.config.livekit_api_secret:
+            raise ApplicationError(
+                "this sidecar has no LiveKit credentials (LIVEKIT_API_KEY / LIVEKIT_API_SECRET)",
+                type=ErrorCode.OUTPUT_OPEN_FAILED.value,
+                non_retryable=True,
+            )
+        from datetime import timedelta
+
+        from livekit import api as lkapi
+
+        grants = lkapi.VideoGrants(
+            room_join=True, room=room, can_publish=True, can_subscribe=True, can_publish_data=True
+        )
+        token = (
+            lkapi.AccessToken(self.config.livekit_api_key, self.config.livekit_api_secret)
+            .with_identity(identity)
+            .with_name(identity)
+            .with_kind("agent")
+            .with_ttl(timedelta(seconds=self.config.livekit_token_ttl_s))
+            .with_grants(grants)
+        )
+        if publish_on_behalf:
+            token = token.with_attributes({"lk.publish_on_behalf": publish_on_behalf})
+        return token.to_jwt()
+
+    async def _report_stats(self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float) -> None:
+        """Push the latest stats into the workflow (for `status`) at the policy's report cadence."""
+        info = activity.info()
+        assert info.workflow_id is not None  # sidecar activities are always started by a workflow
+        handle = activity.client().get_workflow_handle(info.workflow_id)
+        while True:
+            await reported.wait()
+            reported.clear()
+            try:
+                await handle.signal(
+                    REPORT_STATS_SIGNAL,
+                    StatsReport(incarnation=self.incarnation, stats=dataclasses.asdict(latest[0])),
+                )
+            except Exception as exc:  # the next report retries; stats are best effort
+                logger.warning("stats report failed", extra={"workflow": info.workflow_id, "error": str(exc)})
+            await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def _keep_alive() -> AsyncIterator[Callable[[Any], None]]:
+    """Heartbeat (latest details) a few times per heartbeat timeout while the body runs.
+
+    The heartbeat proves the process is alive; a step that hangs is bounded by start-to-close.
+    Yields a function the body calls with progress details.
+    """
+    timeout = activity.info().heartbeat_timeout
+    interval_s = timeout.total_seconds() / 3 if timeout else 5.0
+    details: list[Any] = []
+    # A host may report progress from callbacks it schedules itself (SidecarHost's render lane
+    # thread -> loop.call_soon_threadsafe), outside this activity's context: heartbeat in a copy of it.
+    activity_context = contextvars.copy_context()
+
+    def beat(progress: Any) -> None:
+        details[:] = [progress]
+        activity_context.run(activity.heartbeat, progress)
+
+    async def ticker() -> None:
+        while True:
+            activity.heartbeat(*details)
+            await asyncio.sleep(interval_s)
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield beat
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _has_digest(path: Path, digest: str) -> bool:
+    return path.is_file() and fetch.sha256_of(path) == digest
+
+
+def _copy_atomically(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".partial-{os.getpid()}-{destination.name}")
+    shutil.copyfile(source, partial)
+    os.replace(partial, destination)

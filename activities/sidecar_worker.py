@@ -1,0 +1,244 @@
+"""The Temporal side of a sidecar process: its own-queue worker plus its placement registration.
+
+`lipsync sidecar` (infra/cli/sidecar.py) runs it inside the sidecar process as one of
+`realtime.sidecar.process.serve()`'s services (`sidecar_worker_service`), with the options
+`add_temporal_arguments` adds to its command line. The service connects a client and calls:
+
+    await run_sidecar_worker(client, host, SidecarWorkerConfig.for_host(host, asset_dir), shutdown=event)
+
+(`python -m realtime` is the standalone sidecar without it: realtime never imports activities.)
+
+That polls the host's task queue (`sidecar-<id>` by convention) for the sidecar activities,
+registers the host's capacity with PlacementWorkflow and refreshes that lease every
+`registration_interval_s` until `shutdown` is set (or the service is cancelled: SIGTERM);
+then it tells placement it left and drains the worker, whose cut-short steps report
+`sidecar_shutting_down` so their sessions move on at once. A process killed outright simply
+stops heartbeating: placement reclaims its slots once the lease lapses, and the sessions it
+served see run_session's heartbeat timeout and are re-placed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.sidecar import SidecarActivities, SidecarWorkerConfig
+from realtime.host import SessionHost
+from workflows.contracts import (
+    CONTROL_TASK_QUEUE,
+    PLACEMENT_WORKFLOW_ID,
+    PlacementState,
+    SidecarDeparture,
+    SidecarHeartbeat,
+)
+from workflows.placement import PlacementWorkflow
+from workflows.temporal_client import connect_client, worker_tracing_interceptors
+
+logger = logging.getLogger(__name__)
+
+# Sessions have run_session plus at most one short step in flight each; leave room for teardowns.
+ACTIVITIES_PER_SLOT = 3
+# A stopping sidecar's run_session never ends by itself: after this grace its activities are
+# cancelled and report `sidecar_shutting_down`, so their sessions move to another sidecar at
+# once instead of waiting out a heartbeat timeout. Short steps (a teardown) finish within it.
+GRACEFUL_SHUTDOWN_S = 2.0
+DEFAULT_LEASE_S = 15.0
+DEFAULT_REGISTRATION_INTERVAL_S = 5.0
+ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
+
+
+async def run_sidecar_worker(
+    client: Client,
+    host: SessionHost,
+    config: SidecarWorkerConfig,
+    *,
+    shutdown: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve this sidecar's task queue until `shutdown` is set (forever if None); `ready` is set once registered."""
+    capacity = host.capacity()
+    if capacity.task_queue and capacity.task_queue != config.queue:
+        raise ValueError(
+            f"host reports task queue {capacity.task_queue!r} but the worker config says {config.queue!r}: "
+            "build the config with SidecarWorkerConfig.for_host(host, ...)"
+        )
+    incarnation = uuid.uuid4().hex
+    activities = SidecarActivities(host, config, incarnation)
+    worker = Worker(
+        client,
+        task_queue=config.queue,
+        activities=activities.definitions(),
+        interceptors=worker_tracing_interceptors(client),
+        max_concurrent_activities=max(4, capacity.slots_total * ACTIVITIES_PER_SLOT + 2),
+        graceful_shutdown_timeout=timedelta(seconds=GRACEFUL_SHUTDOWN_S),
+    )
+    stop = shutdown or asyncio.Event()
+    logger.info(
+        "sidecar worker starting",
+        extra={"sidecar": config.sidecar_id, "queue": config.queue, "incarnation": incarnation},
+    )
+    async with worker:
+        # Register only once the queue is polled, so no placement points at a queue nobody serves.
+        await _register(client, host, config, incarnation)
+        if ready is not None:
+            ready.set()
+        registration = asyncio.create_task(_keep_registered(client, host, config, incarnation))
+        try:
+            await stop.wait()
+        finally:
+            registration.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registration
+            with contextlib.suppress(Exception):
+                await client.get_workflow_handle(config.placement_workflow_id).signal(
+                    PlacementWorkflow.depart, SidecarDeparture(sidecar_id=config.sidecar_id, incarnation=incarnation)
+                )
+    logger.info("sidecar worker stopped", extra={"sidecar": config.sidecar_id})
+
+
+async def _register(client: Client, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+    capacity = host.capacity()
+    beat = SidecarHeartbeat(
+        sidecar_id=config.sidecar_id,
+        incarnation=incarnation,
+        task_queue=config.queue,
+        slots_total=capacity.slots_total,
+        slots_free=capacity.slots_free,
+        lease_s=config.lease_s,
+    )
+    # Signal-with-start: the first sidecar to come up creates the registry.
+    await client.start_workflow(
+        PlacementWorkflow.run,
+        PlacementState(),
+        id=config.placement_workflow_id,
+        task_queue=config.control_task_queue,
+        start_signal="heartbeat",
+        start_signal_args=[beat],
+    )
+
+
+async def _keep_registered(client: Client, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+    while True:
+        await asyncio.sleep(config.registration_interval_s)
+        try:
+            await _register(client, host, config, incarnation)
+        except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
+            logger.warning("placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)})
+
+
+# --- `lipsync sidecar` wiring -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarTemporalOptions:
+    """Where a sidecar process finds Temporal and its placement registry (from its command line)."""
+
+    address: str
+    namespace: str
+    asset_dir: Path
+    control_task_queue: str = CONTROL_TASK_QUEUE
+    placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
+    lease_s: float = DEFAULT_LEASE_S
+    registration_interval_s: float = DEFAULT_REGISTRATION_INTERVAL_S
+    recordings_dir: Path | None = None
+
+    def worker_config(self, host: SessionHost) -> SidecarWorkerConfig:
+        return SidecarWorkerConfig.for_host(
+            host,
+            self.asset_dir,
+            recordings_dir=self.recordings_dir,
+            control_task_queue=self.control_task_queue,
+            placement_workflow_id=self.placement_workflow_id,
+            lease_s=self.lease_s,
+            registration_interval_s=self.registration_interval_s,
+        )
+
+
+def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Temporal", "the sidecar's worker on its own task queue (LiveKit credentials: $LIVEKIT_API_KEY/_SECRET)"
+    )
+    group.add_argument(
+        "--temporal-address",
+        default=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
+        help="Temporal frontend host:port (default $TEMPORAL_ADDRESS or 127.0.0.1:7233)",
+    )
+    group.add_argument(
+        "--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"), help="Temporal namespace"
+    )
+    group.add_argument(
+        "--no-temporal",
+        action="store_true",
+        help="serve without the Temporal worker (standalone: sessions only through the dev HTTP control)",
+    )
+    group.add_argument(
+        "--asset-dir",
+        type=Path,
+        default=None,
+        help=f"local copies of avatar assets (default ${ASSET_DIR_ENV} or <cache dir>/assets)",
+    )
+    group.add_argument("--recordings-dir", type=Path, default=None, help="MP4 recordings of sessions that ask for one")
+    group.add_argument(
+        "--control-task-queue", default=CONTROL_TASK_QUEUE, help="where PlacementWorkflow runs (lipsync worker's)"
+    )
+    group.add_argument("--placement-id", default=PLACEMENT_WORKFLOW_ID, help="PlacementWorkflow id")
+    group.add_argument(
+        "--lease-s",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="placement drops this sidecar (and reclaims its slots) this long after its last registration",
+    )
+    group.add_argument(
+        "--registration-interval-s",
+        type=float,
+        default=DEFAULT_REGISTRATION_INTERVAL_S,
+        help="how often the registration is refreshed (keep it a few times shorter than --lease-s)",
+    )
+
+
+def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path) -> SidecarTemporalOptions | None:
+    """None with --no-temporal. Raises ValueError for a lease the registration cannot keep alive."""
+    if args.no_temporal:
+        return None
+    if not 0 < args.registration_interval_s < args.lease_s:
+        raise ValueError(
+            f"--registration-interval-s ({args.registration_interval_s}) must be > 0 and shorter than "
+            f"--lease-s ({args.lease_s}), or the sidecar's registration lapses between refreshes"
+        )
+    asset_dir = args.asset_dir or Path(os.environ.get(ASSET_DIR_ENV) or default_asset_dir)
+    return SidecarTemporalOptions(
+        address=args.temporal_address,
+        namespace=args.namespace,
+        asset_dir=asset_dir,
+        control_task_queue=args.control_task_queue,
+        placement_workflow_id=args.placement_id,
+        lease_s=args.lease_s,
+        registration_interval_s=args.registration_interval_s,
+        recordings_dir=args.recordings_dir,
+    )
+
+
+def sidecar_worker_service(options: SidecarTemporalOptions) -> Callable[[SessionHost], Coroutine[Any, Any, None]]:
+    """A `realtime.sidecar.process.serve()` service: connect (traced client) and serve the host's queue.
+
+    It runs until the process stops (serve() cancels it, which departs placement and drains the
+    worker); if it fails — Temporal unreachable at start — serve() stops the whole sidecar.
+    """
+
+    async def service(host: SessionHost) -> None:
+        client = await connect_client(options.address, options.namespace)
+        await run_sidecar_worker(client, host, options.worker_config(host))
+
+    return service

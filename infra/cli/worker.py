@@ -1,0 +1,107 @@
+"""`lipsync worker`: the control-plane Temporal worker (Session/Placement workflows, asset and placement activities).
+
+Scale it by running more replicas; they share the `lipsync-control` queue. GPU work never
+runs here: it goes to each sidecar's own queue (see activities/sidecar_worker.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+    from temporalio.worker import Worker
+
+    from activities.control import ControlConfig
+
+DEFAULT_ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
+
+
+def register(subparsers: Any) -> None:
+    worker = subparsers.add_parser(
+        "worker", help="run the control-plane Temporal worker (workflows + asset activities)"
+    )
+    worker.add_argument(
+        "--temporal-address",
+        default=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
+        help="Temporal frontend host:port (default $TEMPORAL_ADDRESS or 127.0.0.1:7233)",
+    )
+    worker.add_argument(
+        "--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"), help="Temporal namespace"
+    )
+    worker.add_argument("--task-queue", default=None, help="control task queue (default lipsync-control)")
+    worker.add_argument(
+        "--asset-dir",
+        type=Path,
+        default=None,
+        help=f"where downloaded avatar assets are stored (default ${DEFAULT_ASSET_DIR_ENV} or <cache>/assets)",
+    )
+    worker.add_argument("--placement-id", default=None, help="PlacementWorkflow id (default lipsync-placement)")
+    worker.set_defaults(handler=_serve)
+
+
+def build_control_worker(client: Client, config: ControlConfig) -> Worker:
+    from temporalio.worker import Worker
+
+    from activities.control import ControlActivities
+    from workflows.placement import PlacementWorkflow
+    from workflows.session import SessionWorkflow
+    from workflows.temporal_client import worker_tracing_interceptors
+
+    return Worker(
+        client,
+        task_queue=config.task_queue,
+        workflows=[SessionWorkflow, PlacementWorkflow],
+        activities=ControlActivities(config).definitions(),
+        interceptors=worker_tracing_interceptors(client),
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from activities.control import ControlConfig
+    from infra.paths import cache_dir
+    from infra.telemetry import TelemetryConfigError, configure_tracing
+    from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID
+    from workflows.temporal_client import connect_client
+
+    logger = logging.getLogger("lipsync.worker")
+    try:
+        configure_tracing("lipsync-worker")
+    except TelemetryConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    asset_dir = args.asset_dir or Path(os.environ.get(DEFAULT_ASSET_DIR_ENV) or cache_dir() / "assets")
+    config = ControlConfig(
+        asset_dir=asset_dir,
+        placement_workflow_id=args.placement_id or PLACEMENT_WORKFLOW_ID,
+        task_queue=args.task_queue or CONTROL_TASK_QUEUE,
+    )
+
+    async def main() -> int:
+        try:
+            client = await connect_client(args.temporal_address, args.namespace)
+        except RuntimeError as exc:  # the SDK's "Failed client connect: ..." (refused, DNS, TLS)
+            sys.stderr.write(f"error: cannot reach Temporal at {args.temporal_address}: {exc}\n")
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with build_control_worker(client, config):
+            logger.info(
+                "control worker running",
+                extra={"queue": config.task_queue, "temporal": args.temporal_address, "assets": str(asset_dir)},
+            )
+            await stop.wait()
+        logger.info("control worker stopped")
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,1 @@
+"""Test helpers shared across test packages (test-only hosts, asset servers, media builders)."""

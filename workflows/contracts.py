@@ -1,0 +1,479 @@
+"""Contracts shared by SessionWorkflow, PlacementWorkflow, their activities and the API.
+
+Frozen dataclasses (Temporal's JSON converter round-trips them); names carry units. These
+mirror, on purpose, a few values of `realtime.host` (OutputKind, end reasons) instead of
+importing it: workflow code must stay sandbox-safe and the API must not depend on the
+sidecar. `tests/activities/test_contract_parity.py` keeps the mirrored values equal.
+
+Sandbox-safe: imports only the standard library, temporalio and `workflows.policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from workflows.policy import FetchLimits, FrameLimits, SessionPolicy, VideoLimits, ZipLimits
+
+CONTROL_TASK_QUEUE = "lipsync-control"
+PLACEMENT_WORKFLOW_ID = "lipsync-placement"
+SESSION_WORKFLOW_ID_PREFIX = "session-"
+SIDECAR_TASK_QUEUE_PREFIX = "sidecar-"
+
+
+def session_workflow_id(session_id: str) -> str:
+    return f"{SESSION_WORKFLOW_ID_PREFIX}{session_id}"
+
+
+def sidecar_task_queue(sidecar_id: str) -> str:
+    """The host-specific queue a sidecar polls: only that process runs activities sent there."""
+    return f"{SIDECAR_TASK_QUEUE_PREFIX}{sidecar_id}"
+
+
+class ActivityName(StrEnum):
+    # control plane (shared queue, retried per policy)
+    FETCH_ASSETS = "fetch_assets"
+    VALIDATE_ASSETS = "validate_assets"
+    PLACE_SESSION = "place_session"
+    RELEASE_SLOT = "release_slot"
+    # sidecar (its own queue, one attempt)
+    PREPARE_AVATAR = "prepare_avatar"
+    WARM_UP = "warm_up"
+    OPEN_OUTPUT = "open_output"
+    SWITCH_OUTPUT = "switch_output"  # live fallback: the output failed while live, move to the next one
+    RUN_SESSION = "run_session"
+    STOP_SESSION = "stop_session"
+    TEARDOWN = "teardown"
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    FETCHING = "fetching"
+    VALIDATING = "validating"
+    PLACING = "placing"
+    PREPARING = "preparing"
+    WARMING_UP = "warming_up"
+    OPENING_OUTPUT = "opening_output"
+    LIVE = "live"
+    REPLACING = "replacing"  # the sidecar was lost; moving the session to another one
+    STOPPING = "stopping"
+    TEARING_DOWN = "tearing_down"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
+
+
+class AvatarKind(StrEnum):
+    FRAMES_ZIP = "frames_zip"
+    IDLE_VIDEO = "idle_video"
+
+
+class OutputKind(StrEnum):
+    LIVEKIT = "livekit"
+    RTMP = "rtmp"
+
+
+class EndReason(StrEnum):
+    """Why a session ended. The first five mirror `realtime.host.SessionEndReason`."""
+
+    STOPPED = "stopped"
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_DURATION = "max_duration"
+    CLIENT_GONE = "client_gone"
+    OUTPUT_FAILED = "output_failed"
+    FAILED = "failed"  # see SessionStatus.error for the code
+    CANCELLED = "cancelled"  # the workflow itself was cancelled (e.g. from the Temporal UI)
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons. Activities raise ApplicationError(type=<code>); status.error carries it."""
+
+    # request
+    INVALID_REQUEST = "invalid_request"
+    # fetch
+    URL_INVALID = "url_invalid"
+    URL_FORBIDDEN_ADDRESS = "url_forbidden_address"  # SSRF guard: private/loopback/link-local/metadata
+    REDIRECT_FORBIDDEN_ADDRESS = "redirect_forbidden_address"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    ASSET_UNREACHABLE = "asset_unreachable"  # retryable: connection refused/reset, DNS failure
+    ASSET_HTTP_ERROR = "asset_http_error"  # 4xx non-retryable, 5xx retryable
+    ASSET_ENCODING_UNSUPPORTED = "asset_encoding_unsupported"
+    ASSET_TOO_LARGE = "asset_too_large"
+    ASSET_TOO_SLOW = "asset_too_slow"
+    ASSET_EMPTY = "asset_empty"
+    ASSET_CHANGED = "asset_changed"  # a re-download on the sidecar did not match the validated digest
+    # zip
+    NOT_A_ZIP = "not_a_zip"
+    ZIP_TOO_MANY_ENTRIES = "zip_too_many_entries"
+    ZIP_TOO_LARGE = "zip_too_large"  # uncompressed total above the limit
+    ZIP_BOMB_RATIO = "zip_bomb_ratio"
+    ZIP_CORRUPT = "zip_corrupt"  # an entry fails to inflate or its CRC does not match
+    ZIP_PATH_TRAVERSAL = "zip_path_traversal"
+    ZIP_SYMLINK = "zip_symlink"
+    ZIP_ENCRYPTED = "zip_encrypted"
+    ZIP_DUPLICATE_ENTRY = "zip_duplicate_entry"
+    ZIP_NON_IMAGE_ENTRY = "zip_non_image_entry"
+    AVATAR_MANIFEST_INVALID = "avatar_manifest_invalid"  # the optional avatar.json
+    # frames
+    NO_FRAMES = "no_frames"
+    TOO_MANY_FRAMES = "too_many_frames"
+    IMAGE_UNDECODABLE = "image_undecodable"
+    MIXED_FRAME_SIZES = "mixed_frame_sizes"
+    FRAME_TOO_SMALL = "frame_too_small"
+    FRAME_TOO_LARGE = "frame_too_large"
+    NO_FACE = "no_face"
+    # video
+    VIDEO_UNDECODABLE = "video_undecodable"
+    VIDEO_NO_VIDEO_STREAM = "video_no_video_stream"
+    VIDEO_TOO_LONG = "video_too_long"
+    # placement / hosts / outputs
+    NO_CAPACITY = "no_capacity"
+    SIDECAR_LOST = "sidecar_lost"
+    SIDECAR_RESTARTED = "sidecar_restarted"  # the queue is served by a newer process than the placement's
+    SIDECAR_SHUTTING_DOWN = "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
+    SIDECAR_ERROR = "sidecar_error"  # the host raised something it did not classify
+    OUTPUT_OPEN_FAILED = "output_open_failed"
+    OUTPUT_UNAVAILABLE = "output_unavailable"  # every output in the fallback order failed
+    OUTPUT_FAILED = "output_failed"  # outputs failed while live
+    ACTIVITY_TIMEOUT = "activity_timeout"
+
+
+# --- the request and the workflow input -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AvatarSource:
+    url: str  # http(s); credentials in the URL are refused (they would be kept in history)
+    kind: AvatarKind
+
+
+@dataclass(frozen=True)
+class LiveKitOutputRequest:
+    """Where to publish in LiveKit. No token here: the sidecar mints it (secrets stay out of history)."""
+
+    url: str
+    identity: str
+    publish_audio: bool = True
+    publish_on_behalf: str | None = None  # the agent's identity when an agent drives the avatar
+
+
+@dataclass(frozen=True)
+class RtmpOutputRequest:
+    url: str
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    livekit: LiveKitOutputRequest | None = None
+    rtmp: RtmpOutputRequest | None = None
+    record: bool = False  # also record an MP4 on the sidecar
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    session_id: str
+    room: str  # LiveKit room name; also the label ops search by
+    avatar: AvatarSource
+    output: OutputRequest
+
+
+@dataclass(frozen=True)
+class SessionInput:
+    request: SessionRequest
+    policy: SessionPolicy
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    reason: str = ""  # free text from the caller ("user hung up"); the end reason is `stopped`
+
+
+# --- activity inputs and results ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchAssetsInput:
+    session_id: str
+    source: AvatarSource
+    limits: FetchLimits
+
+
+@dataclass(frozen=True)
+class FetchedAsset:
+    source_url: str
+    final_url: str  # after redirects
+    kind: AvatarKind
+    digest_sha256: str
+    size_bytes: int
+    stored_path: str  # content-addressed file on the control-plane worker's disk
+
+
+@dataclass(frozen=True)
+class ValidateAssetsInput:
+    session_id: str
+    asset: FetchedAsset
+    zip: ZipLimits
+    frames: FrameLimits
+    video: VideoLimits
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    x_px: int
+    y_px: int
+    width_px: int
+    height_px: int
+
+
+@dataclass(frozen=True)
+class ValidatedAvatar:
+    asset: FetchedAsset
+    frame_count: int
+    width_px: int
+    height_px: int
+    face: FaceBox | None  # on the first frame; None when the policy does not require one
+    fps: float | None = None  # idle videos only
+
+
+@dataclass(frozen=True)
+class PlaceSessionInput:
+    session_id: str
+    # incarnations (sidecar process lives) this session must not go back to; they are also
+    # marked suspect so no other session is placed there until they heartbeat again
+    exclude_incarnations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Placement:
+    sidecar_id: str
+    incarnation: str  # one sidecar process's life; a restart under the same id is a new one
+    task_queue: str
+
+
+@dataclass(frozen=True)
+class ReleaseSlotInput:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class SidecarCall:
+    """Every sidecar activity input names the incarnation it was placed on.
+
+    The queue belongs to a sidecar id; a restarted process under that id must refuse work
+    meant for its dead predecessor (e.g. a teardown left queued) instead of running it
+    against its own new sessions.
+    """
+
+    session_id: str
+    incarnation: str
+
+
+@dataclass(frozen=True)
+class PrepareAvatarInput:
+    call: SidecarCall
+    avatar: ValidatedAvatar
+    fetch: FetchLimits  # used only when the sidecar must download the asset itself
+
+
+@dataclass(frozen=True)
+class AvatarReady:
+    digest_sha256: str
+    frame_count: int
+    width_px: int
+    height_px: int
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class WarmUpInput:
+    call: SidecarCall
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    engine: str
+    device: str
+    warm_up_ms: float
+    already_warm: bool
+
+
+@dataclass(frozen=True)
+class OpenOutputInput:
+    call: SidecarCall
+    kind: OutputKind
+    room: str
+    livekit: LiveKitOutputRequest | None
+    rtmp: RtmpOutputRequest | None
+    record: bool
+
+
+@dataclass(frozen=True)
+class SwitchOutputInput:
+    """Move a live session to `kind` (its recording, if any, goes on untouched)."""
+
+    call: SidecarCall
+    kind: OutputKind
+    room: str
+    livekit: LiveKitOutputRequest | None
+    rtmp: RtmpOutputRequest | None
+
+
+@dataclass(frozen=True)
+class OutputOpened:
+    kind: OutputKind
+    detail: str  # room name or RTMP URL without credentials
+
+
+@dataclass(frozen=True)
+class RunSessionInput:
+    call: SidecarCall
+    idle_timeout_s: float
+    max_duration_s: float  # what is left of the session's maximum
+    stats_interval_s: float
+    stats_report_interval_s: float
+
+
+@dataclass(frozen=True)
+class RunSessionResult:
+    end_reason: EndReason
+    stats: dict[str, Any]  # realtime.host.SessionStats as a dict
+
+
+@dataclass(frozen=True)
+class StopSessionInput:
+    call: SidecarCall
+    reason: EndReason
+
+
+@dataclass(frozen=True)
+class TeardownInput:
+    call: SidecarCall
+
+
+@dataclass(frozen=True)
+class StatsReport:
+    """Pushed by run_session into the workflow (signal `report_stats`) so `status` can show it."""
+
+    incarnation: str  # reports from a sidecar the session has left are ignored
+    stats: dict[str, Any]
+
+
+# --- status and result -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class OutputAttempt:
+    kind: OutputKind
+    sidecar_id: str
+    ok: bool
+    error: ErrorInfo | None = None
+    live_switch: bool = False  # a switch while live (the previous output failed), not an open
+
+
+@dataclass(frozen=True)
+class SidecarLoss:
+    sidecar_id: str
+    incarnation: str
+    phase: Phase  # what the session was doing when the host went silent
+    timeout_type: str  # HEARTBEAT | SCHEDULE_TO_START | START_TO_CLOSE | sidecar_restarted | sidecar_shutting_down
+    detected_at: str  # ISO 8601, workflow time
+
+
+@dataclass
+class SessionStatus:
+    session_id: str
+    room: str
+    phase: Phase = Phase.PENDING
+    output: str = ""  # "livekit" | "rtmp" once opened
+    output_detail: str = ""
+    sidecar: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)  # latest realtime.host.SessionStats
+    stats_reported_at: str = ""  # ISO 8601, workflow time of the latest report
+    error: ErrorInfo | None = None
+    end_reason: EndReason | None = None
+    stop_note: str = ""
+    avatar: AvatarReady | None = None
+    output_attempts: list[OutputAttempt] = field(default_factory=list)
+    sidecar_losses: list[SidecarLoss] = field(default_factory=list)
+    replacements: int = 0
+    live_since: str = ""  # ISO 8601, workflow time of the first `live`
+    ended_at: str = ""  # ISO 8601, workflow time the session stopped serving (teardown began)
+    teardown_errors: list[ErrorInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    session_id: str
+    end_reason: EndReason
+    output: str
+    sidecar: str
+    replacements: int
+    stats: dict[str, Any]
+
+
+# --- placement ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarHeartbeat:
+    sidecar_id: str
+    incarnation: str
+    task_queue: str
+    slots_total: int
+    slots_free: int  # as the host sees it (informational; placement counts its own assignments)
+    lease_s: float  # the registration lapses this long after the last heartbeat
+
+
+@dataclass(frozen=True)
+class SidecarDeparture:
+    sidecar_id: str
+    incarnation: str
+
+
+@dataclass
+class SidecarRecord:
+    sidecar_id: str
+    incarnation: str
+    task_queue: str
+    slots_total: int
+    reported_slots_free: int
+    lease_expires_at_s: float  # workflow time, seconds since the epoch
+    sessions: list[str] = field(default_factory=list)
+    suspect: bool = False  # a session lost this host; no new placements until it heartbeats again
+
+
+@dataclass(frozen=True)
+class PlacementState:
+    """PlacementWorkflow input; also what it carries across continue-as-new."""
+
+    sidecars: list[SidecarRecord] = field(default_factory=list)
+    continue_as_new_after_events: int = 2000
+    reclaimed_sessions: int = 0  # slots freed by lease expiry so far (ops counter)
+
+
+@dataclass(frozen=True)
+class AcquireSlot:
+    session_id: str
+    exclude_incarnations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class PlacementSnapshot:
+    sidecars: list[SidecarRecord]
+    reclaimed_sessions: int
+    now_s: float

@@ -1,0 +1,198 @@
+"""PlacementWorkflow: the registry of sidecars and their session slots, as one entity workflow.
+
+Why a workflow and not a file or SQLite store: sidecars run on other hosts than the control
+plane, so a local file cannot be their shared registry, and adding a database would add a
+service to run. Every process already talks to Temporal, whose history makes this state
+durable and whose updates give each `acquire` a serialised, exactly-once read-modify-write
+(no lost slot under concurrent placements). Leases are durable timers: a sidecar that stops
+heartbeating (killed, partitioned) drops out `lease_s` after its last heartbeat and every
+slot it held is reclaimed, with no live process needed to notice. The state is small and
+carried through continue-as-new, so the history stays short however long it runs.
+
+Protocol:
+- signal `heartbeat(SidecarHeartbeat)` — register/refresh a sidecar (sent with signal-with-start,
+  so the first sidecar creates this workflow);
+- signal `depart(SidecarDeparture)` — graceful shutdown: drop the sidecar now;
+- update `acquire(AcquireSlot) -> Placement` — take a free slot (a session holds at most one:
+  acquiring again releases the previous one, so retries and re-placements never leak);
+  fails with ApplicationError type `no_capacity` when none is free;
+- update `release(ReleaseSlot) -> bool` — free the session's slot (True if it held one);
+- query `snapshot() -> PlacementSnapshot`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+from workflows.contracts import (
+    AcquireSlot,
+    ErrorCode,
+    Placement,
+    PlacementSnapshot,
+    PlacementState,
+    ReleaseSlot,
+    SidecarDeparture,
+    SidecarHeartbeat,
+    SidecarRecord,
+)
+
+
+@workflow.defn
+class PlacementWorkflow:
+    @workflow.init
+    def __init__(self, state: PlacementState) -> None:
+        self._sidecars: dict[str, SidecarRecord] = {record.sidecar_id: record for record in state.sidecars}
+        self._continue_as_new_after_events = state.continue_as_new_after_events
+        self._reclaimed_sessions = state.reclaimed_sessions
+        self._changed = False
+
+    @workflow.run
+    async def run(self, state: PlacementState) -> None:
+        while True:
+            self._reclaim_expired()
+            if self._should_continue_as_new():
+                # Handlers still running would be lost with this run; let them finish first.
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self._state())
+            self._changed = False
+            timeout = self._until_next_expiry()
+            # On timeout a lease is due: the next turn of the loop reclaims it.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._changed or self._should_continue_as_new(),
+                    timeout=timeout,
+                    timeout_summary="next sidecar lease expiry",
+                )
+
+    # --- handlers ---------------------------------------------------------------------
+
+    @workflow.signal
+    def heartbeat(self, beat: SidecarHeartbeat) -> None:
+        now_s = self._now_s()
+        record = self._sidecars.get(beat.sidecar_id)
+        if record is None or record.incarnation != beat.incarnation:
+            if record is not None:
+                # A new process under the same id: the old one's sessions died with it. Their
+                # workflows notice (heartbeat timeout) and re-place; their slots are not carried over.
+                workflow.logger.info(
+                    "sidecar restarted", extra={"sidecar": beat.sidecar_id, "lost_sessions": record.sessions}
+                )
+                self._reclaimed_sessions += len(record.sessions)
+            record = SidecarRecord(
+                sidecar_id=beat.sidecar_id,
+                incarnation=beat.incarnation,
+                task_queue=beat.task_queue,
+                slots_total=beat.slots_total,
+                reported_slots_free=beat.slots_free,
+                lease_expires_at_s=now_s + beat.lease_s,
+            )
+            self._sidecars[beat.sidecar_id] = record
+            workflow.logger.info("sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total})
+        else:
+            record.slots_total = beat.slots_total
+            record.reported_slots_free = beat.slots_free
+            record.lease_expires_at_s = now_s + beat.lease_s
+            record.suspect = False
+        self._changed = True
+
+    @workflow.signal
+    def depart(self, departure: SidecarDeparture) -> None:
+        record = self._sidecars.get(departure.sidecar_id)
+        if record is not None and record.incarnation == departure.incarnation:
+            del self._sidecars[departure.sidecar_id]
+            self._reclaimed_sessions += len(record.sessions)
+            workflow.logger.info("sidecar departed", extra={"sidecar": departure.sidecar_id})
+            self._changed = True
+
+    @workflow.update
+    def acquire(self, request: AcquireSlot) -> Placement:
+        self._reclaim_expired()
+        excluded = set(request.exclude_incarnations)
+        for record in self._sidecars.values():
+            if record.incarnation in excluded:
+                record.suspect = True
+        self._release(request.session_id)
+        candidates = [
+            record
+            for record in self._sidecars.values()
+            if not record.suspect and record.incarnation not in excluded and len(record.sessions) < record.slots_total
+        ]
+        if not candidates:
+            raise ApplicationError(
+                f"no sidecar has a free slot for session {request.session_id!r} "
+                f"({len(self._sidecars)} registered, {sum(len(r.sessions) for r in self._sidecars.values())} slots "
+                f"in use, {len(excluded)} excluded)",
+                type=ErrorCode.NO_CAPACITY,
+            )
+        # Most free slots first spreads sessions over GPUs; the id breaks ties deterministically.
+        chosen = min(candidates, key=lambda r: (-(r.slots_total - len(r.sessions)), r.sidecar_id))
+        chosen.sessions.append(request.session_id)
+        self._changed = True
+        return Placement(sidecar_id=chosen.sidecar_id, incarnation=chosen.incarnation, task_queue=chosen.task_queue)
+
+    @acquire.validator
+    def _validate_acquire(self, request: AcquireSlot) -> None:
+        if not request.session_id:
+            raise ValueError("acquire: session_id is empty")
+
+    @workflow.update
+    def release(self, request: ReleaseSlot) -> bool:
+        released = self._release(request.session_id)
+        self._changed = True
+        return released
+
+    @workflow.query
+    def snapshot(self) -> PlacementSnapshot:
+        return PlacementSnapshot(
+            sidecars=sorted(self._sidecars.values(), key=lambda r: r.sidecar_id),
+            reclaimed_sessions=self._reclaimed_sessions,
+            now_s=self._now_s(),
+        )
+
+    # --- internals --------------------------------------------------------------------
+
+    def _release(self, session_id: str) -> bool:
+        for record in self._sidecars.values():
+            if session_id in record.sessions:
+                record.sessions.remove(session_id)
+                return True
+        return False
+
+    def _reclaim_expired(self) -> None:
+        now_s = self._now_s()
+        for sidecar_id, record in list(self._sidecars.items()):
+            if record.lease_expires_at_s <= now_s:
+                del self._sidecars[sidecar_id]
+                self._reclaimed_sessions += len(record.sessions)
+                workflow.logger.warning(
+                    "sidecar lease expired; its slots are reclaimed",
+                    extra={"sidecar": sidecar_id, "sessions": list(record.sessions)},
+                )
+
+    def _until_next_expiry(self) -> timedelta | None:
+        if not self._sidecars:
+            return None
+        next_expiry_s = min(record.lease_expires_at_s for record in self._sidecars.values())
+        return timedelta(seconds=max(0.001, next_expiry_s - self._now_s()))
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self._continue_as_new_after_events
+        )
+
+    def _state(self) -> PlacementState:
+        return PlacementState(
+            sidecars=list(self._sidecars.values()),
+            continue_as_new_after_events=self._continue_as_new_after_events,
+            reclaimed_sessions=self._reclaimed_sessions,
+        )
+
+    @staticmethod
+    def _now_s() -> float:
+        return workflow.now().timestamp()

@@ -1,0 +1,724 @@
+"""SessionWorkflow: one talking-avatar session, from asset URL to teardown (workflow id `session-<id>`).
+
+fetch_assets → validate_assets → place_session → prepare_avatar → warm_up → open_output
+(the policy's fallback order, e.g. LiveKit then RTMP) → run_session (long, heartbeating
+stats on the sidecar) → teardown + release_slot, always, from `finally`. When the output
+fails while live (run_session ends `output_failed`), switch_output moves the session to the
+next output of the fallback order on the same sidecar, and it runs on.
+
+Host failure: sidecar activities run on that sidecar's own queue with one attempt and a
+schedule-to-start bound, and the long ones heartbeat; a timeout of any of them means the
+host went silent. The policy then re-places the session on another sidecar (the validated
+avatar is reused; fetch and validation are not repeated) or ends it with `sidecar_lost`.
+
+Limits: the sidecar enforces idle timeout and max duration at sample precision; the
+workflow enforces them too, with durable timers, so they hold across re-placements and
+even if a host misbehaves (the idle backstop waits one stats report longer, since the
+workflow learns of audio only through reports).
+
+Interface: update `stop` / signal `request_stop` (StopRequest), signal `report_stats`
+(from run_session), query `status` (SessionStatus). Search attributes room, phase, output,
+sidecar are upserted at every phase. Failures end the workflow with an ApplicationError
+whose type is the reason code (visible in the Temporal UI); `status.error` carries it too.
+
+Sandbox-safe: imports only temporalio and the workflows contracts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import CancelledError as ActivityCancelledError
+from temporalio.exceptions import TimeoutError as ActivityTimeoutError
+
+from workflows import search_attributes
+from workflows.contracts import (
+    ActivityName,
+    AvatarReady,
+    EndReason,
+    EngineReady,
+    ErrorCode,
+    ErrorInfo,
+    FetchAssetsInput,
+    FetchedAsset,
+    OpenOutputInput,
+    OutputAttempt,
+    OutputKind,
+    OutputOpened,
+    Phase,
+    Placement,
+    PlaceSessionInput,
+    PrepareAvatarInput,
+    ReleaseSlotInput,
+    RunSessionInput,
+    RunSessionResult,
+    SessionInput,
+    SessionResult,
+    SessionStatus,
+    SidecarCall,
+    SidecarLoss,
+    StatsReport,
+    StopRequest,
+    StopSessionInput,
+    SwitchOutputInput,
+    TeardownInput,
+    ValidateAssetsInput,
+    ValidatedAvatar,
+    WarmUpInput,
+)
+from workflows.policy import ControlActivityPolicy, SidecarActivityPolicy, SidecarLostAction
+
+ResultT = TypeVar("ResultT")
+
+# A retry on a sidecar queue would go to the same (possibly dead) host: the workflow decides instead.
+_SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+# Wait for the sidecar to acknowledge a cancel, so teardown never overtakes a still-running step
+# there; a dead host cannot acknowledge, and its heartbeat/schedule-to-start timeouts bound the wait.
+_SIDECAR_CANCELLATION = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+_OUTPUT_FAILURE_ENDS = frozenset({EndReason.OUTPUT_FAILED})
+# Failures that say the host itself is gone (not this step): the session may move to another sidecar.
+_HOST_GONE_CODES = frozenset({ErrorCode.SIDECAR_RESTARTED.value, ErrorCode.SIDECAR_SHUTTING_DOWN.value})
+
+
+class _SessionFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class _SidecarLost(Exception):
+    def __init__(self, loss: SidecarLoss) -> None:
+        super().__init__(f"sidecar {loss.sidecar_id} lost ({loss.timeout_type})")
+        self.loss = loss
+
+
+class _Stopped(Exception):
+    """A stop arrived while a pre-live step was running; that step was cancelled."""
+
+
+@workflow.defn
+class SessionWorkflow:
+    @workflow.init
+    def __init__(self, session_input: SessionInput) -> None:
+        self._request = session_input.request
+        self._policy = session_input.policy
+        self._status = SessionStatus(session_id=self._request.session_id, room=self._request.room)
+        self._stop_reason: EndReason | None = None
+        self._placement: Placement | None = None
+        self._ever_placed = False
+        self._avatar: ValidatedAvatar | None = None
+        self._lost_incarnations: list[str] = []
+        self._zombie_teardowns: list[workflow.ActivityHandle[bool]] = []
+        self._audio_samples_seen = 0
+        self._last_audio_at: datetime | None = None
+        self._live_since: datetime | None = None
+
+    @workflow.run
+    async def run(self, session_input: SessionInput) -> SessionResult:
+        cancelled = False
+        evicted = False
+        try:
+            await self._lifecycle()
+        except _SessionFailed as failure:
+            workflow.logger.warning("session failed", extra={"code": failure.code, "reason": failure.message})
+            self._status.error = ErrorInfo(code=failure.code, message=failure.message)
+            self._status.end_reason = EndReason.FAILED
+        except asyncio.CancelledError:
+            if workflow.cancellation_reason() is None:
+                # Not a cancel of this workflow (the inner steps never leak one): the worker is evicting
+                # it from its cache. The session goes on, rebuilt from history by the next worker, so
+                # nothing may be torn down here (and workflow APIs may no longer be called).
+                evicted = True
+                raise
+            cancelled = True
+            self._status.end_reason = EndReason.CANCELLED
+        finally:
+            if not evicted:
+                await self._teardown_shielded()
+
+        if self._status.error is not None:
+            self._enter(Phase.FAILED)
+            raise ApplicationError(self._status.error.message, type=self._status.error.code, non_retryable=True)
+        if cancelled:
+            self._enter(Phase.CANCELLED)
+            raise asyncio.CancelledError("session workflow cancelled")
+        self._enter(Phase.COMPLETED)
+        return SessionResult(
+            session_id=self._request.session_id,
+            end_reason=self._status.end_reason or EndReason.STOPPED,
+            output=self._status.output,
+            sidecar=self._status.sidecar,
+            replacements=self._status.replacements,
+            stats=self._status.stats,
+        )
+
+    # --- interface ----------------------------------------------------------------------
+
+    @workflow.update
+    def stop(self, request: StopRequest) -> SessionStatus:
+        """End the session (reason `stopped`); returns the status at the moment the stop was accepted."""
+        self._accept_stop(request)
+        return self._status
+
+    @workflow.signal
+    def request_stop(self, request: StopRequest) -> None:
+        """Fire-and-forget form of `stop` (e.g. from the Temporal UI or CLI)."""
+        self._accept_stop(request)
+
+    @workflow.signal
+    def report_stats(self, report: StatsReport) -> None:
+        if self._placement is None or report.incarnation != self._placement.incarnation:
+            return  # a late report from a sidecar this session has left
+        now = workflow.now()
+        self._status.stats = report.stats
+        self._status.stats_reported_at = now.isoformat()
+        received = report.stats.get("audio_samples_received")
+        if isinstance(received, int) and received > self._audio_samples_seen:
+            self._audio_samples_seen = received
+            self._last_audio_at = now
+
+    @workflow.query
+    def status(self) -> SessionStatus:
+        return self._status
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def _lifecycle(self) -> None:
+        self._upsert_search_attributes()
+        self._check_request()
+        activities = self._policy.activities
+        assets = self._policy.assets
+        try:
+            self._enter(Phase.FETCHING)
+            asset = await self._control(
+                ActivityName.FETCH_ASSETS,
+                FetchAssetsInput(session_id=self._request.session_id, source=self._request.avatar, limits=assets.fetch),
+                FetchedAsset,
+                activities.fetch_assets,
+            )
+            self._enter(Phase.VALIDATING)
+            self._avatar = await self._control(
+                ActivityName.VALIDATE_ASSETS,
+                ValidateAssetsInput(
+                    session_id=self._request.session_id,
+                    asset=asset,
+                    zip=assets.zip,
+                    frames=assets.frames,
+                    video=assets.video,
+                ),
+                ValidatedAvatar,
+                activities.validate_assets,
+            )
+            await self._bring_up()
+            await self._serve()
+        except _Stopped:
+            self._status.end_reason = self._stop_reason or EndReason.STOPPED
+
+    def _check_request(self) -> None:
+        request = self._request
+        problems = []
+        if not request.session_id:
+            problems.append("session_id is empty")
+        if not request.room:
+            problems.append("room is empty")
+        if not request.avatar.url:
+            problems.append("avatar.url is empty")
+        if not self._output_kinds():
+            offered = [kind.value for kind in (OutputKind.LIVEKIT, OutputKind.RTMP) if self._output_requested(kind)]
+            order = [kind.value for kind in self._policy.outputs.fallback_order]
+            problems.append(f"no requested output {offered} is in the policy's fallback order {order}")
+        if problems:
+            raise _SessionFailed(ErrorCode.INVALID_REQUEST, "; ".join(problems))
+
+    async def _bring_up(self) -> None:
+        """Place the session on a sidecar and get it ready to go live; re-place on host loss per policy."""
+        activities = self._policy.activities
+        assert self._avatar is not None
+        while True:
+            self._enter(Phase.PLACING)
+            placement = await self._control(
+                ActivityName.PLACE_SESSION,
+                PlaceSessionInput(
+                    session_id=self._request.session_id, exclude_incarnations=list(self._lost_incarnations)
+                ),
+                Placement,
+                activities.place_session,
+            )
+            self._placement = placement
+            self._ever_placed = True
+            self._audio_samples_seen = 0  # a new host counts from zero
+            self._status.sidecar = placement.sidecar_id
+            try:
+                self._enter(Phase.PREPARING)
+                self._status.avatar = await self._on_sidecar(
+                    ActivityName.PREPARE_AVATAR,
+                    PrepareAvatarInput(call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch),
+                    AvatarReady,
+                    activities.prepare_avatar,
+                )
+                self._enter(Phase.WARMING_UP)
+                await self._on_sidecar(
+                    ActivityName.WARM_UP, WarmUpInput(call=self._call()), EngineReady, activities.warm_up
+                )
+                await self._open_output()
+                return
+            except _SidecarLost as lost:
+                self._after_sidecar_loss(lost.loss)
+
+    async def _open_output(self) -> None:
+        self._enter(Phase.OPENING_OUTPUT)
+        request = self._request
+        failures: list[str] = []
+        for kind in self._output_kinds():
+            try:
+                opened = await self._on_sidecar(
+                    ActivityName.OPEN_OUTPUT,
+                    OpenOutputInput(
+                        call=self._call(),
+                        kind=kind,
+                        room=request.room,
+                        livekit=request.output.livekit,
+                        rtmp=request.output.rtmp,
+                        record=request.output.record,
+                    ),
+                    OutputOpened,
+                    self._policy.activities.open_output,
+                )
+            except _SessionFailed as failure:
+                # The next output in the fallback order gets its chance; the attempt stays visible in status.
+                self._status.output_attempts.append(
+                    OutputAttempt(
+                        kind=kind,
+                        sidecar_id=self._status.sidecar,
+                        ok=False,
+                        error=ErrorInfo(code=failure.code, message=failure.message),
+                    )
+                )
+                failures.append(f"{kind.value}: {failure.message}")
+                workflow.logger.warning("output failed to open", extra={"output": kind.value, "error": failure.code})
+                continue
+            self._status.output_attempts.append(OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True))
+            self._status.output = opened.kind.value
+            self._status.output_detail = opened.detail
+            self._upsert_search_attributes()
+            return
+        raise _SessionFailed(ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures))
+
+    async def _serve(self) -> None:
+        """Live until the session ends; a lost host is replaced per policy and the session goes on."""
+        while True:
+            if self._live_since is None:
+                self._live_since = workflow.now()
+                self._last_audio_at = self._live_since
+                self._status.live_since = self._live_since.isoformat()
+            if self._stop_reason is not None:
+                raise _Stopped()
+            self._enter(Phase.LIVE)
+            try:
+                result = await self._run_on_sidecar()
+                if result.end_reason in _OUTPUT_FAILURE_ENDS and self._stop_reason is None:
+                    self._status.stats = result.stats
+                    if await self._switch_output():
+                        continue  # live again, on the next output of the fallback order
+            except _SidecarLost as lost:
+                if self._stop_reason is not None:
+                    # The host died while being stopped: the session is over either way.
+                    self._status.sidecar_losses.append(lost.loss)
+                    self._placement = None
+                    self._status.end_reason = self._stop_reason
+                    return
+                self._after_sidecar_loss(lost.loss)
+                await self._bring_up()
+                continue
+            self._status.stats = result.stats
+            self._status.end_reason = result.end_reason
+            if result.end_reason in _OUTPUT_FAILURE_ENDS:
+                raise _SessionFailed(ErrorCode.OUTPUT_FAILED, "every output failed while the session was live")
+            return
+
+    async def _switch_output(self) -> bool:
+        """Live fallback: the output failed while live; move the session to the next output the policy
+        and the request allow, on the same sidecar. False when none is left or every one failed."""
+        kinds = self._output_kinds()
+        current = OutputKind(self._status.output)
+        later = kinds[kinds.index(current) + 1 :] if current in kinds else []
+        request = self._request
+        for kind in later:
+            self._enter(Phase.OPENING_OUTPUT)
+            try:
+                opened = await self._on_sidecar(
+                    ActivityName.SWITCH_OUTPUT,
+                    SwitchOutputInput(
+                        call=self._call(),
+                        kind=kind,
+                        room=request.room,
+                        livekit=request.output.livekit,
+                        rtmp=request.output.rtmp,
+                    ),
+                    OutputOpened,
+                    self._policy.activities.open_output,
+                )
+            except _SessionFailed as failure:
+                self._status.output_attempts.append(
+                    OutputAttempt(
+                        kind=kind,
+                        sidecar_id=self._status.sidecar,
+                        ok=False,
+                        error=ErrorInfo(code=failure.code, message=failure.message),
+                        live_switch=True,
+                    )
+                )
+                workflow.logger.warning(
+                    "live output switch failed", extra={"output": kind.value, "error": failure.code}
+                )
+                continue
+            workflow.logger.info("output switched while live", extra={"from": current.value, "to": kind.value})
+            self._status.output_attempts.append(
+                OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True, live_switch=True)
+            )
+            self._status.output = opened.kind.value
+            self._status.output_detail = opened.detail
+            self._upsert_search_attributes()
+            return True
+        return False
+
+    async def _run_on_sidecar(self) -> RunSessionResult:
+        """One run_session on the current sidecar, ended by the host itself or by a stop the workflow sends."""
+        placement = self._placement
+        assert placement is not None and self._live_since is not None
+        limits = self._policy.session
+        run_policy = self._policy.activities.run_session
+        remaining_s = max(0.0, limits.max_duration_s - (workflow.now() - self._live_since).total_seconds())
+        handle = workflow.start_activity(
+            ActivityName.RUN_SESSION,
+            RunSessionInput(
+                call=self._call(),
+                idle_timeout_s=limits.idle_timeout_s,
+                max_duration_s=remaining_s,
+                stats_interval_s=limits.stats_interval_s,
+                stats_report_interval_s=limits.stats_report_interval_s,
+            ),
+            result_type=RunSessionResult,
+            task_queue=placement.task_queue,
+            schedule_to_start_timeout=timedelta(seconds=run_policy.schedule_to_start_s),
+            # Generous: the workflow's own limit timers and stop come first; this only bounds a host
+            # that heartbeats yet never ends.
+            start_to_close_timeout=timedelta(
+                seconds=remaining_s + limits.stop_grace_s + run_policy.heartbeat_timeout_s
+            ),
+            heartbeat_timeout=timedelta(seconds=run_policy.heartbeat_timeout_s),
+            retry_policy=_SINGLE_ATTEMPT,
+            cancellation_type=_SIDECAR_CANCELLATION,
+            summary=f"run_session on {placement.sidecar_id}",
+        )
+        stop_sent_at: datetime | None = None
+        try:
+            while not handle.done():
+                now = workflow.now()
+                if self._stop_reason is None:
+                    due_reason, due_at = self._next_limit()
+                    if due_at <= now:
+                        workflow.logger.info("session limit reached", extra={"reason": due_reason.value})
+                        self._stop_reason = due_reason
+                        continue
+                    wake_at = due_at
+                elif stop_sent_at is None:
+                    stop_sent_at = now
+                    self._enter(Phase.STOPPING)
+                    await self._ask_sidecar_to_stop(placement, self._stop_reason)
+                    continue
+                else:
+                    wake_at = stop_sent_at + timedelta(seconds=limits.stop_grace_s)
+                    if now >= wake_at:
+                        workflow.logger.warning("sidecar did not stop within the grace period; cancelling the run")
+                        handle.cancel()
+                        break
+                awaiting_stop = stop_sent_at is None
+                with contextlib.suppress(TimeoutError):
+                    await workflow.wait_condition(
+                        # Wake early for the run ending, or for a stop that has not been sent yet.
+                        lambda awaiting_stop=awaiting_stop: (  # type: ignore[misc]
+                            handle.done() or (awaiting_stop and self._stop_reason is not None)
+                        ),
+                        timeout=wake_at - now,
+                        timeout_summary="session limit or stop grace",
+                    )
+        except asyncio.CancelledError:
+            await _cancel_and_wait(handle)
+            raise
+        try:
+            return await handle
+        except ActivityError as err:
+            if isinstance(err.cause, ActivityCancelledError):
+                return RunSessionResult(end_reason=self._stop_reason or EndReason.STOPPED, stats=self._status.stats)
+            if isinstance(err.cause, ActivityTimeoutError) and err.cause.last_heartbeat_details:
+                details = err.cause.last_heartbeat_details[0]
+                if isinstance(details, dict):
+                    self._status.stats = details
+            raise self._classify(ActivityName.RUN_SESSION, err, placement) from err
+
+    def _next_limit(self) -> tuple[EndReason, datetime]:
+        assert self._live_since is not None and self._last_audio_at is not None
+        limits = self._policy.session
+        max_at = self._live_since + timedelta(seconds=limits.max_duration_s)
+        idle_at = self._last_audio_at + timedelta(seconds=limits.idle_timeout_s + limits.stats_report_interval_s)
+        if idle_at < max_at:
+            return EndReason.IDLE_TIMEOUT, idle_at
+        return EndReason.MAX_DURATION, max_at
+
+    async def _ask_sidecar_to_stop(self, placement: Placement, reason: EndReason) -> None:
+        try:
+            await self._on_sidecar(
+                ActivityName.STOP_SESSION,
+                StopSessionInput(call=self._call(), reason=reason),
+                bool,
+                self._policy.activities.stop_session,
+                interruptible=False,
+                placement=placement,
+            )
+        except (_SessionFailed, _SidecarLost) as err:
+            # run_session's own heartbeat timeout (dead host) or the grace period (stuck host) ends the run.
+            workflow.logger.warning("stop_session failed", extra={"error": str(err)})
+
+    def _after_sidecar_loss(self, loss: SidecarLoss) -> None:
+        workflow.logger.warning(
+            "sidecar lost", extra={"sidecar": loss.sidecar_id, "timeout": loss.timeout_type, "phase": loss.phase}
+        )
+        self._status.sidecar_losses.append(loss)
+        self._lost_incarnations.append(loss.incarnation)
+        lost_placement = self._placement
+        self._placement = None
+        if lost_placement is not None:
+            self._start_zombie_teardown(lost_placement)
+        if self._stop_reason is not None:
+            raise _Stopped()
+        host_failure = self._policy.host_failure
+        what = f"sidecar {loss.sidecar_id} was lost ({_loss_cause(loss.timeout_type)}) while {loss.phase.value}"
+        if host_failure.on_sidecar_lost == SidecarLostAction.END:
+            raise _SessionFailed(ErrorCode.SIDECAR_LOST, f"{what}; policy host_failure.on_sidecar_lost is `end`")
+        if self._status.replacements >= host_failure.max_replacements:
+            raise _SessionFailed(
+                ErrorCode.SIDECAR_LOST,
+                f"{what}; already re-placed {self._status.replacements} time(s), the policy's maximum",
+            )
+        self._status.replacements += 1
+        self._enter(Phase.REPLACING)
+
+    def _start_zombie_teardown(self, placement: Placement) -> None:
+        """Best effort: if the 'lost' host is in fact alive (a partition), stop it publishing a ghost session.
+
+        A restarted process under the same id ignores it: the call names the old incarnation.
+        """
+        policy = self._policy.activities.teardown
+        self._zombie_teardowns.append(
+            workflow.start_activity(
+                ActivityName.TEARDOWN,
+                TeardownInput(call=SidecarCall(session_id=self._request.session_id, incarnation=placement.incarnation)),
+                result_type=bool,
+                task_queue=placement.task_queue,
+                start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
+                schedule_to_start_timeout=timedelta(seconds=policy.schedule_to_start_s),
+                heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
+                retry_policy=_SINGLE_ATTEMPT,
+                summary=f"teardown on lost sidecar {placement.sidecar_id}",
+            )
+        )
+
+    # --- teardown -----------------------------------------------------------------------
+
+    async def _teardown_shielded(self) -> None:
+        """Run teardown to its end even if the workflow is cancelled meanwhile (a second cancel included)."""
+        task = asyncio.create_task(self._teardown())
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        task.result()
+
+    async def _teardown(self) -> None:
+        self._status.ended_at = workflow.now().isoformat()
+        self._enter(Phase.TEARING_DOWN)
+        activities = self._policy.activities
+        if self._placement is not None:
+            try:
+                await self._on_sidecar(
+                    ActivityName.TEARDOWN,
+                    TeardownInput(call=self._call()),
+                    bool,
+                    activities.teardown,
+                    interruptible=False,
+                )
+            except (_SessionFailed, _SidecarLost) as err:
+                self._status.teardown_errors.append(ErrorInfo(code=ErrorCode.SIDECAR_ERROR, message=str(err)))
+        for handle in self._zombie_teardowns:
+            with contextlib.suppress(ActivityError):
+                await handle
+        if self._ever_placed:
+            try:
+                await self._control(
+                    ActivityName.RELEASE_SLOT,
+                    ReleaseSlotInput(session_id=self._request.session_id),
+                    bool,
+                    activities.release_slot,
+                    interruptible=False,
+                )
+            except _SessionFailed as failure:
+                self._status.teardown_errors.append(ErrorInfo(code=failure.code, message=failure.message))
+
+    # --- activity plumbing --------------------------------------------------------------
+
+    async def _control(
+        self,
+        name: ActivityName,
+        arg: Any,
+        result_type: type[ResultT],
+        policy: ControlActivityPolicy,
+        *,
+        interruptible: bool = True,
+    ) -> ResultT:
+        handle = workflow.start_activity(
+            name,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
+            schedule_to_close_timeout=timedelta(seconds=policy.schedule_to_close_s),
+            retry_policy=policy.retry.to_retry_policy(),
+        )
+        return await self._finish(handle, name, None, interruptible)
+
+    async def _on_sidecar(
+        self,
+        name: ActivityName,
+        arg: Any,
+        result_type: type[ResultT],
+        policy: SidecarActivityPolicy,
+        *,
+        interruptible: bool = True,
+        placement: Placement | None = None,
+    ) -> ResultT:
+        target = placement or self._placement
+        assert target is not None
+        handle = workflow.start_activity(
+            name,
+            arg,
+            result_type=result_type,
+            task_queue=target.task_queue,
+            start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
+            schedule_to_start_timeout=timedelta(seconds=policy.schedule_to_start_s),
+            heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
+            retry_policy=_SINGLE_ATTEMPT,
+            cancellation_type=_SIDECAR_CANCELLATION,
+            summary=f"{name.value} on {target.sidecar_id}",
+        )
+        return await self._finish(handle, name, target, interruptible)
+
+    async def _finish(
+        self,
+        handle: workflow.ActivityHandle[ResultT],
+        name: ActivityName,
+        placement: Placement | None,
+        interruptible: bool,
+    ) -> ResultT:
+        try:
+            if interruptible:
+                await workflow.wait_condition(lambda: handle.done() or self._stop_reason is not None)
+                if not handle.done():
+                    await _cancel_and_wait(handle)
+                    raise _Stopped()
+            return await handle
+        except asyncio.CancelledError:
+            await _cancel_and_wait(handle)
+            raise
+        except ActivityError as err:
+            raise self._classify(name, err, placement) from err
+
+    def _classify(self, name: ActivityName, err: ActivityError, placement: Placement | None) -> Exception:
+        cause = err.cause
+        if placement is not None and (
+            isinstance(cause, ActivityTimeoutError)
+            or (isinstance(cause, ApplicationError) and cause.type in _HOST_GONE_CODES)
+        ):
+            timeout_type = _timeout_name(cause) if isinstance(cause, ActivityTimeoutError) else cause.type
+            return _SidecarLost(
+                SidecarLoss(
+                    sidecar_id=placement.sidecar_id,
+                    incarnation=placement.incarnation,
+                    phase=self._status.phase,
+                    timeout_type=str(timeout_type),
+                    detected_at=workflow.now().isoformat(),
+                )
+            )
+        if isinstance(cause, ApplicationError):
+            return _SessionFailed(cause.type or ErrorCode.SIDECAR_ERROR, cause.message)
+        if isinstance(cause, ActivityTimeoutError):
+            last = cause.cause
+            if isinstance(last, ApplicationError) and last.type:
+                # Retries ran out of time: the last attempt's reason (e.g. no_capacity) says more than "timeout".
+                return _SessionFailed(
+                    last.type, f"{name.value} gave up after its policy's {_timeout_name(cause)}: {last.message}"
+                )
+            return _SessionFailed(
+                ErrorCode.ACTIVITY_TIMEOUT, f"{name.value} did not finish within its policy ({_timeout_name(cause)})"
+            )
+        return _SessionFailed(ErrorCode.SIDECAR_ERROR, f"{name.value} failed: {cause or err}")
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _accept_stop(self, request: StopRequest) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = EndReason.STOPPED
+            self._status.stop_note = request.reason
+            workflow.logger.info("stop requested", extra={"note": request.reason})
+
+    def _call(self) -> SidecarCall:
+        assert self._placement is not None
+        return SidecarCall(session_id=self._request.session_id, incarnation=self._placement.incarnation)
+
+    def _output_requested(self, kind: OutputKind) -> bool:
+        output = self._request.output
+        return (output.livekit if kind == OutputKind.LIVEKIT else output.rtmp) is not None
+
+    def _output_kinds(self) -> list[OutputKind]:
+        kinds = [OutputKind(name.value) for name in self._policy.outputs.fallback_order]
+        return [kind for kind in kinds if self._output_requested(kind)]
+
+    def _enter(self, phase: Phase) -> None:
+        self._status.phase = phase
+        self._upsert_search_attributes()
+        workflow.set_current_details(f"phase: {phase.value}")
+
+    def _upsert_search_attributes(self) -> None:
+        updates: list[SearchAttributeUpdate[Any]] = [
+            search_attributes.ROOM.value_set(self._request.room),
+            search_attributes.PHASE.value_set(self._status.phase.value),
+        ]
+        if self._status.output:
+            updates.append(search_attributes.OUTPUT.value_set(self._status.output))
+        if self._status.sidecar:
+            updates.append(search_attributes.SIDECAR.value_set(self._status.sidecar))
+        workflow.upsert_search_attributes(updates)
+
+
+async def _cancel_and_wait(handle: workflow.ActivityHandle[Any]) -> None:
+    handle.cancel()
+    with contextlib.suppress(ActivityError, asyncio.CancelledError):
+        await handle
+
+
+def _timeout_name(error: ActivityTimeoutError) -> str:
+    return error.type.name if error.type is not None else "UNKNOWN"
+
+
+def _loss_cause(timeout_type: str) -> str:
+    """`SidecarLoss.timeout_type` in words: a Temporal timeout type, or a host-gone error code."""
+    if timeout_type == ErrorCode.SIDECAR_SHUTTING_DOWN:
+        return "it shut down"
+    if timeout_type == ErrorCode.SIDECAR_RESTARTED:
+        return "it restarted"
+    return f"{timeout_type} timeout: it went silent"
