@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.service import RPCError, RPCStatusCode
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -42,6 +46,24 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=422,
             content={"code": "validation_error", "message": f"invalid request: {summary}", "fields": fields},
+        )
+
+    @app.exception_handler(RPCError)
+    async def temporal_error(_: Request, exc: RPCError) -> JSONResponse:
+        # Temporal failed mid-request (the connection itself is checked in api.temporal).
+        if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
+            status, code = 503, "temporal_unavailable"
+        else:
+            status, code = 502, "temporal_error"
+        logger.warning("temporal rpc failed", extra={"status": exc.status.name, "error": exc.message})
+        return JSONResponse(status_code=status, content={"code": code, "message": f"Temporal: {exc.message}"})
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            status_code=500,
+            content={"code": "internal_error", "message": f"{exc.__class__.__name__}; the API log has the details"},
         )
 
     @app.exception_handler(StarletteHTTPException)

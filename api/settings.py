@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class SettingsError(ValueError):
@@ -12,6 +14,17 @@ class SettingsError(ValueError):
 
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def parse_sidecar_urls(value: str | None) -> dict[str, str]:
+    """`id=http://host:port,id2=...` -> {id: url}; a bad entry is an error naming it."""
+    urls: dict[str, str] = {}
+    for entry in _split(value):
+        sidecar_id, sep, url = entry.partition("=")
+        if not sep or not sidecar_id.strip() or not url.strip().startswith(("http://", "https://")):
+            raise SettingsError(f"LIPSYNC_SIDECAR_URLS entry {entry!r} is not <sidecar id>=http(s)://host:port")
+        urls[sidecar_id.strip()] = url.strip().rstrip("/")
+    return urls
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,20 @@ class ApiSettings:
     livekit_api_secret: str = field(default="", repr=False)
     viewer_token_ttl_s: int = 3600
     public_base_url: str = "http://127.0.0.1:8000"
+    # What sidecars connect to when they publish (inside a cluster this is often not the public URL).
+    livekit_publish_url: str = ""
+    # sidecar id -> its HTTP base URL, for the audio WS relay, /debug/audio and per-session metrics.
+    sidecar_urls: Mapping[str, str] = field(default_factory=dict)
+    control_task_queue: str = "lipsync-control"
+    placement_workflow_id: str = "lipsync-placement"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    model_dir: Path = Path("models")
+    policies_path: Path | None = None  # None: $LIPSYNC_POLICIES or infra/policies.yaml
+    live_wait_s: float = 120.0  # how long the audio relay waits for a session to go live
+
+    @property
+    def sidecar_livekit_url(self) -> str:
+        return self.livekit_publish_url or self.livekit_url
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -42,4 +69,11 @@ class ApiSettings:
             livekit_api_secret=secret,
             viewer_token_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_TTL_S", cls.viewer_token_ttl_s)),
             public_base_url=os.environ.get("LIPSYNC_PUBLIC_BASE_URL", cls.public_base_url).rstrip("/"),
+            livekit_publish_url=os.environ.get("LIPSYNC_LIVEKIT_PUBLISH_URL", ""),
+            sidecar_urls=parse_sidecar_urls(os.environ.get("LIPSYNC_SIDECAR_URLS")),
+            control_task_queue=os.environ.get("LIPSYNC_CONTROL_TASK_QUEUE", cls.control_task_queue),
+            placement_workflow_id=os.environ.get("LIPSYNC_PLACEMENT_WORKFLOW_ID", cls.placement_workflow_id),
+            temporal_ui_url=os.environ.get("LIPSYNC_TEMPORAL_UI_URL", cls.temporal_ui_url).rstrip("/"),
+            model_dir=Path(os.environ.get("LIPSYNC_MODEL_DIR", "models")),
+            policies_path=Path(os.environ["LIPSYNC_POLICIES"]) if os.environ.get("LIPSYNC_POLICIES") else None,
         )

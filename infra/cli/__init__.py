@@ -16,9 +16,11 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES = (
     "infra.cli.stack",
     "infra.cli.api",
+    "infra.cli.worker",
     "infra.cli.demo",
     "infra.cli.models",
     "infra.cli.render",
+    "infra.cli.sidecar",
 )
 
 

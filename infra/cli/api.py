@@ -19,13 +19,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.settings import ApiSettings, SettingsError
+    from infra.policies import PolicyError, load_policies
     from infra.telemetry import TelemetryConfigError, configure_tracing
 
     try:
         settings = ApiSettings.from_env()
+        # Sessions carry this policy in their input: a bad file is refused now, not at the first request.
+        policy = load_policies(settings.policies_path)
         configure_tracing("lipsync-api")
-    except (SettingsError, TelemetryConfigError) as exc:
+    except (SettingsError, TelemetryConfigError, PolicyError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings, policy=policy), host=args.host, port=args.port, log_level="info")
     return 0

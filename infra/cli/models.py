@@ -30,26 +30,36 @@ def register(subparsers: Any) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    document = check_document(args.model_dir, args.device, load=args.load)
+    if args.json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        _print_report(document)
+    return 0 if document["ok"] else 1
+
+
+def check_document(model_dir: Path, device_name: str = "auto", *, load: bool = False) -> dict[str, Any]:
+    """What `lipsync models check --json` prints (also served by the API's /debug/musetalk)."""
     from realtime.engine.errors import EngineError
     from realtime.engine.weights.layout import check_model_dir
 
-    report = check_model_dir(args.model_dir)
+    report = check_model_dir(model_dir)
     document: dict[str, Any] = report.to_json()
     try:
         from realtime.engine.device import choose_device
 
-        device = choose_device(args.device)
+        device = choose_device(device_name)
         document["device"] = {"device": device.device, "dtype": device.dtype_name, "reason": device.reason}
     except (ImportError, ValueError) as exc:
         document["device"] = {"error": str(exc)}
     engine = "musetalk" if report.ok else ("preview" if not report.any_present else "none (fix the problems)")
     document["engine_auto_would_use"] = engine
-    if args.load and report.ok and "error" not in document["device"]:
+    if load and report.ok and "error" not in document["device"]:
         from realtime.engine.device import choose_device
         from realtime.engine.weights.loader import load_musetalk
 
         try:
-            models = load_musetalk(args.model_dir, choose_device(args.device))
+            models = load_musetalk(model_dir, choose_device(device_name))
             document["load"] = {
                 "ok": True,
                 "ms": round(models.load_ms),
@@ -58,11 +68,7 @@ def _check(args: argparse.Namespace) -> int:
         except EngineError as exc:
             document["load"] = {"ok": False, "code": exc.code, "message": exc.message}
             document["ok"] = False
-    if args.json:
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        _print_report(document)
-    return 0 if document["ok"] else 1
+    return document
 
 
 def _print_report(document: dict[str, Any]) -> None:

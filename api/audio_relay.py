@@ -1,0 +1,290 @@
+"""`WS /v1/sessions/{id}/audio` on the API: the session's audio, relayed to the sidecar that serves it.
+
+A caller gets `audio_ws_url` in the 201 of `POST /v1/sessions`, before the session has been
+placed on a sidecar, so that URL points here. The relay waits until the session is `live`
+(the sidecar's WS exists only then), connects to the sidecar's `/v1/sessions/{id}/audio` with
+the same query (format parameters), then passes messages both ways unchanged: the protocol
+is the sidecar's (docs/audio-protocol.md). While waiting it sends nothing; the sidecar's
+`ready` message is the caller's signal to stream, but audio sent earlier is kept (up to
+`EARLY_BUFFER_MAX_BYTES`) and forwarded first, in order — as the sidecar itself would accept
+it. If the session fails before `live`, the caller gets `{"type": "error", "code",
+"message"}` and a 1011 close.
+
+The relay registry also serves `POST /v1/sessions/{id}/interrupt` (an `interrupt` message
+injected upstream) and `/debug/audio` (bytes and messages relayed, connection state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import websockets
+from fastapi import WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+from websockets.asyncio.client import ClientConnection
+
+from api.auth import API_KEY_HEADER
+from api.sidecars import SidecarDirectory
+from workflows.contracts import TERMINAL_PHASES, Phase, SessionStatus
+
+logger = logging.getLogger(__name__)
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+STATUS_POLL_S = 0.2
+UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sidecar enforces its own, smaller limit with a typed error
+EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
+
+StatusOf = Callable[[str], Awaitable[SessionStatus | None]]
+ClientMessage = MutableMapping[str, Any]  # an ASGI websocket.receive message
+
+
+@dataclass
+class RelayState:
+    session_id: str
+    state: str = "waiting_for_live"  # waiting_for_live | connected | closed | failed
+    sidecar: str = ""
+    upstream_url: str = ""
+    opened_at_s: float = field(default_factory=time.time)
+    connected_at_s: float | None = None
+    closed_at_s: float | None = None
+    bytes_to_sidecar: int = 0
+    early_bytes: int = 0  # sent by the caller before the sidecar was connected (forwarded first)
+    binary_messages_to_sidecar: int = 0
+    text_messages_to_sidecar: int = 0
+    messages_to_client: int = 0
+    last_client_message_at_s: float | None = None
+    last_server_message: dict[str, Any] | None = None  # the sidecar's latest non-stats message
+    close_reason: str = ""
+    upstream: ClientConnection | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "upstream"}
+
+
+class RelayRegistry:
+    """The relays this API process holds, by session id (the latest connection per session)."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, RelayState] = {}
+        self.recent: dict[str, RelayState] = {}  # closed relays, for /debug/audio (bounded)
+
+    def add(self, relay: RelayState) -> None:
+        self.active[relay.session_id] = relay
+
+    def remove(self, relay: RelayState) -> None:
+        if self.active.get(relay.session_id) is relay:
+            del self.active[relay.session_id]
+        self.recent[relay.session_id] = relay
+        while len(self.recent) > 256:
+            self.recent.pop(next(iter(self.recent)))
+
+    async def interrupt(self, session_id: str) -> bool:
+        relay = self.active.get(session_id)
+        if relay is None or relay.upstream is None:
+            return False
+        await relay.upstream.send(json.dumps({"type": "interrupt"}))
+        relay.text_messages_to_sidecar += 1
+        return True
+
+
+def presented_ws_key(websocket: WebSocket) -> str | None:
+    key = websocket.headers.get(API_KEY_HEADER) or websocket.query_params.get("api_key")
+    if key:
+        return key
+    scheme, _, value = websocket.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+async def relay_audio(
+    websocket: WebSocket,
+    session_id: str,
+    *,
+    status_of: StatusOf,
+    sidecars: SidecarDirectory,
+    registry: RelayRegistry,
+    live_wait_s: float,
+    traceparent: dict[str, str],
+) -> None:
+    await websocket.accept()
+    relay = RelayState(session_id=session_id)
+    registry.add(relay)
+    # One reader for the whole connection: it notices a caller that leaves while we wait,
+    # and keeps what the caller sends before the sidecar is connected, in order.
+    inbox: asyncio.Queue[ClientMessage | None] = asyncio.Queue()
+    reader = asyncio.create_task(_read_client(websocket, inbox, relay))
+    try:
+        sidecar = await _wait_until_live(
+            websocket, session_id, status_of, live_wait_s=live_wait_s, relay=relay, reader=reader
+        )
+        if sidecar is None:
+            return
+        base = sidecars.ws_url(sidecar)
+        if base is None:
+            await _fail(websocket, relay, "sidecar_unknown", f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS")
+            return
+        query = {k: v for k, v in websocket.query_params.items() if k != "api_key"}
+        relay.sidecar = sidecar
+        relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (f"?{urlencode(query)}" if query else "")
+        try:
+            upstream = await websockets.connect(
+                relay.upstream_url, additional_headers=traceparent, max_size=UPSTREAM_MAX_MESSAGE_BYTES
+            )
+        except (OSError, websockets.WebSocketException) as exc:
+            await _fail(websocket, relay, "sidecar_unreachable", f"{relay.upstream_url}: {exc}")
+            return
+        relay.upstream = upstream
+        relay.state = "connected"
+        relay.connected_at_s = time.time()
+        async with upstream:
+            await _pump(websocket, upstream, relay, inbox)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        if relay.state != "failed":
+            relay.state = "closed"
+        relay.closed_at_s = time.time()
+        relay.upstream = None
+        registry.remove(relay)
+        if websocket.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close(1000)
+
+
+async def _read_client(websocket: WebSocket, inbox: asyncio.Queue[ClientMessage | None], relay: RelayState) -> None:
+    """Every client message into `inbox`; None once the client has gone."""
+    try:
+        while True:
+            try:
+                message = await websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                relay.close_reason = relay.close_reason or "client closed"
+                return
+            relay.last_client_message_at_s = time.time()
+            if relay.upstream is None and message.get("bytes") is not None:
+                relay.early_bytes += len(message["bytes"])
+                if relay.early_bytes > EARLY_BUFFER_MAX_BYTES:
+                    relay.close_reason = "early_buffer_full"
+                    return
+            inbox.put_nowait(message)
+    finally:
+        inbox.put_nowait(None)
+
+
+async def _wait_until_live(
+    websocket: WebSocket,
+    session_id: str,
+    status_of: StatusOf,
+    *,
+    live_wait_s: float,
+    relay: RelayState,
+    reader: asyncio.Task[None],
+) -> str | None:
+    deadline = time.monotonic() + live_wait_s
+    while True:
+        if reader.done():
+            if relay.close_reason == "early_buffer_full":
+                await _fail(
+                    websocket,
+                    relay,
+                    "buffer_full",
+                    f"more than {EARLY_BUFFER_MAX_BYTES} bytes of audio before the session went live",
+                    close_code=CLOSE_POLICY_VIOLATION,
+                )
+            return None  # the caller left before the session went live
+        status = await status_of(session_id)
+        if status is None:
+            await _fail(websocket, relay, "not_found", f"no session {session_id!r}", close_code=CLOSE_POLICY_VIOLATION)
+            return None
+        if status.phase == Phase.LIVE and status.sidecar:
+            return str(status.sidecar)
+        if status.phase in TERMINAL_PHASES or status.phase in (Phase.STOPPING, Phase.TEARING_DOWN):
+            error = status.error
+            code = error.code if error else "session_ended"
+            message = error.message if error else f"session {session_id} is {status.phase.value}"
+            await _fail(websocket, relay, code, message)
+            return None
+        if time.monotonic() > deadline:
+            await _fail(
+                websocket,
+                relay,
+                "not_live",
+                f"session {session_id} did not go live within {live_wait_s:.0f} s (phase {status.phase.value})",
+            )
+            return None
+        await asyncio.wait({reader}, timeout=STATUS_POLL_S)
+
+
+async def _fail(
+    websocket: WebSocket, relay: RelayState, code: str, message: str, *, close_code: int = CLOSE_INTERNAL_ERROR
+) -> None:
+    relay.state = "failed"
+    relay.close_reason = f"{code}: {message}"
+    with contextlib.suppress(Exception):
+        await websocket.send_json({"type": "error", "code": code, "message": message, "fatal": True})
+        await websocket.close(close_code, reason=code[:120])
+
+
+async def _pump(
+    websocket: WebSocket,
+    upstream: ClientConnection,
+    relay: RelayState,
+    inbox: asyncio.Queue[ClientMessage | None],
+) -> None:
+    async def client_to_sidecar() -> None:
+        while (message := await inbox.get()) is not None:
+            if message.get("bytes") is not None:
+                data: bytes = message["bytes"]
+                relay.bytes_to_sidecar += len(data)
+                relay.binary_messages_to_sidecar += 1
+                await upstream.send(data)
+            elif message.get("text") is not None:
+                relay.text_messages_to_sidecar += 1
+                await upstream.send(message["text"])
+
+    async def sidecar_to_client() -> None:
+        try:
+            async for message in upstream:
+                relay.messages_to_client += 1
+                if isinstance(message, bytes):
+                    await websocket.send_bytes(message)
+                    continue
+                await websocket.send_text(message)
+                with contextlib.suppress(ValueError):
+                    document = json.loads(message)
+                    if isinstance(document, dict) and document.get("type") != "stats":
+                        relay.last_server_message = document
+        except websockets.ConnectionClosed:
+            pass
+        code = upstream.close_code
+        relay.close_reason = relay.close_reason or f"sidecar closed ({code} {upstream.close_reason or ''})".strip()
+        if websocket.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await websocket.close(code if code and code < 4000 and code not in (1005, 1006) else 1000)
+
+    tasks = [asyncio.create_task(client_to_sidecar()), asyncio.create_task(sidecar_to_client())]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    if tasks[0] in done:
+        # The caller is done sending: close upstream (what was sent still plays on the sidecar).
+        with contextlib.suppress(Exception):
+            await upstream.close()
+    for task in pending:
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=5.0)
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    for task in done:
+        if task.exception() is not None:
+            logger.warning("audio relay ended with an error", extra={"error": repr(task.exception())})

@@ -1,0 +1,168 @@
+"""Sessions: POST /v1/sessions, GET /v1/sessions[/{id}], POST /v1/sessions/{id}/stop|interrupt, WS .../audio."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Response, WebSocket
+from temporalio.client import Client
+
+from api.audio_relay import CLOSE_POLICY_VIOLATION, presented_ws_key, relay_audio
+from api.auth import require_api_key
+from api.deps import Services, services, temporal_client
+from api.errors import ApiError
+from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, SessionOut, StopIn
+from api.sessions import MEMO_TRACEPARENT, SessionService
+from api.tracing import TRACE_ID_HEADER, current_traceparent, session_span, trace_id_of
+from workflows.contracts import SessionStatus
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing or invalid API key"},
+    404: {"model": ErrorOut, "description": "no such session"},
+    503: {"model": ErrorOut, "description": "Temporal unreachable"},
+}
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=_ERRORS)
+ws_router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+ClientDep = Annotated[Client, Depends(temporal_client)]
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+def _set_trace(response: Response, traceparent: str | None) -> None:
+    trace_id = trace_id_of(traceparent) if traceparent else None
+    if trace_id:
+        response.headers[TRACE_ID_HEADER] = trace_id
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SessionCreated,
+    dependencies=[Depends(require_api_key)],
+    responses={
+        400: {"model": ErrorOut, "description": "URL refused (url_invalid, url_forbidden_address)"},
+        409: {"model": ErrorOut, "description": "a session with this id exists (session_exists)"},
+    },
+)
+async def create_session(body: CreateSessionIn, client: ClientDep, svc: ServicesDep) -> SessionCreated:
+    """Start a session. Stream PCM to `audio_ws_url` once it answers `ready`; poll `status_url`."""
+    try:
+        created = await svc.sessions.create(client, body)
+    except ApiError as exc:
+        svc.metrics.sessions_started.labels(result=exc.code).inc()
+        raise
+    svc.metrics.sessions_started.labels(result="started").inc()
+    return created
+
+
+@router.get("", response_model=SessionList, dependencies=[Depends(require_api_key)])
+async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
+    client: ClientDep,
+    svc: ServicesDep,
+    room: Annotated[str | None, Query(max_length=128)] = None,
+    phase: Annotated[str | None, Query(max_length=32)] = None,
+    page_size: Annotated[int, Query(ge=1, le=500)] = 100,
+    page_token: Annotated[str | None, Query(max_length=4096)] = None,
+) -> SessionList:
+    """Sessions from Temporal visibility, newest first; filter by `room` and `phase` (search attributes)."""
+    return await svc.sessions.list(client, room=room, phase=phase, page_size=page_size, page_token=page_token)
+
+
+@router.get("/{session_id}", response_model=SessionOut, dependencies=[Depends(require_api_key)])
+async def get_session(session_id: str, client: ClientDep, svc: ServicesDep, response: Response) -> SessionOut:
+    """Phase, output, sidecar, the latest stats, and the error code + message of a failed session."""
+    out = await svc.sessions.session_out(client, session_id)
+    if out.trace_id:
+        response.headers[TRACE_ID_HEADER] = out.trace_id
+    return out
+
+
+def _status_body(status: SessionStatus, sessions: SessionService) -> dict[str, Any]:
+    body = dataclasses.asdict(status)
+    body["phase"] = status.phase.value
+    body["temporal_ui_url"] = sessions.temporal_ui_url(status.session_id)
+    return body
+
+
+@router.post("/{session_id}/stop", dependencies=[Depends(require_api_key)])
+async def stop_session(
+    session_id: str, client: ClientDep, svc: ServicesDep, response: Response, body: StopIn | None = None
+) -> dict[str, Any]:
+    """Stop the session (idempotent); it tears down and completes with end reason `stopped`."""
+    _, memo = await svc.sessions.memo(client, session_id)
+    traceparent = memo.get(MEMO_TRACEPARENT) or None
+    with session_span("session.stop", traceparent, **{"lipsync.session_id": session_id}):
+        status = await svc.sessions.stop(client, session_id, body.reason if body else "")
+    _set_trace(response, traceparent)
+    return _status_body(status, svc.sessions)
+
+
+@router.post(
+    "/{session_id}/interrupt",
+    dependencies=[Depends(require_api_key)],
+    responses={409: {"model": ErrorOut, "description": "no audio connection for this session on this API"}},
+)
+async def interrupt_session(session_id: str, client: ClientDep, svc: ServicesDep, response: Response) -> dict[str, Any]:
+    """Cut the current utterance: queued audio and frames are flushed, the avatar returns to idle.
+
+    Goes through the session's audio connection (the hot path): the caller must be streaming
+    via this API's `audio_ws_url`. A caller connected to the sidecar directly sends
+    `{"type": "interrupt"}` on its own socket instead.
+    """
+    _, memo = await svc.sessions.memo(client, session_id)
+    traceparent = memo.get(MEMO_TRACEPARENT) or None
+    with session_span("session.interrupt", traceparent, **{"lipsync.session_id": session_id}):
+        sent = await svc.relays.interrupt(session_id)
+    _set_trace(response, traceparent)
+    if not sent:
+        raise ApiError(
+            409,
+            "no_audio_connection",
+            f"session {session_id!r} has no audio connection through this API: "
+            'send {"type": "interrupt"} on the audio WebSocket',
+            headers={k: v for k, v in response.headers.items() if k.lower() == TRACE_ID_HEADER.lower()},
+        )
+    return {"session_id": session_id, "interrupted": True}
+
+
+@ws_router.websocket("/{session_id}/audio")
+async def session_audio(websocket: WebSocket, session_id: str) -> None:
+    """PCM in, playback events out, relayed to the session's sidecar once it is live (docs/audio-protocol.md)."""
+    svc: Services = websocket.app.state.services
+    key = presented_ws_key(websocket)
+    if key is None or not any(_same(key, known) for known in svc.settings.api_keys):
+        await websocket.close(CLOSE_POLICY_VIOLATION, reason="unauthorized")
+        return
+    client = await svc.temporal.client()
+
+    async def status_of(sid: str) -> SessionStatus | None:
+        try:
+            return await svc.sessions.light_status(client, sid)
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    try:
+        _, memo = await svc.sessions.memo(client, session_id)
+    except ApiError:
+        memo = {}
+    traceparent = memo.get(MEMO_TRACEPARENT) or None
+    with session_span("session.audio", traceparent, **{"lipsync.session_id": session_id}):
+        await relay_audio(
+            websocket,
+            session_id,
+            status_of=status_of,
+            sidecars=svc.sidecars,
+            registry=svc.relays,
+            live_wait_s=svc.settings.live_wait_s,
+            traceparent=current_traceparent(),
+        )
+
+
+def _same(presented: str, known: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(presented.encode(), known.encode())
