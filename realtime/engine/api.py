@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from realtime.engine.accel import AccelConfig
 from realtime.engine.audio.levels import SpeechGateConfig
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepare import PrepareSettings
@@ -25,10 +26,11 @@ class EngineConfig:
     engine: str = "auto"  # "auto" (musetalk when weights exist, else preview) | "musetalk" | "preview"
     model_dir: Path = Path("models")
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU) | "float16" | "float32"
+    dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU) | "float16" | "bfloat16" | "float32"
     cache_dir: Path | None = None  # avatar cache root; default $LIPSYNC_CACHE_DIR/avatars or ~/.cache/...
     cpu_threads: int | None = None  # torch intra-op threads on CPU; default: the cores this process may use
-    max_batch_size: int = 32  # larger render calls are split into chunks of this size
+    max_batch_size: int = 32  # larger render calls are split into chunks of this size (at most the largest bucket)
+    accel: AccelConfig = field(default_factory=AccelConfig)  # GPU speed-ups: buckets, graphs, compile, transfers
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     gate: SpeechGateConfig = field(default_factory=SpeechGateConfig)
 

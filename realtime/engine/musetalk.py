@@ -6,6 +6,9 @@ whisper window plus positional encoding as cross-attention context; its `[4, 32,
 divided by the VAE scaling factor, decodes to the new 256² face. One `render` call may mix
 requests of many sessions and avatars; everything stays on the engine's device until the
 blended crop regions are copied out (see `composite`).
+
+On CUDA the UNet and VAE run at fixed batch buckets, as replayed CUDA graphs and optionally
+compiled by inductor (`realtime.engine.accel`, switched by `EngineConfig.accel`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from realtime.engine.accel import (
+    BucketGraphs,
+    bucket_for,
+    compile_fn,
+    configure_compile_cache,
+    mark_batch_dynamic,
+    pad_batch,
+)
 from realtime.engine.api import EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
@@ -25,7 +36,7 @@ from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.audio.whisper import WhisperStreamFeaturizer, WhisperWindows
 from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.composite import Compositor, PasteJob
+from realtime.engine.composite import Compositor, PasteJob, PendingPaste
 from realtime.engine.errors import RenderRequestInvalid
 from realtime.host import PrepareProgress
 
@@ -48,10 +59,28 @@ class MuseTalkEngine:
         self._config = config
         self._device = models.device.torch_device()
         self._dtype = models.device.torch_dtype()
-        self._windows = WhisperWindows(models)
-        self._compositor = Compositor(self._device)
+        accel = config.accel
+        self._accel = accel
+        cuda = self._device.type == "cuda"
+        self._graphs_on = cuda and accel.cuda_graphs
+        self._compile_on = cuda and accel.compile_mode != "off"
+        self._windows = WhisperWindows(models, cuda_graph=self._graphs_on, buckets=accel.batch_buckets)
+        self._compositor = Compositor(self._device, pinned=accel.pinned_transfers, copy_stream=accel.overlap_copy)
         self._latents: dict[str, torch.Tensor] = {}  # avatar key -> [N, 8, 32, 32] on device
         self._timestep = torch.zeros(1, device=self._device, dtype=torch.long)
+        if cuda:
+            torch.backends.cudnn.benchmark = accel.cudnn_benchmark
+        if cuda and accel.channels_last:
+            models.unet.to(memory_format=torch.channels_last)
+            models.vae.to(memory_format=torch.channels_last)
+        self.compile_cache_dir: Path | None = None
+        self._unet_compiled: Callable[..., Any] | None = None
+        self._vae_compiled: Callable[..., Any] | None = None
+        if self._compile_on:
+            self.compile_cache_dir = configure_compile_cache(accel.compile_cache_dir)
+            self._unet_compiled = compile_fn(self._unet_forward, accel.compile_mode)
+            self._vae_compiled = compile_fn(self._decode_faces, accel.compile_mode)
+        self._graph_stages: tuple[BucketGraphs, BucketGraphs] | None = None
         self._info = EngineInfo(
             name=ENGINE_NAME,
             version=ENGINE_VERSION,
@@ -123,6 +152,23 @@ class MuseTalkEngine:
     def open_stream(self) -> AudioFeatureStream:
         return AudioFeatureStream(WhisperStreamFeaturizer(self._windows), self._config.gate)
 
+    def prefetch_features(self, streams: Sequence[AudioFeatureStream], max_frames: Sequence[int]) -> int:
+        """Encode, in one batched whisper call, what `streams[i].pull(max_frames[i])` would each encode.
+
+        The render lane calls this for every stream of a cross-session batch before pulling them:
+        the pulls then find their segments cached. Returns the number of segments encoded.
+        """
+        plan = [item for stream, count in zip(streams, max_frames, strict=True) for item in stream.encode_plan(count)]
+        if not plan:
+            return 0
+        chunk = self._accel.max_bucket
+        for start in range(0, len(plan), chunk):
+            part = plan[start : start + chunk]
+            hidden = self._windows.encode_segments([audio for _, _, audio in part])
+            for (featurizer, segment, audio), states in zip(part, hidden, strict=True):
+                featurizer.store(segment, len(audio), states)
+        return len(plan)
+
     def offline_windows(self, audio: np.ndarray) -> torch.Tensor:
         """MuseTalk's whole-clip `[F, 50, 384]` windows (before positional encoding), F = floor(len/640)."""
         return self._windows.offline_windows(np.asarray(audio, dtype=np.float32))
@@ -158,35 +204,132 @@ class MuseTalkEngine:
                 outputs[index] = request.avatar.frames[frame]
             else:
                 active.append((index, frame))
-        chunk = max(1, self._config.max_batch_size)
+        chunk = self.chunk_frames
+        # Chunk k+1 is enqueued on the device before chunk k's frames are assembled on the host.
+        pending: tuple[list[tuple[int, int]], PendingPaste] | None = None
         for start in range(0, len(active), chunk):
             part = active[start : start + chunk]
-            frames = self._render_active([requests[i] for i, _ in part], [f for _, f in part], profile)
-            for (index, _), image in zip(part, frames, strict=True):
-                outputs[index] = image
+            started = self._start_active([requests[i] for i, _ in part], [f for _, f in part], profile)
+            if pending is not None:
+                self._collect(pending, outputs, profile)
+            pending = (part, started)
+        if pending is not None:
+            self._collect(pending, outputs, profile)
         if profile is not None:
             profile.frames += len(requests)
         return [image for image in outputs if image is not None]
 
-    def _render_active(
+    @property
+    def chunk_frames(self) -> int:
+        """Frames per device batch: `max_batch_size`, capped at the largest bucket when shapes are bucketed."""
+        chunk = max(1, self._config.max_batch_size)
+        if self._graphs_on or self._compile_on:
+            chunk = min(chunk, self._accel.max_bucket)
+        return chunk
+
+    def _collect(
+        self,
+        pending: tuple[list[tuple[int, int]], PendingPaste],
+        outputs: list[np.ndarray | None],
+        profile: StageProfile | None,
+    ) -> None:
+        part, paste = pending
+        with maybe_stage(profile, "blend"):
+            frames = self._compositor.finish(paste)
+        for (index, _), image in zip(part, frames, strict=True):
+            outputs[index] = image
+
+    def _start_active(
         self, requests: list[RenderRequest], frames: list[int], profile: StageProfile | None
-    ) -> list[np.ndarray]:
+    ) -> PendingPaste:
         import torch
 
         with torch.inference_mode():
             latents = torch.stack([self._avatar_latents(r.avatar)[f] for r, f in zip(requests, frames, strict=True)])
             features = self._stack_features(requests)
-            with maybe_stage(profile, "unet"):
-                predicted = self._models.unet(latents, self._timestep, encoder_hidden_states=features).sample
-            with maybe_stage(profile, "vae_decode"):
-                decoded = self._models.vae.decode(predicted / self._models.vae_scaling_factor).sample
-                faces = (decoded / 2 + 0.5).clamp(0, 1)
+            faces = self._faces(latents, features, profile)
             with maybe_stage(profile, "blend"):
                 jobs = [
                     PasteJob(r.avatar, f, row, min(1.0, float(r.speech_weight)))
                     for row, (r, f) in enumerate(zip(requests, frames, strict=True))
                 ]
-                return self._compositor.paste(faces, jobs)
+                return self._compositor.paste_async(faces, jobs)
+
+    # --- the models at bucket sizes ------------------------------------------------------------
+
+    def _unet_forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self._models.unet(latents, self._timestep, encoder_hidden_states=features).sample
+        return out
+
+    def _decode_faces(self, predicted: torch.Tensor) -> torch.Tensor:
+        """UNet output latents -> faces `[B, 3, 256, 256]` in [0, 1] (lower rows only: see `LOWER_DECODE_NOTE`)."""
+        import torch
+
+        first_row = self._accel.decode_from_latent_row
+        if first_row > 0:
+            predicted = predicted[:, :, first_row:]
+        decoded: torch.Tensor = self._models.vae.decode(predicted / self._models.vae_scaling_factor).sample
+        faces = (decoded / 2 + 0.5).clamp(0, 1)
+        if first_row > 0:
+            # Rows above the crop are under the mask's zero: replicate the first decoded row (no seam in the resize).
+            top = faces[:, :, :1].expand(-1, -1, first_row * 8, -1)
+            faces = torch.cat([top, faces], dim=2)
+        return faces
+
+    def _unet_fn(self, batch: int) -> Callable[..., torch.Tensor]:
+        # Bucket 1 stays eager: launch-bound, which graphs fix; a compile for it would cost a second compile.
+        return self._unet_compiled if self._unet_compiled is not None and batch >= 2 else self._unet_forward
+
+    def _vae_fn(self, batch: int) -> Callable[..., torch.Tensor]:
+        return self._vae_compiled if self._vae_compiled is not None and batch >= 2 else self._decode_faces
+
+    def _stages(self) -> tuple[BucketGraphs, BucketGraphs]:
+        import torch
+
+        if self._graph_stages is None:
+            pool = torch.cuda.graph_pool_handle()
+            max_batch = self._accel.max_bucket
+            marker = (lambda ts: mark_batch_dynamic(ts, max_batch)) if self._compile_on else None
+
+            def unet(latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+                return self._unet_fn(int(latents.shape[0]))(latents, features)
+
+            def vae(predicted: torch.Tensor) -> torch.Tensor:
+                return self._vae_fn(int(predicted.shape[0]))(predicted)
+
+            self._graph_stages = (
+                BucketGraphs(unet, self._device, pool, before_capture=_skip_batch1(marker)),
+                BucketGraphs(vae, self._device, pool, before_capture=_skip_batch1(marker)),
+            )
+        return self._graph_stages
+
+    def _faces(self, latents: torch.Tensor, features: torch.Tensor, profile: StageProfile | None) -> torch.Tensor:
+        count = int(latents.shape[0])
+        if not (self._graphs_on or self._compile_on):
+            with maybe_stage(profile, "unet"):
+                predicted = self._unet_forward(latents, features)
+            with maybe_stage(profile, "vae_decode"):
+                return self._decode_faces(predicted)
+        bucket = bucket_for(count, self._accel.batch_buckets)
+        latents, features = pad_batch(latents, bucket), pad_batch(features, bucket)
+        if self._accel.channels_last:
+            latents = latents.contiguous(memory_format=_channels_last())
+        if self._graphs_on:
+            unet_graphs, vae_graphs = self._stages()
+            with maybe_stage(profile, "unet"):
+                predicted = unet_graphs.run(latents, features)
+            with maybe_stage(profile, "vae_decode"):
+                faces = vae_graphs.run(predicted)
+        else:
+            if bucket >= 2:
+                mark_batch_dynamic([latents, features], self._accel.max_bucket)
+            with maybe_stage(profile, "unet"):
+                predicted = self._unet_fn(bucket)(latents, features)
+            if bucket >= 2:
+                mark_batch_dynamic([predicted], self._accel.max_bucket)
+            with maybe_stage(profile, "vae_decode"):
+                faces = self._vae_fn(bucket)(predicted)
+        return faces[:count]
 
     def _stack_features(self, requests: list[RenderRequest]) -> torch.Tensor:
         import torch
@@ -221,15 +364,46 @@ class MuseTalkEngine:
             torch.cuda.synchronize(self._device)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
-        """Run UNet + VAE once per batch size on dummy inputs; returns the ms it took."""
+        """Run UNet + VAE once per batch size (on CUDA: captures graphs, compiles); returns the ms it took."""
         import torch
 
         started = time.perf_counter()
         with torch.inference_mode():
             for size in batch_sizes:
-                latents = torch.zeros((size, 8, 32, 32), device=self._device, dtype=self._dtype)
-                features = torch.zeros((size, 50, 384), device=self._device, dtype=self._dtype)
-                predicted = self._models.unet(latents, self._timestep, encoder_hidden_states=features).sample
-                self._models.vae.decode(predicted / self._models.vae_scaling_factor)
+                latents = torch.randn((size, 8, 32, 32), device=self._device).to(self._dtype)
+                features = torch.randn((size, 50, 384), device=self._device).to(self._dtype)
+                self._faces(latents, features, None)
+            if self._graphs_on:
+                self._windows.warm_up(max(batch_sizes, default=1))
         self.synchronize()
         return (time.perf_counter() - started) * 1000
+
+    def warm_up_buckets(self, max_frames: int | None = None) -> float:
+        """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a capture."""
+        if not (self._graphs_on or self._compile_on):
+            return self.warm_up((1,))  # eager: nothing is captured or compiled per shape
+        limit = max_frames or self._accel.max_bucket
+        return self.warm_up([b for b in self._accel.batch_buckets if b <= limit])
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return self._accel.batch_buckets
+
+
+def _channels_last() -> Any:
+    import torch
+
+    return torch.channels_last
+
+
+def _skip_batch1(
+    marker: Callable[[list[torch.Tensor]], None] | None,
+) -> Callable[[list[torch.Tensor]], None] | None:
+    if marker is None:
+        return None
+
+    def mark(tensors: list[torch.Tensor]) -> None:
+        if int(tensors[0].shape[0]) >= 2:
+            marker(tensors)
+
+    return mark

@@ -143,6 +143,22 @@ class AudioFeatureStream:
             out.extend(self._take(self._next_frame + (budget - len(out))))
         return out
 
+    def encode_plan(self, max_frames: int | None = None) -> list[Any]:
+        """The feature encodes `pull(max_frames)` would run now, as `(featurizer, segment, audio)` (empty when the
+        featurizer does not batch): a caller may run them for many streams at once and `store` the results."""
+        plan = getattr(self._featurizer, "encode_plan", None)
+        budget = sys.maxsize if max_frames is None else max(0, max_frames)
+        remaining = budget - len(self._carry)
+        if plan is None or remaining <= 0:
+            return []
+        end = min(self._next_frame + remaining, self._ready_count())
+        if end <= self._next_frame:
+            return []
+        result: list[Any] = plan(
+            self._audio, self._audio_base, range(self._next_frame, end), self._utterance_samples // SAMPLES_PER_POSITION
+        )
+        return result
+
     def _take(self, end: int) -> list[FeatureFrame]:
         """Compute and consume the current utterance's ready frames up to (excluding) `end`."""
         end = min(end, self._ready_count())

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 class WhisperWindows:
     """Encodes audio segments and gathers per-frame windows on the models' device."""
 
-    def __init__(self, models: MuseTalkModels) -> None:
+    def __init__(self, models: MuseTalkModels, *, cuda_graph: bool = False, buckets: tuple[int, ...] = (1,)) -> None:
+        """`cuda_graph`: replay captured graphs (CUDA only) for encodes of up to `buckets[-1]` segments, padded to
+        a bucket: the streaming path encodes one segment per stream, or one batch for many streams."""
         import torch
 
         self._encoder = models.whisper_encoder
@@ -47,6 +49,21 @@ class WhisperWindows:
         self._device = models.device.torch_device()
         self._dtype = models.device.torch_dtype()
         self._pe = torch.from_numpy(positional_encoding()).to(self._device, self._dtype)
+        self._graph: Any = None  # BucketGraphs, built on first use
+        self._use_graph = cuda_graph and self._device.type == "cuda"
+        self._buckets = buckets
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        output = self._encoder(features, output_hidden_states=True)
+        return torch.stack(output.hidden_states, dim=2)
+
+    def warm_up(self, max_segments: int = 1) -> None:
+        """Capture the graphs of the buckets up to `max_segments` now (encodes of silence)."""
+        for bucket in self._buckets:
+            if bucket <= max_segments:
+                self.encode_segments([np.zeros(SEGMENT_SAMPLES // 10, dtype=np.float32)] * bucket)
 
     def encode_segments(self, segments: list[np.ndarray]) -> torch.Tensor:
         """Hidden states `[len(segments), 1500, 5, 384]` of up-to-30 s segments (batched in one encoder call)."""
@@ -60,8 +77,17 @@ class WhisperWindows:
             device=str(self._device),
         ).input_features
         with torch.inference_mode():
-            output = self._encoder(features.to(self._device, self._dtype), output_hidden_states=True)
-            return torch.stack(output.hidden_states, dim=2)
+            features = features.to(self._device, self._dtype)
+            count = int(features.shape[0])
+            if self._use_graph and count <= self._buckets[-1]:
+                from realtime.engine.accel import BucketGraphs, bucket_for, pad_batch
+
+                if self._graph is None:
+                    self._graph = BucketGraphs(self._encode, self._device, torch.cuda.graph_pool_handle())
+                padded = pad_batch(features, bucket_for(count, self._buckets))
+                # A copy: the graph's output buffer is overwritten by the next encode, the callers cache these.
+                return self._graph.run(padded)[:count].clone()
+            return self._encode(features)
 
     def offline_hidden(self, audio: np.ndarray) -> torch.Tensor:
         """Upstream's whole-clip hidden states `[P, 5, 384]`: 30 s segments concatenated."""
@@ -100,6 +126,30 @@ class WhisperStreamFeaturizer:
 
     def reset(self) -> None:
         self._segments.clear()
+
+    def encode_plan(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
+        """The `(featurizer, segment index, segment audio)` encodes that `features(...)` with the same arguments
+        would run; encode them together (`WhisperWindows.encode_segments`) and `store` the results so many
+        streams' features cost one batched encoder call instead of one call each."""
+        if len(frames) == 0:
+            return []
+        positions, _ = gather_index(frames, valid_positions)
+        first_segment = int(positions.min()) // SEGMENT_POSITIONS
+        last_segment = min(int(positions.max()), max(valid_positions - 1, 0)) // SEGMENT_POSITIONS
+        plan = []
+        for k in range(first_segment, last_segment + 1):
+            cached = self._segments.get(k)
+            start = k * SEGMENT_SAMPLES - audio_base
+            if (cached is not None and cached[0] == SEGMENT_SAMPLES) or start < 0:
+                continue
+            segment_audio = audio[start : start + SEGMENT_SAMPLES]
+            if cached is None or cached[0] != len(segment_audio):
+                plan.append((self, k, segment_audio))
+        return plan
+
+    def store(self, segment: int, samples: int, hidden: Any) -> None:
+        """Cache the hidden states `[1500, 5, 384]` of segment `segment` encoded from its first `samples`."""
+        self._segments[segment] = (samples, hidden)
 
     def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
         """Per-frame windows (positional encoding applied) for `frames` of an utterance.

@@ -1,0 +1,215 @@
+"""GPU speed-ups of the MuseTalk engine, each a switch in `AccelConfig` (all no-ops on CPU except buckets).
+
+* **Batch buckets** — a render call of n frames runs at the smallest bucket ≥ n (padded with
+  copies of its last frame), so only `len(batch_buckets)` shapes ever reach the models: CUDA
+  graphs and compiled kernels are made once per bucket, and the sidecar's scheduler forms
+  batches of these sizes (`realtime.sidecar.render_queue`).
+* **CUDA graphs** (`cuda_graphs`) — the UNet and the VAE decode of each bucket are captured once
+  (on first use or in `warm_up`) and replayed on static input buffers: at small batches the
+  eager models are launch-bound (hundreds of kernels of microseconds each), a replay is one
+  launch. The whisper encoder of the streaming path (always one 30 s segment) is graphed too.
+  All graphs share one memory pool: they replay one after another on one stream.
+* **torch.compile** (`compile_mode`) — inductor fuses the GroupNorm/SiLU/residual chains that
+  dominate the VAE decode at large batches. Buckets ≥ 2 share one compile (the batch dimension
+  is marked dynamic); bucket 1 stays eager (it is launch-bound, graphs fix that). Compiled
+  artifacts go to `compile_cache_dir` (default `$LIPSYNC_CACHE_DIR/compile` or
+  `~/.cache/lipsync-live/compile`) and are reused across restarts: a warm start re-traces
+  but skips code generation and Triton compilation (`bench.engine` reports both warm-ups).
+* **Pinned transfers and copy/compute overlap** (`pinned_transfers`, `overlap_copy`) — the
+  blended crop regions go to page-locked host memory with an asynchronous copy on a side
+  stream; a render call split into several chunks enqueues chunk k+1 on the GPU before the
+  host assembles chunk k's frames.
+
+Nothing here touches the GPU at import time; the device comes from the engine's config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
+MASK_FIRST_ROW_PX = 92  # first row of the 256² face where `lower_face_mask` is non-zero
+# The crop must start above the mask by the paste resize's filter support (antialiased bilinear
+# down to a ~200 px box: ~2 px) plus the decoder's zero-padding edge (a few rows): 10 -> row 80.
+MAX_DECODE_FROM_LATENT_ROW = 10
+
+LOWER_DECODE_NOTE = """\
+Lower-half VAE decode decodes only latent rows r..31 (face rows 8r..255); the rows above are
+filled with the first decoded row (the blend mask is 0 there, so they are never shown). It is
+not exact: every GroupNorm of the decoder normalises with statistics over the rows it sees,
+and the cropped decode does not see the upper face. The error therefore depends on the VAE
+weights. On the tiny random checkpoint the blended frames differ from the full decode by up to
+46 grey levels inside the mask and by 0 outside it (tests/unit/engine/test_accel.py measures
+both and records the < 1 grey level bound as an expected failure). Measured on an H200 it
+lifts the eager-graphed peak from 282 to 357 fps (bench/results/engine-h200-20261130.json);
+exact alternatives (upper-row statistics cached per avatar frame, oracle statistics) were
+measured too: with oracle statistics and a 2-latent-row halo the blend differs by < 0.9 grey
+levels, but statistics from another frame of the same avatar are off by ~25 grey levels on
+random weights. Keep it off (r = 0) unless real weights are shown to stay within a grey level.
+"""
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
+    cuda_graphs: bool = True  # CUDA only: replay captured graphs per bucket
+    compile_mode: str = "off"  # "off" | "default" | "max-autotune-no-cudagraphs" (CUDA only)
+    compile_cache_dir: Path | None = None  # default: $LIPSYNC_CACHE_DIR/compile or ~/.cache/lipsync-live/compile
+    # Measured off by default: on an H200 the pinned, side-stream copy made the blend stage slower (bench.engine
+    # variants graphs vs graphs-nopin, bench/results/engine-h200-*.json): the regions are small (~12 MB at 64).
+    pinned_transfers: bool = False  # CUDA only: page-locked staging buffer for device -> host copies
+    overlap_copy: bool = False  # CUDA only: device -> host copies on a side stream, chunks pipelined
+    cudnn_benchmark: bool = True  # CUDA only: cuDNN picks the fastest kernels per shape (buckets: few shapes)
+    channels_last: bool = False  # CUDA only: NHWC memory format for the UNet and VAE convolutions
+    # Lower-half VAE decode: decode only latent rows [decode_from_latent_row, 32) (0: the whole face). See
+    # `LOWER_DECODE_NOTE`: it is an approximation whose error depends on the VAE weights.
+    decode_from_latent_row: int = 0
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch_buckets must be positive sizes, got {self.batch_buckets!r}")
+        if tuple(sorted(set(self.batch_buckets))) != self.batch_buckets:
+            raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets!r}")
+        if not 0 <= self.decode_from_latent_row <= MAX_DECODE_FROM_LATENT_ROW:
+            raise ValueError(
+                f"decode_from_latent_row must be in [0, {MAX_DECODE_FROM_LATENT_ROW}] (the blend mask starts at "
+                f"face row {MASK_FIRST_ROW_PX}), got {self.decode_from_latent_row}"
+            )
+
+    @property
+    def max_bucket(self) -> int:
+        return self.batch_buckets[-1]
+
+
+def bucket_for(frames: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `frames` (the largest bucket when none does: callers chunk by it)."""
+    for bucket in buckets:
+        if bucket >= frames:
+            return bucket
+    return buckets[-1]
+
+
+def default_compile_cache_dir() -> Path:
+    configured = os.environ.get("LIPSYNC_CACHE_DIR")
+    return Path(configured) / "compile" if configured else Path.home() / ".cache" / "lipsync-live" / "compile"
+
+
+def configure_compile_cache(cache_dir: Path | None) -> Path:
+    """Point inductor's and Triton's on-disk caches at `cache_dir` (created) so compiled kernels survive restarts.
+
+    Must run before the first compile of the process: inductor reads these variables when it
+    first needs its cache directory.
+    """
+    import torch
+
+    root = (cache_dir or default_compile_cache_dir()).resolve()
+    (root / "inductor").mkdir(parents=True, exist_ok=True)
+    (root / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    inductor_config: Any = torch._inductor.config
+    inductor_config.fx_graph_cache = True  # the compiled graph for a traced graph's hash, across processes
+    # One compile serves every bucket >= 2 (dynamic batch); give dynamo room for the others anyway.
+    dynamo_config: Any = torch._dynamo.config
+    dynamo_config.cache_size_limit = max(int(dynamo_config.cache_size_limit), 16)
+    logger.info("compile cache configured", extra={"cache_dir": str(root)})
+    return root
+
+
+def compile_fn(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    import torch
+
+    options: dict[str, Any] = {"mode": mode} if mode != "default" else {}
+    # dynamic=None: shapes stay static except dims marked by `mark_batch_dynamic`.
+    compiled: Callable[..., Any] = torch.compile(fn, **options)
+    return compiled
+
+
+def mark_batch_dynamic(tensors: Sequence[torch.Tensor], max_batch: int) -> None:
+    """Mark dim 0 dynamic so one compiled graph serves the buckets >= 2 (`maybe_`: a bucket that dynamo still
+    specialises, e.g. one equal to another dimension's size, gets its own compile instead of an error)."""
+    import torch
+
+    del max_batch  # the guard dynamo derives may exclude some sizes; they recompile rather than fail
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
+@dataclass
+class _Captured:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+
+
+@dataclass
+class BucketGraphs:
+    """CUDA graphs of `fn(*inputs) -> tensor`, one per input batch size, replayed on static buffers.
+
+    The returned tensor is the graph's static output: it is overwritten by the next replay of
+    the same bucket, so callers consume (or copy) it before running this stage again.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    device: torch.device
+    pool: Any  # torch.cuda graph memory pool handle shared by all stages
+    before_capture: Callable[[list[torch.Tensor]], None] | None = None  # e.g. mark dynamic dims for compile
+    _graphs: dict[int, _Captured] = field(default_factory=dict)
+
+    @property
+    def captured_sizes(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        size = int(inputs[0].shape[0])
+        captured = self._graphs.get(size)
+        if captured is None:
+            captured = self._capture(inputs)
+            self._graphs[size] = captured
+        for static, value in zip(captured.inputs, inputs, strict=True):
+            if static.data_ptr() != value.data_ptr():
+                static.copy_(value)
+        captured.graph.replay()
+        return captured.output
+
+    def _capture(self, inputs: Sequence[torch.Tensor]) -> _Captured:
+        import torch
+
+        static = [value.clone() for value in inputs]
+        if self.before_capture is not None:
+            self.before_capture(static)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up off the capture: lazy inits, cuDNN/cuBLAS plans, compilation
+                self.fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls of other threads (none should run, but a stray one must not break capture).
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = self.fn(*static)
+        logger.info("cuda graph captured", extra={"batch": int(static[0].shape[0])})
+        return _Captured(graph, static, output)
+
+
+def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` with its batch grown to `size` by repeating its last row (real data: no NaN/denormal paths)."""
+    import torch
+
+    missing = size - int(tensor.shape[0])
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
