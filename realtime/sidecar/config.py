@@ -20,7 +20,7 @@ class RuntimeConfig:
     # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms):
     # a streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
     max_render_budget_ms: float = 240.0  # the lead's upper bound (kept below render_ahead_frames ticks)
-    render_budget_safety: float = 2.0  # batches a frame may wait for: the one in flight, then its own
+    render_budget_safety: float = 2.0  # batches a frame may wait through: the one in flight, then its own
     render_ahead_frames: int = 8  # frames rendered ahead of the clock, at most
     render_batch_frames: int = 4  # frames per engine call, at most
     crossfade_frames: int = 2  # speech -> idle blend when an utterance ends on an open mouth

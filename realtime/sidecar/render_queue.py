@@ -40,6 +40,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ FRAME_PERIOD_MS = 40.0  # one 25-fps tick: a speaking session adds one ready fra
 # The lane never waits for a batch to fill, and one frame over a bucket costs the next bucket: near full load it
 # runs larger, padded batches than the bare rate suggests. A bucket counts as keeping up only with this headroom.
 STEADY_UTILIZATION = 0.75
+RECENT_BATCHES_WINDOW_S = 2.0  # the batches `planning_budget_ms` averages: the lane's current load, as it runs
 
 
 def bucket_for(frames: int, buckets: Sequence[int]) -> int:
@@ -184,6 +186,7 @@ class RenderLane:
         self._speaking_until_s: dict[str, float] = {}  # session -> counts as speaking until (inf: speaking now)
         self._inflight_frames = 0  # frames of the batch being rendered (0: none)
         self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
+        self._recent_batches: deque[tuple[float, float]] = deque()  # (finished at on `clock`, wall ms)
         self.stats = RenderLaneStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -256,6 +259,15 @@ class RenderLane:
             fallback = batch_ms
         return fallback
 
+    def recent_batch_ms(self, window_s: float = RECENT_BATCHES_WINDOW_S) -> float | None:
+        """The mean wall time of the render batches that finished within the last `window_s` (None: none did)."""
+        since_s = self._clock() - window_s
+        with self._cond:
+            while self._recent_batches and self._recent_batches[0][0] < since_s:
+                self._recent_batches.popleft()
+            times_ms = [ms for _, ms in self._recent_batches]
+        return sum(times_ms) / len(times_ms) if times_ms else None
+
     def backlog_ms(self) -> float:
         """Estimated time until the lane has rendered what it holds now: the rest of the batch in flight plus
         the queued render frames in batches of `max_batch_frames` (0 for what was never measured)."""
@@ -284,13 +296,18 @@ class RenderLane:
         """How far ahead a session should plan a new utterance's first tick: every frame of a realtime-streamed
         utterance then has this long between becoming ready and its tick.
 
-        steady batch time at the current load × `safety_factor` (a frame may wait for the batch in flight, then
-        ride in the next: 2 batches) + the current backlog (frame 0 queues behind it), clamped to
-        [`min_ms`, `max_ms`]; `min_ms` before anything was measured.
+        batch time × `safety_factor` + the current backlog (frame 0 queues behind it), clamped to
+        [`min_ms`, `max_ms`]; `min_ms` before anything was measured. The batch time is the larger of the steady
+        batch at the current load (`steady_batch_ms`: it sees a burst of new sessions before their frames
+        arrive) and the mean of the batches the lane ran in the last seconds (what the load really makes of
+        the batches: padding, uneven arrival, feature work). The factor counts the batches a frame may wait
+        through: the one in flight when it is submitted, then its own (2; sessions submit each frame's job as
+        soon as it is ready, without waiting for their previous job to come back).
         """
         batch_ms = self.steady_batch_ms(self.speaking_sessions(), frame_period_ms=frame_period_ms)
         if batch_ms is None:
             return min_ms
+        batch_ms = max(batch_ms, self.recent_batch_ms() or 0.0)
         budget_ms = batch_ms * safety_factor + self.backlog_ms()
         return min(max_ms, max(min_ms, budget_ms))
 
@@ -352,7 +369,13 @@ class RenderLane:
                 self._inflight_frames = 0
 
     def _render_jobs(self, jobs: list[_Job], started: float) -> None:
-        sources = [(job.source, job.frames) for job in jobs if job.source is not None]
+        # One entry per source: a session may have several jobs of one utterance stream in a batch.
+        merged: dict[int, tuple[object, int]] = {}
+        for job in jobs:
+            if job.source is not None:
+                source, frames = merged.get(id(job.source), (job.source, 0))
+                merged[id(job.source)] = (source, frames + job.frames)
+        sources = list(merged.values())
         if self._prepare is not None and sources:
             try:
                 self._prepare(sources)
@@ -377,7 +400,10 @@ class RenderLane:
                 queued.future.set_exception(exc)
             return
         if all_requests:
-            self.cost_model.observe(len(all_requests), (time.perf_counter() - started) * 1000.0)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            self.cost_model.observe(len(all_requests), elapsed_ms)
+            with self._cond:
+                self._recent_batches.append((self._clock(), elapsed_ms))
         offset = 0
         for queued, requests in batch:
             queued.future.set_result(images[offset : offset + len(requests)])

@@ -13,7 +13,9 @@ ahead of the clock (at most `render_ahead_frames`), through the process's render
 Audio streams in real time, so every frame of the utterance is ready only about that budget
 before its tick: it is `render_budget_ms` on an idle lane and grows with the lane's measured
 batch time at the current load, up to `max_render_budget_ms` (`RenderLane.planning_budget_ms`),
-so many sessions hold without dropped frames at the price of a later first frame.
+so many sessions hold without dropped frames at the price of a later first frame. Each ready
+frame goes to the lane as soon as it is ready, while the session's earlier jobs are still there:
+a frame then waits for at most the batch in flight and its own.
 If the client's audio runs dry mid-utterance (it streams slower than real time), the
 utterance pauses: idle frames with silence, and it resumes one tick later.
 
@@ -101,6 +103,7 @@ class SessionRuntime:
         self._generation = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._render_jobs: set[asyncio.Task[None]] = set()  # render jobs in the lane (several per session at once)
         self._t0_s = 0.0
         self._tick = 0
         self._started_at_s: float | None = None
@@ -141,12 +144,14 @@ class SessionRuntime:
 
     async def stop(self) -> None:
         """Stop the clock and the render task; unplayed audio is accounted as flushed."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._render_jobs]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self._render_jobs.clear()
         self._discard_all(interrupted=True, notify=True)
 
     def add_listener(self, listener: PlaybackListener) -> Callable[[], None]:
@@ -284,33 +289,38 @@ class SessionRuntime:
                 self._wake.clear()
                 continue
             plan, frames = job
-            ticks = [plan.start_tick + k for k in frames]
-            generation = self._generation
-            stream = plan.stream
-
-            def make_requests(
-                stream: UtteranceStream = stream, frames: list[int] = frames, ticks: list[int] = ticks
-            ) -> Sequence[Any]:
-                return stream.render_requests(frames, ticks)
-
-            try:
-                images = await self.lane.render(
-                    self._tick_deadline(ticks[0]), make_requests, frames=len(frames), source=stream
-                )
-            except Exception as exc:
-                # A failed render costs frames (held frames count as dropped), never the session or its audio.
-                self.render_errors += 1
-                self.last_error = f"render failed: {exc}"
-                logger.exception("render failed", extra={"session_id": self.session_id})
-                images = []
-            if generation != self._generation or plan not in self._plans:
-                continue  # interrupted while rendering: the frames belong to flushed audio
-            # How long before its tick the batch's first frame became ready (negative: it missed).
-            self.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - time.monotonic()) * 1000.0)
-            for frame_index, image in zip(frames, images, strict=False):
-                if frame_index >= plan.next_frame:
-                    plan.rendered[frame_index] = image
+            # Frames count as taken once their job is submitted, so the session's next ready frame gets its own
+            # job at once: waiting for this job to come back first would add up to two of the lane's batches to
+            # that frame's latency under load. Jobs of one stream still run in order (later ticks, later deadline).
             plan.next_to_render = frames[-1] + 1
+            task = asyncio.create_task(self._render_job(plan, frames, self._generation))
+            self._render_jobs.add(task)
+            task.add_done_callback(self._render_jobs.discard)
+
+    async def _render_job(self, plan: _Plan, frames: list[int], generation: int) -> None:
+        ticks = [plan.start_tick + k for k in frames]
+        stream = plan.stream
+
+        def make_requests() -> Sequence[Any]:
+            return stream.render_requests(frames, ticks)
+
+        try:
+            images = await self.lane.render(
+                self._tick_deadline(ticks[0]), make_requests, frames=len(frames), source=stream
+            )
+        except Exception as exc:
+            # A failed render costs frames (held frames count as dropped), never the session or its audio.
+            self.render_errors += 1
+            self.last_error = f"render failed: {exc}"
+            logger.exception("render failed", extra={"session_id": self.session_id})
+            images = []
+        if generation != self._generation or plan not in self._plans:
+            return  # interrupted while rendering: the frames belong to flushed audio
+        # How long before its tick the batch's first frame became ready (negative: it missed).
+        self.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - time.monotonic()) * 1000.0)
+        for frame_index, image in zip(frames, images, strict=False):
+            if frame_index >= plan.next_frame:
+                plan.rendered[frame_index] = image
 
     # ---- clock ----------------------------------------------------------------------------
 

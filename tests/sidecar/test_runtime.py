@@ -6,6 +6,7 @@ Output goes to a RecordingPublisher (no network): every tick is inspected.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,10 +17,12 @@ import pytest
 from realtime.ingest.formats import PcmFormat
 from realtime.publish.base import FrameKind
 from realtime.sidecar.audio_input import AudioInput
+from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.render_queue import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 from tests.sidecar.conftest import RunningSidecar, SpeechClip, open_recorded_session
+from tests.sidecar.lane_sim import simulate
 
 
 class Events:
@@ -307,3 +310,26 @@ async def test_render_lane_runs_the_most_urgent_job_first_and_batches_queued_one
         assert lane.stats.largest_batch_frames == 6 and lane.stats.batches == 1
     finally:
         lane.close()
+
+
+# A fake engine whose batches only sleep, for the H200-measured batch times of the full-size model × 0.75
+# (bench/results/sessions-h200-20261130.json): one lane, six sessions streaming speech at real-time pace.
+_SIM_COST_MS = {1: 13.0, 2: 19.0, 4: 26.0, 8: 38.0, 16: 60.0, 32: 90.0}
+
+
+async def test_a_load_adaptive_planning_budget_holds_sessions_that_the_fixed_budget_drops() -> None:
+    fixed = await simulate(6, _SIM_COST_MS, RuntimeConfig(max_render_budget_ms=40.0), duration_s=3.0)
+    adaptive = await simulate(6, _SIM_COST_MS, RuntimeConfig(), duration_s=3.0)
+    assert fixed.speech_frames == adaptive.speech_frames > 400  # 6 sessions × 2 utterances × 38 frames
+    # 40 ms between a frame becoming ready and its tick cannot hold a batch in flight plus the frame's own.
+    assert fixed.dropped_frames > fixed.speech_frames // 4, fixed
+    assert adaptive.dropped_frames == 0, adaptive
+    # The price: utterances start later (more than the 40 ms minimum ahead), within the configured bound.
+    assert all(40.0 < budget_ms <= 240.0 for budget_ms in adaptive.planned_budget_ms), adaptive.planned_budget_ms
+    assert statistics.median(adaptive.ttff_ms) > statistics.median(fixed.ttff_ms)
+
+
+async def test_one_session_keeps_the_minimum_planning_budget_and_its_first_frame_latency() -> None:
+    result = await simulate(1, _SIM_COST_MS, RuntimeConfig(), duration_s=2.0)
+    assert result.dropped_frames == 0
+    assert result.planned_budget_ms and all(budget_ms == 40.0 for budget_ms in result.planned_budget_ms)

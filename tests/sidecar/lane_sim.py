@@ -1,0 +1,200 @@
+"""A CPU simulation of many realtime sessions on one render lane: the real `SessionRuntime` and `RenderLane`,
+a fake engine whose batches only sleep for a known per-bucket time (no features, no images worth the name).
+
+Each session's client streams a `utterance_s` utterance at real-time pace in 20 ms messages, ends it, waits
+`gap_s`, and again, as `bench.sessions` does; what counts is how many speech frames missed their tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from realtime.ingest.formats import PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLES_PER_FRAME
+from realtime.ingest.resample import ConvertedAudio
+from realtime.publish.base import PublisherStats, PublishTick
+from realtime.sidecar.config import RuntimeConfig
+from realtime.sidecar.engine_port import UtteranceStream
+from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
+from realtime.sidecar.runtime import SessionRuntime
+
+CHUNK_MS = 20
+LOOKAHEAD_FRAMES = 2  # a frame is ready once 80 ms of audio after it exist, as in the engine's feature framing
+_FRAME = np.zeros((8, 8, 3), np.uint8)
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.samples = 0
+        self.ended = False
+
+    def push_audio(self, samples_16k: np.ndarray) -> None:
+        self.samples += int(samples_16k.size)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def ready_frame_count(self) -> int:
+        if self.ended:
+            return math.ceil(self.samples / TIMELINE_SAMPLES_PER_FRAME)
+        return max(0, self.samples // TIMELINE_SAMPLES_PER_FRAME - LOOKAHEAD_FRAMES)
+
+    def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
+        return list(frame_indices)
+
+    def close(self) -> None:
+        return None
+
+
+class FakeAvatar:
+    width_px = 8
+    height_px = 8
+
+    def idle_frame(self, tick: int) -> np.ndarray:
+        return _FRAME
+
+
+class FakeSessionEngine:
+    avatar = FakeAvatar()
+
+    def open_utterance(self) -> UtteranceStream:
+        return FakeStream()
+
+
+class SleepingRender:
+    """A render fn that costs `cost_ms[bucket]` of wall time per batch (the lane thread sleeps)."""
+
+    def __init__(self, cost_ms: Mapping[int, float], buckets: Sequence[int]) -> None:
+        self.cost_ms = dict(cost_ms)
+        self.buckets = tuple(buckets)
+
+    def __call__(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        time.sleep(self.cost_ms[bucket_for(len(requests), self.buckets)] / 1000.0)
+        return [_FRAME for _ in requests]
+
+
+class NullPublisher:
+    name = "null"
+
+    def __init__(self) -> None:
+        self._stats = PublisherStats(name=self.name, connected=True)
+
+    async def start(self) -> None:
+        return None
+
+    async def publish(self, tick: PublishTick) -> None:
+        self._stats.frames_published += 1
+
+    def interrupt(self, idle_frame: np.ndarray) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def stats(self) -> PublisherStats:
+        return self._stats
+
+
+@dataclass
+class SimResult:
+    sessions: int
+    speech_frames: int
+    dropped_frames: int
+    ttff_ms: list[float]
+    planned_budget_ms: list[float]
+    lane_batches: int
+    lane_mean_batch_frames: float
+    lane_busy_fraction: float
+    miss_frame_indices: list[int]  # utterance frame index of each dropped frame (where in an utterance they fall)
+
+
+async def _client(runtime: SessionRuntime, utterance_s: float, gap_s: float, stop_at_s: float) -> None:
+    timeline = np.zeros(16_000 * CHUNK_MS // 1000, np.float32)
+    playout = np.zeros(PLAYOUT_SAMPLES_PER_FRAME * CHUNK_MS // 40, np.float32)
+    chunks = round(utterance_s * 1000 / CHUNK_MS)
+    while time.monotonic() < stop_at_s:
+        started = time.monotonic()
+        for index in range(chunks):
+            delay = started + index * CHUNK_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            runtime.ingest(ConvertedAudio(timeline, playout), "sim", started)
+        runtime.end_utterance()
+        await asyncio.sleep(gap_s)
+
+
+async def simulate(
+    sessions: int,
+    cost_ms: Mapping[int, float],
+    config: RuntimeConfig,
+    *,
+    duration_s: float = 4.0,
+    utterance_s: float = 1.5,
+    gap_s: float = 0.4,
+    max_batch_frames: int = 32,
+    seed_cost_model: bool = True,
+    seed: int = 0,
+) -> SimResult:
+    """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
+    that has measured every bucket already (a sidecar that has been up), else from nothing."""
+    buckets = tuple(sorted(cost_ms))
+    model = BatchCostModel(buckets)
+    if seed_cost_model:
+        for bucket, ms in cost_ms.items():
+            model.observe(bucket, ms)
+    lane = RenderLane(
+        SleepingRender(cost_ms, buckets), max_batch_frames=max_batch_frames, buckets=buckets, cost_model=model
+    )
+    runtimes = [
+        SessionRuntime(f"sim-{index}", FakeSessionEngine(), [NullPublisher()], lane, config)  # type: ignore[list-item]
+        for index in range(sessions)
+    ]
+    misses: list[int] = []
+    for runtime in runtimes:
+        _record_misses(runtime, misses)
+    rng = random.Random(seed)
+    started_s = time.monotonic()
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            await asyncio.sleep(rng.uniform(0.0, 0.04))  # clocks at arbitrary phases
+        stop_at_s = time.monotonic() + duration_s
+        await asyncio.gather(*(_client(runtime, utterance_s, gap_s, stop_at_s) for runtime in runtimes))
+        drain_until_s = time.monotonic() + 3.0
+        while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until_s:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        lane.close()
+    wall_s = time.monotonic() - started_s
+    return SimResult(
+        sessions=sessions,
+        speech_frames=sum(r.speech_frames for r in runtimes),
+        dropped_frames=sum(r.render_misses for r in runtimes),
+        ttff_ms=[v for r in runtimes for v in r.ttff_ms_values],
+        planned_budget_ms=[v for r in runtimes for v in r.planned_budget_ms],
+        lane_batches=lane.stats.batches,
+        lane_mean_batch_frames=lane.stats.frames_rendered / max(1, lane.stats.batches),
+        lane_busy_fraction=lane.stats.busy_s / wall_s,
+        miss_frame_indices=misses,
+    )
+
+
+def _record_misses(runtime: SessionRuntime, misses: list[int]) -> None:
+    """Note the utterance frame index of every speech tick whose frame was not rendered in time."""
+    speech_tick = runtime._speech_tick
+
+    def recording(plan: Any, tick: int, deadline: float, wall_us: int) -> PublishTick:
+        if plan.next_frame not in plan.rendered:
+            misses.append(plan.next_frame)
+        return speech_tick(plan, tick, deadline, wall_us)
+
+    runtime._speech_tick = recording  # type: ignore[method-assign]
