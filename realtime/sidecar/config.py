@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")
     parser.add_argument("--slots", type=int, default=4, help="concurrent sessions this sidecar accepts")
     parser.add_argument("--sidecar-id", default=None, help="this sidecar's name (default: the hostname)")
-    parser.add_argument("--task-queue", default=None, help="its Temporal task queue (default sidecar-<id>)")
+    parser.add_argument("--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)")
     parser.add_argument("--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay")
     parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
     parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
