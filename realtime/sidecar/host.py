@@ -260,7 +260,12 @@ class SidecarHost:
     ) -> SessionEndReason | None:
         if now - started_s >= limits.max_duration_s:
             return SessionEndReason.MAX_DURATION
-        if any(not p.stats().connected for p in session.publishers):
+        publisher_stats = [p.stats() for p in session.publishers]
+        if any(ps.extra.get("final_disconnect") for ps in publisher_stats):
+            # Removed from the room / room closed: it will not come back, so waiting out the timeout only
+            # delays the workflow's fallback (or the end of the session).
+            return SessionEndReason.OUTPUT_FAILED
+        if any(not ps.connected for ps in publisher_stats):
             session.output_down_since_s = session.output_down_since_s or now
             if now - session.output_down_since_s >= self.config.output_down_timeout_s:
                 return SessionEndReason.OUTPUT_FAILED

@@ -17,6 +17,7 @@ from livekit.rtc._proto.room_pb2 import SimulateScenarioKind
 
 from infra.livekit import LiveKitServerConfig
 from infra.process import ManagedProcess
+from realtime.host import RunLimits, SessionEndReason
 from realtime.publish.livekit import LiveKitPublisher
 from realtime.sidecar.audio_input import AudioInput
 from tests.sidecar.avcheck import RoomRecorder, token
@@ -136,5 +137,11 @@ async def test_an_avatar_removed_from_its_room_does_not_rejoin(
         assert not stats.connected and stats.reconnects == 0
         assert "PARTICIPANT_REMOVED" in stats.last_error
         assert stats.extra.get("final_disconnect") == 1.0
+        # The session learns at once (no output_down_timeout_s wait): the workflow can fall back or end it.
+        limits = RunLimits(idle_timeout_s=60.0, max_duration_s=60.0, stats_interval_s=0.2)
+        started = time.monotonic()
+        ended = await asyncio.wait_for(host.run_session(session_id, limits, lambda _s: None), timeout=5)
+        assert ended.reason is SessionEndReason.OUTPUT_FAILED
+        assert time.monotonic() - started < 1.0
     finally:
         await host.teardown(session_id)
