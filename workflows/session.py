@@ -274,11 +274,32 @@ class SessionWorkflow:
 
     async def _open_output(self) -> None:
         self._enter(Phase.OPENING_OUTPUT)
+        failures = await self._open_first_of(self._output_kinds(), live_switch=False)
+        if failures is not None:
+            raise _SessionFailed(ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures))
+
+    async def _open_first_of(self, kinds: list[OutputKind], *, live_switch: bool) -> list[str] | None:
+        """Try `kinds` in fallback order on the current sidecar; the first that opens becomes the session's
+        output (None). Every attempt stays visible in status; returns the failures when none opened.
+
+        live_switch: the session is live and its output failed, so the sidecar swaps outputs under the
+        running clock (switch_output) instead of starting one (open_output, which also starts recording)."""
         request = self._request
         failures: list[str] = []
-        for kind in self._output_kinds():
-            try:
-                opened = await self._on_sidecar(
+        for kind in kinds:
+            name, arg = (
+                (
+                    ActivityName.SWITCH_OUTPUT,
+                    SwitchOutputInput(
+                        call=self._call(),
+                        kind=kind,
+                        room=request.room,
+                        livekit=request.output.livekit,
+                        rtmp=request.output.rtmp,
+                    ),
+                )
+                if live_switch
+                else (
                     ActivityName.OPEN_OUTPUT,
                     OpenOutputInput(
                         call=self._call(),
@@ -288,28 +309,35 @@ class SessionWorkflow:
                         rtmp=request.output.rtmp,
                         record=request.output.record,
                     ),
-                    OutputOpened,
-                    self._policy.activities.open_output,
                 )
+            )
+            try:
+                opened = await self._on_sidecar(name, arg, OutputOpened, self._policy.activities.open_output)
             except _SessionFailed as failure:
-                # The next output in the fallback order gets its chance; the attempt stays visible in status.
+                # The next output in the fallback order gets its chance.
                 self._status.output_attempts.append(
                     OutputAttempt(
                         kind=kind,
                         sidecar_id=self._status.sidecar,
                         ok=False,
                         error=ErrorInfo(code=failure.code, message=failure.message),
+                        live_switch=live_switch,
                     )
                 )
                 failures.append(f"{kind.value}: {failure.message}")
-                workflow.logger.warning("output failed to open", extra={"output": kind.value, "error": failure.code})
+                workflow.logger.warning(
+                    "output failed to open",
+                    extra={"output": kind.value, "error": failure.code, "live_switch": live_switch},
+                )
                 continue
-            self._status.output_attempts.append(OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True))
+            self._status.output_attempts.append(
+                OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True, live_switch=live_switch)
+            )
             self._status.output = opened.kind.value
             self._status.output_detail = opened.detail
             self._upsert_search_attributes()
-            return
-        raise _SessionFailed(ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures))
+            return None
+        return failures
 
     async def _serve(self) -> None:
         """Live until the session ends; a lost host is replaced per policy and the session goes on."""
@@ -349,45 +377,13 @@ class SessionWorkflow:
         kinds = self._output_kinds()
         current = OutputKind(self._status.output)
         later = kinds[kinds.index(current) + 1 :] if current in kinds else []
-        request = self._request
-        for kind in later:
-            self._enter(Phase.OPENING_OUTPUT)
-            try:
-                opened = await self._on_sidecar(
-                    ActivityName.SWITCH_OUTPUT,
-                    SwitchOutputInput(
-                        call=self._call(),
-                        kind=kind,
-                        room=request.room,
-                        livekit=request.output.livekit,
-                        rtmp=request.output.rtmp,
-                    ),
-                    OutputOpened,
-                    self._policy.activities.open_output,
-                )
-            except _SessionFailed as failure:
-                self._status.output_attempts.append(
-                    OutputAttempt(
-                        kind=kind,
-                        sidecar_id=self._status.sidecar,
-                        ok=False,
-                        error=ErrorInfo(code=failure.code, message=failure.message),
-                        live_switch=True,
-                    )
-                )
-                workflow.logger.warning(
-                    "live output switch failed", extra={"output": kind.value, "error": failure.code}
-                )
-                continue
-            workflow.logger.info("output switched while live", extra={"from": current.value, "to": kind.value})
-            self._status.output_attempts.append(
-                OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True, live_switch=True)
-            )
-            self._status.output = opened.kind.value
-            self._status.output_detail = opened.detail
-            self._upsert_search_attributes()
-            return True
-        return False
+        if not later:
+            return False
+        self._enter(Phase.OPENING_OUTPUT)
+        if await self._open_first_of(later, live_switch=True) is not None:
+            return False
+        workflow.logger.info("output switched while live", extra={"from": current.value, "to": self._status.output})
+        return True
 
     async def _run_on_sidecar(self) -> RunSessionResult:
         """One run_session on the current sidecar, ended by the host itself or by a stop the workflow sends."""
