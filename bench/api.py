@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "infra.process"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from bench.sessions import cpu_name
+    from bench.machine import cpu_name
     from infra.demo import avatar_zip_bytes, serve_directory
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:

@@ -31,8 +31,6 @@ import argparse
 import io
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.machine import cpu_name
 
 logger = logging.getLogger("bench.engine")
 
@@ -54,15 +54,7 @@ def device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return str(torch.cuda.get_device_name(torch.device(device)))
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
+    return cpu_name()
 
 
 def astronaut_zip(size: int = FRAME_PX, count: int = AVATAR_FRAMES) -> bytes:

@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.machine import cpu_name
 
 logger = logging.getLogger("bench.sessions")
 
@@ -73,18 +73,6 @@ class CountingPublisher:
 
     def stats(self) -> Any:
         return self._stats
-
-
-def cpu_name() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, str]:
