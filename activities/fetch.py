@@ -30,6 +30,7 @@ USER_AGENT = "lipsync-live-asset-fetch/1"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # 408/429 and 5xx may pass; other 4xx mean the URL is wrong and retrying cannot help.
 _RETRYABLE_CLIENT_STATUSES = frozenset({408, 425, 429})
+_INVALID_LOCATION = "Invalid URL in location header"  # httpx's RemoteProtocolError for an unparsable Location
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,15 @@ async def _follow(
             raise AssetError(
                 ErrorCode.ASSET_TOO_SLOW, f"{current}: no data for {limits.read_timeout_s:g} s (read timeout)"
             ) from exc
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        except httpx.RemoteProtocolError as exc:
+            if _INVALID_LOCATION in str(exc):
+                # httpx parses Location itself (even without following): a bad one is the server's
+                # permanent answer, not a transient failure worth retrying.
+                raise AssetError(ErrorCode.URL_INVALID, f"{current} redirects to an invalid URL: {exc}") from exc
+            raise AssetError(
+                ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
+            ) from exc
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError) as exc:
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc

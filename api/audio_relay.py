@@ -172,8 +172,9 @@ async def _read_client(websocket: WebSocket, inbox: asyncio.Queue[ClientMessage 
                 relay.close_reason = relay.close_reason or "client closed"
                 return
             relay.last_client_message_at_s = time.time()
-            if relay.upstream is None and message.get("bytes") is not None:
-                relay.early_bytes += len(message["bytes"])
+            if relay.upstream is None:
+                # Text waits in the same queue as PCM, so it counts too: the hold must stay bounded.
+                relay.early_bytes += len(message.get("bytes") or (message.get("text") or "").encode())
                 if relay.early_bytes > EARLY_BUFFER_MAX_BYTES:
                     relay.close_reason = "early_buffer_full"
                     return

@@ -23,9 +23,20 @@ _METADATA = frozenset(
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _unwrap(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """IPv6 forms that carry an IPv4 address (mapped, 6to4, Teredo) are judged by it, as the fetch guard does."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address.teredo is not None:
+            return address.teredo[1]
+    return address
+
+
 def _category(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _unwrap(address)
     if address in _METADATA:
         return "cloud metadata"
     for name, flag in (
@@ -62,7 +73,7 @@ def check_asset_url(url: str, field: str, allow_networks: list[str]) -> None:
     if category is None:
         return
     networks: list[IPNetwork] = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_networks]
-    plain = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else address
+    plain = _unwrap(address)
     if category == "cloud metadata":
         allowed = any(net.num_addresses == 1 and plain in net for net in networks)
     else:

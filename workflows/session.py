@@ -112,7 +112,9 @@ class SessionWorkflow:
         self._status = SessionStatus(session_id=self._request.session_id, room=self._request.room)
         self._stop_reason: EndReason | None = None
         self._placement: Placement | None = None
-        self._ever_placed = False
+        # True from the first place_session on: its acquire may land even if the step is then
+        # cancelled or fails, so teardown releases (idempotently) whenever one was started.
+        self._may_hold_slot = False
         self._avatar: ValidatedAvatar | None = None
         self._lost_incarnations: list[str] = []
         self._zombie_teardowns: list[workflow.ActivityHandle[bool]] = []
@@ -243,6 +245,7 @@ class SessionWorkflow:
         assert self._avatar is not None
         while True:
             self._enter(Phase.PLACING)
+            self._may_hold_slot = True
             placement = await self._control(
                 ActivityName.PLACE_SESSION,
                 PlaceSessionInput(
@@ -250,9 +253,10 @@ class SessionWorkflow:
                 ),
                 Placement,
                 activities.place_session,
+                # A cancelled place_session may still be acquiring: wait for it, so release_slot comes after.
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
             self._placement = placement
-            self._ever_placed = True
             self._audio_samples_seen = 0  # a new host counts from zero
             self._status.sidecar = placement.sidecar_id
             try:
@@ -555,7 +559,7 @@ class SessionWorkflow:
         for handle in self._zombie_teardowns:
             with contextlib.suppress(ActivityError):
                 await handle
-        if self._ever_placed:
+        if self._may_hold_slot:
             try:
                 await self._control(
                     ActivityName.RELEASE_SLOT,
@@ -577,6 +581,7 @@ class SessionWorkflow:
         policy: ControlActivityPolicy,
         *,
         interruptible: bool = True,
+        cancellation_type: workflow.ActivityCancellationType = workflow.ActivityCancellationType.TRY_CANCEL,
     ) -> ResultT:
         handle = workflow.start_activity(
             name,
@@ -585,6 +590,7 @@ class SessionWorkflow:
             start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
             schedule_to_close_timeout=timedelta(seconds=policy.schedule_to_close_s),
             retry_policy=policy.retry.to_retry_policy(),
+            cancellation_type=cancellation_type,
         )
         return await self._finish(handle, name, None, interruptible)
 

@@ -82,6 +82,7 @@ async def test_refusals_carry_their_code(
         ("http://169.254.169.254/latest/meta-data/", ErrorCode.REDIRECT_FORBIDDEN_ADDRESS),
         ("file:///etc/passwd", ErrorCode.URL_INVALID),
         ("gopher://127.0.0.1:70/", ErrorCode.URL_INVALID),
+        ("http://[::1", ErrorCode.URL_INVALID),  # unparsable: refused with a code, not an httpx exception
     ],
 )
 async def test_every_redirect_hop_is_checked(
@@ -90,7 +91,7 @@ async def test_every_redirect_hop_is_checked(
     url = asset_server.redirect(f"/hop-{abs(hash(location))}", location)
     with pytest.raises(AssetError) as refused:
         await download(url, limits, tmp_path, suffix=".zip")
-    assert refused.value.code is code
+    assert refused.value.code is code and not refused.value.retryable, refused.value
 
 
 async def test_redirect_count_is_bounded(asset_server: AssetServer, limits: FetchLimits, tmp_path: Path) -> None:

@@ -132,6 +132,8 @@ async def test_validation_errors_are_422_with_field_names(world: Harness, body: 
         ("http://localhost/a.zip", "url_forbidden_address", "loopback"),
         ("http://LocalHost./a.zip", "url_forbidden_address", "loopback"),
         ("http://[::ffff:127.0.0.1]/a.zip", "url_forbidden_address", "loopback"),
+        ("http://[2002:7f00:1::1]/a.zip", "url_forbidden_address", "loopback"),  # 6to4 carrying 127.0.0.1
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/a.zip", "url_forbidden_address", "loopback"),  # Teredo
         ("http://10.1.2.3/a.zip", "url_forbidden_address", "private"),
         ("http://192.168.0.10/a.zip", "url_forbidden_address", "private"),
         ("http://169.254.169.254/latest/meta-data/", "url_forbidden_address", "cloud metadata"),
