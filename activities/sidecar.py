@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError
 from activities import fetch
 from activities.control import ASSET_SUFFIXES
 from activities.errors import AssetError, application_error_from
+from activities.output_guard import checked_rtmp_url
 from realtime.host import (
     AvatarAsset,
     LiveKitTarget,
@@ -163,7 +164,7 @@ class SidecarActivities:
     @activity.defn(name=ActivityName.OPEN_OUTPUT.value)
     async def open_output(self, request: OpenOutputInput) -> OutputOpened:
         self._check_incarnation(request.call)
-        target = self._output_target(request)
+        target = await self._output_target(request)
         async with self._shutdown_means_host_gone("open_output"), _keep_alive():
             try:
                 opened = await self.host.open_output(request.call.session_id, target)
@@ -177,7 +178,7 @@ class SidecarActivities:
     async def switch_output(self, request: SwitchOutputInput) -> OutputOpened:
         """Live fallback: the session's output failed while live; move it to `request.kind` in place."""
         self._check_incarnation(request.call)
-        target = self._output_target(
+        target = await self._output_target(
             OpenOutputInput(
                 call=request.call,
                 kind=request.kind,
@@ -185,6 +186,7 @@ class SidecarActivities:
                 livekit=request.livekit,
                 rtmp=request.rtmp,
                 record=False,  # the recording opened with the session goes on; a switch does not start one
+                rtmp_allow_networks=request.rtmp_allow_networks,
             )
         )
         async with self._shutdown_means_host_gone("switch_output"), _keep_alive():
@@ -319,7 +321,7 @@ class SidecarActivities:
             )
         return download.path
 
-    def _output_target(self, request: OpenOutputInput) -> OutputTarget:
+    async def _output_target(self, request: OpenOutputInput) -> OutputTarget:
         record_path = None
         if request.record and self.config.recordings_dir is not None:
             record_path = self.config.recordings_dir / f"{request.call.session_id}.mp4"
@@ -338,7 +340,11 @@ class SidecarActivities:
             return OutputTarget(kind=OutputKind.LIVEKIT, livekit=target, record_path=record_path)
         if request.rtmp is None:
             raise ApplicationError("no RTMP output was requested", type=ErrorCode.INVALID_REQUEST.value)
-        return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=request.rtmp.url), record_path=record_path)
+        try:
+            url = await checked_rtmp_url(request.rtmp.url, request.rtmp_allow_networks)
+        except AssetError as exc:
+            raise exc.to_application_error() from None
+        return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=url), record_path=record_path)
 
     def _mint_livekit_token(self, room: str, identity: str, publish_on_behalf: str | None) -> str:
         if not self.config.livekit_api_key or not self.config.livekit_api_secret:

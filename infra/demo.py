@@ -254,7 +254,15 @@ def demo_policies(work_dir: Path, overrides: dict[str, Any] | None = None) -> Pa
 
     document = yaml.safe_load(policies_path().read_text())
     allow = list(document["assets"]["fetch"].get("allow_networks") or [])
-    document = apply_overrides(document, {"assets.fetch.allow_networks": [*allow, "127.0.0.1/32"], **(overrides or {})})
+    rtmp_allow = list(document["outputs"].get("rtmp_allow_networks") or [])
+    document = apply_overrides(
+        document,
+        {
+            "assets.fetch.allow_networks": [*allow, "127.0.0.1/32"],
+            "outputs.rtmp_allow_networks": [*rtmp_allow, "127.0.0.1/32"],  # the embedded nginx-rtmp
+            **(overrides or {}),
+        },
+    )
     path = work_dir / "policies.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     load_policies(path)  # validate what we wrote

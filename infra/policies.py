@@ -204,11 +204,15 @@ def _check(policy: SessionPolicy, source: str) -> None:
         if control.schedule_to_close_s < control.start_to_close_s:
             fail(f"activities.{name}.schedule_to_close_s", "must be >= start_to_close_s")
 
-    for index, network in enumerate(policy.assets.fetch.allow_networks):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError as exc:
-            fail(f"assets.fetch.allow_networks[{index}]", f"not an IP network (CIDR): {exc}")
+    for key, networks in (
+        ("assets.fetch.allow_networks", policy.assets.fetch.allow_networks),
+        ("outputs.rtmp_allow_networks", policy.outputs.rtmp_allow_networks),
+    ):
+        for index, network in enumerate(networks):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                fail(f"{key}[{index}]", f"not an IP network (CIDR): {exc}")
 
     frames = policy.assets.frames
     if frames.min_side_px < MIN_FRAME_SIDE_PX:

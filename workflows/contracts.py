@@ -309,6 +309,7 @@ class OpenOutputInput:
     livekit: LiveKitOutputRequest | None
     rtmp: RtmpOutputRequest | None
     record: bool
+    rtmp_allow_networks: list[str] = field(default_factory=list)  # the policy's SSRF exemptions for RTMP
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ class SwitchOutputInput:
     room: str
     livekit: LiveKitOutputRequest | None
     rtmp: RtmpOutputRequest | None
+    rtmp_allow_networks: list[str] = field(default_factory=list)  # the policy's SSRF exemptions for RTMP
 
 
 @dataclass(frozen=True)

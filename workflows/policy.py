@@ -109,6 +109,9 @@ class OutputPolicy:
     # Tried in order at open time; kinds the request lacks are skipped. While live, a failed output
     # is replaced by the next kind in this order (switch_output).
     fallback_order: list[OutputKindName]
+    # CIDRs an RTMP output URL may point into although private/loopback/link-local (the SSRF guard
+    # refuses them otherwise), e.g. an internal RTMP relay. Cloud metadata needs an exact entry.
+    rtmp_allow_networks: list[str]
 
 
 @dataclass(frozen=True)

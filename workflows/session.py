@@ -300,6 +300,7 @@ class SessionWorkflow:
                         room=request.room,
                         livekit=request.output.livekit,
                         rtmp=request.output.rtmp,
+                        rtmp_allow_networks=list(self._policy.outputs.rtmp_allow_networks),
                     ),
                 )
                 if live_switch
@@ -312,6 +313,7 @@ class SessionWorkflow:
                         livekit=request.output.livekit,
                         rtmp=request.output.rtmp,
                         record=request.output.record,
+                        rtmp_allow_networks=list(self._policy.outputs.rtmp_allow_networks),
                     ),
                 )
             )

@@ -159,6 +159,7 @@ async def test_steps_cut_short_by_worker_shutdown_say_the_sidecar_is_going_away(
                 livekit=None,
                 rtmp=RtmpOutputRequest(url=f"rtmp://127.0.0.1:{port}/live/s1"),
                 record=False,
+                rtmp_allow_networks=["127.0.0.1/32"],
             ),
         )
     run = RunSessionInput(

@@ -57,6 +57,7 @@ FAST_POLICY_OVERRIDES: dict[str, Any] = {
     "session.stats_report_interval_s": 0.5,
     "session.stop_grace_s": 2.0,
     "assets.fetch.allow_networks": LOOPBACK_ONLY,
+    "outputs.rtmp_allow_networks": LOOPBACK_ONLY,  # nginx-rtmp runs on loopback
     "assets.fetch.connect_timeout_s": 1.0,
     "assets.fetch.read_timeout_s": 1.0,
     "assets.fetch.total_timeout_s": 3.0,
