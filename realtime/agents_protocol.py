@@ -179,13 +179,11 @@ class AgentAudioBridge:
             # Superseded by a newer stream (or shutting down): what arrived still plays.
             if self.runtime.timeline.generation == generation:
                 audio_input.end_utterance()
+            else:
+                self._account_cleared(audio_input, pcm_format, discarded_bytes + len(carry))
             raise
         if self.runtime.timeline.generation != generation:
-            # Cleared mid-segment: what arrived after the clear is counted (received and flushed), never played.
-            audio_input.settle()
-            self.runtime.timeline.discard_held(
-                pcm_format.to_timeline_samples((discarded_bytes + len(carry)) // pcm_format.bytes_per_frame)
-            )
+            self._account_cleared(audio_input, pcm_format, discarded_bytes + len(carry))
             return
         if carry:
             try:
@@ -198,6 +196,13 @@ class AgentAudioBridge:
             except IngestError as exc:
                 logger.error("%s", exc)
         audio_input.end_utterance()
+
+    def _account_cleared(self, audio_input: AudioInput, pcm_format: PcmFormat, discarded_bytes: int) -> None:
+        """Cleared mid-segment: what arrived after the clear is counted (received and flushed), never played."""
+        audio_input.settle()
+        self.runtime.timeline.discard_held(
+            pcm_format.to_timeline_samples(discarded_bytes // pcm_format.bytes_per_frame)
+        )
 
     def _on_clear_buffer(self, data: rtc.RpcInvocationData) -> str:
         if self.agent_identity is not None and data.caller_identity != self.agent_identity:

@@ -116,7 +116,9 @@ def _positive_int(raw: object, name: str) -> int:
         raise _bad_config(f"{name} must be a positive integer, not {raw!r}")
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, str) and raw.strip().isdigit():
+    elif isinstance(raw, str) and raw.strip().isascii() and raw.strip().isdigit():
+        # ASCII only: str.isdigit() is also true for "²" and other digits int() refuses (a ValueError here
+        # would escape as a crash instead of a bad_config error the client can act on).
         value = int(raw.strip())
     elif isinstance(raw, float) and raw.is_integer():
         value = int(raw)

@@ -63,6 +63,7 @@ class RtmpStats:
     frames_sent: int = 0
     frames_dropped: int = 0  # ticks that could not be sent (server down, or queue full)
     speech_samples_sent: int = 0  # speech the sent ticks carried (16 kHz timeline units)
+    speech_samples_dropped: int = 0  # speech the dropped ticks carried (16 kHz timeline units)
     playout_samples_sent: int = 0  # all audio sent (48 kHz samples)
     speech_samples_flushed: int = 0  # speech an interrupt silenced before it was sent (16 kHz units)
     last_error: str = ""
@@ -158,6 +159,7 @@ class RtmpPublisher:
             self._queue.put_nowait(_Tick(frame_rgb, frame_index, audio_48k, audio_start_sample, speech_samples))
         except queue.Full:
             self.stats.frames_dropped += 1
+            self.stats.speech_samples_dropped += speech_samples
 
     def replace_pending(self, idle_frame: Callable[[int], np.ndarray]) -> int:
         """Interrupt: queued, unsent ticks show `idle_frame(frame_index)` with silence. Returns how many."""
@@ -206,11 +208,13 @@ class RtmpPublisher:
                 now = time.monotonic()
                 if now < next_attempt:
                     self.stats.frames_dropped += 1
+                    self.stats.speech_samples_dropped += tick.speech_samples
                     continue
                 try:
                     muxer = self._open_probed()
                 except Exception as exc:
                     self.stats.frames_dropped += 1
+                    self.stats.speech_samples_dropped += tick.speech_samples
                     self.stats.last_error = str(exc)
                     next_attempt = now + backoff_s
                     backoff_s = min(backoff_s * 2, self.backoff_max_s)
@@ -235,6 +239,7 @@ class RtmpPublisher:
                 self.stats.connected = False
                 self.stats.last_error = str(exc)
                 self.stats.frames_dropped += 1
+                self.stats.speech_samples_dropped += tick.speech_samples
                 muxer.abort()
                 muxer = None
                 next_attempt = time.monotonic() + backoff_s

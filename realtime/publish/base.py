@@ -50,6 +50,8 @@ class PublisherStats:
     frames_published: int = 0
     frames_dropped: int = 0  # ticks that could not be delivered (disconnected, queue full)
     audio_samples_published: int = 0  # speech samples delivered, 16 kHz timeline units
+    # Speech samples of dropped ticks (16 kHz units): published + dropped == rendered once playback drained.
+    audio_samples_dropped: int = 0
     playout_samples_published: int = 0  # all audio delivered (speech + silence), 48 kHz samples
     reconnects: int = 0
     last_error: str = ""

@@ -269,6 +269,7 @@ class LiveKitPublisher:
         self._next_tick_deadline_s = tick.deadline_s + len(tick.audio_playout) / PLAYOUT_SAMPLE_RATE_HZ
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
+            self._stats.audio_samples_dropped += tick.speech_samples
             self._audio_anchored = False  # the queue drains meanwhile: refill it on the next tick
             return
         if self._audio_source is not None:

@@ -46,6 +46,7 @@ class RecordingOutput:
         except queue.Full:
             with self._lock:
                 self._stats.frames_dropped += 1
+                self._stats.audio_samples_dropped += tick.speech_samples
 
     def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
         # A recording keeps what was rendered: it documents the session, it is not live playout.
@@ -61,6 +62,7 @@ class RecordingOutput:
                 logger.warning("recording write failed", extra={"path": str(self.path), "error": str(exc)})
                 with self._lock:
                     self._stats.frames_dropped += 1
+                    self._stats.audio_samples_dropped += tick.speech_samples
                     self._stats.last_error = str(exc)
                 continue
             with self._lock:

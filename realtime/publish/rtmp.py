@@ -51,6 +51,7 @@ class RtmpOutput:
             frames_published=raw.frames_sent,
             frames_dropped=raw.frames_dropped,
             audio_samples_published=raw.speech_samples_sent,
+            audio_samples_dropped=raw.speech_samples_dropped,
             playout_samples_published=raw.playout_samples_sent,
             reconnects=raw.reconnects,
             last_error=raw.last_error,

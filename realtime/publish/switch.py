@@ -8,7 +8,6 @@ accounting still holds after a switch, and `switches` makes the change visible.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -47,13 +46,17 @@ class SwitchableOutput:
         """Start `replacement` (raises if it cannot open: the current output stays), then retire the current one."""
         await replacement.start()
         old, self._current = self._current, replacement
-        with contextlib.suppress(Exception):
+        try:
             await old.close()
+        except Exception:
+            # The session is on the new output already; a failed close may leave the old one connected: say so.
+            logger.exception("closing the replaced output failed", extra={"output": old.name})
         final = old.stats()
         for counter in (
             "frames_published",
             "frames_dropped",
             "audio_samples_published",
+            "audio_samples_dropped",
             "playout_samples_published",
             "reconnects",
         ):
@@ -73,6 +76,7 @@ class SwitchableOutput:
             frames_published=self._retired.frames_published + current.frames_published,
             frames_dropped=self._retired.frames_dropped + current.frames_dropped,
             audio_samples_published=self._retired.audio_samples_published + current.audio_samples_published,
+            audio_samples_dropped=self._retired.audio_samples_dropped + current.audio_samples_dropped,
             playout_samples_published=self._retired.playout_samples_published + current.playout_samples_published,
             reconnects=self._retired.reconnects + current.reconnects,
             last_error=current.last_error,

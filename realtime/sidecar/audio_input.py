@@ -79,7 +79,7 @@ class AudioInput:
             )
         try:
             mono, clipped = self.converter.decode(payload)
-            self.runtime.timeline.check_capacity(pcm_format.to_timeline_samples(len(mono)))
+            self._check_accepting(pcm_format.to_timeline_samples(len(mono)))
         except IngestError as exc:
             self._reject(exc)
         if len(mono) == 0:
@@ -95,7 +95,7 @@ class AudioInput:
         """Already-decoded mono float32 at this input's rate (agent byte streams); raises BUFFER_FULL."""
         self._sync_generation()
         try:
-            self.runtime.timeline.check_capacity(self.converter.pcm_format.to_timeline_samples(len(mono)))
+            self._check_accepting(self.converter.pcm_format.to_timeline_samples(len(mono)))
         except IngestError as exc:
             self._reject(exc)
         if len(mono) == 0:
@@ -133,6 +133,18 @@ class AudioInput:
         self._cancel_gap_timer()
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _check_accepting(self, timeline_samples: int) -> None:
+        """Raise (rejecting `timeline_samples`) when the session has stopped or its buffer is full."""
+        if self.runtime.stopped:
+            # Its clock is gone: queued audio would stay pending for ever, so it is refused and counted here.
+            raise IngestError(
+                IngestErrorCode.SESSION_ENDED,
+                f"session {self.runtime.session_id} has ended; the message was rejected",
+                rejected_samples=timeline_samples,
+                fatal=True,
+            )
+        self.runtime.timeline.check_capacity(timeline_samples)
 
     def _reject(self, error: IngestError) -> None:
         self.errors[str(error.code)] += 1

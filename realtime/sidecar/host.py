@@ -171,10 +171,14 @@ class SidecarHost:
         if session.live_output is None or session.prepared is None or session.runtime is None:
             raise SessionNotPrepared(f"session {session_id} has no open output to switch: call open_output first")
         publisher, opened = self._make_publisher(target, session.prepared)
-        if session.bridge is not None:
-            await session.bridge.close()  # the agent's room is the old output's
-            session.bridge = None
+        # Raises when the new output cannot open: the session stays on its output, agent bridge included.
         await session.live_output.switch_to(publisher)
+        if session.bridge is not None:
+            bridge, session.bridge = session.bridge, None
+            try:
+                await bridge.close()  # the agent's room was the old output's
+            except Exception:
+                logger.exception("closing the agent bridge failed", extra={"session_id": session_id})
         session.output = opened
         session.output_down_since_s = None
         if session.stop_reason is SessionEndReason.OUTPUT_FAILED:
@@ -204,12 +208,15 @@ class SidecarHost:
             for publisher in publishers:
                 await publisher.start()  # raises a typed OutputError: the workflow applies its fallback policy
                 started.append(publisher)
+            engine_view = self.engine.open_session(session.avatar)
         except BaseException:
+            # Nothing holds the started outputs yet (teardown would not see them): close them here.
             for publisher in started:
-                with contextlib.suppress(Exception):
+                try:
                     await publisher.close()
+                except Exception:
+                    logger.exception("closing an output after a failed open failed", extra={"session_id": session_id})
             raise
-        engine_view = self.engine.open_session(session.avatar)
         runtime = SessionRuntime(session_id, engine_view, publishers, self.lane, self.config.runtime)
         session.runtime, session.publishers, session.output = runtime, publishers, opened
         await runtime.start()
@@ -291,10 +298,17 @@ class SidecarHost:
             return
         session.stop_reason = session.stop_reason or SessionEndReason.STOPPED
         session.stop_event.set()
+        # Each step is guarded: one failing must not leave the publishers (a LiveKit participant) connected.
         if session.bridge is not None:
-            await session.bridge.close()
+            try:
+                await session.bridge.close()
+            except Exception:
+                logger.exception("closing the agent bridge failed", extra={"session_id": session_id})
         if session.runtime is not None:
-            await session.runtime.stop()
+            try:
+                await session.runtime.stop()
+            except Exception:
+                logger.exception("stopping the session runtime failed", extra={"session_id": session_id})
         for publisher in session.publishers:
             try:
                 await publisher.close()

@@ -125,12 +125,14 @@ class SessionRuntime:
         self.last_audio_at_s: float | None = None
         self.render_errors = 0
         self.last_error = ""
+        self.stopped = False  # set by `stop`: audio that arrives later is rejected (nothing would play it)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks) and not all(task.done() for task in self._tasks)
+        """The clock and the render task are both alive (either one alone publishes nothing useful)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     async def start(self) -> None:
         if self._tasks:
@@ -141,15 +143,32 @@ class SessionRuntime:
             asyncio.create_task(self._clock_loop(), name=f"clock-{self.session_id}"),
             asyncio.create_task(self._render_loop(), name=f"render-{self.session_id}"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """A clock or render task that dies stops the session's frames: say so now, not only at `stop`."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.last_error = f"{task.get_name()} failed: {exc!r}"
+        logger.error("session task failed", exc_info=exc, extra={"session_id": self.session_id})
 
     async def stop(self) -> None:
-        """Stop the clock and the render task; unplayed audio is accounted as flushed."""
+        """Stop the clock and the render task; unplayed audio is accounted as flushed.
+
+        A task that already died is not re-raised here (it was logged when it died): the caller's teardown
+        must go on to close the publishers and account for the audio."""
+        self.stopped = True
         tasks = [*self._tasks, *self._render_jobs]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                try:
+                    await task
+                except Exception:
+                    logger.debug("stopped a failed session task", extra={"session_id": self.session_id})
         self._tasks = []
         self._render_jobs.clear()
         self._discard_all(interrupted=True, notify=True)
@@ -195,7 +214,12 @@ class SessionRuntime:
         self._crossfade_from = None
         self._crossfade_left = 0
         for publisher in self.publishers:
-            publisher.interrupt(self.engine.avatar.idle_frame)
+            try:
+                publisher.interrupt(self.engine.avatar.idle_frame)
+            except Exception as exc:
+                # One output failing to cut must not leave the others playing the flushed speech.
+                self.last_error = f"{publisher.name}: interrupt failed: {exc}"
+                logger.exception("publisher interrupt failed", extra={"session_id": self.session_id})
         self._wake.set()
         return finished
 
@@ -473,6 +497,7 @@ class SessionRuntime:
             extra[f"{ps.name}_frames_published"] = float(ps.frames_published)
             extra[f"{ps.name}_frames_dropped"] = float(ps.frames_dropped)
             extra[f"{ps.name}_audio_samples_published"] = float(ps.audio_samples_published)
+            extra[f"{ps.name}_audio_samples_dropped"] = float(ps.audio_samples_dropped)
             extra[f"{ps.name}_connected"] = float(ps.connected)
             for key, value in ps.extra.items():  # e.g. a switchable output's `switches`
                 extra[f"{ps.name}_{key}"] = value

@@ -56,6 +56,8 @@ WS_SOURCE = "ws"
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_GOING_AWAY = 1001
 LOOKAHEAD_MS = 80
+# Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
+MIN_STATS_INTERVAL_MS = 100
 # Query parameters that are not part of the audio format.
 _NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms"}
 
@@ -88,6 +90,7 @@ class _AudioConnection:
         self.input: AudioInput | None = None
         self._sender: asyncio.Task[None] | None = None
         self._closing = False
+        self._close_error: IngestError | None = None  # why `_close` began (replaced, session ended)
 
     # PlaybackListener: events for utterances that came in over the WS.
     def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None:
@@ -117,6 +120,7 @@ class _AudioConnection:
         if self._closing:
             return
         self._closing = True
+        self._close_error = error
         if error is not None:
             self.outbox.put_nowait(error.to_message())
         self.outbox.put_nowait(None)
@@ -150,6 +154,15 @@ class _AudioConnection:
             return
         except ValueError:
             await self._close(IngestError(IngestErrorCode.BAD_CONFIG, "stats_interval_ms must be an integer"))
+            return
+        if stats_interval_ms != 0 and stats_interval_ms < MIN_STATS_INTERVAL_MS:
+            await self._close(
+                IngestError(
+                    IngestErrorCode.BAD_CONFIG,
+                    f"stats_interval_ms {stats_interval_ms} must be 0 (stats only on request) "
+                    f"or at least {MIN_STATS_INTERVAL_MS}",
+                )
+            )
             return
         self.input = AudioInput(
             runtime,
@@ -209,7 +222,10 @@ class _AudioConnection:
                 message = await self.websocket.receive()
             except (WebSocketDisconnect, RuntimeError):
                 return
-            if message["type"] == "websocket.disconnect" or self._closing:
+            if message["type"] == "websocket.disconnect":
+                return
+            if self._closing:
+                self._refuse_late(message)
                 return
             try:
                 if message.get("bytes") is not None:
@@ -221,6 +237,24 @@ class _AudioConnection:
                     await self._close(exc)
                     return
                 self.outbox.put_nowait(exc.to_message())
+
+    def _refuse_late(self, message: dict[str, Any]) -> None:
+        """Audio that arrived while the connection was closing is not played: count it as rejected."""
+        assert self.input is not None
+        payload = message.get("bytes")
+        if not payload:
+            return
+        reason = self._close_error
+        code = reason.code if reason is not None else IngestErrorCode.SESSION_ENDED
+        pcm_format = self.input.pcm_format
+        with contextlib.suppress(IngestError):
+            self.input.reject(
+                IngestError(
+                    code,
+                    "binary message arrived while the connection was closing; the message was rejected",
+                    rejected_samples=pcm_format.to_timeline_samples(len(payload) // pcm_format.bytes_per_frame),
+                )
+            )
 
     def _handle_text(self, text: str) -> None:
         assert self.input is not None

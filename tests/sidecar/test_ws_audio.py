@@ -191,6 +191,8 @@ async def test_seed_address_and_takeover_by_a_second_connection(
         ({"channels": "0"}, "bad_config"),
         ({"bits": "16"}, "bad_config"),
         ({"stats_interval_ms": "soon"}, "bad_config"),
+        ({"stats_interval_ms": "1"}, "bad_config"),  # a stats flood
+        ({"stats_interval_ms": "-5"}, "bad_config"),
     ],
 )
 async def test_bad_config_in_the_query_is_refused_and_closed(
