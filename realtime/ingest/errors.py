@@ -23,6 +23,7 @@ class IngestErrorCode(StrEnum):
     UNKNOWN_SESSION = "unknown_session"
     SESSION_ENDED = "session_ended"
     REPLACED = "replaced"  # a newer audio connection for the same session took over
+    INTERNAL_ERROR = "internal_error"  # a bug on our side: the connection closes, the session goes on
 
 
 class IngestError(Exception):

@@ -95,6 +95,8 @@ class RtmpPublisher:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.stats = RtmpStats()
+        # Drops are counted from the caller's thread (queue full) and the media thread (server down).
+        self._drop_lock = threading.Lock()
         self._queue: queue.Queue[_Tick | None] = queue.Queue(maxsize=queue_size_frames)
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -146,6 +148,11 @@ class RtmpPublisher:
         self.stats.connects += 1
         logger.info("rtmp connected", extra={"url": redact_rtmp_url(self.url), "connects": self.stats.connects})
 
+    def _count_drop(self, speech_samples: int) -> None:
+        with self._drop_lock:
+            self.stats.frames_dropped += 1
+            self.stats.speech_samples_dropped += speech_samples
+
     def submit(
         self,
         frame_rgb: np.ndarray,
@@ -158,8 +165,7 @@ class RtmpPublisher:
         try:
             self._queue.put_nowait(_Tick(frame_rgb, frame_index, audio_48k, audio_start_sample, speech_samples))
         except queue.Full:
-            self.stats.frames_dropped += 1
-            self.stats.speech_samples_dropped += speech_samples
+            self._count_drop(speech_samples)
 
     def replace_pending(self, idle_frame: Callable[[int], np.ndarray]) -> int:
         """Interrupt: queued, unsent ticks show `idle_frame(frame_index)` with silence. Returns how many."""
@@ -207,14 +213,12 @@ class RtmpPublisher:
             if muxer is None:
                 now = time.monotonic()
                 if now < next_attempt:
-                    self.stats.frames_dropped += 1
-                    self.stats.speech_samples_dropped += tick.speech_samples
+                    self._count_drop(tick.speech_samples)
                     continue
                 try:
                     muxer = self._open_probed()
                 except Exception as exc:
-                    self.stats.frames_dropped += 1
-                    self.stats.speech_samples_dropped += tick.speech_samples
+                    self._count_drop(tick.speech_samples)
                     self.stats.last_error = str(exc)
                     next_attempt = now + backoff_s
                     backoff_s = min(backoff_s * 2, self.backoff_max_s)
@@ -238,8 +242,7 @@ class RtmpPublisher:
                 logger.warning("rtmp connection lost", extra={"url": redact_rtmp_url(self.url), "error": str(exc)})
                 self.stats.connected = False
                 self.stats.last_error = str(exc)
-                self.stats.frames_dropped += 1
-                self.stats.speech_samples_dropped += tick.speech_samples
+                self._count_drop(tick.speech_samples)
                 muxer.abort()
                 muxer = None
                 next_attempt = time.monotonic() + backoff_s

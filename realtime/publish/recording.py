@@ -73,7 +73,8 @@ class RecordingOutput:
     async def close(self) -> None:
         if self._thread is None or self._recorder is None:
             return
-        self._queue.put(None)
+        # The queue may be full (the disk is slow): wait off the event loop, which keeps the session clock.
+        await asyncio.to_thread(self._queue.put, None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         final = await asyncio.to_thread(self._recorder.close)

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 WS_SOURCE = "ws"
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
 LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
@@ -237,6 +238,17 @@ class _AudioConnection:
                     await self._close(exc)
                     return
                 self.outbox.put_nowait(exc.to_message())
+            except Exception:
+                # A defect, not bad input: the client still gets a code and a sentence (not a bare drop),
+                # the traceback goes to the log, and the session itself (other clients, the clock) goes on.
+                logger.exception("audio message handling failed", extra={"session_id": self.session_id})
+                error = IngestError(
+                    IngestErrorCode.INTERNAL_ERROR,
+                    "the sidecar failed to handle this message (a bug, logged); reconnect to go on",
+                    fatal=True,
+                )
+                await self._close(error, code=CLOSE_INTERNAL_ERROR)
+                return
 
     def _refuse_late(self, message: dict[str, Any]) -> None:
         """Audio that arrived while the connection was closing is not played: count it as rejected."""

@@ -229,6 +229,26 @@ async def test_bad_config_message_is_fatal_and_the_session_lives_on(
     assert len(recorder.ticks) > ticks  # the session's clock never stopped
 
 
+async def test_a_defect_while_handling_audio_is_an_internal_error_not_a_silent_drop(
+    sidecar: RunningSidecar, session: tuple[str, RecordingPublisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from realtime.sidecar.audio_input import AudioInput
+
+    def broken_push(self: AudioInput, payload: bytes) -> None:
+        raise RuntimeError("simulated defect")
+
+    session_id, recorder = session
+    monkeypatch.setattr(AudioInput, "push", broken_push)
+    async with websockets.connect(sidecar.audio_url(session_id)) as ws:
+        await recv_until(ws, "ready")
+        await ws.send(s16(tone(0.1)))
+        await expect_error(ws, "internal_error")
+        await expect_closed(ws, 1011)
+    ticks = len(recorder.ticks)
+    await asyncio.sleep(0.2)
+    assert len(recorder.ticks) > ticks  # the session's clock never stopped
+
+
 async def test_each_bad_message_gets_its_error_and_the_connection_goes_on(
     sidecar: RunningSidecar, session: tuple[str, RecordingPublisher]
 ) -> None:
