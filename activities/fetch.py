@@ -108,7 +108,7 @@ async def _follow(
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError) as exc:
+        except httpx.TransportError as exc:  # connect/read/write/pool errors and timeouts: the network, maybe transient
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc

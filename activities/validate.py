@@ -80,9 +80,12 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
     for info in infos:
         name = info.filename
         _check_name(name)
-        if name in seen:
-            raise AssetError(ErrorCode.ZIP_DUPLICATE_ENTRY, f"the zip names {name!r} twice")
-        seen.add(name)
+        # `a.png`, `./a.png` and `A.png` are one file once extracted (on a case-insensitive
+        # disk too): two of them would make the frame order depend on which one a reader picks.
+        key = posixpath.normpath(name.replace("\\", "/")).casefold()
+        if key in seen:
+            raise AssetError(ErrorCode.ZIP_DUPLICATE_ENTRY, f"the zip names {name!r} twice (or under another spelling)")
+        seen.add(key)
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise AssetError(ErrorCode.ZIP_SYMLINK, f"entry {name!r} is a symbolic link; links are not accepted")

@@ -73,12 +73,13 @@ def test_traversal_names(policy: SessionPolicy, tmp_path: Path, name: str) -> No
     assert refused(policy, write(tmp_path, data)).code is ErrorCode.ZIP_PATH_TRAVERSAL
 
 
-def test_duplicate_entries(policy: SessionPolicy, tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", ["frame_1.png", "./frame_1.png", "FRAME_1.PNG"])
+def test_duplicate_entries(policy: SessionPolicy, tmp_path: Path, second: str) -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
         warnings.simplefilter("ignore")
         archive.writestr("frame_1.png", media.png(media.astronaut_frame()))
-        archive.writestr("frame_1.png", media.png(media.astronaut_frame(shift_px=3)))
+        archive.writestr(second, media.png(media.astronaut_frame(shift_px=3)))
     assert refused(policy, write(tmp_path, buffer.getvalue())).code is ErrorCode.ZIP_DUPLICATE_ENTRY
 
 
