@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from activities.output_guard import checked_rtmp_url
 from realtime.host import (
     AvatarAsset,
     LiveKitTarget,
+    OpenedOutput,
     OutputKind,
     OutputTarget,
     PrepareProgress,
@@ -165,14 +166,11 @@ class SidecarActivities:
     async def open_output(self, request: OpenOutputInput) -> OutputOpened:
         self._check_incarnation(request.call)
         target = await self._output_target(request)
-        async with self._shutdown_means_host_gone("open_output"), _keep_alive():
-            try:
-                opened = await self.host.open_output(request.call.session_id, target)
-            except Exception as exc:
-                raise application_error_from(
-                    exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=f"{request.kind.value} output"
-                ) from exc
-        return OutputOpened(kind=ContractOutputKind(opened.kind.value), detail=opened.detail)
+        return await self._connect_output(
+            "open_output",
+            f"{request.kind.value} output",
+            lambda: self.host.open_output(request.call.session_id, target),
+        )
 
     @activity.defn(name=ActivityName.SWITCH_OUTPUT.value)
     async def switch_output(self, request: SwitchOutputInput) -> OutputOpened:
@@ -189,13 +187,21 @@ class SidecarActivities:
                 rtmp_allow_networks=request.rtmp_allow_networks,
             )
         )
-        async with self._shutdown_means_host_gone("switch_output"), _keep_alive():
+        return await self._connect_output(
+            "switch_output",
+            f"switch to {request.kind.value} output",
+            lambda: self.host.switch_output(request.call.session_id, target),
+        )
+
+    async def _connect_output(
+        self, step: str, context: str, connect: Callable[[], Awaitable[OpenedOutput]]
+    ) -> OutputOpened:
+        """Await the host's open/switch with heartbeats; its typed failure becomes the activity's error code."""
+        async with self._shutdown_means_host_gone(step), _keep_alive():
             try:
-                opened = await self.host.switch_output(request.call.session_id, target)
+                opened = await connect()
             except Exception as exc:
-                raise application_error_from(
-                    exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=f"switch to {request.kind.value} output"
-                ) from exc
+                raise application_error_from(exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=context) from exc
         return OutputOpened(kind=ContractOutputKind(opened.kind.value), detail=opened.detail)
 
     @activity.defn(name=ActivityName.RUN_SESSION.value)

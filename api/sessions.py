@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -180,13 +180,17 @@ class SessionService:
 
     async def memo(self, client: Client, session_id: str) -> tuple[WorkflowExecutionStatus | None, dict[str, Any]]:
         """The execution's status and memo; 404 when there is no such session."""
+        description = await self._describe(client, session_id)
+        return description.status, dict(await description.memo())
+
+    async def _describe(self, client: Client, session_id: str) -> WorkflowExecutionDescription:
+        """The session's execution description; 404 when there is no such session."""
         try:
-            description = await session_handle(client, session_id).describe()
+            return await session_handle(client, session_id).describe()
         except RPCError as exc:
             if _is_not_found(exc):
                 raise not_found(session_id) from exc
             raise
-        return description.status, dict(await description.memo())
 
     async def status(self, client: Client, session_id: str) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
         """The workflow's `status` query; for a closed workflow whose query fails, what its history says."""
@@ -228,12 +232,7 @@ class SessionService:
         every phase, so this is current without loading the control worker. An ended session
         gets the full status (its error code).
         """
-        try:
-            description = await session_handle(client, session_id).describe()
-        except RPCError as exc:
-            if _is_not_found(exc):
-                raise not_found(session_id) from exc
-            raise
+        description = await self._describe(client, session_id)
         if description.status in _CLOSED_PHASE:
             return (await self.status(client, session_id))[0]
         attributes = description.typed_search_attributes

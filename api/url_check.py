@@ -13,43 +13,7 @@ import ipaddress
 from urllib.parse import urlsplit
 
 from api.errors import ApiError
-
-# The metadata services of the large clouds (also refused by the fetch activity).
-_METADATA = frozenset(
-    ipaddress.ip_address(text)
-    for text in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "192.0.0.192")
-)
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _unwrap(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """IPv6 forms that carry an IPv4 address (mapped, 6to4, Teredo) are judged by it, as the fetch guard does."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address.sixtofour is not None:
-            return address.sixtofour
-        if address.teredo is not None:
-            return address.teredo[1]
-    return address
-
-
-def _category(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    address = _unwrap(address)
-    if address in _METADATA:
-        return "cloud metadata"
-    for name, flag in (
-        ("unspecified", address.is_unspecified),
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("private", address.is_private),
-        ("multicast", address.is_multicast),
-        ("reserved", address.is_reserved),
-    ):
-        if flag:
-            return name
-    return None if address.is_global else "non-global"
+from workflows.net_addresses import parse_networks, refusal
 
 
 def check_asset_url(url: str, field: str, allow_networks: list[str]) -> None:
@@ -69,16 +33,8 @@ def check_asset_url(url: str, field: str, allow_networks: list[str]) -> None:
             address = ipaddress.ip_address(host)
         except ValueError:
             return  # a name: the fetch activity resolves and checks it
-    category = _category(address)
-    if category is None:
-        return
-    networks: list[IPNetwork] = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_networks]
-    plain = _unwrap(address)
-    if category == "cloud metadata":
-        allowed = any(net.num_addresses == 1 and plain in net for net in networks)
-    else:
-        allowed = any(plain in net for net in networks)
-    if not allowed:
+    category = refusal(address, parse_networks(allow_networks))
+    if category is not None:
         raise ApiError(
             400,
             "url_forbidden_address",

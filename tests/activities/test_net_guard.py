@@ -7,8 +7,9 @@ import ipaddress
 import pytest
 
 from activities.errors import AssetError
-from activities.net_guard import AddressPolicy, check_address, forbidden_category, resolve_checked
+from activities.net_guard import AddressPolicy, check_address, resolve_checked
 from workflows.contracts import ErrorCode
+from workflows.net_addresses import forbidden_category
 
 
 @pytest.mark.parametrize(
