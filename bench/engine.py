@@ -15,12 +15,14 @@ engine (face detection, crops, latents). Stages:
 
 fps(B) = B / (features + render) wall time. `--variants` measures several engine settings on
 the same models in one process (each a `realtime.engine.accel.AccelConfig`, see VARIANTS):
-`eager` (no graphs, no cuDNN autotuning), `graphs` (CUDA graphs per batch bucket, cuDNN
-benchmark), `graphs-pinned` (+ pinned, side-stream copies), `graphs-cl` (+ channels-last),
-`lower` (+ lower-half decode), `compile` (inductor,
-default mode, + graphs; warm-up time = compile time, cold or warm from the on-disk cache),
-`compile-mat` (max-autotune-no-cudagraphs), `bf16` (graphs with the models cast to bfloat16:
-run it last). The summary is the variant with the best peak; every variant's rows are kept.
+`eager` (no graphs, no cuDNN autotuning, plain upsampling), `graphs` (CUDA graphs per batch
+bucket, cuDNN benchmark, fused upsample convolutions as 2×2 phases), `graphs-nearest` and
+`graphs-tconv` (the other upsample forms), `graphs-pinned` (+ pinned, side-stream copies),
+`graphs-cl` (+ channels-last), `lower` (+ lower-half decode), `compile` (inductor, default
+mode, + graphs, every bucket; warm-up time = compile time, cold or warm from the on-disk
+cache), `compile-nearest` (the same with plain upsampling), `compile-mat`
+(max-autotune-no-cudagraphs), `bf16` (graphs with the models cast to bfloat16: run it last).
+The summary is the variant with the best peak; every variant's rows are kept.
 The preview engine is measured too (512×512, one CPU thread). Imports only torch, numpy,
 transformers, opencv (and diffusers for the models, scikit-image for the face detector).
 """
@@ -87,19 +89,26 @@ def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "eager": {"cuda_graphs": False, "cudnn_benchmark": False},
-    "graphs": {"cuda_graphs": True},
+    "eager": {"cuda_graphs": False, "cudnn_benchmark": False, "upsample_conv": "nearest"},
+    "graphs": {"cuda_graphs": True},  # upsample_conv "auto": the 2x2 phase convolutions on CUDA
+    "graphs-nearest": {"cuda_graphs": True, "upsample_conv": "nearest"},
+    "graphs-tconv": {"cuda_graphs": True, "upsample_conv": "transpose"},
     "graphs-pinned": {"cuda_graphs": True, "pinned_transfers": True, "overlap_copy": True},
     "graphs-nocudnnbench": {"cuda_graphs": True, "cudnn_benchmark": False},
     "graphs-cl": {"cuda_graphs": True, "channels_last": True},
     "compile-cl": {"cuda_graphs": True, "compile_mode": "default", "channels_last": True},
     "compile": {"cuda_graphs": True, "compile_mode": "default"},
+    "compile-nearest": {"cuda_graphs": True, "compile_mode": "default", "upsample_conv": "nearest"},
     "compile-eager": {"cuda_graphs": False, "compile_mode": "default"},
     "compile-mat": {"cuda_graphs": True, "compile_mode": "max-autotune-no-cudagraphs"},
     "lower": {"cuda_graphs": True, "decode_from_latent_row": 10},
     "compile-lower": {"cuda_graphs": True, "compile_mode": "default", "decode_from_latent_row": 10},
     "bf16": {"cuda_graphs": True, "dtype": "bfloat16"},
 }
+
+
+def variant_settings(variant: str) -> dict[str, Any]:
+    return dict(VARIANTS[variant])
 
 
 def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
@@ -117,7 +126,7 @@ def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
     return random_models("full", device)
 
 
-def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant: str) -> Any:
+def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant_config: dict[str, Any]) -> Any:
     """An engine over `models` with the variant's accel settings (`dtype` casts the shared models in place)."""
     import dataclasses
 
@@ -127,7 +136,7 @@ def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant
     from realtime.engine.api import EngineConfig
     from realtime.engine.musetalk import MuseTalkEngine
 
-    settings = dict(VARIANTS[variant])
+    settings = dict(variant_config)
     dtype = settings.pop("dtype", None)
     if dtype is not None and dtype != models.device.dtype_name:
         for module in (models.unet, models.vae, models.whisper_encoder):
@@ -151,10 +160,12 @@ def percentile_ms(samples: list[float]) -> float:
     return round(statistics.median(samples), 3)
 
 
-def bench_musetalk(args: argparse.Namespace, cache_dir: Path, models: Any, variant: str) -> dict[str, Any]:
+def bench_musetalk(
+    args: argparse.Namespace, cache_dir: Path, models: Any, variant: str, settings: dict[str, Any]
+) -> dict[str, Any]:
     import torch
 
-    engine = build_engine(args, cache_dir, models, variant)
+    engine = build_engine(args, cache_dir, models, settings)
     sync = engine.synchronize
     started = time.perf_counter()
     avatar = engine.prepare_avatar(astronaut_zip())
@@ -203,6 +214,7 @@ def bench_musetalk(args: argparse.Namespace, cache_dir: Path, models: Any, varia
         "summary": {
             "fps_batch1": first["fps"],
             "latency_ms_batch1": first["latency_ms"],
+            "render_ms_batch1": first["render_ms"],
             "fps_peak": peak["fps"],
             "batch_at_peak": peak["batch"],
             "stage_ms": peak["stage_ms"],
@@ -227,7 +239,7 @@ def measure_batch(
         pull(batch)
         engine.render(requests)
     sync()
-    total_ms, feature_ms = [], []
+    total_ms, feature_ms, render_only_ms = [], [], []
     for _ in range(args.iters):
         _, f_ms = pull(batch)
         t0 = time.perf_counter()
@@ -236,6 +248,7 @@ def measure_batch(
         render_ms = (time.perf_counter() - t0) * 1000
         assert len(out) == batch
         feature_ms.append(f_ms)
+        render_only_ms.append(render_ms)
         total_ms.append(f_ms + render_ms)
     stages: dict[str, list[float]] = {"unet": [], "vae_decode": [], "blend": []}
     for _ in range(max(3, args.iters // 2)):
@@ -249,6 +262,7 @@ def measure_batch(
         "batch": batch,
         "fps": round(batch * 1000 / latency, 2),
         "latency_ms": latency,
+        "render_ms": percentile_ms(render_only_ms),  # UNet + VAE + blend, without the feature pull
         "stage_ms": stage_ms,
         "stage_fps": {k: round(batch * 1000 / v, 1) if v > 0 else None for k, v in stage_ms.items()},
     }
@@ -317,13 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(args, Path(tmp))
         for variant in args.variants:
             try:
-                measured = bench_musetalk(args, Path(tmp), models, variant)
+                settings = variant_settings(variant)
+                measured = bench_musetalk(args, Path(tmp), models, variant, settings)
             except Exception as exc:  # one broken variant must not lose the others' figures
                 logger.exception("variant %s failed", variant)
                 variants[variant] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             engine = measured.pop("engine")
-            measured["settings"] = {"dtype": engine.info.dtype, **VARIANTS[variant]}
+            measured["settings"] = {"dtype": engine.info.dtype, **settings}
             variants[variant] = measured
             print(f"[{variant}] summary {json.dumps(measured['summary'])}", flush=True)
             if args.json_partial:
@@ -336,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     best_name = max(good, key=lambda name: good[name]["summary"]["fps_peak"])
     measured = good[best_name]
     measured["summary"]["preview_fps_512_1thread"] = preview["fps"]
-    best_settings = VARIANTS[best_name]
+    best_settings = measured["settings"]
     document = {
         "benchmark": "engine",
         "device": device_name(str(models.device.device)),
@@ -349,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_graphs": bool(best_settings.get("cuda_graphs", True)) and models.device.is_cuda,
             "pinned_transfers": bool(best_settings.get("pinned_transfers", False)),
             "overlap_copy": bool(best_settings.get("overlap_copy", False)),
+            "upsample_conv": best_settings.get("upsample_conv", "nearest"),
             "model": args.model,
             "engine": "musetalk",
             "frame_px": [FRAME_PX, FRAME_PX],

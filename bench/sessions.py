@@ -93,11 +93,17 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
     device = choose_device(args.device, "auto")
     if not device.is_cuda:
         configure_cpu_threads(None)
-    from bench.engine import VARIANTS
+    from bench.engine import variant_settings
     from realtime.engine.accel import AccelConfig
 
-    accel = {k: v for k, v in VARIANTS[args.variant].items() if k != "dtype"}
-    config = EngineConfig(engine="musetalk", device=device.device, cache_dir=cache_dir, accel=AccelConfig(**accel))
+    accel = {k: v for k, v in variant_settings(args.variant).items() if k != "dtype"}
+    config = EngineConfig(
+        engine="musetalk",
+        device=device.device,
+        cache_dir=cache_dir,
+        max_batch_size=args.max_batch_frames,  # one lane batch is one device batch (no chunking inside render)
+        accel=AccelConfig(**accel),
+    )
     if args.model == "tiny":
         write_checkpoint(cache_dir / "models", "tiny")
         models = load_musetalk(cache_dir / "models", device)
@@ -138,6 +144,7 @@ async def run_level(
     from realtime.sidecar.render_queue import RenderLane
     from realtime.sidecar.runtime import SessionRuntime
 
+    config = runtime_config or RuntimeConfig()
     lane = RenderLane(
         engine.render,
         max_batch_frames=max_batch_frames,
@@ -151,11 +158,13 @@ async def run_level(
             engine.open_session(avatar),
             [CountingPublisher()],
             lane,
-            runtime_config or RuntimeConfig(),
+            config,
         )
         runtimes.append(runtime)
     rng = random.Random(sessions)
     started = time.monotonic()
+    loop_lag_ms: list[float] = []
+    lag_probe = asyncio.create_task(_probe_loop_lag(loop_lag_ms))
     try:
         for runtime in runtimes:
             await runtime.start()
@@ -168,6 +177,7 @@ async def run_level(
         while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     finally:
+        lag_probe.cancel()
         for runtime in runtimes:
             await runtime.stop()
         lane.close()
@@ -203,11 +213,29 @@ async def run_level(
         "lane_busy_fraction": round(lane.stats.busy_s / wall_s, 3),
         "lane_batches_cut_by_deadline": lane.stats.batches_cut_by_deadline,
         "lane_batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())},
-        "lane_capacity_sessions": lane.capacity_sessions(),
+        # Mean ms per batch in each part of a batch: the batched whisper encode, the per-job pulls, the render.
+        "lane_stage_ms_per_batch": {
+            name: round(seconds * 1000 / max(1, lane.stats.batches), 2)
+            for name, seconds in (
+                ("prepare", lane.stats.prepare_s),
+                ("pulls", lane.stats.pulls_s),
+                ("render", lane.stats.render_s),
+            )
+        },
+        "loop_lag_ms_p99": _pct(loop_lag_ms, 99),  # event-loop responsiveness: how late a 10 ms sleep wakes
+        "lane_capacity_sessions": lane.capacity_sessions(max_batch_ms=config.max_batch_ms),
         "wall_s": round(wall_s, 2),
     }
     row["ok"] = bool(row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0)
     return row
+
+
+async def _probe_loop_lag(samples_ms: list[float], period_s: float = 0.01) -> None:
+    """Sleep `period_s` over and over and record how late each wake-up is (the event loop's congestion)."""
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(period_s)
+        samples_ms.append((time.perf_counter() - before - period_s) * 1000.0)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -241,7 +269,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         from realtime.sidecar.config import RuntimeConfig
         from realtime.sidecar.render_queue import BatchCostModel
 
-        runtime_config = RuntimeConfig(max_render_budget_ms=args.max_render_budget_ms)
+        runtime_config = RuntimeConfig(
+            max_render_budget_ms=args.max_render_budget_ms,
+            render_budget_safety=args.render_budget_safety,
+            render_ahead_frames=args.render_ahead_frames,
+        )
         cost_model = BatchCostModel()  # one sidecar process: the lane's measurements outlive each level's sessions
         rows = []
         for sessions in args.levels or ladder(args.sessions):
@@ -257,7 +289,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if not row["ok"] and sessions >= 2 * max((r["sessions"] for r in rows if r["ok"]), default=1):
+            last_good = max((r["sessions"] for r in rows if r["ok"]), default=1)
+            if not args.all_levels and not row["ok"] and sessions >= 2 * last_good:
                 break  # two levels past the last good one: the curve has turned
         info = engine.info()
     ok = [r for r in rows if r["ok"]]
@@ -282,8 +315,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "render_budget_ms": runtime_config.render_budget_ms,
             "max_render_budget_ms": runtime_config.max_render_budget_ms,
             "render_budget_safety": runtime_config.render_budget_safety,
+            "render_ahead_frames": runtime_config.render_ahead_frames,
             "adaptive_render_budget": runtime_config.max_render_budget_ms > runtime_config.render_budget_ms,
             "levels": [r["sessions"] for r in rows],
+            "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
             "python": sys.version.split()[0],
         },
         "notes": args.notes,
@@ -322,8 +357,19 @@ def main(argv: list[str] | None = None) -> int:
         default=RuntimeConfig().max_render_budget_ms,
         help="upper bound of the load-adaptive planning budget (40 = the fixed budget: adaptation off)",
     )
+    parser.add_argument("--render-budget-safety", type=float, default=RuntimeConfig().render_budget_safety)
+    parser.add_argument("--render-ahead-frames", type=int, default=RuntimeConfig().render_ahead_frames)
+    parser.add_argument("--all-levels", action="store_true", help="run every level (no stop once the curve turns)")
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this run (Python's GIL hand-over interval; default 5 ms)",
+    )
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     document = asyncio.run(bench(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)

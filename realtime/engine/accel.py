@@ -11,10 +11,14 @@
   All graphs share one memory pool: they replay one after another on one stream.
 * **torch.compile** (`compile_mode`) — inductor fuses the GroupNorm/SiLU/residual chains that
   dominate the VAE decode at large batches. Buckets ≥ 2 share one compile (the batch dimension
-  is marked dynamic); bucket 1 stays eager (it is launch-bound, graphs fix that). Compiled
+  is marked dynamic); bucket 1 gets its own static compile (`compile_batch1`; off: it runs
+  eager, graphed). Compiled
   artifacts go to `compile_cache_dir` (default `$LIPSYNC_CACHE_DIR/compile` or
   `~/.cache/lipsync-live/compile`) and are reused across restarts: a warm start re-traces
   but skips code generation and Triton compilation (`bench.engine` reports both warm-ups).
+* **Fused upsample convolutions** (`upsample_conv`) — the decoder's and UNet's "nearest 2×, then
+  3×3 conv" layers run as one transposed convolution (or four 2×2 phase convolutions) on the
+  source map: exact, 16/36 of the multiply-adds (`realtime.engine.upsample`).
 * **Pinned transfers and copy/compute overlap** (`pinned_transfers`, `overlap_copy`) — the
   blended crop regions go to page-locked host memory with an asynchronous copy on a side
   stream; a render call split into several chunks enqueues chunk k+1 on the GPU before the
@@ -31,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from realtime.engine.upsample import UPSAMPLE_CONV_MODES, UpsampleConvMode
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +57,7 @@ and the cropped decode does not see the upper face. The error therefore depends 
 weights. On the tiny random checkpoint the blended frames differ from the full decode by up to
 46 grey levels inside the mask and by 0 outside it (tests/unit/engine/test_accel.py measures
 both and records the < 1 grey level bound as an expected failure). Measured on an H200 it
-lifts the eager-graphed peak from 282 to 357 fps (bench/results/engine-h200-20261130.json);
+lifts the graphed peak from 282 to 357 fps (bench/results/engine-h200-20261130.json, `earlier_runs`);
 exact alternatives (upper-row statistics cached per avatar frame, oracle statistics) were
 measured too: with oracle statistics and a 2-latent-row halo the blend differs by < 0.9 grey
 levels, but statistics from another frame of the same avatar are off by ~25 grey levels on
@@ -75,8 +81,17 @@ class AccelConfig:
     # Lower-half VAE decode: decode only latent rows [decode_from_latent_row, 32) (0: the whole face). See
     # `LOWER_DECODE_NOTE`: it is an approximation whose error depends on the VAE weights.
     decode_from_latent_row: int = 0
+    # Exact rewrite of "nearest 2x upsample + 3x3 conv" (`realtime.engine.upsample`): "nearest" | "transpose" |
+    # "phases" on any device, or "auto": "phases" on CUDA (measured fastest there: bench/results/engine-h200-*.json),
+    # "nearest" on CPU (slower there with the tiny model). Same output up to rounding.
+    upsample_conv: str = "auto"
+    compile_batch1: bool = True  # with compile_mode: bucket 1 gets its own static compile (else it runs eager)
 
     def __post_init__(self) -> None:
+        if self.upsample_conv not in ("auto", *UPSAMPLE_CONV_MODES):
+            raise ValueError(
+                f"upsample_conv must be auto or one of {', '.join(UPSAMPLE_CONV_MODES)}, got {self.upsample_conv!r}"
+            )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
@@ -92,6 +107,11 @@ class AccelConfig:
     @property
     def max_bucket(self) -> int:
         return self.batch_buckets[-1]
+
+    def upsample_conv_for(self, cuda: bool) -> UpsampleConvMode:
+        if self.upsample_conv == "auto":
+            return "phases" if cuda else "nearest"
+        return self.upsample_conv  # type: ignore[return-value]  # validated in __post_init__
 
 
 def bucket_for(frames: int, buckets: Sequence[int]) -> int:

@@ -38,6 +38,7 @@ from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.composite import Compositor, PasteJob, PendingPaste
 from realtime.engine.errors import RenderRequestInvalid
+from realtime.engine.upsample import set_upsample_conv_mode
 from realtime.host import PrepareProgress
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class MuseTalkEngine:
         self._timestep = torch.zeros(1, device=self._device, dtype=torch.long)
         if cuda:
             torch.backends.cudnn.benchmark = accel.cudnn_benchmark
+        # Exact rewrite, on any device; switched back to the modules' own forward when off (models may be shared).
+        upsample_mode = accel.upsample_conv_for(cuda)
+        upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
+        logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
         if cuda and accel.channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
@@ -276,12 +281,19 @@ class MuseTalkEngine:
             faces = torch.cat([top, faces], dim=2)
         return faces
 
+    def _compiled_for(self, batch: int) -> bool:
+        # Bucket 1 is a second (static) compile; without it, it runs eager (launch-bound, which graphs fix).
+        return batch >= 2 or self._accel.compile_batch1
+
     def _unet_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        # Bucket 1 stays eager: launch-bound, which graphs fix; a compile for it would cost a second compile.
-        return self._unet_compiled if self._unet_compiled is not None and batch >= 2 else self._unet_forward
+        if self._unet_compiled is not None and self._compiled_for(batch):
+            return self._unet_compiled
+        return self._unet_forward
 
     def _vae_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        return self._vae_compiled if self._vae_compiled is not None and batch >= 2 else self._decode_faces
+        if self._vae_compiled is not None and self._compiled_for(batch):
+            return self._vae_compiled
+        return self._decode_faces
 
     def _stages(self) -> tuple[BucketGraphs, BucketGraphs]:
         import torch
@@ -375,6 +387,10 @@ class MuseTalkEngine:
                 self._faces(latents, features, None)
             if self._graphs_on:
                 self._windows.warm_up(max(batch_sizes, default=1))
+            # A stream pull too: the feature path's kernels load and its caches fill here, not in a session.
+            stream = self.open_stream()
+            stream.push(np.random.default_rng(0).uniform(-0.1, 0.1, 8 * SAMPLES_PER_FRAME).astype(np.float32))
+            stream.pull()
         self.synchronize()
         return (time.perf_counter() - started) * 1000
 

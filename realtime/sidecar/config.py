@@ -19,9 +19,19 @@ class RuntimeConfig:
     render_budget_ms: float = 40.0  # frame 0 of an utterance is due at least this long after it is planned
     # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms):
     # a streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
-    max_render_budget_ms: float = 240.0  # the lead's upper bound (kept below render_ahead_frames ticks)
-    render_budget_safety: float = 2.0  # batches a frame may wait through: the one in flight, then its own
-    render_ahead_frames: int = 8  # frames rendered ahead of the clock, at most
+    # The lead's upper bound (kept below render_ahead_frames ticks). 480 ms lets 16 sessions share an H200 with
+    # 64-frame batches (bench/results/sessions-h200-*.json); a lightly loaded lane never gets near it.
+    max_render_budget_ms: float = 480.0
+    # Batches a frame may wait through: the one in flight, then its own (2), plus room for the batch-time jitter
+    # of a real GPU and the lane's feature work (at 2.0 an H200 run dropped 2 of 600 frames at 4 sessions).
+    render_budget_safety: float = 2.5
+    render_ahead_frames: int = 16  # frames rendered ahead of the clock, at most
+
+    @property
+    def max_batch_ms(self) -> float:
+        """The longest render batch the planning budget absorbs (admission control sizes capacity by it)."""
+        return self.max_render_budget_ms / self.render_budget_safety
+
     render_batch_frames: int = 4  # frames per engine call, at most
     crossfade_frames: int = 2  # speech -> idle blend when an utterance ends on an open mouth
     resync_after_ms: float = 250.0  # a clock this late (event loop stalled) restarts from now
@@ -41,6 +51,9 @@ class HostConfig:
     video_delay_ms: float = 40.0  # see realtime.publish.livekit
     max_video_bitrate_bps: int = 1_500_000
     output_down_timeout_s: float = 30.0  # an output disconnected this long ends the session (output_failed)
+    # Frames per cross-session render batch, at most (also the engine's device batch): an H200 held 14 sessions
+    # with 64-frame batches; a lightly loaded lane runs small batches anyway.
+    max_batch_frames: int = 64
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,10 @@ class SidecarSettings:
     device: str = "auto"
     cache_dir: Path | None = None
     warm_up_at_start: bool = True
+    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~150 s at the first start, ~50 s
+    # from its on-disk cache afterwards; it raises an H200's sessions from 8 to 14 (bench/results/).
+    compile_mode: str = "off"  # off | default | max-autotune-no-cudagraphs
+    cuda_graphs: bool = True
     host: HostConfig = field(default_factory=HostConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -82,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
     parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
     parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "default", "max-autotune-no-cudagraphs"),
+        default="off",
+        help="torch.compile the UNet and VAE (CUDA; cached under $LIPSYNC_CACHE_DIR/compile)",
+    )
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
+    parser.add_argument("--max-batch-frames", type=int, default=64, help="frames per cross-session render batch")
 
 
 def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
@@ -94,12 +119,15 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         device=args.device,
         cache_dir=args.cache_dir,
         warm_up_at_start=not args.no_warm_up,
+        compile_mode=args.compile,
+        cuda_graphs=not args.no_cuda_graphs,
         host=HostConfig(
             sidecar_id=sidecar_id,
             task_queue=args.task_queue or sidecar_id,
             slots_total=args.slots,
             runtime=RuntimeConfig(buffer_limit_ms=args.buffer_limit_ms),
             video_delay_ms=args.video_delay_ms,
+            max_batch_frames=args.max_batch_frames,
         ),
         server=ServerConfig(max_message_bytes=args.max_message_bytes),
     )

@@ -18,7 +18,7 @@ import numpy as np
 
 from realtime.engine.api import Engine, EngineConfig, RenderRequest
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME, ready_frame_count
-from realtime.engine.audio.stream import AudioFeatureStream
+from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.factory import create_engine
 from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
@@ -57,7 +57,8 @@ class _Utterance:
         self._samples = 0
         self._ended = False
         self._end_applied = False
-        self._next_frame = 0
+        self._next_frame = 0  # the next frame a job asks for
+        self._pulled: list[FeatureFrame] = []  # frames from _next_frame on, pulled ahead for this lane batch
 
     def push_audio(self, samples_16k: np.ndarray) -> None:
         if samples_16k.size == 0:
@@ -88,13 +89,27 @@ class _Utterance:
             self._end_applied = True
         return self._stream
 
+    def pull_ahead(self, frames: int) -> None:
+        """Lane thread, before a batch's jobs run: compute the features of this utterance's next `frames` frames in
+        one pull (one window gather for all of its jobs in the batch); `render_requests` then takes them."""
+        missing = frames - len(self._pulled)
+        if missing > 0:
+            self._pulled.extend(self._stream.pull(max_frames=missing))
+
     def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
-        self.apply_inbox()
         if frame_indices and frame_indices[0] != self._next_frame:
             raise ValueError(f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}")
-        features = self._stream.pull(max_frames=len(frame_indices))
-        if len(features) != len(frame_indices):
-            raise ValueError(f"asked for {len(frame_indices)} frames, the feature stream had {len(features)} ready")
+        missing = len(frame_indices) - len(self._pulled)
+        if missing > 0:
+            # Audio that arrived after the lane's batched encode (`prepare_features`) waits for the next batch when
+            # the stream already holds these frames: applying it now would grow the encoded segment and make this
+            # pull re-encode it alone, once per job (at 8 sessions that doubled the lane's batch time).
+            if self._stream.ready_frames < missing:
+                self.apply_inbox()
+            self._pulled.extend(self._stream.pull(max_frames=missing))
+        if len(self._pulled) < len(frame_indices):
+            raise ValueError(f"asked for {len(frame_indices)} frames, the feature stream had {len(self._pulled)} ready")
+        features, self._pulled = self._pulled[: len(frame_indices)], self._pulled[len(frame_indices) :]
         self._next_frame += len(features)
         return [
             RenderRequest(self._avatar, tick, feature.features, feature.speech_weight)
@@ -104,6 +119,7 @@ class _Utterance:
     def close(self) -> None:
         with self._lock:
             self._inbox = []
+        self._pulled = []
 
 
 class _SessionView:
@@ -195,6 +211,9 @@ class EngineAdapter:
                 streams.append(source.apply_inbox())
                 counts.append(frames)
         encoded: int = prefetch(streams, counts) if streams else 0
+        for source, frames in jobs:
+            if isinstance(source, _Utterance):
+                source.pull_ahead(frames)  # after the batched encode: each source's frames in one gather
         return encoded
 
     def release_avatar(self, avatar: object) -> None:

@@ -82,7 +82,11 @@ class SidecarHost:
     def lane(self) -> RenderLane:
         if self._lane is None:
             # prepare: the engine adapter batches all jobs' audio features into one encode (when it can).
-            self._lane = RenderLane(self.engine.render, prepare=getattr(self.engine, "prepare_features", None))
+            self._lane = RenderLane(
+                self.engine.render,
+                prepare=getattr(self.engine, "prepare_features", None),
+                max_batch_frames=self.config.max_batch_frames,
+            )
         return self._lane
 
     # ---- SessionHost ----------------------------------------------------------------------
@@ -99,7 +103,8 @@ class SidecarHost:
     def slots_total(self) -> int:
         """Configured slots, lowered to what the render lane's measured batch times sustain (admission control):
         a saturated sidecar refuses new sessions rather than letting every session on it drop frames."""
-        measured = self._lane.capacity_sessions() if self._lane is not None else None
+        max_batch_ms = self.config.runtime.max_batch_ms
+        measured = self._lane.capacity_sessions(max_batch_ms=max_batch_ms) if self._lane is not None else None
         if measured is None:
             return self.config.slots_total
         # Never below the sessions already here (they keep their slots) nor below one (a sidecar serves one).

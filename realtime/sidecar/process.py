@@ -32,12 +32,18 @@ class SidecarServiceFailed(RuntimeError):
 
 
 def build_host(settings: SidecarSettings) -> SidecarHost:
+    from realtime.engine.accel import AccelConfig
     from realtime.engine.api import EngineConfig
     from realtime.sidecar.engine_adapter import EngineAdapter
     from realtime.sidecar.host import SidecarHost
 
     engine_config = EngineConfig(
-        engine=settings.engine, model_dir=settings.model_dir, device=settings.device, cache_dir=settings.cache_dir
+        engine=settings.engine,
+        model_dir=settings.model_dir,
+        device=settings.device,
+        cache_dir=settings.cache_dir,
+        max_batch_size=settings.host.max_batch_frames,  # one lane batch is one device batch
+        accel=AccelConfig(compile_mode=settings.compile_mode, cuda_graphs=settings.cuda_graphs),
     )
     return SidecarHost(EngineAdapter(engine_config), settings.host)
 

@@ -122,8 +122,8 @@ class BatchCostModel:
     ) -> int | None:
         """Sessions (all speaking at once) the lane sustains with `headroom` to spare; None before measurements.
 
-        The budget bounds how long one batch may take: a session renders a few frames ahead
-        (`RuntimeConfig.render_ahead_frames`, 320 ms at 8), and a batch waits for the one before it.
+        The budget bounds how long one batch may take: a frame waits for the batch in flight and then its own,
+        within the session's planning budget (`RuntimeConfig.max_batch_ms`).
         """
         fps = self.sustainable_fps(latency_budget_ms)
         if fps is None:
@@ -151,6 +151,10 @@ class RenderLaneStats:
     busy_s: float = 0.0
     queue_depth_max: int = 0
     batches_cut_by_deadline: int = 0  # batches that stopped growing because a larger one would be late
+    # Where render batches spend their time (sums): batched feature preparation, the jobs' own pulls, the render.
+    prepare_s: float = 0.0
+    pulls_s: float = 0.0
+    render_s: float = 0.0
 
 
 class RenderLane:
@@ -211,9 +215,10 @@ class RenderLane:
         result: list[np.ndarray] = await asyncio.wrap_future(future)
         return result
 
-    def capacity_sessions(self, fps_per_session: float = 25.0) -> int | None:
-        """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet)."""
-        return self.cost_model.capacity_sessions(fps_per_session=fps_per_session)
+    def capacity_sessions(self, fps_per_session: float = 25.0, *, max_batch_ms: float = 160.0) -> int | None:
+        """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet);
+        `max_batch_ms`: the longest batch the sessions' planning budget absorbs (`RuntimeConfig.max_batch_ms`)."""
+        return self.cost_model.capacity_sessions(fps_per_session=fps_per_session, latency_budget_ms=max_batch_ms)
 
     # ---- load and planning budget ---------------------------------------------------------
 
@@ -376,11 +381,14 @@ class RenderLane:
                 source, frames = merged.get(id(job.source), (job.source, 0))
                 merged[id(job.source)] = (source, frames + job.frames)
         sources = list(merged.values())
+        stage_started = time.perf_counter()
         if self._prepare is not None and sources:
             try:
                 self._prepare(sources)
             except Exception:  # each job still computes its own features; only the batching is lost
                 logger.exception("batched feature preparation failed")
+        pulls_started = time.perf_counter()
+        self.stats.prepare_s += pulls_started - stage_started
         batch: list[tuple[_Job, Sequence[Any]]] = []
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
@@ -393,12 +401,16 @@ class RenderLane:
         if not batch:
             return
         all_requests = [request for _, requests in batch for request in requests]
+        render_started = time.perf_counter()
+        self.stats.pulls_s += render_started - pulls_started
         try:
             images = self._render(all_requests) if all_requests else []
         except BaseException as exc:
             for queued, _ in batch:
                 queued.future.set_exception(exc)
             return
+        finally:
+            self.stats.render_s += time.perf_counter() - render_started
         if all_requests:
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             self.cost_model.observe(len(all_requests), elapsed_ms)

@@ -1,7 +1,8 @@
 """whisper-tiny hidden states → MuseTalk v1.5 `[50, 384]` frame windows, offline and streaming.
 
 Both paths encode audio exactly as upstream does — 30 s segments from the utterance start,
-each padded to 30 s by `WhisperFeatureExtractor`, all 5 hidden states of the encoder stacked
+each padded to 30 s with `WhisperFeatureExtractor`'s log-mel (computed on the encoder's device:
+`realtime.engine.audio.logmel`), all 5 hidden states of the encoder stacked
 — and index them with `framing.gather_index`. The streaming path re-encodes the segment that
 is still growing whenever new frames become ready (a finished segment is encoded once), so a
 frame's window differs from the offline one only by what the encoder's attention sees of audio
@@ -20,15 +21,17 @@ import numpy as np
 from realtime.engine.audio.framing import (
     FEATURE_DIM,
     HIDDEN_LAYERS,
-    SAMPLE_RATE_HZ,
+    POSITIONS_PER_FRAME,
     SEGMENT_POSITIONS,
     SEGMENT_SAMPLES,
     WINDOW_POSITIONS,
+    first_position,
     gather_index,
     offline_frame_count,
     offline_position_count,
     positional_encoding,
 )
+from realtime.engine.audio.logmel import DeviceLogMel
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +48,12 @@ class WhisperWindows:
         import torch
 
         self._encoder = models.whisper_encoder
-        self._extractor = models.feature_extractor
         self._device = models.device.torch_device()
+        self._log_mel = DeviceLogMel(models.feature_extractor, self._device)
         self._dtype = models.device.torch_dtype()
         self._pe = torch.from_numpy(positional_encoding()).to(self._device, self._dtype)
         self._graph: Any = None  # BucketGraphs, built on first use
+        self._window_grid: dict[int, torch.Tensor] = {}  # frame count -> [F, 10] relative positions (device)
         self._use_graph = cuda_graph and self._device.type == "cuda"
         self._buckets = buckets
 
@@ -69,25 +73,21 @@ class WhisperWindows:
         """Hidden states `[len(segments), 1500, 5, 384]` of up-to-30 s segments (batched in one encoder call)."""
         import torch
 
-        # device=: the log-mel STFT runs where the encoder runs (on the GPU when there is one).
-        features = self._extractor(
-            [np.asarray(s, dtype=np.float32) for s in segments],
-            sampling_rate=SAMPLE_RATE_HZ,
-            return_tensors="pt",
-            device=str(self._device),
-        ).input_features
         with torch.inference_mode():
-            features = features.to(self._device, self._dtype)
-            count = int(features.shape[0])
+            count = len(segments)
             if self._use_graph and count <= self._buckets[-1]:
-                from realtime.engine.accel import BucketGraphs, bucket_for, pad_batch
+                from realtime.engine.accel import BucketGraphs, bucket_for
 
                 if self._graph is None:
                     self._graph = BucketGraphs(self._encode, self._device, torch.cuda.graph_pool_handle())
-                padded = pad_batch(features, bucket_for(count, self._buckets))
+                # Padded with empty segments to the bucket: the STFT too sees only bucket shapes (FFT plans are
+                # made per batch size, in warm-up rather than on a session's first batch of that size).
+                bucket = bucket_for(count, self._buckets)
+                padded = [*segments, *[np.zeros(0, dtype=np.float32)] * (bucket - count)]
+                features = self._log_mel(padded).to(self._dtype)
                 # A copy: the graph's output buffer is overwritten by the next encode, the callers cache these.
-                return self._graph.run(padded)[:count].clone()
-            return self._encode(features)
+                return self._graph.run(features)[:count].clone()
+            return self._encode(self._log_mel(segments).to(self._dtype))
 
     def offline_hidden(self, audio: np.ndarray) -> torch.Tensor:
         """Upstream's whole-clip hidden states `[P, 5, 384]`: 30 s segments concatenated."""
@@ -103,14 +103,24 @@ class WhisperWindows:
         return self.gather(hidden, range(offline_frame_count(len(audio))), offline_position_count(len(audio)), 0)
 
     def gather(self, hidden: torch.Tensor, frames: range, valid_positions: int, hidden_offset: int) -> torch.Tensor:
-        """Windows `[len(frames), 50, 384]` from `hidden` whose row 0 is whisper position `hidden_offset`."""
+        """Windows `[len(frames), 50, 384]` from `hidden` whose row 0 is whisper position `hidden_offset`.
+
+        The index is built on the device from the range's start (`framing.gather_index` arithmetic): a pull
+        uploads nothing, so it never waits for the lane's queued device work.
+        """
         import torch
 
-        positions, valid = gather_index(frames, valid_positions)
-        local = np.clip(positions - hidden_offset, 0, hidden.shape[0] - 1)
-        index = torch.from_numpy(local).to(hidden.device)
-        mask = torch.from_numpy(valid).to(hidden.device, hidden.dtype)[..., None, None]
-        windows = hidden[index] * mask  # [F, 10, 5, 384]
+        if frames.step != 1:
+            raise ValueError(f"frames must be a contiguous range, got {frames!r}")
+        grid = self._window_grid.get(len(frames))
+        if grid is None:  # [F, 10]: position of window row k of the range's frame r, relative to its first frame
+            rows = torch.arange(len(frames), device=hidden.device) * POSITIONS_PER_FRAME
+            grid = rows[:, None] + torch.arange(WINDOW_POSITIONS, device=hidden.device)[None, :]
+            self._window_grid[len(frames)] = grid
+        positions = grid + (first_position(frames.start) if len(frames) else 0)
+        valid = (positions >= 0) & (positions < valid_positions)
+        local = (torch.where(valid, positions, 0) - hidden_offset).clamp_(0, hidden.shape[0] - 1)
+        windows = hidden[local] * valid.to(hidden.dtype)[..., None, None]  # [F, 10, 5, 384]
         return windows.reshape(len(frames), WINDOW_POSITIONS * HIDDEN_LAYERS, FEATURE_DIM)
 
     def add_positional_encoding(self, windows: torch.Tensor) -> torch.Tensor:

@@ -191,3 +191,42 @@ def test_gather_windows_zero_fills_outside_the_audio() -> None:
     windows = gather_windows(hidden, [0, 8], valid_positions=20)
     assert np.all(windows[0, :20] == 0) and np.all(windows[0, 20:] == 1)
     assert np.all(windows[1, :40] == 1) and np.all(windows[1, 40:] == 0)  # positions 20, 21 do not exist
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.37, 2.5, 30.0])
+def test_device_log_mel_is_the_feature_extractors(musetalk_engine: MuseTalkEngine, seconds: float) -> None:
+    """The lane's on-device log-mel (real samples uploaded, padding made there) equals WhisperFeatureExtractor's."""
+    import torch
+
+    from realtime.engine.audio.logmel import DeviceLogMel
+
+    extractor = musetalk_engine.models.feature_extractor
+    rng = np.random.default_rng(int(seconds * 100))
+    segments = [
+        (0.3 * rng.standard_normal(int(seconds * 16_000))).astype(np.float32),
+        (0.1 * np.sin(np.arange(16_000 * 3) * 0.05)).astype(np.float32),  # a second, different length in the batch
+    ]
+    expected = extractor(segments, sampling_rate=16_000, return_tensors="np").input_features
+    got = DeviceLogMel(extractor, torch.device("cpu"))(segments)
+    assert tuple(got.shape) == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("start", "count", "valid_positions", "hidden_offset"), [(0, 3, 40, 0), (7, 5, 21, 0), (750, 4, 1600, 1500)]
+)
+def test_device_window_gather_matches_the_reference_indexing(
+    musetalk_engine: MuseTalkEngine, start: int, count: int, valid_positions: int, hidden_offset: int
+) -> None:
+    import torch
+
+    positions = hidden_offset + 1500
+    hidden = np.random.default_rng(start).standard_normal((positions, 5, 384)).astype(np.float32)
+    frames = range(start, start + count)
+    expected = gather_windows(hidden, frames, valid_positions)
+    windows = musetalk_engine._windows
+    got = windows.gather(torch.from_numpy(hidden[hidden_offset:]), frames, valid_positions, hidden_offset)
+    if hidden_offset:  # positions before the offset are not in `hidden`: only frames past it are comparable
+        keep = [i for i, f in enumerate(frames) if 2 * f - 4 >= hidden_offset]
+        got, expected = got[keep], expected[keep]
+    np.testing.assert_array_equal(got.numpy(), expected)
