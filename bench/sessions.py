@@ -212,6 +212,7 @@ async def run_level(
         "lane_largest_batch_frames": lane.stats.largest_batch_frames,
         "lane_busy_fraction": round(lane.stats.busy_s / wall_s, 3),
         "lane_batches_cut_by_deadline": lane.stats.batches_cut_by_deadline,
+        "lane_frames_skipped_late": lane.stats.frames_skipped_late,  # not rendered: due before the batch could end
         "lane_batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())},
         # Mean ms per batch in each part of a batch: the batched whisper encode, the per-job pulls, the render.
         "lane_stage_ms_per_batch": {

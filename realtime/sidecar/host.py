@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from realtime.agents_protocol import AgentAudioBridge
 from realtime.host import (
@@ -99,6 +100,12 @@ class SidecarHost:
             slots_total=slots,
             slots_free=max(0, slots - len(self.sessions)),
         )
+
+    def lane_report(self) -> dict[str, Any] | None:
+        """The render lane's counters and measured batch times (None before the engine was first used)."""
+        if self._lane is None:
+            return None
+        return self._lane.report(max_batch_ms=self.config.runtime.max_batch_ms)
 
     def slots_total(self) -> int:
         """Configured slots, lowered to what the render lane's measured batch times sustain (admission control):

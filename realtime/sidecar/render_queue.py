@@ -13,6 +13,13 @@ is late even alone, the batch simply grows: cutting it would only lower throughp
 each job's feature windows and renders them all in a single engine call: the cross-session
 batch. It never waits for a batch to fill.
 
+Overload: a job that gives its frame period says when each of its frames is due. Frames that
+the batch (at its measured time) would finish after are not rendered — their features are
+still taken, in order, and the caller shows its held frame for them, as for any miss. Rendering
+them anyway would spend the lane on frames nobody sees and make the next ones late too: past
+full load every session would stutter (in a simulation at 111 % load, 84 % of frames were
+missed that way; skipped, the misses stay near the excess load).
+
 Admission control: `BatchCostModel` keeps the measured wall time (features + render) of the
 lane's batches per bucket; `capacity_sessions` turns it into how many 25-fps sessions the
 lane sustains within a latency budget, which `SidecarHost.capacity()` reports, so placement
@@ -140,6 +147,7 @@ class _Job:
     is_render: bool = field(compare=False, default=False)
     frames: int = field(compare=False, default=1)  # render: frames the job will ask for (its size in a batch)
     source: object | None = field(compare=False, default=None)  # render: the feature source, for `prepare`
+    frame_period_s: float | None = field(compare=False, default=None)  # render: frame k is due at deadline + k·period
 
 
 @dataclass
@@ -151,6 +159,7 @@ class RenderLaneStats:
     busy_s: float = 0.0
     queue_depth_max: int = 0
     batches_cut_by_deadline: int = 0  # batches that stopped growing because a larger one would be late
+    frames_skipped_late: int = 0  # requests not rendered: the batch would have finished after their tick
     # Where render batches spend their time (sums): batched feature preparation, the jobs' own pulls, the render.
     prepare_s: float = 0.0
     pulls_s: float = 0.0
@@ -206,19 +215,44 @@ class RenderLane:
         *,
         frames: int = 1,
         source: object | None = None,
-    ) -> list[np.ndarray]:
+        frame_period_s: float | None = None,
+    ) -> list[np.ndarray | None]:
         """Render the requests `make_requests` builds (on the lane thread), batched with other sessions' jobs.
 
         `frames`: how many requests it will build (sizes the batch before the features are computed);
-        `source`: what `prepare` gets for this job (the session's utterance stream)."""
-        future = self._submit(deadline_s, make_requests, is_render=True, frames=frames, source=source)
-        result: list[np.ndarray] = await asyncio.wrap_future(future)
+        `source`: what `prepare` gets for this job (the session's utterance stream); `frame_period_s`: request k is
+        due at `deadline_s + k * frame_period_s`, and one that the batch would finish after comes back None
+        (not rendered: see "Overload" above). Without it every request is rendered."""
+        future = self._submit(
+            deadline_s, make_requests, is_render=True, frames=frames, source=source, frame_period_s=frame_period_s
+        )
+        result: list[np.ndarray | None] = await asyncio.wrap_future(future)
         return result
 
     def capacity_sessions(self, fps_per_session: float = 25.0, *, max_batch_ms: float = 160.0) -> int | None:
         """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet);
         `max_batch_ms`: the longest batch the sessions' planning budget absorbs (`RuntimeConfig.max_batch_ms`)."""
         return self.cost_model.capacity_sessions(fps_per_session=fps_per_session, latency_budget_ms=max_batch_ms)
+
+    def report(self, *, max_batch_ms: float = 160.0) -> dict[str, Any]:
+        """What the lane has done and measured, for `/healthz`: where the GPU's time goes and why frames were lost."""
+        stats = self.stats
+        return {
+            "batches": stats.batches,
+            "frames_rendered": stats.frames_rendered,
+            "frames_skipped_late": stats.frames_skipped_late,
+            "largest_batch_frames": stats.largest_batch_frames,
+            "batches_cut_by_deadline": stats.batches_cut_by_deadline,
+            "busy_s": round(stats.busy_s, 3),
+            "stage_s": {
+                "prepare": round(stats.prepare_s, 3),
+                "pulls": round(stats.pulls_s, 3),
+                "render": round(stats.render_s, 3),
+            },
+            "batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(self.cost_model.measured().items())},
+            "speaking_sessions": self.speaking_sessions(),
+            "capacity_sessions": self.capacity_sessions(max_batch_ms=max_batch_ms),
+        }
 
     # ---- load and planning budget ---------------------------------------------------------
 
@@ -324,9 +358,10 @@ class RenderLane:
         is_render: bool,
         frames: int = 1,
         source: object | None = None,
+        frame_period_s: float | None = None,
     ) -> Future[Any]:
         future: Future[Any] = Future()
-        job = _Job(deadline_s, next(self._sequence), fn, future, is_render, max(1, int(frames)), source)
+        job = _Job(deadline_s, next(self._sequence), fn, future, is_render, max(1, int(frames)), source, frame_period_s)
         with self._cond:
             if self._closed:
                 raise RuntimeError("render lane is closed")
@@ -343,9 +378,14 @@ class RenderLane:
                 if self._closed:
                     return
                 job = heapq.heappop(self._heap)
+                # Jobs already too late for even a one-frame batch go along unrendered; the next one leads.
+                skipped: list[_Job] = []
+                while job.is_render and self._heap and self._heap[0].is_render and self._entirely_late(job):
+                    skipped.append(job)
+                    job = heapq.heappop(self._heap)
             started = time.perf_counter()
             if job.is_render:
-                self._run_render_batch(job)
+                self._run_render_batch(job, skipped)
             else:
                 self._run_generic(job)
             self.stats.busy_s += time.perf_counter() - started
@@ -361,22 +401,32 @@ class RenderLane:
             job.future.set_result(result)
         self.stats.jobs_done += 1
 
-    def _run_render_batch(self, first: _Job) -> None:
+    def _entirely_late(self, job: _Job) -> bool:
+        """Every frame of `job` is due before even a one-frame batch started now would finish."""
+        if job.frame_period_s is None:
+            return False
+        alone_ms = self.cost_model.estimate_ms(1)
+        if alone_ms is None:
+            return False
+        last_due_s = job.deadline_s + (job.frames - 1) * job.frame_period_s
+        return last_due_s < self._clock() + alone_ms / 1000.0
+
+    def _run_render_batch(self, first: _Job, skipped: list[_Job]) -> None:
         started = time.perf_counter()
-        jobs = [first, *self._take_batch(first)]
+        jobs = [first, *self._take_batch(first, skipped)]
         with self._cond:
             self._inflight_frames = sum(job.frames for job in jobs)
             self._inflight_started_s = started
         try:
-            self._render_jobs(jobs, started)
+            self._render_jobs(jobs, started, skipped)
         finally:
             with self._cond:
                 self._inflight_frames = 0
 
-    def _render_jobs(self, jobs: list[_Job], started: float) -> None:
+    def _render_jobs(self, jobs: list[_Job], started: float, skipped: Sequence[_Job] = ()) -> None:
         # One entry per source: a session may have several jobs of one utterance stream in a batch.
         merged: dict[int, tuple[object, int]] = {}
-        for job in jobs:
+        for job in [*skipped, *jobs]:
             if job.source is not None:
                 source, frames = merged.get(id(job.source), (job.source, 0))
                 merged[id(job.source)] = (source, frames + job.frames)
@@ -389,6 +439,17 @@ class RenderLane:
                 logger.exception("batched feature preparation failed")
         pulls_started = time.perf_counter()
         self.stats.prepare_s += pulls_started - stage_started
+        # Skipped jobs still take their frames' features, before the batch's own (a stream is pulled in order).
+        for job in skipped:
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    requests = job.fn()
+                except BaseException as exc:
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result([None] * len(requests))
+                    self.stats.frames_skipped_late += len(requests)
+        self.stats.jobs_done += len(skipped)
         batch: list[tuple[_Job, Sequence[Any]]] = []
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
@@ -400,7 +461,13 @@ class RenderLane:
                     batch.append((job, requests))
         if not batch:
             return
-        all_requests = [request for _, requests in batch for request in requests]
+        keep = self._frames_in_time(batch)
+        all_requests = [
+            request
+            for (_, requests), kept in zip(batch, keep, strict=True)
+            for request, keep_it in zip(requests, kept, strict=True)
+            if keep_it
+        ]
         render_started = time.perf_counter()
         self.stats.pulls_s += render_started - pulls_started
         try:
@@ -416,17 +483,45 @@ class RenderLane:
             self.cost_model.observe(len(all_requests), elapsed_ms)
             with self._cond:
                 self._recent_batches.append((self._clock(), elapsed_ms))
-        offset = 0
-        for queued, requests in batch:
-            queued.future.set_result(images[offset : offset + len(requests)])
-            offset += len(requests)
+            self.stats.batches += 1
+        rendered = iter(images)
+        for (queued, _), kept in zip(batch, keep, strict=True):
+            queued.future.set_result([next(rendered) if k else None for k in kept])
         self.stats.jobs_done += len(batch)
-        self.stats.batches += 1
         self.stats.frames_rendered += len(all_requests)
+        self.stats.frames_skipped_late += sum(len(kept) - sum(kept) for kept in keep)
         self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, len(all_requests))
 
-    def _take_batch(self, first: _Job) -> list[_Job]:
-        """More queued render jobs to batch with `first` (see the module docstring for the rule)."""
+    def _frames_in_time(self, batch: list[tuple[_Job, Sequence[Any]]]) -> list[list[bool]]:
+        """Per job, which requests to render (see the module docstring, "Overload"): the most of them that a batch
+        of their own size finishes in time for. With deadlines d1 >= d2 >= ... that is the k latest for the largest
+        k with d_k >= now + T(k); the earlier ones would miss their ticks anyway. Requests of jobs without a frame
+        period count as always in time."""
+        due = [
+            (math.inf if job.frame_period_s is None else job.deadline_s + k * job.frame_period_s, index, k)
+            for index, (job, requests) in enumerate(batch)
+            for k in range(len(requests))
+        ]
+        keep = [[True] * len(requests) for _, requests in batch]
+        if not due or all(d == math.inf for d, _, _ in due):
+            return keep
+        now_s = self._clock()
+        due.sort(key=lambda item: item[0], reverse=True)
+        kept = 0
+        for count in range(len(due), 0, -1):
+            estimate_ms = self.cost_model.estimate_ms(count)
+            if estimate_ms is None:
+                return keep  # nothing measured yet: no grounds to drop anything
+            if due[count - 1][0] >= now_s + estimate_ms / 1000.0:
+                kept = count
+                break
+        for _, index, k in due[kept:]:
+            keep[index][k] = False
+        return keep
+
+    def _take_batch(self, first: _Job, skipped: list[_Job]) -> list[_Job]:
+        """More queued render jobs to batch with `first` (see the module docstring for the rule); queued jobs that
+        are entirely late go to `skipped` instead, without taking room in the batch."""
         taken: list[_Job] = []
         frames = first.frames
         cut_by_deadline = False
@@ -437,8 +532,15 @@ class RenderLane:
             self._clock() + alone_ms / 1000.0 + self._deadline_margin_s <= first.deadline_s
         )
         with self._cond:
+            # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames that
+            # a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue longer.
+            backlogged = frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
+            head_feasible = head_feasible and not backlogged
             while self._heap and self._heap[0].is_render:
                 candidate = self._heap[0]
+                if self._entirely_late(candidate):
+                    skipped.append(heapq.heappop(self._heap))
+                    continue
                 grown = frames + candidate.frames
                 if grown > self.max_batch_frames:
                     break

@@ -330,7 +330,11 @@ class SessionRuntime:
 
         try:
             images = await self.lane.render(
-                self._tick_deadline(ticks[0]), make_requests, frames=len(frames), source=stream
+                self._tick_deadline(ticks[0]),
+                make_requests,
+                frames=len(frames),
+                source=stream,
+                frame_period_s=self._period_s,  # frames that would be late are skipped, not rendered (overload)
             )
         except Exception as exc:
             # A failed render costs frames (held frames count as dropped), never the session or its audio.
@@ -343,7 +347,7 @@ class SessionRuntime:
         # How long before its tick the batch's first frame became ready (negative: it missed).
         self.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - time.monotonic()) * 1000.0)
         for frame_index, image in zip(frames, images, strict=False):
-            if frame_index >= plan.next_frame:
+            if image is not None and frame_index >= plan.next_frame:  # None: skipped by the lane, too late
                 plan.rendered[frame_index] = image
 
     # ---- clock ----------------------------------------------------------------------------

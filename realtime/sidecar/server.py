@@ -3,7 +3,7 @@
 Endpoints (docs/audio-protocol.md is the audio contract):
 - `WS  /v1/sessions/{session_id}/audio`   audio in, playback events + stats + errors out
 - `WS  /audio?session_id=...`              the same, at the seed's address
-- `GET /healthz`                           engine state, capacity, every session's stats
+- `GET /healthz`                           engine state, capacity, the render lane, every session's stats
 - `GET /v1/sessions/{session_id}/stats`    one session's stats
 - `POST /v1/sessions/{session_id}`         dev control without Temporal: prepare + warm + open + run
 - `DELETE /v1/sessions/{session_id}`       dev control: stop + teardown
@@ -319,6 +319,7 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
             "status": "ok",
             "engine": dataclasses.asdict(info),
             "capacity": dataclasses.asdict(capacity),
+            "render_lane": host.lane_report(),
             "sessions": sessions,
         }
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,6 +111,52 @@ async def test_a_head_that_is_late_anyway_does_not_shrink_the_batch() -> None:
     model = _seeded_model({4: 10.0, 8: 100.0, 16: 120.0})
     batches, _ = await _run_batches(model, [(0.001, 4), (0.05, 4), (0.05, 4)])
     assert batches == [12]
+
+
+async def test_frames_due_before_their_batch_could_finish_are_not_rendered() -> None:
+    """Overload: frames that would miss their ticks anyway are taken (features consumed) but not rendered."""
+    model = _seeded_model({1: 10.0, 4: 10.0, 8: 100.0, 16: 120.0})
+    rendered: list[list[int]] = []
+
+    def render(requests: Sequence[Any]) -> list[np.ndarray]:
+        rendered.append([int(r) for r in requests])
+        return [np.full((1, 1, 3), int(r), dtype=np.uint8) for r in requests]
+
+    lane = RenderLane(render, max_batch_frames=64, buckets=BUCKETS, cost_model=model, clock=lambda: 0.0)
+    gate = asyncio.Event()
+    taken: list[str] = []
+
+    def job(name: str, frames: int) -> Callable[[], list[int]]:
+        def make() -> list[int]:
+            taken.append(name)
+            return [10 * (ord(name) - ord("K")) + k for k in range(frames)]
+
+        return make
+
+    try:
+        blocker = _blocked_lane(lane, asyncio.get_running_loop(), gate)
+        await asyncio.sleep(0.05)
+        period_s = 0.04
+        # Now is 0 s. L's frames were due 0.5 s ago; M's are due at 5, 45, 85, 125 ms; N's from 1 s on.
+        late, urgent, loose = (
+            asyncio.ensure_future(lane.render(due_s, job(name, frames), frames=frames, frame_period_s=period_s))
+            for name, due_s, frames in (("L", -0.5, 2), ("M", 0.005, 4), ("N", 1.0, 4))
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        results = await asyncio.gather(late, urgent, loose)
+    finally:
+        lane.close()
+    assert taken == ["L", "M", "N"]  # every job's features were taken, in order
+    # A batch of 5 takes 100 ms (bucket 8): only M's last frame (due at 125 ms) and N's make it.
+    assert rendered == [[23, 30, 31, 32, 33]]
+    assert [[None if image is None else int(image[0, 0, 0]) for image in images] for images in results] == [
+        [None, None],
+        [None, None, None, 23],
+        [30, 31, 32, 33],
+    ]
+    assert lane.stats.frames_skipped_late == 5 and lane.stats.frames_rendered == 5
 
 
 async def test_the_lane_measures_its_batches_and_prepares_each_batch_once() -> None:

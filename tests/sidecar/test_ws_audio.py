@@ -140,6 +140,9 @@ async def test_ready_speech_playback_events_and_stats(
         assert health["engine"]["name"] == "preview" and health["engine"]["warm"] is True
         assert session_id in health["sessions"]
         assert health["capacity"]["slots_total"] == 4
+        lane = health["render_lane"]
+        assert lane["frames_rendered"] > 0 and lane["batches"] > 0 and lane["frames_skipped_late"] >= 0
+        assert lane["batch_ms_by_bucket"] and set(lane["stage_s"]) == {"prepare", "pulls", "render"}
         missing = await client.get("/v1/sessions/nobody/stats")
         assert missing.status_code == 404
 
