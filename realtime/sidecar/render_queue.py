@@ -441,24 +441,12 @@ class RenderLane:
         self.stats.prepare_s += pulls_started - stage_started
         # Skipped jobs still take their frames' features, before the batch's own (a stream is pulled in order).
         for job in skipped:
-            if job.future.set_running_or_notify_cancel():
-                try:
-                    requests = job.fn()
-                except BaseException as exc:
-                    job.future.set_exception(exc)
-                else:
-                    job.future.set_result([None] * len(requests))
-                    self.stats.frames_skipped_late += len(requests)
+            taken = self._take_requests(job)
+            if taken is not None:
+                job.future.set_result([None] * len(taken))
+                self.stats.frames_skipped_late += len(taken)
         self.stats.jobs_done += len(skipped)
-        batch: list[tuple[_Job, Sequence[Any]]] = []
-        for job in jobs:
-            if job.future.set_running_or_notify_cancel():
-                try:
-                    requests = job.fn()
-                except BaseException as exc:
-                    job.future.set_exception(exc)
-                else:
-                    batch.append((job, requests))
+        batch = [(job, taken) for job in jobs if (taken := self._take_requests(job)) is not None]
         if not batch:
             return
         keep = self._frames_in_time(batch)
@@ -491,6 +479,18 @@ class RenderLane:
         self.stats.frames_rendered += len(all_requests)
         self.stats.frames_skipped_late += sum(len(kept) - sum(kept) for kept in keep)
         self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, len(all_requests))
+
+    @staticmethod
+    def _take_requests(job: _Job) -> Sequence[Any] | None:
+        """Run a render job's request builder (its features); None when it was cancelled or failed (reported)."""
+        if not job.future.set_running_or_notify_cancel():
+            return None
+        try:
+            requests: Sequence[Any] = job.fn()
+        except BaseException as exc:
+            job.future.set_exception(exc)
+            return None
+        return requests
 
     def _frames_in_time(self, batch: list[tuple[_Job, Sequence[Any]]]) -> list[list[bool]]:
         """Per job, which requests to render (see the module docstring, "Overload"): the most of them that a batch
