@@ -42,6 +42,9 @@ CLOSE_INTERNAL_ERROR = 1011
 STATUS_POLL_S = 0.2
 UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sidecar enforces its own, smaller limit with a typed error
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
+# Once live, at most this much waits for a slow sidecar; past it the relay stops reading from the caller, so TCP
+# flow control slows the caller down instead of this process buffering without bound.
+LIVE_QUEUE_MAX_BYTES = 4 * 1024 * 1024
 
 StatusOf = Callable[[str], Awaitable[SessionStatus | None]]
 ClientMessage = MutableMapping[str, Any]  # an ASGI websocket.receive message
@@ -58,6 +61,8 @@ class RelayState:
     closed_at_s: float | None = None
     bytes_to_sidecar: int = 0
     early_bytes: int = 0  # sent by the caller before the sidecar was connected (forwarded first)
+    queued_bytes: int = 0  # received from the caller, not yet sent to the sidecar
+    reader_pauses: int = 0  # times the relay stopped reading the caller because the sidecar fell behind
     binary_messages_to_sidecar: int = 0
     text_messages_to_sidecar: int = 0
     messages_to_client: int = 0
@@ -120,7 +125,8 @@ async def relay_audio(
     # One reader for the whole connection: it notices a caller that leaves while we wait,
     # and keeps what the caller sends before the sidecar is connected, in order.
     inbox: asyncio.Queue[ClientMessage | None] = asyncio.Queue()
-    reader = asyncio.create_task(_read_client(websocket, inbox, relay))
+    drained = asyncio.Event()  # set whenever the queue is back under LIVE_QUEUE_MAX_BYTES
+    reader = asyncio.create_task(_read_client(websocket, inbox, relay, drained))
     try:
         sidecar = await _wait_until_live(
             websocket, session_id, status_of, live_wait_s=live_wait_s, relay=relay, reader=reader
@@ -145,7 +151,7 @@ async def relay_audio(
         relay.state = "connected"
         relay.connected_at_s = time.time()
         async with upstream:
-            await _pump(websocket, upstream, relay, inbox)
+            await _pump(websocket, upstream, relay, inbox, drained)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -160,8 +166,15 @@ async def relay_audio(
                 await websocket.close(1000)
 
 
-async def _read_client(websocket: WebSocket, inbox: asyncio.Queue[ClientMessage | None], relay: RelayState) -> None:
-    """Every client message into `inbox`; None once the client has gone."""
+def _message_bytes(message: ClientMessage) -> int:
+    return len(message.get("bytes") or (message.get("text") or "").encode())
+
+
+async def _read_client(
+    websocket: WebSocket, inbox: asyncio.Queue[ClientMessage | None], relay: RelayState, drained: asyncio.Event
+) -> None:
+    """Every client message into `inbox`; None once the client has gone. Bounded: before live by closing the
+    connection past EARLY_BUFFER_MAX_BYTES, once live by pausing until the sidecar has taken enough."""
     try:
         while True:
             try:
@@ -172,15 +185,29 @@ async def _read_client(websocket: WebSocket, inbox: asyncio.Queue[ClientMessage 
                 relay.close_reason = relay.close_reason or "client closed"
                 return
             relay.last_client_message_at_s = time.time()
+            size = _message_bytes(message)
             if relay.upstream is None:
                 # Text waits in the same queue as PCM, so it counts too: the hold must stay bounded.
-                relay.early_bytes += len(message.get("bytes") or (message.get("text") or "").encode())
+                relay.early_bytes += size
                 if relay.early_bytes > EARLY_BUFFER_MAX_BYTES:
                     relay.close_reason = "early_buffer_full"
                     return
             inbox.put_nowait(message)
+            relay.queued_bytes += size
+            if relay.upstream is not None and relay.queued_bytes > LIVE_QUEUE_MAX_BYTES:
+                relay.reader_pauses += 1
+                while relay.queued_bytes > LIVE_QUEUE_MAX_BYTES:
+                    drained.clear()
+                    await drained.wait()
     finally:
         inbox.put_nowait(None)
+
+
+def _taken(relay: RelayState, message: ClientMessage, drained: asyncio.Event) -> None:
+    """`message` left the queue for the sidecar: a paused reader may go on once the queue is small again."""
+    relay.queued_bytes -= _message_bytes(message)
+    if relay.queued_bytes <= LIVE_QUEUE_MAX_BYTES:
+        drained.set()
 
 
 async def _wait_until_live(
@@ -242,9 +269,11 @@ async def _pump(
     upstream: ClientConnection,
     relay: RelayState,
     inbox: asyncio.Queue[ClientMessage | None],
+    drained: asyncio.Event,
 ) -> None:
     async def client_to_sidecar() -> None:
         while (message := await inbox.get()) is not None:
+            _taken(relay, message, drained)
             if message.get("bytes") is not None:
                 data: bytes = message["bytes"]
                 relay.bytes_to_sidecar += len(data)

@@ -6,6 +6,7 @@ sends is held; past the limit the caller gets `error buffer_full` and a 1008 clo
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -66,3 +67,38 @@ def test_text_messages_count_toward_the_limit_too(app: FastAPI) -> None:
     config = '{"type": "config", "sample_rate": 16000, "padding": "' + "x" * 300 + '"}'
     error = buffer_full_after(app, [config] * 4)
     assert error["type"] == "error" and error["code"] == "buffer_full", error
+
+
+class _FloodingCaller:
+    """A caller that sends 64 KiB PCM messages as fast as it is read."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.sent += 1
+        await asyncio.sleep(0)
+        return {"type": "websocket.receive", "bytes": bytes(64 * 1024)}
+
+
+async def test_once_live_a_slow_sidecar_pauses_reading_instead_of_queueing_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(audio_relay, "LIVE_QUEUE_MAX_BYTES", 256 * 1024)
+    caller = _FloodingCaller()
+    relay = audio_relay.RelayState(session_id="s1")
+    relay.upstream = object()  # type: ignore[assignment]  # live: the sidecar is connected (and not reading)
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    drained = asyncio.Event()
+    reader = asyncio.create_task(audio_relay._read_client(caller, inbox, relay, drained))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.2)
+        # 256 KiB held plus the message that crossed the line; the caller is no longer read (TCP pushes back).
+        assert relay.queued_bytes == 5 * 64 * 1024 and inbox.qsize() == 5 and caller.sent == 5
+        assert relay.reader_pauses == 1 and not reader.done()
+        for _ in range(3):  # the sidecar takes three messages: the reader goes on, up to the bound again
+            audio_relay._taken(relay, inbox.get_nowait(), drained)
+        await asyncio.sleep(0.1)
+        assert relay.queued_bytes == 5 * 64 * 1024 and caller.sent == 8 and relay.reader_pauses == 2
+    finally:
+        reader.cancel()
