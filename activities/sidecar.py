@@ -243,7 +243,9 @@ class SidecarActivities:
             # Stats reports are best effort: a reporter that failed must not replace the run's outcome.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reporter
-        return RunSessionResult(end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats))
+        return RunSessionResult(
+            end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats), detail=end.detail
+        )
 
     @activity.defn(name=ActivityName.STOP_SESSION.value)
     async def stop_session(self, request: StopSessionInput) -> bool:

@@ -25,6 +25,7 @@ class SessionEndReason(StrEnum):
     MAX_DURATION = "max_duration"  # the session ran for its maximum duration
     CLIENT_GONE = "client_gone"  # the audio client (WS or agent) left and did not return
     OUTPUT_FAILED = "output_failed"  # every output in the fallback order failed while live
+    RUNTIME_FAILED = "runtime_failed"  # the session's clock or render task died (a defect): no frames flow
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class RunLimits:
 class SessionEnd:
     reason: SessionEndReason
     stats: SessionStats
+    detail: str = ""  # for runtime_failed: which task died, and with what
 
 
 @dataclass(frozen=True)

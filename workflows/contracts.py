@@ -78,13 +78,14 @@ class OutputKind(StrEnum):
 
 
 class EndReason(StrEnum):
-    """Why a session ended. The first five mirror `realtime.host.SessionEndReason`."""
+    """Why a session ended. The first six mirror `realtime.host.SessionEndReason`."""
 
     STOPPED = "stopped"
     IDLE_TIMEOUT = "idle_timeout"
     MAX_DURATION = "max_duration"
     CLIENT_GONE = "client_gone"
     OUTPUT_FAILED = "output_failed"
+    RUNTIME_FAILED = "runtime_failed"
     FAILED = "failed"  # see SessionStatus.error for the code
     CANCELLED = "cancelled"  # the workflow itself was cancelled (e.g. from the Temporal UI)
 
@@ -139,6 +140,7 @@ class ErrorCode(StrEnum):
     OUTPUT_OPEN_FAILED = "output_open_failed"
     OUTPUT_UNAVAILABLE = "output_unavailable"  # every output in the fallback order failed
     OUTPUT_FAILED = "output_failed"  # outputs failed while live
+    RUNTIME_FAILED = "runtime_failed"  # the sidecar's clock or render task for the session died (a defect)
     ACTIVITY_TIMEOUT = "activity_timeout"
 
 
@@ -343,6 +345,7 @@ class RunSessionInput:
 class RunSessionResult:
     end_reason: EndReason
     stats: dict[str, Any]  # realtime.host.SessionStats as a dict
+    detail: str = ""  # runtime_failed: the sidecar's account of what died
 
 
 @dataclass(frozen=True)

@@ -375,6 +375,11 @@ class SessionWorkflow:
             self._status.end_reason = result.end_reason
             if result.end_reason in _OUTPUT_FAILURE_ENDS:
                 raise _SessionFailed(ErrorCode.OUTPUT_FAILED, "every output failed while the session was live")
+            if result.end_reason is EndReason.RUNTIME_FAILED:
+                raise _SessionFailed(
+                    ErrorCode.RUNTIME_FAILED,
+                    f"the sidecar's clock or renderer for this session stopped: {result.detail or 'see its log'}",
+                )
             return
 
     async def _switch_output(self) -> bool:

@@ -267,7 +267,7 @@ class SidecarHost:
                 stats = runtime.stats()
                 on_stats(stats)
                 logger.info("session ends", extra={"session_id": session_id, "reason": str(reason)})
-                return SessionEnd(reason=reason, stats=stats)
+                return SessionEnd(reason=reason, stats=stats, detail=runtime.task_failure or "")
             if now >= next_stats_s:
                 on_stats(runtime.stats())
                 next_stats_s = now + limits.stats_interval_s
@@ -277,6 +277,10 @@ class SidecarHost:
     def _end_reason(
         self, session: HostedSession, runtime: SessionRuntime, limits: RunLimits, started_s: float, now: float
     ) -> SessionEndReason | None:
+        if runtime.task_failure is not None:
+            # No clock or no rendering: nothing reaches the room any more. End now with the reason, rather than
+            # look live until the idle timeout or the maximum duration.
+            return SessionEndReason.RUNTIME_FAILED
         if now - started_s >= limits.max_duration_s:
             return SessionEndReason.MAX_DURATION
         publisher_stats = [p.stats() for p in session.publishers]

@@ -125,6 +125,7 @@ class SessionRuntime:
         self.last_audio_at_s: float | None = None
         self.render_errors = 0
         self.last_error = ""
+        self.task_failure: str | None = None  # set when the clock or render task died: the session is dead
         self.stopped = False  # set by `stop`: audio that arrives later is rejected (nothing would play it)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class SessionRuntime:
             return
         exc = task.exception()
         self.last_error = f"{task.get_name()} failed: {exc!r}"
+        self.task_failure = self.task_failure or self.last_error  # the first one: run_session ends on it
         logger.error("session task failed", exc_info=exc, extra={"session_id": self.session_id})
 
     async def stop(self) -> None:

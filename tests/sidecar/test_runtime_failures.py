@@ -15,7 +15,15 @@ import pytest
 
 from infra.process import free_port
 from realtime.agents_protocol import AgentAudioBridge
-from realtime.host import OpenedOutput, OutputKind, OutputTarget, PreparedAvatar, RtmpTarget
+from realtime.host import (
+    OpenedOutput,
+    OutputKind,
+    OutputTarget,
+    PreparedAvatar,
+    RtmpTarget,
+    RunLimits,
+    SessionEndReason,
+)
 from realtime.ingest.errors import IngestError, IngestErrorCode
 from realtime.media.errors import OutputError
 from realtime.publish.switch import SwitchableOutput
@@ -97,6 +105,24 @@ async def test_a_dead_clock_is_reported_and_does_not_break_stop(lane: RenderLane
     assert "clock-clock-dies failed" in runtime.last_error and "unreadable" in runtime.last_error
     assert any(record.getMessage() == "session task failed" for record in caplog.records)
     await runtime.stop()  # must not re-raise the clock's exception: teardown goes on after it
+
+
+async def test_run_session_ends_runtime_failed_when_the_clock_dies(lane: RenderLane) -> None:
+    """Without this the session looked live (no frames, no audio) until its idle timeout or maximum duration."""
+    host = SidecarHost(NoEngine())  # type: ignore[arg-type]
+    publisher = RecordingPublisher(WIDTH_PX, HEIGHT_PX)
+    await publisher.start()
+    runtime = SessionRuntime("dies", BreakingEngine(fail_at_tick=3), [publisher], lane)
+    host.sessions["dies"] = HostedSession("dies", runtime=runtime, publishers=[publisher])
+    await runtime.start()
+    try:
+        end = await asyncio.wait_for(
+            host.run_session("dies", RunLimits(idle_timeout_s=60.0, max_duration_s=60.0), lambda _stats: None), 5.0
+        )
+    finally:
+        await host.teardown("dies")
+    assert end.reason is SessionEndReason.RUNTIME_FAILED
+    assert "clock-dies failed" in end.detail and "unreadable" in end.detail
 
 
 async def test_audio_after_stop_is_rejected_and_counted_not_left_pending(lane: RenderLane) -> None:

@@ -86,6 +86,7 @@ class _Session:
     stop_reason: SessionEndReason | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     output_lost: bool = False
+    runtime_failure: str = ""  # set by `break_runtime`
     fallbacks: int = 0
 
 
@@ -190,6 +191,12 @@ class LoopbackSessionHost:
                 session.stop_event.clear()
         return opened
 
+    def break_runtime(self, session_id: str, detail: str) -> None:
+        """Test hook: the session's clock or render task died; run_session ends `runtime_failed` with `detail`."""
+        session = self._session(session_id)
+        session.runtime_failure = detail
+        session.stop_event.set()
+
     def lose_output(self, session_id: str) -> None:
         """Test hook: the session's live output went away (its server died); run_session ends `output_failed`."""
         session = self._session(session_id)
@@ -207,6 +214,8 @@ class LoopbackSessionHost:
             now = time.monotonic()
             stats = self._stats(session, now)
             reason = session.stop_reason
+            if reason is None and session.runtime_failure:
+                reason = SessionEndReason.RUNTIME_FAILED
             if reason is None and session.output_lost:
                 reason = session.stop_reason = SessionEndReason.OUTPUT_FAILED
             if reason is None and now - started_s >= limits.max_duration_s:
@@ -215,7 +224,7 @@ class LoopbackSessionHost:
                 reason = SessionEndReason.IDLE_TIMEOUT  # no audio ever reaches this host
             on_stats(stats)
             if reason is not None:
-                return SessionEnd(reason=reason, stats=stats)
+                return SessionEnd(reason=reason, stats=stats, detail=session.runtime_failure)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.stop_event.wait(), timeout=limits.stats_interval_s)
 

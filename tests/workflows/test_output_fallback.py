@@ -192,3 +192,23 @@ async def test_output_lost_while_live_fails_the_session_when_no_output_is_left(
     assert status.phase is Phase.FAILED and status.end_reason is EndReason.FAILED
     assert status.error is not None and status.error.code == ErrorCode.OUTPUT_FAILED.value
     assert request.session_id in host.torn_down and [r.sessions for r in (await live_world.snapshot()).sidecars] == [[]]
+
+
+async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_of_looking_live(
+    live_world: Harness, livekit_server: LiveKitServerConfig, avatar_url: str
+) -> None:
+    host = await live_world.add_sidecar("gpu0")
+    request = live_world.request(
+        avatar_url, OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="lipsync-avatar"))
+    )
+    handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
+    await wait_for_status(handle, in_phase(Phase.LIVE))
+    host.break_runtime(request.session_id, "clock-x failed: RuntimeError('idle frame 3 is unreadable')")
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.RUNTIME_FAILED.value
+    status = await handle.query(SessionWorkflow.status)
+    assert status.phase is Phase.FAILED and status.error is not None
+    assert status.error.code == ErrorCode.RUNTIME_FAILED.value and "idle frame 3 is unreadable" in status.error.message
+    assert request.session_id in host.torn_down
