@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +130,9 @@ class LiveKitPublisher:
         self._audio_lock = asyncio.Lock()
         self._audio_anchored = False
         self._next_tick_deadline_s: float | None = None  # where the next tick's audio belongs on the clock
+        # (when its audio enters WebRTC, speech samples) of the ticks handed to the audio source: an interrupt's
+        # clear_queue takes back the ones that have not started, so they are not counted as published.
+        self._queued_speech: deque[tuple[float, int]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -275,13 +279,25 @@ class LiveKitPublisher:
         if self._audio_source is not None:
             pcm = self._to_int16(tick.audio_playout)
             frame = rtc.AudioFrame(pcm.tobytes(), PLAYOUT_SAMPLE_RATE_HZ, 1, len(pcm))
-            async with self._audio_lock:
-                if not self._audio_anchored:
-                    await self._fill_silence_until(tick.deadline_s)
-                else:
-                    self._check_audio_slack(tick.deadline_s)
-                await self._audio_source.capture_frame(frame)
+            try:
+                async with self._audio_lock:
+                    if not self._audio_anchored:
+                        await self._fill_silence_until(tick.deadline_s)
+                    else:
+                        self._check_audio_slack(tick.deadline_s)
+                    await self._audio_source.capture_frame(frame)
+            except BaseException:
+                # The capture failed (the room went away under it) or the session stopped mid-capture: the
+                # tick's speech never reached WebRTC. Counted as dropped, so published + dropped == rendered.
+                self._stats.frames_dropped += 1
+                self._stats.audio_samples_dropped += tick.speech_samples
+                raise
             self._stats.audio_samples_published += tick.speech_samples
+            now_s = time.monotonic()
+            while self._queued_speech and self._queued_speech[0][0] < now_s:
+                self._queued_speech.popleft()  # started playing: published for good
+            if tick.speech_samples:
+                self._queued_speech.append((tick.deadline_s + self._audio_headroom_s, tick.speech_samples))
             self._stats.playout_samples_published += len(pcm)
         loop = asyncio.get_running_loop()
         # loop.time() is time.monotonic(): the tick's deadline is directly a loop time.
@@ -353,6 +369,13 @@ class LiveKitPublisher:
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
             self._audio_source.clear_queue()
+            # Speech of ticks that had not started playing is gone with the queue: dropped, not published.
+            now_s = time.monotonic()
+            cleared = sum(samples for start_s, samples in self._queued_speech if start_s >= now_s)
+            self._queued_speech.clear()
+            self._stats.audio_samples_published -= cleared
+            self._stats.audio_samples_dropped += cleared
+            self._stats.extra["audio_samples_cleared"] = self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
             self._audio_anchored = False
             self._stats.extra["audio_clears"] = self._stats.extra.get("audio_clears", 0.0) + 1
             task = loop.create_task(self._refill_after_clear())

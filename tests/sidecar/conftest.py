@@ -156,8 +156,11 @@ class AccountingWatch:
                 self.check(session_id, runtime.stats(), live=False)
                 publishes_audio = all(_publishes_audio(p) for p in runtime.publishers)
                 stats = runtime.stats()
-                if publishes_audio and stats.audio_samples_published != stats.audio_samples_rendered:
-                    self.violations.append(f"{session_id}: published != rendered: {stats}")
+                # Published + dropped (ticks not delivered, speech an interrupt cleared before it played) == rendered.
+                first = runtime.publishers[0].stats().name if runtime.publishers else ""
+                dropped = int(stats.extra.get(f"{first}_audio_samples_dropped", 0.0))
+                if publishes_audio and stats.audio_samples_published + dropped != stats.audio_samples_rendered:
+                    self.violations.append(f"{session_id}: published + dropped != rendered: {stats}")
                 self.checked.append(session_id)
 
         host.teardown = teardown  # type: ignore[method-assign]

@@ -3,9 +3,13 @@ holds for every output, across a live switch too. No network: the outputs are us
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from infra.process import free_port
 from realtime.host import LiveKitTarget
@@ -71,3 +75,80 @@ async def test_a_switch_keeps_the_retired_outputs_dropped_speech() -> None:
     await live.publish(speech_tick(1, 640))
     stats = live.stats()
     assert (stats.audio_samples_dropped, stats.audio_samples_published) == (640, 640)
+
+
+class _AudioSource:
+    """Stands in for `rtc.AudioSource`: `capture_frame` fails, hangs, or queues (then `clear_queue` empties it)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.queued = 0
+        self.clears = 0
+
+    async def capture_frame(self, frame: object) -> None:
+        if self.mode == "fail":
+            raise RuntimeError("the room went away")
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        self.queued += 1
+
+    def clear_queue(self) -> None:
+        self.clears += 1
+        self.queued = 0
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _VideoSource:
+    def capture_frame(self, frame: object, **kwargs: object) -> None:
+        del frame, kwargs
+
+    async def aclose(self) -> None:
+        pass
+
+
+def connected_publisher(source: _AudioSource) -> LiveKitPublisher:
+    """A LiveKit output in the state a joined room leaves it, with a stand-in audio source (no network)."""
+    publisher = livekit_publisher()
+    publisher._stats.connected = True
+    publisher._video_source = _VideoSource()  # type: ignore[assignment]
+    publisher._audio_source = source  # type: ignore[assignment]
+    publisher._audio_anchored = True
+    return publisher
+
+
+async def test_a_capture_that_fails_or_is_cancelled_counts_its_speech_as_dropped() -> None:
+    failing = connected_publisher(_AudioSource("fail"))
+    with pytest.raises(RuntimeError):
+        await failing.publish(speech_tick(0, 640))
+    stats = failing.stats()
+    assert (stats.frames_dropped, stats.audio_samples_dropped, stats.audio_samples_published) == (1, 640, 0)
+
+    hanging = connected_publisher(_AudioSource("hang"))
+    task = asyncio.create_task(hanging.publish(speech_tick(0, 640)))  # the session stops mid-capture
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = hanging.stats()
+    assert (stats.audio_samples_dropped, stats.audio_samples_published) == (640, 0)
+    await hanging.close()
+    await failing.close()
+
+
+async def test_an_interrupt_takes_back_the_queued_speech_that_had_not_started_playing() -> None:
+    source = _AudioSource("queue")
+    publisher = connected_publisher(source)
+    now_s = time.monotonic()
+    # One tick whose audio started playing 100 ms ago, two still waiting in the source's queue.
+    for index, (deadline_s, speech) in enumerate(((now_s - 0.2, 640), (now_s + 0.04, 640), (now_s + 0.08, 320))):
+        tick = dataclasses.replace(speech_tick(index, speech), deadline_s=deadline_s)
+        await publisher.publish(tick)
+    assert publisher.stats().audio_samples_published == 1600
+    publisher.interrupt(lambda _index: np.zeros((HEIGHT_PX, WIDTH_PX, 3), dtype=np.uint8))
+    stats = publisher.stats()
+    assert source.clears == 1
+    assert (stats.audio_samples_published, stats.audio_samples_dropped) == (640, 960)
+    assert stats.extra["audio_samples_cleared"] == 960
+    await publisher.close()
