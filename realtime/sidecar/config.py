@@ -51,6 +51,10 @@ class HostConfig:
     video_delay_ms: float = 40.0  # see realtime.publish.livekit
     max_video_bitrate_bps: int = 1_500_000
     output_down_timeout_s: float = 30.0  # an output disconnected this long ends the session (output_failed)
+    # The share of time a session is expected to speak, for admission control: 1.0 (the default) sizes capacity
+    # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
+    # per GPU, with frames skipped under load if they all speak at once). In (0, 1].
+    speech_duty: float = 1.0
     # Frames per cross-session render batch, at most (also the engine's device batch): an H200 held 14 sessions
     # with 64-frame batches; a lightly loaded lane runs small batches anyway.
     max_batch_frames: int = 64
@@ -107,6 +111,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
     parser.add_argument("--max-batch-frames", type=int, default=64, help="frames per cross-session render batch")
+    parser.add_argument(
+        "--speech-duty",
+        type=_duty,
+        default=1.0,
+        help="share of time a session speaks, for admission control (default 1: all speak at once)",
+    )
+
+
+def _duty(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share of time in (0, 1], got {text}")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
@@ -128,6 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             runtime=RuntimeConfig(buffer_limit_ms=args.buffer_limit_ms),
             video_delay_ms=args.video_delay_ms,
             max_batch_frames=args.max_batch_frames,
+            speech_duty=args.speech_duty,
         ),
         server=ServerConfig(max_message_bytes=args.max_message_bytes),
     )

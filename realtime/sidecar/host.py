@@ -33,6 +33,7 @@ from realtime.host import (
     SessionStats,
     WarmUpResult,
 )
+from realtime.ingest.formats import FRAME_RATE_FPS
 from realtime.publish.base import Publisher
 from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
 from realtime.publish.recording import RecordingOutput
@@ -111,7 +112,10 @@ class SidecarHost:
         """Configured slots, lowered to what the render lane's measured batch times sustain (admission control):
         a saturated sidecar refuses new sessions rather than letting every session on it drop frames."""
         max_batch_ms = self.config.runtime.max_batch_ms
-        measured = self._lane.capacity_sessions(max_batch_ms=max_batch_ms) if self._lane is not None else None
+        fps_per_session = FRAME_RATE_FPS * self.config.speech_duty  # idle frames cost the lane nothing
+        measured = (
+            self._lane.capacity_sessions(fps_per_session, max_batch_ms=max_batch_ms) if self._lane is not None else None
+        )
         if measured is None:
             return self.config.slots_total
         # Never below the sessions already here (they keep their slots) nor below one (a sidecar serves one).

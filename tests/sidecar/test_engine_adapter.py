@@ -82,3 +82,7 @@ def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     host.lane.close()
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "fast"])
+    assert settings_from_args(parser.parse_args(["--speech-duty", "0.5"])).host.speech_duty == 0.5
+    for bad in ("0", "1.5", "-1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--speech-duty", bad])

@@ -204,6 +204,17 @@ async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_se
         await host.close()
 
 
+def test_an_expected_speech_duty_scales_the_admitted_sessions() -> None:
+    """Idle frames cost the lane nothing: sessions that speak half the time need half the render rate."""
+    host = SidecarHost(_NoEngine(), HostConfig(slots_total=20, speech_duty=0.5))  # type: ignore[arg-type]
+    try:
+        for frames, ms in ((16, 80.0), (48, 240.0)):
+            host.lane.cost_model.observe(frames, ms)
+        assert host.capacity().slots_total == 12  # 200 frames/s x 0.8 headroom / (25 fps x 0.5) = 12.8
+    finally:
+        host.lane.close()
+
+
 # ---- the planning budget: how far ahead sessions plan an utterance's first tick ---------------------------------
 
 # A fake engine's known per-batch costs: 15 ms at 1 frame, 30 ms at 4, 45 ms at 8, 70 ms at 16, 105 ms at 32.
