@@ -297,6 +297,14 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
                     _check_side("the idle video", frame.width, frame.height, frame_limits)
                     if frame_limits.require_face:
                         face = _require_face(frame.to_ndarray(format="rgb24"), "the idle video's first frame")
+                elif (frame.width, frame.height) != size:
+                    # A stream may change resolution midway (concatenated segments): caught here, before any
+                    # GPU work, as the zip path catches mixed frame sizes.
+                    raise AssetError(
+                        ErrorCode.MIXED_FRAME_SIZES,
+                        f"the idle video changes size at frame {count}: {frame.width}x{frame.height} after "
+                        f"{size[0]}x{size[1]}; all frames must have one size",
+                    )
         except av.FFmpegError as exc:
             raise AssetError(ErrorCode.VIDEO_UNDECODABLE, f"the idle video fails to decode: {exc}") from exc
         if count == 0 or size is None:

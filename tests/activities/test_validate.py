@@ -128,6 +128,14 @@ def test_good_video_reports_frames_and_rate(policy: SessionPolicy, tmp_path: Pat
     assert report.fps == pytest.approx(25.0) and report.face is not None
 
 
+def test_video_that_changes_size_midway_is_refused(policy: SessionPolicy, tmp_path: Path) -> None:
+    path = write(tmp_path, media.resizing_video_bytes(tmp_path), "idle.ts")
+    with pytest.raises(AssetError) as failure:
+        validate_idle_video(path, policy.assets.video, policy.assets.frames)
+    assert failure.value.code is ErrorCode.MIXED_FRAME_SIZES
+    assert "96x96 after 128x128" in str(failure.value)
+
+
 def test_video_too_long(policy: SessionPolicy, tmp_path: Path) -> None:
     import dataclasses
 

@@ -89,6 +89,28 @@ def idle_video_bytes(directory: Path, count: int = 10, side_px: int = 128) -> by
     return path.read_bytes()
 
 
+def resizing_video_bytes(directory: Path, sides_px: tuple[int, int] = (128, 96), count: int = 6) -> bytes:
+    """An MPEG-TS idle video whose resolution changes midway: two segments of different sizes, concatenated."""
+    import av
+
+    parts = []
+    for part, side_px in enumerate(sides_px):
+        path = directory / f"part{part}.ts"
+        with av.open(str(path), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width = stream.height = side_px
+            stream.pix_fmt = "yuv420p"
+            for index in range(count):
+                frame = av.VideoFrame.from_ndarray(astronaut_frame(side_px, index), format="rgb24")
+                frame.pts = part * count + index
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        parts.append(path.read_bytes())
+    return b"".join(parts)
+
+
 def audio_only_bytes(directory: Path, seconds: float = 0.5) -> bytes:
     """A valid media file with an audio stream and no video stream (AAC in MP4)."""
     import av
