@@ -73,7 +73,7 @@ class Deployment:
         return f"http://127.0.0.1:{self.api_port}"
 
     def env(self) -> dict[str, str]:
-        from infra import livekit
+        from infra import stack
         from infra.demo import demo_policies
 
         policies = demo_policies(
@@ -86,10 +86,7 @@ class Deployment:
             },
         )
         return {
-            "TEMPORAL_ADDRESS": f"127.0.0.1:{self.ports.temporal}",
-            "LIVEKIT_URL": f"ws://127.0.0.1:{self.ports.livekit}",
-            "LIVEKIT_API_KEY": livekit.DEV_API_KEY,
-            "LIVEKIT_API_SECRET": livekit.DEV_API_SECRET,
+            **stack.service_env(self.ports),
             "LIPSYNC_API_KEYS": self.api_key,
             "LIPSYNC_SIDECAR_URLS": ",".join(
                 f"{sid}=http://127.0.0.1:{port}" for sid, port in self.sidecar_ports.items()

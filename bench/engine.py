@@ -107,10 +107,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_settings(variant: str) -> dict[str, Any]:
-    return dict(VARIANTS[variant])
-
-
 def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
     from realtime.engine.device import choose_device, configure_cpu_threads
     from realtime.engine.weights.loader import load_musetalk
@@ -331,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(args, Path(tmp))
         for variant in args.variants:
             try:
-                settings = variant_settings(variant)
+                settings = dict(VARIANTS[variant])
                 measured = bench_musetalk(args, Path(tmp), models, variant, settings)
             except Exception as exc:  # one broken variant must not lose the others' figures
                 logger.exception("variant %s failed", variant)

@@ -93,10 +93,10 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
     device = choose_device(args.device, "auto")
     if not device.is_cuda:
         configure_cpu_threads(None)
-    from bench.engine import variant_settings
+    from bench.engine import VARIANTS
     from realtime.engine.accel import AccelConfig
 
-    accel = {k: v for k, v in variant_settings(args.variant).items() if k != "dtype"}
+    accel = {k: v for k, v in VARIANTS[args.variant].items() if k != "dtype"}
     config = EngineConfig(
         engine="musetalk",
         device=device.device,
@@ -319,7 +319,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "render_ahead_frames": runtime_config.render_ahead_frames,
             "adaptive_render_budget": runtime_config.max_render_budget_ms > runtime_config.render_budget_ms,
             "levels": [r["sessions"] for r in rows],
-            "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
             "python": sys.version.split()[0],
         },
         "notes": args.notes,
@@ -361,16 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-budget-safety", type=float, default=RuntimeConfig().render_budget_safety)
     parser.add_argument("--render-ahead-frames", type=int, default=RuntimeConfig().render_ahead_frames)
     parser.add_argument("--all-levels", action="store_true", help="run every level (no stop once the curve turns)")
-    parser.add_argument(
-        "--switch-interval-ms",
-        type=float,
-        default=None,
-        help="sys.setswitchinterval for this run (Python's GIL hand-over interval; default 5 ms)",
-    )
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1000.0)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     document = asyncio.run(bench(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)

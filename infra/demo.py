@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from infra import livekit, stack
+from infra import stack
 from infra.paths import PROJECT_ROOT, state_dir
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
 
@@ -321,10 +321,7 @@ class Demo:
 
     def _env(self) -> dict[str, str]:
         return {
-            "TEMPORAL_ADDRESS": f"127.0.0.1:{self.ports.temporal}",
-            "LIVEKIT_URL": f"ws://127.0.0.1:{self.ports.livekit}",
-            "LIVEKIT_API_KEY": livekit.DEV_API_KEY,
-            "LIVEKIT_API_SECRET": livekit.DEV_API_SECRET,
+            **stack.service_env(self.ports),
             "LIPSYNC_API_KEYS": self.api_key,
             "LIPSYNC_SIDECAR_URLS": f"demo-sidecar={self.sidecar_url}",
             "LIPSYNC_POLICIES": str(demo_policies(self.work_dir)),

@@ -118,6 +118,16 @@ def _processes(ports: StackPorts, directory: Path) -> dict[str, ManagedProcess]:
     }
 
 
+def service_env(ports: StackPorts) -> dict[str, str]:
+    """How `lipsync api/worker/sidecar` processes reach this stack's Temporal and LiveKit (environment variables)."""
+    return {
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{ports.temporal}",
+        "LIVEKIT_URL": f"ws://127.0.0.1:{ports.livekit}",
+        "LIVEKIT_API_KEY": livekit.DEV_API_KEY,
+        "LIVEKIT_API_SECRET": livekit.DEV_API_SECRET,
+    }
+
+
 def _endpoints(ports: StackPorts) -> dict[str, str]:
     return {
         "temporal": f"grpc 127.0.0.1:{ports.temporal}, UI http://127.0.0.1:{ports.temporal_ui}",

@@ -291,31 +291,18 @@ class SessionWorkflow:
         request = self._request
         failures: list[str] = []
         for kind in kinds:
+            target: dict[str, Any] = {
+                "call": self._call(),
+                "kind": kind,
+                "room": request.room,
+                "livekit": request.output.livekit,
+                "rtmp": request.output.rtmp,
+                "rtmp_allow_networks": list(self._policy.outputs.rtmp_allow_networks),
+            }
             name, arg = (
-                (
-                    ActivityName.SWITCH_OUTPUT,
-                    SwitchOutputInput(
-                        call=self._call(),
-                        kind=kind,
-                        room=request.room,
-                        livekit=request.output.livekit,
-                        rtmp=request.output.rtmp,
-                        rtmp_allow_networks=list(self._policy.outputs.rtmp_allow_networks),
-                    ),
-                )
+                (ActivityName.SWITCH_OUTPUT, SwitchOutputInput(**target))
                 if live_switch
-                else (
-                    ActivityName.OPEN_OUTPUT,
-                    OpenOutputInput(
-                        call=self._call(),
-                        kind=kind,
-                        room=request.room,
-                        livekit=request.output.livekit,
-                        rtmp=request.output.rtmp,
-                        record=request.output.record,
-                        rtmp_allow_networks=list(self._policy.outputs.rtmp_allow_networks),
-                    ),
-                )
+                else (ActivityName.OPEN_OUTPUT, OpenOutputInput(**target, record=request.output.record))
             )
             try:
                 opened = await self._on_sidecar(name, arg, OutputOpened, self._policy.activities.open_output)

@@ -102,13 +102,12 @@ def _make_module() -> Any:
             super().__init__()
             self.original = original
             self.mode: UpsampleConvMode = mode
-            conv: Any = original.conv
             self.channels = int(original.channels)
             self.out_channels = int(original.out_channels)
             # Derived kernels are buffers, not parameters: state_dict() and the loader see the original layout.
-            self.register_buffer("transpose_weight", transposed_kernel(conv.weight).to(conv.weight.dtype), False)
-            self.register_buffer("phase_weight", phase_kernel(conv.weight).to(conv.weight.dtype), False)
-            self.register_buffer("phase_bias", _phase_bias(conv.bias), False)
+            for name in ("transpose_weight", "phase_weight", "phase_bias"):
+                self.register_buffer(name, None, persistent=False)
+            self.refresh()
 
         def forward(self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
             doubled = output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:])
