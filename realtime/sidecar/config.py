@@ -110,13 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the UNet and VAE (CUDA; cached under $LIPSYNC_CACHE_DIR/compile)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
-    parser.add_argument("--max-batch-frames", type=int, default=64, help="frames per cross-session render batch")
+    parser.add_argument(
+        "--max-batch-frames", type=_positive_int, default=64, help="frames per cross-session render batch"
+    )
     parser.add_argument(
         "--speech-duty",
         type=_duty,
         default=1.0,
         help="share of time a session speaks, for admission control (default 1: all speak at once)",
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _duty(text: str) -> float:

@@ -86,3 +86,6 @@ def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     for bad in ("0", "1.5", "-1"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--speech-duty", bad])
+    for bad in ("0", "-4", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--max-batch-frames", bad])
