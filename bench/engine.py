@@ -19,8 +19,10 @@ the same models in one process (each a `realtime.engine.accel.AccelConfig`, see 
 bucket, cuDNN benchmark, fused upsample convolutions as 2×2 phases), `graphs-nearest` and
 `graphs-tconv` (the other upsample forms), `graphs-pinned` (+ pinned, side-stream copies),
 `graphs-cl` (+ channels-last), `lower` (+ lower-half decode), `compile` (inductor, default
-mode, + graphs, every bucket; warm-up time = compile time, cold or warm from the on-disk
-cache), `compile-nearest` (the same with plain upsampling), `compile-mat`
+mode, channels-last conv maps and channel-sum group norms, + graphs, every bucket; warm-up
+time = compile time, cold or warm from the on-disk cache), `compile-nchw` (inductor's own
+layout choice: NCHW for a dynamic batch), `compile-cl-native` (channels-last with torch's
+group norm), `compile-nearest` (the same with plain upsampling), `compile-mat`
 (max-autotune-no-cudagraphs), `bf16` (graphs with the models cast to bfloat16: run it last).
 The summary is the variant with the best peak; every variant's rows are kept.
 The preview engine is measured too (512×512, one CPU thread). Imports only torch, numpy,
@@ -97,7 +99,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs-nocudnnbench": {"cuda_graphs": True, "cudnn_benchmark": False},
     "graphs-cl": {"cuda_graphs": True, "channels_last": True},
     "compile-cl": {"cuda_graphs": True, "compile_mode": "default", "channels_last": True},
-    "compile": {"cuda_graphs": True, "compile_mode": "default"},
+    "compile": {"cuda_graphs": True, "compile_mode": "default"},  # channels-last maps, channel-sum group norms
+    "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
+    "compile-cl-native": {"cuda_graphs": True, "compile_mode": "default", "group_norm": "native"},
     "compile-nearest": {"cuda_graphs": True, "compile_mode": "default", "upsample_conv": "nearest"},
     "compile-eager": {"cuda_graphs": False, "compile_mode": "default"},
     "compile-mat": {"cuda_graphs": True, "compile_mode": "max-autotune-no-cudagraphs"},
@@ -348,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     measured = good[best_name]
     measured["summary"]["preview_fps_512_1thread"] = preview["fps"]
     best_settings = measured["settings"]
+    from realtime.engine.accel import AccelConfig
+
+    accel = AccelConfig(**{k: v for k, v in best_settings.items() if k != "dtype"})
+    compiled = accel.compile_mode != "off" and models.device.is_cuda
     document = {
         "benchmark": "engine",
         "device": device_name(str(models.device.device)),
@@ -360,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_graphs": bool(best_settings.get("cuda_graphs", True)) and models.device.is_cuda,
             "pinned_transfers": bool(best_settings.get("pinned_transfers", False)),
             "overlap_copy": bool(best_settings.get("overlap_copy", False)),
-            "upsample_conv": best_settings.get("upsample_conv", "nearest"),
+            "upsample_conv": accel.upsample_conv_for(models.device.is_cuda),
+            "group_norm": accel.group_norm_for(models.device.is_cuda),
+            "compile_channels_last": compiled and accel.compile_channels_last,
             "model": args.model,
             "engine": "musetalk",
             "frame_px": [FRAME_PX, FRAME_PX],

@@ -16,6 +16,12 @@
   artifacts go to `compile_cache_dir` (default `$LIPSYNC_CACHE_DIR/compile` or
   `~/.cache/lipsync-live/compile`) and are reused across restarts: a warm start re-traces
   but skips code generation and Triton compilation (`bench.engine` reports both warm-ups).
+* **Channels-last maps under compile** (`compile_channels_last`) — inductor lays the conv maps
+  out NHWC, the layout cuDNN's Hopper kernels use; left to itself it keeps NCHW for a dynamic
+  batch, and every convolution then pays two layout transposes.
+* **Channel-sum group norms** (`group_norm`) — the decoder's and UNet's GroupNorms computed from
+  per-channel sums (`realtime.engine.groupnorm`), a reduction channels-last maps read at full
+  bandwidth; inductor's own lowering strides across them.
 * **Fused upsample convolutions** (`upsample_conv`) — the decoder's and UNet's "nearest 2×, then
   3×3 conv" layers run as one transposed convolution (or four 2×2 phase convolutions) on the
   source map: exact, 16/36 of the multiply-adds (`realtime.engine.upsample`).
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from realtime.engine.groupnorm import GROUP_NORM_MODES, GroupNormMode
 from realtime.engine.upsample import UPSAMPLE_CONV_MODES, UpsampleConvMode
 
 if TYPE_CHECKING:
@@ -82,15 +89,27 @@ class AccelConfig:
     # `LOWER_DECODE_NOTE`: it is an approximation whose error depends on the VAE weights.
     decode_from_latent_row: int = 0
     # Exact rewrite of "nearest 2x upsample + 3x3 conv" (`realtime.engine.upsample`): "nearest" | "transpose" |
-    # "phases" on any device, or "auto": "phases" on CUDA (measured fastest there: bench/results/engine-h200-*.json),
-    # "nearest" on CPU (slower there with the tiny model). Same output up to rounding.
+    # "phases" on any device, or "auto", measured fastest per path (bench/results/engine-h200-*.json and
+    # probe-layout-h200-*.json): "transpose" compiled channels-last, "phases" otherwise on CUDA, "nearest" on CPU
+    # (slower there with the tiny model). Same output up to rounding.
     upsample_conv: str = "auto"
     compile_batch1: bool = True  # with compile_mode: bucket 1 gets its own static compile (else it runs eager)
+    # With compile_mode: inductor lays the convolutions' maps out channels-last (`force_layout_optimization`). Its
+    # own heuristic never does for a dynamic batch, and cuDNN then wraps every conv in NCHW<->NHWC transposes
+    # (30 of the decode's 104 ms at batch 64 on an H200: bench/results/probe-layout-h200-*.json).
+    compile_channels_last: bool = True
+    # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
+    # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else native.
+    group_norm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.upsample_conv not in ("auto", *UPSAMPLE_CONV_MODES):
             raise ValueError(
                 f"upsample_conv must be auto or one of {', '.join(UPSAMPLE_CONV_MODES)}, got {self.upsample_conv!r}"
+            )
+        if self.group_norm not in ("auto", *GROUP_NORM_MODES):
+            raise ValueError(
+                f"group_norm must be auto or one of {', '.join(GROUP_NORM_MODES)}, got {self.group_norm!r}"
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
@@ -108,10 +127,20 @@ class AccelConfig:
     def max_bucket(self) -> int:
         return self.batch_buckets[-1]
 
+    def _compiled_channels_last(self, cuda: bool) -> bool:
+        return cuda and self.compile_mode != "off" and self.compile_channels_last
+
     def upsample_conv_for(self, cuda: bool) -> UpsampleConvMode:
         if self.upsample_conv == "auto":
+            if self._compiled_channels_last(cuda):
+                return "transpose"  # no phase interleave pass over channels-last maps: 79 vs 83 ms (probe-layout)
             return "phases" if cuda else "nearest"
         return self.upsample_conv  # type: ignore[return-value]  # validated in __post_init__
+
+    def group_norm_for(self, cuda: bool) -> GroupNormMode:
+        if self.group_norm == "auto":
+            return "channel_sums" if self._compiled_channels_last(cuda) else "native"
+        return self.group_norm  # type: ignore[return-value]  # validated in __post_init__
 
 
 def bucket_for(frames: int, buckets: Sequence[int]) -> int:
@@ -149,12 +178,16 @@ def configure_compile_cache(cache_dir: Path | None) -> Path:
     return root
 
 
-def compile_fn(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+def compile_fn(fn: Callable[..., Any], mode: str, *, channels_last: bool = False) -> Callable[..., Any]:
+    """`torch.compile(fn)` in `mode`; `channels_last` forces inductor's channels-last layout of conv maps."""
     import torch
 
-    options: dict[str, Any] = {"mode": mode} if mode != "default" else {}
+    # The mode's inductor options, spelled out: torch.compile takes either a mode or options, not both.
+    options: dict[str, Any] = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
+    if channels_last:
+        options["force_layout_optimization"] = True
     # dynamic=None: shapes stay static except dims marked by `mark_batch_dynamic`.
-    compiled: Callable[..., Any] = torch.compile(fn, **options)
+    compiled: Callable[..., Any] = torch.compile(fn, options=options or None)
     return compiled
 
 

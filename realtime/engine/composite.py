@@ -1,19 +1,26 @@
 """Pasting generated 256² faces back into avatar frames through the lower-face mask.
 
-All arithmetic is torch on the engine's device: on CUDA the crop-box regions of the avatar
-frames live on the GPU, the face is resized and blended there, and only the blended regions
-(a fraction of each frame) cross to the host in one transfer; the host copies the idle frame
-and drops the region in. On CPU the same code runs on views of the cached frames.
+All arithmetic is torch on the engine's device, batched over a render call's jobs: on CUDA each
+avatar's crop-box regions live on the GPU (padded to its largest box), every face is resized
+and blended there in a few batched kernels whatever the batch size, and only the blended
+regions (a fraction of each frame) cross to the host in one transfer; the host copies the idle
+frame and drops the region in. On CPU the same code runs.
 
 Blend per request: `out = roi + (face - roi) · mask · speech_weight` inside the v1.5 crop box.
+The resizes are separable linear maps, so each runs as two matrix products with per-size
+matrices: `face_box = R_rows · face · R_colsᵀ`. The matrices are F.interpolate's own (applied to
+an identity), so the result is the per-face `F.interpolate` up to float rounding: the face with
+antialiased bilinear (as upstream's PIL resize), the mask with plain bilinear.
 With pinned staging buffers and a copy stream (CUDA), `paste_async` returns while the copy
 runs; `finish` waits for it, so the engine can enqueue the next chunk in between.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,10 +44,58 @@ class PasteJob:
 class PendingPaste:
     """Blended crop regions on their way to the host; `Compositor.finish` assembles the frames."""
 
-    jobs: list[PasteJob]
-    host: Any  # torch.Tensor uint8 on the host (pinned when enabled), valid once `event` completed
+    jobs: list[PasteJob]  # in the order of the regions' rows (grouped by avatar)
+    positions: list[int]  # positions[row] = index of that row's job in the caller's order
+    sizes_px: list[tuple[int, int]]  # (height, width) of each row's region
+    host: Any  # torch.Tensor uint8 [B, rows_px, cols_px, 3] on the host (pinned when enabled), once `event` is done
     event: Any  # torch.cuda.Event recorded after the copy, or None (CPU: already complete)
     keep_alive: Any = None  # the device tensor being copied, held until the copy is done
+
+
+@functools.cache
+def resize_matrix(src_px: int, dst_px: int, antialias: bool) -> np.ndarray:
+    """`[dst_px, src_px]` float32 M with `M @ v` = F.interpolate(v, dst_px, bilinear, align_corners=False)."""
+    import torch
+    import torch.nn.functional as F
+
+    # Rows resized, columns kept (an identity map along them): the result is the matrix itself. (A basis of
+    # one-pixel-wide images gave other weights: measured, F.interpolate skips antialias there.)
+    basis = torch.eye(src_px, dtype=torch.float32)[None, None]
+    with torch.inference_mode():
+        resized = F.interpolate(basis, size=(dst_px, src_px), mode="bilinear", align_corners=False, antialias=antialias)
+    return resized[0, 0].contiguous().numpy()
+
+
+@dataclass
+class _AvatarRegions:
+    """One avatar's paste data on the device, padded to its largest crop box."""
+
+    rois: torch.Tensor  # uint8 [N, rows_px, cols_px, 3]: each frame's crop-box region, zero beyond it
+    sizes_px: list[tuple[int, int]]  # (height, width) of each frame's region; (0, 0) without a face
+    row_size: torch.Tensor  # long [N]: each frame's row in the row tables
+    col_size: torch.Tensor  # long [N]: each frame's row in the column tables
+    face_rows: torch.Tensor  # float32 [sizes, rows_px, 256]: the face's resize along rows, zero past the size
+    face_cols: torch.Tensor  # float32 [sizes, cols_px, 256]
+    mask_rows: torch.Tensor  # the mask's resize (plain bilinear), same shapes
+    mask_cols: torch.Tensor
+
+
+def _size_tables(
+    sizes: Sequence[int], padded_px: int, src_px: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index per frame, antialiased tables, plain tables) for the distinct `sizes`, zero-padded to `padded_px`."""
+    import torch
+
+    distinct = sorted(set(sizes))
+    where = {size: row for row, size in enumerate(distinct)}
+    face = np.zeros((len(distinct), padded_px, src_px), np.float32)
+    mask = np.zeros_like(face)
+    for row, size in enumerate(distinct):
+        if size > 0:
+            face[row, :size] = resize_matrix(src_px, size, True)
+            mask[row, :size] = resize_matrix(src_px, size, False)
+    index = torch.tensor([where[size] for size in sizes], dtype=torch.long, device=device)
+    return index, torch.from_numpy(face).to(device), torch.from_numpy(mask).to(device)
 
 
 class Compositor:
@@ -51,41 +106,73 @@ class Compositor:
 
         self._device = device
         self._cuda = device.type == "cuda"
-        self._mask = torch.from_numpy(lower_face_mask()).to(device)[None, None]  # [1,1,256,256]
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # mask resized to a crop box size
-        self._rois: dict[str, list[torch.Tensor]] = {}  # avatar key -> crop-box region per frame, uint8 [h,w,3]
+        self._mask = torch.from_numpy(lower_face_mask()).to(device)  # [256, 256]
+        self._avatars: dict[str, _AvatarRegions] = {}
         self._pinned = pinned and self._cuda
         self._staging: list[torch.Tensor] = []  # pinned buffers, reused round-robin (two chunks in flight)
         self._staging_next = 0
         self._copy_stream = torch.cuda.Stream(device) if copy_stream and self._cuda else None
 
     def forget(self, avatar_key: str) -> None:
-        self._rois.pop(avatar_key, None)
+        self._avatars.pop(avatar_key, None)
 
-    def _regions(self, avatar: Avatar) -> list[torch.Tensor]:
+    def warm_up(self, faces: torch.Tensor) -> None:
+        """Paste `faces` into a synthetic avatar once, so the first session does not pay this path's first use
+        (kernel loads, the matrix library's handles: on an H200 a first session's first batch otherwise took
+        long enough to cost it frames)."""
+        size_px = int(self._mask.shape[0])
+        box = np.asarray([[8, 8, 8 + size_px - 40, 8 + size_px - 40]], np.int32)  # a face smaller than 256²
+        avatar = Avatar(
+            key="warm-up",
+            digest_sha256="",
+            engine="",
+            kind="image",
+            cache_dir=Path(),
+            cache_hit=False,
+            frames=np.zeros((1, size_px, size_px, 3), np.uint8),
+            face_boxes=box,
+            crop_boxes=box,
+            has_face=np.ones(1, bool),
+            latents=None,
+        )
+        try:
+            self.paste(faces, [PasteJob(avatar, 0, row, 1.0) for row in range(int(faces.shape[0]))])
+        finally:
+            self.forget(avatar.key)
+
+    def _regions(self, avatar: Avatar) -> _AvatarRegions:
         import torch
 
-        regions = self._rois.get(avatar.key)
-        if regions is None:
-            regions = []
-            for index in range(avatar.frame_count):
-                x1, y1, x2, y2 = (int(v) for v in avatar.crop_boxes[index])
-                if not avatar.has_face[index]:
-                    regions.append(torch.zeros((0, 0, 3), dtype=torch.uint8, device=self._device))
-                    continue
-                region = np.ascontiguousarray(avatar.frames[index, y1:y2, x1:x2])
-                regions.append(torch.from_numpy(region).to(self._device))
-            self._rois[avatar.key] = regions
+        regions = self._avatars.get(avatar.key)
+        if regions is not None:
+            return regions
+        sizes: list[tuple[int, int]] = []
+        for index in range(avatar.frame_count):
+            x1, y1, x2, y2 = (int(v) for v in avatar.crop_boxes[index])
+            region = avatar.frames[index, y1:y2, x1:x2]
+            sizes.append(region.shape[:2] if avatar.has_face[index] else (0, 0))
+        rows_px = max([1] + [h for h, _ in sizes])
+        cols_px = max([1] + [w for _, w in sizes])
+        rois = np.zeros((avatar.frame_count, rows_px, cols_px, 3), np.uint8)
+        for index, (height, width) in enumerate(sizes):
+            if height:
+                x1, y1 = int(avatar.crop_boxes[index][0]), int(avatar.crop_boxes[index][1])
+                rois[index, :height, :width] = avatar.frames[index, y1 : y1 + height, x1 : x1 + width]
+        face_px = int(self._mask.shape[0])
+        row_size, face_rows, mask_rows = _size_tables([h for h, _ in sizes], rows_px, face_px, self._device)
+        col_size, face_cols, mask_cols = _size_tables([w for _, w in sizes], cols_px, face_px, self._device)
+        regions = _AvatarRegions(
+            torch.from_numpy(rois).to(self._device),
+            sizes,
+            row_size,
+            col_size,
+            face_rows,
+            face_cols,
+            mask_rows,
+            mask_cols,
+        )
+        self._avatars[avatar.key] = regions
         return regions
-
-    def _mask_for(self, height: int, width: int) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        mask = self._masks.get((height, width))
-        if mask is None:
-            mask = F.interpolate(self._mask, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-            self._masks[(height, width)] = mask
-        return mask
 
     def _staging_buffer(self, size: int) -> torch.Tensor:
         import torch
@@ -105,33 +192,58 @@ class Compositor:
     def paste_async(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> PendingPaste:
         """Blend on the device and start the copy of the blended regions to the host (asynchronous on CUDA)."""
         import torch
-        import torch.nn.functional as F
 
-        blended = []
+        if not jobs:
+            return PendingPaste([], [], [], torch.zeros((0, 1, 1, 3), dtype=torch.uint8), None)
+        by_avatar: dict[str, list[int]] = {}
+        for position, job in enumerate(jobs):
+            by_avatar.setdefault(job.avatar.key, []).append(position)
+        positions = [position for group in by_avatar.values() for position in group]
+        ordered = [jobs[position] for position in positions]
         with torch.inference_mode():
-            for job in jobs:
-                roi = self._regions(job.avatar)[job.frame]
-                height, width = roi.shape[:2]
-                face = F.interpolate(
-                    faces[job.face_row : job.face_row + 1].float(),
-                    size=(height, width),
-                    mode="bilinear",
-                    align_corners=False,
-                    antialias=True,
-                )[0].permute(1, 2, 0)
-                mask = self._mask_for(height, width)
-                base = roi.float()
-                out = base + (face * 255.0 - base) * (mask * job.weight)[..., None]
-                blended.append(out.round_().clamp_(0, 255).to(torch.uint8).reshape(-1))
-            if not blended:
-                return PendingPaste(list(jobs), torch.zeros(0, dtype=torch.uint8), None)
-            device_bytes = torch.cat(blended)
+            groups = [(self._regions(jobs[group[0]].avatar), group) for group in by_avatar.values()]
+            sizes_px = [regions.sizes_px[jobs[p].frame] for regions, group in groups for p in group]
+            rows_px = max(int(regions.rois.shape[1]) for regions, _ in groups)
+            cols_px = max(int(regions.rois.shape[2]) for regions, _ in groups)
+            # One upload for every index of the call: avatar frame per row, face row per row.
+            indices = torch.tensor(
+                [[job.frame for job in ordered], [job.face_row for job in ordered]], dtype=torch.long
+            ).to(self._device)
+            weights = torch.tensor([min(1.0, job.weight) for job in ordered], dtype=torch.float32).to(self._device)
+            parts: dict[str, list[torch.Tensor]] = {
+                "rois": [],
+                "face_rows": [],
+                "face_cols": [],
+                "mask_rows": [],
+                "mask_cols": [],
+            }
+            start = 0
+            for regions, group in groups:
+                frames = indices[0, start : start + len(group)]
+                start += len(group)
+                row_size, col_size = regions.row_size[frames], regions.col_size[frames]
+                pad_rows = rows_px - int(regions.rois.shape[1])
+                pad_cols = cols_px - int(regions.rois.shape[2])
+                parts["rois"].append(_pad(regions.rois[frames], (0, 0, 0, pad_cols, 0, pad_rows)))
+                parts["face_rows"].append(_pad(regions.face_rows[row_size], (0, 0, 0, pad_rows)))
+                parts["mask_rows"].append(_pad(regions.mask_rows[row_size], (0, 0, 0, pad_rows)))
+                parts["face_cols"].append(_pad(regions.face_cols[col_size], (0, 0, 0, pad_cols)))
+                parts["mask_cols"].append(_pad(regions.mask_cols[col_size], (0, 0, 0, pad_cols)))
+            joined = {name: torch.cat(tensors) if len(tensors) > 1 else tensors[0] for name, tensors in parts.items()}
+            picked = faces.index_select(0, indices[1]).float()  # [B, 3, 256, 256]
+            # [B, 1, rows, 256] @ [B, 3, 256, 256] @ [B, 1, 256, cols] -> [B, 3, rows, cols]
+            face = joined["face_rows"][:, None] @ picked @ joined["face_cols"][:, None].transpose(-1, -2)
+            mask = joined["mask_rows"] @ self._mask @ joined["mask_cols"].transpose(-1, -2)  # [B, rows, cols]
+            base = joined["rois"].float()
+            alpha = (mask * weights[:, None, None])[..., None]
+            blended = base + (face.permute(0, 2, 3, 1) * 255.0 - base) * alpha
+            device_bytes = blended.round_().clamp_(0, 255).to(torch.uint8)
             if not self._cuda:
-                return PendingPaste(list(jobs), device_bytes, None)
+                return PendingPaste(ordered, positions, sizes_px, device_bytes, None)
             host = (
-                self._staging_buffer(device_bytes.numel())
+                self._staging_buffer(device_bytes.numel()).view(device_bytes.shape)
                 if self._pinned
-                else torch.empty(device_bytes.numel(), dtype=torch.uint8)
+                else torch.empty(device_bytes.shape, dtype=torch.uint8)
             )
             event = torch.cuda.Event()
             if self._copy_stream is not None:
@@ -143,20 +255,25 @@ class Compositor:
             else:
                 host.copy_(device_bytes, non_blocking=self._pinned)
                 event.record()
-            return PendingPaste(list(jobs), host, event, keep_alive=device_bytes)
+            return PendingPaste(ordered, positions, sizes_px, host, event, keep_alive=device_bytes)
 
     def finish(self, pending: PendingPaste) -> list[np.ndarray]:
-        """Wait for the copy and drop each blended region into a copy of its idle frame."""
+        """Wait for the copy and drop each blended region into a copy of its idle frame (in the callers' order)."""
         if pending.event is not None:
             pending.event.synchronize()
         host = pending.host.numpy()
-        frames = []
-        offset = 0
-        for job in pending.jobs:
-            x1, y1, x2, y2 = (int(v) for v in job.avatar.crop_boxes[job.frame])
-            size = (y2 - y1) * (x2 - x1) * 3
+        frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pending.jobs)
+        rows = zip(pending.jobs, pending.positions, pending.sizes_px, strict=True)
+        for row, (job, position, (height, width)) in enumerate(rows):
+            x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
             frame = np.array(job.avatar.frames[job.frame])  # writable copy of the idle frame
-            frame[y1:y2, x1:x2] = host[offset : offset + size].reshape(y2 - y1, x2 - x1, 3)
-            offset += size
-            frames.append(frame)
+            frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
+            frames[position] = frame
         return frames
+
+
+def _pad(tensor: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` zero-padded at the end of its last dims (`F.pad` order); itself when nothing is missing."""
+    import torch.nn.functional as F
+
+    return F.pad(tensor, pad) if any(pad) else tensor

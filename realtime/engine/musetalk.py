@@ -38,6 +38,7 @@ from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.composite import Compositor, PasteJob, PendingPaste
 from realtime.engine.errors import RenderRequestInvalid
+from realtime.engine.groupnorm import set_group_norm_mode
 from realtime.engine.upsample import set_upsample_conv_mode
 from realtime.host import PrepareProgress
 
@@ -75,6 +76,9 @@ class MuseTalkEngine:
         upsample_mode = accel.upsample_conv_for(cuda)
         upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
         logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
+        norm_mode = accel.group_norm_for(cuda)
+        norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae))
+        logger.info("group norms", extra={"mode": norm_mode, "layers": norms})
         if cuda and accel.channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
@@ -83,8 +87,9 @@ class MuseTalkEngine:
         self._vae_compiled: Callable[..., Any] | None = None
         if self._compile_on:
             self.compile_cache_dir = configure_compile_cache(accel.compile_cache_dir)
-            self._unet_compiled = compile_fn(self._unet_forward, accel.compile_mode)
-            self._vae_compiled = compile_fn(self._decode_faces, accel.compile_mode)
+            channels_last = accel.compile_channels_last
+            self._unet_compiled = compile_fn(self._unet_forward, accel.compile_mode, channels_last=channels_last)
+            self._vae_compiled = compile_fn(self._decode_faces, accel.compile_mode, channels_last=channels_last)
         self._graph_stages: tuple[BucketGraphs, BucketGraphs] | None = None
         self._info = EngineInfo(
             name=ENGINE_NAME,
@@ -384,7 +389,8 @@ class MuseTalkEngine:
             for size in batch_sizes:
                 latents = torch.randn((size, 8, 32, 32), device=self._device).to(self._dtype)
                 features = torch.randn((size, 50, 384), device=self._device).to(self._dtype)
-                self._faces(latents, features, None)
+                faces = self._faces(latents, features, None)
+                self._compositor.warm_up(faces)
             if self._graphs_on:
                 self._windows.warm_up(max(batch_sizes, default=1))
             # A stream pull too: the feature path's kernels load and its caches fill here, not in a session.

@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Literal
 
+from realtime.engine.module_swap import switch_wrapped
+
 if TYPE_CHECKING:
     import torch
 
@@ -154,18 +156,11 @@ def set_upsample_conv_mode(root: torch.nn.Module, mode: UpsampleConvMode) -> int
     """
     if mode not in UPSAMPLE_CONV_MODES:
         raise ValueError(f"upsample conv mode must be one of {', '.join(UPSAMPLE_CONV_MODES)}, got {mode!r}")
-    wrapper = _module_class()
-    count = 0
-    for parent in list(root.modules()):
-        if isinstance(parent, wrapper):
-            continue  # its `original` is the module it replaces
-        for name, child in list(parent.named_children()):
-            if isinstance(child, wrapper):
-                if child.transpose_weight.dtype != child.original.conv.weight.dtype:
-                    child.refresh()
-                child.mode = mode
-                count += 1
-            elif mode != "nearest" and _is_plain_upsample_conv(child):
-                setattr(parent, name, wrapper(child, mode))
-                count += 1
-    return count
+    return switch_wrapped(
+        root, _module_class(), mode, original_mode="nearest", wraps=_is_plain_upsample_conv, on_switch=_follow_dtype
+    )
+
+
+def _follow_dtype(wrapper: Any) -> None:
+    if wrapper.transpose_weight.dtype != wrapper.original.conv.weight.dtype:
+        wrapper.refresh()

@@ -23,6 +23,40 @@ def test_buckets_and_config_are_validated() -> None:
         AccelConfig(compile_mode="fast")
     with pytest.raises(ValueError, match="decode_from_latent_row"):
         AccelConfig(decode_from_latent_row=12)  # would cut into the blend mask (it starts at face row 92)
+    with pytest.raises(ValueError, match="group_norm"):
+        AccelConfig(group_norm="fused")
+
+
+def test_group_norms_follow_the_layout_they_are_fast_in() -> None:
+    compiled = AccelConfig(compile_mode="default")
+    assert compiled.group_norm_for(cuda=True) == "channel_sums"  # channels-last maps under inductor
+    assert compiled.group_norm_for(cuda=False) == "native"  # CPU never compiles
+    assert AccelConfig().group_norm_for(cuda=True) == "native"  # graphs only: eager kernels, NCHW
+    assert AccelConfig(compile_mode="default", compile_channels_last=False).group_norm_for(cuda=True) == "native"
+    assert AccelConfig(group_norm="channel_sums").group_norm_for(cuda=False) == "channel_sums"
+    assert compiled.upsample_conv_for(cuda=True) == "transpose"  # no phase interleave over channels-last maps
+    assert AccelConfig().upsample_conv_for(cuda=True) == "phases"
+    assert compiled.upsample_conv_for(cuda=False) == "nearest"
+
+
+def test_compile_options_spell_out_the_mode_and_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from realtime.engine.accel import compile_fn
+
+    seen: list[Any] = []
+
+    def fake_compile(fn: Any, options: Any = None) -> Any:
+        seen.append(options)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compile_fn(print, "default")
+    compile_fn(print, "default", channels_last=True)
+    compile_fn(print, "max-autotune-no-cudagraphs", channels_last=True)
+    assert seen[0] is None
+    assert seen[1] == {"force_layout_optimization": True}
+    assert seen[2]["force_layout_optimization"] and seen[2]["max_autotune"] and "triton.cudagraphs" not in seen[2]
 
 
 def test_streams_prefetched_in_one_batched_encode_give_the_features_of_separate_encodes(
