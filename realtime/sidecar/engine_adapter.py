@@ -22,7 +22,7 @@ from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.factory import create_engine
 from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
-from realtime.sidecar.engine_port import AvatarView, EngineInfo, SessionEngine, UtteranceStream
+from realtime.sidecar.engine_port import AvatarView, EngineInfo, SessionEngine, UtteranceClosed, UtteranceStream
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class _Utterance:
         self._samples = 0
         self._ended = False
         self._end_applied = False
+        self._closed = False
         self._next_frame = 0  # the next frame a job asks for
         self._pulled: list[FeatureFrame] = []  # frames from _next_frame on, pulled ahead for this lane batch
 
@@ -89,14 +90,20 @@ class _Utterance:
             self._end_applied = True
         return self._stream
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def pull_ahead(self, frames: int) -> None:
         """Lane thread, before a batch's jobs run: compute the features of this utterance's next `frames` frames in
         one pull (one window gather for all of its jobs in the batch); `render_requests` then takes them."""
         missing = frames - len(self._pulled)
-        if missing > 0:
+        if missing > 0 and not self._closed:
             self._pulled.extend(self._stream.pull(max_frames=missing))
 
     def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
+        if self._closed:
+            raise UtteranceClosed(f"frames {frame_indices[:1]}..: the utterance's stream was closed")
         if frame_indices and frame_indices[0] != self._next_frame:
             raise ValueError(f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}")
         missing = len(frame_indices) - len(self._pulled)
@@ -119,6 +126,7 @@ class _Utterance:
     def close(self) -> None:
         with self._lock:
             self._inbox = []
+            self._closed = True
         self._pulled = []
 
 
@@ -206,14 +214,14 @@ class EngineAdapter:
         if prefetch is None:
             return 0
         streams, counts = [], []
-        for source, frames in jobs:
-            if isinstance(source, _Utterance):
-                streams.append(source.apply_inbox())
-                counts.append(frames)
+        # A closed source's jobs raise UtteranceClosed when they run: nothing of theirs is encoded.
+        live = [(source, frames) for source, frames in jobs if isinstance(source, _Utterance) and not source.closed]
+        for source, frames in live:
+            streams.append(source.apply_inbox())
+            counts.append(frames)
         encoded: int = prefetch(streams, counts) if streams else 0
-        for source, frames in jobs:
-            if isinstance(source, _Utterance):
-                source.pull_ahead(frames)  # after the batched encode: each source's frames in one gather
+        for source, frames in live:
+            source.pull_ahead(frames)  # after the batched encode: each source's frames in one gather
         return encoded
 
     def release_avatar(self, avatar: object) -> None:

@@ -28,6 +28,11 @@ class AvatarView(Protocol):
         ...
 
 
+class UtteranceClosed(Exception):
+    """`render_requests` of a stream the runtime closed (its utterance finished playing or was flushed): a job
+    queued in the render lane before that has nothing left to render."""
+
+
 class UtteranceStream(Protocol):
     """One utterance's streaming features.
 
@@ -49,7 +54,8 @@ class UtteranceStream(Protocol):
 
     def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
         """Engine render requests for frames `frame_indices` (in order, none skipped) on the avatar frames of
-        session ticks `ticks`; `EngineService.render` turns them into images (lane thread, blocking)."""
+        session ticks `ticks`; `EngineService.render` turns them into images (lane thread, blocking). Raises
+        `UtteranceClosed` once the stream was closed."""
         ...
 
     def close(self) -> None: ...

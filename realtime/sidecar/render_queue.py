@@ -18,7 +18,11 @@ the batch (at its measured time) would finish after are not rendered — their f
 still taken, in order, and the caller shows its held frame for them, as for any miss. Rendering
 them anyway would spend the lane on frames nobody sees and make the next ones late too: past
 full load every session would stutter (in a simulation at 111 % load, 84 % of frames were
-missed that way; skipped, the misses stay near the excess load).
+missed that way; skipped, the misses stay near the excess load). Skipping judges by the
+fastest of the bucket's recent batches, and only once it ran at least twice
+(`BatchCostModel.fastest_recent_ms`): a skipped frame measures nothing, so one slow batch (a
+first use, a hiccup) judged by the moving average would make the lane skip every frame after
+it until the utterance ended (seen on an H200: 73 of one session's first 75 frames).
 
 Admission control: `BatchCostModel` keeps the measured wall time (features + render) of the
 lane's batches per bucket; `capacity_sessions` turns it into how many 25-fps sessions the
@@ -78,12 +82,17 @@ def bucket_for(frames: int, buckets: Sequence[int]) -> int:
 
 
 class BatchCostModel:
-    """Measured wall time of a lane batch (features + render) per bucket, as an exponential moving average."""
+    """Measured wall time of a lane batch (features + render) per bucket: an exponential moving average (planning,
+    capacity) and the last `recent_batches` times (what skipping late frames judges by)."""
 
-    def __init__(self, buckets: Sequence[int] = DEFAULT_BUCKETS, *, smoothing: float = 0.2) -> None:
+    def __init__(
+        self, buckets: Sequence[int] = DEFAULT_BUCKETS, *, smoothing: float = 0.2, recent_batches: int = 8
+    ) -> None:
         self.buckets = tuple(buckets)
         self._smoothing = smoothing
         self._ms: dict[int, float] = {}
+        self._recent_ms: dict[int, deque[float]] = {}
+        self._recent_batches = recent_batches
         self._lock = threading.Lock()
 
     def observe(self, frames: int, elapsed_ms: float) -> None:
@@ -91,6 +100,19 @@ class BatchCostModel:
         with self._lock:
             previous = self._ms.get(bucket)
             self._ms[bucket] = elapsed_ms if previous is None else previous + self._smoothing * (elapsed_ms - previous)
+            self._recent_ms.setdefault(bucket, deque(maxlen=self._recent_batches)).append(elapsed_ms)
+
+    def fastest_recent_ms(self, frames: int) -> float | None:
+        """The fastest recent batch of `frames`' bucket (or, unmeasured, of the nearest larger bucket: an upper
+        bound), from buckets that ran at least twice; None otherwise. Optimistic on purpose: it decides which
+        frames are not rendered at all, so it must not trust one slow batch."""
+        bucket = bucket_for(max(1, frames), self.buckets)
+        with self._lock:
+            known = {b: min(times) for b, times in self._recent_ms.items() if len(times) >= 2}
+        if bucket in known:
+            return known[bucket]
+        above = [b for b in known if b > bucket]
+        return known[min(above)] if above else None
 
     def measured(self) -> dict[int, float]:
         with self._lock:
@@ -405,7 +427,7 @@ class RenderLane:
         """Every frame of `job` is due before even a one-frame batch started now would finish."""
         if job.frame_period_s is None:
             return False
-        alone_ms = self.cost_model.estimate_ms(1)
+        alone_ms = self.cost_model.fastest_recent_ms(1)
         if alone_ms is None:
             return False
         last_due_s = job.deadline_s + (job.frames - 1) * job.frame_period_s
@@ -509,9 +531,9 @@ class RenderLane:
         due.sort(key=lambda item: item[0], reverse=True)
         kept = 0
         for count in range(len(due), 0, -1):
-            estimate_ms = self.cost_model.estimate_ms(count)
+            estimate_ms = self.cost_model.fastest_recent_ms(count)
             if estimate_ms is None:
-                return keep  # nothing measured yet: no grounds to drop anything
+                return keep  # not measured enough yet: no grounds to drop anything
             if due[count - 1][0] >= now_s + estimate_ms / 1000.0:
                 kept = count
                 break

@@ -44,7 +44,7 @@ from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME
 from realtime.ingest.resample import ConvertedAudio
 from realtime.publish.base import FrameKind, Publisher, PublishTick
 from realtime.sidecar.config import RuntimeConfig
-from realtime.sidecar.engine_port import SessionEngine, UtteranceStream
+from realtime.sidecar.engine_port import SessionEngine, UtteranceClosed, UtteranceStream
 from realtime.sidecar.render_queue import RenderLane
 from realtime.sidecar.timeline import SessionTimeline, Utterance
 
@@ -338,6 +338,10 @@ class SessionRuntime:
                 source=stream,
                 frame_period_s=self._period_s,  # frames that would be late are skipped, not rendered (overload)
             )
+        except UtteranceClosed:
+            # Its utterance finished playing (or was flushed) while the job waited in the lane: nothing to render.
+            logger.debug("render job of a closed utterance", extra={"session_id": self.session_id})
+            images = []
         except Exception as exc:
             # A failed render costs frames (held frames count as dropped), never the session or its audio.
             self.render_errors += 1

@@ -62,6 +62,25 @@ def test_audio_arriving_after_the_batched_encode_waits_for_the_next_batch(
         windows.encode_segments = original
 
 
+def test_jobs_of_a_closed_utterance_encode_nothing_and_say_so(adapter: EngineAdapter, tmp_path: Path) -> None:
+    """Under load an utterance can finish playing (its stream closed) while jobs for its last frames still wait in
+    the lane. Before, those jobs pulled from the emptied stream and failed as render errors ("asked for 3
+    frames, the feature stream had 1 ready"), counted against the session."""
+    from realtime.sidecar.engine_port import UtteranceClosed
+
+    avatar_zip = tmp_path / "avatar.zip"
+    avatar_zip.write_bytes(frames_zip(astronaut_frames()[:4]))
+    _, avatar = adapter.prepare_avatar(AvatarAsset(avatar_zip, "frames_zip", ""), lambda _progress: None)
+    utterance: Any = adapter.open_session(avatar).open_utterance()
+    utterance.push_audio((0.2 * np.sin(np.arange(16_000) * 0.03)).astype(np.float32))
+    utterance.end()
+    assert len(utterance.render_requests([0, 1], [0, 1])) == 2
+    utterance.close()
+    assert adapter.prepare_features([(utterance, 3)]) == 0  # nothing encoded for it
+    with pytest.raises(UtteranceClosed):
+        utterance.render_requests([2, 3, 4], [2, 3, 4])
+
+
 def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     import argparse
 

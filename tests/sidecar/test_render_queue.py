@@ -41,6 +41,51 @@ def test_cost_model_knows_capacity_only_once_the_batching_frontier_was_measured(
     assert model.measured()[16] == pytest.approx(80.0 + 0.2 * 100.0)
 
 
+def test_skipping_trusts_only_buckets_that_ran_twice_and_their_fastest_recent_batch() -> None:
+    model = BatchCostModel(BUCKETS, recent_batches=4)
+    model.observe(1, 300.0)  # a first use, a hiccup: one slow batch
+    assert model.fastest_recent_ms(1) is None  # not grounds to skip anything
+    model.observe(1, 10.0)
+    assert model.fastest_recent_ms(1) == 10.0  # while the moving average still says:
+    assert model.estimate_ms(1) == pytest.approx(300.0 - 0.2 * 290.0)
+    assert model.fastest_recent_ms(2) is None  # nothing larger ran twice
+    for _ in range(2):
+        model.observe(8, 40.0)
+    assert model.fastest_recent_ms(2) == 40.0  # the nearest larger bucket bounds it
+    for _ in range(4):
+        model.observe(1, 50.0)  # the lane really is slower now: the window forgets the fast ones
+    assert model.fastest_recent_ms(1) == 50.0
+
+
+def test_one_slow_batch_does_not_make_the_lane_skip_the_frames_after_it() -> None:
+    """A session at low load: frames due 40 ms ahead, one batch that took 300 ms. Judged by the moving average
+    (242 ms after the next batch) every later frame would look late, be skipped, measure nothing, and the whole
+    utterance would go unrendered."""
+    clock = _ManualClock()
+    model = BatchCostModel(BUCKETS)
+    model.observe(1, 300.0)
+    rendered: list[int] = []
+
+    def render(requests: Sequence[Any]) -> list[np.ndarray]:
+        rendered.extend(int(r) for r in requests)
+        return [np.zeros((1, 1, 3), np.uint8) for _ in requests]
+
+    lane = RenderLane(render, max_batch_frames=64, buckets=BUCKETS, cost_model=model, clock=clock)
+
+    async def frames() -> list[list[np.ndarray | None]]:
+        return [
+            await lane.render(clock.now_s + 0.04, _requests_from(k), frames=1, frame_period_s=0.04) for k in range(5)
+        ]
+
+    try:
+        results = asyncio.run(frames())
+    finally:
+        lane.close()
+    assert rendered == [0, 1, 2, 3, 4]
+    assert all(result[0] is not None for result in results)
+    assert lane.stats.frames_skipped_late == 0
+
+
 def _blocked_lane(lane: RenderLane, loop: asyncio.AbstractEventLoop, gate: asyncio.Event) -> asyncio.Future[object]:
     """Occupy the lane with a generic job until `gate` is set, so render jobs queue up behind it."""
     return asyncio.ensure_future(lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result()))
@@ -77,10 +122,15 @@ def _requests(count: int) -> Callable[[], list[int]]:
     return lambda: list(range(count))
 
 
+def _requests_from(first: int) -> Callable[[], list[int]]:
+    return lambda: [first]
+
+
 def _seeded_model(times_ms: dict[int, float]) -> BatchCostModel:
     model = BatchCostModel(BUCKETS, smoothing=1.0)
-    for frames, ms in times_ms.items():
-        model.observe(frames, ms)
+    for _ in range(2):  # skipping trusts a bucket that ran at least twice
+        for frames, ms in times_ms.items():
+            model.observe(frames, ms)
     return model
 
 

@@ -330,3 +330,43 @@ async def test_outputs_started_for_a_session_that_cannot_open_are_closed() -> No
         await host.start_publishing("s", [publisher], OpenedOutput(OutputKind.LIVEKIT, "room"))
     assert not publisher.stats().connected, "the started output was left open with no session to close it"
     assert host.sessions["s"].runtime is None
+
+
+class ClosedStream(SilentStream):
+    """Frames look ready, but the stream was closed before the lane ran their job (an utterance that finished
+    playing under load while its last jobs still waited)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def ready_frame_count(self) -> int:
+        return 30
+
+    def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
+        from realtime.sidecar.engine_port import UtteranceClosed
+
+        self.asked += 1
+        raise UtteranceClosed("closed")
+
+
+class ClosedStreamEngine(BreakingEngine):
+    def __init__(self) -> None:
+        super().__init__(fail_at_tick=10**9)
+        self.stream = ClosedStream()
+
+    def open_utterance(self) -> ClosedStream:
+        return self.stream
+
+
+async def test_jobs_of_a_closed_utterance_are_not_render_errors(lane: RenderLane) -> None:
+    publisher = RecordingPublisher(WIDTH_PX, HEIGHT_PX)
+    await publisher.start()
+    engine = ClosedStreamEngine()
+    runtime = SessionRuntime("closed", engine, [publisher], lane)
+    await runtime.start()
+    try:
+        AudioInput(runtime, "ws").push(np.zeros(16_000, dtype="<i2").tobytes())
+        await until(lambda: engine.stream.asked > 0, timeout_s=5.0)
+        assert runtime.render_errors == 0 and not runtime.last_error
+    finally:
+        await runtime.stop()
