@@ -137,6 +137,10 @@ class PreviewEngine:
         started = time.perf_counter()
         return (time.perf_counter() - started) * 1000
 
+    @property
+    def warm_up_batch_ms(self) -> dict[int, float]:
+        return {}  # nothing to warm; a CPU warp per frame, measured by the lane as it runs
+
 
 def open_mouth(frame: np.ndarray, mouth: MouthGeometry, face_height: int, openness: float) -> None:
     """Warp `frame` in place: drop the lower lip and jaw by `openness` and fill the opening."""

@@ -181,6 +181,9 @@ class EngineAdapter:
         self._warm = True
         return False
 
+    def warm_up_batch_ms(self) -> dict[int, float]:
+        return self.engine.warm_up_batch_ms
+
     def prepare_avatar(
         self, asset: AvatarAsset, on_progress: Callable[[PrepareProgress], None]
     ) -> tuple[PreparedAvatar, object]:

@@ -87,6 +87,10 @@ class EngineService(Protocol):
         """Load/compile what rendering needs; returns True when it was already warm."""
         ...
 
+    def warm_up_batch_ms(self) -> dict[int, float]:
+        """Render wall time per batch size, timed by the warm-up (empty: not measured)."""
+        ...
+
     def prepare_avatar(
         self, asset: AvatarAsset, on_progress: Callable[[PrepareProgress], None]
     ) -> tuple[PreparedAvatar, object]:

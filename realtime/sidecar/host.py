@@ -155,6 +155,12 @@ class SidecarHost:
         async with self._warm_lock:
             started = time.perf_counter()
             already = await self.lane.call(BACKGROUND_DEADLINE_S, self.engine.warm_up)
+            if not already:
+                # The lane's cost model starts from the warm-up's batch times: admission control and the planning
+                # budget know the GPU's capacity before the first session (render only: the first real batches,
+                # feature work included, move the estimates on; skipping late frames waits for those).
+                for frames, batch_ms in self.engine.warm_up_batch_ms().items():
+                    self.lane.cost_model.observe(frames, batch_ms)
             info = self.engine.info()
             return WarmUpResult(
                 engine=info.name,

@@ -13,6 +13,7 @@ import pytest
 
 from realtime.host import AvatarAsset
 from realtime.sidecar.config import HostConfig
+from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.errors import NoFreeSlot
 from realtime.sidecar.host import HostedSession, SidecarHost
 from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
@@ -250,6 +251,37 @@ async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_se
         assert host.capacity().slots_free == 0
         with pytest.raises(NoFreeSlot, match="6 slots"):
             await host.prepare_avatar("s6", AvatarAsset(Path("never-read.zip"), "frames_zip", ""), lambda _p: None)
+    finally:
+        await host.close()
+
+
+class _TimedEngine(_NoEngine):
+    """Warms up once and reports the batch times it measured then."""
+
+    def __init__(self) -> None:
+        self.warm = False
+
+    def warm_up(self) -> bool:
+        already, self.warm = self.warm, True
+        return already
+
+    def warm_up_batch_ms(self) -> dict[int, float]:
+        return {1: 8.0, 16: 80.0, 48: 240.0}
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name="timed", device="cpu", warm=self.warm)
+
+
+async def test_a_fresh_sidecar_knows_its_capacity_from_the_warm_up() -> None:
+    """Before, admission control knew nothing until live sessions had made the lane run its largest batches."""
+    host = SidecarHost(_TimedEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
+    try:
+        assert host.capacity().slots_total == 10
+        assert not (await host.warm_up()).already_warm
+        assert host.capacity().slots_total == 6  # 16 frames / 80 ms = 200 fps x 0.8 / 25 fps
+        assert host.lane.cost_model.fastest_recent_ms(1) is None  # one timing is no grounds to skip frames
+        await host.warm_up()  # already warm: nothing is observed twice
+        assert host.lane.cost_model.fastest_recent_ms(16) is None
     finally:
         await host.close()
 

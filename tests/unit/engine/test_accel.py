@@ -137,3 +137,9 @@ def test_lower_half_decode_is_within_one_grey_level_inside_the_mask(
     assert "GroupNorm" in LOWER_DECODE_NOTE
     inside, _ = _blended_difference(musetalk_engine, musetalk_avatar, speech)
     assert inside < 1.0
+
+
+def test_warm_up_times_each_batch_size_for_the_render_lane(musetalk_engine: MuseTalkEngine) -> None:
+    musetalk_engine.warm_up((1, 2))
+    timed = musetalk_engine.warm_up_batch_ms
+    assert set(timed) == {1, 2} and all(ms > 0 for ms in timed.values())
