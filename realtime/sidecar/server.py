@@ -18,9 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from realtime.host import (
@@ -301,9 +303,35 @@ class DevSessionBody(BaseModel):
     max_duration_s: float = Field(default=3600.0, gt=0)
 
 
+def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **extra}
+
+
+def _install_error_bodies(app: FastAPI) -> None:
+    """Errors of the dev HTTP API as `{code, message}` (+ `fields` for a malformed body), like the API edge's."""
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = exc.detail if isinstance(exc.detail, dict) else _error("http_error", str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = [
+            {
+                "field": ".".join(str(part) for part in error.get("loc", ())[1:]) or "body",
+                "message": error.get("msg", ""),
+            }
+            for error in exc.errors()
+        ]
+        listed = "; ".join(f"{field['field']}: {field['message']}" for field in fields)
+        return JSONResponse(_error("validation_error", f"invalid request: {listed}", fields=fields), status_code=422)
+
+
 def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI:
     server_config = config or ServerConfig()
     app = FastAPI(title="lipsync-live sidecar", docs_url=None, redoc_url=None)
+    _install_error_bodies(app)
     run_tasks: dict[str, asyncio.Task[Any]] = {}
     audio_connections: dict[str, _AudioConnection] = {}
 
@@ -327,7 +355,7 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
     async def session_stats(session_id: str) -> dict[str, Any]:
         runtime = host.runtime(session_id)
         if runtime is None:
-            raise HTTPException(404, detail={"code": "unknown_session", "message": f"no live session {session_id}"})
+            raise HTTPException(404, detail=_error("unknown_session", f"no live session {session_id}"))
         return stats_dict(runtime.stats())
 
     @app.websocket("/v1/sessions/{session_id}/audio")
@@ -379,7 +407,7 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
     @app.delete("/v1/sessions/{session_id}")
     async def dev_stop(session_id: str) -> dict[str, Any]:
         if session_id not in host.sessions:
-            raise HTTPException(404, detail={"code": "unknown_session", "message": f"no session {session_id}"})
+            raise HTTPException(404, detail=_error("unknown_session", f"no session {session_id}"))
         await host.stop_session(session_id, SessionEndReason.STOPPED)
         task = run_tasks.get(session_id)
         if task is not None:
