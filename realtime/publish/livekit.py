@@ -369,13 +369,7 @@ class LiveKitPublisher:
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
             self._audio_source.clear_queue()
-            # Speech of ticks that had not started playing is gone with the queue: dropped, not published.
-            now_s = time.monotonic()
-            cleared = sum(samples for start_s, samples in self._queued_speech if start_s >= now_s)
-            self._queued_speech.clear()
-            self._stats.audio_samples_published -= cleared
-            self._stats.audio_samples_dropped += cleared
-            self._stats.extra["audio_samples_cleared"] = self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
+            self._drop_queued_speech()
             self._audio_anchored = False
             self._stats.extra["audio_clears"] = self._stats.extra.get("audio_clears", 0.0) + 1
             task = loop.create_task(self._refill_after_clear())
@@ -388,6 +382,16 @@ class LiveKitPublisher:
             idle = dataclasses.replace(tick, frame_rgb=idle_frame(frame_index), kind=FrameKind.IDLE)
             self._pending_video[frame_index] = (loop.call_at(handle.when(), self._capture_video, idle), idle)
 
+    def _drop_queued_speech(self) -> None:
+        """Speech of ticks that had not started playing is gone with the audio source's queue: dropped, not
+        published (published + dropped == rendered)."""
+        now_s = time.monotonic()
+        cleared = sum(samples for start_s, samples in self._queued_speech if start_s >= now_s)
+        self._queued_speech.clear()
+        self._stats.audio_samples_published -= cleared
+        self._stats.audio_samples_dropped += cleared
+        self._stats.extra["audio_samples_cleared"] = self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
+
     async def _refill_after_clear(self) -> None:
         async with self._audio_lock:
             if not self._audio_anchored and self._next_tick_deadline_s is not None and self._audio_source is not None:
@@ -398,8 +402,13 @@ class LiveKitPublisher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Frames still waiting for their capture time (up to headroom + video delay ahead) never reach the room.
+        # Every session ends with a few: counted apart from drops, so frames handed in = published + dropped +
+        # discarded at close, and a healthy session's drop count stays 0.
         for handle, _tick in self._pending_video.values():
             handle.cancel()
+        extra = self._stats.extra
+        extra["frames_discarded_at_close"] = extra.get("frames_discarded_at_close", 0.0) + len(self._pending_video)
         self._pending_video.clear()
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()

@@ -152,3 +152,15 @@ async def test_an_interrupt_takes_back_the_queued_speech_that_had_not_started_pl
     assert (stats.audio_samples_published, stats.audio_samples_dropped) == (640, 960)
     assert stats.extra["audio_samples_cleared"] == 960
     await publisher.close()
+
+
+async def test_frames_waiting_for_their_capture_time_at_close_are_counted() -> None:
+    """Before, they vanished from the accounting: frames handed in != published + dropped."""
+    publisher = connected_publisher(_AudioSource("queue"))
+    now_s = time.monotonic()
+    for index in range(3):  # captured 100+ ms from now (deadline + headroom + video delay): still pending
+        await publisher.publish(dataclasses.replace(speech_tick(index, 640), deadline_s=now_s + 0.04 * index))
+    await publisher.close()
+    stats = publisher.stats()
+    assert (stats.frames_published, stats.frames_dropped) == (0, 0)
+    assert stats.extra["frames_discarded_at_close"] == 3
