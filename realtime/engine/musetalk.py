@@ -77,7 +77,9 @@ class MuseTalkEngine:
         upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
         logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
         norm_mode = accel.group_norm_for(cuda)
-        norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae))
+        # The models the render path compiles; the VAE encoder (avatar preparation) runs eager, where torch's own
+        # group norm is the faster one.
+        norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae.decoder))
         logger.info("group norms", extra={"mode": norm_mode, "layers": norms})
         if cuda and accel.channels_last:
             models.unet.to(memory_format=torch.channels_last)

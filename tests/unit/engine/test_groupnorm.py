@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,3 +62,37 @@ def test_the_tiny_models_give_the_same_output_and_switch_back() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="group norm mode"):
         set_group_norm_mode(torch.nn.Sequential(), "fast")  # type: ignore[arg-type]
+
+
+def test_an_engine_with_channel_sum_norms_renders_the_same_frames_and_leaves_the_encoder_alone(
+    musetalk_engine: Any, musetalk_avatar: Any, speech: Any
+) -> None:
+    """Whole engine on the tiny checkpoint: only the compiled render path (UNet, VAE decoder) is switched; the
+    encoder (avatar preparation, eager) keeps torch's own group norm, the faster one there."""
+    import numpy as np
+
+    from realtime.engine import EngineConfig, RenderRequest
+    from realtime.engine.accel import AccelConfig
+    from realtime.engine.musetalk import MuseTalkEngine
+
+    frames = musetalk_engine.offline_frames(speech[: 16_000 * 2])[10:16]
+    requests = [RenderRequest(musetalk_avatar, 3 + k, f.features, 1.0) for k, f in enumerate(frames)]
+    models = musetalk_engine.models
+    outputs = {}
+    try:
+        for mode in ("native", "channel_sums"):
+            engine = MuseTalkEngine(
+                models, EngineConfig(engine="musetalk", device="cpu", accel=AccelConfig(group_norm=mode))
+            )
+            outputs[mode] = engine.render(requests)
+
+        def wrapped(module: torch.nn.Module) -> int:
+            return sum(type(m).__name__ == "ChannelSumGroupNorm" for m in module.modules())
+
+        assert wrapped(models.unet) > 0 and wrapped(models.vae.decoder) > 0
+        assert wrapped(models.vae.encoder) == 0
+    finally:
+        set_group_norm_mode(models.unet, "native")  # the fixture's models are shared: leave them as found
+        set_group_norm_mode(models.vae, "native")
+    for want, got in zip(outputs["native"], outputs["channel_sums"], strict=True):
+        assert np.abs(want.astype(np.int16) - got.astype(np.int16)).max() <= 1  # rounding at .5 only
