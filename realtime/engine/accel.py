@@ -90,13 +90,13 @@ class AccelConfig:
     decode_from_latent_row: int = 0
     # Exact rewrite of "nearest 2x upsample + 3x3 conv" (`realtime.engine.upsample`): "nearest" | "transpose" |
     # "phases" on any device, or "auto", measured fastest per path (bench/results/engine-h200-*.json and
-    # probe-layout-h200-*.json): "transpose" compiled channels-last, "phases" otherwise on CUDA, "nearest" on CPU
+    # layout-h200-*.json): "transpose" compiled channels-last, "phases" otherwise on CUDA, "nearest" on CPU
     # (slower there with the tiny model). Same output up to rounding.
     upsample_conv: str = "auto"
     compile_batch1: bool = True  # with compile_mode: bucket 1 gets its own static compile (else it runs eager)
     # With compile_mode: inductor lays the convolutions' maps out channels-last (`force_layout_optimization`). Its
     # own heuristic never does for a dynamic batch, and cuDNN then wraps every conv in NCHW<->NHWC transposes
-    # (30 of the decode's 104 ms at batch 64 on an H200: bench/results/probe-layout-h200-*.json).
+    # (30 of the decode's 104 ms at batch 64 on an H200: bench/results/layout-h200-*.json).
     compile_channels_last: bool = True
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
     # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else native.
@@ -133,7 +133,7 @@ class AccelConfig:
     def upsample_conv_for(self, cuda: bool) -> UpsampleConvMode:
         if self.upsample_conv == "auto":
             if self._compiled_channels_last(cuda):
-                return "transpose"  # no phase interleave pass over channels-last maps: 79 vs 83 ms (probe-layout)
+                return "transpose"  # no phase interleave pass over channels-last maps: 79 vs 83 ms (bench.layout)
             return "phases" if cuda else "nearest"
         return self.upsample_conv  # type: ignore[return-value]  # validated in __post_init__
 
