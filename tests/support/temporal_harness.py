@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
 from activities.control import ControlConfig
@@ -34,6 +35,7 @@ from workflows.contracts import (
     TERMINAL_PHASES,
     AvatarKind,
     AvatarSource,
+    ErrorCode,
     OutputRequest,
     Phase,
     PlacementSnapshot,
@@ -241,6 +243,23 @@ async def wait_for_status(
         await asyncio.sleep(poll_s)
         status = await handle.query(SessionWorkflow.status)
     return status
+
+
+async def failed_with(
+    handle: WorkflowHandle[SessionWorkflow, Any], code: ErrorCode
+) -> tuple[ApplicationError, SessionStatus]:
+    """Wait for the session to fail with `code`: its result raises an ApplicationError of that type and its final
+    status is FAILED with that error code. Returns the cause and the status for the test's own checks."""
+    try:
+        await handle.result()
+    except WorkflowFailureError as failure:
+        cause = failure.cause
+    else:
+        raise AssertionError(f"the session did not fail (expected {code.value})")
+    assert isinstance(cause, ApplicationError) and cause.type == code.value, cause
+    status = await handle.query(SessionWorkflow.status)
+    assert status.phase is Phase.FAILED and status.error is not None and status.error.code == code.value, status
+    return cause, status
 
 
 def in_phase(*phases: Phase) -> Any:

@@ -17,17 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from infra.livekit import LiveKitServerConfig
 from infra.temporal import TemporalDevServerConfig
 from tests.support.sidecar_process import SidecarProcesses
-from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
+from tests.support.temporal_harness import Harness, failed_with, fast_policy, wait_for_status
 from workflows.client import stop_session
 from workflows.contracts import EndReason, ErrorCode, LiveKitOutputRequest, OutputRequest, Phase
 from workflows.policy import SessionPolicy
-from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
 logger = logging.getLogger(__name__)
@@ -129,13 +127,8 @@ async def test_sigkilled_sidecar_ends_the_session_when_policy_says_end(
 
     killed_at = datetime.now(UTC)
     sidecars.kill("a")
-    with pytest.raises(WorkflowFailureError) as failure:
-        await handle.result()
-    cause = failure.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.SIDECAR_LOST.value
-    status = await handle.query(SessionWorkflow.status)
-    assert status.phase is Phase.FAILED and status.error is not None
-    assert status.error.code == ErrorCode.SIDECAR_LOST.value and first in status.error.message
+    _, status = await failed_with(handle, ErrorCode.SIDECAR_LOST)
+    assert status.error is not None and first in status.error.message
     [loss] = status.sidecar_losses
     detection_s = (datetime.fromisoformat(loss.detected_at) - killed_at).total_seconds()
     logger.info(

@@ -16,19 +16,17 @@ from pathlib import Path
 import av
 import httpx
 import pytest
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
 from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
 from infra.rtmp import RtmpServerConfig
 from infra.temporal import TemporalDevServerConfig
 from tests.support.sidecar_process import SidecarProcesses
-from tests.support.temporal_harness import Harness, fast_policy, in_phase, wait_for_status
+from tests.support.temporal_harness import Harness, failed_with, fast_policy, in_phase, wait_for_status
 from workflows import search_attributes
 from workflows.client import stop_session
 from workflows.contracts import EndReason, ErrorCode, LiveKitOutputRequest, OutputRequest, Phase, RtmpOutputRequest
-from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
 
@@ -114,13 +112,8 @@ async def test_policy_without_rtmp_fails_when_livekit_is_unreachable(
         OutputRequest(livekit=unreachable_livekit(), rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream))),
     )
     handle = await world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
-    with pytest.raises(WorkflowFailureError) as failure:
-        await handle.result()
-    cause = failure.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.OUTPUT_UNAVAILABLE.value
-    status = await handle.query(SessionWorkflow.status)
-    assert status.phase is Phase.FAILED and status.error is not None
-    assert status.error.code == ErrorCode.OUTPUT_UNAVAILABLE.value and "livekit" in status.error.message
+    _, status = await failed_with(handle, ErrorCode.OUTPUT_UNAVAILABLE)
+    assert status.error is not None and "livekit" in status.error.message
     assert [a.kind.value for a in status.output_attempts] == ["livekit"]
     assert stream not in publishing_streams(rtmp_server)
     # Teardown ran: placement got the slot back.
@@ -184,13 +177,8 @@ async def test_output_lost_while_live_fails_the_session_when_no_output_is_left(
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit", "rtmp"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))
     host.lose_output(request.session_id)  # no RTMP target in the request: nothing to switch to
-    with pytest.raises(WorkflowFailureError) as failure:
-        await handle.result()
-    cause = failure.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.OUTPUT_FAILED.value
-    status = await handle.query(SessionWorkflow.status)
-    assert status.phase is Phase.FAILED and status.end_reason is EndReason.FAILED
-    assert status.error is not None and status.error.code == ErrorCode.OUTPUT_FAILED.value
+    _, status = await failed_with(handle, ErrorCode.OUTPUT_FAILED)
+    assert status.end_reason is EndReason.FAILED
     assert request.session_id in host.torn_down and [r.sessions for r in (await live_world.snapshot()).sidecars] == [[]]
 
 
@@ -204,11 +192,6 @@ async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))
     host.break_runtime(request.session_id, "clock-x failed: RuntimeError('idle frame 3 is unreadable')")
-    with pytest.raises(WorkflowFailureError) as failure:
-        await handle.result()
-    cause = failure.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.RUNTIME_FAILED.value
-    status = await handle.query(SessionWorkflow.status)
-    assert status.phase is Phase.FAILED and status.error is not None
-    assert status.error.code == ErrorCode.RUNTIME_FAILED.value and "idle frame 3 is unreadable" in status.error.message
+    _, status = await failed_with(handle, ErrorCode.RUNTIME_FAILED)
+    assert status.error is not None and "idle frame 3 is unreadable" in status.error.message
     assert request.session_id in host.torn_down
