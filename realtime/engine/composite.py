@@ -52,7 +52,7 @@ class PendingPaste:
     keep_alive: Any = None  # the device tensor being copied, held until the copy is done
 
 
-@functools.cache
+@functools.lru_cache(maxsize=128)  # bounded: a long-lived sidecar meets ever new crop sizes (each ~1 KB/px)
 def resize_matrix(src_px: int, dst_px: int, antialias: bool) -> np.ndarray:
     """`[dst_px, src_px]` float32 M with `M @ v` = F.interpolate(v, dst_px, bilinear, align_corners=False)."""
     import torch

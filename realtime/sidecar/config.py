@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.engine.accel import COMPILE_MODES
+
 TIMELINE_SAMPLE_RATE_HZ = 16_000
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # 1 MiB: 32 s of s16le 16 kHz mono in one message
 DEFAULT_PORT = 8790
@@ -55,7 +57,7 @@ class HostConfig:
     # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
     # per GPU, with frames skipped under load if they all speak at once). In (0, 1].
     speech_duty: float = 1.0
-    # Frames per cross-session render batch, at most (also the engine's device batch): an H200 held 14 sessions
+    # Frames per cross-session render batch, at most (also the engine's device batch): an H200 held 20 sessions
     # with 64-frame batches; a lightly loaded lane runs small batches anyway.
     max_batch_frames: int = 64
 
@@ -76,9 +78,9 @@ class SidecarSettings:
     device: str = "auto"
     cache_dir: Path | None = None
     warm_up_at_start: bool = True
-    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~150 s at the first start, ~50 s
-    # from its on-disk cache afterwards; it raises an H200's sessions from 8 to 14 (bench/results/).
-    compile_mode: str = "off"  # off | default | max-autotune-no-cudagraphs
+    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~190 s at the first start, ~50 s
+    # from its on-disk cache afterwards; it raises an H200's sessions from 8 to 20 (bench/results/).
+    compile_mode: str = "off"  # one of realtime.engine.accel.COMPILE_MODES
     cuda_graphs: bool = True
     host: HostConfig = field(default_factory=HostConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -105,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
     parser.add_argument(
         "--compile",
-        choices=("off", "default", "max-autotune-no-cudagraphs"),
+        choices=COMPILE_MODES,
         default="off",
         help="torch.compile the UNet and VAE (CUDA; cached under $LIPSYNC_CACHE_DIR/compile)",
     )
