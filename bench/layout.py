@@ -51,6 +51,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "vae-dyn-sums": {"stage": "vae", "compile": "dynamic", "group_norm": "channel_sums"},
     "unet-force-sums": {"stage": "unet", "compile": "dynamic", "force_layout": True, "group_norm": "channel_sums"},
+    # The engine's decode (force-sums-tconv) with inductor tuning each Triton kernel's launch config by benchmark.
+    "vae-engine-cdt": {
+        "stage": "vae",
+        "compile": "dynamic",
+        "force_layout": True,
+        "group_norm": "channel_sums",
+        "upsample": "transpose",
+        "inductor": {"coordinate_descent_tuning": True},
+    },
+    "unet-engine-cdt": {
+        "stage": "unet",
+        "compile": "dynamic",
+        "force_layout": True,
+        "group_norm": "channel_sums",
+        "inductor": {"coordinate_descent_tuning": True},
+    },
 }
 
 
@@ -119,7 +135,9 @@ def run_one(name: str, batch: int, out: Path) -> None:
         reference = fn(*inputs).float()
         compiled = fn
         if config.get("compile"):
-            options = {"mode": config["mode"]} if config.get("mode") else {}
+            options: dict[str, Any] = {"mode": config["mode"]} if config.get("mode") else {}
+            if config.get("inductor"):
+                options = {"options": dict(config["inductor"])}  # torch.compile takes a mode or options
             compiled = torch.compile(fn, **options)
             if config["compile"] == "dynamic":
                 for tensor in inputs:
