@@ -13,14 +13,20 @@ engine (face detection, crops, latents). Stages:
 * unet, vae_decode, blend — one `render` call of B speaking requests, each stage
   device-synchronised (the profiled pass; the unprofiled pass gives the end-to-end figure).
 
-fps(B) = B / (features + render) wall time. `--variants` measures several engine settings on
+fps(B) = B / (features + render) wall time: one batch at a time, the host idle while the device
+works and the reverse. fps_pipelined(B) = B / the wall time per batch of batches run back to
+back as the render lane runs them under load (`render_async`: the next batch's features and
+start overlap the device work of the one before, its frames are assembled during the next);
+the aggregate rate one GPU serves. `--variants` measures several engine settings on
 the same models in one process (each a `realtime.engine.accel.AccelConfig`, see VARIANTS):
 `eager` (no graphs, no cuDNN autotuning, plain upsampling), `graphs` (CUDA graphs per batch
 bucket, cuDNN benchmark, fused upsample convolutions as 2×2 phases), `graphs-nearest` and
 `graphs-tconv` (the other upsample forms), `graphs-pinned` (+ pinned, side-stream copies),
 `graphs-cl` (+ channels-last), `lower` (+ lower-half decode), `compile` (inductor, default
-mode, channels-last conv maps and channel-sum group norms, + graphs, every bucket; warm-up
-time = compile time, cold or warm from the on-disk cache), `compile-nchw` (inductor's own
+mode, channels-last conv maps, channel-sum group norms and tuned kernels, + graphs, every
+bucket; warm-up time = compile time, cold or warm from the on-disk cache), `compile-untuned`
+(without the kernel tuning), `compile-pageable` (device -> host copies to pageable memory:
+`render_async` then waits for the device, nothing pipelines), `compile-nchw` (inductor's own
 layout choice: NCHW for a dynamic batch), `compile-cl-native` (channels-last with torch's
 group norm), `compile-nearest` (the same with plain upsampling), `compile-mat`
 (max-autotune-no-cudagraphs), `bf16` (graphs with the models cast to bfloat16: run it last).
@@ -100,6 +106,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs-cl": {"cuda_graphs": True, "channels_last": True},
     "compile-cl": {"cuda_graphs": True, "compile_mode": "default", "channels_last": True},
     "compile": {"cuda_graphs": True, "compile_mode": "default"},  # channels-last maps, channel-sum group norms
+    "compile-untuned": {"cuda_graphs": True, "compile_mode": "default", "compile_tuned_stages": ()},
+    "compile-pageable": {"cuda_graphs": True, "compile_mode": "default", "pinned_transfers": False},
     "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
     "compile-cl-native": {"cuda_graphs": True, "compile_mode": "default", "group_norm": "native"},
     "compile-nearest": {"cuda_graphs": True, "compile_mode": "default", "upsample_conv": "nearest"},
@@ -181,17 +189,19 @@ def bench_musetalk(
     stream = engine.open_stream()
     cursor = 0
 
-    def pull(count: int) -> tuple[list[Any], float]:
+    def pull(count: int, *, synchronized: bool = True) -> tuple[list[Any], float]:
         nonlocal stream, cursor
         if cursor + count * 640 > len(audio) - 4 * 640:
             stream, cursor = engine.open_stream(), 0
             stream.push(audio[: 2 * 640])
             cursor = 2 * 640
-        sync()
+        if synchronized:
+            sync()
         t0 = time.perf_counter()
         stream.push(audio[cursor : cursor + count * 640])
         frames = stream.pull()
-        sync()
+        if synchronized:
+            sync()
         cursor += count * 640
         return frames, (time.perf_counter() - t0) * 1000
 
@@ -208,6 +218,7 @@ def bench_musetalk(
     if not ok_rows:
         raise RuntimeError(f"every batch size failed: {rows}")
     peak = max(ok_rows, key=lambda r: r["fps"])
+    peak_pipelined = max(ok_rows, key=lambda r: r["fps_pipelined"])
     first = next((r for r in ok_rows if r["batch"] == 1), ok_rows[0])
     memory = torch.cuda.max_memory_allocated() / 2**30 if engine.info.device.startswith("cuda") else None
     return {
@@ -217,6 +228,8 @@ def bench_musetalk(
             "render_ms_batch1": first["render_ms"],
             "fps_peak": peak["fps"],
             "batch_at_peak": peak["batch"],
+            "fps_peak_pipelined": peak_pipelined["fps_pipelined"],
+            "batch_at_peak_pipelined": peak_pipelined["batch"],
             "stage_ms": peak["stage_ms"],
             "avatar_prepare_ms": round(prepare_ms, 1),
             "warm_up_ms": round(warm_up_ms, 1),
@@ -258,18 +271,41 @@ def measure_batch(
             values.append(profile.ms[name])
     stage_ms = {"features": percentile_ms(feature_ms)} | {k: percentile_ms(v) for k, v in stages.items()}
     latency = percentile_ms(total_ms)
+    pipelined_ms = pipelined_batch_ms(engine, requests, pull, batch=batch, rounds=max(4, args.iters))
     row = {
         "batch": batch,
         "fps": round(batch * 1000 / latency, 2),
+        "fps_pipelined": round(batch * 1000 / pipelined_ms, 2),
+        "pipelined_batch_ms": round(pipelined_ms, 3),
         "latency_ms": latency,
         "render_ms": percentile_ms(render_only_ms),  # UNet + VAE + blend, without the feature pull
         "stage_ms": stage_ms,
         "stage_fps": {k: round(batch * 1000 / v, 1) if v > 0 else None for k, v in stage_ms.items()},
     }
     print(
-        f"[{variant}] batch {batch:3d}: {row['fps']:8.2f} fps  latency {latency:9.2f} ms  stages {stage_ms}", flush=True
+        f"[{variant}] batch {batch:3d}: {row['fps']:8.2f} fps  pipelined {row['fps_pipelined']:8.2f} fps  "
+        f"latency {latency:9.2f} ms  stages {stage_ms}",
+        flush=True,
     )
     return row
+
+
+def pipelined_batch_ms(engine: Any, requests: list[Any], pull: Any, *, batch: int, rounds: int) -> float:
+    """Wall ms per batch when batches follow each other as the render lane runs them under load: each round pulls
+    the next batch's features and starts its render while the previous batch is still on the device, then
+    collects the previous one (`render_async`), so the host's frame assembly and feature work overlap the device."""
+    engine.synchronize()
+    started = time.perf_counter()
+    previous = None
+    for _ in range(rounds):
+        pull(batch, synchronized=False)
+        handle = engine.render_async(requests)
+        if previous is not None:
+            assert len(previous.result()) == batch
+        previous = handle
+    if previous is not None:
+        previous.result()
+    return (time.perf_counter() - started) * 1000 / rounds
 
 
 def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
@@ -366,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             "compile": best_settings.get("compile_mode", "off") != "off",
             "compile_mode": best_settings.get("compile_mode", "off"),
             "cuda_graphs": bool(best_settings.get("cuda_graphs", True)) and models.device.is_cuda,
-            "pinned_transfers": bool(best_settings.get("pinned_transfers", False)),
-            "overlap_copy": bool(best_settings.get("overlap_copy", False)),
+            "pinned_transfers": accel.pinned_transfers and models.device.is_cuda,
+            "overlap_copy": accel.overlap_copy and models.device.is_cuda,
+            "compile_tuned_stages": list(accel.compile_tuned_stages) if compiled else [],
             "upsample_conv": accel.upsample_conv_for(models.device.is_cuda),
             "group_norm": accel.group_norm_for(models.device.is_cuda),
             "compile_channels_last": compiled and accel.compile_channels_last,

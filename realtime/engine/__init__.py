@@ -46,10 +46,12 @@ Batching: `render` runs one UNet + one VAE call per chunk of `EngineConfig.max_b
 speaking requests; the caller (issue 9's scheduler) chooses batch-size buckets. On CUDA the
 latents, features, decoded faces and the blend stay on the GPU; only the blended crop regions
 are copied to the host. Requests with `speech_weight == 0` or frames without a face never
-reach the models. Errors are typed (`realtime.engine.errors`, each with a `code`).
+reach the models. `render_async` splits a call in two (enqueue, then `result()`), so a caller
+can prepare its next batch while the device computes this one. Errors are typed
+(`realtime.engine.errors`, each with a `code`).
 """
 
-from realtime.engine.api import Engine, EngineConfig, EngineInfo, RenderRequest, StageProfile
+from realtime.engine.api import Engine, EngineConfig, EngineInfo, RenderHandle, RenderRequest, StageProfile
 from realtime.engine.audio.levels import SpeechGateConfig
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
@@ -65,6 +67,7 @@ __all__ = [
     "EngineInfo",
     "EngineSelection",
     "FeatureFrame",
+    "RenderHandle",
     "RenderRequest",
     "SpeechGateConfig",
     "StageProfile",

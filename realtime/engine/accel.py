@@ -16,6 +16,9 @@
   artifacts go to `compile_cache_dir` (default `$LIPSYNC_CACHE_DIR/compile` or
   `~/.cache/lipsync-live/compile`) and are reused across restarts: a warm start re-traces
   but skips code generation and Triton compilation (`bench.engine` reports both warm-ups).
+* **Tuned kernels** (`compile_tuned_stages`) — inductor benchmarks launch configurations of
+  each generated kernel of a stage's shared compile (coordinate descent) when it first runs, at
+  the largest bucket; the batch-1 compiles are not tuned.
 * **Channels-last maps under compile** (`compile_channels_last`) — inductor lays the conv maps
   out NHWC, the layout cuDNN's Hopper kernels use; left to itself it keeps NCHW for a dynamic
   batch, and every convolution then pays two layout transposes.
@@ -26,9 +29,10 @@
   3×3 conv" layers run as one transposed convolution (or four 2×2 phase convolutions) on the
   source map: exact, 16/36 of the multiply-adds (`realtime.engine.upsample`).
 * **Pinned transfers and copy/compute overlap** (`pinned_transfers`, `overlap_copy`) — the
-  blended crop regions go to page-locked host memory with an asynchronous copy on a side
-  stream; a render call split into several chunks enqueues chunk k+1 on the GPU before the
-  host assembles chunk k's frames.
+  blended crop regions go to page-locked host memory with an asynchronous copy (optionally on
+  a side stream), and the small uploads of a render are asynchronous too: `render_async`
+  enqueues a batch and returns, and its frames are assembled on the host while the GPU
+  computes the next batch (the render lane's pipelining).
 
 Nothing here touches the GPU at import time; the device comes from the engine's config.
 """
@@ -79,10 +83,11 @@ class AccelConfig:
     cuda_graphs: bool = True  # CUDA only: replay captured graphs per bucket
     compile_mode: str = "off"  # "off" | "default" | "max-autotune-no-cudagraphs" (CUDA only)
     compile_cache_dir: Path | None = None  # default: $LIPSYNC_CACHE_DIR/compile or ~/.cache/lipsync-live/compile
-    # Measured off by default: on an H200 the pinned, side-stream copy made the blend stage slower (bench.engine
-    # variants graphs vs graphs-nopin, bench/results/engine-h200-*.json): the regions are small (~12 MB at 64).
-    pinned_transfers: bool = False  # CUDA only: page-locked staging buffer for device -> host copies
-    overlap_copy: bool = False  # CUDA only: device -> host copies on a side stream, chunks pipelined
+    # Pinned: `render_async` returns without waiting for the device (a pageable copy blocks the host until the
+    # stream drains), which the render lane's pipelining needs. The side stream was measured slower on an H200
+    # (bench.engine variants graphs vs graphs-pinned, bench/results/engine-h200-*.json): the regions are small.
+    pinned_transfers: bool = True  # CUDA only: page-locked staging buffers for device -> host copies
+    overlap_copy: bool = False  # CUDA only: device -> host copies on a side stream
     cudnn_benchmark: bool = True  # CUDA only: cuDNN picks the fastest kernels per shape (buckets: few shapes)
     channels_last: bool = False  # CUDA only: NHWC memory format for the UNet and VAE convolutions
     # Lower-half VAE decode: decode only latent rows [decode_from_latent_row, 32) (0: the whole face). See
@@ -98,6 +103,13 @@ class AccelConfig:
     # own heuristic never does for a dynamic batch, and cuDNN then wraps every conv in NCHW<->NHWC transposes
     # (30 of the decode's 104 ms at batch 64 on an H200: bench/results/layout-h200-*.json).
     compile_channels_last: bool = True
+    # With compile_mode: the stages ("unet", "vae_decode") whose shared compile (buckets >= 2) tunes each generated
+    # kernel's block sizes and warps by benchmark at its first launch (inductor's coordinate descent). The decode's
+    # norm/SiLU/residual kernels went 21.3 -> 16.3 ms, the decode 75.4 -> 70.4 ms at batch 64 on an H200
+    # (bench/results/layout-h200-*.json), for ~90 s more cold compile (once: the tuned kernels are cached). The
+    # UNet's kernels are few ms of its time, and tuning them (with the batch-1 compiles) took the cold warm-up past
+    # 8 minutes: not tuned. `warm_up` runs the largest bucket first, so the tuning sees the size that carries load.
+    compile_tuned_stages: tuple[str, ...] = ("vae_decode",)
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
     # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else native.
     group_norm: str = "auto"
@@ -111,6 +123,8 @@ class AccelConfig:
             raise ValueError(
                 f"group_norm must be auto or one of {', '.join(GROUP_NORM_MODES)}, got {self.group_norm!r}"
             )
+        if not set(self.compile_tuned_stages) <= {"unet", "vae_decode"}:
+            raise ValueError(f"compile_tuned_stages may name unet and vae_decode, got {self.compile_tuned_stages!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
@@ -178,14 +192,19 @@ def configure_compile_cache(cache_dir: Path | None) -> Path:
     return root
 
 
-def compile_fn(fn: Callable[..., Any], mode: str, *, channels_last: bool = False) -> Callable[..., Any]:
-    """`torch.compile(fn)` in `mode`; `channels_last` forces inductor's channels-last layout of conv maps."""
+def compile_fn(
+    fn: Callable[..., Any], mode: str, *, channels_last: bool = False, tune_kernels: bool = False
+) -> Callable[..., Any]:
+    """`torch.compile(fn)` in `mode`; `channels_last` forces inductor's channels-last layout of conv maps;
+    `tune_kernels` has inductor tune each generated kernel's launch configuration by benchmark."""
     import torch
 
     # The mode's inductor options, spelled out: torch.compile takes either a mode or options, not both.
     options: dict[str, Any] = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
     if channels_last:
         options["force_layout_optimization"] = True
+    if tune_kernels:
+        options["coordinate_descent_tuning"] = True
     # dynamic=None: shapes stay static except dims marked by `mark_batch_dynamic`.
     compiled: Callable[..., Any] = torch.compile(fn, options=options or None)
     return compiled

@@ -89,6 +89,38 @@ def maybe_stage(profile: StageProfile | None, name: str) -> Iterator[None]:
             yield
 
 
+class RenderHandle(Protocol):
+    """A render call in flight (`Engine.render_async`)."""
+
+    def result(self) -> list[np.ndarray]:
+        """The composited frames, one per request, in order (waits for the device work)."""
+        ...
+
+    def ready(self) -> bool:
+        """The device work is done: `result()` will not wait for it."""
+        ...
+
+    def device_ms(self) -> float | None:
+        """Once ready: the device time of the work (None: not measured, e.g. on CPU)."""
+        ...
+
+
+@dataclass
+class RenderedFrames:
+    """A `RenderHandle` whose frames are already there (engines that render synchronously)."""
+
+    frames: list[np.ndarray]
+
+    def result(self) -> list[np.ndarray]:
+        return self.frames
+
+    def ready(self) -> bool:
+        return True
+
+    def device_ms(self) -> float | None:
+        return None
+
+
 class Engine(Protocol):
     """Implemented by `MuseTalkEngine` and `PreviewEngine`. Synchronous; call from one thread."""
 
@@ -104,6 +136,11 @@ class Engine(Protocol):
     def offline_frames(self, audio: np.ndarray) -> list[FeatureFrame]: ...
 
     def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]: ...
+
+    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> RenderHandle:
+        """`render`, split: enqueue the work and return; the handle's `result()` (same thread, in call order)
+        returns the frames. Lets the caller prepare its next batch while the device computes this one."""
+        ...
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float: ...
 

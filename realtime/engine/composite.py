@@ -11,8 +11,10 @@ The resizes are separable linear maps, so each runs as two matrix products with 
 matrices: `face_box = R_rows · face · R_colsᵀ`. The matrices are F.interpolate's own (applied to
 an identity), so the result is the per-face `F.interpolate` up to float rounding: the face with
 antialiased bilinear (as upstream's PIL resize), the mask with plain bilinear.
-With pinned staging buffers and a copy stream (CUDA), `paste_async` returns while the copy
-runs; `finish` waits for it, so the engine can enqueue the next chunk in between.
+With pinned staging buffers (CUDA), `paste_async` returns while the device still computes
+and copies: nothing it does waits for the device (its small index uploads are asynchronous
+too), and `finish` waits for the copy. The engine enqueues the next batch in between. With a
+copy stream the copy also runs beside whatever is enqueued after it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ import numpy as np
 
 from realtime.engine.avatar.face import lower_face_mask
 from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.device import upload
 
 if TYPE_CHECKING:
     import torch
+
+MAX_FREE_STAGING_BUFFERS = 4  # a render lane keeps one batch in flight while it starts the next (of a few chunks)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class PendingPaste:
     host: Any  # torch.Tensor uint8 [B, rows_px, cols_px, 3] on the host (pinned when enabled), once `event` is done
     event: Any  # torch.cuda.Event recorded after the copy, or None (CPU: already complete)
     keep_alive: Any = None  # the device tensor being copied, held until the copy is done
+    staging: Any = None  # the pinned buffer `host` views, handed back to the compositor by `finish`
 
 
 @functools.lru_cache(maxsize=128)  # bounded: a long-lived sidecar meets ever new crop sizes (each ~1 KB/px)
@@ -109,8 +115,7 @@ class Compositor:
         self._mask = torch.from_numpy(lower_face_mask()).to(device)  # [256, 256]
         self._avatars: dict[str, _AvatarRegions] = {}
         self._pinned = pinned and self._cuda
-        self._staging: list[torch.Tensor] = []  # pinned buffers, reused round-robin (two chunks in flight)
-        self._staging_next = 0
+        self._free_staging: list[torch.Tensor] = []  # pinned buffers no pending paste uses (page-locking is slow)
         self._copy_stream = torch.cuda.Stream(device) if copy_stream and self._cuda else None
 
     def forget(self, avatar_key: str) -> None:
@@ -175,15 +180,18 @@ class Compositor:
         return regions
 
     def _staging_buffer(self, size: int) -> torch.Tensor:
+        """A pinned buffer of at least `size` bytes that no pending paste uses (reused once `finish` returns it)."""
         import torch
 
-        if len(self._staging) < 2:
-            self._staging.append(torch.empty(0, dtype=torch.uint8))
-        index = self._staging_next
-        self._staging_next = (index + 1) % 2
-        if self._staging[index].numel() < size:
-            self._staging[index] = torch.empty(int(size * 1.25) + 1, dtype=torch.uint8, pin_memory=True)
-        return self._staging[index][:size]
+        fitting = [k for k, buffer in enumerate(self._free_staging) if buffer.numel() >= size]
+        if fitting:
+            return self._free_staging.pop(min(fitting, key=lambda k: self._free_staging[k].numel()))
+        return torch.empty(int(size * 1.25) + 1, dtype=torch.uint8, pin_memory=True)
+
+    def _release_staging(self, buffer: torch.Tensor) -> None:
+        self._free_staging.append(buffer)
+        if len(self._free_staging) > MAX_FREE_STAGING_BUFFERS:
+            self._free_staging.remove(min(self._free_staging, key=lambda b: b.numel()))
 
     def paste(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> list[np.ndarray]:
         """`faces`: [B, 3, 256, 256] float in [0, 1] on the device. Returns full RGB uint8 frames, one per job."""
@@ -206,10 +214,11 @@ class Compositor:
             rows_px = max(int(regions.rois.shape[1]) for regions, _ in groups)
             cols_px = max(int(regions.rois.shape[2]) for regions, _ in groups)
             # One upload for every index of the call: avatar frame per row, face row per row.
-            indices = torch.tensor(
-                [[job.frame for job in ordered], [job.face_row for job in ordered]], dtype=torch.long
-            ).to(self._device)
-            weights = torch.tensor([min(1.0, job.weight) for job in ordered], dtype=torch.float32).to(self._device)
+            indices = upload(
+                torch.tensor([[job.frame for job in ordered], [job.face_row for job in ordered]], dtype=torch.long),
+                self._device,
+            )
+            weights = upload(torch.tensor([min(1.0, job.weight) for job in ordered], dtype=torch.float32), self._device)
             parts: dict[str, list[torch.Tensor]] = {
                 "rois": [],
                 "face_rows": [],
@@ -240,9 +249,10 @@ class Compositor:
             device_bytes = blended.round_().clamp_(0, 255).to(torch.uint8)
             if not self._cuda:
                 return PendingPaste(ordered, positions, sizes_px, device_bytes, None)
+            staging = self._staging_buffer(device_bytes.numel()) if self._pinned else None
             host = (
-                self._staging_buffer(device_bytes.numel()).view(device_bytes.shape)
-                if self._pinned
+                staging[: device_bytes.numel()].view(device_bytes.shape)
+                if staging is not None
                 else torch.empty(device_bytes.shape, dtype=torch.uint8)
             )
             event = torch.cuda.Event()
@@ -255,7 +265,7 @@ class Compositor:
             else:
                 host.copy_(device_bytes, non_blocking=self._pinned)
                 event.record()
-            return PendingPaste(ordered, positions, sizes_px, host, event, keep_alive=device_bytes)
+            return PendingPaste(ordered, positions, sizes_px, host, event, keep_alive=device_bytes, staging=staging)
 
     def finish(self, pending: PendingPaste) -> list[np.ndarray]:
         """Wait for the copy and drop each blended region into a copy of its idle frame (in the callers' order)."""
@@ -269,6 +279,9 @@ class Compositor:
             frame = np.array(job.avatar.frames[job.frame])  # writable copy of the idle frame
             frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
             frames[position] = frame
+        if pending.staging is not None:  # its frames are copied out: the buffer may take another paste
+            self._release_staging(pending.staging)
+            pending.staging = None
         return frames
 
 

@@ -57,6 +57,15 @@ def choose_device(requested: str = "auto", dtype: str = "auto") -> DeviceChoice:
     return DeviceChoice(device=device, dtype_name=dtype, reason=reason)
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (host) on `device` without waiting for the work queued there: from page-locked memory, copied
+    asynchronously in stream order. A pageable copy would block the host until the stream drained, so a render
+    lane could not prepare the next batch while the device still computes this one."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def configure_cpu_threads(threads: int | None = None) -> int:
     """Bound torch's intra-op threads (default: the cores this process may use) and return the count.
 

@@ -13,6 +13,7 @@ compiled by inductor (`realtime.engine.accel`, switched by `EngineConfig.accel`)
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -85,13 +86,14 @@ class MuseTalkEngine:
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
         self.compile_cache_dir: Path | None = None
-        self._unet_compiled: Callable[..., Any] | None = None
+        self._unet_compiled: Callable[..., Any] | None = None  # buckets >= 2 (dynamic batch)
         self._vae_compiled: Callable[..., Any] | None = None
+        self._unet_compiled_batch1: Callable[..., Any] | None = None  # bucket 1 (static)
+        self._vae_compiled_batch1: Callable[..., Any] | None = None
         if self._compile_on:
             self.compile_cache_dir = configure_compile_cache(accel.compile_cache_dir)
-            channels_last = accel.compile_channels_last
-            self._unet_compiled = compile_fn(self._unet_forward, accel.compile_mode, channels_last=channels_last)
-            self._vae_compiled = compile_fn(self._decode_faces, accel.compile_mode, channels_last=channels_last)
+            self._unet_compiled, self._unet_compiled_batch1 = self._compile_stage(self._unet_forward, "unet")
+            self._vae_compiled, self._vae_compiled_batch1 = self._compile_stage(self._decode_faces, "vae_decode")
         self._graph_stages: tuple[BucketGraphs, BucketGraphs] | None = None
         self._warm_up_batch_ms: dict[int, float] = {}
         self._info = EngineInfo(
@@ -102,6 +104,18 @@ class MuseTalkEngine:
             model_dir=model_dir,
             detail=f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights",
         )
+
+    def _compile_stage(
+        self, fn: Callable[..., torch.Tensor], stage: str
+    ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(compiled for buckets >= 2, compiled for bucket 1): one wrapper, or two when the shared one tunes its
+        kernels (the batch-1 compile is left untuned: tuning costs minutes of compile per graph)."""
+        accel = self._accel
+        tuned = stage in accel.compile_tuned_stages
+        shared = compile_fn(fn, accel.compile_mode, channels_last=accel.compile_channels_last, tune_kernels=tuned)
+        if not tuned:
+            return shared, shared
+        return shared, compile_fn(fn, accel.compile_mode, channels_last=accel.compile_channels_last)
 
     @property
     def info(self) -> EngineInfo:
@@ -209,6 +223,13 @@ class MuseTalkEngine:
 
     def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]:
         """Composited RGB uint8 frames, one per request, in order (bypassed ones are read-only idle frames)."""
+        return self.render_async(requests, profile=profile).result()
+
+    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> PendingRender:
+        """Enqueue the device work for `requests` and return before it is done (with pinned transfers on CUDA:
+        nothing here waits for the device); `result()` waits and assembles the frames. The render lane starts
+        its next batch in between, so the host's frame assembly overlaps the device's next batch. Call
+        `result()` of each handle once, on this engine's thread, in the order the handles were made."""
         outputs: list[np.ndarray | None] = [None] * len(requests)
         active: list[tuple[int, int]] = []  # (request index, avatar frame)
         for index, request in enumerate(requests):
@@ -218,19 +239,27 @@ class MuseTalkEngine:
             else:
                 active.append((index, frame))
         chunk = self.chunk_frames
-        # Chunk k+1 is enqueued on the device before chunk k's frames are assembled on the host.
-        pending: tuple[list[tuple[int, int]], PendingPaste] | None = None
+        timing = self._device_events() if active else None
+        # Every chunk is enqueued before the first is assembled: the device runs ahead of the host.
+        pending = []
         for start in range(0, len(active), chunk):
             part = active[start : start + chunk]
-            started = self._start_active([requests[i] for i, _ in part], [f for _, f in part], profile)
-            if pending is not None:
-                self._collect(pending, outputs, profile)
-            pending = (part, started)
-        if pending is not None:
-            self._collect(pending, outputs, profile)
+            pending.append((part, self._start_active([requests[i] for i, _ in part], [f for _, f in part], profile)))
+        if timing is not None:
+            timing[1].record()
         if profile is not None:
             profile.frames += len(requests)
-        return [image for image in outputs if image is not None]
+        return PendingRender(outputs, pending, functools.partial(self._collect, profile=profile), timing)
+
+    def _device_events(self) -> tuple[Any, Any] | None:
+        """(begin recorded now, end to record) timing events on CUDA: a handle's device time and readiness."""
+        import torch
+
+        if self._device.type != "cuda":
+            return None
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin, end
 
     @property
     def chunk_frames(self) -> int:
@@ -240,17 +269,9 @@ class MuseTalkEngine:
             chunk = min(chunk, self._accel.max_bucket)
         return chunk
 
-    def _collect(
-        self,
-        pending: tuple[list[tuple[int, int]], PendingPaste],
-        outputs: list[np.ndarray | None],
-        profile: StageProfile | None,
-    ) -> None:
-        part, paste = pending
+    def _collect(self, paste: PendingPaste, profile: StageProfile | None) -> list[np.ndarray]:
         with maybe_stage(profile, "blend"):
-            frames = self._compositor.finish(paste)
-        for (index, _), image in zip(part, frames, strict=True):
-            outputs[index] = image
+            return self._compositor.finish(paste)
 
     def _start_active(
         self, requests: list[RenderRequest], frames: list[int], profile: StageProfile | None
@@ -294,13 +315,15 @@ class MuseTalkEngine:
         return batch >= 2 or self._accel.compile_batch1
 
     def _unet_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        if self._unet_compiled is not None and self._compiled_for(batch):
-            return self._unet_compiled
+        compiled = self._unet_compiled if batch >= 2 else self._unet_compiled_batch1
+        if compiled is not None and self._compiled_for(batch):
+            return compiled
         return self._unet_forward
 
     def _vae_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        if self._vae_compiled is not None and self._compiled_for(batch):
-            return self._vae_compiled
+        compiled = self._vae_compiled if batch >= 2 else self._vae_compiled_batch1
+        if compiled is not None and self._compiled_for(batch):
+            return compiled
         return self._decode_faces
 
     def _stages(self) -> tuple[BucketGraphs, BucketGraphs]:
@@ -392,7 +415,8 @@ class MuseTalkEngine:
         timed: dict[int, float] = {}
         with torch.inference_mode():
             for timing in (False, True):
-                for size in batch_sizes:
+                # Largest first: a compiled graph shared by several buckets tunes its kernels at its first run.
+                for size in sorted(batch_sizes, reverse=True):
                     latents = torch.randn((size, 8, 32, 32), device=self._device).to(self._dtype)
                     features = torch.randn((size, 50, 384), device=self._device).to(self._dtype)
                     self.synchronize()
@@ -444,3 +468,37 @@ def _skip_batch1(
             marker(tensors)
 
     return mark
+
+
+class PendingRender:
+    """A `render_async` call in flight: `result()` waits for its device work and returns its frames."""
+
+    def __init__(
+        self,
+        outputs: list[np.ndarray | None],
+        pending: list[tuple[list[tuple[int, int]], PendingPaste]],
+        collect: Callable[[PendingPaste], list[np.ndarray]],
+        timing: tuple[Any, Any] | None = None,
+    ) -> None:
+        self._outputs = outputs  # bypassed requests' idle frames already in place
+        self._pending = pending  # (request index, avatar frame) of each chunk, and its paste in flight
+        self._collect = collect
+        self._timing = timing  # CUDA events around the device work (None: CPU, or nothing went to the device)
+
+    def ready(self) -> bool:
+        """The device work is done (`result()` only assembles frames on the host)."""
+        return self._timing is None or bool(self._timing[1].query())
+
+    def device_ms(self) -> float | None:
+        """The device time from the first enqueued kernel to the last, once ready (None on CPU or before)."""
+        if self._timing is None or not self.ready():
+            return None
+        return float(self._timing[0].elapsed_time(self._timing[1]))
+
+    def result(self) -> list[np.ndarray]:
+        for part, paste in self._pending:
+            frames = self._collect(paste)
+            for (index, _), image in zip(part, frames, strict=True):
+                self._outputs[index] = image
+        self._pending = []
+        return [image for image in self._outputs if image is not None]

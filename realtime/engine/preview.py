@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime.engine.api import EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
+from realtime.engine.api import EngineConfig, EngineInfo, RenderedFrames, RenderRequest, StageProfile, maybe_stage
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
@@ -117,6 +117,9 @@ class PreviewEngine:
         if profile is not None:
             profile.frames += len(requests)
         return out
+
+    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> RenderedFrames:
+        return RenderedFrames(self.render(requests, profile=profile))  # CPU: nothing to overlap
 
     def _render_one(self, request: RenderRequest) -> np.ndarray:
         avatar = request.avatar

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from realtime.engine.device import upload
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,7 +47,7 @@ class DeviceLogMel:
 
         lengths = [min(len(segment), self.n_samples) for segment in segments]
         flat = np.concatenate([np.asarray(s[:n], dtype=np.float32) for s, n in zip(segments, lengths, strict=True)])
-        samples = torch.from_numpy(flat).to(self._device)  # one upload: the real samples only
+        samples = upload(torch.from_numpy(flat), self._device)  # one upload: the real samples only
         audio = torch.zeros((len(segments), self.n_samples), dtype=torch.float32, device=self._device)
         offset = 0
         for row, length in enumerate(lengths):

@@ -122,6 +122,26 @@ def test_streamed_frames_render_like_a_session(
     assert len(rendered) == 25
 
 
+def test_started_renders_return_the_frames_of_render_in_start_order(
+    musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, speech: np.ndarray
+) -> None:
+    """`render_async` is `render` split in two: two batches started before either is collected (as the render lane
+    pipelines them) come back as `render` gives them, each in its own request order."""
+    features = musetalk_engine.offline_frames(speech[:16_000])
+    first = [RenderRequest.for_frame(musetalk_avatar, k, features[k]) for k in range(4)]
+    second = [RenderRequest(musetalk_avatar, 9 - k, features[9 - k].features, 1.0) for k in range(3)]
+    second.append(RenderRequest(musetalk_avatar, 5, features[5].features, 0.0))  # idle: never reaches the models
+    expected = [musetalk_engine.render(first), musetalk_engine.render(second)]
+    handles = [musetalk_engine.render_async(first), musetalk_engine.render_async(second)]
+    assert all(handle.ready() and handle.device_ms() is None for handle in handles)  # CPU: done once started
+    for handle, frames in zip(handles, expected, strict=True):
+        got = handle.result()
+        assert len(got) == len(frames)
+        for image, reference in zip(got, frames, strict=True):
+            np.testing.assert_array_equal(image, reference)
+    np.testing.assert_array_equal(handles[1].result()[3], musetalk_avatar.idle_frame(5))
+
+
 def test_features_of_the_other_engine_are_rejected(
     musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, preview_engine: PreviewEngine, preview_avatar: Avatar
 ) -> None:
