@@ -147,6 +147,7 @@ async def run_level(
     config = runtime_config or RuntimeConfig()
     lane = RenderLane(
         engine.render,
+        start_render=engine.render_async,
         max_batch_frames=max_batch_frames,
         prepare=getattr(engine, "prepare_features", None),
         cost_model=cost_model,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime.engine.api import Engine, EngineConfig, RenderRequest
+from realtime.engine.api import Engine, EngineConfig, RenderHandle, RenderRequest
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME, ready_frame_count
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
@@ -210,6 +210,9 @@ class EngineAdapter:
 
     def render(self, requests: Sequence[Any]) -> list[np.ndarray]:
         return self.engine.render(requests)
+
+    def render_async(self, requests: Sequence[Any]) -> RenderHandle:
+        return self.engine.render_async(requests)
 
     def prepare_features(self, jobs: Sequence[tuple[object, int]]) -> int:
         """Before a lane batch: encode every job's pending audio in one engine call (`RenderLane(prepare=...)`)."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from realtime.engine.api import RenderHandle
 from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
 
 
@@ -103,6 +104,10 @@ class EngineService(Protocol):
 
     def render(self, requests: Sequence[Any]) -> list[np.ndarray]:
         """Render requests from any sessions' `render_requests` in one batch (lane thread)."""
+        ...
+
+    def render_async(self, requests: Sequence[Any]) -> RenderHandle:
+        """`render`, started: the handle's `result()` (lane thread, in start order) returns the frames."""
         ...
 
     def release_avatar(self, avatar: object) -> None:

@@ -86,6 +86,7 @@ class SidecarHost:
             # prepare: the engine adapter batches all jobs' audio features into one encode (when it can).
             self._lane = RenderLane(
                 self.engine.render,
+                start_render=self.engine.render_async,
                 prepare=getattr(self.engine, "prepare_features", None),
                 max_batch_frames=self.config.max_batch_frames,
             )

@@ -13,6 +13,14 @@ is late even alone, the batch simply grows: cutting it would only lower throughp
 each job's feature windows and renders them all in a single engine call: the cross-session
 batch. It never waits for a batch to fill.
 
+Pipelining: with the engine's `render_async` (`start_render`), a batch's device work is enqueued
+and the lane goes on; the next batch is formed and started shortly before the device should be
+done with it (by the measured device time of its bucket, less the measured host time of a
+start), or as soon as a full batch waits; then the first batch's frames are collected. The
+device never waits for the host's frame assembly or the next batch's feature work, and the next
+batch still gathers every frame that arrived meanwhile. A batch whose device work is already
+done is collected before the next one starts.
+
 Overload: a job that gives its frame period says when each of its frames is due. Frames that
 the batch (at its measured time) would finish after are not rendered — their features are
 still taken, in order, and the caller shows its held frame for them, as for any miss. Rendering
@@ -59,10 +67,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from realtime.engine.api import RenderedFrames, RenderHandle
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RenderFn = Callable[[Sequence[Any]], list[np.ndarray]]
+StartRenderFn = Callable[[Sequence[Any]], RenderHandle]
 PrepareFn = Callable[[Sequence[tuple[object, int]]], Any]
 BACKGROUND_DEADLINE_S = math.inf  # preparation/warm-up: only when no frame is waiting
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # realtime.engine.accel.DEFAULT_BATCH_BUCKETS (no torch import here)
@@ -71,6 +82,12 @@ FRAME_PERIOD_MS = 40.0  # one 25-fps tick: a speaking session adds one ready fra
 # runs larger, padded batches than the bare rate suggests. A bucket counts as keeping up only with this headroom.
 STEADY_UTILIZATION = 0.75
 RECENT_BATCHES_WINDOW_S = 2.0  # the batches `planning_budget_ms` averages: the lane's current load, as it runs
+# Pipelining (see "Pipelining" above): the next batch starts this long before the device should finish the one in
+# flight: FACTOR x the measured host time of a start + MARGIN. While waiting, the lane re-checks this often.
+START_LEAD_FACTOR = 1.5
+START_LEAD_MARGIN_MS = 1.0
+START_HOST_SMOOTHING = 0.2
+IN_FLIGHT_POLL_S = 0.002
 
 
 def bucket_for(frames: int, buckets: Sequence[int]) -> int:
@@ -91,6 +108,7 @@ class BatchCostModel:
         self.buckets = tuple(buckets)
         self._smoothing = smoothing
         self._ms: dict[int, float] = {}
+        self._device_ms: dict[int, float] = {}
         self._recent_ms: dict[int, deque[float]] = {}
         self._recent_batches = recent_batches
         self._lock = threading.Lock()
@@ -117,6 +135,20 @@ class BatchCostModel:
     def measured(self) -> dict[int, float]:
         with self._lock:
             return dict(self._ms)
+
+    def observe_device(self, frames: int, device_ms: float) -> None:
+        """The device time alone of a batch (no host work): when a pipelined lane starts the next batch."""
+        bucket = bucket_for(max(1, frames), self.buckets)
+        with self._lock:
+            previous = self._device_ms.get(bucket)
+            self._device_ms[bucket] = (
+                device_ms if previous is None else previous + self._smoothing * (device_ms - previous)
+            )
+
+    def device_ms(self, frames: int) -> float | None:
+        bucket = bucket_for(max(1, frames), self.buckets)
+        with self._lock:
+            return self._device_ms.get(bucket)
 
     def estimate_ms(self, frames: int) -> float | None:
         """The batch time of `frames`' bucket: measured; else the nearest measured larger bucket's (an upper
@@ -173,6 +205,19 @@ class _Job:
 
 
 @dataclass
+class _InFlight:
+    """A batch whose render was started and not yet collected."""
+
+    batch: list[tuple[_Job, Sequence[Any]]]  # the jobs and the requests each built
+    keep: list[list[bool]]  # per job, which requests went to the engine
+    requests: int  # requests rendered
+    frames: int  # the jobs' frames, as counted in the lane's backlog
+    started: float  # perf_counter when the batch was formed (its measured time runs from here)
+    handle: RenderHandle
+    device_done_s: float  # perf_counter estimate of when the device finishes it
+
+
+@dataclass
 class RenderLaneStats:
     jobs_done: int = 0
     batches: int = 0
@@ -193,6 +238,7 @@ class RenderLane:
         self,
         render: RenderFn,
         *,
+        start_render: StartRenderFn | None = None,
         max_batch_frames: int = 32,
         name: str = "render-lane",
         buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -204,9 +250,11 @@ class RenderLane:
     ) -> None:
         """`buckets`: the engine's batch sizes; `clock`: the clock deadlines are on (the session clocks');
         `prepare`: called with `(source, frames)` of a batch's jobs before their `make_requests` run (the engine
-        encodes all their audio features in one call there); `speaking_hold_s`: how long a session still counts
-        as speaking after its speech ended (see `planning_budget_ms`)."""
-        self._render = render
+        encodes all their audio features in one call there); `start_render`: the engine's `render_async` (the
+        lane then pipelines batches, see "Pipelining"; without it, `render` runs each batch to the end);
+        `speaking_hold_s`: how long a session still counts as speaking after its speech ended (see
+        `planning_budget_ms`)."""
+        self._start_render: StartRenderFn = start_render or (lambda requests: RenderedFrames(render(requests)))
         self._prepare = prepare
         self.max_batch_frames = max_batch_frames
         self.buckets = tuple(buckets)
@@ -219,7 +267,9 @@ class RenderLane:
         self._closed = False
         self._speaking_hold_s = speaking_hold_s
         self._speaking_until_s: dict[str, float] = {}  # session -> counts as speaking until (inf: speaking now)
-        self._inflight_frames = 0  # frames of the batch being rendered (0: none)
+        self._in_flight: _InFlight | None = None  # the started batch not yet collected (lane thread only)
+        self._start_host_ms = 0.0  # smoothed host time from forming a batch to its render being enqueued
+        self._inflight_frames = 0  # frames of the batches started and not yet collected (0: none)
         self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
         self._recent_batches: deque[tuple[float, float]] = deque()  # (finished at on `clock`, wall ms)
         self.stats = RenderLaneStats()
@@ -394,23 +444,69 @@ class RenderLane:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._heap and not self._closed:
-                    self._cond.wait()
-                if self._closed:
+            job, skipped = self._next_job()
+            if job is None:  # nothing to start now: collect the batch in flight, or stop
+                if self._in_flight is None:
                     return
-                job = heapq.heappop(self._heap)
-                # Jobs already too late for even a one-frame batch go along unrendered; the next one leads.
-                skipped: list[_Job] = []
-                while job.is_render and self._heap and self._heap[0].is_render and self._entirely_late(job):
-                    skipped.append(job)
-                    job = heapq.heappop(self._heap)
+                self._collect(self._in_flight)
+                self._in_flight = None
+                continue
             started = time.perf_counter()
             if job.is_render:
                 self._run_render_batch(job, skipped)
             else:
+                if self._in_flight is not None:
+                    self._collect(self._in_flight)
+                    self._in_flight = None
                 self._run_generic(job)
             self.stats.busy_s += time.perf_counter() - started
+
+    def _next_job(self) -> tuple[_Job | None, list[_Job]]:
+        """The next job to start (None: collect the batch in flight, or the lane closed), and the jobs already
+        too late for even a one-frame batch, which go along unrendered (see `_entirely_late`)."""
+        with self._cond:
+            while not self._closed:
+                in_flight = self._in_flight
+                if in_flight is None:
+                    if self._heap:
+                        break
+                    self._cond.wait()
+                    continue
+                if self._heap and self._start_next_now(in_flight):
+                    break
+                if in_flight.handle.ready():
+                    return None, []
+                # The device is still on the batch in flight: wait for more frames to join the next batch.
+                self._cond.wait(timeout=self._next_start_wait_s(in_flight))
+            if self._closed:
+                return None, []
+            job = heapq.heappop(self._heap)
+            skipped: list[_Job] = []
+            while job.is_render and self._heap and self._heap[0].is_render and self._entirely_late(job):
+                skipped.append(job)
+                job = heapq.heappop(self._heap)
+            return job, skipped
+
+    def _start_next_now(self, in_flight: _InFlight) -> bool:
+        """Start the next batch while `in_flight` is still on the device? Yes once the device is about to finish
+        it (within the time starting a batch takes), when a full batch waits, or for a non-render job (which
+        collects the batch first). Starting right away instead would send the few frames that arrived during the
+        last start as a batch of their own: the device's time on a small batch is mostly lost."""
+        if not self._heap[0].is_render or in_flight.handle.ready():
+            return True
+        if sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames:
+            return True
+        return time.perf_counter() >= in_flight.device_done_s - self._start_lead_s()
+
+    def _next_start_wait_s(self, in_flight: _InFlight) -> float:
+        until_s = in_flight.device_done_s - self._start_lead_s() - time.perf_counter()
+        # Polled at least every IN_FLIGHT_POLL_S: the device may finish before the estimate.
+        return min(IN_FLIGHT_POLL_S, max(until_s, 0.0005))
+
+    def _start_lead_s(self) -> float:
+        """How long before the device finishes the batch in flight the next one is started: the host time a start
+        takes (features, pulls, enqueueing the render), measured, with margin."""
+        return (START_LEAD_FACTOR * self._start_host_ms + START_LEAD_MARGIN_MS) / 1000.0
 
     def _run_generic(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -434,18 +530,32 @@ class RenderLane:
         return last_due_s < self._clock() + alone_ms / 1000.0
 
     def _run_render_batch(self, first: _Job, skipped: list[_Job]) -> None:
+        """Start a batch; the one in flight is collected first when the device is done with it, else right after
+        this one is enqueued (its frames are then assembled while the device computes this batch)."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.handle.ready():
+            self._collect(previous)
+            previous = None
         started = time.perf_counter()
         jobs = [first, *self._take_batch(first, skipped)]
+        frames = sum(job.frames for job in jobs)
         with self._cond:
-            self._inflight_frames = sum(job.frames for job in jobs)
-            self._inflight_started_s = started
+            self._inflight_frames += frames
+            self._inflight_started_s = started if previous is None else self._inflight_started_s
         try:
-            self._render_jobs(jobs, started, skipped)
+            self._in_flight = self._start_jobs(jobs, started, skipped, after=previous)
         finally:
-            with self._cond:
-                self._inflight_frames = 0
+            if self._in_flight is None:
+                with self._cond:
+                    self._inflight_frames -= frames
+            if previous is not None:
+                self._collect(previous)
 
-    def _render_jobs(self, jobs: list[_Job], started: float, skipped: Sequence[_Job] = ()) -> None:
+    def _start_jobs(
+        self, jobs: list[_Job], started: float, skipped: Sequence[_Job] = (), *, after: _InFlight | None = None
+    ) -> _InFlight | None:
+        """Features, pulls and the render's start for `jobs` (`after`: the batch still on the device before them);
+        None when nothing went to the engine (the jobs' futures are then already resolved)."""
         # One entry per source: a session may have several jobs of one utterance stream in a batch.
         merged: dict[int, tuple[object, int]] = {}
         for job in [*skipped, *jobs]:
@@ -470,7 +580,7 @@ class RenderLane:
         self.stats.jobs_done += len(skipped)
         batch = [(job, taken) for job in jobs if (taken := self._take_requests(job)) is not None]
         if not batch:
-            return
+            return None
         keep = self._frames_in_time(batch)
         all_requests = [
             request
@@ -481,16 +591,44 @@ class RenderLane:
         render_started = time.perf_counter()
         self.stats.pulls_s += render_started - pulls_started
         try:
-            images = self._render(all_requests) if all_requests else []
+            handle = self._start_render(all_requests) if all_requests else RenderedFrames([])
+        except BaseException as exc:
+            for queued, _ in batch:
+                queued.future.set_exception(exc)
+            return None
+        finally:
+            self.stats.render_s += time.perf_counter() - render_started
+        now = time.perf_counter()
+        start_host_ms = (now - started) * 1000.0
+        self._start_host_ms += START_HOST_SMOOTHING * (start_host_ms - self._start_host_ms)
+        # When the device finishes it: after the batch before it, in the measured device time of its bucket.
+        # Unmeasured: never by estimate (the next batch then starts once this one is done, or a full batch waits).
+        count = len(all_requests)
+        device_ms = self.cost_model.device_ms(count) if count else 0.0
+        begins_s = max(now, after.device_done_s) if after is not None else now
+        done_s = math.inf if device_ms is None else begins_s + device_ms / 1000.0
+        return _InFlight(batch, keep, count, sum(job.frames for job in jobs), started, handle, done_s)
+
+    def _collect(self, in_flight: _InFlight) -> None:
+        """Wait for a started batch's frames and hand them to its jobs."""
+        batch, keep = in_flight.batch, in_flight.keep
+        render_started = time.perf_counter()
+        try:
+            images = in_flight.handle.result()
         except BaseException as exc:
             for queued, _ in batch:
                 queued.future.set_exception(exc)
             return
         finally:
             self.stats.render_s += time.perf_counter() - render_started
-        if all_requests:
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            self.cost_model.observe(len(all_requests), elapsed_ms)
+            with self._cond:
+                self._inflight_frames = max(0, self._inflight_frames - in_flight.frames)
+        if in_flight.requests:
+            elapsed_ms = (time.perf_counter() - in_flight.started) * 1000.0
+            self.cost_model.observe(in_flight.requests, elapsed_ms)
+            device_ms = in_flight.handle.device_ms()
+            if device_ms is not None:
+                self.cost_model.observe_device(in_flight.requests, device_ms)
             with self._cond:
                 self._recent_batches.append((self._clock(), elapsed_ms))
             self.stats.batches += 1
@@ -498,9 +636,9 @@ class RenderLane:
         for (queued, _), kept in zip(batch, keep, strict=True):
             queued.future.set_result([next(rendered) if k else None for k in kept])
         self.stats.jobs_done += len(batch)
-        self.stats.frames_rendered += len(all_requests)
+        self.stats.frames_rendered += in_flight.requests
         self.stats.frames_skipped_late += sum(len(kept) - sum(kept) for kept in keep)
-        self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, len(all_requests))
+        self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, in_flight.requests)
 
     @staticmethod
     def _take_requests(job: _Job) -> Sequence[Any] | None:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import httpx
-import numpy as np
 
 from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.server import create_app
-
-
-class _NoEngine:
-    def render(self, requests: Sequence[object]) -> list[np.ndarray]:
-        return []
+from tests.sidecar.fake_engine import NoEngine
 
 
 async def test_errors_carry_a_code_a_sentence_and_the_bad_fields() -> None:
-    host = SidecarHost(_NoEngine())  # type: ignore[arg-type]
+    host = SidecarHost(NoEngine())  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=create_app(host))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:

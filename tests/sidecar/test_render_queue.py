@@ -17,6 +17,7 @@ from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.errors import NoFreeSlot
 from realtime.sidecar.host import HostedSession, SidecarHost
 from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
+from tests.sidecar.fake_engine import NoEngine
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 
@@ -233,13 +234,8 @@ async def test_the_lane_measures_its_batches_and_prepares_each_batch_once() -> N
     assert set(lane.cost_model.measured()) == {4}  # 3 frames -> bucket 4
 
 
-class _NoEngine:
-    def render(self, requests: Sequence[object]) -> list[np.ndarray]:
-        return []
-
-
 async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_sessions_beyond_it() -> None:
-    host = SidecarHost(_NoEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
+    host = SidecarHost(NoEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
     try:
         assert host.capacity().slots_total == 10  # nothing measured yet: the configured slots
         for frames, ms in ((16, 80.0), (48, 240.0)):
@@ -255,7 +251,7 @@ async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_se
         await host.close()
 
 
-class _TimedEngine(_NoEngine):
+class _TimedEngine(NoEngine):
     """Warms up once and reports the batch times it measured then."""
 
     def __init__(self) -> None:
@@ -288,7 +284,7 @@ async def test_a_fresh_sidecar_knows_its_capacity_from_the_warm_up() -> None:
 
 def test_an_expected_speech_duty_scales_the_admitted_sessions() -> None:
     """Idle frames cost the lane nothing: sessions that speak half the time need half the render rate."""
-    host = SidecarHost(_NoEngine(), HostConfig(slots_total=20, speech_duty=0.5))  # type: ignore[arg-type]
+    host = SidecarHost(NoEngine(), HostConfig(slots_total=20, speech_duty=0.5))  # type: ignore[arg-type]
     try:
         for frames, ms in ((16, 80.0), (48, 240.0)):
             host.lane.cost_model.observe(frames, ms)
