@@ -104,6 +104,11 @@ class RenderHandle(Protocol):
         """Once ready: the device time of the work (None: not measured, e.g. on CPU)."""
         ...
 
+    def host_ms(self) -> float | None:
+        """Once `result()` returned: its time on the host after the device was done (frame assembly); None when
+        not measured."""
+        ...
+
 
 @dataclass
 class RenderedFrames:
@@ -118,6 +123,9 @@ class RenderedFrames:
         return True
 
     def device_ms(self) -> float | None:
+        return None
+
+    def host_ms(self) -> float | None:
         return None
 
 

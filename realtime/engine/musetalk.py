@@ -484,6 +484,7 @@ class PendingRender:
         self._pending = pending  # (request index, avatar frame) of each chunk, and its paste in flight
         self._collect = collect
         self._timing = timing  # CUDA events around the device work (None: CPU, or nothing went to the device)
+        self._host_ms: float | None = None
 
     def ready(self) -> bool:
         """The device work is done (`result()` only assembles frames on the host)."""
@@ -495,10 +496,19 @@ class PendingRender:
             return None
         return float(self._timing[0].elapsed_time(self._timing[1]))
 
+    def host_ms(self) -> float | None:
+        """After `result()`: its host time once the device was done (frame assembly); None on CPU or before."""
+        return self._host_ms if self._timing is not None else None
+
     def result(self) -> list[np.ndarray]:
+        if self._timing is not None and self._pending:
+            self._timing[1].synchronize()
+        assembly_started = time.perf_counter()
         for part, paste in self._pending:
             frames = self._collect(paste)
             for (index, _), image in zip(part, frames, strict=True):
                 self._outputs[index] = image
+        if self._pending:
+            self._host_ms = (time.perf_counter() - assembly_started) * 1000
         self._pending = []
         return [image for image in self._outputs if image is not None]
