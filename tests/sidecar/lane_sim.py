@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,51 @@ class SleepingRender:
         return [_FRAME for _ in requests]
 
 
+class SleepingDevice:
+    """A fake engine with a device: a batch's `device_ms[bucket]` passes on a device thread (batches one after
+    another, as on a GPU stream) and its `host_ms[bucket]` on the caller's thread in `result()` (frame assembly).
+    `render` runs both in turn; `render_async` enqueues the device part and returns, for a pipelined lane."""
+
+    def __init__(self, device_ms: Mapping[int, float], host_ms: Mapping[int, float], buckets: Sequence[int]) -> None:
+        self.device_ms = dict(device_ms)
+        self.host_ms = dict(host_ms)
+        self.buckets = tuple(buckets)
+        self._device_free_s = 0.0  # monotonic time the device finishes what it was given
+        self._lock = threading.Lock()
+
+    def render_async(self, requests: Sequence[Any]) -> _SleepingHandle:
+        bucket = bucket_for(len(requests), self.buckets)
+        with self._lock:
+            begins_s = max(time.monotonic(), self._device_free_s)
+            self._device_free_s = begins_s + self.device_ms[bucket] / 1000.0
+            done_s = self._device_free_s
+        return _SleepingHandle(len(requests), done_s, self.device_ms[bucket], self.host_ms[bucket])
+
+    def render(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        return self.render_async(requests).result()
+
+
+class _SleepingHandle:
+    def __init__(self, frames: int, done_s: float, device_ms: float, host_ms: float) -> None:
+        self._frames, self._done_s, self._device_ms, self._host_ms = frames, done_s, device_ms, host_ms
+        self._collected = False
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self._done_s
+
+    def device_ms(self) -> float | None:
+        return self._device_ms if self.ready() else None
+
+    def host_ms(self) -> float | None:
+        return self._host_ms if self._collected else None
+
+    def result(self) -> list[np.ndarray]:
+        time.sleep(max(0.0, self._done_s - time.monotonic()))
+        time.sleep(self._host_ms / 1000.0)
+        self._collected = True
+        return [_FRAME for _ in range(self._frames)]
+
+
 class NullPublisher:
     name = "null"
 
@@ -141,18 +187,34 @@ async def simulate(
     max_batch_frames: int = 32,
     seed_cost_model: bool = True,
     seed: int = 0,
+    host_ms: Mapping[int, float] | None = None,
+    pipelined: bool = False,
 ) -> SimResult:
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
-    that has measured every bucket already (a sidecar that has been up), else from nothing."""
+    that has measured every bucket already (a sidecar that has been up), else from nothing. With `host_ms`,
+    `cost_ms` is a batch's device time and `host_ms` its host time after it (`SleepingDevice`); `pipelined`: the
+    lane gets the engine's `render_async`."""
     buckets = tuple(sorted(cost_ms))
     model = BatchCostModel(buckets)
     if seed_cost_model:
         for _ in range(2):  # skipping trusts a bucket that ran at least twice
             for bucket, ms in cost_ms.items():
-                model.observe(bucket, ms)
-    lane = RenderLane(
-        SleepingRender(cost_ms, buckets), max_batch_frames=max_batch_frames, buckets=buckets, cost_model=model
-    )
+                model.observe(bucket, ms + (host_ms or {}).get(bucket, 0.0))
+                if host_ms is not None:
+                    model.observe_device(bucket, ms)
+    if host_ms is None:
+        lane = RenderLane(
+            SleepingRender(cost_ms, buckets), max_batch_frames=max_batch_frames, buckets=buckets, cost_model=model
+        )
+    else:
+        device = SleepingDevice(cost_ms, host_ms, buckets)
+        lane = RenderLane(
+            device.render,
+            start_render=device.render_async if pipelined else None,
+            max_batch_frames=max_batch_frames,
+            buckets=buckets,
+            cost_model=model,
+        )
     runtimes = [
         SessionRuntime(f"sim-{index}", FakeSessionEngine(), [NullPublisher()], lane, config)  # type: ignore[list-item]
         for index in range(sessions)
