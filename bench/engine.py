@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)  # warm-up progress: cold compiles are long
     import torch
 
     from realtime.engine.device import choose_device

@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)  # warm-up progress: cold compiles are long
     document = asyncio.run(bench(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

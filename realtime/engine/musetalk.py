@@ -425,6 +425,10 @@ class MuseTalkEngine:
                     self.synchronize()
                     if timing:
                         timed[size] = (time.perf_counter() - tick) * 1000
+                    else:  # a cold compile takes minutes: say how far it got
+                        at_s = time.perf_counter() - started
+                        progress = {"batch": size, "at_s": round(at_s, 1)}
+                        logger.info("warm-up: batch %d ready at %.1f s", size, at_s, extra=progress)
             if self._graphs_on:
                 self._windows.warm_up(max(batch_sizes, default=1))
             # A stream pull too: the feature path's kernels load and its caches fill here, not in a session.
