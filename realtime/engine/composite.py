@@ -269,19 +269,21 @@ class Compositor:
 
     def finish(self, pending: PendingPaste) -> list[np.ndarray]:
         """Wait for the copy and drop each blended region into a copy of its idle frame (in the callers' order)."""
-        if pending.event is not None:
-            pending.event.synchronize()
-        host = pending.host.numpy()
-        frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pending.jobs)
-        rows = zip(pending.jobs, pending.positions, pending.sizes_px, strict=True)
-        for row, (job, position, (height, width)) in enumerate(rows):
-            x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
-            frame = np.array(job.avatar.frames[job.frame])  # writable copy of the idle frame
-            frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
-            frames[position] = frame
-        if pending.staging is not None:  # its frames are copied out: the buffer may take another paste
-            self._release_staging(pending.staging)
-            pending.staging = None
+        try:
+            if pending.event is not None:
+                pending.event.synchronize()
+            host = pending.host.numpy()
+            frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pending.jobs)
+            rows = zip(pending.jobs, pending.positions, pending.sizes_px, strict=True)
+            for row, (job, position, (height, width)) in enumerate(rows):
+                x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
+                frame = np.array(job.avatar.frames[job.frame])  # writable copy of the idle frame
+                frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
+                frames[position] = frame
+        finally:
+            if pending.staging is not None:  # its frames are copied out (or failed): the buffer may be reused
+                self._release_staging(pending.staging)
+                pending.staging = None
         return frames
 
 

@@ -217,6 +217,15 @@ class _InFlight:
     handle: RenderHandle
     device_done_s: float  # perf_counter estimate of when the device finishes it
 
+    def device_done(self) -> bool:
+        """The device is done with it; also when asking fails (a device error): `result()` then raises it to the
+        batch's jobs instead of the lane thread dying on it."""
+        try:
+            return self.handle.ready()
+        except Exception:
+            logger.exception("render handle readiness failed")
+            return True
+
 
 @dataclass
 class RenderLaneStats:
@@ -475,7 +484,7 @@ class RenderLane:
                     continue
                 if self._heap and self._start_next_now(in_flight):
                     break
-                if in_flight.handle.ready():
+                if in_flight.device_done():
                     return None, []
                 # The device is still on the batch in flight: wait for more frames to join the next batch.
                 self._cond.wait(timeout=self._next_start_wait_s(in_flight))
@@ -495,7 +504,7 @@ class RenderLane:
         make a batch of their own (the device's time on a small batch is mostly lost); and even a full batch
         would only queue on the device, its frames none the sooner (measured on an H200: with full batches
         started at once, 64-frame batches took 2 x their device time from start to frames)."""
-        if not self._heap[0].is_render or in_flight.handle.ready():
+        if not self._heap[0].is_render or in_flight.device_done():
             return True
         return time.perf_counter() >= in_flight.device_done_s - self._start_lead_s()
 
@@ -534,7 +543,7 @@ class RenderLane:
         """Start a batch; the one in flight is collected first when the device is done with it, else right after
         this one is enqueued (its frames are then assembled while the device computes this batch)."""
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and previous.handle.ready():
+        if previous is not None and previous.device_done():
             self._collect(previous)
             previous = None
         started = time.perf_counter()

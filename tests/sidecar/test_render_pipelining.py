@@ -198,3 +198,32 @@ def test_closing_the_lane_still_hands_out_the_batch_in_flight() -> None:
         assert _values([asyncio.run(scenario())]) == [7]
     finally:
         device.stop()
+
+
+async def test_a_device_error_when_asking_for_readiness_fails_that_batch_not_the_lane() -> None:
+    """`ready()` raising (a CUDA error surfaces in an event query) must not kill the lane thread: the batch is
+    collected, its `result()` raises to its jobs, and the next batch renders."""
+    device = FakeDevice(device_ms=30.0, fail_on=1)
+    broken: list[bool] = []
+
+    def start(requests: Sequence[Any]) -> _Handle:
+        handle = device.start(requests)
+        if 1 in handle.values:
+
+            def ready() -> bool:
+                broken.append(True)
+                raise RuntimeError("device fault")
+
+            handle.ready = ready  # type: ignore[method-assign]
+        return handle
+
+    model = BatchCostModel(BUCKETS)
+    lane = RenderLane(_unused_render, start_render=start, buckets=BUCKETS, cost_model=model)
+    try:
+        with pytest.raises(RuntimeError, match="device fault"):
+            await asyncio.wait_for(_frame(lane, 1), timeout=5.0)  # a dead lane thread would never answer
+        assert _values([await asyncio.wait_for(_frame(lane, 2), timeout=5.0)]) == [2]
+    finally:
+        lane.close()
+        device.stop()
+    assert broken
