@@ -78,9 +78,11 @@ class SidecarSettings:
     device: str = "auto"
     cache_dir: Path | None = None
     warm_up_at_start: bool = True
-    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~190 s at the first start, ~50 s
-    # from its on-disk cache afterwards; it raises an H200's sessions from 8 to 20 (bench/results/).
+    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~190 s at the first start without
+    # kernel tuning, over 340 s with it (the VAE's kernels tuned by benchmark: ~5 % more frames/s), ~50-80 s from
+    # its on-disk cache afterwards; it raises an H200's sessions from 8 to 20 or more (bench/results/).
     compile_mode: str = "off"  # one of realtime.engine.accel.COMPILE_MODES
+    kernel_tuning: bool = True  # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
     cuda_graphs: bool = True
     host: HostConfig = field(default_factory=HostConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -110,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=COMPILE_MODES,
         default="off",
         help="torch.compile the UNet and VAE (CUDA; cached under $LIPSYNC_CACHE_DIR/compile)",
+    )
+    parser.add_argument(
+        "--no-kernel-tuning",
+        action="store_true",
+        help="with --compile: skip tuning the VAE's kernels (a first start minutes shorter, ~5 %% fewer frames/s)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
     parser.add_argument(
@@ -148,6 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         cache_dir=args.cache_dir,
         warm_up_at_start=not args.no_warm_up,
         compile_mode=args.compile,
+        kernel_tuning=not args.no_kernel_tuning,
         cuda_graphs=not args.no_cuda_graphs,
         host=HostConfig(
             sidecar_id=sidecar_id,

@@ -43,7 +43,11 @@ def build_host(settings: SidecarSettings) -> SidecarHost:
         device=settings.device,
         cache_dir=settings.cache_dir,
         max_batch_size=settings.host.max_batch_frames,  # one lane batch is one device batch
-        accel=AccelConfig(compile_mode=settings.compile_mode, cuda_graphs=settings.cuda_graphs),
+        accel=AccelConfig(
+            compile_mode=settings.compile_mode,
+            cuda_graphs=settings.cuda_graphs,
+            compile_tuned_stages=AccelConfig.compile_tuned_stages if settings.kernel_tuning else (),
+        ),
     )
     return SidecarHost(EngineAdapter(engine_config), settings.host)
 

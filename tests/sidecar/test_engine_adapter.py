@@ -97,8 +97,11 @@ def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     host = build_host(settings_from_args(args))
     config = host.engine.config  # type: ignore[attr-defined]
     assert config.accel.compile_mode == "default" and not config.accel.cuda_graphs
+    assert config.accel.compile_tuned_stages == ("vae_decode",)
     assert config.max_batch_size == 32 and host.lane.max_batch_frames == 32
     host.lane.close()
+    untuned = build_host(settings_from_args(parser.parse_args(["--compile", "default", "--no-kernel-tuning"])))
+    assert untuned.engine.config.accel.compile_tuned_stages == ()  # type: ignore[attr-defined]
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "fast"])
     assert settings_from_args(parser.parse_args(["--speech-duty", "0.5"])).host.speech_duty == 0.5
