@@ -505,14 +505,16 @@ class PendingRender:
         return self._host_ms if self._timing is not None else None
 
     def result(self) -> list[np.ndarray]:
-        if self._timing is not None and self._pending:
-            self._timing[1].synchronize()
-        assembly_started = time.perf_counter()
+        host_s = 0.0
         for part, paste in self._pending:
+            if paste.event is not None:  # this chunk's device work and copy (later chunks may still compute)
+                paste.event.synchronize()
+            assembly_started = time.perf_counter()
             frames = self._collect(paste)
+            host_s += time.perf_counter() - assembly_started
             for (index, _), image in zip(part, frames, strict=True):
                 self._outputs[index] = image
         if self._pending:
-            self._host_ms = (time.perf_counter() - assembly_started) * 1000
+            self._host_ms = host_s * 1000
         self._pending = []
         return [image for image in self._outputs if image is not None]
