@@ -16,10 +16,11 @@ batch. It never waits for a batch to fill.
 Pipelining: with the engine's `render_async` (`start_render`), a batch's device work is enqueued
 and the lane goes on; the next batch is formed and started shortly before the device should be
 done with it (by the measured device time of its bucket, less the measured host time of a
-start), or as soon as a full batch waits; then the first batch's frames are collected. The
-device never waits for the host's frame assembly or the next batch's feature work, and the next
-batch still gathers every frame that arrived meanwhile. A batch whose device work is already
-done is collected before the next one starts.
+start); then the first batch's frames are collected. The device never waits for the host's
+frame assembly or the next batch's feature work, and the next batch still gathers every frame
+that arrived meanwhile. A batch whose device work is already done is collected before the next
+one starts. Batches are timed by their own host and device time, not their wait on the device
+behind the batch before.
 
 Overload: a job that gives its frame period says when each of its frames is due. Frames that
 the batch (at its measured time) would finish after are not rendered — their features are
@@ -615,7 +616,7 @@ class RenderLane:
         else:
             self._start_host_ms += START_HOST_SMOOTHING * (start_host_ms - self._start_host_ms)
         # When the device finishes it: after the batch before it, in the measured device time of its bucket.
-        # Unmeasured: never by estimate (the next batch then starts once this one is done, or a full batch waits).
+        # Unmeasured: never by estimate (the next batch then starts once this one is done).
         count = len(all_requests)
         device_ms = self.cost_model.device_ms(count) if count else 0.0
         begins_s = max(now, after.device_done_s) if after is not None else now
