@@ -105,7 +105,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs-nocudnnbench": {"cuda_graphs": True, "cudnn_benchmark": False},
     "graphs-cl": {"cuda_graphs": True, "channels_last": True},
     "compile-cl": {"cuda_graphs": True, "compile_mode": "default", "channels_last": True},
-    "compile": {"cuda_graphs": True, "compile_mode": "default"},  # channels-last maps, channel-sum group norms
+    "compile": {"cuda_graphs": True, "compile_mode": "default"},  # channels-last, channel-sum norms, tuned VAE
     "compile-untuned": {"cuda_graphs": True, "compile_mode": "default", "compile_tuned_stages": ()},
     "compile-pageable": {"cuda_graphs": True, "compile_mode": "default", "pinned_transfers": False},
     "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
