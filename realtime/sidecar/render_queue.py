@@ -525,10 +525,11 @@ class RenderLane:
         try:
             result = job.fn()
         except BaseException as exc:
+            self.stats.jobs_done += 1
             job.future.set_exception(exc)
         else:
+            self.stats.jobs_done += 1
             job.future.set_result(result)
-        self.stats.jobs_done += 1
 
     def _entirely_late(self, job: _Job) -> bool:
         """Every frame of `job` is due before even a one-frame batch started now would finish."""
@@ -586,8 +587,8 @@ class RenderLane:
         for job in skipped:
             taken = self._take_requests(job)
             if taken is not None:
-                job.future.set_result([None] * len(taken))
                 self.stats.frames_skipped_late += len(taken)
+                job.future.set_result([None] * len(taken))
         self.stats.jobs_done += len(skipped)
         batch = [(job, taken) for job in jobs if (taken := self._take_requests(job)) is not None]
         if not batch:
@@ -650,13 +651,14 @@ class RenderLane:
             with self._cond:
                 self._recent_batches.append((self._clock(), elapsed_ms))
             self.stats.batches += 1
-        rendered = iter(images)
-        for (queued, _), kept in zip(batch, keep, strict=True):
-            queued.future.set_result([next(rendered) if k else None for k in kept])
+        # Counted before the jobs hear back: a caller that has its frames sees them in the stats.
         self.stats.jobs_done += len(batch)
         self.stats.frames_rendered += in_flight.requests
         self.stats.frames_skipped_late += sum(len(kept) - sum(kept) for kept in keep)
         self.stats.largest_batch_frames = max(self.stats.largest_batch_frames, in_flight.requests)
+        rendered = iter(images)
+        for (queued, _), kept in zip(batch, keep, strict=True):
+            queued.future.set_result([next(rendered) if k else None for k in kept])
 
     @staticmethod
     def _take_requests(job: _Job) -> Sequence[Any] | None:
