@@ -24,6 +24,16 @@ from typing import Any
 
 logger = logging.getLogger("bench.layout")
 
+# The engine's compiled stages (dynamic batch, channels-last, channel-sum norms; the VAE with transposed upsampling).
+ENGINE_UNET: dict[str, Any] = {
+    "stage": "unet",
+    "compile": "dynamic",
+    "force_layout": True,
+    "group_norm": "channel_sums",
+}
+ENGINE_VAE: dict[str, Any] = {**ENGINE_UNET, "stage": "vae", "upsample": "transpose"}
+TUNED = {"inductor": {"coordinate_descent_tuning": True}}  # each Triton kernel's launch config tuned by benchmark
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "vae-dyn": {"stage": "vae", "compile": "dynamic"},
     "vae-static": {"stage": "vae", "compile": "static"},
@@ -34,13 +44,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "unet-dyn-force": {"stage": "unet", "compile": "dynamic", "force_layout": True},
     "vae-static-mat": {"stage": "vae", "compile": "static", "mode": "max-autotune-no-cudagraphs"},
     "vae-force-sums": {"stage": "vae", "compile": "dynamic", "force_layout": True, "group_norm": "channel_sums"},
-    "vae-force-sums-tconv": {
-        "stage": "vae",
-        "compile": "dynamic",
-        "force_layout": True,
-        "group_norm": "channel_sums",
-        "upsample": "transpose",
-    },
+    "vae-force-sums-tconv": ENGINE_VAE,
     "vae-force-tconv": {"stage": "vae", "compile": "dynamic", "force_layout": True, "upsample": "transpose"},
     "vae-force-sums-nearest": {
         "stage": "vae",
@@ -50,23 +54,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "upsample": "nearest",
     },
     "vae-dyn-sums": {"stage": "vae", "compile": "dynamic", "group_norm": "channel_sums"},
-    "unet-force-sums": {"stage": "unet", "compile": "dynamic", "force_layout": True, "group_norm": "channel_sums"},
-    # The engine's decode (force-sums-tconv) with inductor tuning each Triton kernel's launch config by benchmark.
-    "vae-engine-cdt": {
-        "stage": "vae",
-        "compile": "dynamic",
-        "force_layout": True,
-        "group_norm": "channel_sums",
-        "upsample": "transpose",
-        "inductor": {"coordinate_descent_tuning": True},
-    },
-    "unet-engine-cdt": {
-        "stage": "unet",
-        "compile": "dynamic",
-        "force_layout": True,
-        "group_norm": "channel_sums",
-        "inductor": {"coordinate_descent_tuning": True},
-    },
+    "unet-force-sums": ENGINE_UNET,
+    "vae-engine-cdt": {**ENGINE_VAE, **TUNED},
+    "unet-engine-cdt": {**ENGINE_UNET, **TUNED},
 }
 
 

@@ -55,19 +55,12 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[], None], iters: int, p
     return round(statistics.median(times), 3)
 
 
-def assemble(pending: Any, pool: ThreadPoolExecutor | None) -> list[np.ndarray]:
-    """`Compositor.finish`'s host work, one task per frame on `pool` (numpy copies release the GIL)."""
+def assemble(pending: Any, pool: ThreadPoolExecutor) -> list[np.ndarray]:
+    """`Compositor.finish`'s host work (`assemble_frame`), one task per frame on `pool`."""
+    from realtime.engine.composite import assemble_frame
+
     host = pending.host.numpy()
-
-    def one(row: int) -> np.ndarray:
-        job, (height, width) = pending.jobs[row], pending.sizes_px[row]
-        x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
-        frame = np.array(job.avatar.frames[job.frame])
-        frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
-        return frame
-
-    rows = range(len(pending.jobs))
-    return list(pool.map(one, rows)) if pool is not None else [one(row) for row in rows]
+    return list(pool.map(functools.partial(assemble_frame, pending, host), range(len(pending.jobs))))
 
 
 def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: int) -> dict[str, Any]:

@@ -274,17 +274,22 @@ class Compositor:
                 pending.event.synchronize()
             host = pending.host.numpy()
             frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pending.jobs)
-            rows = zip(pending.jobs, pending.positions, pending.sizes_px, strict=True)
-            for row, (job, position, (height, width)) in enumerate(rows):
-                x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
-                frame = np.array(job.avatar.frames[job.frame])  # writable copy of the idle frame
-                frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
-                frames[position] = frame
+            for row, position in enumerate(pending.positions):
+                frames[position] = assemble_frame(pending, host, row)
         finally:
             if pending.staging is not None:  # its frames are copied out (or failed): the buffer may be reused
                 self._release_staging(pending.staging)
                 pending.staging = None
         return frames
+
+
+def assemble_frame(pending: PendingPaste, host: np.ndarray, row: int) -> np.ndarray:
+    """Row `row` of a completed paste (`host`: its regions as numpy) dropped into a writable copy of its idle frame."""
+    job, (height, width) = pending.jobs[row], pending.sizes_px[row]
+    x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
+    frame = np.array(job.avatar.frames[job.frame])
+    frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
+    return frame
 
 
 def _pad(tensor: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:

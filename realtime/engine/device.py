@@ -63,7 +63,15 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     lane could not prepare the next batch while the device still computes this one."""
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return pinned.to(device, non_blocking=True)
+
+
+def host_staging(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty 1-D host tensor to fill, then `upload` without another copy (page-locked when `device` is CUDA)."""
+    import torch
+
+    return torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda")
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:

@@ -117,9 +117,12 @@ class BatchCostModel:
     def observe(self, frames: int, elapsed_ms: float) -> None:
         bucket = bucket_for(max(1, frames), self.buckets)
         with self._lock:
-            previous = self._ms.get(bucket)
-            self._ms[bucket] = elapsed_ms if previous is None else previous + self._smoothing * (elapsed_ms - previous)
+            self._smooth_into(self._ms, bucket, elapsed_ms)
             self._recent_ms.setdefault(bucket, deque(maxlen=self._recent_batches)).append(elapsed_ms)
+
+    def _smooth_into(self, table: dict[int, float], bucket: int, value_ms: float) -> None:
+        previous = table.get(bucket)
+        table[bucket] = value_ms if previous is None else previous + self._smoothing * (value_ms - previous)
 
     def fastest_recent_ms(self, frames: int) -> float | None:
         """The fastest recent batch of `frames`' bucket (or, unmeasured, of the nearest larger bucket: an upper
@@ -141,10 +144,7 @@ class BatchCostModel:
         """The device time alone of a batch (no host work): when a pipelined lane starts the next batch."""
         bucket = bucket_for(max(1, frames), self.buckets)
         with self._lock:
-            previous = self._device_ms.get(bucket)
-            self._device_ms[bucket] = (
-                device_ms if previous is None else previous + self._smoothing * (device_ms - previous)
-            )
+            self._smooth_into(self._device_ms, bucket, device_ms)
 
     def device_ms(self, frames: int) -> float | None:
         bucket = bucket_for(max(1, frames), self.buckets)
@@ -553,9 +553,10 @@ class RenderLane:
         frames = sum(job.frames for job in jobs)
         with self._cond:
             self._inflight_frames += frames
-            self._inflight_started_s = started if previous is None else self._inflight_started_s
+            if previous is None:  # else the backlog keeps counting from the batch still on the device
+                self._inflight_started_s = started
         try:
-            self._in_flight = self._start_jobs(jobs, started, skipped, after=previous)
+            self._in_flight = self._start_jobs(jobs, frames, started, skipped, after=previous)
         finally:
             if self._in_flight is None:
                 with self._cond:
@@ -564,10 +565,17 @@ class RenderLane:
                 self._collect(previous)
 
     def _start_jobs(
-        self, jobs: list[_Job], started: float, skipped: Sequence[_Job] = (), *, after: _InFlight | None = None
+        self,
+        jobs: list[_Job],
+        frames: int,
+        started: float,
+        skipped: Sequence[_Job] = (),
+        *,
+        after: _InFlight | None = None,
     ) -> _InFlight | None:
-        """Features, pulls and the render's start for `jobs` (`after`: the batch still on the device before them);
-        None when nothing went to the engine (the jobs' futures are then already resolved)."""
+        """Features, pulls and the render's start for `jobs` (`frames`: theirs, as the backlog counts them;
+        `after`: the batch still on the device before them); None when nothing went to the engine (the jobs'
+        futures are then already resolved)."""
         # One entry per source: a session may have several jobs of one utterance stream in a batch.
         merged: dict[int, tuple[object, int]] = {}
         for job in [*skipped, *jobs]:
@@ -622,7 +630,6 @@ class RenderLane:
         device_ms = self.cost_model.device_ms(count) if count else 0.0
         begins_s = max(now, after.device_done_s) if after is not None else now
         done_s = math.inf if device_ms is None else begins_s + device_ms / 1000.0
-        frames = sum(job.frames for job in jobs)
         return _InFlight(batch, keep, count, frames, started, start_host_ms, handle, done_s)
 
     def _collect(self, in_flight: _InFlight) -> None:

@@ -69,18 +69,6 @@ class FakeSessionEngine:
         return FakeStream()
 
 
-class SleepingRender:
-    """A render fn that costs `cost_ms[bucket]` of wall time per batch (the lane thread sleeps)."""
-
-    def __init__(self, cost_ms: Mapping[int, float], buckets: Sequence[int]) -> None:
-        self.cost_ms = dict(cost_ms)
-        self.buckets = tuple(buckets)
-
-    def __call__(self, requests: Sequence[Any]) -> list[np.ndarray]:
-        time.sleep(self.cost_ms[bucket_for(len(requests), self.buckets)] / 1000.0)
-        return [_FRAME for _ in requests]
-
-
 class SleepingDevice:
     """A fake engine with a device: a batch's `device_ms[bucket]` passes on a device thread (batches one after
     another, as on a GPU stream) and its `host_ms[bucket]` on the caller's thread in `result()` (frame assembly).
@@ -191,30 +179,25 @@ async def simulate(
     pipelined: bool = False,
 ) -> SimResult:
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
-    that has measured every bucket already (a sidecar that has been up), else from nothing. With `host_ms`,
-    `cost_ms` is a batch's device time and `host_ms` its host time after it (`SleepingDevice`); `pipelined`: the
-    lane gets the engine's `render_async`."""
+    that has measured every bucket already (a sidecar that has been up), else from nothing. A batch costs
+    `cost_ms[bucket]` of device time, then `host_ms[bucket]` (default none) on the lane thread
+    (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`."""
     buckets = tuple(sorted(cost_ms))
+    host = dict(host_ms) if host_ms is not None else dict.fromkeys(buckets, 0.0)
     model = BatchCostModel(buckets)
     if seed_cost_model:
         for _ in range(2):  # skipping trusts a bucket that ran at least twice
             for bucket, ms in cost_ms.items():
-                model.observe(bucket, ms + (host_ms or {}).get(bucket, 0.0))
-                if host_ms is not None:
-                    model.observe_device(bucket, ms)
-    if host_ms is None:
-        lane = RenderLane(
-            SleepingRender(cost_ms, buckets), max_batch_frames=max_batch_frames, buckets=buckets, cost_model=model
-        )
-    else:
-        device = SleepingDevice(cost_ms, host_ms, buckets)
-        lane = RenderLane(
-            device.render,
-            start_render=device.render_async if pipelined else None,
-            max_batch_frames=max_batch_frames,
-            buckets=buckets,
-            cost_model=model,
-        )
+                model.observe(bucket, ms + host[bucket])
+                model.observe_device(bucket, ms)
+    device = SleepingDevice(cost_ms, host, buckets)
+    lane = RenderLane(
+        device.render,
+        start_render=device.render_async if pipelined else None,
+        max_batch_frames=max_batch_frames,
+        buckets=buckets,
+        cost_model=model,
+    )
     runtimes = [
         SessionRuntime(f"sim-{index}", FakeSessionEngine(), [NullPublisher()], lane, config)  # type: ignore[list-item]
         for index in range(sessions)

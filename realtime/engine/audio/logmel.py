@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from realtime.engine.device import upload
+from realtime.engine.device import host_staging, upload
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +46,12 @@ class DeviceLogMel:
         import torch
 
         lengths = [min(len(segment), self.n_samples) for segment in segments]
-        flat = np.concatenate([np.asarray(s[:n], dtype=np.float32) for s, n in zip(segments, lengths, strict=True)])
-        samples = upload(torch.from_numpy(flat), self._device)  # one upload: the real samples only
+        # Gathered straight into the (pinned) upload buffer: at 24 streams that is ~46 MB per batch, copied once.
+        flat = host_staging(sum(lengths), torch.float32, self._device)
+        np.concatenate(
+            [np.asarray(s[:n], dtype=np.float32) for s, n in zip(segments, lengths, strict=True)], out=flat.numpy()
+        )
+        samples = upload(flat, self._device)  # one upload: the real samples only
         audio = torch.zeros((len(segments), self.n_samples), dtype=torch.float32, device=self._device)
         offset = 0
         for row, length in enumerate(lengths):
