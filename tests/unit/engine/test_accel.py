@@ -25,6 +25,8 @@ def test_buckets_and_config_are_validated() -> None:
         AccelConfig(decode_from_latent_row=12)  # would cut into the blend mask (it starts at face row 92)
     with pytest.raises(ValueError, match="group_norm"):
         AccelConfig(group_norm="fused")
+    with pytest.raises(ValueError, match="compile_tuned_stages may name unet and vae_decode, got \\('vae',\\)"):
+        AccelConfig(compile_tuned_stages=("vae",))
 
 
 def test_group_norms_follow_the_layout_they_are_fast_in() -> None:
