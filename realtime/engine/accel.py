@@ -107,9 +107,10 @@ class AccelConfig:
     # kernel's block sizes and warps by benchmark at its first launch (inductor's coordinate descent). The decode's
     # norm/SiLU/residual kernels went 21.3 -> 16.3 ms, the decode 75.4 -> 70.4 ms at batch 64 on an H200
     # (bench/results/layout-h200-*.json). It costs cold compile time, once (the tuned kernels are cached): the
-    # VAE's compile alone 33 -> 123 s there, the engine's cold warm-up from 192 s to over 340 s (not timed to its
-    # end). Tuning the UNet too (a few ms of Triton kernels) and the batch-1 compiles took it past 8 minutes: not
-    # tuned. `warm_up` runs the largest bucket first, so the tuning sees the size that carries the load.
+    # VAE's compile alone 33 -> 123 s there, the engine's cold warm-up from 175 to 360 s, for 584 -> 608 frames/s
+    # at batch 64 (bench/results/engine-h200-*.json). Tuning the UNet too (a few ms of Triton kernels) and the
+    # batch-1 compiles took it past 8 minutes: not tuned. `warm_up` runs the largest bucket first, so the tuning
+    # sees the size that carries the load.
     compile_tuned_stages: tuple[str, ...] = ("vae_decode",)
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
     # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else native.

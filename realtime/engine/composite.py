@@ -191,7 +191,9 @@ class Compositor:
     def _release_staging(self, buffer: torch.Tensor) -> None:
         self._free_staging.append(buffer)
         if len(self._free_staging) > MAX_FREE_STAGING_BUFFERS:
-            self._free_staging.remove(min(self._free_staging, key=lambda b: b.numel()))
+            # By index: `list.remove` compares tensors with `==` (elementwise), which raises for unequal sizes.
+            smallest = min(range(len(self._free_staging)), key=lambda k: self._free_staging[k].numel())
+            del self._free_staging[smallest]
 
     def paste(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> list[np.ndarray]:
         """`faces`: [B, 3, 256, 256] float in [0, 1] on the device. Returns full RGB uint8 frames, one per job."""

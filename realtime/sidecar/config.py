@@ -78,9 +78,9 @@ class SidecarSettings:
     device: str = "auto"
     cache_dir: Path | None = None
     warm_up_at_start: bool = True
-    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~190 s at the first start without
-    # kernel tuning, over 340 s with it (the VAE's kernels tuned by benchmark: ~5 % more frames/s), ~50-80 s from
-    # its on-disk cache afterwards; it raises an H200's sessions from 8 to 20 or more (bench/results/).
+    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~175 s at the first start without
+    # kernel tuning, ~360 s with it (the VAE's kernels tuned by benchmark: ~4 % more frames/s), 80-230 s from
+    # its on-disk cache afterwards; it raises an H200's sessions from 8 to 16 or more (bench/results/).
     compile_mode: str = "off"  # one of realtime.engine.accel.COMPILE_MODES
     kernel_tuning: bool = True  # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
     cuda_graphs: bool = True

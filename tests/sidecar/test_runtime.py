@@ -314,9 +314,10 @@ async def test_render_lane_runs_the_most_urgent_job_first_and_batches_queued_one
 
 
 # A fake engine whose batches only sleep, for the H200-measured batch times of the full-size model × 0.75
-# (bench/results/sessions-h200-20261130.json): one lane, six sessions streaming speech at real-time pace.
+# (bench/results/sessions-h200-20261130.json, an earlier run under `history`): one lane, six sessions streaming
+# speech at real-time pace.
 _SIM_COST_MS = {1: 13.0, 2: 19.0, 4: 26.0, 8: 38.0, 16: 60.0, 32: 90.0}
-# The lane's batch times with the compiled engine on an H200 (bench/results/sessions-h200-20261130.json).
+# The lane's batch times with the compiled engine on an H200 (the same file, an earlier run).
 _H200_COMPILED_MS = {1: 9.3, 2: 15.0, 4: 20.0, 8: 27.5, 16: 49.0, 32: 86.0, 48: 123.0, 64: 158.0}
 
 
