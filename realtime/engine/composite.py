@@ -29,7 +29,7 @@ import numpy as np
 
 from realtime.engine.avatar.face import lower_face_mask
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.device import upload
+from realtime.engine.device import StagingPool, upload
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,8 @@ class Compositor:
         self._mask = torch.from_numpy(lower_face_mask()).to(device)  # [256, 256]
         self._avatars: dict[str, _AvatarRegions] = {}
         self._pinned = pinned and self._cuda
-        self._free_staging: list[torch.Tensor] = []  # pinned buffers no pending paste uses (page-locking is slow)
+        # Pinned buffers that no pending paste uses.
+        self._staging = StagingPool(device, max_free=MAX_FREE_STAGING_BUFFERS) if self._pinned else None
         self._copy_stream = torch.cuda.Stream(device) if copy_stream and self._cuda else None
 
     def forget(self, avatar_key: str) -> None:
@@ -179,22 +180,6 @@ class Compositor:
         self._avatars[avatar.key] = regions
         return regions
 
-    def _staging_buffer(self, size: int) -> torch.Tensor:
-        """A pinned buffer of at least `size` bytes that no pending paste uses (reused once `finish` returns it)."""
-        import torch
-
-        fitting = [k for k, buffer in enumerate(self._free_staging) if buffer.numel() >= size]
-        if fitting:
-            return self._free_staging.pop(min(fitting, key=lambda k: self._free_staging[k].numel()))
-        return torch.empty(int(size * 1.25) + 1, dtype=torch.uint8, pin_memory=True)
-
-    def _release_staging(self, buffer: torch.Tensor) -> None:
-        self._free_staging.append(buffer)
-        if len(self._free_staging) > MAX_FREE_STAGING_BUFFERS:
-            # By index: `list.remove` compares tensors with `==` (elementwise), which raises for unequal sizes.
-            smallest = min(range(len(self._free_staging)), key=lambda k: self._free_staging[k].numel())
-            del self._free_staging[smallest]
-
     def paste(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> list[np.ndarray]:
         """`faces`: [B, 3, 256, 256] float in [0, 1] on the device. Returns full RGB uint8 frames, one per job."""
         return self.finish(self.paste_async(faces, jobs))
@@ -251,7 +236,7 @@ class Compositor:
             device_bytes = blended.round_().clamp_(0, 255).to(torch.uint8)
             if not self._cuda:
                 return PendingPaste(ordered, positions, sizes_px, device_bytes, None)
-            staging = self._staging_buffer(device_bytes.numel()) if self._pinned else None
+            staging = self._staging.take(device_bytes.numel()) if self._staging is not None else None
             host = (
                 staging[: device_bytes.numel()].view(device_bytes.shape)
                 if staging is not None
@@ -279,8 +264,8 @@ class Compositor:
             for row, position in enumerate(pending.positions):
                 frames[position] = assemble_frame(pending, host, row)
         finally:
-            if pending.staging is not None:  # its frames are copied out (or failed): the buffer may be reused
-                self._release_staging(pending.staging)
+            if pending.staging is not None and self._staging is not None:  # copied out (or failed): reusable
+                self._staging.give_back(pending.staging)
                 pending.staging = None
         return frames
 

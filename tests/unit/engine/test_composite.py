@@ -111,3 +111,22 @@ def test_warm_up_pastes_once_and_keeps_nothing() -> None:
     compositor = Compositor(torch.device("cpu"))
     compositor.warm_up(torch.rand(3, 3, 256, 256))
     assert compositor._avatars == {}
+
+
+def test_staging_pool_reuses_the_smallest_fitting_buffer_and_keeps_the_largest_free_ones() -> None:
+    """The compositor's pinned staging pool, on host memory: buffers of several sizes come back beyond the cap
+    (what a render lane under load does: on the H200, list.remove on tensors failed 2,526 renders here)."""
+    import torch
+
+    from realtime.engine.device import StagingPool
+
+    pool = StagingPool(torch.device("cpu"), max_free=2, headroom=1.0)
+    buffers = [pool.take(numel) for numel in (300, 100, 200, 400)]
+    assert [b.numel() for b in buffers] == [301, 101, 201, 401]  # none free yet: fresh ones, plus one byte
+    for buffer in buffers:
+        pool.give_back(buffer)  # the third and fourth overflow the cap: the smallest free one goes each time
+    assert pool.free_numels == [301, 401]
+    reused = pool.take(250)
+    assert reused is buffers[0]  # the smallest one that fits
+    assert pool.free_numels == [401]
+    assert pool.take(500).numel() == 501  # nothing fits: a new one
