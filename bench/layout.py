@@ -77,6 +77,7 @@ def run_one(name: str, batch: int, out: Path) -> None:
     import torch
 
     from realtime.engine.device import choose_device
+    from realtime.engine.musetalk import decode_faces, unet_step
     from realtime.engine.upsample import set_upsample_conv_mode
     from realtime.engine.weights.random import random_models
 
@@ -98,18 +99,17 @@ def run_one(name: str, batch: int, out: Path) -> None:
         set_group_norm_mode(module, config.get("group_norm", "native"))
     dev = device.torch_device()
     timestep = torch.zeros(1, device=dev, dtype=torch.long)
-    scale = models.vae_scaling_factor
 
     if config["stage"] == "vae":
 
         def fn(latents: torch.Tensor) -> torch.Tensor:
-            return (models.vae.decode(latents / scale).sample / 2 + 0.5).clamp(0, 1)
+            return decode_faces(models, latents)
 
         inputs = [torch.randn(batch, 4, 32, 32, device=dev, dtype=dtype)]
     else:
 
         def fn(latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:  # type: ignore[misc]
-            return models.unet(latents, timestep, encoder_hidden_states=features).sample
+            return unet_step(models, latents, features, timestep)
 
         inputs = [
             torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype),

@@ -152,18 +152,17 @@ class Compositor:
         regions = self._avatars.get(avatar.key)
         if regions is not None:
             return regions
-        sizes: list[tuple[int, int]] = []
+        regions_px: list[np.ndarray | None] = []  # each frame's crop-box region (a view; None without a face)
         for index in range(avatar.frame_count):
             x1, y1, x2, y2 = (int(v) for v in avatar.crop_boxes[index])
-            region = avatar.frames[index, y1:y2, x1:x2]
-            sizes.append(region.shape[:2] if avatar.has_face[index] else (0, 0))
+            regions_px.append(avatar.frames[index, y1:y2, x1:x2] if avatar.has_face[index] else None)
+        sizes: list[tuple[int, int]] = [r.shape[:2] if r is not None else (0, 0) for r in regions_px]
         rows_px = max([1] + [h for h, _ in sizes])
         cols_px = max([1] + [w for _, w in sizes])
         rois = np.zeros((avatar.frame_count, rows_px, cols_px, 3), np.uint8)
-        for index, (height, width) in enumerate(sizes):
-            if height:
-                x1, y1 = int(avatar.crop_boxes[index][0]), int(avatar.crop_boxes[index][1])
-                rois[index, :height, :width] = avatar.frames[index, y1 : y1 + height, x1 : x1 + width]
+        for index, region in enumerate(regions_px):
+            if region is not None:
+                rois[index, : region.shape[0], : region.shape[1]] = region
         face_px = int(self._mask.shape[0])
         row_size, face_rows, mask_rows = _size_tables([h for h, _ in sizes], rows_px, face_px, self._device)
         col_size, face_cols, mask_cols = _size_tables([w for _, w in sizes], cols_px, face_px, self._device)

@@ -292,8 +292,7 @@ class MuseTalkEngine:
     # --- the models at bucket sizes ------------------------------------------------------------
 
     def _unet_forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self._models.unet(latents, self._timestep, encoder_hidden_states=features).sample
-        return out
+        return unet_step(self._models, latents, features, self._timestep)
 
     def _decode_faces(self, predicted: torch.Tensor) -> torch.Tensor:
         """UNet output latents -> faces `[B, 3, 256, 256]` in [0, 1] (lower rows only: see `LOWER_DECODE_NOTE`)."""
@@ -302,8 +301,7 @@ class MuseTalkEngine:
         first_row = self._accel.decode_from_latent_row
         if first_row > 0:
             predicted = predicted[:, :, first_row:]
-        decoded: torch.Tensor = self._models.vae.decode(predicted / self._models.vae_scaling_factor).sample
-        faces = (decoded / 2 + 0.5).clamp(0, 1)
+        faces = decode_faces(self._models, predicted)
         if first_row > 0:
             # Rows above the crop are under the mask's zero: replicate the first decoded row (no seam in the resize).
             top = faces[:, :, :1].expand(-1, -1, first_row * 8, -1)
@@ -397,8 +395,8 @@ class MuseTalkEngine:
             return np.zeros((0, 8, 32, 32), np.float32), np.zeros((0, 4, 32, 32), np.float32)
         with torch.inference_mode():
             latents = torch.stack([self._avatar_latents(r.avatar)[r.avatar.frame_at(r.frame_index)] for r in active])
-            predicted = self._models.unet(latents, self._timestep, encoder_hidden_states=self._stack_features(active))
-            return latents.float().cpu().numpy(), predicted.sample.float().cpu().numpy()
+            predicted = unet_step(self._models, latents, self._stack_features(active), self._timestep)
+            return latents.float().cpu().numpy(), predicted.float().cpu().numpy()
 
     def synchronize(self) -> None:
         import torch
@@ -453,6 +451,21 @@ class MuseTalkEngine:
     @property
     def batch_buckets(self) -> tuple[int, ...]:
         return self._accel.batch_buckets
+
+
+def unet_step(
+    models: MuseTalkModels, latents: torch.Tensor, features: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """MuseTalk's one UNet pass (`timestep` 0): masked + reference face latents `[B, 8, 32, 32]` and whisper
+    windows `[B, 50, 384]` -> the generated face's latents `[B, 4, 32, 32]`."""
+    out: torch.Tensor = models.unet(latents, timestep, encoder_hidden_states=features).sample
+    return out
+
+
+def decode_faces(models: MuseTalkModels, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode of face latents `[B, 4, rows, 32]` -> faces `[B, 3, 8·rows, 256]` in [0, 1]."""
+    decoded: torch.Tensor = models.vae.decode(latents / models.vae_scaling_factor).sample
+    return (decoded / 2 + 0.5).clamp(0, 1)
 
 
 def _channels_last() -> Any:

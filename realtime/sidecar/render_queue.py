@@ -99,6 +99,11 @@ def bucket_for(frames: int, buckets: Sequence[int]) -> int:
     return buckets[-1]
 
 
+def smoothed(previous: float | None, value: float, smoothing: float) -> float:
+    """An exponential moving average's next value (`value` itself as the first)."""
+    return value if previous is None else previous + smoothing * (value - previous)
+
+
 class BatchCostModel:
     """Measured wall time of a lane batch (features + render) per bucket: an exponential moving average (planning,
     capacity) and the last `recent_batches` times (what skipping late frames judges by)."""
@@ -121,8 +126,7 @@ class BatchCostModel:
             self._recent_ms.setdefault(bucket, deque(maxlen=self._recent_batches)).append(elapsed_ms)
 
     def _smooth_into(self, table: dict[int, float], bucket: int, value_ms: float) -> None:
-        previous = table.get(bucket)
-        table[bucket] = value_ms if previous is None else previous + self._smoothing * (value_ms - previous)
+        table[bucket] = smoothed(table.get(bucket), value_ms, self._smoothing)
 
     def fastest_recent_ms(self, frames: int) -> float | None:
         """The fastest recent batch of `frames`' bucket (or, unmeasured, of the nearest larger bucket: an upper
@@ -279,7 +283,7 @@ class RenderLane:
         self._speaking_hold_s = speaking_hold_s
         self._speaking_until_s: dict[str, float] = {}  # session -> counts as speaking until (inf: speaking now)
         self._in_flight: _InFlight | None = None  # the started batch not yet collected (lane thread only)
-        self._start_host_ms = 0.0  # smoothed host time from forming a batch to its render being enqueued
+        self._start_host_ms: float | None = None  # smoothed host time from forming a batch to its render's enqueue
         self._inflight_frames = 0  # frames of the batches started and not yet collected (0: none)
         self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
         self._recent_batches: deque[tuple[float, float]] = deque()  # (finished at on `clock`, wall ms)
@@ -517,7 +521,7 @@ class RenderLane:
     def _start_lead_s(self) -> float:
         """How long before the device finishes the batch in flight the next one is started: the host time a start
         takes (features, pulls, enqueueing the render), measured, with margin."""
-        return (START_LEAD_FACTOR * self._start_host_ms + START_LEAD_MARGIN_MS) / 1000.0
+        return (START_LEAD_FACTOR * (self._start_host_ms or 0.0) + START_LEAD_MARGIN_MS) / 1000.0
 
     def _run_generic(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -620,10 +624,7 @@ class RenderLane:
             self.stats.render_s += time.perf_counter() - render_started
         now = time.perf_counter()
         start_host_ms = (now - started) * 1000.0
-        if self._start_host_ms <= 0.0:
-            self._start_host_ms = start_host_ms
-        else:
-            self._start_host_ms += START_HOST_SMOOTHING * (start_host_ms - self._start_host_ms)
+        self._start_host_ms = smoothed(self._start_host_ms, start_host_ms, START_HOST_SMOOTHING)
         # When the device finishes it: after the batch before it, in the measured device time of its bucket.
         # Unmeasured: never by estimate (the next batch then starts once this one is done).
         count = len(all_requests)
