@@ -25,6 +25,9 @@ def register(subparsers: Any) -> None:
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real layout and file formats")
     tiny.add_argument("model_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--no-face-parse", action="store_true", help="leave out face-parse-bisent/ (random BiSeNet weights, ~100 MB)"
+    )
     tiny.set_defaults(handler=_make_tiny)
     models.set_defaults(handler=lambda args: (models.print_help(), 2)[1])
 
@@ -74,9 +77,17 @@ def check_document(model_dir: Path, device_name: str = "auto", *, load: bool = F
 def _print_report(document: dict[str, Any]) -> None:
     out = sys.stdout
     out.write(f"model dir: {document['model_dir']}\n")
-    for entry in document["files"]:
+    parsing = document.get("face_parsing") or {"files": []}
+    for entry in document["files"] + parsing["files"]:
         size = f"{entry['size_bytes'] / 1e6:10.1f} MB" if entry["exists"] else "   missing   "
         out.write(f"  {size}  {entry['role']:<22} {entry['path']}\n")
+    variants = document.get("variants") or {}
+    if variants:
+        out.write("layout: " + ", ".join(f"{role} in {name}/" for role, name in variants.items()) + "\n")
+    if parsing.get("files"):
+        mask = parsing["blend_mask"]
+        why = "face-parsing weights present" if parsing["usable"] else "no usable face-parsing weights"
+        out.write(f"blend mask: {mask} ({why})\n")
     device = document["device"]
     if "error" in device:
         out.write(f"device: unavailable ({device['error']})\n")
@@ -100,5 +111,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from realtime.engine.weights.random import write_checkpoint
 
     layout = write_checkpoint(args.model_dir, "tiny", seed=args.seed)
+    if not args.no_face_parse:
+        from realtime.engine.weights.face_parse import write_random_face_parse
+
+        write_random_face_parse(layout, seed=args.seed)
     sys.stdout.write(f"wrote a tiny random MuseTalk v1.5 checkpoint to {layout.root}\n")
     return 0

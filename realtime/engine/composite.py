@@ -1,4 +1,8 @@
-"""Pasting generated 256² faces back into avatar frames through the lower-face mask.
+"""Pasting generated 256² faces back into avatar frames through each avatar's blend mask.
+
+The mask is the avatar's parsed per-frame mask where preparation made one (`Avatar.blend_masks`,
+upstream v1.5's jaw rule over BiSeNet labels, already at each frame's crop-box size), else the
+fixed feathered ellipse of `face.lower_face_mask`, resized to the crop box.
 
 All arithmetic is torch on the engine's device, batched over a render call's jobs: on CUDA each
 avatar's crop-box regions live on the GPU (padded to its largest box), every face is resized
@@ -10,7 +14,10 @@ Blend per request: `out = roi + (face - roi) · mask · speech_weight` inside th
 The resizes are separable linear maps, so each runs as two matrix products with per-size
 matrices: `face_box = R_rows · face · R_colsᵀ`. The matrices are F.interpolate's own (applied to
 an identity), so the result is the per-face `F.interpolate` up to float rounding: the face with
-antialiased bilinear (as upstream's PIL resize), the mask with plain bilinear.
+antialiased bilinear, the ellipse mask with plain bilinear. (Upstream resizes the decoded face
+to the crop box with `cv2.resize`'s default, bilinear without antialiasing, and uses PIL only
+to paste; for crop boxes under 256 px, the usual case, the antialiased resize here averages
+over more source pixels than upstream's, which samples the nearest two.)
 With pinned staging buffers (CUDA), `paste_async` returns while the device still computes
 and copies: nothing it does waits for the device (its small index uploads are asynchronous
 too), and `finish` waits for the copy. The engine enqueues the next batch in between. With a
@@ -82,8 +89,9 @@ class _AvatarRegions:
     col_size: torch.Tensor  # long [N]: each frame's row in the column tables
     face_rows: torch.Tensor  # float32 [sizes, rows_px, 256]: the face's resize along rows, zero past the size
     face_cols: torch.Tensor  # float32 [sizes, cols_px, 256]
-    mask_rows: torch.Tensor  # the mask's resize (plain bilinear), same shapes
+    mask_rows: torch.Tensor  # the ellipse mask's resize (plain bilinear), same shapes
     mask_cols: torch.Tensor
+    masks: torch.Tensor | None = None  # float32 [N, rows_px, cols_px] parsed masks in [0, 1]; None: the ellipse
 
 
 def _size_tables(
@@ -166,6 +174,12 @@ class Compositor:
         face_px = int(self._mask.shape[0])
         row_size, face_rows, mask_rows = _size_tables([h for h, _ in sizes], rows_px, face_px, self._device)
         col_size, face_cols, mask_cols = _size_tables([w for _, w in sizes], cols_px, face_px, self._device)
+        masks = None
+        if avatar.blend_masks is not None:
+            parsed = np.zeros((avatar.frame_count, rows_px, cols_px), np.uint8)
+            rows, cols = min(rows_px, avatar.blend_masks.shape[1]), min(cols_px, avatar.blend_masks.shape[2])
+            parsed[:, :rows, :cols] = avatar.blend_masks[:, :rows, :cols]
+            masks = torch.from_numpy(parsed).to(self._device).float().div_(255.0)
         regions = _AvatarRegions(
             torch.from_numpy(rois).to(self._device),
             sizes,
@@ -175,6 +189,7 @@ class Compositor:
             face_cols,
             mask_rows,
             mask_cols,
+            masks,
         )
         self._avatars[avatar.key] = regions
         return regions
@@ -192,10 +207,14 @@ class Compositor:
         by_avatar: dict[str, list[int]] = {}
         for position, job in enumerate(jobs):
             by_avatar.setdefault(job.avatar.key, []).append(position)
-        positions = [position for group in by_avatar.values() for position in group]
-        ordered = [jobs[position] for position in positions]
         with torch.inference_mode():
-            groups = [(self._regions(jobs[group[0]].avatar), group) for group in by_avatar.values()]
+            # Avatars with the ellipse first: their masks come from one batched resize, the parsed ones after.
+            groups = sorted(
+                ((self._regions(jobs[group[0]].avatar), group) for group in by_avatar.values()),
+                key=lambda item: item[0].masks is not None,
+            )
+            positions = [position for _, group in groups for position in group]
+            ordered = [jobs[position] for position in positions]
             sizes_px = [regions.sizes_px[jobs[p].frame] for regions, group in groups for p in group]
             rows_px = max(int(regions.rois.shape[1]) for regions, _ in groups)
             cols_px = max(int(regions.rois.shape[2]) for regions, _ in groups)
@@ -211,6 +230,7 @@ class Compositor:
                 "face_cols": [],
                 "mask_rows": [],
                 "mask_cols": [],
+                "parsed": [],
             }
             start = 0
             for regions, group in groups:
@@ -221,14 +241,22 @@ class Compositor:
                 pad_cols = cols_px - int(regions.rois.shape[2])
                 parts["rois"].append(_pad(regions.rois[frames], (0, 0, 0, pad_cols, 0, pad_rows)))
                 parts["face_rows"].append(_pad(regions.face_rows[row_size], (0, 0, 0, pad_rows)))
-                parts["mask_rows"].append(_pad(regions.mask_rows[row_size], (0, 0, 0, pad_rows)))
                 parts["face_cols"].append(_pad(regions.face_cols[col_size], (0, 0, 0, pad_cols)))
-                parts["mask_cols"].append(_pad(regions.mask_cols[col_size], (0, 0, 0, pad_cols)))
-            joined = {name: torch.cat(tensors) if len(tensors) > 1 else tensors[0] for name, tensors in parts.items()}
+                if regions.masks is not None:
+                    parts["parsed"].append(_pad(regions.masks[frames], (0, pad_cols, 0, pad_rows)))
+                else:
+                    parts["mask_rows"].append(_pad(regions.mask_rows[row_size], (0, 0, 0, pad_rows)))
+                    parts["mask_cols"].append(_pad(regions.mask_cols[col_size], (0, 0, 0, pad_cols)))
+            joined = {name: _join(tensors) for name, tensors in parts.items() if tensors}
             picked = faces.index_select(0, indices[1]).float()  # [B, 3, 256, 256]
             # [B, 1, rows, 256] @ [B, 3, 256, 256] @ [B, 1, 256, cols] -> [B, 3, rows, cols]
             face = joined["face_rows"][:, None] @ picked @ joined["face_cols"][:, None].transpose(-1, -2)
-            mask = joined["mask_rows"] @ self._mask @ joined["mask_cols"].transpose(-1, -2)  # [B, rows, cols]
+            masks = []  # [B, rows, cols]: the ellipse rows' resized masks, then the parsed rows' own
+            if "mask_rows" in joined:
+                masks.append(joined["mask_rows"] @ self._mask @ joined["mask_cols"].transpose(-1, -2))
+            if "parsed" in joined:
+                masks.append(joined["parsed"])
+            mask = _join(masks)
             base = joined["rois"].float()
             alpha = (mask * weights[:, None, None])[..., None]
             blended = base + (face.permute(0, 2, 3, 1) * 255.0 - base) * alpha
@@ -276,6 +304,12 @@ def assemble_frame(pending: PendingPaste, host: np.ndarray, row: int) -> np.ndar
     frame = np.array(job.avatar.frames[job.frame])
     frame[y1 : y1 + height, x1 : x1 + width] = host[row, :height, :width]
     return frame
+
+
+def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def _pad(tensor: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _musetalk(config: EngineConfig) -> EngineSelection:
     models = load_musetalk(config.model_dir, device)
     reason = (
         f"MuseTalk v1.5 weights found under {config.model_dir}: using musetalk on {device.device} "
-        f"({device.dtype_name}; {device.reason}), models loaded in {models.load_ms:.0f} ms"
+        f"({device.dtype_name}; {device.reason}), models loaded in {models.load_ms:.0f} ms; {models.blend_mask_note}"
     )
     logger.info("engine selected", extra={"engine": "musetalk", "reason": reason})
     return EngineSelection(MuseTalkEngine(models, config, config.model_dir), "musetalk", reason)

@@ -102,7 +102,8 @@ class MuseTalkEngine:
             device=models.device.device,
             dtype=models.device.dtype_name,
             model_dir=model_dir,
-            detail=f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights",
+            detail=(f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights")
+            + f"; {models.blend_mask_note}",
         )
 
     def _compile_stage(
@@ -149,11 +150,12 @@ class MuseTalkEngine:
             source,
             engine=ENGINE_NAME,
             engine_version=ENGINE_VERSION,
-            model_fingerprint=self._models.vae_fingerprint,
+            model_fingerprint=self._models.avatar_fingerprint,
             cache_root=self._config.cache_dir,
             encode_latents=self.encode_latents,
             on_progress=on_progress,
             settings=self._config.prepare,
+            parse_faces=self._models.face_parser.labels if self._models.face_parser is not None else None,
         )
 
     def forget_avatar(self, avatar: Avatar) -> None:

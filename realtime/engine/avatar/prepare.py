@@ -3,8 +3,10 @@
 Steps: decode (zip / video / image) → face box per frame (manifest boxes win, else the
 detector; misses borrow a neighbour's box within `max_gap_frames`, else the frame is left to
 the idle path) → v1.5 crop boxes (+10 px bottom) → for MuseTalk, masked + reference latents of
-the 256² crops via the engine's `encode_latents`. Progress goes to `on_progress` in frame-steps
-(detection, then encoding), so `frames_total` is frames × steps.
+the 256² crops via the engine's `encode_latents` → with a face parser (`parse_faces`), each
+frame's parsed blend mask over its crop box (`blend_mask`: upstream's jaw rule); without one the
+compositor uses its fixed ellipse. Progress goes to `on_progress` in frame-steps (detection,
+then encoding, then parsing), so `frames_total` is frames × steps.
 
 The cache entry is a directory of .npy files plus meta.json, written to a temporary name and
 renamed into place, so a crash never leaves a half entry and two concurrent prepares of the
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from realtime.engine.avatar.blend_mask import BlendMaskSettings, face_box_mask, parse_crops, region_from_labels
 from realtime.engine.avatar.face import (
     CROP_SIZE_PX,
     Box,
@@ -41,10 +44,14 @@ from realtime.host import PrepareProgress
 
 logger = logging.getLogger(__name__)
 
-PREPARE_FORMAT_VERSION = 1
+PREPARE_FORMAT_VERSION = 2  # 2: parsed blend masks
 LATENT_BATCH = 16
+PARSE_BATCH = 16
+BLEND_MASK_PARSED = "parsed"  # meta's `blend_mask`: "parsed:<mode>" or "ellipse"
+BLEND_MASK_ELLIPSE = "ellipse"
 
 LatentEncoder = Callable[[np.ndarray], np.ndarray]  # crops [B,256,256,3] uint8 RGB -> [B,8,32,32] float16
+FaceParse = Callable[[list[np.ndarray]], np.ndarray]  # RGB uint8 crops (any sizes) -> [B,512,512] uint8 labels
 ProgressCallback = Callable[[PrepareProgress], None]
 
 
@@ -54,6 +61,7 @@ class PrepareSettings:
     max_gap_frames: int = 3
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     limits: SourceLimits = field(default_factory=SourceLimits)
+    blend: BlendMaskSettings = field(default_factory=BlendMaskSettings)
 
 
 def default_cache_root() -> Path:
@@ -87,12 +95,17 @@ def prepare_avatar(
     on_progress: ProgressCallback | None = None,
     settings: PrepareSettings | None = None,
     detector: FaceDetector | None = None,
+    parse_faces: FaceParse | None = None,
 ) -> Avatar:
+    """`model_fingerprint` must identify every model that shapes the entry (the VAE's and, with `parse_faces`,
+    the parser's weights): it is part of the cache key."""
     settings = settings or PrepareSettings()
     name = source.name if isinstance(source, Path) else "avatar"
     data = source.read_bytes() if isinstance(source, Path) else source
     digest = hashlib.sha256(data).hexdigest()
-    key = cache_key(digest, engine, engine_version, model_fingerprint, settings)
+    mask_kind = f"{BLEND_MASK_PARSED}:{settings.blend.mode}" if parse_faces else BLEND_MASK_ELLIPSE
+    key = cache_key(digest, engine, engine_version, f"{model_fingerprint}|{mask_kind}", settings)
+    steps = 1 + (encode_latents is not None) + (parse_faces is not None)
     root = cache_root or default_cache_root()
     entry = root / key
     if (entry / "meta.json").is_file():
@@ -103,7 +116,6 @@ def prepare_avatar(
                 "avatar cache entry unreadable; preparing again", extra={"entry": str(entry), "error": str(exc)}
             )
         else:
-            steps = 2 if encode_latents else 1
             if on_progress:
                 on_progress(PrepareProgress(avatar.frame_count * steps, avatar.frame_count * steps))
             logger.info("avatar cache hit", extra={"key": key})
@@ -113,7 +125,6 @@ def prepare_avatar(
     decoded = decode_source(data, settings.limits, name=name)
     frames = np.stack(decoded.frames)
     count, height, width = frames.shape[:3]
-    steps = 2 if encode_latents else 1
     total = count * steps
 
     def report(done: int) -> None:
@@ -153,6 +164,11 @@ def prepare_avatar(
                 latents[batch] = encode_latents(crops).astype(np.float16)
             report(count + min(start + LATENT_BATCH, count))
 
+    blend_masks = None
+    if parse_faces is not None:
+        blend_masks = _parsed_masks(frames, crop_boxes, has_face, parse_faces, settings.blend)
+        report(total)
+
     meta = {
         "format": PREPARE_FORMAT_VERSION,
         "key": key,
@@ -167,6 +183,7 @@ def prepare_avatar(
         "width_px": int(width),
         "height_px": int(height),
         "frames_with_face": int(has_face.sum()),
+        "blend_mask": mask_kind,
         "prepare_ms": (time.perf_counter() - started) * 1000,
     }
     _write_entry(
@@ -178,9 +195,33 @@ def prepare_avatar(
         crop_boxes=crop_boxes,
         has_face=has_face,
         latents=latents,
+        blend_masks=blend_masks,
     )
-    logger.info("avatar prepared", extra={k: meta[k] for k in ("key", "frame_count", "frames_with_face", "prepare_ms")})
+    logger.info(
+        "avatar prepared",
+        extra={k: meta[k] for k in ("key", "frame_count", "frames_with_face", "blend_mask", "prepare_ms")},
+    )
     return load_cached(root / key, cache_hit=False)
+
+
+def _parsed_masks(
+    frames: np.ndarray, crop_boxes: np.ndarray, has_face: np.ndarray, parse_faces: FaceParse, blend: BlendMaskSettings
+) -> np.ndarray:
+    """Each face frame's blend mask over its crop box, uint8 `[N, rows, cols]` padded to the largest box (zero
+    beyond each frame's box and for frames without a face), by upstream's rule (see `blend_mask`)."""
+    with_face = [int(i) for i in np.flatnonzero(has_face)]
+    sizes = [(int(crop_boxes[i][3] - crop_boxes[i][1]), int(crop_boxes[i][2] - crop_boxes[i][0])) for i in with_face]
+    rows_px = max([1] + [h for h, _ in sizes])
+    cols_px = max([1] + [w for _, w in sizes])
+    masks = np.zeros((frames.shape[0], rows_px, cols_px), np.uint8)
+    for start in range(0, len(with_face), PARSE_BATCH):
+        batch = with_face[start : start + PARSE_BATCH]
+        boxes = [_box(crop_boxes[i]) for i in batch]
+        labels = parse_faces(parse_crops(frames[batch], boxes, blend))
+        for index, box, label_map in zip(batch, boxes, labels, strict=True):
+            mask = face_box_mask(region_from_labels(label_map, blend.mode, blend.cheek_width_px), box, blend)
+            masks[index, : mask.shape[0], : mask.shape[1]] = mask
+    return masks
 
 
 def _box(row: np.ndarray) -> Box:
@@ -204,6 +245,7 @@ def _write_entry(
     crop_boxes: np.ndarray,
     has_face: np.ndarray,
     latents: np.ndarray | None,
+    blend_masks: np.ndarray | None = None,
 ) -> None:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
@@ -214,6 +256,8 @@ def _write_entry(
         np.save(staging / "has_face.npy", has_face)
         if latents is not None:
             np.save(staging / "latents.npy", latents)
+        if blend_masks is not None:
+            np.save(staging / "blend_masks.npy", blend_masks)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         try:
             os.rename(staging, root / key)
@@ -227,6 +271,7 @@ def _write_entry(
 def load_cached(entry: Path, cache_hit: bool) -> Avatar:
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
     latents_path = entry / "latents.npy"
+    masks_path = entry / "blend_masks.npy"
     return Avatar(
         key=meta["key"],
         digest_sha256=meta["digest_sha256"],
@@ -239,4 +284,6 @@ def load_cached(entry: Path, cache_hit: bool) -> Avatar:
         crop_boxes=np.load(entry / "crop_boxes.npy"),
         has_face=np.load(entry / "has_face.npy"),
         latents=np.load(latents_path) if latents_path.is_file() else None,
+        blend_masks=np.load(masks_path, mmap_mode="r") if masks_path.is_file() else None,
+        blend_mask=str(meta.get("blend_mask", BLEND_MASK_ELLIPSE)),
     )

@@ -11,6 +11,18 @@ The layout is upstream's (TMElyralab/MuseTalk `download_weights.sh`), so a user'
       whisper/config.json         whisper-tiny (WhisperConfig)
       whisper/{model.safetensors,pytorch_model.bin}
       whisper/preprocessor_config.json   WhisperFeatureExtractor
+      face-parse-bisent/79999_iter.pth          BiSeNet face parsing (optional: the blend mask)
+      face-parse-bisent/resnet18-5c106cde.pth   its ResNet-18 backbone (torchvision's file)
+
+Layouts in the wild that are accepted as they are:
+
+* `sd-vae-ft-mse/` instead of `sd-vae/`: upstream's README named the VAE directory so until
+  April 2025 and its VAE class still defaults to it; the files inside are the same diffusers
+  ones and get the same checks. When both exist, `sd-vae/` (the current download's) wins.
+
+Layouts that are recognised and named but not accepted (`models check` says what it found):
+`whisper/tiny.pt` (MuseTalk v1.0's openai-whisper checkpoint; v1.5 reads the transformers
+whisper-tiny files) and `musetalk/pytorch_model.bin` (the v1.0 UNet; this engine runs v1.5).
 
 This module reads JSON and file headers only (no torch), so `lipsync models check` is quick
 and works where torch is absent.
@@ -38,6 +50,18 @@ VAE_LATENT_CHANNELS = 4
 VAE_DOWNSAMPLE = 8  # 256 px face -> 32x32 latent
 # The first musetalkV15/musetalk.json upload (fixed upstream in April 2025) declared these.
 KNOWN_BAD_V15_UPLOAD = {"in_channels": 32, "out_channels": 16}
+# VAE directory names, the current download's first: the first one that holds a config.json is used.
+VAE_DIR_NAMES = ("sd-vae", "sd-vae-ft-mse")
+FACE_PARSE_DIR = "face-parse-bisent"
+FACE_PARSE_WEIGHTS = "79999_iter.pth"
+FACE_PARSE_BACKBONE = "resnet18-5c106cde.pth"
+# Files of other MuseTalk versions that a v1.5 model dir may hold instead of what v1.5 needs.
+OTHER_VERSION_FILES = {
+    "whisper/tiny.pt": "MuseTalk v1.0's openai-whisper checkpoint; v1.5 needs the transformers whisper-tiny "
+    "files (whisper/config.json, pytorch_model.bin, preprocessor_config.json from openai/whisper-tiny)",
+    "musetalk/pytorch_model.bin": "the MuseTalk v1.0 UNet; this engine runs v1.5 (musetalkV15/unet.pth)",
+}
+NEARBY_NAMES_SHOWN = 8
 
 
 @dataclass(frozen=True)
@@ -54,7 +78,26 @@ class ModelLayout:
 
     @property
     def vae_dir(self) -> Path:
-        return self.root / "sd-vae"
+        """`sd-vae/`, or `sd-vae-ft-mse/` where only that one holds a config (see the module docstring)."""
+        for name in VAE_DIR_NAMES:
+            if (self.root / name / "config.json").is_file():
+                return self.root / name
+        for name in VAE_DIR_NAMES:
+            if (self.root / name).is_dir():
+                return self.root / name
+        return self.root / VAE_DIR_NAMES[0]
+
+    @property
+    def face_parse_weights(self) -> Path:
+        return self.root / FACE_PARSE_DIR / FACE_PARSE_WEIGHTS
+
+    @property
+    def face_parse_backbone(self) -> Path:
+        return self.root / FACE_PARSE_DIR / FACE_PARSE_BACKBONE
+
+    def variants(self) -> dict[str, str]:
+        """Which accepted layout variant each component was found in (role -> directory name)."""
+        return {"vae": self.vae_dir.name}
 
     @property
     def vae_config(self) -> Path:
@@ -117,6 +160,9 @@ class ModelCheckReport:
     model_dir: Path
     files: list[FileStatus] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    variants: dict[str, str] = field(default_factory=dict)
+    # Face parsing is optional: without it (or with broken files) the blend mask is the ellipse.
+    face_parsing: FaceParsingStatus | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,6 +185,36 @@ class ModelCheckReport:
         return {
             "model_dir": str(self.model_dir),
             "ok": self.ok,
+            "files": [
+                {"role": f.role, "path": str(f.path), "exists": f.exists, "size_bytes": f.size_bytes}
+                for f in self.files
+            ],
+            "problems": [{"code": p.code, "message": p.message} for p in self.problems],
+            "variants": dict(self.variants),
+            "face_parsing": self.face_parsing.to_json() if self.face_parsing else None,
+        }
+
+
+@dataclass(frozen=True)
+class FaceParsingStatus:
+    """Whether the BiSeNet face-parsing files are usable, and so which blend mask avatars get."""
+
+    files: list[FileStatus]
+    problems: list[Problem]
+
+    @property
+    def usable(self) -> bool:
+        return all(f.exists for f in self.files) and not self.problems
+
+    @property
+    def mask(self) -> str:
+        return "parsed_jaw" if self.usable else "ellipse"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "present": all(f.exists for f in self.files),
+            "usable": self.usable,
+            "blend_mask": self.mask,
             "files": [
                 {"role": f.role, "path": str(f.path), "exists": f.exists, "size_bytes": f.size_bytes}
                 for f in self.files
@@ -247,12 +323,12 @@ def weight_file_problem(path: Path) -> str | None:
 def check_model_dir(model_dir: Path) -> ModelCheckReport:
     """Which files exist, their sizes, and everything wrong with them, without loading any weights."""
     layout = ModelLayout(Path(model_dir))
-    report = ModelCheckReport(model_dir=Path(model_dir))
+    report = ModelCheckReport(model_dir=Path(model_dir), variants=layout.variants())
     for role, path in layout.required_files():
         exists = path.is_file()
         report.files.append(FileStatus(role, path, exists, path.stat().st_size if exists else 0))
         if not exists:
-            report.problems.append(Problem(ModelFilesMissing.code, f"{role}: {path} is missing"))
+            report.problems.append(Problem(ModelFilesMissing.code, f"{role}: {path} is missing{nearby(path)}"))
     checks = (
         (layout.unet_config, unet_config_problems),
         (layout.vae_config, vae_config_problems),
@@ -275,4 +351,49 @@ def check_model_dir(model_dir: Path) -> ModelCheckReport:
     for path in (layout.unet_weights, layout.vae_weights(), layout.whisper_weights()):
         if path.is_file() and (problem := weight_file_problem(path)) is not None:
             report.problems.append(Problem(ModelFileCorrupt.code, problem))
+    report.face_parsing = check_face_parsing(layout)
+    if any(f.exists for f in report.face_parsing.files):
+        # Optional, but half there or broken is a problem like any other: the user meant to use it.
+        report.problems.extend(report.face_parsing.problems)
     return report
+
+
+def check_face_parsing(layout: ModelLayout) -> FaceParsingStatus:
+    files, problems = [], []
+    for role, path in (
+        ("face_parse_weights", layout.face_parse_weights),
+        ("face_parse_backbone", layout.face_parse_backbone),
+    ):
+        exists = path.is_file()
+        files.append(FileStatus(role, path, exists, path.stat().st_size if exists else 0))
+        if not exists:
+            problems.append(Problem(ModelFilesMissing.code, f"{role}: {path} is missing{nearby(path)}"))
+        elif (problem := weight_file_problem(path)) is not None:
+            problems.append(Problem(ModelFileCorrupt.code, problem))
+    return FaceParsingStatus(files, problems)
+
+
+def nearby(path: Path) -> str:
+    """What the model dir holds where `path` was expected, as a clause for a 'missing' message ('' if nothing)."""
+    parent = path.parent
+    root = parent.parent
+    # The directory name without its version or variant suffix: musetalkV15 -> musetalk, sd-vae-ft-mse -> sd.
+    stem = parent.name.split("-")[0].rstrip("V0123456789").lower()
+    notes = []
+    for relative, meaning in OTHER_VERSION_FILES.items():
+        other = root / relative
+        if other.is_file() and (other.parent == parent or other.parent.name.lower().startswith(stem)):
+            notes.append(f"found {relative} instead: {meaning}")
+    if parent.is_dir():
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir())
+        shown = ", ".join(names[:NEARBY_NAMES_SHOWN]) + (", ..." if len(names) > NEARBY_NAMES_SHOWN else "")
+        notes.append(f"{parent.name}/ holds: {shown}" if names else f"{parent.name}/ is empty")
+    elif root.is_dir():
+        similar = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and p.name.lower().startswith(stem))
+        if similar:
+            notes.append(f"no {parent.name}/ in {root}, but found {', '.join(similar[:NEARBY_NAMES_SHOWN])}")
+        else:
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+            if names:
+                notes.append(f"{root} holds: {', '.join(names[:NEARBY_NAMES_SHOWN])}")
+    return f" ({'; '.join(notes)})" if notes else ""

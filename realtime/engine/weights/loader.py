@@ -7,6 +7,9 @@
   upstream `diffusion_pytorch_model.bin` of sd-vae-ft-mse may still use.
 * Whisper: only the encoder (`WhisperEncoder`) and the `WhisperFeatureExtractor`; decoder
   weights in the file are skipped, encoder weights must all be present.
+* Face parsing (optional): BiSeNet from `face-parse-bisent/` (see `face_parse`) when both of its
+  files are there; it makes each avatar's parsed jaw blend mask. Without it the compositor
+  blends through its fixed ellipse, and `blend_mask_note` says so.
 
 Models are built on the meta device and their weights assigned, so a real 3 GB UNet is not
 randomly initialised first. fp16 on CUDA, fp32 on CPU (see `device.choose_device`).
@@ -25,6 +28,7 @@ from realtime.engine.device import DeviceChoice
 from realtime.engine.errors import ModelConfigInvalid, ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
 from realtime.engine.weights.layout import (
     ModelLayout,
+    check_face_parsing,
     read_json,
     unet_config_problems,
     vae_config_problems,
@@ -53,6 +57,14 @@ class MuseTalkModels:
     # Identifies the weights that produce cached avatar latents (VAE config + weights).
     vae_fingerprint: str
     load_ms: float
+    face_parser: Any = None  # weights.face_parse.FaceParser, or None: the ellipse blend mask
+    blend_mask_note: str = "ellipse blend mask (no face parser loaded)"
+
+    @property
+    def avatar_fingerprint(self) -> str:
+        """Identifies every model whose output an avatar cache entry holds (VAE latents, parsed masks)."""
+        parser = self.face_parser.fingerprint if self.face_parser is not None else "no-parser"
+        return f"{self.vae_fingerprint}+{parser}"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -184,6 +196,20 @@ def load_musetalk(model_dir: Path, device: DeviceChoice) -> MuseTalkModels:
     vae, scaling_factor, fingerprint = load_vae(layout)
     encoder, extractor = load_whisper(layout)
     torch_device, dtype = device.torch_device(), device.torch_dtype()
+    parsing = check_face_parsing(layout)
+    parser = None
+    if parsing.usable:
+        from realtime.engine.weights.face_parse import load_face_parser
+
+        parser = load_face_parser(layout, torch_device, dtype)
+        note = f"parsed jaw blend mask (BiSeNet from {layout.face_parse_weights.parent})"
+    elif any(f.exists for f in parsing.files):
+        parsing_problem = parsing.problems[0]
+        raise (ModelFileCorrupt if parsing_problem.code == ModelFileCorrupt.code else ModelFilesMissing)(
+            parsing_problem.message
+        )
+    else:
+        note = f"ellipse blend mask: no face-parsing weights ({layout.face_parse_weights} is missing)"
     for module in (unet, vae, encoder):
         module.to(device=torch_device, dtype=dtype)
         module.eval()
@@ -202,4 +228,6 @@ def load_musetalk(model_dir: Path, device: DeviceChoice) -> MuseTalkModels:
         device=device,
         vae_fingerprint=fingerprint,
         load_ms=load_ms,
+        face_parser=parser,
+        blend_mask_note=note,
     )
