@@ -166,7 +166,19 @@ def prepare_avatar(
 
     blend_masks = None
     if parse_faces is not None:
-        blend_masks = _parsed_masks(frames, crop_boxes, has_face, parse_faces, settings.blend)
+        parsed_from = total - count
+
+        def parsed(done: int) -> None:
+            report(parsed_from + done)
+
+        blend_masks = _parsed_masks(
+            frames=frames,
+            crop_boxes=crop_boxes,
+            has_face=has_face,
+            parse_faces=parse_faces,
+            blend=settings.blend,
+            on_frames=parsed,
+        )
         report(total)
 
     meta = {
@@ -205,7 +217,13 @@ def prepare_avatar(
 
 
 def _parsed_masks(
-    frames: np.ndarray, crop_boxes: np.ndarray, has_face: np.ndarray, parse_faces: FaceParse, blend: BlendMaskSettings
+    *,
+    frames: np.ndarray,
+    crop_boxes: np.ndarray,
+    has_face: np.ndarray,
+    parse_faces: FaceParse,
+    blend: BlendMaskSettings,
+    on_frames: Callable[[int], None],
 ) -> np.ndarray:
     """Each face frame's blend mask over its crop box, uint8 `[N, rows, cols]` padded to the largest box (zero
     beyond each frame's box and for frames without a face), by upstream's rule (see `blend_mask`)."""
@@ -221,6 +239,7 @@ def _parsed_masks(
         for index, box, label_map in zip(batch, boxes, labels, strict=True):
             mask = face_box_mask(region_from_labels(label_map, blend.mode, blend.cheek_width_px), box, blend)
             masks[index, : mask.shape[0], : mask.shape[1]] = mask
+        on_frames(batch[-1] + 1)
     return masks
 
 

@@ -66,14 +66,15 @@ def test_second_prepare_of_the_same_bytes_is_a_cache_hit(
     assert not other.cache_hit and other.key != first.key
 
 
-def test_musetalk_progress_counts_detection_and_encoding(
+def test_musetalk_progress_counts_detection_encoding_and_parsing(
     musetalk_engine: MuseTalkEngine, frames: list[np.ndarray]
 ) -> None:
     progress: list[PrepareProgress] = []
     avatar = musetalk_engine.prepare_avatar(frames_zip(frames[:3]), on_progress=progress.append)
-    assert not avatar.cache_hit
+    assert not avatar.cache_hit and avatar.blend_mask == "parsed:jaw"
     done = [p.frames_done for p in progress]
-    assert done == sorted(done) and done[-1] == 6 and {p.frames_total for p in progress} == {6}
+    assert done == sorted(done) and done[-1] == 9 and {p.frames_total for p in progress} == {9}
+    assert 6 in done  # encoding finished before parsing started
 
 
 def test_idle_video_is_decoded_with_pyav(
