@@ -103,6 +103,27 @@ def musetalk_box_from_detection(*, x: float, y: float, w: float, h: float, frame
     return box
 
 
+def musetalk_box_from_landmarks(landmarks: np.ndarray, frame_h: int) -> Box | None:
+    """Upstream's face box from the 68 face landmarks (iBUG order, frame pixels, `[68, 2]`), or None when unusable.
+
+    x: the landmarks' extent (the jaw contour's, in practice); y: from `n − (c − n)` (at least 0) down to `c`,
+    where `n` is the nose landmark 29 (the lower nose bridge) and `c` the lowest landmark (the chin).
+    Coordinates are truncated to whole pixels first, as upstream. None where upstream would fall back to its
+    detector box: an empty box or a left edge outside the frame.
+    """
+    points = np.asarray(landmarks)
+    if points.shape != (68, 2):
+        raise ValueError(f"expected 68 (x, y) landmarks, got shape {points.shape}")
+    pixels = points.astype(np.int32)
+    nose_y = int(pixels[29, 1])
+    chin_y = int(pixels[:, 1].max())
+    top = max(0, nose_y - (chin_y - nose_y))
+    box = (int(pixels[:, 0].min()), top, int(pixels[:, 0].max()), min(chin_y, frame_h))
+    if box[3] - box[1] <= 0 or box[2] - box[0] <= 0 or box[0] < 0:
+        return None
+    return box
+
+
 def crop_box_v15(face_box: Box, frame_h: int, extra_margin_px: int = EXTRA_MARGIN_PX) -> Box:
     """MuseTalk v1.5's crop: the face box with `extra_margin` px more at the bottom, within the frame."""
     x1, y1, x2, y2 = face_box
