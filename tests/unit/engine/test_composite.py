@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,17 @@ def synthetic_avatar(key: str, frames: int, height: int, width: int, seed: int) 
     )
 
 
+def with_parsed_masks(avatar: Avatar, seed: int) -> Avatar:
+    """`avatar` with random per-frame blend masks over its crop boxes (as preparation stores parsed ones)."""
+    rng = np.random.default_rng(seed)
+    heights = avatar.crop_boxes[:, 3] - avatar.crop_boxes[:, 1]
+    widths = avatar.crop_boxes[:, 2] - avatar.crop_boxes[:, 0]
+    masks = np.zeros((avatar.frame_count, int(heights.max()), int(widths.max())), np.uint8)
+    for index in np.flatnonzero(avatar.has_face):
+        masks[index, : heights[index], : widths[index]] = rng.integers(0, 256, (heights[index], widths[index]))
+    return dataclasses.replace(avatar, blend_masks=masks, blend_mask="parsed:jaw")
+
+
 def reference_paste(face: torch.Tensor, avatar: Avatar, frame: int, weight: float) -> np.ndarray:
     """The definition, one face at a time (what the compositor computed before it was batched)."""
     x1, y1, x2, y2 = (int(v) for v in avatar.crop_boxes[frame])
@@ -50,7 +62,12 @@ def reference_paste(face: torch.Tensor, avatar: Avatar, frame: int, weight: floa
     resized = F.interpolate(
         face[None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True
     )
-    mask = F.interpolate(torch.from_numpy(lower_face_mask())[None, None], size=(height, width), mode="bilinear")[0, 0]
+    if avatar.blend_masks is not None:  # the frame's own parsed mask, already at the box's size
+        mask = torch.from_numpy(np.array(avatar.blend_masks[frame, :height, :width])).float() / 255.0
+    else:
+        mask = F.interpolate(torch.from_numpy(lower_face_mask())[None, None], size=(height, width), mode="bilinear")[
+            0, 0
+        ]
     out = roi + (resized[0].permute(1, 2, 0) * 255.0 - roi) * (mask * weight)[..., None]
     expected = np.array(avatar.frames[frame])
     expected[y1:y2, x1:x2] = out.round().clamp(0, 255).to(torch.uint8).numpy()
@@ -67,9 +84,14 @@ def test_resize_matrix_is_f_interpolate(src_px: int, dst_px: int, antialias: boo
     torch.testing.assert_close(matrix @ image, expected, atol=2e-6, rtol=1e-5)
 
 
-def test_a_batch_of_two_avatars_pastes_like_one_face_at_a_time() -> None:
+@pytest.mark.parametrize("parsed", ["none", "small", "both"])
+def test_a_batch_of_two_avatars_pastes_like_one_face_at_a_time(parsed: str) -> None:
     small = synthetic_avatar("small", 5, 300, 280, seed=1)  # crop boxes of 120..276 px: the face shrinks
     large = synthetic_avatar("large", 4, 420, 460, seed=2)  # up to 412 px: the face grows
+    if parsed != "none":  # parsed masks, alone or beside an ellipse avatar in the same call
+        small = with_parsed_masks(small, seed=5)
+    if parsed == "both":
+        large = with_parsed_masks(large, seed=6)
     faces = torch.rand(9, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     # Interleaved avatars, a repeated frame, weights under and at 1: rows come back in the callers' order.
     plan = [(small, 0, 1.0), (large, 2, 0.4), (small, 3, 1.0), (large, 0, 1.0), (small, 0, 0.7), (large, 1, 1.0)]

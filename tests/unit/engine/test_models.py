@@ -21,7 +21,11 @@ from realtime.engine.weights.loader import load_musetalk
 @pytest.fixture()
 def model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "models"
-    shutil.copytree(tiny_model_dir, target)
+    shutil.copytree(tiny_model_dir, target, ignore=shutil.ignore_patterns("face-parse-bisent"))
+    # The ~100 MB of parse weights as links: a test that changes one unlinks it first and writes its own.
+    (target / "face-parse-bisent").mkdir()
+    for path in (tiny_model_dir / "face-parse-bisent").iterdir():
+        (target / "face-parse-bisent" / path.name).symlink_to(path)
     return target
 
 
@@ -132,3 +136,96 @@ def test_models_check_cli_reports_files_and_problems(
     assert main(["models", "check", "--model-dir", str(model_copy)]) == 1
     text = capsys.readouterr().out
     assert "missing" in text and "[model_files_missing]" in text and "known bad" in text
+
+
+def test_sd_vae_ft_mse_layout_is_accepted_and_named(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (model_copy / "sd-vae").rename(model_copy / "sd-vae-ft-mse")
+    report = check_model_dir(model_copy)
+    assert report.ok and report.variants == {"vae": "sd-vae-ft-mse"}
+    assert ModelLayout(model_copy).vae_weights().parent.name == "sd-vae-ft-mse"
+    assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
+    assert "vae in sd-vae-ft-mse/" in capsys.readouterr().out
+    models = load_musetalk(model_copy, choose_device("cpu"))
+    assert models.vae_scaling_factor == pytest.approx(0.18215)
+    # The same checks as sd-vae/: a bad config there is named there.
+    config = model_copy / "sd-vae-ft-mse" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "latent_channels": 8}))
+    assert any("sd-vae-ft-mse/config.json" in p.message for p in check_model_dir(model_copy).problems)
+
+
+def test_sd_vae_wins_over_sd_vae_ft_mse_when_both_hold_a_config(model_copy: Path) -> None:
+    shutil.copytree(model_copy / "sd-vae", model_copy / "sd-vae-ft-mse")
+    (model_copy / "sd-vae-ft-mse" / "config.json").write_text("{not json")
+    report = check_model_dir(model_copy)
+    assert report.ok and report.variants == {"vae": "sd-vae"}
+
+
+def test_a_missing_file_names_what_was_found_nearby(model_copy: Path) -> None:
+    (model_copy / "whisper" / "config.json").rename(model_copy / "whisper" / "tiny.pt")
+    shutil.rmtree(model_copy / "musetalkV15")
+    (model_copy / "musetalk").mkdir()
+    (model_copy / "musetalk" / "pytorch_model.bin").write_bytes(b"v1.0 unet")
+    messages = {p.message.split(":")[0]: p.message for p in check_model_dir(model_copy).problems}
+    assert "found whisper/tiny.pt instead" in messages["whisper_config"]
+    assert "MuseTalk v1.0" in messages["whisper_config"] and "whisper/ holds: " in messages["whisper_config"]
+    assert "found musetalk/pytorch_model.bin instead" in messages["unet_weights"]
+    assert "no musetalkV15/" in messages["unet_weights"] and "musetalk/" in messages["unet_weights"]
+    shutil.rmtree(model_copy / "sd-vae")
+    (model_copy / "vae").mkdir()
+    messages = {p.message.split(":")[0]: p.message for p in check_model_dir(model_copy).problems}
+    assert f"{model_copy} holds: " in messages["vae_config"] and "vae/" in messages["vae_config"]
+
+
+def test_face_parse_weights_load_strictly_and_parse(tiny_model_dir: Path) -> None:
+    import torch
+
+    from realtime.engine.weights.face_parse import load_face_parser
+
+    report = check_model_dir(tiny_model_dir)
+    assert report.face_parsing is not None and report.face_parsing.usable and report.face_parsing.mask == "parsed_jaw"
+    layout = ModelLayout(tiny_model_dir)
+    for path in (layout.face_parse_weights, layout.face_parse_backbone):
+        assert zipfile.is_zipfile(path)
+    assert "fc.weight" in torch.load(layout.face_parse_backbone, weights_only=True)  # torchvision's resnet18 file
+    parser = load_face_parser(layout, torch.device("cpu"), torch.float32)
+    labels = parser.labels([np.zeros((90, 70, 3), np.uint8), np.full((300, 300, 3), 128, np.uint8)])
+    assert labels.shape == (2, 512, 512) and labels.dtype == np.uint8 and labels.max() < 19
+
+
+def test_face_parse_weights_that_are_not_bisenet_fail_the_strict_load(model_copy: Path) -> None:
+    import torch
+
+    from realtime.engine.weights.face_parse import load_face_parser
+
+    layout = ModelLayout(model_copy)
+    state = torch.load(layout.face_parse_weights, weights_only=True)
+    del state["conv_out16.conv_out.weight"]
+    layout.face_parse_weights.unlink()  # a link to the shared checkpoint
+    torch.save(state, layout.face_parse_weights)
+    with pytest.raises(ModelWeightsMismatch, match=r"(?s)79999_iter\.pth.*conv_out16"):
+        load_face_parser(layout, torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelWeightsMismatch):
+        load_musetalk(model_copy, choose_device("cpu"))
+
+
+def test_half_present_face_parsing_is_a_problem(model_copy: Path) -> None:
+    (model_copy / "face-parse-bisent" / "resnet18-5c106cde.pth").unlink()
+    report = check_model_dir(model_copy)
+    assert not report.ok and any(p.message.startswith("face_parse_backbone:") for p in report.problems)
+    with pytest.raises(ModelFilesMissing, match=r"resnet18-5c106cde\.pth"):
+        create_engine(EngineConfig(engine="auto", model_dir=model_copy, device="cpu"))
+    (model_copy / "face-parse-bisent" / "resnet18-5c106cde.pth").write_bytes(b"truncated")
+    assert any(p.code == "model_file_corrupt" for p in check_model_dir(model_copy).problems)
+
+
+def test_without_face_parse_weights_the_ellipse_is_used_and_said(
+    model_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.rmtree(model_copy / "face-parse-bisent")
+    report = check_model_dir(model_copy)
+    assert report.ok and report.face_parsing is not None and report.face_parsing.mask == "ellipse"
+    assert main(["models", "check", "--model-dir", str(model_copy), "--json", "--device", "cpu"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    selection = create_engine(EngineConfig(engine="auto", model_dir=model_copy, device="cpu"))
+    assert "ellipse blend mask" in selection.reason and "ellipse blend mask" in selection.engine.info.detail
