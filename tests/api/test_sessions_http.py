@@ -343,6 +343,7 @@ async def test_debug_musetalk_reports_the_model_dir_like_models_check(world: Har
     expected = check_document(tmp_path / "empty-models")
     assert document["files"] == expected["files"] and document["ok"] is False
     assert document["engine_auto_would_use"] == "preview"
+    assert document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
     assert document["sidecars"] == {}
 
 

@@ -76,6 +76,9 @@ def build_bisenet(n_classes: int = PARSE_CLASSES) -> Any:
             shortcut = x if self.downsample is None else self.downsample(x)
             return F.relu(shortcut + branch)
 
+    def stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(ResidualBlock(cin, cout, stride), ResidualBlock(cout, cout, 1))
+
     class Backbone(nn.Module):
         """ResNet-18 without its classifier; returns the 1/8, 1/16 and 1/32 features."""
 
@@ -84,11 +87,10 @@ def build_bisenet(n_classes: int = PARSE_CLASSES) -> Any:
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
             self.bn1 = nn.BatchNorm2d(64)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-            widths = ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))
-            for index, (cin, cout, stride) in enumerate(widths, start=1):
-                self.add_module(
-                    f"layer{index}", nn.Sequential(ResidualBlock(cin, cout, stride), ResidualBlock(cout, cout, 1))
-                )
+            self.layer1 = stage(64, 64, 1)
+            self.layer2 = stage(64, 128, 2)
+            self.layer3 = stage(128, 256, 2)
+            self.layer4 = stage(256, 512, 2)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -241,7 +243,7 @@ def load_face_parser(layout: ModelLayout, device: Any, dtype: Any) -> FaceParser
     digest = hashlib.sha256()
     for path in (backbone_path, weights_path):
         with path.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+            while block := handle.read(1 << 20):
                 digest.update(block)
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("face parser loaded", extra={"path": str(weights_path), "ms": load_ms})
