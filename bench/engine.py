@@ -33,6 +33,14 @@ group norm), `compile-nearest` (the same with plain upsampling), `compile-mat`
 The summary is the variant with the best peak; every variant's rows are kept.
 The preview engine is measured too (512×512, one CPU thread). Imports only torch, numpy,
 transformers, opencv (and diffusers for the models, scikit-image for the face detector).
+
+    python -m bench.engine --json PATH --prep-frames 250 --prep-px 512 [--device ...] [--model ...]
+
+measures avatar preparation instead (nothing else): a frames zip of the astronaut at
+`--prep-px`² with `--prep-frames` frames, prepared cold (decode, face detection, crops, VAE
+latents, BiSeNet parsing and the jaw masks, cache write) and then again from the cache. It builds
+only what preparation runs: the VAE (tiny, or sd-vae's full architecture, random weights) and
+the BiSeNet face parser (random weights, the real architecture): no UNet, no whisper.
 """
 
 from __future__ import annotations
@@ -331,6 +339,79 @@ def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
     return {"fps": round(count / elapsed, 1), "frames": count, "frame_px": [FRAME_PX, FRAME_PX], "threads": 1}
 
 
+def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
+    """Cold and cached preparation of a `--prep-frames` × `--prep-px`² avatar (see the module docstring)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from realtime.engine.avatar.latents import encode_crop_latents
+    from realtime.engine.avatar.prepare import prepare_avatar
+    from realtime.engine.device import choose_device, configure_cpu_threads
+    from realtime.engine.weights.face_parse import FaceParser, build_bisenet
+    from realtime.engine.weights.random import configs
+
+    device = choose_device(args.device, args.dtype)
+    if not device.is_cuda:
+        configure_cpu_threads(args.threads)
+    torch_device, dtype = device.torch_device(), device.torch_dtype()
+    torch.manual_seed(0)
+    _, vae_config = configs("tiny" if args.model == "tiny" else "full")
+    vae = AutoencoderKL.from_config(vae_config).to(torch_device, dtype).eval().requires_grad_(False)
+    parser = FaceParser(build_bisenet().to(torch_device, dtype).eval(), torch_device, dtype, "random", 0.0)
+    spent_s = {"vae_encode": 0.0, "parse": 0.0}
+
+    def synced() -> None:
+        if device.is_cuda:
+            torch.cuda.synchronize(torch_device)
+
+    def encode(crops: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        out = encode_crop_latents(vae, float(vae.config.scaling_factor), torch_device, dtype, crops)
+        spent_s["vae_encode"] += time.perf_counter() - started
+        return out
+
+    def parse(crops: list[np.ndarray]) -> np.ndarray:
+        started = time.perf_counter()
+        out = parser.labels(crops)
+        spent_s["parse"] += time.perf_counter() - started
+        return out
+
+    # The first use of each model loads its kernels: a few crops first, as a warm sidecar would have.
+    encode(np.zeros((2, 256, 256, 3), np.uint8))
+    parse([np.zeros((300, 300, 3), np.uint8)])
+    synced()
+    spent_s.update(vae_encode=0.0, parse=0.0)
+    data = astronaut_zip(args.prep_px, args.prep_frames)
+    runs = {}
+    for run in ("cold", "cached"):
+        started = time.perf_counter()
+        avatar = prepare_avatar(
+            data,
+            engine="musetalk",
+            engine_version="bench",
+            cache_root=cache_dir / "prep-cache",
+            encode_latents=encode,
+            parse_faces=parse,
+        )
+        synced()
+        runs[run] = {"s": round(time.perf_counter() - started, 3), "cache_hit": avatar.cache_hit}
+    cold = runs["cold"]["s"]
+    return {
+        "frames": args.prep_frames,
+        "frame_px": [args.prep_px, args.prep_px],
+        "frames_with_face": int(avatar.has_face.sum()),
+        "blend_mask": avatar.blend_mask,
+        "cold_s": cold,
+        "cached_s": runs["cached"]["s"],
+        "cached_hit": runs["cached"]["cache_hit"],
+        "vae_encode_s": round(spent_s["vae_encode"], 3),
+        "parse_s": round(spent_s["parse"], 3),
+        "decode_detect_write_s": round(cold - spent_s["vae_encode"] - spent_s["parse"], 3),
+        "vae": "tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)",
+        "parser": "BiSeNet (random weights)",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True)
@@ -350,7 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument("--compile-cache-dir", type=Path, default=None, help="inductor/Triton cache (persisted)")
     parser.add_argument("--json-partial", action="store_true", help="also write PATH.partial.json after each variant")
+    parser.add_argument("--prep-frames", type=int, default=0, help="measure avatar preparation of N frames instead")
+    parser.add_argument("--prep-px", type=int, default=FRAME_PX, help="frame side for --prep-frames")
     args = parser.parse_args(argv)
+    if args.prep_frames < 0 or args.prep_px < 64:
+        parser.error("--prep-frames must be >= 0 and --prep-px >= 64")
+    if args.prep_frames:
+        return _main_prepare(args)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -425,6 +512,29 @@ def main(argv: list[str] | None = None) -> int:
     }
     _write(args.json, document)
     print(json.dumps(document["summary"], indent=2))
+    return 0
+
+
+def _main_prepare(args: argparse.Namespace) -> int:
+    import torch
+
+    from realtime.engine.device import choose_device
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    device = choose_device(args.device, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        prepare = bench_prepare(args, Path(tmp))
+    document = {
+        "benchmark": "engine_prepare",
+        "device": device_name(str(device.device)),
+        "dtype": device.dtype_name,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "prepare": prepare,
+    }
+    _write(args.json, document)
+    print(json.dumps(document, indent=2))
     return 0
 
 

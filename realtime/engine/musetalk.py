@@ -35,6 +35,7 @@ from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.audio.whisper import WhisperStreamFeaturizer, WhisperWindows
+from realtime.engine.avatar.latents import encode_crop_latents
 from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.composite import Compositor, PasteJob, PendingPaste
@@ -130,18 +131,7 @@ class MuseTalkEngine:
 
     def encode_latents(self, crops: np.ndarray) -> np.ndarray:
         """Masked (lower half black) + reference latents `[B, 8, 32, 32]` of 256² RGB crops, as upstream."""
-        import torch
-
-        with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(crops)).to(self._device).permute(0, 3, 1, 2).float() / 255.0
-            masked = pixels.clone()
-            masked[:, :, pixels.shape[2] // 2 :, :] = 0.0  # upstream's half mask keeps rows [0, 128)
-            batch = torch.cat([masked, pixels]) * 2.0 - 1.0  # Normalize(mean 0.5, std 0.5)
-            # The posterior mean, not a sample: deterministic latents make the cache reproducible.
-            latents = self._models.vae.encode(batch.to(self._dtype)).latent_dist.mean * self._models.vae_scaling_factor
-            count = crops.shape[0]
-            both = torch.cat([latents[:count], latents[count:]], dim=1)
-            return both.float().cpu().numpy().astype(np.float16)
+        return encode_crop_latents(self._models.vae, self._models.vae_scaling_factor, self._device, self._dtype, crops)
 
     def prepare_avatar(
         self, source: bytes | Path, *, on_progress: Callable[[PrepareProgress], None] | None = None
