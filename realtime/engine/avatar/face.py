@@ -6,19 +6,20 @@ XML files; scikit-image bundles that OpenCV cascade, so no weights are downloade
 
 MuseTalk's face box is not a detector box: upstream derives it from 68 face landmarks as
 `x`: jaw-contour extent, `y`: from `nose − (chin − nose)` down to the chin, so the box's
-vertical middle is the nose tip and its lower half is the mouth and jaw (which the UNet
-repaints). Without a landmark model we map the cascade's box (brows to lower lip/chin) onto
-that geometry with fixed proportions measured on frontal faces: nose tip at 62 % of the cascade
-box height, chin at 108 %, jaw contour 4 %…96 % of its width.
+vertical middle is the nose and its lower half is the mouth and jaw (which the UNet repaints);
+`musetalk_box_from_landmarks` is that rule. No landmark model is loaded (upstream's DWPose needs
+mmpose's RTMPose), so preparation maps the cascade's box (brows to lower lip/chin) onto that
+geometry with fixed proportions measured on frontal faces: nose at 62 % of the cascade box
+height, chin at 108 %, jaw contour 4 %…96 % of its width; manifest boxes win over both.
 
 v1.5 crop rule: `extra_margin` = 10 px added to the bottom of the face box (capped at the frame),
 then the crop is resized to 256×256.
 
-Blend mask (differs from upstream): MuseTalk v1.5 parses the face with BiSeNet ("jaw" mode) in
-a 1.5× expanded box, keeps the lower half of that parse and blurs it. We use no parsing model:
-the mask is a geometric ellipse over the lower half of the face box (nose line to chin, 90 % of
-the jaw width), feathered with a Gaussian and forced to zero at the box border. It follows the
-jaw less tightly than a parse (it may touch a little background at the jaw corners or neck), but
+Blend mask: with the face-parsing weights present, each frame gets upstream v1.5's parsed "jaw"
+mask at preparation (`blend_mask`). Without them, `lower_face_mask` is the fallback: a geometric
+ellipse over the lower half of the face box (nose line to chin, 90 % of the jaw width), feathered
+with a Gaussian and forced to zero at the box border. It follows the jaw less tightly than a
+parse (it reaches past the jaw corners and below the chin into background, collar or hair), but
 it is identical for every frame in box coordinates, costs nothing to prepare, and never leaves a
 seam because it reaches zero inside the box.
 """
