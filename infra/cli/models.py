@@ -84,6 +84,10 @@ def _print_report(document: dict[str, Any]) -> None:
     variants = document.get("variants") or {}
     if variants:
         out.write("layout: " + ", ".join(f"{role} in {name}/" for role, name in variants.items()) + "\n")
+    face_box = document.get("face_box")
+    if face_box:
+        present = "present, " if face_box["dwpose_present"] else ""
+        out.write(f"face box: {face_box['source']} ({face_box['detail']}; DWPose {present}not used)\n")
     if parsing.get("files"):
         mask = parsing["blend_mask"]
         why = "face-parsing weights present" if parsing["usable"] else "no usable face-parsing weights"

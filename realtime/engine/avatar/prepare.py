@@ -196,6 +196,8 @@ def prepare_avatar(
         "height_px": int(height),
         "frames_with_face": int(has_face.sum()),
         "blend_mask": mask_kind,
+        # Manifest boxes where the avatar has them, else the detector's (see `face`).
+        "face_box_source": "manifest" if decoded.manifest_boxes else "cascade",
         "prepare_ms": (time.perf_counter() - started) * 1000,
     }
     _write_entry(
@@ -211,7 +213,10 @@ def prepare_avatar(
     )
     logger.info(
         "avatar prepared",
-        extra={k: meta[k] for k in ("key", "frame_count", "frames_with_face", "blend_mask", "prepare_ms")},
+        extra={
+            k: meta[k]
+            for k in ("key", "frame_count", "frames_with_face", "blend_mask", "face_box_source", "prepare_ms")
+        },
     )
     return load_cached(root / key, cache_hit=False)
 

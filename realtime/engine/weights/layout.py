@@ -62,6 +62,9 @@ OTHER_VERSION_FILES = {
     "musetalk/pytorch_model.bin": "the MuseTalk v1.0 UNet; this engine runs v1.5 (musetalkV15/unet.pth)",
 }
 NEARBY_NAMES_SHOWN = 8
+# Upstream's landmark model (DWPose, an mmpose RTMPose checkpoint): reported, not loaded.
+DWPOSE_WEIGHTS = "dwpose/dw-ll_ucoco_384.pth"
+FACE_BOX_CASCADE = "cascade"
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,20 @@ class ModelCheckReport:
             "problems": [{"code": p.code, "message": p.message} for p in self.problems],
             "variants": dict(self.variants),
             "face_parsing": self.face_parsing.to_json() if self.face_parsing else None,
+            "face_box": face_box_status(self.model_dir),
         }
+
+
+def face_box_status(model_dir: Path) -> dict[str, Any]:
+    """Which face box preparation computes, and whether upstream's landmark model is in the model dir."""
+    dwpose = Path(model_dir) / DWPOSE_WEIGHTS
+    return {
+        "source": FACE_BOX_CASCADE,
+        "detail": "LBP cascade box mapped onto upstream's landmark geometry (avatar manifest boxes win)",
+        "dwpose_present": dwpose.is_file(),
+        "dwpose_used": False,
+        "why": f"{DWPOSE_WEIGHTS} is an mmpose RTMPose checkpoint, which this engine does not implement",
+    }
 
 
 @dataclass(frozen=True)

@@ -227,5 +227,12 @@ def test_without_face_parse_weights_the_ellipse_is_used_and_said(
     assert main(["models", "check", "--model-dir", str(model_copy), "--json", "--device", "cpu"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    assert document["face_box"]["source"] == "cascade" and document["face_box"]["dwpose_present"] is False
+    (model_copy / "dwpose").mkdir()
+    (model_copy / "dwpose" / "dw-ll_ucoco_384.pth").write_bytes(b"rtmpose")
+    assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
+    assert "face box: cascade" in capsys.readouterr().out
+    face_box = check_model_dir(model_copy).to_json()["face_box"]
+    assert face_box["dwpose_present"] is True and face_box["dwpose_used"] is False and "RTMPose" in face_box["why"]
     selection = create_engine(EngineConfig(engine="auto", model_dir=model_copy, device="cpu"))
     assert "ellipse blend mask" in selection.reason and "ellipse blend mask" in selection.engine.info.detail
