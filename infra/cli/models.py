@@ -67,6 +67,7 @@ def check_document(model_dir: Path, device_name: str = "auto", *, load: bool = F
                 "ok": True,
                 "ms": round(models.load_ms),
                 "vae_scaling_factor": models.vae_scaling_factor,
+                "blend_mask": models.blend_mask_note,
             }
         except EngineError as exc:
             document["load"] = {"ok": False, "code": exc.code, "message": exc.message}
@@ -99,9 +100,8 @@ def _print_report(document: dict[str, Any]) -> None:
         out.write(f"device: {device['device']} {device['dtype']} ({device['reason']})\n")
     if "load" in document:
         load = document["load"]
-        out.write(
-            f"load: {'ok in ' + str(load['ms']) + ' ms' if load['ok'] else load['code'] + ': ' + load['message']}\n"
-        )
+        loaded = f"ok in {load['ms']} ms; {load['blend_mask']}" if load["ok"] else f"{load['code']}: {load['message']}"
+        out.write(f"load: {loaded}\n")
     if document["problems"]:
         out.write("problems:\n")
         for problem in document["problems"]:

@@ -145,6 +145,8 @@ def test_sd_vae_ft_mse_layout_is_accepted_and_named(model_copy: Path, capsys: py
     assert ModelLayout(model_copy).vae_weights().parent.name == "sd-vae-ft-mse"
     assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
     assert "vae in sd-vae-ft-mse/" in capsys.readouterr().out
+    assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu", "--load", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["load"]["blend_mask"].startswith("parsed jaw blend mask")
     models = load_musetalk(model_copy, choose_device("cpu"))
     assert models.vae_scaling_factor == pytest.approx(0.18215)
     # The same checks as sd-vae/: a bad config there is named there.
