@@ -26,6 +26,10 @@ seam because it reaches zero inside the box.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +41,10 @@ NOSE_AT = 0.62
 CHIN_AT = 1.08
 JAW_LEFT, JAW_RIGHT = 0.04, 0.96
 DETECTION_MAX_SIDE_PX = 512  # detect on a downscaled copy: the cascade's cost grows with pixels
+# The cascade holds the GIL, so many frames are detected in worker processes; below this many frames starting
+# them costs more than it saves.
+DETECT_POOL_MIN_FRAMES = 32
+DETECT_POOL_MAX_WORKERS = 8
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive), frame pixels
 
@@ -90,6 +98,57 @@ class FaceDetector:
         x, y = best["c"] / scale, best["r"] / scale
         w, h = best["width"] / scale, best["height"] / scale
         return musetalk_box_from_detection(x=x, y=y, w=w, h=h, frame_w=width, frame_h=height)
+
+
+def detection_workers(frame_count: int) -> int:
+    """Worker processes for detecting `frame_count` frames: 1 (in this process) for short avatars, else up to half
+    the cores this process may use (live sessions assemble their frames on the same host meanwhile)."""
+    if frame_count < DETECT_POOL_MIN_FRAMES:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(DETECT_POOL_MAX_WORKERS, cores // 2))
+
+
+def detect_faces(
+    frames: np.ndarray,
+    config: DetectorConfig,
+    workers: int,
+    on_frames: Callable[[int], None] | None = None,
+) -> list[Box | None]:
+    """`FaceDetector(config).detect` of every frame, in order, on `workers` processes (1: in this one).
+
+    `on_frames(done)` is called as frames finish (in chunks when pooled). Workers are spawned, not forked: the
+    caller may be a threaded process holding torch and CUDA state."""
+    if workers <= 1 or len(frames) < 2:
+        detector = FaceDetector(config)
+        boxes = []
+        for index, frame in enumerate(frames):
+            boxes.append(detector.detect(frame))
+            if on_frames:
+                on_frames(index + 1)
+        return boxes
+    chunks = [chunk for chunk in np.array_split(np.arange(len(frames)), workers * 2) if len(chunk)]
+    results: dict[int, list[Box | None]] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_detect_chunk, config, np.ascontiguousarray(frames[chunk[0] : chunk[-1] + 1])): int(chunk[0])
+            for chunk in chunks
+        }
+        done = 0
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            done += len(results[futures[future]])
+            if on_frames:
+                on_frames(done)
+    return [box for start in sorted(results) for box in results[start]]
+
+
+def _detect_chunk(config: DetectorConfig, frames: np.ndarray) -> list[Box | None]:
+    detector = FaceDetector(config)
+    return [detector.detect(frame) for frame in frames]
 
 
 def musetalk_box_from_detection(*, x: float, y: float, w: float, h: float, frame_w: int, frame_h: int) -> Box | None:

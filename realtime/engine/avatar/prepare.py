@@ -35,6 +35,8 @@ from realtime.engine.avatar.face import (
     DetectorConfig,
     FaceDetector,
     crop_box_v15,
+    detect_faces,
+    detection_workers,
     fill_missing,
 )
 from realtime.engine.avatar.prepared import Avatar
@@ -131,17 +133,18 @@ def prepare_avatar(
         if on_progress:
             on_progress(PrepareProgress(done, total))
 
-    detector = detector or FaceDetector(settings.detector)
     raw_boxes: list[Box | None] = []
-    for index, frame in enumerate(frames):
-        manifest_box = decoded.manifest_boxes[index] if decoded.manifest_boxes else None
-        if manifest_box is not None:
-            raw_boxes.append(_clip_manifest_box(manifest_box, width, height, decoded.names[index]))
-        elif decoded.manifest_boxes and manifest_box is None:
-            raw_boxes.append(None)  # the manifest says: no face in this frame
-        else:
+    if decoded.manifest_boxes:  # a frame the manifest gives no box has no face
+        for index, manifest_box in enumerate(decoded.manifest_boxes):
+            clipped = _clip_manifest_box(manifest_box, width, height, decoded.names[index]) if manifest_box else None
+            raw_boxes.append(clipped)
+        report(count)
+    elif detector is not None:
+        for index, frame in enumerate(frames):
             raw_boxes.append(detector.detect(frame))
-        report(index + 1)
+            report(index + 1)
+    else:
+        raw_boxes = detect_faces(frames, settings.detector, detection_workers(count), report)
     if all(box is None for box in raw_boxes):
         raise AvatarNoFace(f"no face was found in any of the {count} frames of {name}")
     boxes = fill_missing(raw_boxes, settings.max_gap_frames)

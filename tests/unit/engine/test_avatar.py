@@ -171,3 +171,15 @@ def test_bytes_that_are_no_avatar_at_all(preview_engine: PreviewEngine) -> None:
 def test_a_single_image_is_a_one_frame_avatar(preview_engine: PreviewEngine) -> None:
     avatar = preview_engine.prepare_avatar(png_bytes(astronaut_frames(1)[0]))
     assert avatar.kind == "image" and avatar.frame_count == 1 and avatar.cycle_length == 2
+
+
+def test_pooled_detection_finds_the_same_boxes_in_order(frames: list[np.ndarray]) -> None:
+    from realtime.engine.avatar.face import DetectorConfig, detect_faces, detection_workers
+
+    stack = np.stack(frames[:5])
+    progress: list[int] = []
+    serial = detect_faces(stack, DetectorConfig(), 1)
+    pooled = detect_faces(stack, DetectorConfig(), 2, progress.append)
+    assert pooled == serial and all(box is not None for box in serial)
+    assert progress == sorted(progress) and progress[-1] == 5
+    assert detection_workers(3) == 1  # short avatars: no processes started
