@@ -26,10 +26,12 @@ seam because it reaches zero inside the box.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,8 @@ DETECTION_MAX_SIDE_PX = 512  # detect on a downscaled copy: the cascade's cost g
 # them costs more than it saves.
 DETECT_POOL_MIN_FRAMES = 32
 DETECT_POOL_MAX_WORKERS = 8
+
+logger = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 (exclusive), frame pixels
 
@@ -132,17 +136,24 @@ def detect_faces(
         return boxes
     chunks = [chunk for chunk in np.array_split(np.arange(len(frames)), workers * 2) if len(chunk)]
     results: dict[int, list[Box | None]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            pool.submit(_detect_chunk, config, np.ascontiguousarray(frames[chunk[0] : chunk[-1] + 1])): int(chunk[0])
-            for chunk in chunks
-        }
-        done = 0
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            done += len(results[futures[future]])
-            if on_frames:
-                on_frames(done)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                pool.submit(_detect_chunk, config, np.ascontiguousarray(frames[chunk[0] : chunk[-1] + 1])): int(
+                    chunk[0]
+                )
+                for chunk in chunks
+            }
+            done = 0
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                done += len(results[futures[future]])
+                if on_frames:
+                    on_frames(done)
+    except (BrokenProcessPool, OSError) as exc:
+        # A worker that cannot start (e.g. a main module that cannot be imported again) must not fail the avatar.
+        logger.warning("face detection workers failed; detecting in this process", extra={"error": repr(exc)})
+        return detect_faces(frames, config, 1, on_frames)
     return [box for start in sorted(results) for box in results[start]]
 
 

@@ -183,3 +183,20 @@ def test_pooled_detection_finds_the_same_boxes_in_order(frames: list[np.ndarray]
     assert pooled == serial and all(box is not None for box in serial)
     assert progress == sorted(progress) and progress[-1] == 5
     assert detection_workers(3) == 1  # short avatars: no processes started
+
+
+def test_detection_falls_back_to_this_process_when_workers_cannot_start() -> None:
+    import subprocess
+    import sys
+
+    # A main module read from stdin cannot be imported again by a spawned worker: the pool breaks at start.
+    script = (
+        "import numpy as np, cv2\n"
+        "from skimage.data import astronaut\n"
+        "from realtime.engine.avatar.face import DetectorConfig, detect_faces\n"
+        "frame = cv2.resize(astronaut(), (256, 256))\n"
+        "print(detect_faces(np.stack([frame] * 2), DetectorConfig(), 2))\n"
+    )
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120, check=True)
+    assert "None" not in done.stdout and done.stdout.count("(") == 2
+    assert "detecting in this process" in done.stderr
