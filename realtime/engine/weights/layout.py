@@ -16,9 +16,10 @@ The layout is upstream's (TMElyralab/MuseTalk `download_weights.sh`), so a user'
 
 Layouts in the wild that are accepted as they are:
 
-* `sd-vae-ft-mse/` instead of `sd-vae/`: upstream's README named the VAE directory so until
-  April 2025 and its VAE class still defaults to it; the files inside are the same diffusers
-  ones and get the same checks. When both exist, `sd-vae/` (the current download's) wins.
+* `sd-vae-ft-mse/` instead of `sd-vae/`: upstream's README named the VAE directory so before
+  its download script named it `sd-vae/`, and its VAE class still defaults to it; the files
+  inside are the same diffusers ones and get the same checks. When both hold a config,
+  `sd-vae/` (the current download's) wins.
 
 Layouts that are recognised and named but not accepted (`models check` says what it found):
 `whisper/tiny.pt` (MuseTalk v1.0's openai-whisper checkpoint; v1.5 reads the transformers
@@ -164,7 +165,7 @@ class ModelCheckReport:
     files: list[FileStatus] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     variants: dict[str, str] = field(default_factory=dict)
-    # Face parsing is optional: without it (or with broken files) the blend mask is the ellipse.
+    # Face parsing is optional: without its files the blend mask is the ellipse (half there or broken: a problem).
     face_parsing: FaceParsingStatus | None = None
 
     @property
