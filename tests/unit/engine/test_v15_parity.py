@@ -9,6 +9,8 @@ the same parse maps and landmarks: masks IoU >= 0.95, boxes within 2 px.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import pytest
@@ -107,6 +109,7 @@ def synthetic_parse(seed: int) -> np.ndarray:
     return labels
 
 
+@functools.cache  # one network run for every test that uses it (read-only)
 def random_net_parse() -> np.ndarray:
     """Labels of the astronaut's face from a random-weight BiSeNet (random, but a real network's output)."""
     import torch
@@ -136,20 +139,46 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def upstream_plain_region(labels: np.ndarray, mode: str) -> np.ndarray:
+    """FaceParsing(mode="raw" | "neck"): skin, mouth and lips (and the neck)."""
+    keep = [1, 11, 12, 13] + ([14] if mode == "neck" else [])
+    out = labels.astype(np.int32).copy()
+    out[np.isin(labels, keep)] = 255
+    out[out != 255] = 0
+    return out.astype(np.uint8)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, "net"])
 def test_jaw_region_is_upstreams(seed: int | str) -> None:
     labels = random_net_parse() if seed == "net" else synthetic_parse(int(seed))
     np.testing.assert_array_equal(region_from_labels(labels, "jaw", 90), upstream_jaw_region(labels, 90))
+    np.testing.assert_array_equal(region_from_labels(labels, "jaw", 60), upstream_jaw_region(labels, 60))
+
+
+@pytest.mark.parametrize("mode", ["raw", "neck"])
+def test_raw_and_neck_regions_are_upstreams(mode: str) -> None:
+    labels = synthetic_parse(4)
+    region = region_from_labels(labels, mode)
+    np.testing.assert_array_equal(region, upstream_plain_region(labels, mode))
+    assert (region[labels == 14] == 255).all() == (mode == "neck")
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose one of jaw, raw, neck"):
+        BlendMaskSettings(mode="hair")
+    with pytest.raises(ValueError, match="choose one of"):
+        region_from_labels(synthetic_parse(0), "hair")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, "net"])
 @pytest.mark.parametrize("face_box", FACE_BOXES)
-def test_blend_mask_matches_upstream_within_iou(seed: int | str, face_box: Box) -> None:
+@pytest.mark.parametrize("blur", [0.1, 0.05])  # the realtime script's preparation, the offline script's blend
+def test_blend_mask_matches_upstream_within_iou(seed: int | str, face_box: Box, blur: float) -> None:
     labels = random_net_parse() if seed == "net" else synthetic_parse(int(seed))
     region = region_from_labels(labels, "jaw", 90)
     box = crop_box_v15(face_box, 512)  # upstream blends in the landmark box + extra_margin
-    ours = face_box_mask(region, box, BlendMaskSettings())
-    theirs_big, big = upstream_mask(upstream_jaw_region(labels), box)
+    ours = face_box_mask(region, box, BlendMaskSettings(blur_fraction=blur))
+    theirs_big, big = upstream_mask(upstream_jaw_region(labels), box, blur=blur)
     x1, y1, x2, y2 = box
     theirs = theirs_big[y1 - big[1] : y2 - big[1], x1 - big[0] : x2 - big[0]]
     assert ours.shape == theirs.shape == (y2 - y1, x2 - x1)
