@@ -238,3 +238,10 @@ def test_without_face_parse_weights_the_ellipse_is_used_and_said(
     assert face_box["dwpose_present"] is True and face_box["dwpose_used"] is False and "RTMPose" in face_box["why"]
     selection = create_engine(EngineConfig(engine="auto", model_dir=model_copy, device="cpu"))
     assert "ellipse blend mask" in selection.reason and "ellipse blend mask" in selection.engine.info.detail
+
+
+def test_make_tiny_without_face_parse_writes_a_valid_ellipse_layout(tmp_path: Path) -> None:
+    assert main(["models", "make-tiny", str(tmp_path / "m"), "--no-face-parse"]) == 0
+    report = check_model_dir(tmp_path / "m")
+    assert report.ok and report.face_parsing is not None and report.face_parsing.mask == "ellipse"
+    assert not (tmp_path / "m" / "face-parse-bisent").exists()
