@@ -28,6 +28,9 @@ class RuntimeConfig:
     # of a real GPU and the lane's feature work (at 2.0 an H200 run dropped 2 of 600 frames at 4 sessions).
     render_budget_safety: float = 2.5
     render_ahead_frames: int = 16  # frames rendered ahead of the clock, at most
+    # An utterance whose audio arrived ahead of real time starts with less lead than the load's planning budget;
+    # its frames inside that budget jump the render lane's queue (SessionRuntime._first_tick_lead).
+    first_frame_priority: bool = True
 
     @property
     def max_batch_ms(self) -> float:

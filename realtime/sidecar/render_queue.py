@@ -33,6 +33,14 @@ fastest of the bucket's recent batches, and only once it ran at least twice
 first use, a hiccup) judged by the moving average would make the lane skip every frame after
 it until the utterance ended (seen on an H200: 73 of one session's first 75 frames).
 
+First frames jump the queue: a render job marked `first_frames` (the frames of a new utterance that its session
+planned with less lead than the load's planning budget, see `first_frames_budget_ms`) rides the batch being formed
+even when jobs with earlier deadlines wait: it is taken after the most urgent job, ahead of the rest in deadline
+order, and when the batch is full it takes the place of the latest-deadline job in it whose deadline still holds one
+batch later (a full batch's measured time after this one). It never makes the batch cross into a larger bucket that
+would miss the most urgent deadline, and never displaces a job that could not wait: the lane keeps every deadline
+it kept before, and a caller's first frame no longer waits behind the backlog of other sessions' later frames.
+
 Admission control: `BatchCostModel` keeps the measured wall time (features + render) of the
 lane's batches per bucket; `capacity_sessions` turns it into how many 25-fps sessions the
 lane sustains within a latency budget, which `SidecarHost.capacity()` reports, so placement
@@ -207,6 +215,7 @@ class _Job:
     frames: int = field(compare=False, default=1)  # render: frames the job will ask for (its size in a batch)
     source: object | None = field(compare=False, default=None)  # render: the feature source, for `prepare`
     frame_period_s: float | None = field(compare=False, default=None)  # render: frame k is due at deadline + k·period
+    first_frames: bool = field(compare=False, default=False)  # render: jumps the queue (see "First frames")
 
 
 @dataclass
@@ -241,6 +250,8 @@ class RenderLaneStats:
     busy_s: float = 0.0
     queue_depth_max: int = 0
     batches_cut_by_deadline: int = 0  # batches that stopped growing because a larger one would be late
+    first_frames_jumped: int = 0  # first-frames jobs taken ahead of queued jobs with earlier deadlines
+    first_frames_displaced: int = 0  # jobs put back for the next batch to make room for first frames
     frames_skipped_late: int = 0  # requests not rendered: the batch would have finished after their tick
     # Where render batches spend their time (sums): batched feature preparation, the jobs' own pulls, the render.
     prepare_s: float = 0.0
@@ -303,18 +314,48 @@ class RenderLane:
         frames: int = 1,
         source: object | None = None,
         frame_period_s: float | None = None,
+        first_frames: bool = False,
     ) -> list[np.ndarray | None]:
-        """Render the requests `make_requests` builds (on the lane thread), batched with other sessions' jobs.
+        """Render the requests `make_requests` builds (on the lane thread), batched with other sessions' jobs
+        (`submit_render`, awaited)."""
+        future = self.submit_render(
+            deadline_s,
+            make_requests,
+            frames=frames,
+            source=source,
+            frame_period_s=frame_period_s,
+            first_frames=first_frames,
+        )
+        result: list[np.ndarray | None] = await asyncio.wrap_future(future)
+        return result
+
+    def submit_render(
+        self,
+        deadline_s: float,
+        make_requests: Callable[[], Sequence[Any]],
+        *,
+        frames: int = 1,
+        source: object | None = None,
+        frame_period_s: float | None = None,
+        first_frames: bool = False,
+    ) -> Future[list[np.ndarray | None]]:
+        """Queue a render job now (the lane's backlog counts it from here) and return its future.
 
         `frames`: how many requests it will build (sizes the batch before the features are computed);
         `source`: what `prepare` gets for this job (the session's utterance stream); `frame_period_s`: request k is
         due at `deadline_s + k * frame_period_s`, and one that the batch would finish after comes back None
-        (not rendered: see "Overload" above). Without it every request is rendered."""
-        future = self._submit(
-            deadline_s, make_requests, is_render=True, frames=frames, source=source, frame_period_s=frame_period_s
+        (not rendered: see "Overload" above). Without it every request is rendered. `first_frames`: an utterance's
+        first frames, planned with the shorter `first_frames_budget_ms` lead: they jump the queue (see "First
+        frames" above). Raises RuntimeError when the lane is closed."""
+        return self._submit(
+            deadline_s,
+            make_requests,
+            is_render=True,
+            frames=frames,
+            source=source,
+            frame_period_s=frame_period_s,
+            first_frames=first_frames,
         )
-        result: list[np.ndarray | None] = await asyncio.wrap_future(future)
-        return result
 
     def capacity_sessions(self, fps_per_session: float = 25.0, *, max_batch_ms: float = 160.0) -> int | None:
         """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet);
@@ -394,12 +435,14 @@ class RenderLane:
             times_ms = [ms for _, ms in self._recent_batches]
         return sum(times_ms) / len(times_ms) if times_ms else None
 
-    def backlog_ms(self) -> float:
+    def backlog_ms(self, *, adding_frames: int = 0) -> float:
         """Estimated time until the lane has rendered what it holds now: the rest of the batch in flight plus
-        the queued render frames in batches of `max_batch_frames` (0 for what was never measured)."""
+        the queued render frames in batches of `max_batch_frames` (0 for what was never measured).
+        `adding_frames`: frames about to be submitted, counted as queued."""
         with self._cond:
             queued = sum(job.frames for job in self._heap if job.is_render)
             inflight, inflight_started_s = self._inflight_frames, self._inflight_started_s
+        queued += max(0, adding_frames)
         total_ms = 0.0
         if inflight:
             inflight_ms = self.cost_model.estimate_ms(inflight) or 0.0
@@ -418,6 +461,7 @@ class RenderLane:
         max_ms: float,
         safety_factor: float = 2.0,
         frame_period_ms: float = FRAME_PERIOD_MS,
+        adding_frames: int = 0,
     ) -> float:
         """How far ahead a session should plan a new utterance's first tick: every frame of a realtime-streamed
         utterance then has this long between becoming ready and its tick.
@@ -428,14 +472,57 @@ class RenderLane:
         arrive) and the mean of the batches the lane ran in the last seconds (what the load really makes of
         the batches: padding, uneven arrival, feature work). The factor counts the batches a frame may wait
         through: the one in flight when it is submitted, then its own (2; sessions submit each frame's job as
-        soon as it is ready, without waiting for their previous job to come back).
+        soon as it is ready, without waiting for their previous job to come back). `adding_frames`: the frames the
+        session submits at once (audio that arrived ahead of real time), which join the backlog.
         """
-        batch_ms = self.steady_batch_ms(self.speaking_sessions(), frame_period_ms=frame_period_ms)
+        batch_ms = self._planning_batch_ms(frame_period_ms)
         if batch_ms is None:
             return min_ms
-        batch_ms = max(batch_ms, self.recent_batch_ms() or 0.0)
-        budget_ms = batch_ms * safety_factor + self.backlog_ms()
+        budget_ms = batch_ms * safety_factor + self.backlog_ms(adding_frames=adding_frames)
         return min(max_ms, max(min_ms, budget_ms))
+
+    def first_frames_budget_ms(
+        self,
+        *,
+        min_ms: float,
+        max_ms: float,
+        safety_factor: float = 2.0,
+        frame_period_ms: float = FRAME_PERIOD_MS,
+        adding_frames: int = 1,
+    ) -> float:
+        """The lead that `adding_frames` frames submitted now as `first_frames` need: the rest of the batch in
+        flight, then the next batch, which they ride (they jump the later frames; only first frames queued before
+        them and past a full batch push them to a batch after it), all × `safety_factor` / 2 for jitter.
+
+        The next batch is formed shortly before the one in flight finishes, from every frame queued by then: the
+        frames queued now, these, and those the speaking sessions add meanwhile (one per period each). Unlike
+        `planning_budget_ms` this counts the batches as they will be, not the steady batch at the load: frames
+        that become ready in real time later need that, frames that are ready now only need to be rendered once.
+        `min_ms` before anything was measured."""
+        if self.cost_model.estimate_ms(1) is None:
+            return min_ms
+        adding = max(1, adding_frames)
+        with self._cond:
+            queued = sum(job.frames for job in self._heap if job.is_render)
+            queued_first = sum(job.frames for job in self._heap if job.is_render and job.first_frames)
+            inflight, inflight_started_s = self._inflight_frames, self._inflight_started_s
+        inflight_rest_ms = 0.0
+        if inflight:
+            inflight_ms = self.cost_model.estimate_ms(inflight) or 0.0
+            inflight_rest_ms = max(0.0, inflight_ms - (time.perf_counter() - inflight_started_s) * 1000.0)
+        arriving = math.ceil(self.speaking_sessions() * inflight_rest_ms / frame_period_ms)
+        next_batch = min(self.max_batch_frames, queued + adding + arriving)
+        wait_ms = inflight_rest_ms + (self.cost_model.estimate_ms(next_batch) or 0.0)
+        batches_before = (queued_first + adding - 1) // self.max_batch_frames  # full batches of first frames ahead
+        wait_ms += batches_before * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0)
+        return min(max_ms, max(min_ms, wait_ms * safety_factor / 2.0))
+
+    def _planning_batch_ms(self, frame_period_ms: float) -> float | None:
+        """The batch time planning counts with (see `planning_budget_ms`); None before any measurement."""
+        batch_ms = self.steady_batch_ms(self.speaking_sessions(), frame_period_ms=frame_period_ms)
+        if batch_ms is None:
+            return None
+        return max(batch_ms, self.recent_batch_ms() or 0.0)
 
     def _submit(
         self,
@@ -446,9 +533,20 @@ class RenderLane:
         frames: int = 1,
         source: object | None = None,
         frame_period_s: float | None = None,
+        first_frames: bool = False,
     ) -> Future[Any]:
         future: Future[Any] = Future()
-        job = _Job(deadline_s, next(self._sequence), fn, future, is_render, max(1, int(frames)), source, frame_period_s)
+        job = _Job(
+            deadline_s,
+            next(self._sequence),
+            fn,
+            future,
+            is_render,
+            max(1, int(frames)),
+            source,
+            frame_period_s,
+            first_frames,
+        )
         with self._cond:
             if self._closed:
                 raise RuntimeError("render lane is closed")
@@ -584,8 +682,8 @@ class RenderLane:
         merged: dict[int, tuple[object, int]] = {}
         for job in [*skipped, *jobs]:
             if job.source is not None:
-                source, frames = merged.get(id(job.source), (job.source, 0))
-                merged[id(job.source)] = (source, frames + job.frames)
+                source, source_frames = merged.get(id(job.source), (job.source, 0))
+                merged[id(job.source)] = (source, source_frames + job.frames)
         sources = list(merged.values())
         stage_started = time.perf_counter()
         if self._prepare is not None and sources:
@@ -723,7 +821,8 @@ class RenderLane:
             # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames that
             # a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue longer.
             backlogged = frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
-            head_feasible = head_feasible and not backlogged
+            # Except for first frames: their short lead counted on the batch they ride, not on a full one.
+            head_feasible = head_feasible and (not backlogged or first.first_frames)
             while self._heap and self._heap[0].is_render:
                 candidate = self._heap[0]
                 if self._entirely_late(candidate):
@@ -741,9 +840,83 @@ class RenderLane:
                             break  # the larger bucket would make the most urgent frame late
                 taken.append(heapq.heappop(self._heap))
                 frames = grown
+            if any(job.is_render and job.first_frames for job in self._heap):
+                self._admit_first_frames(first, taken, frames, head_feasible)
         if cut_by_deadline:
             self.stats.batches_cut_by_deadline += 1
         return taken
+
+    def _admit_first_frames(self, first: _Job, taken: list[_Job], frames: int, head_feasible: bool) -> None:
+        """Queued `first_frames` jobs that the deadline-ordered batch left out join it (see "First frames" in the
+        module docstring); called with the queue's lock held, after `_take_batch` grew the batch."""
+        waiting = sorted(job for job in self._heap if job.is_render and job.first_frames)
+        if not waiting:
+            return
+        now_s = self._clock()
+        # A job put back must still make its deadline in the next batch: after this batch and a full one.
+        full_ms = self.cost_model.estimate_ms(self.max_batch_frames)
+        admitted: list[_Job] = []
+        displaced: list[_Job] = []
+        for job in waiting:
+            if self._entirely_late(job):
+                continue  # `_take_batch`/`_next_job` hand it out unrendered in its turn
+            grown = frames + job.frames
+            if grown <= self.max_batch_frames and self._bucket_growth_keeps_head(first, frames, grown, head_feasible):
+                admitted.append(job)
+                frames = grown
+                continue
+            # The batch is full (or a larger bucket would miss the head's deadline): take the place of jobs that
+            # can wait one more batch, latest deadlines first, never the most urgent job itself.
+            this_ms = self.cost_model.estimate_ms(frames)
+            if this_ms is None or full_ms is None:
+                continue  # unmeasured: no grounds to move anyone's frames later
+            holds_until_s = now_s + (this_ms + full_ms) / 1000.0 + self._deadline_margin_s
+            movable = sorted(
+                (j for j in taken if not j.first_frames and j.deadline_s >= holds_until_s),
+                key=lambda j: j.deadline_s,
+                reverse=True,
+            )
+            freed, chosen = 0, []
+            for candidate in movable:
+                if frames - freed + job.frames <= self.max_batch_frames and self._bucket_growth_keeps_head(
+                    first, frames, frames - freed + job.frames, head_feasible
+                ):
+                    break
+                chosen.append(candidate)
+                freed += candidate.frames
+            new_frames = frames - freed + job.frames
+            if new_frames > self.max_batch_frames or not self._bucket_growth_keeps_head(
+                first, frames, new_frames, head_feasible
+            ):
+                continue
+            for candidate in chosen:
+                taken.remove(candidate)
+                displaced.append(candidate)
+            admitted.append(job)
+            frames = new_frames
+        if not admitted:
+            return
+        admitted_ids = {id(job) for job in admitted}
+        self._heap = [job for job in self._heap if id(job) not in admitted_ids]
+        for job in displaced:
+            self._heap.append(job)
+        heapq.heapify(self._heap)
+        earliest_left_s = min((j.deadline_s for j in self._heap if j.is_render), default=math.inf)
+        self.stats.first_frames_jumped += sum(1 for job in admitted if job.deadline_s > earliest_left_s)
+        self.stats.first_frames_displaced += len(displaced)
+        taken.extend(admitted)
+        taken.sort()  # deadline order, as `_frames_in_time` and the stream pulls expect
+
+    def _bucket_growth_keeps_head(self, first: _Job, frames: int, grown: int, head_feasible: bool) -> bool:
+        """Growing the batch from `frames` to `grown` keeps the most urgent job's deadline (same rule as
+        `_take_batch`: free within the bucket paid for; beyond it only when the larger bucket's measured time still
+        finishes in time, or when the head is late anyway)."""
+        if not head_feasible or bucket_for(grown, self.buckets) <= bucket_for(frames, self.buckets):
+            return True
+        estimate_ms = self.cost_model.estimate_ms(grown)
+        if estimate_ms is None:
+            return True
+        return self._clock() + estimate_ms / 1000.0 + self._deadline_margin_s <= first.deadline_s
 
     def close(self) -> None:
         with self._cond:

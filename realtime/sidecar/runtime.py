@@ -34,6 +34,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,6 +79,7 @@ class _Plan:
     start_tick: int
     next_frame: int = 0  # next frame to show
     next_to_render: int = 0
+    first_frames: int = 0  # frames [0, first_frames) were planned with less lead than the load's budget: they jump
     rendered: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -257,19 +259,23 @@ class SessionRuntime:
         """Tell the lane whether this session has speech in flight (its load estimate counts such sessions)."""
         self.lane.set_speaking(self.session_id, bool(self._streams))
 
-    def _planning_budget_ms(self) -> float:
-        """How far ahead a new utterance's first tick is planned (see the module docstring)."""
-        config = self.config
-        period_ms = self._period_s * 1000.0
-        # Frames more than `render_ahead_frames` ahead are not rendered yet: a longer lead would only wait.
-        max_ms = max(
-            config.render_budget_ms, min(config.max_render_budget_ms, (config.render_ahead_frames - 1) * period_ms)
-        )
+    def _planning_budget_ms(self, adding_frames: int = 0) -> float:
+        """How far ahead a new utterance's first tick is planned (see the module docstring); `adding_frames`: the
+        frames this session is about to submit at once."""
         return self.lane.planning_budget_ms(
-            min_ms=config.render_budget_ms,
-            max_ms=max_ms,
-            safety_factor=config.render_budget_safety,
-            frame_period_ms=period_ms,
+            min_ms=self.config.render_budget_ms,
+            max_ms=self._max_lead_ms(),
+            safety_factor=self.config.render_budget_safety,
+            frame_period_ms=self._period_s * 1000.0,
+            adding_frames=adding_frames,
+        )
+
+    def _max_lead_ms(self) -> float:
+        config = self.config
+        # Frames more than `render_ahead_frames` ahead are not rendered yet: a longer lead would only wait.
+        return max(
+            config.render_budget_ms,
+            min(config.max_render_budget_ms, (config.render_ahead_frames - 1) * self._period_s * 1000.0),
         )
 
     def _plan_next(self) -> None:
@@ -282,6 +288,8 @@ class SessionRuntime:
         stream = self._streams.get(utterance.utterance_id)
         if stream is None or stream.ready_frame_count() < 1:
             return
+        ready = stream.ready_frame_count()
+        budget_ms: float | None = None
         if self._plans:
             last = self._plans[-1]
             count = last.utterance.frame_count
@@ -289,11 +297,55 @@ class SessionRuntime:
                 return  # the previous utterance is still open: its length (and so this start) is unknown
             start_tick = last.start_tick + count
         else:
-            budget_ms = self._planning_budget_ms()
-            self.planned_budget_ms.append(budget_ms)
-            due = time.monotonic() + budget_ms / 1000.0
+            budget_ms, lead_ms = self._first_tick_lead(ready)
+            self.planned_budget_ms.append(lead_ms)
+            due = time.monotonic() + lead_ms / 1000.0
             start_tick = max(self._tick, math.ceil((due - self._t0_s) / self._period_s))
-        self._plans.append(_Plan(utterance, stream, start_tick))
+        first_frames = self._first_frames(start_tick, ready, budget_ms)
+        self._plans.append(_Plan(utterance, stream, start_tick, first_frames=first_frames))
+
+    def _first_tick_lead(self, ready_frames: int) -> tuple[float, float]:
+        """The load's planning budget B, and the lead of a new utterance's first tick.
+
+        Frame k that becomes ready later, in real time, has the lead + k·period minus the k·period its audio takes
+        to arrive: the lead itself, which must be B. But frames that are ready already (audio that arrived ahead of
+        real time: a TTS burst) need only be rendered by their ticks: with the first-frame priority they wait for
+        the batch in flight and their own, not the backlog (`RenderLane.first_frames_budget_ms`). So the lead is
+        the larger of that and B − (ready − 1)·period, which the first audio still to arrive needs.
+        """
+        adding = self._frames_submitted_at_once(ready_frames)
+        budget_ms = self._planning_budget_ms(adding)
+        if not self.config.first_frame_priority:
+            return budget_ms, budget_ms
+        period_ms = self._period_s * 1000.0
+        first_ms = self.lane.first_frames_budget_ms(
+            min_ms=self.config.render_budget_ms,
+            max_ms=budget_ms,
+            safety_factor=self.config.render_budget_safety,
+            frame_period_ms=period_ms,
+            adding_frames=adding,
+        )
+        return budget_ms, max(first_ms, budget_ms - max(0, ready_frames - 1) * period_ms)
+
+    def _frames_submitted_at_once(self, ready_frames: int) -> int:
+        """Frames ready now go to the lane at once (in jobs of `render_batch_frames`), up to `render_ahead_frames`."""
+        return min(max(1, ready_frames), self.config.render_ahead_frames)
+
+    def _first_frames(self, start_tick: int, ready_frames: int, budget_ms: float | None) -> int:
+        """How many of an utterance's first frames jump the lane's queue: those ready now whose ticks are closer
+        than the load's planning budget (a short lead, or an utterance queued behind one that plays: its audio
+        arrived ahead of real time). Frames that become ready later in real time get the budget's slack."""
+        if not self.config.first_frame_priority:
+            return 0
+        if budget_ms is None:
+            budget_ms = self._planning_budget_ms(self._frames_submitted_at_once(ready_frames))
+        closer_than_s = time.monotonic() + budget_ms / 1000.0
+        count = 0
+        while count < self._frames_submitted_at_once(ready_frames) and count < ready_frames:
+            if self._tick_deadline(start_tick + count) >= closer_than_s:
+                break
+            count += 1
+        return count
 
     def _next_render_job(self) -> tuple[_Plan, list[int]] | None:
         for plan in self._plans:
@@ -301,6 +353,8 @@ class SessionRuntime:
             limit = min(ready, plan.next_frame + self.config.render_ahead_frames)
             if plan.next_to_render < limit:
                 stop = min(limit, plan.next_to_render + self.config.render_batch_frames)
+                if plan.next_to_render < plan.first_frames:  # a job is all first frames or none
+                    stop = min(stop, plan.first_frames)
                 return plan, list(range(plan.next_to_render, stop))
             if plan.next_to_render < ready:
                 return None  # this utterance is far enough ahead; later ones wait their turn
@@ -319,11 +373,14 @@ class SessionRuntime:
             # job at once: waiting for this job to come back first would add up to two of the lane's batches to
             # that frame's latency under load. Jobs of one stream still run in order (later ticks, later deadline).
             plan.next_to_render = frames[-1] + 1
-            task = asyncio.create_task(self._render_job(plan, frames, self._generation))
+            # Queued before this loop yields: the next session planning in this same loop turn (a burst of sessions
+            # whose audio arrived together) sees these frames in the lane's backlog.
+            pending = self._submit_render(plan, frames)
+            task = asyncio.create_task(self._render_job(plan, frames, self._generation, pending))
             self._render_jobs.add(task)
             task.add_done_callback(self._render_jobs.discard)
 
-    async def _render_job(self, plan: _Plan, frames: list[int], generation: int) -> None:
+    def _submit_render(self, plan: _Plan, frames: list[int]) -> Future[list[np.ndarray | None]]:
         ticks = [plan.start_tick + k for k in frames]
         stream = plan.stream
 
@@ -331,13 +388,24 @@ class SessionRuntime:
             return stream.render_requests(frames, ticks)
 
         try:
-            images = await self.lane.render(
+            return self.lane.submit_render(
                 self._tick_deadline(ticks[0]),
                 make_requests,
                 frames=len(frames),
                 source=stream,
                 frame_period_s=self._period_s,  # frames that would be late are skipped, not rendered (overload)
+                first_frames=frames[0] < plan.first_frames,
             )
+        except Exception as exc:  # a closed lane: the job fails like a failed render (counted, logged)
+            failed: Future[list[np.ndarray | None]] = Future()
+            failed.set_exception(exc)
+            return failed
+
+    async def _render_job(
+        self, plan: _Plan, frames: list[int], generation: int, pending: Future[list[np.ndarray | None]]
+    ) -> None:
+        try:
+            images: list[np.ndarray | None] = await asyncio.wrap_future(pending)
         except UtteranceClosed:
             # Its utterance finished playing (or was flushed) while the job waited in the lane: nothing to render.
             logger.debug("render job of a closed utterance", extra={"session_id": self.session_id})

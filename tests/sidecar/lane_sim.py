@@ -142,21 +142,33 @@ class SimResult:
     speech_frames: int
     dropped_frames: int
     ttff_ms: list[float]
+    ttff_ms_by_session: list[list[float]]
     planned_budget_ms: list[float]
     lane_batches: int
     lane_mean_batch_frames: float
     lane_busy_fraction: float
+    first_frames_jumped: int
+    first_frames_displaced: int
     miss_frame_indices: list[int]  # utterance frame index of each dropped frame (where in an utterance they fall)
 
 
-async def _client(runtime: SessionRuntime, utterance_s: float, gap_s: float, stop_at_s: float) -> None:
+async def _client(
+    runtime: SessionRuntime, utterance_s: float, gap_s: float, stop_at_s: float, burst_s: float = 0.0
+) -> None:
+    """`burst_s`: each utterance's first `burst_s` of audio arrives in one message (a TTS's first chunk), the rest
+    in real time from then on, so the audio stays `burst_s` ahead of real time."""
     timeline = np.zeros(16_000 * CHUNK_MS // 1000, np.float32)
     playout = np.zeros(PLAYOUT_SAMPLES_PER_FRAME * CHUNK_MS // 40, np.float32)
     chunks = round(utterance_s * 1000 / CHUNK_MS)
+    burst_chunks = min(chunks, round(burst_s * 1000 / CHUNK_MS))
     while time.monotonic() < stop_at_s:
         started = time.monotonic()
-        for index in range(chunks):
-            delay = started + index * CHUNK_MS / 1000 - time.monotonic()
+        if burst_chunks:
+            runtime.ingest(
+                ConvertedAudio(np.tile(timeline, burst_chunks), np.tile(playout, burst_chunks)), "sim", started
+            )
+        for index in range(burst_chunks, chunks):
+            delay = started + (index - burst_chunks) * CHUNK_MS / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             runtime.ingest(ConvertedAudio(timeline, playout), "sim", started)
@@ -177,11 +189,14 @@ async def simulate(
     seed: int = 0,
     host_ms: Mapping[int, float] | None = None,
     pipelined: bool = False,
+    burst_s: float | Sequence[float] = 0.0,
 ) -> SimResult:
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
     that has measured every bucket already (a sidecar that has been up), else from nothing. A batch costs
     `cost_ms[bucket]` of device time, then `host_ms[bucket]` (default none) on the lane thread
-    (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`."""
+    (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`; `burst_s`: each utterance's first
+    `burst_s` of audio arrives at once (`_client`; one value per session, or one for all)."""
+    bursts_s = [burst_s] * sessions if isinstance(burst_s, float | int) else list(burst_s)
     buckets = tuple(sorted(cost_ms))
     host = dict(host_ms) if host_ms is not None else dict.fromkeys(buckets, 0.0)
     model = BatchCostModel(buckets)
@@ -212,7 +227,12 @@ async def simulate(
             await runtime.start()
             await asyncio.sleep(rng.uniform(0.0, 0.04))  # clocks at arbitrary phases
         stop_at_s = time.monotonic() + duration_s
-        await asyncio.gather(*(_client(runtime, utterance_s, gap_s, stop_at_s) for runtime in runtimes))
+        await asyncio.gather(
+            *(
+                _client(runtime, utterance_s, gap_s, stop_at_s, burst)
+                for runtime, burst in zip(runtimes, bursts_s, strict=True)
+            )
+        )
         drain_until_s = time.monotonic() + 3.0
         while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until_s:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
@@ -226,10 +246,13 @@ async def simulate(
         speech_frames=sum(r.speech_frames for r in runtimes),
         dropped_frames=sum(r.render_misses for r in runtimes),
         ttff_ms=[v for r in runtimes for v in r.ttff_ms_values],
+        ttff_ms_by_session=[list(r.ttff_ms_values) for r in runtimes],
         planned_budget_ms=[v for r in runtimes for v in r.planned_budget_ms],
         lane_batches=lane.stats.batches,
         lane_mean_batch_frames=lane.stats.frames_rendered / max(1, lane.stats.batches),
         lane_busy_fraction=lane.stats.busy_s / wall_s,
+        first_frames_jumped=lane.stats.first_frames_jumped,
+        first_frames_displaced=lane.stats.first_frames_displaced,
         miss_frame_indices=misses,
     )
 
