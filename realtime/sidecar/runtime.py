@@ -261,7 +261,7 @@ class SessionRuntime:
 
     def _planning_budget_ms(self, adding_frames: int = 0) -> float:
         """How far ahead a new utterance's first tick is planned (see the module docstring); `adding_frames`: the
-        frames this session is about to submit at once."""
+        frames this session is about to submit at once beyond its one per period (audio that arrived ahead)."""
         return self.lane.planning_budget_ms(
             min_ms=self.config.render_budget_ms,
             max_ms=self._max_lead_ms(),
@@ -314,7 +314,7 @@ class SessionRuntime:
         the larger of that and B − (ready − 1)·period, which the first audio still to arrive needs.
         """
         adding = self._frames_submitted_at_once(ready_frames)
-        budget_ms = self._planning_budget_ms(adding)
+        budget_ms = self._planning_budget_ms(adding - 1)  # the budget counts one frame per session already
         if not self.config.first_frame_priority:
             return budget_ms, budget_ms
         period_ms = self._period_s * 1000.0
@@ -338,7 +338,7 @@ class SessionRuntime:
         if not self.config.first_frame_priority:
             return 0
         if budget_ms is None:
-            budget_ms = self._planning_budget_ms(self._frames_submitted_at_once(ready_frames))
+            budget_ms = self._planning_budget_ms(self._frames_submitted_at_once(ready_frames) - 1)
         closer_than_s = time.monotonic() + budget_ms / 1000.0
         count = 0
         while count < self._frames_submitted_at_once(ready_frames) and count < ready_frames:
