@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "infra.cli.worker",
     "infra.cli.demo",
     "infra.cli.models",
+    "infra.cli.engine",
     "infra.cli.render",
     "infra.cli.sidecar",
 )

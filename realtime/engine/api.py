@@ -31,6 +31,9 @@ class EngineConfig:
     cpu_threads: int | None = None  # torch intra-op threads on CPU; default: the cores this process may use
     max_batch_size: int = 32  # larger render calls are split into chunks of this size (at most the largest bucket)
     accel: AccelConfig = field(default_factory=AccelConfig)  # GPU speed-ups: buckets, graphs, compile, transfers
+    # Prebuilt compiled kernels (`lipsync engine build`, realtime.engine.artifacts) that warm-up loads; default
+    # $LIPSYNC_CACHE_DIR/engine-artifacts or ~/.cache/lipsync-live/engine-artifacts.
+    artifacts_dir: Path | None = None
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     gate: SpeechGateConfig = field(default_factory=SpeechGateConfig)
 

@@ -31,6 +31,14 @@ from realtime.engine.accel import (
     pad_batch,
 )
 from realtime.engine.api import EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
+from realtime.engine.artifacts import (
+    ArtifactKey,
+    PrebuiltWarmUp,
+    default_artifacts_root,
+    model_hash,
+    settings_json,
+    warm_up_with_artifacts,
+)
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
@@ -432,6 +440,75 @@ class MuseTalkEngine:
     @property
     def warm_up_batch_ms(self) -> dict[int, float]:
         return dict(self._warm_up_batch_ms)
+
+    def artifact_key(self) -> ArtifactKey | None:
+        """What this engine's compiled kernels depend on (`realtime.engine.artifacts`); None when nothing is
+        compiled (CPU, or compile off)."""
+        if not self._compile_on:
+            return None
+        import torch
+
+        try:
+            import triton
+
+            triton_version = str(triton.__version__)
+        except ImportError:
+            triton_version = "none"
+        accel, cuda = self._accel, True
+        settings = {
+            "compile_batch1": accel.compile_batch1,
+            "compile_channels_last": accel.compile_channels_last,
+            "compile_tuned_stages": sorted(accel.compile_tuned_stages),
+            "group_norm": accel.group_norm_for(cuda),
+            "upsample_conv": accel.upsample_conv_for(cuda),
+            "channels_last": accel.channels_last,
+            "cuda_graphs": accel.cuda_graphs,
+            "decode_from_latent_row": accel.decode_from_latent_row,
+        }
+        major, minor = torch.cuda.get_device_capability(self._device)
+        return ArtifactKey(
+            gpu_name=str(torch.cuda.get_device_name(self._device)),
+            gpu_capability=f"{major}.{minor}",
+            torch_version=str(torch.__version__),
+            cuda_version=str(torch.version.cuda),
+            triton_version=triton_version,
+            model_hash=model_hash(self._models.unet, self._models.vae),
+            dtype=self._models.device.dtype_name,
+            compile_mode=accel.compile_mode,
+            compile_settings=settings_json(settings),
+            batch_buckets=accel.batch_buckets,
+        )
+
+    def warm_up_prebuilt(
+        self, artifacts_root: Path | None = None, max_frames: int | None = None, *, rebuild: bool = False
+    ) -> PrebuiltWarmUp:
+        """`warm_up_buckets` with the prebuilt engine artifacts under `artifacts_root` (default
+        `default_artifacts_root()`): the one for this engine's key is loaded before the first compile; none, or one
+        refused (another GPU, torch, model or setting: logged with its code), and the warm-up compiles from
+        nothing and saves one. `rebuild`: compile and save without looking for one."""
+        key = self.artifact_key()
+        if key is None:
+            return PrebuiltWarmUp("not_compiled", self.warm_up_buckets(max_frames))
+        import torch
+
+        def save_blob() -> bytes | None:
+            saved = torch.compiler.save_cache_artifacts()
+            return None if saved is None else saved[0]
+
+        def cache_misses() -> int:
+            from torch._dynamo.utils import counters
+
+            return int(counters["inductor"]["fxgraph_cache_miss"])
+
+        return warm_up_with_artifacts(
+            artifacts_root or default_artifacts_root(),
+            key,
+            warm_up=lambda: self.warm_up_buckets(max_frames),
+            load_blob=torch.compiler.load_cache_artifacts,
+            save_blob=save_blob,
+            cache_misses=cache_misses,
+            rebuild=rebuild,
+        )
 
     def warm_up_buckets(self, max_frames: int | None = None) -> float:
         """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a capture."""

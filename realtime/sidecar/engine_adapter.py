@@ -173,8 +173,21 @@ class EngineAdapter:
     def warm_up(self) -> bool:
         if self._warm:
             return True
+        warm_up_prebuilt = getattr(self.engine, "warm_up_prebuilt", None)
         warm_up_buckets = getattr(self.engine, "warm_up_buckets", None)
-        if warm_up_buckets is not None:
+        if warm_up_prebuilt is not None:
+            # Every batch bucket (no session frame ever waits for a graph capture or compile), from the prebuilt
+            # engine artifacts when they match this engine (realtime.engine.artifacts).
+            report = warm_up_prebuilt(self.config.artifacts_dir)
+            logger.info(
+                "engine warm",
+                extra={
+                    "artifacts": report.status,
+                    "warm_up_ms": round(report.warm_up_ms, 1),
+                    "refused": report.refused,
+                },
+            )
+        elif warm_up_buckets is not None:
             warm_up_buckets()  # every batch bucket: no session frame ever waits for a graph capture or compile
         else:
             self.engine.warm_up(WARM_UP_BATCH_SIZES)
