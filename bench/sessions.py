@@ -1,15 +1,19 @@
 """Sessions benchmark: how many concurrent 25-fps sessions one sidecar process sustains.
 
     python -m bench.sessions --sessions N --engine preview|musetalk --json PATH
-        [--duration-s 10] [--device auto] [--model tiny|full-size-random] [--frame-px 256] [--notes TEXT]
-        [--levels 1,4,8] [--max-render-budget-ms 240]
+        [--duration-s 10] [--device auto] [--model tiny|full-size-random] [--frame-px 256|512x512|1280x720]
+        [--publisher counting|livekit] [--notes TEXT] [--levels 1,4,8] [--max-render-budget-ms 240]
 
 For each level n in 1, 2, 4, ... N (and N), n sessions run concurrently for `--duration-s`
 on one event loop and one render lane, exactly as in the sidecar (`SessionRuntime`,
 `RenderLane`, the engine adapter). Each session has a simulated TTS client that pushes
 16 kHz s16le PCM in 20 ms messages at real-time pace through the same `AudioInput` the
 WS endpoint uses: a 3 s utterance, end_of_utterance, 0.6 s of nothing, again. Output goes
-to a counting publisher (no network): this measures the sidecar, not a LiveKit server.
+to a counting publisher (no network: this measures the sidecar), or with `--publisher livekit` each
+session publishes its video (`--frame-px`, W×H) and audio through the LiveKit SDK to a real
+livekit-server started for the run: `cpu_cores_per_session` is this process's CPU time per
+session-second over the level (render/composite + I420 conversion + encode + send; the server's own
+CPU is not counted), measured with either publisher, so their difference is what publishing costs.
 
 Per level: TTFF (first PCM byte of an utterance -> its first speech frame published),
 tick lateness (publish time - the tick's deadline on the session clock), dropped frames
@@ -28,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import logging
+import os
 import random
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +80,82 @@ class CountingPublisher:
 
     def stats(self) -> Any:
         return self._stats
+
+
+def frame_px(text: str) -> tuple[int, int]:
+    """`--frame-px`: "512" (square) or "WxH" ("1280x720"); even sizes of at least 16 px (what video encoders take)."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frame size {text!r} must be N or WxH, e.g. 512 or 1280x720") from None
+    if len(parts) > 2 or width < 16 or height < 16 or width % 2 or height % 2:
+        raise argparse.ArgumentTypeError(f"frame size {text!r} must be N or WxH with even sizes of at least 16 px")
+    return width, height
+
+
+def avatar_zip(width: int, height: int, count: int = 16) -> bytes:
+    """The astronaut avatar (bench.engine's, a real face) at `width`×`height`: the square photo at the smaller
+    side, its borders reflected out to the other (a wide frame keeps the face unstretched)."""
+    import cv2
+
+    from bench.engine import astronaut_zip
+
+    side = min(width, height)
+    square = astronaut_zip(size=side, count=count)
+    if width == height:
+        return square
+    source, buffer = zipfile.ZipFile(io.BytesIO(square)), io.BytesIO()
+    with source, zipfile.ZipFile(buffer, "w") as archive:
+        for name in source.namelist():
+            frame = cv2.imdecode(np.frombuffer(source.read(name), np.uint8), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise RuntimeError(f"could not decode avatar frame {name}")
+            left, top = (width - side) // 2, (height - side) // 2
+            padded = cv2.copyMakeBorder(frame, top, height - side - top, left, width - side - left, cv2.BORDER_REFLECT)
+            ok, png = cv2.imencode(".png", padded)
+            if not ok:
+                raise RuntimeError(f"could not encode avatar frame {name}")
+            archive.writestr(name, png.tobytes())
+    return buffer.getvalue()
+
+
+class LiveKitRun:
+    """A real livekit-server for the run, and a publisher per session into its own room."""
+
+    def __init__(self, workdir: Path) -> None:
+        from infra.livekit import LiveKitServerConfig, server_process
+
+        self.config = LiveKitServerConfig().with_free_ports()
+        self.process = server_process(self.config, workdir)
+        self._rooms = 0
+
+    def start(self) -> None:
+        self.process.start()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    async def publisher(self, width_px: int, height_px: int) -> Any:
+        from livekit import api
+
+        from realtime.host import LiveKitTarget
+        from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
+
+        self._rooms += 1
+        room, identity = f"bench-{self._rooms}", "avatar"
+        token = (
+            api.AccessToken(self.config.api_key, self.config.api_secret)
+            .with_identity(identity)
+            .with_grants(api.VideoGrants(room_join=True, room=room))
+            .to_jwt()
+        )
+        publisher = LiveKitPublisher(
+            LiveKitTarget(self.config.ws_url, room, identity, token),
+            LiveKitPublisherOptions(width_px=width_px, height_px=height_px),
+        )
+        await publisher.start()
+        return publisher
 
 
 def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, str]:
@@ -138,6 +221,7 @@ async def run_level(
     max_batch_frames: int = 32,
     runtime_config: Any = None,
     cost_model: Any = None,
+    livekit: LiveKitRun | None = None,
 ) -> dict[str, Any]:
     from realtime.sidecar.audio_input import AudioInput
     from realtime.sidecar.config import RuntimeConfig
@@ -154,13 +238,10 @@ async def run_level(
     )
     runtimes = []
     for index in range(sessions):
-        runtime = SessionRuntime(
-            f"bench-{index}",
-            engine.open_session(avatar),
-            [CountingPublisher()],
-            lane,
-            config,
+        publisher = (
+            await livekit.publisher(avatar.width_px, avatar.height_px) if livekit is not None else CountingPublisher()
         )
+        runtime = SessionRuntime(f"bench-{index}", engine.open_session(avatar), [publisher], lane, config)
         runtimes.append(runtime)
     rng = random.Random(sessions)
     started = time.monotonic()
@@ -174,7 +255,9 @@ async def run_level(
             await asyncio.sleep(rng.uniform(0.0, 0.04))  # sessions start at arbitrary phases of their clocks
         stop_at = time.monotonic() + duration_s
         inputs = [AudioInput(runtime, "bench", utterance_gap_ms=0) for runtime in runtimes]
+        cpu_started_s, speech_started_s = time.process_time(), time.monotonic()
         await asyncio.gather(*(client(audio_input, pcm, stop_at) for audio_input in inputs))
+        cpu_s, speech_wall_s = time.process_time() - cpu_started_s, time.monotonic() - speech_started_s
         drain_until = time.monotonic() + 5.0
         # The runtime has no "drained" event; polling every 50 ms only delays the end of the level.
         while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until:  # noqa: ASYNC110
@@ -232,7 +315,16 @@ async def run_level(
         "loop_lag_ms_p99": _pct(loop_lag_ms, 99),  # event-loop responsiveness: how late a 10 ms sleep wakes
         "lane_capacity_sessions": lane.capacity_sessions(max_batch_ms=config.max_batch_ms),
         "wall_s": round(wall_s, 2),
+        # This process's CPU time per session-second while the clients spoke (see the module docstring).
+        "cpu_cores_per_session": round(cpu_s / speech_wall_s / sessions, 4),
+        "cpu_cores_total": round(cpu_s / speech_wall_s, 3),
+        # What the publishers themselves sent, and dropped (a real one drops what its queue cannot hold).
+        "publisher_frames_published": sum(p.stats().frames_published for r in runtimes for p in r.publishers),
+        "publisher_frames_dropped": sum(p.stats().frames_dropped for r in runtimes for p in r.publishers),
+        "host_load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    dropped += row["publisher_frames_dropped"]
+    row["dropped_frames"] = dropped
     row["ok"] = bool(row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0)
     return row
 
@@ -280,7 +372,7 @@ def ladder(maximum: int) -> list[int]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.engine import astronaut_zip, speech_like
+    from bench.engine import speech_like
     from realtime.host import AvatarAsset
 
     with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp:
@@ -290,7 +382,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         engine.warm_up()
         warm_up_ms = (time.perf_counter() - warm_started) * 1000
         avatar_path = cache_dir / "avatar.zip"
-        avatar_path.write_bytes(astronaut_zip(size=args.frame_px, count=16))
+        avatar_path.write_bytes(avatar_zip(*args.frame_px))
         _, avatar = engine.prepare_avatar(AvatarAsset(avatar_path, "frames_zip", ""), lambda _p: None)
         speech = speech_like(UTTERANCE_S, seed=3)
         pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
@@ -304,22 +396,30 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         cost_model = BatchCostModel()  # one sidecar process: the lane's measurements outlive each level's sessions
         rows = []
-        for sessions in args.levels or ladder(args.sessions):
-            row = await run_level(
-                engine,
-                avatar,
-                sessions,
-                args.duration_s,
-                pcm,
-                max_batch_frames=args.max_batch_frames,
-                runtime_config=runtime_config,
-                cost_model=cost_model,
-            )
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            last_good = max((r["sessions"] for r in rows if r["ok"]), default=1)
-            if not args.all_levels and not row["ok"] and sessions >= 2 * last_good:
-                break  # two levels past the last good one: the curve has turned
+        livekit = LiveKitRun(cache_dir / "livekit") if args.publisher == "livekit" else None
+        if livekit is not None:
+            livekit.start()
+        try:
+            for sessions in args.levels or ladder(args.sessions):
+                row = await run_level(
+                    engine,
+                    avatar,
+                    sessions,
+                    args.duration_s,
+                    pcm,
+                    max_batch_frames=args.max_batch_frames,
+                    runtime_config=runtime_config,
+                    cost_model=cost_model,
+                    livekit=livekit,
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                last_good = max((r["sessions"] for r in rows if r["ok"]), default=1)
+                if not args.all_levels and not row["ok"] and sessions >= 2 * last_good:
+                    break  # two levels past the last good one: the curve has turned
+        finally:
+            if livekit is not None:
+                livekit.stop()
         info = engine.info()
     ok = [r for r in rows if r["ok"]]
     best = max(ok, key=lambda r: r["sessions"]) if ok else None
@@ -330,13 +430,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "engine": info.name,
             "model": args.model if args.engine == "musetalk" else "none (preview)",
-            "frame_px": [args.frame_px, args.frame_px],
+            "frame_px": list(args.frame_px),
+            "publisher": args.publisher,
             "duration_s": args.duration_s,
             "utterance_s": UTTERANCE_S,
             "gap_s": GAP_S,
             "client_chunk_ms": CHUNK_MS,
             "input": "16 kHz s16le mono, real-time pace, through AudioInput (the WS path without the socket)",
-            "output": "counting publisher (no network)",
+            "output": "counting publisher (no network)"
+            if args.publisher == "counting"
+            else "LiveKit SDK publisher per session, each into its own room of a local livekit-server (--dev)",
             "warm_up_ms": round(warm_up_ms, 1),
             "engine_variant": args.variant if args.engine == "musetalk" else None,
             "max_batch_frames": args.max_batch_frames,
@@ -361,6 +464,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "max_sessions_is_lower_bound": bool(rows) and all(r["ok"] for r in rows),
             # The busiest second of the largest level that held: the aggregate rate rendered with every frame on time.
             "rendered_fps_peak_1s_ok": best["lane_rendered_fps_peak_1s"] if best else None,
+            # At the largest level that held: this process's CPU per session-second (see the module docstring).
+            "cpu_cores_per_session": best["cpu_cores_per_session"] if best else None,
         },
         "results": rows,
     }
@@ -376,7 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=10.0, help="how long each level runs")
     parser.add_argument("--device", default="auto", help="musetalk: auto | cpu | cuda | cuda:N")
     parser.add_argument("--model", choices=("tiny", "full-size-random"), default="full-size-random")
-    parser.add_argument("--frame-px", type=int, default=256, help="avatar frame size (square)")
+    parser.add_argument(
+        "--frame-px", type=frame_px, default=(256, 256), help="avatar/output frame size: N (square) or WxH"
+    )
+    parser.add_argument(
+        "--publisher",
+        choices=("counting", "livekit"),
+        default="counting",
+        help="counting (no network) or livekit (a real livekit-server started for the run)",
+    )
     parser.add_argument("--variant", default="graphs", help="musetalk engine settings: a bench.engine variant")
     parser.add_argument("--max-batch-frames", type=int, default=32, help="render lane batch limit")
     parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=None)
