@@ -138,29 +138,28 @@ async def test_an_idle_lane_has_no_backlog_after_batches_of_several_jobs_per_sou
 
 
 async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_and_no_frame_is_dropped() -> None:
-    """16 sessions on the H200's batch times, 12 streaming in real time and 4 whose TTS sends each utterance's
-    first 0.6 s at once. The load's planning budget is for frames that become ready in real time; frames that
-    are ready already only need their batch. With the first-frame priority the 4 start with that lead; without it
-    they wait the full budget like the others. Neither run drops frames."""
-    bursts_s = [0.0] * 12 + [0.6] * 4
-    options: dict[str, Any] = {
-        "duration_s": 4.0,
-        "utterance_s": 2.0,
-        "gap_s": 0.5,
-        "max_batch_frames": 64,
-        "pipelined": True,
-    }
-    off = await simulate(16, H200_COMPILED_MS, RuntimeConfig(first_frame_priority=False), burst_s=bursts_s, **options)
-    on = await simulate(16, H200_COMPILED_MS, RuntimeConfig(), burst_s=bursts_s, **options)
-    assert off.speech_frames == on.speech_frames > 1500  # 16 sessions × 2 utterances × 50 frames
+    """8 sessions on 1.3 x the H200's batch times (about two thirds of the lane's peak rate while all speak), 6
+    streaming in real time and 2 whose TTS sends each utterance's first 0.6 s at once. The load's planning budget
+    is for frames that become ready in real time; frames that are ready already only need their batch. With the
+    first-frame priority the 2 start with that lead; without it they wait the full budget like the others.
+    Neither run drops frames."""
+    cost_ms = {bucket: 1.3 * ms for bucket, ms in H200_COMPILED_MS.items()}
+    bursts_s = [0.0] * 6 + [0.6] * 2
+    options: dict[str, Any] = {"duration_s": 4.0, "utterance_s": 2.0, "gap_s": 0.5, "max_batch_frames": 64}
+    off = await simulate(
+        8, cost_ms, RuntimeConfig(first_frame_priority=False), burst_s=bursts_s, pipelined=True, **options
+    )
+    on = await simulate(8, cost_ms, RuntimeConfig(), burst_s=bursts_s, pipelined=True, **options)
+    assert off.speech_frames == on.speech_frames > 800  # 8 sessions × 2 utterances × 50 frames (+ a third's start)
     # None in runs alone; room for one stall of the whole process on a busy machine (every session then loses the
     # same few utterance frames, mid-utterance), as in test_runtime's pipelined-lane simulation.
     assert off.dropped_frames <= off.speech_frames // 20, off
     assert on.dropped_frames <= on.speech_frames // 20, on
     assert 0 not in on.miss_frame_indices, on  # no first frame was lost to its shorter lead
-    bursty_off = statistics.median(v for ttffs in off.ttff_ms_by_session[12:] for v in ttffs)
-    bursty_on = statistics.median(v for ttffs in on.ttff_ms_by_session[12:] for v in ttffs)
-    realtime_on = statistics.median(v for ttffs in on.ttff_ms_by_session[:12] for v in ttffs)
-    assert bursty_on < 0.6 * bursty_off, (bursty_on, bursty_off)
+    bursty_off = statistics.median(v for ttffs in off.ttff_ms_by_session[6:] for v in ttffs)
+    bursty_on = statistics.median(v for ttffs in on.ttff_ms_by_session[6:] for v in ttffs)
+    realtime_on = statistics.median(v for ttffs in on.ttff_ms_by_session[:6] for v in ttffs)
+    # Measured 0.5 of each (252 ms against 508 and 471 ms, beside a load average of 8 on 2 cores).
+    assert bursty_on < 0.7 * bursty_off, (bursty_on, bursty_off)
     # The real-time sessions keep the load's budget: their first frames could not be sooner without being late.
-    assert bursty_on < 0.6 * realtime_on, (bursty_on, realtime_on)
+    assert bursty_on < 0.7 * realtime_on, (bursty_on, realtime_on)
