@@ -3,6 +3,7 @@
     python -m bench.sessions --sessions N --engine preview|musetalk --json PATH
         [--duration-s 10] [--device auto] [--model tiny|full-size-random] [--frame-px 256|512x512|1280x720]
         [--publisher counting|livekit] [--notes TEXT] [--levels 1,4,8] [--max-render-budget-ms 240]
+        [--client-burst-s 0.6] [--no-first-frame-priority]
 
 For each level n in 1, 2, 4, ... N (and N), n sessions run concurrently for `--duration-s`
 on one event loop and one render lane, exactly as in the sidecar (`SessionRuntime`,
@@ -197,13 +198,16 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
     return EngineAdapter(config, engine=engine, reason=f"musetalk {args.model}"), name, str(torch.__version__)
 
 
-async def client(audio_input: Any, pcm: bytes, stop_at: float) -> None:
-    """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`."""
+async def client(audio_input: Any, pcm: bytes, stop_at: float, burst_s: float = 0.0) -> None:
+    """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`; `burst_s`: each
+    utterance's first `burst_s` is sent at once (a TTS that synthesises faster than real time), the rest at
+    real-time pace from then on."""
     chunk = 16_000 * CHUNK_MS // 1000 * 2
+    burst_chunks = round(burst_s * 1000 / CHUNK_MS)
     while time.monotonic() < stop_at:
         started = time.monotonic()
         for index, offset in enumerate(range(0, len(pcm), chunk)):
-            delay = started + index * CHUNK_MS / 1000 - time.monotonic()
+            delay = started + (index - burst_chunks) * CHUNK_MS / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             audio_input.push(pcm[offset : offset + chunk])
@@ -222,6 +226,7 @@ async def run_level(
     runtime_config: Any = None,
     cost_model: Any = None,
     livekit: LiveKitRun | None = None,
+    client_burst_s: float = 0.0,
 ) -> dict[str, Any]:
     from realtime.sidecar.audio_input import AudioInput
     from realtime.sidecar.config import RuntimeConfig
@@ -256,7 +261,7 @@ async def run_level(
         stop_at = time.monotonic() + duration_s
         inputs = [AudioInput(runtime, "bench", utterance_gap_ms=0) for runtime in runtimes]
         cpu_started_s, speech_started_s = time.process_time(), time.monotonic()
-        await asyncio.gather(*(client(audio_input, pcm, stop_at) for audio_input in inputs))
+        await asyncio.gather(*(client(audio_input, pcm, stop_at, client_burst_s) for audio_input in inputs))
         cpu_s, speech_wall_s = time.process_time() - cpu_started_s, time.monotonic() - speech_started_s
         drain_until = time.monotonic() + 5.0
         # The runtime has no "drained" event; polling every 50 ms only delays the end of the level.
@@ -393,6 +398,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             max_render_budget_ms=args.max_render_budget_ms,
             render_budget_safety=args.render_budget_safety,
             render_ahead_frames=args.render_ahead_frames,
+            first_frame_priority=args.first_frame_priority,
         )
         cost_model = BatchCostModel()  # one sidecar process: the lane's measurements outlive each level's sessions
         rows = []
@@ -411,6 +417,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     runtime_config=runtime_config,
                     cost_model=cost_model,
                     livekit=livekit,
+                    client_burst_s=args.client_burst_s,
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -436,7 +443,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "utterance_s": UTTERANCE_S,
             "gap_s": GAP_S,
             "client_chunk_ms": CHUNK_MS,
-            "input": "16 kHz s16le mono, real-time pace, through AudioInput (the WS path without the socket)",
+            "client_burst_s": args.client_burst_s,
+            "first_frame_priority": runtime_config.first_frame_priority,
+            "input": "16 kHz s16le mono, real-time pace, through AudioInput (the WS path without the socket)"
+            + (f"; each utterance's first {args.client_burst_s} s at once" if args.client_burst_s else ""),
             "output": "counting publisher (no network)"
             if args.publisher == "counting"
             else "LiveKit SDK publisher per session, each into its own room of a local livekit-server (--dev)",
@@ -501,6 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-budget-safety", type=float, default=RuntimeConfig().render_budget_safety)
     parser.add_argument("--render-ahead-frames", type=int, default=RuntimeConfig().render_ahead_frames)
+    parser.add_argument(
+        "--client-burst-s",
+        type=float,
+        default=0.0,
+        help="each utterance's first seconds of audio sent at once (a TTS faster than real time); 0: real time",
+    )
+    parser.add_argument(
+        "--no-first-frame-priority",
+        dest="first_frame_priority",
+        action="store_false",
+        help="plan every utterance with the load's full budget (RuntimeConfig.first_frame_priority off)",
+    )
     parser.add_argument("--all-levels", action="store_true", help="run every level (no stop once the curve turns)")
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
