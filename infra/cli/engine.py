@@ -1,6 +1,7 @@
 """`lipsync engine build|list`: prebuilt engine artifacts (compiled kernels) that a sidecar's warm-up loads.
 
-`build` warms a MuseTalk engine up from nothing on this node's GPU and saves torch's portable compile cache,
+`build` warms a MuseTalk engine up from nothing on this node's GPU and saves torch's portable compile cache
+(run it with the sidecar's engine flags: `--compile` as `--compile-mode`, `--no-kernel-tuning`, `--no-cuda-graphs`),
 keyed by GPU, torch/CUDA/Triton versions, model architecture, dtype, compile mode and settings and batch buckets
 (`realtime.engine.artifacts`); `list` shows the artifacts under a root and their keys.
 """
@@ -27,6 +28,13 @@ def register(subparsers: Any) -> None:
     build.add_argument("--device", default="cuda", help="cuda | cuda:N (compiled kernels exist only on CUDA)")
     build.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA) | float16 | bfloat16")
     build.add_argument("--compile-mode", default="default", help="default | max-autotune-no-cudagraphs")
+    build.add_argument(
+        "--no-kernel-tuning",
+        dest="kernel_tuning",
+        action="store_false",
+        help="as the sidecar's --no-kernel-tuning: the artifact must be built with the sidecar's settings",
+    )
+    build.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="as the sidecar's")
     build.add_argument("--buckets", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
     build.add_argument("--artifacts-dir", type=Path, default=None, help="default $LIPSYNC_CACHE_DIR/engine-artifacts")
     build.add_argument("--json", action="store_true", help="print one JSON document")
@@ -52,6 +60,8 @@ def _build(args: argparse.Namespace) -> int:
         try:
             accel = AccelConfig(
                 compile_mode=args.compile_mode,
+                cuda_graphs=args.cuda_graphs,
+                compile_tuned_stages=AccelConfig.compile_tuned_stages if args.kernel_tuning else (),
                 batch_buckets=args.buckets or DEFAULT_BATCH_BUCKETS,
                 compile_cache_dir=Path(scratch),
             )
