@@ -15,7 +15,10 @@ before its tick: it is `render_budget_ms` on an idle lane and grows with the lan
 batch time at the current load, up to `max_render_budget_ms` (`RenderLane.planning_budget_ms`),
 so many sessions hold without dropped frames at the price of a later first frame. Each ready
 frame goes to the lane as soon as it is ready, while the session's earlier jobs are still there:
-a frame then waits for at most the batch in flight and its own.
+a frame then waits for at most the batch in flight and its own. Audio that arrived ahead of real
+time (a TTS burst) makes frames ready before their share of that budget: those are submitted as
+first frames, which jump the lane's queue, and the utterance starts with only the lead they need
+(`_first_tick_lead`; `RuntimeConfig.first_frame_priority`).
 If the client's audio runs dry mid-utterance (it streams slower than real time), the
 utterance pauses: idle frames with silence, and it resumes one tick later.
 
