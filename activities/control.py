@@ -16,29 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import WorkflowUpdateFailedError
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from activities import fetch, validate
 from activities.errors import AssetError
+from activities.placement_client import Placer
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
     PLACEMENT_WORKFLOW_ID,
-    AcquireSlot,
     ActivityName,
     AvatarKind,
-    ErrorCode,
     FetchAssetsInput,
     FetchedAsset,
     Placement,
     PlaceSessionInput,
-    ReleaseSlot,
     ReleaseSlotInput,
     ValidateAssetsInput,
     ValidatedAvatar,
 )
-from workflows.placement import PlacementWorkflow
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +44,7 @@ class ControlConfig:
     asset_dir: Path
     placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
     task_queue: str = CONTROL_TASK_QUEUE
+    shards: int = 1  # placement registries per pool; every sidecar and control worker must agree
 
 
 class ControlActivities:
@@ -104,32 +99,27 @@ class ControlActivities:
 
     @activity.defn(name=ActivityName.PLACE_SESSION.value)
     async def place_session(self, request: PlaceSessionInput) -> Placement:
-        handle = activity.client().get_workflow_handle_for(PlacementWorkflow.run, self.config.placement_workflow_id)
-        try:
-            return await handle.execute_update(
-                PlacementWorkflow.acquire,
-                AcquireSlot(session_id=request.session_id, exclude_incarnations=request.exclude_incarnations),
-            )
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type == ErrorCode.NO_CAPACITY:
-                # Retryable: the policy's retries are the wait for a slot to free up.
-                raise ApplicationError(cause.message, type=ErrorCode.NO_CAPACITY.value) from exc
-            raise
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                raise ApplicationError(
-                    "no sidecar has registered yet (the placement registry does not exist)",
-                    type=ErrorCode.NO_CAPACITY.value,
-                ) from exc
-            raise
+        info = activity.info()
+        placer = self._placer()
+        # The registry refuses this acquire once this attempt is over (server time on both sides).
+        deadline_s = (
+            (info.started_time + info.start_to_close_timeout).timestamp() if info.start_to_close_timeout else 0.0
+        )
+        # A retry, or a re-placement, may hold a slot in a registry this attempt will not land on: clear it first.
+        return await placer.acquire(
+            request.session_id,
+            request.avatar_key,
+            request.exclude_incarnations,
+            pools=request.pools,
+            release_first=info.attempt > 1 or bool(request.exclude_incarnations),
+            deadline_s=deadline_s,
+        )
 
     @activity.defn(name=ActivityName.RELEASE_SLOT.value)
     async def release_slot(self, request: ReleaseSlotInput) -> bool:
-        handle = activity.client().get_workflow_handle_for(PlacementWorkflow.run, self.config.placement_workflow_id)
-        try:
-            return await handle.execute_update(PlacementWorkflow.release, ReleaseSlot(session_id=request.session_id))
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                return False  # no registry, so no slot to hold
-            raise
+        return await self._placer().release(request.session_id, request.registry_id, pools=request.pools)
+
+    def _placer(self) -> Placer:
+        return Placer(
+            activity.client(), self.config.placement_workflow_id, self.config.task_queue, shards=self.config.shards
+        )

@@ -43,6 +43,7 @@ from realtime.host import (
 )
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
+    DEFAULT_POOL,
     PLACEMENT_WORKFLOW_ID,
     ActivityName,
     AvatarReady,
@@ -81,6 +82,8 @@ class SidecarWorkerConfig:
     recordings_dir: Path | None = None  # MP4 recordings when a session asks for one
     control_task_queue: str = CONTROL_TASK_QUEUE  # where PlacementWorkflow runs
     placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
+    placement_shards: int = 1  # registries per pool (the control workers' --placement-shards)
+    pool: str = DEFAULT_POOL  # e.g. GPU type and region; sessions ask for pools by policy
     lease_s: float = 15.0  # placement drops this sidecar this long after its last registration heartbeat
     registration_interval_s: float = 5.0
     livekit_api_key: str = ""

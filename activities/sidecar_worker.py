@@ -9,7 +9,8 @@
 (`python -m realtime` is the standalone sidecar without it: realtime never imports activities.)
 
 That polls the host's task queue (`sidecar-<id>` by convention) for the sidecar activities,
-registers the host's capacity with PlacementWorkflow and refreshes that lease every
+registers the host's capacity with its pool's placement registry (the shard its id hashes
+to: activities.placement_client) and refreshes that lease every
 `registration_interval_s` until `shutdown` is set (or the service is cancelled: SIGTERM);
 then it tells placement it left and drains the worker, whose cut-short steps report
 `sidecar_shutting_down` so their sessions move on at once. A process killed outright simply
@@ -34,16 +35,15 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.placement_client import Placer, check_pool, check_shards
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
 from realtime.host import SessionHost
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
+    DEFAULT_POOL,
     PLACEMENT_WORKFLOW_ID,
-    PlacementState,
-    SidecarDeparture,
     SidecarHeartbeat,
 )
-from workflows.placement import PlacementWorkflow
 from workflows.temporal_client import connect_client, worker_tracing_interceptors
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ async def run_sidecar_worker(
             f"host reports task queue {capacity.task_queue!r} but the worker config says {config.queue!r}: "
             "build the config with SidecarWorkerConfig.for_host(host, ...)"
         )
+    check_pool(config.pool)
+    placer = Placer(
+        client, config.placement_workflow_id, config.control_task_queue, shards=check_shards(config.placement_shards)
+    )
     incarnation = uuid.uuid4().hex
     activities = SidecarActivities(host, config, incarnation)
     worker = Worker(
@@ -87,14 +91,20 @@ async def run_sidecar_worker(
     stop = shutdown or asyncio.Event()
     logger.info(
         "sidecar worker starting",
-        extra={"sidecar": config.sidecar_id, "queue": config.queue, "incarnation": incarnation},
+        extra={
+            "sidecar": config.sidecar_id,
+            "queue": config.queue,
+            "incarnation": incarnation,
+            "pool": config.pool,
+            "registry": placer.registry_of_sidecar(config.sidecar_id, config.pool),
+        },
     )
     async with worker:
         # Register only once the queue is polled, so no placement points at a queue nobody serves.
-        await _register(client, host, config, incarnation)
+        await _register(placer, host, config, incarnation)
         if ready is not None:
             ready.set()
-        registration = asyncio.create_task(_keep_registered(client, host, config, incarnation))
+        registration = asyncio.create_task(_keep_registered(placer, host, config, incarnation))
         try:
             await stop.wait()
         finally:
@@ -102,13 +112,11 @@ async def run_sidecar_worker(
             with contextlib.suppress(asyncio.CancelledError):
                 await registration
             with contextlib.suppress(Exception):
-                await client.get_workflow_handle(config.placement_workflow_id).signal(
-                    PlacementWorkflow.depart, SidecarDeparture(sidecar_id=config.sidecar_id, incarnation=incarnation)
-                )
+                await placer.depart(config.sidecar_id, incarnation, config.pool)
     logger.info("sidecar worker stopped", extra={"sidecar": config.sidecar_id})
 
 
-async def _register(client: Client, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+async def _register(placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
     capacity = host.capacity()
     beat = SidecarHeartbeat(
         sidecar_id=config.sidecar_id,
@@ -117,23 +125,16 @@ async def _register(client: Client, host: SessionHost, config: SidecarWorkerConf
         slots_total=capacity.slots_total,
         slots_free=capacity.slots_free,
         lease_s=config.lease_s,
+        pool=config.pool,
     )
-    # Signal-with-start: the first sidecar to come up creates the registry.
-    await client.start_workflow(
-        PlacementWorkflow.run,
-        PlacementState(),
-        id=config.placement_workflow_id,
-        task_queue=config.control_task_queue,
-        start_signal="heartbeat",
-        start_signal_args=[beat],
-    )
+    await placer.send_heartbeat(beat)
 
 
-async def _keep_registered(client: Client, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+async def _keep_registered(placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
     while True:
         await asyncio.sleep(config.registration_interval_s)
         try:
-            await _register(client, host, config, incarnation)
+            await _register(placer, host, config, incarnation)
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
             logger.warning("placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)})
 
@@ -150,6 +151,8 @@ class SidecarTemporalOptions:
     asset_dir: Path
     control_task_queue: str = CONTROL_TASK_QUEUE
     placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
+    placement_shards: int = 1
+    pool: str = DEFAULT_POOL
     lease_s: float = DEFAULT_LEASE_S
     registration_interval_s: float = DEFAULT_REGISTRATION_INTERVAL_S
     recordings_dir: Path | None = None
@@ -161,6 +164,8 @@ class SidecarTemporalOptions:
             recordings_dir=self.recordings_dir,
             control_task_queue=self.control_task_queue,
             placement_workflow_id=self.placement_workflow_id,
+            placement_shards=self.placement_shards,
+            pool=self.pool,
             lease_s=self.lease_s,
             registration_interval_s=self.registration_interval_s,
         )
@@ -195,6 +200,19 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--placement-id", default=PLACEMENT_WORKFLOW_ID, help="PlacementWorkflow id")
     group.add_argument(
+        "--placement-shards",
+        type=int,
+        default=int(os.environ.get("LIPSYNC_PLACEMENT_SHARDS", "1")),
+        help="placement registries per pool; the same on every worker and sidecar (default $LIPSYNC_PLACEMENT_SHARDS "
+        "or 1)",
+    )
+    group.add_argument(
+        "--pool",
+        default=os.environ.get("LIPSYNC_POOL", DEFAULT_POOL),
+        help="the pool this sidecar serves, e.g. GPU type and region `h200.eu-west` (sessions ask for pools by "
+        f"policy: placement.pools; default $LIPSYNC_POOL or {DEFAULT_POOL})",
+    )
+    group.add_argument(
         "--lease-s",
         type=float,
         default=DEFAULT_LEASE_S,
@@ -217,6 +235,8 @@ def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path
             f"--registration-interval-s ({args.registration_interval_s}) must be > 0 and shorter than "
             f"--lease-s ({args.lease_s}), or the sidecar's registration lapses between refreshes"
         )
+    check_shards(args.placement_shards)
+    check_pool(args.pool)
     asset_dir = args.asset_dir or Path(os.environ.get(ASSET_DIR_ENV) or default_asset_dir)
     return SidecarTemporalOptions(
         address=args.temporal_address,
@@ -224,6 +244,8 @@ def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path
         asset_dir=asset_dir,
         control_task_queue=args.control_task_queue,
         placement_workflow_id=args.placement_id,
+        placement_shards=args.placement_shards,
+        pool=args.pool,
         lease_s=args.lease_s,
         registration_interval_s=args.registration_interval_s,
         recordings_dir=args.recordings_dir,

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from infra.paths import PROJECT_ROOT
-from workflows.policy import RetrySpec, SessionPolicy
+from workflows.policy import MAX_POOL_NAME_CHARS, RetrySpec, SessionPolicy, is_pool_name
 
 POLICIES_ENV = "LIPSYNC_POLICIES"
 DEFAULT_POLICIES_PATH = PROJECT_ROOT / "infra" / "policies.yaml"
@@ -191,6 +191,18 @@ def _check(policy: SessionPolicy, source: str) -> None:
             f"too small for session.max_duration_s: {reports:.0f} reports per session would bloat the workflow "
             f"history (at most {MAX_STATS_REPORTS_PER_SESSION})",
         )
+
+    pools = policy.placement.pools
+    if not pools:
+        fail("placement.pools", "must name at least one pool")
+    if len(set(pools)) != len(pools):
+        fail("placement.pools", f"names a pool twice: {pools}")
+    for index, pool in enumerate(pools):
+        if not is_pool_name(pool):
+            fail(
+                f"placement.pools[{index}]",
+                f"{pool!r} is not a pool name (1-{MAX_POOL_NAME_CHARS} letters, digits, '-', '_' or '.')",
+            )
 
     order = policy.outputs.fallback_order
     if not order:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from workflows.policy import FetchLimits, FrameLimits, SessionPolicy, VideoLimits, ZipLimits
+from workflows.policy import DEFAULT_POOL, FetchLimits, FrameLimits, SessionPolicy, VideoLimits, ZipLimits
 
 CONTROL_TASK_QUEUE = "lipsync-control"
 PLACEMENT_WORKFLOW_ID = "lipsync-placement"
@@ -24,6 +24,17 @@ SIDECAR_TASK_QUEUE_PREFIX = "sidecar-"
 
 def session_workflow_id(session_id: str) -> str:
     return f"{SESSION_WORKFLOW_ID_PREFIX}{session_id}"
+
+
+def placement_registry_id(placement_id: str, pool: str, shard: int) -> str:
+    """Workflow id of one placement registry: shard `shard` of pool `pool`.
+
+    Shard 0 of the default pool keeps the bare id, so a one-registry deployment and the ops
+    health check see the same workflow as before registries were sharded.
+    """
+    if pool == DEFAULT_POOL and shard == 0:
+        return placement_id
+    return f"{placement_id}.{pool}.{shard}"
 
 
 def sidecar_task_queue(sidecar_id: str) -> str:
@@ -133,6 +144,7 @@ class ErrorCode(StrEnum):
     VIDEO_TOO_LONG = "video_too_long"
     # placement / hosts / outputs
     NO_CAPACITY = "no_capacity"
+    ACQUIRE_EXPIRED = "acquire_expired"  # an acquire reached its registry after its caller gave up
     SIDECAR_LOST = "sidecar_lost"
     SIDECAR_RESTARTED = "sidecar_restarted"  # the queue is served by a newer process than the placement's
     SIDECAR_SHUTTING_DOWN = "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
@@ -247,6 +259,13 @@ class PlaceSessionInput:
     # incarnations (sidecar process lives) this session must not go back to; they are also
     # marked suspect so no other session is placed there until they heartbeat again
     exclude_incarnations: list[str] = field(default_factory=list)
+    pools: list[str] = field(default_factory=lambda: [DEFAULT_POOL])  # in order of preference
+    avatar_key: str = ""  # the validated avatar's digest: picks the home shard and a sidecar that has it
+
+
+class PlacementReason(StrEnum):
+    AVATAR_CACHED = "avatar_cached"  # a sidecar with room had prepared this avatar already
+    MOST_FREE_SLOTS = "most_free_slots"  # otherwise the sidecar with the most free slots
 
 
 @dataclass(frozen=True)
@@ -254,11 +273,18 @@ class Placement:
     sidecar_id: str
     incarnation: str  # one sidecar process's life; a restart under the same id is a new one
     task_queue: str
+    registry_id: str = ""  # the registry workflow that holds the slot ("" from a pre-sharding registry)
+    pool: str = ""
+    reason: str = ""  # a PlacementReason value
 
 
 @dataclass(frozen=True)
 class ReleaseSlotInput:
     session_id: str
+    # The registry that holds the slot; "" when not known (a placement cancelled or retried in
+    # flight): then every registry of `pools` is asked, so no slot is left behind.
+    registry_id: str = ""
+    pools: list[str] = field(default_factory=lambda: [DEFAULT_POOL])
 
 
 @dataclass(frozen=True)
@@ -402,6 +428,8 @@ class SessionStatus:
     output: str = ""  # "livekit" | "rtmp" once opened
     output_detail: str = ""
     sidecar: str = ""
+    pool: str = ""  # the placement's pool and why that sidecar was chosen (a PlacementReason value)
+    placement_reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)  # latest realtime.host.SessionStats
     stats_reported_at: str = ""  # ISO 8601, workflow time of the latest report
     error: ErrorInfo | None = None
@@ -437,6 +465,7 @@ class SidecarHeartbeat:
     slots_total: int
     slots_free: int  # as the host sees it (informational; placement counts its own assignments)
     lease_s: float  # the registration lapses this long after the last heartbeat
+    pool: str = DEFAULT_POOL  # e.g. GPU type and region, `h200.eu-west`
 
 
 @dataclass(frozen=True)
@@ -455,6 +484,9 @@ class SidecarRecord:
     lease_expires_at_s: float  # workflow time, seconds since the epoch
     sessions: list[str] = field(default_factory=list)
     suspect: bool = False  # a session lost this host; no new placements until it heartbeats again
+    pool: str = DEFAULT_POOL
+    # avatar keys placed here by this incarnation, most recent last (bounded): prepared in its cache
+    avatars: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -470,11 +502,19 @@ class PlacementState:
 class AcquireSlot:
     session_id: str
     exclude_incarnations: list[str] = field(default_factory=list)
+    avatar_key: str = ""
+    # Seconds since the epoch after which the registry refuses this acquire (0: never). The
+    # caller's attempt has given up by then, and a late acquire landing after the caller's
+    # retry cleaned up would hold a slot nobody releases.
+    not_after_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class ReleaseSlot:
     session_id: str
+    # Sidecar lives the session lost: marked suspect here too, like AcquireSlot.exclude_incarnations
+    # (the registry a lost sidecar belongs to may not be the one the re-placement lands on).
+    suspect_incarnations: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""PlacementWorkflow: the registry of sidecars and their session slots, as one entity workflow.
+"""PlacementWorkflow: one registry of sidecars and their session slots, as one entity workflow.
+
+A deployment runs one registry per (pool, shard) (`placement_registry_id`): a sidecar
+registers with the shard its id hashes to in its pool, and a session's acquire goes first to
+the shard its avatar hashes to, then to the pool's other shards (`activities.placement_client`).
+One workflow's updates are processed one at a time, so one registry caps the placement rate;
+shards multiply it. docs/scaling.md has the arithmetic.
 
 Why a workflow and not a file or SQLite store: sidecars run on other hosts than the control
 plane, so a local file cannot be their shared registry, and adding a database would add a
@@ -13,10 +19,14 @@ Protocol:
 - signal `heartbeat(SidecarHeartbeat)` — register/refresh a sidecar (sent with signal-with-start,
   so the first sidecar creates this workflow);
 - signal `depart(SidecarDeparture)` — graceful shutdown: drop the sidecar now;
-- update `acquire(AcquireSlot) -> Placement` — take a free slot (a session holds at most one:
-  acquiring again releases the previous one, so retries and re-placements never leak);
-  fails with ApplicationError type `no_capacity` when none is free;
+- update `acquire(AcquireSlot) -> Placement` — take a free slot (a session holds at most one
+  per registry: acquiring again releases the previous one, so retries and re-placements never
+  leak); a sidecar that already prepared the request's avatar is preferred while it has room
+  (cache affinity), else the one with the most free slots; fails with ApplicationError type
+  `no_capacity` when none is free, `acquire_expired` past the request's `not_after_s`;
 - update `release(ReleaseSlot) -> bool` — free the session's slot (True if it held one);
+- signal `release_slot(ReleaseSlot)` — the same without a reply (what sessions send: a signal
+  is durable once accepted and costs the registry less than an update);
 - query `snapshot() -> PlacementSnapshot`.
 """
 
@@ -32,6 +42,7 @@ from workflows.contracts import (
     AcquireSlot,
     ErrorCode,
     Placement,
+    PlacementReason,
     PlacementSnapshot,
     PlacementState,
     ReleaseSlot,
@@ -40,8 +51,16 @@ from workflows.contracts import (
     SidecarRecord,
 )
 
+# Runs that carry this marker arm their timer only for lease expiry (not on every event).
+TIMER_ONLY_FOR_EXPIRY_PATCH = "placement-timer-only-for-expiry"
+# Avatar keys remembered per sidecar for cache affinity: about what one sidecar's avatar cache holds.
+AVATARS_REMEMBERED = 32
 
-@workflow.defn
+
+# Not sandboxed: every heartbeat, acquire and release is one activation, and the sandbox's cost per
+# activation is several times the handlers' own work. Determinism rests on the module itself: it
+# imports only temporalio and the contracts, and the test suite replays every history it produces.
+@workflow.defn(sandboxed=False)
 class PlacementWorkflow:
     @workflow.init
     def __init__(self, state: PlacementState) -> None:
@@ -49,9 +68,36 @@ class PlacementWorkflow:
         self._continue_as_new_after_events = state.continue_as_new_after_events
         self._reclaimed_sessions = state.reclaimed_sessions
         self._changed = False
+        # When the lease-expiry timer now armed fires (workflow time, s); None while none is armed.
+        self._armed_until_s: float | None = None
+        self._rearm = False
 
     @workflow.run
     async def run(self, state: PlacementState) -> None:
+        if not workflow.patched(TIMER_ONLY_FOR_EXPIRY_PATCH):
+            await self._run_rearming_on_every_change()  # a run that began before the patch
+            return
+        while True:
+            self._reclaim_expired()
+            if self._should_continue_as_new():
+                # Handlers still running would be lost with this run; let them finish first.
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self._state())
+            self._rearm = False
+            timeout = self._until_next_expiry()
+            self._armed_until_s = None if timeout is None else self._now_s() + timeout.total_seconds()
+            # Only a lease that ends before the armed timer re-arms it: heartbeats, acquires and
+            # releases (nearly every event) add no timer commands to the history. On timeout a
+            # lease may be due (or was renewed meanwhile): the next turn reclaims or re-arms.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._rearm or self._should_continue_as_new(),
+                    timeout=timeout,
+                    timeout_summary="next sidecar lease expiry",
+                )
+
+    async def _run_rearming_on_every_change(self) -> None:
+        """The loop of runs started before TIMER_ONLY_FOR_EXPIRY_PATCH, kept so that their histories replay."""
         while True:
             self._reclaim_expired()
             if self._should_continue_as_new():
@@ -82,6 +128,8 @@ class PlacementWorkflow:
                     "sidecar restarted", extra={"sidecar": beat.sidecar_id, "lost_sessions": record.sessions}
                 )
                 self._reclaimed_sessions += len(record.sessions)
+            if self._armed_until_s is None or now_s + beat.lease_s < self._armed_until_s:
+                self._rearm = True
             record = SidecarRecord(
                 sidecar_id=beat.sidecar_id,
                 incarnation=beat.incarnation,
@@ -89,10 +137,13 @@ class PlacementWorkflow:
                 slots_total=beat.slots_total,
                 reported_slots_free=beat.slots_free,
                 lease_expires_at_s=now_s + beat.lease_s,
+                pool=beat.pool,
             )
             self._sidecars[beat.sidecar_id] = record
             workflow.logger.info("sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total})
         else:
+            if self._armed_until_s is None or now_s + beat.lease_s < self._armed_until_s:
+                self._rearm = True  # a lease shortened below the armed timer
             record.slots_total = beat.slots_total
             record.reported_slots_free = beat.slots_free
             record.lease_expires_at_s = now_s + beat.lease_s
@@ -110,11 +161,16 @@ class PlacementWorkflow:
 
     @workflow.update
     def acquire(self, request: AcquireSlot) -> Placement:
+        if request.not_after_s and self._now_s() > request.not_after_s:
+            # The caller's attempt is over; its retry has released (or will find) nothing here.
+            raise ApplicationError(
+                f"acquire for session {request.session_id!r} arrived after its caller gave up",
+                type=ErrorCode.ACQUIRE_EXPIRED,
+                non_retryable=True,
+            )
         self._reclaim_expired()
         excluded = set(request.exclude_incarnations)
-        for record in self._sidecars.values():
-            if record.incarnation in excluded:
-                record.suspect = True
+        self._mark_suspect(request.exclude_incarnations)
         self._release(request.session_id)
         candidates = [
             record
@@ -128,11 +184,29 @@ class PlacementWorkflow:
                 f"in use, {len(excluded)} excluded)",
                 type=ErrorCode.NO_CAPACITY,
             )
+        reason = PlacementReason.MOST_FREE_SLOTS
+        if request.avatar_key:
+            # Cache affinity: a sidecar that prepared this avatar skips the download and preparation.
+            warm = [record for record in candidates if request.avatar_key in record.avatars]
+            if warm:
+                candidates, reason = warm, PlacementReason.AVATAR_CACHED
         # Most free slots first spreads sessions over GPUs; the id breaks ties deterministically.
         chosen = min(candidates, key=lambda r: (-(r.slots_total - len(r.sessions)), r.sidecar_id))
         chosen.sessions.append(request.session_id)
+        if request.avatar_key:
+            if request.avatar_key in chosen.avatars:
+                chosen.avatars.remove(request.avatar_key)
+            chosen.avatars.append(request.avatar_key)
+            del chosen.avatars[:-AVATARS_REMEMBERED]
         self._changed = True
-        return Placement(sidecar_id=chosen.sidecar_id, incarnation=chosen.incarnation, task_queue=chosen.task_queue)
+        return Placement(
+            sidecar_id=chosen.sidecar_id,
+            incarnation=chosen.incarnation,
+            task_queue=chosen.task_queue,
+            registry_id=workflow.info().workflow_id,
+            pool=chosen.pool,
+            reason=reason.value,
+        )
 
     @acquire.validator
     def _validate_acquire(self, request: AcquireSlot) -> None:
@@ -142,8 +216,16 @@ class PlacementWorkflow:
     @workflow.update
     def release(self, request: ReleaseSlot) -> bool:
         released = self._release(request.session_id)
+        self._mark_suspect(request.suspect_incarnations)
         self._changed = True
         return released
+
+    @workflow.signal
+    def release_slot(self, request: ReleaseSlot) -> None:
+        """`release` as a signal: durable once sent, cheaper, and outside the server's in-flight update limit."""
+        self._release(request.session_id)
+        self._mark_suspect(request.suspect_incarnations)
+        self._changed = True
 
     @workflow.query
     def snapshot(self) -> PlacementSnapshot:
@@ -154,6 +236,14 @@ class PlacementWorkflow:
         )
 
     # --- internals --------------------------------------------------------------------
+
+    def _mark_suspect(self, incarnations: list[str]) -> None:
+        if not incarnations:
+            return
+        lost = set(incarnations)
+        for record in self._sidecars.values():
+            if record.incarnation in lost:
+                record.suspect = True
 
     def _release(self, session_id: str) -> bool:
         for record in self._sidecars.values():

@@ -14,7 +14,7 @@ Sandbox-safe: imports only the standard library and temporalio.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
 
@@ -161,6 +161,23 @@ class AssetPolicy:
     video: VideoLimits
 
 
+DEFAULT_POOL = "default"  # the pool of a sidecar that names none, and of a policy that asks for none
+MAX_POOL_NAME_CHARS = 64
+
+
+def is_pool_name(pool: str) -> bool:
+    """Pool names become part of workflow ids: 1-64 letters, digits, `-`, `_` or `.`."""
+    return 0 < len(pool) <= MAX_POOL_NAME_CHARS and all(char.isalnum() or char in "-_." for char in pool)
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    # Sidecar pools (e.g. GPU type and region, `h200.eu-west`) this session may run in, in order
+    # of preference: the next pool is asked only when every sidecar of the previous one is full
+    # (or the pool has none, as after a region loss).
+    pools: list[str] = field(default_factory=lambda: [DEFAULT_POOL])
+
+
 @dataclass(frozen=True)
 class SessionPolicy:
     version: int
@@ -169,3 +186,4 @@ class SessionPolicy:
     host_failure: HostFailurePolicy
     assets: AssetPolicy
     activities: ActivityPolicies
+    placement: PlacementPolicy = field(default_factory=PlacementPolicy)

@@ -41,6 +41,13 @@ def register(subparsers: Any) -> None:
         help=f"where downloaded avatar assets are stored (default ${DEFAULT_ASSET_DIR_ENV} or <cache>/assets)",
     )
     worker.add_argument("--placement-id", default=None, help="PlacementWorkflow id (default lipsync-placement)")
+    worker.add_argument(
+        "--placement-shards",
+        type=int,
+        default=int(os.environ.get("LIPSYNC_PLACEMENT_SHARDS", "1")),
+        help="placement registries per pool; the same on every worker and sidecar (default $LIPSYNC_PLACEMENT_SHARDS "
+        "or 1; docs/scaling.md)",
+    )
     worker.set_defaults(handler=_serve)
 
 
@@ -67,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from activities.control import ControlConfig
+    from activities.placement_client import check_shards
     from infra.paths import cache_dir
     from infra.telemetry import TelemetryConfigError, configure_tracing
     from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID
@@ -78,11 +86,17 @@ def _serve(args: argparse.Namespace) -> int:
     except TelemetryConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    try:
+        shards = check_shards(args.placement_shards)
+    except ValueError as exc:
+        sys.stderr.write(f"error: --placement-shards: {exc}\n")
+        return 2
     asset_dir = args.asset_dir or Path(os.environ.get(DEFAULT_ASSET_DIR_ENV) or cache_dir() / "assets")
     config = ControlConfig(
         asset_dir=asset_dir,
         placement_workflow_id=args.placement_id or PLACEMENT_WORKFLOW_ID,
         task_queue=args.task_queue or CONTROL_TASK_QUEUE,
+        shards=shards,
     )
 
     async def main() -> int:
