@@ -123,6 +123,10 @@ class SessionOut(BaseModel):
     output: str = ""
     output_detail: str = ""
     sidecar: str = ""
+    pool: str = Field(default="", description="the sidecar pool the session was placed in")
+    placement_reason: str = Field(
+        default="", description="why that sidecar: avatar_cached (it had the avatar prepared) or most_free_slots"
+    )
     stats: dict[str, Any] = Field(default_factory=dict)
     stats_reported_at: str = ""
     error: ErrorOut | None = None

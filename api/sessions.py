@@ -256,6 +256,8 @@ class SessionService:
             output=status.output,
             output_detail=status.output_detail,
             sidecar=status.sidecar,
+            pool=status.pool,
+            placement_reason=status.placement_reason,
             stats=status.stats,
             stats_reported_at=status.stats_reported_at,
             error=ErrorOut(code=status.error.code, message=status.error.message) if status.error else None,

@@ -8,5 +8,6 @@ ROOM = SearchAttributeKey.for_keyword("LipsyncRoom")
 PHASE = SearchAttributeKey.for_keyword("LipsyncPhase")
 OUTPUT = SearchAttributeKey.for_keyword("LipsyncOutput")
 SIDECAR = SearchAttributeKey.for_keyword("LipsyncSidecar")
+POOL = SearchAttributeKey.for_keyword("LipsyncPool")
 
-ALL_KEYS = (ROOM, PHASE, OUTPUT, SIDECAR)
+ALL_KEYS = (ROOM, PHASE, OUTPUT, SIDECAR, POOL)

@@ -115,6 +115,8 @@ class SessionWorkflow:
         # True from the first place_session on: its acquire may land even if the step is then
         # cancelled or fails, so teardown releases (idempotently) whenever one was started.
         self._may_hold_slot = False
+        # The registry holding the slot once a placement returned; "" while unknown (release asks every one).
+        self._slot_registry = ""
         self._avatar: ValidatedAvatar | None = None
         self._lost_incarnations: list[str] = []
         self._zombie_teardowns: list[workflow.ActivityHandle[bool]] = []
@@ -246,10 +248,14 @@ class SessionWorkflow:
         while True:
             self._enter(Phase.PLACING)
             self._may_hold_slot = True
+            self._slot_registry = ""
             placement = await self._control(
                 ActivityName.PLACE_SESSION,
                 PlaceSessionInput(
-                    session_id=self._request.session_id, exclude_incarnations=list(self._lost_incarnations)
+                    session_id=self._request.session_id,
+                    exclude_incarnations=list(self._lost_incarnations),
+                    pools=list(self._policy.placement.pools),
+                    avatar_key=self._avatar.asset.digest_sha256,
                 ),
                 Placement,
                 activities.place_session,
@@ -257,8 +263,11 @@ class SessionWorkflow:
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
             self._placement = placement
+            self._slot_registry = placement.registry_id
             self._audio_samples_seen = 0  # a new host counts from zero
             self._status.sidecar = placement.sidecar_id
+            self._status.pool = placement.pool
+            self._status.placement_reason = placement.reason
             try:
                 self._enter(Phase.PREPARING)
                 self._status.avatar = await self._on_sidecar(
@@ -557,7 +566,11 @@ class SessionWorkflow:
             try:
                 await self._control(
                     ActivityName.RELEASE_SLOT,
-                    ReleaseSlotInput(session_id=self._request.session_id),
+                    ReleaseSlotInput(
+                        session_id=self._request.session_id,
+                        registry_id=self._slot_registry,
+                        pools=list(self._policy.placement.pools),
+                    ),
                     bool,
                     activities.release_slot,
                     interruptible=False,
@@ -698,6 +711,8 @@ class SessionWorkflow:
             updates.append(search_attributes.OUTPUT.value_set(self._status.output))
         if self._status.sidecar:
             updates.append(search_attributes.SIDECAR.value_set(self._status.sidecar))
+        if self._status.pool:
+            updates.append(search_attributes.POOL.value_set(self._status.pool))
         workflow.upsert_search_attributes(updates)
 
 
