@@ -32,6 +32,7 @@ from tests.support.session_host import LoopbackSessionHost
 from workflows import search_attributes
 from workflows.client import start_session
 from workflows.contracts import (
+    DEFAULT_POOL,
     TERMINAL_PHASES,
     AvatarKind,
     AvatarSource,
@@ -41,6 +42,7 @@ from workflows.contracts import (
     PlacementSnapshot,
     SessionRequest,
     SessionStatus,
+    placement_registry_id,
     sidecar_task_queue,
 )
 from workflows.placement import PlacementWorkflow
@@ -99,6 +101,8 @@ class Harness:
         lease_s: float = 3.0,
         registration_interval_s: float = 0.5,
         livekit_credentials: tuple[str, str] = ("", ""),
+        shards: int = 1,
+        pools: tuple[str, ...] = (DEFAULT_POOL,),
     ) -> None:
         suffix = uuid.uuid4().hex[:8]
         self.client = client
@@ -111,7 +115,13 @@ class Harness:
         self.suffix = suffix
         self.livekit_api_key, self.livekit_api_secret = livekit_credentials
         self.hosts: dict[str, LoopbackSessionHost] = {}
-        self.workflow_ids: list[str] = [self.placement_id]
+        self.shards = shards
+        self.pools = pools
+        # Every registry of every pool the world uses: replayed at close like the sessions.
+        self.registry_ids = [
+            placement_registry_id(self.placement_id, pool, shard) for pool in pools for shard in range(shards)
+        ]
+        self.workflow_ids: list[str] = list(self.registry_ids)
         self._sidecar_tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self._stack = contextlib.AsyncExitStack()
 
@@ -128,7 +138,10 @@ class Harness:
 
     async def _start_control_worker(self) -> None:
         config = ControlConfig(
-            asset_dir=self.asset_dir, placement_workflow_id=self.placement_id, task_queue=self.control_queue
+            asset_dir=self.asset_dir,
+            placement_workflow_id=self.placement_id,
+            task_queue=self.control_queue,
+            shards=self.shards,
         )
         self._control_worker = await self._stack.enter_async_context(build_control_worker(self.client, config))
 
@@ -140,7 +153,9 @@ class Harness:
     def sidecar_id(self, name: str) -> str:
         return f"{name}-{self.suffix}"
 
-    async def add_sidecar(self, name: str, *, slots: int = 2, **host_options: Any) -> LoopbackSessionHost:
+    async def add_sidecar(
+        self, name: str, *, slots: int = 2, pool: str = DEFAULT_POOL, **host_options: Any
+    ) -> LoopbackSessionHost:
         sidecar_id = self.sidecar_id(name)
         host = LoopbackSessionHost(sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir, **host_options)
         config = SidecarWorkerConfig.for_host(
@@ -148,6 +163,8 @@ class Harness:
             self.asset_dir,
             control_task_queue=self.control_queue,
             placement_workflow_id=self.placement_id,
+            placement_shards=self.shards,
+            pool=pool,
             lease_s=self.lease_s,
             registration_interval_s=self.registration_interval_s,
             livekit_api_key=self.livekit_api_key,
@@ -197,6 +214,23 @@ class Harness:
     async def snapshot(self) -> PlacementSnapshot:
         handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, self.placement_id)
         return await handle.query(PlacementWorkflow.snapshot)
+
+    async def slots_held(self) -> dict[str, list[str]]:
+        """sidecar id -> sessions holding its slots, over every registry of the world's pools."""
+        from temporalio.service import RPCError, RPCStatusCode
+
+        held: dict[str, list[str]] = {}
+        for registry_id in self.registry_ids:
+            handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
+            try:
+                snapshot = await handle.query(PlacementWorkflow.snapshot)
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                continue  # no sidecar registered with this shard
+            for record in snapshot.sidecars:
+                held[record.sidecar_id] = list(record.sessions)
+        return held
 
     async def snapshot_or_empty(self) -> PlacementSnapshot:
         """The snapshot, or an empty one while no sidecar has registered (the registry does not exist yet)."""
