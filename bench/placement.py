@@ -45,8 +45,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 logger = logging.getLogger("bench.placement")
 
 DEFAULT_RATES = [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
@@ -54,7 +52,14 @@ ACQUIRE_TIMEOUT_S = 10.0
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 1) if values else None
+    """The q-th percentile, interpolated between the closest ranks (numpy's default); stdlib only."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return round(ordered[low] + (ordered[high] - ordered[low]) * (rank - low), 1)
 
 
 @dataclass
@@ -69,6 +74,7 @@ class LevelResult:
     heartbeats_sent: int = 0
     heartbeat_failures: int = 0
     placement_reasons: dict[str, int] = field(default_factory=dict)
+    load_avg_1m_after: float = 0.0
 
     def fail(self, code: str) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1
@@ -91,6 +97,7 @@ class LevelResult:
             "heartbeat_signals_per_s": round(self.heartbeats_sent * per_s, 1),
             "heartbeat_failures": self.heartbeat_failures,
             "placement_reasons": dict(self.placement_reasons),
+            "load_avg_1m_after": round(self.load_avg_1m_after, 2),
             "sustained": failed == 0 and p99 is not None and p99 <= p99_limit_ms,
         }
 
@@ -185,6 +192,7 @@ async def _run_level(placer: Any, fleet: SimulatedFleet, rate: float, level_s: f
     result.elapsed_s = time.perf_counter() - began
     result.heartbeats_sent = fleet.sent - sent_before
     result.heartbeat_failures = fleet.failed - failed_before
+    result.load_avg_1m_after = os.getloadavg()[0]
     return result
 
 
@@ -208,6 +216,7 @@ async def _bench_one(args: argparse.Namespace, target: str, sidecars: int, contr
         placer, sidecars, slots=args.slots, interval_s=args.registration_interval_s, lease_s=args.lease_s
     )
     load_before = os.getloadavg()
+    cpu_count = len(os.sched_getaffinity(0))
     registering = time.perf_counter()
     await fleet.start()
     register_s = time.perf_counter() - registering
@@ -230,6 +239,7 @@ async def _bench_one(args: argparse.Namespace, target: str, sidecars: int, contr
         "sidecars": sidecars,
         "shards": args.shards,
         "load_avg_before": [round(value, 2) for value in load_before],
+        "cpus": cpu_count,
         "register_s": round(register_s, 1),
         "starts_per_s_sustained": best["starts_per_s"] if best else 0.0,
         "updates_per_s_max": best["updates_per_s"] if best else 0.0,
@@ -272,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float, default=0.5, help="how long each session holds its slot")
     parser.add_argument("--slots", type=int, default=20, help="slots per simulated sidecar")
     parser.add_argument("--shards", type=int, default=1, help="registry shards per pool")
+    parser.add_argument(
+        "--registry-workers", type=int, default=1, help="registry worker processes (replicas of `lipsync worker`)"
+    )
     parser.add_argument("--registration-interval-s", type=float, default=5.0)
     parser.add_argument("--lease-s", type=float, default=15.0)
     parser.add_argument("--p99-limit-ms", type=float, default=500.0)
@@ -298,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             server = temporal.dev_server_process(config, work / f"temporal-{sidecars}.log")
             server.start()
             queue = f"bench-control-{uuid.uuid4().hex[:6]}"
-            worker = _start_registry_worker(config.target, queue, work / f"worker-{sidecars}.log")
+            workers = [
+                _start_registry_worker(config.target, queue, work / f"worker-{sidecars}-{index}.log")
+                for index in range(args.registry_workers)
+            ]
             try:
                 runs.append(asyncio.run(_bench_one(args, config.target, sidecars, queue)))
             finally:
-                stop_process_group(worker.pid)
-                worker.wait(timeout=10)
+                for worker in workers:
+                    stop_process_group(worker.pid)
+                    worker.wait(timeout=10)
                 server.stop()
     largest = max(runs, key=lambda run: run["sidecars"])
     document = {
@@ -313,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "label": args.label,
             "shards": args.shards,
+            "registry_workers": args.registry_workers,
             "slots_per_sidecar": args.slots,
             "registration_interval_s": args.registration_interval_s,
             "lease_s": args.lease_s,
