@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ class LevelResult:
     heartbeat_failures: int = 0
     placement_reasons: dict[str, int] = field(default_factory=dict)
     load_avg_1m_after: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the level, per process role
 
     def fail(self, code: str) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1
@@ -82,6 +84,7 @@ class LevelResult:
     def row(self, p99_limit_ms: float) -> dict[str, Any]:
         p99 = _pct(self.acquire_ms, 99)
         per_s = 1.0 / self.elapsed_s if self.elapsed_s else 0.0
+        operations = self.acquires_ok + self.releases_ok + self.heartbeats_sent
         failed = sum(self.failures.values())
         return {
             "sidecars": self.sidecars,
@@ -98,6 +101,9 @@ class LevelResult:
             "heartbeat_failures": self.heartbeat_failures,
             "placement_reasons": dict(self.placement_reasons),
             "load_avg_1m_after": round(self.load_avg_1m_after, 2),
+            "cpu_cores": {role: round(seconds * per_s, 3) for role, seconds in self.cpu_s.items()},
+            # Server CPU per operation it handled (acquire updates, release and heartbeat signals).
+            "server_cpu_ms_per_op": round(1000.0 * self.cpu_s.get("server", 0.0) / max(1, operations), 2),
             "sustained": failed == 0 and p99 is not None and p99 <= p99_limit_ms,
         }
 
@@ -152,7 +158,25 @@ class SimulatedFleet:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _run_level(placer: Any, fleet: SimulatedFleet, rate: float, level_s: float, hold_s: float) -> LevelResult:
+def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) each role's processes have used so far, from /proc (Linux)."""
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for role, role_pids in pids.items():
+        total = 0.0
+        for pid in role_pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks_per_s  # utime, stime
+        used[role] = total
+    return used
+
+
+async def _run_level(
+    placer: Any, fleet: SimulatedFleet, rate: float, *, level_s: float, hold_s: float, pids: dict[str, list[int]]
+) -> LevelResult:
     result = LevelResult(offered_starts_per_s=rate, sidecars=fleet.count)
     tasks: list[asyncio.Task[None]] = []
     avatars = [f"avatar-{i:03d}" for i in range(50)]
@@ -180,6 +204,7 @@ async def _run_level(placer: Any, fleet: SimulatedFleet, rate: float, level_s: f
         result.releases_ok += 1
 
     sent_before, failed_before = fleet.sent, fleet.failed
+    cpu_before = _cpu_seconds(pids)
     began = time.perf_counter()
     count = int(rate * level_s)
     for index in range(count):
@@ -193,6 +218,8 @@ async def _run_level(placer: Any, fleet: SimulatedFleet, rate: float, level_s: f
     result.heartbeats_sent = fleet.sent - sent_before
     result.heartbeat_failures = fleet.failed - failed_before
     result.load_avg_1m_after = os.getloadavg()[0]
+    cpu_after = _cpu_seconds(pids)
+    result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
     return result
 
 
@@ -204,7 +231,9 @@ def _failure_code(exc: BaseException) -> str:
     return str(code) if code else exc.__class__.__name__
 
 
-async def _bench_one(args: argparse.Namespace, target: str, sidecars: int, control_queue: str) -> dict[str, Any]:
+async def _bench_one(
+    args: argparse.Namespace, target: str, sidecars: int, control_queue: str, pids: dict[str, list[int]]
+) -> dict[str, Any]:
     from temporalio.client import Client
 
     from activities.placement_client import Placer
@@ -223,7 +252,7 @@ async def _bench_one(args: argparse.Namespace, target: str, sidecars: int, contr
     rows: list[dict[str, Any]] = []
     try:
         for rate in args.rates:
-            level = await _run_level(placer, fleet, rate, args.level_s, args.hold_s)
+            level = await _run_level(placer, fleet, rate, level_s=args.level_s, hold_s=args.hold_s, pids=pids)
             row = level.row(args.p99_limit_ms)
             logger.info("level done", extra=row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -302,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     from infra import temporal
     from infra.process import stop_process_group
 
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the server and workers
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-placement-") as tmp:
         work = Path(tmp)
@@ -315,8 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                 _start_registry_worker(config.target, queue, work / f"worker-{sidecars}-{index}.log")
                 for index in range(args.registry_workers)
             ]
+            pids = {
+                "server": [server.pid or 0],
+                "registry_workers": [worker.pid for worker in workers],
+                "driver": [os.getpid()],
+            }
             try:
-                runs.append(asyncio.run(_bench_one(args, config.target, sidecars, queue)))
+                runs.append(asyncio.run(_bench_one(args, config.target, sidecars, queue, pids)))
             finally:
                 for worker in workers:
                     stop_process_group(worker.pid)
