@@ -105,13 +105,20 @@ class ControlActivities:
         deadline_s = (
             (info.started_time + info.start_to_close_timeout).timestamp() if info.start_to_close_timeout else 0.0
         )
-        # A retry, or a re-placement, may hold a slot in a registry this attempt will not land on: clear it first.
+        # A re-placement frees its previous slot where it was held (and marks the lost sidecar suspect
+        # there); a retried attempt may have landed anywhere, so it clears every registry of its pools.
+        if info.attempt == 1 and request.previous_registry_id:
+            await placer.release(
+                request.session_id,
+                request.previous_registry_id,
+                suspect_incarnations=request.exclude_incarnations,
+            )
         return await placer.acquire(
             request.session_id,
             request.avatar_key,
             request.exclude_incarnations,
             pools=request.pools,
-            release_first=info.attempt > 1 or bool(request.exclude_incarnations),
+            release_first=info.attempt > 1 or (bool(request.exclude_incarnations) and not request.previous_registry_id),
             deadline_s=deadline_s,
         )
 

@@ -18,8 +18,11 @@ on a control queue, as `lipsync worker` runs it) and this driver process, which 
 Per level: acquire latency p50/p99 (request sent -> placement returned), failures (any
 acquire or release that raised, `no_capacity` included: the fleet has room for the offered
 load by construction), achieved starts/s and updates/s (acquires + releases completed per
-second of the level). A level is sustained when acquire p99 <= `--p99-limit-ms` and nothing
-failed; the ramp stops after the first level that is not. `updates_per_s_max` is the
+second of the level: the acquire is an update, the release an update before the registries
+were sharded and a signal since), and each process role's CPU (server, registry workers,
+driver) with the server's CPU per operation (acquire, release or heartbeat). A level is
+sustained when acquire p99 <= `--p99-limit-ms` and nothing failed; the ramp stops after the
+first level that is not. `updates_per_s_max` is the
 achieved update rate of the best sustained level; heartbeats are reported separately
 (`heartbeat_signals_per_s`), since they are signals, not updates.
 

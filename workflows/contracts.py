@@ -261,6 +261,8 @@ class PlaceSessionInput:
     exclude_incarnations: list[str] = field(default_factory=list)
     pools: list[str] = field(default_factory=lambda: [DEFAULT_POOL])  # in order of preference
     avatar_key: str = ""  # the validated avatar's digest: picks the home shard and a sidecar that has it
+    # The registry that held this session's previous slot (a re-placement): released there first.
+    previous_registry_id: str = ""
 
 
 class PlacementReason(StrEnum):

@@ -248,7 +248,7 @@ class SessionWorkflow:
         while True:
             self._enter(Phase.PLACING)
             self._may_hold_slot = True
-            self._slot_registry = ""
+            previous_registry, self._slot_registry = self._slot_registry, ""
             placement = await self._control(
                 ActivityName.PLACE_SESSION,
                 PlaceSessionInput(
@@ -256,6 +256,7 @@ class SessionWorkflow:
                     exclude_incarnations=list(self._lost_incarnations),
                     pools=list(self._policy.placement.pools),
                     avatar_key=self._avatar.asset.digest_sha256,
+                    previous_registry_id=previous_registry,
                 ),
                 Placement,
                 activities.place_session,
