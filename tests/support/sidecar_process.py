@@ -74,6 +74,8 @@ class SidecarProcesses:
             "--asset-dir", str(self.harness.asset_dir),
             "--control-task-queue", self.harness.control_queue,
             "--placement-id", self.harness.placement_id,
+            "--placement-shards", str(self.harness.shards),
+            "--pool", self.harness.pools[0],
             "--lease-s", str(lease_s or self.lease_s),
             "--registration-interval-s", str(self.registration_interval_s),
         ]  # fmt: skip
@@ -87,7 +89,7 @@ class SidecarProcesses:
         self.running[name] = process
         self.logs[name] = log_path
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
-        while not any(record.sidecar_id == sidecar_id for record in (await self.harness.snapshot_or_empty()).sidecars):
+        while sidecar_id not in await self.harness.slots_held():
             if process.poll() is not None:
                 raise AssertionError(f"sidecar {name} exited with {process.returncode}:\n{log_tail(log_path)}")
             if time.monotonic() > deadline:

@@ -35,9 +35,9 @@ LEASE_S = 3.0
 DETECTION_SLACK_S = 1.5  # server timer processing + our 0.1 s status polling, on two busy cores
 
 
-@pytest.fixture
-async def world(temporal_client: Client, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with Harness(temporal_client, tmp_path) as harness:
+@pytest.fixture(params=[1, 2], ids=["one-registry", "two-shards"])
+async def world(temporal_client: Client, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    async with Harness(temporal_client, tmp_path, shards=request.param) as harness:
         yield harness
 
 
@@ -69,7 +69,7 @@ def host_failure_policy(action: str) -> SessionPolicy:
 
 async def wait_for_lease_expiry(world: Harness, sidecar_id: str) -> None:
     deadline = time.monotonic() + LEASE_S + 10
-    while any(r.sidecar_id == sidecar_id for r in (await world.snapshot()).sidecars):
+    while sidecar_id in await world.slots_held():
         assert time.monotonic() < deadline, f"{sidecar_id} still registered long after its lease"
         await asyncio.sleep(0.2)
 
@@ -106,14 +106,12 @@ async def test_sigkilled_sidecar_is_detected_and_the_session_moves_to_another(
 
     # The dead sidecar's lease lapses and its slot is reclaimed; the session holds exactly one slot, on b.
     await wait_for_lease_expiry(world, first)
-    snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(second, [request.session_id])]
+    assert await world.slots_held() == {second: [request.session_id]}
 
     await stop_session(world.client, request.session_id)
     result = await handle.result()
     assert result.end_reason is EndReason.STOPPED and result.sidecar == second and result.replacements == 1
-    snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(second, [])]  # no slot leaked
+    assert await world.slots_held() == {second: []}  # no slot leaked
 
 
 async def test_sigkilled_sidecar_ends_the_session_when_policy_says_end(
@@ -137,9 +135,8 @@ async def test_sigkilled_sidecar_ends_the_session_when_policy_says_end(
     assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + DETECTION_SLACK_S, detection_s
 
     await wait_for_lease_expiry(world, first)
-    snapshot = await world.snapshot()
     # No slot leaked anywhere: released at teardown or reclaimed with the dead sidecar's lease, whichever came first.
-    assert [(record.sidecar_id, record.sessions) for record in snapshot.sidecars] == [(second, [])]
+    assert await world.slots_held() == {second: []}
 
 
 async def test_sigterm_moves_the_session_at_once_instead_of_waiting_for_a_heartbeat_timeout(
@@ -159,7 +156,7 @@ async def test_sigterm_moves_the_session_at_once_instead_of_waiting_for_a_heartb
 
     stopped_at = datetime.now(UTC)
     assert await sidecars.terminate("a") == 0
-    assert first not in [r.sidecar_id for r in (await world.snapshot()).sidecars]  # departed, slot reclaimed
+    assert first not in await world.slots_held()  # departed, slot reclaimed
 
     moved = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.sidecar == second, timeout_s=30)
     [loss] = moved.sidecar_losses
@@ -173,5 +170,4 @@ async def test_sigterm_moves_the_session_at_once_instead_of_waiting_for_a_heartb
     await stop_session(world.client, request.session_id)
     result = await handle.result()
     assert result.end_reason is EndReason.STOPPED and result.sidecar == second
-    snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(second, [])]  # no slot leaked
+    assert await world.slots_held() == {second: []}  # no slot leaked

@@ -9,6 +9,7 @@ registries sharded two ways, and check that no registry keeps a slot afterwards.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -319,3 +320,48 @@ async def wait_for_no_slot_held(world: Harness) -> None:
         assert time.monotonic() < deadline, f"slots still held after the sessions ended: {held}"
         await asyncio.sleep(0.1)
         held = await world.slots_held()
+
+
+def test_sidecar_and_worker_command_lines_refuse_a_bad_pool_or_shard_count(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from activities.sidecar_worker import temporal_options_from_args
+    from infra.cli import build_parser
+    from infra.paths import PROJECT_ROOT
+
+    parser = build_parser()
+    options = temporal_options_from_args(
+        parser.parse_args(["sidecar", "--pool", "h200.eu-west", "--placement-shards", "16"]), tmp_path
+    )
+    assert options is not None and (options.pool, options.placement_shards) == ("h200.eu-west", 16)
+    with pytest.raises(ValueError, match="pool 'eu west'"):
+        temporal_options_from_args(parser.parse_args(["sidecar", "--pool", "eu west"]), tmp_path)
+    with pytest.raises(ValueError, match="between 1 and 1024"):
+        temporal_options_from_args(parser.parse_args(["sidecar", "--placement-shards", "0"]), tmp_path)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "worker", "--placement-shards", "0", "--asset-dir", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: --placement-shards: placement shards must be between 1 and 1024 (got 0)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("pools", "problem"),
+    [
+        ([], "placement.pools: must name at least one pool"),
+        (["gpu.eu", "gpu.eu"], "placement.pools: names a pool twice"),
+        (["gpu.eu", "eu west"], "placement.pools[1]: 'eu west' is not a pool name"),
+    ],
+)
+def test_a_policy_with_bad_pools_is_refused_naming_the_key(pools: list[str], problem: str) -> None:
+    from infra.policies import PolicyError, load_policies
+
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        load_policies(overrides={"placement.pools": pools})
+    assert load_policies(overrides={"placement.pools": ["h200.eu-west", "h200.us-east"]}).placement.pools == [
+        "h200.eu-west",
+        "h200.us-east",
+    ]
