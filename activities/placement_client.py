@@ -43,11 +43,9 @@ from workflows.contracts import (
     sidecar_task_queue,
 )
 from workflows.placement import PlacementWorkflow
-from workflows.policy import MAX_POOL_NAME_CHARS, is_pool_name
+from workflows.policy import MAX_PLACEMENT_SHARDS, MAX_POOL_NAME_CHARS, is_pool_name
 
 logger = logging.getLogger(__name__)
-
-MAX_SHARDS = 1024
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -56,8 +54,8 @@ def shard_of(key: str, shards: int) -> int:
 
 
 def check_shards(shards: int) -> int:
-    if not 1 <= shards <= MAX_SHARDS:
-        raise ValueError(f"placement shards must be between 1 and {MAX_SHARDS} (got {shards})")
+    if not 1 <= shards <= MAX_PLACEMENT_SHARDS:
+        raise ValueError(f"placement shards must be between 1 and {MAX_PLACEMENT_SHARDS} (got {shards})")
     return shards
 
 

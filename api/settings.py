@@ -7,9 +7,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.policy import MAX_PLACEMENT_SHARDS, is_pool_name
+
 
 class SettingsError(ValueError):
     pass
+
+
+def _placement_shards(value: str | None) -> int:
+    if not value:
+        return 1
+    try:
+        shards = int(value)
+    except ValueError:
+        shards = 0
+    if not 1 <= shards <= MAX_PLACEMENT_SHARDS:
+        raise SettingsError(
+            f"LIPSYNC_PLACEMENT_SHARDS must be an integer from 1 to {MAX_PLACEMENT_SHARDS}, got {value!r}"
+        )
+    return shards
+
+
+def _placement_pools(value: str | None) -> tuple[str, ...]:
+    pools = _split(value) or ("default",)
+    bad = [pool for pool in pools if not is_pool_name(pool)]
+    if bad:
+        raise SettingsError(
+            f"LIPSYNC_POOLS names {bad}, which are not pool names (letters, digits, '-', '_' or '.'; comma-separated)"
+        )
+    return pools
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -43,6 +69,10 @@ class ApiSettings:
     sidecar_urls: Mapping[str, str] = field(default_factory=dict)
     control_task_queue: str = "lipsync-control"
     placement_workflow_id: str = "lipsync-placement"
+    # Registries per pool and the pools whose registries /readyz reads (the workers' --placement-shards, the
+    # sidecars' --pool).
+    placement_shards: int = 1
+    placement_pools: tuple[str, ...] = ("default",)
     temporal_ui_url: str = "http://127.0.0.1:8233"
     model_dir: Path = Path("models")
     policies_path: Path | None = None  # None: $LIPSYNC_POLICIES or infra/policies.yaml
@@ -73,6 +103,8 @@ class ApiSettings:
             sidecar_urls=parse_sidecar_urls(os.environ.get("LIPSYNC_SIDECAR_URLS")),
             control_task_queue=os.environ.get("LIPSYNC_CONTROL_TASK_QUEUE", cls.control_task_queue),
             placement_workflow_id=os.environ.get("LIPSYNC_PLACEMENT_WORKFLOW_ID", cls.placement_workflow_id),
+            placement_shards=_placement_shards(os.environ.get("LIPSYNC_PLACEMENT_SHARDS")),
+            placement_pools=_placement_pools(os.environ.get("LIPSYNC_POOLS")),
             temporal_ui_url=os.environ.get("LIPSYNC_TEMPORAL_UI_URL", cls.temporal_ui_url).rstrip("/"),
             model_dir=Path(os.environ.get("LIPSYNC_MODEL_DIR", "models")),
             policies_path=Path(os.environ["LIPSYNC_POLICIES"]) if os.environ.get("LIPSYNC_POLICIES") else None,

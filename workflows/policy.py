@@ -163,6 +163,7 @@ class AssetPolicy:
 
 DEFAULT_POOL = "default"  # the pool of a sidecar that names none, and of a policy that asks for none
 MAX_POOL_NAME_CHARS = 64
+MAX_PLACEMENT_SHARDS = 1024  # placement registries per pool
 
 
 def is_pool_name(pool: str) -> bool:

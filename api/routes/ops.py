@@ -14,6 +14,7 @@ from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import require_api_key
 from api.deps import Services, services, temporal_client
@@ -29,6 +30,7 @@ from api.models import (
     SeedStartIn,
     SessionCreated,
 )
+from workflows.contracts import placement_registry_id
 from workflows.placement import PlacementWorkflow
 
 logger = logging.getLogger(__name__)
@@ -75,13 +77,30 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
         "pollers": workflow_pollers,
     }
     sidecars: dict[str, Any] = {}
+    settings = svc.settings
+    registries = [
+        placement_registry_id(settings.placement_workflow_id, pool, shard)
+        for pool in settings.placement_pools
+        for shard in range(settings.placement_shards)
+    ]
+    missing: list[str] = []
     try:
-        snapshot = await client.get_workflow_handle_for(
-            PlacementWorkflow.run, svc.settings.placement_workflow_id
-        ).query(PlacementWorkflow.snapshot)
-        for record in snapshot.sidecars:
+        snapshots = []
+        for registry_id in registries:
+            try:
+                snapshots.append(
+                    await client.get_workflow_handle_for(PlacementWorkflow.run, registry_id).query(
+                        PlacementWorkflow.snapshot
+                    )
+                )
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                missing.append(registry_id)  # no sidecar has registered with this shard yet
+        records = [(record, snapshot.now_s) for snapshot in snapshots for record in snapshot.sidecars]
+        for record, now_s in records:
             pollers = await _fresh_pollers(client, record.task_queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
-            lease_ok = record.lease_expires_at_s > snapshot.now_s
+            lease_ok = record.lease_expires_at_s > now_s
             sidecars[record.sidecar_id] = {
                 "ok": bool(pollers) and lease_ok,
                 "task_queue": record.task_queue,
@@ -90,8 +109,12 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
                 "slots_total": record.slots_total,
                 "sessions": len(record.sessions),
             }
-        placement_error = None
-    except Exception as exc:  # no placement workflow yet = no sidecar ever registered
+        placement_error = (
+            f"no placement registry exists yet (no sidecar has registered): {', '.join(missing)}"
+            if len(missing) == len(registries)
+            else None
+        )
+    except Exception as exc:
         placement_error = f"{exc.__class__.__name__}: {exc}"
     checks["sidecars"] = {
         "ok": any(entry["ok"] for entry in sidecars.values()),
