@@ -365,3 +365,15 @@ def test_a_policy_with_bad_pools_is_refused_naming_the_key(pools: list[str], pro
         "h200.eu-west",
         "h200.us-east",
     ]
+
+
+async def test_a_registry_history_from_before_sharding_still_replays() -> None:
+    """A run started by the one-registry code (recorded: heartbeats, acquires, a re-placement, a lease
+    expiry, a release, a departure) replays on this code: its loop re-armed a timer on every event,
+    which the `workflow.patched` gate keeps for such runs."""
+    from temporalio.client import WorkflowHistory
+    from temporalio.worker import Replayer
+
+    text = (Path(__file__).parent / "data" / "placement-history-one-registry.json").read_text()
+    history = WorkflowHistory.from_json("placement-one-registry", text)
+    await Replayer(workflows=[PlacementWorkflow]).replay_workflow(history)
