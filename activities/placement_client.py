@@ -169,6 +169,10 @@ class Placer:
                     if isinstance(cause, ApplicationError) and cause.type == ErrorCode.NO_CAPACITY:
                         refusals.append(f"{registry_id}: {cause.message}")
                         continue
+                    if isinstance(cause, ApplicationError) and cause.type == ErrorCode.ACQUIRE_EXPIRED:
+                        # This attempt is over as far as Temporal is concerned; should it still be
+                        # running (clocks), a retry is what it needs, not the session's end.
+                        raise ApplicationError(cause.message, type=cause.type) from exc
                     if isinstance(cause, ApplicationError) and cause.type:
                         raise ApplicationError(
                             cause.message, type=cause.type, non_retryable=cause.non_retryable
