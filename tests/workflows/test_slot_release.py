@@ -49,7 +49,10 @@ class SlowPlacementHarness(Harness):
 
     async def _start_control_worker(self) -> None:
         config = ControlConfig(
-            asset_dir=self.asset_dir, placement_workflow_id=self.placement_id, task_queue=self.control_queue
+            asset_dir=self.asset_dir,
+            placement_workflow_id=self.placement_id,
+            task_queue=self.control_queue,
+            shards=self.shards,
         )
         self.control_activities = SlowReplyControlActivities(config)
         worker = Worker(
@@ -62,22 +65,23 @@ class SlowPlacementHarness(Harness):
         self._control_worker = await self._stack.enter_async_context(worker)
 
 
+@pytest.mark.parametrize("shards", [1, 2], ids=["one-registry", "two-shards"])
 async def test_stop_during_placement_releases_the_slot_taken_meanwhile(
-    temporal_client: Client, tmp_path: Path, avatar_url: str
+    temporal_client: Client, tmp_path: Path, avatar_url: str, shards: int
 ) -> None:
-    harness = SlowPlacementHarness(temporal_client, tmp_path)
+    harness = SlowPlacementHarness(temporal_client, tmp_path, shards=shards)
     async with harness:
         await harness.add_sidecar("gpu0", slots=1)
         request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")))
         handle = await harness.start(request)
         await asyncio.wait_for(harness.control_activities.acquired.wait(), timeout=30)
-        assert [r.sessions for r in (await harness.snapshot()).sidecars] == [[request.session_id]]
+        assert await harness.slots_held() == {harness.sidecar_id("gpu0"): [request.session_id]}
 
         await stop_session(harness.client, request.session_id, "hung up while placing")
         result = await handle.result()
 
         assert result.end_reason is EndReason.STOPPED and result.sidecar == ""
-        assert [r.sessions for r in (await harness.snapshot()).sidecars] == [[]]
+        assert await harness.slots_held() == {harness.sidecar_id("gpu0"): []}
         history = await handle.fetch_history()
         names = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
         assert names.count("release_slot") == 1 and "prepare_avatar" not in names
