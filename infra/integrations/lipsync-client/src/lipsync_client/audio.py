@@ -96,6 +96,11 @@ class AudioStream:
         for offset in range(0, len(pcm), MAX_CHUNK_BYTES - MAX_CHUNK_BYTES % frame_bytes):
             await self._connection().send(pcm[offset : offset + MAX_CHUNK_BYTES - MAX_CHUNK_BYTES % frame_bytes])
 
+    async def set_format(self, audio_format: AudioFormat) -> None:
+        """Declare the PCM that follows (a `config` message); the open utterance keeps what was sent."""
+        await self._send_json({"type": "config", **audio_format.to_json()})
+        self.audio_format = audio_format
+
     async def end_utterance(self) -> None:
         """The utterance is complete: its tail plays now and `playback_finished` follows."""
         await self._send_json({"type": "end_of_utterance"})

@@ -223,9 +223,7 @@ def _agent_identity(room: rtc.Room) -> str:
     """The identity the avatar publishes on behalf of: the job's agent, else the room's local participant."""
     job = get_job_context(required=False)
     if job is not None:
-        identity = job.token_details().identity
-        if identity:
-            return str(identity)
+        return str(job.local_participant_identity)
     if not room.isconnected():
         raise LipsyncAvatarError(
             "the room is not connected and there is no agent job: connect the room before start()",
