@@ -176,6 +176,10 @@ class LipsyncClient:
     async def wait_until_live(self, session_id: str, *, timeout_s: float = 120.0) -> SessionStatus:
         return await self.wait_for_phase(session_id, {"live"}, timeout_s=timeout_s)
 
+    async def health(self) -> dict[str, Any]:
+        """`GET /health`: readiness, its checks, and each sidecar's engine (no key needed)."""
+        return await self._request("GET", "/health")
+
     # --- audio ----------------------------------------------------------------------------
 
     def audio_ws_url(self, session_id: str) -> str:
