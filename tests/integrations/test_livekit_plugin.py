@@ -70,7 +70,17 @@ class AgentProcess:
         self.log_path = log_path
 
     @classmethod
-    async def spawn(cls, python: Path, stack: ApiStack, *, room: str, identity: str, avatar_url: str, log: Path) -> Any:
+    async def spawn(
+        cls,
+        python: Path,
+        stack: ApiStack,
+        *,
+        room: str,
+        identity: str,
+        avatar_url: str,
+        log: Path,
+        join_timeout_s: float = EVENT_TIMEOUT_S,
+    ) -> Any:
         env = {**os.environ, "PYTHONPATH": integration_pythonpath(PLUGIN_DIR)}
         env.pop("VIRTUAL_ENV", None)
         argv = [
@@ -78,7 +88,7 @@ class AgentProcess:
             "--livekit-url", stack.livekit.ws_url,
             "--token", agent_token(stack.livekit, identity, room),
             "--api-url", stack.api_url, "--api-key", stack.api_key,
-            "--avatar-url", avatar_url, "--text", SENTENCE,
+            "--avatar-url", avatar_url, "--text", SENTENCE, "--join-timeout-s", str(join_timeout_s),
         ]  # fmt: skip
         with log.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
@@ -223,3 +233,30 @@ async def test_a_failing_avatar_is_a_clear_error_not_a_wait(
     assert time.monotonic() - started_s < 60
     stack.harness.workflow_ids.append(f"session-{failed['session_id']}")
     assert "livekit.agents" not in sys.modules  # the agent ran in its own interpreter and env
+
+
+async def test_an_avatar_that_does_not_join_in_time_is_a_clear_error_and_its_session_stops(
+    agents_python: Path, stack: ApiStack, tmp_path: Path
+) -> None:
+    agent = await AgentProcess.spawn(
+        agents_python,
+        stack,
+        room="agents-slow-room",
+        identity="agent-slow",
+        avatar_url=stack.avatar_url,
+        log=tmp_path / "slow.log",
+        join_timeout_s=0.5,  # far less than fetching and preparing the avatar takes
+    )
+    try:
+        failed = await agent.event("avatar_failed", timeout_s=60)
+    finally:
+        if agent.process.returncode is None:
+            agent.process.kill()
+        await agent.process.wait()
+    session_id = failed["session_id"]
+    stack.harness.workflow_ids.append(f"session-{session_id}")
+    assert failed["code"] == "avatar_join_timeout", failed
+    assert f"avatar-{session_id}" in failed["message"] and "did not join" in failed["message"], failed
+    async with LipsyncClient(stack.api_url, stack.api_key) as client:
+        final = await client.wait_for_phase(session_id, {"completed", "failed", "cancelled"}, timeout_s=60)
+    assert final.phase == "completed" and final.end_reason == "stopped", final.raw  # the plugin stopped it
