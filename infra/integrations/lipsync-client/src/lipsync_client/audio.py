@@ -31,6 +31,9 @@ MAX_CHUNK_BYTES = 512 * 1024
 DEFAULT_CHUNK_MS = 100
 # The relay answers `ready` only once the session is live (placement, avatar preparation).
 DEFAULT_READY_TIMEOUT_S = 120.0
+# Events wait here for next_event/events; a client that only uses listeners never reads them, so
+# the oldest are dropped past this many (stats arrive every second on a long session).
+MAX_QUEUED_EVENTS = 1024
 
 
 class AudioStream:
@@ -43,7 +46,7 @@ class AudioStream:
         self._declare_format = audio_format is not None
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue(MAX_QUEUED_EVENTS)
         self._listeners: list[Listener] = []
         self._ready: asyncio.Future[Event] | None = None
         self.close_reason = ""
@@ -144,7 +147,7 @@ class AudioStream:
                     f"no {'/'.join(sorted(wanted))} on the audio WebSocket within {timeout_s} s"
                 ) from exc
             if event is None:
-                self._events.put_nowait(None)  # every later wait sees the close too
+                self._enqueue(None)  # every later wait sees the close too
                 raise AudioStreamError(f"the audio WebSocket closed: {self.close_reason}", code="closed")
             kind = event.get("type")
             if kind in wanted:
@@ -157,11 +160,16 @@ class AudioStream:
         while True:
             event = await self._events.get()
             if event is None:
-                self._events.put_nowait(None)
+                self._enqueue(None)
                 return
             yield event
 
     # --- internals ------------------------------------------------------------------------
+
+    def _enqueue(self, event: Event | None) -> None:
+        if self._events.full():
+            self._events.get_nowait()  # the oldest goes: nobody is reading them
+        self._events.put_nowait(event)
 
     def _connection(self) -> ClientConnection:
         if self._ws is None:
@@ -196,7 +204,7 @@ class AudioStream:
                         listener(event)
                     except Exception:
                         logger.exception("audio event listener failed", extra={"event_type": event.get("type")})
-                self._events.put_nowait(event)
+                self._enqueue(event)
         except ConnectionClosed:
             pass
         finally:
@@ -209,4 +217,4 @@ class AudioStream:
                     AudioStreamError(f"the audio WebSocket closed: {self.close_reason}", code="closed")
                 )
                 self._ready.exception()  # retrieved here: a caller that never waits must not log it as lost
-            self._events.put_nowait(None)
+            self._enqueue(None)
