@@ -45,7 +45,9 @@ EVENT_TIMEOUT_S = 90.0  # avatar preparation and the agent env's imports, on two
 @pytest.fixture(scope="module")
 def agents_python() -> Path:
     try:
-        return framework_python("livekit-agents-1.8.9", AGENTS_REQUIREMENTS)
+        return framework_python(
+            "livekit-agents-1.8.9", AGENTS_REQUIREMENTS, Path(__file__).with_name("agents-constraints.txt")
+        )
     except FrameworkVenvError as exc:
         if IN_CI:
             pytest.fail(f"the livekit-agents env could not be built in CI: {exc}")

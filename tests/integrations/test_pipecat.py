@@ -49,7 +49,9 @@ EVENT_TIMEOUT_S = 90.0
 @pytest.fixture(scope="module")
 def pipecat_python() -> Path:
     try:
-        return framework_python("pipecat-1.14.0", PIPECAT_REQUIREMENTS)
+        return framework_python(
+            "pipecat-1.14.0", PIPECAT_REQUIREMENTS, Path(__file__).with_name("pipecat-constraints.txt")
+        )
     except FrameworkVenvError as exc:
         if IN_CI:
             pytest.fail(f"the Pipecat env could not be built in CI: {exc}")

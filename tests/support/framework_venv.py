@@ -30,10 +30,11 @@ class FrameworkVenvError(RuntimeError):
     """The env could not be built (no network to PyPI, a resolution conflict): the message has pip's tail."""
 
 
-def framework_python(name: str, requirements: list[str]) -> Path:
-    """The interpreter of a cached env holding exactly `requirements` (pip specifiers), built if missing."""
+def framework_python(name: str, requirements: list[str], constraints: Path) -> Path:
+    """The interpreter of a cached env holding `requirements` (pip specifiers) resolved under `constraints`
+    (every package pinned), built if missing; a change to either builds a new env."""
     base_python = Path(getattr(sys, "_base_executable", sys.executable))
-    identity = "\n".join([sys.version, *sorted(requirements)])
+    identity = "\n".join([sys.version, *sorted(requirements), constraints.read_text()])
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     root = cache_dir() / "venvs"
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,17 @@ def framework_python(name: str, requirements: list[str]) -> Path:
                 [str(base_python), "-m", "venv", str(path)], check=True, capture_output=True, timeout=120, env=env
             )
             subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-c",
+                    str(constraints),
+                    *requirements,
+                ],
                 check=True,
                 capture_output=True,
                 timeout=BUILD_TIMEOUT_S,

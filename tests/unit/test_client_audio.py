@@ -31,7 +31,8 @@ async def test_listeners_see_every_event_and_the_queue_keeps_the_newest() -> Non
             audio.add_listener(lambda event: seen.append(int(event.get("n", -1))))
             assert (await audio.wait_ready(5))["session_id"] == "s"
             await audio.send_pcm(b"\x01\x00" * 160)
-            while len(seen) < EVENTS or not audio.close_reason:  # all arrived, nobody read the queue yet
+            # All arrived and nobody read the queue yet (the stream exposes its close as a reason, not an event).
+            while len(seen) < EVENTS or not audio.close_reason:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             queued = [int(event["n"]) async for event in audio.events() if event["type"] == "stats"]
     assert received_headers == ["k"] and binary == [b"\x01\x00" * 160]
