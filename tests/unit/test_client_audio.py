@@ -61,5 +61,10 @@ async def test_next_event_raises_on_a_server_error_and_on_close() -> None:
                 await audio.next_event("playback_finished", timeout_s=5)
             except AudioStreamError as exc:
                 second = exc
+            try:
+                await audio.send_pcm(b"\x00\x00")
+            except AudioStreamError as exc:  # a send on a closed socket: reconnect to go on
+                third = exc
     assert first.code == "misaligned_pcm" and first.message == "odd byte count"
     assert second.code == "closed" and "1008 unknown_session" in second.message
+    assert third.code == "closed"

@@ -11,7 +11,9 @@ was given) and opens the session's audio WebSocket. Every `TTSAudioRawFrame` is 
 (its rate and channels declared with a `config` message whenever they change), each
 `TTSStoppedFrame` ends the utterance, and an `InterruptionFrame` interrupts it: the avatar
 drops what it had queued and returns to idle. The avatar publishes the speech itself, in sync
-with the lips, so TTS audio is not passed downstream unless `passthrough_audio=True`.
+with the lips, so TTS audio is not passed downstream unless `passthrough_audio=True` (then the
+pipeline's transport plays it and the avatar publishes video only). A send that finds the audio
+connection closed (an API replica restarting) reconnects once and goes on.
 `EndFrame` waits for the last utterance to finish playing, then stops the session;
 `CancelFrame` stops it at once.
 
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lipsync_client import (
     AudioFormat,
     AudioStream,
+    AudioStreamError,
     Avatar,
     LipsyncClient,
     LipsyncError,
@@ -129,26 +133,52 @@ class LipsyncVideoService(FrameProcessor):
                 self._session = await self._client.create_session(
                     avatar=self._avatar,
                     livekit=LiveKitOutput(
-                        room=self._room, identity=self._identity, publish_on_behalf=self._publish_on_behalf
+                        room=self._room,
+                        identity=self._identity,
+                        # The pipeline's own transport plays passed-through audio: the avatar must not too.
+                        publish_audio=not self._passthrough_audio,
+                        publish_on_behalf=self._publish_on_behalf,
                     ),
                 )
                 await self._call_event_handler("on_session_started", self._session)
-            # Audio sent before the session is live waits in the API's relay (bounded), so the
-            # pipeline need not wait for the avatar to be ready.
-            self._audio = self._client.audio_stream(self._session)
-            self._audio.add_listener(self._on_server_event)
-            await self._audio.connect()
-        except LipsyncError as exc:
-            await self.push_error(error_msg=f"lipsync-live: {exc.code}: {exc.message}", exception=exc)
+            await self._connect()
+        except (LipsyncError, OSError) as exc:
+            await self.push_error(error_msg=f"lipsync-live: {exc}", exception=exc)
+
+    async def _connect(self) -> None:
+        # Audio sent before the session is live waits in the API's relay (bounded), so the
+        # pipeline need not wait for the avatar to be ready.
+        assert self._session is not None
+        declared = self._audio.audio_format if self._audio is not None else None
+        self._audio = self._client.audio_stream(self._session, audio_format=declared)
+        self._audio.add_listener(self._on_server_event)
+        await self._audio.connect()
+
+    async def _with_reconnect(self, send: Callable[[AudioStream], Awaitable[None]]) -> None:
+        """`send` on the audio socket; once more on a fresh connection if it had closed (an API replica
+        restarting: the sidecar keeps the session and takes the newest connection)."""
+        assert self._audio is not None
+        try:
+            await send(self._audio)
+        except AudioStreamError as exc:
+            if exc.code != "closed":
+                raise
+            logger.info("lipsync-live: the audio connection closed; reconnecting")
+            await self._connect()
+            await send(self._audio)
 
     async def _send_audio(self, frame: TTSAudioRawFrame) -> None:
         if self._audio is None:
             return
-        try:
-            declared = self._audio.audio_format
+
+        async def send(audio: AudioStream) -> None:
+            declared = audio.audio_format
             if (declared.sample_rate_hz, declared.channels) != (frame.sample_rate, frame.num_channels):
-                await self._audio.set_format(AudioFormat(sample_rate_hz=frame.sample_rate, channels=frame.num_channels))
-            await self._audio.send_pcm(frame.audio)
+                await audio.set_format(AudioFormat(sample_rate_hz=frame.sample_rate, channels=frame.num_channels))
+            await audio.send_pcm(frame.audio)
+
+        try:
+            await self._with_reconnect(send)
         except (LipsyncError, OSError, ValueError) as exc:
             await self.push_error(error_msg=f"lipsync-live: sending audio failed: {exc}", exception=exc)
             return
@@ -164,7 +194,7 @@ class LipsyncVideoService(FrameProcessor):
         if self._playing == 0:
             self._drained.set()  # the server ended it already (500 ms without audio) and said so
         try:
-            await self._audio.end_utterance()
+            await self._with_reconnect(AudioStream.end_utterance)
         except (LipsyncError, OSError) as exc:
             await self.push_error(error_msg=f"lipsync-live: end of utterance failed: {exc}", exception=exc)
 
@@ -173,7 +203,7 @@ class LipsyncVideoService(FrameProcessor):
             return  # nothing queued: an interrupt would only produce an empty playback_finished
         self._utterance_open = False
         try:
-            await self._audio.interrupt()
+            await self._with_reconnect(AudioStream.interrupt)
         except (LipsyncError, OSError) as exc:
             await self.push_error(error_msg=f"lipsync-live: interrupt failed: {exc}", exception=exc)
 

@@ -96,8 +96,9 @@ class AudioStream:
                 f"{len(pcm)} bytes is not a whole number of {frame_bytes}-byte sample frames "
                 f"({self.audio_format.encoding}, {self.audio_format.channels} channel(s))"
             )
-        for offset in range(0, len(pcm), MAX_CHUNK_BYTES - MAX_CHUNK_BYTES % frame_bytes):
-            await self._connection().send(pcm[offset : offset + MAX_CHUNK_BYTES - MAX_CHUNK_BYTES % frame_bytes])
+        step = MAX_CHUNK_BYTES - MAX_CHUNK_BYTES % frame_bytes
+        for offset in range(0, len(pcm), step):
+            await self._send(pcm[offset : offset + step])
 
     async def set_format(self, audio_format: AudioFormat) -> None:
         """Declare the PCM that follows (a `config` message); the open utterance keeps what was sent."""
@@ -177,7 +178,14 @@ class AudioStream:
         return self._ws
 
     async def _send_json(self, message: dict[str, Any]) -> None:
-        await self._connection().send(json.dumps(message))
+        await self._send(json.dumps(message))
+
+    async def _send(self, message: bytes | str) -> None:
+        """One message; a closed socket is an `AudioStreamError` with code `closed` (reconnect to go on)."""
+        try:
+            await self._connection().send(message)
+        except ConnectionClosed as exc:
+            raise AudioStreamError(f"the audio WebSocket closed: {exc}", code="closed") from exc
 
     async def _read(self, ws: ClientConnection) -> None:
         assert self._ready is not None
