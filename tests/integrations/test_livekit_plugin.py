@@ -24,13 +24,14 @@ import pytest
 import soxr
 from lipsync_client import LipsyncClient
 
-from infra.demo import speech_pcm
+from infra.demo import avatar_zip_bytes, speech_pcm
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.temporal import TemporalDevServerConfig
 from tests.conftest import IN_CI
 from tests.sidecar.avcheck import RoomRecorder, agent_token, align, envelope_correlation
 from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack, gray
+from tests.support.asset_server import Route
 from tests.support.framework_venv import FrameworkVenvError, framework_python, integration_pythonpath
 
 pytestmark = pytest.mark.service
@@ -202,7 +203,8 @@ async def test_an_agent_session_drives_the_avatar(agents_python: Path, stack: Ap
     sent48 = np.asarray(soxr.resample(reference, 16_000, 48_000), dtype=np.float32)
     heard = viewer.audio()
     lag, _ = align(heard, sent48)
-    assert envelope_correlation(heard, sent48, lag) >= 0.8
+    correlation = envelope_correlation(heard, sent48, lag)
+    assert correlation >= 0.8
     # ... and saw the lips move while it was loud, not before.
     idle, spoken = speech_frames(viewer)
     assert len(idle) >= 25 and len(spoken) >= 20, (len(idle), len(spoken))
@@ -214,6 +216,10 @@ async def test_an_agent_session_drives_the_avatar(agents_python: Path, stack: Ap
     idle_change = float(np.median([change(f) for f in idle[-25:]]))
     speech_change = float(np.median([change(f) for f in spoken]))
     assert speech_change > max(2.0 * idle_change, 12.0), (speech_change, idle_change)
+    sys.stdout.write(
+        f"agent speech: envelope correlation {correlation:.2f}; mouth change {speech_change:.1f} speaking vs "
+        f"{idle_change:.1f} idle ({len(spoken)} / {len(idle)} frames)\n"
+    )
 
 
 async def test_a_failing_avatar_is_a_clear_error_not_a_wait(
@@ -240,14 +246,21 @@ async def test_a_failing_avatar_is_a_clear_error_not_a_wait(
 async def test_an_avatar_that_does_not_join_in_time_is_a_clear_error_and_its_session_stops(
     agents_python: Path, stack: ApiStack, tmp_path: Path
 ) -> None:
+    # An avatar whose download takes 2.5 s (five pieces, 0.5 s apart: inside the fetch limits), so the
+    # avatar cannot have joined when the 0.5 s join timeout passes.
+    body = avatar_zip_bytes(side_px=AVATAR_SIDE_PX)
+    slow = Route(
+        body=body, headers=(("Content-Type", "application/zip"),), chunk_bytes=len(body) // 5 + 1, chunk_delay_s=0.5
+    )
+    slow_url = stack.assets.add("/slow-astronaut.zip", slow)
     agent = await AgentProcess.spawn(
         agents_python,
         stack,
         room="agents-slow-room",
         identity="agent-slow",
-        avatar_url=stack.avatar_url,
+        avatar_url=slow_url,
         log=tmp_path / "slow.log",
-        join_timeout_s=0.5,  # far less than fetching and preparing the avatar takes
+        join_timeout_s=0.5,
     )
     try:
         failed = await agent.event("avatar_failed", timeout_s=60)

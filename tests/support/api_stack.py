@@ -49,6 +49,7 @@ class ApiStack:
     livekit: LiveKitServerConfig
     avatar_url: str
     sidecar_url: str
+    assets: AssetServer  # serves the avatar; tests add routes (slow, broken) to it
 
 
 class _Server(uvicorn.Server):
@@ -125,6 +126,7 @@ async def api_stack(
                 livekit=livekit_server,
                 avatar_url=avatar_url,
                 sidecar_url=f"http://127.0.0.1:{sidecar_port}",
+                assets=assets,
             )
         finally:
             server.should_exit = True
