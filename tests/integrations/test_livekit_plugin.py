@@ -1,11 +1,13 @@
 """The LiveKit Agents plugin with a real livekit-agents `AgentSession` against the real service.
 
-The agent (tests/integrations/agents_app.py) runs in its own env with livekit-agents==1.8.9
-(which pins livekit 1.1.21; the service pins another), built by this module's fixture under
-the per-user cache. It connects to the test's livekit-server, starts `lipsync.AvatarSession`
-through the API of tests/support/api_stack.py, and says a sentence through an espeak-ng TTS.
-A separate subscriber in the room must see the avatar's lips move during the speech and hear
-it; closing the agent session must stop the lipsync-live session.
+The agent runs in its own env with livekit-agents==1.8.9 (which pins livekit 1.1.21; the service
+pins another), built by this module's fixture under the per-user cache. The main test runs a
+livekit-agents worker (tests/integrations/agents_job_app.py) whose job entrypoint is the README's
+example; livekit-server dispatches it to a room, where it starts `lipsync.AvatarSession` through
+the API of tests/support/api_stack.py and says a sentence through an espeak-ng TTS. A separate
+subscriber in the room must see the avatar's lips move during the speech and hear it; closing the
+agent session must stop the lipsync-live session. The error cases drive the plugin from a plain
+connected room (tests/integrations/agents_app.py).
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import numpy as np
 import pytest
 import soxr
 from lipsync_client import LipsyncClient
+from livekit import api as livekit_api
+from livekit import rtc
 
 from infra.demo import avatar_zip_bytes, speech_pcm
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.temporal import TemporalDevServerConfig
 from tests.conftest import IN_CI
-from tests.sidecar.avcheck import RoomRecorder, agent_token, align, envelope_correlation
-from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack, gray
+from tests.sidecar.avcheck import RoomRecorder, agent_token
+from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack, gray, heard_speech_correlation
 from tests.support.asset_server import Route
 from tests.support.framework_venv import FrameworkVenvError, framework_python, integration_pythonpath
 
@@ -39,6 +43,7 @@ pytestmark = pytest.mark.service
 AGENTS_REQUIREMENTS = ["livekit-agents==1.8.9", "httpx==0.28.1", "websockets==17.4"]
 PLUGIN_DIR = PROJECT_ROOT / "infra" / "integrations" / "livekit-plugins-lipsync"
 AGENT_APP = Path(__file__).with_name("agents_app.py")
+AGENT_JOB_APP = Path(__file__).with_name("agents_job_app.py")
 SENTENCE = "Hello, I am the agent. The quick brown fox jumps over the lazy dog."
 EVENT_TIMEOUT_S = 90.0  # avatar preparation and the agent env's imports, on two busy cores
 
@@ -109,6 +114,8 @@ class AgentProcess:
                 raise AssertionError(f"agent: no {name!r} within {timeout_s} s\n{self.log_tail()}") from None
             if not line:
                 raise AssertionError(f"agent exited before {name!r}:\n{self.log_tail()}")
+            if not line.startswith(b"{"):
+                continue  # a library's own stdout line
             event: dict[str, Any] = json.loads(line)
             if event["event"] == name:
                 return event
@@ -132,6 +139,36 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
 
+async def spawn_job_worker(python: Path, stack: ApiStack, *, agent_name: str, log: Path) -> AgentProcess:
+    """tests/integrations/agents_job_app.py: an AgentServer whose entrypoint is the README's example."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": integration_pythonpath(PLUGIN_DIR),
+        "LIPSYNC_API_URL": stack.api_url,
+        "LIPSYNC_API_KEY": stack.api_key,
+    }
+    env.pop("VIRTUAL_ENV", None)
+    argv = [
+        str(python), str(AGENT_JOB_APP),
+        "--livekit-url", stack.livekit.ws_url,
+        "--livekit-api-key", stack.livekit.api_key, "--livekit-api-secret", stack.livekit.api_secret,
+        "--agent-name", agent_name, "--avatar-url", stack.avatar_url, "--text", SENTENCE,
+    ]  # fmt: skip
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env
+        )
+    return AgentProcess(process, log)
+
+
+async def dispatch(stack: ApiStack, agent_name: str, room: str) -> None:
+    """Ask livekit-server to dispatch the agent to `room`, as a deployment's backend would."""
+    async with livekit_api.LiveKitAPI(stack.livekit.ws_url, stack.livekit.api_key, stack.livekit.api_secret) as lk:
+        await lk.agent_dispatch.create_dispatch(
+            livekit_api.CreateAgentDispatchRequest(agent_name=agent_name, room=room)
+        )
+
+
 def speech_frames(viewer: RoomRecorder) -> tuple[list[Any], list[Any]]:
     """(idle frames before the speech, frames shown while the heard speech was loud), by arrival time.
 
@@ -151,46 +188,50 @@ def speech_frames(viewer: RoomRecorder) -> tuple[list[Any], list[Any]]:
     return idle, spoken
 
 
-async def test_an_agent_session_drives_the_avatar(agents_python: Path, stack: ApiStack, tmp_path: Path) -> None:
-    room, agent_identity = "agents-room", "agent-under-test"
-    async with LipsyncClient(stack.api_url, stack.api_key) as client:
-        token = await client.viewer_token(room, identity="agents-viewer")
-        viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
-        await viewer.connect(token.url, token.token)
-        agent = await AgentProcess.spawn(
-            agents_python,
-            stack,
-            room=room,
-            identity=agent_identity,
-            avatar_url=stack.avatar_url,
-            log=tmp_path / "agent.log",
-        )
-        try:
-            joined = await agent.event("avatar_joined")
-            session_id = joined["session_id"]
-            stack.harness.workflow_ids.append(f"session-{session_id}")
-            assert joined["avatar_identity"] == f"avatar-{session_id}"  # as the service named it
-            await agent.event("agent_started")
-            live = await client.get_session(session_id)
-            assert live.phase == "live" and live.output == "livekit", live.raw
-            avatar = viewer.room.remote_participants[joined["avatar_identity"]]
-            assert avatar.attributes.get("lk.publish_on_behalf") == agent_identity
+async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
+    agents_python: Path, stack: ApiStack, tmp_path: Path
+) -> None:
+    room, agent_name = "agents-room", "lipsync-test-agent"
+    agent = await spawn_job_worker(agents_python, stack, agent_name=agent_name, log=tmp_path / "agent.log")
+    try:
+        await agent.event("registered")
+        async with LipsyncClient(stack.api_url, stack.api_key) as client:
+            token = await client.viewer_token(room, identity="agents-viewer")
+            viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
+            await viewer.connect(token.url, token.token)
+            try:
+                await dispatch(stack, agent_name, room)
+                started = await agent.event("job_started")
+                session_id = started["session_id"]
+                stack.harness.workflow_ids.append(f"session-{session_id}")
+                assert started["avatar_identity"] == f"avatar-{session_id}"  # as the service named it
+                live = await client.get_session(session_id)
+                assert live.phase == "live" and live.output == "livekit", live.raw
+                avatar = viewer.room.remote_participants[started["avatar_identity"]]
+                assert avatar.attributes.get("lk.publish_on_behalf") == started["local_identity"]
+                # The agent publishes no audio of its own: the avatar speaks for it.
+                agent_participant = viewer.room.remote_participants[started["local_identity"]]
+                audio = [p for p in agent_participant.track_publications.values() if p.kind == rtc.TrackKind.KIND_AUDIO]
+                assert not audio, audio
 
-            await viewer.wait_for(lambda: len(viewer.frames) >= 50, 30)  # two seconds of idle first
-            await agent.command("say")
-            spoken_event = await agent.event("spoken", timeout_s=60)
-            assert spoken_event["interrupted"] is False
-            await asyncio.sleep(1.0)
-            stats = (await client.get_session(session_id)).stats
+                await viewer.wait_for(lambda: len(viewer.frames) >= 50, 30)  # two seconds of idle first
+                await agent.command("say")
+                spoken_event = await agent.event("spoken", timeout_s=60)
+                assert spoken_event["interrupted"] is False
+                await asyncio.sleep(1.0)
+                stats = (await client.get_session(session_id)).stats
 
-            await agent.command("close")
-            await agent.event("agent_session_closed", timeout_s=30)
-            final = await client.wait_for_phase(session_id, {"completed"}, timeout_s=30)
-            await agent.command("exit")
-            assert await agent.finish() == 0, agent.log_tail()
-        finally:
-            await viewer.close()
-            if agent.process.returncode is None:
+                await agent.command("close")
+                await agent.event("agent_session_closed", timeout_s=30)
+                final = await client.wait_for_phase(session_id, {"completed"}, timeout_s=30)
+            finally:
+                await viewer.close()
+    finally:
+        if agent.process.returncode is None:
+            agent.process.terminate()
+            try:
+                await asyncio.wait_for(agent.process.wait(), 20)
+            except TimeoutError:
                 agent.process.kill()
                 await agent.process.wait()
 
@@ -201,10 +242,8 @@ async def test_an_agent_session_drives_the_avatar(agents_python: Path, stack: Ap
     # The subscriber heard the speech: the received envelope follows espeak-ng's.
     reference = np.frombuffer(speech_pcm(SENTENCE), dtype="<i2").astype(np.float32) / 32768.0
     sent48 = np.asarray(soxr.resample(reference, 16_000, 48_000), dtype=np.float32)
-    heard = viewer.audio()
-    lag, _ = align(heard, sent48)
-    correlation = envelope_correlation(heard, sent48, lag)
-    assert correlation >= 0.8
+    correlation = heard_speech_correlation(viewer.audio(), sent48)
+    assert correlation >= 0.8, correlation
     # ... and saw the lips move while it was loud, not before.
     idle, spoken = speech_frames(viewer)
     assert len(idle) >= 25 and len(spoken) >= 20, (len(idle), len(spoken))

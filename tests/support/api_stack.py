@@ -170,3 +170,31 @@ def loud_frame_offsets(pcm_s16le_16khz: bytes, fraction: float = 0.3) -> list[in
     per_frame = speech[: len(speech) // 640 * 640].reshape(-1, 640)
     level = np.sqrt((per_frame**2).mean(axis=1))
     return [int(k) for k in np.nonzero(level > fraction * level.max())[0]]
+
+
+def heard_speech_correlation(
+    heard_48k: np.ndarray, sent_48k: np.ndarray, *, block_s: float = 1.0, search_s: float = 0.6
+) -> float:
+    """Median over the sent speech's 1 s blocks of the best 10 ms-envelope correlation with what was heard.
+
+    Each block is matched near the whole utterance's alignment (within `search_s`), so a receiver's
+    concealment gap (a CPU stall on a loaded machine shifts what follows) costs one block, not the
+    whole measure. Silence or another sound scores near 0; the sent speech near 1.
+    """
+    from tests.sidecar.avcheck import align, envelope
+
+    lag, _ = align(heard_48k, sent_48k)
+    heard, sent = envelope(heard_48k, 48_000), envelope(sent_48k, 48_000)  # 100 values per second
+    offset, block, search = lag // 480, int(block_s * 100), int(search_s * 100)
+    scores = []
+    for start in range(0, len(sent) - block + 1, block):
+        reference = sent[start : start + block]
+        if reference.std() < 0.05 * sent.max():
+            continue  # a pause in the speech: nothing to match
+        candidates = [
+            float(np.corrcoef(reference, heard[at : at + block])[0, 1])
+            for at in range(offset + start - search, offset + start + search + 1)
+            if at >= 0 and at + block <= len(heard) and heard[at : at + block].std() > 0
+        ]
+        scores.append(max(candidates, default=0.0))
+    return float(np.median(scores)) if scores else 0.0

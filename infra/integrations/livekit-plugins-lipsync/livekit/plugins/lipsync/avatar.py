@@ -113,6 +113,11 @@ class AvatarSession:
         """Start the avatar in `room` and route `agent_session`'s audio to it; returns once it has joined."""
         if self._created is not None:
             raise LipsyncAvatarError("this AvatarSession was already started", code="already_started")
+        job = get_job_context(required=False)
+        if not room.isconnected() and job is not None and job.room is room:
+            # In a job the room is connected by session.start(), which comes after this call; waiting
+            # for the avatar needs it now. JobContext.connect() is idempotent, so session.start's is a no-op.
+            await job.connect()
         agent_identity = _agent_identity(room)
         created = await self._client.create_session(
             avatar=self._avatar,
@@ -139,7 +144,6 @@ class AvatarSession:
             self._close_soon("the agent session closed")
 
         agent_session.on("close", on_close)
-        job = get_job_context(required=False)
         if job is not None:
 
             async def on_shutdown(reason: str = "") -> None:
@@ -220,13 +224,10 @@ class AvatarSession:
 
 
 def _agent_identity(room: rtc.Room) -> str:
-    """The identity the avatar publishes on behalf of: the job's agent, else the room's local participant."""
-    job = get_job_context(required=False)
-    if job is not None:
-        return str(job.local_participant_identity)
+    """The identity the avatar publishes on behalf of: the room's local participant (the agent)."""
     if not room.isconnected():
         raise LipsyncAvatarError(
-            "the room is not connected and there is no agent job: connect the room before start()",
+            "the room is not connected and it is not this job's room: connect it before start()",
             code="room_not_connected",
         )
     return str(room.local_participant.identity)
