@@ -43,6 +43,13 @@ def build_server(args: argparse.Namespace, commands: asyncio.Queue[str]) -> Agen
 
     @server.rtc_session(agent_name=args.agent_name)
     async def entrypoint(ctx: JobContext) -> None:
+        try:
+            await run_job(ctx)
+        except Exception as exc:
+            emit("job_failed", error=f"{type(exc).__name__}: {exc}")  # the test fails now, not at its timeout
+            raise
+
+    async def run_job(ctx: JobContext) -> None:
         session = AgentSession(tts=EspeakTTS())
         closed = asyncio.Event()
         session.on("close", lambda _event: closed.set())
