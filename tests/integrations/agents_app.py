@@ -82,7 +82,7 @@ async def main(args: argparse.Namespace) -> None:
     closed = asyncio.Event()
     session.on("close", lambda _event: closed.set())
     avatar = lipsync.AvatarSession(
-        avatar=args.avatar_url, api_url=args.api_url, api_key=args.api_key, join_timeout_s=args.join_timeout_s
+        args.api_url, args.api_key, avatar=args.avatar_url, join_timeout_s=args.join_timeout_s
     )
     try:
         await avatar.start(session, room=room)

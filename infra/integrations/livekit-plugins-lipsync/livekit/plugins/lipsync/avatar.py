@@ -52,10 +52,10 @@ class AvatarSession:
 
     def __init__(
         self,
-        *,
-        avatar: str | Avatar,
         api_url: str | None = None,
         api_key: str | None = None,
+        *,
+        avatar: str | Avatar,
         publish_audio: bool = True,
         avatar_participant_identity: str | None = None,
         join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
