@@ -62,7 +62,10 @@ def register(subparsers: Any) -> None:
     stream = actions.add_parser("stream", help="stream a 16-bit PCM WAV as one utterance; wait until it has played")
     stream.add_argument("session_id")
     stream.add_argument("wav", type=Path, metavar="FILE.wav")
-    stream.add_argument("--audio-ws-url", help="the audio_ws_url from the start response (default: the API's route)")
+    stream.add_argument(
+        "--audio-ws-url",
+        help="the audio_ws_url from the start response (default: the session status's, else the API's route)",
+    )
     stream.add_argument("--fast", action="store_true", help="send faster than real time (the server buffers it)")
     stream.set_defaults(handler=_stream)
 
@@ -123,7 +126,10 @@ def _stream(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         async with _client(args) as client:
-            url = args.audio_ws_url or client.audio_ws_url(args.session_id)
+            url = args.audio_ws_url
+            if not url:  # the server's own URL for it when its status names one (it may carry a token)
+                status = await client.get_session(args.session_id)
+                url = str(status.raw.get("audio_ws_url") or client.audio_ws_url(args.session_id))
             async with client.audio_stream(url, audio_format=audio_format) as audio:
                 audio.add_listener(_print_event)
                 await audio.wait_ready(READY_TIMEOUT_S)

@@ -215,6 +215,9 @@ async def test_the_session_cli(stack: ApiStack, tmp_path: Path) -> None:
     assert result["playback_finished"]["interrupted"] is False
     assert abs(result["playback_finished"]["playback_position"] - len(pcm) / 2 / 24_000) < 0.05
 
+    rc, out, err = await _cli(stack, "stream", session_id, str(wav_path), "--fast")  # the URL found by itself
+    assert rc == 0, err
+
     rc, out, err = await _cli(stack, "status", session_id)
     assert rc == 0, err
     status = json.loads(out)
