@@ -5,7 +5,7 @@ only pipecat-ai, the integration and the client. The TTS is real (espeak-ng, in 
 `TTSService`); the pipeline runs under `PipelineRunner` like any bot.
 
 Protocol with the test: one JSON object per stdout line (`{"event": ...}`); the test answers
-on stdin with one word per line: `say`, `interrupt`, `end`.
+on stdin with one word per line: `say`, `drop` (cut the audio connection), `interrupt`, `end`.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ async def main(args: argparse.Namespace) -> None:
             started = await wait_event("on_playback_started")
             finished = await wait_event("on_playback_finished")
             emit("spoken", started=started, finished=finished)
+        elif word == "drop":
+            # The audio connection goes away under the processor (as when an API replica restarts);
+            # its next send must reconnect and carry on.
+            stream = lipsync._audio  # the test reaches in to cut the connection
+            assert stream is not None
+            await stream.aclose()
+            emit("dropped")
         elif word == "interrupt":
             await task.queue_frame(TTSSpeakFrame(LONG_TEXT))
             started = await wait_event("on_playback_started")

@@ -4,7 +4,8 @@ The pipeline (tests/integrations/pipecat_app.py: an espeak-ng `TTSService` feedi
 `LipsyncVideoService`) runs in its own env with pipecat-ai==1.14.0, built by this module's
 fixture under the per-user cache. A subscriber in the LiveKit room must see the lips move
 during the speech and hear it; an `InterruptionFrame` must cut the next utterance; the
-pipeline's `EndFrame` must stop the session.
+pipeline's `EndFrame` must stop the session; a dropped audio connection must be reconnected by the
+processor itself.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack:
 
             await command("say")
             spoken = await next_event(process, "spoken", log, 60)
+            await command("drop")
+            await next_event(process, "dropped", log, 10)
+            await command("say")  # on a new connection, made by the processor itself
+            spoken_again = await next_event(process, "spoken", log, 60)
             await command("interrupt")
             interrupted = await next_event(process, "interrupted", log, 60)
             await command("end")
@@ -141,6 +146,8 @@ async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack:
     seconds = len(reference) / 2 / 16_000
     finished = spoken["finished"]
     assert finished["interrupted"] is False and abs(float(finished["playback_position"]) - seconds) < 0.3, spoken
+    again = spoken_again["finished"]
+    assert again["interrupted"] is False and abs(float(again["playback_position"]) - seconds) < 0.3, spoken_again
     cut = interrupted["finished"]
     assert cut["interrupted"] is True and 0.5 < float(cut["playback_position"]) < 5.0, interrupted
     assert final.end_reason == "stopped" and final.error is None, final.raw
