@@ -6,15 +6,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The Python client is its own distribution (infra/integrations/); the service's CLI and demo use it.
+CLIENT := infra/integrations/lipsync-client
 
 .PHONY: setup services test lint demo clean
 
 setup: $(STAMP) services
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(CLIENT)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' -e $(CLIENT)
 	touch $(STAMP)
 
 services: $(STAMP)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
 import secrets
 import shutil
@@ -406,7 +405,7 @@ class Demo:
     # --- the session ---------------------------------------------------------------------
 
     async def _session(self) -> DemoResult:
-        import httpx
+        from lipsync_client import Avatar, LipsyncClient, LipsyncError, LiveKitOutput
 
         self._start_services()
         assets_dir = self.work_dir / "assets"
@@ -414,40 +413,38 @@ class Demo:
         (assets_dir / "astronaut.zip").write_bytes(avatar_zip_bytes())
         pcm = speech_pcm(self.options.text)
         self.say(f"speech: {len(pcm) / 2 / SPEECH_RATE_HZ:.1f} s from espeak-ng, s16le mono {SPEECH_RATE_HZ} Hz")
-        headers = {"X-API-Key": self.api_key}
-        async with httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=30.0) as http:
-            engine, detail = await self._engine(http)
-            self.say(f"engine: {engine} — {detail}")
-            with serve_directory(assets_dir) as assets_url:
-                session_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-                created = await http.post(
-                    "/v1/sessions",
-                    json={
-                        "session_id": session_id,
-                        "avatar": {"frames_zip_url": f"{assets_url}/astronaut.zip"},
-                        "output": {"livekit": {"room": f"demo-{session_id}"}, "record": True},
-                        "metadata": {"source": "lipsync demo"},
-                    },
+        try:
+            async with LipsyncClient(self.api_url, self.api_key) as client:
+                engine, detail = self._engine(await client.health())
+                self.say(f"engine: {engine} — {detail}")
+                with serve_directory(assets_dir) as assets_url:
+                    session_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+                    created = await client.create_session(
+                        session_id=session_id,
+                        avatar=Avatar(frames_zip_url=f"{assets_url}/astronaut.zip"),
+                        livekit=LiveKitOutput(room=f"demo-{session_id}"),
+                        record=True,
+                        metadata={"source": "lipsync demo"},
+                    )
+                    assert created.livekit is not None
+                    self.say(f"session {session_id}: started (trace id {created.trace_id})")
+                    self.say(f"  Temporal UI: {created.temporal_ui_url}")
+                    viewer_url = (await client.viewer_token(created.livekit.room)).viewer_url
+                    self.say(f"  viewer:      {viewer_url}")
+                    phases = await self._wait_live(client, session_id)
+                await self._stream(client, created, pcm)
+                if self.options.hold_s > 0:
+                    self.say(f"  holding the session live for {self.options.hold_s:.0f} s (open the viewer URL)")
+                    await asyncio.sleep(self.options.hold_s)
+                await client.stop_session(session_id, "demo finished")
+                final = await client.wait_for_phase(
+                    session_id, {"completed", "failed", "cancelled"}, timeout_s=SESSION_END_TIMEOUT_S
                 )
-                if created.status_code != 201:
-                    raise DemoError(f"POST /v1/sessions: {created.status_code} {created.text}")
-                body = created.json()
-                self.say(f"session {session_id}: started (trace id {created.headers.get('X-Trace-Id')})")
-                self.say(f"  Temporal UI: {body['temporal_ui_url']}")
-                token = await http.post("/v1/livekit/token", json={"room": body["livekit"]["room"]})
-                viewer_url = token.json()["viewer_url"]
-                self.say(f"  viewer:      {viewer_url}")
-                phases = await self._wait_live(http, session_id)
-            await self._stream(body["audio_ws_url"], pcm)
-            if self.options.hold_s > 0:
-                self.say(f"  holding the session live for {self.options.hold_s:.0f} s (open the viewer URL)")
-                await asyncio.sleep(self.options.hold_s)
-            stopped = await http.post(f"/v1/sessions/{session_id}/stop", json={"reason": "demo finished"})
-            if stopped.status_code != 200:
-                raise DemoError(f"stop: {stopped.status_code} {stopped.text}")
-            final = await self._wait_end(http, session_id)
-        if final["phase"] != "completed":
-            raise DemoError(f"session ended {final['phase']}: {final.get('error')}")
+                self.say(f"  phase: {final.phase} (end reason {final.end_reason})")
+        except LipsyncError as exc:
+            raise DemoError(f"{exc.code}: {exc.message}") from exc
+        if final.phase != "completed":
+            raise DemoError(f"session ended {final.phase}: {final.error}")
         recording = self.work_dir / "recordings" / f"{session_id}.mp4"
         if not recording.exists():
             raise DemoError(f"the sidecar wrote no recording at {recording}")
@@ -461,15 +458,14 @@ class Demo:
             engine_detail=detail,
             out_path=out,
             recording=check,
-            temporal_ui_url=body["temporal_ui_url"],
+            temporal_ui_url=created.temporal_ui_url,
             viewer_url=viewer_url,
-            trace_id=created.headers.get("X-Trace-Id"),
+            trace_id=created.trace_id,
             phases=[*phases, "completed"],
-            stats=final.get("stats") or {},
+            stats=final.stats,
         )
 
-    async def _engine(self, http: Any) -> tuple[str, str]:
-        health = (await http.get("/health")).json()
+    def _engine(self, health: dict[str, Any]) -> tuple[str, str]:
         engine = (health.get("engines") or {}).get("demo-sidecar") or {}
         if not isinstance(engine, dict) or "name" not in engine:
             return "unknown", str(engine)
@@ -481,57 +477,32 @@ class Demo:
             or f"CPU preview engine: no valid MuseTalk weights in {self.options.model_dir} (`lipsync models check`)"
         )
 
-    async def _wait_live(self, http: Any, session_id: str) -> list[str]:
+    async def _wait_live(self, client: Any, session_id: str) -> list[str]:
         phases: list[str] = []
         deadline = time.monotonic() + SESSION_LIVE_TIMEOUT_S
         while time.monotonic() < deadline:
-            status = (await http.get(f"/v1/sessions/{session_id}")).json()
-            phase = status["phase"]
-            if not phases or phases[-1] != phase:
-                phases.append(phase)
-                self.say(f"  phase: {phase}")
-            if phase == "live":
-                self.say(f"  live on {status['sidecar']} via {status['output']} ({status['output_detail']})")
+            status = await client.get_session(session_id)
+            if not phases or phases[-1] != status.phase:
+                phases.append(status.phase)
+                self.say(f"  phase: {status.phase}")
+            if status.phase == "live":
+                self.say(f"  live on {status.sidecar} via {status.output} ({status.raw.get('output_detail')})")
                 return phases
-            if phase in ("failed", "completed", "cancelled"):
-                raise DemoError(f"session ended {phase} before going live: {status.get('error')}")
+            if status.is_terminal:
+                raise DemoError(f"session ended {status.phase} before going live: {status.error}")
             await asyncio.sleep(0.25)
         raise DemoError(f"session {session_id} was not live after {SESSION_LIVE_TIMEOUT_S:.0f} s")
 
-    async def _stream(self, audio_ws_url: str, pcm: bytes) -> None:
-        import websockets
-
-        async with websockets.connect(audio_ws_url, additional_headers={"X-API-Key": self.api_key}) as ws:
-            ready = json.loads(await ws.recv())
-            if ready.get("type") != "ready":
-                raise DemoError(f"audio WebSocket: expected ready, got {ready}")
+    async def _stream(self, client: Any, created: Any, pcm: bytes) -> None:
+        async with client.audio_stream(created) as audio:
+            await audio.wait_ready()
             await asyncio.sleep(1.0)  # a second of idle frames before the speech, as a viewer would see
-            chunk = SPEECH_RATE_HZ * 2 * CHUNK_MS // 1000
-            started = time.monotonic()
-            for index, offset in enumerate(range(0, len(pcm), chunk)):
-                # Paced like a TTS stream at real time (the sidecar buffers up to a minute ahead anyway).
-                await asyncio.sleep(max(0.0, started + index * CHUNK_MS / 1000 - time.monotonic()))
-                await ws.send(pcm[offset : offset + chunk])
-            await ws.send(json.dumps({"type": "end_of_utterance"}))
+            # Paced like a TTS stream at real time (the sidecar buffers up to a minute ahead anyway).
+            await audio.stream_pcm(pcm, chunk_ms=CHUNK_MS)
             self.say(f"  streamed {len(pcm)} bytes of PCM; waiting for playback_finished")
-            async for message in ws:
-                event = json.loads(message)
-                if event.get("type") == "playback_finished":
-                    self.say(f"  playback finished at {event.get('playback_position')} s")
-                    break
-                if event.get("type") == "error":
-                    raise DemoError(f"audio WebSocket error: {event}")
+            finished = await audio.next_event("playback_finished", timeout_s=60.0)
+            self.say(f"  playback finished at {finished.get('playback_position')} s")
             await asyncio.sleep(1.0)  # idle frames after the speech
-
-    async def _wait_end(self, http: Any, session_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + SESSION_END_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status: dict[str, Any] = (await http.get(f"/v1/sessions/{session_id}")).json()
-            if status["phase"] in ("completed", "failed", "cancelled"):
-                self.say(f"  phase: {status['phase']} (end reason {status.get('end_reason')})")
-                return status
-            await asyncio.sleep(0.25)
-        raise DemoError(f"session {session_id} did not end within {SESSION_END_TIMEOUT_S:.0f} s of stop")
 
 
 def run_demo(options: DemoOptions, say: Say | None = None) -> DemoResult:

@@ -130,6 +130,11 @@ class ManagedProcess:
     def pid(self) -> int | None:
         return self._popen.pid if self._popen else None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it exited (negative: the signal that ended it), else None."""
+        return self._popen.poll() if self._popen else None
+
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("starting service", extra={"service": self.name, "argv": list(self.argv)})

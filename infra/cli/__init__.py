@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "infra.cli.engine",
     "infra.cli.render",
     "infra.cli.sidecar",
+    "infra.cli.session",
 )
 
 
