@@ -18,6 +18,18 @@ browser that lip-syncs by capture time (both tracks share one `stream`) sees it 
 late — both inside one frame. tests/sidecar measures it; docs/audio-protocol.md explains it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
+Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue
+in the source's own time, calibrated a few times a second by the sender's measured
+`total_samples_duration`, predicts when the tick's first sample will enter WebRTC, and
+drops the late head of its audio (the tick came after its audio was due, or the pull thread
+fell behind real time) or queues silence in front of it (the queue is shallower than the
+anchor wants: the first tick, after a disconnect, an interrupt or a clock restart), so that
+after any stall the audio is back on the video's clock within one 10 ms block at the next
+tick. Dropped speech is counted (`audio_samples_dropped`, so published + dropped ==
+rendered stays exact) and the send-side A/V offset (when the frame was captured, less the
+video delay, minus when its audio entered WebRTC) is measured for every frame and exported
+as `av_offset_ms`, with `av_offset_alarms` counting frames past `av_offset_alarm_ms`.
+
 An interrupt clears the source's queue (the speech already queued never goes out) and
 refills it with silence up to the next tick's deadline + headroom: the audio stops at once
 and the audio/video alignment is re-anchored on the session clock (error < 10 ms, not
@@ -46,10 +58,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from livekit import rtc
-from livekit.rtc._proto import room_pb2, track_pb2, video_frame_pb2
+from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 
 from realtime.host import LiveKitTarget
+from realtime.ingest.formats import TIMELINE_SAMPLE_RATE_HZ
 from realtime.media.errors import OutputError
+from realtime.publish.avsync import SourceClock
 from realtime.publish.base import FrameKind, PublisherStats, PublishTick
 
 logger = logging.getLogger(__name__)
@@ -58,6 +72,9 @@ AUDIO_TRACK_NAME = "avatar_audio"
 VIDEO_TRACK_NAME = "avatar_video"
 PUBLISH_ON_BEHALF_ATTRIBUTE = "lk.publish_on_behalf"
 PLAYOUT_SAMPLE_RATE_HZ = 48_000
+PULL_BLOCK_SAMPLES = PLAYOUT_SAMPLE_RATE_HZ // 100  # the source hands WebRTC 10 ms per pull
+# Anchor errors below this are left alone: one pull cannot be split, and the queue model is only that precise.
+ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
 
 
 class LiveKitConnectError(OutputError):
@@ -81,6 +98,8 @@ class LiveKitPublisherOptions:
     reconnect_backoff_initial_s: float = 0.5
     reconnect_backoff_max_s: float = 5.0
     stream_name: str = "avatar"  # both tracks in one stream: receivers that lip-sync do so by it
+    av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
+    calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
 
     def __post_init__(self) -> None:
         # WebRTC encoders need >= 16 px; I420 needs even dimensions.
@@ -113,13 +132,22 @@ def _disconnect_reason_name(reason: object) -> str:
 class LiveKitPublisher:
     """Publishes one session into one room as the avatar participant."""
 
-    def __init__(self, target: LiveKitTarget, options: LiveKitPublisherOptions) -> None:
+    def __init__(
+        self, target: LiveKitTarget, options: LiveKitPublisherOptions, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.name = "livekit"
+        self._clock = clock  # time.monotonic (the session clock's and the event loop's); tests inject their own
         self.target = target
         self.options = options
         self._stats = PublisherStats(name=self.name)
         self._room: rtc.Room | None = None
         self._audio_source: rtc.AudioSource | None = None
+        self._audio_track: rtc.LocalAudioTrack | None = None
+        self._source_clock = SourceClock(PLAYOUT_SAMPLE_RATE_HZ, PULL_BLOCK_SAMPLES)
+        self._calibrate_task: asyncio.Task[None] | None = None
+        self._last_alarm_log_s = -1e9
+        # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none kept.
+        self._audio_residual_s: dict[int, float | None] = {}
         self._video_source: rtc.VideoSource | None = None
         self._room_listeners: list[RoomListener] = []
         self._closing = False
@@ -128,7 +156,6 @@ class LiveKitPublisher:
         self._pending_video: dict[int, tuple[asyncio.TimerHandle, PublishTick]] = {}
         # Audio queue anchoring (see the module docstring): captures and refills are serialised by the lock.
         self._audio_lock = asyncio.Lock()
-        self._audio_anchored = False
         self._next_tick_deadline_s: float | None = None  # where the next tick's audio belongs on the clock
         # (when its audio enters WebRTC, speech samples) of the ticks handed to the audio source: an interrupt's
         # clear_queue takes back the ones that have not started, so they are not counted as published.
@@ -210,6 +237,11 @@ class LiveKitPublisher:
                     source=rtc.TrackSource.SOURCE_MICROPHONE, stream=self.options.stream_name, dtx=False
                 ),
             )
+            # A new sender counts its pulled audio from zero: the queue model starts over with it.
+            self._audio_track = audio_track
+            self._source_clock.start(self._clock())
+            if self._calibrate_task is None or self._calibrate_task.done():
+                self._calibrate_task = asyncio.get_running_loop().create_task(self._calibrate_loop())
         assert self._video_source is not None
         video_track = rtc.LocalVideoTrack.create_video_track(VIDEO_TRACK_NAME, self._video_source)
         await room.local_participant.publish_track(
@@ -227,6 +259,37 @@ class LiveKitPublisher:
                 frame_metadata_features=[track_pb2.FMF_USER_TIMESTAMP, track_pb2.FMF_FRAME_ID],
             ),
         )
+
+    async def _calibrate_loop(self) -> None:
+        """Re-calibrate the source's queue model from the sender's count of the audio it pulled."""
+        while not self._closing:
+            await asyncio.sleep(self.options.calibrate_interval_s)
+            track = self._audio_track
+            if track is None or not self._stats.connected:
+                continue
+            asked_s = self._clock()
+            try:
+                report = await asyncio.wait_for(track.get_stats(), timeout=1.0)
+            except Exception as exc:  # a stats call failing costs precision, never the session
+                self._stats.extra["audio_calibration_failures"] = (
+                    self._stats.extra.get("audio_calibration_failures", 0.0) + 1
+                )
+                logger.debug("audio source stats failed", extra={"room": self.target.room, "error": repr(exc)})
+                continue
+            answered_s = self._clock()
+            measured = _pulled_audio(report)
+            if measured is None or track is not self._audio_track:
+                continue
+            pulled_s, collected_unix_us = measured
+            # The collection time is wall-clock microseconds; on the monotonic clock it lies between ask and answer.
+            at_s = answered_s - (time.time() - collected_unix_us / 1_000_000)
+            at_s = min(max(at_s, asked_s), answered_s)
+            self._source_clock.calibrate(round(pulled_s * PLAYOUT_SAMPLE_RATE_HZ), at_s)
+            extra = self._stats.extra
+            extra["audio_calibration_error_ms_last"] = round(self._source_clock.last_calibration_error_ms, 3)
+            extra["audio_queued_ms"] = round(
+                self._source_clock.queued_samples(answered_s) * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ, 3
+            )
 
     def _on_disconnected(self, reason: object = None) -> None:
         self._stats.connected = False
@@ -274,40 +337,74 @@ class LiveKitPublisher:
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
             self._stats.audio_samples_dropped += tick.speech_samples
-            self._audio_anchored = False  # the queue drains meanwhile: refill it on the next tick
             return
+        residual_s: float | None = None
         if self._audio_source is not None:
-            pcm = self._to_int16(tick.audio_playout)
-            frame = rtc.AudioFrame(pcm.tobytes(), PLAYOUT_SAMPLE_RATE_HZ, 1, len(pcm))
             try:
                 async with self._audio_lock:
-                    if not self._audio_anchored:
-                        await self._fill_silence_until(tick.deadline_s)
-                    else:
-                        self._check_audio_slack(tick.deadline_s)
-                    await self._audio_source.capture_frame(frame)
+                    residual_s = await self._queue_tick_audio(tick)
             except BaseException:
                 # The capture failed (the room went away under it) or the session stopped mid-capture: the
                 # tick's speech never reached WebRTC. Counted as dropped, so published + dropped == rendered.
                 self._stats.frames_dropped += 1
                 self._stats.audio_samples_dropped += tick.speech_samples
                 raise
-            self._stats.audio_samples_published += tick.speech_samples
-            now_s = time.monotonic()
-            while self._queued_speech and self._queued_speech[0][0] < now_s:
-                self._queued_speech.popleft()  # started playing: published for good
-            if tick.speech_samples:
-                self._queued_speech.append((tick.deadline_s + self._audio_headroom_s, tick.speech_samples))
-            self._stats.playout_samples_published += len(pcm)
+        self._audio_residual_s[tick.frame_index] = residual_s
         loop = asyncio.get_running_loop()
         # loop.time() is time.monotonic(): the tick's deadline is directly a loop time.
         when = tick.deadline_s + self._audio_headroom_s + self.options.video_delay_ms / 1000.0
         self._pending_video[tick.frame_index] = (loop.call_at(when, self._capture_video, tick), tick)
 
-    def _check_audio_slack(self, tick_deadline_s: float) -> None:
+    async def _queue_tick_audio(self, tick: PublishTick) -> float | None:
+        """Queue the tick's audio re-anchored on the session clock (see the module docstring); called with the
+        audio lock held. Returns how late its first kept sample enters WebRTC vs where it belongs (s), or None
+        when all of it was dropped."""
+        assert self._audio_source is not None
+        pcm = self._to_int16(tick.audio_playout)
+        now_s = self._clock()
+        anchor_s = tick.deadline_s + self._audio_headroom_s
+        self._check_audio_slack(anchor_s, now_s)
+        capacity = self.options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
+        decision = self._source_clock.plan(
+            anchor_s,
+            len(pcm),
+            now_s,
+            tolerance_samples=ANCHOR_TOLERANCE_SAMPLES,
+            max_pad_samples=capacity - len(pcm),  # the tick must still fit: a full source would block the clock
+        )
+        kept = pcm[decision.drop_samples :]
+        # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech first.
+        dropped_speech = min(
+            tick.speech_samples, round(decision.drop_samples * TIMELINE_SAMPLE_RATE_HZ / PLAYOUT_SAMPLE_RATE_HZ)
+        )
+        samples = np.concatenate([np.zeros(decision.pad_samples, dtype=np.int16), kept])
+        extra = self._stats.extra
+        extra["audio_anchor_error_ms_last"] = round(decision.error_ms, 3)
+        for name, count in (("dropped", decision.drop_samples), ("padded", decision.pad_samples)):
+            if count:  # audio_resync_{dropped,padded}: re-anchorings; ..._samples: 48 kHz samples they took or added
+                extra[f"audio_resync_{name}"] = extra.get(f"audio_resync_{name}", 0.0) + 1
+                extra[f"audio_resync_{name}_samples"] = extra.get(f"audio_resync_{name}_samples", 0.0) + count
+        if len(samples):
+            frame = rtc.AudioFrame(samples.tobytes(), PLAYOUT_SAMPLE_RATE_HZ, 1, len(samples))
+            await self._audio_source.capture_frame(frame)
+            self._source_clock.captured(len(samples), now_s)
+        published_speech = tick.speech_samples - dropped_speech
+        self._stats.audio_samples_published += published_speech
+        self._stats.audio_samples_dropped += dropped_speech
+        self._stats.playout_samples_published += len(samples)
+        done_s = self._clock()
+        while self._queued_speech and self._queued_speech[0][0] < done_s:
+            self._queued_speech.popleft()  # started playing: published for good
+        if published_speech:
+            self._queued_speech.append((decision.start_s, published_speech))
+        if not len(kept):
+            return None
+        return decision.start_s - (anchor_s + decision.drop_samples / PLAYOUT_SAMPLE_RATE_HZ)
+
+    def _check_audio_slack(self, anchor_s: float, now_s: float) -> None:
         """How long before WebRTC pulls it this tick's audio arrives; negative: the queue ran dry (an underrun:
-        the receiver conceals a gap and hears everything after it that much later)."""
-        slack_ms = (tick_deadline_s + self._audio_headroom_s - time.monotonic()) * 1000.0
+        silence went out in its place, and the re-anchoring drops what is late)."""
+        slack_ms = (anchor_s - now_s) * 1000.0
         extra = self._stats.extra
         extra["audio_slack_ms_min"] = round(min(extra.get("audio_slack_ms_min", slack_ms), slack_ms), 3)
         if slack_ms < 0:
@@ -318,26 +415,9 @@ class LiveKitPublisher:
                 extra={"room": self.target.room},
             )
 
-    async def _fill_silence_until(self, tick_deadline_s: float) -> None:
-        """Queue silence so that the audio captured next enters WebRTC at `tick_deadline_s` + headroom.
-
-        Whole 10 ms blocks (the source's pull size); called with the audio lock held.
-        """
-        assert self._audio_source is not None
-        blocks = round((tick_deadline_s + self._audio_headroom_s - time.monotonic()) * 100)
-        tick_ms = 1000 // self.options.frame_rate_fps
-        # At most headroom + one tick (an interrupt refills up to the next tick, up to a tick away).
-        blocks = max(0, min(blocks, (self.options.audio_headroom_ms + tick_ms) // 10))
-        self._audio_anchored = True
-        if blocks:
-            samples = blocks * PLAYOUT_SAMPLE_RATE_HZ // 100
-            silence = rtc.AudioFrame(bytes(2 * samples), PLAYOUT_SAMPLE_RATE_HZ, 1, samples)
-            await self._audio_source.capture_frame(silence)
-            self._stats.playout_samples_published += samples
-        self._stats.extra["audio_fill_blocks_last"] = float(blocks)
-
     def _capture_video(self, tick: PublishTick) -> None:
         self._pending_video.pop(tick.frame_index, None)
+        residual_s = self._audio_residual_s.pop(tick.frame_index, None)
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
             return
@@ -353,12 +433,34 @@ class LiveKitPublisher:
         audio_start_s = tick.deadline_s + self._audio_headroom_s
         self._video_source.capture_frame(frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata)
         self._stats.frames_published += 1
-        lateness_ms = (time.monotonic() - audio_start_s) * 1000.0 - self.options.video_delay_ms
+        lateness_ms = (self._clock() - audio_start_s) * 1000.0 - self.options.video_delay_ms
         extra = self._stats.extra
         extra["video_capture_lateness_ms_last"] = round(lateness_ms, 3)
         extra["video_capture_lateness_ms_max"] = round(
             max(extra.get("video_capture_lateness_ms_max", 0.0), lateness_ms), 3
         )
+        if residual_s is not None:
+            self._record_av_offset(lateness_ms - residual_s * 1000.0)
+
+    def _record_av_offset(self, offset_ms: float) -> None:
+        """The send-side A/V offset of one frame: how much later than its audio the frame left (less the video
+        delay, which is deliberate); positive = video late, as at a subscriber."""
+        extra = self._stats.extra
+        extra["av_offset_ms"] = round(offset_ms, 3)
+        extra["av_offset_ms_min"] = round(min(extra.get("av_offset_ms_min", offset_ms), offset_ms), 3)
+        extra["av_offset_ms_max"] = round(max(extra.get("av_offset_ms_max", offset_ms), offset_ms), 3)
+        if abs(offset_ms) <= self.options.av_offset_alarm_ms:
+            return
+        extra["av_offset_alarms"] = extra.get("av_offset_alarms", 0.0) + 1
+        now_s = self._clock()
+        if now_s - self._last_alarm_log_s >= 1.0:  # at most one line a second: a stall makes a run of them
+            self._last_alarm_log_s = now_s
+            logger.warning(
+                "send-side A/V offset %.1f ms is past the %.0f ms alarm",
+                offset_ms,
+                self.options.av_offset_alarm_ms,
+                extra={"room": self.target.room, "av_offset_alarms": extra["av_offset_alarms"]},
+            )
 
     def _to_int16(self, samples: np.ndarray) -> np.ndarray:
         return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
@@ -369,8 +471,8 @@ class LiveKitPublisher:
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
             self._audio_source.clear_queue()
+            self._source_clock.cleared(self._clock())
             self._drop_queued_speech()
-            self._audio_anchored = False
             self._stats.extra["audio_clears"] = self._stats.extra.get("audio_clears", 0.0) + 1
             task = loop.create_task(self._refill_after_clear())
             self._tasks.add(task)
@@ -385,7 +487,7 @@ class LiveKitPublisher:
     def _drop_queued_speech(self) -> None:
         """Speech of ticks that had not started playing is gone with the audio source's queue: dropped, not
         published (published + dropped == rendered)."""
-        now_s = time.monotonic()
+        now_s = self._clock()
         cleared = sum(samples for start_s, samples in self._queued_speech if start_s >= now_s)
         self._queued_speech.clear()
         self._stats.audio_samples_published -= cleared
@@ -393,12 +495,30 @@ class LiveKitPublisher:
         self._stats.extra["audio_samples_cleared"] = self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
 
     async def _refill_after_clear(self) -> None:
+        """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to re-anchor."""
         async with self._audio_lock:
-            if not self._audio_anchored and self._next_tick_deadline_s is not None and self._audio_source is not None:
-                await self._fill_silence_until(self._next_tick_deadline_s)
+            if self._next_tick_deadline_s is None or self._audio_source is None:
+                return
+            now_s = self._clock()
+            blocks = round((self._next_tick_deadline_s + self._audio_headroom_s - now_s) * 100)
+            tick_blocks = 100 // self.options.frame_rate_fps
+            # At most headroom + one tick (the next tick is up to a tick away).
+            blocks = max(0, min(blocks, self.options.audio_headroom_ms // 10 + tick_blocks))
+            if blocks:
+                samples = blocks * PULL_BLOCK_SAMPLES
+                await self._audio_source.capture_frame(
+                    rtc.AudioFrame(bytes(2 * samples), PLAYOUT_SAMPLE_RATE_HZ, 1, samples)
+                )
+                self._source_clock.captured(samples, now_s)
+                self._stats.playout_samples_published += samples
+            self._stats.extra["audio_fill_blocks_last"] = float(blocks)
 
     async def close(self) -> None:
         self._closing = True
+        if self._calibrate_task is not None:
+            self._calibrate_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._calibrate_task
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -428,3 +548,12 @@ class LiveKitPublisher:
 
     def stats(self) -> PublisherStats:
         return self._stats
+
+
+def _pulled_audio(report: list[stats_pb2.RtcStats]) -> tuple[float, int] | None:
+    """(seconds of audio the sender took from the source, speech and silence; when that was measured, Unix µs)
+    from a local audio track's stats, or None when the report has no audio media source."""
+    for item in report:
+        if item.WhichOneof("stats") == "media_source" and item.media_source.source.kind == "audio":
+            return item.media_source.audio.total_samples_duration, int(item.media_source.rtc.timestamp)
+    return None

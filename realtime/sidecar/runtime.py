@@ -597,6 +597,8 @@ class SessionRuntime:
             audio_samples_flushed=accounting.flushed,
             ttff_ms=self.ttff_ms_values[0] if self.ttff_ms_values else None,
             lateness_ms_p99=float(np.percentile(lateness, 99)) if lateness.size else None,
+            # The send-side A/V offset of the last frame sent, from the first output that measures it.
+            av_offset_ms=next((ps.extra["av_offset_ms"] for ps in publisher_stats if "av_offset_ms" in ps.extra), None),
             fallbacks=int(sum(ps.extra.get("switches", 0.0) for ps in publisher_stats)),
             extra=extra,
         )

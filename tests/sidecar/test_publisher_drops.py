@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from livekit import rtc
 
 from infra.process import free_port
 from realtime.host import LiveKitTarget
@@ -37,9 +39,9 @@ def speech_tick(frame_index: int, speech_samples: int) -> PublishTick:
     )
 
 
-def livekit_publisher() -> LiveKitPublisher:
+def livekit_publisher(clock: Callable[[], float] = time.monotonic) -> LiveKitPublisher:
     target = LiveKitTarget(url="ws://127.0.0.1:1", room="r", identity="avatar", token="t")
-    return LiveKitPublisher(target, LiveKitPublisherOptions(width_px=WIDTH_PX, height_px=HEIGHT_PX))
+    return LiveKitPublisher(target, LiveKitPublisherOptions(width_px=WIDTH_PX, height_px=HEIGHT_PX), clock)
 
 
 async def test_a_disconnected_livekit_output_counts_the_speech_it_drops() -> None:
@@ -77,6 +79,16 @@ async def test_a_switch_keeps_the_retired_outputs_dropped_speech() -> None:
     assert (stats.audio_samples_dropped, stats.audio_samples_published) == (640, 640)
 
 
+class FakeClock:
+    """An injected monotonic clock: tests move it by hand (no sleeps)."""
+
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
 class _AudioSource:
     """Stands in for `rtc.AudioSource`: `capture_frame` fails, hangs, or queues (then `clear_queue` empties it)."""
 
@@ -84,13 +96,15 @@ class _AudioSource:
         self.mode = mode
         self.queued = 0
         self.clears = 0
+        self.frames: list[np.ndarray] = []  # every captured frame's int16 samples
 
-    async def capture_frame(self, frame: object) -> None:
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
         if self.mode == "fail":
             raise RuntimeError("the room went away")
         if self.mode == "hang":
             await asyncio.sleep(3600)
         self.queued += 1
+        self.frames.append(np.frombuffer(frame.data, dtype=np.int16).copy())
 
     def clear_queue(self) -> None:
         self.clears += 1
@@ -108,25 +122,28 @@ class _VideoSource:
         pass
 
 
-def connected_publisher(source: _AudioSource) -> LiveKitPublisher:
-    """A LiveKit output in the state a joined room leaves it, with a stand-in audio source (no network)."""
-    publisher = livekit_publisher()
+def connected_publisher(source: _AudioSource, clock: Callable[[], float] = time.monotonic) -> LiveKitPublisher:
+    """A LiveKit output in the state a joined room leaves it, with a stand-in audio source (no network): its
+    source started being pulled at `clock()`."""
+    publisher = livekit_publisher(clock)
     publisher._stats.connected = True
     publisher._video_source = _VideoSource()  # type: ignore[assignment]
     publisher._audio_source = source  # type: ignore[assignment]
-    publisher._audio_anchored = True
+    publisher._source_clock.start(clock())
     return publisher
 
 
 async def test_a_capture_that_fails_or_is_cancelled_counts_its_speech_as_dropped() -> None:
     failing = connected_publisher(_AudioSource("fail"))
+    due_now = dataclasses.replace(speech_tick(0, 640), deadline_s=time.monotonic())
     with pytest.raises(RuntimeError):
-        await failing.publish(speech_tick(0, 640))
+        await failing.publish(due_now)
     stats = failing.stats()
     assert (stats.frames_dropped, stats.audio_samples_dropped, stats.audio_samples_published) == (1, 640, 0)
 
     hanging = connected_publisher(_AudioSource("hang"))
-    task = asyncio.create_task(hanging.publish(speech_tick(0, 640)))  # the session stops mid-capture
+    due_now = dataclasses.replace(due_now, deadline_s=time.monotonic())
+    task = asyncio.create_task(hanging.publish(due_now))  # the session stops mid-capture
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -139,13 +156,13 @@ async def test_a_capture_that_fails_or_is_cancelled_counts_its_speech_as_dropped
 
 async def test_an_interrupt_takes_back_the_queued_speech_that_had_not_started_playing() -> None:
     source = _AudioSource("queue")
-    publisher = connected_publisher(source)
-    now_s = time.monotonic()
-    # One tick whose audio started playing 100 ms ago, two still waiting in the source's queue.
-    for index, (deadline_s, speech) in enumerate(((now_s - 0.2, 640), (now_s + 0.04, 640), (now_s + 0.08, 320))):
-        tick = dataclasses.replace(speech_tick(index, speech), deadline_s=deadline_s)
-        await publisher.publish(tick)
+    clock = FakeClock(1000.0)
+    publisher = connected_publisher(source, clock)
+    # Three ticks queued on time; 100 ms later the first one is playing, the other two still wait in the queue.
+    for index, speech in enumerate((640, 640, 320)):
+        await publisher.publish(dataclasses.replace(speech_tick(index, speech), deadline_s=1000.0 + 0.04 * index))
     assert publisher.stats().audio_samples_published == 1600
+    clock.now_s += 0.1
     publisher.interrupt(lambda _index: np.zeros((HEIGHT_PX, WIDTH_PX, 3), dtype=np.uint8))
     stats = publisher.stats()
     assert source.clears == 1
