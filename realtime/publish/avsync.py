@@ -61,10 +61,12 @@ class SourceClock:
         return self._base_at_s is not None
 
     def start(self, now_s: float) -> None:
-        """The source started being pulled (its track was published): position 0, an empty queue."""
+        """A new sender started counting the source's audio (its track was published): position 0; what the
+        source holds stays queued (nothing on the very first start)."""
+        queued = self.queued_samples(now_s) if self.started else 0
         self._base_position = 0
         self._base_at_s = now_s
-        self._queue_end = 0
+        self._queue_end = queued
         self._first_calibration = True
 
     def position(self, now_s: float) -> int:

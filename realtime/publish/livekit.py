@@ -100,6 +100,8 @@ class LiveKitPublisherOptions:
     stream_name: str = "avatar"  # both tracks in one stream: receivers that lip-sync do so by it
     av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
     calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
+    renew_audio_after_stall_ms: float = 100.0  # see LiveKitPublisher._maybe_renew_audio_track; 0 = never
+    renew_audio_min_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         # WebRTC encoders need >= 16 px; I420 needs even dimensions.
@@ -145,6 +147,10 @@ class LiveKitPublisher:
         self._audio_track: rtc.LocalAudioTrack | None = None
         self._source_clock = SourceClock(PLAYOUT_SAMPLE_RATE_HZ, PULL_BLOCK_SAMPLES)
         self._calibrate_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._last_renew_s = -1e9
+        self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
+        self._last_tick_speech = False
         self._last_alarm_log_s = -1e9
         # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none kept.
         self._audio_residual_s: dict[int, float | None] = {}
@@ -230,16 +236,7 @@ class LiveKitPublisher:
     async def _publish_tracks(self, room: rtc.Room) -> None:
         # Audio first: a receiver that starts playing on the first track never shows silent lips.
         if self._audio_source is not None:
-            audio_track = rtc.LocalAudioTrack.create_audio_track(AUDIO_TRACK_NAME, self._audio_source)
-            await room.local_participant.publish_track(
-                audio_track,
-                rtc.TrackPublishOptions(
-                    source=rtc.TrackSource.SOURCE_MICROPHONE, stream=self.options.stream_name, dtx=False
-                ),
-            )
-            # A new sender counts its pulled audio from zero: the queue model starts over with it.
-            self._audio_track = audio_track
-            self._source_clock.start(self._clock())
+            await self._publish_audio_track(room)
             if self._calibrate_task is None or self._calibrate_task.done():
                 self._calibrate_task = asyncio.get_running_loop().create_task(self._calibrate_loop())
         assert self._video_source is not None
@@ -259,6 +256,52 @@ class LiveKitPublisher:
                 frame_metadata_features=[track_pb2.FMF_USER_TIMESTAMP, track_pb2.FMF_FRAME_ID],
             ),
         )
+
+    async def _publish_audio_track(self, room: rtc.Room) -> None:
+        assert self._audio_source is not None
+        audio_track = rtc.LocalAudioTrack.create_audio_track(AUDIO_TRACK_NAME, self._audio_source)
+        await room.local_participant.publish_track(
+            audio_track,
+            # DTX: in silence the encoder sends (almost) no packets while its RTP clock runs on, so a stall while
+            # idle is, for receivers, a gap in silence rather than packets arriving late (see `_renew_audio_track`).
+            rtc.TrackPublishOptions(
+                source=rtc.TrackSource.SOURCE_MICROPHONE, stream=self.options.stream_name, dtx=True
+            ),
+        )
+        # A new sender counts its pulled audio from zero: the queue model's count starts over with it.
+        self._audio_track = audio_track
+        self._source_clock.start(self._clock())
+
+    def _maybe_renew_audio_track(self, stall_ms: float, now_s: float) -> None:
+        """After a stall of `renew_audio_after_stall_ms` or more in speech, give receivers a fresh audio stream.
+
+        The sender's RTP clock counts samples, not time, so the audio sent after a stall in speech reaches every
+        receiver as packets that arrived that much late: their jitter buffers (NetEq) grow by the stall and keep
+        that delay for seconds, which puts their audio far behind the video whatever the sender does next. A new
+        track (new SSRC) starts a new jitter buffer at its normal depth. In silence DTX sends nothing, so a stall
+        while idle leaves receivers' buffers alone and needs no renewal."""
+        threshold_ms = self.options.renew_audio_after_stall_ms
+        if not threshold_ms or stall_ms < threshold_ms or self._renew_task is not None:
+            return
+        if now_s - self._last_renew_s < self.options.renew_audio_min_interval_s or self._room is None:
+            return
+        self._last_renew_s = now_s
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_audio_track(self._room))
+
+    async def _renew_audio_track(self, room: rtc.Room) -> None:
+        old, self._audio_track = self._audio_track, None  # no calibration against a track being replaced
+        extra = self._stats.extra
+        try:
+            if old is not None and old.sid:
+                await room.local_participant.unpublish_track(old.sid)
+            await self._publish_audio_track(room)
+            extra["audio_track_renewals"] = extra.get("audio_track_renewals", 0.0) + 1
+            logger.info("audio track renewed after a stall", extra={"room": self.target.room})
+        except Exception as exc:
+            extra["audio_track_renewal_failures"] = extra.get("audio_track_renewal_failures", 0.0) + 1
+            logger.warning("audio track renewal failed", extra={"room": self.target.room, "error": repr(exc)})
+        finally:
+            self._renew_task = None
 
     async def _calibrate_loop(self) -> None:
         """Re-calibrate the source's queue model from the sender's count of the audio it pulled."""
@@ -365,6 +408,13 @@ class LiveKitPublisher:
         anchor_s = tick.deadline_s + self._audio_headroom_s
         self._check_audio_slack(anchor_s, now_s)
         capacity = self.options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
+        # A stall shows as the time since the previous tick past one period (the clock may have restarted since, so
+        # the tick itself need not be late). It matters to receivers only when speech was going out around it.
+        period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
+        stall_ms = (now_s - self._last_tick_at_s - period_s) * 1000.0
+        if tick.speech_samples or self._last_tick_speech:
+            self._maybe_renew_audio_track(stall_ms, now_s)
+        self._last_tick_at_s, self._last_tick_speech = now_s, tick.speech_samples > 0
         decision = self._source_clock.plan(
             anchor_s,
             len(pcm),
@@ -515,10 +565,11 @@ class LiveKitPublisher:
 
     async def close(self) -> None:
         self._closing = True
-        if self._calibrate_task is not None:
-            self._calibrate_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._calibrate_task
+        for task in (self._calibrate_task, self._renew_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -73,13 +73,21 @@ class RoomRecorder:
     track_names: dict[str, str] = field(default_factory=dict)  # name -> kind
     room: rtc.Room = field(default_factory=rtc.Room)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _audio_task: asyncio.Task[None] | None = None
 
     async def connect(self, url: str, jwt: str) -> None:
         @self.room.on("track_subscribed")
         def on_track(track: rtc.Track, publication: rtc.RemoteTrackPublication, participant: object) -> None:
             self.track_names[track.name] = "video" if track.kind == rtc.TrackKind.KIND_VIDEO else "audio"
-            reader = self._read_video if track.kind == rtc.TrackKind.KIND_VIDEO else self._read_audio
-            self._tasks.append(asyncio.create_task(reader(track)))
+            if track.kind == rtc.TrackKind.KIND_VIDEO:
+                self._tasks.append(asyncio.create_task(self._read_video(track)))
+                return
+            # Like a player, follow the newest audio track (the avatar renews it after a stall): the old one's
+            # stream is stopped, so the recorded audio stays one timeline.
+            if self._audio_task is not None:
+                self._audio_task.cancel()
+            self._audio_task = asyncio.create_task(self._read_audio(track))
+            self._tasks.append(self._audio_task)
 
         await self.room.connect(url, jwt)
 
