@@ -176,6 +176,13 @@ class LiveKitPublisher:
     def room(self) -> rtc.Room | None:
         return self._room
 
+    def playout_delay_s(self) -> float:
+        """How long after its tick's deadline a tick's audio is heard: the headroom it waits in the audio source,
+        then the receivers' audio path (Opus packets, jitter buffer), which `video_delay_ms` stands for."""
+        if self._audio_source is None:
+            return 0.0
+        return self._audio_headroom_s + self.options.video_delay_ms / 1000.0
+
     def on_room(self, listener: RoomListener) -> None:
         """Call `listener` with the connected room now (if any) and after every reconnect."""
         self._room_listeners.append(listener)

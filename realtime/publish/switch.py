@@ -36,6 +36,11 @@ class SwitchableOutput:
     async def start(self) -> None:
         await self._current.start()
 
+    def playout_delay_s(self) -> float:
+        """The current output's (0 for one that does not report it): the session's playback events wait for it."""
+        delay = getattr(self._current, "playout_delay_s", None)
+        return float(delay()) if callable(delay) else 0.0
+
     async def publish(self, tick: PublishTick) -> None:
         await self._current.publish(tick)
 

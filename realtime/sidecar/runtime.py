@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -105,6 +106,9 @@ class SessionRuntime:
         self._streams: dict[int, UtteranceStream] = {}
         self._plans: deque[_Plan] = deque()
         self._listeners: list[PlaybackListener] = []
+        # Playback events wait until the audio is heard (see `_playout_delay_s`): utterance id -> pending event.
+        self._pending_started: dict[int, tuple[asyncio.TimerHandle, Utterance, int]] = {}
+        self._pending_finished: dict[int, tuple[asyncio.TimerHandle, FinishedPlayback, float]] = {}
         self._generation = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -232,9 +236,32 @@ class SessionRuntime:
 
     def _discard_all(self, *, interrupted: bool, notify: bool) -> list[FinishedPlayback]:
         self._generation += 1
+        now_s = time.monotonic()
+        # Events still waiting for their audio to be heard go out now; a started one first (its audio began).
+        for utterance_id, (handle, utterance, frame_id) in list(self._pending_started.items()):
+            handle.cancel()
+            del self._pending_started[utterance_id]
+            if notify:
+                self._notify_started_now(utterance, frame_id)
+        # Utterances whose audio was all handed to the outputs but not all heard: the rest went with their queues.
+        finished: list[FinishedPlayback] = []
+        for handle, item, audio_end_s in self._pending_finished.values():
+            handle.cancel()
+            unheard_s = max(0.0, audio_end_s + self._playout_delay_s() - now_s)
+            heard_s = max(0.0, item.position_s - unheard_s)
+            finished.append(dataclasses.replace(item, position_s=heard_s, interrupted=True))
+        self._pending_finished.clear()
         planned = {plan.utterance.utterance_id for plan in self._plans}
-        finished = [
-            FinishedPlayback(p.utterance.utterance_id, p.utterance.source, p.utterance.duration_played_s, interrupted)
+        # The one playing: what was handed to the outputs less what they had not played yet (their queues cleared).
+        delay_s = self._playout_delay_s()
+        unheard_s = max(0.0, self._tick_deadline(self._tick) + delay_s - now_s) if delay_s else 0.0
+        finished += [
+            FinishedPlayback(
+                p.utterance.utterance_id,
+                p.utterance.source,
+                max(0.0, p.utterance.duration_played_s - (unheard_s if p.utterance.duration_played_s else 0.0)),
+                interrupted,
+            )
             for p in self._plans
         ]
         dropped = self.timeline.flush()
@@ -478,7 +505,7 @@ class SessionRuntime:
             self.render_misses += 1
             image = self._last_frame if self._last_frame is not None else self.engine.avatar.idle_frame(tick)
         if k == 0:
-            self._notify_started(utterance, tick)
+            self._schedule_started(utterance, tick, deadline)
             if utterance.first_audio_at_s is not None:
                 self.ttff_ms_values.append((time.monotonic() - utterance.first_audio_at_s) * 1000.0)
         self.timeline.mark_played(utterance, audio)
@@ -496,8 +523,9 @@ class SessionRuntime:
             # What the engine changed on its own base frame fades out over the next idle frames.
             self._crossfade_from = image.astype(np.int16) - self.engine.avatar.idle_frame(tick).astype(np.int16)
             self._crossfade_left = self.config.crossfade_frames
-            self._notify_finished(
-                FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False)
+            self._schedule_finished(
+                FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False),
+                audio_end_s=deadline + self._period_s,
             )
         self._wake.set()  # the render-ahead window moved
         return PublishTick(
@@ -535,7 +563,47 @@ class SessionRuntime:
 
     # ---- notifications --------------------------------------------------------------------
 
-    def _notify_started(self, utterance: Utterance, frame_id: int) -> None:
+    def _playout_delay_s(self) -> float:
+        """How long after its tick's deadline a tick's audio is heard, on the slowest output that reports it
+        (LiveKit: its audio headroom + the receivers' audio path). Playback events wait that long, so that
+        `playback_finished` means the audio has played out, not that its last frame was handed over."""
+        delays = [0.0]
+        for publisher in self.publishers:
+            delay = getattr(publisher, "playout_delay_s", None)
+            if callable(delay):
+                delays.append(float(delay()))
+        return max(delays)
+
+    def _schedule_started(self, utterance: Utterance, frame_id: int, deadline_s: float) -> None:
+        delay_s = self._playout_delay_s()
+        if not delay_s:  # no output reports a delay: handed over is played
+            self._notify_started_now(utterance, frame_id)
+            return
+        loop = asyncio.get_running_loop()
+        uid = utterance.utterance_id
+
+        def fire() -> None:
+            if self._pending_started.pop(uid, None) is not None:
+                self._notify_started_now(utterance, frame_id)
+
+        self._pending_started[uid] = (loop.call_at(deadline_s + delay_s, fire), utterance, frame_id)
+
+    def _schedule_finished(self, item: FinishedPlayback, *, audio_end_s: float) -> None:
+        """`item` once the utterance's last sample (handed over at `audio_end_s`) has been heard."""
+        delay_s = self._playout_delay_s()
+        if not delay_s:
+            self._notify_finished(item)
+            return
+        loop = asyncio.get_running_loop()
+        uid = item.utterance_id
+
+        def fire() -> None:
+            if self._pending_finished.pop(uid, None) is not None:
+                self._notify_finished(item)
+
+        self._pending_finished[uid] = (loop.call_at(audio_end_s + delay_s, fire), item, audio_end_s)
+
+    def _notify_started_now(self, utterance: Utterance, frame_id: int) -> None:
         for listener in list(self._listeners):
             try:
                 listener.on_playback_started(utterance.utterance_id, utterance.source, frame_id)
