@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.host import SessionStats
-from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME
+from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLE_RATE_HZ
 from realtime.ingest.resample import ConvertedAudio
 from realtime.publish.base import FrameKind, Publisher, PublishTick
 from realtime.sidecar.config import RuntimeConfig
@@ -525,7 +525,7 @@ class SessionRuntime:
             self._crossfade_left = self.config.crossfade_frames
             self._schedule_finished(
                 FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False),
-                audio_end_s=deadline + self._period_s,
+                audio_end_s=deadline + audio.timeline_samples / TIMELINE_SAMPLE_RATE_HZ,  # the padding is not speech
             )
         self._wake.set()  # the render-ahead window moved
         return PublishTick(

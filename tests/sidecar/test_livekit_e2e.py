@@ -124,6 +124,7 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
             await ws.send(json.dumps({"type": "end_of_utterance"}))
             started = await next_of(ws, "playback_started")
             finished = await next_of(ws, "playback_finished")
+            finished_at_s = time.monotonic()
         await asyncio.sleep(1.5)  # trailing silence
         runtime = host.runtime(session_id)
         assert runtime is not None
@@ -200,6 +201,13 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     assert offset.frames > 0.8 * frame_count
     assert abs(offset.median_ms) <= 40.0, offset
     assert abs(offset.onset_ms) <= 40.0, offset
+
+    # playback_finished means played out: it arrives when the subscriber hears the utterance's last sample (the
+    # clip's own trailing silence included: that is part of what the client sent).
+    last_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
+    finished_vs_heard_ms = (finished_at_s - last_heard_s) * 1000.0
+    print(f"playback_finished - the utterance's last sample heard at the subscriber: {finished_vs_heard_ms:.1f} ms")
+    assert abs(finished_vs_heard_ms) <= 60.0, finished_vs_heard_ms
 
     # Accounting: every sample sent was played and published once.
     assert finished["interrupted"] is False
