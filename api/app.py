@@ -89,6 +89,7 @@ def create_app(
     app.include_router(livekit.router)
     app.include_router(sessions.router)
     app.include_router(sessions.ws_router)
+    app.include_router(sessions.seed_ws_router)
     app.include_router(ops.router)
     if VIEWER_STATIC_DIR.exists():
         # Built by `make setup` (api/viewer, esbuild); absent in a bare checkout.

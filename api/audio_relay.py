@@ -137,7 +137,8 @@ async def relay_audio(
         if base is None:
             await _fail(websocket, relay, "sidecar_unknown", f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS")
             return
-        query = {k: v for k, v in websocket.query_params.items() if k != "api_key"}
+        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
+        query = {k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id")}
         relay.sidecar = sidecar
         relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (f"?{urlencode(query)}" if query else "")
         try:

@@ -25,6 +25,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=_ERRORS)
 ws_router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+seed_ws_router = APIRouter(tags=["sessions"])
 
 ClientDep = Annotated[Client, Depends(temporal_client)]
 ServicesDep = Annotated[Services, Depends(services)]
@@ -160,6 +161,27 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
             live_wait_s=svc.settings.live_wait_s,
             traceparent=current_traceparent(),
         )
+
+
+@seed_ws_router.websocket("/audio")
+async def seed_audio(websocket: WebSocket) -> None:
+    """The seed orchestrator's address for a session's audio, `/audio?session_id=` (it opens `/audio` on the
+    service it called `/session/start` on): the same relay, auth and protocol as `/v1/sessions/{id}/audio`."""
+    session_id = websocket.query_params.get("session_id", "")
+    svc: Services = websocket.app.state.services
+    key = presented_ws_key(websocket)
+    if session_id or key is None or not any(_same(key, known) for known in svc.settings.api_keys):
+        await session_audio(websocket, session_id)  # refuses a missing or wrong key as that route does
+        return
+    await websocket.accept()
+    await websocket.send_json(
+        {
+            "type": "error",
+            "code": "missing_session_id",
+            "message": "give the session as a query parameter: /audio?session_id=<the id /session/start returned>",
+        }
+    )
+    await websocket.close(CLOSE_POLICY_VIOLATION, reason="missing_session_id")
 
 
 def _same(presented: str, known: str) -> bool:

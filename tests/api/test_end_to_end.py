@@ -329,3 +329,39 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
         + ingest["audio_samples_flushed"]
     )
     assert final["phase"] == "completed"
+
+
+async def test_the_seed_orchestrator_streams_to_audio_on_the_api(world: World) -> None:
+    """The seed opens `/audio?session_id=` on the service it called `/session/start` on: the API relays it like
+    `/v1/sessions/{id}/audio` (same auth, same protocol); the start response names the avatar's identity."""
+    api = world.api
+    base = f"ws://{world.api_url.removeprefix('http://')}"
+    with pytest.raises(websockets.InvalidStatus) as refused:  # no key: refused like the other route
+        async with websockets.connect(f"{base}/audio?session_id=whatever"):
+            pass
+    assert refused.value.response.status_code == 403
+    async with websockets.connect(f"{base}/audio", additional_headers=AUTH) as ws:
+        missing = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert missing["code"] == "missing_session_id" and ws.close_code == 1008, missing
+
+    started = await api.post("/session/start", json={"room": "seed-room", "frames_zip_url": world.avatar_url})
+    assert started.status_code == 200, started.text
+    body = started.json()
+    session_id = body["session_id"]
+    world.harness.workflow_ids.append(f"session-{session_id}")
+    assert body["livekit"]["identity"] == f"avatar-{session_id}"  # what an agent passes as destination_identity
+    pcm = speech_pcm(SENTENCE)[: RATE_HZ * 2]  # 1 s
+    async with websockets.connect(
+        f"{base}/audio?session_id={session_id}&sample_rate={RATE_HZ}", additional_headers=AUTH
+    ) as ws:
+        ready = await next_event(ws, "ready", timeout_s=90)
+        await ws.send(pcm)
+        await ws.send(json.dumps({"type": "end_of_utterance"}))
+        finished = await next_event(ws, "playback_finished")
+    await api.post(f"/v1/sessions/{session_id}/stop")
+    await wait_phase(api, session_id, {"completed", "failed", "cancelled"}, 30)
+    assert ready["session_id"] == session_id and ready["format"]["sample_rate"] == RATE_HZ
+    assert finished["interrupted"] is False
+    assert finished["playback_position"] == pytest.approx(len(pcm) / 2 / RATE_HZ, abs=0.001)
