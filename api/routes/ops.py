@@ -210,7 +210,9 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
         "relay": relay.as_dict() if relay else None,
         "ingest": stats,
         "publishers": publishers,
-        "workflow_stats": status.stats,
+        # Live from the sidecar while it answers; the workflow's last heartbeat (up to its interval old) otherwise.
+        "workflow_stats": stats if stats is not None else status.stats,
+        "workflow_stats_source": "sidecar" if stats is not None else "heartbeat",
         "error": {"code": status.error.code, "message": status.error.message} if status.error else None,
     }
 

@@ -16,11 +16,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from realtime.ingest.errors import IngestError, IngestErrorCode
 from realtime.ingest.formats import PcmFormat
+from realtime.ingest.ratewatch import RateVerdict, RateWatch
 from realtime.ingest.resample import AudioConverter
 from realtime.sidecar.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_UTTERANCE_GAP_MS
 from realtime.sidecar.runtime import SessionRuntime
@@ -37,6 +39,8 @@ class AudioInput:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS,
+        realtime_paced: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime = runtime
         self.source = source
@@ -49,6 +53,10 @@ class AudioInput:
         self.messages_accepted = 0
         self.errors: Counter[str] = Counter()
         self.implicit_ends = 0
+        self._clock = clock
+        # The client said it streams in real time (`pacing=realtime`): its arrival rate is checked (ratewatch).
+        self.rate_watch = RateWatch() if realtime_paced else None
+        self.rate_warnings: list[RateVerdict] = []  # new suspect_sample_rate verdicts, taken by the connection
 
     @property
     def pcm_format(self) -> PcmFormat:
@@ -61,10 +69,12 @@ class AudioInput:
         self._sync_generation()
         self._ingest_tail()
         self.converter = AudioConverter(pcm_format)
+        if self.rate_watch is not None:
+            self.rate_watch.reset()  # a new declared rate: judged afresh
 
     def push(self, payload: bytes) -> None:
         """Accept one binary message, or count it as rejected and raise IngestError."""
-        received_at_s = time.monotonic()
+        received_at_s = self._clock()
         self._sync_generation()
         pcm_format = self.converter.pcm_format
         whole_frames = len(payload) // pcm_format.bytes_per_frame
@@ -89,7 +99,28 @@ class AudioInput:
         audio = self.converter.convert(mono, clipped)
         self.runtime.ingest(audio, self.source, self._first_byte_at_s)
         self.messages_accepted += 1
+        self._watch_rate(received_at_s, len(mono))
         self._arm_gap_timer()
+
+    def _watch_rate(self, received_at_s: float, frames: int) -> None:
+        if self.rate_watch is None:
+            return
+        declared_hz = self.converter.pcm_format.sample_rate_hz
+        verdict = self.rate_watch.observe(received_at_s, frames, declared_hz)
+        warnings = self.runtime.ingest_warnings
+        if self.rate_watch.suspect is None:
+            warnings.pop(f"{self.source}_suspect_sample_rate", None)
+            return
+        warnings[f"{self.source}_suspect_sample_rate"] = 1.0
+        warnings[f"{self.source}_arrival_rate_hz"] = round(self.rate_watch.suspect.arrival_rate_hz, 1)
+        if verdict is not None:
+            self.rate_warnings.append(verdict)
+            logger.warning(
+                "audio arrives at %.0f samples/s on a real-time stream declared %d Hz: is sample_rate wrong?",
+                verdict.arrival_rate_hz,
+                declared_hz,
+                extra={"session_id": self.runtime.session_id, "source": self.source},
+            )
 
     def push_samples(self, mono: np.ndarray) -> None:
         """Already-decoded mono float32 at this input's rate (agent byte streams); raises BUFFER_FULL."""

@@ -136,6 +136,7 @@ class SessionRuntime:
         self.last_error = ""
         self.task_failure: str | None = None  # set when the clock or render task died: the session is dead
         self.stopped = False  # set by `stop`: audio that arrives later is rejected (nothing would play it)
+        self.ingest_warnings: dict[str, float] = {}  # set by the audio inputs (e.g. ws_suspect_sample_rate)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -642,6 +643,7 @@ class SessionRuntime:
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))
+        extra.update(self.ingest_warnings)
         for ps in publisher_stats:
             extra[f"{ps.name}_frames_published"] = float(ps.frames_published)
             extra[f"{ps.name}_frames_dropped"] = float(ps.frames_dropped)

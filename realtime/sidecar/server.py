@@ -46,6 +46,7 @@ from realtime.ingest.protocol import (
     playback_started_message,
     ready_message,
 )
+from realtime.ingest.ratewatch import RateVerdict
 from realtime.media.errors import OutputError
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import ServerConfig
@@ -62,11 +63,27 @@ LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
 # Query parameters that are not part of the audio format.
-_NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms"}
+_NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms", "pacing"}
+PACING_VALUES = ("realtime", "burst")  # pacing=realtime: the client streams as it produces (its rate is checked)
 
 
 def stats_dict(stats: SessionStats) -> dict[str, Any]:
     return dataclasses.asdict(stats)
+
+
+def suspect_sample_rate_message(verdict: RateVerdict) -> dict[str, Any]:
+    """A warning (the connection stays open): a real-time stream arrives far from its declared rate."""
+    return {
+        "type": "warning",
+        "code": "suspect_sample_rate",
+        "message": (
+            f"audio arrives at about {verdict.arrival_rate_hz:.0f} samples/s on a stream declared real-time at "
+            f"{verdict.declared_rate_hz} Hz: if the PCM's real rate differs, declare it (sample_rate), or it "
+            "plays at the wrong speed"
+        ),
+        "declared_sample_rate": verdict.declared_rate_hz,
+        "arrival_rate_hz": round(verdict.arrival_rate_hz, 1),
+    }
 
 
 class _AudioConnection:
@@ -91,6 +108,7 @@ class _AudioConnection:
         self.registry = registry
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.input: AudioInput | None = None
+        self.pacing = "burst"  # what the client declared (`pacing` query parameter)
         self._sender: asyncio.Task[None] | None = None
         self._closing = False
         self._close_error: IngestError | None = None  # why `_close` began (replaced, session ended)
@@ -158,6 +176,12 @@ class _AudioConnection:
         except ValueError:
             await self._close(IngestError(IngestErrorCode.BAD_CONFIG, "stats_interval_ms must be an integer"))
             return
+        pacing = params.get("pacing", "burst")
+        if pacing not in PACING_VALUES:
+            await self._close(
+                IngestError(IngestErrorCode.BAD_CONFIG, f"pacing {pacing!r} must be one of {', '.join(PACING_VALUES)}")
+            )
+            return
         if stats_interval_ms != 0 and stats_interval_ms < MIN_STATS_INTERVAL_MS:
             await self._close(
                 IngestError(
@@ -173,7 +197,9 @@ class _AudioConnection:
             pcm_format,
             max_message_bytes=self.config.max_message_bytes,
             utterance_gap_ms=self.config.utterance_gap_ms,
+            realtime_paced=pacing == "realtime",
         )
+        self.pacing = pacing
         previous = self.registry.get(self.session_id)
         if previous is not None:
             # One audio connection per session: a reconnecting client takes over from its stale socket.
@@ -233,6 +259,8 @@ class _AudioConnection:
             try:
                 if message.get("bytes") is not None:
                     self.input.push(message["bytes"])
+                    while self.input.rate_warnings:
+                        self.outbox.put_nowait(suspect_sample_rate_message(self.input.rate_warnings.pop(0)))
                 elif message.get("text") is not None:
                     self._handle_text(message["text"])
             except IngestError as exc:
@@ -356,7 +384,16 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
         runtime = host.runtime(session_id)
         if runtime is None:
             raise HTTPException(404, detail=_error("unknown_session", f"no live session {session_id}"))
-        return stats_dict(runtime.stats())
+        connection = audio_connections.get(session_id)
+        audio_input = None
+        if connection is not None and connection.input is not None:
+            # The direct connection's declared format: /debug/audio shows it for every connection (not only relayed).
+            audio_input = {
+                "format": connection.input.pcm_format.as_dict(),
+                "pacing": connection.pacing,
+                "messages_accepted": connection.input.messages_accepted,
+            }
+        return stats_dict(runtime.stats()) | {"audio_input": audio_input}
 
     @app.websocket("/v1/sessions/{session_id}/audio")
     async def audio_ws(websocket: WebSocket, session_id: str) -> None:
