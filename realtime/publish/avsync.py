@@ -16,7 +16,8 @@ where the tick belongs on the session clock (its anchor: deadline + headroom):
 
 - audio late (prediction after the anchor): the late head of the tick's audio is dropped,
   so the rest enters WebRTC at its anchor (whole 10 ms blocks; a tick later than its own
-  length is dropped whole and the next one is re-anchored);
+  length is dropped whole and the next one is re-anchored). In speech, an error of up to two
+  frames waits for the next silent tick, so that silence is dropped rather than words;
 - audio early (the queue is shallower than the anchor wants, e.g. after the clock restarted
   past a stall or after an interrupt): silence is queued in front of it.
 
@@ -46,13 +47,19 @@ class SourceClock:
     jump_blocks = 2  # a measurement further than this from the model replaces it (see `calibrate`)
     nudge_weight = 0.25  # how much a nearer one moves it
 
-    def __init__(self, rate_hz: int, block_samples: int) -> None:
+    def __init__(self, rate_hz: int, block_samples: int, capacity_samples: int | None = None) -> None:
         self.rate_hz = rate_hz
         self.block_samples = block_samples
+        # The most the source can hold (it takes a capture while it has room for it, twice its queue size, and
+        # completes it once back under its queue size): a measurement implying a deeper queue means the count
+        # stopped while the source went on (see calibrate).
+        self.capacity_samples = capacity_samples
+        self.rebases = 0
         self._base_position = 0  # samples handed to WebRTC at `_base_at_s`
         self._base_at_s: float | None = None
         self._queue_end = 0  # source position at which the last captured sample enters WebRTC
         self._first_calibration = False
+        self._catching_up = False
         self.calibrations = 0
         self.last_calibration_error_ms = 0.0  # measured position minus the extrapolated one
 
@@ -90,11 +97,17 @@ class SourceClock:
         measured = pulled_samples + self.block_samples // 2
         error = measured - self.position(at_s)
         self.last_calibration_error_ms = error * 1000.0 / self.rate_hz
+        queued = self.queued_samples(at_s)
         if self._first_calibration:
             self._first_calibration = False
             self._queue_end += error
         elif abs(error) <= self.jump_blocks * self.block_samples:
             measured = self.position(at_s) + round(error * self.nudge_weight)
+        elif error < 0 and self.capacity_samples is not None and queued - error > self.capacity_samples:
+            # The sender stopped counting (its transport was down or resuming) while the source kept draining: a
+            # queue that deep cannot exist. Only where the count stands is taken, as on the first measurement.
+            self._queue_end += error
+            self.rebases += 1
         self._base_position = measured
         self._base_at_s = at_s
         self.calibrations += 1
@@ -113,13 +126,30 @@ class SourceClock:
         return now_s + self.queued_samples(now_s) / self.rate_hz
 
     def plan(
-        self, anchor_s: float, tick_samples: int, now_s: float, *, tolerance_samples: int, max_pad_samples: int
+        self,
+        anchor_s: float,
+        tick_samples: int,
+        now_s: float,
+        *,
+        tolerance_samples: int,
+        max_pad_samples: int,
+        late_speech_tolerance_samples: int = 0,
     ) -> AnchorDecision:
-        """How to queue a tick whose first sample belongs in WebRTC at `anchor_s`."""
+        """How to queue a tick whose first sample belongs in WebRTC at `anchor_s`.
+
+        `late_speech_tolerance_samples` (for a tick that carries speech): audio this little late is kept and the
+        correction waits for the next silent tick, whose silence is dropped instead of words. Audio a little late
+        is the side of lip sync viewers tolerate best; a larger error is corrected at once."""
         start_s = self.predicted_start_s(now_s)
         error = round((start_s - anchor_s) * self.rate_hz)
         drop = pad = 0
-        if error >= tolerance_samples:
+        if error >= late_speech_tolerance_samples:
+            self._catching_up = True  # a large error is corrected all the way, over as many ticks as it takes
+        elif error < tolerance_samples:
+            self._catching_up = False
+        if tolerance_samples <= error < late_speech_tolerance_samples and not self._catching_up:
+            pass
+        elif error >= tolerance_samples:
             drop = min(tick_samples, self._blocks(error))
         elif error <= -tolerance_samples:
             room = max(0, max_pad_samples - self.queued_samples(now_s))

@@ -75,6 +75,8 @@ PLAYOUT_SAMPLE_RATE_HZ = 48_000
 PULL_BLOCK_SAMPLES = PLAYOUT_SAMPLE_RATE_HZ // 100  # the source hands WebRTC 10 ms per pull
 # Anchor errors below this are left alone: one pull cannot be split, and the queue model is only that precise.
 ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
+# In speech, audio up to two frames late is kept (avsync.SourceClock.plan): the next silence absorbs the correction.
+LATE_SPEECH_TOLERANCE_SAMPLES = 2 * 1920
 
 
 class LiveKitConnectError(OutputError):
@@ -145,7 +147,9 @@ class LiveKitPublisher:
         self._room: rtc.Room | None = None
         self._audio_source: rtc.AudioSource | None = None
         self._audio_track: rtc.LocalAudioTrack | None = None
-        self._source_clock = SourceClock(PLAYOUT_SAMPLE_RATE_HZ, PULL_BLOCK_SAMPLES)
+        self._source_clock = SourceClock(
+            PLAYOUT_SAMPLE_RATE_HZ, PULL_BLOCK_SAMPLES, 2 * options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
+        )
         self._calibrate_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._last_renew_s = -1e9
@@ -337,6 +341,7 @@ class LiveKitPublisher:
             self._source_clock.calibrate(round(pulled_s * PLAYOUT_SAMPLE_RATE_HZ), at_s)
             extra = self._stats.extra
             extra["audio_calibration_error_ms_last"] = round(self._source_clock.last_calibration_error_ms, 3)
+            extra["audio_calibration_rebases"] = float(self._source_clock.rebases)
             extra["audio_queued_ms"] = round(
                 self._source_clock.queued_samples(answered_s) * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ, 3
             )
@@ -387,6 +392,7 @@ class LiveKitPublisher:
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
             self._stats.audio_samples_dropped += tick.speech_samples
+            self._last_tick_at_s = float("inf")  # an outage is not a stall: the track is new after a rejoin anyway
             return
         residual_s: float | None = None
         if self._audio_source is not None:
@@ -428,6 +434,7 @@ class LiveKitPublisher:
             now_s,
             tolerance_samples=ANCHOR_TOLERANCE_SAMPLES,
             max_pad_samples=capacity - len(pcm),  # the tick must still fit: a full source would block the clock
+            late_speech_tolerance_samples=LATE_SPEECH_TOLERANCE_SAMPLES if tick.speech_samples else 0,
         )
         kept = pcm[decision.drop_samples :]
         # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech first.

@@ -90,6 +90,27 @@ async def test_after_a_stall_the_late_audio_is_dropped_and_the_next_tick_is_back
     await publisher.close()
 
 
+async def test_a_small_slip_in_speech_keeps_the_words_and_the_next_silence_absorbs_it() -> None:
+    """A 50 ms hiccup mid-utterance: the late speech is kept (audio up to two frames late is the side viewers
+    tolerate); the first silent tick drops its own silence to bring the audio back on its anchor."""
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    await publish_on_time(publisher, clock, range(5))
+    clock.now_s = T0_S + 5 * TICK_S + HEADROOM_S + 0.05  # tick 5 comes 50 ms after its audio was due
+    await publisher.publish(tick(5))
+    await publish_on_time(publisher, clock, range(6, 8), late_s=HEADROOM_S + 0.05)
+    assert "audio_resync_dropped" not in publisher.stats().extra  # no word lost
+    assert anchor_error_ms(publisher, 8, clock) == pytest.approx(50.0, abs=1.0)
+    clock.now_s = T0_S + 8 * TICK_S
+    await publisher.publish(dataclasses.replace(tick(8, speech=0), audio_playout=np.zeros(1920, np.float32)))
+    # The silent tick is dropped whole (silence, not speech): 40 of the 50 ms; the 10 ms left are inside the
+    # tolerance (one pull block cannot be split).
+    assert publisher.stats().extra["audio_resync_dropped_samples"] == 1920
+    assert anchor_error_ms(publisher, 9, clock) == pytest.approx(10.0, abs=1.0)
+    assert_accounting(publisher, 8 * 640)
+    await publisher.close()
+
+
 async def test_a_pull_thread_that_fell_behind_is_measured_and_the_excess_queue_dropped() -> None:
     """CPU starvation: the source handed WebRTC 150 ms less than real time says (its queue is that much deeper than
     meant, so the audio would play 150 ms behind the lips). The next calibration shows it; the excess is dropped."""
@@ -158,6 +179,21 @@ def test_calibration_nudges_the_model_on_jitter_and_takes_a_jump_at_once() -> No
     assert model.position(1.0) == 48_000 + 2 * 48  # moved a quarter of the way
     model.calibrate(96_000 - 200 * 48 - BLOCK // 2, 2.0)  # 200 ms behind: the pull thread was stopped
     assert model.position(2.0) == 96_000 - 200 * 48
+
+
+def test_a_count_that_stopped_while_the_source_drained_is_rebased_not_taken_as_a_deep_queue() -> None:
+    """The sender's transport was down 2 s (its count froze) while the source kept draining: a 2 s queue cannot
+    exist in a 200 ms source, so the measurement only moves where the count stands; no speech is dropped."""
+    model = SourceClock(48_000, BLOCK, capacity_samples=9600)
+    model.start(0.0)
+    model.calibrate(48_000 - BLOCK // 2, 1.0)
+    model.captured(2880, 1.0)  # 60 ms queued
+    model.calibrate(48_000 + 10 * 48 - BLOCK // 2, 3.0)  # 2 s later the count moved only 10 ms
+    assert model.rebases == 1
+    assert model.queued_samples(3.0) == 0  # drained, as the source did
+    model.captured(1920, 3.0)
+    plan = model.plan(3.06, 1920, 3.0, tolerance_samples=720, max_pad_samples=7680)
+    assert plan.drop_samples == 0
 
 
 def test_the_queue_model_follows_the_sources_rules() -> None:
