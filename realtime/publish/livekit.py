@@ -103,7 +103,7 @@ class LiveKitPublisherOptions:
     av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
     calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
     renew_audio_after_stall_ms: float = 100.0  # see LiveKitPublisher._maybe_renew_audio_track; 0 = never
-    renew_audio_min_interval_s: float = 5.0
+    renew_audio_min_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         # WebRTC encoders need >= 16 px; I420 needs even dimensions.
@@ -154,7 +154,6 @@ class LiveKitPublisher:
         self._renew_task: asyncio.Task[None] | None = None
         self._last_renew_s = -1e9
         self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
-        self._last_tick_speech = False
         self._last_alarm_log_s = -1e9
         # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none kept.
         self._audio_residual_s: dict[int, float | None] = {}
@@ -284,13 +283,15 @@ class LiveKitPublisher:
         self._source_clock.start(self._clock())
 
     def _maybe_renew_audio_track(self, stall_ms: float, now_s: float) -> None:
-        """After a stall of `renew_audio_after_stall_ms` or more in speech, give receivers a fresh audio stream.
+        """After a stall of `renew_audio_after_stall_ms` or more, give receivers a fresh audio stream.
 
-        The sender's RTP clock counts samples, not time, so the audio sent after a stall in speech reaches every
-        receiver as packets that arrived that much late: their jitter buffers (NetEq) grow by the stall and keep
-        that delay for seconds, which puts their audio far behind the video whatever the sender does next. A new
-        track (new SSRC) starts a new jitter buffer at its normal depth. In silence DTX sends nothing, so a stall
-        while idle leaves receivers' buffers alone and needs no renewal."""
+        The sender's RTP clock counts samples, not time, so the audio sent after a stall reaches every receiver
+        as packets that arrived that much late: their jitter buffers (NetEq) grow by the stall and keep that
+        delay for seconds, which puts their audio far behind the video whatever the sender does next. A new
+        track (new SSRC) starts a new jitter buffer at its normal depth. DTX (silence sends next to nothing)
+        makes a stall while idle harmless to receivers only some of the time (a comfort-noise update or the
+        catch-up of the source's pulls can still arrive late), so idle stalls renew too: in silence it costs
+        nothing audible."""
         threshold_ms = self.options.renew_audio_after_stall_ms
         if not threshold_ms or stall_ms < threshold_ms or self._renew_task is not None:
             return
@@ -422,12 +423,10 @@ class LiveKitPublisher:
         self._check_audio_slack(anchor_s, now_s)
         capacity = self.options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
         # A stall shows as the time since the previous tick past one period (the clock may have restarted since, so
-        # the tick itself need not be late). It matters to receivers only when speech was going out around it.
+        # the tick itself need not be late).
         period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
-        stall_ms = (now_s - self._last_tick_at_s - period_s) * 1000.0
-        if tick.speech_samples or self._last_tick_speech:
-            self._maybe_renew_audio_track(stall_ms, now_s)
-        self._last_tick_at_s, self._last_tick_speech = now_s, tick.speech_samples > 0
+        self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s)
+        self._last_tick_at_s = now_s
         decision = self._source_clock.plan(
             anchor_s,
             len(pcm),

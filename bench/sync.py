@@ -1,0 +1,325 @@
+"""Sync benchmark: A/V offset, interrupt silence and playback_finished timing at a real subscriber.
+
+    python -m bench.sync --json bench/results/sync-cpu-<yyyymmdd>.json [--utterances 20] [--interrupts 10]
+
+Deployment (127.0.0.1, free ports, a temp dir, stopped at the end): livekit-server and one sidecar
+process (`python -m realtime`, preview engine) with one LiveKit session; a real subscriber
+(`livekit.rtc`, this process) records every frame and audio chunk with its arrival time.
+Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's WebSocket.
+
+- clean: `--utterances` utterances, nothing injected;
+- stalled: `--utterances` utterances, each preceded by a SIGSTOP of the whole sidecar process
+  (`--stall-ms`) while idle, and every fourth one stalled again in the middle of its speech
+  (that one is not measured: its own audio and video lose the stall; the ones after it are);
+- interrupts: `--interrupts` utterances sent at once and cut by `{"type":"interrupt"}` after 1 s.
+
+Figures (docs/audio-protocol.md §4.1 method, tests/sidecar/avcheck.py): per utterance the median
+A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
+percentiles of |median offset| over the clean utterances, `_stalled` over the stalled run;
+`interrupt_silence_ms_*`: interrupt sent → arrival of the last audible audio chunk;
+`playback_finished_error_ms_p99`: |playback_finished arrival − the subscriber's play time of the
+utterance's last sample| (clean utterances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import soxr
+import websockets
+
+logger = logging.getLogger("bench.sync")
+
+SENTENCES = (
+    "The rain in Spain stays mainly in the plain, said the professor.",
+    "Seven silver swans swam silently southward before sunrise.",
+    "Please bring the blue book and the red pen to the meeting room.",
+    "A quick test of lips and voice after the stall has passed.",
+    "Every morning the baker opens his shop at half past six.",
+)
+
+
+@dataclass(frozen=True)
+class Clip:
+    pcm: np.ndarray  # int16 mono
+    rate_hz: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / self.rate_hz
+
+    def at_48k(self) -> np.ndarray:
+        return np.asarray(soxr.resample(self.pcm.astype(np.float32) / 32768.0, self.rate_hz, 48_000), np.float32)
+
+
+def espeak(directory: Path, index: int, text: str) -> Clip:
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng)")
+    path = directory / f"s{index}.wav"
+    subprocess.run([binary, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    with wave.open(str(path), "rb") as wav:
+        return Clip(np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").copy(), wav.getframerate())
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+class Sidecar:
+    def __init__(self, work_dir: Path) -> None:
+        from infra.process import free_port
+
+        self.port = free_port()
+        self.log_path = work_dir / "sidecar.log"
+        argv = [
+            sys.executable, "-m", "realtime", "--port", str(self.port), "--engine", "preview", "--device", "cpu",
+            "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + 90
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"sidecar exited with {self.process.returncode}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.base_url}/healthz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        raise RuntimeError("sidecar did not start")
+
+    def stall(self, seconds: float) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGCONT)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+async def next_of(ws: Any, kind: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), timeout=max(0.1, deadline - time.monotonic())))
+        if message["type"] == "error":
+            raise RuntimeError(f"sidecar error: {message}")
+        if message["type"] == kind:
+            return dict(message)
+
+
+async def stream_realtime(ws: Any, clip: Clip, chunk_ms: int = 20) -> None:
+    pcm = clip.pcm.tobytes()
+    chunk = clip.rate_hz * chunk_ms // 1000 * 2
+    started = time.monotonic()
+    for index, start in enumerate(range(0, len(pcm), chunk)):
+        await asyncio.sleep(max(0.0, started + index * chunk_ms / 1000 - time.monotonic()))
+        await ws.send(pcm[start : start + chunk])
+
+
+@dataclass
+class Spoken:
+    clip: Clip
+    start_frame_id: int
+    sent_at_s: float
+    finished_at_s: float
+    measured: bool = True
+
+
+async def speak(ws: Any, clip: Clip, stall: Any = None) -> Spoken:
+    sent_at_s = time.monotonic()
+    sender = asyncio.create_task(stream_realtime(ws, clip))
+    if stall is not None:
+        await asyncio.sleep(clip.duration_s / 2)
+        await asyncio.to_thread(stall)
+    await sender
+    await ws.send(json.dumps({"type": "end_of_utterance"}))
+    started = await next_of(ws, "playback_started")
+    await next_of(ws, "playback_finished")
+    return Spoken(clip, int(started["frame_id"]), sent_at_s, time.monotonic(), measured=stall is None)
+
+
+def measure(recorder: Any, spoken: Spoken) -> dict[str, float]:
+    from tests.sidecar.avcheck import align, av_offset, envelope_correlation, speech_onset
+
+    sent48 = spoken.clip.at_48k()
+    arrivals = np.array([arrival for arrival, _ in recorder.audio_chunks])
+    starts = np.cumsum([0] + [len(chunk) for _, chunk in recorder.audio_chunks])
+    first = int(np.searchsorted(arrivals, spoken.sent_at_s - 0.5))
+    last = int(np.searchsorted(arrivals, spoken.sent_at_s + spoken.clip.duration_s + 2.0))
+    window = recorder.audio()[starts[first] : starts[last]]
+    lag, _ = align(window, sent48)
+    lag += int(starts[first])
+    offset = av_offset(recorder, lag, spoken.start_frame_id, len(sent48), speech_onset(sent48))
+    end_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
+    return {
+        "median_ms": round(offset.median_ms, 1),
+        "onset_ms": round(offset.onset_ms, 1),
+        "envelope_r": round(envelope_correlation(recorder.audio(), sent48, lag), 3),
+        "finished_error_ms": round((spoken.finished_at_s - end_heard_s) * 1000.0, 1),
+    }
+
+
+async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    from infra import livekit
+    from infra.demo import avatar_zip_bytes
+    from tests.sidecar.avcheck import RoomRecorder, token
+
+    config = livekit.LiveKitServerConfig().with_free_ports()
+    server = livekit.server_process(config, work_dir / "livekit")
+    server.start()
+    sidecar = Sidecar(work_dir)
+    clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
+    avatar = work_dir / "astronaut.zip"
+    avatar.write_bytes(avatar_zip_bytes())
+    recorder = RoomRecorder(mouth_box=(0, 0, 8, 8))
+    try:
+        await sidecar.wait_ready()
+        session_id, room = "bench-sync", "room-bench-sync"
+        identity = f"avatar-{session_id}"
+        body = {
+            "avatar_path": str(avatar),
+            "livekit": {
+                "url": config.ws_url,
+                "room": room,
+                "identity": identity,
+                "token": token(config, identity, room),
+            },
+        }
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+            response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
+            response.raise_for_status()
+        await recorder.connect(config.ws_url, token(config, "viewer", room))
+        await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
+        rate = clips[0].rate_hz
+        url = f"ws://127.0.0.1:{sidecar.port}/v1/sessions/{session_id}/audio?sample_rate={rate}"
+        clean: list[Spoken] = []
+        stalled: list[Spoken] = []
+        silences_ms: list[float] = []
+        async with websockets.connect(url) as ws:
+            await next_of(ws, "ready")
+            for index in range(args.utterances):
+                clean.append(await speak(ws, clips[index % len(clips)]))
+                await asyncio.sleep(0.3)
+            for index in range(args.utterances):
+                await asyncio.to_thread(sidecar.stall, args.stall_ms / 1000.0)  # while idle
+                await asyncio.sleep(0.3)
+                mid = (lambda: sidecar.stall(args.stall_ms / 1000.0)) if index % 4 == 3 else None
+                stalled.append(await speak(ws, clips[index % len(clips)], stall=mid))
+                await asyncio.sleep(0.3)
+            for index in range(args.interrupts):
+                await ws.send(clips[index % len(clips)].pcm.tobytes())
+                await ws.send(json.dumps({"type": "end_of_utterance"}))
+                await next_of(ws, "playback_started")
+                await asyncio.sleep(1.0)
+                interrupted_at = time.monotonic()
+                await ws.send(json.dumps({"type": "interrupt"}))
+                await next_of(ws, "playback_finished")
+                await asyncio.sleep(1.0)
+                audible = [t for t, chunk in recorder.audio_chunks if t > interrupted_at - 1.0 and
+                           np.abs(chunk).max() > 0.01 * 32768]  # fmt: skip
+                silences_ms.append(round((max(audible) - interrupted_at) * 1000.0, 1) if audible else 0.0)
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
+    finally:
+        await recorder.close()
+        sidecar.stop()
+        server.stop()
+    clean_rows = [measure(recorder, spoken) for spoken in clean]
+    stalled_rows = [measure(recorder, spoken) | {"measured": spoken.measured} for spoken in stalled]
+    return {"clean": clean_rows, "stalled": stalled_rows, "interrupt_silence_ms": silences_ms, "stats": stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--utterances", type=int, default=20, help="per run (clean, stalled)")
+    parser.add_argument("--interrupts", type=int, default=10)
+    parser.add_argument("--stall-ms", type=float, default=250.0)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "infra.process", "livekit"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from bench.machine import cpu_name
+
+    with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
+        raw = asyncio.run(run(args, Path(tmp)))
+    clean = [abs(row["median_ms"]) for row in raw["clean"]]
+    stalled = [abs(row["median_ms"]) for row in raw["stalled"] if row["measured"]]
+    onset_clean = [abs(row["onset_ms"]) for row in raw["clean"]]
+    onset_stalled = [abs(row["onset_ms"]) for row in raw["stalled"] if row["measured"]]
+    extra = raw["stats"].get("extra", {})
+    document = {
+        "benchmark": "sync",
+        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores",
+        "torch": None,
+        "settings": {
+            "engine": "preview",
+            "utterances_per_run": args.utterances,
+            "interrupts": args.interrupts,
+            "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run utterance "
+            "(idle) and in the middle of every fourth one (not measured)",
+            "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
+            "notes": args.notes,
+        },
+        "summary": {
+            "av_offset_ms_p50": _pct(clean, 50),
+            "av_offset_ms_p99": _pct(clean, 99),
+            "av_offset_ms_p50_stalled": _pct(stalled, 50),
+            "av_offset_ms_p99_stalled": _pct(stalled, 99),
+            "av_onset_offset_ms_p99": _pct(onset_clean, 99),
+            "av_onset_offset_ms_p99_stalled": _pct(onset_stalled, 99),
+            "interrupt_silence_ms_p50": _pct(raw["interrupt_silence_ms"], 50),
+            "interrupt_silence_ms_p99": _pct(raw["interrupt_silence_ms"], 99),
+            "playback_finished_error_ms_p99": _pct([abs(row["finished_error_ms"]) for row in raw["clean"]], 99),
+            "audio_track_renewals": extra.get("livekit_audio_track_renewals", 0.0),
+            "audio_resync_dropped_samples": extra.get("livekit_audio_resync_dropped_samples", 0.0),
+        },
+        "results": [
+            *({"run": "clean", **row} for row in raw["clean"]),
+            *({"run": "stalled", **row} for row in raw["stalled"]),
+            *({"run": "interrupt", "silence_ms": value} for value in raw["interrupt_silence_ms"]),
+        ],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=1) + "\n")
+    print(json.dumps(document["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
