@@ -176,7 +176,8 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     received = recorder.audio()
     lag, similarity = align(received, sent48)
     correlation = envelope_correlation(received, sent48, lag)
-    assert correlation >= 0.9, correlation
+    renewals = stats.extra.get("livekit_audio_track_renewals", 0.0)  # after a stall of the (shared) event loop
+    assert correlation >= 0.9, (correlation, f"audio track renewals: {renewals}")
 
     # A/V offset at the subscriber: within one frame (40 ms).
     offset = av_offset(recorder, lag, n0, len(sent48), speech_onset(sent48))
