@@ -230,8 +230,8 @@ async def test_a_session_through_the_api_only(world: World) -> None:
     assert received is not None and float(received.group(1)) == len(pcm) // 2, metrics
     assert 'lipsync_sessions{phase="live"}' in metrics
     # The sidecar's send-side A/V offset (last frame sent; positive = video late), measured once speech went out.
-    offset = re.search(rf'lipsync_session_av_offset_ms{{session_id="{session_id}",sidecar="[^"]+"}} (\S+)', metrics)
-    assert offset is not None and abs(float(offset.group(1))) < 1000, metrics
+    av_offset = re.search(rf'lipsync_session_av_offset_ms{{session_id="{session_id}",sidecar="[^"]+"}} (\S+)', metrics)
+    assert av_offset is not None and abs(float(av_offset.group(1))) < 1000, metrics
 
     # The subscriber saw the lips move with the speech and rest before it.
     n0 = int(started["frame_id"])
