@@ -13,6 +13,9 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
   (that one is not measured: its own audio and video lose the stall; the ones after it are);
 - interrupts: `--interrupts` utterances sent at once and cut by `{"type":"interrupt"}` after 1 s.
 
+`--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
+(the stress scenario of issue 18: stalls while the sidecar is starved).
+
 Figures (docs/audio-protocol.md §4.1 method, tests/sidecar/avcheck.py): per utterance the median
 A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
 percentiles of |median offset| over the clean utterances, `_stalled` over the stalled run;
@@ -83,8 +86,16 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+def on_core_0(argv: list[str]) -> list[str]:
+    """`taskset -c 0`: every thread the process starts stays on core 0 (with the hog, for `--cpu-hog`)."""
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("taskset is not installed (apt-get install util-linux)")
+    return [taskset, "-c", "0", *argv]
+
+
 class Sidecar:
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, *, pinned: bool = False) -> None:
         from infra.process import free_port
 
         self.port = free_port()
@@ -94,7 +105,7 @@ class Sidecar:
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(on_core_0(argv) if pinned else argv, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def base_url(self) -> str:
@@ -203,7 +214,9 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     config = livekit.LiveKitServerConfig().with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
-    sidecar = Sidecar(work_dir)
+    sidecar = Sidecar(work_dir, pinned=args.cpu_hog)
+    # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
+    hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
     clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
     avatar = work_dir / "astronaut.zip"
     avatar.write_bytes(avatar_zip_bytes())
@@ -258,6 +271,9 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
     finally:
         await recorder.close()
+        if hog is not None:
+            hog.kill()
+            hog.wait(timeout=5)
         sidecar.stop()
         server.stop()
     clean_rows = [measure(recorder, spoken) for spoken in clean]
@@ -270,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=20, help="per run (clean, stalled)")
     parser.add_argument("--interrupts", type=int, default=10)
     parser.add_argument("--stall-ms", type=float, default=250.0)
+    parser.add_argument("--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -299,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run utterance "
             "(idle) and in the middle of every fourth one (not measured)",
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
+            "cpu_hog": args.cpu_hog,
             "notes": args.notes,
         },
         "summary": {
