@@ -95,7 +95,7 @@ def on_core_0(argv: list[str]) -> list[str]:
 
 
 class Sidecar:
-    def __init__(self, work_dir: Path, *, pinned: bool = False) -> None:
+    def __init__(self, work_dir: Path, *, pinned: bool = False, renew_after_stall_ms: float = 0.0) -> None:
         from infra.process import free_port
 
         self.port = free_port()
@@ -103,6 +103,7 @@ class Sidecar:
         argv = [
             sys.executable, "-m", "realtime", "--port", str(self.port), "--engine", "preview", "--device", "cpu",
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
+            "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(on_core_0(argv) if pinned else argv, stdout=log, stderr=subprocess.STDOUT)
@@ -214,7 +215,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     config = livekit.LiveKitServerConfig().with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
-    sidecar = Sidecar(work_dir, pinned=args.cpu_hog)
+    sidecar = Sidecar(work_dir, pinned=args.cpu_hog, renew_after_stall_ms=args.renew_audio_after_stall_ms)
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
     hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
     clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupts", type=int, default=10)
     parser.add_argument("--stall-ms", type=float, default=250.0)
     parser.add_argument("--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process")
+    parser.add_argument("--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             "(idle) and in the middle of every fourth one (not measured)",
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
             "cpu_hog": args.cpu_hog,
+            "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
             "notes": args.notes,
         },
         "summary": {

@@ -102,7 +102,9 @@ class LiveKitPublisherOptions:
     stream_name: str = "avatar"  # both tracks in one stream: receivers that lip-sync do so by it
     av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
     calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
-    renew_audio_after_stall_ms: float = 100.0  # see LiveKitPublisher._maybe_renew_audio_track; 0 = never
+    # See LiveKitPublisher._maybe_renew_audio_track. 0 (off) by default: on a loaded host, stalls of the event loop
+    # alone renewed the track too, and each renewal cuts ~100-300 ms of audio at subscribers.
+    renew_audio_after_stall_ms: float = 0.0
     renew_audio_min_interval_s: float = 2.0
 
     def __post_init__(self) -> None:

@@ -55,6 +55,7 @@ class HostConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     video_delay_ms: float = 40.0  # see realtime.publish.livekit
     max_video_bitrate_bps: int = 1_500_000
+    renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
     output_down_timeout_s: float = 30.0  # an output disconnected this long ends the session (output_failed)
     # The share of time a session is expected to speak, for admission control: 1.0 (the default) sizes capacity
     # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
@@ -107,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sidecar-id", default=None, help="this sidecar's name (default: the hostname)")
     parser.add_argument("--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)")
     parser.add_argument("--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay")
+    parser.add_argument(
+        "--renew-audio-after-stall-ms",
+        type=float,
+        default=0.0,
+        help="renew the LiveKit audio track after a stall this long, so receivers' jitter buffers start afresh "
+        "(0 = off, the default; docs/audio-protocol.md section 4)",
+    )
     parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
     parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
     parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
@@ -166,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             slots_total=args.slots,
             runtime=RuntimeConfig(buffer_limit_ms=args.buffer_limit_ms),
             video_delay_ms=args.video_delay_ms,
+            renew_audio_after_stall_ms=args.renew_audio_after_stall_ms,
             max_batch_frames=args.max_batch_frames,
             speech_duty=args.speech_duty,
         ),

@@ -254,6 +254,7 @@ class SidecarHost:
                 height_px=height_px,
                 video_delay_ms=self.config.video_delay_ms,
                 max_video_bitrate_bps=self.config.max_video_bitrate_bps,
+                renew_audio_after_stall_ms=self.config.renew_audio_after_stall_ms,
             )
             return LiveKitPublisher(target.livekit, options), OpenedOutput(OutputKind.LIVEKIT, target.livekit.room)
         if target.kind is OutputKind.RTMP and target.rtmp is not None:
