@@ -61,7 +61,7 @@ def create_app(
 ) -> FastAPI:
     """`temporal_client`/`policy`: injected by tests; by default the client connects lazily, the policy file loads."""
     metrics = ApiMetrics()
-    sidecars = SidecarDirectory(settings.sidecar_urls)
+    sidecars = SidecarDirectory(settings.sidecar_urls, settings.sidecar_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -34,6 +34,7 @@ from websockets.asyncio.client import ClientConnection
 from api.auth import API_KEY_HEADER
 from api.sidecars import SidecarDirectory
 from workflows.contracts import TERMINAL_PHASES, Phase, SessionStatus
+from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +138,18 @@ async def relay_audio(
         if base is None:
             await _fail(websocket, relay, "sidecar_unknown", f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS")
             return
-        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
-        query = {k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id")}
+        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`). The
+        # caller's credential stays here: upstream, the relay carries the service credential.
+        query = {
+            k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
+        }
         relay.sidecar = sidecar
         relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (f"?{urlencode(query)}" if query else "")
         try:
             upstream = await websockets.connect(
-                relay.upstream_url, additional_headers=traceparent, max_size=UPSTREAM_MAX_MESSAGE_BYTES
+                relay.upstream_url,
+                additional_headers={**traceparent, **sidecars.service_headers()},
+                max_size=UPSTREAM_MAX_MESSAGE_BYTES,
             )
         except (OSError, websockets.WebSocketException) as exc:
             await _fail(websocket, relay, "sidecar_unreachable", f"{relay.upstream_url}: {exc}")

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -54,6 +55,7 @@ from workflows.contracts import (
 )
 from workflows.policy import SessionPolicy
 from workflows.session import SessionWorkflow
+from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM, mint_audio_token
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,14 @@ class SessionService:
     # --- URLs ----------------------------------------------------------------------------
 
     def audio_ws_url(self, session_id: str, audio_query: Mapping[str, str] | None = None) -> str:
+        """The session's audio WebSocket on this API, with an audio token for it when sidecars are configured:
+        a client streams with this URL alone (no API key), until the token expires."""
         base = "ws" + self.settings.public_base_url.removeprefix("http")
-        query = f"?{urlencode(dict(audio_query))}" if audio_query else ""
+        params = dict(audio_query or {})
+        if self.settings.sidecar_secret:
+            expires_at_s = int(time.time()) + self.settings.audio_token_ttl_s
+            params[AUDIO_TOKEN_PARAM] = mint_audio_token(self.settings.sidecar_secret, session_id, expires_at_s)
+        query = f"?{urlencode(params)}" if params else ""
         return f"{base}/v1/sessions/{quote(session_id)}/audio{query}"
 
     def status_url(self, session_id: str) -> str:

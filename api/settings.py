@@ -53,6 +53,26 @@ def parse_sidecar_urls(value: str | None) -> dict[str, str]:
     return urls
 
 
+SIDECAR_SECRET_ENV = "LIPSYNC_SIDECAR_SECRET"
+SIDECAR_SECRET_FILE_ENV = "LIPSYNC_SIDECAR_SECRET_FILE"
+MIN_SIDECAR_SECRET_CHARS = 32  # the sidecars refuse shorter ones (realtime.sidecar.auth)
+
+
+def sidecar_secret_from_env() -> str:
+    """The secret shared with the sidecars: $LIPSYNC_SIDECAR_SECRET_FILE's content, else $LIPSYNC_SIDECAR_SECRET."""
+    path = os.environ.get(SIDECAR_SECRET_FILE_ENV)
+    if path:
+        try:
+            secret = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"cannot read {SIDECAR_SECRET_FILE_ENV} {path}: {exc.strerror}") from exc
+    else:
+        secret = os.environ.get(SIDECAR_SECRET_ENV, "").strip()
+    if secret and len(secret) < MIN_SIDECAR_SECRET_CHARS:
+        raise SettingsError(f"the sidecar secret needs at least {MIN_SIDECAR_SECRET_CHARS} characters")
+    return secret
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     api_keys: tuple[str, ...]
@@ -77,6 +97,10 @@ class ApiSettings:
     model_dir: Path = Path("models")
     policies_path: Path | None = None  # None: $LIPSYNC_POLICIES or infra/policies.yaml
     live_wait_s: float = 120.0  # how long the audio relay waits for a session to go live
+    # The secret shared with the sidecars: the relay and health reads send it as their service credential, and
+    # the audio tokens in `audio_ws_url` are signed with it. Empty: the API reaches no sidecar.
+    sidecar_secret: str = field(default="", repr=False)
+    audio_token_ttl_s: int = 900  # how long an `audio_ws_url` opens its session's audio (reconnects included)
 
     @property
     def sidecar_livekit_url(self) -> str:
@@ -90,6 +114,13 @@ class ApiSettings:
         secret = os.environ.get("LIVEKIT_API_SECRET", "")
         if not secret:
             raise SettingsError("LIVEKIT_API_SECRET is not set: the API mints LiveKit tokens with it")
+        sidecar_urls = parse_sidecar_urls(os.environ.get("LIPSYNC_SIDECAR_URLS"))
+        sidecar_secret = sidecar_secret_from_env()
+        if sidecar_urls and not sidecar_secret:
+            raise SettingsError(
+                f"LIPSYNC_SIDECAR_URLS is set but {SIDECAR_SECRET_ENV} (or {SIDECAR_SECRET_FILE_ENV}) is not: "
+                "the sidecars refuse the API without the secret they share with it"
+            )
         return cls(
             api_keys=keys,
             temporal_target=os.environ.get("TEMPORAL_ADDRESS", cls.temporal_target),
@@ -100,7 +131,9 @@ class ApiSettings:
             viewer_token_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_TTL_S", cls.viewer_token_ttl_s)),
             public_base_url=os.environ.get("LIPSYNC_PUBLIC_BASE_URL", cls.public_base_url).rstrip("/"),
             livekit_publish_url=os.environ.get("LIPSYNC_LIVEKIT_PUBLISH_URL", ""),
-            sidecar_urls=parse_sidecar_urls(os.environ.get("LIPSYNC_SIDECAR_URLS")),
+            sidecar_urls=sidecar_urls,
+            sidecar_secret=sidecar_secret,
+            audio_token_ttl_s=int(os.environ.get("LIPSYNC_AUDIO_TOKEN_TTL_S", cls.audio_token_ttl_s)),
             control_task_queue=os.environ.get("LIPSYNC_CONTROL_TASK_QUEUE", cls.control_task_queue),
             placement_workflow_id=os.environ.get("LIPSYNC_PLACEMENT_WORKFLOW_ID", cls.placement_workflow_id),
             placement_shards=_placement_shards(os.environ.get("LIPSYNC_PLACEMENT_SHARDS")),

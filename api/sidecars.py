@@ -19,9 +19,14 @@ SIDECAR_READ_TIMEOUT_S = 2.0
 
 
 class SidecarDirectory:
-    def __init__(self, urls: Mapping[str, str]) -> None:
+    def __init__(self, urls: Mapping[str, str], secret: str = "") -> None:
         self.urls = dict(urls)
-        self._http = httpx.AsyncClient(timeout=SIDECAR_READ_TIMEOUT_S)
+        self._secret = secret
+        self._http = httpx.AsyncClient(timeout=SIDECAR_READ_TIMEOUT_S, headers=self.service_headers())
+
+    def service_headers(self) -> dict[str, str]:
+        """The service credential every call to a sidecar carries (realtime.sidecar.auth)."""
+        return {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
 
     def http_url(self, sidecar_id: str) -> str | None:
         return self.urls.get(sidecar_id)

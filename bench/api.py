@@ -64,6 +64,7 @@ class Deployment:
         self.stack_dir = work_dir / "stack"
         self.api_port = free_port()
         self.sidecar_ports = {f"bench-sidecar-{i}": free_port() for i in range(sidecars)}
+        self.sidecar_secret = secrets.token_hex(32)  # shared by this deployment's API and sidecars
         self.api_key = "bench-" + secrets.token_hex(8)
         self.processes: list[Any] = []
         self.stack_up = False
@@ -91,6 +92,7 @@ class Deployment:
             "LIPSYNC_SIDECAR_URLS": ",".join(
                 f"{sid}=http://127.0.0.1:{port}" for sid, port in self.sidecar_ports.items()
             ),
+            "LIPSYNC_SIDECAR_SECRET": self.sidecar_secret,
             "LIPSYNC_POLICIES": str(policies),
             "LIPSYNC_PUBLIC_BASE_URL": self.api_url,
             "LIPSYNC_TRACE_EXPORTER": "none",

@@ -281,6 +281,7 @@ class Demo:
         self.say = say
         self.work_dir = options.work_dir.resolve()
         self.api_key = DEMO_API_KEY_PREFIX + secrets.token_hex(8)
+        self.sidecar_secret = secrets.token_hex(32)  # shared by the demo's API and sidecar, for this run only
         self.processes: list[ManagedProcess] = []
         self.started_stack_dir: Path | None = None
         self.ports = options.stack_ports or stack.StackPorts()
@@ -323,6 +324,7 @@ class Demo:
             **stack.service_env(self.ports),
             "LIPSYNC_API_KEYS": self.api_key,
             "LIPSYNC_SIDECAR_URLS": f"demo-sidecar={self.sidecar_url}",
+            "LIPSYNC_SIDECAR_SECRET": self.sidecar_secret,
             "LIPSYNC_POLICIES": str(demo_policies(self.work_dir)),
             "LIPSYNC_PUBLIC_BASE_URL": self.api_url,
             "LIPSYNC_TEMPORAL_UI_URL": f"http://127.0.0.1:{self.ports.temporal_ui}",

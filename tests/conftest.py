@@ -22,6 +22,10 @@ from temporalio.testing import WorkflowEnvironment
 from infra import livekit, rtmp, temporal
 from infra.paths import PROJECT_ROOT
 from infra.process import ManagedProcess, ServiceStartError
+from tests.support import credentials
+
+# Every sidecar this run starts (in process or spawned, inheriting the environment) shares one secret.
+assert credentials.SIDECAR_SECRET
 
 logger = logging.getLogger(__name__)
 ConfigT = TypeVar("ConfigT")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response, WebSocket
@@ -16,6 +17,7 @@ from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, S
 from api.sessions import MEMO_TRACEPARENT, SessionService
 from api.tracing import TRACE_ID_HEADER, current_traceparent, session_span, trace_id_of
 from workflows.contracts import SessionStatus
+from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM, audio_token_valid
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "missing or invalid API key"},
@@ -133,7 +135,12 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
     """PCM in, playback events out, relayed to the session's sidecar once it is live (docs/audio-protocol.md)."""
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
-    if key is None or not any(_same(key, known) for known in svc.settings.api_keys):
+    token = websocket.query_params.get(AUDIO_TOKEN_PARAM)
+    # An API key, or the audio token of this session's audio_ws_url (the client then holds no secret).
+    by_token = bool(token and svc.settings.sidecar_secret) and audio_token_valid(
+        svc.settings.sidecar_secret, token or "", session_id, time.time()
+    )
+    if not by_token and (key is None or not any(_same(key, known) for known in svc.settings.api_keys)):
         await websocket.close(CLOSE_POLICY_VIOLATION, reason="unauthorized")
         return
     client = await svc.temporal.client()

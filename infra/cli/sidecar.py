@@ -16,7 +16,8 @@ def register(subparsers: Any) -> None:
         "sidecar",
         help="run the realtime sidecar: Temporal worker on its own queue, WS audio ingest, engine, publishing",
         description="Run the sidecar until Ctrl-C. Endpoints: WS /v1/sessions/{id}/audio (and /audio?session_id=), "
-        "GET /healthz, GET /v1/sessions/{id}/stats, dev control POST/DELETE /v1/sessions/{id}.",
+        "GET /healthz, GET /v1/sessions/{id}/stats, dev control POST/DELETE /v1/sessions/{id} (with --dev-api). "
+        "Every route but the bare /healthz needs the secret shared with the API ($LIPSYNC_SIDECAR_SECRET).",
     )
     from activities.sidecar_worker import add_temporal_arguments
     from realtime.sidecar.config import add_arguments
@@ -30,19 +31,21 @@ def _run(args: argparse.Namespace) -> int:
     from activities.sidecar_worker import sidecar_worker_service, temporal_options_from_args
     from infra.paths import cache_dir
     from infra.telemetry import TelemetryConfigError, configure_tracing
+    from realtime.sidecar.auth import SecretError
     from realtime.sidecar.config import settings_from_args
     from realtime.sidecar.process import run
 
     try:
         options = temporal_options_from_args(args, cache_dir() / "assets")
-    except ValueError as exc:
+        settings = settings_from_args(args)
+    except (ValueError, SecretError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     if options is None:
-        return run(settings_from_args(args))
+        return run(settings)
     try:
         configure_tracing("lipsync-sidecar")
     except TelemetryConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    return run(settings_from_args(args), services=[sidecar_worker_service(options)])
+    return run(settings, services=[sidecar_worker_service(options)])

@@ -24,6 +24,7 @@ class IngestErrorCode(StrEnum):
     SESSION_ENDED = "session_ended"
     REPLACED = "replaced"  # a newer audio connection for the same session took over
     INTERNAL_ERROR = "internal_error"  # a bug on our side: the connection closes, the session goes on
+    UNAUTHORIZED = "unauthorized"  # no service credential and no valid audio token for this session
 
 
 class IngestError(Exception):

@@ -68,9 +68,17 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    # The shared secret (realtime.sidecar.auth): its bearer form opens every route, audio tokens derive from it.
+    # The server refuses to start without one.
+    service_secret: str = field(default="", repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS
     stats_interval_ms: int = 1000  # periodic `stats` messages on the audio WS (0: only on request)
+    # The dev control API (POST/DELETE /v1/sessions/{id}) is off unless enabled, and even then opens only avatar
+    # files under `dev_avatar_dir` and publishes only to the LiveKit URLs in `dev_livekit_urls`.
+    dev_api: bool = False
+    dev_avatar_dir: Path | None = None
+    dev_livekit_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
     parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
+    parser.add_argument(
+        "--secret-file",
+        type=Path,
+        default=None,
+        help="file holding the secret shared with the API (default: $LIPSYNC_SIDECAR_SECRET_FILE, "
+        "else $LIPSYNC_SIDECAR_SECRET)",
+    )
+    parser.add_argument(
+        "--dev-api",
+        action="store_true",
+        help="enable the dev control API (POST/DELETE /v1/sessions/{id}; service credential required)",
+    )
+    parser.add_argument(
+        "--dev-avatar-dir", type=Path, default=None, help="with --dev-api: the only directory it opens avatars from"
+    )
+    parser.add_argument(
+        "--dev-livekit-url",
+        action="append",
+        default=[],
+        help="with --dev-api: a LiveKit URL it may publish to (repeatable; none: no LiveKit output)",
+    )
     parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
     parser.add_argument(
         "--compile",
@@ -156,6 +185,10 @@ def _duty(text: str) -> float:
 
 
 def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
+    """Settings from the command line; raises realtime.sidecar.auth.SecretError without a usable secret."""
+    from realtime.sidecar.auth import load_secret
+
+    secret = load_secret(args.secret_file)
     sidecar_id = args.sidecar_id or f"sidecar-{socket.gethostname()}"
     return SidecarSettings(
         bind_host=args.host,
@@ -178,5 +211,11 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             max_batch_frames=args.max_batch_frames,
             speech_duty=args.speech_duty,
         ),
-        server=ServerConfig(max_message_bytes=args.max_message_bytes),
+        server=ServerConfig(
+            service_secret=secret,
+            max_message_bytes=args.max_message_bytes,
+            dev_api=args.dev_api,
+            dev_avatar_dir=args.dev_avatar_dir.resolve() if args.dev_avatar_dir else None,
+            dev_livekit_urls=tuple(args.dev_livekit_url),
+        ),
     )

@@ -152,7 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return run(settings_from_args(args))
+    from realtime.sidecar.auth import SecretError
+
+    try:
+        settings = settings_from_args(args)
+    except SecretError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    return run(settings)
 
 
 def run(settings: SidecarSettings, services: Sequence[HostService] = ()) -> int:

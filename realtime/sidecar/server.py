@@ -3,10 +3,16 @@
 Endpoints (docs/audio-protocol.md is the audio contract):
 - `WS  /v1/sessions/{session_id}/audio`   audio in, playback events + stats + errors out
 - `WS  /audio?session_id=...`              the same, at the seed's address
-- `GET /healthz`                           engine state, capacity, the render lane, every session's stats
+- `GET /healthz`                           bare liveness; with the service credential: engine state, capacity,
+                                           the render lane, every session's stats
 - `GET /v1/sessions/{session_id}/stats`    one session's stats
-- `POST /v1/sessions/{session_id}`         dev control without Temporal: prepare + warm + open + run
-- `DELETE /v1/sessions/{session_id}`       dev control: stop + teardown
+- `POST /v1/sessions/{session_id}`         dev control without Temporal (only with `dev_api`): prepare + warm +
+                                           open + run
+- `DELETE /v1/sessions/{session_id}`       dev control (only with `dev_api`): stop + teardown
+
+Credentials (realtime.sidecar.auth): every HTTP route but `/healthz` needs the service credential
+(`Authorization: Bearer <secret>`), checked before the body is read; the audio WebSocket takes it
+or an audio token for its own session (`?token=`), checked before the session is looked up.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from realtime.host import (
@@ -49,6 +56,7 @@ from realtime.ingest.protocol import (
 from realtime.ingest.ratewatch import RateVerdict
 from realtime.media.errors import OutputError
 from realtime.sidecar.audio_input import AudioInput
+from realtime.sidecar.auth import AUDIO_TOKEN_PARAM, check_audio_token, check_secret, is_service_credential
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.errors import SidecarError
 from realtime.sidecar.host import SidecarHost
@@ -63,8 +71,10 @@ LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
 # Query parameters that are not part of the audio format.
-_NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms", "pacing"}
+_NON_FORMAT_PARAMS = {"session_id", "stats_interval_ms", "pacing", AUDIO_TOKEN_PARAM}
 PACING_VALUES = ("realtime", "burst")  # pacing=realtime: the client streams as it produces (its rate is checked)
+# The one route open without a credential (its body then says only that the process serves).
+LIVENESS_PATH = "/healthz"
 
 
 def stats_dict(stats: SessionStats) -> dict[str, Any]:
@@ -154,8 +164,12 @@ class _AudioConnection:
             with contextlib.suppress(Exception):
                 await self.websocket.close(code, reason=str(error.code) if error else "")
 
-    async def serve(self) -> None:
+    async def serve(self, refusal: IngestError | None = None) -> None:
+        """Serve the socket; `refusal` (a failed credential check) closes it before anything else is looked at."""
         await self.websocket.accept()
+        if refusal is not None:
+            await self._close(refusal)
+            return
         runtime = self.host.runtime(self.session_id)
         if runtime is None:
             await self._close(
@@ -356,15 +370,57 @@ def _install_error_bodies(app: FastAPI) -> None:
         return JSONResponse(_error("validation_error", f"invalid request: {listed}", fields=fields), status_code=422)
 
 
-def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI:
-    server_config = config or ServerConfig()
-    app = FastAPI(title="lipsync-live sidecar", docs_url=None, redoc_url=None)
+class ServiceCredentialGate:
+    """ASGI middleware: an HTTP request without the service credential gets 401 before routing or reading
+    its body (so an unauthenticated caller costs no parsing). `/healthz` passes, and shows details only
+    with the credential; WebSockets pass to their route, which checks the credential or an audio token."""
+
+    def __init__(self, app: ASGIApp, secret: str) -> None:
+        self.app = app
+        self.secret = secret
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") != LIVENESS_PATH:
+            headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+            if not is_service_credential(self.secret, headers.get("authorization")):
+                response = JSONResponse(
+                    _error("unauthorized", "this sidecar route needs the service credential (Authorization: Bearer)"),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _audio_refusal(websocket: WebSocket, session_id: str, secret: str) -> IngestError | None:
+    if is_service_credential(secret, websocket.headers.get("authorization")):
+        return None
+    why = check_audio_token(secret, websocket.query_params.get(AUDIO_TOKEN_PARAM), session_id)
+    if why is None:
+        return None
+    return IngestError(
+        IngestErrorCode.UNAUTHORIZED,
+        f"audio token {why}: connect with the audio_ws_url the API handed out for this session "
+        "(its token expires; GET the session again for a fresh one)",
+        fatal=True,
+    )
+
+
+def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
+    """The sidecar's app; `config.service_secret` is required (realtime.sidecar.auth.check_secret)."""
+    server_config = config
+    secret = check_secret(server_config.service_secret, "ServerConfig.service_secret")
+    app = FastAPI(title="lipsync-live sidecar", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(ServiceCredentialGate, secret=secret)
     _install_error_bodies(app)
     run_tasks: dict[str, asyncio.Task[Any]] = {}
     audio_connections: dict[str, _AudioConnection] = {}
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    @app.get(LIVENESS_PATH)
+    async def healthz(request: Request) -> dict[str, Any]:
+        if not is_service_credential(secret, request.headers.get("authorization")):
+            return {"status": "ok"}  # session ids, addresses and capacity only for the service
         info = host.engine_info()
         capacity = host.capacity()
         sessions = {
@@ -397,16 +453,53 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
 
     @app.websocket("/v1/sessions/{session_id}/audio")
     async def audio_ws(websocket: WebSocket, session_id: str) -> None:
-        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve()
+        refusal = _audio_refusal(websocket, session_id, secret)
+        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve(refusal)
 
     @app.websocket("/audio")
     async def audio_ws_seed(websocket: WebSocket) -> None:
         session_id = websocket.query_params.get("session_id", "")
-        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve()
+        refusal = _audio_refusal(websocket, session_id, secret)
+        await _AudioConnection(websocket, host, session_id, server_config, audio_connections).serve(refusal)
 
+    if server_config.dev_api:
+        _add_dev_api(app, host, server_config, run_tasks)
+    return app
+
+
+def _dev_policy_refusal(body: DevSessionBody, config: ServerConfig) -> tuple[JSONResponse | None, Path]:
+    """The dev API opens avatars only under `dev_avatar_dir` and publishes only to `dev_livekit_urls`.
+
+    Returns (refusal or None, the resolved avatar path). Symlinks are resolved before the check, so a link
+    inside the directory that points out of it is refused too.
+    """
+    root = config.dev_avatar_dir
+    path = Path(body.avatar_path).resolve()
+    if root is None or not Path(body.avatar_path).is_absolute() or not path.is_relative_to(root.resolve()):
+        refusal = JSONResponse(
+            _error(
+                "avatar_path_refused",
+                "avatar_path must be an absolute path inside the sidecar's --dev-avatar-dir"
+                + ("" if root is not None else " (none is configured, so the dev API opens no avatar)"),
+            ),
+            status_code=403,
+        )
+        return refusal, path
+    if body.livekit.url not in config.dev_livekit_urls:
+        refusal = JSONResponse(
+            _error("livekit_url_refused", "livekit.url is not one of the sidecar's --dev-livekit-url values"),
+            status_code=403,
+        )
+        return refusal, path
+    return None, path
+
+
+def _add_dev_api(app: FastAPI, host: SidecarHost, server_config: ServerConfig, run_tasks: dict[str, Any]) -> None:
     @app.post("/v1/sessions/{session_id}")
     async def dev_start(session_id: str, body: DevSessionBody) -> JSONResponse:
-        path = Path(body.avatar_path)
+        refused, path = _dev_policy_refusal(body, server_config)
+        if refused is not None:
+            return refused
         try:
             prepared = await host.prepare_avatar(
                 session_id, AvatarAsset(path=path, kind=body.avatar_kind, digest_sha256=""), lambda _p: None
@@ -452,5 +545,3 @@ def create_app(host: SidecarHost, config: ServerConfig | None = None) -> FastAPI
         else:
             await host.teardown(session_id)
         return {"session_id": session_id, "stopped": True}
-
-    return app

@@ -38,6 +38,7 @@ from realtime.sidecar.config import HostConfig, ServerConfig, SidecarSettings
 from tests.api.tracing_support import span_exporter, span_names
 from tests.sidecar.avcheck import RoomRecorder, align, envelope_correlation
 from tests.support.asset_server import AssetServer
+from tests.support.credentials import SIDECAR_SECRET
 from tests.support.temporal_harness import Harness, fast_policy
 from workflows.contracts import sidecar_task_queue
 from workflows.temporal_client import connect_client
@@ -107,7 +108,7 @@ async def world(
             device="cpu",
             cache_dir=tmp_path / "avatar-cache",
             host=HostConfig(sidecar_id=sidecar_id, task_queue=sidecar_task_queue(sidecar_id), slots_total=2),
-            server=ServerConfig(stats_interval_ms=0),
+            server=ServerConfig(service_secret=SIDECAR_SECRET, stats_interval_ms=0),
         )
         sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
         api_settings = ApiSettings(
@@ -119,6 +120,7 @@ async def world(
             placement_workflow_id=harness.placement_id,
             sidecar_urls={sidecar_id: f"http://127.0.0.1:{sidecar_port}"},
             public_base_url=f"http://127.0.0.1:{api_port}",
+            sidecar_secret=SIDECAR_SECRET,
         )
         app = create_app(api_settings, temporal_client=client, policy=fast_policy(**SIDECAR_POLICY))
         server = _Server(uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning"))

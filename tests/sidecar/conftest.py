@@ -18,6 +18,7 @@ from infra.process import free_port
 from realtime.host import AvatarAsset, OpenedOutput, OutputKind, SessionStats
 from realtime.sidecar.config import HostConfig, RuntimeConfig, ServerConfig, SidecarSettings
 from tests.sidecar.recording import RecordingPublisher
+from tests.support.credentials import SIDECAR_SECRET, audio_token
 from tests.unit.engine.media import astronaut_frames, frames_zip
 
 SENTENCE = "Hello there. The quick brown fox jumps over the lazy dog, and this is a lip sync test."
@@ -75,6 +76,8 @@ class RunningSidecar:
     ws_base: str
 
     def audio_url(self, session_id: str, **params: object) -> str:
+        """The session's audio WebSocket with a fresh audio token for it (as the API hands it out)."""
+        params = {**params, "token": audio_token(session_id)}
         query = "&".join(f"{key}={value}" for key, value in params.items())
         return f"{self.ws_base}/v1/sessions/{session_id}/audio" + (f"?{query}" if query else "")
 
@@ -93,7 +96,7 @@ def sidecar_settings(
             slots_total=4,
             runtime=RuntimeConfig(buffer_limit_ms=buffer_limit_ms),
         ),
-        server=ServerConfig(max_message_bytes=max_message_bytes, stats_interval_ms=0),
+        server=ServerConfig(service_secret=SIDECAR_SECRET, max_message_bytes=max_message_bytes, stats_interval_ms=0),
     )
 
 

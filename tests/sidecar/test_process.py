@@ -20,6 +20,7 @@ from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port
 from tests.sidecar.avcheck import RoomRecorder, token
+from tests.support.credentials import audio_token, service_headers
 
 pytestmark = pytest.mark.service
 
@@ -38,11 +39,15 @@ async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
     raise TimeoutError("the sidecar did not become healthy")
 
 
-def start_sidecar_process(port: int, tmp_path: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def start_sidecar_process(
+    port: int, tmp_path: Path, log: IO[bytes], *, dev_avatar_dir: Path, livekit_url: str
+) -> subprocess.Popen[bytes]:
+    """`python -m realtime` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL."""
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
             *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", "sidecar-proc", "--slots", "2"),
+            *("--dev-api", "--dev-avatar-dir", str(dev_avatar_dir), "--dev-livekit-url", livekit_url),
         ],
         cwd=PROJECT_ROOT,
         stdout=log,
@@ -55,11 +60,15 @@ async def test_sidecar_process_serves_a_session_end_to_end(
 ) -> None:
     port = free_port()
     log = (tmp_path / "sidecar.log").open("wb")
-    proc = start_sidecar_process(port, tmp_path, log)
+    proc = start_sidecar_process(
+        port, tmp_path, log, dev_avatar_dir=avatar_zip_path.parent, livekit_url=livekit_server.ws_url
+    )
     room, session_id = "room-process", "proc-1"
     recorder = RoomRecorder(mouth_box=(0, 0, 16, 16))
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=30, headers=service_headers()
+        ) as client:
             health = await wait_healthy(client, proc)
             assert health["engine"]["name"] == "preview" and health["engine"]["warm"] is True
             assert health["capacity"] == {
@@ -85,7 +94,8 @@ async def test_sidecar_process_serves_a_session_end_to_end(
             assert started.json()["avatar"]["width_px"] == 256
             await recorder.wait_for(lambda: len(recorder.frames) >= 10, 20)
 
-            async with websockets.connect(f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/audio") as ws:
+            audio_url = f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/audio?token={audio_token(session_id)}"
+            async with websockets.connect(audio_url) as ws:
                 assert json.loads(await ws.recv())["type"] == "ready"
                 t = np.arange(16_000) / 16_000
                 await ws.send((0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2").tobytes())
@@ -103,7 +113,8 @@ async def test_sidecar_process_serves_a_session_end_to_end(
             ), stats
 
             # A session that cannot be prepared is refused with a typed error and frees its slot.
-            bad = await client.post("/v1/sessions/proc-bad", json={**body, "avatar_path": str(tmp_path / "none.zip")})
+            missing = str(avatar_zip_path.parent / "none.zip")
+            bad = await client.post("/v1/sessions/proc-bad", json={**body, "avatar_path": missing})
             assert bad.status_code == 422 and bad.json()["code"]
             stopped = await client.delete(f"/v1/sessions/{session_id}")
             assert stopped.status_code == 200

@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from realtime.sidecar.host import SidecarHost
 from tests.sidecar.conftest import RunningSidecar, SpeechClip, open_recorded_session
 from tests.sidecar.recording import RecordingPublisher
+from tests.support.credentials import audio_token, service_headers
 
 
 async def recv_json(ws: ClientConnection, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -131,7 +132,7 @@ async def test_ready_speech_playback_events_and_stats(
         assert stats["audio_samples_rejected"] == 0
         assert_adds_up(stats)
     # The same numbers over HTTP.
-    async with httpx.AsyncClient(base_url=sidecar.base_url) as client:
+    async with httpx.AsyncClient(base_url=sidecar.base_url, headers=service_headers()) as client:
         response = await client.get(f"/v1/sessions/{session_id}/stats")
         assert response.status_code == 200
         assert response.json()["audio_samples_rendered"] == speech.timeline_samples()
@@ -173,7 +174,7 @@ async def test_seed_address_and_takeover_by_a_second_connection(
     sidecar: RunningSidecar, session: tuple[str, RecordingPublisher]
 ) -> None:
     session_id, _ = session
-    seed_url = f"{sidecar.ws_base}/audio?session_id={session_id}"
+    seed_url = f"{sidecar.ws_base}/audio?session_id={session_id}&token={audio_token(session_id)}"
     async with websockets.connect(seed_url) as first:
         assert (await recv_json(first))["type"] == "ready"
         async with websockets.connect(seed_url) as second:

@@ -23,6 +23,7 @@ import httpx
 
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, log_tail
+from tests.support.credentials import service_headers
 from tests.support.temporal_harness import Harness
 from workflows.contracts import sidecar_task_queue
 
@@ -101,7 +102,7 @@ class SidecarProcesses:
 
     async def healthz(self, name: str) -> dict[str, Any]:
         """The sidecar's own view (`GET /healthz`): engine, capacity and the sessions it hosts."""
-        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=5, trust_env=False, headers=service_headers()) as client:
             response = await client.get(f"http://127.0.0.1:{self.ports[name]}/healthz")
         response.raise_for_status()
         result: dict[str, Any] = response.json()
