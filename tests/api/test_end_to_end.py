@@ -308,7 +308,9 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
     session_id = created.json()["session_id"]
     world.harness.workflow_ids.append(f"session-{session_id}")
     pcm = speech_pcm(SENTENCE)
-    async with websockets.connect(created.json()["audio_ws_url"], additional_headers=AUTH) as ws:
+    # audio_ws_url carries the session's audio token: the client streams without any key.
+    assert "token=" in created.json()["audio_ws_url"]
+    async with websockets.connect(created.json()["audio_ws_url"]) as ws:
         # The whole utterance at once, before the session is even live: the relay keeps it and forwards it first.
         await ws.send(pcm)
         await next_event(ws, "ready", timeout_s=90)
