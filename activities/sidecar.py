@@ -70,6 +70,8 @@ from workflows.policy import FetchLimits
 logger = logging.getLogger(__name__)
 
 REPORT_STATS_SIGNAL = "report_stats"  # SessionWorkflow.report_stats
+# The participant attribute the avatar joins with: its session id (a re-placed session may replace its own avatar).
+SESSION_ATTRIBUTE = "lipsync.session_id"
 
 
 @dataclass(frozen=True)
@@ -340,11 +342,15 @@ class SidecarActivities:
             if request.livekit is None:
                 raise ApplicationError("no LiveKit output was requested", type=ErrorCode.INVALID_REQUEST.value)
             livekit = request.livekit
+            token = self._mint_livekit_token(
+                request.room, livekit.identity, livekit.publish_on_behalf, request.call.session_id
+            )
+            await self._refuse_identity_collision(livekit.url, request.room, livekit.identity, request.call.session_id)
             target = LiveKitTarget(
                 url=livekit.url,
                 room=request.room,
                 identity=livekit.identity,
-                token=self._mint_livekit_token(request.room, livekit.identity, livekit.publish_on_behalf),
+                token=token,
                 publish_audio=livekit.publish_audio,
                 publish_on_behalf=livekit.publish_on_behalf,
             )
@@ -357,7 +363,37 @@ class SidecarActivities:
             raise exc.to_application_error() from None
         return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=url), record_path=record_path)
 
-    def _mint_livekit_token(self, room: str, identity: str, publish_on_behalf: str | None) -> str:
+    async def _refuse_identity_collision(self, url: str, room: str, identity: str, session_id: str) -> None:
+        """Ask the room (LiveKit RoomService) whether `identity` is taken before joining: LiveKit would kick the
+        participant holding it (DUPLICATE_IDENTITY) and let the avatar publish in its place. The session's own
+        earlier avatar (same session id attribute: a re-placed session whose old sidecar died) may be replaced."""
+        from livekit import api as lkapi
+
+        http_url = "http" + url.removeprefix("ws") if url.startswith("ws") else url
+        client = lkapi.LiveKitAPI(http_url, self.config.livekit_api_key, self.config.livekit_api_secret, failover=False)
+        try:
+            response = await client.room.list_participants(lkapi.ListParticipantsRequest(room=room))
+        except Exception as exc:
+            # No room yet (not_found), or LiveKit unreachable / refusing these credentials: the RoomService and the
+            # join are the same server and credentials, so the join cannot collide either; it fails or opens an
+            # empty room, and its own error code says why.
+            logger.info(
+                "livekit identity check skipped",
+                extra={"room": room, "session_id": session_id, "reason": f"{type(exc).__name__}: {exc}"},
+            )
+            return
+        finally:
+            await client.aclose()
+        for participant in response.participants:
+            if participant.identity == identity and participant.attributes.get(SESSION_ATTRIBUTE) != session_id:
+                raise ApplicationError(
+                    f"identity {identity!r} is already in room {room!r} (not as this session's avatar): the avatar "
+                    "would kick that participant out; choose another output.livekit.identity",
+                    type=ErrorCode.LIVEKIT_IDENTITY_IN_USE.value,
+                    non_retryable=True,
+                )
+
+    def _mint_livekit_token(self, room: str, identity: str, publish_on_behalf: str | None, session_id: str) -> str:
         if not self.config.livekit_api_key or not self.config.livekit_api_secret:
             raise ApplicationError(
                 "this sidecar has no LiveKit credentials (LIVEKIT_API_KEY / LIVEKIT_API_SECRET)",
@@ -379,9 +415,10 @@ class SidecarActivities:
             .with_ttl(timedelta(seconds=self.config.livekit_token_ttl_s))
             .with_grants(grants)
         )
+        attributes = {SESSION_ATTRIBUTE: session_id}  # tells the session's own avatar from anyone else
         if publish_on_behalf:
-            token = token.with_attributes({"lk.publish_on_behalf": publish_on_behalf})
-        return token.to_jwt()
+            attributes["lk.publish_on_behalf"] = publish_on_behalf
+        return token.with_attributes(attributes).to_jwt()
 
     async def _report_stats(self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float) -> None:
         """Push the latest stats into the workflow (for `status`) at the policy's report cadence."""

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from livekit import api as lkapi
 
+MAX_ROOM_CHARS = 128
 ROOM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 

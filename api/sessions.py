@@ -21,10 +21,13 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.common import TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.auth import Principal
 from api.errors import ApiError
+from api.livekit_tokens import MAX_ROOM_CHARS
 from api.models import (
     CreateSessionIn,
     ErrorOut,
@@ -34,7 +37,7 @@ from api.models import (
     SessionOut,
     SessionSummary,
 )
-from api.settings import ApiSettings
+from api.settings import DEFAULT_TENANT, ApiSettings
 from api.tracing import MEMO_TRACEPARENT, current_traceparent, trace_id_of
 from api.url_check import check_asset_url
 from workflows import search_attributes
@@ -81,6 +84,33 @@ def not_found(session_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no session {session_id!r}")
 
 
+VIEWER_IDENTITY_PREFIX = "viewer-"  # viewer tokens' identities; an avatar identity may not start with it
+ROOM_NAMESPACE_SEPARATOR = "."
+
+
+def tenant_of(attributes: TypedSearchAttributes) -> str:
+    """The tenant that started the session (sessions started before tenancy belong to the default tenant)."""
+    return attributes.get(search_attributes.TENANT) or DEFAULT_TENANT
+
+
+def namespaced_room(principal: Principal, requested: str, tenants: frozenset[str]) -> str:
+    """The LiveKit room a caller's session publishes into: a named tenant's rooms are `<tenant>.<room>` (the
+    prefix is added when missing), so no tenant can publish into or mint viewer tokens for another tenant's
+    rooms. The default tenant's rooms are as given, except inside a named tenant's namespace; an admin's too."""
+    prefix, sep, _ = requested.partition(ROOM_NAMESPACE_SEPARATOR)
+    if principal.admin:
+        return requested
+    if principal.tenant == DEFAULT_TENANT:
+        if sep and prefix in tenants:
+            raise ApiError(403, "room_not_allowed", f"room {requested!r} is in tenant {prefix!r}'s namespace")
+        return requested
+    own = principal.tenant + ROOM_NAMESPACE_SEPARATOR
+    room = requested if requested.startswith(own) else own + requested
+    if len(room) > MAX_ROOM_CHARS:
+        raise ApiError(400, "room_too_long", f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars")
+    return room
+
+
 class SessionService:
     def __init__(self, settings: ApiSettings, policy: SessionPolicy | None = None) -> None:
         self.settings = settings
@@ -116,7 +146,9 @@ class SessionService:
 
     # --- operations ----------------------------------------------------------------------
 
-    def build_request(self, body: CreateSessionIn) -> tuple[SessionRequest, SessionPolicy]:
+    def build_request(
+        self, body: CreateSessionIn, principal: Principal | None = None
+    ) -> tuple[SessionRequest, SessionPolicy]:
         policy = self.policy
         session_id = body.session_id or secrets.token_hex(8)
         avatar = body.avatar
@@ -129,12 +161,20 @@ class SessionService:
             field = "avatar.idle_video_url"
         check_asset_url(source.url, field, list(policy.assets.fetch.allow_networks))
         livekit = None
-        room = f"lipsync-{session_id}"
+        principal = principal or Principal(DEFAULT_TENANT)
+        room = namespaced_room(principal, f"lipsync-{session_id}", self.settings.tenants)
         if body.output.livekit is not None:
-            room = body.output.livekit.room
+            room = namespaced_room(principal, body.output.livekit.room, self.settings.tenants)
+            identity = body.output.livekit.identity or f"avatar-{session_id}"
+            if identity.startswith(VIEWER_IDENTITY_PREFIX):
+                raise ApiError(
+                    400,
+                    "identity_reserved",
+                    f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens use it)",
+                )
             livekit = LiveKitOutputRequest(
                 url=self.settings.sidecar_livekit_url,
-                identity=body.output.livekit.identity or f"avatar-{session_id}",
+                identity=identity,
                 publish_audio=body.output.livekit.publish_audio,
                 publish_on_behalf=body.output.livekit.publish_on_behalf,
             )
@@ -152,8 +192,9 @@ class SessionService:
             limits = dataclasses.replace(limits, max_duration_s=body.max_duration_s)
         return request, dataclasses.replace(policy, session=limits)
 
-    async def create(self, client: Client, body: CreateSessionIn) -> SessionCreated:
-        request, policy = self.build_request(body)
+    async def create(self, client: Client, body: CreateSessionIn, principal: Principal | None = None) -> SessionCreated:
+        principal = principal or Principal(DEFAULT_TENANT)
+        request, policy = self.build_request(body, principal)
         audio_query = (
             {
                 "sample_rate": str(body.audio.sample_rate),
@@ -168,7 +209,14 @@ class SessionService:
         if body.metadata:
             memo[MEMO_METADATA] = body.metadata
         try:
-            await start_session(client, request, policy, task_queue=self.settings.control_task_queue, memo=memo)
+            await start_session(
+                client,
+                request,
+                policy,
+                task_queue=self.settings.control_task_queue,
+                memo=memo,
+                tenant=principal.tenant,
+            )
         except WorkflowAlreadyStartedError as exc:
             raise ApiError(409, "session_exists", f"session {request.session_id!r} already exists") from exc
         logger.info("session started", extra={"session_id": request.session_id, "room": request.room})
@@ -199,6 +247,14 @@ class SessionService:
             if _is_not_found(exc):
                 raise not_found(session_id) from exc
             raise
+
+    async def ensure_owner(self, client: Client, session_id: str, principal: Principal) -> None:
+        """404 (as for a session that does not exist) unless `principal` owns the session or is an admin."""
+        if principal.admin:
+            return
+        description = await self._describe(client, session_id)
+        if not principal.owns(tenant_of(description.typed_search_attributes)):
+            raise not_found(session_id)
 
     async def status(self, client: Client, session_id: str) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
         """The workflow's `status` query; for a closed workflow whose query fails, what its history says."""
@@ -280,9 +336,19 @@ class SessionService:
         )
 
     async def list(
-        self, client: Client, *, room: str | None, phase: str | None, page_size: int, page_token: str | None
+        self,
+        client: Client,
+        *,
+        room: str | None,
+        phase: str | None,
+        page_size: int,
+        page_token: str | None,
+        principal: Principal | None = None,
     ) -> SessionList:
+        """Sessions newest first; a tenant sees only its own (an admin, or no principal: every tenant's)."""
         clauses = [f"WorkflowType = '{SessionWorkflow.__name__}'"]
+        if principal is not None and not principal.admin:
+            clauses.append(f"{search_attributes.TENANT.name} = {json.dumps(principal.tenant)}")
         if room:
             clauses.append(f"{search_attributes.ROOM.name} = {json.dumps(room)}")
         if phase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,39 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
+DEFAULT_TENANT = "default"  # the tenant of a key given without a tenant name
+ADMIN_TENANT = "admin"  # the principal of an admin key (not a tenant: it owns no sessions of its own)
+TENANT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def parse_api_keys(entries: tuple[str, ...], source: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """`tenant:key` or a bare `key` (the default tenant) -> (default-tenant keys, {key: tenant})."""
+    bare: list[str] = []
+    named: dict[str, str] = {}
+    for entry in entries:
+        tenant, sep, key = entry.partition(":")
+        if not sep:
+            bare.append(entry)
+            continue
+        tenant, key = tenant.strip(), key.strip()
+        if not TENANT_NAME_PATTERN.fullmatch(tenant) or tenant in (DEFAULT_TENANT, ADMIN_TENANT) or not key:
+            raise SettingsError(
+                f"{source}: entry {tenant!r}:<key> is not <tenant>:<key> with a tenant name of lower-case letters, "
+                f"digits and '-' (up to 32, not {DEFAULT_TENANT!r} or {ADMIN_TENANT!r})"
+            )
+        named[key] = tenant
+    return tuple(bare), named
+
+
+def _key_file_entries(path: str) -> tuple[str, ...]:
+    """One `tenant:key` (or bare key) per line; blank lines and `#` comments are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SettingsError(f"cannot read LIPSYNC_API_KEYS_FILE {path}: {exc.strerror}") from exc
+    return tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+
+
 def parse_sidecar_urls(value: str | None) -> dict[str, str]:
     """`id=http://host:port,id2=...` -> {id: url}; a bad entry is an error naming it."""
     urls: dict[str, str] = {}
@@ -75,13 +109,16 @@ def sidecar_secret_from_env() -> str:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    api_keys: tuple[str, ...]
+    api_keys: tuple[str, ...]  # keys of the default tenant
+    tenant_keys: Mapping[str, str] = field(default_factory=dict, repr=False)  # key -> tenant name
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # keys that see every tenant
     temporal_target: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     livekit_url: str = "ws://127.0.0.1:7880"  # what clients (viewers, agents) connect to
     livekit_api_key: str = "devkey"
     livekit_api_secret: str = field(default="", repr=False)
     viewer_token_ttl_s: int = 3600
+    viewer_token_max_ttl_s: int = 4 * 3600  # a longer requested lifetime is refused (400)
     public_base_url: str = "http://127.0.0.1:8000"
     # What sidecars connect to when they publish (inside a cluster this is often not the public URL).
     livekit_publish_url: str = ""
@@ -103,14 +140,26 @@ class ApiSettings:
     audio_token_ttl_s: int = 900  # how long an `audio_ws_url` opens its session's audio (reconnects included)
 
     @property
+    def tenants(self) -> frozenset[str]:
+        """The named tenants (their rooms are namespaced `<tenant>.`)."""
+        return frozenset(self.tenant_keys.values())
+
+    @property
     def sidecar_livekit_url(self) -> str:
         return self.livekit_publish_url or self.livekit_url
 
     @classmethod
     def from_env(cls) -> ApiSettings:
-        keys = _split(os.environ.get("LIPSYNC_API_KEYS"))
-        if not keys:
-            raise SettingsError("LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated)")
+        entries = _split(os.environ.get("LIPSYNC_API_KEYS"))
+        if os.environ.get("LIPSYNC_API_KEYS_FILE"):
+            entries += _key_file_entries(os.environ["LIPSYNC_API_KEYS_FILE"])
+        keys, tenant_keys = parse_api_keys(entries, "LIPSYNC_API_KEYS")
+        admin_keys = _split(os.environ.get("LIPSYNC_ADMIN_KEYS"))
+        if not (keys or tenant_keys or admin_keys):
+            raise SettingsError(
+                "LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated, `tenant:key` or a bare key "
+                "of the default tenant; or LIPSYNC_API_KEYS_FILE, one per line)"
+            )
         secret = os.environ.get("LIVEKIT_API_SECRET", "")
         if not secret:
             raise SettingsError("LIVEKIT_API_SECRET is not set: the API mints LiveKit tokens with it")
@@ -123,12 +172,15 @@ class ApiSettings:
             )
         return cls(
             api_keys=keys,
+            tenant_keys=tenant_keys,
+            admin_keys=admin_keys,
             temporal_target=os.environ.get("TEMPORAL_ADDRESS", cls.temporal_target),
             temporal_namespace=os.environ.get("TEMPORAL_NAMESPACE", cls.temporal_namespace),
             livekit_url=os.environ.get("LIVEKIT_URL", cls.livekit_url),
             livekit_api_key=os.environ.get("LIVEKIT_API_KEY", cls.livekit_api_key),
             livekit_api_secret=secret,
             viewer_token_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_TTL_S", cls.viewer_token_ttl_s)),
+            viewer_token_max_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_MAX_TTL_S", cls.viewer_token_max_ttl_s)),
             public_base_url=os.environ.get("LIPSYNC_PUBLIC_BASE_URL", cls.public_base_url).rstrip("/"),
             livekit_publish_url=os.environ.get("LIPSYNC_LIVEKIT_PUBLISH_URL", ""),
             sidecar_urls=sidecar_urls,

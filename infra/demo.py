@@ -323,6 +323,8 @@ class Demo:
         return {
             **stack.service_env(self.ports),
             "LIPSYNC_API_KEYS": self.api_key,
+            # The demo's one caller is also its operator: its key shows /health's engine details.
+            "LIPSYNC_ADMIN_KEYS": self.api_key,
             "LIPSYNC_SIDECAR_URLS": f"demo-sidecar={self.sidecar_url}",
             "LIPSYNC_SIDECAR_SECRET": self.sidecar_secret,
             "LIPSYNC_POLICIES": str(demo_policies(self.work_dir)),

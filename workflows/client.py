@@ -35,11 +35,19 @@ async def start_session(
     *,
     task_queue: str = CONTROL_TASK_QUEUE,
     memo: Mapping[str, Any] | None = None,
+    tenant: str = "",
 ) -> SessionHandle:
     """Start `session-<id>`; raises temporalio.exceptions.WorkflowAlreadyStartedError for a reused id (HTTP 409).
 
     The policy goes into the input, so this run's retries/timeouts/limits are in its history.
+    `tenant` (the API caller's) becomes the LipsyncTenant search attribute: who owns the session.
     """
+    attributes = [
+        SearchAttributePair(search_attributes.ROOM, request.room),
+        SearchAttributePair(search_attributes.PHASE, Phase.PENDING.value),
+    ]
+    if tenant:
+        attributes.append(SearchAttributePair(search_attributes.TENANT, tenant))
     return await client.start_workflow(
         SessionWorkflow.run,
         SessionInput(request=request, policy=policy),
@@ -48,12 +56,7 @@ async def start_session(
         # A session id names one session for good: a finished one is not restarted by a retrying caller.
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         memo=dict(memo) if memo else None,  # e.g. the API's traceparent and caller metadata
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(search_attributes.ROOM, request.room),
-                SearchAttributePair(search_attributes.PHASE, Phase.PENDING.value),
-            ]
-        ),
+        search_attributes=TypedSearchAttributes(attributes),
     )
 
 

@@ -150,6 +150,8 @@ class ErrorCode(StrEnum):
     SIDECAR_SHUTTING_DOWN = "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
     SIDECAR_ERROR = "sidecar_error"  # the host raised something it did not classify
     OUTPUT_OPEN_FAILED = "output_open_failed"
+    # The avatar's LiveKit identity is taken by another participant of the room (joining would kick them out).
+    LIVEKIT_IDENTITY_IN_USE = "livekit_identity_in_use"
     OUTPUT_UNAVAILABLE = "output_unavailable"  # every output in the fallback order failed
     OUTPUT_FAILED = "output_failed"  # outputs failed while live
     RUNTIME_FAILED = "runtime_failed"  # the sidecar's clock or render task for the session died (a defect)

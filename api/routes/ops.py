@@ -16,7 +16,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.auth import require_api_key
+from api.auth import Principal, presented_key, principal_for, require_admin, require_api_key
 from api.deps import Services, services, temporal_client
 from api.errors import ApiError
 from api.metrics import render
@@ -125,13 +125,27 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
     return ready, checks
 
 
-@router.get("/readyz", responses={503: {"description": "not ready; the body says which check failed"}})
-async def readyz(svc: ServicesDep) -> JSONResponse:
+def _is_admin(request: Request) -> bool:
+    """Whether the caller sent an admin key: only then do the health routes show their checks (addresses, worker
+    identities, engine details); anyone else gets the bare answer."""
+    presented = presented_key(request.headers)
+    principal: Principal | None = principal_for(request.app.state.settings, presented) if presented else None
+    return principal is not None and principal.admin
+
+
+@router.get(
+    "/readyz",
+    responses={503: {"description": "not ready; with an admin key, the body says which check failed"}},
+)
+async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
     try:
         ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
     except TimeoutError:
         ready, checks = False, {"timeout": {"ok": False, "error": f"checks took over {READINESS_TIMEOUT_S} s"}}
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    body: dict[str, Any] = {"ready": ready}
+    if _is_admin(request):
+        body["checks"] = checks
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=Response)
@@ -145,18 +159,21 @@ async def metrics(svc: ServicesDep) -> Response:
 
 
 @router.get("/health")
-async def health(svc: ServicesDep) -> dict[str, Any]:
-    """The seed's health: always 200 while the API serves; says whether a session could start now."""
+async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
+    """The seed's health: always 200 while the API serves; says whether a session could start now (with an
+    admin key: the checks and each sidecar's engine)."""
     try:
         ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
     except TimeoutError:
         ready, checks = False, {}
+    if not _is_admin(request):
+        return {"status": "ok", "ready": ready}
     sidecars = await svc.sidecars.all_health()
     engines = {sidecar_id: document.get("engine", document.get("error")) for sidecar_id, document in sidecars.items()}
     return {"status": "ok", "ready": ready, "checks": checks, "engines": engines}
 
 
-@router.get("/debug/musetalk", dependencies=[Depends(require_api_key)])
+@router.get("/debug/musetalk", dependencies=[Depends(require_admin)])
 async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
     """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually runs."""
     from infra.cli.models import check_document
@@ -169,13 +186,20 @@ async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
     return document
 
 
-@router.get("/debug/audio", dependencies=[Depends(require_api_key)])
+@router.get("/debug/audio")
 async def debug_audio(
-    svc: ServicesDep, client: ClientDep, session_id: Annotated[str | None, Query(max_length=64)] = None
+    svc: ServicesDep,
+    client: ClientDep,
+    principal: Annotated[Principal, Depends(require_api_key)],
+    session_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
-    """Per-session audio path: the API relay (bytes in), the sidecar's ingest accounting, publisher state."""
+    """Per-session audio path: the API relay (bytes in), the sidecar's ingest accounting, publisher state.
+    One session: its owner (or an admin); every session: an admin only."""
     if session_id is not None:
+        await svc.sessions.ensure_owner(client, session_id, principal)
         return await _audio_debug_one(svc, client, session_id)
+    if not principal.admin:
+        raise ApiError(403, "admin_only", "every session's audio path needs an admin key; pass session_id")
     sidecars = await svc.sidecars.all_health()
     live = {
         sid: {"sidecar": sidecar_id, "sidecar_stats": stats}
@@ -221,10 +245,11 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
     "/session/start",
     status_code=200,
     response_model=SessionCreated,
-    dependencies=[Depends(require_api_key)],
     responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}},
 )
-async def seed_session_start(body: SeedStartIn, request: Request, client: ClientDep) -> SessionCreated:
+async def seed_session_start(
+    body: SeedStartIn, request: Request, client: ClientDep, principal: Annotated[Principal, Depends(require_api_key)]
+) -> SessionCreated:
     """The seed orchestrator's call, mapped onto POST /v1/sessions (same response body)."""
     if not body.connect_livekit and body.rtmp_url is None:
         raise ApiError(422, "validation_error", "connect_livekit is false and there is no rtmp_url: no output")
@@ -240,6 +265,6 @@ async def seed_session_start(body: SeedStartIn, request: Request, client: Client
         ),
     )
     svc = services(request)
-    created = await svc.sessions.create(client, create)
+    created = await svc.sessions.create(client, create, principal)
     svc.metrics.sessions_started.labels(result="started").inc()
     return created

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Response, WebSocket
 from temporalio.client import Client
 
 from api.audio_relay import CLOSE_POLICY_VIOLATION, presented_ws_key, relay_audio
-from api.auth import require_api_key
+from api.auth import Principal, principal_for, require_api_key
 from api.deps import Services, services, temporal_client
 from api.errors import ApiError
 from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, SessionOut, StopIn
@@ -31,6 +31,7 @@ seed_ws_router = APIRouter(tags=["sessions"])
 
 ClientDep = Annotated[Client, Depends(temporal_client)]
 ServicesDep = Annotated[Services, Depends(services)]
+PrincipalDep = Annotated[Principal, Depends(require_api_key)]
 
 
 def _set_trace(response: Response, traceparent: str | None) -> None:
@@ -43,16 +44,18 @@ def _set_trace(response: Response, traceparent: str | None) -> None:
     "",
     status_code=201,
     response_model=SessionCreated,
-    dependencies=[Depends(require_api_key)],
     responses={
         400: {"model": ErrorOut, "description": "URL refused (url_invalid, url_forbidden_address)"},
+        403: {"model": ErrorOut, "description": "room in another tenant's namespace (room_not_allowed)"},
         409: {"model": ErrorOut, "description": "a session with this id exists (session_exists)"},
     },
 )
-async def create_session(body: CreateSessionIn, client: ClientDep, svc: ServicesDep) -> SessionCreated:
-    """Start a session. Stream PCM to `audio_ws_url` once it answers `ready`; poll `status_url`."""
+async def create_session(
+    body: CreateSessionIn, principal: PrincipalDep, client: ClientDep, svc: ServicesDep
+) -> SessionCreated:
+    """Start a session, owned by the caller's tenant. Stream PCM to `audio_ws_url` once it answers `ready`."""
     try:
-        created = await svc.sessions.create(client, body)
+        created = await svc.sessions.create(client, body, principal)
     except ApiError as exc:
         svc.metrics.sessions_started.labels(result=exc.code).inc()
         raise
@@ -60,8 +63,9 @@ async def create_session(body: CreateSessionIn, client: ClientDep, svc: Services
     return created
 
 
-@router.get("", response_model=SessionList, dependencies=[Depends(require_api_key)])
+@router.get("", response_model=SessionList)
 async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
+    principal: PrincipalDep,
     client: ClientDep,
     svc: ServicesDep,
     room: Annotated[str | None, Query(max_length=128)] = None,
@@ -69,13 +73,18 @@ async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
     page_size: Annotated[int, Query(ge=1, le=500)] = 100,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> SessionList:
-    """Sessions from Temporal visibility, newest first; filter by `room` and `phase` (search attributes)."""
-    return await svc.sessions.list(client, room=room, phase=phase, page_size=page_size, page_token=page_token)
+    """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search attributes)."""
+    return await svc.sessions.list(
+        client, room=room, phase=phase, page_size=page_size, page_token=page_token, principal=principal
+    )
 
 
-@router.get("/{session_id}", response_model=SessionOut, dependencies=[Depends(require_api_key)])
-async def get_session(session_id: str, client: ClientDep, svc: ServicesDep, response: Response) -> SessionOut:
+@router.get("/{session_id}", response_model=SessionOut)
+async def get_session(
+    session_id: str, principal: PrincipalDep, client: ClientDep, svc: ServicesDep, response: Response
+) -> SessionOut:
     """Phase, output, sidecar, the latest stats, and the error code + message of a failed session."""
+    await svc.sessions.ensure_owner(client, session_id, principal)
     out = await svc.sessions.session_out(client, session_id)
     if out.trace_id:
         response.headers[TRACE_ID_HEADER] = out.trace_id
@@ -89,11 +98,17 @@ def _status_body(status: SessionStatus, sessions: SessionService) -> dict[str, A
     return body
 
 
-@router.post("/{session_id}/stop", dependencies=[Depends(require_api_key)])
-async def stop_session(
-    session_id: str, client: ClientDep, svc: ServicesDep, response: Response, body: StopIn | None = None
+@router.post("/{session_id}/stop")
+async def stop_session(  # noqa: PLR0917 (FastAPI parameters)
+    session_id: str,
+    principal: PrincipalDep,
+    client: ClientDep,
+    svc: ServicesDep,
+    response: Response,
+    body: StopIn | None = None,
 ) -> dict[str, Any]:
     """Stop the session (idempotent); it tears down and completes with end reason `stopped`."""
+    await svc.sessions.ensure_owner(client, session_id, principal)
     _, memo = await svc.sessions.memo(client, session_id)
     traceparent = memo.get(MEMO_TRACEPARENT) or None
     with session_span("session.stop", traceparent, **{"lipsync.session_id": session_id}):
@@ -104,16 +119,18 @@ async def stop_session(
 
 @router.post(
     "/{session_id}/interrupt",
-    dependencies=[Depends(require_api_key)],
     responses={409: {"model": ErrorOut, "description": "no audio connection for this session on this API"}},
 )
-async def interrupt_session(session_id: str, client: ClientDep, svc: ServicesDep, response: Response) -> dict[str, Any]:
+async def interrupt_session(
+    session_id: str, principal: PrincipalDep, client: ClientDep, svc: ServicesDep, response: Response
+) -> dict[str, Any]:
     """Cut the current utterance: queued audio and frames are flushed, the avatar returns to idle.
 
     Goes through the session's audio connection (the hot path): the caller must be streaming
     via this API's `audio_ws_url`. A caller connected to the sidecar directly sends
     `{"type": "interrupt"}` on its own socket instead.
     """
+    await svc.sessions.ensure_owner(client, session_id, principal)
     _, memo = await svc.sessions.memo(client, session_id)
     traceparent = memo.get(MEMO_TRACEPARENT) or None
     with session_span("session.interrupt", traceparent, **{"lipsync.session_id": session_id}):
@@ -140,12 +157,23 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
     by_token = bool(token and svc.settings.sidecar_secret) and audio_token_valid(
         svc.settings.sidecar_secret, token or "", session_id, time.time()
     )
-    if not by_token and (key is None or not any(_same(key, known) for known in svc.settings.api_keys)):
+    principal = None if by_token or key is None else principal_for(svc.settings, key)
+    if not by_token and principal is None:
         await websocket.close(CLOSE_POLICY_VIOLATION, reason="unauthorized")
         return
     client = await svc.temporal.client()
+    foreign = False  # another tenant's session answers as one that does not exist
+    if principal is not None:
+        try:
+            await svc.sessions.ensure_owner(client, session_id, principal)
+        except ApiError as exc:
+            if exc.status_code != 404:
+                raise
+            foreign = True
 
     async def status_of(sid: str) -> SessionStatus | None:
+        if foreign:
+            return None
         try:
             return await svc.sessions.light_status(client, sid)
         except ApiError as exc:
@@ -177,8 +205,8 @@ async def seed_audio(websocket: WebSocket) -> None:
     session_id = websocket.query_params.get("session_id", "")
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
-    if session_id or key is None or not any(_same(key, known) for known in svc.settings.api_keys):
-        await session_audio(websocket, session_id)  # refuses a missing or wrong key as that route does
+    if session_id or key is None or principal_for(svc.settings, key) is None:
+        await session_audio(websocket, session_id)  # refuses a missing or wrong key (or token) as that route does
         return
     await websocket.accept()
     await websocket.send_json(
@@ -189,9 +217,3 @@ async def seed_audio(websocket: WebSocket) -> None:
         }
     )
     await websocket.close(CLOSE_POLICY_VIOLATION, reason="missing_session_id")
-
-
-def _same(presented: str, known: str) -> bool:
-    import hmac
-
-    return hmac.compare_digest(presented.encode(), known.encode())

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.service
 
 KEY = "test-key"
 AUTH = {"X-API-Key": KEY}
+ADMIN_KEY = "test-admin-key"
+ADMIN_AUTH = {"X-API-Key": ADMIN_KEY}
 PRIVATE_URLS_OK = "http://assets.invalid/avatar.zip"  # a name: only the fetch activity can judge it
 ZIP = {"frames_zip_url": "http://a/x.zip"}
 LIVEKIT = {"livekit": {"room": "r"}}
@@ -49,6 +51,7 @@ async def world(traced_client: Client, tmp_path: Path) -> AsyncIterator[Harness]
 def make_api(harness: Harness, **policy_overrides: Any) -> httpx.AsyncClient:
     settings = ApiSettings(
         api_keys=(KEY,),
+        admin_keys=(ADMIN_KEY,),
         livekit_api_secret="secret-0123456789abcdef0123456789abcdef",
         control_task_queue=harness.control_queue,
         placement_workflow_id=harness.placement_id,
@@ -256,15 +259,19 @@ async def test_readyz_needs_a_control_worker_and_a_polling_sidecar(world: Harnes
     async with make_api(world) as api:
         deadline = time.monotonic() + 10
         while True:  # a worker shows up as a poller once its first poll reaches the server
-            before = await api.get("/readyz")
+            before = await api.get("/readyz", headers=ADMIN_AUTH)
             if before.json()["checks"]["control_workers"]["ok"] or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
         await world.add_sidecar("ready")
         deadline = time.monotonic() + 10
-        while (after := await api.get("/readyz")).status_code != 200 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while (after := await api.get("/readyz", headers=ADMIN_AUTH)).status_code != 200:
+            if time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.2)
-        health = await api.get("/health")
+        health = await api.get("/health", headers=ADMIN_AUTH)
+        bare = await api.get("/readyz")
+    assert bare.json() == {"ready": True}  # without an admin key: no addresses, no worker identities
     assert before.status_code == 503
     checks = before.json()["checks"]
     assert checks["temporal"]["ok"] and checks["control_workers"]["ok"]
@@ -278,10 +285,10 @@ async def test_readyz_needs_a_control_worker_and_a_polling_sidecar(world: Harnes
 async def test_readyz_and_metrics_when_temporal_is_unreachable() -> None:
     from infra.process import free_port
 
-    settings = ApiSettings(api_keys=(KEY,), temporal_target=f"127.0.0.1:{free_port()}")
+    settings = ApiSettings(api_keys=(KEY,), admin_keys=(ADMIN_KEY,), temporal_target=f"127.0.0.1:{free_port()}")
     app = create_app(settings, policy=fast_policy())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as api:
-        ready = await api.get("/readyz")
+        ready = await api.get("/readyz", headers=ADMIN_AUTH)
         metrics = await api.get("/metrics")
         create = await api.post("/v1/sessions", json=session_body(), headers=AUTH)
     assert ready.status_code == 503 and ready.json()["checks"]["temporal"]["ok"] is False
@@ -337,7 +344,9 @@ async def test_debug_musetalk_reports_the_model_dir_like_models_check(world: Har
         api_app = api._transport.app  # type: ignore[attr-defined]
         services = api_app.state.services
         services.settings = dataclasses.replace(services.settings, model_dir=tmp_path / "empty-models")
-        response = await api.get("/debug/musetalk", headers=AUTH)
+        response = await api.get("/debug/musetalk", headers=ADMIN_AUTH)
+        tenant = await api.get("/debug/musetalk", headers=AUTH)
+    assert tenant.status_code == 403 and tenant.json()["code"] == "admin_only"  # model paths are the operator's
     assert response.status_code == 200, response.text
     document = response.json()
     expected = check_document(tmp_path / "empty-models")
