@@ -15,6 +15,7 @@ from temporalio.client import Client
 from api.audio_relay import RelayRegistry
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.limits import RequestGate
 from api.metrics import ApiMetrics
 from api.routes import health, livekit, ops, sessions
 from api.sessions import SessionService
@@ -95,5 +96,7 @@ def create_app(
         # Built by `make setup` (api/viewer, esbuild); absent in a bare checkout.
         app.mount("/viewer", StaticFiles(directory=VIEWER_STATIC_DIR, html=True), name="viewer")
     app.add_middleware(_LatencyMiddleware, metrics=metrics)
+    # Added last, so it runs first: the key and the body cap are checked before anything reads the body.
+    app.add_middleware(RequestGate, settings=settings)
     instrument(app)
     return app
