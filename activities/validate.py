@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from activities.errors import AssetError
+from realtime.engine.avatar.source import IGNORED_ENTRY
 from workflows.contracts import ErrorCode, FaceBox
 from workflows.policy import FrameLimits, VideoLimits, ZipLimits
 
@@ -39,8 +40,6 @@ MANIFEST_NAME = "avatar.json"  # optional face boxes
 MAX_MANIFEST_BYTES = 1 << 20
 RATIO_CHECK_MIN_BYTES = 1 << 20  # tiny entries compress well legitimately; bombs are big
 _FACE_SEARCH_SIDE_PX = 512  # detect on a copy this size at most (speed); boxes are scaled back
-# Entries the engine skips: folders' metadata from archivers, hidden files.
-_IGNORED_ENTRY = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|Thumbs\.db$)")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,9 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
             raise AssetError(ErrorCode.ZIP_SYMLINK, f"entry {name!r} is a symbolic link; links are not accepted")
         if info.flag_bits & 0x1:
             raise AssetError(ErrorCode.ZIP_ENCRYPTED, f"entry {name!r} is encrypted")
-        if info.is_dir() or _IGNORED_ENTRY.search(name):
+        # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here is a
+        # frame the sidecar plays.
+        if info.is_dir() or IGNORED_ENTRY.search(name):
             continue
         total_uncompressed += info.file_size
         total_compressed += info.compress_size

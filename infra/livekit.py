@@ -1,9 +1,11 @@
 """livekit-server built from its Go module at a pinned tag, run `--dev` on loopback only.
 
-Nothing may reach a non-loopback address: the server binds 127.0.0.1, advertises
-127.0.0.1 as its only ICE candidate (`node_ip`, `ips.includes`), does not discover an
-external IP, runs no TURN, and hands clients a STUN server on loopback instead of the
-public default (clients would otherwise query Google's STUN servers).
+Nothing may reach a non-loopback address: the server binds its HTTP/WS port and UDP mux to
+127.0.0.1, advertises 127.0.0.1 as its only ICE candidate (`node_ip`, `ips.includes`), does
+not discover an external IP, runs no TURN, and hands clients a STUN server on loopback instead
+of the public default (clients would otherwise query Google's STUN servers). Its ICE/TCP
+listener (`rtc.tcp_port`) is the exception: livekit-server binds it on every interface (it has
+no address setting), so a reachable host must firewall that port.
 """
 
 from __future__ import annotations

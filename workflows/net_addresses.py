@@ -8,6 +8,8 @@ other non-global ones pass only when an allow-listed network holds them.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,6 +50,27 @@ def forbidden_category(address: IPAddress) -> str | None:
         if flag:
             return name
     return None if address.is_global else "non-global"
+
+
+# inet_aton's numeric host forms: 1-4 parts, each decimal, octal (leading 0) or hex (0x): `2130706433`,
+# `0x7f000001`, `127.1`, `0177.0.0.1`. Resolvers (getaddrinfo) turn such a "name" into that IPv4 address.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address a URL host denotes without any lookup: an IPv4/IPv6 literal, or one of inet_aton's numeric
+    IPv4 forms (decimal, hex, octal, shortened) that resolvers map to an address. None for a name."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None  # e.g. a part out of range: no resolver maps it either
+    return None
 
 
 def parse_networks(cidrs: list[str]) -> tuple[IPNetwork, ...]:

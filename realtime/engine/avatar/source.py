@@ -36,6 +36,9 @@ from realtime.engine.errors import (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_NAME = "avatar.json"
 MIN_SIDE_PX = 64
+# Entries skipped, not decoded: archivers' metadata folders, hidden files. activities/validate.py applies the same
+# rule, so a frame the validator counts is one the sidecar plays.
+IGNORED_ENTRY = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|Thumbs\.db$)")
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
         images, manifest_info = [], None
         for info in infos:
             base = info.filename.rsplit("/", 1)[-1]
-            if info.is_dir() or not base or base.startswith(".") or "__MACOSX" in info.filename:
+            if info.is_dir() or not base or IGNORED_ENTRY.search(info.filename):
                 continue
             if base == MANIFEST_NAME:
                 manifest_info = info
