@@ -125,8 +125,14 @@ def prepare_avatar(
 
     started = time.perf_counter()
     decoded = decode_source(data, settings.limits, name=name)
-    frames = np.stack(decoded.frames)
-    count, height, width = frames.shape[:3]
+    del data  # the asset's bytes are not needed past decoding
+    # Moved into one array frame by frame (np.stack would hold the list and the array at once: twice the set).
+    count = len(decoded.frames)
+    height, width = decoded.frames[0].shape[:2]
+    frames = np.empty((count, height, width, 3), dtype=np.uint8)
+    for index in range(count):
+        frames[index] = decoded.frames[index]
+        decoded.frames[index] = frames[index]  # the decoded copy is freed; the list now views the array
     total = count * steps
 
     def report(done: int) -> None:

@@ -44,8 +44,13 @@ IGNORED_ENTRY = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|Thumbs\.db$)")
 @dataclass(frozen=True)
 class SourceLimits:
     max_frames: int = 3000
-    max_frame_pixels: int = 4096 * 4096
+    max_frame_pixels: int = 4096 * 4096  # of one frame as stored
     max_uncompressed_bytes: int = 2 << 30
+    # Frames larger than this per side are scaled down (aspect kept, even sides) as each is decoded, so an avatar's
+    # frames in memory and in the cache are at most this size. infra/policies.yaml `assets.frames` holds the same.
+    max_output_side_px: int = 1024
+    # frames x width x height after that scaling: the avatar's decoded-pixel budget (3 bytes each, held once).
+    max_total_pixels: int = 150_000_000
 
 
 @dataclass
@@ -84,6 +89,46 @@ def decode_source(data: bytes, limits: SourceLimits | None = None, name: str = "
     return decoded
 
 
+def output_size(width: int, height: int, max_side_px: int) -> tuple[int, int]:
+    """(width, height) of a frame once scaled to fit `max_side_px` (never up), even sides."""
+    scale = min(1.0, max_side_px / max(width, height))
+    out_w, out_h = max(2, round(width * scale)), max(2, round(height * scale))
+    return out_w - out_w % 2, out_h - out_h % 2
+
+
+def _fit(rgb: np.ndarray, limits: SourceLimits) -> np.ndarray:
+    """`rgb` scaled down to the output size (area filter), or as it is when it fits."""
+    height, width = rgb.shape[:2]
+    if max(width, height) <= limits.max_output_side_px:
+        return rgb
+    import cv2
+
+    out_w, out_h = output_size(width, height, limits.max_output_side_px)
+    return np.ascontiguousarray(cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA))
+
+
+class _PixelBudget:
+    """The decoded-pixel budget of one avatar, charged frame by frame (and up front when the count is known)."""
+
+    def __init__(self, limits: SourceLimits, name: str) -> None:
+        self.limits = limits
+        self.name = name
+        self.used = 0
+
+    def check_total(self, frames: int, width: int, height: int) -> None:
+        if frames * width * height > self.limits.max_total_pixels:
+            raise AvatarTooLarge(
+                f"{self.name}: {frames} frames of {width}x{height} px (after scaling to at most "
+                f"{self.limits.max_output_side_px} px per side) exceed the decoded-pixel budget of "
+                f"{self.limits.max_total_pixels} px; use fewer or smaller frames"
+            )
+
+    def charge(self, frame: np.ndarray) -> None:
+        self.used += frame.shape[0] * frame.shape[1]
+        if self.used > self.limits.max_total_pixels:
+            self.check_total(1, self.used, 1)
+
+
 def _decode_image(data: bytes, member: str, limits: SourceLimits) -> np.ndarray:
     import cv2
 
@@ -97,7 +142,7 @@ def _decode_image(data: bytes, member: str, limits: SourceLimits) -> np.ndarray:
         raise AvatarTooLarge(
             f"{member} is {bgr.shape[1]}x{bgr.shape[0]} px, over the {limits.max_frame_pixels} px limit"
         )
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    return _fit(np.ascontiguousarray(bgr[:, :, ::-1]), limits)
 
 
 def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
@@ -124,13 +169,19 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
         if total > limits.max_uncompressed_bytes:
             raise AvatarTooLarge(f"{name} unpacks to {total} bytes, over the limit of {limits.max_uncompressed_bytes}")
         images.sort(key=lambda info: natural_key(info.filename))
-        frames = []
+        frames: list[np.ndarray] = []
+        budget = _PixelBudget(limits, name)
         for info in images:
             try:
                 payload = archive.read(info)
             except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
                 raise AvatarUnreadableImage(f"{info.filename} cannot be read from the zip ({exc})") from exc
-            frames.append(_decode_image(payload, info.filename, limits))
+            frame = _decode_image(payload, info.filename, limits)
+            del payload
+            if not frames:  # all frames have one size: the first one prices the whole set before the rest decode
+                budget.check_total(len(images), frame.shape[1], frame.shape[0])
+            budget.charge(frame)
+            frames.append(frame)
         names = [info.filename for info in images]
         boxes = _read_manifest(archive, manifest_info, names) if manifest_info is not None else []
     return DecodedAvatar("frames_zip", frames, names, boxes)
@@ -181,13 +232,16 @@ def _decode_video(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar
             raise AvatarNoVideoStream(f"{name} has no video stream")
         stream = container.streams.video[0]
         frames: list[np.ndarray] = []
+        budget = _PixelBudget(limits, name)
         try:
             for frame in container.decode(stream):
                 if len(frames) >= limits.max_frames:
                     raise AvatarTooLarge(f"{name} has more than {limits.max_frames} frames")
                 if frame.width * frame.height > limits.max_frame_pixels:
                     raise AvatarTooLarge(f"{name} frames are {frame.width}x{frame.height} px, over the limit")
-                frames.append(frame.to_ndarray(format="rgb24"))
+                fitted = _fit(frame.to_ndarray(format="rgb24"), limits)
+                budget.charge(fitted)
+                frames.append(fitted)
         except av.error.FFmpegError as exc:
             raise AvatarUnreadableVideo(f"{name}: decoding failed after {len(frames)} frames ({exc})") from exc
     if not frames:
@@ -208,7 +262,8 @@ def _check_sizes(decoded: DecodedAvatar) -> None:
         raise AvatarUnsupported(f"frames are {width}x{height} px; at least {MIN_SIDE_PX} px per side is needed")
     even_h, even_w = height - height % 2, width - width % 2
     if (even_h, even_w) != (height, width):
-        decoded.frames = [np.ascontiguousarray(f[:even_h, :even_w]) for f in decoded.frames]
+        for index, frame in enumerate(decoded.frames):  # one frame at a time: never two copies of the set
+            decoded.frames[index] = np.ascontiguousarray(frame[:even_h, :even_w])
 
 
 def read_source(path: Path, limits: SourceLimits | None = None) -> tuple[bytes, DecodedAvatar]:
