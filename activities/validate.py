@@ -15,14 +15,17 @@ Every refusal is an AssetError with a reason code (non-retryable).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import re
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,6 +120,12 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
                 ErrorCode.ZIP_NON_IMAGE_ENTRY,
                 f"entry {name!r} is not a frame image (expected {', '.join(IMAGE_SUFFIXES)})",
             )
+        if info.file_size > max_frame_entry_bytes(frame_limits.max_side_px):
+            raise AssetError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"entry {name!r} inflates to {info.file_size} bytes; a frame of at most {frame_limits.max_side_px} px "
+                f"per side never needs more than {max_frame_entry_bytes(frame_limits.max_side_px)}",
+            )
         frames.append(name)
     if total_uncompressed >= RATIO_CHECK_MIN_BYTES:
         overall = total_uncompressed / max(total_compressed, 1)
@@ -132,6 +141,12 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
             ErrorCode.TOO_MANY_FRAMES, f"the zip holds {len(frames)} frames; the limit is {frame_limits.max_frames}"
         )
     return sorted(frames, key=natural_key)
+
+
+def max_frame_entry_bytes(max_side_px: int) -> int:
+    """The most bytes an image file of max_side_px² needs (uncompressed 32-bit pixels plus headers): a larger
+    entry carries something else, and is refused from the zip's directory without reading it."""
+    return max_side_px * max_side_px * 4 + (1 << 20)
 
 
 def _check_manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
@@ -161,15 +176,13 @@ def _check_name(name: str) -> None:
 
 
 def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimits) -> FramesReport:
+    """Headers first (format by magic, sides, one size, the decoded-pixel budget), without decoding any frame;
+    then each frame decoded from its stream, one at a time. No entry is ever read whole into memory."""
     size: tuple[int, int] | None = None
-    face: FaceBox | None = None
-    for index, name in enumerate(names):
-        try:
-            with archive.open(name) as member:
-                data = member.read()
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-            raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
-        image_size, rgb = _decode_image(name, data, limits)
+    for name in names:
+        with _open_image(archive, name) as image:
+            image_size = image.size
+        _check_side(name, image_size[0], image_size[1], limits)
         if size is None:
             size = image_size
         elif image_size != size:
@@ -178,35 +191,55 @@ def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimit
                 f"frame {name!r} is {image_size[0]}x{image_size[1]} but the first frame is {size[0]}x{size[1]}; "
                 "all frames must have one size",
             )
+    assert size is not None
+    _check_pixel_budget(len(names), size, limits)
+    face: FaceBox | None = None
+    for index, name in enumerate(names):
+        with _open_image(archive, name) as image:
+            try:
+                rgb = np.asarray(image.convert("RGB"))
+            except (zlib.error, zipfile.BadZipFile) as exc:  # the entry's bytes (CRC, inflate), not the image
+                raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
+            except (OSError, ValueError, EOFError) as exc:
+                raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} cannot be decoded: {exc}") from exc
         if index == 0 and limits.require_face:
             face = _require_face(rgb, name)
-    assert size is not None
+        del rgb
     return FramesReport(frame_count=len(names), width_px=size[0], height_px=size[1], face=face)
 
 
-def _decode_image(name: str, data: bytes, limits: FrameLimits) -> tuple[tuple[int, int], np.ndarray]:
-    import io
+def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) -> None:
+    scale = min(1.0, limits.max_output_side_px / max(size))
+    out_w, out_h = round(size[0] * scale), round(size[1] * scale)
+    if count * out_w * out_h > limits.max_total_pixels:
+        raise AssetError(
+            ErrorCode.AVATAR_TOO_MANY_PIXELS,
+            f"{count} frames of {out_w}x{out_h} px (scaled to at most {limits.max_output_side_px} px per side) are "
+            f"{count * out_w * out_h} px, over the avatar budget of {limits.max_total_pixels}; "
+            "use fewer or smaller frames",
+        )
 
+
+@contextlib.contextmanager
+def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
+    """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known by
+    its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        with archive.open(name) as member, Image.open(member) as image:
+            if image.format not in _IMAGE_FORMATS:
+                raise AssetError(
+                    ErrorCode.ZIP_NON_IMAGE_ENTRY,
+                    f"frame {name!r} is {image.format}, not one of {sorted(_IMAGE_FORMATS)}",
+                )
+            yield image
     except Image.DecompressionBombError as exc:
         raise AssetError(ErrorCode.FRAME_TOO_LARGE, f"frame {name!r} declares too many pixels: {exc}") from exc
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, EOFError) as exc:
         raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} is not a readable image: {exc}") from exc
-    with image:
-        if image.format not in _IMAGE_FORMATS:
-            raise AssetError(
-                ErrorCode.ZIP_NON_IMAGE_ENTRY, f"frame {name!r} is {image.format}, not one of {sorted(_IMAGE_FORMATS)}"
-            )
-        width, height = image.size
-        _check_side(name, width, height, limits)
-        try:
-            rgb = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} cannot be decoded: {exc}") from exc
-    return (width, height), rgb
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
+        raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
 
 
 def _check_side(name: str, width: int, height: int, limits: FrameLimits) -> None:
@@ -298,7 +331,9 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
                     _check_side("the idle video", frame.width, frame.height, frame_limits)
                     if frame_limits.require_face:
                         face = _require_face(frame.to_ndarray(format="rgb24"), "the idle video's first frame")
-                elif (frame.width, frame.height) != size:
+                else:
+                    _check_pixel_budget(count, size, frame_limits)  # grows with the count: refused when it passes
+                if (frame.width, frame.height) != size:
                     # A stream may change resolution midway (concatenated segments): caught here, before any
                     # GPU work, as the zip path catches mixed frame sizes.
                     raise AssetError(

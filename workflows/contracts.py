@@ -137,6 +137,7 @@ class ErrorCode(StrEnum):
     MIXED_FRAME_SIZES = "mixed_frame_sizes"
     FRAME_TOO_SMALL = "frame_too_small"
     FRAME_TOO_LARGE = "frame_too_large"
+    AVATAR_TOO_MANY_PIXELS = "avatar_too_many_pixels"  # frames x width x height over the decoded-pixel budget
     NO_FACE = "no_face"
     # video
     VIDEO_UNDECODABLE = "video_undecodable"

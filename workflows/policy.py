@@ -145,6 +145,11 @@ class FrameLimits:
     min_side_px: int
     max_side_px: int
     require_face: bool  # the first frame must contain a detectable frontal face
+    # Frames are scaled down to this many px per side (the sidecar's SourceLimits.max_output_side_px) ...
+    max_output_side_px: int = 1024
+    # ... and frames x width x height at that size may not exceed this (the avatar's decoded-pixel budget, checked
+    # from the images' headers before any frame is decoded).
+    max_total_pixels: int = 150_000_000
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,79 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
         for name, data in entries.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+WORKER_PEAK_GROWTH_BOUND_MIB = 200.0  # the goal for the 600 MB entry (it used to add ~1.1 GB)
+_MEASURE_VALIDATION = """
+import json, sys
+from pathlib import Path
+from activities.errors import AssetError
+from activities.validate import validate_frames_zip
+from infra.policies import load_policies
+
+def peak_mib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+policy = load_policies()
+import PIL.Image, skimage.feature  # what validation imports, loaded before the idle figure
+idle = peak_mib()
+try:
+    report = validate_frames_zip(Path(sys.argv[1]), policy.assets.zip, policy.assets.frames)
+    outcome = {"frames": report.frame_count}
+except AssetError as exc:
+    outcome = {"code": str(exc.code)}
+print(json.dumps({"growth_mib": peak_mib() - idle, "idle_mib": idle, **outcome}))
+"""
+
+
+def measure_validation(path: Path) -> dict[str, object]:
+    """The worker's validator in a process of its own: its peak RSS growth (VmHWM) and the outcome."""
+    import json
+    import subprocess
+    import sys
+
+    from infra.paths import PROJECT_ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_VALIDATION, str(path)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_the_validator_never_reads_a_huge_entry_into_memory(tmp_path: Path) -> None:
+    """A 600 MB entry that inflates 50x (under the ratio limit) behind a valid PNG header, and a 2048² x 100
+    avatar: the validator's peak RSS stays within WORKER_PEAK_GROWTH_BOUND_MIB of idle for both."""
+    header = io.BytesIO()
+    Image.fromarray(astronaut_frame(256)).save(header, format="PNG")
+    rng = np.random.default_rng(3)
+    block = bytearray(1 << 20)  # ~2 % random bytes, the rest zeros: deflates about 50x
+    block[::50] = rng.integers(0, 256, len(block[::50]), dtype=np.uint8).tobytes()
+    huge = tmp_path / "huge-entry.zip"
+    with (
+        zipfile.ZipFile(huge, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+        archive.open("frames/frame_1.png", "w", force_zip64=True) as entry,
+    ):
+        entry.write(header.getvalue())
+        for _ in range(600):
+            entry.write(block)
+    info = zipfile.ZipFile(huge).infolist()[0]
+    assert info.file_size > 600 << 20 and 20 < info.file_size / info.compress_size < 100
+    refused = measure_validation(huge)
+    assert refused["code"] == "frame_too_large", refused
+    large = tmp_path / "large-avatar.zip"
+    large.write_bytes(large_frames_zip())
+    accepted = measure_validation(large)
+    assert accepted.get("frames") == 100, accepted
+    print(
+        f"validator peak RSS: 600 MB entry +{refused['growth_mib']:.0f} MiB, 2048x100 +{accepted['growth_mib']:.0f} MiB"
+    )
+    for result in (refused, accepted):
+        assert float(str(result["growth_mib"])) < WORKER_PEAK_GROWTH_BOUND_MIB, result

@@ -165,6 +165,12 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
             raise AvatarNoImages(f"{name} contains no images ({', '.join(IMAGE_SUFFIXES)})")
         if len(images) > limits.max_frames:
             raise AvatarTooLarge(f"{name} has {len(images)} images, over the limit of {limits.max_frames}")
+        # An image of max_frame_pixels needs at most 4 bytes a pixel plus headers: a larger entry is refused from
+        # the zip's directory, before it is read into memory.
+        max_entry_bytes = limits.max_frame_pixels * 4 + (1 << 20)
+        for info in images:
+            if info.file_size > max_entry_bytes:
+                raise AvatarTooLarge(f"{info.filename} inflates to {info.file_size} bytes, over {max_entry_bytes}")
         total = sum(info.file_size for info in images)
         if total > limits.max_uncompressed_bytes:
             raise AvatarTooLarge(f"{name} unpacks to {total} bytes, over the limit of {limits.max_uncompressed_bytes}")
