@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ ASSET_SUFFIXES = {AvatarKind.FRAMES_ZIP: ".zip", AvatarKind.IDLE_VIDEO: ".video"
 @dataclass(frozen=True)
 class ControlConfig:
     asset_dir: Path
+    asset_store_max_bytes: int = field(default_factory=fetch.asset_store_max_bytes)
     placement_workflow_id: str = PLACEMENT_WORKFLOW_ID
     task_queue: str = CONTROL_TASK_QUEUE
     shards: int = 1  # placement registries per pool; every sidecar and control worker must agree
@@ -66,6 +67,9 @@ class ControlActivities:
         except AssetError as exc:
             logger.warning("asset refused", extra={"session": request.session_id, "code": exc.code.value})
             raise exc.to_application_error() from exc
+        await asyncio.to_thread(
+            fetch.keep_within_cap, result.path, self.config.asset_dir, self.config.asset_store_max_bytes
+        )
         return FetchedAsset(
             source_url=request.source.url,
             final_url=result.final_url,
@@ -87,6 +91,8 @@ class ControlActivities:
                 report = await asyncio.to_thread(validate.validate_idle_video, path, request.video, request.frames)
         except AssetError as exc:
             logger.warning("asset invalid", extra={"session": request.session_id, "code": exc.code.value})
+            # A refused asset is never used: it leaves the store at once (a retry downloads it again).
+            await asyncio.to_thread(path.unlink, missing_ok=True)
             raise exc.to_application_error() from exc
         return ValidatedAvatar(
             asset=asset,

@@ -21,6 +21,7 @@ import httpx
 
 from activities.errors import AssetError
 from activities.net_guard import AddressPolicy, resolve_checked
+from realtime.disk_budget import evict_lru, touch
 from workflows.contracts import ErrorCode
 from workflows.policy import FetchLimits
 
@@ -165,6 +166,21 @@ def _parse(text: str, code: ErrorCode, what: str) -> httpx.URL:
     if url.userinfo:
         raise AssetError(code, f"{what} must not carry credentials (they would be stored in the session history)")
     return url
+
+
+ASSET_STORE_MAX_BYTES_ENV = "LIPSYNC_ASSET_STORE_MAX_BYTES"
+DEFAULT_ASSET_STORE_MAX_BYTES = 4 << 30
+
+
+def asset_store_max_bytes() -> int:
+    """The asset stores' cap ($LIPSYNC_ASSET_STORE_MAX_BYTES, default 4 GiB): least recently used files go first."""
+    return int(os.environ.get(ASSET_STORE_MAX_BYTES_ENV) or DEFAULT_ASSET_STORE_MAX_BYTES)
+
+
+def keep_within_cap(path: Path, store_dir: Path, max_bytes: int) -> None:
+    """`path` was just used: mark it recent, then evict the store's least recently used files past the cap."""
+    touch(path)
+    evict_lru(store_dir, max_bytes, keep={path})
 
 
 def _open_for_write(path: Path) -> BinaryIO:

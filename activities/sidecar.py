@@ -91,6 +91,7 @@ class SidecarWorkerConfig:
     livekit_api_key: str = ""
     livekit_api_secret: str = field(default="", repr=False)
     livekit_token_ttl_s: int = 6 * 3600
+    asset_store_max_bytes: int = field(default_factory=fetch.asset_store_max_bytes)  # LRU cap of `asset_dir`
 
     @property
     def queue(self) -> str:
@@ -312,6 +313,12 @@ class SidecarActivities:
             )
 
     async def _local_asset(self, asset: FetchedAsset, limits: FetchLimits) -> Path:
+        """The validated asset on this host's disk (its store kept within its cap, this file kept)."""
+        path = await self._find_or_fetch(asset, limits)
+        await asyncio.to_thread(fetch.keep_within_cap, path, self.config.asset_dir, self.config.asset_store_max_bytes)
+        return path
+
+    async def _find_or_fetch(self, asset: FetchedAsset, limits: FetchLimits) -> Path:
         """The validated asset on this host's disk: shared store, local copy, or a fresh download (digest checked)."""
         suffix = ASSET_SUFFIXES[asset.kind]
         local = self.config.asset_dir / f"{asset.digest_sha256}{suffix}"
@@ -326,6 +333,8 @@ class SidecarActivities:
         except AssetError as exc:
             raise exc.to_application_error() from exc
         if download.digest_sha256 != asset.digest_sha256:
+            # Not the validated bytes: never used, so not kept.
+            await asyncio.to_thread(download.path.unlink, missing_ok=True)
             raise ApplicationError(
                 f"{asset.source_url} changed since it was validated (sha256 {download.digest_sha256}, "
                 f"expected {asset.digest_sha256})",

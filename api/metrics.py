@@ -148,6 +148,12 @@ async def _sidecar_families(metrics: ApiMetrics, sidecars: SidecarDirectory) -> 
     health = await sidecars.all_health()
     up = GaugeMetricFamily("lipsync_sidecar_up", "1 when the sidecar's /healthz answered", labels=["sidecar"])
     slots_free = GaugeMetricFamily("lipsync_sidecar_slots_free", "free session slots", labels=["sidecar"])
+    cache_bytes = GaugeMetricFamily(
+        "lipsync_sidecar_avatar_cache_bytes", "the sidecar's avatar cache on disk (bytes)", labels=["sidecar"]
+    )
+    cache_max_bytes = GaugeMetricFamily(
+        "lipsync_sidecar_avatar_cache_max_bytes", "the avatar cache's cap (LRU eviction past it)", labels=["sidecar"]
+    )
     labels = ["session_id", "sidecar"]
     gauges = {
         "ttff_ms": GaugeMetricFamily("lipsync_session_ttff_ms", "time to first speech frame (ms)", labels=labels),
@@ -181,6 +187,10 @@ async def _sidecar_families(metrics: ApiMetrics, sidecars: SidecarDirectory) -> 
         capacity = document.get("capacity") or {}
         if "slots_free" in capacity:
             slots_free.add_metric([sidecar_id], float(capacity["slots_free"]))
+        caches = document.get("caches") or {}
+        if "avatar_cache_bytes" in caches:
+            cache_bytes.add_metric([sidecar_id], float(caches["avatar_cache_bytes"]))
+            cache_max_bytes.add_metric([sidecar_id], float(caches["avatar_cache_max_bytes"]))
         for session_id, stats in (document.get("sessions") or {}).items():
             if "frames_published" not in stats:
                 continue  # still preparing
@@ -204,4 +214,4 @@ async def _sidecar_families(metrics: ApiMetrics, sidecars: SidecarDirectory) -> 
         fps = metrics.fps(session_id)
         if fps is not None:
             gauges["fps"].add_metric([session_id, sidecar_id], fps)
-    return [up, slots_free, *gauges.values(), frames, samples, fallbacks]
+    return [up, slots_free, cache_bytes, cache_max_bytes, *gauges.values(), frames, samples, fallbacks]

@@ -170,7 +170,8 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
         return {"status": "ok", "ready": ready}
     sidecars = await svc.sidecars.all_health()
     engines = {sidecar_id: document.get("engine", document.get("error")) for sidecar_id, document in sidecars.items()}
-    return {"status": "ok", "ready": ready, "checks": checks, "engines": engines}
+    caches = {sidecar_id: document.get("caches") for sidecar_id, document in sidecars.items() if "caches" in document}
+    return {"status": "ok", "ready": ready, "checks": checks, "engines": engines, "caches": caches}
 
 
 @router.get("/debug/musetalk", dependencies=[Depends(require_admin)])

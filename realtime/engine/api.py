@@ -28,6 +28,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU) | "float16" | "bfloat16" | "float32"
     cache_dir: Path | None = None  # avatar cache root; default $LIPSYNC_CACHE_DIR/avatars or ~/.cache/...
+    cache_max_bytes: int | None = None  # the avatar cache's cap (least recently used entries evicted); None: none
     cpu_threads: int | None = None  # torch intra-op threads on CPU; default: the cores this process may use
     max_batch_size: int = 32  # larger render calls are split into chunks of this size (at most the largest bucket)
     accel: AccelConfig = field(default_factory=AccelConfig)  # GPU speed-ups: buckets, graphs, compile, transfers

@@ -150,6 +150,7 @@ class MuseTalkEngine:
             engine_version=ENGINE_VERSION,
             model_fingerprint=self._models.avatar_fingerprint,
             cache_root=self._config.cache_dir,
+            cache_max_bytes=self._config.cache_max_bytes,
             encode_latents=self.encode_latents,
             on_progress=on_progress,
             settings=self._config.prepare,

@@ -92,6 +92,7 @@ class PreviewEngine:
             engine=ENGINE_NAME,
             engine_version=ENGINE_VERSION,
             cache_root=self._config.cache_dir,
+            cache_max_bytes=self._config.cache_max_bytes,
             on_progress=on_progress,
             settings=self._config.prepare,
         )

@@ -13,6 +13,7 @@ TIMELINE_SAMPLE_RATE_HZ = 16_000
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # 1 MiB: 32 s of s16le 16 kHz mono in one message
 DEFAULT_PORT = 8790
 DEFAULT_UTTERANCE_GAP_MS = 500  # no audio this long ends an open utterance (implicit end_of_utterance)
+DEFAULT_AVATAR_CACHE_MAX_BYTES = 8 << 30  # the avatar cache's cap: least recently used entries are evicted
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class ServerConfig:
     # files under `dev_avatar_dir` and publishes only to the LiveKit URLs in `dev_livekit_urls`.
     dev_api: bool = False
     dev_avatar_dir: Path | None = None
+    # Where the avatar cache is and its cap, for /healthz (the engine owns the cache itself).
+    avatar_cache_dir: Path | None = None
+    avatar_cache_max_bytes: int = DEFAULT_AVATAR_CACHE_MAX_BYTES
     dev_livekit_urls: tuple[str, ...] = ()
 
 
@@ -89,6 +93,7 @@ class SidecarSettings:
     model_dir: Path = Path("models")
     device: str = "auto"
     cache_dir: Path | None = None
+    cache_max_bytes: int = DEFAULT_AVATAR_CACHE_MAX_BYTES
     warm_up_at_start: bool = True
     # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~175 s at the first start without
     # kernel tuning, ~360 s with it (the VAE's kernels tuned by benchmark: ~4 % more frames/s), 80-230 s from
@@ -112,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk layout (default ./models)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")
+    parser.add_argument(
+        "--cache-max-bytes",
+        type=_positive_int,
+        default=DEFAULT_AVATAR_CACHE_MAX_BYTES,
+        help="avatar cache cap; least recently used entries are evicted past it (default 8 GiB)",
+    )
     parser.add_argument("--slots", type=int, default=4, help="concurrent sessions this sidecar accepts")
     parser.add_argument("--sidecar-id", default=None, help="this sidecar's name (default: the hostname)")
     parser.add_argument("--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)")
@@ -197,6 +208,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         model_dir=args.model_dir,
         device=args.device,
         cache_dir=args.cache_dir,
+        cache_max_bytes=args.cache_max_bytes,
         warm_up_at_start=not args.no_warm_up,
         compile_mode=args.compile,
         kernel_tuning=not args.no_kernel_tuning,

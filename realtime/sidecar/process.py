@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -42,6 +43,7 @@ def build_host(settings: SidecarSettings) -> SidecarHost:
         model_dir=settings.model_dir,
         device=settings.device,
         cache_dir=settings.cache_dir,
+        cache_max_bytes=settings.cache_max_bytes,
         max_batch_size=settings.host.max_batch_frames,  # one lane batch is one device batch
         accel=AccelConfig(
             compile_mode=settings.compile_mode,
@@ -68,7 +70,14 @@ async def serve(
         logger.info(
             "engine ready", extra={"engine": result.engine, "device": result.device, "warm_up_ms": result.warm_up_ms}
         )
-    app = create_app(host, settings.server)
+    from realtime.engine.avatar.prepare import default_cache_root
+
+    server_config = dataclasses.replace(
+        settings.server,
+        avatar_cache_dir=settings.cache_dir or default_cache_root(),
+        avatar_cache_max_bytes=settings.cache_max_bytes,
+    )
+    app = create_app(host, server_config)
     config = uvicorn.Config(
         app,
         host=settings.bind_host,

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from realtime.disk_budget import store_bytes
 from realtime.host import (
     AvatarAsset,
     LiveKitTarget,
@@ -427,12 +428,18 @@ def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
             session_id: stats_dict(session.runtime.stats()) if session.runtime else {"phase": "preparing"}
             for session_id, session in host.sessions.items()
         }
+        cache_dir = server_config.avatar_cache_dir
+        cache_bytes = await asyncio.to_thread(store_bytes, cache_dir) if cache_dir is not None else 0
         return {
             "status": "ok",
             "engine": dataclasses.asdict(info),
             "capacity": dataclasses.asdict(capacity),
             "render_lane": host.lane_report(),
             "sessions": sessions,
+            "caches": {
+                "avatar_cache_bytes": cache_bytes,
+                "avatar_cache_max_bytes": server_config.avatar_cache_max_bytes,
+            },
         }
 
     @app.get("/v1/sessions/{session_id}/stats")

@@ -90,6 +90,8 @@ async def test_a_large_avatar_stays_within_the_sidecars_memory_and_disk_budget(
     assert (live.avatar.width_px, live.avatar.height_px) == (limits.max_output_side_px, limits.max_output_side_px)
     cache_bytes = tree_bytes(harness.cache_dir)
     frame_bytes = 100 * limits.max_output_side_px**2 * 3
+    caches = (await sidecars.healthz("gpu0"))["caches"]  # what /healthz (and the API's metrics) report
+    assert caches["avatar_cache_bytes"] == cache_bytes and caches["avatar_cache_max_bytes"] > 0
     print(f"sidecar peak RSS +{growth:.0f} MiB over idle {idle_peak:.0f} MiB; avatar cache {cache_bytes >> 20} MiB")
     await stop_session(harness.client, request.session_id)
     await handle.result()
@@ -197,3 +199,57 @@ def test_the_validator_never_reads_a_huge_entry_into_memory(tmp_path: Path) -> N
     )
     for result in (refused, accepted):
         assert float(str(result["growth_mib"])) < WORKER_PEAK_GROWTH_BOUND_MIB, result
+
+
+def test_the_avatar_cache_stays_under_its_cap_least_recently_used_first(tmp_path: Path) -> None:
+    """20 distinct avatars through the preview engine's real prepare, with a cap below their total: the cache ends
+    within the cap; the least recently used entries go first, and a cache hit makes an entry recent again."""
+    from realtime.disk_budget import store_bytes
+    from realtime.engine.api import EngineConfig
+    from realtime.engine.preview import PreviewEngine
+
+    cap = 5 << 20  # each entry: 6 frames of 256² (1.2 MB)
+    root = tmp_path / "cache"
+    engine = PreviewEngine(EngineConfig(engine="preview", cache_dir=root, cache_max_bytes=cap))
+
+    def distinct(index: int, shift_px: int) -> np.ndarray:
+        frame = astronaut_frame(256, shift_px).copy()
+        frame[0, 0] = (index, index, index)  # one pixel apart: another digest, the same face
+        return frame
+
+    zips = [zip_bytes({f"f_{i}.png": png_bytes(distinct(index, i)) for i in range(1, 7)}) for index in range(21)]
+
+    def avatar_zip(index: int) -> bytes:
+        return zips[index]
+
+    keys = [engine.prepare_avatar(avatar_zip(index)).cache_dir.name for index in range(20)]
+    total = store_bytes(root)
+    entries = {path.name for path in root.iterdir() if not path.name.startswith(".")}
+    print(f"avatar cache after 20 distinct avatars: {total >> 20} MiB in {len(entries)} entries (cap {cap >> 20} MiB)")
+    assert total <= cap
+    assert 1 < len(entries) < 20 and keys[-1] in entries and keys[0] not in entries
+    kept = [key for key in keys if key in entries]  # oldest first
+    assert engine.prepare_avatar(avatar_zip(keys.index(kept[0]))).cache_hit  # the oldest kept one, used again
+    engine.prepare_avatar(avatar_zip(20))
+    entries = {path.name for path in root.iterdir() if not path.name.startswith(".")}
+    assert kept[0] in entries and kept[1] not in entries
+    assert store_bytes(root) <= cap
+
+
+def png_bytes(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_a_refused_download_leaves_the_asset_store_at_once(harness: Harness, asset_server: AssetServer) -> None:
+    """An avatar that fails validation (no face) is deleted from the control worker's asset store right away."""
+    from tests.support.media import noise_frames_zip
+    from tests.support.temporal_harness import failed_with
+    from workflows.contracts import ErrorCode, RtmpOutputRequest
+
+    url = asset_server.serve("/avatars/noise.zip", noise_frames_zip(), "application/zip")
+    request = harness.request(url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/live/x")))
+    handle = await harness.start(request)
+    await failed_with(handle, ErrorCode.NO_FACE)
+    assert [path.name for path in harness.asset_dir.iterdir()] == []

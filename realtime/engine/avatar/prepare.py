@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from realtime.disk_budget import evict_lru, touch
 from realtime.engine.avatar.blend_mask import BlendMaskSettings, face_box_mask, parse_crops, region_from_labels
 from realtime.engine.avatar.face import (
     CROP_SIZE_PX,
@@ -93,6 +94,7 @@ def prepare_avatar(
     engine_version: str,
     model_fingerprint: str = "",
     cache_root: Path | None = None,
+    cache_max_bytes: int | None = None,
     encode_latents: LatentEncoder | None = None,
     on_progress: ProgressCallback | None = None,
     settings: PrepareSettings | None = None,
@@ -118,6 +120,7 @@ def prepare_avatar(
                 "avatar cache entry unreadable; preparing again", extra={"entry": str(entry), "error": str(exc)}
             )
         else:
+            touch(entry)  # recently used: evicted last
             if on_progress:
                 on_progress(PrepareProgress(avatar.frame_count * steps, avatar.frame_count * steps))
             logger.info("avatar cache hit", extra={"key": key})
@@ -227,7 +230,10 @@ def prepare_avatar(
             for k in ("key", "frame_count", "frames_with_face", "blend_mask", "face_box_source", "prepare_ms")
         },
     )
-    return load_cached(root / key, cache_hit=False)
+    prepared = load_cached(root / key, cache_hit=False)
+    if cache_max_bytes is not None:
+        evict_lru(root, cache_max_bytes, keep={root / key})
+    return prepared
 
 
 def _parsed_masks(
