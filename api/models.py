@@ -119,6 +119,7 @@ class SessionOut(BaseModel):
     session_id: str
     room: str
     phase: str
+    audio_ws_url: str = Field(default="", description="the session's audio WebSocket with a fresh audio token")
     workflow_status: str = Field(description="Temporal execution status: RUNNING, COMPLETED, FAILED, ...")
     output: str = ""
     output_detail: str = ""

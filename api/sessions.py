@@ -312,10 +312,12 @@ class SessionService:
     async def session_out(self, client: Client, session_id: str) -> SessionOut:
         status, execution_status, memo = await self.status_and_memo(client, session_id)
         traceparent = memo.get(MEMO_TRACEPARENT) or ""
+        audio_query = memo.get(MEMO_AUDIO_QUERY) or {}
         return SessionOut(
             session_id=status.session_id,
             room=status.room,
             phase=status.phase.value,
+            audio_ws_url=self.audio_ws_url(session_id, audio_query if isinstance(audio_query, dict) else {}),
             workflow_status=execution_status.name if execution_status else "UNKNOWN",
             output=status.output,
             output_detail=status.output_detail,

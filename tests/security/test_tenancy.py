@@ -131,7 +131,8 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
         session_id = created.json()["session_id"]
         harness.workflow_ids.append(f"session-{session_id}")
         assert created.json()["livekit"]["room"] == "acme.show"  # namespaced
-        await wait_phase(acme, session_id, {"live"}, 60)
+        live = await wait_phase(acme, session_id, {"live"}, 60)
+        assert "token=" in live["audio_ws_url"]  # a fresh audio token for the owner
 
         # Another tenant (named or the default one): as if the session did not exist.
         for other in (globex, default):
