@@ -24,7 +24,7 @@ from tests.support.media import astronaut_frame
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, fast_policy, in_phase, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import LiveKitOutputRequest, OutputRequest, Phase
+from workflows.contracts import AvatarKind, LiveKitOutputRequest, OutputRequest, Phase
 
 pytestmark = pytest.mark.service
 
@@ -97,6 +97,58 @@ async def test_a_large_avatar_stays_within_the_sidecars_memory_and_disk_budget(
     await handle.result()
     assert growth < SIDECAR_PEAK_GROWTH_BOUND_MIB, f"sidecar peak RSS grew {growth:.0f} MiB"
     assert cache_bytes < frame_bytes * 1.2, cache_bytes
+
+
+def video_4k(directory: Path, count: int = 40) -> bytes:
+    """`count` frames of 3840x2160 (the astronaut on a dark canvas), MPEG-4 at 25 fps."""
+    from fractions import Fraction
+
+    import av
+
+    canvas = np.full((2160, 3840, 3), 24, dtype=np.uint8)
+    canvas[:, 840:3000] = astronaut_frame(2160)
+    path = directory / "idle-4k.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height = 3840, 2160
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = Fraction(1, 25)
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(np.roll(canvas, index, axis=1), format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path.read_bytes()
+
+
+async def test_a_4k_idle_video_stays_within_the_sidecars_memory_budget(
+    harness: Harness,
+    sidecars: SidecarProcesses,
+    livekit_server: LiveKitServerConfig,
+    asset_server: AssetServer,
+    tmp_path: Path,
+) -> None:
+    await sidecars.spawn("gpu0")
+    pid = sidecars.running["gpu0"].pid
+    idle_peak = rss_mib(pid)
+    url = asset_server.serve("/avatars/idle-4k.mp4", video_4k(tmp_path), "video/mp4")
+    request = harness.request(
+        url,
+        OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="avatar-4k")),
+        kind=AvatarKind.IDLE_VIDEO,
+    )
+    handle = await harness.start(request, LARGE_AVATAR_POLICY)
+    live = await wait_for_status(handle, in_phase(Phase.LIVE, Phase.FAILED), timeout_s=150)
+    assert live.phase is Phase.LIVE, live.error
+    growth = rss_mib(pid) - idle_peak
+    assert live.avatar is not None and live.avatar.frame_count == 40
+    assert (live.avatar.width_px, live.avatar.height_px) == (1024, 576)  # scaled as decoded
+    print(f"sidecar peak RSS for a 4K x 40 video: +{growth:.0f} MiB over idle {idle_peak:.0f} MiB")
+    await stop_session(harness.client, request.session_id)
+    await handle.result()
+    assert growth < SIDECAR_PEAK_GROWTH_BOUND_MIB, f"sidecar peak RSS grew {growth:.0f} MiB"
 
 
 def test_the_pixel_budget_refuses_before_decoding_the_set() -> None:
