@@ -14,7 +14,7 @@ from api.auth import Principal, principal_for, require_api_key
 from api.deps import Services, services, temporal_client
 from api.errors import ApiError
 from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, SessionOut, StopIn
-from api.sessions import MEMO_TRACEPARENT, SessionService
+from api.sessions import MEMO_TRACEPARENT, SessionService, namespaced_room
 from api.tracing import TRACE_ID_HEADER, current_traceparent, session_span, trace_id_of
 from workflows.contracts import SessionStatus
 from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM, audio_token_valid
@@ -74,6 +74,8 @@ async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> SessionList:
     """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search attributes)."""
+    if room is not None:
+        room = namespaced_room(principal, room, svc.settings.tenants)  # as the room was named at create
     return await svc.sessions.list(
         client, room=room, phase=phase, page_size=page_size, page_token=page_token, principal=principal
     )

@@ -152,7 +152,9 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
         async with websockets.connect(ws_url, additional_headers={"X-API-Key": KEYS["globex"]}) as ws:
             message = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert message["type"] == "error" and message["code"] == "not_found"
-        # Its owner and an admin see it.
+        # Its owner and an admin see it (a room filter is namespaced as the room was).
+        by_room = (await acme.get("/v1/sessions", params={"room": "show"})).json()["sessions"]
+        assert [entry["session_id"] for entry in by_room] == [session_id]
         assert session_id in {entry["session_id"] for entry in (await acme.get("/v1/sessions")).json()["sessions"]}
         assert session_id in {entry["session_id"] for entry in (await admin.get("/v1/sessions")).json()["sessions"]}
         assert (await admin.get(f"/v1/sessions/{session_id}")).json()["phase"] == "live"
