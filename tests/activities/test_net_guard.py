@@ -70,3 +70,10 @@ async def test_every_resolved_address_must_pass() -> None:
         "127.0.0.1", 80, AddressPolicy.from_cidrs(["127.0.0.1/32"]), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="host"
     )
     assert str(chosen) == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.0.0.1", "0177.0.0.1"])
+async def test_numeric_forms_of_loopback_resolve_to_loopback_and_are_refused(host: str) -> None:
+    with pytest.raises(AssetError) as refused:
+        await resolve_checked(host, 80, AddressPolicy(), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="host")
+    assert refused.value.code is ErrorCode.URL_FORBIDDEN_ADDRESS and "loopback" in refused.value.message

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.service
 
 KEY = "e2e-key"
 AUTH = {"X-API-Key": KEY}
+ADMIN_AUTH = {"X-API-Key": "e2e-admin-key"}
 SENTENCE = "Hello there. The quick brown fox jumps over the lazy dog, and this is a lip sync test."
 RATE_HZ = 16_000
 CHUNK_MS = 100
@@ -113,6 +114,7 @@ async def world(
         sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
         api_settings = ApiSettings(
             api_keys=(KEY,),
+            admin_keys=(ADMIN_AUTH["X-API-Key"],),
             livekit_url=livekit_server.ws_url,
             livekit_api_key=livekit_server.api_key,
             livekit_api_secret=livekit_server.api_secret,
@@ -197,7 +199,7 @@ async def test_a_session_through_the_api_only(world: World) -> None:
             finished = await next_event(ws, "playback_finished")
             await asyncio.sleep(1.0)
             debug = (await api.get("/debug/audio", params={"session_id": session_id})).json()
-            debug_all = (await api.get("/debug/audio")).json()
+            debug_all = (await api.get("/debug/audio", headers=ADMIN_AUTH)).json()  # every session: admins only
             metrics = (await api.get("/metrics")).text
         stopped = await api.post(f"/v1/sessions/{session_id}/stop", json={"reason": "e2e done"})
         final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"}, 30)
