@@ -164,8 +164,11 @@ def test_the_pixel_budget_refuses_before_decoding_the_set() -> None:
     entries["f_12.jpg"] = b"not an image: never decoded, the budget refuses first"
     with pytest.raises(AvatarTooLarge, match="decoded-pixel budget"):
         decode_source(zip_bytes(entries), limits)
-    decoded = decode_source(zip_bytes({f"f_{i}.jpg": good for i in range(1, 4)}), limits)
+    manifest = b'{"face_boxes": [[100, 120, 300, 360], null, [0, 0, 512, 512]]}'
+    decoded = decode_source(zip_bytes({**{f"f_{i}.jpg": good for i in range(1, 4)}, "avatar.json": manifest}), limits)
     assert [frame.shape for frame in decoded.frames] == [(256, 256, 3)] * 3
+    # The manifest's boxes are scaled with the frames they describe.
+    assert decoded.manifest_boxes == [(50, 60, 150, 180), None, (0, 0, 256, 256)]
     assert all(frame.dtype == np.uint8 for frame in decoded.frames)
 
 

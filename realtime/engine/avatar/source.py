@@ -130,6 +130,11 @@ class _PixelBudget:
 
 
 def _decode_image(data: bytes, member: str, limits: SourceLimits) -> np.ndarray:
+    return _decode_image_scaled(data, member, limits)[0]
+
+
+def _decode_image_scaled(data: bytes, member: str, limits: SourceLimits) -> tuple[np.ndarray, float]:
+    """The frame at its output size, and the factor it was scaled by (1.0: as stored)."""
     import cv2
 
     buffer = np.frombuffer(data, dtype=np.uint8)
@@ -142,7 +147,8 @@ def _decode_image(data: bytes, member: str, limits: SourceLimits) -> np.ndarray:
         raise AvatarTooLarge(
             f"{member} is {bgr.shape[1]}x{bgr.shape[0]} px, over the {limits.max_frame_pixels} px limit"
         )
-    return _fit(np.ascontiguousarray(bgr[:, :, ::-1]), limits)
+    fitted = _fit(np.ascontiguousarray(bgr[:, :, ::-1]), limits)
+    return fitted, fitted.shape[1] / bgr.shape[1]
 
 
 def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
@@ -177,12 +183,13 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
         images.sort(key=lambda info: natural_key(info.filename))
         frames: list[np.ndarray] = []
         budget = _PixelBudget(limits, name)
+        scale = 1.0
         for info in images:
             try:
                 payload = archive.read(info)
             except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
                 raise AvatarUnreadableImage(f"{info.filename} cannot be read from the zip ({exc})") from exc
-            frame = _decode_image(payload, info.filename, limits)
+            frame, scale = _decode_image_scaled(payload, info.filename, limits)
             del payload
             if not frames:  # all frames have one size: the first one prices the whole set before the rest decode
                 budget.check_total(len(images), frame.shape[1], frame.shape[0])
@@ -190,6 +197,13 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
             frames.append(frame)
         names = [info.filename for info in images]
         boxes = _read_manifest(archive, manifest_info, names) if manifest_info is not None else []
+        if scale != 1.0:  # the manifest's boxes are in the stored frames' pixels: scale them with the frames
+            boxes = [
+                None
+                if box is None
+                else (round(box[0] * scale), round(box[1] * scale), round(box[2] * scale), round(box[3] * scale))
+                for box in boxes
+            ]
     return DecodedAvatar("frames_zip", frames, names, boxes)
 
 
