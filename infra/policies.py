@@ -231,6 +231,10 @@ def _check(policy: SessionPolicy, source: str) -> None:
         fail("assets.frames.min_side_px", f"must be >= {MIN_FRAME_SIDE_PX} (WebRTC encoders refuse smaller frames)")
     if frames.max_side_px < frames.min_side_px:
         fail("assets.frames.max_side_px", "must be >= assets.frames.min_side_px")
+    if frames.max_output_side_px < frames.min_side_px:
+        fail("assets.frames.max_output_side_px", "must be >= assets.frames.min_side_px")
+    if frames.max_total_pixels < frames.min_side_px**2:
+        fail("assets.frames.max_total_pixels", "must hold at least one frame of min_side_px²")
     if policy.assets.zip.max_compression_ratio < 1:
         fail("assets.zip.max_compression_ratio", "must be >= 1")
 

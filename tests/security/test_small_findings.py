@@ -113,5 +113,8 @@ def test_documented_frame_limits_are_the_sidecars() -> None:
     assert policy.assets.frames.max_frames == sidecar.max_frames
     assert policy.assets.video.max_frames == sidecar.max_frames
     assert policy.assets.frames.max_side_px**2 <= sidecar.max_frame_pixels
+    # The validator prices an avatar as the sidecar will hold it.
+    assert policy.assets.frames.max_output_side_px == sidecar.max_output_side_px
+    assert policy.assets.frames.max_total_pixels == sidecar.max_total_pixels
     docs = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
     assert f"1 … {sidecar.max_frames:,} frames".replace(",", " ") in docs

@@ -36,6 +36,8 @@ def test_shipped_file_is_valid_and_complete() -> None:
         ({"outputs.fallback_order": ["rtmp", "rtmp"]}, "outputs.fallback_order", "twice"),
         ({"assets.frames.require_face": "yes"}, "assets.frames.require_face", "true or false"),
         ({"assets.frames.min_side_px": 8}, "assets.frames.min_side_px", ">= 16"),
+        ({"assets.frames.max_output_side_px": 32}, "assets.frames.max_output_side_px", ">= assets.frames.min"),
+        ({"assets.frames.max_total_pixels": 5}, "assets.frames.max_total_pixels", "at least one frame"),
         ({"assets.fetch.allow_networks": ["10.0.0.0/33"]}, "assets.fetch.allow_networks[0]", "CIDR"),
         ({"activities.run_session.heartbeat_timeout_s": 3}, "activities.run_session.heartbeat_timeout_s", "twice"),
         (
