@@ -418,7 +418,7 @@ def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
     run_tasks: dict[str, asyncio.Task[Any]] = {}
     audio_connections: dict[str, _AudioConnection] = {}
 
-    @app.get(LIVENESS_PATH)
+    @app.get("/healthz")  # LIVENESS_PATH: open without a credential
     async def healthz(request: Request) -> dict[str, Any]:
         if not is_service_credential(secret, request.headers.get("authorization")):
             return {"status": "ok"}  # session ids, addresses and capacity only for the service

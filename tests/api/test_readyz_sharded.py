@@ -31,6 +31,7 @@ async def test_readyz_finds_a_sidecar_in_any_shard_of_the_configured_pools(world
     name = next(f"gpu{index}" for index in range(64) if shard_of(world.sidecar_id(f"gpu{index}"), 4) != 0)
     settings = ApiSettings(
         api_keys=("k",),
+        admin_keys=("admin",),  # the checks' details are for admins
         livekit_api_secret="secret-0123456789abcdef0123456789abcdef",
         control_task_queue=world.control_queue,
         placement_workflow_id=world.placement_id,
@@ -38,7 +39,10 @@ async def test_readyz_finds_a_sidecar_in_any_shard_of_the_configured_pools(world
         placement_pools=(POOL,),
     )
     app = create_app(settings, temporal_client=world.client, policy=fast_policy())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as api:
+    admin = {"X-API-Key": "admin"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api.test", headers=admin
+    ) as api:
         before = (await api.get("/readyz")).json()["checks"]["sidecars"]
         await world.add_sidecar(name, pool=POOL)
         deadline = time.monotonic() + 15

@@ -66,7 +66,8 @@ async def test_a_session_through_the_client(stack: ApiStack, client: LipsyncClie
     assert created.livekit is not None and created.livekit.room == room
     assert created.livekit.identity == f"avatar-{created.session_id}"
     token = await client.viewer_token(room, identity="client-viewer")
-    assert token.room == room and token.identity == "client-viewer" and token.viewer_url
+    # Viewer identities live in the viewer- namespace, so a viewer never takes an avatar's or agent's place.
+    assert token.room == room and token.identity == "viewer-client-viewer" and token.viewer_url
     viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
     await viewer.connect(token.url, token.token)
     pcm = speech_pcm(SENTENCE)

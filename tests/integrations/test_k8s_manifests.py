@@ -161,7 +161,9 @@ def test_config_secret_and_policies_are_what_the_code_reads(tmp_path: Path) -> N
     for key in config:
         assert re.search(rf"[\"']{key}[\"']", sources), f"{key} is read by no code"
     secret = named("Secret", "lipsync-secrets")["stringData"]
-    assert set(secret) == {"LIPSYNC_API_KEYS", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"}
+    assert set(secret) == {"LIPSYNC_API_KEYS", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "LIPSYNC_SIDECAR_SECRET"}
+    sidecar_env = {e["name"] for e in container(named("StatefulSet", "lipsync-sidecar"))["env"]}
+    assert "LIPSYNC_SIDECAR_SECRET" in sidecar_env  # the sidecar refuses to start without it
     assert all(value == "" for value in secret.values()), "never ship credentials"
     api = named("Deployment", "lipsync-api")
     mounts = {m["name"]: m["mountPath"] for m in container(api)["volumeMounts"]}

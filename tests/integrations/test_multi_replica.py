@@ -33,6 +33,7 @@ from infra.paths import PROJECT_ROOT
 from infra.process import ManagedProcess, free_port, log_tail
 from infra.temporal import TemporalDevServerConfig, dev_server_process
 from tests.support.asset_server import AssetServer
+from tests.support.credentials import SIDECAR_SECRET
 from tests.support.temporal_harness import Harness
 from workflows.contracts import sidecar_task_queue
 from workflows.temporal_client import connect_client
@@ -123,6 +124,7 @@ async def cluster(
     python = [sys.executable, "-m", "infra.cli"]
     base_env = {"TEMPORAL_ADDRESS": temporal.target, "LIVEKIT_API_KEY": livekit.api_key}
     base_env["LIVEKIT_API_SECRET"] = livekit.api_secret
+    base_env["LIPSYNC_SIDECAR_SECRET"] = SIDECAR_SECRET  # shared by the APIs and the sidecars
 
     def worker(name: str, n: int) -> ManagedProcess:
         log = logs / f"worker-{name}-{n}.log"

@@ -28,6 +28,7 @@ from infra.process import free_port
 from infra.temporal import TemporalDevServerConfig
 from realtime.sidecar.config import HostConfig, ServerConfig, SidecarSettings
 from tests.support.asset_server import AssetServer
+from tests.support.credentials import SIDECAR_SECRET
 from tests.support.temporal_harness import Harness, fast_policy
 from workflows.contracts import sidecar_task_queue
 from workflows.temporal_client import connect_client
@@ -96,7 +97,7 @@ async def api_stack(
             device="cpu",
             cache_dir=work_dir / "avatar-cache",
             host=HostConfig(sidecar_id=sidecar_id, task_queue=sidecar_task_queue(sidecar_id), slots_total=slots),
-            server=ServerConfig(stats_interval_ms=0),
+            server=ServerConfig(service_secret=SIDECAR_SECRET, stats_interval_ms=0),
         )
         sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
         api_settings = ApiSettings(
@@ -108,6 +109,7 @@ async def api_stack(
             placement_workflow_id=harness.placement_id,
             sidecar_urls={sidecar_id: f"http://127.0.0.1:{sidecar_port}"},
             public_base_url=f"http://127.0.0.1:{api_port}",
+            sidecar_secret=SIDECAR_SECRET,
         )
         policy = fast_policy(**{**SIDECAR_POLICY, **(policy_overrides or {})})
         app = create_app(api_settings, temporal_client=client, policy=policy)
