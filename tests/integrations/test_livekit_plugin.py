@@ -34,6 +34,7 @@ from infra.paths import PROJECT_ROOT
 from infra.temporal import TemporalDevServerConfig
 from tests.conftest import IN_CI
 from tests.sidecar.avcheck import RoomRecorder, agent_token
+from tests.sidecar.avcheck import token as viewer_token_for
 from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack, gray, heard_speech_correlation
 from tests.support.asset_server import Route
 from tests.support.framework_venv import FrameworkVenvError, framework_python, integration_pythonpath
@@ -196,9 +197,11 @@ async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
     try:
         await agent.event("registered")
         async with LipsyncClient(stack.api_url, stack.api_key) as client:
-            token = await client.viewer_token(room, identity="agents-viewer")
+            # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys: the API
+            # mints viewer tokens only for rooms where one of the caller's sessions runs.
+            viewer_jwt = viewer_token_for(stack.livekit, "agents-viewer", room)
             viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
-            await viewer.connect(token.url, token.token)
+            await viewer.connect(stack.livekit.ws_url, viewer_jwt)
             try:
                 await dispatch(stack, agent_name, room)
                 started = await agent.event("job_started")

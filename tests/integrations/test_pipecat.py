@@ -30,6 +30,7 @@ from infra.paths import PROJECT_ROOT
 from infra.temporal import TemporalDevServerConfig
 from tests.conftest import IN_CI
 from tests.sidecar.avcheck import RoomRecorder
+from tests.sidecar.avcheck import token as viewer_token_for
 from tests.support.api_stack import (
     AVATAR_SIDE_PX,
     ApiStack,
@@ -99,9 +100,11 @@ async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack:
     env = {**os.environ, "PYTHONPATH": integration_pythonpath(INTEGRATION_DIR)}
     env.pop("VIRTUAL_ENV", None)
     async with LipsyncClient(stack.api_url, stack.api_key) as client:
-        token = await client.viewer_token(room, identity="pipecat-viewer")
+        # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys: the API
+        # mints viewer tokens only for rooms where one of the caller's sessions runs.
+        viewer_jwt = viewer_token_for(stack.livekit, "pipecat-viewer", room)
         viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
-        await viewer.connect(token.url, token.token)
+        await viewer.connect(stack.livekit.ws_url, viewer_jwt)
         with log.open("wb") as stderr:
             process = await asyncio.create_subprocess_exec(
                 str(pipecat_python), str(PIPECAT_APP),
