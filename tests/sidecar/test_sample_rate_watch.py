@@ -21,6 +21,7 @@ from realtime.ingest.ratewatch import RateWatch
 from tests.sidecar.conftest import RunningSidecar
 from tests.sidecar.recording import RecordingPublisher
 from tests.sidecar.test_ws_audio import expect_closed, expect_error, recv_json, s16, session, tone
+from tests.support.credentials import service_headers
 
 __all__ = ["session"]  # the fixture, used by name
 
@@ -92,7 +93,7 @@ async def test_a_real_time_stream_declared_at_the_wrong_rate_gets_a_warning(
         stats = await recv_json(ws)
         while stats["type"] != "stats":
             stats = await recv_json(ws)
-        async with httpx.AsyncClient(trust_env=False) as client:
+        async with httpx.AsyncClient(trust_env=False, headers=service_headers()) as client:
             sidecar_stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
         await ws.send(json.dumps({"type": "interrupt"}))
     assert warning is not None and warning["code"] == "suspect_sample_rate", warning
