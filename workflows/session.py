@@ -542,9 +542,10 @@ class SessionWorkflow:
             timedelta(seconds=self._policy.activities.run_session.heartbeat_timeout_s), 2 * report_interval
         )
         if idle_at <= now and (not reported_at or datetime.fromisoformat(reported_at) < now - out_of_touch):
-            # No report for longer than the heartbeat timeout (or two report intervals): the workflow is not hearing the sidecar
-            # (the control plane was unreachable, or the run is being reconciled) and cannot tell idle from
-            # unheard, so the backstop waits for a report. The sidecar enforces the idle timeout itself.
+            # No report for longer than the heartbeat timeout (or two report intervals): the workflow is not
+            # hearing the sidecar (the control plane was unreachable, or the run is being reconciled) and
+            # cannot tell idle from unheard, so the backstop waits for a report. The sidecar enforces the
+            # idle timeout itself.
             idle_at = now + report_interval
         if idle_at < max_at:
             return EndReason.IDLE_TIMEOUT, idle_at
