@@ -29,7 +29,7 @@ from api.audio_relay import RelayRegistry, relay_audio
 from api.sidecars import SidecarDirectory
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
-from infra.process import free_port
+from infra.process import free_port, spawn
 from tests.sidecar.avcheck import token
 from tests.support.media import frames_zip
 from workflows.contracts import Phase, SessionStatus
@@ -62,16 +62,11 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[Sidecar]:
     port = free_port()
     log_path = tmp_path / "sidecar.log"
     with log_path.open("wb") as log:
-        process = await asyncio.to_thread(
-            subprocess.Popen,
-            [
-                *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
-                *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", SIDECAR_ID, "--slots", "1"),
-            ],
-            cwd=PROJECT_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [
+            *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
+            *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", SIDECAR_ID, "--slots", "1"),
+        ]
+        process = await asyncio.to_thread(spawn, argv, log=log, cwd=PROJECT_ROOT)
     running = Sidecar(port, process, log_path)
     try:
         async with httpx.AsyncClient(base_url=running.url, timeout=10, trust_env=False) as client:
