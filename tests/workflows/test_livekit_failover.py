@@ -1,4 +1,4 @@
-"""Fast failover: livekit-server dies mid-session and the policy's next output (RTMP) is live within seconds.
+"""Fast failover: an output server dies mid-session and the policy's next output is live within seconds.
 
 A real sidecar process (`lipsync sidecar`, CPU preview engine) publishes to its own real
 livekit-server (this test's, so killing it harms no other test) on the real Temporal dev
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from infra import livekit
+from infra import livekit, rtmp
 from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
 from infra.temporal import TemporalDevServerConfig
@@ -125,3 +125,47 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     await stop_session(world.client, request.session_id)
     result = await handle.result()
     assert result.end_reason is EndReason.STOPPED and result.output == "rtmp"
+
+
+async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
+    world: Harness,
+    sidecars: SidecarProcesses,
+    own_livekit: tuple[livekit.LiveKitServerConfig, ManagedProcess],
+    tmp_path: Path,
+    avatar_url: str,
+) -> None:
+    """The other direction, policy order [rtmp, livekit]: nginx-rtmp (this test's own) is SIGKILLed mid-session."""
+    lk_config, _ = own_livekit
+    nginx_config = RtmpServerConfig().with_free_ports()
+    nginx = rtmp.server_process(nginx_config, tmp_path / "nginx")
+    nginx.start()
+    try:
+        sidecar_id = await sidecars.spawn("a")
+        request = world.request(
+            avatar_url,
+            OutputRequest(
+                livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
+                rtmp=RtmpOutputRequest(url=nginx_config.publish_url(f"ingest-{world.suffix}")),
+            ),
+        )
+        handle = await world.start(request, fast_policy(outputs__fallback_order=["rtmp", "livekit"]))
+        await wait_for_status(
+            handle, lambda s: s.phase is Phase.LIVE and s.output == "rtmp" and s.stats.get("frames_published", 0) > 0
+        )
+        assert nginx.pid is not None
+        killed_at = time.monotonic()
+        os.killpg(nginx.pid, signal.SIGKILL)
+        moved = await wait_for_status(
+            handle,
+            lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("output") == "livekit",
+            timeout_s=30,
+        )
+        switched_s = time.monotonic() - killed_at
+        print(f"\nfailover: RTMP ingest death -> LiveKit live {switched_s:.2f} s after SIGKILL")
+        assert switched_s <= RTMP_LIVE_WITHIN_S + SLACK_S, switched_s
+        assert moved.sidecar == sidecar_id and moved.stats["fallbacks"] == 1, moved.stats
+        await stop_session(world.client, request.session_id)
+        result = await handle.result()
+        assert result.end_reason is EndReason.STOPPED and result.output == "livekit"
+    finally:
+        nginx.stop()
