@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import pytest
 from temporalio.client import Client
 
 from infra import temporal
-from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
+from tests.support.restartable_temporal import RestartableTemporal
 from tests.support.session_host import LoopbackSessionHost
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, wait_for_status
 from workflows.client import stop_session
@@ -40,38 +40,6 @@ logger = logging.getLogger(__name__)
 OUTAGE_S = 20.0
 HEARTBEAT_TIMEOUT_S = 2.0
 RECONCILE_S = 15.0  # covers the workers' poll back-off after the outage
-
-
-class RestartableTemporal:
-    """A Temporal dev server on fixed ports with a database file: stopped and started again, its state survives."""
-
-    def __init__(self, config: temporal.TemporalDevServerConfig, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.processes: list[ManagedProcess] = []
-
-    def start(self) -> None:
-        process = temporal.dev_server_process(self.config, self.log_path)
-        self.processes.append(process)
-        process.start()
-
-    def stop(self) -> None:
-        self.processes[-1].stop()
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            process.stop()
-
-
-@pytest.fixture
-def temporal_server(tmp_path: Path, service_logs_dir: Path) -> Iterator[RestartableTemporal]:
-    config = temporal.TemporalDevServerConfig(db_file=tmp_path / "temporal.db").with_free_ports()
-    server = RestartableTemporal(config, service_logs_dir / f"temporal-outage-{config.port}.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop_all()
 
 
 @pytest.fixture
