@@ -159,6 +159,7 @@ class SidecarActivities:
     async def prepare_avatar(self, request: PrepareAvatarInput) -> AvatarReady:
         self._check_incarnation(request.call)
         self.sessions_held.add(request.call.session_id)
+        self._gone.pop(request.call.session_id, None)  # placed here again: a new life for the session
         avatar = request.avatar
         async with self._shutdown_means_host_gone("prepare_avatar"), _keep_alive() as beat:
             path = await self._local_asset(avatar.asset, request.fetch)
@@ -306,6 +307,11 @@ class SidecarActivities:
             # Stats reports are best effort: a reporter that failed must not replace the run's outcome.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reporter
+        gone = self._gone.get(session_id)
+        if gone is not None:
+            # This sidecar ended the session itself (out of contact past its grace), not the session's own end:
+            # say so, should the result still reach the workflow.
+            raise self._session_gone(session_id, gone)
         return RunSessionResult(
             end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats), detail=end.detail
         )
@@ -316,12 +322,7 @@ class SidecarActivities:
         if request.reattach:
             gone = self._gone.get(session_id)
             if gone is not None or contact is None:
-                raise ApplicationError(
-                    f"sidecar {self.config.sidecar_id} no longer has session {session_id}: "
-                    + (gone or "it never served it or already tore it down"),
-                    type=ErrorCode.SIDECAR_SESSION_GONE.value,
-                    non_retryable=True,
-                )
+                raise self._session_gone(session_id, gone or "it never served it or already tore it down")
         if contact is None:
             contact = self._contacts[session_id] = _Contact(grace_s=request.control_plane_grace_s)
         previous = contact.run
@@ -361,6 +362,13 @@ class SidecarActivities:
             await self.host.teardown(session_id)
         except Exception:
             logger.exception("ending a session out of contact failed", extra={"session_id": session_id})
+
+    def _session_gone(self, session_id: str, reason: str) -> ApplicationError:
+        return ApplicationError(
+            f"sidecar {self.config.sidecar_id} no longer has session {session_id}: {reason}",
+            type=ErrorCode.SIDECAR_SESSION_GONE.value,
+            non_retryable=True,
+        )
 
     def _remember_gone(self, session_id: str, reason: str) -> None:
         self._gone[session_id] = reason
