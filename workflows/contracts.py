@@ -430,7 +430,7 @@ class SidecarLoss:
     # sidecar_restarted | sidecar_shutting_down | sidecar_session_gone
     timeout_type: str
     detected_at: str  # ISO 8601, workflow time
-    detail: str = ""  # the sidecar's own words, when it answered (restarted, shutting down, session gone)
+    detail: str = ""  # the sidecar's own words when it answered (restarted, shutting down, session gone), else why
 
 
 @dataclass

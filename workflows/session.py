@@ -517,7 +517,8 @@ class SessionWorkflow:
                 # Silent, and no answer to the reconcile either: the host is gone. The loss names the
                 # silence that started it (the heartbeat timeout), detected now.
                 assert self._last_silence is not None
-                raise _SidecarLost(self._loss(placement, self._last_silence.timeout_type)) from err
+                unanswered = f"no answer to the reconcile within {run_policy.reconcile_s:g} s"
+                raise _SidecarLost(self._loss(placement, self._last_silence.timeout_type, detail=unanswered)) from err
             raise self._classify(ActivityName.RUN_SESSION, err, placement) from err
 
     def _loss(self, placement: Placement, timeout_type: str, *, detail: str = "") -> SidecarLoss:
@@ -808,6 +809,4 @@ def _loss_cause(timeout_type: str) -> str:
         return "it restarted"
     if timeout_type == ErrorCode.SIDECAR_SESSION_GONE:
         return "it no longer has the session: it ended it after losing contact with the control plane"
-    if timeout_type == "HEARTBEAT":
-        return "HEARTBEAT timeout: it went silent and did not answer the reconcile"
     return f"{timeout_type} timeout: it went silent"
