@@ -1,6 +1,6 @@
 """Temporal outage at a real LiveKit subscriber: how long a live session survives with Temporal down.
 
-    python -m bench.outage --outage-s 300 [--json bench/results/outage-cpu-<yyyymmdd>.json]
+    python -m bench.outage --outage-s 300 [--json bench/results/chaos-outage-cpu-<yyyymmdd>.json]
 
 A real Temporal dev server on a database file, the production control worker (in this process),
 one real `lipsync sidecar` process (preview engine) publishing to a real livekit-server, and a
