@@ -727,7 +727,13 @@ class SessionWorkflow:
             await _cancel_and_wait(handle)
             raise
         except ActivityError as err:
-            raise self._classify(name, err, placement) from err
+            failure = self._classify(name, err, placement)
+            if interruptible and isinstance(failure, _SessionFailed) and self._stop_reason is not None:
+                # The step failed in the same moment a stop was accepted: the caller asked the session to
+                # end, and it ends `stopped` (the step's failure is moot), never failed after a 200 stop.
+                workflow.logger.info("step failed after a stop was accepted", extra={"error": failure.code})
+                raise _Stopped() from err
+            raise failure from err
 
     def _classify(self, name: ActivityName, err: ActivityError, placement: Placement | None) -> Exception:
         cause = err.cause
