@@ -5,6 +5,15 @@ Each activity translates the workflow contracts to `realtime.host` calls on the 
 heartbeating while they work, so a dead process is noticed within the policy's heartbeat
 timeout. Every call names the sidecar incarnation it was placed on; a newer process under
 the same id refuses it (`sidecar_restarted`) rather than act on a predecessor's session.
+
+Control-plane outages: a live session does not depend on Temporal second by second. Each one
+holds a contact lease here (`_Contact`), renewed whenever a stats report reaches the workflow.
+If run_session is cut off by the server rather than cancelled by the workflow (its heartbeat
+timed out while Temporal or the workers were unreachable), the session stays live, detached,
+and the workflow's reconcile (run_session with `reattach`) picks it up again. Only when no
+contact comes back within the policy's `control_plane_grace_s` does the sidecar end the session
+itself; a later reconcile then fails `sidecar_session_gone` with the reason. See
+docs/control-plane.md.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,11 +121,31 @@ class SidecarWorkerConfig:
         return cls(sidecar_id=capacity.sidecar_id, asset_dir=asset_dir, **values)
 
 
+# Sessions this sidecar ended on its own, remembered (by id) so a late reconcile learns why; oldest dropped first.
+_GONE_MEMORY = 1000
+
+
+@dataclass
+class _Contact:
+    """A live session's lease on the control plane, as this sidecar sees it."""
+
+    grace_s: float
+    last_contact_s: float = field(default_factory=time.monotonic)
+    run: asyncio.Task[Any] | None = None  # the attached run_session, None while detached
+    superseded: set[asyncio.Task[Any]] = field(default_factory=set)  # runs a reconcile took over from
+    watchdog: asyncio.Task[None] | None = None
+
+
 class SidecarActivities:
     def __init__(self, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
         self.host = host
         self.config = config
         self.incarnation = incarnation
+        # Sessions placed here and not yet torn down: re-sent with each registration, so a registry that
+        # dropped this sidecar during a Temporal outage gets their slots back when it re-registers.
+        self.sessions_held: set[str] = set()
+        self._contacts: dict[str, _Contact] = {}
+        self._gone: dict[str, str] = {}  # session id -> why this sidecar ended it on its own
 
     def definitions(self) -> Sequence[Callable[..., Any]]:
         return [
@@ -131,6 +161,8 @@ class SidecarActivities:
     @activity.defn(name=ActivityName.PREPARE_AVATAR.value)
     async def prepare_avatar(self, request: PrepareAvatarInput) -> AvatarReady:
         self._check_incarnation(request.call)
+        self.sessions_held.add(request.call.session_id)
+        self._gone.pop(request.call.session_id, None)  # placed here again: a new life for the session
         avatar = request.avatar
         async with self._shutdown_means_host_gone("prepare_avatar"), _keep_alive() as beat:
             path = await self._local_asset(avatar.asset, request.fetch)
@@ -212,9 +244,16 @@ class SidecarActivities:
 
     @activity.defn(name=ActivityName.RUN_SESSION.value)
     async def run_session(self, request: RunSessionInput) -> RunSessionResult:
-        """Serve until the host ends the session; heartbeat details are its stats (the workflow's liveness signal)."""
+        """Serve until the host ends the session; heartbeat details are its stats (the workflow's liveness signal).
+
+        With `reattach` (the workflow's reconcile after this run went silent) it attaches to the session this
+        sidecar kept live, taking over from a run the server already gave up on; a session it no longer has
+        fails `sidecar_session_gone`.
+        """
         self._check_incarnation(request.call)
         session_id = request.call.session_id
+        contact = self._attach(session_id, request)
+        run_task = asyncio.current_task()
         latest: list[SessionStats] = []
         reported = asyncio.Event()
         # The host may call on_stats from a task it started outside this activity (its session
@@ -226,7 +265,7 @@ class SidecarActivities:
             activity_context.run(activity.heartbeat, dataclasses.asdict(stats))
             reported.set()
 
-        reporter = asyncio.create_task(self._report_stats(latest, reported, request.stats_report_interval_s))
+        reporter = asyncio.create_task(self._report_stats(latest, reported, request.stats_report_interval_s, contact))
         limits = RunLimits(
             idle_timeout_s=request.idle_timeout_s,
             max_duration_s=request.max_duration_s,
@@ -235,23 +274,116 @@ class SidecarActivities:
         try:
             end = await self.host.run_session(session_id, limits, on_stats)
         except asyncio.CancelledError:
-            # The workflow cancelled the run (stop grace over, or the workflow itself cancelled), or this
-            # process is stopping: then the session must move elsewhere, which the typed error tells it.
+            if run_task in contact.superseded:
+                contact.superseded.discard(run_task)
+                raise  # a reconcile took this session over: it is still live
+            details = activity.cancellation_details()
+            if activity.is_worker_shutdown():
+                # This process is stopping: the session must move elsewhere, which the typed error tells it.
+                with contextlib.suppress(Exception):
+                    await self.host.stop_session(session_id, SessionEndReason.STOPPED)
+                raise self._shutting_down("run_session") from None
+            if details is not None and not details.cancel_requested:
+                # The server gave up on this run (heartbeat timeout while Temporal or the workers were
+                # unreachable), not the workflow: keep the session live for the reconcile.
+                if contact.run is run_task:
+                    contact.run = None
+                logger.warning(
+                    "run_session cut off by the server; the session stays live until the workflow reconciles",
+                    extra={
+                        "session_id": session_id,
+                        "cancellation": str(details),
+                        "control_plane_grace_s": contact.grace_s,
+                    },
+                )
+                raise
+            # The workflow cancelled the run (stop grace over, or the workflow itself cancelled).
             with contextlib.suppress(Exception):
                 await self.host.stop_session(session_id, SessionEndReason.STOPPED)
-            if activity.is_worker_shutdown():
-                raise self._shutting_down("run_session") from None
             raise
         except Exception as exc:
             raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="run_session") from exc
         finally:
+            if contact.run is run_task:
+                contact.run = None
             reporter.cancel()
             # Stats reports are best effort: a reporter that failed must not replace the run's outcome.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reporter
+        gone = self._gone.get(session_id)
+        if gone is not None:
+            # This sidecar ended the session itself (out of contact past its grace), not the session's own end:
+            # say so, should the result still reach the workflow.
+            raise self._session_gone(session_id, gone)
         return RunSessionResult(
             end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats), detail=end.detail
         )
+
+    def _attach(self, session_id: str, request: RunSessionInput) -> _Contact:
+        """The session's contact lease, renewed, with the calling run attached (a reconcile takes over)."""
+        contact = self._contacts.get(session_id)
+        if request.reattach:
+            gone = self._gone.get(session_id)
+            if gone is not None or contact is None:
+                raise self._session_gone(session_id, gone or "it never served it or already tore it down")
+        if contact is None:
+            contact = self._contacts[session_id] = _Contact(grace_s=request.control_plane_grace_s)
+        previous = contact.run
+        if previous is not None and not previous.done():
+            logger.info(
+                "a reconcile takes the session over from a run the server gave up on", extra={"session_id": session_id}
+            )
+            contact.superseded.add(previous)
+            previous.cancel()
+        contact.run = asyncio.current_task()
+        contact.grace_s = request.control_plane_grace_s
+        contact.last_contact_s = time.monotonic()
+        if contact.watchdog is None or contact.watchdog.done():
+            contact.watchdog = asyncio.create_task(self._watch_contact(session_id, contact))
+        return contact
+
+    async def _watch_contact(self, session_id: str, contact: _Contact) -> None:
+        """End the session once the control plane has been out of contact for longer than its grace."""
+        while True:
+            silent_s = time.monotonic() - contact.last_contact_s
+            if silent_s >= contact.grace_s:
+                break
+            await asyncio.sleep(contact.grace_s - silent_s)
+        reason = (
+            f"it ended the session after {silent_s:.0f} s without contact with the control plane "
+            f"(policy session.control_plane_grace_s = {contact.grace_s:g} s)"
+        )
+        logger.error(
+            "control plane out of contact past its grace; ending the session",
+            extra={"session_id": session_id, "silent_s": round(silent_s, 1)},
+        )
+        self._remember_gone(session_id, reason)
+        self._contacts.pop(session_id, None)
+        self.sessions_held.discard(session_id)
+        try:
+            await self.host.stop_session(session_id, SessionEndReason.STOPPED)
+            await self.host.teardown(session_id)
+        except Exception:
+            logger.exception("ending a session out of contact failed", extra={"session_id": session_id})
+
+    def _session_gone(self, session_id: str, reason: str) -> ApplicationError:
+        return ApplicationError(
+            f"sidecar {self.config.sidecar_id} no longer has session {session_id}: {reason}",
+            type=ErrorCode.SIDECAR_SESSION_GONE.value,
+            non_retryable=True,
+        )
+
+    def _remember_gone(self, session_id: str, reason: str) -> None:
+        self._gone[session_id] = reason
+        while len(self._gone) > _GONE_MEMORY:
+            del self._gone[next(iter(self._gone))]
+
+    def _forget(self, session_id: str) -> None:
+        """The session was torn down on the workflow's word: nothing of it stays here."""
+        self.sessions_held.discard(session_id)
+        contact = self._contacts.pop(session_id, None)
+        if contact is not None and contact.watchdog is not None:
+            contact.watchdog.cancel()
 
     @activity.defn(name=ActivityName.STOP_SESSION.value)
     async def stop_session(self, request: StopSessionInput) -> bool:
@@ -272,6 +404,7 @@ class SidecarActivities:
             # Meant for a predecessor under this sidecar id: its sessions died with it.
             logger.info("teardown for another incarnation ignored", extra={"session": request.call.session_id})
             return False
+        self._forget(request.call.session_id)
         async with _keep_alive():
             try:
                 await self.host.teardown(request.call.session_id)
@@ -429,8 +562,11 @@ class SidecarActivities:
             attributes["lk.publish_on_behalf"] = publish_on_behalf
         return token.with_attributes(attributes).to_jwt()
 
-    async def _report_stats(self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float) -> None:
-        """Push the latest stats into the workflow (for `status`) at the policy's report cadence."""
+    async def _report_stats(
+        self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float, contact: _Contact
+    ) -> None:
+        """Push the latest stats into the workflow (for `status`) at the policy's report cadence; each report
+        that reaches Temporal renews the session's contact lease."""
         info = activity.info()
         assert info.workflow_id is not None  # sidecar activities are always started by a workflow
         handle = activity.client().get_workflow_handle(info.workflow_id)
@@ -442,6 +578,7 @@ class SidecarActivities:
                     REPORT_STATS_SIGNAL,
                     StatsReport(incarnation=self.incarnation, stats=dataclasses.asdict(latest[0])),
                 )
+                contact.last_contact_s = time.monotonic()
             except Exception as exc:  # the next report retries; stats are best effort
                 logger.warning("stats report failed", extra={"workflow": info.workflow_id, "error": str(exc)})
             await asyncio.sleep(interval_s)

@@ -101,10 +101,12 @@ async def run_sidecar_worker(
     )
     async with worker:
         # Register only once the queue is polled, so no placement points at a queue nobody serves.
-        await _register(placer, host, config, incarnation)
+        await _register(placer, host, config, incarnation, activities.sessions_held)
         if ready is not None:
             ready.set()
-        registration = asyncio.create_task(_keep_registered(placer, host, config, incarnation))
+        registration = asyncio.create_task(
+            _keep_registered(placer, host, config, incarnation, activities.sessions_held)
+        )
         try:
             await stop.wait()
         finally:
@@ -116,7 +118,9 @@ async def run_sidecar_worker(
     logger.info("sidecar worker stopped", extra={"sidecar": config.sidecar_id})
 
 
-async def _register(placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+async def _register(
+    placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
+) -> None:
     capacity = host.capacity()
     beat = SidecarHeartbeat(
         sidecar_id=config.sidecar_id,
@@ -126,15 +130,18 @@ async def _register(placer: Placer, host: SessionHost, config: SidecarWorkerConf
         slots_free=capacity.slots_free,
         lease_s=config.lease_s,
         pool=config.pool,
+        sessions=sorted(sessions),
     )
     await placer.send_heartbeat(beat)
 
 
-async def _keep_registered(placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str) -> None:
+async def _keep_registered(
+    placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
+) -> None:
     while True:
         await asyncio.sleep(config.registration_interval_s)
         try:
-            await _register(placer, host, config, incarnation)
+            await _register(placer, host, config, incarnation, sessions)
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
             logger.warning("placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)})
 

@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+# Close codes that mean the connection broke without a close frame (RFC 6455 7.4.1: never sent on the wire).
+_NO_CLOSE_FRAME_CODES = frozenset({1006, 1015})
+_CLOSE_NO_STATUS = 1005  # a close frame without a code: a normal end, sent on as 1000
+# A close frame's reason is at most 123 bytes of UTF-8.
+_MAX_CLOSE_REASON_BYTES = 123
 STATUS_POLL_S = 0.2
 UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sidecar enforces its own, smaller limit with a typed error
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
@@ -268,7 +273,12 @@ async def _fail(
     relay.close_reason = f"{code}: {message}"
     with contextlib.suppress(Exception):
         await websocket.send_json({"type": "error", "code": code, "message": message, "fatal": True})
-        await websocket.close(close_code, reason=code[:120])
+        await websocket.close(close_code, reason=_close_reason(code))
+
+
+def _close_reason(reason: str) -> str:
+    """`reason` cut to what a close frame carries, on a character boundary."""
+    return reason.encode()[:_MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
 
 
 async def _pump(
@@ -304,11 +314,23 @@ async def _pump(
                         relay.last_server_message = document
         except websockets.ConnectionClosed:
             pass
-        code = upstream.close_code
-        relay.close_reason = relay.close_reason or f"sidecar closed ({code} {upstream.close_reason or ''})".strip()
-        if websocket.application_state != WebSocketState.DISCONNECTED:
-            with contextlib.suppress(Exception):
-                await websocket.close(code if code and code < 4000 and code not in (1005, 1006) else 1000)
+        code, reason = upstream.close_code, upstream.close_reason or ""
+        relay.close_reason = relay.close_reason or f"sidecar closed ({code} {reason})".strip()
+        if websocket.application_state == WebSocketState.DISCONNECTED:
+            return
+        if code is None or code in _NO_CLOSE_FRAME_CODES:
+            # No close frame: the sidecar process or its host died mid-session. The caller must be able to
+            # tell that from a normal end, so it gets a typed error and a non-1000 close.
+            await _fail(
+                websocket,
+                relay,
+                "sidecar_gone",
+                f"the connection to sidecar {relay.sidecar!r} broke without a close ({code}): it stopped or died",
+            )
+            return
+        with contextlib.suppress(Exception):
+            # The sidecar's own code and reason, e.g. 1008 `unknown_session`, reach the caller unchanged.
+            await websocket.close(1000 if code == _CLOSE_NO_STATUS else code, reason=_close_reason(reason))
 
     tasks = [asyncio.create_task(client_to_sidecar()), asyncio.create_task(sidecar_to_client())]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

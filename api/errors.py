@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
+from workflows.client import is_transient_update_failure
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +53,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RPCError)
     async def temporal_error(_: Request, exc: RPCError) -> JSONResponse:
         # Temporal failed mid-request (the connection itself is checked in api.temporal).
-        if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
+        if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED) or is_transient_update_failure(
+            exc
+        ):
+            # Retryable: the same request may succeed in a moment (the API already retried what it could).
             status, code = 503, "temporal_unavailable"
         else:
             status, code = 502, "temporal_error"

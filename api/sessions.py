@@ -12,6 +12,8 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -41,7 +43,7 @@ from api.settings import DEFAULT_TENANT, ApiSettings
 from api.tracing import MEMO_TRACEPARENT, current_traceparent, trace_id_of
 from api.url_check import check_asset_url
 from workflows import search_attributes
-from workflows.client import session_handle, start_session
+from workflows.client import session_handle, start_session, stop_session
 from workflows.contracts import (
     SESSION_WORKFLOW_ID_PREFIX,
     AvatarKind,
@@ -53,7 +55,6 @@ from workflows.contracts import (
     RtmpOutputRequest,
     SessionRequest,
     SessionStatus,
-    StopRequest,
     session_workflow_id,
 )
 from workflows.policy import SessionPolicy
@@ -359,7 +360,7 @@ class SessionService:
         iterator = client.list_workflows(
             query,
             page_size=page_size,
-            next_page_token=_decode_page_token(page_token) if page_token else None,
+            next_page_token=_decode_page_token(page_token, query) if page_token else None,
         )
         try:
             await iterator.fetch_next_page()
@@ -386,9 +387,7 @@ class SessionService:
                 )
             )
         token = iterator.next_page_token
-        return SessionList(
-            sessions=sessions, next_page_token=base64.urlsafe_b64encode(token).decode() if token else None
-        )
+        return SessionList(sessions=sessions, next_page_token=_encode_page_token(token, query) if token else None)
 
     async def stop(self, client: Client, session_id: str, reason: str) -> SessionStatus:
         """Ask the session to stop (idempotent: a session that has ended answers with its final status)."""
@@ -396,20 +395,37 @@ class SessionService:
         if execution_status != WorkflowExecutionStatus.RUNNING:
             return status
         try:
-            return await session_handle(client, session_id).execute_update(
-                SessionWorkflow.stop, StopRequest(reason=reason)
-            )
+            return await stop_session(client, session_id, reason)
         except RPCError as exc:
             if _is_not_found(exc):  # it ended between the describe and the update
                 return (await self.status(client, session_id))[0]
             raise
 
 
-def _decode_page_token(token: str) -> bytes:
+# A page token is Temporal's, prefixed with a digest of it and the listing's query: the API can tell a
+# token it returned (for this same filter) from garbage, which Temporal itself answers with an internal error.
+_PAGE_TOKEN_DIGEST_BYTES = 8
+
+
+def _page_token_digest(raw: bytes, query: str) -> bytes:
+    return hashlib.sha256(query.encode() + b"\0" + raw).digest()[:_PAGE_TOKEN_DIGEST_BYTES]
+
+
+def _encode_page_token(raw: bytes, query: str) -> str:
+    return base64.urlsafe_b64encode(_page_token_digest(raw, query) + raw).decode()
+
+
+def _decode_page_token(token: str, query: str) -> bytes:
     try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True)
+        envelope = base64.b64decode(token.encode(), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error) as exc:
         raise ApiError(400, "bad_page_token", "page_token is not one this API returned") from exc
+    digest, raw = envelope[:_PAGE_TOKEN_DIGEST_BYTES], envelope[_PAGE_TOKEN_DIGEST_BYTES:]
+    if not raw or not hmac.compare_digest(digest, _page_token_digest(raw, query)):
+        raise ApiError(
+            400, "bad_page_token", "page_token is not one this API returned for this listing (same room and phase)"
+        )
+    return raw
 
 
 async def _failure_of(handle: Any) -> ErrorInfo | None:

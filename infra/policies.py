@@ -184,6 +184,14 @@ def _check(policy: SessionPolicy, source: str) -> None:
         )
     if session.stats_report_interval_s < session.stats_interval_s:
         fail("session.stats_report_interval_s", "must be >= session.stats_interval_s")
+    reconcile_window_s = run.heartbeat_timeout_s + run.reconcile_s + session.stats_report_interval_s
+    if session.control_plane_grace_s <= reconcile_window_s:
+        fail(
+            "session.control_plane_grace_s",
+            f"must be longer than activities.run_session.heartbeat_timeout_s + reconcile_s + "
+            f"session.stats_report_interval_s ({reconcile_window_s} s): a sidecar would end its sessions before "
+            "the workflow could reconcile with it",
+        )
     reports = session.max_duration_s / session.stats_report_interval_s
     if reports > MAX_STATS_REPORTS_PER_SESSION:
         fail(

@@ -3,23 +3,85 @@
 Each service runs in its own process group so that stopping it also stops whatever it
 forked (nginx workers, the Temporal UI server): nothing is left running after a test
 session or `lipsync stack down`.
+
+A service also dies with the process that started it, however that one ends (SIGTERM from
+a `timeout`, SIGKILL, a crash): the kernel sends it SIGTERM when its starter is gone
+(PR_SET_PDEATHSIG). Only `lipsync stack up` starts services meant to outlive it
+(`die_with_parent=False`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 logger = logging.getLogger(__name__)
+
+
+# prctl(2): PR_SET_PDEATHSIG delivers a signal to this process when the THREAD that forked it ends.
+_PR_SET_PDEATHSIG = 1
+# So services are forked from one thread that lives as long as this process: a service started from a
+# short-lived thread (asyncio.to_thread) would otherwise be killed when that thread retires.
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="service-spawner")
+
+
+# Resolved here, in the parent: the child may only call it (loading a library after fork can deadlock).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """preexec_fn (runs in the child, between fork and exec): SIGTERM this process when its starter dies."""
+    assert _prctl is not None
+    if _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        os._exit(126)  # the service must not run without its tether
+    if os.getppid() == 1:
+        # The starter died between fork and prctl: the signal will never come, so go now.
+        os._exit(1)
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: IO[bytes],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    die_with_parent: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in a new session (its own process group), output to `log`, stdin closed.
+
+    With die_with_parent (Linux) it gets SIGTERM when this process ends, however it ends.
+    """
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            # Only prctl and getppid run between fork and exec, through a function resolved before the fork.
+            preexec_fn=_die_with_parent if tethered else None,  # noqa: PLW1509
+        )
+
+    tethered = die_with_parent and _prctl is not None
+    if not tethered:
+        return popen()
+    return _spawner.submit(popen).result()
 
 
 class ServiceStartError(RuntimeError):
@@ -124,6 +186,7 @@ class ManagedProcess:
     cwd: Path | None = None
     env: dict[str, str] | None = None
     startup_timeout_s: float = 60.0
+    die_with_parent: bool = True  # False only for services meant to outlive their starter (`lipsync stack up`)
     _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -139,14 +202,12 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("starting service", extra={"service": self.name, "argv": list(self.argv)})
         with self.log_path.open("ab") as log:
-            self._popen = subprocess.Popen(
-                list(self.argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+            self._popen = spawn(
+                self.argv,
+                log=log,
                 cwd=self.cwd,
                 env={**os.environ, **(self.env or {})},
-                start_new_session=True,
+                die_with_parent=self.die_with_parent,
             )
         popen = self._popen
 

@@ -110,12 +110,21 @@ def rtmp_config(ports: StackPorts) -> rtmp.RtmpServerConfig:
     return rtmp.RtmpServerConfig(rtmp_port=ports.rtmp, http_port=ports.rtmp_http)
 
 
-def _processes(ports: StackPorts, directory: Path) -> dict[str, ManagedProcess]:
-    return {
+def _processes(ports: StackPorts, directory: Path, *, detached: bool) -> dict[str, ManagedProcess]:
+    processes = {
         "temporal": temporal.dev_server_process(temporal_config(ports, directory), directory / "temporal.log"),
         "livekit": livekit.server_process(livekit_config(ports), directory / "livekit"),
         "nginx-rtmp": rtmp.server_process(rtmp_config(ports), directory / "nginx"),
     }
+    for process in processes.values():
+        process.die_with_parent = not detached
+    return processes
+
+
+def service_process(name: str, ports: StackPorts, directory: Path) -> ManagedProcess:
+    """One of the stack's services ("temporal", "livekit", "nginx-rtmp") as a process to (re)start, tethered to
+    its starter (e.g. a benchmark restarting a service it killed; Temporal keeps its database file)."""
+    return _processes(ports, directory, detached=False)[name]
 
 
 def service_env(ports: StackPorts) -> dict[str, str]:
@@ -153,7 +162,11 @@ class StackError(RuntimeError):
     pass
 
 
-def up(ports: StackPorts | None = None, directory: Path | None = None) -> list[ServiceStatus]:
+def up(
+    ports: StackPorts | None = None, directory: Path | None = None, *, detached: bool = False
+) -> list[ServiceStatus]:
+    """Start the stack. detached: it outlives this process (`lipsync stack up`, on purpose, until
+    `lipsync stack down`); otherwise it dies with this process however that ends (e.g. `lipsync demo`)."""
     directory = directory or state_dir()
     existing = StackState.load(directory)
     if existing and any(pid_alive(pid) for pid in existing.pids.values()):
@@ -161,7 +174,7 @@ def up(ports: StackPorts | None = None, directory: Path | None = None) -> list[S
     ports = ports or StackPorts()
     started: dict[str, int] = {}
     try:
-        for name, proc in _processes(ports, directory).items():
+        for name, proc in _processes(ports, directory, detached=detached).items():
             proc.start()
             assert proc.pid is not None
             started[name] = proc.pid

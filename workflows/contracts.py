@@ -149,6 +149,8 @@ class ErrorCode(StrEnum):
     SIDECAR_LOST = "sidecar_lost"
     SIDECAR_RESTARTED = "sidecar_restarted"  # the queue is served by a newer process than the placement's
     SIDECAR_SHUTTING_DOWN = "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
+    # the sidecar is alive but no longer has the session (it ended it after the control-plane grace period)
+    SIDECAR_SESSION_GONE = "sidecar_session_gone"
     SIDECAR_ERROR = "sidecar_error"  # the host raised something it did not classify
     OUTPUT_OPEN_FAILED = "output_open_failed"
     # The avatar's LiveKit identity is taken by another participant of the room (joining would kick them out).
@@ -370,6 +372,12 @@ class RunSessionInput:
     max_duration_s: float  # what is left of the session's maximum
     stats_interval_s: float
     stats_report_interval_s: float
+    # The sidecar keeps the session live this long without contact with the workflow (Temporal or the
+    # workers unreachable), then ends it itself; a run that resumes contact within it carries on.
+    control_plane_grace_s: float = 300.0
+    # A reconcile after the previous run went silent (heartbeat timeout): attach to the session the
+    # sidecar still serves; fails `sidecar_session_gone` when it has none.
+    reattach: bool = False
 
 
 @dataclass(frozen=True)
@@ -421,8 +429,11 @@ class SidecarLoss:
     sidecar_id: str
     incarnation: str
     phase: Phase  # what the session was doing when the host went silent
-    timeout_type: str  # HEARTBEAT | SCHEDULE_TO_START | START_TO_CLOSE | sidecar_restarted | sidecar_shutting_down
+    # HEARTBEAT (went silent and did not answer the reconcile either) | SCHEDULE_TO_START | START_TO_CLOSE |
+    # sidecar_restarted | sidecar_shutting_down | sidecar_session_gone
+    timeout_type: str
     detected_at: str  # ISO 8601, workflow time
+    detail: str = ""  # the sidecar's own words when it answered (restarted, shutting down, session gone), else why
 
 
 @dataclass
@@ -444,6 +455,7 @@ class SessionStatus:
     output_attempts: list[OutputAttempt] = field(default_factory=list)
     sidecar_losses: list[SidecarLoss] = field(default_factory=list)
     replacements: int = 0
+    reconciles: int = 0  # run_session went silent and the workflow re-attached to the sidecar (outage survived)
     live_since: str = ""  # ISO 8601, workflow time of the first `live`
     ended_at: str = ""  # ISO 8601, workflow time the session stopped serving (teardown began)
     teardown_errors: list[ErrorInfo] = field(default_factory=list)
@@ -471,6 +483,9 @@ class SidecarHeartbeat:
     slots_free: int  # as the host sees it (informational; placement counts its own assignments)
     lease_s: float  # the registration lapses this long after the last heartbeat
     pool: str = DEFAULT_POOL  # e.g. GPU type and region, `h200.eu-west`
+    # Sessions the host holds: a registration that lapsed while Temporal was unreachable is re-created
+    # with them, so placement never hands their slots to another session.
+    sessions: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

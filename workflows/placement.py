@@ -139,6 +139,11 @@ class PlacementWorkflow:
                 lease_expires_at_s=now_s + beat.lease_s,
                 pool=beat.pool,
             )
+            if beat.sessions:
+                # The same process re-registering after its lease lapsed (Temporal was unreachable): its
+                # live sessions keep their slots, unless a re-placement already gave them one elsewhere.
+                held = {session for other in self._sidecars.values() for session in other.sessions}
+                record.sessions = [session for session in beat.sessions if session not in held]
             self._sidecars[beat.sidecar_id] = record
             workflow.logger.info("sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total})
         else:

@@ -78,7 +78,11 @@ class RunActivityPolicy:
     """`run_session`: its start-to-close is derived from the session's remaining maximum duration."""
 
     schedule_to_start_s: float
-    heartbeat_timeout_s: float  # no heartbeat for this long => the sidecar is presumed dead
+    heartbeat_timeout_s: float  # no heartbeat for this long => the sidecar is suspect: reconcile with it
+    # After a heartbeat timeout, how long the sidecar has to pick up the reconcile (a run_session that
+    # re-attaches to its live session) before it is declared lost. Covers a worker's poll back-off after
+    # Temporal itself was unreachable, so it does not depend on how long that outage lasted.
+    reconcile_s: float
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class SessionLimits:
     stats_interval_s: float  # run_session heartbeat cadence (details = stats)
     stats_report_interval_s: float  # stats pushed into the workflow for `status`; each push is a history event
     stop_grace_s: float  # after asking the sidecar to stop, wait this long before cancelling the run
+    # A sidecar keeps a live session running this long without contact with the control plane
+    # (Temporal or the workers unreachable), then ends it itself.
+    control_plane_grace_s: float
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
 from temporalio.exceptions import CancelledError as ActivityCancelledError
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
@@ -83,7 +83,14 @@ _SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 _SIDECAR_CANCELLATION = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _OUTPUT_FAILURE_ENDS = frozenset({EndReason.OUTPUT_FAILED})
 # Failures that say the host itself is gone (not this step): the session may move to another sidecar.
-_HOST_GONE_CODES = frozenset({ErrorCode.SIDECAR_RESTARTED.value, ErrorCode.SIDECAR_SHUTTING_DOWN.value})
+_HOST_GONE_CODES = frozenset(
+    {
+        ErrorCode.SIDECAR_RESTARTED.value,
+        ErrorCode.SIDECAR_SHUTTING_DOWN.value,
+        # Alive, but it no longer has the session (it ended it after losing the control plane for its grace).
+        ErrorCode.SIDECAR_SESSION_GONE.value,
+    }
+)
 
 
 class _SessionFailed(Exception):
@@ -96,6 +103,14 @@ class _SessionFailed(Exception):
 class _SidecarLost(Exception):
     def __init__(self, loss: SidecarLoss) -> None:
         super().__init__(f"sidecar {loss.sidecar_id} lost ({loss.timeout_type})")
+        self.loss = loss
+
+
+class _RunWentSilent(Exception):
+    """run_session's heartbeat timed out: the sidecar is suspect, not yet lost (see _run_on_sidecar)."""
+
+    def __init__(self, loss: SidecarLoss) -> None:
+        super().__init__(f"run_session on {loss.sidecar_id} went silent")
         self.loss = loss
 
 
@@ -123,6 +138,7 @@ class SessionWorkflow:
         self._audio_samples_seen = 0
         self._last_audio_at: datetime | None = None
         self._live_since: datetime | None = None
+        self._last_silence: SidecarLoss | None = None
 
     @workflow.run
     async def run(self, session_input: SessionInput) -> SessionResult:
@@ -394,12 +410,38 @@ class SessionWorkflow:
         return True
 
     async def _run_on_sidecar(self) -> RunSessionResult:
+        """Run the session on the current sidecar until it ends; reconcile with the sidecar when the run goes silent.
+
+        A heartbeat timeout alone does not prove the host dead: Temporal or the workers may have been
+        unreachable while the sidecar kept the session live (it does, for the policy's control-plane
+        grace). So the workflow asks the sidecar, with a run_session that re-attaches to the session:
+        picked up and attached -> the session carries on; refused `sidecar_session_gone` -> the sidecar
+        is alive but ended the session; not picked up within `reconcile_s` -> the host is gone.
+        """
+        reattach = False
+        while True:
+            try:
+                return await self._run_once(reattach=reattach)
+            except _RunWentSilent as silent:
+                placement = self._placement
+                assert placement is not None
+                workflow.logger.warning(
+                    "run_session went silent; reconciling with the sidecar", extra={"sidecar": placement.sidecar_id}
+                )
+                self._status.reconciles += 1
+                # A re-attached run that goes silent again is reconciled again: each round needs the sidecar
+                # to pick the call up within reconcile_s, which a dead one cannot.
+                reattach = True
+                self._last_silence = silent.loss
+
+    async def _run_once(self, *, reattach: bool) -> RunSessionResult:
         """One run_session on the current sidecar, ended by the host itself or by a stop the workflow sends."""
         placement = self._placement
         assert placement is not None and self._live_since is not None
         limits = self._policy.session
         run_policy = self._policy.activities.run_session
         remaining_s = max(0.0, limits.max_duration_s - (workflow.now() - self._live_since).total_seconds())
+        schedule_to_start_s = run_policy.reconcile_s if reattach else run_policy.schedule_to_start_s
         handle = workflow.start_activity(
             ActivityName.RUN_SESSION,
             RunSessionInput(
@@ -408,10 +450,12 @@ class SessionWorkflow:
                 max_duration_s=remaining_s,
                 stats_interval_s=limits.stats_interval_s,
                 stats_report_interval_s=limits.stats_report_interval_s,
+                control_plane_grace_s=limits.control_plane_grace_s,
+                reattach=reattach,
             ),
             result_type=RunSessionResult,
             task_queue=placement.task_queue,
-            schedule_to_start_timeout=timedelta(seconds=run_policy.schedule_to_start_s),
+            schedule_to_start_timeout=timedelta(seconds=schedule_to_start_s),
             # Generous: the workflow's own limit timers and stop come first; this only bounds a host
             # that heartbeats yet never ends.
             start_to_close_timeout=timedelta(
@@ -420,7 +464,7 @@ class SessionWorkflow:
             heartbeat_timeout=timedelta(seconds=run_policy.heartbeat_timeout_s),
             retry_policy=_SINGLE_ATTEMPT,
             cancellation_type=_SIDECAR_CANCELLATION,
-            summary=f"run_session on {placement.sidecar_id}",
+            summary=f"{'reconcile: ' if reattach else ''}run_session on {placement.sidecar_id}",
         )
         stop_sent_at: datetime | None = None
         try:
@@ -462,17 +506,48 @@ class SessionWorkflow:
         except ActivityError as err:
             if isinstance(err.cause, ActivityCancelledError):
                 return RunSessionResult(end_reason=self._stop_reason or EndReason.STOPPED, stats=self._status.stats)
-            if isinstance(err.cause, ActivityTimeoutError) and err.cause.last_heartbeat_details:
-                details = err.cause.last_heartbeat_details[0]
+            cause = err.cause
+            if isinstance(cause, ActivityTimeoutError) and cause.last_heartbeat_details:
+                details = cause.last_heartbeat_details[0]
                 if isinstance(details, dict):
                     self._status.stats = details
+            if isinstance(cause, ActivityTimeoutError) and cause.type is TimeoutType.HEARTBEAT:
+                raise _RunWentSilent(self._loss(placement, _timeout_name(cause))) from err
+            if reattach and isinstance(cause, ActivityTimeoutError) and cause.type is TimeoutType.SCHEDULE_TO_START:
+                # Silent, and no answer to the reconcile either: the host is gone. The loss names the
+                # silence that started it (the heartbeat timeout), detected now.
+                assert self._last_silence is not None
+                unanswered = f"no answer to the reconcile within {run_policy.reconcile_s:g} s"
+                raise _SidecarLost(self._loss(placement, self._last_silence.timeout_type, detail=unanswered)) from err
             raise self._classify(ActivityName.RUN_SESSION, err, placement) from err
+
+    def _loss(self, placement: Placement, timeout_type: str, *, detail: str = "") -> SidecarLoss:
+        return SidecarLoss(
+            sidecar_id=placement.sidecar_id,
+            incarnation=placement.incarnation,
+            phase=self._status.phase,
+            timeout_type=timeout_type,
+            detected_at=workflow.now().isoformat(),
+            detail=detail,
+        )
 
     def _next_limit(self) -> tuple[EndReason, datetime]:
         assert self._live_since is not None and self._last_audio_at is not None
         limits = self._policy.session
         max_at = self._live_since + timedelta(seconds=limits.max_duration_s)
-        idle_at = self._last_audio_at + timedelta(seconds=limits.idle_timeout_s + limits.stats_report_interval_s)
+        report_interval = timedelta(seconds=limits.stats_report_interval_s)
+        idle_at = self._last_audio_at + timedelta(seconds=limits.idle_timeout_s) + report_interval
+        reported_at = self._status.stats_reported_at
+        now = workflow.now()
+        out_of_touch = max(
+            timedelta(seconds=self._policy.activities.run_session.heartbeat_timeout_s), 2 * report_interval
+        )
+        if idle_at <= now and (not reported_at or datetime.fromisoformat(reported_at) < now - out_of_touch):
+            # No report for longer than the heartbeat timeout (or two report intervals): the workflow is not
+            # hearing the sidecar (the control plane was unreachable, or the run is being reconciled) and
+            # cannot tell idle from unheard, so the backstop waits for a report. The sidecar enforces the
+            # idle timeout itself.
+            idle_at = now + report_interval
         if idle_at < max_at:
             return EndReason.IDLE_TIMEOUT, idle_at
         return EndReason.MAX_DURATION, max_at
@@ -496,7 +571,10 @@ class SessionWorkflow:
             "sidecar lost", extra={"sidecar": loss.sidecar_id, "timeout": loss.timeout_type, "phase": loss.phase}
         )
         self._status.sidecar_losses.append(loss)
-        self._lost_incarnations.append(loss.incarnation)
+        session_gone = loss.timeout_type == ErrorCode.SIDECAR_SESSION_GONE
+        if not session_gone:
+            # A host that answered (it only dropped this session) stays a candidate for the re-placement.
+            self._lost_incarnations.append(loss.incarnation)
         lost_placement = self._placement
         self._placement = None
         if lost_placement is not None:
@@ -505,11 +583,14 @@ class SessionWorkflow:
             raise _Stopped()
         host_failure = self._policy.host_failure
         what = f"sidecar {loss.sidecar_id} was lost ({_loss_cause(loss.timeout_type)}) while {loss.phase.value}"
+        if loss.detail:
+            what += f" [{loss.detail}]"
+        code = ErrorCode.SIDECAR_SESSION_GONE if session_gone else ErrorCode.SIDECAR_LOST
         if host_failure.on_sidecar_lost == SidecarLostAction.END:
-            raise _SessionFailed(ErrorCode.SIDECAR_LOST, f"{what}; policy host_failure.on_sidecar_lost is `end`")
+            raise _SessionFailed(code, f"{what}; policy host_failure.on_sidecar_lost is `end`")
         if self._status.replacements >= host_failure.max_replacements:
             raise _SessionFailed(
-                ErrorCode.SIDECAR_LOST,
+                code,
                 f"{what}; already re-placed {self._status.replacements} time(s), the policy's maximum",
             )
         self._status.replacements += 1
@@ -646,7 +727,13 @@ class SessionWorkflow:
             await _cancel_and_wait(handle)
             raise
         except ActivityError as err:
-            raise self._classify(name, err, placement) from err
+            failure = self._classify(name, err, placement)
+            if interruptible and isinstance(failure, _SessionFailed) and self._stop_reason is not None:
+                # The step failed in the same moment a stop was accepted: the caller asked the session to
+                # end, and it ends `stopped` (the step's failure is moot), never failed after a 200 stop.
+                workflow.logger.info("step failed after a stop was accepted", extra={"error": failure.code})
+                raise _Stopped() from err
+            raise failure from err
 
     def _classify(self, name: ActivityName, err: ActivityError, placement: Placement | None) -> Exception:
         cause = err.cause
@@ -654,16 +741,9 @@ class SessionWorkflow:
             isinstance(cause, ActivityTimeoutError)
             or (isinstance(cause, ApplicationError) and cause.type in _HOST_GONE_CODES)
         ):
-            timeout_type = _timeout_name(cause) if isinstance(cause, ActivityTimeoutError) else cause.type
-            return _SidecarLost(
-                SidecarLoss(
-                    sidecar_id=placement.sidecar_id,
-                    incarnation=placement.incarnation,
-                    phase=self._status.phase,
-                    timeout_type=str(timeout_type),
-                    detected_at=workflow.now().isoformat(),
-                )
-            )
+            if isinstance(cause, ActivityTimeoutError):
+                return _SidecarLost(self._loss(placement, _timeout_name(cause)))
+            return _SidecarLost(self._loss(placement, str(cause.type), detail=cause.message))
         if isinstance(cause, ApplicationError):
             return _SessionFailed(cause.type or ErrorCode.SIDECAR_ERROR, cause.message)
         if isinstance(cause, ActivityTimeoutError):
@@ -733,4 +813,6 @@ def _loss_cause(timeout_type: str) -> str:
         return "it shut down"
     if timeout_type == ErrorCode.SIDECAR_RESTARTED:
         return "it restarted"
+    if timeout_type == ErrorCode.SIDECAR_SESSION_GONE:
+        return "it no longer has the session: it ended it after losing contact with the control plane"
     return f"{timeout_type} timeout: it went silent"

@@ -43,7 +43,8 @@ def _up(args: argparse.Namespace) -> int:
     from infra import stack
 
     try:
-        rows = stack.up(stack.StackPorts.free() if args.free_ports else None)
+        # On purpose in the background: the one stack that outlives the command that started it.
+        rows = stack.up(stack.StackPorts.free() if args.free_ports else None, detached=True)
     except stack.StackError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

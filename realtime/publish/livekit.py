@@ -42,6 +42,9 @@ end-to-end latency per frame and match frames to audio positions.
 Reconnects: the SDK resumes short outages itself; when it gives up (`disconnected` not
 caused by us) the publisher joins again with backoff on a fresh `rtc.Room` and republishes
 the same sources. Ticks while disconnected are counted as dropped, never queued (live).
+While the SDK is resuming (`reconnecting` until `reconnected`) nothing reaches a viewer, so
+the publisher reports itself not connected from the first moment: the session's output-down
+timeout, not the SDK's own retry budget, decides when the session falls back.
 """
 
 from __future__ import annotations
@@ -225,6 +228,8 @@ class LiveKitPublisher:
                 await room.disconnect()
             raise LiveKitPublishError(f"joined room {self.target.room!r} but could not publish: {exc}") from exc
         room.on("disconnected", self._on_disconnected)
+        room.on("reconnecting", lambda: self._on_transport_state(room, connected=False))
+        room.on("reconnected", lambda: self._on_transport_state(room, connected=True))
         self._room = room
         self._stats.connected = True
         logger.info(
@@ -348,6 +353,17 @@ class LiveKitPublisher:
             extra["audio_queued_ms"] = round(
                 self._source_clock.queued_samples(answered_s) * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ, 3
             )
+
+    def _on_transport_state(self, room: rtc.Room, *, connected: bool) -> None:
+        """The SDK lost (reconnecting) or resumed (reconnected) the connection of the room in use."""
+        if room is not self._room or self._closing:
+            return  # a room this publisher already left
+        self._stats.connected = connected
+        if not connected:
+            self._stats.last_error = "reconnecting: the connection to livekit-server broke"
+            logger.warning("livekit connection lost; the SDK is resuming it", extra={"room": self.target.room})
+        else:
+            logger.info("livekit connection resumed", extra={"room": self.target.room})
 
     def _on_disconnected(self, reason: object = None) -> None:
         self._stats.connected = False

@@ -57,7 +57,10 @@ class HostConfig:
     video_delay_ms: float = 40.0  # see realtime.publish.livekit
     max_video_bitrate_bps: int = 1_500_000
     renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
-    output_down_timeout_s: float = 30.0  # an output disconnected this long ends the session (output_failed)
+    # An output disconnected this long ends the run `output_failed`, so the workflow moves the session to the
+    # policy's next output. Short on purpose: outputs report a broken transport at once (LiveKit's signal
+    # connection lost = reconnecting, RTMP's ffmpeg gone), and a viewer sees nothing meanwhile.
+    output_down_timeout_s: float = 2.0
     # The share of time a session is expected to speak, for admission control: 1.0 (the default) sizes capacity
     # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
     # per GPU, with frames skipped under load if they all speak at once). In (0, 1].

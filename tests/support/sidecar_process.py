@@ -22,7 +22,7 @@ from typing import IO, Any
 import httpx
 
 from infra.paths import PROJECT_ROOT
-from infra.process import free_port, log_tail
+from infra.process import free_port, log_tail, spawn
 from tests.support.credentials import service_headers
 from tests.support.temporal_harness import Harness
 from workflows.contracts import sidecar_task_queue
@@ -84,9 +84,8 @@ class SidecarProcesses:
             argv += ["--recordings-dir", str(recordings_dir)]
         api_key, api_secret = self.livekit_credentials
         env = {**os.environ, "LIVEKIT_API_KEY": api_key, "LIVEKIT_API_SECRET": api_secret}
-        process = await asyncio.to_thread(
-            subprocess.Popen, argv, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        # Tethered: it dies with this test process however that ends (a CI `timeout` included).
+        process = await asyncio.to_thread(spawn, argv, log=log, cwd=PROJECT_ROOT, env=env)
         self.running[name] = process
         self.logs[name] = log_path
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S

@@ -83,6 +83,8 @@ for _name in ("prepare_avatar", "warm_up", "open_output", "stop_session", "teard
     FAST_POLICY_OVERRIDES[f"activities.{_name}.heartbeat_timeout_s"] = 1.5
 FAST_POLICY_OVERRIDES["activities.run_session.schedule_to_start_s"] = 2.0
 FAST_POLICY_OVERRIDES["activities.run_session.heartbeat_timeout_s"] = 1.5
+# Temporal stays up in most tests: a live sidecar picks the reconcile up at once, a dead one never does.
+FAST_POLICY_OVERRIDES["activities.run_session.reconcile_s"] = 1.5
 
 
 def fast_policy(**overrides: Any) -> SessionPolicy:

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
+from infra import temporal
 from tests.support.asset_server import AssetServer
 from tests.support.media import frames_zip
+from tests.support.restartable_temporal import RestartableTemporal
 from tests.support.temporal_harness import Harness
 
 
@@ -30,3 +32,14 @@ def avatar_url(asset_server: AssetServer) -> str:
 async def harness(temporal_client: Client, tmp_path: Path) -> AsyncIterator[Harness]:
     async with Harness(temporal_client, tmp_path) as world:
         yield world
+
+
+@pytest.fixture
+def temporal_server(tmp_path: Path, service_logs_dir: Path) -> Iterator[RestartableTemporal]:
+    config = temporal.TemporalDevServerConfig(db_file=tmp_path / "temporal.db").with_free_ports()
+    server = RestartableTemporal(config, service_logs_dir / f"temporal-outage-{config.port}.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop_all()

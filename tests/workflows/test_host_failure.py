@@ -31,6 +31,8 @@ pytestmark = pytest.mark.service
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT_S = 2.0
+# A silent sidecar is reconciled with before it is declared lost: a dead one does not pick the reconcile up.
+RECONCILE_S = 1.5
 LEASE_S = 3.0
 DETECTION_SLACK_S = 1.5  # server timer processing + our 0.1 s status polling, on two busy cores
 
@@ -64,6 +66,7 @@ def host_failure_policy(action: str) -> SessionPolicy:
     return fast_policy(
         host_failure__on_sidecar_lost=action,
         activities__run_session__heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+        activities__run_session__reconcile_s=RECONCILE_S,
     )
 
 
@@ -92,9 +95,12 @@ async def test_sigkilled_sidecar_is_detected_and_the_session_moves_to_another(
     assert loss.sidecar_id == first and loss.timeout_type == "HEARTBEAT" and loss.phase is Phase.LIVE
     detection_s = (datetime.fromisoformat(loss.detected_at) - killed_at).total_seconds()
     logger.info(
-        "sidecar loss detected %.2f s after SIGKILL (heartbeat timeout %.1f s)", detection_s, HEARTBEAT_TIMEOUT_S
+        "sidecar loss detected %.2f s after SIGKILL (heartbeat timeout %.1f s + reconcile %.1f s)",
+        detection_s,
+        HEARTBEAT_TIMEOUT_S,
+        RECONCILE_S,
     )
-    assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + DETECTION_SLACK_S, detection_s
+    assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + RECONCILE_S + DETECTION_SLACK_S, detection_s
     assert moved.replacements == 1
     assert moved.avatar is not None and moved.avatar.cache_hit  # prepared avatar reused, no refetch
     assert moved.output == "livekit" and moved.stats.get("output") == "livekit"
@@ -130,9 +136,12 @@ async def test_sigkilled_sidecar_ends_the_session_when_policy_says_end(
     [loss] = status.sidecar_losses
     detection_s = (datetime.fromisoformat(loss.detected_at) - killed_at).total_seconds()
     logger.info(
-        "sidecar loss detected %.2f s after SIGKILL (heartbeat timeout %.1f s)", detection_s, HEARTBEAT_TIMEOUT_S
+        "sidecar loss detected %.2f s after SIGKILL (heartbeat timeout %.1f s + reconcile %.1f s)",
+        detection_s,
+        HEARTBEAT_TIMEOUT_S,
+        RECONCILE_S,
     )
-    assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + DETECTION_SLACK_S, detection_s
+    assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + RECONCILE_S + DETECTION_SLACK_S, detection_s
 
     await wait_for_lease_expiry(world, first)
     # No slot leaked anywhere: released at teardown or reclaimed with the dead sidecar's lease, whichever came first.

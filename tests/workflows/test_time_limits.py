@@ -83,6 +83,8 @@ def limits_policy(idle_timeout_s: float, max_duration_s: float) -> SessionPolicy
         session__stop_grace_s=SLOW_STEPS_S,
         # Longer than the skip: a skipped hour must not look like a dead host.
         activities__run_session__heartbeat_timeout_s=4 * max(idle_timeout_s, max_duration_s),
+        # The policy refuses a grace shorter than the heartbeat timeout it must outlast.
+        session__control_plane_grace_s=8 * max(idle_timeout_s, max_duration_s),
         activities__stop_session__schedule_to_start_s=SLOW_STEPS_S,
         activities__teardown__schedule_to_start_s=SLOW_STEPS_S,
         activities__release_slot__schedule_to_close_s=SLOW_STEPS_S,

@@ -1,0 +1,402 @@
+"""Chaos benchmark: N live sessions on a real local deployment while components are killed or paused.
+
+    python -m bench.chaos --sessions 8 --faults 30 --json bench/results/chaos-cpu-<yyyymmdd>.json
+        [--sidecars 3] [--slots 4] [--seed N]
+
+Deployment (bench.api's: the embedded stack — Temporal dev server on its database file,
+livekit-server, nginx-rtmp — one `lipsync worker`, `--sidecars` × `lipsync sidecar` with the
+preview engine, one `lipsync api`, all separate processes on free ports). Sessions are created
+through the API with LiveKit first and RTMP as the policy's fallback.
+
+Faults, one at a time, in an order drawn from `--seed` (recorded in the JSON):
+- `temporal`: the Temporal server stopped for 8-20 s and started again on the same database;
+- `worker`: the control worker SIGKILLed and restarted;
+- `api`: the API process SIGKILLed and restarted;
+- `sidecar_kill`: a sidecar SIGKILLed (its sessions are re-placed: `replace_s`), then restarted;
+- `sidecar_pause`: a sidecar SIGSTOPped for 2-6 s (under the heartbeat timeout) and SIGCONTed;
+- `livekit`: livekit-server SIGKILLed (sessions fail over to RTMP: `failover_s`), restarted, and the
+  sessions replaced by fresh ones on LiveKit (stop, then start) so the next such fault measures again.
+
+After each fault every session must be live again with fresh stats within `--recover-s`;
+a session that ended or never recovered counts in `sessions_lost_unexpectedly`. At the end every
+session is stopped and the leaks are counted: slots still held in placement, sessions still on a
+sidecar, and processes of the run still alive after the deployment stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.api import Deployment
+
+logger = logging.getLogger("bench.chaos")
+
+FAULT_KINDS = ("temporal", "worker", "api", "sidecar_kill", "sidecar_pause", "livekit")
+POLL_S = 0.25
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+class ChaosDeployment(Deployment):
+    """bench.api's deployment with long session limits (the sessions idle through the run) and restartable services."""
+
+    def __init__(self, work_dir: Path, sidecars: int, slots: int) -> None:
+        super().__init__(work_dir, sidecars, slots, "preview", 60.0)
+        self.restarted_stack: dict[str, int] = {}  # stack services this run killed and started again: name -> pid
+        self.extra_processes: list[Any] = []
+
+    def env(self) -> dict[str, str]:
+        from infra import stack
+        from infra.demo import demo_policies
+
+        policies = demo_policies(
+            self.work_dir,
+            {"session.idle_timeout_s": 3600.0, "session.max_duration_s": 7200.0},
+        )
+        return {
+            **stack.service_env(self.ports),
+            "LIPSYNC_API_KEYS": self.api_key,
+            "LIPSYNC_SIDECAR_URLS": ",".join(
+                f"{sid}=http://127.0.0.1:{port}" for sid, port in self.sidecar_ports.items()
+            ),
+            "LIPSYNC_POLICIES": str(policies),
+            "LIPSYNC_PUBLIC_BASE_URL": self.api_url,
+            "LIPSYNC_TRACE_EXPORTER": "none",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def process(self, name: str) -> Any:
+        return next(process for process in self.processes if process.name == name)
+
+    def stack_pid(self, name: str) -> int:
+        from infra import stack
+
+        state = stack.StackState.load(self.stack_dir)
+        assert state is not None
+        return self.restarted_stack.get(name) or state.pids[name]
+
+    def restart_stack_service(self, name: str) -> None:
+        from infra import stack
+
+        process = stack.service_process(name, self.ports, self.stack_dir)
+        process.start()
+        assert process.pid is not None
+        self.restarted_stack[name] = process.pid
+        self.extra_processes.append(process)
+
+
+class Chaos:
+    def __init__(self, deployment: ChaosDeployment, sessions: int, rng: random.Random, recover_s: float) -> None:
+        self.deployment = deployment
+        self.session_count = sessions
+        self.rng = rng
+        self.recover_s = recover_s
+        self.sessions: list[str] = []
+        self.lost: list[dict[str, Any]] = []
+        self.failover_s: list[float] = []
+        self.replace_s: list[float] = []
+        self.faults: list[dict[str, Any]] = []
+        self.avatar_url = ""
+        self.rtmp_url = ""
+
+    # --- sessions -----------------------------------------------------------------------
+
+    async def client(self) -> Any:
+        from workflows.temporal_client import connect_client
+
+        while True:
+            try:
+                return await connect_client(f"127.0.0.1:{self.deployment.ports.temporal}")
+            except Exception:
+                await asyncio.sleep(1.0)
+
+    async def status(self, session_id: str) -> Any:
+        from workflows.client import session_status
+
+        while True:
+            try:
+                return await session_status(self.temporal, session_id)
+            except Exception:
+                await asyncio.sleep(POLL_S)
+
+    async def start_sessions(self) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(
+            base_url=self.deployment.api_url, headers={"X-API-Key": self.deployment.api_key}, timeout=60
+        ) as http:
+            created = []
+            for index in range(self.session_count):
+                room = f"chaos-{index}-{os.urandom(3).hex()}"
+                body = {
+                    "avatar": {"frames_zip_url": self.avatar_url},
+                    "output": {"livekit": {"room": room}, "rtmp": {"url": f"{self.rtmp_url}/{room}"}},
+                }
+                response = await http.post("/v1/sessions", json=body)
+                response.raise_for_status()
+                created.append(response.json()["session_id"])
+        self.sessions = created
+        await self.wait_all(lambda s: s.phase.value == "live" and s.output == "livekit", since=None)
+
+    async def stop_sessions(self) -> list[str]:
+        from workflows.client import stop_session
+
+        for session_id in self.sessions:
+            await stop_session(self.temporal, session_id, "bench.chaos")
+        ends = []
+        for session_id in self.sessions:
+            status = await self.status(session_id)
+            deadline = time.monotonic() + 60
+            while status.phase.value not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_S)
+                status = await self.status(session_id)
+            ends.append(f"{status.phase.value}:{status.end_reason.value if status.end_reason else '-'}")
+        return ends
+
+    async def wait_all(self, predicate: Any, since: datetime | None) -> list[str]:
+        """Wait until every session satisfies predicate (and reported after `since`); returns the ones that did not."""
+        deadline = time.monotonic() + self.recover_s
+        pending = list(self.sessions)
+        while pending and time.monotonic() < deadline:
+            still = []
+            for session_id in pending:
+                status = await self.status(session_id)
+                if status.phase.value in ("completed", "failed", "cancelled"):
+                    self.lost.append({"session": session_id, "phase": status.phase.value,
+                                      "error": status.error.code if status.error else None})  # fmt: skip
+                    continue
+                fresh = since is None or (
+                    bool(status.stats_reported_at) and datetime.fromisoformat(status.stats_reported_at) > since
+                )
+                if not (predicate(status) and fresh):
+                    still.append(session_id)
+            pending = still
+            if pending:
+                await asyncio.sleep(1.0)
+        for session_id in pending:
+            self.lost.append({"session": session_id, "phase": "unrecovered"})
+        self.sessions = [s for s in self.sessions if not any(entry["session"] == s for entry in self.lost)]
+        return pending
+
+    # --- faults -------------------------------------------------------------------------
+
+    async def inject(self, kind: str) -> dict[str, Any]:
+        deployment = self.deployment
+        record: dict[str, Any] = {"kind": kind, "at": datetime.now(UTC).isoformat()}
+        if kind == "temporal":
+            outage_s = self.rng.uniform(8.0, 20.0)
+            os.killpg(deployment.stack_pid("temporal"), signal.SIGTERM)
+            await asyncio.sleep(outage_s)
+            await asyncio.to_thread(deployment.restart_stack_service, "temporal")
+            record["outage_s"] = round(outage_s, 1)
+        elif kind in ("worker", "api"):
+            process = deployment.process(kind)
+            os.killpg(process.pid, signal.SIGKILL)
+            await asyncio.to_thread(process.start)
+        elif kind == "sidecar_kill":
+            victim = self.rng.choice(sorted(deployment.sidecar_ports))
+            process = deployment.process(victim)
+            on_victim = [s for s in self.sessions if (await self.status(s)).sidecar == victim]
+            killed = time.monotonic()
+            os.killpg(process.pid, signal.SIGKILL)
+            record.update(sidecar=victim, sessions=len(on_victim))
+            pending = set(on_victim)
+            deadline = killed + self.recover_s
+            while pending and time.monotonic() < deadline:
+                for session_id in list(pending):
+                    status = await self.status(session_id)
+                    if status.phase.value == "live" and status.sidecar and status.sidecar != victim:
+                        self.replace_s.append(time.monotonic() - killed)
+                        pending.discard(session_id)
+                await asyncio.sleep(POLL_S)
+            await asyncio.to_thread(process.start)  # a new incarnation under the same id
+        elif kind == "sidecar_pause":
+            victim = self.rng.choice(sorted(deployment.sidecar_ports))
+            pause_s = self.rng.uniform(2.0, 6.0)
+            pid = deployment.process(victim).pid
+            os.killpg(pid, signal.SIGSTOP)
+            await asyncio.sleep(pause_s)
+            os.killpg(pid, signal.SIGCONT)
+            record.update(sidecar=victim, pause_s=round(pause_s, 1))
+        elif kind == "livekit":
+            killed = time.monotonic()
+            os.killpg(deployment.stack_pid("livekit"), signal.SIGKILL)
+            pending = set(self.sessions)
+            while pending and time.monotonic() < killed + self.recover_s:
+                for session_id in list(pending):
+                    status = await self.status(session_id)
+                    if status.output == "rtmp" and status.phase.value == "live":
+                        self.failover_s.append(time.monotonic() - killed)
+                        pending.discard(session_id)
+                await asyncio.sleep(POLL_S)
+            await asyncio.to_thread(deployment.restart_stack_service, "livekit")
+            record["stopped_after_failover"] = await self.stop_sessions()
+            await self.start_sessions()
+        return record
+
+    async def run(self, faults: int) -> None:
+        self.temporal = await self.client()
+        await self.start_sessions()
+        order: list[str] = []
+        while len(order) < faults:
+            round_kinds = list(FAULT_KINDS)
+            self.rng.shuffle(round_kinds)
+            order.extend(round_kinds)
+        for kind in order[:faults]:
+            began = time.monotonic()
+            record = await self.inject(kind)
+            injected_end = datetime.now(UTC)
+            unrecovered = await self.wait_all(lambda s: s.phase.value == "live", since=injected_end)
+            record["recovered_s"] = round(time.monotonic() - began, 1)
+            record["unrecovered"] = unrecovered
+            logger.info("fault %d/%d %s: %s", len(self.faults) + 1, faults, kind, record)
+            self.faults.append(record)
+            if len(self.sessions) < self.session_count:
+                break  # a session was lost: the run has failed its invariant; stop and report it
+
+
+async def leaks(deployment: ChaosDeployment, temporal: Any) -> dict[str, Any]:
+    import httpx
+
+    from workflows.contracts import PLACEMENT_WORKFLOW_ID
+    from workflows.placement import PlacementWorkflow
+
+    snapshot = await temporal.get_workflow_handle_for(PlacementWorkflow.run, PLACEMENT_WORKFLOW_ID).query(
+        PlacementWorkflow.snapshot
+    )
+    slots = sum(len(record.sessions) for record in snapshot.sidecars)
+    hosted = 0
+    async with httpx.AsyncClient(timeout=10) as http:
+        for port in deployment.sidecar_ports.values():
+            hosted += len((await http.get(f"http://127.0.0.1:{port}/healthz")).json().get("sessions") or {})
+    return {"slots_held": slots, "sidecar_sessions": hosted}
+
+
+def leaked_processes(work_dir: Path) -> int:
+    """Processes still running whose command line names this run's directory (after the deployment stopped)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(work_dir) in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--faults", type=int, default=30)
+    parser.add_argument("--sidecars", type=int, default=3)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--recover-s", type=float, default=120.0)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "infra.process", "temporalio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    logger.info("seed %d", seed)
+
+    from bench.machine import cpu_name
+    from infra.demo import avatar_zip_bytes, serve_directory
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
+        work_dir = Path(tmp)
+        deployment = ChaosDeployment(work_dir, args.sidecars, args.slots)
+        assets = work_dir / "assets"
+        assets.mkdir()
+        (assets / "astronaut.zip").write_bytes(avatar_zip_bytes())
+        chaos = Chaos(deployment, args.sessions, random.Random(seed), args.recover_s)
+        leak: dict[str, Any] = {}
+        ends: list[str] = []
+        try:
+            deployment.start()
+            with serve_directory(assets) as assets_url:
+                chaos.avatar_url = f"{assets_url}/astronaut.zip"
+                chaos.rtmp_url = f"rtmp://127.0.0.1:{deployment.ports.rtmp}/live"
+
+                async def body() -> None:
+                    nonlocal ends, leak
+                    await chaos.run(args.faults)
+                    ends = await chaos.stop_sessions()
+                    await asyncio.sleep(3.0)  # teardown and release land
+                    leak = await leaks(deployment, chaos.temporal)
+
+                asyncio.run(body())
+        finally:
+            for process in deployment.extra_processes:
+                process.stop()
+            deployment.stop()
+        processes_left = leaked_processes(work_dir)
+    leak_detail: dict[str, Any] = dict(leak)
+    leak_detail["processes"] = processes_left
+    summary = {
+        "faults_injected": len(chaos.faults),
+        "sessions_lost_unexpectedly": len(chaos.lost),
+        "leaks": leak.get("slots_held", 0) + leak.get("sidecar_sessions", 0) + processes_left,
+        "failover_s_p50": _pct(chaos.failover_s, 50),
+        "failover_s_max": round(max(chaos.failover_s), 2) if chaos.failover_s else None,
+        "replace_s_p50": _pct(chaos.replace_s, 50),
+        "replace_s_max": round(max(chaos.replace_s), 2) if chaos.replace_s else None,
+        "temporal_outage_s_max_survived": max(
+            (f["outage_s"] for f in chaos.faults if f["kind"] == "temporal" and not f["unrecovered"]), default=None
+        ),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    document = {
+        "benchmark": "chaos",
+        "device": cpu_name(),
+        "torch": None,
+        "settings": {
+            "engine": "preview",
+            "sessions": args.sessions,
+            "sidecars": args.sidecars,
+            "slots_per_sidecar": args.slots,
+            "seed": seed,
+            "outputs": "livekit first, rtmp fallback (local livekit-server --dev, nginx-rtmp)",
+            "speech": "none: sessions idle (the preview engine renders idle frames)",
+            "fault_kinds": list(FAULT_KINDS),
+            "notes": args.notes,
+        },
+        "summary": summary,
+        "results": [
+            {
+                "faults": chaos.faults,
+                "lost": chaos.lost,
+                "leak_detail": leak_detail,
+                "final_ends": ends,
+                "failover_s": [round(v, 2) for v in chaos.failover_s],
+                "replace_s": [round(v, 2) for v in chaos.replace_s],
+            }
+        ],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["sessions_lost_unexpectedly"] == 0 and summary["leaks"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Fast failover: an output server dies mid-session and the policy's next output is live within seconds.
+
+A real sidecar process (`lipsync sidecar`, CPU preview engine) publishes to its own real
+livekit-server (this test's, so killing it harms no other test) on the real Temporal dev
+server; the request names LiveKit and RTMP (nginx-rtmp), the policy's order. livekit-server
+is SIGKILLed: the publisher sees its connection break at once (the SDK's `reconnecting`), the
+run ends `output_failed` after the sidecar's short output-down timeout, and switch_output
+moves the session to RTMP under the same session clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from infra import livekit, rtmp
+from infra.process import ManagedProcess
+from infra.rtmp import RtmpServerConfig
+from infra.temporal import TemporalDevServerConfig
+from tests.support.sidecar_process import SidecarProcesses
+from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
+from tests.workflows.test_output_fallback import publishing_streams
+from workflows.client import stop_session
+from workflows.contracts import EndReason, LiveKitOutputRequest, OutputRequest, Phase, RtmpOutputRequest
+from workflows.session import SessionWorkflow
+
+pytestmark = pytest.mark.service
+logger = logging.getLogger(__name__)
+
+DETECTED_WITHIN_S = 3.0  # the dead LiveKit output ends the run
+RTMP_LIVE_WITHIN_S = 5.0  # the RTMP stream is being published, counted from the kill
+SLACK_S = 1.0  # 0.1 s polling of status and nginx's /stat, on two busy cores
+
+
+@pytest.fixture
+def own_livekit(tmp_path: Path) -> Iterator[tuple[livekit.LiveKitServerConfig, ManagedProcess]]:
+    config = livekit.LiveKitServerConfig().with_free_ports()
+    process = livekit.server_process(config, tmp_path / "livekit")
+    process.start()
+    try:
+        yield config, process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def world(temporal_client: Client, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with Harness(temporal_client, tmp_path) as harness:
+        yield harness
+
+
+@pytest.fixture
+def sidecars(
+    temporal_dev_server: TemporalDevServerConfig,
+    world: Harness,
+    tmp_path: Path,
+    own_livekit: tuple[livekit.LiveKitServerConfig, ManagedProcess],
+) -> Iterator[SidecarProcesses]:
+    config, _ = own_livekit
+    processes = SidecarProcesses(
+        temporal_dev_server.target, world, tmp_path, livekit_credentials=(config.api_key, config.api_secret)
+    )
+    yield processes
+    processes.stop_all()
+
+
+async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
+    world: Harness,
+    sidecars: SidecarProcesses,
+    own_livekit: tuple[livekit.LiveKitServerConfig, ManagedProcess],
+    rtmp_server: RtmpServerConfig,
+    avatar_url: str,
+) -> None:
+    lk_config, lk_process = own_livekit
+    sidecar_id = await sidecars.spawn("a")
+    stream = f"failover-{world.suffix}"
+    request = world.request(
+        avatar_url,
+        OutputRequest(
+            livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
+            rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream)),
+        ),
+    )
+    handle = await world.start(request, fast_policy())
+    live = await wait_for_status(
+        handle, lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0
+    )
+    frames_before = int(live.stats["frames_published"])
+
+    assert lk_process.pid is not None
+    killed_at = time.monotonic()
+    os.killpg(lk_process.pid, signal.SIGKILL)
+    detected_s = rtmp_live_s = None
+    while rtmp_live_s is None:
+        elapsed_s = time.monotonic() - killed_at
+        assert elapsed_s < 30, "no failover to RTMP within 30 s"
+        status = await handle.query(SessionWorkflow.status)
+        if detected_s is None and (status.phase is not Phase.LIVE or status.output != "livekit"):
+            detected_s = elapsed_s
+        if status.output == "rtmp" and stream in await asyncio.to_thread(publishing_streams, rtmp_server):
+            rtmp_live_s = elapsed_s
+        await asyncio.sleep(0.1)
+    logger.info("LiveKit death noticed after %.2f s; RTMP live %.2f s after the kill", detected_s, rtmp_live_s)
+    print(f"\nfailover: LiveKit death noticed {detected_s:.2f} s, RTMP live {rtmp_live_s:.2f} s after SIGKILL")
+
+    assert detected_s is not None and detected_s <= DETECTED_WITHIN_S + SLACK_S, detected_s
+    assert rtmp_live_s <= RTMP_LIVE_WITHIN_S + SLACK_S, rtmp_live_s
+    moved = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.stats.get("output") == "rtmp")
+    assert moved.sidecar == sidecar_id and moved.replacements == 0 and moved.sidecar_losses == []
+    assert [(a.kind.value, a.ok, a.live_switch) for a in moved.output_attempts] == [
+        ("livekit", True, False),
+        ("rtmp", True, True),
+    ]
+    # Same session, same clock: the counters go on from where LiveKit left them, and the switch is counted.
+    assert int(moved.stats["frames_published"]) > frames_before and moved.stats["fallbacks"] == 1, moved.stats
+
+    await stop_session(world.client, request.session_id)
+    result = await handle.result()
+    assert result.end_reason is EndReason.STOPPED and result.output == "rtmp"
+
+
+async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
+    world: Harness,
+    sidecars: SidecarProcesses,
+    own_livekit: tuple[livekit.LiveKitServerConfig, ManagedProcess],
+    tmp_path: Path,
+    avatar_url: str,
+) -> None:
+    """The other direction, policy order [rtmp, livekit]: nginx-rtmp (this test's own) is SIGKILLed mid-session."""
+    lk_config, _ = own_livekit
+    nginx_config = RtmpServerConfig().with_free_ports()
+    nginx = rtmp.server_process(nginx_config, tmp_path / "nginx")
+    nginx.start()
+    try:
+        sidecar_id = await sidecars.spawn("a")
+        request = world.request(
+            avatar_url,
+            OutputRequest(
+                livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
+                rtmp=RtmpOutputRequest(url=nginx_config.publish_url(f"ingest-{world.suffix}")),
+            ),
+        )
+        handle = await world.start(request, fast_policy(outputs__fallback_order=["rtmp", "livekit"]))
+        await wait_for_status(
+            handle, lambda s: s.phase is Phase.LIVE and s.output == "rtmp" and s.stats.get("frames_published", 0) > 0
+        )
+        assert nginx.pid is not None
+        killed_at = time.monotonic()
+        os.killpg(nginx.pid, signal.SIGKILL)
+        moved = await wait_for_status(
+            handle,
+            lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("output") == "livekit",
+            timeout_s=30,
+        )
+        switched_s = time.monotonic() - killed_at
+        print(f"\nfailover: RTMP ingest death -> LiveKit live {switched_s:.2f} s after SIGKILL")
+        assert switched_s <= RTMP_LIVE_WITHIN_S + SLACK_S, switched_s
+        assert moved.sidecar == sidecar_id and moved.stats["fallbacks"] == 1, moved.stats
+        await stop_session(world.client, request.session_id)
+        result = await handle.result()
+        assert result.end_reason is EndReason.STOPPED and result.output == "livekit"
+    finally:
+        nginx.stop()
