@@ -31,6 +31,7 @@ from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, spawn
 from tests.sidecar.avcheck import token
+from tests.support.credentials import SIDECAR_SECRET, service_headers
 from tests.support.media import frames_zip
 from workflows.contracts import Phase, SessionStatus
 
@@ -58,13 +59,16 @@ class Sidecar:
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path) -> AsyncIterator[Sidecar]:
+async def sidecar(tmp_path: Path, livekit_server: LiveKitServerConfig) -> AsyncIterator[Sidecar]:
     port = free_port()
     log_path = tmp_path / "sidecar.log"
     with log_path.open("wb") as log:
         argv = [
             *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
             *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", SIDECAR_ID, "--slots", "1"),
+            # The dev control API starts the session here (Temporal is not what is tested), limited to this
+            # test's avatar directory and LiveKit server.
+            *("--dev-api", "--dev-avatar-dir", str(tmp_path), "--dev-livekit-url", livekit_server.ws_url),
         ]
         process = await asyncio.to_thread(spawn, argv, log=log, cwd=PROJECT_ROOT)
     running = Sidecar(port, process, log_path)
@@ -93,7 +97,7 @@ async def relay_url(sidecar: Sidecar) -> AsyncIterator[str]:
         return SessionStatus(session_id=session_id, room="r", phase=Phase.LIVE, sidecar=SIDECAR_ID)
 
     app = FastAPI()
-    directory = SidecarDirectory({SIDECAR_ID: sidecar.url})
+    directory = SidecarDirectory({SIDECAR_ID: sidecar.url}, secret=SIDECAR_SECRET)
 
     @app.websocket("/v1/sessions/{session_id}/audio")
     async def audio(websocket: WebSocket, session_id: str) -> None:
@@ -147,7 +151,9 @@ async def test_a_dead_sidecar_closes_the_client_socket_with_an_error_not_1000(
             "token": token(livekit_server, identity, room),
         },
     }
-    async with httpx.AsyncClient(base_url=sidecar.url, timeout=60, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=sidecar.url, timeout=60, trust_env=False, headers=service_headers()
+    ) as client:
         started = await client.post(f"/v1/sessions/{session_id}", json=body)
     assert started.status_code == 200, started.text
 
