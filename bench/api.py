@@ -66,6 +66,7 @@ class Deployment:
         self.sidecar_ports = {f"bench-sidecar-{i}": free_port() for i in range(sidecars)}
         self.sidecar_secret = secrets.token_hex(32)  # shared by this deployment's API and sidecars
         self.api_key = "bench-" + secrets.token_hex(8)
+        self.admin_key = "bench-admin-" + secrets.token_hex(8)  # /metrics is admin-only
         self.processes: list[Any] = []
         self.stack_up = False
 
@@ -89,6 +90,7 @@ class Deployment:
         return {
             **stack.service_env(self.ports),
             "LIPSYNC_API_KEYS": self.api_key,
+            "LIPSYNC_ADMIN_KEYS": self.admin_key,
             "LIPSYNC_SIDECAR_URLS": ",".join(
                 f"{sid}=http://127.0.0.1:{port}" for sid, port in self.sidecar_ports.items()
             ),
@@ -235,7 +237,7 @@ async def run_sessions(
             entry["final"] = "unsettled"
 
         await asyncio.gather(*(stop(entry) for entry in started))
-        metrics_text = (await http.get("/metrics")).text
+        metrics_text = (await http.get("/metrics", headers={"X-API-Key": deployment.admin_key})).text
     outcomes = Counter(entry["outcome"] for entry in started)
     start_ms = [entry["start_ms"] for entry in started]
     live_ms = [entry["live_ms"] for entry in started if "live_ms" in entry]

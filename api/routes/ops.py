@@ -148,8 +148,10 @@ async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_admin)])
 async def metrics(svc: ServicesDep) -> Response:
+    """Prometheus text. Admin only: the per-session series name every tenant's sessions (scrape with the admin
+    key as `Authorization: Bearer`)."""
     try:
         client: Client | None = await svc.temporal.client()
     except ApiError:

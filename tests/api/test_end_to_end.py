@@ -10,11 +10,10 @@ sees every span.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,15 @@ import httpx
 import numpy as np
 import pytest
 import soxr
-import uvicorn
 import websockets
 
-from activities.sidecar import SidecarWorkerConfig
-from activities.sidecar_worker import run_sidecar_worker
-from api.app import create_app
-from api.settings import ApiSettings
-from infra.demo import avatar_zip_bytes, speech_pcm
+from infra.demo import speech_pcm
 from infra.livekit import LiveKitServerConfig
-from infra.process import free_port
 from infra.temporal import TemporalDevServerConfig
-from realtime.sidecar.config import HostConfig, ServerConfig, SidecarSettings
 from tests.api.tracing_support import span_exporter, span_names
 from tests.sidecar.avcheck import RoomRecorder, align, envelope_correlation
-from tests.support.asset_server import AssetServer
-from tests.support.credentials import SIDECAR_SECRET
-from tests.support.temporal_harness import Harness, fast_policy
-from workflows.contracts import sidecar_task_queue
-from workflows.temporal_client import connect_client
+from tests.support.api_stack import AVATAR_SIDE_PX, api_stack, gray
+from tests.support.temporal_harness import Harness
 
 pytestmark = pytest.mark.service
 
@@ -51,13 +40,8 @@ ADMIN_AUTH = {"X-API-Key": "e2e-admin-key"}
 SENTENCE = "Hello there. The quick brown fox jumps over the lazy dog, and this is a lip sync test."
 RATE_HZ = 16_000
 CHUNK_MS = 100
-SIDE_PX = 256
+SIDE_PX = AVATAR_SIDE_PX
 LIVEKIT = {"livekit": {"room": "e2e-relay-room"}}
-# Heartbeats from a real sidecar on a loaded 2-core machine: generous, still far below production's.
-SIDECAR_POLICY = {
-    f"activities__{name}__heartbeat_timeout_s": 10.0
-    for name in ("prepare_avatar", "warm_up", "open_output", "run_session", "stop_session", "teardown")
-}
 
 
 @dataclass
@@ -69,78 +53,17 @@ class World:
     avatar_url: str
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
-        yield
-
-
 @pytest.fixture
 async def world(
     temporal_dev_server: TemporalDevServerConfig, livekit_server: LiveKitServerConfig, tmp_path: Path
 ) -> AsyncIterator[World]:
-    from realtime.sidecar.process import serve
-
     span_exporter()
-    client = await connect_client(temporal_dev_server.target)
-    credentials = (livekit_server.api_key, livekit_server.api_secret)
-    assets = AssetServer().start()
-    async with Harness(client, tmp_path, livekit_credentials=credentials) as harness:
-        sidecar_id = harness.sidecar_id("real")
-        sidecar_port, api_port = free_port(), free_port()
-        registered = asyncio.Event()
-
-        async def temporal_side(host: Any) -> None:
-            config = SidecarWorkerConfig.for_host(
-                host,
-                tmp_path / "sidecar-assets",
-                control_task_queue=harness.control_queue,
-                placement_workflow_id=harness.placement_id,
-                lease_s=10.0,
-                registration_interval_s=1.0,
-                livekit_api_key=livekit_server.api_key,
-                livekit_api_secret=livekit_server.api_secret,
-            )
-            await run_sidecar_worker(client, host, config, ready=registered)
-
-        settings = SidecarSettings(
-            port=sidecar_port,
-            engine="preview",
-            device="cpu",
-            cache_dir=tmp_path / "avatar-cache",
-            host=HostConfig(sidecar_id=sidecar_id, task_queue=sidecar_task_queue(sidecar_id), slots_total=2),
-            server=ServerConfig(service_secret=SIDECAR_SECRET, stats_interval_ms=0),
-        )
-        sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
-        api_settings = ApiSettings(
-            api_keys=(KEY,),
-            admin_keys=(ADMIN_AUTH["X-API-Key"],),
-            livekit_url=livekit_server.ws_url,
-            livekit_api_key=livekit_server.api_key,
-            livekit_api_secret=livekit_server.api_secret,
-            control_task_queue=harness.control_queue,
-            placement_workflow_id=harness.placement_id,
-            sidecar_urls={sidecar_id: f"http://127.0.0.1:{sidecar_port}"},
-            public_base_url=f"http://127.0.0.1:{api_port}",
-            sidecar_secret=SIDECAR_SECRET,
-        )
-        app = create_app(api_settings, temporal_client=client, policy=fast_policy(**SIDECAR_POLICY))
-        server = _Server(uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning"))
-        serving = asyncio.create_task(server.serve())
-        try:
-            await asyncio.wait_for(registered.wait(), 60)
-            while not server.started:
-                assert not serving.done(), "the API server did not start"
-                await asyncio.sleep(0.05)
-            avatar_url = assets.serve("/astronaut.zip", avatar_zip_bytes(side_px=SIDE_PX), "application/zip")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", headers=AUTH, timeout=30) as api:
-                yield World(api, f"http://127.0.0.1:{api_port}", harness, livekit_server, avatar_url)
-        finally:
-            server.should_exit = True
-            await asyncio.gather(serving, return_exceptions=True)
-            sidecar.cancel()
-            await asyncio.gather(sidecar, return_exceptions=True)
-            assets.stop()
+    admin_keys = (ADMIN_AUTH["X-API-Key"],)
+    async with (
+        api_stack(temporal_dev_server, livekit_server, tmp_path, api_keys=(KEY,), admin_keys=admin_keys) as stack,
+        httpx.AsyncClient(base_url=stack.api_url, headers=AUTH, timeout=30) as api,
+    ):
+        yield World(api, stack.api_url, stack.harness, stack.livekit, stack.avatar_url)
 
 
 async def next_event(ws: Any, kind: str, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -162,10 +85,6 @@ async def wait_phase(api: httpx.AsyncClient, session_id: str, phases: set[str], 
             return body
         assert time.monotonic() < deadline, body
         await asyncio.sleep(0.1)
-
-
-def gray(frame_rgb: np.ndarray) -> np.ndarray:
-    return np.asarray(frame_rgb, dtype=np.float32).mean(axis=2)
 
 
 async def test_a_session_through_the_api_only(world: World) -> None:
@@ -200,7 +119,7 @@ async def test_a_session_through_the_api_only(world: World) -> None:
             await asyncio.sleep(1.0)
             debug = (await api.get("/debug/audio", params={"session_id": session_id})).json()
             debug_all = (await api.get("/debug/audio", headers=ADMIN_AUTH)).json()  # every session: admins only
-            metrics = (await api.get("/metrics")).text
+            metrics = (await api.get("/metrics", headers=ADMIN_AUTH)).text
         stopped = await api.post(f"/v1/sessions/{session_id}/stop", json={"reason": "e2e done"})
         final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"}, 30)
     finally:

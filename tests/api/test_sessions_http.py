@@ -286,8 +286,13 @@ async def test_readyz_and_metrics_when_temporal_is_unreachable() -> None:
     app = create_app(settings, policy=fast_policy())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as api:
         ready = await api.get("/readyz", headers=ADMIN_AUTH)
-        metrics = await api.get("/metrics")
+        metrics = await api.get("/metrics", headers=ADMIN_AUTH)
+        # The per-session series name every tenant's sessions: no key is 401, a tenant's key 403.
+        keyless, tenant = await api.get("/metrics"), await api.get("/metrics", headers=AUTH)
         create = await api.post("/v1/sessions", json=session_body(), headers=AUTH)
+    assert (keyless.status_code, keyless.json()["code"]) == (401, "unauthorized")
+    assert (tenant.status_code, tenant.json()["code"]) == (403, "admin_only")
+    assert "lipsync_" not in keyless.text + tenant.text
     assert ready.status_code == 503 and ready.json()["checks"]["temporal"]["ok"] is False
     assert metrics.status_code == 200 and "lipsync_temporal_up 0.0" in metrics.text
     assert create.status_code == 503 and create.json()["code"] == "temporal_unavailable"
@@ -298,7 +303,7 @@ async def test_metrics_count_sessions_by_phase(world: Harness) -> None:
         created = await api.post("/v1/sessions", json=session_body(), headers=AUTH)
         world.workflow_ids.append(f"session-{created.json()['session_id']}")
         await wait_phase(api, created.json()["session_id"], {"failed"})
-        text = (await api.get("/metrics")).text
+        text = (await api.get("/metrics", headers=ADMIN_AUTH)).text
     assert "lipsync_temporal_up 1.0" in text
     assert 'lipsync_sessions_ended_total{status="failed"}' in text
     assert 'lipsync_sessions_started_total{result="started"}' in text

@@ -67,6 +67,8 @@ async def api_stack(
     *,
     slots: int = 2,
     policy_overrides: dict[str, Any] | None = None,
+    api_keys: tuple[str, ...] = (API_KEY,),
+    admin_keys: tuple[str, ...] = (),
 ) -> AsyncIterator[ApiStack]:
     from realtime.sidecar.process import serve
 
@@ -101,7 +103,8 @@ async def api_stack(
         )
         sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
         api_settings = ApiSettings(
-            api_keys=(API_KEY,),
+            api_keys=api_keys,
+            admin_keys=admin_keys,
             livekit_url=livekit_server.ws_url,
             livekit_api_key=livekit_server.api_key,
             livekit_api_secret=livekit_server.api_secret,
@@ -123,7 +126,7 @@ async def api_stack(
             avatar_url = assets.serve("/astronaut.zip", avatar_zip_bytes(side_px=AVATAR_SIDE_PX), "application/zip")
             yield ApiStack(
                 api_url=f"http://127.0.0.1:{api_port}",
-                api_key=API_KEY,
+                api_key=api_keys[0],
                 harness=harness,
                 livekit=livekit_server,
                 avatar_url=avatar_url,
