@@ -29,28 +29,16 @@ from lipsync_client import (
 )
 
 from infra.demo import speech_pcm
-from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port
-from infra.temporal import TemporalDevServerConfig
 from tests.sidecar.avcheck import RoomRecorder
-from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack
+from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack
 
 pytestmark = pytest.mark.service
 
 SENTENCE = "Hello there, this is the lip sync client speaking."
 RATE_HZ = 16_000
 CLIENT_SRC = PROJECT_ROOT / "infra" / "integrations" / "lipsync-client" / "src"
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    temporal_dev_server: TemporalDevServerConfig,
-    livekit_server: LiveKitServerConfig,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[ApiStack]:
-    async with api_stack(temporal_dev_server, livekit_server, tmp_path_factory.mktemp("client-stack")) as world:
-        yield world
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,12 @@ from livekit import api as livekit_api
 from livekit import rtc
 
 from infra.demo import avatar_zip_bytes, speech_pcm
-from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
-from infra.temporal import TemporalDevServerConfig
-from tests.conftest import IN_CI
 from tests.sidecar.avcheck import RoomRecorder, agent_token
 from tests.sidecar.avcheck import token as viewer_token_for
-from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, api_stack, gray, heard_speech_correlation
+from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, gray, heard_speech_correlation
 from tests.support.asset_server import Route
-from tests.support.framework_venv import FrameworkVenvError, framework_python, integration_pythonpath
+from tests.support.framework_venv import framework_python_or_skip, integration_pythonpath
 
 pytestmark = pytest.mark.service
 
@@ -51,24 +47,9 @@ EVENT_TIMEOUT_S = 90.0  # avatar preparation and the agent env's imports, on two
 
 @pytest.fixture(scope="module")
 def agents_python() -> Path:
-    try:
-        return framework_python(
-            "livekit-agents-1.8.9", AGENTS_REQUIREMENTS, Path(__file__).with_name("agents-constraints.txt")
-        )
-    except FrameworkVenvError as exc:
-        if IN_CI:
-            pytest.fail(f"the livekit-agents env could not be built in CI: {exc}")
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    temporal_dev_server: TemporalDevServerConfig,
-    livekit_server: LiveKitServerConfig,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[ApiStack]:
-    async with api_stack(temporal_dev_server, livekit_server, tmp_path_factory.mktemp("agents-stack")) as world:
-        yield world
+    return framework_python_or_skip(
+        "livekit-agents-1.8.9", AGENTS_REQUIREMENTS, Path(__file__).with_name("agents-constraints.txt")
+    )
 
 
 class AgentProcess:

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,17 @@ import soxr
 from lipsync_client import LipsyncClient
 
 from infra.demo import speech_pcm
-from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
-from infra.temporal import TemporalDevServerConfig
-from tests.conftest import IN_CI
 from tests.sidecar.avcheck import RoomRecorder
 from tests.sidecar.avcheck import token as viewer_token_for
 from tests.support.api_stack import (
     AVATAR_SIDE_PX,
     ApiStack,
-    api_stack,
     heard_speech_correlation,
     lips_move_with_speech,
     loud_frame_offsets,
 )
-from tests.support.framework_venv import FrameworkVenvError, framework_python, integration_pythonpath
+from tests.support.framework_venv import framework_python_or_skip, integration_pythonpath
 
 pytestmark = pytest.mark.service
 
@@ -52,24 +47,9 @@ EVENT_TIMEOUT_S = 90.0
 
 @pytest.fixture(scope="module")
 def pipecat_python() -> Path:
-    try:
-        return framework_python(
-            "pipecat-1.14.0", PIPECAT_REQUIREMENTS, Path(__file__).with_name("pipecat-constraints.txt")
-        )
-    except FrameworkVenvError as exc:
-        if IN_CI:
-            pytest.fail(f"the Pipecat env could not be built in CI: {exc}")
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-async def stack(
-    temporal_dev_server: TemporalDevServerConfig,
-    livekit_server: LiveKitServerConfig,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[ApiStack]:
-    async with api_stack(temporal_dev_server, livekit_server, tmp_path_factory.mktemp("pipecat-stack")) as world:
-        yield world
+    return framework_python_or_skip(
+        "pipecat-1.14.0", PIPECAT_REQUIREMENTS, Path(__file__).with_name("pipecat-constraints.txt")
+    )
 
 
 def tail(log: Path) -> str:

@@ -83,3 +83,17 @@ def framework_python(name: str, requirements: list[str], constraints: Path) -> P
 def integration_pythonpath(*integration_dirs: Path) -> str:
     """PYTHONPATH for a framework env: the client and the given integrations' source trees, nothing of the service."""
     return os.pathsep.join(str(p) for p in (CLIENT_SRC, *integration_dirs))
+
+
+def framework_python_or_skip(name: str, requirements: list[str], constraints: Path) -> Path:
+    """`framework_python` for a test: an env that cannot be built fails the run in CI and skips the test elsewhere."""
+    import pytest
+
+    from tests.conftest import IN_CI
+
+    try:
+        return framework_python(name, requirements, constraints)
+    except FrameworkVenvError as exc:
+        if IN_CI:
+            pytest.fail(f"the {name} env could not be built in CI: {exc}")
+        pytest.skip(str(exc))

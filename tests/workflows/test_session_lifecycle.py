@@ -8,8 +8,6 @@ can be slowed down to catch a session mid-prepare.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from livekit import api
@@ -19,7 +17,6 @@ from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlre
 
 from infra.livekit import LiveKitServerConfig
 from infra.rtmp import RtmpServerConfig
-from infra.temporal import TemporalDevServerConfig
 from tests.support import media
 from tests.support.asset_server import AssetServer
 from tests.support.sidecar_process import SidecarProcesses
@@ -41,20 +38,6 @@ pytestmark = pytest.mark.service
 
 def livekit_output(server: LiveKitServerConfig) -> OutputRequest:
     return OutputRequest(livekit=LiveKitOutputRequest(url=server.ws_url, identity="lipsync-avatar-test"))
-
-
-@pytest.fixture
-def sidecars(
-    temporal_dev_server: TemporalDevServerConfig, harness: Harness, tmp_path: Path, livekit_server: LiveKitServerConfig
-) -> Iterator[SidecarProcesses]:
-    processes = SidecarProcesses(
-        temporal_dev_server.target,
-        harness,
-        tmp_path,
-        livekit_credentials=(livekit_server.api_key, livekit_server.api_secret),
-    )
-    yield processes
-    processes.stop_all()
 
 
 async def room_participants(server: LiveKitServerConfig, room: str) -> dict[str, list[str]]:
