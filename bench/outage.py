@@ -4,7 +4,7 @@
 
 A real Temporal dev server on a database file, the production control worker (in this process),
 one real `lipsync sidecar` process (preview engine) publishing to a real livekit-server, and a
-subscriber (tests/sidecar/avcheck.RoomRecorder) that records every frame's arrival. With the
+subscriber (tests/support/avcheck.RoomRecorder) that records every frame's arrival. With the
 session live, Temporal is stopped for `--outage-s`, then started again on the same database.
 Reported: the longest gap between two frames at the subscriber from the outage on, next to the
 same figure over the 20 s before it (the machine's own baseline), whether the workflow
@@ -30,7 +30,7 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
 
     from infra import livekit, temporal
     from infra.demo import avatar_zip_bytes, serve_directory
-    from tests.sidecar.avcheck import RoomRecorder, token
+    from tests.support.avcheck import RoomRecorder, token
     from tests.support.restartable_temporal import RestartableTemporal
     from tests.support.sidecar_process import SidecarProcesses
     from tests.support.temporal_harness import Harness, fast_policy, wait_for_status

@@ -16,7 +16,7 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
 `--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
 (the stress scenario of issue 18: stalls while the sidecar is starved).
 
-Figures (docs/audio-protocol.md §4.1 method, tests/sidecar/avcheck.py): per utterance the median
+Figures (docs/audio-protocol.md §4.1 method, tests/support/avcheck.py): per utterance the median
 A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
 percentiles of |median offset| over the clean utterances, `_stalled` over the stalled run;
 `interrupt_silence_ms_*`: interrupt sent → arrival of the last audible audio chunk;
@@ -184,7 +184,7 @@ async def speak(ws: Any, clip: Clip, stall: Any = None) -> Spoken:
 
 
 def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
-    from tests.sidecar.avcheck import align, av_offset, envelope_correlation, speech_onset
+    from tests.support.avcheck import align, av_offset, envelope_correlation, speech_onset
 
     sent48 = spoken.clip.at_48k()
     arrivals = np.array([arrival for arrival, _ in recorder.audio_chunks])
@@ -210,7 +210,7 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     from infra import livekit
     from infra.demo import avatar_zip_bytes
-    from tests.sidecar.avcheck import RoomRecorder, token
+    from tests.support.avcheck import RoomRecorder, token
 
     config = livekit.LiveKitServerConfig().with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")

@@ -3,7 +3,7 @@
 Pure stdlib, so the API (which may import only workflows) mints exactly what the sidecar
 (`realtime.sidecar.auth`, which verifies them) expects: `<expires_at_s>.<hex HMAC-SHA256>` over
 the session id and expiry, under a key derived from the shared sidecar secret for this one
-purpose. tests/security checks that a token minted here opens the sidecar's socket.
+purpose. tests/e2e/security checks that a token minted here opens the sidecar's socket.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ filled with the first decoded row (the blend mask is 0 there, so they are never 
 not exact: every GroupNorm of the decoder normalises with statistics over the rows it sees,
 and the cropped decode does not see the upper face. The error therefore depends on the VAE
 weights. On the tiny random checkpoint the blended frames differ from the full decode by up to
-46 grey levels inside the mask and by 0 outside it (tests/unit/engine/test_accel.py measures
+46 grey levels inside the mask and by 0 outside it (tests/realtime/engine/test_accel.py measures
 both and records the < 1 grey level bound as an expected failure). Measured on an H200 it
 lifts the graphed peak from 282 to 357 fps (bench/results/engine-h200-20261130.json, `earlier_runs`);
 exact alternatives (upper-row statistics cached per avatar frame, oracle statistics) were

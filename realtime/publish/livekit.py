@@ -15,7 +15,7 @@ native-SDK subscriber (Python/Rust/agents, which do no lip-sync of their own) a 
 captured at the same instant as its audio arrives ~35-45 ms before that audio. Holding
 video by ~20 ms splits that error: the native subscriber sees video ~20 ms early, and a
 browser that lip-syncs by capture time (both tracks share one `stream`) sees it ~20 ms
-late — both inside one frame. tests/sidecar measures it; docs/audio-protocol.md explains it.
+late — both inside one frame. tests/realtime measures it; docs/audio-protocol.md explains it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
 Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue

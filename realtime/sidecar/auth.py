@@ -12,7 +12,7 @@ Two credentials, both derived from one shared secret (`LIPSYNC_SIDECAR_SECRET`, 
   service credential.
 
 `workflows/sidecar_tokens.py` mints the same tokens for the API (which may not import realtime);
-tests/security checks that the two agree.
+tests/e2e/security checks that the two agree.
 """
 
 from __future__ import annotations

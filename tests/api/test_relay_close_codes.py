@@ -30,7 +30,7 @@ from api.sidecars import SidecarDirectory
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, spawn
-from tests.sidecar.avcheck import token
+from tests.support.avcheck import token
 from tests.support.credentials import SIDECAR_SECRET, service_headers
 from tests.support.media import frames_zip
 from workflows.contracts import Phase, SessionStatus

@@ -186,7 +186,7 @@ def heard_speech_correlation(
     concealment gap (a CPU stall on a loaded machine shifts what follows) costs one block, not the
     whole measure. Silence or another sound scores near 0; the sent speech near 1.
     """
-    from tests.sidecar.avcheck import align, envelope
+    from tests.support.avcheck import align, envelope
 
     lag, _ = align(heard_48k, sent_48k)
     heard, sent = envelope(heard_48k, 48_000), envelope(sent_48k, 48_000)  # 100 values per second

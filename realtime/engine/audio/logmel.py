@@ -10,7 +10,7 @@ device, and the result stays there.
 The arithmetic is the extractor's (its own parameters and mel filters are used): centred
 reflect-padded STFT with a periodic Hann window, power spectrum without the last frame,
 mel projection, log10 clamped at 1e-10, floored at 8 below each segment's maximum, then
-`(x + 4) / 4`. `tests/unit/engine/test_features.py` checks it against the extractor.
+`(x + 4) / 4`. `tests/realtime/engine/test_features.py` checks it against the extractor.
 """
 
 from __future__ import annotations
