@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from activities.errors import AssetError
 from activities.net_guard import AddressPolicy, resolve_checked
-from realtime.media.errors import RtmpUrlError
-from realtime.media.rtmp import validate_rtmp_url
+from realtime.outputs.errors import RtmpUrlError
+from realtime.outputs.rtmp_stream import validate_rtmp_url
 from workflows.contracts import ErrorCode
 
 RTMP_DEFAULT_PORT = 1935

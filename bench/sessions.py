@@ -61,7 +61,7 @@ class CountingPublisher:
     """A `Publisher` that only counts: the benchmark measures the sidecar, not the network."""
 
     def __init__(self) -> None:
-        from realtime.publish.base import PublisherStats
+        from realtime.outputs.base import PublisherStats
 
         self.name = "counting"
         self._stats = PublisherStats(name=self.name, connected=True)
@@ -141,7 +141,7 @@ class LiveKitRun:
         from livekit import api
 
         from realtime.host import LiveKitTarget
-        from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
+        from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
 
         self._rooms += 1
         room, identity = f"bench-{self._rooms}", "avatar"

@@ -96,8 +96,8 @@ def dump_intermediates(
 def write_mp4(path: Path, frames: list[np.ndarray], audio: np.ndarray) -> Path:
     """H.264 + AAC MP4 of `frames` at 25 fps with `audio` (16 kHz) muxed in, written atomically."""
     from realtime.engine.audio.io import from_engine_rate
-    from realtime.media.encoder import EncoderSettings
-    from realtime.media.recording import Mp4Recorder
+    from realtime.outputs.encoder import EncoderSettings
+    from realtime.outputs.mp4 import Mp4Recorder
 
     if not frames:
         raise ValueError("no frames to write")

@@ -54,7 +54,7 @@ class HostConfig:
     task_queue: str = "sidecar-local"
     slots_total: int = 4
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    video_delay_ms: float = 40.0  # see realtime.publish.livekit
+    video_delay_ms: float = 40.0  # see realtime.outputs.livekit
     max_video_bitrate_bps: int = 1_500_000
     renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
     # An output disconnected this long ends the run `output_failed`, so the workflow moves the session to the

@@ -34,11 +34,11 @@ from realtime.host import (
     WarmUpResult,
 )
 from realtime.ingest.formats import FRAME_RATE_FPS
-from realtime.publish.base import Publisher
-from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
-from realtime.publish.recording import RecordingOutput
-from realtime.publish.rtmp import RtmpOutput
-from realtime.publish.switch import SwitchableOutput
+from realtime.outputs.base import Publisher
+from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
+from realtime.outputs.recording import RecordingOutput
+from realtime.outputs.rtmp import RtmpOutput
+from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.config import HostConfig
 from realtime.sidecar.engine_port import EngineInfo, EngineService
 from realtime.sidecar.errors import (
@@ -220,7 +220,7 @@ class SidecarHost:
 
     async def start_publishing(self, session_id: str, publishers: list[Publisher], opened: OpenedOutput) -> None:
         """Start `publishers` and the session's clock. `open_output` builds LiveKit publishers; other outputs
-        (RTMP, MP4 recording, a live switch) come in here as any `realtime.publish.base.Publisher`."""
+        (RTMP, MP4 recording, a live switch) come in here as any `realtime.outputs.base.Publisher`."""
         session = self._session(session_id)
         if session.avatar is None:
             raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")

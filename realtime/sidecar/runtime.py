@@ -47,7 +47,7 @@ import numpy as np
 from realtime.host import SessionStats
 from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLE_RATE_HZ
 from realtime.ingest.resample import ConvertedAudio
-from realtime.publish.base import FrameKind, Publisher, PublishTick
+from realtime.outputs.base import FrameKind, Publisher, PublishTick
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.engine_port import SessionEngine, UtteranceClosed, UtteranceStream
 from realtime.sidecar.render_queue import RenderLane

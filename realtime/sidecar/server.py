@@ -55,7 +55,7 @@ from realtime.ingest.protocol import (
     ready_message,
 )
 from realtime.ingest.ratewatch import RateVerdict
-from realtime.media.errors import OutputError
+from realtime.outputs.errors import OutputError
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.auth import AUDIO_TOKEN_PARAM, check_audio_token, check_secret, is_service_credential
 from realtime.sidecar.config import ServerConfig

@@ -20,7 +20,7 @@ import numpy as np
 
 from realtime.ingest.formats import PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLES_PER_FRAME
 from realtime.ingest.resample import ConvertedAudio
-from realtime.publish.base import PublisherStats, PublishTick
+from realtime.outputs.base import PublisherStats, PublishTick
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.engine_port import UtteranceStream
 from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from realtime.publish.base import FrameKind, PublisherStats, PublishTick
+from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
 
 
 class RecordingPublisher:

@@ -83,7 +83,7 @@ async def test_livekit_unreachable_falls_back_to_rtmp(
     assert live.stats["output"].split(",") == ["rtmp", "recording"]  # the sidecar's own view of its outputs
     assert live.output_detail.startswith(f"rtmp://127.0.0.1:{rtmp_server.rtmp_port}/")
     attempts = [(a.kind.value, a.ok, a.error.code if a.error else None) for a in live.output_attempts]
-    # The sidecar's own reason code for the failed attempt is kept (realtime.publish.livekit's).
+    # The sidecar's own reason code for the failed attempt is kept (realtime.outputs.livekit's).
     assert attempts == [("livekit", False, "livekit_connect_failed"), ("rtmp", True, None)]
     assert live.output_attempts[0].error is not None and live.output_attempts[0].error.message
     description = await handle.describe()

@@ -1,4 +1,4 @@
-"""The LiveKit output re-anchors its audio on the session clock after any stall (realtime/publish/avsync.py).
+"""The LiveKit output re-anchors its audio on the session clock after any stall (realtime/outputs/avsync.py).
 
 An injected clock and a stand-in audio source (no sleeps, no network): every test publishes
 ticks as the session clock would, moves the clock as a stall would, and checks where each
@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from realtime.publish.avsync import SourceClock
-from realtime.publish.base import PublishTick
-from realtime.publish.livekit import PLAYOUT_SAMPLE_RATE_HZ, LiveKitPublisher
+from realtime.outputs.avsync import SourceClock
+from realtime.outputs.base import PublishTick
+from realtime.outputs.livekit import PLAYOUT_SAMPLE_RATE_HZ, LiveKitPublisher
 from tests.realtime.outputs.test_publisher_drops import FakeClock, _AudioSource, connected_publisher, speech_tick
 
 T0_S = 1000.0

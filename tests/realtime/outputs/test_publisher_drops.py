@@ -15,12 +15,12 @@ from livekit import rtc
 
 from infra.process import free_port
 from realtime.host import LiveKitTarget
-from realtime.media.encoder import EncoderSettings
-from realtime.media.rtmp import RtmpPublisher
-from realtime.publish.base import FrameKind, PublishTick
-from realtime.publish.livekit import LiveKitPublisher, LiveKitPublisherOptions
-from realtime.publish.recording import RecordingOutput
-from realtime.publish.switch import SwitchableOutput
+from realtime.outputs.base import FrameKind, PublishTick
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
+from realtime.outputs.recording import RecordingOutput
+from realtime.outputs.rtmp_stream import RtmpStreamWriter
+from realtime.outputs.switch import SwitchableOutput
 from tests.support.recording import RecordingPublisher
 
 WIDTH_PX, HEIGHT_PX = 32, 32
@@ -62,7 +62,7 @@ async def test_a_full_recording_queue_counts_the_speech_it_drops(tmp_path: Path)
 
 def test_a_full_rtmp_queue_counts_the_speech_it_drops() -> None:
     url = f"rtmp://127.0.0.1:{free_port()}/live/key"
-    publisher = RtmpPublisher(url, EncoderSettings(width_px=WIDTH_PX, height_px=HEIGHT_PX), queue_size_frames=1)
+    publisher = RtmpStreamWriter(url, EncoderSettings(width_px=WIDTH_PX, height_px=HEIGHT_PX), queue_size_frames=1)
     tick = speech_tick(0, 0)
     publisher.submit(tick.frame_rgb, 0, tick.audio_playout, 0, 640)  # not started: nothing drains the queue
     publisher.submit(tick.frame_rgb, 1, tick.audio_playout, 1920, 200)

@@ -9,9 +9,9 @@ from pathlib import Path
 import av
 import pytest
 
-from realtime.media.encoder import EncoderSettings
-from realtime.media.errors import RecordingError
-from realtime.media.recording import Mp4Recorder, partial_path
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.errors import RecordingError
+from realtime.outputs.mp4 import Mp4Recorder, partial_path
 from tests.support.avsignals import HEIGHT_PX, SAMPLES_PER_FRAME, WIDTH_PX, tick
 
 SETTINGS = EncoderSettings(width_px=WIDTH_PX, height_px=HEIGHT_PX)
@@ -45,8 +45,8 @@ def test_crash_mid_recording_leaves_no_complete_file(tmp_path: Path) -> None:
 import os, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r})
 from pathlib import Path
-from realtime.media.encoder import EncoderSettings
-from realtime.media.recording import Mp4Recorder
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.mp4 import Mp4Recorder
 from tests.support.avsignals import tick, SAMPLES_PER_FRAME
 recorder = Mp4Recorder(Path({str(target)!r}), EncoderSettings(width_px=256, height_px=192))
 for index in range(60):

@@ -12,9 +12,9 @@ import pytest
 
 from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
-from realtime.media.encoder import EncoderSettings
-from realtime.media.errors import RtmpPublishRefused, RtmpUrlError
-from realtime.media.rtmp import RtmpPublisher, redact_rtmp_url, validate_rtmp_url
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.errors import RtmpPublishRefused, RtmpUrlError
+from realtime.outputs.rtmp_stream import RtmpStreamWriter, redact_rtmp_url, validate_rtmp_url
 from tests.support.avsignals import (
     AUDIO_RATE_HZ,
     FRAME_RATE_FPS,
@@ -68,7 +68,7 @@ class Reader:
                 self.errors.append(exc)
 
 
-def _push(publisher: RtmpPublisher, frames: int, flash_frames: set[int], first_frame: int = 0) -> None:
+def _push(publisher: RtmpStreamWriter, frames: int, flash_frames: set[int], first_frame: int = 0) -> None:
     started = time.monotonic()
     for index in range(first_frame, first_frame + frames):
         frame, audio = tick(index, flash_frames)
@@ -84,7 +84,7 @@ def test_stream_reads_back_at_25_fps_with_av_aligned(rtmp_server: RtmpServerConf
     reader = Reader(url, max_seconds=20, expected_frames=125)
     thread = reader.start()
     time.sleep(0.3)
-    publisher = RtmpPublisher(url, SETTINGS)
+    publisher = RtmpStreamWriter(url, SETTINGS)
     publisher.start()
     flashes = {30, 60, 90}
     _push(publisher, 125, flashes)
@@ -113,7 +113,7 @@ def test_publisher_reconnects_after_nginx_restart(
 ) -> None:
     config, nginx = rtmp_service
     url = config.publish_url("restart")
-    publisher = RtmpPublisher(url, SETTINGS, backoff_initial_s=0.1, backoff_max_s=0.5, connect_timeout_s=2.0)
+    publisher = RtmpStreamWriter(url, SETTINGS, backoff_initial_s=0.1, backoff_max_s=0.5, connect_timeout_s=2.0)
     publisher.start()
     _push(publisher, 25, set())
     nginx.stop()
@@ -133,7 +133,7 @@ def test_publisher_reconnects_after_nginx_restart(
 def test_refused_publish_is_a_clear_error(rtmp_server: RtmpServerConfig) -> None:
     # nginx-rtmp refuses publishing to an application it does not have.
     url = f"rtmp://{rtmp_server.host}:{rtmp_server.rtmp_port}/no-such-app/key"
-    publisher = RtmpPublisher(url, SETTINGS, connect_timeout_s=3.0)
+    publisher = RtmpStreamWriter(url, SETTINGS, connect_timeout_s=3.0)
     with pytest.raises(RtmpPublishRefused) as exc:
         publisher.start()
     assert exc.value.code == "rtmp_publish_refused"
@@ -145,7 +145,7 @@ def test_unreachable_server_is_a_clear_error() -> None:
 
     url = f"rtmp://127.0.0.1:{free_port()}/live/key"
     with pytest.raises(RtmpPublishRefused):
-        RtmpPublisher(url, SETTINGS, connect_timeout_s=2.0).start()
+        RtmpStreamWriter(url, SETTINGS, connect_timeout_s=2.0).start()
 
 
 @pytest.mark.parametrize(

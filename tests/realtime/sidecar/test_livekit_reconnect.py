@@ -18,7 +18,7 @@ from livekit.rtc._proto.room_pb2 import SimulateScenarioKind
 from infra.livekit import LiveKitServerConfig
 from infra.process import ManagedProcess
 from realtime.host import RunLimits, SessionEndReason
-from realtime.publish.livekit import LiveKitPublisher
+from realtime.outputs.livekit import LiveKitPublisher
 from realtime.sidecar.audio_input import AudioInput
 from tests.realtime.sidecar.test_livekit_e2e import host_of, open_livekit_session
 from tests.support.avcheck import RoomRecorder, token

@@ -40,7 +40,7 @@ from realtime.host import (
     RunLimits,
     SessionEndReason,
 )
-from realtime.publish.rtmp import RtmpOutput
+from realtime.outputs.rtmp import RtmpOutput
 from realtime.sidecar.host import SidecarHost
 from tests.realtime.sidecar.test_livekit_e2e import assert_adds_up, next_of, stream_realtime
 from tests.support.avcheck import align, envelope_correlation, token

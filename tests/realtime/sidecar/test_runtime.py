@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from realtime.ingest.formats import PcmFormat
-from realtime.publish.base import FrameKind
+from realtime.outputs.base import FrameKind
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.host import SidecarHost

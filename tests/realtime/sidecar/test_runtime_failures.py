@@ -25,8 +25,8 @@ from realtime.host import (
     SessionEndReason,
 )
 from realtime.ingest.errors import IngestError, IngestErrorCode
-from realtime.media.errors import OutputError
-from realtime.publish.switch import SwitchableOutput
+from realtime.outputs.errors import OutputError
+from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.engine_port import EngineInfo

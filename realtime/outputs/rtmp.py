@@ -1,6 +1,6 @@
 """RTMP(S) output as a session `Publisher`: the LiveKit fallback (H.264 zerolatency + AAC 48 kHz via PyAV).
 
-Encoding and network I/O happen on the media thread of `realtime.media.rtmp.RtmpPublisher`;
+Encoding and network I/O happen on the media thread of `realtime.outputs.rtmp_stream.RtmpStreamWriter`;
 `publish` only enqueues, so a slow or dead RTMP server never stalls the session clock.
 """
 
@@ -11,16 +11,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from realtime.media.encoder import EncoderSettings
-from realtime.media.rtmp import RtmpPublisher, redact_rtmp_url, validate_rtmp_url
-from realtime.publish.base import PublisherStats, PublishTick
+from realtime.outputs.base import PublisherStats, PublishTick
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.rtmp_stream import RtmpStreamWriter, redact_rtmp_url, validate_rtmp_url
 
 
 class RtmpOutput:
     def __init__(self, url: str, width_px: int, height_px: int, *, connect_timeout_s: float = 5.0) -> None:
         self.name = "rtmp"
         self.url = validate_rtmp_url(url)
-        self._publisher = RtmpPublisher(
+        self._publisher = RtmpStreamWriter(
             url, EncoderSettings(width_px=width_px, height_px=height_px), connect_timeout_s=connect_timeout_s
         )
 

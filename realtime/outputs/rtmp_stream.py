@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from realtime.media.encoder import AvMuxer, EncoderSettings
-from realtime.media.errors import RtmpPublishRefused, RtmpUrlError
+from realtime.outputs.encoder import AvMuxer, EncoderSettings
+from realtime.outputs.errors import RtmpPublishRefused, RtmpUrlError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _Tick:
     speech_samples: int
 
 
-class RtmpPublisher:
+class RtmpStreamWriter:
     def __init__(
         self,
         url: str,
@@ -140,7 +140,7 @@ class RtmpPublisher:
                 "(is the server up, and does it allow publishing from this host?)"
             ) from exc
         self._mark_connected()
-        self._thread = threading.Thread(target=self._run, args=(muxer,), name="rtmp-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(muxer,), name="rtmp-stream-writer", daemon=True)
         self._thread.start()
 
     def _mark_connected(self) -> None:

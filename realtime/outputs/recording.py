@@ -2,7 +2,7 @@
 
 Encoding runs on its own thread fed by a bounded queue so the session clock never waits on
 the disk; the file appears at its final path only after a clean close (atomic, see
-`realtime.media.recording`).
+`realtime.outputs.mp4`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.media.encoder import EncoderSettings
-from realtime.media.recording import Mp4Recorder
-from realtime.publish.base import PublisherStats, PublishTick
+from realtime.outputs.base import PublisherStats, PublishTick
+from realtime.outputs.encoder import EncoderSettings
+from realtime.outputs.mp4 import Mp4Recorder
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from realtime.publish.base import Publisher, PublisherStats, PublishTick
+from realtime.outputs.base import Publisher, PublisherStats, PublishTick
 
 logger = logging.getLogger(__name__)
 

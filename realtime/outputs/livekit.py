@@ -65,9 +65,9 @@ from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 
 from realtime.host import LiveKitTarget
 from realtime.ingest.formats import TIMELINE_SAMPLE_RATE_HZ
-from realtime.media.errors import OutputError
-from realtime.publish.avsync import SourceClock
-from realtime.publish.base import FrameKind, PublisherStats, PublishTick
+from realtime.outputs.avsync import SourceClock
+from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
+from realtime.outputs.errors import OutputError
 
 logger = logging.getLogger(__name__)
 

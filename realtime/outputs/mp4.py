@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.media.encoder import AvMuxer, EncoderSettings
-from realtime.media.errors import RecordingError
+from realtime.outputs.encoder import AvMuxer, EncoderSettings
+from realtime.outputs.errors import RecordingError
 
 
 def partial_path(target: Path) -> Path:
