@@ -1,12 +1,13 @@
-"""SSRF guard for RTMP outputs: a caller's rtmp(s):// URL must not make a sidecar connect inside its network.
+"""SSRF guard for output URLs: a caller's URL (e.g. rtmp(s)://) must not make a sidecar connect inside its network.
 
-The sidecar pushes the session to whatever RTMP URL the session request names; unchecked, that
-is a way to open TCP connections from the GPU hosts to the metadata service, an internal port
-or the host's own loopback. The host is resolved and every address checked like an asset URL's
-(activities.net_guard, the policy's `outputs.rtmp_allow_networks` as exemptions). For rtmp://
-the URL is then pinned to the checked address, so the encoder does not resolve the name again
-(no DNS rebinding between check and connect). rtmps:// keeps the name: TLS needs it for SNI, so
-there the check and the connect each resolve it.
+The sidecar pushes the session to whatever URL the session request names; unchecked, that is a
+way to open TCP connections from the GPU hosts to the metadata service, an internal port or the
+host's own loopback. Each output kind declares its URL guard in `realtime.outputs.registry`
+(schemes, default ports, which schemes are pinned). The host is resolved and every address
+checked like an asset URL's (activities.net_guard, the policy's `outputs.rtmp_allow_networks` as
+exemptions). A pinned scheme (rtmp://) is then rewritten to the checked address, so the encoder
+does not resolve the name again (no DNS rebinding between check and connect). A TLS scheme
+(rtmps://) keeps the name: TLS needs it for SNI, so there the check and the connect each resolve it.
 """
 
 from __future__ import annotations
@@ -16,32 +17,29 @@ from urllib.parse import urlsplit, urlunsplit
 
 from activities.errors import AssetError
 from activities.net_guard import AddressPolicy, resolve_checked
-from realtime.outputs.errors import RtmpUrlError
-from realtime.outputs.rtmp_stream import validate_rtmp_url
+from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import UrlGuard
 from workflows.contracts import ErrorCode
 
-RTMP_DEFAULT_PORT = 1935
-RTMPS_DEFAULT_PORT = 443
 
-
-async def checked_rtmp_url(url: str, allow_networks: list[str]) -> str:
-    """The URL to publish to (rtmp:// pinned to the checked address); AssetError when it is refused."""
+async def checked_output_url(url: str, guard: UrlGuard, allow_networks: list[str]) -> str:
+    """The URL to connect to (pinned to the checked address where the guard says so); AssetError when refused."""
     try:
-        validate_rtmp_url(url)
-    except RtmpUrlError as exc:
+        guard.validate(url)
+    except OutputError as exc:
         raise AssetError(ErrorCode.URL_INVALID, exc.message) from None
     parts = urlsplit(url)
-    secure = parts.scheme.lower() == "rtmps"
-    host = parts.hostname or ""
-    port = parts.port or (RTMPS_DEFAULT_PORT if secure else RTMP_DEFAULT_PORT)
+    scheme = parts.scheme.lower()
+    if scheme not in guard.default_ports:
+        raise AssetError(ErrorCode.URL_INVALID, f"{guard.what} must use one of {sorted(guard.default_ports)}")
     address = await resolve_checked(
-        host,
-        port,
+        parts.hostname or "",
+        parts.port or guard.default_ports[scheme],
         AddressPolicy.from_cidrs(allow_networks),
         code=ErrorCode.URL_FORBIDDEN_ADDRESS,
-        what="the RTMP output URL",
+        what=guard.what,
     )
-    if secure:
+    if scheme not in guard.pinned_schemes:
         return url
     literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
     userinfo = parts.netloc.rpartition("@")[0]

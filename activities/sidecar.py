@@ -37,20 +37,19 @@ from temporalio.exceptions import ApplicationError
 from activities import fetch
 from activities.control import ASSET_SUFFIXES
 from activities.errors import AssetError, application_error_from
-from activities.output_guard import checked_rtmp_url
+from activities.output_guard import checked_output_url
 from realtime.host import (
     AvatarAsset,
-    LiveKitTarget,
     OpenedOutput,
-    OutputKind,
     OutputTarget,
     PrepareProgress,
-    RtmpTarget,
     RunLimits,
     SessionEndReason,
     SessionHost,
     SessionStats,
 )
+from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import OUTPUTS, AdmissionContext, UrlGuard
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
     DEFAULT_POOL,
@@ -74,14 +73,11 @@ from workflows.contracts import (
     WarmUpInput,
     sidecar_task_queue,
 )
-from workflows.contracts import OutputKind as ContractOutputKind
 from workflows.policy import FetchLimits
 
 logger = logging.getLogger(__name__)
 
 REPORT_STATS_SIGNAL = "report_stats"  # SessionWorkflow.report_stats
-# The participant attribute the avatar joins with: its session id (a re-placed session may replace its own avatar).
-SESSION_ATTRIBUTE = "lipsync.session_id"
 
 
 @dataclass(frozen=True)
@@ -206,28 +202,26 @@ class SidecarActivities:
         target = await self._output_target(request)
         return await self._connect_output(
             "open_output",
-            f"{request.kind.value} output",
+            f"{request.spec.kind} output",
             lambda: self.host.open_output(request.call.session_id, target),
         )
 
     @activity.defn(name=ActivityName.SWITCH_OUTPUT.value)
     async def switch_output(self, request: SwitchOutputInput) -> OutputOpened:
-        """Live fallback: the session's output failed while live; move it to `request.kind` in place."""
+        """Live fallback: the session's output failed while live; move it to `request.spec` in place."""
         self._check_incarnation(request.call)
         target = await self._output_target(
             OpenOutputInput(
                 call=request.call,
-                kind=request.kind,
+                spec=request.spec,
                 room=request.room,
-                livekit=request.livekit,
-                rtmp=request.rtmp,
                 record=False,  # the recording opened with the session goes on; a switch does not start one
-                rtmp_allow_networks=request.rtmp_allow_networks,
+                allow_networks=request.allow_networks,
             )
         )
         return await self._connect_output(
             "switch_output",
-            f"switch to {request.kind.value} output",
+            f"switch to {request.spec.kind} output",
             lambda: self.host.switch_output(request.call.session_id, target),
         )
 
@@ -240,7 +234,7 @@ class SidecarActivities:
                 opened = await connect()
             except Exception as exc:
                 raise application_error_from(exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=context) from exc
-        return OutputOpened(kind=ContractOutputKind(opened.kind.value), detail=opened.detail)
+        return OutputOpened(kind=opened.kind, detail=opened.detail)
 
     @activity.defn(name=ActivityName.RUN_SESSION.value)
     async def run_session(self, request: RunSessionInput) -> RunSessionResult:
@@ -477,90 +471,33 @@ class SidecarActivities:
         return download.path
 
     async def _output_target(self, request: OpenOutputInput) -> OutputTarget:
+        """Admit the spec through its registered kind: parameters parsed, the caller's URL through the SSRF
+        guard, credentials minted. Every refusal is a non-retryable error with the kind's code."""
         record_path = None
         if request.record and self.config.recordings_dir is not None:
             record_path = self.config.recordings_dir / f"{request.call.session_id}.mp4"
-        if request.kind is ContractOutputKind.LIVEKIT:
-            if request.livekit is None:
-                raise ApplicationError("no LiveKit output was requested", type=ErrorCode.INVALID_REQUEST.value)
-            livekit = request.livekit
-            token = self._mint_livekit_token(
-                request.room, livekit.identity, livekit.publish_on_behalf, request.call.session_id
-            )
-            await self._refuse_identity_collision(livekit.url, request.room, livekit.identity, request.call.session_id)
-            target = LiveKitTarget(
-                url=livekit.url,
-                room=request.room,
-                identity=livekit.identity,
-                token=token,
-                publish_audio=livekit.publish_audio,
-                publish_on_behalf=livekit.publish_on_behalf,
-            )
-            return OutputTarget(kind=OutputKind.LIVEKIT, livekit=target, record_path=record_path)
-        if request.rtmp is None:
-            raise ApplicationError("no RTMP output was requested", type=ErrorCode.INVALID_REQUEST.value)
+
+        async def check_url(url: str, guard: UrlGuard) -> str:
+            return await checked_output_url(url, guard, request.allow_networks)
+
+        context = AdmissionContext(
+            session_id=request.call.session_id,
+            room=request.room,
+            check_url=check_url,
+            credentials={
+                "LIVEKIT_API_KEY": self.config.livekit_api_key,
+                "LIVEKIT_API_SECRET": self.config.livekit_api_secret,
+            },
+            token_ttl_s=self.config.livekit_token_ttl_s,
+        )
         try:
-            url = await checked_rtmp_url(request.rtmp.url, request.rtmp_allow_networks)
+            kind = OUTPUTS.get(request.spec.kind)
+            target = await kind.admit(kind.parse(request.spec.params), context)
         except AssetError as exc:
             raise exc.to_application_error() from None
-        return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=url), record_path=record_path)
-
-    async def _refuse_identity_collision(self, url: str, room: str, identity: str, session_id: str) -> None:
-        """Ask the room (LiveKit RoomService) whether `identity` is taken before joining: LiveKit would kick the
-        participant holding it (DUPLICATE_IDENTITY) and let the avatar publish in its place. The session's own
-        earlier avatar (same session id attribute: a re-placed session whose old sidecar died) may be replaced."""
-        from livekit import api as lkapi
-
-        http_url = "http" + url.removeprefix("ws") if url.startswith("ws") else url
-        client = lkapi.LiveKitAPI(http_url, self.config.livekit_api_key, self.config.livekit_api_secret, failover=False)
-        try:
-            response = await client.room.list_participants(lkapi.ListParticipantsRequest(room=room))
-        except Exception as exc:
-            # No room yet (not_found), or LiveKit unreachable / refusing these credentials: the RoomService and the
-            # join are the same server and credentials, so the join cannot collide either; it fails or opens an
-            # empty room, and its own error code says why.
-            logger.info(
-                "livekit identity check skipped",
-                extra={"room": room, "session_id": session_id, "reason": f"{type(exc).__name__}: {exc}"},
-            )
-            return
-        finally:
-            await client.aclose()
-        for participant in response.participants:
-            if participant.identity == identity and participant.attributes.get(SESSION_ATTRIBUTE) != session_id:
-                raise ApplicationError(
-                    f"identity {identity!r} is already in room {room!r} (not as this session's avatar): the avatar "
-                    "would kick that participant out; choose another output.livekit.identity",
-                    type=ErrorCode.LIVEKIT_IDENTITY_IN_USE.value,
-                    non_retryable=True,
-                )
-
-    def _mint_livekit_token(self, room: str, identity: str, publish_on_behalf: str | None, session_id: str) -> str:
-        if not self.config.livekit_api_key or not self.config.livekit_api_secret:
-            raise ApplicationError(
-                "this sidecar has no LiveKit credentials (LIVEKIT_API_KEY / LIVEKIT_API_SECRET)",
-                type=ErrorCode.OUTPUT_OPEN_FAILED.value,
-                non_retryable=True,
-            )
-        from datetime import timedelta
-
-        from livekit import api as lkapi
-
-        grants = lkapi.VideoGrants(
-            room_join=True, room=room, can_publish=True, can_subscribe=True, can_publish_data=True
-        )
-        token = (
-            lkapi.AccessToken(self.config.livekit_api_key, self.config.livekit_api_secret)
-            .with_identity(identity)
-            .with_name(identity)
-            .with_kind("agent")
-            .with_ttl(timedelta(seconds=self.config.livekit_token_ttl_s))
-            .with_grants(grants)
-        )
-        attributes = {SESSION_ATTRIBUTE: session_id}  # tells the session's own avatar from anyone else
-        if publish_on_behalf:
-            attributes["lk.publish_on_behalf"] = publish_on_behalf
-        return token.with_attributes(attributes).to_jwt()
+        except OutputError as exc:
+            raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from None
+        return OutputTarget(kind.name, target, record_path=record_path)
 
     async def _report_stats(
         self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float, contact: _Contact

@@ -42,6 +42,7 @@ from api.models import (
 from api.settings import DEFAULT_TENANT, ApiSettings
 from api.tracing import MEMO_TRACEPARENT, current_traceparent, trace_id_of
 from api.url_check import check_asset_url
+from realtime.outputs.registry import LIVEKIT, RTMP, LiveKitParams, RtmpTarget
 from workflows import search_attributes
 from workflows.client import session_handle, start_session, stop_session
 from workflows.contracts import (
@@ -49,10 +50,9 @@ from workflows.contracts import (
     AvatarKind,
     AvatarSource,
     ErrorInfo,
-    LiveKitOutputRequest,
     OutputRequest,
+    OutputSpec,
     Phase,
-    RtmpOutputRequest,
     SessionRequest,
     SessionStatus,
     session_workflow_id,
@@ -161,7 +161,8 @@ class SessionService:
             source = AvatarSource(url=avatar.idle_video_url, kind=AvatarKind.IDLE_VIDEO)
             field = "avatar.idle_video_url"
         check_asset_url(source.url, field, list(policy.assets.fetch.allow_networks))
-        livekit = None
+        # The HTTP body names its outputs by field; the workflow takes registered kinds and their parameters.
+        specs: list[OutputSpec] = []
         principal = principal or Principal(DEFAULT_TENANT)
         room = namespaced_room(principal, f"lipsync-{session_id}", self.settings.tenants)
         if body.output.livekit is not None:
@@ -173,18 +174,20 @@ class SessionService:
                     "identity_reserved",
                     f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens use it)",
                 )
-            livekit = LiveKitOutputRequest(
+            livekit = LiveKitParams(
                 url=self.settings.sidecar_livekit_url,
                 identity=identity,
                 publish_audio=body.output.livekit.publish_audio,
                 publish_on_behalf=body.output.livekit.publish_on_behalf,
             )
-        rtmp = RtmpOutputRequest(url=body.output.rtmp.url) if body.output.rtmp is not None else None
+            specs.append(OutputSpec(LIVEKIT.name, LIVEKIT.to_params(livekit)))
+        if body.output.rtmp is not None:
+            specs.append(OutputSpec(RTMP.name, RTMP.to_params(RtmpTarget(url=body.output.rtmp.url))))
         request = SessionRequest(
             session_id=session_id,
             room=room,
             avatar=source,
-            output=OutputRequest(livekit=livekit, rtmp=rtmp, record=body.output.record),
+            output=OutputRequest(specs=specs, record=body.output.record),
         )
         limits = policy.session
         if body.idle_timeout_s is not None:
@@ -222,10 +225,10 @@ class SessionService:
             raise ApiError(409, "session_exists", f"session {request.session_id!r} already exists") from exc
         logger.info("session started", extra={"session_id": request.session_id, "room": request.room})
         livekit = None
-        if request.output.livekit is not None:
-            livekit = LiveKitInfo(
-                url=self.settings.livekit_url, room=request.room, identity=request.output.livekit.identity
-            )
+        for spec in request.output.offered():
+            if spec.kind == LIVEKIT.name:
+                identity = LIVEKIT.parse(spec.params).identity
+                livekit = LiveKitInfo(url=self.settings.livekit_url, room=request.room, identity=identity)
         return SessionCreated(
             session_id=request.session_id,
             audio_ws_url=self.audio_ws_url(request.session_id, audio_query),

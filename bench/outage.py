@@ -30,12 +30,14 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
 
     from infra import livekit, temporal
     from infra.demo import avatar_zip_bytes, serve_directory
+    from realtime.outputs.registry import LiveKitParams
     from tests.support.avcheck import RoomRecorder, token
+    from tests.support.outputs import output_request
     from tests.support.restartable_temporal import RestartableTemporal
     from tests.support.sidecar_process import SidecarProcesses
     from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
     from workflows.client import stop_session
-    from workflows.contracts import LiveKitOutputRequest, OutputRequest, Phase
+    from workflows.contracts import Phase
     from workflows.session import SessionWorkflow
 
     server = RestartableTemporal(
@@ -65,7 +67,7 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
                 with serve_directory(assets) as assets_url:
                     request = world.request(
                         f"{assets_url}/astronaut.zip",
-                        OutputRequest(livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="avatar-outage")),
+                        output_request(livekit=LiveKitParams(url=lk_config.ws_url, identity="avatar-outage")),
                     )
                     # Production timeouts (infra/policies.yaml), with the loopback asset server allowed.
                     policy = fast_policy(

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from bench.machine import cpu_name
+from realtime.outputs.registry import LiveKitTarget
 
 logger = logging.getLogger("bench.sessions")
 
@@ -140,7 +141,6 @@ class LiveKitRun:
     async def publisher(self, width_px: int, height_px: int) -> Any:
         from livekit import api
 
-        from realtime.host import LiveKitTarget
         from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
 
         self._rooms += 1

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from infra.paths import PROJECT_ROOT
+from realtime.outputs.registry import OUTPUTS
 from workflows.policy import MAX_POOL_NAME_CHARS, RetrySpec, SessionPolicy, is_pool_name
 
 POLICIES_ENV = "LIPSYNC_POLICIES"
@@ -215,8 +216,11 @@ def _check(policy: SessionPolicy, source: str) -> None:
     order = policy.outputs.fallback_order
     if not order:
         fail("outputs.fallback_order", "must name at least one output")
+    for index, kind in enumerate(order):
+        if kind not in OUTPUTS:
+            fail(f"outputs.fallback_order[{index}]", f"must be one of {OUTPUTS.names()}, got {kind!r}")
     if len(set(order)) != len(order):
-        fail("outputs.fallback_order", f"names an output twice: {[kind.value for kind in order]}")
+        fail("outputs.fallback_order", f"names an output twice: {order}")
 
     for name in ("fetch_assets", "validate_assets", "place_session", "release_slot"):
         control = getattr(policy.activities, name)

@@ -14,11 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 
-class OutputKind(StrEnum):
-    LIVEKIT = "livekit"
-    RTMP = "rtmp"
-
-
 class SessionEndReason(StrEnum):
     STOPPED = "stopped"  # stop signal / API stop
     IDLE_TIMEOUT = "idle_timeout"  # no audio for the policy's idle timeout
@@ -64,32 +59,18 @@ class WarmUpResult:
 
 
 @dataclass(frozen=True)
-class LiveKitTarget:
-    url: str
-    room: str
-    identity: str
-    token: str  # minted by the control plane with livekit-api
-    publish_audio: bool = True
-    publish_on_behalf: str | None = None  # the agent's identity when driven by an agent
-
-
-@dataclass(frozen=True)
-class RtmpTarget:
-    url: str
-
-
-@dataclass(frozen=True)
 class OutputTarget:
-    kind: OutputKind
-    livekit: LiveKitTarget | None = None
-    rtmp: RtmpTarget | None = None
+    """An admitted output: a kind registered in `realtime.outputs.registry` and that kind's target."""
+
+    kind: str
+    target: object  # the kind's target_type (e.g. LiveKitTarget); its publisher factory is built from it
     record_path: Path | None = None  # optional MP4 recording beside the live output
 
 
 @dataclass(frozen=True)
 class OpenedOutput:
-    kind: OutputKind
-    detail: str  # room name or RTMP URL without credentials
+    kind: str
+    detail: str  # what status shows: a room name or a URL without credentials
 
 
 @dataclass
@@ -159,7 +140,7 @@ class SessionHost(Protocol):
         ...
 
     async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
-        """Move a live session to another output (LiveKit -> RTMP) without restarting it.
+        """Move a live session to another output (the next of its fallback order) without restarting it.
 
         Raises on failure, leaving the session on its current output. After a run that ended
         `output_failed`, a successful switch makes the session runnable again: the next
@@ -176,5 +157,5 @@ class SessionHost(Protocol):
     async def stop_session(self, session_id: str, reason: SessionEndReason) -> None: ...
 
     async def teardown(self, session_id: str) -> None:
-        """Leave the room, stop RTMP/recording, release the slot. Idempotent."""
+        """Close the session's outputs (live and recording), release the slot. Idempotent."""
         ...

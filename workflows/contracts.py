@@ -1,9 +1,10 @@
 """Contracts shared by SessionWorkflow, PlacementWorkflow, their activities and the API.
 
 Frozen dataclasses (Temporal's JSON converter round-trips them); names carry units. These
-mirror, on purpose, a few values of `realtime.host` (OutputKind, end reasons) instead of
-importing it: workflow code must stay sandbox-safe and the API must not depend on the
-sidecar. `tests/activities/test_contract_parity.py` keeps the mirrored values equal.
+mirror, on purpose, the end reasons of `realtime.host` instead of importing it: workflow code
+must stay sandbox-safe and the API must not depend on the sidecar.
+`tests/activities/test_contract_parity.py` keeps the mirrored values equal. Outputs are
+named by the kinds `realtime.outputs.registry` declares; nothing here knows any kind.
 
 Sandbox-safe: imports only the standard library, temporalio and `workflows.policy`.
 """
@@ -81,11 +82,6 @@ TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
 class AvatarKind(StrEnum):
     FRAMES_ZIP = "frames_zip"
     IDLE_VIDEO = "idle_video"
-
-
-class OutputKind(StrEnum):
-    LIVEKIT = "livekit"
-    RTMP = "rtmp"
 
 
 class EndReason(StrEnum):
@@ -171,25 +167,28 @@ class AvatarSource:
 
 
 @dataclass(frozen=True)
-class LiveKitOutputRequest:
-    """Where to publish in LiveKit. No token here: the sidecar mints it (secrets stay out of history)."""
+class OutputSpec:
+    """One output a session may publish to: a kind registered in `realtime.outputs.registry` and its
+    parameters, a JSON object of scalars that the kind parses at the edges (API, sidecar activity).
+    Never a secret here: the spec is kept in workflow history."""
 
-    url: str
-    identity: str
-    publish_audio: bool = True
-    publish_on_behalf: str | None = None  # the agent's identity when an agent drives the avatar
-
-
-@dataclass(frozen=True)
-class RtmpOutputRequest:
-    url: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class OutputRequest:
-    livekit: LiveKitOutputRequest | None = None
-    rtmp: RtmpOutputRequest | None = None
+    # The outputs the caller offers. The policy's fallback_order decides the order they are tried in.
+    specs: list[OutputSpec] = field(default_factory=list)
     record: bool = False  # also record an MP4 on the sidecar
+    # Inputs recorded before specs existed carried each output in a field named after its kind; they
+    # are read (by `offered`) so such histories replay unchanged. New requests leave them unset.
+    livekit: dict[str, Any] | None = None
+    rtmp: dict[str, Any] | None = None
+
+    def offered(self) -> list[OutputSpec]:
+        legacy = (("livekit", self.livekit), ("rtmp", self.rtmp))
+        return [*self.specs, *(OutputSpec(kind, params) for kind, params in legacy if params is not None)]
 
 
 @dataclass(frozen=True)
@@ -339,30 +338,27 @@ class EngineReady:
 @dataclass(frozen=True)
 class OpenOutputInput:
     call: SidecarCall
-    kind: OutputKind
+    spec: OutputSpec
     room: str
-    livekit: LiveKitOutputRequest | None
-    rtmp: RtmpOutputRequest | None
     record: bool
-    rtmp_allow_networks: list[str] = field(default_factory=list)  # the policy's SSRF exemptions for RTMP
+    # The policy's SSRF exemptions for caller-supplied output URLs (outputs.rtmp_allow_networks).
+    allow_networks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class SwitchOutputInput:
-    """Move a live session to `kind` (its recording, if any, goes on untouched)."""
+    """Move a live session to `spec` (its recording, if any, goes on untouched)."""
 
     call: SidecarCall
-    kind: OutputKind
+    spec: OutputSpec
     room: str
-    livekit: LiveKitOutputRequest | None
-    rtmp: RtmpOutputRequest | None
-    rtmp_allow_networks: list[str] = field(default_factory=list)  # the policy's SSRF exemptions for RTMP
+    allow_networks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class OutputOpened:
-    kind: OutputKind
-    detail: str  # room name or RTMP URL without credentials
+    kind: str
+    detail: str  # what status shows: a room name or a URL without credentials
 
 
 @dataclass(frozen=True)
@@ -417,7 +413,7 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class OutputAttempt:
-    kind: OutputKind
+    kind: str
     sidecar_id: str
     ok: bool
     error: ErrorInfo | None = None
@@ -441,7 +437,7 @@ class SessionStatus:
     session_id: str
     room: str
     phase: Phase = Phase.PENDING
-    output: str = ""  # "livekit" | "rtmp" once opened
+    output: str = ""  # the opened output's kind
     output_detail: str = ""
     sidecar: str = ""
     pool: str = ""  # the placement's pool and why that sidecar was chosen (a PlacementReason value)

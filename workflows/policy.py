@@ -21,13 +21,6 @@ from enum import StrEnum
 from temporalio.common import RetryPolicy
 
 
-class OutputKindName(StrEnum):
-    """Names usable in `outputs.fallback_order` (same values as `contracts.OutputKind`)."""
-
-    LIVEKIT = "livekit"
-    RTMP = "rtmp"
-
-
 class SidecarLostAction(StrEnum):
     REPLACE = "replace"  # place the session on another sidecar (the validated avatar is reused)
     END = "end"  # end the session with reason `sidecar_lost`
@@ -113,9 +106,9 @@ class SessionLimits:
 
 @dataclass(frozen=True)
 class OutputPolicy:
-    # Tried in order at open time; kinds the request lacks are skipped. While live, a failed output
-    # is replaced by the next kind in this order (switch_output).
-    fallback_order: list[OutputKindName]
+    # Output kind names (realtime.outputs.registry), tried in order at open time; kinds the request
+    # lacks are skipped. While live, a failed output is replaced by the next one (switch_output).
+    fallback_order: list[str]
     # CIDRs an RTMP output URL may point into although private/loopback/link-local (the SSRF guard
     # refuses them otherwise), e.g. an internal RTMP relay. Cloud metadata needs an exact entry.
     rtmp_allow_networks: list[str]

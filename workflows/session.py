@@ -49,8 +49,8 @@ from workflows.contracts import (
     FetchedAsset,
     OpenOutputInput,
     OutputAttempt,
-    OutputKind,
     OutputOpened,
+    OutputSpec,
     Phase,
     Placement,
     PlaceSessionInput,
@@ -127,6 +127,7 @@ class SessionWorkflow:
         self._status = SessionStatus(session_id=self._request.session_id, room=self._request.room)
         self._stop_reason: EndReason | None = None
         self._placement: Placement | None = None
+        self._output_index: int | None = None  # position of the open output in _output_specs()
         # True from the first place_session on: its acquire may land even if the step is then
         # cancelled or fails, so teardown releases (idempotently) whenever one was started.
         self._may_hold_slot = False
@@ -250,9 +251,9 @@ class SessionWorkflow:
             problems.append("room is empty")
         if not request.avatar.url:
             problems.append("avatar.url is empty")
-        if not self._output_kinds():
-            offered = [kind.value for kind in (OutputKind.LIVEKIT, OutputKind.RTMP) if self._output_requested(kind)]
-            order = [kind.value for kind in self._policy.outputs.fallback_order]
+        if not self._output_specs():
+            offered = [spec.kind for spec in request.output.offered()]
+            order = list(self._policy.outputs.fallback_order)
             problems.append(f"no requested output {offered} is in the policy's fallback order {order}")
         if problems:
             raise _SessionFailed(ErrorCode.INVALID_REQUEST, "; ".join(problems))
@@ -304,31 +305,29 @@ class SessionWorkflow:
 
     async def _open_output(self) -> None:
         self._enter(Phase.OPENING_OUTPUT)
-        failures = await self._open_first_of(self._output_kinds(), live_switch=False)
+        failures = await self._open_first_of(0, live_switch=False)
         if failures is not None:
             raise _SessionFailed(ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures))
 
-    async def _open_first_of(self, kinds: list[OutputKind], *, live_switch: bool) -> list[str] | None:
-        """Try `kinds` in fallback order on the current sidecar; the first that opens becomes the session's
-        output (None). Every attempt stays visible in status; returns the failures when none opened.
+    async def _open_first_of(self, first: int, *, live_switch: bool) -> list[str] | None:
+        """Try the offered outputs from position `first` of the fallback order on the current sidecar; the first
+        that opens becomes the session's output (None). Every attempt stays visible in status; returns the
+        failures when none opened.
 
         live_switch: the session is live and its output failed, so the sidecar swaps outputs under the
         running clock (switch_output) instead of starting one (open_output, which also starts recording)."""
         request = self._request
         failures: list[str] = []
-        for kind in kinds:
-            target: dict[str, Any] = {
-                "call": self._call(),
-                "kind": kind,
-                "room": request.room,
-                "livekit": request.output.livekit,
-                "rtmp": request.output.rtmp,
-                "rtmp_allow_networks": list(self._policy.outputs.rtmp_allow_networks),
-            }
+        allow_networks = list(self._policy.outputs.rtmp_allow_networks)
+        for index, spec in enumerate(self._output_specs()[first:], start=first):
+            call = self._call()
             name, arg = (
-                (ActivityName.SWITCH_OUTPUT, SwitchOutputInput(**target))
+                (ActivityName.SWITCH_OUTPUT, SwitchOutputInput(call, spec, request.room, allow_networks))
                 if live_switch
-                else (ActivityName.OPEN_OUTPUT, OpenOutputInput(**target, record=request.output.record))
+                else (
+                    ActivityName.OPEN_OUTPUT,
+                    OpenOutputInput(call, spec, request.room, request.output.record, allow_networks),
+                )
             )
             try:
                 opened = await self._on_sidecar(name, arg, OutputOpened, self._policy.activities.open_output)
@@ -336,23 +335,24 @@ class SessionWorkflow:
                 # The next output in the fallback order gets its chance.
                 self._status.output_attempts.append(
                     OutputAttempt(
-                        kind=kind,
+                        kind=spec.kind,
                         sidecar_id=self._status.sidecar,
                         ok=False,
                         error=ErrorInfo(code=failure.code, message=failure.message),
                         live_switch=live_switch,
                     )
                 )
-                failures.append(f"{kind.value}: {failure.message}")
+                failures.append(f"{spec.kind}: {failure.message}")
                 workflow.logger.warning(
                     "output failed to open",
-                    extra={"output": kind.value, "error": failure.code, "live_switch": live_switch},
+                    extra={"output": spec.kind, "error": failure.code, "live_switch": live_switch},
                 )
                 continue
             self._status.output_attempts.append(
-                OutputAttempt(kind=kind, sidecar_id=self._status.sidecar, ok=True, live_switch=live_switch)
+                OutputAttempt(kind=spec.kind, sidecar_id=self._status.sidecar, ok=True, live_switch=live_switch)
             )
-            self._status.output = opened.kind.value
+            self._output_index = index
+            self._status.output = opened.kind
             self._status.output_detail = opened.detail
             self._upsert_search_attributes()
             return None
@@ -398,15 +398,14 @@ class SessionWorkflow:
     async def _switch_output(self) -> bool:
         """Live fallback: the output failed while live; move the session to the next output the policy
         and the request allow, on the same sidecar. False when none is left or every one failed."""
-        kinds = self._output_kinds()
-        current = OutputKind(self._status.output)
-        later = kinds[kinds.index(current) + 1 :] if current in kinds else []
-        if not later:
+        current = self._status.output
+        first = self._output_index + 1 if self._output_index is not None else len(self._output_specs())
+        if first >= len(self._output_specs()):
             return False
         self._enter(Phase.OPENING_OUTPUT)
-        if await self._open_first_of(later, live_switch=True) is not None:
+        if await self._open_first_of(first, live_switch=True) is not None:
             return False
-        workflow.logger.info("output switched while live", extra={"from": current.value, "to": self._status.output})
+        workflow.logger.info("output switched while live", extra={"from": current, "to": self._status.output})
         return True
 
     async def _run_on_sidecar(self) -> RunSessionResult:
@@ -770,13 +769,10 @@ class SessionWorkflow:
         assert self._placement is not None
         return SidecarCall(session_id=self._request.session_id, incarnation=self._placement.incarnation)
 
-    def _output_requested(self, kind: OutputKind) -> bool:
-        output = self._request.output
-        return (output.livekit if kind == OutputKind.LIVEKIT else output.rtmp) is not None
-
-    def _output_kinds(self) -> list[OutputKind]:
-        kinds = [OutputKind(name.value) for name in self._policy.outputs.fallback_order]
-        return [kind for kind in kinds if self._output_requested(kind)]
+    def _output_specs(self) -> list[OutputSpec]:
+        """The request's outputs in the policy's fallback order; kinds the policy does not name are never tried."""
+        offered = self._request.output.offered()
+        return [spec for kind in self._policy.outputs.fallback_order for spec in offered if spec.kind == kind]
 
     def _enter(self, phase: Phase) -> None:
         self._status.phase = phase

@@ -6,8 +6,8 @@ publisher only has to keep them together: frame N has pts N at 1/25 s, its audio
 at sample N·1920 at 1/48 000 s. A publisher must not block `publish` on network I/O
 (queue and count drops instead); the clock is the audio's and cannot wait.
 
-To add an output (RTMP, MP4, a live switch between outputs), implement `Publisher` and
-hand it to the session runtime; nothing else in the sidecar changes.
+To add an output kind, implement `Publisher` and declare the kind in `registry`; nothing
+else in the sidecar changes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -79,3 +79,16 @@ class Publisher(Protocol):
         ...
 
     def stats(self) -> PublisherStats: ...
+
+
+@runtime_checkable
+class AgentRoomPublisher(Protocol):
+    """A publisher that joins a room where a voice agent may speak: the sidecar bridges that agent's
+    audio into the session (realtime.agents_protocol) after each (re)connect."""
+
+    @property
+    def agent_identity(self) -> str | None:
+        """The agent the avatar publishes on behalf of; None: take audio from any agent in the room."""
+        ...
+
+    def on_room(self, listener: Callable[[Any], None]) -> None: ...

@@ -63,11 +63,11 @@ import numpy as np
 from livekit import rtc
 from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 
-from realtime.host import LiveKitTarget
 from realtime.ingest.formats import TIMELINE_SAMPLE_RATE_HZ
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
 from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import LiveKitTarget
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,10 @@ class LiveKitPublisher:
         if self._audio_source is None:
             return 0.0
         return self._audio_headroom_s + self.options.video_delay_ms / 1000.0
+
+    @property
+    def agent_identity(self) -> str | None:
+        return self.target.publish_on_behalf
 
     def on_room(self, listener: RoomListener) -> None:
         """Call `listener` with the connected room now (if any) and after every reconnect."""

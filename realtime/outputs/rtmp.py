@@ -13,7 +13,8 @@ import numpy as np
 
 from realtime.outputs.base import PublisherStats, PublishTick
 from realtime.outputs.encoder import EncoderSettings
-from realtime.outputs.rtmp_stream import RtmpStreamWriter, redact_rtmp_url, validate_rtmp_url
+from realtime.outputs.rtmp_stream import RtmpStreamWriter
+from realtime.outputs.rtmp_url import redact_rtmp_url, validate_rtmp_url
 
 
 class RtmpOutput:

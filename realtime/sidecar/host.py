@@ -23,7 +23,6 @@ from realtime.host import (
     AvatarAsset,
     Capacity,
     OpenedOutput,
-    OutputKind,
     OutputTarget,
     PreparedAvatar,
     PrepareProgress,
@@ -34,10 +33,9 @@ from realtime.host import (
     WarmUpResult,
 )
 from realtime.ingest.formats import FRAME_RATE_FPS
-from realtime.outputs.base import Publisher
-from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
+from realtime.outputs.base import AgentRoomPublisher, Publisher
 from realtime.outputs.recording import RecordingOutput
-from realtime.outputs.rtmp import RtmpOutput
+from realtime.outputs.registry import OUTPUTS, PublisherContext
 from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.config import HostConfig
 from realtime.sidecar.engine_port import EngineInfo, EngineService
@@ -171,11 +169,11 @@ class SidecarHost:
             )
 
     async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
-        """Open the live output (LiveKit or RTMP) and, with `target.record_path`, an MP4 recording beside it."""
+        """Open the live output (any registered kind) and, with `target.record_path`, an MP4 recording beside it."""
         session = self._session(session_id)
         if session.avatar is None or session.prepared is None:
             raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
-        publisher, opened = self._make_publisher(target, session.prepared)
+        publisher, opened = self._make_publisher(session_id, target, session.prepared)
         live = SwitchableOutput(publisher)
         publishers: list[Publisher] = [live]
         if target.record_path is not None:
@@ -183,17 +181,17 @@ class SidecarHost:
             publishers.append(RecordingOutput(target.record_path, width_px, height_px))
         await self.start_publishing(session_id, publishers, opened)
         session.live_output = live
-        self._attach_agent_bridge(session, publisher, target)
+        self._attach_agent_bridge(session, publisher)
         return opened
 
     async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
-        """Move a live session to another output (LiveKit -> RTMP) without restarting it: the clock, the audio
+        """Move a live session to another output without restarting it: the clock, the audio
         queue and the recording go on; the new output is connected before the old one is closed, so a failed
         switch (raised) leaves the session on its current output. Visible in stats as `fallbacks`."""
         session = self._session(session_id)
         if session.live_output is None or session.prepared is None or session.runtime is None:
             raise SessionNotPrepared(f"session {session_id} has no open output to switch: call open_output first")
-        publisher, opened = self._make_publisher(target, session.prepared)
+        publisher, opened = self._make_publisher(session_id, target, session.prepared)
         # Raises when the new output cannot open: the session stays on its output, agent bridge included.
         await session.live_output.switch_to(publisher)
         if session.bridge is not None:
@@ -208,19 +206,18 @@ class SidecarHost:
             # The run that ended because the old output failed is over; the next run_session serves the new one.
             session.stop_reason = None
             session.stop_event.clear()
-        self._attach_agent_bridge(session, publisher, target)
+        self._attach_agent_bridge(session, publisher)
         logger.info("session output switched", extra={"session_id": session_id, "output": opened.detail})
         return opened
 
-    def _attach_agent_bridge(self, session: HostedSession, publisher: Publisher, target: OutputTarget) -> None:
-        if isinstance(publisher, LiveKitPublisher) and target.livekit is not None and session.runtime is not None:
-            bridge = AgentAudioBridge(session.runtime, target.livekit.publish_on_behalf)
+    def _attach_agent_bridge(self, session: HostedSession, publisher: Publisher) -> None:
+        if isinstance(publisher, AgentRoomPublisher) and session.runtime is not None:
+            bridge = AgentAudioBridge(session.runtime, publisher.agent_identity)
             session.bridge = bridge
             publisher.on_room(bridge.attach)
 
     async def start_publishing(self, session_id: str, publishers: list[Publisher], opened: OpenedOutput) -> None:
-        """Start `publishers` and the session's clock. `open_output` builds LiveKit publishers; other outputs
-        (RTMP, MP4 recording, a live switch) come in here as any `realtime.outputs.base.Publisher`."""
+        """Start `publishers` (any `realtime.outputs.base.Publisher`) and the session's clock."""
         session = self._session(session_id)
         if session.avatar is None:
             raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
@@ -245,22 +242,26 @@ class SidecarHost:
         await runtime.start()
         logger.info("session output open", extra={"session_id": session_id, "output": opened.detail})
 
-    def _make_publisher(self, target: OutputTarget, prepared: PreparedAvatar) -> tuple[Publisher, OpenedOutput]:
+    def _make_publisher(
+        self, session_id: str, target: OutputTarget, prepared: PreparedAvatar
+    ) -> tuple[Publisher, OpenedOutput]:
+        kind = OUTPUTS.get(target.kind)  # raises OutputKindUnknown
+        if not isinstance(target.target, kind.target_type):
+            raise OutputUnsupported(
+                f"output kind {kind.name!r} takes a {kind.target_type.__name__}, not {type(target.target).__name__}"
+            )
         # H.264 (RTMP) and LiveKit's encoders need even sizes: an odd avatar loses its last row/column.
         width_px, height_px = _even_size(prepared)
-        if target.kind is OutputKind.LIVEKIT and target.livekit is not None:
-            options = LiveKitPublisherOptions(
-                width_px=width_px,
-                height_px=height_px,
-                video_delay_ms=self.config.video_delay_ms,
-                max_video_bitrate_bps=self.config.max_video_bitrate_bps,
-                renew_audio_after_stall_ms=self.config.renew_audio_after_stall_ms,
-            )
-            return LiveKitPublisher(target.livekit, options), OpenedOutput(OutputKind.LIVEKIT, target.livekit.room)
-        if target.kind is OutputKind.RTMP and target.rtmp is not None:
-            rtmp = RtmpOutput(target.rtmp.url, width_px, height_px)  # raises RtmpUrlError for a malformed URL
-            return rtmp, OpenedOutput(OutputKind.RTMP, rtmp.detail)
-        raise OutputUnsupported(f"output kind {target.kind} needs its target ({target.kind}: url, ...) in the request")
+        context = PublisherContext(
+            session_id=session_id,
+            width_px=width_px,
+            height_px=height_px,
+            video_delay_ms=self.config.video_delay_ms,
+            max_video_bitrate_bps=self.config.max_video_bitrate_bps,
+            renew_audio_after_stall_ms=self.config.renew_audio_after_stall_ms,
+        )
+        opened = kind.open(target.target, context)  # raises a typed OutputError (e.g. a malformed URL)
+        return opened.publisher, OpenedOutput(kind.name, opened.detail)
 
     async def run_session(
         self, session_id: str, limits: RunLimits, on_stats: Callable[[SessionStats], None]

@@ -35,8 +35,6 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from realtime.disk_budget import store_bytes
 from realtime.host import (
     AvatarAsset,
-    LiveKitTarget,
-    OutputKind,
     OutputTarget,
     RunLimits,
     SessionEndReason,
@@ -56,6 +54,7 @@ from realtime.ingest.protocol import (
 )
 from realtime.ingest.ratewatch import RateVerdict
 from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.auth import AUDIO_TOKEN_PARAM, check_audio_token, check_secret, is_service_credential
 from realtime.sidecar.config import ServerConfig
@@ -512,7 +511,7 @@ def _add_dev_api(app: FastAPI, host: SidecarHost, server_config: ServerConfig, r
                 session_id, AvatarAsset(path=path, kind=body.avatar_kind, digest_sha256=""), lambda _p: None
             )
             warm = await host.warm_up()
-            target = OutputTarget(kind=OutputKind.LIVEKIT, livekit=LiveKitTarget(**body.livekit.model_dump()))
+            target = OutputTarget(LIVEKIT.name, LiveKitTarget(**body.livekit.model_dump()))
             opened = await host.open_output(session_id, target)
         except (SidecarError, OutputError) as exc:
             await host.teardown(session_id)

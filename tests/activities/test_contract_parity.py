@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from realtime.host import OutputKind as HostOutputKind
 from realtime.host import SessionEndReason
-from workflows.contracts import EndReason, OutputKind
-from workflows.policy import OutputKindName
-
-
-def test_output_kinds_match() -> None:
-    assert {k.value for k in OutputKind} == {k.value for k in HostOutputKind} == {k.value for k in OutputKindName}
+from workflows.contracts import EndReason
 
 
 def test_every_host_end_reason_is_a_workflow_end_reason() -> None:

@@ -1,4 +1,4 @@
-"""The RTMP output SSRF guard: caller URLs may not point a sidecar inside its network."""
+"""The output URL SSRF guard (RTMP's): caller URLs may not point a sidecar inside its network."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.errors import AssetError
-from activities.output_guard import checked_rtmp_url
+from activities.output_guard import checked_output_url
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
+from realtime.outputs.registry import RTMP, RTMP_URL_GUARD
 from tests.support.session_host import LoopbackSessionHost
 from workflows.contracts import (
     ErrorCode,
     OpenOutputInput,
-    OutputKind,
-    RtmpOutputRequest,
+    OutputSpec,
     SidecarCall,
     sidecar_task_queue,
 )
@@ -37,7 +37,7 @@ from workflows.contracts import (
 )
 async def test_private_loopback_and_metadata_targets_are_refused(url: str, allow: list[str]) -> None:
     with pytest.raises(AssetError) as refused:
-        await checked_rtmp_url(url, allow)
+        await checked_output_url(url, RTMP_URL_GUARD, allow)
     assert refused.value.code is ErrorCode.URL_FORBIDDEN_ADDRESS
     assert "not allow-listed" in refused.value.message
 
@@ -45,20 +45,25 @@ async def test_private_loopback_and_metadata_targets_are_refused(url: str, allow
 @pytest.mark.parametrize("url", ["http://example.com/live/key", "rtmp://host-only", "rtmp:///live/key"])
 async def test_malformed_rtmp_urls_are_url_invalid(url: str) -> None:
     with pytest.raises(AssetError) as refused:
-        await checked_rtmp_url(url, [])
+        await checked_output_url(url, RTMP_URL_GUARD, [])
     assert refused.value.code is ErrorCode.URL_INVALID
 
 
 async def test_allowed_names_are_pinned_to_the_checked_address() -> None:
     # rtmp:// is pinned (no second resolution by the encoder); the path and port are kept.
-    assert await checked_rtmp_url("rtmp://localhost:1935/live/key?x=1", ["127.0.0.1/32", "::1/128"]) in {
+    assert await checked_output_url(
+        "rtmp://localhost:1935/live/key?x=1", RTMP_URL_GUARD, ["127.0.0.1/32", "::1/128"]
+    ) in {
         "rtmp://127.0.0.1:1935/live/key?x=1",
         "rtmp://[::1]:1935/live/key?x=1",
     }
-    assert await checked_rtmp_url("rtmp://8.8.8.8/live/key", []) == "rtmp://8.8.8.8/live/key"
-    assert await checked_rtmp_url("rtmp://10.1.2.3/app/k", ["10.0.0.0/8"]) == "rtmp://10.1.2.3/app/k"
+    assert await checked_output_url("rtmp://8.8.8.8/live/key", RTMP_URL_GUARD, []) == "rtmp://8.8.8.8/live/key"
+    assert await checked_output_url("rtmp://10.1.2.3/app/k", RTMP_URL_GUARD, ["10.0.0.0/8"]) == "rtmp://10.1.2.3/app/k"
     # rtmps:// keeps its name (TLS needs it for SNI).
-    assert await checked_rtmp_url("rtmps://127.0.0.1/live/key", ["127.0.0.1/32"]) == "rtmps://127.0.0.1/live/key"
+    assert (
+        await checked_output_url("rtmps://127.0.0.1/live/key", RTMP_URL_GUARD, ["127.0.0.1/32"])
+        == "rtmps://127.0.0.1/live/key"
+    )
 
 
 async def test_open_output_refuses_a_forbidden_rtmp_target_before_the_host_connects(tmp_path: Path) -> None:
@@ -66,10 +71,8 @@ async def test_open_output_refuses_a_forbidden_rtmp_target_before_the_host_conne
     activities = SidecarActivities(host, SidecarWorkerConfig.for_host(host, tmp_path / "assets"), incarnation="now")
     request = OpenOutputInput(
         call=SidecarCall("s1", incarnation="now"),
-        kind=OutputKind.RTMP,
+        spec=OutputSpec(RTMP.name, {"url": "rtmp://169.254.169.254/live/s1"}),
         room="r",
-        livekit=None,
-        rtmp=RtmpOutputRequest(url="rtmp://169.254.169.254/live/s1"),
         record=False,
     )
     with pytest.raises(ApplicationError) as refused:

@@ -13,6 +13,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
 from realtime.host import PrepareProgress
+from realtime.outputs.registry import RTMP
 from tests.support import media
 from tests.support.asset_server import AssetServer
 from tests.support.session_host import LoopbackSessionHost
@@ -21,9 +22,8 @@ from workflows.contracts import (
     ErrorCode,
     FetchedAsset,
     OpenOutputInput,
-    OutputKind,
+    OutputSpec,
     PrepareAvatarInput,
-    RtmpOutputRequest,
     RunSessionInput,
     SidecarCall,
     TeardownInput,
@@ -154,12 +154,10 @@ async def test_steps_cut_short_by_worker_shutdown_say_the_sidecar_is_going_away(
             activities.open_output,
             OpenOutputInput(
                 call=call,
-                kind=OutputKind.RTMP,
+                spec=OutputSpec(RTMP.name, {"url": f"rtmp://127.0.0.1:{port}/live/s1"}),
                 room="r",
-                livekit=None,
-                rtmp=RtmpOutputRequest(url=f"rtmp://127.0.0.1:{port}/live/s1"),
                 record=False,
-                rtmp_allow_networks=["127.0.0.1/32"],
+                allow_networks=["127.0.0.1/32"],
             ),
         )
     run = RunSessionInput(

@@ -21,9 +21,16 @@ from infra.cli import build_parser
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, log_tail
 from infra.temporal import TemporalDevServerConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import fast_policy, replay_all
 from workflows.client import start_session
-from workflows.contracts import AvatarKind, AvatarSource, ErrorCode, OutputRequest, RtmpOutputRequest, SessionRequest
+from workflows.contracts import (
+    AvatarKind,
+    AvatarSource,
+    ErrorCode,
+    SessionRequest,
+)
 
 
 def test_worker_subcommand_is_registered() -> None:
@@ -49,7 +56,7 @@ async def test_worker_process_runs_sessions(
             session_id=f"cli-{uuid.uuid4().hex[:8]}",
             room="cli-room",
             avatar=AvatarSource(url="http://10.0.0.1/a.zip", kind=AvatarKind.FRAMES_ZIP),
-            output=OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")),
+            output=output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")),
         )
         handle = await start_session(temporal_client, request, fast_policy(), task_queue=queue)
         with pytest.raises(WorkflowFailureError) as failure:

@@ -10,7 +10,8 @@ What it really does (so the workflow has something true to observe):
 - prepares the avatar from the file on disk: decodes every frame of the zip (Pillow) or the
   video (PyAV), reports progress per frame, caches a manifest by digest (second time: cache hit);
 - probes outputs for real: LiveKit through livekit-server's `/rtc/validate` with the minted token,
-  RTMP through an RTMP handshake (C0/C1 -> S0/S1/S2) with the server; unreachable => raises;
+  RTMP through an RTMP handshake (C0/C1 -> S0/S1/S2) with the server, any other registered kind
+  by starting and closing its publisher; unreachable => raises;
 - runs the session on a wall clock: stats grow at 25 idle frames/s, reported every stats
   interval; ends on stop, idle timeout (no audio ever arrives here), max duration, or
   `output_failed` once a test calls `lose_output` (its live output went away);
@@ -40,7 +41,6 @@ from realtime.host import (
     AvatarAsset,
     Capacity,
     OpenedOutput,
-    OutputKind,
     OutputTarget,
     PreparedAvatar,
     PrepareProgress,
@@ -50,6 +50,7 @@ from realtime.host import (
     SessionStats,
     WarmUpResult,
 )
+from realtime.outputs.registry import OUTPUTS, LiveKitTarget, PublisherContext, RtmpTarget
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class LoopbackSessionHost:
         frames = int((now - session.output_opened_at_s) * FPS)
         return SessionStats(
             session_id=session.session_id,
-            output=session.output.kind.value,
+            output=session.output.kind,
             frames_published=frames,
             idle_frames=frames,
             fallbacks=session.fallbacks,
@@ -262,14 +263,23 @@ class LoopbackSessionHost:
         )
 
     async def _probe(self, target: OutputTarget) -> OpenedOutput:
-        if target.kind is OutputKind.LIVEKIT:
-            assert target.livekit is not None
-            await self._probe_livekit(target.livekit.url, target.livekit.token)
-            return OpenedOutput(OutputKind.LIVEKIT, target.livekit.room)
-        assert target.rtmp is not None
-        await self._probe_rtmp(target.rtmp.url)
-        parts = urlsplit(target.rtmp.url)
-        return OpenedOutput(OutputKind.RTMP, f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}")
+        if isinstance(target.target, LiveKitTarget):
+            await self._probe_livekit(target.target.url, target.target.token)
+            return OpenedOutput(target.kind, target.target.room)
+        if isinstance(target.target, RtmpTarget):
+            await self._probe_rtmp(target.target.url)
+            parts = urlsplit(target.target.url)
+            return OpenedOutput(target.kind, f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}")
+        # Any other registered kind: its own publisher connects and closes again (what it opens is real).
+        kind = OUTPUTS.get(target.kind)
+        context = PublisherContext(target.kind, 32, 32, 0.0, 0, 0.0)
+        opened = kind.open(target.target, context)
+        try:
+            await opened.publisher.start()
+        except Exception as exc:
+            raise OutputProbeError(f"{target.kind} output did not open: {exc}") from exc
+        await opened.publisher.close()
+        return OpenedOutput(target.kind, opened.detail)
 
     async def _probe_livekit(self, url: str, token: str) -> None:
         parts = urlsplit(url)

@@ -15,7 +15,12 @@ import pytest
 import soxr
 
 from infra.process import free_port
-from realtime.host import AvatarAsset, OpenedOutput, OutputKind, SessionStats
+from realtime.host import (
+    AvatarAsset,
+    OpenedOutput,
+    SessionStats,
+)
+from realtime.outputs.registry import LIVEKIT
 from realtime.sidecar.config import HostConfig, RuntimeConfig, ServerConfig, SidecarSettings
 from tests.support.credentials import SIDECAR_SECRET, audio_token
 from tests.support.engine_media import astronaut_frames, frames_zip
@@ -201,5 +206,5 @@ async def open_recorded_session(sidecar: RunningSidecar, session_id: str, avatar
     assert isinstance(host, SidecarHost)
     prepared = await host.prepare_avatar(session_id, AvatarAsset(avatar_zip_path, "frames_zip", ""), lambda _p: None)
     publisher = RecordingPublisher(prepared.width_px, prepared.height_px)
-    await host.start_publishing(session_id, [publisher], OpenedOutput(OutputKind.LIVEKIT, "recording"))
+    await host.start_publishing(session_id, [publisher], OpenedOutput(LIVEKIT.name, "recording"))
     return publisher

@@ -16,11 +16,18 @@ import pytest
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client
 
+from realtime.outputs.registry import RtmpTarget
 from tests.support import media
 from tests.support.asset_server import AssetServer, Route
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, in_phase, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import AvatarKind, EndReason, ErrorCode, OutputRequest, Phase, RtmpOutputRequest
+from workflows.contracts import (
+    AvatarKind,
+    EndReason,
+    ErrorCode,
+    Phase,
+)
 
 pytestmark = pytest.mark.service
 
@@ -248,7 +255,7 @@ async def test_bad_asset_fails_the_session_with_its_reason_code(
     world: Harness, asset_server: AssetServer, tmp_path: Path, case: Case
 ) -> None:
     url = case.make_url(asset_server, tmp_path)
-    request = world.request(url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/live/x")), kind=case.kind)
+    request = world.request(url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/live/x")), kind=case.kind)
     handle = await world.start(request, fast_policy(**case.policy))
 
     _, status = await failed_with(handle, case.code)
@@ -264,7 +271,7 @@ async def test_bad_asset_fails_the_session_with_its_reason_code(
 
 async def test_worker_unharmed_after_bad_inputs(world: Harness, avatar_url: str, rtmp_server: Any) -> None:
     """Same control worker and sidecar as every bad case above: a good session still goes live and ends cleanly."""
-    request = world.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url("after"))))
+    request = world.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("after"))))
     handle = await world.start(request)
     live = await wait_for_status(handle, in_phase(Phase.LIVE))
     assert live.output == "rtmp" and live.error is None
@@ -278,7 +285,7 @@ async def test_idle_video_avatar_goes_live(
 ) -> None:
     url = asset_server.serve("/idle.mp4", media.idle_video_bytes(tmp_path, count=12, side_px=128))
     request = world.request(
-        url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url("video"))), kind=AvatarKind.IDLE_VIDEO
+        url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("video"))), kind=AvatarKind.IDLE_VIDEO
     )
     handle = await world.start(request)
     live = await wait_for_status(handle, in_phase(Phase.LIVE))

@@ -25,11 +25,17 @@ from temporalio.client import Client, WorkflowHandle
 
 from infra import temporal
 from infra.rtmp import RtmpServerConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.restartable_temporal import RestartableTemporal
 from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
 from tests.workflows.test_control_plane_outage import HEARTBEAT_TIMEOUT_S, RECONCILE_S
 from workflows.client import stop_session
-from workflows.contracts import EndReason, OutputRequest, Phase, RtmpOutputRequest, SessionStatus
+from workflows.contracts import (
+    EndReason,
+    Phase,
+    SessionStatus,
+)
 from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
@@ -64,7 +70,7 @@ async def test_live_sessions_ride_out_a_random_sequence_of_faults(
     )
     requests = [
         world.request(
-            avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(f"chaos-{world.suffix}-{i}")))
+            avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"chaos-{world.suffix}-{i}")))
         )
         for i in range(SESSIONS)
     ]

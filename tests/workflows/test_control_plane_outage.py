@@ -24,11 +24,18 @@ from temporalio.client import Client
 
 from infra import temporal
 from infra.rtmp import RtmpServerConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.restartable_temporal import RestartableTemporal
 from tests.support.session_host import LoopbackSessionHost
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import EndReason, ErrorCode, OutputRequest, Phase, RtmpOutputRequest
+from workflows.contracts import (
+    EndReason,
+    ErrorCode,
+    OutputRequest,
+    Phase,
+)
 from workflows.policy import SessionPolicy
 from workflows.session import SessionWorkflow
 
@@ -58,7 +65,7 @@ def outage_policy(**overrides: Any) -> SessionPolicy:
 
 
 def rtmp_output(server: RtmpServerConfig) -> OutputRequest:
-    return OutputRequest(rtmp=RtmpOutputRequest(url=server.publish_url(f"outage-{uuid.uuid4().hex[:8]}")))
+    return output_request(rtmp=RtmpTarget(url=server.publish_url(f"outage-{uuid.uuid4().hex[:8]}")))
 
 
 async def ride_out_outage(server: RestartableTemporal, host: LoopbackSessionHost, session_id: str) -> float:

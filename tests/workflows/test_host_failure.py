@@ -21,10 +21,17 @@ from temporalio.client import Client
 
 from infra.livekit import LiveKitServerConfig
 from infra.temporal import TemporalDevServerConfig
+from realtime.outputs.registry import LiveKitParams
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import EndReason, ErrorCode, LiveKitOutputRequest, OutputRequest, Phase
+from workflows.contracts import (
+    EndReason,
+    ErrorCode,
+    OutputRequest,
+    Phase,
+)
 from workflows.policy import SessionPolicy
 
 pytestmark = pytest.mark.service
@@ -59,7 +66,7 @@ def sidecars(
 
 
 def livekit_output(server: LiveKitServerConfig) -> OutputRequest:
-    return OutputRequest(livekit=LiveKitOutputRequest(url=server.ws_url, identity="lipsync-avatar-failover"))
+    return output_request(livekit=LiveKitParams(url=server.ws_url, identity="lipsync-avatar-failover"))
 
 
 def host_failure_policy(action: str) -> SessionPolicy:

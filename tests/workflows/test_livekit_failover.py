@@ -25,11 +25,16 @@ from infra import livekit, rtmp
 from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
 from infra.temporal import TemporalDevServerConfig
+from realtime.outputs.registry import LiveKitParams, RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
 from tests.workflows.test_output_fallback import publishing_streams
 from workflows.client import stop_session
-from workflows.contracts import EndReason, LiveKitOutputRequest, OutputRequest, Phase, RtmpOutputRequest
+from workflows.contracts import (
+    EndReason,
+    Phase,
+)
 from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
@@ -84,9 +89,9 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     stream = f"failover-{world.suffix}"
     request = world.request(
         avatar_url,
-        OutputRequest(
-            livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
-            rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream)),
+        output_request(
+            livekit=LiveKitParams(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
+            rtmp=RtmpTarget(url=rtmp_server.publish_url(stream)),
         ),
     )
     handle = await world.start(request, fast_policy())
@@ -115,7 +120,7 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     assert rtmp_live_s <= RTMP_LIVE_WITHIN_S + SLACK_S, rtmp_live_s
     moved = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.stats.get("output") == "rtmp")
     assert moved.sidecar == sidecar_id and moved.replacements == 0 and moved.sidecar_losses == []
-    assert [(a.kind.value, a.ok, a.live_switch) for a in moved.output_attempts] == [
+    assert [(a.kind, a.ok, a.live_switch) for a in moved.output_attempts] == [
         ("livekit", True, False),
         ("rtmp", True, True),
     ]
@@ -143,9 +148,9 @@ async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
         sidecar_id = await sidecars.spawn("a")
         request = world.request(
             avatar_url,
-            OutputRequest(
-                livekit=LiveKitOutputRequest(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
-                rtmp=RtmpOutputRequest(url=nginx_config.publish_url(f"ingest-{world.suffix}")),
+            output_request(
+                livekit=LiveKitParams(url=lk_config.ws_url, identity="lipsync-avatar-failover"),
+                rtmp=RtmpTarget(url=nginx_config.publish_url(f"ingest-{world.suffix}")),
             ),
         )
         handle = await world.start(request, fast_policy(outputs__fallback_order=["rtmp", "livekit"]))

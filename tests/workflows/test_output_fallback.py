@@ -22,11 +22,17 @@ from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
 from infra.rtmp import RtmpServerConfig
 from infra.temporal import TemporalDevServerConfig
+from realtime.outputs.registry import LiveKitParams, RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, in_phase, wait_for_status
 from workflows import search_attributes
 from workflows.client import stop_session
-from workflows.contracts import EndReason, ErrorCode, LiveKitOutputRequest, OutputRequest, Phase, RtmpOutputRequest
+from workflows.contracts import (
+    EndReason,
+    ErrorCode,
+    Phase,
+)
 
 pytestmark = pytest.mark.service
 
@@ -47,8 +53,8 @@ def sidecars(
     processes.stop_all()
 
 
-def unreachable_livekit() -> LiveKitOutputRequest:
-    return LiveKitOutputRequest(url=f"ws://127.0.0.1:{free_port()}", identity="lipsync-avatar-test")
+def unreachable_livekit() -> LiveKitParams:
+    return LiveKitParams(url=f"ws://127.0.0.1:{free_port()}", identity="lipsync-avatar-test")
 
 
 def publishing_streams(rtmp_server: RtmpServerConfig) -> set[str]:
@@ -70,8 +76,8 @@ async def test_livekit_unreachable_falls_back_to_rtmp(
     stream = f"fallback-{world.suffix}"
     request = world.request(
         avatar_url,
-        OutputRequest(
-            livekit=unreachable_livekit(), rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream)), record=True
+        output_request(
+            livekit=unreachable_livekit(), rtmp=RtmpTarget(url=rtmp_server.publish_url(stream)), record=True
         ),
     )
     handle = await world.start(request, fast_policy(outputs__fallback_order=["livekit", "rtmp"]))
@@ -82,7 +88,7 @@ async def test_livekit_unreachable_falls_back_to_rtmp(
     assert live.output == "rtmp" and live.sidecar == sidecar_id
     assert live.stats["output"].split(",") == ["rtmp", "recording"]  # the sidecar's own view of its outputs
     assert live.output_detail.startswith(f"rtmp://127.0.0.1:{rtmp_server.rtmp_port}/")
-    attempts = [(a.kind.value, a.ok, a.error.code if a.error else None) for a in live.output_attempts]
+    attempts = [(a.kind, a.ok, a.error.code if a.error else None) for a in live.output_attempts]
     # The sidecar's own reason code for the failed attempt is kept (realtime.outputs.livekit's).
     assert attempts == [("livekit", False, "livekit_connect_failed"), ("rtmp", True, None)]
     assert live.output_attempts[0].error is not None and live.output_attempts[0].error.message
@@ -109,12 +115,12 @@ async def test_policy_without_rtmp_fails_when_livekit_is_unreachable(
     stream = f"unused-{world.suffix}"
     request = world.request(
         avatar_url,
-        OutputRequest(livekit=unreachable_livekit(), rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream))),
+        output_request(livekit=unreachable_livekit(), rtmp=RtmpTarget(url=rtmp_server.publish_url(stream))),
     )
     handle = await world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
     _, status = await failed_with(handle, ErrorCode.OUTPUT_UNAVAILABLE)
     assert status.error is not None and "livekit" in status.error.message
-    assert [a.kind.value for a in status.output_attempts] == ["livekit"]
+    assert [a.kind for a in status.output_attempts] == ["livekit"]
     assert stream not in publishing_streams(rtmp_server)
     # Teardown ran: placement got the slot back.
     assert [r.sessions for r in (await world.snapshot()).sidecars] == [[]]
@@ -138,9 +144,9 @@ async def test_output_lost_while_live_switches_to_the_next_output(
     host = await live_world.add_sidecar("gpu0")
     request = live_world.request(
         avatar_url,
-        OutputRequest(
-            livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="lipsync-avatar-test"),
-            rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(f"switch-{live_world.suffix}")),
+        output_request(
+            livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar-test"),
+            rtmp=RtmpTarget(url=rtmp_server.publish_url(f"switch-{live_world.suffix}")),
         ),
     )
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit", "rtmp"]))
@@ -150,7 +156,7 @@ async def test_output_lost_while_live_switches_to_the_next_output(
     host.lose_output(request.session_id)  # LiveKit went away under the live session
     switched = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.output == "rtmp")
     assert switched.sidecar == host.sidecar_id and switched.replacements == 0  # same sidecar, same session
-    assert [(a.kind.value, a.ok, a.live_switch) for a in switched.output_attempts] == [
+    assert [(a.kind, a.ok, a.live_switch) for a in switched.output_attempts] == [
         ("livekit", True, False),
         ("rtmp", True, True),
     ]
@@ -172,7 +178,7 @@ async def test_output_lost_while_live_fails_the_session_when_no_output_is_left(
 ) -> None:
     host = await live_world.add_sidecar("gpu0")
     request = live_world.request(
-        avatar_url, OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="lipsync-avatar"))
+        avatar_url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar"))
     )
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit", "rtmp"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))
@@ -187,7 +193,7 @@ async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_
 ) -> None:
     host = await live_world.add_sidecar("gpu0")
     request = live_world.request(
-        avatar_url, OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="lipsync-avatar"))
+        avatar_url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar"))
     )
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))

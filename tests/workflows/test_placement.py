@@ -12,6 +12,8 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness, replay_all
 from workflows.contracts import (
     AcquireSlot,
@@ -156,9 +158,7 @@ async def test_state_survives_continue_as_new(registry: Registry) -> None:
 async def test_session_fails_with_no_capacity_when_no_sidecar_is_registered(harness: Harness, avatar_url: str) -> None:
     from temporalio.client import WorkflowFailureError
 
-    from workflows.contracts import OutputRequest, RtmpOutputRequest
-
-    request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")))
+    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
     handle = await harness.start(request)
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
@@ -175,14 +175,13 @@ async def test_waiting_out_the_placement_time_limit_fails_as_no_capacity(harness
     from temporalio.client import WorkflowFailureError
 
     from tests.support.temporal_harness import fast_policy
-    from workflows.contracts import OutputRequest, RtmpOutputRequest
 
     policy = fast_policy(
         activities__place_session__retry__maximum_attempts=1000,
         activities__place_session__start_to_close_s=1.0,
         activities__place_session__schedule_to_close_s=2.0,
     )
-    request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")))
+    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
     handle = await harness.start(request, policy)
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()

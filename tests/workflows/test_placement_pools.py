@@ -22,6 +22,8 @@ from temporalio.worker import Worker
 
 from activities.placement_client import Placer, check_pool, check_shards, shard_of
 from infra.rtmp import RtmpServerConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness, fast_policy, in_phase, replay_all, wait_for_status
 from workflows import search_attributes
 from workflows.client import stop_session
@@ -29,12 +31,10 @@ from workflows.contracts import (
     AcquireSlot,
     EndReason,
     ErrorCode,
-    OutputRequest,
     Phase,
     PlacementReason,
     PlacementState,
     ReleaseSlot,
-    RtmpOutputRequest,
     SidecarHeartbeat,
     placement_registry_id,
     sidecar_task_queue,
@@ -273,7 +273,7 @@ async def test_sessions_show_pool_and_reason_and_the_second_one_goes_where_its_a
     policy = fast_policy(placement__pools=[POOL])
 
     async def live_session(stream: str) -> tuple[str, str, str]:
-        output = OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(stream)))
+        output = output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(stream)))
         request = sharded.request(avatar_url, output)
         handle = await sharded.start(request, policy)
         live = await wait_for_status(handle, in_phase(Phase.LIVE))
@@ -296,7 +296,7 @@ async def test_a_draining_sidecar_s_session_moves_to_the_other_shard_and_no_slot
     first_name, second_name = names_in_both_shards(sharded)
     await sharded.add_sidecar(first_name, slots=1, pool=POOL)
     request = sharded.request(
-        avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url(f"drain-{sharded.suffix}")))
+        avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"drain-{sharded.suffix}")))
     )
     handle = await sharded.start(request, fast_policy(placement__pools=[POOL]))
     live = await wait_for_status(handle, in_phase(Phase.LIVE))

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from infra.policies import DEFAULT_POLICIES_PATH, PolicyError, load_policies
-from workflows.policy import OutputKindName, SessionPolicy, SidecarLostAction
+from workflows.policy import SessionPolicy, SidecarLostAction
 
 
 def test_shipped_file_is_valid_and_complete() -> None:
     policy = load_policies(DEFAULT_POLICIES_PATH)
     assert isinstance(policy, SessionPolicy)
-    assert policy.outputs.fallback_order == [OutputKindName.LIVEKIT, OutputKindName.RTMP]
+    assert policy.outputs.fallback_order == ["livekit", "rtmp"]
     assert policy.host_failure.on_sidecar_lost is SidecarLostAction.REPLACE
     assert policy.assets.fetch.allow_networks == []  # nothing private is reachable by default
     assert policy.activities.run_session.heartbeat_timeout_s >= 2 * policy.session.stats_interval_s

@@ -17,8 +17,10 @@ from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlre
 
 from infra.livekit import LiveKitServerConfig
 from infra.rtmp import RtmpServerConfig
+from realtime.outputs.registry import LiveKitParams, RtmpTarget
 from tests.support import media
 from tests.support.asset_server import AssetServer
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, fast_policy, in_phase, wait_for_status
 from workflows import search_attributes
@@ -26,10 +28,8 @@ from workflows.client import session_status, stop_session
 from workflows.contracts import (
     EndReason,
     ErrorCode,
-    LiveKitOutputRequest,
     OutputRequest,
     Phase,
-    RtmpOutputRequest,
 )
 from workflows.session import SessionWorkflow
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.service
 
 
 def livekit_output(server: LiveKitServerConfig) -> OutputRequest:
-    return OutputRequest(livekit=LiveKitOutputRequest(url=server.ws_url, identity="lipsync-avatar-test"))
+    return output_request(livekit=LiveKitParams(url=server.ws_url, identity="lipsync-avatar-test"))
 
 
 async def room_participants(server: LiveKitServerConfig, room: str) -> dict[str, list[str]]:
@@ -76,7 +76,7 @@ async def test_happy_path_goes_live_then_stops_tears_down_and_completes(
     assert live.output == "livekit" and live.output_detail == request.room
     assert live.sidecar == sidecar_id
     assert live.avatar is not None and live.avatar.frame_count == 6 and not live.avatar.cache_hit
-    assert [(a.kind.value, a.ok) for a in live.output_attempts] == [("livekit", True)]
+    assert [(a.kind, a.ok) for a in live.output_attempts] == [("livekit", True)]
 
     # Stats flow from the sidecar's heartbeats into `status`.
     with_stats = await wait_for_status(handle, lambda s: s.stats.get("frames_published", 0) > 0)
@@ -137,7 +137,7 @@ async def test_stop_while_preparing_cancels_the_step_and_tears_down(
     # A fresh avatar (no cache hit) and a slow host: the session is caught mid-prepare.
     url = asset_server.serve("/avatars/slow-prepare.zip", media.frames_zip(count=12, side_px=112))
     host = await harness.add_sidecar("gpu0", prepare_frame_delay_s=0.25)
-    request = harness.request(url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url("prep"))))
+    request = harness.request(url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("prep"))))
     handle = await harness.start(request)
     await wait_for_status(handle, in_phase(Phase.PREPARING))
     await stop_session(harness.client, request.session_id, "changed my mind")
@@ -158,7 +158,7 @@ async def test_cancelling_the_workflow_still_runs_teardown(
 ) -> None:
     """Teardown runs from `finally` in its own activities, so a cancelled workflow still cleans up."""
     host = await harness.add_sidecar("gpu0")
-    request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url("cx"))))
+    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("cx"))))
     handle = await harness.start(request)
     await wait_for_status(handle, in_phase(Phase.LIVE))
     await handle.cancel()
@@ -176,7 +176,7 @@ async def test_cancelling_the_workflow_still_runs_teardown(
 
 
 async def test_invalid_request_fails_before_any_work(harness: Harness, avatar_url: str) -> None:
-    request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")))
+    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
     handle = await harness.start(request, fast_policy(outputs__fallback_order=["livekit"]))
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
@@ -196,7 +196,7 @@ async def test_control_worker_restart_mid_session_leaves_the_session_live(
     next worker): no teardown activity, no workflow API called from outside the workflow's loop.
     """
     host = await harness.add_sidecar("gpu0")
-    request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_server.publish_url("rw"))))
+    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("rw"))))
     handle = await harness.start(request)
     await wait_for_status(handle, in_phase(Phase.LIVE))
 

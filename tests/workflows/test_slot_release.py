@@ -17,9 +17,16 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.control import ControlActivities, ControlConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness
 from workflows.client import stop_session
-from workflows.contracts import ActivityName, EndReason, OutputRequest, Placement, PlaceSessionInput, RtmpOutputRequest
+from workflows.contracts import (
+    ActivityName,
+    EndReason,
+    Placement,
+    PlaceSessionInput,
+)
 from workflows.placement import PlacementWorkflow
 from workflows.session import SessionWorkflow
 from workflows.temporal_client import worker_tracing_interceptors
@@ -72,7 +79,7 @@ async def test_stop_during_placement_releases_the_slot_taken_meanwhile(
     harness = SlowPlacementHarness(temporal_client, tmp_path, shards=shards)
     async with harness:
         await harness.add_sidecar("gpu0", slots=1)
-        request = harness.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x")))
+        request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
         handle = await harness.start(request)
         await asyncio.wait_for(harness.control_activities.acquired.wait(), timeout=30)
         assert await harness.slots_held() == {harness.sidecar_id("gpu0"): [request.session_id]}

@@ -24,6 +24,8 @@ from temporalio.api.testservice.v1 import LockTimeSkippingRequest, UnlockTimeSki
 from temporalio.testing import WorkflowEnvironment
 
 from infra.rtmp import RtmpServerConfig
+from realtime.outputs.registry import RtmpTarget
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import (
     Harness,
@@ -33,7 +35,11 @@ from tests.support.temporal_harness import (
     register_search_attributes,
     wait_for_status,
 )
-from workflows.contracts import EndReason, OutputRequest, Phase, RtmpOutputRequest, SessionStatus
+from workflows.contracts import (
+    EndReason,
+    Phase,
+    SessionStatus,
+)
 from workflows.policy import SessionPolicy
 
 pytestmark = pytest.mark.service
@@ -107,7 +113,7 @@ async def run_until_limit(
     limit_s: float,
 ) -> tuple[SessionStatus, timedelta, float]:
     """Go live, skip to just past `limit_s` of live time, and let the session end. Returns status, skipped, wall s."""
-    request = world.request(avatar_url, OutputRequest(rtmp=RtmpOutputRequest(url=rtmp_url)))
+    request = world.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_url)))
     handle = await world.start(request, policy)
     live = await wait_for_status(handle, in_phase(Phase.LIVE), timeout_s=60)
     assert live.stats_reported_at == "" or live.stats.get("audio_samples_received", 0) == 0  # no audio, ever

@@ -13,9 +13,10 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Replayer
 
 from infra.temporal import TemporalDevServerConfig
+from realtime.outputs.registry import RtmpTarget
 from tests.support.divergent_workflow import DivergentSessionWorkflow
+from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness, replay_all
-from workflows.contracts import OutputRequest, RtmpOutputRequest
 from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
@@ -32,7 +33,7 @@ async def test_one_trace_runs_from_the_caller_through_the_workflow_to_the_activi
     async with Harness(client, tmp_path) as harness:
         # The private address is refused by the SSRF guard: a quick, fully traced session.
         request = harness.request(
-            "http://10.9.9.9/avatar.zip", OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x"))
+            "http://10.9.9.9/avatar.zip", output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x"))
         )
         with tracer.start_as_current_span("POST /v1/sessions") as root:
             handle = await harness.start(request)
@@ -49,9 +50,7 @@ async def test_one_trace_runs_from_the_caller_through_the_workflow_to_the_activi
 
 
 async def test_replay_gate_detects_a_nondeterministic_change(harness: Harness, avatar_url: str) -> None:
-    request = harness.request(
-        "http://10.9.9.9/a.zip", OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/x"))
-    )
+    request = harness.request("http://10.9.9.9/a.zip", output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
     handle = await harness.start(request)
     with pytest.raises(WorkflowFailureError):
         await handle.result()

@@ -22,12 +22,17 @@ from PIL import Image
 
 from infra.livekit import LiveKitServerConfig
 from realtime.engine.avatar.source import SourceLimits
+from realtime.outputs.registry import LiveKitParams, RtmpTarget
 from tests.support.asset_server import AssetServer
 from tests.support.media import astronaut_frame
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, fast_policy, in_phase, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import AvatarKind, LiveKitOutputRequest, OutputRequest, Phase
+from workflows.contracts import (
+    AvatarKind,
+    Phase,
+)
 
 pytestmark = pytest.mark.service
 
@@ -127,7 +132,7 @@ async def test_a_large_avatar_stays_within_the_sidecars_memory_and_disk_budget(
     idle_peak = rss_mib(pid)
     url = asset_server.serve("/avatars/large-2048x100.zip", large_frames_zip(), "application/zip")
     request = harness.request(
-        url, OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="avatar-large"))
+        url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="avatar-large"))
     )
     with TreeRss(pid) as tree:
         handle = await harness.start(request, LARGE_AVATAR_POLICY)
@@ -186,7 +191,7 @@ async def test_a_4k_idle_video_stays_within_the_sidecars_memory_budget(
     url = asset_server.serve("/avatars/idle-4k.mp4", video_4k(tmp_path), "video/mp4")
     request = harness.request(
         url,
-        OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="avatar-4k")),
+        output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="avatar-4k")),
         kind=AvatarKind.IDLE_VIDEO,
     )
     with TreeRss(pid) as tree:
@@ -352,10 +357,10 @@ async def test_a_refused_download_leaves_the_asset_store_at_once(harness: Harnes
     """An avatar that fails validation (no face) is deleted from the control worker's asset store right away."""
     from tests.support.media import noise_frames_zip
     from tests.support.temporal_harness import failed_with
-    from workflows.contracts import ErrorCode, RtmpOutputRequest
+    from workflows.contracts import ErrorCode
 
     url = asset_server.serve("/avatars/noise.zip", noise_frames_zip(), "application/zip")
-    request = harness.request(url, OutputRequest(rtmp=RtmpOutputRequest(url="rtmp://127.0.0.1:1/live/x")))
+    request = harness.request(url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/live/x")))
     handle = await harness.start(request)
     await failed_with(handle, ErrorCode.NO_FACE)
     assert [path.name for path in harness.asset_dir.iterdir()] == []

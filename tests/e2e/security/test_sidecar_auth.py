@@ -20,6 +20,7 @@ import pytest
 import websockets
 
 from infra.livekit import LiveKitServerConfig
+from realtime.outputs.registry import LiveKitParams
 from realtime.sidecar.auth import check_audio_token
 from realtime.sidecar.auth import mint_audio_token as sidecar_mint
 from realtime.sidecar.config import ServerConfig
@@ -27,10 +28,14 @@ from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.server import create_app
 from tests.support.credentials import SIDECAR_SECRET, audio_token, service_headers
 from tests.support.fake_engine import NoEngine
+from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, in_phase, wait_for_status
 from workflows.client import session_status, stop_session
-from workflows.contracts import EndReason, LiveKitOutputRequest, OutputRequest, Phase
+from workflows.contracts import (
+    EndReason,
+    Phase,
+)
 from workflows.sidecar_tokens import audio_token_valid
 from workflows.sidecar_tokens import mint_audio_token as api_mint
 
@@ -58,7 +63,7 @@ async def test_an_unauthenticated_caller_gets_nothing_from_a_live_sidecar(
 ) -> None:
     await sidecars.spawn("gpu0")
     request = harness.request(
-        avatar_url, OutputRequest(livekit=LiveKitOutputRequest(url=livekit_server.ws_url, identity="avatar-sec"))
+        avatar_url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="avatar-sec"))
     )
     handle = await harness.start(request)
     await wait_for_status(handle, in_phase(Phase.LIVE), timeout_s=60)

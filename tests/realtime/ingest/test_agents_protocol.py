@@ -24,7 +24,11 @@ import soxr
 from livekit import rtc
 
 from infra.livekit import LiveKitServerConfig
-from realtime.host import AvatarAsset, LiveKitTarget, OutputKind, OutputTarget
+from realtime.host import (
+    AvatarAsset,
+    OutputTarget,
+)
+from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.host import SidecarHost
 from tests.support.avcheck import agent_token, token
 from tests.support.sidecar_harness import RunningSidecar, SpeechClip
@@ -117,7 +121,7 @@ async def test_an_agent_drives_the_avatar_over_byte_streams_and_rpc(
         token=agent_token(livekit_server, avatar_identity, room_name),
         publish_on_behalf=agent_identity,
     )
-    await host.open_output(session_id, OutputTarget(OutputKind.LIVEKIT, livekit=target))
+    await host.open_output(session_id, OutputTarget(LIVEKIT.name, target))
     runtime = host.runtime(session_id)
     assert runtime is not None
     try:

@@ -14,11 +14,11 @@ import pytest
 from livekit import rtc
 
 from infra.process import free_port
-from realtime.host import LiveKitTarget
 from realtime.outputs.base import FrameKind, PublishTick
 from realtime.outputs.encoder import EncoderSettings
 from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
 from realtime.outputs.recording import RecordingOutput
+from realtime.outputs.registry import LiveKitTarget
 from realtime.outputs.rtmp_stream import RtmpStreamWriter
 from realtime.outputs.switch import SwitchableOutput
 from tests.support.recording import RecordingPublisher

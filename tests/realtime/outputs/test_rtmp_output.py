@@ -14,7 +14,8 @@ from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
 from realtime.outputs.encoder import EncoderSettings
 from realtime.outputs.errors import RtmpPublishRefused, RtmpUrlError
-from realtime.outputs.rtmp_stream import RtmpStreamWriter, redact_rtmp_url, validate_rtmp_url
+from realtime.outputs.rtmp_stream import RtmpStreamWriter
+from realtime.outputs.rtmp_url import redact_rtmp_url, validate_rtmp_url
 from tests.support.avsignals import (
     AUDIO_RATE_HZ,
     FRAME_RATE_FPS,

@@ -20,7 +20,11 @@ import pytest
 import websockets
 
 from infra.livekit import LiveKitServerConfig
-from realtime.host import AvatarAsset, LiveKitTarget, OutputKind, OutputTarget
+from realtime.host import (
+    AvatarAsset,
+    OutputTarget,
+)
+from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.host import SidecarHost
 from tests.support.avcheck import (
     SAMPLES_PER_FRAME_48K,
@@ -68,7 +72,7 @@ async def open_livekit_session(
         token=token(livekit_server, identity, room),
         publish_audio=publish_audio,
     )
-    opened = await host.open_output(session_id, OutputTarget(OutputKind.LIVEKIT, livekit=target))
+    opened = await host.open_output(session_id, OutputTarget(LIVEKIT.name, target))
     assert opened.detail == room
     avatar = host.sessions[session_id].avatar
     x1, y1, x2, y2 = (int(v) for v in avatar.face_boxes[0])  # type: ignore[attr-defined]

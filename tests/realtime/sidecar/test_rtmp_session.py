@@ -33,13 +33,11 @@ from infra.livekit import LiveKitServerConfig
 from infra.rtmp import RtmpServerConfig
 from realtime.host import (
     AvatarAsset,
-    LiveKitTarget,
-    OutputKind,
     OutputTarget,
-    RtmpTarget,
     RunLimits,
     SessionEndReason,
 )
+from realtime.outputs.registry import LIVEKIT, RTMP, LiveKitTarget, RtmpTarget
 from realtime.outputs.rtmp import RtmpOutput
 from realtime.sidecar.host import SidecarHost
 from tests.realtime.sidecar.test_livekit_e2e import assert_adds_up, next_of, stream_realtime
@@ -183,10 +181,8 @@ async def test_rtmp_session_streams_speech_in_sync_and_records_it(
     idle_mouths = [avatar.idle_frame(i)[box[1] : box[3], box[0] : box[2]].astype(np.float32) for i in range(48)]  # type: ignore[attr-defined]
     url = rtmp_server.publish_url(session_id)
     record_path = tmp_path / "session.mp4"
-    opened = await host.open_output(
-        session_id, OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(url), record_path=record_path)
-    )
-    assert opened.kind is OutputKind.RTMP and session_id not in opened.detail  # the stream key is redacted
+    opened = await host.open_output(session_id, OutputTarget(RTMP.name, RtmpTarget(url), record_path=record_path))
+    assert opened.kind is RTMP.name and session_id not in opened.detail  # the stream key is redacted
     reader = StreamReader(url, box, max_seconds=60)
     reader.start()
     try:
@@ -271,7 +267,7 @@ async def test_a_five_second_session_records_125_frames_with_audio(
     await prepare(host, session_id, avatar_zip_path)
     record_path = tmp_path / "five.mp4"
     url = rtmp_server.publish_url(session_id)
-    await host.open_output(session_id, OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(url), record_path=record_path))
+    await host.open_output(session_id, OutputTarget(RTMP.name, RtmpTarget(url), record_path=record_path))
     started_tick = host.sessions[session_id].runtime.tick  # type: ignore[union-attr]
     # Stop on the session's own clock: exactly 125 ticks after the output opened.
     # The runtime has no per-tick event to wait on; polling every 10 ms is well within a frame.
@@ -297,7 +293,7 @@ async def test_a_live_session_switches_from_livekit_to_rtmp_without_restarting(
     avatar = await prepare(host, session_id, avatar_zip_path)
     identity = f"lipsync-avatar-{session_id}"
     livekit = LiveKitTarget(livekit_server.ws_url, room, identity, token(livekit_server, identity, room))
-    await host.open_output(session_id, OutputTarget(OutputKind.LIVEKIT, livekit=livekit))
+    await host.open_output(session_id, OutputTarget(LIVEKIT.name, livekit))
     runtime = host.runtime(session_id)
     assert runtime is not None
     url = rtmp_server.publish_url(session_id)
@@ -313,8 +309,8 @@ async def test_a_live_session_switches_from_livekit_to_rtmp_without_restarting(
             assert before.fallbacks == 0 and before.output == "livekit"
             # A malformed target fails the switch and leaves the session where it was.
             with pytest.raises(Exception, match="rtmp"):
-                await host.switch_output(session_id, OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget("http://nope")))
-            opened = await host.switch_output(session_id, OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(url)))
+                await host.switch_output(session_id, OutputTarget(RTMP.name, RtmpTarget("http://nope")))
+            opened = await host.switch_output(session_id, OutputTarget(RTMP.name, RtmpTarget(url)))
             reader.start()
             await streaming
             await ws.send(json.dumps({"type": "end_of_utterance"}))
@@ -327,7 +323,7 @@ async def test_a_live_session_switches_from_livekit_to_rtmp_without_restarting(
         await host.teardown(session_id)
         await asyncio.to_thread(reader.join, 15)
     assert not reader.errors, reader.errors
-    assert opened.kind is OutputKind.RTMP
+    assert opened.kind is RTMP.name
     assert after.output == "rtmp" and after.fallbacks == 1
     assert after.extra["rtmp_switches"] == 1.0
     assert finished["interrupted"] is False
@@ -349,7 +345,7 @@ async def test_after_an_output_failure_the_switched_session_runs_on(
     assert isinstance(host, SidecarHost)
     session_id = "rtmp-output-failed"
     await prepare(host, session_id, avatar_zip_path)
-    first = OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(rtmp_server.publish_url(f"{session_id}-a")))
+    first = OutputTarget(RTMP.name, RtmpTarget(rtmp_server.publish_url(f"{session_id}-a")))
     await host.open_output(session_id, first)
     original_config = host.config
     host.config = dataclasses.replace(original_config, output_down_timeout_s=0.3)
@@ -360,7 +356,7 @@ async def test_after_an_output_failure_the_switched_session_runs_on(
         live.current._publisher.stats.connected = False  # what the media thread reports when the server is gone
         ended = await asyncio.wait_for(host.run_session(session_id, limits, lambda _s: None), timeout=10)
         assert ended.reason is SessionEndReason.OUTPUT_FAILED
-        second = OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(rtmp_server.publish_url(f"{session_id}-b")))
+        second = OutputTarget(RTMP.name, RtmpTarget(rtmp_server.publish_url(f"{session_id}-b")))
         await host.switch_output(session_id, second)
         running = asyncio.create_task(host.run_session(session_id, limits, lambda _s: None))
         await asyncio.sleep(1.0)

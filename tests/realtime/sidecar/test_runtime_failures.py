@@ -17,15 +17,14 @@ from infra.process import free_port
 from realtime.agents_protocol import AgentAudioBridge
 from realtime.host import (
     OpenedOutput,
-    OutputKind,
     OutputTarget,
     PreparedAvatar,
-    RtmpTarget,
     RunLimits,
     SessionEndReason,
 )
 from realtime.ingest.errors import IngestError, IngestErrorCode
 from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import LIVEKIT, RTMP, RtmpTarget
 from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import ServerConfig
@@ -254,7 +253,7 @@ async def test_a_failed_output_switch_keeps_the_agent_bridge() -> None:
         live_output=live,
         bridge=bridge,  # type: ignore[arg-type]
     )
-    refused = OutputTarget(OutputKind.RTMP, rtmp=RtmpTarget(f"rtmp://127.0.0.1:{free_port()}/live/stream"))
+    refused = OutputTarget(RTMP.name, RtmpTarget(f"rtmp://127.0.0.1:{free_port()}/live/stream"))
     with pytest.raises(OutputError):
         await host.switch_output("s", refused)  # nothing listens there: the new output cannot open
     assert live.current is current and live.switches == 0
@@ -327,7 +326,7 @@ async def test_outputs_started_for_a_session_that_cannot_open_are_closed() -> No
     host.sessions["s"] = HostedSession("s", avatar=object())
     publisher = RecordingPublisher(WIDTH_PX, HEIGHT_PX)
     with pytest.raises(RuntimeError, match="stale"):
-        await host.start_publishing("s", [publisher], OpenedOutput(OutputKind.LIVEKIT, "room"))
+        await host.start_publishing("s", [publisher], OpenedOutput(LIVEKIT.name, "room"))
     assert not publisher.stats().connected, "the started output was left open with no session to close it"
     assert host.sessions["s"].runtime is None
 
