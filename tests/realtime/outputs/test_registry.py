@@ -155,18 +155,19 @@ def test_params_round_trip_and_bad_params_name_the_field() -> None:
     params = LiveKitParams(url="ws://lk:7880", identity="avatar", publish_on_behalf="agent")
     assert LIVEKIT.parse(LIVEKIT.to_params(params)) == params
     assert RTMP.parse({"url": "rtmp://h/app/key"}) == RtmpTarget("rtmp://h/app/key")
-    for raw, problem in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({}, "'url' is required"),
         ({"url": 5}, "'url' must be"),
         ({"url": "rtmp://h/a/k", "key": "x"}, "unknown parameter(s) ['key']"),
-    ]:
+    ]
+    for raw, problem in cases:
         with pytest.raises(OutputParamsInvalid) as invalid:
             RTMP.parse(raw)
         assert invalid.value.code == "output_params_invalid" and problem in invalid.value.message
     with pytest.raises(OutputParamsInvalid, match="'publish_audio' must be"):
         LIVEKIT.parse({"url": "ws://lk", "identity": "a", "publish_audio": "yes"})
     with pytest.raises(OutputParamsInvalid, match="takes LiveKitParams"):
-        LIVEKIT.to_params(RtmpTarget("rtmp://h/a/k"))
+        LIVEKIT.to_params(RtmpTarget("rtmp://h/a/k"))  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 # --- a test-only kind through the real sidecar activity and host -------------------------------------------
