@@ -16,7 +16,8 @@ from pathlib import Path
 import av
 import httpx
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer
 
 from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
@@ -33,6 +34,7 @@ from workflows.contracts import (
     ErrorCode,
     Phase,
 )
+from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
 
@@ -201,3 +203,11 @@ async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_
     _, status = await failed_with(handle, ErrorCode.RUNTIME_FAILED)
     assert status.error is not None and "idle frame 3 is unreadable" in status.error.message
     assert request.session_id in host.torn_down
+
+
+async def test_a_session_history_from_before_output_specs_still_replays() -> None:
+    """A run recorded by the code that named each output in its own request field (LiveKit opened, lost while
+    live, switched to RTMP) replays on this code: `OutputRequest.offered` reads those fields as specs."""
+    text = (Path(__file__).parent / "data" / "session-history-before-output-specs.json").read_text()
+    history = WorkflowHistory.from_json("session-before-output-specs", text)
+    await Replayer(workflows=[SessionWorkflow]).replay_workflow(history)
