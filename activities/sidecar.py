@@ -117,7 +117,8 @@ class SidecarWorkerConfig:
         return cls(sidecar_id=capacity.sidecar_id, asset_dir=asset_dir, **values)
 
 
-# Sessions this sidecar ended on its own, remembered (by id) so a late reconcile learns why; oldest dropped first.
+# Sessions this sidecar ended on its own, remembered (by id) so a late reconcile learns why; oldest dropped
+# first.
 _GONE_MEMORY = 1000
 
 
@@ -306,8 +307,8 @@ class SidecarActivities:
                 await reporter
         gone = self._gone.get(session_id)
         if gone is not None:
-            # This sidecar ended the session itself (out of contact past its grace), not the session's own end:
-            # say so, should the result still reach the workflow.
+            # This sidecar ended the session itself (out of contact past its grace), not the session's own
+            # end: say so, should the result still reach the workflow.
             raise self._session_gone(session_id, gone)
         return RunSessionResult(
             end_reason=EndReason(end.reason.value), stats=dataclasses.asdict(end.stats), detail=end.detail

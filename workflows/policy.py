@@ -147,8 +147,8 @@ class FrameLimits:
     require_face: bool  # the first frame must contain a detectable frontal face
     # Frames are scaled down to this many px per side (the sidecar's SourceLimits.max_output_side_px) ...
     max_output_side_px: int = 1024
-    # ... and frames x width x height at that size may not exceed this (the avatar's decoded-pixel budget, checked
-    # from the images' headers before any frame is decoded).
+    # ... and frames x width x height at that size may not exceed this (the avatar's decoded-pixel budget,
+    # checked from the images' headers before any frame is decoded).
     max_total_pixels: int = 150_000_000
 
 

@@ -748,7 +748,8 @@ class SessionWorkflow:
         if isinstance(cause, ActivityTimeoutError):
             last = cause.cause
             if isinstance(last, ApplicationError) and last.type:
-                # Retries ran out of time: the last attempt's reason (e.g. no_capacity) says more than "timeout".
+                # Retries ran out of time: the last attempt's reason (e.g. no_capacity) says more than
+                # "timeout".
                 return _SessionFailed(
                     last.type, f"{name.value} gave up after its policy's {_timeout_name(cause)}: {last.message}"
                 )

@@ -104,8 +104,9 @@ class SourceClock:
         elif abs(error) <= self.jump_blocks * self.block_samples:
             measured = self.position(at_s) + round(error * self.nudge_weight)
         elif error < 0 and self.capacity_samples is not None and queued - error > self.capacity_samples:
-            # The sender stopped counting (its transport was down or resuming) while the source kept draining: a
-            # queue that deep cannot exist. Only where the count stands is taken, as on the first measurement.
+            # The sender stopped counting (its transport was down or resuming) while the source kept draining:
+            # a queue that deep cannot exist. Only where the count stands is taken, as on the first
+            # measurement.
             self._queue_end += error
             self.rebases += 1
         self._base_position = measured

@@ -9,13 +9,13 @@ that, so the queue is kept `audio_headroom_ms` deep: before the first tick (and 
 a disconnect or an interrupt) it is filled with silence up to `deadline + headroom`, so
 tick N's audio enters WebRTC at its deadline + headroom, whatever the loop's jitter up to
 the headroom. The frame is captured at deadline + headroom + `video_delay_ms`. That delay
-exists because the two paths are not equally long at a receiver: Opus packetizes 20 ms at a time
-and the receiver's jitter buffer holds audio a little longer than video, so at a LiveKit
-native-SDK subscriber (Python/Rust/agents, which do no lip-sync of their own) a frame
-captured at the same instant as its audio arrives ~35-45 ms before that audio. Holding
-video by ~20 ms splits that error: the native subscriber sees video ~20 ms early, and a
-browser that lip-syncs by capture time (both tracks share one `stream`) sees it ~20 ms
-late — both inside one frame. tests/realtime measures it; docs/audio-protocol.md explains it.
+exists because the two paths are not equally long at a receiver: Opus packetizes audio in
+blocks and the receiver's jitter buffer holds audio longer than
+video, so a frame captured with its audio reaches a native-SDK subscriber (no lip-sync of its
+own) before that audio. The delay is chosen to split that error between such a subscriber
+(video early) and a browser that lip-syncs by capture time (both tracks share one `stream`;
+video late), keeping both inside one frame. docs/audio-protocol.md gives the measurements;
+tests/realtime measures it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
 Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue
@@ -78,7 +78,8 @@ PLAYOUT_SAMPLE_RATE_HZ = 48_000
 PULL_BLOCK_SAMPLES = PLAYOUT_SAMPLE_RATE_HZ // 100  # the source hands WebRTC 10 ms per pull
 # Anchor errors below this are left alone: one pull cannot be split, and the queue model is only that precise.
 ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
-# In speech, audio up to two frames late is kept (avsync.SourceClock.plan): the next silence absorbs the correction.
+# In speech, audio up to two frames late is kept (avsync.SourceClock.plan): the next silence absorbs the
+# correction.
 LATE_SPEECH_TOLERANCE_SAMPLES = 2 * 1920
 
 
@@ -105,8 +106,8 @@ class LiveKitPublisherOptions:
     stream_name: str = "avatar"  # both tracks in one stream: receivers that lip-sync do so by it
     av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
     calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
-    # See LiveKitPublisher._maybe_renew_audio_track. 0 (off) by default: on a loaded host, stalls of the event loop
-    # alone renewed the track too, and each renewal cuts ~100-300 ms of audio at subscribers.
+    # See LiveKitPublisher._maybe_renew_audio_track. 0 (off) by default: on a loaded host, stalls of the event
+    # loop alone renew the track too, and each renewal cuts audio at subscribers (docs/audio-protocol.md).
     renew_audio_after_stall_ms: float = 0.0
     renew_audio_min_interval_s: float = 2.0
 
@@ -160,7 +161,8 @@ class LiveKitPublisher:
         self._last_renew_s = -1e9
         self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
         self._last_alarm_log_s = -1e9
-        # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none kept.
+        # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none
+        # kept.
         self._audio_residual_s: dict[int, float | None] = {}
         self._video_source: rtc.VideoSource | None = None
         self._room_listeners: list[RoomListener] = []
@@ -171,8 +173,9 @@ class LiveKitPublisher:
         # Audio queue anchoring (see the module docstring): captures and refills are serialised by the lock.
         self._audio_lock = asyncio.Lock()
         self._next_tick_deadline_s: float | None = None  # where the next tick's audio belongs on the clock
-        # (when its audio enters WebRTC, speech samples) of the ticks handed to the audio source: an interrupt's
-        # clear_queue takes back the ones that have not started, so they are not counted as published.
+        # (when its audio enters WebRTC, speech samples) of the ticks handed to the audio source: an
+        # interrupt's clear_queue takes back the ones that have not started, so they are not counted as
+        # published.
         self._queued_speech: deque[tuple[float, int]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -283,8 +286,9 @@ class LiveKitPublisher:
         audio_track = rtc.LocalAudioTrack.create_audio_track(AUDIO_TRACK_NAME, self._audio_source)
         await room.local_participant.publish_track(
             audio_track,
-            # DTX: in silence the encoder sends (almost) no packets while its RTP clock runs on, so a stall while
-            # idle is, for receivers, a gap in silence rather than packets arriving late (see `_renew_audio_track`).
+            # DTX: in silence the encoder sends (almost) no packets while its RTP clock runs on, so a stall
+            # while idle is, for receivers, a gap in silence rather than packets arriving late (see
+            # `_renew_audio_track`).
             rtc.TrackPublishOptions(
                 source=rtc.TrackSource.SOURCE_MICROPHONE, stream=self.options.stream_name, dtx=True
             ),
@@ -347,7 +351,8 @@ class LiveKitPublisher:
             if measured is None or track is not self._audio_track:
                 continue
             pulled_s, collected_unix_us = measured
-            # The collection time is wall-clock microseconds; on the monotonic clock it lies between ask and answer.
+            # The collection time is wall-clock microseconds; on the monotonic clock it lies between ask and
+            # answer.
             at_s = answered_s - (time.time() - collected_unix_us / 1_000_000)
             at_s = min(max(at_s, asked_s), answered_s)
             self._source_clock.calibrate(round(pulled_s * PLAYOUT_SAMPLE_RATE_HZ), at_s)
@@ -376,8 +381,9 @@ class LiveKitPublisher:
         reason_name = _disconnect_reason_name(reason)
         self._stats.last_error = f"disconnected: {reason_name}"
         if reason_name in FINAL_DISCONNECT_REASONS:
-            # Someone meant it (the room was closed, the avatar removed, or another publisher took its identity):
-            # rejoining would re-create the room or fight the other one. The session sees `connected` false.
+            # Someone meant it (the room was closed, the avatar removed, or another publisher took its
+            # identity): rejoining would re-create the room or fight the other one. The session sees
+            # `connected` false.
             self._stats.extra["final_disconnect"] = 1.0
             logger.warning(
                 "livekit publisher removed from the room; not rejoining",
@@ -444,8 +450,8 @@ class LiveKitPublisher:
         anchor_s = tick.deadline_s + self._audio_headroom_s
         self._check_audio_slack(anchor_s, now_s)
         capacity = self.options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
-        # A stall shows as the time since the previous tick past one period (the clock may have restarted since, so
-        # the tick itself need not be late).
+        # A stall shows as the time since the previous tick past one period (the clock may have restarted
+        # since, so the tick itself need not be late).
         period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
         self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s)
         self._last_tick_at_s = now_s
@@ -458,7 +464,8 @@ class LiveKitPublisher:
             late_speech_tolerance_samples=LATE_SPEECH_TOLERANCE_SAMPLES if tick.speech_samples else 0,
         )
         kept = pcm[decision.drop_samples :]
-        # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech first.
+        # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech
+        # first.
         dropped_speech = min(
             tick.speech_samples, round(decision.drop_samples * TIMELINE_SAMPLE_RATE_HZ / PLAYOUT_SAMPLE_RATE_HZ)
         )
@@ -608,9 +615,9 @@ class LiveKitPublisher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Frames still waiting for their capture time (up to headroom + video delay ahead) never reach the room.
-        # Every session ends with a few: counted apart from drops, so frames handed in = published + dropped +
-        # discarded at close, and a healthy session's drop count stays 0.
+        # Frames still waiting for their capture time (up to headroom + video delay ahead) never reach the
+        # room. Every session ends with a few: counted apart from drops, so frames handed in = published +
+        # dropped + discarded at close, and a healthy session's drop count stays 0.
         for handle, _tick in self._pending_video.values():
             handle.cancel()
         extra = self._stats.extra

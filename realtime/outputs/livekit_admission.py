@@ -64,9 +64,9 @@ async def refuse_identity_collision(params: LiveKitParams, context: AdmissionCon
     try:
         response = await client.room.list_participants(lkapi.ListParticipantsRequest(room=room))
     except Exception as exc:
-        # No room yet (not_found), or LiveKit unreachable / refusing these credentials: the RoomService and the
-        # join are the same server and credentials, so the join cannot collide either; it fails or opens an
-        # empty room, and its own error code says why.
+        # No room yet (not_found), or LiveKit unreachable / refusing these credentials: the RoomService and
+        # the join are the same server and credentials, so the join cannot collide either; it fails or opens
+        # an empty room, and its own error code says why.
         logger.info(
             "livekit identity check skipped",
             extra={"room": room, "session_id": context.session_id, "reason": f"{type(exc).__name__}: {exc}"},

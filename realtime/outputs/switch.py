@@ -54,7 +54,8 @@ class SwitchableOutput:
         try:
             await old.close()
         except Exception:
-            # The session is on the new output already; a failed close may leave the old one connected: say so.
+            # The session is on the new output already; a failed close may leave the old one connected: say
+            # so.
             logger.exception("closing the replaced output failed", extra={"output": old.name})
         final = old.stats()
         for counter in (

@@ -155,9 +155,10 @@ class SidecarHost:
             started = time.perf_counter()
             already = await self.lane.call(BACKGROUND_DEADLINE_S, self.engine.warm_up)
             if not already:
-                # The lane's cost model starts from the warm-up's batch times: admission control and the planning
-                # budget know the GPU's capacity before the first session (render only: the first real batches,
-                # feature work included, move the estimates on; skipping late frames waits for those).
+                # The lane's cost model starts from the warm-up's batch times: admission control and the
+                # planning budget know the GPU's capacity before the first session (render only: the first
+                # real batches, feature work included, move the estimates on; skipping late frames waits for
+                # those).
                 for frames, batch_ms in self.engine.warm_up_batch_ms().items():
                     self.lane.cost_model.observe(frames, batch_ms)
             info = self.engine.info()
@@ -203,7 +204,8 @@ class SidecarHost:
         session.output = opened
         session.output_down_since_s = None
         if session.stop_reason is SessionEndReason.OUTPUT_FAILED:
-            # The run that ended because the old output failed is over; the next run_session serves the new one.
+            # The run that ended because the old output failed is over; the next run_session serves the new
+            # one.
             session.stop_reason = None
             session.stop_event.clear()
         self._attach_agent_bridge(session, publisher)
@@ -291,8 +293,8 @@ class SidecarHost:
         self, session: HostedSession, runtime: SessionRuntime, limits: RunLimits, started_s: float, now: float
     ) -> SessionEndReason | None:
         if runtime.task_failure is not None:
-            # No clock or no rendering: nothing reaches the room any more. End now with the reason, rather than
-            # look live until the idle timeout or the maximum duration.
+            # No clock or no rendering: nothing reaches the room any more. End now with the reason, rather
+            # than look live until the idle timeout or the maximum duration.
             return SessionEndReason.RUNTIME_FAILED
         if now - started_s >= limits.max_duration_s:
             return SessionEndReason.MAX_DURATION
