@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from realtime.outputs.base import Publisher
-from realtime.outputs.errors import OutputError, RtmpUrlError
+from realtime.outputs.errors import OutputError
 from realtime.outputs.rtmp_url import redact_rtmp_url, validate_rtmp_url
 
 P = TypeVar("P")  # a kind's request parameters (JSON scalars: they are kept in workflow history)
@@ -255,7 +255,6 @@ __all__ = [
     "OutputRegistry",
     "PublisherContext",
     "RtmpTarget",
-    "RtmpUrlError",
     "UrlGuard",
 ]
 
