@@ -247,6 +247,7 @@ async def test_bad_params_of_a_registered_kind_fail_open_output_with_their_code(
 # --- a test-only kind chosen by the real workflow as the fallback ---------------------------------------------
 
 
+@pytest.mark.service
 async def test_the_workflow_falls_back_to_a_kind_registered_by_a_test(
     memory_kind: str, harness: Harness, avatar_url: str
 ) -> None:
