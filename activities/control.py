@@ -18,7 +18,7 @@ from typing import Any
 from temporalio import activity
 
 from activities import fetch, validate
-from activities.errors import AssetError
+from activities.errors import AssetError, to_application_error
 from activities.placement_client import Placer
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
@@ -66,7 +66,7 @@ class ControlActivities:
             )
         except AssetError as exc:
             logger.warning("asset refused", extra={"session": request.session_id, "code": exc.code.value})
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         await asyncio.to_thread(
             fetch.keep_within_cap, result.path, self.config.asset_dir, self.config.asset_store_max_bytes
         )
@@ -93,7 +93,7 @@ class ControlActivities:
             logger.warning("asset invalid", extra={"session": request.session_id, "code": exc.code.value})
             # A refused asset is never used: it leaves the store at once (a retry downloads it again).
             await asyncio.to_thread(path.unlink, missing_ok=True)
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         return ValidatedAvatar(
             asset=asset,
             frame_count=report.frame_count,

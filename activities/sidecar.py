@@ -36,7 +36,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import fetch
 from activities.control import ASSET_SUFFIXES
-from activities.errors import AssetError, application_error_from
+from activities.errors import AssetError, application_error_from, to_application_error
 from activities.output_guard import checked_rtmp_url
 from realtime.host import (
     AvatarAsset,
@@ -464,7 +464,7 @@ class SidecarActivities:
         try:
             download = await fetch.download(asset.source_url, limits, self.config.asset_dir, suffix=suffix)
         except AssetError as exc:
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         if download.digest_sha256 != asset.digest_sha256:
             # Not the validated bytes: never used, so not kept.
             await asyncio.to_thread(download.path.unlink, missing_ok=True)
@@ -502,7 +502,7 @@ class SidecarActivities:
         try:
             url = await checked_rtmp_url(request.rtmp.url, request.rtmp_allow_networks)
         except AssetError as exc:
-            raise exc.to_application_error() from None
+            raise to_application_error(exc) from None
         return OutputTarget(kind=OutputKind.RTMP, rtmp=RtmpTarget(url=url), record_path=record_path)
 
     async def _refuse_identity_collision(self, url: str, room: str, identity: str, session_id: str) -> None:

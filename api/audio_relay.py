@@ -8,7 +8,7 @@ is the sidecar's (docs/audio-protocol.md). While waiting it sends nothing; the s
 `ready` message is the caller's signal to stream, but audio sent earlier is kept (up to
 `EARLY_BUFFER_MAX_BYTES`) and forwarded first, in order — as the sidecar itself would accept
 it. If the session fails before `live`, the caller gets `{"type": "error", "code",
-"message"}` and a 1011 close.
+"message"}` and the close code `realtime.ingest.ws_close` gives that code (1011 for a failed session).
 
 The relay registry also serves `POST /v1/sessions/{id}/interrupt` (an `interrupt` message
 injected upstream) and `/debug/audio` (bytes and messages relayed, connection state).
@@ -33,13 +33,12 @@ from websockets.asyncio.client import ClientConnection
 
 from api.auth import API_KEY_HEADER
 from api.sidecars import SidecarDirectory
+from realtime.ingest.ws_close import CLOSE_NORMAL, ws_close_code
 from workflows.contracts import TERMINAL_PHASES, Phase, SessionStatus
 from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM
 
 logger = logging.getLogger(__name__)
 
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_INTERNAL_ERROR = 1011
 # Close codes that mean the connection broke without a close frame (RFC 6455 7.4.1: never sent on the wire).
 _NO_CLOSE_FRAME_CODES = frozenset({1006, 1015})
 _CLOSE_NO_STATUS = 1005  # a close frame without a code: a normal end, sent on as 1000
@@ -175,7 +174,7 @@ async def relay_audio(
         registry.remove(relay)
         if websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
-                await websocket.close(1000)
+                await websocket.close(CLOSE_NORMAL)
 
 
 def _message_bytes(message: ClientMessage) -> int:
@@ -240,12 +239,11 @@ async def _wait_until_live(
                     relay,
                     "buffer_full",
                     f"more than {EARLY_BUFFER_MAX_BYTES} bytes of audio before the session went live",
-                    close_code=CLOSE_POLICY_VIOLATION,
                 )
             return None  # the caller left before the session went live
         status = await status_of(session_id)
         if status is None:
-            await _fail(websocket, relay, "not_found", f"no session {session_id!r}", close_code=CLOSE_POLICY_VIOLATION)
+            await _fail(websocket, relay, "not_found", f"no session {session_id!r}")
             return None
         if status.phase == Phase.LIVE and status.sidecar:
             return str(status.sidecar)
@@ -266,14 +264,13 @@ async def _wait_until_live(
         await asyncio.wait({reader}, timeout=STATUS_POLL_S)
 
 
-async def _fail(
-    websocket: WebSocket, relay: RelayState, code: str, message: str, *, close_code: int = CLOSE_INTERNAL_ERROR
-) -> None:
+async def _fail(websocket: WebSocket, relay: RelayState, code: str, message: str) -> None:
+    """Send a fatal `error` and close with the code's close code (`ws_close_code`)."""
     relay.state = "failed"
     relay.close_reason = f"{code}: {message}"
     with contextlib.suppress(Exception):
         await websocket.send_json({"type": "error", "code": code, "message": message, "fatal": True})
-        await websocket.close(close_code, reason=_close_reason(code))
+        await websocket.close(ws_close_code(code), reason=_close_reason(code))
 
 
 def _close_reason(reason: str) -> str:
@@ -330,7 +327,7 @@ async def _pump(
             return
         with contextlib.suppress(Exception):
             # The sidecar's own code and reason, e.g. 1008 `unknown_session`, reach the caller unchanged.
-            await websocket.close(1000 if code == _CLOSE_NO_STATUS else code, reason=_close_reason(reason))
+            await websocket.close(CLOSE_NORMAL if code == _CLOSE_NO_STATUS else code, reason=_close_reason(reason))
 
     tasks = [asyncio.create_task(client_to_sidecar()), asyncio.create_task(sidecar_to_client())]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

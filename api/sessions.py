@@ -82,7 +82,7 @@ def _is_not_found(exc: BaseException) -> bool:
 
 
 def not_found(session_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no session {session_id!r}")
+    return ApiError("not_found", f"no session {session_id!r}")
 
 
 VIEWER_IDENTITY_PREFIX = "viewer-"  # viewer tokens' identities; an avatar identity may not start with it
@@ -103,12 +103,12 @@ def namespaced_room(principal: Principal, requested: str, tenants: frozenset[str
         return requested
     if principal.tenant == DEFAULT_TENANT:
         if sep and prefix in tenants:
-            raise ApiError(403, "room_not_allowed", f"room {requested!r} is in tenant {prefix!r}'s namespace")
+            raise ApiError("room_not_allowed", f"room {requested!r} is in tenant {prefix!r}'s namespace")
         return requested
     own = principal.tenant + ROOM_NAMESPACE_SEPARATOR
     room = requested if requested.startswith(own) else own + requested
     if len(room) > MAX_ROOM_CHARS:
-        raise ApiError(400, "room_too_long", f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars")
+        raise ApiError("room_too_long", f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars")
     return room
 
 
@@ -169,7 +169,6 @@ class SessionService:
             identity = body.output.livekit.identity or f"avatar-{session_id}"
             if identity.startswith(VIEWER_IDENTITY_PREFIX):
                 raise ApiError(
-                    400,
                     "identity_reserved",
                     f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens use it)",
                 )
@@ -219,7 +218,7 @@ class SessionService:
                 tenant=principal.tenant,
             )
         except WorkflowAlreadyStartedError as exc:
-            raise ApiError(409, "session_exists", f"session {request.session_id!r} already exists") from exc
+            raise ApiError("session_exists", f"session {request.session_id!r} already exists") from exc
         logger.info("session started", extra={"session_id": request.session_id, "room": request.room})
         livekit = None
         if request.output.livekit is not None:
@@ -366,7 +365,7 @@ class SessionService:
             await iterator.fetch_next_page()
         except RPCError as exc:
             if exc.status == RPCStatusCode.INVALID_ARGUMENT and page_token:
-                raise ApiError(400, "bad_page_token", f"page_token refused by Temporal: {exc.message}") from exc
+                raise ApiError("bad_page_token", f"page_token refused by Temporal: {exc.message}") from exc
             raise
         sessions = []
         for execution in iterator.current_page or []:
@@ -419,11 +418,11 @@ def _decode_page_token(token: str, query: str) -> bytes:
     try:
         envelope = base64.b64decode(token.encode(), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error) as exc:
-        raise ApiError(400, "bad_page_token", "page_token is not one this API returned") from exc
+        raise ApiError("bad_page_token", "page_token is not one this API returned") from exc
     digest, raw = envelope[:_PAGE_TOKEN_DIGEST_BYTES], envelope[_PAGE_TOKEN_DIGEST_BYTES:]
     if not raw or not hmac.compare_digest(digest, _page_token_digest(raw, query)):
         raise ApiError(
-            400, "bad_page_token", "page_token is not one this API returned for this listing (same room and phase)"
+            "bad_page_token", "page_token is not one this API returned for this listing (same room and phase)"
         )
     return raw
 

@@ -202,7 +202,7 @@ async def debug_audio(
         await svc.sessions.ensure_owner(client, session_id, principal)
         return await _audio_debug_one(svc, client, session_id)
     if not principal.admin:
-        raise ApiError(403, "admin_only", "every session's audio path needs an admin key; pass session_id")
+        raise ApiError("admin_only", "every session's audio path needs an admin key; pass session_id")
     sidecars = await svc.sidecars.all_health()
     live = {
         sid: {"sidecar": sidecar_id, "sidecar_stats": stats}
@@ -255,9 +255,9 @@ async def seed_session_start(
 ) -> SessionCreated:
     """The seed orchestrator's call, mapped onto POST /v1/sessions (same response body)."""
     if not body.connect_livekit and body.rtmp_url is None:
-        raise ApiError(422, "validation_error", "connect_livekit is false and there is no rtmp_url: no output")
+        raise ApiError("validation_error", "connect_livekit is false and there is no rtmp_url: no output")
     if (body.frames_zip_url is None) == (body.idle_video_url is None):
-        raise ApiError(422, "validation_error", "give exactly one of frames_zip_url or idle_video_url")
+        raise ApiError("validation_error", "give exactly one of frames_zip_url or idle_video_url")
     create = CreateSessionIn(
         session_id=body.session_id,
         avatar=AvatarIn(frames_zip_url=body.frames_zip_url, idle_video_url=body.idle_video_url),

@@ -9,13 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response, WebSocket
 from temporalio.client import Client
 
-from api.audio_relay import CLOSE_POLICY_VIOLATION, presented_ws_key, relay_audio
+from api.audio_relay import presented_ws_key, relay_audio
 from api.auth import Principal, principal_for, require_api_key
 from api.deps import Services, services, temporal_client
 from api.errors import ApiError
 from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, SessionOut, StopIn
 from api.sessions import MEMO_TRACEPARENT, SessionService, namespaced_room
 from api.tracing import TRACE_ID_HEADER, current_traceparent, session_span, trace_id_of
+from realtime.ingest.ws_close import ws_close_code
 from workflows.contracts import SessionStatus
 from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM, audio_token_valid
 
@@ -140,7 +141,6 @@ async def interrupt_session(
     _set_trace(response, traceparent)
     if not sent:
         raise ApiError(
-            409,
             "no_audio_connection",
             f"session {session_id!r} has no audio connection through this API: "
             'send {"type": "interrupt"} on the audio WebSocket',
@@ -161,7 +161,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
     )
     principal = None if by_token or key is None else principal_for(svc.settings, key)
     if not by_token and principal is None:
-        await websocket.close(CLOSE_POLICY_VIOLATION, reason="unauthorized")
+        await websocket.close(ws_close_code("unauthorized"), reason="unauthorized")
         return
     client = await svc.temporal.client()
     foreign = False  # another tenant's session answers as one that does not exist
@@ -169,7 +169,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
         try:
             await svc.sessions.ensure_owner(client, session_id, principal)
         except ApiError as exc:
-            if exc.status_code != 404:
+            if exc.code != "not_found":
                 raise
             foreign = True
 
@@ -179,7 +179,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
         try:
             return await svc.sessions.light_status(client, sid)
         except ApiError as exc:
-            if exc.status_code == 404:
+            if exc.code == "not_found":
                 return None
             raise
 
@@ -218,4 +218,4 @@ async def seed_audio(websocket: WebSocket) -> None:
             "message": "give the session as a query parameter: /audio?session_id=<the id /session/start returned>",
         }
     )
-    await websocket.close(CLOSE_POLICY_VIOLATION, reason="missing_session_id")
+    await websocket.close(ws_close_code("missing_session_id"), reason="missing_session_id")
