@@ -22,6 +22,13 @@ class AssetError(LipsyncError):
         super().__init__(message, code=code, retryable=retryable)
 
 
+class NoCapacity(LipsyncError):
+    """No sidecar of the session's pools has a free slot; a later attempt may find one."""
+
+    code = ErrorCode.NO_CAPACITY.value
+    retryable = True
+
+
 def to_application_error(exc: LipsyncError, *, context: str = "") -> ApplicationError:
     """`exc` as Temporal sees it: `type` is its code; retryable only if `exc.retryable`."""
     message = f"{context}: {exc.message}" if context else exc.message

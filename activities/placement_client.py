@@ -30,6 +30,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.errors import NoCapacity, to_application_error
 from workflows.contracts import (
     DEFAULT_POOL,
     AcquireSlot,
@@ -183,10 +184,12 @@ class Placer:
                         refusals.append(f"{registry_id}: no sidecar has registered")
                         continue
                     raise
-        raise ApplicationError(
-            f"no sidecar has a free slot for session {session_id!r} in pools {list(pools)} "
-            f"({len(refusals)} registries asked): " + "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else ""),
-            type=ErrorCode.NO_CAPACITY.value,
+        asked = "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else "")
+        raise to_application_error(
+            NoCapacity(
+                f"no sidecar has a free slot for session {session_id!r} in pools {list(pools)} "
+                f"({len(refusals)} registries asked): {asked}"
+            )
         )
 
     async def release(

@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.errors import LipsyncError
 from workflows.policy import MAX_PLACEMENT_SHARDS, is_pool_name
 
 
-class SettingsError(ValueError):
-    pass
+class SettingsError(LipsyncError, ValueError):
+    """An API setting (environment variable) is missing or invalid; the message names it."""
+
+    code = "settings_invalid"
 
 
 def _placement_shards(value: str | None) -> int:
