@@ -134,5 +134,8 @@ class ControlActivities:
 
     def _placer(self) -> Placer:
         return Placer(
-            activity.client(), self.config.placement_workflow_id, self.config.task_queue, shards=self.config.shards
+            activity.client(),
+            self.config.placement_workflow_id,
+            self.config.task_queue,
+            shards=self.config.shards,
         )

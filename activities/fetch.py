@@ -82,7 +82,11 @@ async def _follow(
         port = current.port or (443 if current.scheme == "https" else 80)
         address = await resolve_checked(host, port, policy, code=address_code, what=f"{what} {host!r}")
         pinned = current.copy_with(host=str(address))
-        headers = {"Host": current.netloc.decode("ascii"), "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+        headers = {
+            "Host": current.netloc.decode("ascii"),
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
         extensions = {"sni_hostname": host} if current.scheme == "https" else {}
         try:
             async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
@@ -90,7 +94,8 @@ async def _follow(
                     location = response.headers.get("location")
                     if not location:
                         raise AssetError(
-                            ErrorCode.ASSET_HTTP_ERROR, f"{current} answered {response.status_code} without a Location"
+                            ErrorCode.ASSET_HTTP_ERROR,
+                            f"{current} answered {response.status_code} without a Location",
                         )
                     current = _parse(str(current.join(location)), ErrorCode.URL_INVALID, "redirect target")
                     address_code = ErrorCode.REDIRECT_FORBIDDEN_ADDRESS
@@ -128,7 +133,8 @@ async def _save(response: httpx.Response, url: httpx.URL, limits: FetchLimits, s
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
         raise AssetError(
-            ErrorCode.ASSET_TOO_LARGE, f"{url} declares {int(declared)} bytes; the limit is {limits.max_bytes}"
+            ErrorCode.ASSET_TOO_LARGE,
+            f"{url} declares {int(declared)} bytes; the limit is {limits.max_bytes}",
         )
 
     digest = hashlib.sha256()

@@ -73,7 +73,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
     infos = archive.infolist()
     if len(infos) > zip_limits.max_entries:
         raise AssetError(
-            ErrorCode.ZIP_TOO_MANY_ENTRIES, f"the zip has {len(infos)} entries; the limit is {zip_limits.max_entries}"
+            ErrorCode.ZIP_TOO_MANY_ENTRIES,
+            f"the zip has {len(infos)} entries; the limit is {zip_limits.max_entries}",
         )
     seen: set[str] = set()
     frames: list[str] = []
@@ -138,7 +139,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         raise AssetError(ErrorCode.NO_FRAMES, "the zip holds no frame images")
     if len(frames) > frame_limits.max_frames:
         raise AssetError(
-            ErrorCode.TOO_MANY_FRAMES, f"the zip holds {len(frames)} frames; the limit is {frame_limits.max_frames}"
+            ErrorCode.TOO_MANY_FRAMES,
+            f"the zip holds {len(frames)} frames; the limit is {frame_limits.max_frames}",
         )
     return sorted(frames, key=natural_key)
 
@@ -154,7 +156,8 @@ def _check_manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
 
     if info.file_size > MAX_MANIFEST_BYTES:
         raise AssetError(
-            ErrorCode.AVATAR_MANIFEST_INVALID, f"{info.filename} is {info.file_size} bytes (limit {MAX_MANIFEST_BYTES})"
+            ErrorCode.AVATAR_MANIFEST_INVALID,
+            f"{info.filename} is {info.file_size} bytes (limit {MAX_MANIFEST_BYTES})",
         )
     try:
         json.loads(archive.read(info).decode("utf-8"))
@@ -245,11 +248,13 @@ def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
 def _check_side(name: str, width: int, height: int, limits: FrameLimits) -> None:
     if min(width, height) < limits.min_side_px:
         raise AssetError(
-            ErrorCode.FRAME_TOO_SMALL, f"{name} is {width}x{height}; each side must be >= {limits.min_side_px} px"
+            ErrorCode.FRAME_TOO_SMALL,
+            f"{name} is {width}x{height}; each side must be >= {limits.min_side_px} px",
         )
     if max(width, height) > limits.max_side_px:
         raise AssetError(
-            ErrorCode.FRAME_TOO_LARGE, f"{name} is {width}x{height}; each side must be <= {limits.max_side_px} px"
+            ErrorCode.FRAME_TOO_LARGE,
+            f"{name} is {width}x{height}; each side must be <= {limits.max_side_px} px",
         )
 
 
@@ -298,7 +303,8 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
         if not container.streams.video:
             kinds: list[str] = sorted({str(stream.type) for stream in container.streams}) or ["none"]
             raise AssetError(
-                ErrorCode.VIDEO_NO_VIDEO_STREAM, f"the idle video has no video stream (streams: {', '.join(kinds)})"
+                ErrorCode.VIDEO_NO_VIDEO_STREAM,
+                f"the idle video has no video stream (streams: {', '.join(kinds)})",
             )
         stream = container.streams.video[0]
         if container.duration is not None and container.duration / 1_000_000 > video_limits.max_duration_s:

@@ -182,7 +182,10 @@ def _message_bytes(message: ClientMessage) -> int:
 
 
 async def _read_client(
-    websocket: WebSocket, inbox: asyncio.Queue[ClientMessage | None], relay: RelayState, drained: asyncio.Event
+    websocket: WebSocket,
+    inbox: asyncio.Queue[ClientMessage | None],
+    relay: RelayState,
+    drained: asyncio.Event,
 ) -> None:
     """Every client message into `inbox`; None once the client has gone. Bounded: before live by closing the
     connection past EARLY_BUFFER_MAX_BYTES, once live by pausing until the sidecar has taken enough."""

@@ -64,7 +64,13 @@ class ApiError(LipsyncError):
         self.headers = headers
 
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+}
 
 
 def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
@@ -92,9 +98,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RPCError)
     async def temporal_error(_: Request, exc: RPCError) -> JSONResponse:
         # Temporal failed mid-request (the connection itself is checked in api.temporal).
-        if exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED) or is_transient_update_failure(
-            exc
-        ):
+        if exc.status in (
+            RPCStatusCode.UNAVAILABLE,
+            RPCStatusCode.DEADLINE_EXCEEDED,
+        ) or is_transient_update_failure(exc):
             # Retryable: the same request may succeed in a moment (the API already retried what it could).
             code = "temporal_unavailable"
         else:
@@ -108,7 +115,10 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("unhandled error", exc_info=exc)
         return JSONResponse(
             status_code=500,
-            content={"code": "internal_error", "message": f"{exc.__class__.__name__}; the API log has the details"},
+            content={
+                "code": "internal_error",
+                "message": f"{exc.__class__.__name__}; the API log has the details",
+            },
         )
 
     @app.exception_handler(StarletteHTTPException)

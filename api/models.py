@@ -40,7 +40,9 @@ class AvatarIn(_Strict):
 class LiveKitOutputIn(_Strict):
     room: str = Field(pattern=ROOM_NAME_PATTERN.pattern, description="the LiveKit room to publish into")
     identity: str | None = Field(
-        default=None, pattern=IDENTITY_PATTERN, description="the avatar's identity (default avatar-<session id>)"
+        default=None,
+        pattern=IDENTITY_PATTERN,
+        description="the avatar's identity (default avatar-<session id>)",
     )
     publish_audio: bool = Field(
         default=True, description="publish the speech too (off when the caller publishes it: lips then lag)"
@@ -126,7 +128,8 @@ class SessionOut(BaseModel):
     sidecar: str = ""
     pool: str = Field(default="", description="the sidecar pool the session was placed in")
     placement_reason: str = Field(
-        default="", description="why that sidecar: avatar_cached (it had the avatar prepared) or most_free_slots"
+        default="",
+        description="why that sidecar: avatar_cached (it had the avatar prepared) or most_free_slots",
     )
     stats: dict[str, Any] = Field(default_factory=dict)
     stats_reported_at: str = ""

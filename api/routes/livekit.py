@@ -71,7 +71,8 @@ async def viewer_token(
     ttl_s = body.ttl_s or settings.viewer_token_ttl_s
     if ttl_s > settings.viewer_token_max_ttl_s:
         raise ApiError(
-            "ttl_too_long", f"ttl_s {ttl_s} exceeds this deployment's cap of {settings.viewer_token_max_ttl_s} s"
+            "ttl_too_long",
+            f"ttl_s {ttl_s} exceeds this deployment's cap of {settings.viewer_token_max_ttl_s} s",
         )
     room = namespaced_room(principal, body.room, settings.tenants)
     client = await services(request).temporal.client()  # here, not as a dependency: a bad body is a 422 first

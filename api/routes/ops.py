@@ -141,7 +141,10 @@ async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
     try:
         ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
     except TimeoutError:
-        ready, checks = False, {"timeout": {"ok": False, "error": f"checks took over {READINESS_TIMEOUT_S} s"}}
+        ready, checks = (
+            False,
+            {"timeout": {"ok": False, "error": f"checks took over {READINESS_TIMEOUT_S} s"}},
+        )
     body: dict[str, Any] = {"ready": ready}
     if _is_admin(request):
         body["checks"] = checks
@@ -211,7 +214,10 @@ async def debug_audio(
     }
     for sid, relay in {**svc.relays.recent, **svc.relays.active}.items():
         live.setdefault(sid, {})["relay"] = relay.as_dict()
-    return {"sessions": live, "sidecars_unreachable": {k: v["error"] for k, v in sidecars.items() if "error" in v}}
+    return {
+        "sessions": live,
+        "sidecars_unreachable": {k: v["error"] for k, v in sidecars.items() if "error" in v},
+    }
 
 
 async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> dict[str, Any]:
@@ -251,7 +257,10 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
     responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}},
 )
 async def seed_session_start(
-    body: SeedStartIn, request: Request, client: ClientDep, principal: Annotated[Principal, Depends(require_api_key)]
+    body: SeedStartIn,
+    request: Request,
+    client: ClientDep,
+    principal: Annotated[Principal, Depends(require_api_key)],
 ) -> SessionCreated:
     """The seed orchestrator's call, mapped onto POST /v1/sessions (same response body)."""
     if not body.connect_livekit and body.rtmp_url is None:
