@@ -16,6 +16,7 @@ Every refusal is an AssetError with a reason code (non-retryable).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import posixpath
 import re
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from skimage import data as skdata
+from skimage.feature import Cascade
+from skimage.transform import rescale
 
 from activities.errors import AssetError
 from realtime.engine.avatar.source import IGNORED_ENTRY
@@ -152,8 +158,6 @@ def max_frame_entry_bytes(max_side_px: int) -> int:
 
 
 def _check_manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    import json
-
     if info.file_size > MAX_MANIFEST_BYTES:
         raise AssetError(
             ErrorCode.AVATAR_MANIFEST_INVALID,
@@ -227,8 +231,6 @@ def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) 
 def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
     """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known by
     its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with archive.open(name) as member, Image.open(member) as image:
             if image.format not in _IMAGE_FORMATS:
@@ -267,10 +269,6 @@ def _require_face(rgb: np.ndarray, name: str) -> FaceBox:
 
 def detect_face(rgb: np.ndarray) -> FaceBox | None:
     """The largest frontal face (scikit-image's bundled LBP cascade), or None."""
-    from skimage import data as skdata
-    from skimage.feature import Cascade
-    from skimage.transform import rescale
-
     height, width = rgb.shape[:2]
     scale = min(1.0, _FACE_SEARCH_SIDE_PX / max(height, width))
     image = rgb.astype(np.float32) / 255.0
@@ -293,8 +291,6 @@ def detect_face(rgb: np.ndarray) -> FaceBox | None:
 
 
 def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: FrameLimits) -> FramesReport:
-    import av
-
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
