@@ -86,9 +86,19 @@ class ControlActivities:
         try:
             # Decoding is CPU work: off the event loop so this worker keeps polling and heartbeating.
             if asset.kind is AvatarKind.FRAMES_ZIP:
-                report = await asyncio.to_thread(validate.validate_frames_zip, path, request.zip, request.frames)
+                report = await asyncio.to_thread(
+                    validate.validate_frames_zip,
+                    path,
+                    request.zip,
+                    request.frames,
+                )
             else:
-                report = await asyncio.to_thread(validate.validate_idle_video, path, request.video, request.frames)
+                report = await asyncio.to_thread(
+                    validate.validate_idle_video,
+                    path,
+                    request.video,
+                    request.frames,
+                )
         except AssetError as exc:
             logger.warning("asset invalid", extra={"session": request.session_id, "code": exc.code.value})
             # A refused asset is never used: it leaves the store at once (a retry downloads it again).

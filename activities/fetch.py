@@ -110,7 +110,10 @@ async def _follow(
             if _INVALID_LOCATION in str(exc):
                 # httpx parses Location itself (even without following): a bad one is the server's
                 # permanent answer, not a transient failure worth retrying.
-                raise AssetError(ErrorCode.URL_INVALID, f"{current} redirects to an invalid URL: {exc}") from exc
+                raise AssetError(
+                    ErrorCode.URL_INVALID,
+                    f"{current} redirects to an invalid URL: {exc}",
+                ) from exc
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
@@ -166,11 +169,17 @@ def _parse(text: str, code: ErrorCode, what: str) -> httpx.URL:
     except (httpx.InvalidURL, ValueError) as exc:
         raise AssetError(code, f"{what} {text!r} is not a valid URL: {exc}") from exc
     if url.scheme not in ("http", "https"):
-        raise AssetError(code, f"{what} {text!r}: only http and https are allowed, not {url.scheme or 'none'!r}")
+        raise AssetError(
+            code,
+            f"{what} {text!r}: only http and https are allowed, not {url.scheme or 'none'!r}",
+        )
     if not url.host:
         raise AssetError(code, f"{what} {text!r} has no host")
     if url.userinfo:
-        raise AssetError(code, f"{what} must not carry credentials (they would be stored in the session history)")
+        raise AssetError(
+            code,
+            f"{what} must not carry credentials (they would be stored in the session history)",
+        )
     return url
 
 

@@ -93,11 +93,17 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         # disk too): two of them would make the frame order depend on which one a reader picks.
         key = posixpath.normpath(name.replace("\\", "/")).casefold()
         if key in seen:
-            raise AssetError(ErrorCode.ZIP_DUPLICATE_ENTRY, f"the zip names {name!r} twice (or under another spelling)")
+            raise AssetError(
+                ErrorCode.ZIP_DUPLICATE_ENTRY,
+                f"the zip names {name!r} twice (or under another spelling)",
+            )
         seen.add(key)
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            raise AssetError(ErrorCode.ZIP_SYMLINK, f"entry {name!r} is a symbolic link; links are not accepted")
+            raise AssetError(
+                ErrorCode.ZIP_SYMLINK,
+                f"entry {name!r} is a symbolic link; links are not accepted",
+            )
         if info.flag_bits & 0x1:
             raise AssetError(ErrorCode.ZIP_ENCRYPTED, f"entry {name!r} is encrypted")
         # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here is a
@@ -166,7 +172,10 @@ def _check_manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
     try:
         json.loads(archive.read(info).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error) as exc:
-        raise AssetError(ErrorCode.AVATAR_MANIFEST_INVALID, f"{info.filename} is not valid JSON: {exc}") from exc
+        raise AssetError(
+            ErrorCode.AVATAR_MANIFEST_INVALID,
+            f"{info.filename} is not valid JSON: {exc}",
+        ) from exc
 
 
 def _check_name(name: str) -> None:
@@ -179,7 +188,10 @@ def _check_name(name: str) -> None:
         or "\x00" in unix
         or posixpath.normpath(unix).startswith("..")
     ):
-        raise AssetError(ErrorCode.ZIP_PATH_TRAVERSAL, f"entry {name!r} would be written outside the avatar folder")
+        raise AssetError(
+            ErrorCode.ZIP_PATH_TRAVERSAL,
+            f"entry {name!r} would be written outside the avatar folder",
+        )
 
 
 def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimits) -> FramesReport:
@@ -208,7 +220,10 @@ def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimit
             except (zlib.error, zipfile.BadZipFile) as exc:  # the entry's bytes (CRC, inflate), not the image
                 raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
             except (OSError, ValueError, EOFError) as exc:
-                raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} cannot be decoded: {exc}") from exc
+                raise AssetError(
+                    ErrorCode.IMAGE_UNDECODABLE,
+                    f"frame {name!r} cannot be decoded: {exc}",
+                ) from exc
         if index == 0 and limits.require_face:
             face = _require_face(rgb, name)
         del rgb
@@ -240,9 +255,15 @@ def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
                 )
             yield image
     except Image.DecompressionBombError as exc:
-        raise AssetError(ErrorCode.FRAME_TOO_LARGE, f"frame {name!r} declares too many pixels: {exc}") from exc
+        raise AssetError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame {name!r} declares too many pixels: {exc}",
+        ) from exc
     except (UnidentifiedImageError, OSError, EOFError) as exc:
-        raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} is not a readable image: {exc}") from exc
+        raise AssetError(
+            ErrorCode.IMAGE_UNDECODABLE,
+            f"frame {name!r} is not a readable image: {exc}",
+        ) from exc
     except (zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
 
@@ -334,7 +355,11 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
                     if frame_limits.require_face:
                         face = _require_face(frame.to_ndarray(format="rgb24"), "the idle video's first frame")
                 else:
-                    _check_pixel_budget(count, size, frame_limits)  # grows with the count: refused when it passes
+                    _check_pixel_budget(
+                        count,
+                        size,
+                        frame_limits,
+                    )  # grows with the count: refused when it passes
                 if (frame.width, frame.height) != size:
                     # A stream may change resolution midway (concatenated segments): caught here, before any
                     # GPU work, as the zip path catches mixed frame sizes.
@@ -346,7 +371,10 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
         except av.FFmpegError as exc:
             raise AssetError(ErrorCode.VIDEO_UNDECODABLE, f"the idle video fails to decode: {exc}") from exc
         if count == 0 or size is None:
-            raise AssetError(ErrorCode.VIDEO_UNDECODABLE, "the idle video has a video stream but no decodable frame")
+            raise AssetError(
+                ErrorCode.VIDEO_UNDECODABLE,
+                "the idle video has a video stream but no decodable frame",
+            )
         rate = stream.average_rate
         fps = float(rate) if rate else (count / last_time_s if last_time_s > 0 else None)
     return FramesReport(frame_count=count, width_px=size[0], height_px=size[1], face=face, fps=fps)

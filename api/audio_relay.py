@@ -140,7 +140,12 @@ async def relay_audio(
             return
         base = sidecars.ws_url(sidecar)
         if base is None:
-            await _fail(websocket, relay, "sidecar_unknown", f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS")
+            await _fail(
+                websocket,
+                relay,
+                "sidecar_unknown",
+                f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS",
+            )
             return
         # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`). The
         # caller's credential stays here: upstream, the relay carries the service credential.
@@ -330,7 +335,10 @@ async def _pump(
             return
         with contextlib.suppress(Exception):
             # The sidecar's own code and reason, e.g. 1008 `unknown_session`, reach the caller unchanged.
-            await websocket.close(CLOSE_NORMAL if code == _CLOSE_NO_STATUS else code, reason=_close_reason(reason))
+            await websocket.close(
+                CLOSE_NORMAL if code == _CLOSE_NO_STATUS else code,
+                reason=_close_reason(reason),
+            )
 
     tasks = [asyncio.create_task(client_to_sidecar()), asyncio.create_task(sidecar_to_client())]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -86,4 +86,8 @@ async def _refuse(scope: Scope, send: Send, code: str, message: str) -> None:
 
     status = http_status(code)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Connection": "close"}
-    await JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)(scope, no_body, send)
+    await JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)(
+        scope,
+        no_body,
+        send,
+    )

@@ -105,7 +105,9 @@ async def sessions_by_phase(client: Client) -> tuple[dict[str, int], dict[str, i
         WorkflowExecutionStatus.TIMED_OUT,
     ):
         name = {"CANCELED": "Canceled", "TIMED_OUT": "TimedOut"}.get(status.name, status.name.title())
-        count = await client.count_workflows(f"WorkflowType = 'SessionWorkflow' AND ExecutionStatus = '{name}'")
+        count = await client.count_workflows(
+            f"WorkflowType = 'SessionWorkflow' AND ExecutionStatus = '{name}'",
+        )
         closed[status.name.lower()] = count.count
     return running, closed
 
@@ -158,8 +160,16 @@ async def _sidecar_families(metrics: ApiMetrics, sidecars: SidecarDirectory) -> 
     )
     labels = ["session_id", "sidecar"]
     gauges = {
-        "ttff_ms": GaugeMetricFamily("lipsync_session_ttff_ms", "time to first speech frame (ms)", labels=labels),
-        "fps": GaugeMetricFamily("lipsync_session_fps", "frames published per second since last scrape", labels=labels),
+        "ttff_ms": GaugeMetricFamily(
+            "lipsync_session_ttff_ms",
+            "time to first speech frame (ms)",
+            labels=labels,
+        ),
+        "fps": GaugeMetricFamily(
+            "lipsync_session_fps",
+            "frames published per second since last scrape",
+            labels=labels,
+        ),
         "lateness_ms_p99": GaugeMetricFamily(
             "lipsync_session_frame_lateness_ms_p99",
             "frame lateness vs the 25 fps clock, p99 (ms)",

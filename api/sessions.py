@@ -113,7 +113,10 @@ def namespaced_room(principal: Principal, requested: str, tenants: frozenset[str
     own = principal.tenant + ROOM_NAMESPACE_SEPARATOR
     room = requested if requested.startswith(own) else own + requested
     if len(room) > MAX_ROOM_CHARS:
-        raise ApiError("room_too_long", f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars")
+        raise ApiError(
+            "room_too_long",
+            f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars",
+        )
     return room
 
 
@@ -139,7 +142,11 @@ class SessionService:
         params = dict(audio_query or {})
         if self.settings.sidecar_secret:
             expires_at_s = int(time.time()) + self.settings.audio_token_ttl_s
-            params[AUDIO_TOKEN_PARAM] = mint_audio_token(self.settings.sidecar_secret, session_id, expires_at_s)
+            params[AUDIO_TOKEN_PARAM] = mint_audio_token(
+                self.settings.sidecar_secret,
+                session_id,
+                expires_at_s,
+            )
         query = f"?{urlencode(params)}" if params else ""
         return f"{base}/v1/sessions/{quote(session_id)}/audio{query}"
 
@@ -197,7 +204,12 @@ class SessionService:
             limits = dataclasses.replace(limits, max_duration_s=body.max_duration_s)
         return request, dataclasses.replace(policy, session=limits)
 
-    async def create(self, client: Client, body: CreateSessionIn, principal: Principal | None = None) -> SessionCreated:
+    async def create(
+        self,
+        client: Client,
+        body: CreateSessionIn,
+        principal: Principal | None = None,
+    ) -> SessionCreated:
         principal = principal or Principal(DEFAULT_TENANT)
         request, policy = self.build_request(body, principal)
         audio_query = (
@@ -239,7 +251,11 @@ class SessionService:
             temporal_ui_url=self.temporal_ui_url(request.session_id),
         )
 
-    async def memo(self, client: Client, session_id: str) -> tuple[WorkflowExecutionStatus | None, dict[str, Any]]:
+    async def memo(
+        self,
+        client: Client,
+        session_id: str,
+    ) -> tuple[WorkflowExecutionStatus | None, dict[str, Any]]:
         """The execution's status and memo; 404 when there is no such session."""
         description = await self._describe(client, session_id)
         return description.status, dict(await description.memo())
@@ -261,7 +277,11 @@ class SessionService:
         if not principal.owns(tenant_of(description.typed_search_attributes)):
             raise not_found(session_id)
 
-    async def status(self, client: Client, session_id: str) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
+    async def status(
+        self,
+        client: Client,
+        session_id: str,
+    ) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
         """The workflow's `status` query; for a closed workflow whose query fails, what its history says."""
         status, execution_status, _ = await self.status_and_memo(client, session_id)
         return status, execution_status
@@ -391,7 +411,10 @@ class SessionService:
                 )
             )
         token = iterator.next_page_token
-        return SessionList(sessions=sessions, next_page_token=_encode_page_token(token, query) if token else None)
+        return SessionList(
+            sessions=sessions,
+            next_page_token=_encode_page_token(token, query) if token else None,
+        )
 
     async def stop(self, client: Client, session_id: str, reason: str) -> SessionStatus:
         """Ask the session to stop (idempotent: a session that has ended answers with its final status)."""

@@ -85,7 +85,9 @@ def parse_sidecar_urls(value: str | None) -> dict[str, str]:
     for entry in _split(value):
         sidecar_id, sep, url = entry.partition("=")
         if not sep or not sidecar_id.strip() or not url.strip().startswith(("http://", "https://")):
-            raise SettingsError(f"LIPSYNC_SIDECAR_URLS entry {entry!r} is not <sidecar id>=http(s)://host:port")
+            raise SettingsError(
+                f"LIPSYNC_SIDECAR_URLS entry {entry!r} is not <sidecar id>=http(s)://host:port",
+            )
         urls[sidecar_id.strip()] = url.strip().rstrip("/")
     return urls
 
@@ -183,7 +185,9 @@ class ApiSettings:
             livekit_api_key=os.environ.get("LIVEKIT_API_KEY", cls.livekit_api_key),
             livekit_api_secret=secret,
             viewer_token_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_TTL_S", cls.viewer_token_ttl_s)),
-            viewer_token_max_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_MAX_TTL_S", cls.viewer_token_max_ttl_s)),
+            viewer_token_max_ttl_s=int(
+                os.environ.get("LIPSYNC_VIEWER_TOKEN_MAX_TTL_S", cls.viewer_token_max_ttl_s),
+            ),
             public_base_url=os.environ.get("LIPSYNC_PUBLIC_BASE_URL", cls.public_base_url).rstrip("/"),
             livekit_publish_url=os.environ.get("LIPSYNC_LIVEKIT_PUBLISH_URL", ""),
             sidecar_urls=sidecar_urls,

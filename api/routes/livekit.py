@@ -29,7 +29,10 @@ router = APIRouter(prefix="/v1/livekit", tags=["livekit"])
 
 
 class ViewerTokenRequest(BaseModel):
-    room: str = Field(pattern=ROOM_NAME_PATTERN.pattern, description="the room of one of your running sessions")
+    room: str = Field(
+        pattern=ROOM_NAME_PATTERN.pattern,
+        description="the room of one of your running sessions",
+    )
     identity: str | None = Field(
         default=None,
         min_length=1,

@@ -208,7 +208,10 @@ async def seed_audio(websocket: WebSocket) -> None:
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
     if session_id or key is None or principal_for(svc.settings, key) is None:
-        await session_audio(websocket, session_id)  # refuses a missing or wrong key (or token) as that route does
+        await session_audio(
+            websocket,
+            session_id,
+        )  # refuses a missing or wrong key (or token) as that route does
         return
     await websocket.accept()
     await websocket.send_json(
