@@ -117,7 +117,8 @@ async def _follow(
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
-        except httpx.TransportError as exc:  # connect/read/write/pool errors and timeouts: the network, maybe transient
+        except httpx.TransportError as exc:
+            # connect/read/write/pool errors and timeouts: the network, maybe transient
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
@@ -188,7 +189,8 @@ DEFAULT_ASSET_STORE_MAX_BYTES = 4 << 30
 
 
 def asset_store_max_bytes() -> int:
-    """The asset stores' cap ($LIPSYNC_ASSET_STORE_MAX_BYTES, default 4 GiB): least recently used files go first."""
+    """The asset stores' cap ($LIPSYNC_ASSET_STORE_MAX_BYTES, default 4 GiB): least recently used files go
+    first."""
     return int(os.environ.get(ASSET_STORE_MAX_BYTES_ENV) or DEFAULT_ASSET_STORE_MAX_BYTES)
 
 

@@ -69,7 +69,7 @@ def check_pool(pool: str) -> str:
 
 
 class Placer:
-    """Talks to the registries of `placement_id` (`shards` per pool), whose workflows run on `control_queue`."""
+    """Talks to the registries of `placement_id` (`shards` per pool), workflows on `control_queue`."""
 
     def __init__(self, client: Client, placement_id: str, control_queue: str, *, shards: int = 1) -> None:
         self._client = client
@@ -112,7 +112,8 @@ class Placer:
     async def send_heartbeat(self, beat: SidecarHeartbeat) -> None:
         registry_id = self.registry_of_sidecar(beat.sidecar_id, beat.pool)
         try:
-            # A plain signal while the registry runs (nearly always) costs the server less than signal-with-start.
+            # A plain signal while the registry runs (nearly always) costs the server less than
+            # signal-with-start.
             await self._client.get_workflow_handle(registry_id).signal(PlacementWorkflow.heartbeat, beat)
             return
         except RPCError as exc:

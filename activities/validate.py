@@ -106,8 +106,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
             )
         if info.flag_bits & 0x1:
             raise AssetError(ErrorCode.ZIP_ENCRYPTED, f"entry {name!r} is encrypted")
-        # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here is a
-        # frame the sidecar plays.
+        # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here
+        # is a frame the sidecar plays.
         if info.is_dir() or IGNORED_ENTRY.search(name):
             continue
         total_uncompressed += info.file_size
@@ -136,7 +136,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         if info.file_size > max_frame_entry_bytes(frame_limits.max_side_px):
             raise AssetError(
                 ErrorCode.FRAME_TOO_LARGE,
-                f"entry {name!r} inflates to {info.file_size} bytes; a frame of at most {frame_limits.max_side_px} px "
+                f"entry {name!r} inflates to {info.file_size} bytes; a frame of at most "
+                f"{frame_limits.max_side_px} px "
                 f"per side never needs more than {max_frame_entry_bytes(frame_limits.max_side_px)}",
             )
         frames.append(name)
@@ -207,7 +208,8 @@ def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimit
         elif image_size != size:
             raise AssetError(
                 ErrorCode.MIXED_FRAME_SIZES,
-                f"frame {name!r} is {image_size[0]}x{image_size[1]} but the first frame is {size[0]}x{size[1]}; "
+                f"frame {name!r} is {image_size[0]}x{image_size[1]} but the first frame is "
+                f"{size[0]}x{size[1]}; "
                 "all frames must have one size",
             )
     assert size is not None
@@ -236,7 +238,8 @@ def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) 
     if count * out_w * out_h > limits.max_total_pixels:
         raise AssetError(
             ErrorCode.AVATAR_TOO_MANY_PIXELS,
-            f"{count} frames of {out_w}x{out_h} px (scaled to at most {limits.max_output_side_px} px per side) are "
+            f"{count} frames of {out_w}x{out_h} px (scaled to at most "
+            f"{limits.max_output_side_px} px per side) are "
             f"{count * out_w * out_h} px, over the avatar budget of {limits.max_total_pixels}; "
             "use fewer or smaller frames",
         )
@@ -244,8 +247,8 @@ def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) 
 
 @contextlib.contextmanager
 def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
-    """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known by
-    its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
+    """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known
+    by its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
     try:
         with archive.open(name) as member, Image.open(member) as image:
             if image.format not in _IMAGE_FORMATS:

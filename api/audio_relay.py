@@ -45,10 +45,11 @@ _CLOSE_NO_STATUS = 1005  # a close frame without a code: a normal end, sent on a
 # A close frame's reason is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON_BYTES = 123
 STATUS_POLL_S = 0.2
-UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sidecar enforces its own, smaller limit with a typed error
+# The sidecar enforces its own, smaller limit with a typed error.
+UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
-# Once live, at most this much waits for a slow sidecar; past it the relay stops reading from the caller, so TCP
-# flow control slows the caller down instead of this process buffering without bound.
+# Once live, at most this much waits for a slow sidecar; past it the relay stops reading from the caller, so
+# TCP flow control slows the caller down instead of this process buffering without bound.
 LIVE_QUEUE_MAX_BYTES = 4 * 1024 * 1024
 
 StatusOf = Callable[[str], Awaitable[SessionStatus | None]]
@@ -147,8 +148,8 @@ async def relay_audio(
                 f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS",
             )
             return
-        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`). The
-        # caller's credential stays here: upstream, the relay carries the service credential.
+        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
+        # The caller's credential stays here: upstream, the relay carries the service credential.
         query = {
             k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
         }

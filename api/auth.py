@@ -55,7 +55,10 @@ def principal_for(settings: ApiSettings, presented: str) -> Principal | None:
 
 
 async def require_api_key(request: Request) -> Principal:
-    """The dependency of every keyed route: the caller's principal (also kept in `request.state.principal`)."""
+    """The dependency of every keyed route: the caller's principal.
+
+    It is also kept in `request.state.principal`.
+    """
     settings: ApiSettings = request.app.state.settings
     presented = presented_key(request.headers)
     if presented is None:

@@ -102,7 +102,8 @@ def tenant_of(attributes: TypedSearchAttributes) -> str:
 def namespaced_room(principal: Principal, requested: str, tenants: frozenset[str]) -> str:
     """The LiveKit room a caller's session publishes into: a named tenant's rooms are `<tenant>.<room>` (the
     prefix is added when missing), so no tenant can publish into or mint viewer tokens for another tenant's
-    rooms. The default tenant's rooms are as given, except inside a named tenant's namespace; an admin's too."""
+    rooms. The default tenant's rooms are as given, except inside a named tenant's namespace; an admin's
+    too."""
     prefix, sep, _ = requested.partition(ROOM_NAMESPACE_SEPARATOR)
     if principal.admin:
         return requested
@@ -315,7 +316,8 @@ class SessionService:
         return status, description.status, dict(await description.memo())
 
     async def light_status(self, client: Client, session_id: str) -> SessionStatus:
-        """Phase and sidecar from the execution's search attributes (a server-side read, no query to a worker).
+        """Phase and sidecar from the execution's search attributes (a server-side read, no query to a
+        worker).
 
         For pollers such as the audio relay: the workflow upserts LipsyncPhase/LipsyncSidecar at
         every phase, so this is current without loading the control worker. An ended session

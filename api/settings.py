@@ -63,7 +63,8 @@ def parse_api_keys(entries: tuple[str, ...], source: str) -> tuple[tuple[str, ..
         tenant, key = tenant.strip(), key.strip()
         if not TENANT_NAME_PATTERN.fullmatch(tenant) or tenant in (DEFAULT_TENANT, ADMIN_TENANT) or not key:
             raise SettingsError(
-                f"{source}: entry {tenant!r}:<key> is not <tenant>:<key> with a tenant name of lower-case letters, "
+                f"{source}: entry {tenant!r}:<key> is not <tenant>:<key> with a tenant name of "
+                "lower-case letters, "
                 f"digits and '-' (up to 32, not {DEFAULT_TENANT!r} or {ADMIN_TENANT!r})"
             )
         named[key] = tenant
@@ -98,7 +99,8 @@ MIN_SIDECAR_SECRET_CHARS = 32  # the sidecars refuse shorter ones (realtime.side
 
 
 def sidecar_secret_from_env() -> str:
-    """The secret shared with the sidecars: $LIPSYNC_SIDECAR_SECRET_FILE's content, else $LIPSYNC_SIDECAR_SECRET."""
+    """The secret shared with the sidecars: $LIPSYNC_SIDECAR_SECRET_FILE's content, else
+    $LIPSYNC_SIDECAR_SECRET."""
     path = os.environ.get(SIDECAR_SECRET_FILE_ENV)
     if path:
         try:
@@ -162,7 +164,8 @@ class ApiSettings:
         admin_keys = _split(os.environ.get("LIPSYNC_ADMIN_KEYS"))
         if not (keys or tenant_keys or admin_keys):
             raise SettingsError(
-                "LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated, `tenant:key` or a bare key "
+                "LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated, "
+                "`tenant:key` or a bare key "
                 "of the default tenant; or LIPSYNC_API_KEYS_FILE, one per line)"
             )
         secret = os.environ.get("LIVEKIT_API_SECRET", "")
@@ -172,7 +175,8 @@ class ApiSettings:
         sidecar_secret = sidecar_secret_from_env()
         if sidecar_urls and not sidecar_secret:
             raise SettingsError(
-                f"LIPSYNC_SIDECAR_URLS is set but {SIDECAR_SECRET_ENV} (or {SIDECAR_SECRET_FILE_ENV}) is not: "
+                f"LIPSYNC_SIDECAR_URLS is set but {SIDECAR_SECRET_ENV} (or "
+                f"{SIDECAR_SECRET_FILE_ENV}) is not: "
                 "the sidecars refuse the API without the secret they share with it"
             )
         return cls(

@@ -1,4 +1,5 @@
-"""Operations: /readyz, /metrics, and the seed-compatible /health, /debug/musetalk, /debug/audio, /session/start."""
+"""Operations: /readyz, /metrics, and the seed-compatible /health, /debug/musetalk, /debug/audio,
+/session/start."""
 
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
 
 
 def _is_admin(request: Request) -> bool:
-    """Whether the caller sent an admin key: only then do the health routes show their checks (addresses, worker
-    identities, engine details); anyone else gets the bare answer."""
+    """Whether the caller sent an admin key: only then do the health routes show their checks (addresses,
+    worker identities, engine details); anyone else gets the bare answer."""
     presented = presented_key(request.headers)
     principal: Principal | None = principal_for(request.app.state.settings, presented) if presented else None
     return principal is not None and principal.admin
@@ -181,7 +182,7 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
 
 @router.get("/debug/musetalk", dependencies=[Depends(require_admin)])
 async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
-    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually runs."""
+    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine runs."""
     from infra.cli.models import check_document
 
     document = await asyncio.to_thread(check_document, svc.settings.model_dir, "auto")
@@ -243,7 +244,8 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
         "relay": relay.as_dict() if relay else None,
         "ingest": stats,
         "publishers": publishers,
-        # Live from the sidecar while it answers; the workflow's last heartbeat (up to its interval old) otherwise.
+        # Live from the sidecar while it answers; the workflow's last heartbeat (up to its interval old)
+        # otherwise.
         "workflow_stats": stats if stats is not None else status.stats,
         "workflow_stats_source": "sidecar" if stats is not None else "heartbeat",
         "error": {"code": status.error.code, "message": status.error.message} if status.error else None,

@@ -1,4 +1,4 @@
-"""Sessions: POST /v1/sessions, GET /v1/sessions[/{id}], POST /v1/sessions/{id}/stop|interrupt, WS .../audio."""
+"""Sessions: POST /v1/sessions, GET /v1/sessions[/{id}], POST .../{id}/stop|interrupt, WS .../{id}/audio."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
     page_size: Annotated[int, Query(ge=1, le=500)] = 100,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> SessionList:
-    """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search attributes)."""
+    """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search
+    attributes)."""
     if room is not None:
         room = namespaced_room(principal, room, svc.settings.tenants)  # as the room was named at create
     return await svc.sessions.list(
@@ -151,7 +152,10 @@ async def interrupt_session(
 
 @ws_router.websocket("/{session_id}/audio")
 async def session_audio(websocket: WebSocket, session_id: str) -> None:
-    """PCM in, playback events out, relayed to the session's sidecar once it is live (docs/audio-protocol.md)."""
+    """PCM in, playback events out, relayed to the session's sidecar once it is live.
+
+    The protocol is the sidecar's: docs/audio-protocol.md.
+    """
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
     token = websocket.query_params.get(AUDIO_TOKEN_PARAM)
