@@ -39,7 +39,14 @@ class IngestError(LipsyncError):
 
     code: IngestErrorCode = IngestErrorCode.INTERNAL_ERROR
 
-    def __init__(self, code: IngestErrorCode, message: str, *, rejected_samples: int = 0, fatal: bool = False) -> None:
+    def __init__(
+        self,
+        code: IngestErrorCode,
+        message: str,
+        *,
+        rejected_samples: int = 0,
+        fatal: bool = False,
+    ) -> None:
         super().__init__(message, code=code)
         self.rejected_samples = rejected_samples
         self.fatal = fatal
