@@ -79,6 +79,10 @@ def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def _field_error(error: Any) -> dict[str, str]:
+    return {"field": _field_name(error.get("loc", ())), "message": error.get("msg", "")}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LipsyncError)
     async def lipsync_error(_: Request, exc: LipsyncError) -> JSONResponse:
@@ -88,7 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [{"field": _field_name(err.get("loc", ())), "message": err.get("msg", "")} for err in exc.errors()]
+        fields = [_field_error(err) for err in exc.errors()]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return JSONResponse(
             status_code=http_status("validation_error"),
