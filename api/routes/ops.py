@@ -182,7 +182,7 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
 
 @router.get("/debug/musetalk", dependencies=[Depends(require_admin)])
 async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
-    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine runs."""
+    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually runs."""
     from infra.cli.models import check_document
 
     document = await asyncio.to_thread(check_document, svc.settings.model_dir, "auto")
