@@ -86,9 +86,13 @@ def _field_error(error: Any) -> dict[str, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LipsyncError)
     async def lipsync_error(_: Request, exc: LipsyncError) -> JSONResponse:
+        status = http_status(exc.code)
+        if status >= 500 and not isinstance(exc, ApiError):
+            # A lower layer's failure, not a refusal of the request: the log keeps its traceback.
+            logger.error("request failed", exc_info=exc, extra={"code": str(exc.code)})
         headers = exc.headers if isinstance(exc, ApiError) else None
         content = {"code": str(exc.code), "message": exc.message}
-        return JSONResponse(status_code=http_status(exc.code), content=content, headers=headers)
+        return JSONResponse(status_code=status, content=content, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 from pathlib import Path
 
 import httpx
@@ -44,10 +45,14 @@ async def test_an_api_error_answers_with_its_codes_status_and_body(client: httpx
     assert response.status_code == 503 and response.json()["code"] == "temporal_unavailable"
 
 
-async def test_a_lower_layers_error_keeps_its_code_and_is_a_500(client: httpx.AsyncClient) -> None:
-    response = await client.get("/test/engine")
+async def test_a_lower_layers_error_keeps_its_code_and_is_a_logged_500(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="api.errors"):
+        response = await client.get("/test/engine")
     assert response.status_code == 500
     assert response.json() == {"code": "avatar_no_face", "message": "no face in frame 3"}
+    assert any(record.exc_info and record.exc_info[0] is AvatarNoFace for record in caplog.records)
 
 
 def _codes_raised_in_api() -> set[str]:
