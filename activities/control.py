@@ -18,7 +18,7 @@ from typing import Any
 from temporalio import activity
 
 from activities import fetch, validate
-from activities.errors import AssetError
+from activities.errors import AssetError, to_application_error
 from activities.placement_client import Placer
 from workflows.contracts import (
     CONTROL_TASK_QUEUE,
@@ -66,7 +66,7 @@ class ControlActivities:
             )
         except AssetError as exc:
             logger.warning("asset refused", extra={"session": request.session_id, "code": exc.code.value})
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         await asyncio.to_thread(
             fetch.keep_within_cap, result.path, self.config.asset_dir, self.config.asset_store_max_bytes
         )
@@ -86,14 +86,24 @@ class ControlActivities:
         try:
             # Decoding is CPU work: off the event loop so this worker keeps polling and heartbeating.
             if asset.kind is AvatarKind.FRAMES_ZIP:
-                report = await asyncio.to_thread(validate.validate_frames_zip, path, request.zip, request.frames)
+                report = await asyncio.to_thread(
+                    validate.validate_frames_zip,
+                    path,
+                    request.zip,
+                    request.frames,
+                )
             else:
-                report = await asyncio.to_thread(validate.validate_idle_video, path, request.video, request.frames)
+                report = await asyncio.to_thread(
+                    validate.validate_idle_video,
+                    path,
+                    request.video,
+                    request.frames,
+                )
         except AssetError as exc:
             logger.warning("asset invalid", extra={"session": request.session_id, "code": exc.code.value})
             # A refused asset is never used: it leaves the store at once (a retry downloads it again).
             await asyncio.to_thread(path.unlink, missing_ok=True)
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         return ValidatedAvatar(
             asset=asset,
             frame_count=report.frame_count,
@@ -134,5 +144,8 @@ class ControlActivities:
 
     def _placer(self) -> Placer:
         return Placer(
-            activity.client(), self.config.placement_workflow_id, self.config.task_queue, shards=self.config.shards
+            activity.client(),
+            self.config.placement_workflow_id,
+            self.config.task_queue,
+            shards=self.config.shards,
         )

@@ -82,7 +82,11 @@ async def _follow(
         port = current.port or (443 if current.scheme == "https" else 80)
         address = await resolve_checked(host, port, policy, code=address_code, what=f"{what} {host!r}")
         pinned = current.copy_with(host=str(address))
-        headers = {"Host": current.netloc.decode("ascii"), "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+        headers = {
+            "Host": current.netloc.decode("ascii"),
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
         extensions = {"sni_hostname": host} if current.scheme == "https" else {}
         try:
             async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:
@@ -90,7 +94,8 @@ async def _follow(
                     location = response.headers.get("location")
                     if not location:
                         raise AssetError(
-                            ErrorCode.ASSET_HTTP_ERROR, f"{current} answered {response.status_code} without a Location"
+                            ErrorCode.ASSET_HTTP_ERROR,
+                            f"{current} answered {response.status_code} without a Location",
                         )
                     current = _parse(str(current.join(location)), ErrorCode.URL_INVALID, "redirect target")
                     address_code = ErrorCode.REDIRECT_FORBIDDEN_ADDRESS
@@ -105,11 +110,15 @@ async def _follow(
             if _INVALID_LOCATION in str(exc):
                 # httpx parses Location itself (even without following): a bad one is the server's
                 # permanent answer, not a transient failure worth retrying.
-                raise AssetError(ErrorCode.URL_INVALID, f"{current} redirects to an invalid URL: {exc}") from exc
+                raise AssetError(
+                    ErrorCode.URL_INVALID,
+                    f"{current} redirects to an invalid URL: {exc}",
+                ) from exc
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
-        except httpx.TransportError as exc:  # connect/read/write/pool errors and timeouts: the network, maybe transient
+        except httpx.TransportError as exc:
+            # connect/read/write/pool errors and timeouts: the network, maybe transient
             raise AssetError(
                 ErrorCode.ASSET_UNREACHABLE, f"{current}: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
@@ -128,7 +137,8 @@ async def _save(response: httpx.Response, url: httpx.URL, limits: FetchLimits, s
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
         raise AssetError(
-            ErrorCode.ASSET_TOO_LARGE, f"{url} declares {int(declared)} bytes; the limit is {limits.max_bytes}"
+            ErrorCode.ASSET_TOO_LARGE,
+            f"{url} declares {int(declared)} bytes; the limit is {limits.max_bytes}",
         )
 
     digest = hashlib.sha256()
@@ -160,11 +170,17 @@ def _parse(text: str, code: ErrorCode, what: str) -> httpx.URL:
     except (httpx.InvalidURL, ValueError) as exc:
         raise AssetError(code, f"{what} {text!r} is not a valid URL: {exc}") from exc
     if url.scheme not in ("http", "https"):
-        raise AssetError(code, f"{what} {text!r}: only http and https are allowed, not {url.scheme or 'none'!r}")
+        raise AssetError(
+            code,
+            f"{what} {text!r}: only http and https are allowed, not {url.scheme or 'none'!r}",
+        )
     if not url.host:
         raise AssetError(code, f"{what} {text!r} has no host")
     if url.userinfo:
-        raise AssetError(code, f"{what} must not carry credentials (they would be stored in the session history)")
+        raise AssetError(
+            code,
+            f"{what} must not carry credentials (they would be stored in the session history)",
+        )
     return url
 
 
@@ -173,7 +189,8 @@ DEFAULT_ASSET_STORE_MAX_BYTES = 4 << 30
 
 
 def asset_store_max_bytes() -> int:
-    """The asset stores' cap ($LIPSYNC_ASSET_STORE_MAX_BYTES, default 4 GiB): least recently used files go first."""
+    """The asset stores' cap ($LIPSYNC_ASSET_STORE_MAX_BYTES, default 4 GiB): least recently used files go
+    first."""
     return int(os.environ.get(ASSET_STORE_MAX_BYTES_ENV) or DEFAULT_ASSET_STORE_MAX_BYTES)
 
 

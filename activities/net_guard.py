@@ -35,7 +35,14 @@ def check_address(address: IPAddress, policy: AddressPolicy, *, code: ErrorCode,
         raise AssetError(code, f"{what} resolves to {address} ({category}), which is not allow-listed")
 
 
-async def resolve_checked(host: str, port: int, policy: AddressPolicy, *, code: ErrorCode, what: str) -> IPAddress:
+async def resolve_checked(
+    host: str,
+    port: int,
+    policy: AddressPolicy,
+    *,
+    code: ErrorCode,
+    what: str,
+) -> IPAddress:
     """Resolve `host`, check every address it has, and return the one to connect to."""
     addresses = await _resolve(host, port, what)
     for address in addresses:

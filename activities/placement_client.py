@@ -30,6 +30,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.errors import NoCapacity, to_application_error
 from workflows.contracts import (
     DEFAULT_POOL,
     AcquireSlot,
@@ -68,7 +69,7 @@ def check_pool(pool: str) -> str:
 
 
 class Placer:
-    """Talks to the registries of `placement_id` (`shards` per pool), whose workflows run on `control_queue`."""
+    """Talks to the registries of `placement_id` (`shards` per pool), workflows on `control_queue`."""
 
     def __init__(self, client: Client, placement_id: str, control_queue: str, *, shards: int = 1) -> None:
         self._client = client
@@ -111,7 +112,8 @@ class Placer:
     async def send_heartbeat(self, beat: SidecarHeartbeat) -> None:
         registry_id = self.registry_of_sidecar(beat.sidecar_id, beat.pool)
         try:
-            # A plain signal while the registry runs (nearly always) costs the server less than signal-with-start.
+            # A plain signal while the registry runs (nearly always) costs the server less than
+            # signal-with-start.
             await self._client.get_workflow_handle(registry_id).signal(PlacementWorkflow.heartbeat, beat)
             return
         except RPCError as exc:
@@ -183,10 +185,12 @@ class Placer:
                         refusals.append(f"{registry_id}: no sidecar has registered")
                         continue
                     raise
-        raise ApplicationError(
-            f"no sidecar has a free slot for session {session_id!r} in pools {list(pools)} "
-            f"({len(refusals)} registries asked): " + "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else ""),
-            type=ErrorCode.NO_CAPACITY.value,
+        asked = "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else "")
+        raise to_application_error(
+            NoCapacity(
+                f"no sidecar has a free slot for session {session_id!r} in pools {list(pools)} "
+                f"({len(refusals)} registries asked): {asked}"
+            )
         )
 
     async def release(

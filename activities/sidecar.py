@@ -36,7 +36,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities import fetch
 from activities.control import ASSET_SUFFIXES
-from activities.errors import AssetError, application_error_from
+from activities.errors import AssetError, application_error_from, to_application_error
 from activities.output_guard import checked_output_url
 from realtime.host import (
     AvatarAsset,
@@ -459,7 +459,7 @@ class SidecarActivities:
         try:
             download = await fetch.download(asset.source_url, limits, self.config.asset_dir, suffix=suffix)
         except AssetError as exc:
-            raise exc.to_application_error() from exc
+            raise to_application_error(exc) from exc
         if download.digest_sha256 != asset.digest_sha256:
             # Not the validated bytes: never used, so not kept.
             await asyncio.to_thread(download.path.unlink, missing_ok=True)
@@ -495,9 +495,9 @@ class SidecarActivities:
             kind = OUTPUTS.get(request.spec.kind)
             target = await kind.admit(kind.parse(request.spec.params), context)
         except AssetError as exc:
-            raise exc.to_application_error() from None
+            raise to_application_error(exc) from None
         except OutputError as exc:
-            raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from None
+            raise to_application_error(exc) from None
         return OutputTarget(kind.name, target, record_path=record_path)
 
     async def _report_stats(

@@ -16,6 +16,7 @@ Every refusal is an AssetError with a reason code (non-retryable).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import posixpath
 import re
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from skimage import data as skdata
+from skimage.feature import Cascade
+from skimage.transform import rescale
 
 from activities.errors import AssetError
 from realtime.engine.avatar.source import IGNORED_ENTRY
@@ -73,7 +79,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
     infos = archive.infolist()
     if len(infos) > zip_limits.max_entries:
         raise AssetError(
-            ErrorCode.ZIP_TOO_MANY_ENTRIES, f"the zip has {len(infos)} entries; the limit is {zip_limits.max_entries}"
+            ErrorCode.ZIP_TOO_MANY_ENTRIES,
+            f"the zip has {len(infos)} entries; the limit is {zip_limits.max_entries}",
         )
     seen: set[str] = set()
     frames: list[str] = []
@@ -86,15 +93,21 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         # disk too): two of them would make the frame order depend on which one a reader picks.
         key = posixpath.normpath(name.replace("\\", "/")).casefold()
         if key in seen:
-            raise AssetError(ErrorCode.ZIP_DUPLICATE_ENTRY, f"the zip names {name!r} twice (or under another spelling)")
+            raise AssetError(
+                ErrorCode.ZIP_DUPLICATE_ENTRY,
+                f"the zip names {name!r} twice (or under another spelling)",
+            )
         seen.add(key)
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            raise AssetError(ErrorCode.ZIP_SYMLINK, f"entry {name!r} is a symbolic link; links are not accepted")
+            raise AssetError(
+                ErrorCode.ZIP_SYMLINK,
+                f"entry {name!r} is a symbolic link; links are not accepted",
+            )
         if info.flag_bits & 0x1:
             raise AssetError(ErrorCode.ZIP_ENCRYPTED, f"entry {name!r} is encrypted")
-        # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here is a
-        # frame the sidecar plays.
+        # The engine's own rule for entries it skips (archivers' metadata, hidden files): a frame counted here
+        # is a frame the sidecar plays.
         if info.is_dir() or IGNORED_ENTRY.search(name):
             continue
         total_uncompressed += info.file_size
@@ -123,7 +136,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         if info.file_size > max_frame_entry_bytes(frame_limits.max_side_px):
             raise AssetError(
                 ErrorCode.FRAME_TOO_LARGE,
-                f"entry {name!r} inflates to {info.file_size} bytes; a frame of at most {frame_limits.max_side_px} px "
+                f"entry {name!r} inflates to {info.file_size} bytes; a frame of at most "
+                f"{frame_limits.max_side_px} px "
                 f"per side never needs more than {max_frame_entry_bytes(frame_limits.max_side_px)}",
             )
         frames.append(name)
@@ -138,7 +152,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         raise AssetError(ErrorCode.NO_FRAMES, "the zip holds no frame images")
     if len(frames) > frame_limits.max_frames:
         raise AssetError(
-            ErrorCode.TOO_MANY_FRAMES, f"the zip holds {len(frames)} frames; the limit is {frame_limits.max_frames}"
+            ErrorCode.TOO_MANY_FRAMES,
+            f"the zip holds {len(frames)} frames; the limit is {frame_limits.max_frames}",
         )
     return sorted(frames, key=natural_key)
 
@@ -150,16 +165,18 @@ def max_frame_entry_bytes(max_side_px: int) -> int:
 
 
 def _check_manifest(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    import json
-
     if info.file_size > MAX_MANIFEST_BYTES:
         raise AssetError(
-            ErrorCode.AVATAR_MANIFEST_INVALID, f"{info.filename} is {info.file_size} bytes (limit {MAX_MANIFEST_BYTES})"
+            ErrorCode.AVATAR_MANIFEST_INVALID,
+            f"{info.filename} is {info.file_size} bytes (limit {MAX_MANIFEST_BYTES})",
         )
     try:
         json.loads(archive.read(info).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error) as exc:
-        raise AssetError(ErrorCode.AVATAR_MANIFEST_INVALID, f"{info.filename} is not valid JSON: {exc}") from exc
+        raise AssetError(
+            ErrorCode.AVATAR_MANIFEST_INVALID,
+            f"{info.filename} is not valid JSON: {exc}",
+        ) from exc
 
 
 def _check_name(name: str) -> None:
@@ -172,7 +189,10 @@ def _check_name(name: str) -> None:
         or "\x00" in unix
         or posixpath.normpath(unix).startswith("..")
     ):
-        raise AssetError(ErrorCode.ZIP_PATH_TRAVERSAL, f"entry {name!r} would be written outside the avatar folder")
+        raise AssetError(
+            ErrorCode.ZIP_PATH_TRAVERSAL,
+            f"entry {name!r} would be written outside the avatar folder",
+        )
 
 
 def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimits) -> FramesReport:
@@ -188,7 +208,8 @@ def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimit
         elif image_size != size:
             raise AssetError(
                 ErrorCode.MIXED_FRAME_SIZES,
-                f"frame {name!r} is {image_size[0]}x{image_size[1]} but the first frame is {size[0]}x{size[1]}; "
+                f"frame {name!r} is {image_size[0]}x{image_size[1]} but the first frame is "
+                f"{size[0]}x{size[1]}; "
                 "all frames must have one size",
             )
     assert size is not None
@@ -201,7 +222,10 @@ def _check_frames(archive: zipfile.ZipFile, names: list[str], limits: FrameLimit
             except (zlib.error, zipfile.BadZipFile) as exc:  # the entry's bytes (CRC, inflate), not the image
                 raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
             except (OSError, ValueError, EOFError) as exc:
-                raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} cannot be decoded: {exc}") from exc
+                raise AssetError(
+                    ErrorCode.IMAGE_UNDECODABLE,
+                    f"frame {name!r} cannot be decoded: {exc}",
+                ) from exc
         if index == 0 and limits.require_face:
             face = _require_face(rgb, name)
         del rgb
@@ -214,7 +238,8 @@ def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) 
     if count * out_w * out_h > limits.max_total_pixels:
         raise AssetError(
             ErrorCode.AVATAR_TOO_MANY_PIXELS,
-            f"{count} frames of {out_w}x{out_h} px (scaled to at most {limits.max_output_side_px} px per side) are "
+            f"{count} frames of {out_w}x{out_h} px (scaled to at most "
+            f"{limits.max_output_side_px} px per side) are "
             f"{count * out_w * out_h} px, over the avatar budget of {limits.max_total_pixels}; "
             "use fewer or smaller frames",
         )
@@ -222,10 +247,8 @@ def _check_pixel_budget(count: int, size: tuple[int, int], limits: FrameLimits) 
 
 @contextlib.contextmanager
 def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
-    """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known by
-    its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The entry as a PIL image read from its stream: `Image.open` reads the header only (the format is known
+    by its magic bytes, not the name), decoding reads what the image needs, never the whole entry at once."""
     try:
         with archive.open(name) as member, Image.open(member) as image:
             if image.format not in _IMAGE_FORMATS:
@@ -235,9 +258,15 @@ def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
                 )
             yield image
     except Image.DecompressionBombError as exc:
-        raise AssetError(ErrorCode.FRAME_TOO_LARGE, f"frame {name!r} declares too many pixels: {exc}") from exc
+        raise AssetError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame {name!r} declares too many pixels: {exc}",
+        ) from exc
     except (UnidentifiedImageError, OSError, EOFError) as exc:
-        raise AssetError(ErrorCode.IMAGE_UNDECODABLE, f"frame {name!r} is not a readable image: {exc}") from exc
+        raise AssetError(
+            ErrorCode.IMAGE_UNDECODABLE,
+            f"frame {name!r} is not a readable image: {exc}",
+        ) from exc
     except (zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise AssetError(ErrorCode.ZIP_CORRUPT, f"entry {name!r} cannot be inflated: {exc}") from exc
 
@@ -245,11 +274,13 @@ def _open_image(archive: zipfile.ZipFile, name: str) -> Iterator[Any]:
 def _check_side(name: str, width: int, height: int, limits: FrameLimits) -> None:
     if min(width, height) < limits.min_side_px:
         raise AssetError(
-            ErrorCode.FRAME_TOO_SMALL, f"{name} is {width}x{height}; each side must be >= {limits.min_side_px} px"
+            ErrorCode.FRAME_TOO_SMALL,
+            f"{name} is {width}x{height}; each side must be >= {limits.min_side_px} px",
         )
     if max(width, height) > limits.max_side_px:
         raise AssetError(
-            ErrorCode.FRAME_TOO_LARGE, f"{name} is {width}x{height}; each side must be <= {limits.max_side_px} px"
+            ErrorCode.FRAME_TOO_LARGE,
+            f"{name} is {width}x{height}; each side must be <= {limits.max_side_px} px",
         )
 
 
@@ -262,10 +293,6 @@ def _require_face(rgb: np.ndarray, name: str) -> FaceBox:
 
 def detect_face(rgb: np.ndarray) -> FaceBox | None:
     """The largest frontal face (scikit-image's bundled LBP cascade), or None."""
-    from skimage import data as skdata
-    from skimage.feature import Cascade
-    from skimage.transform import rescale
-
     height, width = rgb.shape[:2]
     scale = min(1.0, _FACE_SEARCH_SIDE_PX / max(height, width))
     image = rgb.astype(np.float32) / 255.0
@@ -288,8 +315,6 @@ def detect_face(rgb: np.ndarray) -> FaceBox | None:
 
 
 def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: FrameLimits) -> FramesReport:
-    import av
-
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
@@ -298,7 +323,8 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
         if not container.streams.video:
             kinds: list[str] = sorted({str(stream.type) for stream in container.streams}) or ["none"]
             raise AssetError(
-                ErrorCode.VIDEO_NO_VIDEO_STREAM, f"the idle video has no video stream (streams: {', '.join(kinds)})"
+                ErrorCode.VIDEO_NO_VIDEO_STREAM,
+                f"the idle video has no video stream (streams: {', '.join(kinds)})",
             )
         stream = container.streams.video[0]
         if container.duration is not None and container.duration / 1_000_000 > video_limits.max_duration_s:
@@ -332,7 +358,11 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
                     if frame_limits.require_face:
                         face = _require_face(frame.to_ndarray(format="rgb24"), "the idle video's first frame")
                 else:
-                    _check_pixel_budget(count, size, frame_limits)  # grows with the count: refused when it passes
+                    _check_pixel_budget(
+                        count,
+                        size,
+                        frame_limits,
+                    )  # grows with the count: refused when it passes
                 if (frame.width, frame.height) != size:
                     # A stream may change resolution midway (concatenated segments): caught here, before any
                     # GPU work, as the zip path catches mixed frame sizes.
@@ -344,7 +374,10 @@ def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: Fra
         except av.FFmpegError as exc:
             raise AssetError(ErrorCode.VIDEO_UNDECODABLE, f"the idle video fails to decode: {exc}") from exc
         if count == 0 or size is None:
-            raise AssetError(ErrorCode.VIDEO_UNDECODABLE, "the idle video has a video stream but no decodable frame")
+            raise AssetError(
+                ErrorCode.VIDEO_UNDECODABLE,
+                "the idle video has a video stream but no decodable frame",
+            )
         rate = stream.average_rate
         fps = float(rate) if rate else (count / last_time_s if last_time_s > 0 else None)
     return FramesReport(frame_count=count, width_px=size[0], height_px=size[1], face=face, fps=fps)

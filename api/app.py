@@ -60,7 +60,8 @@ class _LatencyMiddleware:
 def create_app(
     settings: ApiSettings, *, temporal_client: Client | None = None, policy: SessionPolicy | None = None
 ) -> FastAPI:
-    """`temporal_client`/`policy`: injected by tests; by default the client connects lazily, the policy file loads."""
+    """`temporal_client`/`policy`: injected by tests; by default the client connects lazily, the policy file
+    loads."""
     metrics = ApiMetrics()
     sidecars = SidecarDirectory(settings.sidecar_urls, settings.sidecar_secret)
 

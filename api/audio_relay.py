@@ -8,7 +8,7 @@ is the sidecar's (docs/audio-protocol.md). While waiting it sends nothing; the s
 `ready` message is the caller's signal to stream, but audio sent earlier is kept (up to
 `EARLY_BUFFER_MAX_BYTES`) and forwarded first, in order — as the sidecar itself would accept
 it. If the session fails before `live`, the caller gets `{"type": "error", "code",
-"message"}` and a 1011 close.
+"message"}` and the close code `realtime.ingest.ws_close` gives that code (1011 for a failed session).
 
 The relay registry also serves `POST /v1/sessions/{id}/interrupt` (an `interrupt` message
 injected upstream) and `/debug/audio` (bytes and messages relayed, connection state).
@@ -33,23 +33,23 @@ from websockets.asyncio.client import ClientConnection
 
 from api.auth import API_KEY_HEADER
 from api.sidecars import SidecarDirectory
+from realtime.ingest.ws_close import CLOSE_NORMAL, ws_close_code
 from workflows.contracts import TERMINAL_PHASES, Phase, SessionStatus
 from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM
 
 logger = logging.getLogger(__name__)
 
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_INTERNAL_ERROR = 1011
 # Close codes that mean the connection broke without a close frame (RFC 6455 7.4.1: never sent on the wire).
 _NO_CLOSE_FRAME_CODES = frozenset({1006, 1015})
 _CLOSE_NO_STATUS = 1005  # a close frame without a code: a normal end, sent on as 1000
 # A close frame's reason is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON_BYTES = 123
 STATUS_POLL_S = 0.2
-UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sidecar enforces its own, smaller limit with a typed error
+# The sidecar enforces its own, smaller limit with a typed error.
+UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
-# Once live, at most this much waits for a slow sidecar; past it the relay stops reading from the caller, so TCP
-# flow control slows the caller down instead of this process buffering without bound.
+# Once live, at most this much waits for a slow sidecar; past it the relay stops reading from the caller, so
+# TCP flow control slows the caller down instead of this process buffering without bound.
 LIVE_QUEUE_MAX_BYTES = 4 * 1024 * 1024
 
 StatusOf = Callable[[str], Awaitable[SessionStatus | None]]
@@ -141,10 +141,15 @@ async def relay_audio(
             return
         base = sidecars.ws_url(sidecar)
         if base is None:
-            await _fail(websocket, relay, "sidecar_unknown", f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS")
+            await _fail(
+                websocket,
+                relay,
+                "sidecar_unknown",
+                f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS",
+            )
             return
-        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`). The
-        # caller's credential stays here: upstream, the relay carries the service credential.
+        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
+        # The caller's credential stays here: upstream, the relay carries the service credential.
         query = {
             k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
         }
@@ -175,7 +180,7 @@ async def relay_audio(
         registry.remove(relay)
         if websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
-                await websocket.close(1000)
+                await websocket.close(CLOSE_NORMAL)
 
 
 def _message_bytes(message: ClientMessage) -> int:
@@ -183,7 +188,10 @@ def _message_bytes(message: ClientMessage) -> int:
 
 
 async def _read_client(
-    websocket: WebSocket, inbox: asyncio.Queue[ClientMessage | None], relay: RelayState, drained: asyncio.Event
+    websocket: WebSocket,
+    inbox: asyncio.Queue[ClientMessage | None],
+    relay: RelayState,
+    drained: asyncio.Event,
 ) -> None:
     """Every client message into `inbox`; None once the client has gone. Bounded: before live by closing the
     connection past EARLY_BUFFER_MAX_BYTES, once live by pausing until the sidecar has taken enough."""
@@ -240,12 +248,11 @@ async def _wait_until_live(
                     relay,
                     "buffer_full",
                     f"more than {EARLY_BUFFER_MAX_BYTES} bytes of audio before the session went live",
-                    close_code=CLOSE_POLICY_VIOLATION,
                 )
             return None  # the caller left before the session went live
         status = await status_of(session_id)
         if status is None:
-            await _fail(websocket, relay, "not_found", f"no session {session_id!r}", close_code=CLOSE_POLICY_VIOLATION)
+            await _fail(websocket, relay, "not_found", f"no session {session_id!r}")
             return None
         if status.phase == Phase.LIVE and status.sidecar:
             return str(status.sidecar)
@@ -266,14 +273,13 @@ async def _wait_until_live(
         await asyncio.wait({reader}, timeout=STATUS_POLL_S)
 
 
-async def _fail(
-    websocket: WebSocket, relay: RelayState, code: str, message: str, *, close_code: int = CLOSE_INTERNAL_ERROR
-) -> None:
+async def _fail(websocket: WebSocket, relay: RelayState, code: str, message: str) -> None:
+    """Send a fatal `error` and close with the code's close code (`ws_close_code`)."""
     relay.state = "failed"
     relay.close_reason = f"{code}: {message}"
     with contextlib.suppress(Exception):
         await websocket.send_json({"type": "error", "code": code, "message": message, "fatal": True})
-        await websocket.close(close_code, reason=_close_reason(code))
+        await websocket.close(ws_close_code(code), reason=_close_reason(code))
 
 
 def _close_reason(reason: str) -> str:
@@ -330,7 +336,10 @@ async def _pump(
             return
         with contextlib.suppress(Exception):
             # The sidecar's own code and reason, e.g. 1008 `unknown_session`, reach the caller unchanged.
-            await websocket.close(1000 if code == _CLOSE_NO_STATUS else code, reason=_close_reason(reason))
+            await websocket.close(
+                CLOSE_NORMAL if code == _CLOSE_NO_STATUS else code,
+                reason=_close_reason(reason),
+            )
 
     tasks = [asyncio.create_task(client_to_sidecar()), asyncio.create_task(sidecar_to_client())]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

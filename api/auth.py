@@ -55,14 +55,17 @@ def principal_for(settings: ApiSettings, presented: str) -> Principal | None:
 
 
 async def require_api_key(request: Request) -> Principal:
-    """The dependency of every keyed route: the caller's principal (also kept in `request.state.principal`)."""
+    """The dependency of every keyed route: the caller's principal.
+
+    It is also kept in `request.state.principal`.
+    """
     settings: ApiSettings = request.app.state.settings
     presented = presented_key(request.headers)
     if presented is None:
-        raise ApiError(401, "unauthorized", f"missing API key: send it in the {API_KEY_HEADER} header")
+        raise ApiError("unauthorized", f"missing API key: send it in the {API_KEY_HEADER} header")
     principal = principal_for(settings, presented)
     if principal is None:
-        raise ApiError(401, "unauthorized", "invalid API key")
+        raise ApiError("unauthorized", "invalid API key")
     request.state.principal = principal
     return principal
 
@@ -70,5 +73,5 @@ async def require_api_key(request: Request) -> Principal:
 async def require_admin(request: Request) -> Principal:
     principal = await require_api_key(request)
     if not principal.admin:
-        raise ApiError(403, "admin_only", "this route shows every tenant's sessions: it needs an admin key")
+        raise ApiError("admin_only", "this route shows every tenant's sessions: it needs an admin key")
     return principal

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import API_KEY_HEADER, presented_key, principal_for
+from api.errors import http_status
 from api.settings import ApiSettings
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -43,12 +44,12 @@ class RequestGate:
         presented = presented_key(headers)
         if presented is None or principal_for(self.settings, presented) is None:
             why = f"missing API key: send it in the {API_KEY_HEADER} header" if presented is None else "invalid API key"
-            await _refuse(scope, send, 401, "unauthorized", why)
+            await _refuse(scope, send, "unauthorized", why)
             return
         cap = max_body_bytes(scope["path"])
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            await _refuse(scope, send, 413, "body_too_large", f"the body exceeds {cap} bytes for this route")
+            await _refuse(scope, send, "body_too_large", f"the body exceeds {cap} bytes for this route")
             return
         chunks: list[bytes] = []
         size = 0
@@ -59,7 +60,7 @@ class RequestGate:
             chunk = received.get("body", b"")
             size += len(chunk)
             if size > cap:
-                await _refuse(scope, send, 413, "body_too_large", f"the body exceeds {cap} bytes for this route")
+                await _refuse(scope, send, "body_too_large", f"the body exceeds {cap} bytes for this route")
                 return
             chunks.append(chunk)
             if not received.get("more_body", False):
@@ -77,11 +78,16 @@ class RequestGate:
         await self.app(scope, replay, send)
 
 
-async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+async def _refuse(scope: Scope, send: Send, code: str, message: str) -> None:
     """Answer without reading the body (the server discards what the client still sends)."""
 
     async def no_body() -> Message:
         return {"type": "http.disconnect"}
 
+    status = http_status(code)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Connection": "close"}
-    await JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)(scope, no_body, send)
+    await JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)(
+        scope,
+        no_body,
+        send,
+    )

@@ -105,7 +105,9 @@ async def sessions_by_phase(client: Client) -> tuple[dict[str, int], dict[str, i
         WorkflowExecutionStatus.TIMED_OUT,
     ):
         name = {"CANCELED": "Canceled", "TIMED_OUT": "TimedOut"}.get(status.name, status.name.title())
-        count = await client.count_workflows(f"WorkflowType = 'SessionWorkflow' AND ExecutionStatus = '{name}'")
+        count = await client.count_workflows(
+            f"WorkflowType = 'SessionWorkflow' AND ExecutionStatus = '{name}'",
+        )
         closed[status.name.lower()] = count.count
     return running, closed
 
@@ -152,17 +154,31 @@ async def _sidecar_families(metrics: ApiMetrics, sidecars: SidecarDirectory) -> 
         "lipsync_sidecar_avatar_cache_bytes", "the sidecar's avatar cache on disk (bytes)", labels=["sidecar"]
     )
     cache_max_bytes = GaugeMetricFamily(
-        "lipsync_sidecar_avatar_cache_max_bytes", "the avatar cache's cap (LRU eviction past it)", labels=["sidecar"]
+        "lipsync_sidecar_avatar_cache_max_bytes",
+        "the avatar cache's cap (LRU eviction past it)",
+        labels=["sidecar"],
     )
     labels = ["session_id", "sidecar"]
     gauges = {
-        "ttff_ms": GaugeMetricFamily("lipsync_session_ttff_ms", "time to first speech frame (ms)", labels=labels),
-        "fps": GaugeMetricFamily("lipsync_session_fps", "frames published per second since last scrape", labels=labels),
+        "ttff_ms": GaugeMetricFamily(
+            "lipsync_session_ttff_ms",
+            "time to first speech frame (ms)",
+            labels=labels,
+        ),
+        "fps": GaugeMetricFamily(
+            "lipsync_session_fps",
+            "frames published per second since last scrape",
+            labels=labels,
+        ),
         "lateness_ms_p99": GaugeMetricFamily(
-            "lipsync_session_frame_lateness_ms_p99", "frame lateness vs the 25 fps clock, p99 (ms)", labels=labels
+            "lipsync_session_frame_lateness_ms_p99",
+            "frame lateness vs the 25 fps clock, p99 (ms)",
+            labels=labels,
         ),
         "lateness_ms_p50": GaugeMetricFamily(
-            "lipsync_session_frame_lateness_ms_p50", "frame lateness vs the 25 fps clock, p50 (ms)", labels=labels
+            "lipsync_session_frame_lateness_ms_p50",
+            "frame lateness vs the 25 fps clock, p50 (ms)",
+            labels=labels,
         ),
         "av_offset_ms": GaugeMetricFamily(
             "lipsync_session_av_offset_ms", "audio/video offset, positive = video late (ms)", labels=labels

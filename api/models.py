@@ -40,7 +40,9 @@ class AvatarIn(_Strict):
 class LiveKitOutputIn(_Strict):
     room: str = Field(pattern=ROOM_NAME_PATTERN.pattern, description="the LiveKit room to publish into")
     identity: str | None = Field(
-        default=None, pattern=IDENTITY_PATTERN, description="the avatar's identity (default avatar-<session id>)"
+        default=None,
+        pattern=IDENTITY_PATTERN,
+        description="the avatar's identity (default avatar-<session id>)",
     )
     publish_audio: bool = Field(
         default=True, description="publish the speech too (off when the caller publishes it: lips then lag)"
@@ -80,10 +82,16 @@ class CreateSessionIn(_Strict):
     )
     avatar: AvatarIn
     output: OutputIn
-    audio: AudioIn | None = Field(default=None, description="the PCM you will send (default s16le mono 16 kHz)")
+    audio: AudioIn | None = Field(
+        default=None,
+        description="the PCM you will send (default s16le mono 16 kHz)",
+    )
     idle_timeout_s: float | None = Field(default=None, gt=0, le=MAX_SESSION_SECONDS)
     max_duration_s: float | None = Field(default=None, gt=0, le=MAX_SESSION_SECONDS)
-    metadata: dict[str, str] | None = Field(default=None, description="stored with the session (workflow memo)")
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        description="stored with the session (workflow memo)",
+    )
 
     @model_validator(mode="after")
     def _metadata_bounds(self) -> CreateSessionIn:
@@ -91,7 +99,9 @@ class CreateSessionIn(_Strict):
             if len(self.metadata) > MAX_METADATA_KEYS:
                 raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
             if any(len(key) > 128 or len(value) > MAX_METADATA_VALUE_CHARS for key, value in self.metadata.items()):
-                raise ValueError(f"metadata: keys up to 128 and values up to {MAX_METADATA_VALUE_CHARS} characters")
+                raise ValueError(
+                    f"metadata: keys up to 128 and values up to {MAX_METADATA_VALUE_CHARS} characters",
+                )
         return self
 
 
@@ -119,14 +129,18 @@ class SessionOut(BaseModel):
     session_id: str
     room: str
     phase: str
-    audio_ws_url: str = Field(default="", description="the session's audio WebSocket with a fresh audio token")
+    audio_ws_url: str = Field(
+        default="",
+        description="the session's audio WebSocket with a fresh audio token",
+    )
     workflow_status: str = Field(description="Temporal execution status: RUNNING, COMPLETED, FAILED, ...")
     output: str = ""
     output_detail: str = ""
     sidecar: str = ""
     pool: str = Field(default="", description="the sidecar pool the session was placed in")
     placement_reason: str = Field(
-        default="", description="why that sidecar: avatar_cached (it had the avatar prepared) or most_free_slots"
+        default="",
+        description="why that sidecar: avatar_cached (it had the avatar prepared) or most_free_slots",
     )
     stats: dict[str, Any] = Field(default_factory=dict)
     stats_reported_at: str = ""

@@ -22,7 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+)
 from temporalio.common import TypedSearchAttributes
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -82,7 +87,7 @@ def _is_not_found(exc: BaseException) -> bool:
 
 
 def not_found(session_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"no session {session_id!r}")
+    return ApiError("not_found", f"no session {session_id!r}")
 
 
 VIEWER_IDENTITY_PREFIX = "viewer-"  # viewer tokens' identities; an avatar identity may not start with it
@@ -97,18 +102,22 @@ def tenant_of(attributes: TypedSearchAttributes) -> str:
 def namespaced_room(principal: Principal, requested: str, tenants: frozenset[str]) -> str:
     """The LiveKit room a caller's session publishes into: a named tenant's rooms are `<tenant>.<room>` (the
     prefix is added when missing), so no tenant can publish into or mint viewer tokens for another tenant's
-    rooms. The default tenant's rooms are as given, except inside a named tenant's namespace; an admin's too."""
+    rooms. The default tenant's rooms are as given, except inside a named tenant's namespace; an admin's
+    too."""
     prefix, sep, _ = requested.partition(ROOM_NAMESPACE_SEPARATOR)
     if principal.admin:
         return requested
     if principal.tenant == DEFAULT_TENANT:
         if sep and prefix in tenants:
-            raise ApiError(403, "room_not_allowed", f"room {requested!r} is in tenant {prefix!r}'s namespace")
+            raise ApiError("room_not_allowed", f"room {requested!r} is in tenant {prefix!r}'s namespace")
         return requested
     own = principal.tenant + ROOM_NAMESPACE_SEPARATOR
     room = requested if requested.startswith(own) else own + requested
     if len(room) > MAX_ROOM_CHARS:
-        raise ApiError(400, "room_too_long", f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars")
+        raise ApiError(
+            "room_too_long",
+            f"room {room!r} (with the tenant prefix) exceeds {MAX_ROOM_CHARS} chars",
+        )
     return room
 
 
@@ -134,7 +143,11 @@ class SessionService:
         params = dict(audio_query or {})
         if self.settings.sidecar_secret:
             expires_at_s = int(time.time()) + self.settings.audio_token_ttl_s
-            params[AUDIO_TOKEN_PARAM] = mint_audio_token(self.settings.sidecar_secret, session_id, expires_at_s)
+            params[AUDIO_TOKEN_PARAM] = mint_audio_token(
+                self.settings.sidecar_secret,
+                session_id,
+                expires_at_s,
+            )
         query = f"?{urlencode(params)}" if params else ""
         return f"{base}/v1/sessions/{quote(session_id)}/audio{query}"
 
@@ -170,7 +183,6 @@ class SessionService:
             identity = body.output.livekit.identity or f"avatar-{session_id}"
             if identity.startswith(VIEWER_IDENTITY_PREFIX):
                 raise ApiError(
-                    400,
                     "identity_reserved",
                     f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens use it)",
                 )
@@ -196,7 +208,12 @@ class SessionService:
             limits = dataclasses.replace(limits, max_duration_s=body.max_duration_s)
         return request, dataclasses.replace(policy, session=limits)
 
-    async def create(self, client: Client, body: CreateSessionIn, principal: Principal | None = None) -> SessionCreated:
+    async def create(
+        self,
+        client: Client,
+        body: CreateSessionIn,
+        principal: Principal | None = None,
+    ) -> SessionCreated:
         principal = principal or Principal(DEFAULT_TENANT)
         request, policy = self.build_request(body, principal)
         audio_query = (
@@ -222,7 +239,7 @@ class SessionService:
                 tenant=principal.tenant,
             )
         except WorkflowAlreadyStartedError as exc:
-            raise ApiError(409, "session_exists", f"session {request.session_id!r} already exists") from exc
+            raise ApiError("session_exists", f"session {request.session_id!r} already exists") from exc
         logger.info("session started", extra={"session_id": request.session_id, "room": request.room})
         livekit = None
         for spec in request.output.offered():
@@ -238,7 +255,11 @@ class SessionService:
             temporal_ui_url=self.temporal_ui_url(request.session_id),
         )
 
-    async def memo(self, client: Client, session_id: str) -> tuple[WorkflowExecutionStatus | None, dict[str, Any]]:
+    async def memo(
+        self,
+        client: Client,
+        session_id: str,
+    ) -> tuple[WorkflowExecutionStatus | None, dict[str, Any]]:
         """The execution's status and memo; 404 when there is no such session."""
         description = await self._describe(client, session_id)
         return description.status, dict(await description.memo())
@@ -260,7 +281,11 @@ class SessionService:
         if not principal.owns(tenant_of(description.typed_search_attributes)):
             raise not_found(session_id)
 
-    async def status(self, client: Client, session_id: str) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
+    async def status(
+        self,
+        client: Client,
+        session_id: str,
+    ) -> tuple[SessionStatus, WorkflowExecutionStatus | None]:
         """The workflow's `status` query; for a closed workflow whose query fails, what its history says."""
         status, execution_status, _ = await self.status_and_memo(client, session_id)
         return status, execution_status
@@ -294,7 +319,8 @@ class SessionService:
         return status, description.status, dict(await description.memo())
 
     async def light_status(self, client: Client, session_id: str) -> SessionStatus:
-        """Phase and sidecar from the execution's search attributes (a server-side read, no query to a worker).
+        """Phase and sidecar from the execution's search attributes (a server-side read, no query to a
+        worker).
 
         For pollers such as the audio relay: the workflow upserts LipsyncPhase/LipsyncSidecar at
         every phase, so this is current without loading the control worker. An ended session
@@ -369,7 +395,7 @@ class SessionService:
             await iterator.fetch_next_page()
         except RPCError as exc:
             if exc.status == RPCStatusCode.INVALID_ARGUMENT and page_token:
-                raise ApiError(400, "bad_page_token", f"page_token refused by Temporal: {exc.message}") from exc
+                raise ApiError("bad_page_token", f"page_token refused by Temporal: {exc.message}") from exc
             raise
         sessions = []
         for execution in iterator.current_page or []:
@@ -390,7 +416,10 @@ class SessionService:
                 )
             )
         token = iterator.next_page_token
-        return SessionList(sessions=sessions, next_page_token=_encode_page_token(token, query) if token else None)
+        return SessionList(
+            sessions=sessions,
+            next_page_token=_encode_page_token(token, query) if token else None,
+        )
 
     async def stop(self, client: Client, session_id: str, reason: str) -> SessionStatus:
         """Ask the session to stop (idempotent: a session that has ended answers with its final status)."""
@@ -422,11 +451,11 @@ def _decode_page_token(token: str, query: str) -> bytes:
     try:
         envelope = base64.b64decode(token.encode(), altchars=b"-_", validate=True)
     except (ValueError, binascii.Error) as exc:
-        raise ApiError(400, "bad_page_token", "page_token is not one this API returned") from exc
+        raise ApiError("bad_page_token", "page_token is not one this API returned") from exc
     digest, raw = envelope[:_PAGE_TOKEN_DIGEST_BYTES], envelope[_PAGE_TOKEN_DIGEST_BYTES:]
     if not raw or not hmac.compare_digest(digest, _page_token_digest(raw, query)):
         raise ApiError(
-            400, "bad_page_token", "page_token is not one this API returned for this listing (same room and phase)"
+            "bad_page_token", "page_token is not one this API returned for this listing (same room and phase)"
         )
     return raw
 

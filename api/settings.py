@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.errors import LipsyncError
 from workflows.policy import MAX_PLACEMENT_SHARDS, is_pool_name
 
 
-class SettingsError(ValueError):
-    pass
+class SettingsError(LipsyncError, ValueError):
+    """An API setting (environment variable) is missing or invalid; the message names it."""
+
+    code = "settings_invalid"
 
 
 def _placement_shards(value: str | None) -> int:
@@ -60,7 +63,8 @@ def parse_api_keys(entries: tuple[str, ...], source: str) -> tuple[tuple[str, ..
         tenant, key = tenant.strip(), key.strip()
         if not TENANT_NAME_PATTERN.fullmatch(tenant) or tenant in (DEFAULT_TENANT, ADMIN_TENANT) or not key:
             raise SettingsError(
-                f"{source}: entry {tenant!r}:<key> is not <tenant>:<key> with a tenant name of lower-case letters, "
+                f"{source}: entry {tenant!r}:<key> is not <tenant>:<key> with a tenant name of "
+                "lower-case letters, "
                 f"digits and '-' (up to 32, not {DEFAULT_TENANT!r} or {ADMIN_TENANT!r})"
             )
         named[key] = tenant
@@ -82,7 +86,9 @@ def parse_sidecar_urls(value: str | None) -> dict[str, str]:
     for entry in _split(value):
         sidecar_id, sep, url = entry.partition("=")
         if not sep or not sidecar_id.strip() or not url.strip().startswith(("http://", "https://")):
-            raise SettingsError(f"LIPSYNC_SIDECAR_URLS entry {entry!r} is not <sidecar id>=http(s)://host:port")
+            raise SettingsError(
+                f"LIPSYNC_SIDECAR_URLS entry {entry!r} is not <sidecar id>=http(s)://host:port",
+            )
         urls[sidecar_id.strip()] = url.strip().rstrip("/")
     return urls
 
@@ -93,7 +99,8 @@ MIN_SIDECAR_SECRET_CHARS = 32  # the sidecars refuse shorter ones (realtime.side
 
 
 def sidecar_secret_from_env() -> str:
-    """The secret shared with the sidecars: $LIPSYNC_SIDECAR_SECRET_FILE's content, else $LIPSYNC_SIDECAR_SECRET."""
+    """The secret shared with the sidecars: $LIPSYNC_SIDECAR_SECRET_FILE's content, else
+    $LIPSYNC_SIDECAR_SECRET."""
     path = os.environ.get(SIDECAR_SECRET_FILE_ENV)
     if path:
         try:
@@ -157,7 +164,8 @@ class ApiSettings:
         admin_keys = _split(os.environ.get("LIPSYNC_ADMIN_KEYS"))
         if not (keys or tenant_keys or admin_keys):
             raise SettingsError(
-                "LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated, `tenant:key` or a bare key "
+                "LIPSYNC_API_KEYS is empty: set at least one API key (comma-separated, "
+                "`tenant:key` or a bare key "
                 "of the default tenant; or LIPSYNC_API_KEYS_FILE, one per line)"
             )
         secret = os.environ.get("LIVEKIT_API_SECRET", "")
@@ -167,7 +175,8 @@ class ApiSettings:
         sidecar_secret = sidecar_secret_from_env()
         if sidecar_urls and not sidecar_secret:
             raise SettingsError(
-                f"LIPSYNC_SIDECAR_URLS is set but {SIDECAR_SECRET_ENV} (or {SIDECAR_SECRET_FILE_ENV}) is not: "
+                f"LIPSYNC_SIDECAR_URLS is set but {SIDECAR_SECRET_ENV} (or "
+                f"{SIDECAR_SECRET_FILE_ENV}) is not: "
                 "the sidecars refuse the API without the secret they share with it"
             )
         return cls(
@@ -180,7 +189,9 @@ class ApiSettings:
             livekit_api_key=os.environ.get("LIVEKIT_API_KEY", cls.livekit_api_key),
             livekit_api_secret=secret,
             viewer_token_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_TTL_S", cls.viewer_token_ttl_s)),
-            viewer_token_max_ttl_s=int(os.environ.get("LIPSYNC_VIEWER_TOKEN_MAX_TTL_S", cls.viewer_token_max_ttl_s)),
+            viewer_token_max_ttl_s=int(
+                os.environ.get("LIPSYNC_VIEWER_TOKEN_MAX_TTL_S", cls.viewer_token_max_ttl_s),
+            ),
             public_base_url=os.environ.get("LIPSYNC_PUBLIC_BASE_URL", cls.public_base_url).rstrip("/"),
             livekit_publish_url=os.environ.get("LIPSYNC_LIVEKIT_PUBLISH_URL", ""),
             sidecar_urls=sidecar_urls,

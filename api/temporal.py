@@ -28,7 +28,7 @@ class TemporalGateway:
         self._lock = asyncio.Lock()
 
     async def client(self) -> Client:
-        """The shared client; raises ApiError(503, temporal_unavailable) when Temporal cannot be reached."""
+        """The shared client; raises ApiError(temporal_unavailable) when Temporal cannot be reached."""
         if self._client is not None:
             return self._client
         async with self._lock:
@@ -40,6 +40,8 @@ class TemporalGateway:
                 except (TimeoutError, OSError, RuntimeError) as exc:
                     logger.warning("temporal unreachable", extra={"target": self.target, "error": str(exc)})
                     raise ApiError(
-                        503, "temporal_unavailable", f"cannot reach Temporal at {self.target}: {exc or 'timeout'}"
+                        "temporal_unavailable",
+                        f"cannot reach Temporal at {self.target}: {exc or 'timeout'}",
+                        retryable=True,
                     ) from exc
         return self._client

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import Link, Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,8 +87,6 @@ class TraceIdMiddleware:
 
 
 def instrument(app: FastAPI) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
     app.add_middleware(TraceIdMiddleware)
     # /metrics and health probes are scraped every few seconds: spans for them are noise.
     FastAPIInstrumentor.instrument_app(

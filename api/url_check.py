@@ -18,19 +18,19 @@ from workflows.net_addresses import IPAddress, ip_literal, parse_networks, refus
 
 
 def check_asset_url(url: str, field: str, allow_networks: list[str]) -> None:
-    """Raise ApiError(400, code) for a URL the fetch activity would certainly refuse."""
+    """Raise ApiError(code) for a URL the fetch activity would certainly refuse."""
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
         _ = parts.port  # a port out of range or not a number raises here
     except ValueError as exc:  # e.g. "http://[::1/a.zip": Invalid IPv6 URL
-        raise ApiError(400, "url_invalid", f"{field}: not a valid URL ({exc})") from None
+        raise ApiError("url_invalid", f"{field}: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
-        raise ApiError(400, "url_invalid", f"{field}: only http and https URLs are fetched, not {parts.scheme!r}")
+        raise ApiError("url_invalid", f"{field}: only http and https URLs are fetched, not {parts.scheme!r}")
     if not hostname:
-        raise ApiError(400, "url_invalid", f"{field}: the URL has no host")
+        raise ApiError("url_invalid", f"{field}: the URL has no host")
     if parts.username or parts.password:
-        raise ApiError(400, "url_invalid", f"{field}: credentials in the URL are refused (they would be logged)")
+        raise ApiError("url_invalid", f"{field}: credentials in the URL are refused (they would be logged)")
     host = hostname.lower().rstrip(".")
     address: IPAddress | None = ipaddress.ip_address("127.0.0.1")
     if host not in ("localhost", "localhost.localdomain") and not host.endswith(".localhost"):
@@ -40,7 +40,6 @@ def check_asset_url(url: str, field: str, allow_networks: list[str]) -> None:
     category = refusal(address, parse_networks(allow_networks))
     if category is not None:
         raise ApiError(
-            400,
             "url_forbidden_address",
             f"{field}: {hostname} is a {category} address, which is not allow-listed "
             "(assets.fetch.allow_networks in the policy file)",

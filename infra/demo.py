@@ -43,6 +43,7 @@ import numpy as np
 from infra import stack
 from infra.paths import PROJECT_ROOT, state_dir
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
+from realtime.errors import LipsyncError
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ SESSION_END_TIMEOUT_S = 60.0
 Say = Callable[[str], None]
 
 
-class DemoError(RuntimeError):
-    pass
+class DemoError(LipsyncError, RuntimeError):
+    """The demo could not produce its video."""
+
+    code = "demo_failed"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import yaml
 
 from infra.paths import cache_dir
 from infra.process import ManagedProcess, free_port, free_udp_port, http_ok
+from realtime.errors import LipsyncError
 
 LIVEKIT_SERVER_MODULE = "github.com/livekit/livekit-server/cmd/server"
 LIVEKIT_SERVER_VERSION = "v1.13.5"
@@ -28,8 +29,10 @@ DEV_API_KEY = "devkey"
 DEV_API_SECRET = "lipsync-live-dev-secret-0123456789abcdef"
 
 
-class LiveKitBuildError(RuntimeError):
-    pass
+class LiveKitBuildError(LipsyncError, RuntimeError):
+    """livekit-server could not be built."""
+
+    code = "livekit_build_failed"
 
 
 def livekit_binary_path() -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from infra.paths import PROJECT_ROOT
+from realtime.errors import LipsyncError
 from realtime.outputs.registry import OUTPUTS
 from workflows.policy import MAX_POOL_NAME_CHARS, RetrySpec, SessionPolicy, is_pool_name
 
@@ -35,8 +36,10 @@ MIN_FRAME_SIDE_PX = 16  # WebRTC encoders refuse smaller frames
 _ZERO_ALLOWED = frozenset({"max_replacements", "max_redirects"})
 
 
-class PolicyError(ValueError):
+class PolicyError(LipsyncError, ValueError):
     """A policy file problem; `key` is the dotted path of the offending key ("<file>" for the whole file)."""
+
+    code = "policy_invalid"
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         super().__init__(f"{source}: {key}: {problem}")

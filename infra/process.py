@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from realtime.errors import LipsyncError
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,8 +86,10 @@ def spawn(
     return _spawner.submit(popen).result()
 
 
-class ServiceStartError(RuntimeError):
+class ServiceStartError(LipsyncError, RuntimeError):
     """A service did not become healthy; the message carries the tail of its log."""
+
+    code = "service_start_failed"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

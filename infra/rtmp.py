@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.process import ManagedProcess, free_port, http_ok, tcp_port_open
+from realtime.errors import LipsyncError
 
 RTMP_MODULE_PATH = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
 RTMP_APPLICATION = "live"
 
 
-class NginxMissingError(RuntimeError):
-    pass
+class NginxMissingError(LipsyncError, RuntimeError):
+    """nginx with the RTMP module is not installed."""
+
+    code = "nginx_missing"
 
 
 def nginx_binary() -> Path:

@@ -22,6 +22,7 @@ from infra.process import (
     stop_process_group,
     tcp_port_open,
 )
+from realtime.errors import LipsyncError
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,10 @@ def _health(ports: StackPorts, directory: Path) -> dict[str, bool]:
     }
 
 
-class StackError(RuntimeError):
-    pass
+class StackError(LipsyncError, RuntimeError):
+    """The local stack could not be started, found or stopped."""
+
+    code = "stack_failed"
 
 
 def up(

@@ -9,6 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from realtime.errors import LipsyncError
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,8 +30,10 @@ REQUIREMENTS = (
 )
 
 
-class SystemInstallError(RuntimeError):
-    pass
+class SystemInstallError(LipsyncError, RuntimeError):
+    """A system package the stack needs could not be installed."""
+
+    code = "system_install_failed"
 
 
 def missing_packages() -> list[str]:

@@ -16,6 +16,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 
+from realtime.errors import LipsyncError
+
 logger = logging.getLogger(__name__)
 
 EXPORTER_ENV = "LIPSYNC_TRACE_EXPORTER"
@@ -27,8 +29,10 @@ class TraceExporter(StrEnum):
     OTLP = "otlp"
 
 
-class TelemetryConfigError(ValueError):
-    pass
+class TelemetryConfigError(LipsyncError, ValueError):
+    """A tracing setting (environment variable) is invalid."""
+
+    code = "telemetry_config_invalid"
 
 
 def parse_exporter(value: str | None) -> TraceExporter:

@@ -8,13 +8,16 @@ from pathlib import Path
 
 from infra.paths import venv_bin_dir
 from infra.process import ManagedProcess, free_port, http_ok, tcp_port_open
+from realtime.errors import LipsyncError
 from workflows.search_attributes import ALL_KEYS
 
 NAMESPACE = "default"
 
 
-class BinaryMissingError(RuntimeError):
-    pass
+class BinaryMissingError(LipsyncError, RuntimeError):
+    """A Temporal binary (CLI or test server) is not installed."""
+
+    code = "temporal_binary_missing"
 
 
 def _find_binary(name: str, package: str) -> Path:

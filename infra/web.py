@@ -7,13 +7,16 @@ import subprocess
 from pathlib import Path
 
 from infra.paths import PROJECT_ROOT
+from realtime.errors import LipsyncError
 
 VIEWER_SOURCE_DIR = PROJECT_ROOT / "api" / "viewer"
 VIEWER_STATIC_DIR = PROJECT_ROOT / "api" / "static" / "viewer"
 
 
-class ViewerBuildError(RuntimeError):
-    pass
+class ViewerBuildError(LipsyncError, RuntimeError):
+    """The browser viewer bundle could not be built."""
+
+    code = "viewer_build_failed"
 
 
 def _newest_mtime(paths: list[Path]) -> float:

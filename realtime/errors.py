@@ -3,7 +3,8 @@
 Every failure the code raises on purpose carries a stable machine-readable `code`, a
 sentence a person can act on (`message`) and whether trying the same thing again may help
 (`retryable`). Each boundary maps it once: HTTP status in `api/errors.py`, WebSocket close
-codes in the sidecar's audio route, Temporal `ApplicationError` in `activities/errors.py`.
+codes in `realtime/ingest/ws_close.py` (the sidecar's audio route and the API's relay),
+Temporal `ApplicationError` in `activities/errors.py`.
 It lives in `realtime` because that is the lowest package: every other layer may import it.
 """
 

@@ -29,7 +29,10 @@ router = APIRouter(prefix="/v1/livekit", tags=["livekit"])
 
 
 class ViewerTokenRequest(BaseModel):
-    room: str = Field(pattern=ROOM_NAME_PATTERN.pattern, description="the room of one of your running sessions")
+    room: str = Field(
+        pattern=ROOM_NAME_PATTERN.pattern,
+        description="the room of one of your running sessions",
+    )
     identity: str | None = Field(
         default=None,
         min_length=1,
@@ -71,12 +74,13 @@ async def viewer_token(
     ttl_s = body.ttl_s or settings.viewer_token_ttl_s
     if ttl_s > settings.viewer_token_max_ttl_s:
         raise ApiError(
-            400, "ttl_too_long", f"ttl_s {ttl_s} exceeds this deployment's cap of {settings.viewer_token_max_ttl_s} s"
+            "ttl_too_long",
+            f"ttl_s {ttl_s} exceeds this deployment's cap of {settings.viewer_token_max_ttl_s} s",
         )
     room = namespaced_room(principal, body.room, settings.tenants)
     client = await services(request).temporal.client()  # here, not as a dependency: a bad body is a 422 first
     if not await _has_running_session(client, room, principal):
-        raise ApiError(404, "no_session_in_room", f"none of your sessions is running in room {room!r}")
+        raise ApiError("no_session_in_room", f"none of your sessions is running in room {room!r}")
     identity = body.identity or secrets.token_hex(4)
     if not identity.startswith(VIEWER_IDENTITY_PREFIX):
         identity = VIEWER_IDENTITY_PREFIX + identity

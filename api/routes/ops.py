@@ -1,4 +1,5 @@
-"""Operations: /readyz, /metrics, and the seed-compatible /health, /debug/musetalk, /debug/audio, /session/start."""
+"""Operations: /readyz, /metrics, and the seed-compatible /health, /debug/musetalk, /debug/audio,
+/session/start."""
 
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
 
 
 def _is_admin(request: Request) -> bool:
-    """Whether the caller sent an admin key: only then do the health routes show their checks (addresses, worker
-    identities, engine details); anyone else gets the bare answer."""
+    """Whether the caller sent an admin key: only then do the health routes show their checks (addresses,
+    worker identities, engine details); anyone else gets the bare answer."""
     presented = presented_key(request.headers)
     principal: Principal | None = principal_for(request.app.state.settings, presented) if presented else None
     return principal is not None and principal.admin
@@ -141,7 +142,10 @@ async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
     try:
         ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
     except TimeoutError:
-        ready, checks = False, {"timeout": {"ok": False, "error": f"checks took over {READINESS_TIMEOUT_S} s"}}
+        ready, checks = (
+            False,
+            {"timeout": {"ok": False, "error": f"checks took over {READINESS_TIMEOUT_S} s"}},
+        )
     body: dict[str, Any] = {"ready": ready}
     if _is_admin(request):
         body["checks"] = checks
@@ -202,7 +206,7 @@ async def debug_audio(
         await svc.sessions.ensure_owner(client, session_id, principal)
         return await _audio_debug_one(svc, client, session_id)
     if not principal.admin:
-        raise ApiError(403, "admin_only", "every session's audio path needs an admin key; pass session_id")
+        raise ApiError("admin_only", "every session's audio path needs an admin key; pass session_id")
     sidecars = await svc.sidecars.all_health()
     live = {
         sid: {"sidecar": sidecar_id, "sidecar_stats": stats}
@@ -211,7 +215,10 @@ async def debug_audio(
     }
     for sid, relay in {**svc.relays.recent, **svc.relays.active}.items():
         live.setdefault(sid, {})["relay"] = relay.as_dict()
-    return {"sessions": live, "sidecars_unreachable": {k: v["error"] for k, v in sidecars.items() if "error" in v}}
+    return {
+        "sessions": live,
+        "sidecars_unreachable": {k: v["error"] for k, v in sidecars.items() if "error" in v},
+    }
 
 
 async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> dict[str, Any]:
@@ -237,7 +244,8 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
         "relay": relay.as_dict() if relay else None,
         "ingest": stats,
         "publishers": publishers,
-        # Live from the sidecar while it answers; the workflow's last heartbeat (up to its interval old) otherwise.
+        # Live from the sidecar while it answers; the workflow's last heartbeat (up to its interval old)
+        # otherwise.
         "workflow_stats": stats if stats is not None else status.stats,
         "workflow_stats_source": "sidecar" if stats is not None else "heartbeat",
         "error": {"code": status.error.code, "message": status.error.message} if status.error else None,
@@ -251,13 +259,16 @@ async def _audio_debug_one(svc: Services, client: Client, session_id: str) -> di
     responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}},
 )
 async def seed_session_start(
-    body: SeedStartIn, request: Request, client: ClientDep, principal: Annotated[Principal, Depends(require_api_key)]
+    body: SeedStartIn,
+    request: Request,
+    client: ClientDep,
+    principal: Annotated[Principal, Depends(require_api_key)],
 ) -> SessionCreated:
     """The seed orchestrator's call, mapped onto POST /v1/sessions (same response body)."""
     if not body.connect_livekit and body.rtmp_url is None:
-        raise ApiError(422, "validation_error", "connect_livekit is false and there is no rtmp_url: no output")
+        raise ApiError("validation_error", "connect_livekit is false and there is no rtmp_url: no output")
     if (body.frames_zip_url is None) == (body.idle_video_url is None):
-        raise ApiError(422, "validation_error", "give exactly one of frames_zip_url or idle_video_url")
+        raise ApiError("validation_error", "give exactly one of frames_zip_url or idle_video_url")
     create = CreateSessionIn(
         session_id=body.session_id,
         avatar=AvatarIn(frames_zip_url=body.frames_zip_url, idle_video_url=body.idle_video_url),

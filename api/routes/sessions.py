@@ -1,4 +1,4 @@
-"""Sessions: POST /v1/sessions, GET /v1/sessions[/{id}], POST /v1/sessions/{id}/stop|interrupt, WS .../audio."""
+"""Sessions: POST /v1/sessions, GET /v1/sessions[/{id}], POST .../{id}/stop|interrupt, WS .../{id}/audio."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Response, WebSocket
 from temporalio.client import Client
 
-from api.audio_relay import CLOSE_POLICY_VIOLATION, presented_ws_key, relay_audio
+from api.audio_relay import presented_ws_key, relay_audio
 from api.auth import Principal, principal_for, require_api_key
 from api.deps import Services, services, temporal_client
 from api.errors import ApiError
 from api.models import CreateSessionIn, ErrorOut, SessionCreated, SessionList, SessionOut, StopIn
 from api.sessions import MEMO_TRACEPARENT, SessionService, namespaced_room
 from api.tracing import TRACE_ID_HEADER, current_traceparent, session_span, trace_id_of
+from realtime.ingest.ws_close import ws_close_code
 from workflows.contracts import SessionStatus
 from workflows.sidecar_tokens import AUDIO_TOKEN_PARAM, audio_token_valid
 
@@ -73,7 +74,8 @@ async def list_sessions(  # noqa: PLR0917 (FastAPI parameters)
     page_size: Annotated[int, Query(ge=1, le=500)] = 100,
     page_token: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> SessionList:
-    """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search attributes)."""
+    """The caller's sessions (an admin's: all), newest first; filter by `room` and `phase` (search
+    attributes)."""
     if room is not None:
         room = namespaced_room(principal, room, svc.settings.tenants)  # as the room was named at create
     return await svc.sessions.list(
@@ -140,7 +142,6 @@ async def interrupt_session(
     _set_trace(response, traceparent)
     if not sent:
         raise ApiError(
-            409,
             "no_audio_connection",
             f"session {session_id!r} has no audio connection through this API: "
             'send {"type": "interrupt"} on the audio WebSocket',
@@ -151,7 +152,10 @@ async def interrupt_session(
 
 @ws_router.websocket("/{session_id}/audio")
 async def session_audio(websocket: WebSocket, session_id: str) -> None:
-    """PCM in, playback events out, relayed to the session's sidecar once it is live (docs/audio-protocol.md)."""
+    """PCM in, playback events out, relayed to the session's sidecar once it is live.
+
+    The protocol is the sidecar's: docs/audio-protocol.md.
+    """
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
     token = websocket.query_params.get(AUDIO_TOKEN_PARAM)
@@ -161,7 +165,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
     )
     principal = None if by_token or key is None else principal_for(svc.settings, key)
     if not by_token and principal is None:
-        await websocket.close(CLOSE_POLICY_VIOLATION, reason="unauthorized")
+        await websocket.close(ws_close_code("unauthorized"), reason="unauthorized")
         return
     client = await svc.temporal.client()
     foreign = False  # another tenant's session answers as one that does not exist
@@ -169,7 +173,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
         try:
             await svc.sessions.ensure_owner(client, session_id, principal)
         except ApiError as exc:
-            if exc.status_code != 404:
+            if exc.code != "not_found":
                 raise
             foreign = True
 
@@ -179,7 +183,7 @@ async def session_audio(websocket: WebSocket, session_id: str) -> None:
         try:
             return await svc.sessions.light_status(client, sid)
         except ApiError as exc:
-            if exc.status_code == 404:
+            if exc.code == "not_found":
                 return None
             raise
 
@@ -208,7 +212,10 @@ async def seed_audio(websocket: WebSocket) -> None:
     svc: Services = websocket.app.state.services
     key = presented_ws_key(websocket)
     if session_id or key is None or principal_for(svc.settings, key) is None:
-        await session_audio(websocket, session_id)  # refuses a missing or wrong key (or token) as that route does
+        await session_audio(
+            websocket,
+            session_id,
+        )  # refuses a missing or wrong key (or token) as that route does
         return
     await websocket.accept()
     await websocket.send_json(
@@ -218,4 +225,4 @@ async def seed_audio(websocket: WebSocket) -> None:
             "message": "give the session as a query parameter: /audio?session_id=<the id /session/start returned>",
         }
     )
-    await websocket.close(CLOSE_POLICY_VIOLATION, reason="missing_session_id")
+    await websocket.close(ws_close_code("missing_session_id"), reason="missing_session_id")

@@ -75,7 +75,7 @@ def _build(args: argparse.Namespace) -> int:
             )
             engine: Any = create_engine(config).engine
         except (EngineError, ValueError) as exc:
-            return _fail(args, getattr(exc, "code", "invalid_argument"), str(exc))
+            return _fail(args, exc.code if isinstance(exc, EngineError) else "invalid_argument", str(exc))
         if engine.artifact_key() is None:
             return _fail(
                 args,

@@ -1,23 +1,15 @@
-"""Typed engine errors: a machine-readable `code` plus a sentence a person can act on.
+"""Engine errors: one class per failure the engine can explain, each with its stable `code`.
 
-Every failure the engine can explain has its own class, so callers (activities, the sidecar,
-the CLI) can map it to a failed phase or an `error {code,message}` message without parsing text.
+Callers (activities, the sidecar, the CLI) tell them apart by class or code, never by text.
 """
 
 from __future__ import annotations
 
+from realtime.errors import LipsyncError
 
-class EngineError(Exception):
-    """Base class: `code` is stable and machine-readable; `message` is the human sentence."""
 
+class EngineError(LipsyncError):
     code = "engine_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
 
 
 # --- model files -----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from realtime.errors import LipsyncError
+
 
 class IngestErrorCode(StrEnum):
     MISALIGNED_PCM = "misaligned_pcm"  # byte count is not a whole number of sample frames
@@ -27,7 +29,7 @@ class IngestErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # no service credential and no valid audio token for this session
 
 
-class IngestError(Exception):
+class IngestError(LipsyncError):
     """One rejected message or connection.
 
     `rejected_samples` counts the audio it refused in 16 kHz timeline samples (0 for
@@ -35,15 +37,19 @@ class IngestError(Exception):
     the session is gone); the rest leave it open and the client may go on.
     """
 
-    def __init__(self, code: IngestErrorCode, message: str, *, rejected_samples: int = 0, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code: IngestErrorCode = IngestErrorCode.INTERNAL_ERROR
+
+    def __init__(
+        self,
+        code: IngestErrorCode,
+        message: str,
+        *,
+        rejected_samples: int = 0,
+        fatal: bool = False,
+    ) -> None:
+        super().__init__(message, code=code)
         self.rejected_samples = rejected_samples
         self.fatal = fatal
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
 
     def to_message(self) -> dict[str, object]:
         return {"type": "error", "code": str(self.code), "message": self.message}

@@ -1,14 +1,12 @@
-"""Output errors with machine-readable codes (surfaced as a failed phase or an `error` message)."""
+"""Output errors with stable codes (reported as a failed step or an `error` message)."""
 
 from __future__ import annotations
 
+from realtime.errors import LipsyncError
 
-class OutputError(Exception):
+
+class OutputError(LipsyncError):
     code = "output_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class RtmpUrlError(OutputError):

@@ -24,6 +24,8 @@ import time
 from enum import StrEnum
 from pathlib import Path
 
+from realtime.errors import LipsyncError
+
 SECRET_ENV = "LIPSYNC_SIDECAR_SECRET"
 SECRET_FILE_ENV = "LIPSYNC_SIDECAR_SECRET_FILE"
 # A secret shorter than this is guessable offline from one observed token.
@@ -33,8 +35,10 @@ _AUDIO_KEY_LABEL = b"lipsync-live sidecar audio token key v1"
 _AUDIO_MAC_LABEL = "lipsync-audio-v1"
 
 
-class SecretError(ValueError):
+class SecretError(LipsyncError, ValueError):
     """No usable sidecar secret was configured; the message says how to set one."""
+
+    code = "sidecar_secret_invalid"
 
 
 class TokenRefusal(StrEnum):

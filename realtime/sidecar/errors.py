@@ -1,17 +1,12 @@
-"""Sidecar control errors: stable codes for the activities (and the dev HTTP API) to map to a failed phase."""
+"""Sidecar control errors: stable codes the activities (and the dev HTTP API) report a failed step with."""
 
 from __future__ import annotations
 
+from realtime.errors import LipsyncError
 
-class SidecarError(Exception):
+
+class SidecarError(LipsyncError):
     code = "sidecar_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
 
 
 class NoFreeSlot(SidecarError):

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from realtime.errors import LipsyncError
 from realtime.sidecar.config import SidecarSettings, add_arguments, settings_from_args
 
 if TYPE_CHECKING:
@@ -28,8 +29,10 @@ logger = logging.getLogger(__name__)
 HostService = Callable[["SidecarHost"], Coroutine[Any, Any, Any]]
 
 
-class SidecarServiceFailed(RuntimeError):
+class SidecarServiceFailed(LipsyncError, RuntimeError):
     """One of `serve()`'s services ended with an error; the sidecar shut down because of it."""
+
+    code = "sidecar_service_failed"
 
 
 def build_host(settings: SidecarSettings) -> SidecarHost:

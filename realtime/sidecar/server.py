@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from realtime.disk_budget import store_bytes
+from realtime.errors import LipsyncError
 from realtime.host import (
     AvatarAsset,
     OutputTarget,
@@ -53,6 +54,7 @@ from realtime.ingest.protocol import (
     ready_message,
 )
 from realtime.ingest.ratewatch import RateVerdict
+from realtime.ingest.ws_close import ws_close_code
 from realtime.outputs.errors import OutputError
 from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.audio_input import AudioInput
@@ -64,9 +66,6 @@ from realtime.sidecar.host import SidecarHost
 logger = logging.getLogger(__name__)
 
 WS_SOURCE = "ws"
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_GOING_AWAY = 1001
-CLOSE_INTERNAL_ERROR = 1011
 LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
@@ -146,8 +145,8 @@ class _AudioConnection:
             if runtime is not None:
                 self.outbox.put_nowait({"type": "stats", **stats_dict(runtime.stats())})
 
-    async def _close(self, error: IngestError | None, code: int = CLOSE_POLICY_VIOLATION) -> None:
-        """Send `error` (if any) after everything queued, then close the socket. Idempotent."""
+    async def _close(self, error: IngestError | None) -> None:
+        """Send `error` (if any) after everything queued, then close the socket (`ws_close_code`). Idempotent."""
         if self._closing:
             return
         self._closing = True
@@ -162,7 +161,8 @@ class _AudioConnection:
                 await asyncio.wait_for(asyncio.shield(self._sender), timeout=2.0)
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
-                await self.websocket.close(code, reason=str(error.code) if error else "")
+                code = error.code if error else None
+                await self.websocket.close(ws_close_code(code), reason=code or "")
 
     async def serve(self, refusal: IngestError | None = None) -> None:
         """Serve the socket; `refusal` (a failed credential check) closes it before anything else is looked at."""
@@ -246,7 +246,7 @@ class _AudioConnection:
             self.host.audio_client_left(self.session_id)
             for helper in helpers:
                 helper.cancel()
-            await self._close(None, code=1000)
+            await self._close(None)
 
     async def _watch_session_end(self) -> None:
         """Tell the client when its session ends (stop, idle timeout, teardown) and close the socket."""
@@ -254,8 +254,7 @@ class _AudioConnection:
         if session is not None:
             await session.stop_event.wait()
         await self._close(
-            IngestError(IngestErrorCode.SESSION_ENDED, f"session {self.session_id} has ended", fatal=True),
-            code=CLOSE_GOING_AWAY,
+            IngestError(IngestErrorCode.SESSION_ENDED, f"session {self.session_id} has ended", fatal=True)
         )
 
     async def _receive_loop(self) -> None:
@@ -291,7 +290,7 @@ class _AudioConnection:
                     "the sidecar failed to handle this message (a bug, logged); reconnect to go on",
                     fatal=True,
                 )
-                await self._close(error, code=CLOSE_INTERNAL_ERROR)
+                await self._close(error)
                 return
 
     def _refuse_late(self, message: dict[str, Any]) -> None:
@@ -518,7 +517,7 @@ def _add_dev_api(app: FastAPI, host: SidecarHost, server_config: ServerConfig, r
             return JSONResponse({"code": exc.code, "message": exc.message}, status_code=409)
         except Exception as exc:
             await host.teardown(session_id)
-            code = getattr(exc, "code", "prepare_failed")
+            code = exc.code if isinstance(exc, LipsyncError) else "prepare_failed"
             return JSONResponse({"code": code, "message": str(exc)}, status_code=422)
         limits = RunLimits(idle_timeout_s=body.idle_timeout_s, max_duration_s=body.max_duration_s)
 

@@ -14,8 +14,9 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
 from api import audio_relay
-from api.audio_relay import CLOSE_POLICY_VIOLATION, RelayRegistry, relay_audio
+from api.audio_relay import RelayRegistry, relay_audio
 from api.sidecars import SidecarDirectory
+from realtime.ingest.ws_close import CLOSE_POLICY_VIOLATION
 from workflows.contracts import Phase, SessionStatus
 
 LIMIT_BYTES = 1000
