@@ -230,7 +230,7 @@ async def run_level(
 ) -> dict[str, Any]:
     from realtime.sidecar.audio_input import AudioInput
     from realtime.sidecar.config import RuntimeConfig
-    from realtime.sidecar.render_queue import RenderLane
+    from realtime.sidecar.render_lane import RenderLane
     from realtime.sidecar.runtime import SessionRuntime
 
     config = runtime_config or RuntimeConfig()
@@ -274,11 +274,11 @@ async def run_level(
             await runtime.stop()
         lane.close()
     wall_s = time.monotonic() - started
-    ttff = [v for r in runtimes for v in r.ttff_ms_values]
-    lateness = [v for r in runtimes for v in r.lateness_ms]
-    slack = [v for r in runtimes for v in r.render_slack_ms]
-    budgets = [v for r in runtimes for v in r.planned_budget_ms]
-    dropped = sum(r.render_misses for r in runtimes)
+    ttff = [v for r in runtimes for v in r.samples.ttff_ms]
+    lateness = [v for r in runtimes for v in r.samples.lateness_ms]
+    slack = [v for r in runtimes for v in r.samples.render_slack_ms]
+    budgets = [v for r in runtimes for v in r.samples.planned_budget_ms]
+    dropped = sum(r.counters.render_misses for r in runtimes)
     stats = [r.stats() for r in runtimes]
     for s in stats:
         assert s.audio_samples_received == (
@@ -291,8 +291,8 @@ async def run_level(
         "lateness_ms_p50": _pct(lateness, 50),
         "lateness_ms_p99": _pct(lateness, 99),
         "dropped_frames": dropped,
-        "underrun_ticks": sum(r.underrun_ticks for r in runtimes),
-        "clock_resyncs": sum(r.clock_resyncs for r in runtimes),
+        "underrun_ticks": sum(r.counters.underrun_ticks for r in runtimes),
+        "clock_resyncs": sum(r.counters.clock_resyncs for r in runtimes),
         "render_slack_ms_p1": _pct(slack, 1),
         "planned_budget_ms_p50": _pct(budgets, 50),
         "planned_budget_ms_max": _pct(budgets, 100),
@@ -392,7 +392,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         speech = speech_like(UTTERANCE_S, seed=3)
         pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
         from realtime.sidecar.config import RuntimeConfig
-        from realtime.sidecar.render_queue import BatchCostModel
+        from realtime.sidecar.render_lane import BatchCostModel
 
         runtime_config = RuntimeConfig(
             max_render_budget_ms=args.max_render_budget_ms,

@@ -3,7 +3,7 @@
 * **Batch buckets** — a render call of n frames runs at the smallest bucket ≥ n (padded with
   copies of its last frame), so only `len(batch_buckets)` shapes ever reach the models: CUDA
   graphs and compiled kernels are made once per bucket, and the sidecar's scheduler forms
-  batches of these sizes (`realtime.sidecar.render_queue`).
+  batches of these sizes (`realtime.sidecar.render_lane`).
 * **CUDA graphs** (`cuda_graphs`) — the UNet and the VAE decode of each bucket are captured once
   (on first use or in `warm_up`) and replayed on static input buffers: at small batches the
   eager models are launch-bound (hundreds of kernels of microseconds each), a replay is one

@@ -46,7 +46,7 @@ from realtime.sidecar.errors import (
     SessionNotPrepared,
     UnknownSession,
 )
-from realtime.sidecar.render_queue import BACKGROUND_DEADLINE_S, RenderLane
+from realtime.sidecar.render_lane import BACKGROUND_DEADLINE_S, RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 
 logger = logging.getLogger(__name__)

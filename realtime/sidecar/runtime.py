@@ -44,13 +44,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from realtime.clock import Clock
 from realtime.host import SessionStats
 from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLE_RATE_HZ
 from realtime.ingest.resample import ConvertedAudio
 from realtime.outputs.base import FrameKind, Publisher, PublishTick
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.engine_port import SessionEngine, UtteranceClosed, UtteranceStream
-from realtime.sidecar.render_queue import RenderLane
+from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.timeline import SessionTimeline, Utterance
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,37 @@ class FinishedPlayback:
 
 
 @dataclass
+class RuntimeCounters:
+    """What a session's clock and render task counted since it started; `SessionRuntime.stats` reports them."""
+
+    frames_published: int = 0
+    speech_frames: int = 0
+    idle_frames: int = 0
+    render_misses: int = 0  # speech ticks whose frame was not rendered in time (the held frame was shown)
+    underrun_ticks: int = 0  # ticks an utterance paused because its audio had not arrived
+    clock_resyncs: int = 0  # stalls of the event loop long enough that the clock restarted from now
+    interrupts: int = 0
+    render_errors: int = 0
+
+
+@dataclass
+class RuntimeSamples:
+    """A session's timing samples: one per utterance (TTFF, planned lead) or per tick/batch, the latter in a
+    bounded window (`RuntimeConfig.lateness_window_ticks`) so a long session's memory stays flat."""
+
+    window: int
+    ttff_ms: list[float] = field(default_factory=list)
+    lateness_ms: deque[float] = field(init=False)  # how late each tick went out
+    render_slack_ms: deque[float] = field(init=False)  # how long before its tick a batch's first frame was ready
+    planned_budget_ms: deque[float] = field(init=False)  # the lead each utterance's first tick was planned with
+
+    def __post_init__(self) -> None:
+        self.lateness_ms = deque(maxlen=self.window)
+        self.render_slack_ms = deque(maxlen=self.window)
+        self.planned_budget_ms = deque(maxlen=self.window)
+
+
+@dataclass
 class _Plan:
     """An utterance with a start tick: its frames are rendered ahead and shown from that tick on."""
 
@@ -95,12 +127,17 @@ class SessionRuntime:
         publishers: list[Publisher],
         lane: RenderLane,
         config: RuntimeConfig | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: the clock ticks and deadlines are on; the lane's by default, since the lane orders this
+        session's render jobs by those deadlines."""
         self.session_id = session_id
         self.engine = engine
         self.publishers = publishers
         self.lane = lane
         self.config = config or RuntimeConfig()
+        self._clock: Clock = clock or lane.clock
         self.timeline = SessionTimeline(self.config.buffer_limit_samples)
         self._period_s = 1.0 / FRAME_RATE_FPS
         self._streams: dict[int, UtteranceStream] = {}
@@ -119,20 +156,9 @@ class SessionRuntime:
         self._crossfade_from: np.ndarray | None = None  # int16 delta of the last speech frame over its idle frame
         self._crossfade_left = 0
         self._last_frame: np.ndarray | None = None
-        # Statistics.
-        self.frames_published = 0
-        self.speech_frames = 0
-        self.idle_frames = 0
-        self.render_misses = 0  # speech ticks whose frame was not rendered in time (held frame shown)
-        self.underrun_ticks = 0  # ticks an utterance paused because its audio had not arrived
-        self.clock_resyncs = 0
-        self.interrupts = 0
-        self.ttff_ms_values: list[float] = []
-        self.lateness_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)
-        self.render_slack_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)
-        self.planned_budget_ms: deque[float] = deque(maxlen=self.config.lateness_window_ticks)  # per utterance
-        self.last_audio_at_s: float | None = None
-        self.render_errors = 0
+        self.counters = RuntimeCounters()
+        self.samples = RuntimeSamples(self.config.lateness_window_ticks)
+        self.last_audio_at_s: float | None = None  # on `clock`: the idle timeout counts from it
         self.last_error = ""
         self.task_failure: str | None = None  # set when the clock or render task died: the session is dead
         self.stopped = False  # set by `stop`: audio that arrives later is rejected (nothing would play it)
@@ -148,7 +174,7 @@ class SessionRuntime:
     async def start(self) -> None:
         if self._tasks:
             return
-        self._t0_s = time.monotonic()
+        self._t0_s = self._clock()
         self._started_at_s = self._t0_s
         self._tasks = [
             asyncio.create_task(self._clock_loop(), name=f"clock-{self.session_id}"),
@@ -193,7 +219,7 @@ class SessionRuntime:
 
     def ingest(self, audio: ConvertedAudio, source: str, first_byte_at_s: float) -> None:
         """Append accepted audio (capacity was checked by the caller)."""
-        self.last_audio_at_s = time.monotonic()
+        self.last_audio_at_s = self._clock()
         if audio.timeline.size == 0 and audio.playout.size == 0:
             return
         utterance = self.timeline.append(audio, source)
@@ -220,7 +246,7 @@ class SessionRuntime:
 
     def interrupt(self) -> list[FinishedPlayback]:
         """Flush everything queued; returns the utterances it cut (each is also told to listeners)."""
-        self.interrupts += 1
+        self.counters.interrupts += 1
         finished = self._discard_all(interrupted=True, notify=True)
         # A hard cut: the next tick is the idle frame, with nothing blended in.
         self._crossfade_from = None
@@ -237,7 +263,7 @@ class SessionRuntime:
 
     def _discard_all(self, *, interrupted: bool, notify: bool) -> list[FinishedPlayback]:
         self._generation += 1
-        now_s = time.monotonic()
+        now_s = self._clock()
         # Events still waiting for their audio to be heard go out now; a started one first (its audio began).
         for utterance_id, (handle, utterance, frame_id) in list(self._pending_started.items()):
             handle.cancel()
@@ -329,8 +355,8 @@ class SessionRuntime:
             start_tick = last.start_tick + count
         else:
             budget_ms, lead_ms = self._first_tick_lead(ready)
-            self.planned_budget_ms.append(lead_ms)
-            due = time.monotonic() + lead_ms / 1000.0
+            self.samples.planned_budget_ms.append(lead_ms)
+            due = self._clock() + lead_ms / 1000.0
             start_tick = max(self._tick, math.ceil((due - self._t0_s) / self._period_s))
         first_frames = self._first_frames(start_tick, ready, budget_ms)
         self._plans.append(_Plan(utterance, stream, start_tick, first_frames=first_frames))
@@ -370,7 +396,7 @@ class SessionRuntime:
             return 0
         if budget_ms is None:
             budget_ms = self._planning_budget_ms(self._frames_submitted_at_once(ready_frames) - 1)
-        closer_than_s = time.monotonic() + budget_ms / 1000.0
+        closer_than_s = self._clock() + budget_ms / 1000.0
         count = 0
         while count < self._frames_submitted_at_once(ready_frames) and count < ready_frames:
             if self._tick_deadline(start_tick + count) >= closer_than_s:
@@ -443,14 +469,14 @@ class SessionRuntime:
             images = []
         except Exception as exc:
             # A failed render costs frames (held frames count as dropped), never the session or its audio.
-            self.render_errors += 1
+            self.counters.render_errors += 1
             self.last_error = f"render failed: {exc}"
             logger.exception("render failed", extra={"session_id": self.session_id})
             images = []
         if generation != self._generation or plan not in self._plans:
             return  # interrupted while rendering: the frames belong to flushed audio
         # How long before its tick the batch's first frame became ready (negative: it missed).
-        self.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - time.monotonic()) * 1000.0)
+        self.samples.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - self._clock()) * 1000.0)
         for frame_index, image in zip(frames, images, strict=False):
             if image is not None and frame_index >= plan.next_frame:  # None: skipped by the lane, too late
                 plan.rendered[frame_index] = image
@@ -460,19 +486,19 @@ class SessionRuntime:
     async def _clock_loop(self) -> None:
         while True:
             deadline = self._tick_deadline(self._tick)
-            delay = deadline - time.monotonic()
+            delay = deadline - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            now = time.monotonic()
+            now = self._clock()
             lateness_s = now - deadline
             if lateness_s > self.config.resync_after_ms / 1000.0:
                 # The loop was stalled: restart the clock from now rather than bursting frames out.
-                self.clock_resyncs += 1
+                self.counters.clock_resyncs += 1
                 self._t0_s += lateness_s
                 deadline = self._tick_deadline(self._tick)
                 for plan in self._plans:
                     plan.start_tick = max(plan.start_tick, self._tick)
-            self.lateness_ms.append(max(0.0, (now - deadline) * 1000.0))
+            self.samples.lateness_ms.append(max(0.0, (now - deadline) * 1000.0))
             tick = self._compose_tick(self._tick, deadline)
             for publisher in self.publishers:
                 try:
@@ -480,11 +506,11 @@ class SessionRuntime:
                 except Exception as exc:
                     self.last_error = f"{publisher.name}: {exc}"
                     logger.exception("publisher failed", extra={"session_id": self.session_id})
-            self.frames_published += 1
+            self.counters.frames_published += 1
             self._tick += 1
 
     def _compose_tick(self, tick: int, deadline: float) -> PublishTick:
-        wall_us = int((time.time() + (deadline - time.monotonic())) * 1_000_000)
+        wall_us = int((time.time() + (deadline - self._clock())) * 1_000_000)
         plan = self._plans[0] if self._plans else None
         if plan is not None and plan.start_tick <= tick:
             # Frame k plays once it can be rendered (its 80 ms lookahead exists, or the utterance ended):
@@ -492,7 +518,7 @@ class SessionRuntime:
             if plan.next_frame < plan.stream.ready_frame_count():
                 return self._speech_tick(plan, tick, deadline, wall_us)
             # The client's audio has not caught up with the clock: pause this utterance for a tick.
-            self.underrun_ticks += 1
+            self.counters.underrun_ticks += 1
             for later in self._plans:
                 later.start_tick += 1
         return self._idle_tick(tick, deadline, wall_us)
@@ -503,15 +529,15 @@ class SessionRuntime:
         audio = utterance.frame_audio(k)
         image = plan.rendered.pop(k, None)
         if image is None:
-            self.render_misses += 1
+            self.counters.render_misses += 1
             image = self._last_frame if self._last_frame is not None else self.engine.avatar.idle_frame(tick)
         if k == 0:
             self._schedule_started(utterance, tick, deadline)
             if utterance.first_audio_at_s is not None:
-                self.ttff_ms_values.append((time.monotonic() - utterance.first_audio_at_s) * 1000.0)
+                self.samples.ttff_ms.append((self._clock() - utterance.first_audio_at_s) * 1000.0)
         self.timeline.mark_played(utterance, audio)
         plan.next_frame = k + 1
-        self.speech_frames += 1
+        self.counters.speech_frames += 1
         self._last_frame = image
         self._crossfade_from = None
         self._crossfade_left = 0
@@ -550,7 +576,7 @@ class SessionRuntime:
             kind = FrameKind.CROSSFADE
         else:
             self._crossfade_from = None
-        self.idle_frames += 1
+        self.counters.idle_frames += 1
         self._last_frame = image
         return PublishTick(
             frame_index=tick,
@@ -587,7 +613,7 @@ class SessionRuntime:
             if self._pending_started.pop(uid, None) is not None:
                 self._notify_started_now(utterance, frame_id)
 
-        self._pending_started[uid] = (loop.call_at(deadline_s + delay_s, fire), utterance, frame_id)
+        self._pending_started[uid] = (loop.call_later(deadline_s + delay_s - self._clock(), fire), utterance, frame_id)
 
     def _schedule_finished(self, item: FinishedPlayback, *, audio_end_s: float) -> None:
         """`item` once the utterance's last sample (handed over at `audio_end_s`) has been heard."""
@@ -602,7 +628,7 @@ class SessionRuntime:
             if self._pending_finished.pop(uid, None) is not None:
                 self._notify_finished(item)
 
-        self._pending_finished[uid] = (loop.call_at(audio_end_s + delay_s, fire), item, audio_end_s)
+        self._pending_finished[uid] = (loop.call_later(audio_end_s + delay_s - self._clock(), fire), item, audio_end_s)
 
     def _notify_started_now(self, utterance: Utterance, frame_id: int) -> None:
         for listener in list(self._listeners):
@@ -631,15 +657,16 @@ class SessionRuntime:
     def stats(self) -> SessionStats:
         accounting = self.timeline.accounting
         publisher_stats = [p.stats() for p in self.publishers]
-        lateness = np.asarray(self.lateness_ms, dtype=np.float64)
+        counters, samples = self.counters, self.samples
+        lateness = np.asarray(samples.lateness_ms, dtype=np.float64)
         extra: dict[str, float] = {
             "audio_samples_flushed": float(accounting.flushed),
             "audio_samples_clipped": float(accounting.clipped),
-            "render_misses": float(self.render_misses),
-            "underrun_ticks": float(self.underrun_ticks),
-            "clock_resyncs": float(self.clock_resyncs),
-            "interrupts": float(self.interrupts),
-            "render_errors": float(self.render_errors),
+            "render_misses": float(counters.render_misses),
+            "underrun_ticks": float(counters.underrun_ticks),
+            "clock_resyncs": float(counters.clock_resyncs),
+            "interrupts": float(counters.interrupts),
+            "render_errors": float(counters.render_errors),
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))
@@ -655,17 +682,17 @@ class SessionRuntime:
         return SessionStats(
             session_id=self.session_id,
             output=",".join(ps.name for ps in publisher_stats),
-            frames_published=self.frames_published,
-            speech_frames=self.speech_frames,
-            idle_frames=self.idle_frames,
-            dropped_frames=self.render_misses + sum(ps.frames_dropped for ps in publisher_stats),
+            frames_published=counters.frames_published,
+            speech_frames=counters.speech_frames,
+            idle_frames=counters.idle_frames,
+            dropped_frames=counters.render_misses + sum(ps.frames_dropped for ps in publisher_stats),
             audio_samples_received=accounting.received,
             audio_samples_rendered=accounting.rendered,
             audio_samples_pending=self.timeline.pending_samples,
             audio_samples_published=publisher_stats[0].audio_samples_published if publisher_stats else 0,
             audio_samples_rejected=accounting.rejected,
             audio_samples_flushed=accounting.flushed,
-            ttff_ms=self.ttff_ms_values[0] if self.ttff_ms_values else None,
+            ttff_ms=samples.ttff_ms[0] if samples.ttff_ms else None,
             lateness_ms_p99=float(np.percentile(lateness, 99)) if lateness.size else None,
             # The send-side A/V offset of the last frame sent, from the first output that measures it.
             av_offset_ms=next((ps.extra["av_offset_ms"] for ps in publisher_stats if "av_offset_ms" in ps.extra), None),

@@ -23,7 +23,7 @@ from realtime.ingest.resample import ConvertedAudio
 from realtime.outputs.base import PublisherStats, PublishTick
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.engine_port import UtteranceStream
-from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
+from realtime.sidecar.render_lane import BatchCostModel, RenderLane, bucket_for
 from realtime.sidecar.runtime import SessionRuntime
 
 CHUNK_MS = 20
@@ -243,11 +243,11 @@ async def simulate(
     wall_s = time.monotonic() - started_s
     return SimResult(
         sessions=sessions,
-        speech_frames=sum(r.speech_frames for r in runtimes),
-        dropped_frames=sum(r.render_misses for r in runtimes),
-        ttff_ms=[v for r in runtimes for v in r.ttff_ms_values],
-        ttff_ms_by_session=[list(r.ttff_ms_values) for r in runtimes],
-        planned_budget_ms=[v for r in runtimes for v in r.planned_budget_ms],
+        speech_frames=sum(r.counters.speech_frames for r in runtimes),
+        dropped_frames=sum(r.counters.render_misses for r in runtimes),
+        ttff_ms=[v for r in runtimes for v in r.samples.ttff_ms],
+        ttff_ms_by_session=[list(r.samples.ttff_ms) for r in runtimes],
+        planned_budget_ms=[v for r in runtimes for v in r.samples.planned_budget_ms],
         lane_batches=lane.stats.batches,
         lane_mean_batch_frames=lane.stats.frames_rendered / max(1, lane.stats.batches),
         lane_busy_fraction=lane.stats.busy_s / wall_s,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from realtime.sidecar.config import RuntimeConfig
-from realtime.sidecar.render_queue import BatchCostModel, RenderLane
+from realtime.sidecar.render_lane import BatchCostModel, RenderLane
 from tests.support.lane_sim import simulate
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)

@@ -314,7 +314,7 @@ async def test_the_audio_survives_event_loop_stalls_without_a_gap(
         await asyncio.sleep(1.0)
         runtime = host.runtime(session_id)
         assert runtime is not None
-        late_ticks = sum(1 for v in runtime.lateness_ms if v >= 10.0)
+        late_ticks = sum(1 for v in runtime.samples.lateness_ms if v >= 10.0)
         publisher_extra = runtime.publishers[0].stats().extra
     finally:
         await recorder.close()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from realtime.sidecar.render_queue import BatchCostModel, RenderLane
+from realtime.sidecar.render_lane import BatchCostModel, RenderLane
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 

@@ -20,7 +20,7 @@ from realtime.outputs.base import FrameKind
 from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.host import SidecarHost
-from realtime.sidecar.render_queue import RenderLane
+from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 from tests.support.lane_sim import simulate
 from tests.support.sidecar_harness import RunningSidecar, SpeechClip, open_recorded_session
@@ -259,8 +259,8 @@ async def test_slow_client_pauses_the_utterance_without_losing_audio(
         audio_input.push(pcm[8000:])
         utterance_id = audio_input.end_utterance()
         await until(lambda: sum(t.speech_samples for t in recorder.speech_ticks(utterance_id)) == len(pcm) // 2)
-        assert runtime.underrun_ticks > 0
-        assert runtime.render_misses == 0
+        assert runtime.counters.underrun_ticks > 0
+        assert runtime.counters.render_misses == 0
         assert_accounting(runtime)
     finally:
         await sidecar.host.teardown("slow")  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.host import HostedSession, SidecarHost
-from realtime.sidecar.render_queue import RenderLane
+from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 from realtime.sidecar.server import _AudioConnection
 from tests.realtime.sidecar.test_runtime import until
@@ -366,6 +366,6 @@ async def test_jobs_of_a_closed_utterance_are_not_render_errors(lane: RenderLane
     try:
         AudioInput(runtime, "ws").push(np.zeros(16_000, dtype="<i2").tobytes())
         await until(lambda: engine.stream.asked > 0, timeout_s=5.0)
-        assert runtime.render_errors == 0 and not runtime.last_error
+        assert runtime.counters.render_errors == 0 and not runtime.last_error
     finally:
         await runtime.stop()

@@ -16,7 +16,7 @@ from realtime.sidecar.config import HostConfig
 from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.errors import NoFreeSlot
 from realtime.sidecar.host import HostedSession, SidecarHost
-from realtime.sidecar.render_queue import BatchCostModel, RenderLane, bucket_for
+from realtime.sidecar.render_lane import BatchCostModel, RenderLane, bucket_for
 from tests.support.fake_engine import NoEngine
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)

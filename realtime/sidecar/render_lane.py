@@ -76,6 +76,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from realtime.clock import Clock, monotonic_clock
 from realtime.engine.api import RenderedFrames, RenderHandle
 
 logger = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ class RenderLane:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         cost_model: BatchCostModel | None = None,
         deadline_margin_ms: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = monotonic_clock,
         prepare: PrepareFn | None = None,
         speaking_hold_s: float = 1.0,
     ) -> None:
@@ -301,6 +302,11 @@ class RenderLane:
         self.stats = RenderLaneStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the lane's deadlines are on: the sessions that submit to it tick on it too."""
+        return self._clock
 
     async def call(self, deadline_s: float, fn: Callable[[], T]) -> T:
         """Run `fn` on the lane thread; returns its result (or raises its exception) on the caller's loop."""
