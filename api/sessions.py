@@ -44,6 +44,7 @@ from api.models import (
     SessionOut,
     SessionSummary,
 )
+from api.policy_file import load_policies
 from api.settings import DEFAULT_TENANT, ApiSettings
 from api.tracing import MEMO_TRACEPARENT, current_traceparent, trace_id_of
 from api.url_check import check_asset_url
@@ -129,8 +130,6 @@ class SessionService:
     @property
     def policy(self) -> SessionPolicy:
         if self._policy is None:
-            from infra.policies import load_policies
-
             self._policy = load_policies(self.settings.policies_path)
         return self._policy
 

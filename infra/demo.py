@@ -252,7 +252,7 @@ def demo_policies(work_dir: Path, overrides: dict[str, Any] | None = None) -> Pa
     """infra/policies.yaml with the loopback asset server allow-listed (plus `overrides`, dotted keys)."""
     import yaml
 
-    from infra.policies import apply_overrides, load_policies, policies_path
+    from api.policy_file import apply_overrides, load_policies, policies_path
 
     document = yaml.safe_load(policies_path().read_text())
     allow = list(document["assets"]["fetch"].get("allow_networks") or [])

@@ -1,12 +1,12 @@
 """The ops policy contract: every retry, timeout, limit and fallback a session runs under.
 
-Ops edit `infra/policies.yaml`; `infra.policies.load_policies` validates it into a
+Ops edit `infra/policies.yaml`; `api.policy_file.load_policies` validates it into a
 `SessionPolicy` and the starter passes that INTO the workflow input, so each run's policy
 is recorded in its own history (a policy change never alters a running session and every
 replay sees the policy the run really had).
 
 Plain frozen dataclasses with no defaults on purpose: the YAML file is the one home of the
-values, and a missing key is an error that names it (see `infra.policies`). Durations are
+values, and a missing key is an error that names it (see `api.policy_file`). Durations are
 seconds (`*_s`), sizes bytes (`*_bytes`), pixels `*_px`.
 
 Sandbox-safe: imports only the standard library and temporalio.

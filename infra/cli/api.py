@@ -18,8 +18,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.policy_file import PolicyError, load_policies
     from api.settings import ApiSettings, SettingsError
-    from infra.policies import PolicyError, load_policies
     from infra.telemetry import TelemetryConfigError, configure_tracing
 
     try:

@@ -26,8 +26,8 @@ from temporalio.worker import Replayer
 from activities.control import ControlConfig
 from activities.sidecar import SidecarWorkerConfig
 from activities.sidecar_worker import run_sidecar_worker
+from api.policy_file import load_policies
 from infra.cli.worker import build_control_worker
-from infra.policies import load_policies
 from tests.support.session_host import LoopbackSessionHost
 from workflows import search_attributes
 from workflows.client import start_session

@@ -357,7 +357,7 @@ def test_sidecar_and_worker_command_lines_refuse_a_bad_pool_or_shard_count(tmp_p
     ],
 )
 def test_a_policy_with_bad_pools_is_refused_naming_the_key(pools: list[str], problem: str) -> None:
-    from infra.policies import PolicyError, load_policies
+    from api.policy_file import PolicyError, load_policies
 
     with pytest.raises(PolicyError, match=re.escape(problem)):
         load_policies(overrides={"placement.pools": pools})

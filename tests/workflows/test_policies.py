@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.policies import DEFAULT_POLICIES_PATH, PolicyError, load_policies
+from api.policy_file import DEFAULT_POLICIES_PATH, PolicyError, load_policies
 from workflows.policy import SessionPolicy, SidecarLostAction
 
 

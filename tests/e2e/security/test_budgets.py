@@ -242,7 +242,7 @@ import json, sys
 from pathlib import Path
 from activities.errors import AssetError
 from activities.validate import validate_frames_zip
-from infra.policies import load_policies
+from api.policy_file import load_policies
 
 def peak_mib():
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -14,8 +14,8 @@ from temporalio.client import Client
 
 from activities.validate import validate_frames_zip
 from api.app import create_app
+from api.policy_file import load_policies
 from api.settings import ApiSettings
-from infra.policies import load_policies
 from realtime.engine.avatar.source import SourceLimits, decode_source
 from tests.support.media import astronaut_frame, png, zip_of
 from tests.support.temporal_harness import Harness, fast_policy

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from activities.sidecar_worker import GRACEFUL_SHUTDOWN_S
+from api.policy_file import load_policies
 from api.settings import ApiSettings, parse_sidecar_urls
 from infra.cli import build_parser
 from infra.paths import PROJECT_ROOT
-from infra.policies import load_policies
 
 K8S_DIR = PROJECT_ROOT / "infra" / "deploy" / "k8s"
 DOCKERFILE = PROJECT_ROOT / "infra" / "deploy" / "Dockerfile"

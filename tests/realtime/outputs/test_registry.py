@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
-from infra.policies import DEFAULT_POLICIES_PATH, PolicyError, load_policies
+from api.policy_file import DEFAULT_POLICIES_PATH, PolicyError, load_policies
 from realtime.host import AvatarAsset
 from realtime.ingest.resample import ConvertedAudio
 from realtime.outputs.base import PublisherStats, PublishTick

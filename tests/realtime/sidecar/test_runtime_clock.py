@@ -12,7 +12,7 @@ import numpy as np
 from realtime.clock import Clock
 from realtime.ingest.formats import PLAYOUT_SAMPLES_PER_FRAME, TIMELINE_SAMPLES_PER_FRAME
 from realtime.ingest.resample import ConvertedAudio
-from realtime.publish.base import FrameKind
+from realtime.outputs.base import FrameKind
 from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 from tests.realtime.sidecar.test_runtime import until

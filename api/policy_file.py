@@ -4,10 +4,15 @@ The schema is the dataclass tree in `workflows/policy.py` (one home); this modul
 unknown keys, missing keys, wrong types, out-of-range values and inconsistent combinations
 are all refused with a `PolicyError` naming the dotted key (`activities.run_session.heartbeat_timeout_s`).
 The file is found at `$LIPSYNC_POLICIES` or `infra/policies.yaml`.
+
+It lives in `api` because the API is the starter that passes the policy into each workflow's input (the
+CLI and the demo load it through here too): the API reads it without importing `infra`. Output kinds are
+checked against the output registry, the one place they are declared.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import os
@@ -20,13 +25,12 @@ from typing import Any
 
 import yaml
 
-from infra.paths import PROJECT_ROOT
 from realtime.errors import LipsyncError
 from realtime.outputs.registry import OUTPUTS
 from workflows.policy import MAX_POOL_NAME_CHARS, RetrySpec, SessionPolicy, is_pool_name
 
 POLICIES_ENV = "LIPSYNC_POLICIES"
-DEFAULT_POLICIES_PATH = PROJECT_ROOT / "infra" / "policies.yaml"
+DEFAULT_POLICIES_PATH = Path(__file__).resolve().parent.parent / "infra" / "policies.yaml"  # a data file, not code
 SUPPORTED_VERSION = 1
 # Stats pushed into a workflow become history events; keep a session well under Temporal's
 # 10k-event warning even at its maximum duration.
@@ -77,8 +81,6 @@ def parse_policies(document: Any, source: str = "<policies>") -> SessionPolicy:
 
 def apply_overrides(document: Any, overrides: Mapping[str, Any]) -> Any:
     """A copy of `document` with dotted keys set (intermediate mappings are created when absent)."""
-    import copy
-
     result = copy.deepcopy(document) if isinstance(document, dict) else {}
     for dotted, value in overrides.items():
         node = result
