@@ -2,11 +2,11 @@
 
 `lipsync sidecar` (infra/cli/sidecar.py) runs it inside the sidecar process as one of
 `realtime.sidecar.process.serve()`'s services (`sidecar_worker_service`), with the options
-`add_temporal_arguments` adds to its command line. The service connects a client and calls:
+`infra.cli.sidecar.add_temporal_arguments` adds to its command line. The service connects a client and calls:
 
     await run_sidecar_worker(client, host, SidecarWorkerConfig.for_host(host, asset_dir), shutdown=event)
 
-(`python -m realtime` is the standalone sidecar without it: realtime never imports activities.)
+(`lipsync sidecar --no-temporal` is the sidecar without it.)
 
 That polls the host's task queue (`sidecar-<id>` by convention) for the sidecar activities,
 registers the host's capacity with its pool's placement registry (the shard its id hashes
@@ -20,11 +20,9 @@ served see run_session's heartbeat timeout and are re-placed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -56,7 +54,6 @@ ACTIVITIES_PER_SLOT = 3
 GRACEFUL_SHUTDOWN_S = 2.0
 DEFAULT_LEASE_S = 15.0
 DEFAULT_REGISTRATION_INTERVAL_S = 5.0
-ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
 
 
 async def run_sidecar_worker(
@@ -176,87 +173,6 @@ class SidecarTemporalOptions:
             lease_s=self.lease_s,
             registration_interval_s=self.registration_interval_s,
         )
-
-
-def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "Temporal", "the sidecar's worker on its own task queue (LiveKit credentials: $LIVEKIT_API_KEY/_SECRET)"
-    )
-    group.add_argument(
-        "--temporal-address",
-        default=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
-        help="Temporal frontend host:port (default $TEMPORAL_ADDRESS or 127.0.0.1:7233)",
-    )
-    group.add_argument(
-        "--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"), help="Temporal namespace"
-    )
-    group.add_argument(
-        "--no-temporal",
-        action="store_true",
-        help="serve without the Temporal worker (standalone: sessions only through the dev HTTP control)",
-    )
-    group.add_argument(
-        "--asset-dir",
-        type=Path,
-        default=None,
-        help=f"local copies of avatar assets (default ${ASSET_DIR_ENV} or <cache dir>/assets)",
-    )
-    group.add_argument("--recordings-dir", type=Path, default=None, help="MP4 recordings of sessions that ask for one")
-    group.add_argument(
-        "--control-task-queue", default=CONTROL_TASK_QUEUE, help="where PlacementWorkflow runs (lipsync worker's)"
-    )
-    group.add_argument("--placement-id", default=PLACEMENT_WORKFLOW_ID, help="PlacementWorkflow id")
-    group.add_argument(
-        "--placement-shards",
-        type=int,
-        default=int(os.environ.get("LIPSYNC_PLACEMENT_SHARDS", "1")),
-        help="placement registries per pool; the same on every worker and sidecar (default $LIPSYNC_PLACEMENT_SHARDS "
-        "or 1)",
-    )
-    group.add_argument(
-        "--pool",
-        default=os.environ.get("LIPSYNC_POOL", DEFAULT_POOL),
-        help="the pool this sidecar serves, e.g. GPU type and region `h200.eu-west` (sessions ask for pools by "
-        f"policy: placement.pools; default $LIPSYNC_POOL or {DEFAULT_POOL})",
-    )
-    group.add_argument(
-        "--lease-s",
-        type=float,
-        default=DEFAULT_LEASE_S,
-        help="placement drops this sidecar (and reclaims its slots) this long after its last registration",
-    )
-    group.add_argument(
-        "--registration-interval-s",
-        type=float,
-        default=DEFAULT_REGISTRATION_INTERVAL_S,
-        help="how often the registration is refreshed (keep it a few times shorter than --lease-s)",
-    )
-
-
-def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path) -> SidecarTemporalOptions | None:
-    """None with --no-temporal. Raises ValueError for a lease the registration cannot keep alive."""
-    if args.no_temporal:
-        return None
-    if not 0 < args.registration_interval_s < args.lease_s:
-        raise ValueError(
-            f"--registration-interval-s ({args.registration_interval_s}) must be > 0 and shorter than "
-            f"--lease-s ({args.lease_s}), or the sidecar's registration lapses between refreshes"
-        )
-    check_shards(args.placement_shards)
-    check_pool(args.pool)
-    asset_dir = args.asset_dir or Path(os.environ.get(ASSET_DIR_ENV) or default_asset_dir)
-    return SidecarTemporalOptions(
-        address=args.temporal_address,
-        namespace=args.namespace,
-        asset_dir=asset_dir,
-        control_task_queue=args.control_task_queue,
-        placement_workflow_id=args.placement_id,
-        placement_shards=args.placement_shards,
-        pool=args.pool,
-        lease_s=args.lease_s,
-        registration_interval_s=args.registration_interval_s,
-        recordings_dir=args.recordings_dir,
-    )
 
 
 def sidecar_worker_service(options: SidecarTemporalOptions) -> Callable[[SessionHost], Coroutine[Any, Any, None]]:

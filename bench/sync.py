@@ -3,7 +3,7 @@
     python -m bench.sync --json bench/results/sync-cpu-<yyyymmdd>.json [--utterances 20] [--interrupts 10]
 
 Deployment (127.0.0.1, free ports, a temp dir, stopped at the end): livekit-server and one sidecar
-process (`python -m realtime`, preview engine) with one LiveKit session; a real subscriber
+process (`lipsync sidecar --no-temporal`, preview engine) with one LiveKit session; a real subscriber
 (`livekit.rtc`, this process) records every frame and audio chunk with its arrival time.
 Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's WebSocket.
 
@@ -101,7 +101,8 @@ class Sidecar:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
         argv = [
-            sys.executable, "-m", "realtime", "--port", str(self.port), "--engine", "preview", "--device", "cpu",
+            sys.executable, "-m", "infra.cli", "sidecar", "--no-temporal",
+            "--port", str(self.port), "--engine", "preview", "--device", "cpu",
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
         ]  # fmt: skip

@@ -1,7 +1,8 @@
 """`lipsync worker`: the control-plane Temporal worker (Session/Placement workflows, asset and placement activities).
 
 Scale it by running more replicas; they share the `lipsync-control` queue. GPU work never
-runs here: it goes to each sidecar's own queue (see activities/sidecar_worker.py).
+runs here: it goes to each sidecar's own queue (see activities/sidecar_worker.py). The worker itself is
+assembled by activities/worker.py; this module is its command line.
 """
 
 from __future__ import annotations
@@ -10,13 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from temporalio.client import Client
-    from temporalio.worker import Worker
-
-    from activities.control import ControlConfig
+from typing import Any
 
 DEFAULT_ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
 
@@ -51,23 +46,6 @@ def register(subparsers: Any) -> None:
     worker.set_defaults(handler=_serve)
 
 
-def build_control_worker(client: Client, config: ControlConfig) -> Worker:
-    from temporalio.worker import Worker
-
-    from activities.control import ControlActivities
-    from workflows.placement import PlacementWorkflow
-    from workflows.session import SessionWorkflow
-    from workflows.temporal_client import worker_tracing_interceptors
-
-    return Worker(
-        client,
-        task_queue=config.task_queue,
-        workflows=[SessionWorkflow, PlacementWorkflow],
-        activities=ControlActivities(config).definitions(),
-        interceptors=worker_tracing_interceptors(client),
-    )
-
-
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -75,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from activities.control import ControlConfig
     from activities.placement_client import check_shards
+    from activities.worker import build_control_worker
     from infra.paths import cache_dir
     from infra.telemetry import TelemetryConfigError, configure_tracing
     from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID

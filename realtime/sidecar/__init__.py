@@ -6,5 +6,6 @@
 - `engine_port`: what the runtime needs from the engine, and the adapter onto `realtime.engine`.
 - `host`: `SidecarHost`, the `realtime.host.SessionHost` implementation the Temporal activities call.
 - `server`: the HTTP/WS server (audio ingest, health, stats, a small dev control API).
-- `process`: configuration and the process entry point (`python -m realtime`, `lipsync sidecar`).
+- `process`: the process: one engine, the host and the server on one event loop (run by `lipsync sidecar`).
+- `render_lane`: the process's one render lane (every session's engine work, earliest deadline first, batched).
 """

@@ -1,6 +1,6 @@
 """The sidecar process: settings, one engine, the `SidecarHost`, and the HTTP/WS server on one event loop.
 
-Entry points: `python -m realtime ...` and `lipsync sidecar ...` (same arguments). Other
+Entry point: `lipsync sidecar ...` (infra/cli/sidecar.py builds the settings from its command line). Other
 services that belong in the same process — the Temporal worker on this sidecar's task
 queue, which calls the host — are passed to `serve()` as `services`: coroutines that get
 the host and run until the process stops.
@@ -8,7 +8,6 @@ the host and run until the process stops.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -19,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from realtime.errors import LipsyncError
-from realtime.sidecar.config import SidecarSettings, add_arguments, settings_from_args
+from realtime.sidecar.config import SidecarSettings
 
 if TYPE_CHECKING:
     from realtime.sidecar.host import SidecarHost
@@ -154,23 +153,6 @@ def _uvicorn_server_class() -> type[Any]:
             self.should_exit = True
 
     return Server
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m realtime", description="lipsync-live sidecar: audio ingest, engine, LiveKit publishing"
-    )
-    parser.add_argument("--log-level", default="INFO")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from realtime.sidecar.auth import SecretError
-
-    try:
-        settings = settings_from_args(args)
-    except SecretError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    return run(settings)
 
 
 def run(settings: SidecarSettings, services: Sequence[HostService] = ()) -> int:

@@ -1,6 +1,6 @@
 """The audio relay's closes carry the real code and reason: a dead sidecar is not a normal end.
 
-A real sidecar process (`python -m realtime`, CPU preview engine, publishing to the real
+A real sidecar process (`lipsync sidecar --no-temporal`, CPU preview engine, publishing to the real
 livekit-server) behind the production relay (`api.audio_relay.relay_audio`) served by uvicorn.
 The session's status is given (live on that sidecar): Temporal is not what is tested here.
 """
@@ -64,7 +64,17 @@ async def sidecar(tmp_path: Path, livekit_server: LiveKitServerConfig) -> AsyncI
     log_path = tmp_path / "sidecar.log"
     with log_path.open("wb") as log:
         argv = [
-            *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
+            *(
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "sidecar",
+                "--no-temporal",
+                "--port",
+                str(port),
+                "--engine",
+                "preview",
+            ),
             *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", SIDECAR_ID, "--slots", "1"),
             # The dev control API starts the session here (Temporal is not what is tested), limited to this
             # test's avatar directory and LiveKit server.

@@ -16,8 +16,9 @@ import pytest
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from activities.sidecar_worker import SidecarTemporalOptions, temporal_options_from_args
+from activities.sidecar_worker import SidecarTemporalOptions
 from infra.cli import build_parser
+from infra.cli.sidecar import temporal_options_from_args
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, log_tail
 from infra.temporal import TemporalDevServerConfig

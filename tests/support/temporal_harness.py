@@ -1,7 +1,7 @@
 """One isolated orchestration world per test on a real Temporal server.
 
 Its own control queue and PlacementWorkflow id (tests never share slots), the production
-control worker (`infra.cli.worker.build_control_worker`), in-process sidecars running the
+control worker (`activities.worker.build_control_worker`), in-process sidecars running the
 production sidecar worker (`activities.sidecar_worker.run_sidecar_worker`) around the test
 host, and — at close — a `Replayer` pass over every workflow history the test produced
 (every run of every workflow id it touched), so a nondeterminism fails the test.
@@ -26,8 +26,8 @@ from temporalio.worker import Replayer
 from activities.control import ControlConfig
 from activities.sidecar import SidecarWorkerConfig
 from activities.sidecar_worker import run_sidecar_worker
+from activities.worker import build_control_worker
 from api.policy_file import load_policies
-from infra.cli.worker import build_control_worker
 from tests.support.session_host import LoopbackSessionHost
 from workflows import search_attributes
 from workflows.client import start_session

@@ -326,8 +326,8 @@ def test_sidecar_and_worker_command_lines_refuse_a_bad_pool_or_shard_count(tmp_p
     import subprocess
     import sys
 
-    from activities.sidecar_worker import temporal_options_from_args
     from infra.cli import build_parser
+    from infra.cli.sidecar import temporal_options_from_args
     from infra.paths import PROJECT_ROOT
 
     parser = build_parser()

@@ -181,7 +181,18 @@ def test_a_sidecar_refuses_to_start_without_a_usable_secret(tmp_path: Path) -> N
     for env_secret in ("", "short"):
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "LIPSYNC_SIDECAR_SECRET": env_secret}
         done = subprocess.run(
-            [sys.executable, "-m", "realtime", "--engine", "preview", "--port", "1", "--no-warm-up"],
+            [
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "sidecar",
+                "--no-temporal",
+                "--engine",
+                "preview",
+                "--port",
+                "1",
+                "--no-warm-up",
+            ],
             cwd=tmp_path,
             env=env,
             check=False,

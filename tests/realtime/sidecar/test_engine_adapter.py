@@ -84,11 +84,11 @@ def test_jobs_of_a_closed_utterance_encode_nothing_and_say_so(adapter: EngineAda
 def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     import argparse
 
-    from realtime.sidecar.config import add_arguments, settings_from_args
+    from infra.cli.sidecar import add_sidecar_arguments, settings_from_args
     from realtime.sidecar.process import build_host
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_sidecar_arguments(parser)
     defaults = settings_from_args(parser.parse_args([]))
     assert (defaults.compile_mode, defaults.cuda_graphs, defaults.host.max_batch_frames) == ("off", True, 64)
     args = parser.parse_args(

@@ -1,4 +1,5 @@
-"""`python -m realtime` as its own process: health, the dev control API, audio in, frames out at a subscriber."""
+"""`lipsync sidecar --no-temporal` as its own process: health, the dev control API, audio in, frames out at a
+subscriber."""
 
 from __future__ import annotations
 
@@ -42,10 +43,20 @@ async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
 def start_sidecar_process(
     port: int, tmp_path: Path, log: IO[bytes], *, dev_avatar_dir: Path, livekit_url: str
 ) -> subprocess.Popen[bytes]:
-    """`python -m realtime` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL."""
+    """`lipsync sidecar --no-temporal` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL."""
     return subprocess.Popen(
         [
-            *(sys.executable, "-m", "realtime", "--port", str(port), "--engine", "preview"),
+            *(
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "sidecar",
+                "--no-temporal",
+                "--port",
+                str(port),
+                "--engine",
+                "preview",
+            ),
             *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", "sidecar-proc", "--slots", "2"),
             *("--dev-api", "--dev-avatar-dir", str(dev_avatar_dir), "--dev-livekit-url", livekit_url),
         ],
