@@ -18,11 +18,11 @@ class RuntimeConfig:
     render_budget_ms: float = 40.0  # frame 0 of an utterance is due at least this long after it is planned
     # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms):
     # a streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
-    # The lead's upper bound (kept below render_ahead_frames ticks). 480 ms lets 16 sessions share an H200 with
-    # 64-frame batches (bench/results/sessions-h200-*.json); a lightly loaded lane never gets near it.
+    # The lead's upper bound (kept below render_ahead_frames ticks): high enough for a GPU's full load of
+    # sessions with its largest batches; a lightly loaded lane never gets near it (bench/results/runtime-notes.md).
     max_render_budget_ms: float = 480.0
     # Batches a frame may wait through: the one in flight, then its own (2), plus room for the batch-time jitter
-    # of a real GPU and the lane's feature work (at 2.0 an H200 run dropped 2 of 600 frames at 4 sessions).
+    # of a real GPU and the lane's feature work (2.0 leaves none: frames drop).
     render_budget_safety: float = 2.5
     render_ahead_frames: int = 16  # frames rendered ahead of the clock, at most
     # An utterance whose audio arrived ahead of real time starts with less lead than the load's planning budget;
@@ -61,8 +61,8 @@ class HostConfig:
     # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
     # per GPU, with frames skipped under load if they all speak at once). In (0, 1].
     speech_duty: float = 1.0
-    # Frames per cross-session render batch, at most (also the engine's device batch): an H200 held 20 sessions
-    # with 64-frame batches; a lightly loaded lane runs small batches anyway.
+    # Frames per cross-session render batch, at most (also the engine's device batch): large enough for a GPU's
+    # full load of sessions; a lightly loaded lane runs small batches anyway.
     max_batch_frames: int = 64
 
 
@@ -94,9 +94,9 @@ class SidecarSettings:
     cache_dir: Path | None = None
     cache_max_bytes: int = DEFAULT_AVATAR_CACHE_MAX_BYTES
     warm_up_at_start: bool = True
-    # GPU engine switches (realtime.engine.accel.AccelConfig): compile costs ~175 s at the first start without
-    # kernel tuning, ~360 s with it (the VAE's kernels tuned by benchmark: ~4 % more frames/s), 80-230 s from
-    # its on-disk cache afterwards; it raises an H200's sessions from 8 to 16 or more (bench/results/).
+    # GPU engine switches (realtime.engine.accel.AccelConfig). Compiling makes the first start minutes longer
+    # (longer still with kernel tuning; shorter from its on-disk cache) and raises the sessions a GPU holds
+    # (bench/results/runtime-notes.md).
     compile_mode: str = "off"  # one of realtime.engine.accel.COMPILE_MODES
     kernel_tuning: bool = True  # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
     cuda_graphs: bool = True

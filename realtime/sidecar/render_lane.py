@@ -1,61 +1,30 @@
-"""The process's one render lane: engine work from every session, earliest deadline first, batched.
+"""The process's one render lane: every session's engine work, earliest deadline first, batched.
 
-The engine is shared by all sessions of a process and is called from one thread only (one
-GPU stream, CUDA graphs), so all of its calls — features, rendering, avatar preparation,
-warm-up — run on this lane's worker thread, off the event loop that runs the session clocks.
+Rules, and why:
 
-Render jobs carry the deadline of the tick that shows their first frame. The worker takes
-the most urgent job, then more queued render jobs in deadline order while (a) the batch stays
-within `max_batch_frames` and (b) either the frames still fit the batch bucket already paid
-for (the engine pads a batch to the next size of `buckets`, so they are free) or the measured
-time of the larger bucket still finishes before the most urgent job's deadline (when that job
-is late even alone, the batch simply grows: cutting it would only lower throughput). It computes
-each job's feature windows and renders them all in a single engine call: the cross-session
-batch. It never waits for a batch to fill.
+- One thread runs every engine call (features, rendering, avatar preparation, warm-up): the engine is
+  shared by all sessions and driven from one thread (one GPU stream, CUDA graphs), off the event loop
+  that runs the session clocks.
+- Batching: a batch takes the most urgent job, then more jobs in deadline order while they fit
+  `max_batch_frames` and either the bucket already paid for (the engine pads to the next of `buckets`)
+  or a larger bucket that still meets the urgent deadline. It never waits for a batch to fill.
+- Pipelining: with the engine's `start_render`, the next batch starts shortly before the device should
+  finish the one in flight, so the device never waits for the host and the next batch still gathers
+  every frame that arrived meanwhile. Starting earlier would only queue on the device.
+- Overload: frames that a batch would finish after their tick are skipped (their features are still
+  taken; the caller holds its frame): rendering them would make the next frames late too. Skipping
+  judges by the fastest recent batch of the bucket, measured at least twice, so that one slow batch does
+  not make the lane skip everything after it.
+- First frames (of a new utterance planned with less lead than the load's budget) jump the queue, but
+  never push the batch into a bucket that misses the most urgent deadline nor displace a job that could
+  not wait one batch more.
+- Admission and planning: `BatchCostModel` keeps the measured batch time per bucket;
+  `capacity_sessions` turns it into admission control, `planning_budget_ms` into how far ahead a session
+  plans an utterance (the batch in flight plus its own, times a safety factor, plus the backlog).
+  Sessions count as speaking from their first audio until `speaking_hold_s` after it ends, so that a
+  burst of starts and the pauses within a turn are both seen.
 
-Pipelining: with the engine's `render_async` (`start_render`), a batch's device work is enqueued
-and the lane goes on; the next batch is formed and started shortly before the device should be
-done with it (by the measured device time of its bucket, less the measured host time of a
-start); then the first batch's frames are collected. The device never waits for the host's
-frame assembly or the next batch's feature work, and the next batch still gathers every frame
-that arrived meanwhile. A batch whose device work is already done is collected before the next
-one starts. Batches are timed by their own host and device time, not their wait on the device
-behind the batch before.
-
-Overload: a job that gives its frame period says when each of its frames is due. Frames that
-the batch (at its measured time) would finish after are not rendered — their features are
-still taken, in order, and the caller shows its held frame for them, as for any miss. Rendering
-them anyway would spend the lane on frames nobody sees and make the next ones late too: past
-full load every session would stutter (in a simulation at 111 % load, 84 % of frames were
-missed that way; skipped, the misses stay near the excess load). Skipping judges by the
-fastest of the bucket's recent batches, and only once it ran at least twice
-(`BatchCostModel.fastest_recent_ms`): a skipped frame measures nothing, so one slow batch (a
-first use, a hiccup) judged by the moving average would make the lane skip every frame after
-it until the utterance ended (seen on an H200: 73 of one session's first 75 frames).
-
-First frames jump the queue: a render job marked `first_frames` (the frames of a new utterance that its session
-planned with less lead than the load's planning budget, see `first_frames_budget_ms`) rides the batch being formed
-even when jobs with earlier deadlines wait: it is taken after the most urgent job, ahead of the rest in deadline
-order, and when the batch is full it takes the place of the latest-deadline job in it whose deadline still holds one
-batch later (a full batch's measured time after this one). It never makes the batch cross into a larger bucket that
-would miss the most urgent deadline, and never displaces a job that could not wait: the lane keeps every deadline
-it kept before, and a caller's first frame no longer waits behind the backlog of other sessions' later frames.
-
-Admission control: `BatchCostModel` keeps the measured wall time (features + render) of the
-lane's batches per bucket; `capacity_sessions` turns it into how many 25-fps sessions the
-lane sustains within a latency budget, which `SidecarHost.capacity()` reports, so placement
-refuses new sessions on a saturated sidecar instead of every session there stuttering.
-
-Planning budget: a realtime-streamed utterance's frames become ready one per tick, each only
-as long before its tick as its session planned the utterance's start ahead (`planning_budget_ms`).
-A fixed 40 ms holds one session, but with N sessions speaking a frame may wait for the batch in
-flight and then ride in its own, both of the size N sessions' frames make: `planning_budget_ms`
-sizes the lead from that measured batch time (× a safety factor) plus the queue's current
-backlog, within the runtime's bounds. Under load every session trades a little first-frame
-latency (TTFF grows by the budget) for frames that are all on time. Sessions count as speaking
-from their first audio (`set_speaking`), so a burst of sessions that start at once sees the load
-before any of its frames reach the queue, and until `speaking_hold_s` after their speech ends,
-so the pause between two sentences of a turn does not make the others plan too tight.
+The measurements behind these rules: bench/results/runtime-notes.md.
 """
 
 from __future__ import annotations
@@ -611,8 +580,7 @@ class RenderLane:
         it (within the time starting a batch takes), or for a non-render job (which collects the batch first).
         Earlier would buy nothing: started right away, the few frames that arrived during the last start would
         make a batch of their own (the device's time on a small batch is mostly lost); and even a full batch
-        would only queue on the device, its frames none the sooner (measured on an H200: with full batches
-        started at once, 64-frame batches took 2 x their device time from start to frames)."""
+        would only queue on the device, its frames none the sooner (bench/results/runtime-notes.md)."""
         if not self._heap[0].is_render or in_flight.device_done():
             return True
         return time.perf_counter() >= in_flight.device_done_s - self._start_lead_s()
