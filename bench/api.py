@@ -36,7 +36,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+
+from bench.machine import cpu_name
+from infra import stack
+from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
+from infra.paths import PROJECT_ROOT
+from infra.process import ManagedProcess, free_port, http_ok, wait_until
 
 logger = logging.getLogger("bench.api")
 
@@ -52,9 +59,6 @@ class Deployment:
     """The processes of a local deployment on free ports (what `lipsync demo` runs, with N sidecars)."""
 
     def __init__(self, work_dir: Path, sidecars: int, slots: int, engine: str, place_timeout_s: float) -> None:
-        from infra import stack
-        from infra.process import free_port
-
         self.work_dir = work_dir
         self.sidecar_count = sidecars
         self.slots = slots
@@ -75,9 +79,6 @@ class Deployment:
         return f"http://127.0.0.1:{self.api_port}"
 
     def env(self) -> dict[str, str]:
-        from infra import stack
-        from infra.demo import demo_policies
-
         policies = demo_policies(
             self.work_dir,
             {
@@ -102,10 +103,6 @@ class Deployment:
         }
 
     def start(self) -> None:
-        from infra import stack
-        from infra.paths import PROJECT_ROOT
-        from infra.process import ManagedProcess, http_ok, wait_until
-
         stack.up(self.ports, self.stack_dir)
         self.stack_up = True
         env = self.env()
@@ -159,8 +156,6 @@ class Deployment:
             raise RuntimeError(f"the API never became ready; logs in {self.work_dir / 'logs'}")
 
     def stop(self) -> None:
-        from infra import stack
-
         for process in reversed(self.processes):
             try:
                 process.stop()
@@ -173,8 +168,6 @@ class Deployment:
 async def run_sessions(
     deployment: Deployment, sessions: int, settle_timeout_s: float, avatar_url: str
 ) -> dict[str, Any]:
-    import httpx
-
     headers = {"X-API-Key": deployment.api_key}
     limits = httpx.Limits(max_connections=sessions + 10, max_keepalive_connections=sessions + 10)
     status_ms: list[float] = []
@@ -268,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "infra.process"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from bench.machine import cpu_name
-    from infra.demo import avatar_zip_bytes, serve_directory
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         work_dir = Path(tmp)

@@ -38,9 +38,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from bench.api import Deployment
+from bench.machine import cpu_name
+from infra import stack
+from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
+from workflows.client import session_status, stop_session
+from workflows.contracts import PLACEMENT_WORKFLOW_ID
+from workflows.placement import PlacementWorkflow
+from workflows.temporal_client import connect_client
 
 logger = logging.getLogger("bench.chaos")
 
@@ -61,9 +69,6 @@ class ChaosDeployment(Deployment):
         self.extra_processes: list[Any] = []
 
     def env(self) -> dict[str, str]:
-        from infra import stack
-        from infra.demo import demo_policies
-
         policies = demo_policies(
             self.work_dir,
             {"session.idle_timeout_s": 3600.0, "session.max_duration_s": 7200.0},
@@ -84,15 +89,11 @@ class ChaosDeployment(Deployment):
         return next(process for process in self.processes if process.name == name)
 
     def stack_pid(self, name: str) -> int:
-        from infra import stack
-
         state = stack.StackState.load(self.stack_dir)
         assert state is not None
         return self.restarted_stack.get(name) or state.pids[name]
 
     def restart_stack_service(self, name: str) -> None:
-        from infra import stack
-
         process = stack.service_process(name, self.ports, self.stack_dir)
         process.start()
         assert process.pid is not None
@@ -117,8 +118,6 @@ class Chaos:
     # --- sessions -----------------------------------------------------------------------
 
     async def client(self) -> Any:
-        from workflows.temporal_client import connect_client
-
         while True:
             try:
                 return await connect_client(f"127.0.0.1:{self.deployment.ports.temporal}")
@@ -126,8 +125,6 @@ class Chaos:
                 await asyncio.sleep(1.0)
 
     async def status(self, session_id: str) -> Any:
-        from workflows.client import session_status
-
         while True:
             try:
                 return await session_status(self.temporal, session_id)
@@ -135,8 +132,6 @@ class Chaos:
                 await asyncio.sleep(POLL_S)
 
     async def start_sessions(self) -> None:
-        import httpx
-
         async with httpx.AsyncClient(
             base_url=self.deployment.api_url, headers={"X-API-Key": self.deployment.api_key}, timeout=60
         ) as http:
@@ -154,8 +149,6 @@ class Chaos:
         await self.wait_all(lambda s: s.phase.value == "live" and s.output == "livekit", since=None)
 
     async def stop_sessions(self) -> list[str]:
-        from workflows.client import stop_session
-
         for session_id in self.sessions:
             await stop_session(self.temporal, session_id, "bench.chaos")
         ends = []
@@ -271,10 +264,6 @@ class Chaos:
 
 
 async def leaks(deployment: ChaosDeployment, temporal: Any) -> dict[str, Any]:
-    import httpx
-
-    from workflows.contracts import PLACEMENT_WORKFLOW_ID
-    from workflows.placement import PlacementWorkflow
 
     snapshot = await temporal.get_workflow_handle_for(PlacementWorkflow.run, PLACEMENT_WORKFLOW_ID).query(
         PlacementWorkflow.snapshot
@@ -317,9 +306,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     logger.info("seed %d", seed)
-
-    from bench.machine import cpu_name
-    from infra.demo import avatar_zip_bytes, serve_directory
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:

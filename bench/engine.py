@@ -46,6 +46,7 @@ the BiSeNet face parser (random weights, the real architecture): no UNet, no whi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -60,6 +61,16 @@ from typing import Any
 import numpy as np
 
 from bench.machine import cpu_name
+from realtime.engine.accel import AccelConfig
+from realtime.engine.api import EngineConfig, RenderRequest, StageProfile
+from realtime.engine.avatar.latents import encode_crop_latents
+from realtime.engine.avatar.prepare import prepare_avatar
+from realtime.engine.device import choose_device, configure_cpu_threads
+from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.preview import PreviewEngine
+from realtime.engine.weights.face_parse import FaceParser, build_bisenet
+from realtime.engine.weights.loader import load_musetalk
+from realtime.engine.weights.random import configs, random_models, write_checkpoint
 
 logger = logging.getLogger("bench.engine")
 
@@ -128,10 +139,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
-    from realtime.engine.device import choose_device, configure_cpu_threads
-    from realtime.engine.weights.loader import load_musetalk
-    from realtime.engine.weights.random import random_models, write_checkpoint
-
     device = choose_device(args.device, args.dtype)
     if not device.is_cuda:
         configure_cpu_threads(args.threads)
@@ -144,13 +151,8 @@ def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
 
 def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant_config: dict[str, Any]) -> Any:
     """An engine over `models` with the variant's accel settings (`dtype` casts the shared models in place)."""
-    import dataclasses
 
     import torch
-
-    from realtime.engine.accel import AccelConfig
-    from realtime.engine.api import EngineConfig
-    from realtime.engine.musetalk import MuseTalkEngine
 
     settings = dict(variant_config)
     dtype = settings.pop("dtype", None)
@@ -252,8 +254,6 @@ def bench_musetalk(
 def measure_batch(
     engine: Any, avatar: Any, *, reference: list[Any], pull: Any, batch: int, args: argparse.Namespace, variant: str
 ) -> dict[str, Any]:
-    from realtime.engine.api import RenderRequest, StageProfile
-
     sync = engine.synchronize
     requests = [RenderRequest(avatar, k, reference[(k * 7) % len(reference)].features, 1.0) for k in range(batch)]
     for _ in range(args.warmup):
@@ -321,7 +321,6 @@ def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
     import cv2
 
     from realtime.engine.api import EngineConfig, RenderRequest
-    from realtime.engine.preview import PreviewEngine
 
     cv2.setNumThreads(1)
     engine = PreviewEngine(EngineConfig(engine="preview", cache_dir=cache_dir))
@@ -343,12 +342,6 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     """Cold and cached preparation of a `--prep-frames` × `--prep-px`² avatar (see the module docstring)."""
     import torch
     from diffusers import AutoencoderKL
-
-    from realtime.engine.avatar.latents import encode_crop_latents
-    from realtime.engine.avatar.prepare import prepare_avatar
-    from realtime.engine.device import choose_device, configure_cpu_threads
-    from realtime.engine.weights.face_parse import FaceParser, build_bisenet
-    from realtime.engine.weights.random import configs
 
     device = choose_device(args.device, args.dtype)
     if not device.is_cuda:
@@ -476,8 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     measured = good[best_name]
     measured["summary"]["preview_fps_512_1thread"] = preview["fps"]
     best_settings = measured["settings"]
-    from realtime.engine.accel import AccelConfig
-
     accel = AccelConfig(**{k: v for k, v in best_settings.items() if k != "dtype"})
     compiled = accel.compile_mode != "off" and models.device.is_cuda
     document = {

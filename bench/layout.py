@@ -22,6 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from realtime.engine.device import choose_device
+from realtime.engine.groupnorm import set_group_norm_mode
+from realtime.engine.musetalk import decode_faces, unet_step
+from realtime.engine.upsample import set_upsample_conv_mode
+from realtime.engine.weights.random import random_models
+
 logger = logging.getLogger("bench.layout")
 
 # The engine's compiled stages (dynamic batch, channels-last, channel-sum norms; the VAE with transposed upsampling).
@@ -76,11 +82,6 @@ def kernel_kind(name: str) -> str:
 def run_one(name: str, batch: int, out: Path) -> None:
     import torch
 
-    from realtime.engine.device import choose_device
-    from realtime.engine.musetalk import decode_faces, unet_step
-    from realtime.engine.upsample import set_upsample_conv_mode
-    from realtime.engine.weights.random import random_models
-
     config = CONFIGS[name]
     inductor: Any = torch._inductor.config
     if config.get("force_layout"):
@@ -92,8 +93,6 @@ def run_one(name: str, batch: int, out: Path) -> None:
     device = choose_device("cpu", "float32") if smoke else choose_device("cuda", "float16")
     models = random_models("tiny" if smoke else "full", device)
     dtype = device.torch_dtype()
-    from realtime.engine.groupnorm import set_group_norm_mode
-
     for module in (models.unet, models.vae):
         set_upsample_conv_mode(module, config.get("upsample", "phases"))
         set_group_norm_mode(module, config.get("group_norm", "native"))

@@ -37,6 +37,12 @@ from typing import Any
 import numpy as np
 
 from bench.engine import astronaut_zip, device_name, speech_like
+from realtime.engine.accel import AccelConfig
+from realtime.engine.api import EngineConfig, RenderRequest
+from realtime.engine.composite import PasteJob, assemble_frame
+from realtime.engine.device import choose_device
+from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.weights.random import random_models
 
 logger = logging.getLogger("bench.overlap")
 
@@ -57,17 +63,12 @@ def _median_ms(fn: Callable[[], object], sync: Callable[[], None], iters: int, p
 
 def assemble(pending: Any, pool: ThreadPoolExecutor) -> list[np.ndarray]:
     """`Compositor.finish`'s host work (`assemble_frame`), one task per frame on `pool`."""
-    from realtime.engine.composite import assemble_frame
-
     host = pending.host.numpy()
     return list(pool.map(functools.partial(assemble_frame, pending, host), range(len(pending.jobs))))
 
 
 def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: int) -> dict[str, Any]:
     import torch
-
-    from realtime.engine.api import RenderRequest
-    from realtime.engine.composite import PasteJob
 
     sync = engine.synchronize
     requests = [RenderRequest(avatar, k, features[(k * 7) % len(features)].features, 1.0) for k in range(batch)]
@@ -160,12 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
-
-    from realtime.engine.accel import AccelConfig
-    from realtime.engine.api import EngineConfig
-    from realtime.engine.device import choose_device
-    from realtime.engine.musetalk import MuseTalkEngine
-    from realtime.engine.weights.random import random_models
 
     device = choose_device(args.device, "float16" if args.device.startswith("cuda") else "float32")
     models = random_models("full" if args.model == "full-size-random" else "tiny", device)

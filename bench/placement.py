@@ -49,6 +49,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.placement_client import Placer
+from bench.machine import cpu_name
+from infra import temporal
+from infra.process import stop_process_group
+from workflows.placement import PlacementWorkflow
+
 logger = logging.getLogger("bench.placement")
 
 DEFAULT_RATES = [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
@@ -237,9 +246,6 @@ def _failure_code(exc: BaseException) -> str:
 async def _bench_one(
     args: argparse.Namespace, target: str, sidecars: int, control_queue: str, pids: dict[str, list[int]]
 ) -> dict[str, Any]:
-    from temporalio.client import Client
-
-    from activities.placement_client import Placer
 
     client = await Client.connect(target)
     placement_id = f"bench-placement-{uuid.uuid4().hex[:6]}"
@@ -295,10 +301,6 @@ def _start_registry_worker(target: str, queue: str, log_path: Path) -> subproces
 
 async def _serve_registry(target: str, queue: str) -> None:
     """The registry worker process: the production PlacementWorkflow on `queue` (no sessions, no activities)."""
-    from temporalio.client import Client
-    from temporalio.worker import Worker
-
-    from workflows.placement import PlacementWorkflow
 
     client = await Client.connect(target)
     worker = Worker(client, task_queue=queue, workflows=[PlacementWorkflow], max_cached_workflows=10_000)
@@ -329,10 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rates != sorted(args.rates):
         parser.error("--rates must be ascending")
-
-    from bench.machine import cpu_name
-    from infra import temporal
-    from infra.process import stop_process_group
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the server and workers

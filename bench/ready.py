@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.engine import VARIANTS, build_engine, build_models
+
 START_ENV = "LIPSYNC_BENCH_READY_T0"  # wall-clock time (time.time()) the parent started the child
 RESULT_PREFIX = "READY-RESULT "
 
@@ -37,8 +39,6 @@ def _child(args: argparse.Namespace) -> int:
     """One phase in this (fresh) process; prints one RESULT_PREFIX line of JSON."""
     imported_at = time.time()
     t0 = float(os.environ[START_ENV])
-    from bench.engine import VARIANTS, build_engine, build_models
-
     with tempfile.TemporaryDirectory(prefix="bench-ready-") as tmp:
         args.buckets, args.batches = None, [64]
         args.compile_cache_dir = Path(tmp) / "compile"  # empty: a new node's

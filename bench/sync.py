@@ -48,6 +48,11 @@ import numpy as np
 import soxr
 import websockets
 
+from bench.machine import cpu_name
+from infra import livekit
+from infra.demo import avatar_zip_bytes
+from infra.process import free_port
+
 logger = logging.getLogger("bench.sync")
 
 SENTENCES = (
@@ -96,8 +101,6 @@ def on_core_0(argv: list[str]) -> list[str]:
 
 class Sidecar:
     def __init__(self, work_dir: Path, *, pinned: bool = False, renew_after_stall_ms: float = 0.0) -> None:
-        from infra.process import free_port
-
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
         argv = [
@@ -209,8 +212,6 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    from infra import livekit
-    from infra.demo import avatar_zip_bytes
     from tests.support.avcheck import RoomRecorder, token
 
     config = livekit.LiveKitServerConfig().with_free_ports()
@@ -296,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "infra.process", "livekit"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from bench.machine import cpu_name
 
     with tempfile.TemporaryDirectory(prefix="bench-sync-") as tmp:
         raw = asyncio.run(run(args, Path(tmp)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,6 @@ def _demo(args: argparse.Namespace) -> int:
     )
     if args.free_ports:
         options = free_ports_options(options)
-
-    import logging
 
     # One line per step is the demo's output; per-request logs would bury it.
     for noisy in ("httpx", "infra.process", "infra.stack"):

@@ -8,7 +8,10 @@ assembled by activities/worker.py; this module is its command line.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,9 +50,6 @@ def register(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
 
     from activities.control import ControlConfig
     from activities.placement_client import check_shards
