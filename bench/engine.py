@@ -79,7 +79,7 @@ AVATAR_FRAMES = 16
 
 
 def device_name(device: str) -> str:
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     if device.startswith("cuda"):
         return str(torch.cuda.get_device_name(torch.device(device)))
@@ -88,8 +88,8 @@ def device_name(device: str) -> str:
 
 def astronaut_zip(size: int = FRAME_PX, count: int = AVATAR_FRAMES) -> bytes:
     """The astronaut photo moving by a few pixels per frame, as a frames zip."""
-    import cv2
-    from skimage.data import astronaut
+    import cv2  # noqa: PLC0415 (heavy: OpenCV)
+    from skimage.data import astronaut  # noqa: PLC0415 (heavy: scikit-image)
 
     image = cv2.resize(astronaut(), (size, size), interpolation=cv2.INTER_AREA)
     buffer = io.BytesIO()
@@ -152,7 +152,7 @@ def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
 def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant_config: dict[str, Any]) -> Any:
     """An engine over `models` with the variant's accel settings (`dtype` casts the shared models in place)."""
 
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     settings = dict(variant_config)
     dtype = settings.pop("dtype", None)
@@ -181,7 +181,7 @@ def percentile_ms(samples: list[float]) -> float:
 def bench_musetalk(
     args: argparse.Namespace, cache_dir: Path, models: Any, variant: str, settings: dict[str, Any]
 ) -> dict[str, Any]:
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     engine = build_engine(args, cache_dir, models, settings)
     sync = engine.synchronize
@@ -318,9 +318,7 @@ def pipelined_batch_ms(engine: Any, requests: list[Any], pull: Any, *, batch: in
 
 def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
     """Preview engine at 512×512 on one CPU thread (cv2 and torch limited to one)."""
-    import cv2
-
-    from realtime.engine.api import EngineConfig, RenderRequest
+    import cv2  # noqa: PLC0415 (heavy: OpenCV)
 
     cv2.setNumThreads(1)
     engine = PreviewEngine(EngineConfig(engine="preview", cache_dir=cache_dir))
@@ -340,8 +338,8 @@ def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
 
 def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     """Cold and cached preparation of a `--prep-frames` × `--prep-px`² avatar (see the module docstring)."""
-    import torch
-    from diffusers import AutoencoderKL
+    import torch  # noqa: PLC0415 (heavy: torch)
+    from diffusers import AutoencoderKL  # noqa: PLC0415 (heavy: torch/diffusers)
 
     device = choose_device(args.device, args.dtype)
     if not device.is_cuda:
@@ -436,9 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)  # warm-up progress: cold compiles are long
-    import torch
-
-    from realtime.engine.device import choose_device
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     device = choose_device(args.device, args.dtype)
     if args.batches is None:
@@ -507,9 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_prepare(args: argparse.Namespace) -> int:
-    import torch
-
-    from realtime.engine.device import choose_device
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     device = choose_device(args.device, args.dtype)

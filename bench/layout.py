@@ -80,7 +80,7 @@ def kernel_kind(name: str) -> str:
 
 
 def run_one(name: str, batch: int, out: Path) -> None:
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     config = CONFIGS[name]
     inductor: Any = torch._inductor.config
@@ -148,7 +148,7 @@ def run_one(name: str, batch: int, out: Path) -> None:
         result["ms_median"] = round(statistics.median(times), 3)
         result["ms_min"] = round(min(times), 3)
         result["fps"] = round(batch / statistics.median(times) * 1000, 1)
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 (heavy: torch)
 
         with profile(activities=[ProfilerActivity.CPU if smoke else ProfilerActivity.CUDA]) as prof:
             compiled(*inputs)
@@ -167,7 +167,7 @@ def run_one(name: str, batch: int, out: Path) -> None:
 
 
 def conv_rates(batch: int) -> list[dict[str, Any]]:
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     torch.backends.cudnn.benchmark = True
     rows = []
@@ -217,7 +217,7 @@ def main() -> None:
         run_one(args.one, args.batch, args.out)
         return
     started = time.perf_counter()
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     smoke = os.environ.get("LAYOUT_SMOKE") == "1"
     report: dict[str, Any] = {

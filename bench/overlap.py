@@ -68,7 +68,7 @@ def assemble(pending: Any, pool: ThreadPoolExecutor) -> list[np.ndarray]:
 
 
 def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: int) -> dict[str, Any]:
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     sync = engine.synchronize
     requests = [RenderRequest(avatar, k, features[(k * 7) % len(features)].features, 1.0) for k in range(batch)]
@@ -115,7 +115,7 @@ def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: in
 
 def _streams(unet: Any, vae: Any, inputs: tuple[Any, Any], sync: Callable[[], None], iters: int) -> dict[str, Any]:
     """Per-batch ms of UNet(k+1) ∥ VAE(k) on two streams, and of the same calls on one stream."""
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     latents, feats = inputs
     count = 4
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda | cpu (cpu: a smoke run of this script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     device = choose_device(args.device, "float16" if args.device.startswith("cuda") else "float32")
     models = random_models("full" if args.model == "full-size-random" else "tiny", device)

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.artifacts_dir is None:
             args.artifacts_dir = Path(tmp)
         results = [_run_phase(phase, args) for phase in args.phases]
-    import torch
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     by_phase = {row["phase"]: row for row in results}
     build, ready = by_phase.get("build"), by_phase.get("ready")

@@ -188,7 +188,7 @@ async def speak(ws: Any, clip: Clip, stall: Any = None) -> Spoken:
 
 
 def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
-    from tests.support.avcheck import align, av_offset, envelope_correlation, speech_onset
+    from tests.support.avcheck import align, av_offset, envelope_correlation, speech_onset  # noqa: PLC0415 (tests/ is not installed with the package)
 
     sent48 = spoken.clip.at_48k()
     arrivals = np.array([arrival for arrival, _ in recorder.audio_chunks])
@@ -212,7 +212,7 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    from tests.support.avcheck import RoomRecorder, token
+    from tests.support.avcheck import RoomRecorder, token  # noqa: PLC0415 (tests/ is not installed with the package)
 
     config = livekit.LiveKitServerConfig().with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")

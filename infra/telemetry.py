@@ -55,7 +55,7 @@ def configure_tracing(service_name: str, exporter: TraceExporter | None = None) 
         span_exporter = ConsoleSpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     elif chosen is TraceExporter.OTLP:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 (heavy: the OTLP exporter)
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)

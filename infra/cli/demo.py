@@ -42,9 +42,9 @@ def register(subparsers: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from infra.demo import DEMO_SENTENCE, DemoError, DemoOptions, free_ports_options, run_demo
-    from infra.process import ServiceStartError
-    from infra.stack import StackError
+    from infra.demo import DEMO_SENTENCE, DemoError, DemoOptions, free_ports_options, run_demo  # noqa: PLC0415 (lipsync --help stays fast)
+    from infra.process import ServiceStartError  # noqa: PLC0415 (lipsync --help stays fast)
+    from infra.stack import StackError  # noqa: PLC0415 (lipsync --help stays fast)
 
     options = DemoOptions(
         out_path=args.out,

@@ -47,11 +47,11 @@ def register(subparsers: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from realtime.engine.accel import DEFAULT_BATCH_BUCKETS, AccelConfig
-    from realtime.engine.api import EngineConfig
-    from realtime.engine.artifacts import default_artifacts_root
-    from realtime.engine.errors import EngineError
-    from realtime.engine.factory import create_engine
+    from realtime.engine.accel import DEFAULT_BATCH_BUCKETS, AccelConfig  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.api import EngineConfig  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.artifacts import default_artifacts_root  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.errors import EngineError  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.factory import create_engine  # noqa: PLC0415 (lipsync --help stays fast)
 
     started = time.perf_counter()
     root = args.artifacts_dir or default_artifacts_root()
@@ -112,7 +112,7 @@ def _fail(args: argparse.Namespace, code: str, message: str) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from realtime.engine.artifacts import MANIFEST_NAME, default_artifacts_root
+    from realtime.engine.artifacts import MANIFEST_NAME, default_artifacts_root  # noqa: PLC0415 (lipsync --help stays fast)
 
     root = args.artifacts_dir or default_artifacts_root()
     entries = sorted(p for p in root.glob(f"*/{MANIFEST_NAME}")) if root.is_dir() else []

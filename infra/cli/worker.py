@@ -51,13 +51,13 @@ def register(subparsers: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
 
-    from activities.control import ControlConfig
-    from activities.placement_client import check_shards
-    from activities.worker import build_control_worker
-    from infra.paths import cache_dir
-    from infra.telemetry import TelemetryConfigError, configure_tracing
-    from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID
-    from workflows.temporal_client import connect_client
+    from activities.control import ControlConfig  # noqa: PLC0415 (lipsync --help stays fast)
+    from activities.placement_client import check_shards  # noqa: PLC0415 (lipsync --help stays fast)
+    from activities.worker import build_control_worker  # noqa: PLC0415 (lipsync --help stays fast)
+    from infra.paths import cache_dir  # noqa: PLC0415 (lipsync --help stays fast)
+    from infra.telemetry import TelemetryConfigError, configure_tracing  # noqa: PLC0415 (lipsync --help stays fast)
+    from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID  # noqa: PLC0415 (lipsync --help stays fast)
+    from workflows.temporal_client import connect_client  # noqa: PLC0415 (lipsync --help stays fast)
 
     logger = logging.getLogger("lipsync.worker")
     try:
