@@ -64,7 +64,8 @@ async def run_sidecar_worker(
     shutdown: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Serve this sidecar's task queue until `shutdown` is set (forever if None); `ready` is set once registered."""
+    """Serve this sidecar's task queue until `shutdown` is set (forever if None); `ready` is set once
+    registered."""
     capacity = host.capacity()
     if capacity.task_queue and capacity.task_queue != config.queue:
         raise ValueError(

@@ -1,9 +1,9 @@
 """The control-plane Temporal worker: Session and Placement workflows plus the control activities (fetch and
 validate assets, place sessions, release slots).
 
-One assembly, used by `lipsync worker` (infra/cli/worker.py) and by the tests' harness, so what the tests run is
-what production runs. It lives in `activities` because it joins the workflows (below it) with the activities;
-GPU work never runs here: it goes to each sidecar's own queue (activities/sidecar_worker.py).
+One assembly, used by `lipsync worker` (infra/cli/worker.py) and by the tests' harness, so what the tests run
+is what production runs. It lives in `activities` because it joins the workflows (below it) with the
+activities; GPU work never runs here: it goes to each sidecar's own queue (activities/sidecar_worker.py).
 """
 
 from __future__ import annotations

@@ -61,11 +61,13 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 class ChaosDeployment(Deployment):
-    """bench.api's deployment with long session limits (the sessions idle through the run) and restartable services."""
+    """bench.api's deployment with long session limits (the sessions idle through the run) and restartable
+    services."""
 
     def __init__(self, work_dir: Path, sidecars: int, slots: int) -> None:
         super().__init__(work_dir, sidecars, slots, "preview", 60.0)
-        self.restarted_stack: dict[str, int] = {}  # stack services this run killed and started again: name -> pid
+        # stack services this run killed and started again: name -> pid
+        self.restarted_stack: dict[str, int] = {}
         self.extra_processes: list[Any] = []
 
     def env(self) -> dict[str, str]:
@@ -162,7 +164,8 @@ class Chaos:
         return ends
 
     async def wait_all(self, predicate: Any, since: datetime | None) -> list[str]:
-        """Wait until every session satisfies predicate (and reported after `since`); returns the ones that did not."""
+        """Wait until every session satisfies predicate (and reported after `since`); returns the ones that
+        did not."""
         deadline = time.monotonic() + self.recover_s
         pending = list(self.sessions)
         while pending and time.monotonic() < deadline:

@@ -124,7 +124,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphs-nocudnnbench": {"cuda_graphs": True, "cudnn_benchmark": False},
     "graphs-cl": {"cuda_graphs": True, "channels_last": True},
     "compile-cl": {"cuda_graphs": True, "compile_mode": "default", "channels_last": True},
-    "compile": {"cuda_graphs": True, "compile_mode": "default"},  # channels-last, channel-sum norms, tuned VAE
+    # channels-last, channel-sum norms, tuned VAE
+    "compile": {"cuda_graphs": True, "compile_mode": "default"},
     "compile-untuned": {"cuda_graphs": True, "compile_mode": "default", "compile_tuned_stages": ()},
     "compile-pageable": {"cuda_graphs": True, "compile_mode": "default", "pinned_transfers": False},
     "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
@@ -299,9 +300,10 @@ def measure_batch(
 
 
 def pipelined_batch_ms(engine: Any, requests: list[Any], pull: Any, *, batch: int, rounds: int) -> float:
-    """Wall ms per batch when batches follow each other as the render lane runs them under load: each round pulls
-    the next batch's features and starts its render while the previous batch is still on the device, then
-    collects the previous one (`render_async`), so the host's frame assembly and feature work overlap the device."""
+    """Wall ms per batch when batches follow each other as the render lane runs them under load: each round
+    pulls the next batch's features and starts its render while the previous batch is still on the device,
+    then collects the previous one (`render_async`), so the host's frame assembly and feature work overlap the
+    device."""
     engine.synchronize()
     started = time.perf_counter()
     previous = None
@@ -433,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)  # warm-up progress: cold compiles are long
+    # warm-up progress: cold compiles are long
+    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)
     import torch  # noqa: PLC0415 (heavy: torch)
 
     device = choose_device(args.device, args.dtype)

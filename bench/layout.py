@@ -30,7 +30,8 @@ from realtime.engine.weights.random import random_models
 
 logger = logging.getLogger("bench.layout")
 
-# The engine's compiled stages (dynamic batch, channels-last, channel-sum norms; the VAE with transposed upsampling).
+# The engine's compiled stages (dynamic batch, channels-last, channel-sum norms; the VAE with transposed
+# upsampling).
 ENGINE_UNET: dict[str, Any] = {
     "stage": "unet",
     "compile": "dynamic",
@@ -38,7 +39,8 @@ ENGINE_UNET: dict[str, Any] = {
     "group_norm": "channel_sums",
 }
 ENGINE_VAE: dict[str, Any] = {**ENGINE_UNET, "stage": "vae", "upsample": "transpose"}
-TUNED = {"inductor": {"coordinate_descent_tuning": True}}  # each Triton kernel's launch config tuned by benchmark
+# each Triton kernel's launch config tuned by benchmark
+TUNED = {"inductor": {"coordinate_descent_tuning": True}}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "vae-dyn": {"stage": "vae", "compile": "dynamic"},

@@ -88,7 +88,8 @@ class LevelResult:
     heartbeat_failures: int = 0
     placement_reasons: dict[str, int] = field(default_factory=dict)
     load_avg_1m_after: float = 0.0
-    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used during the level, per process role
+    # CPU seconds used during the level, per process role
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     def fail(self, code: str) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1

@@ -85,7 +85,8 @@ class CountingPublisher:
 
 
 def frame_px(text: str) -> tuple[int, int]:
-    """`--frame-px`: "512" (square) or "WxH" ("1280x720"); even sizes of at least 16 px (what video encoders take)."""
+    """`--frame-px`: "512" (square) or "WxH" ("1280x720"); even sizes of at least 16 px (what video encoders
+    take)."""
     parts = text.lower().split("x")
     try:
         width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
@@ -185,7 +186,8 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
         engine="musetalk",
         device=device.device,
         cache_dir=cache_dir,
-        max_batch_size=args.max_batch_frames,  # one lane batch is one device batch (no chunking inside render)
+        # one lane batch is one device batch (no chunking inside render)
+        max_batch_size=args.max_batch_frames,
         accel=AccelConfig(**accel),
     )
     if args.model == "tiny":
@@ -199,9 +201,9 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
 
 
 async def client(audio_input: Any, pcm: bytes, stop_at: float, burst_s: float = 0.0) -> None:
-    """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`; `burst_s`: each
-    utterance's first `burst_s` is sent at once (a TTS that synthesises faster than real time), the rest at
-    real-time pace from then on."""
+    """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`; `burst_s`:
+    each utterance's first `burst_s` is sent at once (a TTS that synthesises faster than real time), the rest
+    at real-time pace from then on."""
     chunk = 16_000 * CHUNK_MS // 1000 * 2
     burst_chunks = round(burst_s * 1000 / CHUNK_MS)
     while time.monotonic() < stop_at:
@@ -304,9 +306,11 @@ async def run_level(
         "lane_largest_batch_frames": lane.stats.largest_batch_frames,
         "lane_busy_fraction": round(lane.stats.busy_s / wall_s, 3),
         "lane_batches_cut_by_deadline": lane.stats.batches_cut_by_deadline,
-        "lane_frames_skipped_late": lane.stats.frames_skipped_late,  # not rendered: due before the batch could end
+        # not rendered: due before the batch could end
+        "lane_frames_skipped_late": lane.stats.frames_skipped_late,
         "lane_batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())},
-        # Mean ms per batch in each part of a batch: the batched whisper encode, the per-job pulls, the render.
+        # Mean ms per batch in each part of a batch: the batched whisper encode, the per-job pulls, the
+        # render.
         "lane_stage_ms_per_batch": {
             name: round(seconds * 1000 / max(1, lane.stats.batches), 2)
             for name, seconds in (
@@ -400,7 +404,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             render_ahead_frames=args.render_ahead_frames,
             first_frame_priority=args.first_frame_priority,
         )
-        cost_model = BatchCostModel()  # one sidecar process: the lane's measurements outlive each level's sessions
+        # one sidecar process: the lane's measurements outlive each level's sessions
+        cost_model = BatchCostModel()
         rows = []
         livekit = LiveKitRun(cache_dir / "livekit") if args.publisher == "livekit" else None
         if livekit is not None:
@@ -472,9 +477,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "criterion": f"lateness p99 <= {LATENESS_OK_MS:.0f} ms and 0 dropped frames",
             # Every level tried passed: the real limit lies above the largest N asked for.
             "max_sessions_is_lower_bound": bool(rows) and all(r["ok"] for r in rows),
-            # The busiest second of the largest level that held: the aggregate rate rendered with every frame on time.
+            # The busiest second of the largest level that held: the aggregate rate rendered with every frame
+            # on time.
             "rendered_fps_peak_1s_ok": best["lane_rendered_fps_peak_1s"] if best else None,
-            # At the largest level that held: this process's CPU per session-second (see the module docstring).
+            # At the largest level that held: this process's CPU per session-second (see the module
+            # docstring).
             "cpu_cores_per_session": best["cpu_cores_per_session"] if best else None,
         },
         "results": rows,
@@ -527,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)  # warm-up progress: cold compiles are long
+    # warm-up progress: cold compiles are long
+    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)
     document = asyncio.run(bench(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -190,7 +190,8 @@ class ManagedProcess:
     cwd: Path | None = None
     env: dict[str, str] | None = None
     startup_timeout_s: float = 60.0
-    die_with_parent: bool = True  # False only for services meant to outlive their starter (`lipsync stack up`)
+    # False only for services meant to outlive their starter (`lipsync stack up`)
+    die_with_parent: bool = True
     _popen: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property

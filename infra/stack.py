@@ -123,13 +123,14 @@ def _processes(ports: StackPorts, directory: Path, *, detached: bool) -> dict[st
 
 
 def service_process(name: str, ports: StackPorts, directory: Path) -> ManagedProcess:
-    """One of the stack's services ("temporal", "livekit", "nginx-rtmp") as a process to (re)start, tethered to
-    its starter (e.g. a benchmark restarting a service it killed; Temporal keeps its database file)."""
+    """One of the stack's services ("temporal", "livekit", "nginx-rtmp") as a process to (re)start, tethered
+    to its starter (e.g. a benchmark restarting a service it killed; Temporal keeps its database file)."""
     return _processes(ports, directory, detached=False)[name]
 
 
 def service_env(ports: StackPorts) -> dict[str, str]:
-    """How `lipsync api/worker/sidecar` processes reach this stack's Temporal and LiveKit (environment variables)."""
+    """How `lipsync api/worker/sidecar` processes reach this stack's Temporal and LiveKit (environment
+    variables)."""
     return {
         "TEMPORAL_ADDRESS": f"127.0.0.1:{ports.temporal}",
         "LIVEKIT_URL": f"ws://127.0.0.1:{ports.livekit}",

@@ -1,4 +1,5 @@
-"""`lipsync demo`: the README's main job — one real session end to end, recorded to out/demo.mp4 (infra/demo.py)."""
+"""`lipsync demo`: the README's main job — one real session end to end, recorded to out/demo.mp4
+(infra/demo.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`lipsync engine build|list`: prebuilt engine artifacts (compiled kernels) that a sidecar's warm-up loads.
 
 `build` warms a MuseTalk engine up from nothing on this node's GPU and saves torch's portable compile cache
-(run it with the sidecar's engine flags: `--compile` as `--compile-mode`, `--no-kernel-tuning`, `--no-cuda-graphs`),
-keyed by GPU, torch/CUDA/Triton versions, model architecture, dtype, compile mode and settings and batch buckets
-(`realtime.engine.artifacts`); `list` shows the artifacts under a root and their keys.
+(run it with the sidecar's engine flags: `--compile` as `--compile-mode`, `--no-kernel-tuning`,
+`--no-cuda-graphs`), keyed by GPU, torch/CUDA/Triton versions, model architecture, dtype, compile mode and
+settings and batch buckets (`realtime.engine.artifacts`); `list` shows the artifacts under a root and their
+keys.
 """
 
 from __future__ import annotations

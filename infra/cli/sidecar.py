@@ -52,7 +52,8 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # The engine's models, livekit and OpenTelemetry load only when a sidecar starts (`lipsync --help` stays fast).
+    # The engine's models, livekit and OpenTelemetry load only when a sidecar starts (`lipsync --help` stays
+    # fast).
     from infra.telemetry import TelemetryConfigError, configure_tracing  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.sidecar.process import run  # noqa: PLC0415 (lipsync --help stays fast)
 

@@ -1,8 +1,9 @@
-"""`lipsync worker`: the control-plane Temporal worker (Session/Placement workflows, asset and placement activities).
+"""`lipsync worker`: the control-plane Temporal worker (Session/Placement workflows, asset and placement
+activities).
 
-Scale it by running more replicas; they share the `lipsync-control` queue. GPU work never
-runs here: it goes to each sidecar's own queue (see activities/sidecar_worker.py). The worker itself is
-assembled by activities/worker.py; this module is its command line.
+Scale it by running more replicas; they share the `lipsync-control` queue. GPU work never runs here: it goes
+to each sidecar's own queue (see activities/sidecar_worker.py). The worker itself is assembled by
+activities/worker.py; this module is its command line.
 """
 
 from __future__ import annotations

@@ -16,17 +16,18 @@ DEFAULT_AVATAR_CACHE_MAX_BYTES = 8 << 30  # the avatar cache's cap: least recent
 class RuntimeConfig:
     buffer_limit_ms: int = 60_000  # audio queued ahead of playback, per session
     render_budget_ms: float = 40.0  # frame 0 of an utterance is due at least this long after it is planned
-    # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms):
-    # a streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
+    # Under load the lead grows with the render lane's measured batch time (RenderLane.planning_budget_ms): a
+    # streamed utterance's frames are ready only that long before their ticks. TTFF grows by the same amount.
     # The lead's upper bound (kept below render_ahead_frames ticks): high enough for a GPU's full load of
-    # sessions with its largest batches; a lightly loaded lane never gets near it (bench/results/runtime-notes.md).
+    # sessions with its largest batches; a lightly loaded lane never gets near it
+    # (bench/results/runtime-notes.md).
     max_render_budget_ms: float = 480.0
-    # Batches a frame may wait through: the one in flight, then its own (2), plus room for the batch-time jitter
-    # of a real GPU and the lane's feature work (2.0 leaves none: frames drop).
+    # Batches a frame may wait through: the one in flight, then its own (2), plus room for the batch-time
+    # jitter of a real GPU and the lane's feature work (2.0 leaves none: frames drop).
     render_budget_safety: float = 2.5
     render_ahead_frames: int = 16  # frames rendered ahead of the clock, at most
-    # An utterance whose audio arrived ahead of real time starts with less lead than the load's planning budget;
-    # its frames inside that budget jump the render lane's queue (SessionRuntime._first_tick_lead).
+    # An utterance whose audio arrived ahead of real time starts with less lead than the load's planning
+    # budget; its frames inside that budget jump the render lane's queue (SessionRuntime._first_tick_lead).
     first_frame_priority: bool = True
 
     @property
@@ -57,25 +58,25 @@ class HostConfig:
     # policy's next output. Short on purpose: outputs report a broken transport at once (LiveKit's signal
     # connection lost = reconnecting, RTMP's ffmpeg gone), and a viewer sees nothing meanwhile.
     output_down_timeout_s: float = 2.0
-    # The share of time a session is expected to speak, for admission control: 1.0 (the default) sizes capacity
-    # for every session speaking at once; a voice agent that listens half the time can run with ~0.5 (more sessions
-    # per GPU, with frames skipped under load if they all speak at once). In (0, 1].
+    # The share of time a session is expected to speak, for admission control: 1.0 (the default) sizes
+    # capacity for every session speaking at once; a voice agent that listens half the time can run with ~0.5
+    # (more sessions per GPU, with frames skipped under load if they all speak at once). In (0, 1].
     speech_duty: float = 1.0
-    # Frames per cross-session render batch, at most (also the engine's device batch): large enough for a GPU's
-    # full load of sessions; a lightly loaded lane runs small batches anyway.
+    # Frames per cross-session render batch, at most (also the engine's device batch): large enough for a
+    # GPU's full load of sessions; a lightly loaded lane runs small batches anyway.
     max_batch_frames: int = 64
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # The shared secret (realtime.sidecar.auth): its bearer form opens every route, audio tokens derive from it.
-    # The server refuses to start without one.
+    # The shared secret (realtime.sidecar.auth): its bearer form opens every route, audio tokens derive from
+    # it. The server refuses to start without one.
     service_secret: str = field(default="", repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS
     stats_interval_ms: int = 1000  # periodic `stats` messages on the audio WS (0: only on request)
-    # The dev control API (POST/DELETE /v1/sessions/{id}) is off unless enabled, and even then opens only avatar
-    # files under `dev_avatar_dir` and publishes only to the LiveKit URLs in `dev_livekit_urls`.
+    # The dev control API (POST/DELETE /v1/sessions/{id}) is off unless enabled, and even then opens only
+    # avatar files under `dev_avatar_dir` and publishes only to the LiveKit URLs in `dev_livekit_urls`.
     dev_api: bool = False
     dev_avatar_dir: Path | None = None
     # Where the avatar cache is and its cap, for /healthz (the engine owns the cache itself).
@@ -98,7 +99,8 @@ class SidecarSettings:
     # (longer still with kernel tuning; shorter from its on-disk cache) and raises the sessions a GPU holds
     # (bench/results/runtime-notes.md).
     compile_mode: str = "off"  # one of realtime.engine.accel.COMPILE_MODES
-    kernel_tuning: bool = True  # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
+    # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
+    kernel_tuning: bool = True
     cuda_graphs: bool = True
     host: HostConfig = field(default_factory=HostConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

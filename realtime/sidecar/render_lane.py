@@ -55,14 +55,18 @@ RenderFn = Callable[[Sequence[Any]], list[np.ndarray]]
 StartRenderFn = Callable[[Sequence[Any]], RenderHandle]
 PrepareFn = Callable[[Sequence[tuple[object, int]]], Any]
 BACKGROUND_DEADLINE_S = math.inf  # preparation/warm-up: only when no frame is waiting
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)  # realtime.engine.accel.DEFAULT_BATCH_BUCKETS (no torch import here)
+# realtime.engine.accel.DEFAULT_BATCH_BUCKETS (no torch import here)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 FRAME_PERIOD_MS = 40.0  # one 25-fps tick: a speaking session adds one ready frame per period
-# The lane never waits for a batch to fill, and one frame over a bucket costs the next bucket: near full load it
-# runs larger, padded batches than the bare rate suggests. A bucket counts as keeping up only with this headroom.
+# The lane never waits for a batch to fill, and one frame over a bucket costs the next bucket: near full load
+# it runs larger, padded batches than the bare rate suggests. A bucket counts as keeping up only with this
+# headroom.
 STEADY_UTILIZATION = 0.75
-RECENT_BATCHES_WINDOW_S = 2.0  # the batches `planning_budget_ms` averages: the lane's current load, as it runs
-# Pipelining (see "Pipelining" above): the next batch starts this long before the device should finish the one in
-# flight: FACTOR x the measured host time of a start + MARGIN. While waiting, the lane re-checks this often.
+# the batches `planning_budget_ms` averages: the lane's current load, as it runs
+RECENT_BATCHES_WINDOW_S = 2.0
+# Pipelining (see "Pipelining" above): the next batch starts this long before the device should finish the one
+# in flight: FACTOR x the measured host time of a start + MARGIN. While waiting, the lane re-checks this
+# often.
 START_LEAD_FACTOR = 1.5
 START_LEAD_MARGIN_MS = 1.0
 START_HOST_SMOOTHING = 0.2
@@ -83,8 +87,8 @@ def smoothed(previous: float | None, value: float, smoothing: float) -> float:
 
 
 class BatchCostModel:
-    """Measured wall time of a lane batch (features + render) per bucket: an exponential moving average (planning,
-    capacity) and the last `recent_batches` times (what skipping late frames judges by)."""
+    """Measured wall time of a lane batch (features + render) per bucket: an exponential moving average
+    (planning, capacity) and the last `recent_batches` times (what skipping late frames judges by)."""
 
     def __init__(
         self, buckets: Sequence[int] = DEFAULT_BUCKETS, *, smoothing: float = 0.2, recent_batches: int = 8
@@ -107,9 +111,9 @@ class BatchCostModel:
         table[bucket] = smoothed(table.get(bucket), value_ms, self._smoothing)
 
     def fastest_recent_ms(self, frames: int) -> float | None:
-        """The fastest recent batch of `frames`' bucket (or, unmeasured, of the nearest larger bucket: an upper
-        bound), from buckets that ran at least twice; None otherwise. Optimistic on purpose: it decides which
-        frames are not rendered at all, so it must not trust one slow batch."""
+        """The fastest recent batch of `frames`' bucket (or, unmeasured, of the nearest larger bucket: an
+        upper bound), from buckets that ran at least twice; None otherwise. Optimistic on purpose: it decides
+        which frames are not rendered at all, so it must not trust one slow batch."""
         bucket = bucket_for(max(1, frames), self.buckets)
         with self._lock:
             known = {b: min(times) for b, times in self._recent_ms.items() if len(times) >= 2}
@@ -135,8 +139,8 @@ class BatchCostModel:
 
     def estimate_ms(self, frames: int) -> float | None:
         """The batch time of `frames`' bucket: measured; else the nearest measured larger bucket's (an upper
-        bound); else the largest measured smaller bucket's scaled by size (pessimistic: batching is sublinear);
-        None before any measurement."""
+        bound); else the largest measured smaller bucket's scaled by size (pessimistic: batching is
+        sublinear); None before any measurement."""
         bucket = bucket_for(max(1, frames), self.buckets)
         with self._lock:
             if bucket in self._ms:
@@ -164,7 +168,8 @@ class BatchCostModel:
     def capacity_sessions(
         self, *, fps_per_session: float = 25.0, latency_budget_ms: float = 160.0, headroom: float = 0.8
     ) -> int | None:
-        """Sessions (all speaking at once) the lane sustains with `headroom` to spare; None before measurements.
+        """Sessions (all speaking at once) the lane sustains with `headroom` to spare; None before
+        measurements.
 
         The budget bounds how long one batch may take: a frame waits for the batch in flight and then its own,
         within the session's planning budget (`RuntimeConfig.max_batch_ms`).
@@ -184,7 +189,8 @@ class _Job:
     is_render: bool = field(compare=False, default=False)
     frames: int = field(compare=False, default=1)  # render: frames the job will ask for (its size in a batch)
     source: object | None = field(compare=False, default=None)  # render: the feature source, for `prepare`
-    frame_period_s: float | None = field(compare=False, default=None)  # render: frame k is due at deadline + k·period
+    # render: frame k is due at deadline + k·period
+    frame_period_s: float | None = field(compare=False, default=None)
     first_frames: bool = field(compare=False, default=False)  # render: jumps the queue (see "First frames")
 
 
@@ -202,8 +208,8 @@ class _InFlight:
     device_done_s: float  # perf_counter estimate of when the device finishes it
 
     def device_done(self) -> bool:
-        """The device is done with it; also when asking fails (a device error): `result()` then raises it to the
-        batch's jobs instead of the lane thread dying on it."""
+        """The device is done with it; also when asking fails (a device error): `result()` then raises it to
+        the batch's jobs instead of the lane thread dying on it."""
         try:
             return self.handle.ready()
         except Exception:
@@ -223,7 +229,8 @@ class RenderLaneStats:
     first_frames_jumped: int = 0  # first-frames jobs taken ahead of queued jobs with earlier deadlines
     first_frames_displaced: int = 0  # jobs put back for the next batch to make room for first frames
     frames_skipped_late: int = 0  # requests not rendered: the batch would have finished after their tick
-    # Where render batches spend their time (sums): batched feature preparation, the jobs' own pulls, the render.
+    # Where render batches spend their time (sums): batched feature preparation, the jobs' own pulls, the
+    # render.
     prepare_s: float = 0.0
     pulls_s: float = 0.0
     render_s: float = 0.0
@@ -245,11 +252,11 @@ class RenderLane:
         speaking_hold_s: float = 1.0,
     ) -> None:
         """`buckets`: the engine's batch sizes; `clock`: the clock deadlines are on (the session clocks');
-        `prepare`: called with `(source, frames)` of a batch's jobs before their `make_requests` run (the engine
-        encodes all their audio features in one call there); `start_render`: the engine's `render_async` (the
-        lane then pipelines batches, see "Pipelining"; without it, `render` runs each batch to the end);
-        `speaking_hold_s`: how long a session still counts as speaking after its speech ended (see
-        `planning_budget_ms`)."""
+        `prepare`: called with `(source, frames)` of a batch's jobs before their `make_requests` run (the
+        engine encodes all their audio features in one call there); `start_render`: the engine's
+        `render_async` (the lane then pipelines batches, see "Pipelining"; without it, `render` runs each
+        batch to the end); `speaking_hold_s`: how long a session still counts as speaking after its speech
+        ended (see `planning_budget_ms`)."""
         self._start_render: StartRenderFn = start_render or (lambda requests: RenderedFrames(render(requests)))
         self._prepare = prepare
         self.max_batch_frames = max_batch_frames
@@ -262,9 +269,11 @@ class RenderLane:
         self._sequence = itertools.count()
         self._closed = False
         self._speaking_hold_s = speaking_hold_s
-        self._speaking_until_s: dict[str, float] = {}  # session -> counts as speaking until (inf: speaking now)
+        # session -> counts as speaking until (inf: speaking now)
+        self._speaking_until_s: dict[str, float] = {}
         self._in_flight: _InFlight | None = None  # the started batch not yet collected (lane thread only)
-        self._start_host_ms: float | None = None  # smoothed host time from forming a batch to its render's enqueue
+        # smoothed host time from forming a batch to its render's enqueue
+        self._start_host_ms: float | None = None
         self._inflight_frames = 0  # frames of the batches started and not yet collected (0: none)
         self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
         self._recent_batches: deque[tuple[float, float]] = deque()  # (finished at on `clock`, wall ms)
@@ -317,11 +326,11 @@ class RenderLane:
         """Queue a render job now (the lane's backlog counts it from here) and return its future.
 
         `frames`: how many requests it will build (sizes the batch before the features are computed);
-        `source`: what `prepare` gets for this job (the session's utterance stream); `frame_period_s`: request k is
-        due at `deadline_s + k * frame_period_s`, and one that the batch would finish after comes back None
-        (not rendered: see "Overload" above). Without it every request is rendered. `first_frames`: an utterance's
-        first frames, planned with the shorter `first_frames_budget_ms` lead: they jump the queue (see "First
-        frames" above). Raises RuntimeError when the lane is closed."""
+        `source`: what `prepare` gets for this job (the session's utterance stream); `frame_period_s`: request
+        k is due at `deadline_s + k * frame_period_s`, and one that the batch would finish after comes back
+        None (not rendered: see "Overload" above). Without it every request is rendered. `first_frames`: an
+        utterance's first frames, planned with the shorter `first_frames_budget_ms` lead: they jump the queue
+        (see "First frames" above). Raises RuntimeError when the lane is closed."""
         return self._submit(
             deadline_s,
             make_requests,
@@ -333,12 +342,14 @@ class RenderLane:
         )
 
     def capacity_sessions(self, fps_per_session: float = 25.0, *, max_batch_ms: float = 160.0) -> int | None:
-        """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured yet);
-        `max_batch_ms`: the longest batch the sessions' planning budget absorbs (`RuntimeConfig.max_batch_ms`)."""
+        """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured
+        yet); `max_batch_ms`: the longest batch the sessions' planning budget absorbs
+        (`RuntimeConfig.max_batch_ms`)."""
         return self.cost_model.capacity_sessions(fps_per_session=fps_per_session, latency_budget_ms=max_batch_ms)
 
     def report(self, *, max_batch_ms: float = 160.0) -> dict[str, Any]:
-        """What the lane has done and measured, for `/healthz`: where the GPU's time goes and why frames were lost."""
+        """What the lane has done and measured, for `/healthz`: where the GPU's time goes and why frames were
+        lost."""
         stats = self.stats
         return {
             "batches": stats.batches,
@@ -382,7 +393,8 @@ class RenderLane:
         frame_period_ms: float = FRAME_PERIOD_MS,
         utilization: float = STEADY_UTILIZATION,
     ) -> float | None:
-        """The measured time of the batch the lane settles on with `sessions` speaking (None: nothing measured).
+        """The measured time of the batch the lane settles on with `sessions` speaking (None: nothing
+        measured).
 
         Each speaking session adds a ready frame per period, so while a batch of b frames takes T(b),
         sessions·T(b)/period frames arrive: the lane settles on the smallest bucket b that keeps up with
@@ -438,17 +450,17 @@ class RenderLane:
         frame_period_ms: float = FRAME_PERIOD_MS,
         adding_frames: int = 0,
     ) -> float:
-        """How far ahead a session should plan a new utterance's first tick: every frame of a realtime-streamed
-        utterance then has this long between becoming ready and its tick.
+        """How far ahead a session should plan a new utterance's first tick: every frame of a
+        realtime-streamed utterance then has this long between becoming ready and its tick.
 
-        batch time × `safety_factor` + the current backlog (frame 0 queues behind it), clamped to
-        [`min_ms`, `max_ms`]; `min_ms` before anything was measured. The batch time is the larger of the steady
-        batch at the current load (`steady_batch_ms`: it sees a burst of new sessions before their frames
-        arrive) and the mean of the batches the lane ran in the last seconds (what the load really makes of
-        the batches: padding, uneven arrival, feature work). The factor counts the batches a frame may wait
-        through: the one in flight when it is submitted, then its own (2; sessions submit each frame's job as
-        soon as it is ready, without waiting for their previous job to come back). `adding_frames`: the frames the
-        session submits at once (audio that arrived ahead of real time), which join the backlog.
+        batch time × `safety_factor` + the current backlog (frame 0 queues behind it), clamped to [`min_ms`,
+        `max_ms`]; `min_ms` before anything was measured. The batch time is the larger of the steady batch at
+        the current load (`steady_batch_ms`: it sees a burst of new sessions before their frames arrive) and
+        the mean of the batches the lane ran in the last seconds (what the load really makes of the batches:
+        padding, uneven arrival, feature work). The factor counts the batches a frame may wait through: the
+        one in flight when it is submitted, then its own (2; sessions submit each frame's job as soon as it is
+        ready, without waiting for their previous job to come back). `adding_frames`: the frames the session
+        submits at once (audio that arrived ahead of real time), which join the backlog.
         """
         batch_ms = self._planning_batch_ms(frame_period_ms)
         if batch_ms is None:
@@ -466,14 +478,15 @@ class RenderLane:
         adding_frames: int = 1,
     ) -> float:
         """The lead that `adding_frames` frames submitted now as `first_frames` need: the rest of the batch in
-        flight, then the next batch, which they ride (they jump the later frames; only first frames queued before
-        them and past a full batch push them to a batch after it), all × `safety_factor` / 2 for jitter.
+        flight, then the next batch, which they ride (they jump the later frames; only first frames queued
+        before them and past a full batch push them to a batch after it), all × `safety_factor` / 2 for
+        jitter.
 
-        The next batch is formed shortly before the one in flight finishes, from every frame queued by then: the
-        frames queued now, these, and those the speaking sessions add meanwhile (one per period each). Unlike
-        `planning_budget_ms` this counts the batches as they will be, not the steady batch at the load: frames
-        that become ready in real time later need that, frames that are ready now only need to be rendered once.
-        `min_ms` before anything was measured."""
+        The next batch is formed shortly before the one in flight finishes, from every frame queued by then:
+        the frames queued now, these, and those the speaking sessions add meanwhile (one per period each).
+        Unlike `planning_budget_ms` this counts the batches as they will be, not the steady batch at the load:
+        frames that become ready in real time later need that, frames that are ready now only need to be
+        rendered once. `min_ms` before anything was measured."""
         if self.cost_model.estimate_ms(1) is None:
             return min_ms
         adding = max(1, adding_frames)
@@ -488,7 +501,8 @@ class RenderLane:
         arriving = math.ceil(self.speaking_sessions() * inflight_rest_ms / frame_period_ms)
         next_batch = min(self.max_batch_frames, queued + adding + arriving)
         wait_ms = inflight_rest_ms + (self.cost_model.estimate_ms(next_batch) or 0.0)
-        batches_before = (queued_first + adding - 1) // self.max_batch_frames  # full batches of first frames ahead
+        # full batches of first frames ahead
+        batches_before = (queued_first + adding - 1) // self.max_batch_frames
         wait_ms += batches_before * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0)
         return min(max_ms, max(min_ms, wait_ms * safety_factor / 2.0))
 
@@ -576,11 +590,12 @@ class RenderLane:
             return job, skipped
 
     def _start_next_now(self, in_flight: _InFlight) -> bool:
-        """Start the next batch while `in_flight` is still on the device? Yes once the device is about to finish
-        it (within the time starting a batch takes), or for a non-render job (which collects the batch first).
-        Earlier would buy nothing: started right away, the few frames that arrived during the last start would
-        make a batch of their own (the device's time on a small batch is mostly lost); and even a full batch
-        would only queue on the device, its frames none the sooner (bench/results/runtime-notes.md)."""
+        """Start the next batch while `in_flight` is still on the device? Yes once the device is about to
+        finish it (within the time starting a batch takes), or for a non-render job (which collects the batch
+        first). Earlier would buy nothing: started right away, the few frames that arrived during the last
+        start would make a batch of their own (the device's time on a small batch is mostly lost); and even a
+        full batch would only queue on the device, its frames none the sooner
+        (bench/results/runtime-notes.md)."""
         if not self._heap[0].is_render or in_flight.device_done():
             return True
         return time.perf_counter() >= in_flight.device_done_s - self._start_lead_s()
@@ -591,8 +606,8 @@ class RenderLane:
         return min(IN_FLIGHT_POLL_S, max(until_s, 0.0005))
 
     def _start_lead_s(self) -> float:
-        """How long before the device finishes the batch in flight the next one is started: the host time a start
-        takes (features, pulls, enqueueing the render), measured, with margin."""
+        """How long before the device finishes the batch in flight the next one is started: the host time a
+        start takes (features, pulls, enqueueing the render), measured, with margin."""
         return (START_LEAD_FACTOR * (self._start_host_ms or 0.0) + START_LEAD_MARGIN_MS) / 1000.0
 
     def _run_generic(self, job: _Job) -> None:
@@ -618,8 +633,8 @@ class RenderLane:
         return last_due_s < self._clock() + alone_ms / 1000.0
 
     def _run_render_batch(self, first: _Job, skipped: list[_Job]) -> None:
-        """Start a batch; the one in flight is collected first when the device is done with it, else right after
-        this one is enqueued (its frames are then assembled while the device computes this batch)."""
+        """Start a batch; the one in flight is collected first when the device is done with it, else right
+        after this one is enqueued (its frames are then assembled while the device computes this batch)."""
         previous, self._in_flight = self._in_flight, None
         if previous is not None and previous.device_done():
             self._collect(previous)
@@ -667,7 +682,8 @@ class RenderLane:
                 logger.exception("batched feature preparation failed")
         pulls_started = time.perf_counter()
         self.stats.prepare_s += pulls_started - stage_started
-        # Skipped jobs still take their frames' features, before the batch's own (a stream is pulled in order).
+        # Skipped jobs still take their frames' features, before the batch's own (a stream is pulled in
+        # order).
         for job in skipped:
             taken = self._take_requests(job)
             if taken is not None:
@@ -753,10 +769,10 @@ class RenderLane:
         return requests
 
     def _frames_in_time(self, batch: list[tuple[_Job, Sequence[Any]]]) -> list[list[bool]]:
-        """Per job, which requests to render (see the module docstring, "Overload"): the most of them that a batch
-        of their own size finishes in time for. With deadlines d1 >= d2 >= ... that is the k latest for the largest
-        k with d_k >= now + T(k); the earlier ones would miss their ticks anyway. Requests of jobs without a frame
-        period count as always in time."""
+        """Per job, which requests to render (see the module docstring, "Overload"): the most of them that a
+        batch of their own size finishes in time for. With deadlines d1 >= d2 >= ... that is the k latest for
+        the largest k with d_k >= now + T(k); the earlier ones would miss their ticks anyway. Requests of jobs
+        without a frame period count as always in time."""
         due = [
             (math.inf if job.frame_period_s is None else job.deadline_s + k * job.frame_period_s, index, k)
             for index, (job, requests) in enumerate(batch)
@@ -780,20 +796,21 @@ class RenderLane:
         return keep
 
     def _take_batch(self, first: _Job, skipped: list[_Job]) -> list[_Job]:
-        """More queued render jobs to batch with `first` (see the module docstring for the rule); queued jobs that
-        are entirely late go to `skipped` instead, without taking room in the batch."""
+        """More queued render jobs to batch with `first` (see the module docstring for the rule); queued jobs
+        that are entirely late go to `skipped` instead, without taking room in the batch."""
         taken: list[_Job] = []
         frames = first.frames
         cut_by_deadline = False
         alone_ms = self.cost_model.estimate_ms(frames)
-        # When the most urgent job is late even alone, cutting the batch saves nobody: it only lowers throughput
-        # and makes every later job late too (a spiral). Then the batch grows to the frame limit.
+        # When the most urgent job is late even alone, cutting the batch saves nobody: it only lowers
+        # throughput and makes every later job late too (a spiral). Then the batch grows to the frame limit.
         head_feasible = alone_ms is None or (
             self._clock() + alone_ms / 1000.0 + self._deadline_margin_s <= first.deadline_s
         )
         with self._cond:
-            # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames that
-            # a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue longer.
+            # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames
+            # that a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue
+            # longer.
             backlogged = frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
             # Except for first frames: their short lead counted on the batch they ride, not on a full one.
             head_feasible = head_feasible and (not backlogged or first.first_frames)
@@ -821,8 +838,8 @@ class RenderLane:
         return taken
 
     def _admit_first_frames(self, first: _Job, taken: list[_Job], frames: int, head_feasible: bool) -> None:
-        """Queued `first_frames` jobs that the deadline-ordered batch left out join it (see "First frames" in the
-        module docstring); called with the queue's lock held, after `_take_batch` grew the batch."""
+        """Queued `first_frames` jobs that the deadline-ordered batch left out join it (see "First frames" in
+        the module docstring); called with the queue's lock held, after `_take_batch` grew the batch."""
         waiting = sorted(job for job in self._heap if job.is_render and job.first_frames)
         if not waiting:
             return
@@ -839,8 +856,8 @@ class RenderLane:
                 admitted.append(job)
                 frames = grown
                 continue
-            # The batch is full (or a larger bucket would miss the head's deadline): take the place of jobs that
-            # can wait one more batch, latest deadlines first, never the most urgent job itself.
+            # The batch is full (or a larger bucket would miss the head's deadline): take the place of jobs
+            # that can wait one more batch, latest deadlines first, never the most urgent job itself.
             this_ms = self.cost_model.estimate_ms(frames)
             if this_ms is None or full_ms is None:
                 continue  # unmeasured: no grounds to move anyone's frames later
@@ -883,8 +900,8 @@ class RenderLane:
 
     def _bucket_growth_keeps_head(self, first: _Job, frames: int, grown: int, head_feasible: bool) -> bool:
         """Growing the batch from `frames` to `grown` keeps the most urgent job's deadline (same rule as
-        `_take_batch`: free within the bucket paid for; beyond it only when the larger bucket's measured time still
-        finishes in time, or when the head is late anyway)."""
+        `_take_batch`: free within the bucket paid for; beyond it only when the larger bucket's measured time
+        still finishes in time, or when the head is late anyway)."""
         if not head_feasible or bucket_for(grown, self.buckets) <= bucket_for(frames, self.buckets):
             return True
         estimate_ms = self.cost_model.estimate_ms(grown)

@@ -97,8 +97,10 @@ class RuntimeSamples:
     window: int
     ttff_ms: list[float] = field(default_factory=list)
     lateness_ms: deque[float] = field(init=False)  # how late each tick went out
-    render_slack_ms: deque[float] = field(init=False)  # how long before its tick a batch's first frame was ready
-    planned_budget_ms: deque[float] = field(init=False)  # the lead each utterance's first tick was planned with
+    # how long before its tick a batch's first frame was ready
+    render_slack_ms: deque[float] = field(init=False)
+    # the lead each utterance's first tick was planned with
+    planned_budget_ms: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.lateness_ms = deque(maxlen=self.window)
@@ -115,7 +117,8 @@ class _Plan:
     start_tick: int
     next_frame: int = 0  # next frame to show
     next_to_render: int = 0
-    first_frames: int = 0  # frames [0, first_frames) were planned with less lead than the load's budget: they jump
+    # frames [0, first_frames) were planned with less lead than the load's budget: they jump
+    first_frames: int = 0
     rendered: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -143,17 +146,20 @@ class SessionRuntime:
         self._streams: dict[int, UtteranceStream] = {}
         self._plans: deque[_Plan] = deque()
         self._listeners: list[PlaybackListener] = []
-        # Playback events wait until the audio is heard (see `_playout_delay_s`): utterance id -> pending event.
+        # Playback events wait until the audio is heard (see `_playout_delay_s`): utterance id -> pending
+        # event.
         self._pending_started: dict[int, tuple[asyncio.TimerHandle, Utterance, int]] = {}
         self._pending_finished: dict[int, tuple[asyncio.TimerHandle, FinishedPlayback, float]] = {}
         self._generation = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._render_jobs: set[asyncio.Task[None]] = set()  # render jobs in the lane (several per session at once)
+        # render jobs in the lane (several per session at once)
+        self._render_jobs: set[asyncio.Task[None]] = set()
         self._t0_s = 0.0
         self._tick = 0
         self._started_at_s: float | None = None
-        self._crossfade_from: np.ndarray | None = None  # int16 delta of the last speech frame over its idle frame
+        # int16 delta of the last speech frame over its idle frame
+        self._crossfade_from: np.ndarray | None = None
         self._crossfade_left = 0
         self._last_frame: np.ndarray | None = None
         self.counters = RuntimeCounters()
@@ -270,7 +276,8 @@ class SessionRuntime:
             del self._pending_started[utterance_id]
             if notify:
                 self._notify_started_now(utterance, frame_id)
-        # Utterances whose audio was all handed to the outputs but not all heard: the rest went with their queues.
+        # Utterances whose audio was all handed to the outputs but not all heard: the rest went with their
+        # queues.
         finished: list[FinishedPlayback] = []
         for handle, item, audio_end_s in self._pending_finished.values():
             handle.cancel()
@@ -279,7 +286,8 @@ class SessionRuntime:
             finished.append(dataclasses.replace(item, position_s=heard_s, interrupted=True))
         self._pending_finished.clear()
         planned = {plan.utterance.utterance_id for plan in self._plans}
-        # The one playing: what was handed to the outputs less what they had not played yet (their queues cleared).
+        # The one playing: what was handed to the outputs less what they had not played yet (their queues
+        # cleared).
         delay_s = self._playout_delay_s()
         unheard_s = max(0.0, self._tick_deadline(self._tick) + delay_s - now_s) if delay_s else 0.0
         finished += [
@@ -317,8 +325,9 @@ class SessionRuntime:
         self.lane.set_speaking(self.session_id, bool(self._streams))
 
     def _planning_budget_ms(self, adding_frames: int = 0) -> float:
-        """How far ahead a new utterance's first tick is planned (see the module docstring); `adding_frames`: the
-        frames this session is about to submit at once beyond its one per period (audio that arrived ahead)."""
+        """How far ahead a new utterance's first tick is planned (see the module docstring); `adding_frames`:
+        the frames this session is about to submit at once beyond its one per period (audio that arrived
+        ahead)."""
         return self.lane.planning_budget_ms(
             min_ms=self.config.render_budget_ms,
             max_ms=self._max_lead_ms(),
@@ -364,11 +373,12 @@ class SessionRuntime:
     def _first_tick_lead(self, ready_frames: int) -> tuple[float, float]:
         """The load's planning budget B, and the lead of a new utterance's first tick.
 
-        Frame k that becomes ready later, in real time, has the lead + k·period minus the k·period its audio takes
-        to arrive: the lead itself, which must be B. But frames that are ready already (audio that arrived ahead of
-        real time: a TTS burst) need only be rendered by their ticks: with the first-frame priority they wait for
-        the batch in flight and their own, not the backlog (`RenderLane.first_frames_budget_ms`). So the lead is
-        the larger of that and B − (ready − 1)·period, which the first audio still to arrive needs.
+        Frame k that becomes ready later, in real time, has the lead + k·period minus the k·period its audio
+        takes to arrive: the lead itself, which must be B. But frames that are ready already (audio that
+        arrived ahead of real time: a TTS burst) need only be rendered by their ticks: with the first-frame
+        priority they wait for the batch in flight and their own, not the backlog
+        (`RenderLane.first_frames_budget_ms`). So the lead is the larger of that and B − (ready − 1)·period,
+        which the first audio still to arrive needs.
         """
         adding = self._frames_submitted_at_once(ready_frames)
         budget_ms = self._planning_budget_ms(adding - 1)  # the budget counts one frame per session already
@@ -385,13 +395,15 @@ class SessionRuntime:
         return budget_ms, max(first_ms, budget_ms - max(0, ready_frames - 1) * period_ms)
 
     def _frames_submitted_at_once(self, ready_frames: int) -> int:
-        """Frames ready now go to the lane at once (in jobs of `render_batch_frames`), up to `render_ahead_frames`."""
+        """Frames ready now go to the lane at once (in jobs of `render_batch_frames`), up to
+        `render_ahead_frames`."""
         return min(max(1, ready_frames), self.config.render_ahead_frames)
 
     def _first_frames(self, start_tick: int, ready_frames: int, budget_ms: float | None) -> int:
-        """How many of an utterance's first frames jump the lane's queue: those ready now whose ticks are closer
-        than the load's planning budget (a short lead, or an utterance queued behind one that plays: its audio
-        arrived ahead of real time). Frames that become ready later in real time get the budget's slack."""
+        """How many of an utterance's first frames jump the lane's queue: those ready now whose ticks are
+        closer than the load's planning budget (a short lead, or an utterance queued behind one that plays:
+        its audio arrived ahead of real time). Frames that become ready later in real time get the budget's
+        slack."""
         if not self.config.first_frame_priority:
             return 0
         if budget_ms is None:
@@ -426,12 +438,13 @@ class SessionRuntime:
                 self._wake.clear()
                 continue
             plan, frames = job
-            # Frames count as taken once their job is submitted, so the session's next ready frame gets its own
-            # job at once: waiting for this job to come back first would add up to two of the lane's batches to
-            # that frame's latency under load. Jobs of one stream still run in order (later ticks, later deadline).
+            # Frames count as taken once their job is submitted, so the session's next ready frame gets its
+            # own job at once: waiting for this job to come back first would add up to two of the lane's
+            # batches to that frame's latency under load. Jobs of one stream still run in order (later ticks,
+            # later deadline).
             plan.next_to_render = frames[-1] + 1
-            # Queued before this loop yields: the next session planning in this same loop turn (a burst of sessions
-            # whose audio arrived together) sees these frames in the lane's backlog.
+            # Queued before this loop yields: the next session planning in this same loop turn (a burst of
+            # sessions whose audio arrived together) sees these frames in the lane's backlog.
             pending = self._submit_render(plan, frames)
             task = asyncio.create_task(self._render_job(plan, frames, self._generation, pending))
             self._render_jobs.add(task)
@@ -450,7 +463,8 @@ class SessionRuntime:
                 make_requests,
                 frames=len(frames),
                 source=stream,
-                frame_period_s=self._period_s,  # frames that would be late are skipped, not rendered (overload)
+                # frames that would be late are skipped, not rendered (overload)
+                frame_period_s=self._period_s,
                 first_frames=frames[0] < plan.first_frames,
             )
         except Exception as exc:  # a closed lane: the job fails like a failed render (counted, logged)
@@ -464,7 +478,8 @@ class SessionRuntime:
         try:
             images: list[np.ndarray | None] = await asyncio.wrap_future(pending)
         except UtteranceClosed:
-            # Its utterance finished playing (or was flushed) while the job waited in the lane: nothing to render.
+            # Its utterance finished playing (or was flushed) while the job waited in the lane: nothing to
+            # render.
             logger.debug("render job of a closed utterance", extra={"session_id": self.session_id})
             images = []
         except Exception as exc:
@@ -552,7 +567,8 @@ class SessionRuntime:
             self._crossfade_left = self.config.crossfade_frames
             self._schedule_finished(
                 FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False),
-                audio_end_s=deadline + audio.timeline_samples / TIMELINE_SAMPLE_RATE_HZ,  # the padding is not speech
+                # the padding is not speech
+                audio_end_s=deadline + audio.timeline_samples / TIMELINE_SAMPLE_RATE_HZ,
             )
         self._wake.set()  # the render-ahead window moved
         return PublishTick(
