@@ -22,6 +22,12 @@ from activities.sidecar_worker import (
     SidecarTemporalOptions,
     sidecar_worker_service,
 )
+from infra.cli.temporal_options import (
+    ASSET_DIR_ENV,
+    add_connection_arguments,
+    add_placement_shards_argument,
+    asset_dir,
+)
 from infra.paths import cache_dir
 from realtime.engine.accel import COMPILE_MODES
 from realtime.sidecar.auth import SecretError, load_secret
@@ -34,8 +40,6 @@ from realtime.sidecar.config import (
     SidecarSettings,
 )
 from workflows.contracts import CONTROL_TASK_QUEUE, DEFAULT_POOL, PLACEMENT_WORKFLOW_ID
-
-ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
 
 
 def register(subparsers: Any) -> None:
@@ -206,14 +210,7 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "Temporal", "the sidecar's worker on its own task queue (LiveKit credentials: $LIVEKIT_API_KEY/_SECRET)"
     )
-    group.add_argument(
-        "--temporal-address",
-        default=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
-        help="Temporal frontend host:port (default $TEMPORAL_ADDRESS or 127.0.0.1:7233)",
-    )
-    group.add_argument(
-        "--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"), help="Temporal namespace"
-    )
+    add_connection_arguments(group)
     group.add_argument(
         "--no-temporal",
         action="store_true",
@@ -230,13 +227,7 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
         "--control-task-queue", default=CONTROL_TASK_QUEUE, help="where PlacementWorkflow runs (lipsync worker's)"
     )
     group.add_argument("--placement-id", default=PLACEMENT_WORKFLOW_ID, help="PlacementWorkflow id")
-    group.add_argument(
-        "--placement-shards",
-        type=int,
-        default=int(os.environ.get("LIPSYNC_PLACEMENT_SHARDS", "1")),
-        help="placement registries per pool; the same on every worker and sidecar (default $LIPSYNC_PLACEMENT_SHARDS "
-        "or 1)",
-    )
+    add_placement_shards_argument(group)
     group.add_argument(
         "--pool",
         default=os.environ.get("LIPSYNC_POOL", DEFAULT_POOL),
@@ -268,11 +259,11 @@ def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path
         )
     check_shards(args.placement_shards)
     check_pool(args.pool)
-    asset_dir = args.asset_dir or Path(os.environ.get(ASSET_DIR_ENV) or default_asset_dir)
+    assets = asset_dir(args.asset_dir, default_asset_dir)
     return SidecarTemporalOptions(
         address=args.temporal_address,
         namespace=args.namespace,
-        asset_dir=asset_dir,
+        asset_dir=assets,
         control_task_queue=args.control_task_queue,
         placement_workflow_id=args.placement_id,
         placement_shards=args.placement_shards,

@@ -11,42 +11,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ASSET_DIR_ENV = "LIPSYNC_ASSET_DIR"
+from infra.cli.temporal_options import (
+    ASSET_DIR_ENV,
+    add_connection_arguments,
+    add_placement_shards_argument,
+    asset_dir,
+)
+from infra.paths import cache_dir
 
 
 def register(subparsers: Any) -> None:
     worker = subparsers.add_parser(
         "worker", help="run the control-plane Temporal worker (workflows + asset activities)"
     )
-    worker.add_argument(
-        "--temporal-address",
-        default=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
-        help="Temporal frontend host:port (default $TEMPORAL_ADDRESS or 127.0.0.1:7233)",
-    )
-    worker.add_argument(
-        "--namespace", default=os.environ.get("TEMPORAL_NAMESPACE", "default"), help="Temporal namespace"
-    )
+    add_connection_arguments(worker)
     worker.add_argument("--task-queue", default=None, help="control task queue (default lipsync-control)")
     worker.add_argument(
         "--asset-dir",
         type=Path,
         default=None,
-        help=f"where downloaded avatar assets are stored (default ${DEFAULT_ASSET_DIR_ENV} or <cache>/assets)",
+        help=f"where downloaded avatar assets are stored (default ${ASSET_DIR_ENV} or <cache>/assets)",
     )
     worker.add_argument("--placement-id", default=None, help="PlacementWorkflow id (default lipsync-placement)")
-    worker.add_argument(
-        "--placement-shards",
-        type=int,
-        default=int(os.environ.get("LIPSYNC_PLACEMENT_SHARDS", "1")),
-        help="placement registries per pool; the same on every worker and sidecar (default $LIPSYNC_PLACEMENT_SHARDS "
-        "or 1; docs/scaling.md)",
-    )
+    add_placement_shards_argument(worker)
     worker.set_defaults(handler=_serve)
 
 
@@ -55,7 +47,6 @@ def _serve(args: argparse.Namespace) -> int:
     from activities.control import ControlConfig  # noqa: PLC0415 (lipsync --help stays fast)
     from activities.placement_client import check_shards  # noqa: PLC0415 (lipsync --help stays fast)
     from activities.worker import build_control_worker  # noqa: PLC0415 (lipsync --help stays fast)
-    from infra.paths import cache_dir  # noqa: PLC0415 (lipsync --help stays fast)
     from infra.telemetry import TelemetryConfigError, configure_tracing  # noqa: PLC0415 (lipsync --help stays fast)
     from workflows.contracts import CONTROL_TASK_QUEUE, PLACEMENT_WORKFLOW_ID  # noqa: PLC0415 (lipsync --help stays fast)
     from workflows.temporal_client import connect_client  # noqa: PLC0415 (lipsync --help stays fast)
@@ -71,9 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"error: --placement-shards: {exc}\n")
         return 2
-    asset_dir = args.asset_dir or Path(os.environ.get(DEFAULT_ASSET_DIR_ENV) or cache_dir() / "assets")
+    assets = asset_dir(args.asset_dir, cache_dir() / "assets")
     config = ControlConfig(
-        asset_dir=asset_dir,
+        asset_dir=assets,
         placement_workflow_id=args.placement_id or PLACEMENT_WORKFLOW_ID,
         task_queue=args.task_queue or CONTROL_TASK_QUEUE,
         shards=shards,
@@ -92,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         async with build_control_worker(client, config):
             logger.info(
                 "control worker running",
-                extra={"queue": config.task_queue, "temporal": args.temporal_address, "assets": str(asset_dir)},
+                extra={"queue": config.task_queue, "temporal": args.temporal_address, "assets": str(assets)},
             )
             await stop.wait()
         logger.info("control worker stopped")
