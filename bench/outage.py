@@ -24,21 +24,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from temporalio.client import Client
+
+from bench.machine import cpu_name
+from infra import livekit, temporal
+from infra.demo import avatar_zip_bytes, serve_directory
+from realtime.outputs.registry import LiveKitParams
+from tests.support.outputs import output_request
+from tests.support.restartable_temporal import RestartableTemporal
+from workflows.client import stop_session
+from workflows.contracts import Phase
+from workflows.session import SessionWorkflow
+
 
 async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
-    from temporalio.client import Client
-
-    from infra import livekit, temporal
-    from infra.demo import avatar_zip_bytes, serve_directory
-    from realtime.outputs.registry import LiveKitParams
-    from tests.support.avcheck import RoomRecorder, token
-    from tests.support.outputs import output_request
-    from tests.support.restartable_temporal import RestartableTemporal
-    from tests.support.sidecar_process import SidecarProcesses
-    from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
-    from workflows.client import stop_session
-    from workflows.contracts import Phase
-    from workflows.session import SessionWorkflow
+    from tests.support.avcheck import RoomRecorder, token  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.sidecar_process import SidecarProcesses  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.temporal_harness import Harness, fast_policy, wait_for_status  # noqa: PLC0415 (tests/ is not installed with the package)
 
     server = RestartableTemporal(
         temporal.TemporalDevServerConfig(db_file=work_dir / "temporal.db").with_free_ports(), work_dir / "temporal.log"
@@ -141,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    from bench.machine import cpu_name
 
     with tempfile.TemporaryDirectory(prefix="bench-outage-") as tmp:
         summary = asyncio.run(run(args.outage_s, Path(tmp)))

@@ -47,8 +47,23 @@ from typing import Any
 
 import numpy as np
 
+from bench.engine import VARIANTS, astronaut_zip, speech_like
 from bench.machine import cpu_name
+from infra.livekit import LiveKitServerConfig, server_process
+from realtime.engine.accel import AccelConfig
+from realtime.engine.api import EngineConfig
+from realtime.engine.device import choose_device, configure_cpu_threads
+from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.weights.loader import load_musetalk
+from realtime.engine.weights.random import random_models, write_checkpoint
+from realtime.host import AvatarAsset
+from realtime.outputs.base import PublisherStats
 from realtime.outputs.registry import LiveKitTarget
+from realtime.sidecar.audio_input import AudioInput
+from realtime.sidecar.config import RuntimeConfig
+from realtime.sidecar.engine_adapter import EngineAdapter
+from realtime.sidecar.render_lane import BatchCostModel, RenderLane
+from realtime.sidecar.runtime import SessionRuntime
 
 logger = logging.getLogger("bench.sessions")
 
@@ -62,8 +77,6 @@ class CountingPublisher:
     """A `Publisher` that only counts: the benchmark measures the sidecar, not the network."""
 
     def __init__(self) -> None:
-        from realtime.outputs.base import PublisherStats
-
         self.name = "counting"
         self._stats = PublisherStats(name=self.name, connected=True)
 
@@ -100,9 +113,7 @@ def frame_px(text: str) -> tuple[int, int]:
 def avatar_zip(width: int, height: int, count: int = 16) -> bytes:
     """The astronaut avatar (bench.engine's, a real face) at `width`×`height`: the square photo at the smaller
     side, its borders reflected out to the other (a wide frame keeps the face unstretched)."""
-    import cv2
-
-    from bench.engine import astronaut_zip
+    import cv2  # noqa: PLC0415 (heavy: OpenCV)
 
     side = min(width, height)
     square = astronaut_zip(size=side, count=count)
@@ -127,8 +138,6 @@ class LiveKitRun:
     """A real livekit-server for the run, and a publisher per session into its own room."""
 
     def __init__(self, workdir: Path) -> None:
-        from infra.livekit import LiveKitServerConfig, server_process
-
         self.config = LiveKitServerConfig().with_free_ports()
         self.process = server_process(self.config, workdir)
         self._rooms = 0
@@ -140,9 +149,9 @@ class LiveKitRun:
         self.process.stop()
 
     async def publisher(self, width_px: int, height_px: int) -> Any:
-        from livekit import api
+        from livekit import api  # noqa: PLC0415 (heavy: livekit)
 
-        from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions
+        from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions  # noqa: PLC0415 (heavy: livekit)
 
         self._rooms += 1
         room, identity = f"bench-{self._rooms}", "avatar"
@@ -162,25 +171,14 @@ class LiveKitRun:
 
 def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, str]:
     """The engine adapter, the device description, the torch version (or None)."""
-    from realtime.engine.api import EngineConfig
-    from realtime.sidecar.engine_adapter import EngineAdapter
-
     if args.engine == "preview":
         config = EngineConfig(engine="preview", cache_dir=cache_dir)
         return EngineAdapter(config), cpu_name(), ""
-    import torch
-
-    from realtime.engine.device import choose_device, configure_cpu_threads
-    from realtime.engine.musetalk import MuseTalkEngine
-    from realtime.engine.weights.loader import load_musetalk
-    from realtime.engine.weights.random import random_models, write_checkpoint
+    import torch  # noqa: PLC0415 (heavy: torch)
 
     device = choose_device(args.device, "auto")
     if not device.is_cuda:
         configure_cpu_threads(None)
-    from bench.engine import VARIANTS
-    from realtime.engine.accel import AccelConfig
-
     accel = {k: v for k, v in VARIANTS[args.variant].items() if k != "dtype"}
     config = EngineConfig(
         engine="musetalk",
@@ -230,11 +228,6 @@ async def run_level(
     livekit: LiveKitRun | None = None,
     client_burst_s: float = 0.0,
 ) -> dict[str, Any]:
-    from realtime.sidecar.audio_input import AudioInput
-    from realtime.sidecar.config import RuntimeConfig
-    from realtime.sidecar.render_lane import RenderLane
-    from realtime.sidecar.runtime import SessionRuntime
-
     config = runtime_config or RuntimeConfig()
     lane = RenderLane(
         engine.render,
@@ -381,9 +374,6 @@ def ladder(maximum: int) -> list[int]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.engine import speech_like
-    from realtime.host import AvatarAsset
-
     with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp:
         cache_dir = Path(tmp)
         engine, device, torch_version = build_engine(args, cache_dir)
@@ -395,9 +385,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         _, avatar = engine.prepare_avatar(AvatarAsset(avatar_path, "frames_zip", ""), lambda _p: None)
         speech = speech_like(UTTERANCE_S, seed=3)
         pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
-        from realtime.sidecar.config import RuntimeConfig
-        from realtime.sidecar.render_lane import BatchCostModel
-
         runtime_config = RuntimeConfig(
             max_render_budget_ms=args.max_render_budget_ms,
             render_budget_safety=args.render_budget_safety,
@@ -489,8 +476,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from realtime.sidecar.config import RuntimeConfig  # light: no livekit, torch or engine
-
     parser = argparse.ArgumentParser(prog="python -m bench.sessions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, required=True, help="the largest number of concurrent sessions")
     parser.add_argument("--engine", choices=("preview", "musetalk"), default="preview")

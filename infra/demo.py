@@ -32,14 +32,18 @@ import time
 import wave
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soxr
+import yaml
+from PIL import Image
 
+from api.policy_file import apply_overrides, load_policies, policies_path
 from infra import stack
 from infra.paths import PROJECT_ROOT, state_dir
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
@@ -117,8 +121,7 @@ class DemoResult:
 
 
 def astronaut_head(side_px: int = AVATAR_SIDE_PX) -> np.ndarray:
-    from PIL import Image
-    from skimage.data import astronaut
+    from skimage.data import astronaut  # noqa: PLC0415 (heavy: scikit-image)
 
     head = np.ascontiguousarray(astronaut()[0:384, 60:444])  # head and shoulders, 384x384 RGB
     return np.asarray(Image.fromarray(head).resize((side_px, side_px), Image.Resampling.LANCZOS))
@@ -126,8 +129,6 @@ def astronaut_head(side_px: int = AVATAR_SIDE_PX) -> np.ndarray:
 
 def avatar_zip_bytes(frames: int = AVATAR_FRAMES, side_px: int = AVATAR_SIDE_PX) -> bytes:
     """frame_1.png … frame_N.png of the astronaut, breathing very slightly (a 1 % brightness cycle)."""
-    from PIL import Image
-
     head = astronaut_head(side_px).astype(np.float32)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -142,8 +143,6 @@ def avatar_zip_bytes(frames: int = AVATAR_FRAMES, side_px: int = AVATAR_SIDE_PX)
 
 def speech_pcm(text: str, rate_hz: int = SPEECH_RATE_HZ) -> bytes:
     """`text` spoken by espeak-ng, as s16le mono at `rate_hz` (what the audio WebSocket takes by default)."""
-    import soxr
-
     binary = shutil.which("espeak-ng")
     if binary is None:
         raise DemoError("espeak-ng is not installed (make setup installs it: apt-get install espeak-ng)")
@@ -167,7 +166,7 @@ def check_recording(path: Path, speech_start_s: float | None = None) -> Recordin
     face, so outside the mouth only codec noise changes: p99 of |frame - idle reference| is a
     location-free measure of mouth movement.
     """
-    import av
+    import av  # noqa: PLC0415 (heavy: PyAV)
 
     frames: list[np.ndarray] = []
     frame_times_s: list[float] = []
@@ -250,9 +249,6 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 def demo_policies(work_dir: Path, overrides: dict[str, Any] | None = None) -> Path:
     """infra/policies.yaml with the loopback asset server allow-listed (plus `overrides`, dotted keys)."""
-    import yaml
-
-    from api.policy_file import apply_overrides, load_policies, policies_path
 
     document = yaml.safe_load(policies_path().read_text())
     allow = list(document["assets"]["fetch"].get("allow_networks") or [])
@@ -412,7 +408,7 @@ class Demo:
     # --- the session ---------------------------------------------------------------------
 
     async def _session(self) -> DemoResult:
-        from lipsync_client import Avatar, LipsyncClient, LipsyncError, LiveKitOutput
+        from lipsync_client import Avatar, LipsyncClient, LipsyncError, LiveKitOutput  # noqa: PLC0415 (heavy: the separately packaged client)
 
         self._start_services()
         assets_dir = self.work_dir / "assets"
@@ -518,8 +514,6 @@ def run_demo(options: DemoOptions, say: Say | None = None) -> DemoResult:
 
 def free_ports_options(base: DemoOptions) -> DemoOptions:
     """The same demo on free ports and a private stack dir (tests, or a machine where 8000 is taken)."""
-    from dataclasses import replace
-
     return replace(
         base,
         stack_dir=base.work_dir / "stack",

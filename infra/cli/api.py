@@ -15,12 +15,12 @@ def register(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 (heavy: uvicorn)
 
-    from api.app import create_app
-    from api.policy_file import PolicyError, load_policies
-    from api.settings import ApiSettings, SettingsError
-    from infra.telemetry import TelemetryConfigError, configure_tracing
+    from api.app import create_app  # noqa: PLC0415 (lipsync --help stays fast)
+    from api.policy_file import PolicyError, load_policies  # noqa: PLC0415 (lipsync --help stays fast)
+    from api.settings import ApiSettings, SettingsError  # noqa: PLC0415 (lipsync --help stays fast)
+    from infra.telemetry import TelemetryConfigError, configure_tracing  # noqa: PLC0415 (lipsync --help stays fast)
 
     try:
         settings = ApiSettings.from_env()

@@ -17,8 +17,12 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from realtime.engine.accel import AccelConfig
+from realtime.engine.api import EngineConfig
+from realtime.engine.avatar.prepare import default_cache_root
 from realtime.errors import LipsyncError
 from realtime.sidecar.config import SidecarSettings
+from realtime.sidecar.engine_adapter import EngineAdapter
 
 if TYPE_CHECKING:
     from realtime.sidecar.host import SidecarHost
@@ -35,10 +39,7 @@ class SidecarServiceFailed(LipsyncError, RuntimeError):
 
 
 def build_host(settings: SidecarSettings) -> SidecarHost:
-    from realtime.engine.accel import AccelConfig
-    from realtime.engine.api import EngineConfig
-    from realtime.sidecar.engine_adapter import EngineAdapter
-    from realtime.sidecar.host import SidecarHost
+    from realtime.sidecar.host import SidecarHost  # noqa: PLC0415 (livekit: loads when the sidecar serves)
 
     engine_config = EngineConfig(
         engine=settings.engine,
@@ -60,9 +61,9 @@ async def serve(
     settings: SidecarSettings, *, services: Sequence[HostService] = (), started: asyncio.Event | None = None
 ) -> None:
     """Run the sidecar until SIGINT/SIGTERM (uvicorn's handlers) or cancellation; tears every session down."""
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 (heavy: uvicorn)
 
-    from realtime.sidecar.server import create_app
+    from realtime.sidecar.server import create_app  # noqa: PLC0415 (livekit: loads when the sidecar serves)
 
     _Server = _uvicorn_server_class()
 
@@ -72,8 +73,6 @@ async def serve(
         logger.info(
             "engine ready", extra={"engine": result.engine, "device": result.device, "warm_up_ms": result.warm_up_ms}
         )
-    from realtime.engine.avatar.prepare import default_cache_root
-
     server_config = dataclasses.replace(
         settings.server,
         avatar_cache_dir=settings.cache_dir or default_cache_root(),
@@ -139,7 +138,7 @@ async def serve(
 
 
 def _uvicorn_server_class() -> type[Any]:
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 (heavy: uvicorn)
 
     class Server(uvicorn.Server):
         """uvicorn's server without its signal capture: the sidecar owns SIGINT/SIGTERM so that it can tear its
