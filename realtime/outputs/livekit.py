@@ -63,6 +63,7 @@ import numpy as np
 from livekit import rtc
 from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 
+from realtime.clock import Clock, monotonic_clock
 from realtime.ingest.formats import TIMELINE_SAMPLE_RATE_HZ
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
@@ -142,9 +143,7 @@ def _disconnect_reason_name(reason: object) -> str:
 class LiveKitPublisher:
     """Publishes one session into one room as the avatar participant."""
 
-    def __init__(
-        self, target: LiveKitTarget, options: LiveKitPublisherOptions, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, target: LiveKitTarget, options: LiveKitPublisherOptions, clock: Clock = monotonic_clock) -> None:
         self.name = "livekit"
         self._clock = clock  # time.monotonic (the session clock's and the event loop's); tests inject their own
         self.target = target
