@@ -57,9 +57,9 @@ from realtime.engine.musetalk import MuseTalkEngine
 from realtime.engine.weights.loader import load_musetalk
 from realtime.engine.weights.random import random_models, write_checkpoint
 from realtime.host import AvatarAsset
+from realtime.ingest.input import AudioInput
 from realtime.outputs.base import PublisherStats
 from realtime.outputs.registry import LiveKitTarget
-from realtime.sidecar.audio_input import AudioInput
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.engine_adapter import EngineAdapter
 from realtime.sidecar.render_lane import BatchCostModel, RenderLane

@@ -16,6 +16,11 @@ FRAME_RATE_FPS = 25
 TIMELINE_SAMPLES_PER_FRAME = TIMELINE_SAMPLE_RATE_HZ // FRAME_RATE_FPS  # 640
 PLAYOUT_SAMPLES_PER_FRAME = PLAYOUT_SAMPLE_RATE_HZ // FRAME_RATE_FPS  # 1920
 
+# One binary message at most (s16le 16 kHz mono: 32 s); larger messages are refused, not split.
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# No audio this long ends an open utterance (an implicit end_of_utterance).
+DEFAULT_UTTERANCE_GAP_MS = 500
+
 MIN_SAMPLE_RATE_HZ = 8_000
 MAX_SAMPLE_RATE_HZ = 192_000
 MAX_CHANNELS = 8

@@ -7,12 +7,15 @@ docs/audio-protocol.md is the contract; keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from realtime.host import SessionStats
 from realtime.ingest.errors import IngestError, IngestErrorCode
-from realtime.ingest.formats import PcmFormat
+from realtime.ingest.formats import FRAME_RATE_FPS, PcmFormat
+from realtime.ingest.ratewatch import RateVerdict
 
 MAX_TEXT_MESSAGE_BYTES = 64 * 1024
 
@@ -87,7 +90,7 @@ def ready_message(
         "max_message_bytes": max_message_bytes,
         "buffer_limit_ms": buffer_limit_ms,
         "lookahead_ms": lookahead_ms,
-        "frame_rate_fps": 25,
+        "frame_rate_fps": FRAME_RATE_FPS,
     }
 
 
@@ -102,4 +105,27 @@ def playback_finished_message(utterance_id: int, playback_position_s: float, int
         "utterance_id": utterance_id,
         "playback_position": round(playback_position_s, 6),
         "interrupted": interrupted,
+    }
+
+
+def stats_message(stats: SessionStats) -> dict[str, Any]:
+    return {"type": "stats", **dataclasses.asdict(stats)}
+
+
+def config_applied_message(pcm_format: PcmFormat) -> dict[str, Any]:
+    return {"type": "config_applied", "format": pcm_format.as_dict()}
+
+
+def suspect_sample_rate_message(verdict: RateVerdict) -> dict[str, Any]:
+    """A warning (the connection stays open): a real-time stream arrives far from its declared rate."""
+    return {
+        "type": "warning",
+        "code": "suspect_sample_rate",
+        "message": (
+            f"audio arrives at about {verdict.arrival_rate_hz:.0f} samples/s on a stream declared real-time "
+            f"at {verdict.declared_rate_hz} Hz: if the PCM's real rate differs, declare it (sample_rate), "
+            "or it plays at the wrong speed"
+        ),
+        "declared_sample_rate": verdict.declared_rate_hz,
+        "arrival_rate_hz": round(verdict.arrival_rate_hz, 1),
     }

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.ingest.formats import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_UTTERANCE_GAP_MS
+
 TIMELINE_SAMPLE_RATE_HZ = 16_000
-DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # 1 MiB: 32 s of s16le 16 kHz mono in one message
 DEFAULT_PORT = 8790
-DEFAULT_UTTERANCE_GAP_MS = 500  # no audio this long ends an open utterance (implicit end_of_utterance)
 DEFAULT_AVATAR_CACHE_MAX_BYTES = 8 << 30  # the avatar cache's cap: least recently used entries are evicted
 
 

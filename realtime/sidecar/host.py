@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from realtime.agents_protocol import AgentAudioBridge
 from realtime.host import (
     AvatarAsset,
     Capacity,
@@ -32,6 +31,7 @@ from realtime.host import (
     SessionStats,
     WarmUpResult,
 )
+from realtime.ingest.agents import AgentAudioBridge
 from realtime.ingest.formats import FRAME_RATE_FPS
 from realtime.outputs.base import AgentRoomPublisher, Publisher
 from realtime.outputs.recording import RecordingOutput
@@ -379,6 +379,12 @@ class SidecarHost:
         session = self.sessions.get(session_id)
         if session is not None:
             session.audio_clients = max(0, session.audio_clients - 1)
+
+    async def wait_session_end(self, session_id: str) -> None:
+        """Return once the session has stopped (at once for an unknown session)."""
+        session = self.sessions.get(session_id)
+        if session is not None:
+            await session.stop_event.wait()
 
     def engine_info(self) -> EngineInfo:
         return self.engine.info()

@@ -236,7 +236,7 @@ async def test_bad_config_message_is_fatal_and_the_session_lives_on(
 async def test_a_defect_while_handling_audio_is_an_internal_error_not_a_silent_drop(
     sidecar: RunningSidecar, session: tuple[str, RecordingPublisher], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from realtime.sidecar.audio_input import AudioInput
+    from realtime.ingest.input import AudioInput
 
     def broken_push(self: AudioInput, payload: bytes) -> None:
         raise RuntimeError("simulated defect")

@@ -19,7 +19,7 @@ from infra.livekit import LiveKitServerConfig
 from infra.process import ManagedProcess
 from realtime.host import RunLimits, SessionEndReason
 from realtime.outputs.livekit import LiveKitPublisher
-from realtime.sidecar.audio_input import AudioInput
+from realtime.ingest.input import AudioInput
 from tests.realtime.sidecar.test_livekit_e2e import host_of, open_livekit_session
 from tests.support.avcheck import RoomRecorder, token
 from tests.support.sidecar_harness import RunningSidecar

@@ -17,7 +17,7 @@ import pytest
 
 from realtime.ingest.formats import PcmFormat
 from realtime.outputs.base import FrameKind
-from realtime.sidecar.audio_input import AudioInput
+from realtime.ingest.input import AudioInput
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.render_lane import RenderLane

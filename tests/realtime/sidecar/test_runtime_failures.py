@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from infra.process import free_port
-from realtime.agents_protocol import AgentAudioBridge
 from realtime.host import (
     OpenedOutput,
     OutputTarget,
@@ -22,17 +21,18 @@ from realtime.host import (
     RunLimits,
     SessionEndReason,
 )
+from realtime.ingest.agents import AgentAudioBridge
+from realtime.ingest.connection import AudioConnection
 from realtime.ingest.errors import IngestError, IngestErrorCode
 from realtime.outputs.errors import OutputError
 from realtime.outputs.registry import LIVEKIT, RTMP, RtmpTarget
 from realtime.outputs.switch import SwitchableOutput
-from realtime.sidecar.audio_input import AudioInput
+from realtime.ingest.input import AudioInput
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.host import HostedSession, SidecarHost
 from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
-from realtime.sidecar.server import _AudioConnection
 from tests.realtime.sidecar.test_runtime import until
 from tests.support.recording import RecordingPublisher
 
@@ -192,7 +192,7 @@ class ReplacedWhileReceiving:
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
-        self.connection: _AudioConnection | None = None
+        self.connection: AudioConnection | None = None
         self.sent: list[dict[str, Any]] = []
 
     async def receive(self) -> dict[str, Any]:
@@ -215,7 +215,7 @@ async def test_audio_arriving_while_the_connection_closes_is_counted_as_rejected
     try:
         socket = ReplacedWhileReceiving(np.zeros(960, dtype="<i2").tobytes())
         host = SidecarHost(NoEngine())  # type: ignore[arg-type]
-        connection = _AudioConnection(socket, host, "replaced", ServerConfig(), {})  # type: ignore[arg-type]
+        connection = AudioConnection(socket, host, "replaced", ServerConfig(), {})  # type: ignore[arg-type]
         socket.connection = connection
         connection.input = AudioInput(runtime, "ws")
         await connection._receive_loop()

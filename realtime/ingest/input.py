@@ -21,11 +21,10 @@ from collections.abc import Callable
 import numpy as np
 
 from realtime.ingest.errors import IngestError, IngestErrorCode
-from realtime.ingest.formats import PcmFormat
+from realtime.ingest.formats import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_UTTERANCE_GAP_MS, PcmFormat
 from realtime.ingest.ratewatch import RateVerdict, RateWatch
 from realtime.ingest.resample import AudioConverter
-from realtime.sidecar.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_UTTERANCE_GAP_MS
-from realtime.sidecar.runtime import SessionRuntime
+from realtime.ingest.session import IngestSession
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ logger = logging.getLogger(__name__)
 class AudioInput:
     def __init__(
         self,
-        runtime: SessionRuntime,
+        runtime: IngestSession,
         source: str,
         pcm_format: PcmFormat | None = None,
         *,

@@ -31,8 +31,8 @@ from livekit import rtc
 
 from realtime.ingest.errors import IngestError, IngestErrorCode
 from realtime.ingest.formats import MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, PcmFormat
-from realtime.sidecar.audio_input import AudioInput
-from realtime.sidecar.runtime import SessionRuntime
+from realtime.ingest.input import AudioInput
+from realtime.ingest.session import IngestSession
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ RPC_RETRIES = 3
 class AgentAudioBridge:
     """Connects one session's runtime to an agent in its LiveKit room (re-attached after reconnects)."""
 
-    def __init__(self, runtime: SessionRuntime, agent_identity: str | None = None) -> None:
+    def __init__(self, runtime: IngestSession, agent_identity: str | None = None) -> None:
         self.runtime = runtime
         self.agent_identity = agent_identity
         self._room: rtc.Room | None = None
