@@ -98,6 +98,10 @@ class DevSessions:
         try:
             end = await self.host.run_session(session_id, limits, lambda _stats: None)
             logger.info("dev session ended", extra={"session_id": session_id, "reason": str(end.reason)})
+        except Exception:
+            # Nobody awaits a dev session's run but a stop: its failure (e.g. the host was shut down
+            # before the run began) goes to the log, and the teardown below still runs.
+            logger.exception("dev session run failed", extra={"session_id": session_id})
         finally:
             await self.host.teardown(session_id)
             self._runs.pop(session_id, None)
