@@ -64,7 +64,7 @@ class AgentAudioBridge:
         self.last_error = ""
 
     def attach(self, room: rtc.Room) -> None:
-        """Register the stream handler and the clear RPC on `room` (call again with a new room after a rejoin)."""
+        """Register the stream handler and the clear RPC on `room` (again on the new room after a rejoin)."""
         self._room = room
         room.register_byte_stream_handler(AUDIO_STREAM_TOPIC, self._on_stream)
         room.local_participant.register_rpc_method(RPC_CLEAR_BUFFER, self._on_clear_buffer)
@@ -95,7 +95,9 @@ class AgentAudioBridge:
     def _on_stream(self, reader: rtc.ByteStreamReader, participant_identity: str) -> None:
         if not self._accepts(participant_identity):
             logger.warning(
-                "ignoring lk.audio_stream from %s (the agent is %s)", participant_identity, self.agent_identity
+                "ignoring lk.audio_stream from %s (the agent is %s)",
+                participant_identity,
+                self.agent_identity,
             )
             self._spawn(self._drain(reader))
             return
@@ -198,7 +200,7 @@ class AgentAudioBridge:
         audio_input.end_utterance()
 
     def _account_cleared(self, audio_input: AudioInput, pcm_format: PcmFormat, discarded_bytes: int) -> None:
-        """Cleared mid-segment: what arrived after the clear is counted (received and flushed), never played."""
+        """Cleared mid-segment: what arrived after the clear counts as received and flushed, never played."""
         audio_input.settle()
         self.runtime.timeline.discard_held(
             pcm_format.to_timeline_samples(discarded_bytes // pcm_format.bytes_per_frame)
@@ -221,7 +223,13 @@ class AgentAudioBridge:
         if source == AGENT_SOURCE:
             self._spawn(self._rpc(RPC_PLAYBACK_STARTED, ""))
 
-    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None:
+    def on_playback_finished(
+        self,
+        utterance_id: int,
+        source: str,
+        position_s: float,
+        interrupted: bool,
+    ) -> None:
         if source == AGENT_SOURCE:
             self._send_finished(position_s, interrupted)
 
@@ -235,7 +243,11 @@ class AgentAudioBridge:
             return
         for attempt in range(RPC_RETRIES):
             try:
-                await room.local_participant.perform_rpc(destination_identity=agent, method=method, payload=payload)
+                await room.local_participant.perform_rpc(
+                    destination_identity=agent,
+                    method=method,
+                    payload=payload,
+                )
                 return
             except rtc.RpcError as exc:
                 if exc.code == rtc.RpcError.ErrorCode.UNSUPPORTED_METHOD and method == RPC_PLAYBACK_STARTED:

@@ -96,7 +96,13 @@ class AudioConnection:
         if source == WS_SOURCE:
             self.outbox.put_nowait(playback_started_message(utterance_id, frame_id))
 
-    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None:
+    def on_playback_finished(
+        self,
+        utterance_id: int,
+        source: str,
+        position_s: float,
+        interrupted: bool,
+    ) -> None:
         if source == WS_SOURCE:
             self.outbox.put_nowait(playback_finished_message(utterance_id, position_s, interrupted))
 
@@ -274,12 +280,13 @@ class AudioConnection:
         reason = self._close_error
         code = reason.code if reason is not None else IngestErrorCode.SESSION_ENDED
         pcm_format = self.input.pcm_format
+        frames = len(payload) // pcm_format.bytes_per_frame
         with contextlib.suppress(IngestError):
             self.input.reject(
                 IngestError(
                     code,
                     "binary message arrived while the connection was closing; the message was rejected",
-                    rejected_samples=pcm_format.to_timeline_samples(len(payload) // pcm_format.bytes_per_frame),
+                    rejected_samples=pcm_format.to_timeline_samples(frames),
                 )
             )
 

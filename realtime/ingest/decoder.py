@@ -37,9 +37,10 @@ def decode_pcm(payload: bytes, pcm_format: PcmFormat) -> tuple[np.ndarray, int]:
         finite = np.isfinite(interleaved)
         if not finite.all():
             bad = int((~finite).sum())
+            rejected_what = f"the message ({whole_frames} sample frames) was rejected"
             raise IngestError(
                 IngestErrorCode.NON_FINITE_SAMPLES,
-                f"f32le message holds {bad} NaN/inf value(s); the message ({whole_frames} sample frames) was rejected",
+                f"f32le message holds {bad} NaN/inf value(s); {rejected_what}",
                 rejected_samples=rejected,
             )
         peak = float(np.abs(interleaved).max()) if interleaved.size else 0.0

@@ -83,14 +83,14 @@ class PcmFormat:
         base = base or cls()
         unknown = sorted(set(values) - _ALLOWED_KEYS)
         if unknown:
-            raise _bad_config(f"unknown config key(s) {', '.join(unknown)}; allowed: sample_rate, encoding, channels")
+            listed = ", ".join(unknown)
+            raise _bad_config(f"unknown config key(s) {listed}; allowed: sample_rate, encoding, channels")
         sample_rate_hz = base.sample_rate_hz
         if (raw := _first(values, _KEY_SAMPLE_RATE)) is not None:
             sample_rate_hz = _positive_int(raw, "sample_rate")
             if not MIN_SAMPLE_RATE_HZ <= sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
-                raise _bad_config(
-                    f"sample_rate {sample_rate_hz} Hz is outside {MIN_SAMPLE_RATE_HZ}..{MAX_SAMPLE_RATE_HZ} Hz"
-                )
+                allowed = f"{MIN_SAMPLE_RATE_HZ}..{MAX_SAMPLE_RATE_HZ} Hz"
+                raise _bad_config(f"sample_rate {sample_rate_hz} Hz is outside {allowed}")
         channels = base.channels
         if (raw := _first(values, _KEY_CHANNELS)) is not None:
             channels = _positive_int(raw, "channels")

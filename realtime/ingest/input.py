@@ -53,9 +53,10 @@ class AudioInput:
         self.errors: Counter[str] = Counter()
         self.implicit_ends = 0
         self._clock = clock
-        # The client said it streams in real time (`pacing=realtime`): its arrival rate is checked (ratewatch).
+        # The client said it streams in real time (`pacing=realtime`): its arrival rate is checked.
         self.rate_watch = RateWatch() if realtime_paced else None
-        self.rate_warnings: list[RateVerdict] = []  # new suspect_sample_rate verdicts, taken by the connection
+        # New suspect_sample_rate verdicts; the connection takes them and warns its client.
+        self.rate_warnings: list[RateVerdict] = []
 
     @property
     def pcm_format(self) -> PcmFormat:
@@ -81,7 +82,8 @@ class AudioInput:
             self._reject(
                 IngestError(
                     IngestErrorCode.MESSAGE_TOO_LARGE,
-                    f"binary message of {len(payload)} bytes exceeds the {self.max_message_bytes}-byte limit; "
+                    f"binary message of {len(payload)} bytes exceeds "
+                    f"the {self.max_message_bytes}-byte limit; "
                     "send audio in smaller messages (20-100 ms each is typical)",
                     rejected_samples=pcm_format.to_timeline_samples(whole_frames),
                 )
@@ -212,6 +214,8 @@ class AudioInput:
         if self.runtime.timeline.open_utterance is not None or self.converter.holding:
             self.implicit_ends += 1
             logger.info(
-                "no audio for %d ms: ending the utterance", self.utterance_gap_ms, extra={"source": self.source}
+                "no audio for %d ms: ending the utterance",
+                self.utterance_gap_ms,
+                extra={"source": self.source},
             )
             self.end_utterance()

@@ -99,7 +99,11 @@ def playback_started_message(utterance_id: int, frame_id: int) -> dict[str, Any]
     return {"type": "playback_started", "utterance_id": utterance_id, "frame_id": frame_id}
 
 
-def playback_finished_message(utterance_id: int, playback_position_s: float, interrupted: bool) -> dict[str, Any]:
+def playback_finished_message(
+    utterance_id: int,
+    playback_position_s: float,
+    interrupted: bool,
+) -> dict[str, Any]:
     return {
         "type": "playback_finished",
         "utterance_id": utterance_id,

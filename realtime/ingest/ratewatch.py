@@ -29,7 +29,12 @@ class RateVerdict:
 
 class RateWatch:
     def __init__(
-        self, *, window_s: float = 5.0, high_ratio: float = 1.5, low_ratio: float = 0.6, max_gap_s: float = 1.0
+        self,
+        *,
+        window_s: float = 5.0,
+        high_ratio: float = 1.5,
+        low_ratio: float = 0.6,
+        max_gap_s: float = 1.0,
     ) -> None:
         self.window_s = window_s
         self.high_ratio = high_ratio

@@ -25,9 +25,9 @@ class StreamResampler:
     def __init__(self, in_rate_hz: int, out_rate_hz: int) -> None:
         self.in_rate_hz = in_rate_hz
         self.out_rate_hz = out_rate_hz
-        self._stream: soxr.ResampleStream | None = (
-            None if in_rate_hz == out_rate_hz else soxr.ResampleStream(in_rate_hz, out_rate_hz, 1, dtype="float32")
-        )
+        self._stream: soxr.ResampleStream | None = None
+        if in_rate_hz != out_rate_hz:
+            self._stream = soxr.ResampleStream(in_rate_hz, out_rate_hz, 1, dtype="float32")
         self.holding = False  # input was pushed since the last flush
 
     def push(self, samples: np.ndarray) -> np.ndarray:

@@ -19,7 +19,13 @@ class PlaybackListener(Protocol):
 
     def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None: ...
 
-    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None: ...
+    def on_playback_finished(
+        self,
+        utterance_id: int,
+        source: str,
+        position_s: float,
+        interrupted: bool,
+    ) -> None: ...
 
 
 class IngestTimeline(Protocol):

@@ -69,8 +69,8 @@ def load_secret(secret_file: Path | None = None) -> str:
     value = os.environ.get(SECRET_ENV, "")
     if not value:
         raise SecretError(
-            f"no sidecar secret: set {SECRET_ENV} (or {SECRET_FILE_ENV}, or --secret-file) to the secret the API "
-            "shares with its sidecars; every sidecar route but the bare /healthz needs it"
+            f"no sidecar secret: set {SECRET_ENV} (or {SECRET_FILE_ENV}, or --secret-file) to the secret "
+            "the API shares with its sidecars; every sidecar route but the bare /healthz needs it"
         )
     return check_secret(value, SECRET_ENV)
 

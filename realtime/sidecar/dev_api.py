@@ -79,7 +79,13 @@ class DevSessions:
         self.host = host
         self._runs: dict[str, asyncio.Task[None]] = {}
 
-    async def start(self, session_id: str, asset: AvatarAsset, target: OutputTarget, limits: RunLimits) -> DevStarted:
+    async def start(
+        self,
+        session_id: str,
+        asset: AvatarAsset,
+        target: OutputTarget,
+        limits: RunLimits,
+    ) -> DevStarted:
         """Prepare, warm up and open the output, then run the session in the background until it ends.
 
         A failed step tears the session down (as the workflow does) and raises its error.

@@ -46,7 +46,7 @@ def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def _install_error_bodies(app: FastAPI) -> None:
-    """Errors of the dev HTTP API as `{code, message}` (+ `fields` for a malformed body), like the API edge's."""
+    """HTTP errors as `{code, message}` (+ `fields` for a malformed body), like the API edge's."""
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -63,7 +63,10 @@ def _install_error_bodies(app: FastAPI) -> None:
             for error in exc.errors()
         ]
         listed = "; ".join(f"{field['field']}: {field['message']}" for field in fields)
-        return JSONResponse(_error("validation_error", f"invalid request: {listed}", fields=fields), status_code=422)
+        return JSONResponse(
+            _error("validation_error", f"invalid request: {listed}", fields=fields),
+            status_code=422,
+        )
 
 
 class ServiceCredentialGate:
@@ -77,10 +80,13 @@ class ServiceCredentialGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") != LIVENESS_PATH:
-            headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if not is_service_credential(self.secret, headers.get("authorization")):
                 response = JSONResponse(
-                    _error("unauthorized", "this sidecar route needs the service credential (Authorization: Bearer)"),
+                    _error(
+                        "unauthorized",
+                        "this sidecar route needs the service credential (Authorization: Bearer)",
+                    ),
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
@@ -118,10 +124,10 @@ def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
             return {"status": "ok"}  # session ids, addresses and capacity only for the service
         info = host.engine_info()
         capacity = host.capacity()
-        sessions = {
-            session_id: dataclasses.asdict(session.runtime.stats()) if session.runtime else {"phase": "preparing"}
-            for session_id, session in host.sessions.items()
-        }
+        sessions: dict[str, Any] = {}
+        for session_id, session in host.sessions.items():
+            runtime = session.runtime
+            sessions[session_id] = dataclasses.asdict(runtime.stats()) if runtime else {"phase": "preparing"}
         cache_dir = server_config.avatar_cache_dir
         cache_bytes = await asyncio.to_thread(store_bytes, cache_dir) if cache_dir is not None else 0
         return {
@@ -149,7 +155,12 @@ def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
     async def _serve_audio(websocket: WebSocket, session_id: str) -> None:
         refusal = _audio_refusal(websocket, session_id, secret)
         connection = AudioConnection(
-            websocket, host, session_id, server_config, audio_connections, credential_params=(AUDIO_TOKEN_PARAM,)
+            websocket,
+            host,
+            session_id,
+            server_config,
+            audio_connections,
+            credential_params=(AUDIO_TOKEN_PARAM,),
         )
         await connection.serve(refusal)
 

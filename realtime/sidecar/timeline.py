@@ -90,7 +90,10 @@ class Utterance:
         """Frames whose audio (timeline and playout) is complete now."""
         if self.ended:
             return self.frame_count or 0
-        return min(self.timeline.size // TIMELINE_SAMPLES_PER_FRAME, self.playout.size // PLAYOUT_SAMPLES_PER_FRAME)
+        return min(
+            self.timeline.size // TIMELINE_SAMPLES_PER_FRAME,
+            self.playout.size // PLAYOUT_SAMPLES_PER_FRAME,
+        )
 
     @property
     def pending_samples(self) -> int:
@@ -156,7 +159,8 @@ class SessionTimeline:
                 IngestErrorCode.BUFFER_FULL,
                 f"audio buffer full: {pending * 1000 // TIMELINE_SAMPLE_RATE_HZ} ms are queued and this "
                 f"message adds {incoming_samples * 1000 // TIMELINE_SAMPLE_RATE_HZ} ms, over the "
-                f"{limit_ms} ms limit; the message was rejected. Send audio at most this far ahead of playback.",
+                f"{limit_ms} ms limit; the message was rejected. "
+                "Send audio at most this far ahead of playback.",
                 rejected_samples=incoming_samples,
             )
 
