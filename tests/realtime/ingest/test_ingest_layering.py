@@ -8,7 +8,13 @@ from pathlib import Path
 
 import realtime.ingest
 
-ABOVE_OR_BESIDE = ("realtime.sidecar", "realtime.publish", "realtime.media", "realtime.outputs", "realtime.engine")
+ABOVE_OR_BESIDE = (
+    "realtime.sidecar",
+    "realtime.publish",
+    "realtime.media",
+    "realtime.outputs",
+    "realtime.engine",
+)
 
 
 def imported_modules(path: Path) -> set[str]:

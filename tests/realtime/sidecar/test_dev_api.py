@@ -76,7 +76,8 @@ async def test_the_dev_api_drives_the_host_lifecycle_and_gives_every_slot_back(
             assert started.status_code == 200, started.text
             answer = started.json()
             assert answer["output"] == {"kind": "livekit", "detail": "room-dev-1"}
-            assert answer["engine"]["engine"] == "preview" and answer["audio_ws"] == "/v1/sessions/dev-1/audio"
+            assert answer["engine"]["engine"] == "preview"
+            assert answer["audio_ws"] == "/v1/sessions/dev-1/audio"
             assert host.capacity().slots_free == 0
             stats = await client.get("/v1/sessions/dev-1/stats")
             assert stats.status_code == 200 and stats.json()["session_id"] == "dev-1"
