@@ -32,13 +32,11 @@ from realtime.ingest.protocol import (
     suspect_sample_rate_message,
 )
 from realtime.ingest.session import AudioSessions, ConnectionLimits
+from realtime.ingest.ws_close import ws_close_code
 
 logger = logging.getLogger(__name__)
 
 WS_SOURCE = "ws"
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_GOING_AWAY = 1001
-CLOSE_INTERNAL_ERROR = 1011
 LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
@@ -123,8 +121,8 @@ class AudioConnection:
         if runtime is not None:
             self.outbox.put_nowait(stats_message(runtime.stats()))
 
-    async def _close(self, error: IngestError | None, code: int = CLOSE_POLICY_VIOLATION) -> None:
-        """Send `error` (if any) after everything queued, then close the socket. Idempotent."""
+    async def _close(self, error: IngestError | None) -> None:
+        """Send `error` (if any) after everything queued, then close (`ws_close_code`). Idempotent."""
         if self._closing:
             return
         self._closing = True
@@ -139,7 +137,8 @@ class AudioConnection:
                 await asyncio.wait_for(asyncio.shield(self._sender), timeout=_CLOSE_FLUSH_TIMEOUT_S)
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
-                await self.websocket.close(code, reason=str(error.code) if error else "")
+                code = error.code if error else None
+                await self.websocket.close(ws_close_code(code), reason=code or "")
 
     def _parse_query(self) -> tuple[PcmFormat, int, str]:
         """(format, stats interval, pacing) from the query string; raises IngestError BAD_CONFIG."""
@@ -225,14 +224,13 @@ class AudioConnection:
             self.sessions.audio_client_left(self.session_id)
             for helper in helpers:
                 helper.cancel()
-            await self._close(None, code=1000)
+            await self._close(None)
 
     async def _watch_session_end(self) -> None:
         """Tell the client when its session ends (stop, idle timeout, teardown) and close the socket."""
         await self.sessions.wait_session_end(self.session_id)
         await self._close(
-            IngestError(IngestErrorCode.SESSION_ENDED, f"session {self.session_id} has ended", fatal=True),
-            code=CLOSE_GOING_AWAY,
+            IngestError(IngestErrorCode.SESSION_ENDED, f"session {self.session_id} has ended", fatal=True)
         )
 
     async def _receive_loop(self) -> None:
@@ -268,7 +266,7 @@ class AudioConnection:
                     "the sidecar failed to handle this message (a bug, logged); reconnect to go on",
                     fatal=True,
                 )
-                await self._close(error, code=CLOSE_INTERNAL_ERROR)
+                await self._close(error)
                 return
 
     def _refuse_late(self, message: dict[str, Any]) -> None:

@@ -84,7 +84,7 @@ class Publisher(Protocol):
 @runtime_checkable
 class AgentRoomPublisher(Protocol):
     """A publisher that joins a room where a voice agent may speak: the sidecar bridges that agent's
-    audio into the session (realtime.agents_protocol) after each (re)connect."""
+    audio into the session (realtime.ingest.agents) after each (re)connect."""
 
     @property
     def agent_identity(self) -> str | None:

@@ -24,11 +24,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from realtime.errors import LipsyncError
 from realtime.host import (
     AvatarAsset,
-    LiveKitTarget,
     OpenedOutput,
-    OutputKind,
     OutputTarget,
     PreparedAvatar,
     PrepareProgress,
@@ -37,7 +36,8 @@ from realtime.host import (
     SessionHost,
     WarmUpResult,
 )
-from realtime.media.errors import OutputError
+from realtime.outputs.errors import OutputError
+from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.errors import SidecarError
 
@@ -166,14 +166,14 @@ def add_dev_api(
         if refused is not None:
             return refused
         asset = AvatarAsset(path=path, kind=body.avatar_kind, digest_sha256="")
-        target = OutputTarget(kind=OutputKind.LIVEKIT, livekit=LiveKitTarget(**body.livekit.model_dump()))
+        target = OutputTarget(LIVEKIT.name, LiveKitTarget(**body.livekit.model_dump()))
         limits = RunLimits(idle_timeout_s=body.idle_timeout_s, max_duration_s=body.max_duration_s)
         try:
             started = await sessions.start(session_id, asset, target, limits)
         except (SidecarError, OutputError) as exc:
             return JSONResponse({"code": exc.code, "message": exc.message}, status_code=409)
         except Exception as exc:
-            code = getattr(exc, "code", "prepare_failed")
+            code = exc.code if isinstance(exc, LipsyncError) else "prepare_failed"
             return JSONResponse({"code": code, "message": str(exc)}, status_code=422)
         prepared = started.prepared
         return JSONResponse(
