@@ -18,8 +18,8 @@ from livekit.rtc._proto.room_pb2 import SimulateScenarioKind
 from infra.livekit import LiveKitServerConfig
 from infra.process import ManagedProcess
 from realtime.host import RunLimits, SessionEndReason
-from realtime.outputs.livekit import LiveKitPublisher
 from realtime.ingest.input import AudioInput
+from realtime.outputs.livekit import LiveKitPublisher
 from tests.realtime.sidecar.test_livekit_e2e import host_of, open_livekit_session
 from tests.support.avcheck import RoomRecorder, token
 from tests.support.sidecar_harness import RunningSidecar

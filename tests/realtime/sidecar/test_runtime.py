@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from realtime.ingest.formats import PcmFormat
-from realtime.outputs.base import FrameKind
 from realtime.ingest.input import AudioInput
+from realtime.outputs.base import FrameKind
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.render_lane import RenderLane

@@ -24,10 +24,10 @@ from realtime.host import (
 from realtime.ingest.agents import AgentAudioBridge
 from realtime.ingest.connection import AudioConnection
 from realtime.ingest.errors import IngestError, IngestErrorCode
+from realtime.ingest.input import AudioInput
 from realtime.outputs.errors import OutputError
 from realtime.outputs.registry import LIVEKIT, RTMP, RtmpTarget
 from realtime.outputs.switch import SwitchableOutput
-from realtime.ingest.input import AudioInput
 from realtime.sidecar.config import ServerConfig
 from realtime.sidecar.engine_port import EngineInfo
 from realtime.sidecar.host import HostedSession, SidecarHost
