@@ -115,6 +115,9 @@ class Harness:
         self.lease_s = lease_s
         self.registration_interval_s = registration_interval_s
         self.suffix = suffix
+        # Named in every failure the harness raises (a chaos test puts its seed here, so a rare failure replays).
+        self.failure_context = ""
+        self._root = root
         self.livekit_api_key, self.livekit_api_secret = livekit_credentials
         self.hosts: dict[str, LoopbackSessionHost] = {}
         self.shards = shards
@@ -136,7 +139,9 @@ class Harness:
             await self.stop_sidecar(sidecar_id)
         await self._stack.aclose()
         if exc_info[0] is None:
-            await replay_all(self.client, self.workflow_ids)
+            await replay_all(
+                self.client, self.workflow_ids, failure_context=self.failure_context, history_dir=self._root
+            )
 
     async def _start_control_worker(self) -> None:
         config = ControlConfig(
@@ -306,8 +311,13 @@ def is_terminal(status: SessionStatus) -> bool:
     return status.phase in TERMINAL_PHASES
 
 
-async def replay_all(client: Client, workflow_ids: Iterable[str]) -> int:
-    """Replay every stored run of the given workflow ids; raises on any nondeterminism. Returns runs replayed."""
+async def replay_all(
+    client: Client, workflow_ids: Iterable[str], *, failure_context: str = "", history_dir: Path | None = None
+) -> int:
+    """Replay every stored run of the given workflow ids; raises on any nondeterminism. Returns runs replayed.
+
+    A failure names the run, the replay error and `failure_context`; with `history_dir` the failing history
+    is written there as JSON, so it can be replayed again outside the test."""
     histories = []
     for workflow_id in dict.fromkeys(workflow_ids):
         runs: list[str | None] = []
@@ -325,6 +335,14 @@ async def replay_all(client: Client, workflow_ids: Iterable[str]) -> int:
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         if result.replay_failure is not None:
-            raise AssertionError(f"replay of {history.workflow_id} failed") from result.replay_failure
+            saved = ""
+            if history_dir is not None:
+                path = history_dir / f"{history.workflow_id}.{history.run_id}.history.json"
+                path.write_text(history.to_json())
+                saved = f"; history saved to {path}"
+            raise AssertionError(
+                f"replay of {history.workflow_id} run {history.run_id} failed: {result.replay_failure!r}"
+                f"{saved}{'; ' + failure_context if failure_context else ''}"
+            ) from result.replay_failure
     logger.info("replayed %d workflow histories", len(histories))
     return len(histories)

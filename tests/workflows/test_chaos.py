@@ -62,7 +62,21 @@ async def test_live_sessions_ride_out_a_random_sequence_of_faults(
     seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
     rng = random.Random(seed)
     logger.info("chaos seed %d (replay with CHAOS_SEED=%d)", seed, seed)
-    print(f"\nchaos seed {seed}")
+    # Named in any failure, the replay at the harness's close included: a rare interleaving replays exactly.
+    world.failure_context = f"chaos seed {seed} (replay with CHAOS_SEED={seed})"
+    try:
+        await ride_out_faults(world, temporal_server, rtmp_server, avatar_url, rng)
+    except Exception as failure:
+        raise AssertionError(f"{failure!r}; {world.failure_context}") from failure
+
+
+async def ride_out_faults(
+    world: Harness,
+    temporal_server: RestartableTemporal,
+    rtmp_server: RtmpServerConfig,
+    avatar_url: str,
+    rng: random.Random,
+) -> None:
     hosts = [await world.add_sidecar(name, slots=SESSIONS) for name in ("a", "b")]
     policy = fast_policy(
         activities__run_session__heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
