@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from activities.sidecar_worker import SidecarTemporalOptions
 from infra.cli import build_parser
 from infra.cli.sidecar import temporal_options_from_args
 from infra.paths import PROJECT_ROOT
-from infra.process import free_port, log_tail
+from infra.process import free_port, log_tail, spawn, stop_process_group
 from infra.temporal import TemporalDevServerConfig
 from realtime.outputs.registry import RtmpTarget
 from tests.support.outputs import output_request
@@ -44,12 +43,13 @@ async def test_worker_process_runs_sessions(
     temporal_dev_server: TemporalDevServerConfig, temporal_client: Client, tmp_path: Path
 ) -> None:
     queue = f"cli-{uuid.uuid4().hex[:8]}"
-    log = (tmp_path / "worker.log").open("w")
+    log = (tmp_path / "worker.log").open("wb")
+    # Tethered (infra.process.spawn): it dies with this test process however that ends.
     process = await asyncio.to_thread(
-        subprocess.Popen,
+        spawn,
         [sys.executable, "-m", "infra.cli", "worker", "--temporal-address", temporal_dev_server.target,
          "--task-queue", queue, "--placement-id", f"placement-{queue}", "--asset-dir", str(tmp_path / "assets")],
-        cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        log=log, cwd=PROJECT_ROOT,
     )  # fmt: skip
     try:
         # The SSRF guard refuses this URL: the worker process ran the workflow and the fetch activity.
@@ -67,7 +67,12 @@ async def test_worker_process_runs_sessions(
         assert await replay_all(temporal_client, [handle.id]) == 1
     finally:
         process.send_signal(signal.SIGTERM)
-        returncode = await asyncio.to_thread(process.wait, 30)
+        try:
+            returncode = await asyncio.to_thread(process.wait, 30)
+        finally:
+            if process.poll() is None:
+                stop_process_group(process.pid)
+            log.close()
     assert returncode == 0, (tmp_path / "worker.log").read_text()[-2000:]
 
 
@@ -97,27 +102,34 @@ async def test_sidecar_without_reachable_temporal_exits_with_an_error(tmp_path: 
     log_path = tmp_path / "sidecar.log"
     with log_path.open("wb") as log:
         process = await asyncio.to_thread(
-            subprocess.Popen,
+            spawn,
             [sys.executable, "-m", "infra.cli", "sidecar", "--temporal-address", f"127.0.0.1:{free_port()}",
              "--engine", "preview", "--device", "cpu", "--no-warm-up", "--port", str(free_port()),
              "--asset-dir", str(tmp_path / "assets")],
-            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            log=log, cwd=PROJECT_ROOT,
         )  # fmt: skip
         try:
             returncode = await asyncio.to_thread(process.wait, 60)
         finally:
             if process.poll() is None:
-                process.kill()
-                process.wait(10)
+                stop_process_group(process.pid)
     assert returncode == 1, log_tail(log_path)
     assert "sidecar service failed" in log_path.read_text()
 
 
 def test_worker_without_reachable_temporal_says_so(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "worker", "--temporal-address", f"127.0.0.1:{free_port()}",
-         "--asset-dir", str(tmp_path / "assets")],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: cannot reach Temporal at 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = spawn(
+            [sys.executable, "-m", "infra.cli", "worker", "--temporal-address", f"127.0.0.1:{free_port()}",
+             "--asset-dir", str(tmp_path / "assets")],
+            log=log, cwd=PROJECT_ROOT,
+        )  # fmt: skip
+        try:
+            returncode = process.wait(60)
+        finally:
+            if process.poll() is None:
+                stop_process_group(process.pid)
+    output = log_path.read_text()
+    assert returncode == 1, output[-2000:]
+    assert "error: cannot reach Temporal at 127.0.0.1:" in output and "Traceback" not in output

@@ -19,7 +19,7 @@ import websockets
 
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
-from infra.process import free_port
+from infra.process import free_port, spawn, stop_process_group
 from tests.support.avcheck import RoomRecorder, token
 from tests.support.credentials import audio_token, service_headers
 
@@ -43,8 +43,10 @@ async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
 def start_sidecar_process(
     port: int, tmp_path: Path, log: IO[bytes], *, dev_avatar_dir: Path, livekit_url: str
 ) -> subprocess.Popen[bytes]:
-    """`lipsync sidecar --no-temporal` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL."""
-    return subprocess.Popen(
+    """`lipsync sidecar --no-temporal` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL.
+
+    Tethered (infra.process.spawn): it dies with this test process however that ends."""
+    return spawn(
         [
             *(
                 sys.executable,
@@ -60,9 +62,8 @@ def start_sidecar_process(
             *("--cache-dir", str(tmp_path / "cache"), "--sidecar-id", "sidecar-proc", "--slots", "2"),
             *("--dev-api", "--dev-avatar-dir", str(dev_avatar_dir), "--dev-livekit-url", livekit_url),
         ],
+        log=log,
         cwd=PROJECT_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
     )
 
 
@@ -139,8 +140,7 @@ async def test_sidecar_process_serves_a_session_end_to_end(
         try:
             code = proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_process_group(proc.pid)
             raise
         log.close()
     assert code == 0, (tmp_path / "sidecar.log").read_text()[-3000:]
