@@ -198,7 +198,7 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     # entered WebRTC (the publisher's send-side offset). At least 90 % of the utterance's frames (so its median too)
     # are within one frame; the count covers every frame sent while the speech played, idle ones included.
     assert send_side_alarms <= 0.1 * frame_count, (send_side_alarms, frame_count)
-    # At the subscriber the offset is measured too (tests/sidecar/avcheck.py) and reported, and the speech onset must be
+    # At the subscriber the offset is measured too (tests/support/avcheck.py) and reported, and the speech onset must be
     # in sync with the rest of the utterance there. Its absolute value is not asserted: the subscriber's jitter buffers
     # add a constant of their own that a loaded machine moves by tens of ms either way (docs/audio-protocol.md §4).
     offset = av_offset(recorder, lag, n0, len(sent48), speech_onset(sent48))
