@@ -74,8 +74,9 @@ class RunActivityPolicy:
     heartbeat_timeout_s: float  # no heartbeat for this long => the sidecar is suspect: reconcile with it
     # After a heartbeat timeout, how long the sidecar has to pick up the reconcile (a run_session that
     # re-attaches to its live session) before it is declared lost. Covers a worker's poll back-off after
-    # Temporal itself was unreachable, so it does not depend on how long that outage lasted.
-    reconcile_s: float
+    # Temporal itself was unreachable, so it does not depend on how long that outage lasted. The default
+    # (infra/policies.yaml's) decodes inputs of sessions started before the field existed.
+    reconcile_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ class SessionLimits:
     stats_report_interval_s: float  # stats pushed into the workflow for `status`; each push is a history event
     stop_grace_s: float  # after asking the sidecar to stop, wait this long before cancelling the run
     # A sidecar keeps a live session running this long without contact with the control plane
-    # (Temporal or the workers unreachable), then ends it itself.
-    control_plane_grace_s: float
+    # (Temporal or the workers unreachable), then ends it itself. The default (infra/policies.yaml's) decodes
+    # inputs of sessions started before the field existed.
+    control_plane_grace_s: float = 600.0
 
 
 @dataclass(frozen=True)
