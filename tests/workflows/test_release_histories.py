@@ -23,7 +23,7 @@ from infra.policies import load_policies
 from workflows.policy import RunActivityPolicy, SessionLimits
 from workflows.session import SessionWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "data").glob("session-history-*.json"))
+HISTORIES = sorted((Path(__file__).parent / "data").glob("session-history-before-reconcile-*.json"))
 
 
 def test_the_recorded_histories_are_there() -> None:
