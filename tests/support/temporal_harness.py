@@ -311,6 +311,18 @@ def is_terminal(status: SessionStatus) -> bool:
     return status.phase in TERMINAL_PHASES
 
 
+def determinism_replayer() -> Replayer:
+    """A Replayer of the project's workflows for determinism checks (with the workers' tracing interceptor).
+
+    debug_mode turns off the SDK's wall-clock deadlock detector (an activation that does not yield within 2 s
+    fails). A replay checks determinism, and on a loaded machine the first activation of a replay (a fresh sandbox
+    decoding the workflow input) can take longer than that without any fault of the workflow's, and the replay then
+    fails with "[TMPRL1101] Potential deadlock detected", not a nondeterminism. Live workers keep the detector."""
+    return Replayer(
+        workflows=[SessionWorkflow, PlacementWorkflow], interceptors=[TracingInterceptor()], debug_mode=True
+    )
+
+
 async def replay_all(
     client: Client, workflow_ids: Iterable[str], *, failure_context: str = "", history_dir: Path | None = None
 ) -> int:
@@ -331,13 +343,7 @@ async def replay_all(
             except Exception as exc:  # a workflow that was never started (e.g. placement unused)
                 if "not found" not in str(exc).lower():
                     raise
-    # debug_mode turns off the SDK's wall-clock deadlock detector (an activation that does not yield within 2 s
-    # fails). The gate checks determinism, and on a loaded machine the first activation of a replay (a fresh sandbox
-    # decoding the workflow input) can take longer than that without any fault of the workflow's, and the replay then
-    # fails with "[TMPRL1101] Potential deadlock detected", not a nondeterminism. Live workers keep the detector.
-    replayer = Replayer(
-        workflows=[SessionWorkflow, PlacementWorkflow], interceptors=[TracingInterceptor()], debug_mode=True
-    )
+    replayer = determinism_replayer()
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         if result.replay_failure is not None:

@@ -17,7 +17,6 @@ import av
 import httpx
 import pytest
 from temporalio.client import Client, WorkflowHistory
-from temporalio.worker import Replayer
 
 from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
@@ -26,7 +25,14 @@ from infra.temporal import TemporalDevServerConfig
 from realtime.outputs.registry import LiveKitParams, RtmpTarget
 from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
-from tests.support.temporal_harness import Harness, failed_with, fast_policy, in_phase, wait_for_status
+from tests.support.temporal_harness import (
+    Harness,
+    determinism_replayer,
+    failed_with,
+    fast_policy,
+    in_phase,
+    wait_for_status,
+)
 from workflows import search_attributes
 from workflows.client import stop_session
 from workflows.contracts import (
@@ -34,7 +40,6 @@ from workflows.contracts import (
     ErrorCode,
     Phase,
 )
-from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
 
@@ -210,4 +215,4 @@ async def test_a_session_history_from_before_output_specs_still_replays() -> Non
     live, switched to RTMP) replays on this code: `OutputRequest.offered` reads those fields as specs."""
     text = (Path(__file__).parent / "data" / "session-history-before-output-specs.json").read_text()
     history = WorkflowHistory.from_json("session-before-output-specs", text)
-    await Replayer(workflows=[SessionWorkflow]).replay_workflow(history)
+    await determinism_replayer().replay_workflow(history)

@@ -24,7 +24,14 @@ from activities.placement_client import Placer, check_pool, check_shards, shard_
 from infra.rtmp import RtmpServerConfig
 from realtime.outputs.registry import RtmpTarget
 from tests.support.outputs import output_request
-from tests.support.temporal_harness import Harness, fast_policy, in_phase, replay_all, wait_for_status
+from tests.support.temporal_harness import (
+    Harness,
+    determinism_replayer,
+    fast_policy,
+    in_phase,
+    replay_all,
+    wait_for_status,
+)
 from workflows import search_attributes
 from workflows.client import stop_session
 from workflows.contracts import (
@@ -372,8 +379,7 @@ async def test_a_registry_history_from_before_sharding_still_replays() -> None:
     expiry, a release, a departure) replays on this code: its loop re-armed a timer on every event,
     which the `workflow.patched` gate keeps for such runs."""
     from temporalio.client import WorkflowHistory
-    from temporalio.worker import Replayer
 
     text = (Path(__file__).parent / "data" / "placement-history-one-registry.json").read_text()
     history = WorkflowHistory.from_json("placement-one-registry", text)
-    await Replayer(workflows=[PlacementWorkflow]).replay_workflow(history)
+    await determinism_replayer().replay_workflow(history)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.worker import Replayer
 
 from infra.policies import load_policies
+from tests.support.temporal_harness import determinism_replayer
 from workflows.policy import RunActivityPolicy, SessionLimits
-from workflows.session import SessionWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "data").glob("session-history-before-reconcile-*.json"))
 
@@ -41,6 +39,4 @@ def test_the_defaults_for_older_inputs_are_the_shipped_policy() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda path: path.stem)
 async def test_a_session_history_from_an_earlier_release_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, await asyncio.to_thread(path.read_text))
-    # debug_mode: no wall-clock deadlock detector in a determinism check (see tests/support/temporal_harness.py).
-    replayer = Replayer(workflows=[SessionWorkflow], interceptors=[TracingInterceptor()], debug_mode=True)
-    await replayer.replay_workflow(history)
+    await determinism_replayer().replay_workflow(history)
