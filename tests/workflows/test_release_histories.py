@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowHistory
 
-from infra.policies import load_policies
+from api.policy_file import load_policies
 from tests.support.temporal_harness import determinism_replayer
 from workflows.policy import RunActivityPolicy, SessionLimits
 
