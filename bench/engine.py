@@ -62,15 +62,15 @@ import numpy as np
 
 from bench.machine import cpu_name
 from realtime.engine.accel import AccelConfig
-from realtime.engine.api import EngineConfig, RenderRequest, StageProfile
-from realtime.engine.avatar.latents import encode_crop_latents
+from realtime.engine.protocol import EngineConfig, RenderRequest, StageProfile
+from realtime.engine.musetalk.latents import encode_crop_latents
 from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.device import choose_device, configure_cpu_threads
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.preview import PreviewEngine
-from realtime.engine.weights.face_parse import FaceParser, build_bisenet
-from realtime.engine.weights.loader import load_musetalk
-from realtime.engine.weights.random import configs, random_models, write_checkpoint
+from realtime.engine.musetalk.weights.face_parse import FaceParser, build_bisenet
+from realtime.engine.musetalk.weights.loader import load_musetalk
+from realtime.engine.musetalk.weights.random import configs, random_models, write_checkpoint
 
 logger = logging.getLogger("bench.engine")
 
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # warm-up progress: cold compiles are long
-    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)
+    logging.getLogger("realtime.engine.musetalk.engine").setLevel(logging.INFO)
     import torch  # noqa: PLC0415 (heavy: torch)
 
     device = choose_device(args.device, args.dtype)

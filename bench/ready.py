@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=("build", "ready"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for name in ("realtime.engine.musetalk", "realtime.engine.artifacts"):
+    for name in ("realtime.engine.musetalk.engine", "realtime.engine.artifacts"):
         logging.getLogger(name).setLevel(logging.INFO)
     if args.child:
         return _child(args)

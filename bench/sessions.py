@@ -51,11 +51,11 @@ from bench.engine import VARIANTS, astronaut_zip, speech_like
 from bench.machine import cpu_name
 from infra.livekit import LiveKitServerConfig, server_process
 from realtime.engine.accel import AccelConfig
-from realtime.engine.api import EngineConfig
+from realtime.engine.protocol import EngineConfig
 from realtime.engine.device import choose_device, configure_cpu_threads
-from realtime.engine.musetalk import MuseTalkEngine
-from realtime.engine.weights.loader import load_musetalk
-from realtime.engine.weights.random import random_models, write_checkpoint
+from realtime.engine.musetalk.engine import MuseTalkEngine
+from realtime.engine.musetalk.weights.loader import load_musetalk
+from realtime.engine.musetalk.weights.random import random_models, write_checkpoint
 from realtime.host import AvatarAsset
 from realtime.ingest.input import AudioInput
 from realtime.outputs.base import PublisherStats
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # warm-up progress: cold compiles are long
-    logging.getLogger("realtime.engine.musetalk").setLevel(logging.INFO)
+    logging.getLogger("realtime.engine.musetalk.engine").setLevel(logging.INFO)
     document = asyncio.run(bench(args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

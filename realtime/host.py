@@ -13,6 +13,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+# The engine reports preparation progress; the control surface re-exports its type.
+from realtime.engine.avatar.prepared import PrepareProgress
+
 
 class SessionEndReason(StrEnum):
     STOPPED = "stopped"  # stop signal / API stop
@@ -42,12 +45,6 @@ class PreparedAvatar:
     width_px: int
     height_px: int
     cache_hit: bool
-
-
-@dataclass(frozen=True)
-class PrepareProgress:
-    frames_done: int
-    frames_total: int
 
 
 @dataclass(frozen=True)

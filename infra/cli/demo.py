@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from realtime.engine.registry import choices_help, engine_choices
+
 
 def register(subparsers: Any) -> None:
     demo = subparsers.add_parser(
@@ -23,9 +25,9 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk v1.5 weights (./models)")
     demo.add_argument(
         "--engine",
-        choices=("auto", "musetalk", "preview"),
+        choices=engine_choices(),
         default="auto",
-        help="auto: MuseTalk when --model-dir holds valid weights, else the CPU preview engine",
+        help=choices_help(),
     )
     demo.add_argument("--text", default=None, help="what the avatar says")
     demo.add_argument(

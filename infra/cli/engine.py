@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from realtime.engine.weights.layout import DEFAULT_MODEL_DIR
+from realtime.engine.musetalk.weights.layout import DEFAULT_MODEL_DIR
 
 
 def register(subparsers: Any) -> None:
@@ -49,10 +49,10 @@ def register(subparsers: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from realtime.engine.accel import DEFAULT_BATCH_BUCKETS, AccelConfig  # noqa: PLC0415 (lipsync --help stays fast)
-    from realtime.engine.api import EngineConfig  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.protocol import EngineConfig  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.artifacts import default_artifacts_root  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.errors import EngineError  # noqa: PLC0415 (lipsync --help stays fast)
-    from realtime.engine.factory import create_engine  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.registry import create_engine  # noqa: PLC0415 (lipsync --help stays fast)
 
     started = time.perf_counter()
     root = args.artifacts_dir or default_artifacts_root()

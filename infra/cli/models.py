@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from realtime.engine.weights.layout import DEFAULT_MODEL_DIR
+from realtime.engine.musetalk.check import check_document
+from realtime.engine.musetalk.weights.face_parse import write_random_face_parse
+from realtime.engine.musetalk.weights.layout import DEFAULT_MODEL_DIR
+from realtime.engine.musetalk.weights.random import write_checkpoint
+
+__all__ = ["check_document", "register"]  # check_document: also what the API's /debug/musetalk serves
 
 
 def register(subparsers: Any) -> None:
@@ -39,40 +44,6 @@ def _check(args: argparse.Namespace) -> int:
     else:
         _print_report(document)
     return 0 if document["ok"] else 1
-
-
-def check_document(model_dir: Path, device_name: str = "auto", *, load: bool = False) -> dict[str, Any]:
-    """What `lipsync models check --json` prints (also served by the API's /debug/musetalk)."""
-    from realtime.engine.errors import EngineError
-    from realtime.engine.weights.layout import check_model_dir
-
-    report = check_model_dir(model_dir)
-    document: dict[str, Any] = report.to_json()
-    try:
-        from realtime.engine.device import choose_device
-
-        device = choose_device(device_name)
-        document["device"] = {"device": device.device, "dtype": device.dtype_name, "reason": device.reason}
-    except (ImportError, ValueError) as exc:
-        document["device"] = {"error": str(exc)}
-    engine = "musetalk" if report.ok else ("preview" if not report.any_present else "none (fix the problems)")
-    document["engine_auto_would_use"] = engine
-    if load and report.ok and "error" not in document["device"]:
-        from realtime.engine.device import choose_device
-        from realtime.engine.weights.loader import load_musetalk
-
-        try:
-            models = load_musetalk(model_dir, choose_device(device_name))
-            document["load"] = {
-                "ok": True,
-                "ms": round(models.load_ms),
-                "vae_scaling_factor": models.vae_scaling_factor,
-                "blend_mask": models.blend_mask_note,
-            }
-        except EngineError as exc:
-            document["load"] = {"ok": False, "code": exc.code, "message": exc.message}
-            document["ok"] = False
-    return document
 
 
 def _print_report(document: dict[str, Any]) -> None:
@@ -112,12 +83,8 @@ def _print_report(document: dict[str, Any]) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from realtime.engine.weights.random import write_checkpoint
-
     layout = write_checkpoint(args.model_dir, "tiny", seed=args.seed)
     if not args.no_face_parse:
-        from realtime.engine.weights.face_parse import write_random_face_parse
-
         write_random_face_parse(layout, seed=args.seed)
     sys.stdout.write(f"wrote a tiny random MuseTalk v1.5 checkpoint to {layout.root}\n")
     return 0

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from realtime.engine.weights.layout import DEFAULT_MODEL_DIR
+from realtime.engine.musetalk.weights.layout import DEFAULT_MODEL_DIR
+from realtime.engine.registry import choices_help, engine_choices
 
 if TYPE_CHECKING:
-    from realtime.host import PrepareProgress
+    from realtime.engine.avatar.prepared import PrepareProgress
 
 
 def register(subparsers: Any) -> None:
@@ -18,7 +19,7 @@ def register(subparsers: Any) -> None:
     render.add_argument("--avatar", type=Path, required=True, help="frames zip, idle video or image")
     render.add_argument("--audio", type=Path, required=True, help="any audio file PyAV reads (WAV, MP3, ...)")
     render.add_argument("--out", type=Path, required=True, help="output .mp4")
-    render.add_argument("--engine", choices=("auto", "musetalk", "preview"), default="auto")
+    render.add_argument("--engine", choices=engine_choices(), default="auto", help=choices_help())
     render.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     render.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     render.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")

@@ -30,6 +30,7 @@ from infra.cli.temporal_options import (
 )
 from infra.paths import cache_dir
 from realtime.engine.accel import COMPILE_MODES
+from realtime.engine.registry import choices_help, engine_choices
 from realtime.sidecar.auth import SecretError, load_secret
 from realtime.sidecar.config import (
     DEFAULT_AVATAR_CACHE_MAX_BYTES,
@@ -84,9 +85,9 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default {DEFAULT_PORT})")
     parser.add_argument(
         "--engine",
-        choices=("auto", "musetalk", "preview"),
+        choices=engine_choices(),
         default="auto",
-        help="auto: musetalk when weights exist under --model-dir, else the CPU preview engine",
+        help=choices_help(),
     )
     parser.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk layout (default ./models)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

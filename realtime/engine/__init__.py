@@ -1,9 +1,10 @@
 """The lip-sync engine: 16 kHz audio + an avatar → composited video frames. Pure and synchronous.
 
 No asyncio, network or Temporal here; nothing heavy happens at import (torch, diffusers and
-transformers are imported when an engine is built). Two engines implement one protocol
-(`realtime.engine.api.Engine`): **musetalk** (MuseTalk v1.5: whisper-tiny features → UNet at
-t=0 → VAE decode → paste through a lower-face mask) and **preview** (CPU, no weights: the real
+transformers are imported when an engine is built). Engines implement one protocol
+(`realtime.engine.protocol.Engine`) and are registered by name in `realtime.engine.registry`:
+**musetalk** (`realtime.engine.musetalk`: MuseTalk v1.5, whisper-tiny features → UNet at t=0 →
+VAE decode → paste through a lower-face mask) and **preview** (CPU, no weights: the real
 avatar's mouth opens with the audio level).
 
 Public API (what the sidecar / scheduler calls)::
@@ -11,20 +12,21 @@ Public API (what the sidecar / scheduler calls)::
     from realtime.engine import EngineConfig, RenderRequest, create_engine
 
     selection = create_engine(EngineConfig(engine="auto", model_dir=Path("models"), device="auto"))
-    selection.name, selection.reason          # "musetalk" | "preview", and a sentence saying why
-    engine = selection.engine                 # realtime.engine.api.Engine
+    selection.name, selection.reason          # the registered name, and a sentence saying why
+    engine = selection.engine                 # realtime.engine.protocol.Engine
     engine.info                               # EngineInfo(name, version, device, dtype, model_dir, detail)
     engine.warm_up(batch_sizes=(1, 8, 32))    # -> ms
+    engine.timing                             # FrameTiming: sample rate, fps, lookahead (ms, frames)
 
     # 1. Avatar: once per asset, cached on disk by content digest + engine version (+ VAE weights).
     avatar = engine.prepare_avatar(Path("avatar.zip") or raw_bytes,
-                                   on_progress=lambda p: ...)   # realtime.host.PrepareProgress
+                                   on_progress=lambda p: ...)   # PrepareProgress
     avatar.cache_hit, avatar.frame_count, avatar.width_px, avatar.height_px, avatar.digest_sha256
     avatar.cycle_length                       # ping-pong: frames 0..N-1 then N-1..0
     avatar.idle_frame(cycle_index)            # the unmodified frame at that cycle position
 
     # 2. Audio: one stream per session. Push float32 16 kHz mono chunks of any size; pull frames
-    #    once their 80 ms right context exists (frame i needs (i+3)*640 samples of its utterance).
+    #    once their lookahead exists (engine.timing; both engines: 80 ms, frame i needs (i+3)*640 samples).
     stream = engine.open_stream()             # realtime.engine.audio.stream.AudioFeatureStream
     stream.push(chunk)                        # AudioInvalid on wrong dtype/shape/NaN
     frames = stream.pull(max_frames=None)     # list[FeatureFrame], in order
@@ -51,22 +53,34 @@ can prepare its next batch while the device computes this one. Errors are typed
 (`realtime.engine.errors`, each with a `code`).
 """
 
-from realtime.engine.api import Engine, EngineConfig, EngineInfo, RenderHandle, RenderRequest, StageProfile
 from realtime.engine.audio.levels import SpeechGateConfig
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
-from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import EngineError
-from realtime.engine.factory import EngineSelection, create_engine
+from realtime.engine.protocol import (
+    Engine,
+    EngineBase,
+    EngineConfig,
+    EngineInfo,
+    FrameTiming,
+    RenderHandle,
+    RenderRequest,
+    StageProfile,
+)
+from realtime.engine.registry import EngineSelection, create_engine
 
 __all__ = [
     "AudioFeatureStream",
     "Avatar",
     "Engine",
+    "EngineBase",
     "EngineConfig",
     "EngineError",
     "EngineInfo",
     "EngineSelection",
     "FeatureFrame",
+    "FrameTiming",
+    "PrepareProgress",
     "RenderHandle",
     "RenderRequest",
     "SpeechGateConfig",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.engine.api import Engine, RenderRequest
 from realtime.engine.audio.framing import SAMPLE_RATE_HZ, SAMPLES_PER_FRAME
 from realtime.engine.audio.stream import FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.protocol import Engine, RenderRequest
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def dump_intermediates(
     save("rms_dbfs", np.array([f.rms_dbfs for f in result.features], dtype=np.float32), "audio level per frame")
     save("speech_weights", np.array([f.speech_weight for f in result.features], dtype=np.float32), "0 = idle frame")
     if engine.info.name == "musetalk":
-        from realtime.engine.musetalk import MuseTalkEngine
+        from realtime.engine.musetalk.engine import MuseTalkEngine
 
         assert isinstance(engine, MuseTalkEngine)
         save(

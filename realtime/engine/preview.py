@@ -14,22 +14,20 @@ of arithmetic plus one frame copy.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from realtime.engine.api import EngineConfig, EngineInfo, RenderedFrames, RenderRequest, StageProfile, maybe_stage
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.face import MouthGeometry
 from realtime.engine.avatar.prepare import prepare_avatar
-from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import RenderRequestInvalid
-from realtime.host import PrepareProgress
+from realtime.engine.protocol import EngineBase, EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
 
 ENGINE_NAME = "preview"
 ENGINE_VERSION = "preview-1"
@@ -68,7 +66,9 @@ class PreviewFeaturizer:
         return [np.array([value], dtype=np.float32) for value in openness[: len(frames)]]
 
 
-class PreviewEngine:
+class PreviewEngine(EngineBase):
+    """No weights, CPU only: renders synchronously, so the base's render_async, warm-up and prefetch apply."""
+
     def __init__(self, config: EngineConfig, reason: str = "") -> None:
         self._config = config
         self._info = EngineInfo(
@@ -119,9 +119,6 @@ class PreviewEngine:
             profile.frames += len(requests)
         return out
 
-    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> RenderedFrames:
-        return RenderedFrames(self.render(requests, profile=profile))  # CPU: nothing to overlap
-
     def _render_one(self, request: RenderRequest) -> np.ndarray:
         avatar = request.avatar
         frame_no = avatar.frame_at(request.frame_index)
@@ -136,14 +133,6 @@ class PreviewEngine:
         x1, y1, x2, y2 = (int(v) for v in avatar.face_boxes[frame_no])
         open_mouth(frame, MouthGeometry.from_face_box((x1, y1, x2, y2)), y2 - y1, openness)
         return frame
-
-    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
-        started = time.perf_counter()
-        return (time.perf_counter() - started) * 1000
-
-    @property
-    def warm_up_batch_ms(self) -> dict[int, float]:
-        return {}  # nothing to warm; a CPU warp per frame, measured by the lane as it runs
 
 
 def open_mouth(frame: np.ndarray, mouth: MouthGeometry, face_height: int, openness: float) -> None:

@@ -89,7 +89,7 @@ class ServerConfig:
 class SidecarSettings:
     bind_host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    engine: str = "auto"  # auto | musetalk | preview
+    engine: str = "auto"  # "auto" or a name in realtime.engine.registry
     model_dir: Path = Path("models")
     device: str = "auto"
     cache_dir: Path | None = None

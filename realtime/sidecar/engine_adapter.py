@@ -9,24 +9,37 @@ on the lane thread, right before that utterance's frames are pulled.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from realtime.engine.api import Engine, EngineConfig, RenderHandle, RenderRequest
-from realtime.engine.audio.framing import SAMPLES_PER_FRAME, ready_frame_count
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
-from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.factory import create_engine
-from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
-from realtime.sidecar.engine_port import AvatarView, EngineInfo, SessionEngine, UtteranceClosed, UtteranceStream
+from realtime.engine.avatar.prepared import Avatar, PrepareProgress
+from realtime.engine.errors import EngineError
+from realtime.engine.protocol import Engine, EngineConfig, FrameTiming, RenderHandle, RenderRequest
+from realtime.engine.registry import create_engine
+from realtime.host import AvatarAsset, PreparedAvatar
+from realtime.ingest.formats import FRAME_RATE_FPS, TIMELINE_SAMPLE_RATE_HZ
+from realtime.sidecar.engine_port import AvatarView, EngineStatus, SessionEngine, UtteranceClosed, UtteranceStream
 
 logger = logging.getLogger(__name__)
 
-WARM_UP_BATCH_SIZES = (1, 4, 8)
+
+class EngineTimingUnsupported(EngineError):
+    """The engine's frame rate or sample rate is not the sidecar's session timeline's."""
+
+    code = "engine_timing_unsupported"
+
+
+def check_timing(timing: FrameTiming) -> None:
+    """The session timeline (ticks, audio/video sync, publishers) runs at one frame and sample rate."""
+    if timing.fps != FRAME_RATE_FPS or timing.sample_rate_hz != TIMELINE_SAMPLE_RATE_HZ:
+        raise EngineTimingUnsupported(
+            f"the engine renders {timing.fps} fps from {timing.sample_rate_hz} Hz audio; the sidecar's "
+            f"session timeline is {FRAME_RATE_FPS} fps at {TIMELINE_SAMPLE_RATE_HZ} Hz"
+        )
 
 
 class _AvatarView:
@@ -51,6 +64,7 @@ class _Utterance:
     def __init__(self, engine: Engine, avatar: Avatar) -> None:
         self._engine = engine
         self._avatar = avatar
+        self._timing = engine.timing
         self._stream = engine.open_stream()
         self._lock = threading.Lock()
         self._inbox: list[np.ndarray] = []
@@ -74,9 +88,7 @@ class _Utterance:
 
     def ready_frame_count(self) -> int:
         with self._lock:
-            if self._ended:
-                return math.ceil(self._samples / SAMPLES_PER_FRAME)
-            return ready_frame_count(self._samples)
+            return self._timing.ready_frames(self._samples, ended=self._ended)
 
     def apply_inbox(self) -> AudioFeatureStream:
         """Move the audio received so far into the feature stream (lane thread); returns the stream."""
@@ -149,7 +161,7 @@ class EngineAdapter:
 
     def __init__(self, config: EngineConfig, *, engine: Engine | None = None, reason: str = "") -> None:
         """`engine`: an engine built elsewhere (benchmarks with full-size random weights); default: built from
-        `config` by `realtime.engine.factory.create_engine` on first use."""
+        `config` by `realtime.engine.registry.create_engine` on first use."""
         self.config = config
         self._engine: Engine | None = engine
         self._reason = reason
@@ -161,36 +173,25 @@ class EngineAdapter:
         with self._lock:
             if self._engine is None:
                 selection = create_engine(self.config)
+                check_timing(selection.engine.timing)
                 self._engine, self._reason = selection.engine, selection.reason
             return self._engine
 
-    def info(self) -> EngineInfo:
+    def info(self) -> EngineStatus:
         if self._engine is None:
-            return EngineInfo(name=self.config.engine, device=self.config.device, warm=False, detail="not loaded yet")
+            return EngineStatus(name=self.config.engine, device=self.config.device, warm=False, detail="not loaded yet")
         info = self._engine.info
-        return EngineInfo(name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail)
+        return EngineStatus(name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail)
 
     def warm_up(self) -> bool:
         if self._warm:
             return True
-        warm_up_prebuilt = getattr(self.engine, "warm_up_prebuilt", None)
-        warm_up_buckets = getattr(self.engine, "warm_up_buckets", None)
-        if warm_up_prebuilt is not None:
-            # Every batch bucket (no session frame ever waits for a graph capture or compile), from the prebuilt
-            # engine artifacts when they match this engine (realtime.engine.artifacts).
-            report = warm_up_prebuilt(self.config.artifacts_dir)
-            logger.info(
-                "engine warm",
-                extra={
-                    "artifacts": report.status,
-                    "warm_up_ms": round(report.warm_up_ms, 1),
-                    "refused": report.refused,
-                },
-            )
-        elif warm_up_buckets is not None:
-            warm_up_buckets()  # every batch bucket: no session frame ever waits for a graph capture or compile
-        else:
-            self.engine.warm_up(WARM_UP_BATCH_SIZES)
+        # Every shape a session may render, so no session frame waits for a graph capture or compile.
+        report = self.engine.warm_up_for_serving(self.config.artifacts_dir)
+        logger.info(
+            "engine warm",
+            extra={"artifacts": report.status, "warm_up_ms": round(report.warm_up_ms, 1), "refused": report.refused},
+        )
         self._warm = True
         return False
 
@@ -229,21 +230,17 @@ class EngineAdapter:
 
     def prepare_features(self, jobs: Sequence[tuple[object, int]]) -> int:
         """Before a lane batch: encode every job's pending audio in one engine call (`RenderLane(prepare=...)`)."""
-        prefetch = getattr(self.engine, "prefetch_features", None)
-        if prefetch is None:
-            return 0
         streams, counts = [], []
         # A closed source's jobs raise UtteranceClosed when they run: nothing of theirs is encoded.
         live = [(source, frames) for source, frames in jobs if isinstance(source, _Utterance) and not source.closed]
         for source, frames in live:
             streams.append(source.apply_inbox())
             counts.append(frames)
-        encoded: int = prefetch(streams, counts) if streams else 0
+        encoded = self.engine.prefetch_features(streams, counts) if streams else 0
         for source, frames in live:
             source.pull_ahead(frames)  # after the batched encode: each source's frames in one gather
         return encoded
 
     def release_avatar(self, avatar: object) -> None:
-        forget = getattr(self._engine, "forget_avatar", None)
-        if forget is not None and isinstance(avatar, Avatar):
-            forget(avatar)
+        if self._engine is not None and isinstance(avatar, Avatar):
+            self._engine.forget_avatar(avatar)

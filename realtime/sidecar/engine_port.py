@@ -13,8 +13,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from realtime.engine.api import RenderHandle
-from realtime.host import AvatarAsset, PreparedAvatar, PrepareProgress
+from realtime.engine.avatar.prepared import PrepareProgress
+from realtime.engine.protocol import RenderHandle
+from realtime.host import AvatarAsset, PreparedAvatar
 
 
 class AvatarView(Protocol):
@@ -72,8 +73,10 @@ class SessionEngine(Protocol):
 
 
 @dataclass(frozen=True)
-class EngineInfo:
-    name: str  # "musetalk" | "preview"
+class EngineStatus:
+    """The process engine as the sidecar reports it (health, warm-up): which one, where, and warm or not."""
+
+    name: str  # its name in realtime.engine.registry
     device: str
     warm: bool
     detail: str = ""  # e.g. why the preview engine stands in for musetalk
@@ -82,7 +85,7 @@ class EngineInfo:
 class EngineService(Protocol):
     """The process-wide engine, as the sidecar host uses it. Every method may block: call off the loop."""
 
-    def info(self) -> EngineInfo: ...
+    def info(self) -> EngineStatus: ...
 
     def warm_up(self) -> bool:
         """Load/compile what rendering needs; returns True when it was already warm."""

@@ -38,7 +38,7 @@ from realtime.outputs.recording import RecordingOutput
 from realtime.outputs.registry import OUTPUTS, PublisherContext
 from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.config import HostConfig
-from realtime.sidecar.engine_port import EngineInfo, EngineService
+from realtime.sidecar.engine_port import EngineService, EngineStatus
 from realtime.sidecar.errors import (
     NoFreeSlot,
     OutputAlreadyOpen,
@@ -386,7 +386,7 @@ class SidecarHost:
         if session is not None:
             await session.stop_event.wait()
 
-    def engine_info(self) -> EngineInfo:
+    def engine_info(self) -> EngineStatus:
         return self.engine.info()
 
     async def close(self) -> None:

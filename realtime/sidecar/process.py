@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from realtime.engine.accel import AccelConfig
-from realtime.engine.api import EngineConfig
+from realtime.engine.protocol import EngineConfig
 from realtime.engine.avatar.prepare import default_cache_root
 from realtime.errors import LipsyncError
 from realtime.sidecar.config import SidecarSettings

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from realtime.clock import Clock, monotonic_clock
-from realtime.engine.api import RenderedFrames, RenderHandle
+from realtime.engine.protocol import RenderedFrames, RenderHandle
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from realtime.engine.api import RenderedFrames
+from realtime.engine.protocol import RenderedFrames
 
 
 class NoEngine:

@@ -40,10 +40,9 @@ from realtime.engine.avatar.face import (
     detection_workers,
     fill_missing,
 )
-from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.avatar.source import SourceLimits, decode_source
 from realtime.engine.errors import AvatarManifestInvalid, AvatarNoFace
-from realtime.host import PrepareProgress
 
 logger = logging.getLogger(__name__)
 

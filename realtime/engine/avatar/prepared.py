@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 
 
+@dataclass(frozen=True)
+class PrepareProgress:
+    """Avatar preparation's progress, reported while it runs (the control plane relays it as heartbeats)."""
+
+    frames_done: int
+    frames_total: int
+
+
 @dataclass
 class Avatar:
     """Engine-ready avatar. Arrays are read-only (memory-mapped from the cache)."""

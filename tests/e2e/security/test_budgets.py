@@ -316,8 +316,8 @@ def test_the_avatar_cache_stays_under_its_cap_least_recently_used_first(tmp_path
     """20 distinct avatars through the preview engine's real prepare, with a cap below their total: the cache ends
     within the cap; the least recently used entries go first, and a cache hit makes an entry recent again."""
     from realtime.disk_budget import store_bytes
-    from realtime.engine.api import EngineConfig
     from realtime.engine.preview import PreviewEngine
+    from realtime.engine.protocol import EngineConfig
 
     cap = 5 << 20  # each entry: 6 frames of 256² (1.2 MB)
     root = tmp_path / "cache"

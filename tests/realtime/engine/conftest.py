@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.preview import PreviewEngine
 from tests.support.engine_media import astronaut_frames, frames_zip, speech_16k
 

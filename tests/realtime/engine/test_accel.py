@@ -12,7 +12,7 @@ from realtime.engine.accel import LOWER_DECODE_NOTE, AccelConfig, bucket_for
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.avatar.face import lower_face_mask
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 
 
 def test_buckets_and_config_are_validated() -> None:

@@ -20,7 +20,7 @@ from realtime.engine.errors import (
     AvatarUnreadableImage,
     AvatarUnsupported,
 )
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.preview import PreviewEngine
 from realtime.host import PrepareProgress
 from tests.support.engine_media import astronaut_frames, frames_zip, idle_video, png_bytes

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from realtime.engine.avatar.face import lower_face_mask
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.composite import Compositor, PasteJob, resize_matrix
+from realtime.engine.musetalk.composite import Compositor, PasteJob, resize_matrix
 
 
 def synthetic_avatar(key: str, frames: int, height: int, width: int, seed: int) -> Avatar:

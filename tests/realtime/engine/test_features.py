@@ -18,7 +18,7 @@ from realtime.engine.audio.framing import (
 )
 from realtime.engine.audio.levels import SpeechGateConfig, speech_weights
 from realtime.engine.errors import AudioInvalid
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.preview import PreviewEngine
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def test_device_log_mel_is_the_feature_extractors(musetalk_engine: MuseTalkEngin
     """The lane's on-device log-mel (real samples uploaded, padding made there) equals WhisperFeatureExtractor's."""
     import torch
 
-    from realtime.engine.audio.logmel import DeviceLogMel
+    from realtime.engine.musetalk.logmel import DeviceLogMel
 
     extractor = musetalk_engine.models.feature_extractor
     rng = np.random.default_rng(int(seconds * 100))

@@ -37,7 +37,7 @@ def test_half_inputs_come_back_half() -> None:
 
 
 def test_the_tiny_models_give_the_same_output_and_switch_back() -> None:
-    from realtime.engine.weights.random import build_modules
+    from realtime.engine.musetalk.weights.random import build_modules
 
     unet, vae, _ = build_modules("tiny", seed=1)
     unet.eval(), vae.eval()
@@ -73,7 +73,7 @@ def test_an_engine_with_channel_sum_norms_renders_the_same_frames_and_leaves_the
 
     from realtime.engine import EngineConfig, RenderRequest
     from realtime.engine.accel import AccelConfig
-    from realtime.engine.musetalk import MuseTalkEngine
+    from realtime.engine.musetalk.engine import MuseTalkEngine
 
     frames = musetalk_engine.offline_frames(speech[: 16_000 * 2])[10:16]
     requests = [RenderRequest(musetalk_avatar, 3 + k, f.features, 1.0) for k, f in enumerate(frames)]

@@ -14,8 +14,8 @@ from infra.cli import main
 from realtime.engine import EngineConfig, create_engine
 from realtime.engine.device import choose_device
 from realtime.engine.errors import ModelConfigInvalid, ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
-from realtime.engine.weights.layout import ModelLayout, check_model_dir
-from realtime.engine.weights.loader import load_musetalk
+from realtime.engine.musetalk.weights.layout import ModelLayout, check_model_dir
+from realtime.engine.musetalk.weights.loader import load_musetalk
 
 
 @pytest.fixture()
@@ -181,7 +181,7 @@ def test_a_missing_file_names_what_was_found_nearby(model_copy: Path) -> None:
 def test_face_parse_weights_load_strictly_and_parse(tiny_model_dir: Path) -> None:
     import torch
 
-    from realtime.engine.weights.face_parse import load_face_parser
+    from realtime.engine.musetalk.weights.face_parse import load_face_parser
 
     report = check_model_dir(tiny_model_dir)
     assert report.face_parsing is not None and report.face_parsing.usable and report.face_parsing.mask == "parsed_jaw"
@@ -197,7 +197,7 @@ def test_face_parse_weights_load_strictly_and_parse(tiny_model_dir: Path) -> Non
 def test_face_parse_weights_that_are_not_bisenet_fail_the_strict_load(model_copy: Path) -> None:
     import torch
 
-    from realtime.engine.weights.face_parse import load_face_parser
+    from realtime.engine.musetalk.weights.face_parse import load_face_parser
 
     layout = ModelLayout(model_copy)
     state = torch.load(layout.face_parse_weights, weights_only=True)

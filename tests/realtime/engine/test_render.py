@@ -13,7 +13,7 @@ from realtime.engine import RenderRequest, StageProfile
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.errors import RenderRequestInvalid
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.offline import OfflineRender, render_clip
 from realtime.engine.preview import PreviewEngine
 from tests.support.engine_media import astronaut_frames, frames_zip

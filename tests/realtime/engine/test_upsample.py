@@ -10,7 +10,7 @@ from diffusers.models.upsampling import Upsample2D
 from realtime.engine import EngineConfig, RenderRequest
 from realtime.engine.accel import AccelConfig
 from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.musetalk import MuseTalkEngine
+from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.upsample import set_upsample_conv_mode
 
 

@@ -115,7 +115,7 @@ def random_net_parse() -> np.ndarray:
     import torch
     from skimage.data import astronaut
 
-    from realtime.engine.weights.face_parse import FaceParser, build_bisenet
+    from realtime.engine.musetalk.weights.face_parse import FaceParser, build_bisenet
 
     torch.manual_seed(3)
     net = build_bisenet().eval()

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from realtime.engine.api import EngineConfig
+from realtime.engine.protocol import EngineConfig
 from realtime.host import AvatarAsset
 from realtime.sidecar.engine_adapter import EngineAdapter
 from tests.support.engine_media import astronaut_frames, frames_zip
@@ -16,7 +16,7 @@ from tests.support.engine_media import astronaut_frames, frames_zip
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> EngineAdapter:
-    from realtime.engine.weights.random import write_checkpoint
+    from realtime.engine.musetalk.weights.random import write_checkpoint
 
     root = tmp_path_factory.mktemp("adapter")
     write_checkpoint(root / "models", "tiny")

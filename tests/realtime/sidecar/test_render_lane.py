@@ -13,7 +13,7 @@ import pytest
 
 from realtime.host import AvatarAsset
 from realtime.sidecar.config import HostConfig
-from realtime.sidecar.engine_port import EngineInfo
+from realtime.sidecar.engine_port import EngineStatus
 from realtime.sidecar.errors import NoFreeSlot
 from realtime.sidecar.host import HostedSession, SidecarHost
 from realtime.sidecar.render_lane import BatchCostModel, RenderLane, bucket_for
@@ -264,8 +264,8 @@ class _TimedEngine(NoEngine):
     def warm_up_batch_ms(self) -> dict[int, float]:
         return {1: 8.0, 16: 80.0, 48: 240.0}
 
-    def info(self) -> EngineInfo:
-        return EngineInfo(name="timed", device="cpu", warm=self.warm)
+    def info(self) -> EngineStatus:
+        return EngineStatus(name="timed", device="cpu", warm=self.warm)
 
 
 async def test_a_fresh_sidecar_knows_its_capacity_from_the_warm_up() -> None:

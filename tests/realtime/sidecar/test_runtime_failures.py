@@ -29,7 +29,7 @@ from realtime.outputs.errors import OutputError
 from realtime.outputs.registry import LIVEKIT, RTMP, RtmpTarget
 from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.config import ServerConfig
-from realtime.sidecar.engine_port import EngineInfo
+from realtime.sidecar.engine_port import EngineStatus
 from realtime.sidecar.host import HostedSession, SidecarHost
 from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.runtime import SessionRuntime
@@ -164,8 +164,8 @@ class FailingStopRuntime:
 
 
 class NoEngine:
-    def info(self) -> EngineInfo:
-        return EngineInfo(name="none", device="cpu", warm=True)
+    def info(self) -> EngineStatus:
+        return EngineStatus(name="none", device="cpu", warm=True)
 
 
 async def test_teardown_closes_publishers_when_earlier_steps_fail() -> None:

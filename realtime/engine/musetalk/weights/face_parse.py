@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from realtime.engine.errors import ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
-from realtime.engine.weights.layout import ModelLayout, weight_file_problem
+from realtime.engine.musetalk.weights.layout import ModelLayout, weight_file_problem
 
 if TYPE_CHECKING:
     import torch

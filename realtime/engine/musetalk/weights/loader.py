@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from realtime.engine.device import DeviceChoice
 from realtime.engine.errors import ModelConfigInvalid, ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
-from realtime.engine.weights.layout import (
+from realtime.engine.musetalk.weights.layout import (
     ModelLayout,
     check_face_parsing,
     read_json,
@@ -199,7 +199,7 @@ def load_musetalk(model_dir: Path, device: DeviceChoice) -> MuseTalkModels:
     parsing = check_face_parsing(layout)
     parser = None
     if parsing.usable:
-        from realtime.engine.weights.face_parse import load_face_parser
+        from realtime.engine.musetalk.weights.face_parse import load_face_parser
 
         parser = load_face_parser(layout, torch_device, dtype)
         note = f"parsed jaw blend mask (BiSeNet from {layout.face_parse_weights.parent})"

@@ -30,7 +30,6 @@ from realtime.engine.accel import (
     mark_batch_dynamic,
     pad_batch,
 )
-from realtime.engine.api import EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
 from realtime.engine.artifacts import (
     ArtifactKey,
     PrebuiltWarmUp,
@@ -42,20 +41,20 @@ from realtime.engine.artifacts import (
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
-from realtime.engine.audio.whisper import WhisperStreamFeaturizer, WhisperWindows
-from realtime.engine.avatar.latents import encode_crop_latents
 from realtime.engine.avatar.prepare import prepare_avatar
-from realtime.engine.avatar.prepared import Avatar
-from realtime.engine.composite import Compositor, PasteJob, PendingPaste
+from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import RenderRequestInvalid
 from realtime.engine.groupnorm import set_group_norm_mode
+from realtime.engine.musetalk.composite import Compositor, PasteJob, PendingPaste
+from realtime.engine.musetalk.latents import encode_crop_latents
+from realtime.engine.musetalk.whisper import WhisperStreamFeaturizer, WhisperWindows
+from realtime.engine.protocol import EngineBase, EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
 from realtime.engine.upsample import set_upsample_conv_mode
-from realtime.host import PrepareProgress
 
 if TYPE_CHECKING:
     import torch
 
-    from realtime.engine.weights.loader import MuseTalkModels
+    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +62,10 @@ ENGINE_NAME = "musetalk"
 ENGINE_VERSION = "musetalk-v15-engine-1"
 
 
-class MuseTalkEngine:
-    def __init__(self, models: MuseTalkModels, config: EngineConfig, model_dir: Path | None = None) -> None:
+class MuseTalkEngine(EngineBase):
+    def __init__(
+        self, models: MuseTalkModels, config: EngineConfig, model_dir: Path | None = None, *, detail: str = ""
+    ) -> None:
         import torch
 
         self._models = models
@@ -111,7 +112,8 @@ class MuseTalkEngine:
             device=models.device.device,
             dtype=models.device.dtype_name,
             model_dir=model_dir,
-            detail=(f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights")
+            detail=detail
+            or (f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights")
             + f"; {models.blend_mask_note}",
         )
 
@@ -510,6 +512,10 @@ class MuseTalkEngine:
             cache_misses=cache_misses,
             rebuild=rebuild,
         )
+
+    def warm_up_for_serving(self, artifacts_dir: Path | None = None) -> PrebuiltWarmUp:
+        """Every batch bucket, from the prebuilt engine artifacts when they match this engine."""
+        return self.warm_up_prebuilt(artifacts_dir)
 
     def warm_up_buckets(self, max_frames: int | None = None) -> float:
         """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a capture."""

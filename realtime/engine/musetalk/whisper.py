@@ -2,7 +2,7 @@
 
 Both paths encode audio exactly as upstream does — 30 s segments from the utterance start,
 each padded to 30 s with `WhisperFeatureExtractor`'s log-mel (computed on the encoder's device:
-`realtime.engine.audio.logmel`), all 5 hidden states of the encoder stacked
+`realtime.engine.musetalk.logmel`), all 5 hidden states of the encoder stacked
 — and index them with `framing.gather_index`. The streaming path re-encodes the segment that
 is still growing whenever new frames become ready (a finished segment is encoded once), so a
 frame's window differs from the offline one only by what the encoder's attention sees of audio
@@ -31,12 +31,12 @@ from realtime.engine.audio.framing import (
     offline_position_count,
     positional_encoding,
 )
-from realtime.engine.audio.logmel import DeviceLogMel
+from realtime.engine.musetalk.logmel import DeviceLogMel
 
 if TYPE_CHECKING:
     import torch
 
-    from realtime.engine.weights.loader import MuseTalkModels
+    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
 
 class WhisperWindows:

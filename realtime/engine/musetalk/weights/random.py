@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from realtime.engine.weights.layout import ModelLayout
+from realtime.engine.musetalk.weights.layout import ModelLayout
 
 if TYPE_CHECKING:
     import torch
 
     from realtime.engine.device import DeviceChoice
-    from realtime.engine.weights.loader import MuseTalkModels
+    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
 Size = Literal["tiny", "full"]
 
@@ -192,7 +192,7 @@ def random_models(size: Size, device: DeviceChoice, seed: int = 0) -> MuseTalkMo
     import torch
     from transformers import WhisperFeatureExtractor
 
-    from realtime.engine.weights.loader import MuseTalkModels
+    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
     started = time.perf_counter()
     with torch.device(device.torch_device()):
