@@ -41,8 +41,8 @@ from realtime.ingest.resample import ConvertedAudio
 from realtime.sidecar.config import HostConfig, SidecarSettings, add_arguments
 from realtime.sidecar.engine_adapter import EngineTimingUnsupported
 from realtime.sidecar.process import build_host
-from tests.sidecar.recording import RecordingPublisher
 from tests.support import media
+from tests.support.recording import RecordingPublisher
 
 MARKER_RGB = (255, 0, 255)  # no avatar frame has it: a speech frame in this colour came from the marker engine
 
