@@ -65,14 +65,10 @@ Lower-half VAE decode decodes only latent rows r..31 (face rows 8r..255); the ro
 filled with the first decoded row (the blend mask is 0 there, so they are never shown). It is
 not exact: every GroupNorm of the decoder normalises with statistics over the rows it sees,
 and the cropped decode does not see the upper face. The error therefore depends on the VAE
-weights. On the tiny random checkpoint the blended frames differ from the full decode by up to
-46 grey levels inside the mask and by 0 outside it (tests/realtime/engine/test_accel.py measures
-both and records the < 1 grey level bound as an expected failure). Measured on an H200 it
-lifts the graphed peak from 282 to 357 fps (bench/results/engine-h200-20261130.json, `earlier_runs`);
-exact alternatives (upper-row statistics cached per avatar frame, oracle statistics) were
-measured too: with oracle statistics and a 2-latent-row halo the blend differs by < 0.9 grey
-levels, but statistics from another frame of the same avatar are off by ~25 grey levels on
-random weights. Keep it off (r = 0) unless real weights are shown to stay within a grey level.
+weights (tests/realtime/engine/test_accel.py measures it on the tiny random checkpoint and
+records the < 1 grey level bound as an expected failure; bench/results/engine-accel-notes.md
+has the speed-up and the exact alternatives tried). Keep it off (r = 0) unless real weights are
+shown to stay within a grey level.
 """
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
@@ -82,10 +78,11 @@ class AccelConfig:
     batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
     cuda_graphs: bool = True  # CUDA only: replay captured graphs per bucket
     compile_mode: str = "off"  # "off" | "default" | "max-autotune-no-cudagraphs" (CUDA only)
-    compile_cache_dir: Path | None = None  # default: $LIPSYNC_CACHE_DIR/compile or ~/.cache/lipsync-live/compile
-    # Pinned: `render_async` returns without waiting for the device (a pageable copy blocks the host until the
-    # stream drains), which the render lane's pipelining needs. The side stream was measured slower on an H200
-    # (bench.engine variants graphs vs graphs-pinned, bench/results/engine-h200-*.json): the regions are small.
+    # default: $LIPSYNC_CACHE_DIR/compile or ~/.cache/lipsync-live/compile
+    compile_cache_dir: Path | None = None
+    # Pinned: `render_async` returns without waiting for the device (a pageable copy blocks the host until
+    # the stream drains), which the render lane's pipelining needs. A side stream for the copies is off: the
+    # regions are small and it measured slower (bench/results/engine-accel-notes.md).
     pinned_transfers: bool = True  # CUDA only: page-locked staging buffers for device -> host copies
     overlap_copy: bool = False  # CUDA only: device -> host copies on a side stream
     cudnn_benchmark: bool = True  # CUDA only: cuDNN picks the fastest kernels per shape (buckets: few shapes)
@@ -93,50 +90,55 @@ class AccelConfig:
     # Lower-half VAE decode: decode only latent rows [decode_from_latent_row, 32) (0: the whole face). See
     # `LOWER_DECODE_NOTE`: it is an approximation whose error depends on the VAE weights.
     decode_from_latent_row: int = 0
-    # Exact rewrite of "nearest 2x upsample + 3x3 conv" (`realtime.engine.upsample`): "nearest" | "transpose" |
-    # "phases" on any device, or "auto", measured fastest per path (bench/results/engine-h200-*.json and
-    # layout-h200-*.json): "transpose" compiled channels-last, "phases" otherwise on CUDA, "nearest" on CPU
-    # (slower there with the tiny model). Same output up to rounding.
+    # Exact rewrite of "nearest 2x upsample + 3x3 conv" (`realtime.engine.upsample`): "nearest" |
+    # "transpose" | "phases" on any device, or "auto", the fastest per path
+    # (bench/results/engine-accel-notes.md): "transpose" compiled channels-last, "phases" otherwise on CUDA,
+    # "nearest" on CPU. Same output up to rounding.
     upsample_conv: str = "auto"
-    compile_batch1: bool = True  # with compile_mode: bucket 1 gets its own static compile (else it runs eager)
-    # With compile_mode: inductor lays the convolutions' maps out channels-last (`force_layout_optimization`). Its
-    # own heuristic never does for a dynamic batch, and cuDNN then wraps every conv in NCHW<->NHWC transposes
-    # (30 of the decode's 104 ms at batch 64 on an H200: bench/results/layout-h200-*.json).
+    # with compile_mode: bucket 1 gets its own static compile (else it runs eager)
+    compile_batch1: bool = True
+    # With compile_mode: inductor lays the convolutions' maps out channels-last (`force_layout_optimization`).
+    # Its own heuristic never does for a dynamic batch, and cuDNN then wraps every conv in NCHW<->NHWC
+    # transposes.
     compile_channels_last: bool = True
-    # With compile_mode: the stages ("unet", "vae_decode") whose shared compile (buckets >= 2) tunes each generated
-    # kernel's block sizes and warps by benchmark at its first launch (inductor's coordinate descent). The decode's
-    # norm/SiLU/residual kernels went 21.3 -> 16.3 ms, the decode 75.4 -> 70.4 ms at batch 64 on an H200
-    # (bench/results/layout-h200-*.json). It costs cold compile time, once (the tuned kernels are cached): the
-    # VAE's compile alone 33 -> 123 s there, the engine's cold warm-up from 175 to 360 s, for 584 -> 608 frames/s
-    # at batch 64 (bench/results/engine-h200-*.json). Tuning the UNet too (a few ms of Triton kernels) and the
-    # batch-1 compiles took it past 8 minutes: not tuned. `warm_up` runs the largest bucket first, so the tuning
-    # sees the size that carries the load.
+    # With compile_mode: the stages ("unet", "vae_decode") whose shared compile (buckets >= 2) tunes each
+    # generated kernel's block sizes and warps by benchmark at its first launch (inductor's coordinate
+    # descent). Only the VAE decode: its kernels gain the most for the cold compile time tuning costs once
+    # (the tuned kernels are cached); the UNet and the batch-1 compiles gain little for much longer compiles
+    # (bench/results/engine-accel-notes.md). `warm_up` runs the largest bucket first, so the tuning sees the
+    # size that carries the load.
     compile_tuned_stages: tuple[str, ...] = ("vae_decode",)
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
-    # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else native.
+    # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else
+    # native.
     group_norm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.upsample_conv not in ("auto", *UPSAMPLE_CONV_MODES):
             raise ValueError(
-                f"upsample_conv must be auto or one of {', '.join(UPSAMPLE_CONV_MODES)}, got {self.upsample_conv!r}"
+                f"upsample_conv must be auto or one of {', '.join(UPSAMPLE_CONV_MODES)}, "
+                f"got {self.upsample_conv!r}"
             )
         if self.group_norm not in ("auto", *GROUP_NORM_MODES):
             raise ValueError(
                 f"group_norm must be auto or one of {', '.join(GROUP_NORM_MODES)}, got {self.group_norm!r}"
             )
         if not set(self.compile_tuned_stages) <= {"unet", "vae_decode"}:
-            raise ValueError(f"compile_tuned_stages may name unet and vae_decode, got {self.compile_tuned_stages!r}")
+            raise ValueError(
+                f"compile_tuned_stages may name unet and vae_decode, got {self.compile_tuned_stages!r}"
+            )
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
             raise ValueError(f"batch_buckets must be positive sizes, got {self.batch_buckets!r}")
         if tuple(sorted(set(self.batch_buckets))) != self.batch_buckets:
             raise ValueError(f"batch_buckets must be strictly increasing, got {self.batch_buckets!r}")
         if not 0 <= self.decode_from_latent_row <= MAX_DECODE_FROM_LATENT_ROW:
             raise ValueError(
-                f"decode_from_latent_row must be in [0, {MAX_DECODE_FROM_LATENT_ROW}] (the blend mask starts at "
-                f"face row {MASK_FIRST_ROW_PX}), got {self.decode_from_latent_row}"
+                f"decode_from_latent_row must be in [0, {MAX_DECODE_FROM_LATENT_ROW}] "
+                f"(the blend mask starts at face row {MASK_FIRST_ROW_PX}), got {self.decode_from_latent_row}"
             )
 
     @property
@@ -149,7 +151,7 @@ class AccelConfig:
     def upsample_conv_for(self, cuda: bool) -> UpsampleConvMode:
         if self.upsample_conv == "auto":
             if self._compiled_channels_last(cuda):
-                return "transpose"  # no phase interleave pass over channels-last maps: 79 vs 83 ms (bench.layout)
+                return "transpose"  # no phase interleave pass over channels-last maps
             return "phases" if cuda else "nearest"
         return self.upsample_conv  # type: ignore[return-value]  # validated in __post_init__
 
@@ -173,7 +175,8 @@ def default_compile_cache_dir() -> Path:
 
 
 def configure_compile_cache(cache_dir: Path | None) -> Path:
-    """Point inductor's and Triton's on-disk caches at `cache_dir` (created) so compiled kernels survive restarts.
+    """Point inductor's and Triton's on-disk caches at `cache_dir` (created) so compiled kernels survive
+    restarts.
 
     Must run before the first compile of the process: inductor reads these variables when it
     first needs its cache directory.
@@ -280,7 +283,8 @@ class BucketGraphs:
 
 
 def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """`tensor` with its batch grown to `size` by repeating its last row (real data: no NaN/denormal paths)."""
+    """`tensor` with its batch grown to `size` by repeating its last row (real data: no NaN/denormal
+    paths)."""
     import torch
 
     missing = size - int(tensor.shape[0])

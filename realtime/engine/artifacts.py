@@ -1,4 +1,5 @@
-"""Prebuilt engine artifacts: the compiled kernels of a warm engine, saved once and loaded at the next warm-up.
+"""Prebuilt engine artifacts: the compiled kernels of a warm engine, saved once and loaded at the next
+warm-up.
 
 A cold compile of the full-size engine takes minutes (the compiled graphs of every stage, the Triton kernels
 and their tuned launch configurations). `lipsync engine build` warms an engine up once and saves torch's
@@ -8,11 +9,12 @@ portable compile cache (`torch.compiler.save_cache_artifacts`) as an artifact; a
 Compiled kernels are only valid for what they were compiled for. An artifact is keyed by everything that
 changes the generated code: the GPU (name and compute capability), torch, CUDA and Triton versions, the model
 architecture (a hash of the modules' structure, not the weights, which are inputs of the compiled graphs), the
-dtype, the compile mode and the engine's compile settings (buckets, layouts, tuned stages, ...). Artifacts live
-under `<root>/<key digest>/` (`manifest.json` + `cache.bin`), so nodes of different GPUs or versions can share a
-root. Loading checks the manifest's key field by field and the blob's SHA-256: an artifact that does not match
-is refused with `EngineArtifactMismatch` / `EngineArtifactCorrupt` (a logged code and sentence that names the
-differing fields), the warm-up then compiles from nothing and saves a new artifact: never silently slow.
+dtype, the compile mode and the engine's compile settings (buckets, layouts, tuned stages, ...). Artifacts
+live under `<root>/<key digest>/` (`manifest.json` + `cache.bin`), so nodes of different GPUs or versions can
+share a root. Loading checks the manifest's key field by field and the blob's SHA-256: an artifact that does
+not match is refused with `EngineArtifactMismatch` / `EngineArtifactCorrupt` (a logged code and sentence that
+names the differing fields), the warm-up then compiles from nothing and saves a new artifact: never silently
+slow.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def _canonical(data: object) -> bytes:
 
 
 def model_hash(*modules: Any) -> str:
-    """A hash of modules' architecture: their printed structure and every parameter's and buffer's name, shape and
-    dtype. Weight values are inputs of the compiled graphs and do not change the generated kernels."""
+    """A hash of modules' architecture: their printed structure and every parameter's and buffer's name,
+    shape and dtype. Weight values are inputs of the compiled graphs and do not change the generated
+    kernels."""
     digest = hashlib.sha256()
     for module in modules:
         digest.update(repr(module).encode())
@@ -132,8 +135,9 @@ def artifact_dir(root: Path, key: ArtifactKey) -> Path:
 
 
 def save_artifact(root: Path, key: ArtifactKey, blob: bytes, *, build_ms: float | None = None) -> Path:
-    """Write `blob` (the portable compile cache) under `root/<key digest>/` with its manifest; atomic per file
-    (a reader never sees a half-written artifact: the manifest, which names the blob's hash, is written last)."""
+    """Write `blob` (the portable compile cache) under `root/<key digest>/` with its manifest; atomic per
+    file (a reader never sees a half-written artifact: the manifest, which names the blob's hash, is written
+    last)."""
     if not blob:
         raise EngineArtifactError("nothing to save: the compile cache is empty (was anything compiled?)")
     directory = artifact_dir(root, key)
@@ -146,7 +150,10 @@ def save_artifact(root: Path, key: ArtifactKey, blob: bytes, *, build_ms: float 
         "build_ms": None if build_ms is None else round(build_ms, 1),
     }
     _write_atomic(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    logger.info("engine artifact saved", extra={"path": str(directory), "bytes": len(blob), "key_digest": key.digest()})
+    logger.info(
+        "engine artifact saved",
+        extra={"path": str(directory), "bytes": len(blob), "key_digest": key.digest()},
+    )
     return directory
 
 
@@ -180,18 +187,23 @@ def read_artifact(directory: Path, expected: ArtifactKey) -> LoadedArtifact:
         raise EngineArtifactCorrupt(f"engine artifact manifest {manifest_path} is unreadable: {exc}") from exc
     differences = key.differences(expected)
     if differences:
-        listed = "; ".join(f"{name}: artifact {a!r}, here {b!r}" for name, (a, b) in sorted(differences.items()))
+        listed = "; ".join(
+            f"{name}: artifact {a!r}, here {b!r}" for name, (a, b) in sorted(differences.items())
+        )
         raise EngineArtifactMismatch(
-            f"engine artifact {directory} was built for a different engine ({listed}); it is not loaded", differences
+            f"engine artifact {directory} was built for a different engine ({listed}); it is not loaded",
+            differences,
         )
     try:
         blob = (directory / BLOB_NAME).read_bytes()
     except OSError as exc:
-        raise EngineArtifactCorrupt(f"engine artifact {directory} has no readable {BLOB_NAME}: {exc}") from exc
+        raise EngineArtifactCorrupt(
+            f"engine artifact {directory} has no readable {BLOB_NAME}: {exc}"
+        ) from exc
     if len(blob) != blob_bytes or hashlib.sha256(blob).hexdigest() != blob_sha256:
         raise EngineArtifactCorrupt(
-            f"engine artifact {directory / BLOB_NAME} is {len(blob)} bytes whose SHA-256 is not the manifest's "
-            f"({blob_bytes} bytes): a partial copy or a changed file; it is not loaded"
+            f"engine artifact {directory / BLOB_NAME} is {len(blob)} bytes whose SHA-256 is not the "
+            f"manifest's ({blob_bytes} bytes): a partial copy or a changed file; it is not loaded"
         )
     return LoadedArtifact(key, directory, blob)
 
@@ -199,9 +211,9 @@ def read_artifact(directory: Path, expected: ArtifactKey) -> LoadedArtifact:
 def find_artifact(root: Path, expected: ArtifactKey) -> LoadedArtifact:
     """The artifact for `expected` under `root` (its digest's directory); see `read_artifact` for the errors.
 
-    When there is none but `root` holds artifacts built for something else (another GPU, torch version, model or
-    setting), the refusal names how the closest of them differs (EngineArtifactMismatch), so a deployment that
-    shipped the wrong artifacts says so instead of only compiling for minutes."""
+    When there is none but `root` holds artifacts built for something else (another GPU, torch version,
+    model or setting), the refusal names how the closest of them differs (EngineArtifactMismatch), so a
+    deployment that shipped the wrong artifacts says so instead of only compiling for minutes."""
     directory = artifact_dir(root, expected)
     if (directory / MANIFEST_NAME).is_file() or not root.is_dir():
         return read_artifact(directory, expected)
@@ -225,7 +237,8 @@ def find_artifact(root: Path, expected: ArtifactKey) -> LoadedArtifact:
 class PrebuiltWarmUp:
     """How a warm-up used the prebuilt artifacts."""
 
-    status: str  # "loaded" | "built" (none there) | "rebuilt" (one was refused) | "not_compiled" (nothing to load)
+    # "loaded" | "built" (none there) | "rebuilt" (one was refused) | "not_compiled" (nothing to load)
+    status: str
     warm_up_ms: float  # the warm-up itself (compiles, captures, timed runs)
     load_ms: float = 0.0  # reading, checking and loading the artifact
     save_ms: float = 0.0
@@ -244,10 +257,11 @@ def warm_up_with_artifacts(
     cache_misses: Callable[[], int] = lambda: 0,
     rebuild: bool = False,
 ) -> PrebuiltWarmUp:
-    """Load the artifact for `key` (if any, and only if it matches), run `warm_up`, and save a new artifact when
-    none was loaded or when compiles still missed the cache. `load_blob` / `save_blob`: torch's
-    `load_cache_artifacts` / `save_cache_artifacts` (bytes); `cache_misses`: compiled graphs not found in the
-    cache so far in this process (inductor's counter); `rebuild`: do not look for one (`lipsync engine build`)."""
+    """Load the artifact for `key` (if any, and only if it matches), run `warm_up`, and save a new artifact
+    when none was loaded or when compiles still missed the cache. `load_blob` / `save_blob`: torch's
+    `load_cache_artifacts` / `save_cache_artifacts` (bytes); `cache_misses`: compiled graphs not found in
+    the cache so far in this process (inductor's counter); `rebuild`: do not look for one (`lipsync engine
+    build`)."""
     started = time.perf_counter()
     status, loaded_path, refused = "built", None, ""
     try:
@@ -258,7 +272,9 @@ def warm_up_with_artifacts(
         logger.info("no prebuilt engine artifact: compiling from nothing", extra={"root": str(root)})
     except EngineArtifactError as exc:
         status, refused = "rebuilt", str(exc)
-        logger.warning("engine artifact refused: compiling from nothing", extra={"code": exc.code, "reason": str(exc)})
+        logger.warning(
+            "engine artifact refused: compiling from nothing", extra={"code": exc.code, "reason": str(exc)}
+        )
     else:
         load_blob(loaded.blob)
         status, loaded_path = "loaded", loaded.path

@@ -36,7 +36,8 @@ class DeviceChoice:
 
 
 def choose_device(requested: str = "auto", dtype: str = "auto") -> DeviceChoice:
-    """`requested`: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; `dtype`: "auto", "float16", "float32".
+    """`requested`: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; `dtype`: "auto", "float16",
+    "float32".
 
     fp16 on CUDA (as MuseTalk runs), fp32 on CPU (fp16 convolutions on CPU are slow or unsupported).
     """
@@ -68,16 +69,17 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def host_staging(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty 1-D host tensor to fill, then `upload` without another copy (page-locked when `device` is CUDA)."""
+    """An empty 1-D host tensor to fill, then `upload` without another copy (page-locked when `device` is
+    CUDA)."""
     import torch
 
     return torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda")
 
 
 class StagingPool:
-    """Host byte buffers kept for reuse (page-locking a fresh one on CUDA costs milliseconds): `take` hands out
-    the smallest free buffer that fits, or a new one with headroom; `give_back` returns one for reuse and keeps
-    at most `max_free`, dropping the smallest."""
+    """Host byte buffers kept for reuse (page-locking a fresh one on CUDA costs milliseconds): `take` hands
+    out the smallest free buffer that fits, or a new one with headroom; `give_back` returns one for reuse
+    and keeps at most `max_free`, dropping the smallest."""
 
     def __init__(self, device: torch.device, *, max_free: int, headroom: float = 1.25) -> None:
         self._device = device
@@ -96,8 +98,8 @@ class StagingPool:
     def give_back(self, buffer: torch.Tensor) -> None:
         self._free.append(buffer)
         if len(self._free) > self._max_free:
-            # By position: `list.remove` would compare tensors with `==` (elementwise), which raises for unequal
-            # sizes; on the H200 that failed 2,526 renders of a 24- and a 28-session level.
+            # By position: `list.remove` would compare tensors with `==` (elementwise), which raises for
+            # unequal sizes (bench/results/engine-accel-notes.md).
             del self._free[min(range(len(self._free)), key=lambda k: self._free[k].numel())]
 
     @property

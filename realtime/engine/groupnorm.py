@@ -34,7 +34,8 @@ GROUP_NORM_MODES: tuple[GroupNormMode, ...] = ("native", "channel_sums")
 def channel_sum_group_norm(
     x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """`F.group_norm(x, groups, weight, bias, eps)` for `x` of shape [B, C, *spatial], via per-channel sums."""
+    """`F.group_norm(x, groups, weight, bias, eps)` for `x` of shape [B, C, *spatial], via per-channel
+    sums."""
     import torch
 
     batch, channels = int(x.shape[0]), int(x.shape[1])
@@ -61,7 +62,8 @@ def _make_module() -> Any:
     from torch import nn
 
     class ChannelSumGroupNorm(nn.Module):
-        """Stands in for an `nn.GroupNorm` (its parameters stay on the original); `mode` switches at any time."""
+        """Stands in for an `nn.GroupNorm` (its parameters stay on the original); `mode` switches at any
+        time."""
 
         def __init__(self, original: nn.GroupNorm, mode: GroupNormMode) -> None:
             super().__init__()
@@ -94,5 +96,9 @@ def set_group_norm_mode(root: torch.nn.Module, mode: GroupNormMode) -> int:
     if mode not in GROUP_NORM_MODES:
         raise ValueError(f"group norm mode must be one of {', '.join(GROUP_NORM_MODES)}, got {mode!r}")
     return switch_wrapped(
-        root, _module_class(), mode, original_mode="native", wraps=lambda module: isinstance(module, nn.GroupNorm)
+        root,
+        _module_class(),
+        mode,
+        original_mode="native",
+        wraps=lambda module: isinstance(module, nn.GroupNorm),
     )

@@ -25,8 +25,8 @@ def switch_wrapped(
     on_switch: Callable[[Any], None] | None = None,
 ) -> int:
     """Put every module under `root` that `wraps` accepts in `mode`, wrapping it as `wrapper(module, mode)` on
-    first use (not while `mode` is `original_mode`); `on_switch` sees each existing wrapper first. Returns how many
-    modules are wrapped. Idempotent and reversible."""
+    first use (not while `mode` is `original_mode`); `on_switch` sees each existing wrapper first. Returns
+    how many modules are wrapped. Idempotent and reversible."""
     count = 0
     for parent in list(root.modules()):
         if isinstance(parent, wrapper):

@@ -27,7 +27,8 @@ class OfflineRender:
 
 
 def render_clip(engine: Engine, avatar: Avatar, audio: np.ndarray, batch_size: int = 8) -> OfflineRender:
-    """Every frame of `audio` (16 kHz mono float32) rendered on `avatar`; output frame i shows cycle position i."""
+    """Every frame of `audio` (16 kHz mono float32) rendered on `avatar`; output frame i shows cycle
+    position i."""
     features = engine.offline_frames(audio)
     frames: list[np.ndarray] = []
     for start in range(0, len(features), max(1, batch_size)):
@@ -49,9 +50,19 @@ def dump_intermediates(
 
     save("face_boxes", avatar.face_boxes, "MuseTalk face box per avatar frame, x1 y1 x2 y2 px (-1: no face)")
     save("crop_boxes", avatar.crop_boxes, "v1.5 crop box (face box + extra_margin) per avatar frame")
-    save("frame_indices", np.array([avatar.frame_at(i) for i in result.cycle_indices]), "avatar frame per output frame")
-    save("rms_dbfs", np.array([f.rms_dbfs for f in result.features], dtype=np.float32), "audio level per frame")
-    save("speech_weights", np.array([f.speech_weight for f in result.features], dtype=np.float32), "0 = idle frame")
+    save(
+        "frame_indices",
+        np.array([avatar.frame_at(i) for i in result.cycle_indices]),
+        "avatar frame per output frame",
+    )
+    save(
+        "rms_dbfs", np.array([f.rms_dbfs for f in result.features], dtype=np.float32), "audio level per frame"
+    )
+    save(
+        "speech_weights",
+        np.array([f.speech_weight for f in result.features], dtype=np.float32),
+        "0 = idle frame",
+    )
     if engine.info.name == "musetalk":
         from realtime.engine.musetalk.engine import MuseTalkEngine
 
@@ -69,7 +80,9 @@ def dump_intermediates(
             "UNet encoder_hidden_states [T,50,384] (windows + positional encoding)",
         )
         requests = [RenderRequest.for_frame(avatar, f.index, f) for f in result.features]
-        active = [i for i, r in enumerate(requests) if r.speech_weight > 0 and avatar.has_face[avatar.frame_at(i)]]
+        active = [
+            i for i, r in enumerate(requests) if r.speech_weight > 0 and avatar.has_face[avatar.frame_at(i)]
+        ]
         inputs, outputs = [], []
         for start in range(0, len(active), 16):
             chunk = [requests[i] for i in active[start : start + 16]]
@@ -88,7 +101,11 @@ def dump_intermediates(
             "UNet output [A,4,32,32] (before / scaling_factor), rows follow active_frames",
         )
     else:
-        save("openness", np.array([float(f.features[0]) for f in result.features], np.float32), "preview openness")
+        save(
+            "openness",
+            np.array([float(f.features[0]) for f in result.features], np.float32),
+            "preview openness",
+        )
     (out_dir / "index.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     return [out_dir / name for name in written]
 

@@ -27,7 +27,14 @@ from realtime.engine.avatar.face import MouthGeometry
 from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import RenderRequestInvalid
-from realtime.engine.protocol import EngineBase, EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
+from realtime.engine.protocol import (
+    EngineBase,
+    EngineConfig,
+    EngineInfo,
+    RenderRequest,
+    StageProfile,
+    maybe_stage,
+)
 
 ENGINE_NAME = "preview"
 ENGINE_VERSION = "preview-1"
@@ -41,7 +48,8 @@ TEETH_RGB = np.array([222.0, 214.0, 204.0], dtype=np.float32)
 
 
 def openness_from_levels(rms_dbfs: np.ndarray) -> np.ndarray:
-    """Per-frame openness in [0, 1]; frame i uses levels i-1, i, i+1 (a missing neighbour counts as silence)."""
+    """Per-frame openness in [0, 1]; frame i uses levels i-1, i, i+1 (a missing neighbour counts as
+    silence)."""
     amplitude = np.power(10.0, rms_dbfs.astype(np.float32) / 20.0)
     raw = np.clip(amplitude / REFERENCE_RMS, 0.0, 1.0) ** OPENNESS_GAMMA
     padded = np.concatenate([[0.0], raw, [0.0]]).astype(np.float32)
@@ -106,11 +114,15 @@ class PreviewEngine(EngineBase):
         openness = openness_from_levels(rms)
         weights = speech_weights(rms, self._config.gate)
         return [
-            FeatureFrame(i, 0, i, np.array([openness[i]], dtype=np.float32), float(rms[i]), float(weights[i]), False)
+            FeatureFrame(
+                i, 0, i, np.array([openness[i]], dtype=np.float32), float(rms[i]), float(weights[i]), False
+            )
             for i in range(len(rms))
         ]
 
-    def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]:
+    def render(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> list[np.ndarray]:
         out = []
         with maybe_stage(profile, "blend"):
             for request in requests:
@@ -125,7 +137,9 @@ class PreviewEngine(EngineBase):
         idle = avatar.frames[frame_no]
         feature = np.asarray(request.features, dtype=np.float32).reshape(-1)
         if feature.size != 1:
-            raise RenderRequestInvalid(f"preview render requests need a 1-value openness feature, got {feature.size}")
+            raise RenderRequestInvalid(
+                f"preview render requests need a 1-value openness feature, got {feature.size}"
+            )
         openness = float(np.clip(feature[0], 0.0, 1.0)) * min(1.0, max(0.0, request.speech_weight))
         if openness < MIN_VISIBLE_OPENNESS or not avatar.has_face[frame_no]:
             return idle

@@ -159,8 +159,8 @@ class RenderHandle(Protocol):
         ...
 
     def host_ms(self) -> float | None:
-        """Once `result()` returned: its time on the host after the device was done (frame assembly); None when
-        not measured."""
+        """Once `result()` returned: its time on the host after the device was done (frame assembly); None
+        when not measured."""
         ...
 
 
@@ -212,9 +212,13 @@ class Engine(Protocol):
 
     def offline_frames(self, audio: np.ndarray) -> list[FeatureFrame]: ...
 
-    def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]: ...
+    def render(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> list[np.ndarray]: ...
 
-    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> RenderHandle:
+    def render_async(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> RenderHandle:
         """`render`, split: enqueue the work and return; the handle's `result()` (same thread, in call order)
         returns the frames. Lets the caller prepare its next batch while the device computes this one."""
         ...
@@ -246,10 +250,14 @@ class EngineBase:
     def prefetch_features(self, streams: Sequence[AudioFeatureStream], max_frames: Sequence[int]) -> int:
         return 0
 
-    def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]:
+    def render(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> RenderHandle:
+    def render_async(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> RenderHandle:
         return RenderedFrames(self.render(requests, profile=profile))  # synchronous: nothing to overlap
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:

@@ -113,7 +113,9 @@ def create_engine(config: EngineConfig) -> EngineSelection:
         chosen = entry(config.engine)
         probe = chosen.probe(config)
         if not probe.usable:
-            raise probe.problem or EngineUnavailable(f"the {chosen.name} engine is not usable: {probe.reason}")
+            raise probe.problem or EngineUnavailable(
+                f"the {chosen.name} engine is not usable: {probe.reason}"
+            )
         why = f"the {chosen.name} engine was requested ({probe.reason})"
     engine = chosen.build(config)
     reason = f"{why}: using {chosen.name}: {engine.info.detail}"

@@ -70,7 +70,8 @@ def _exact(weight: torch.Tensor) -> torch.Tensor:
 
 
 def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """`[Cout, Cin, 3, 3]` conv weight -> `[Cin, Cout, 4, 4]` stride-2 transposed-conv weight (fp32 or wider)."""
+    """`[Cout, Cin, 3, 3]` conv weight -> `[Cin, Cout, 4, 4]` stride-2 transposed-conv weight (fp32 or
+    wider)."""
     import torch
 
     exact = _exact(weight)
@@ -95,7 +96,8 @@ def _make_module() -> Any:
     from torch import nn
 
     class FusedUpsampleConv(nn.Module):
-        """Stands in for a diffusers `Upsample2D` (same call signature); `mode` switches the form at any time."""
+        """Stands in for a diffusers `Upsample2D` (same call signature); `mode` switches the form at any
+        time."""
 
         original: Any  # the diffusers Upsample2D (its conv holds the weights)
         out_channels: int
@@ -106,13 +108,18 @@ def _make_module() -> Any:
             self.mode: UpsampleConvMode = mode
             self.channels = int(original.channels)
             self.out_channels = int(original.out_channels)
-            # Derived kernels are buffers, not parameters: state_dict() and the loader see the original layout.
+            # Derived kernels are buffers, not parameters: state_dict() and the loader see the original
+            # layout.
             for name in ("transpose_weight", "phase_weight", "phase_bias"):
                 self.register_buffer(name, None, persistent=False)
             self.refresh()
 
-        def forward(self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
-            doubled = output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:])
+        def forward(
+            self, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any
+        ) -> Any:
+            doubled = output_size is None or tuple(output_size) == tuple(
+                2 * s for s in hidden_states.shape[-2:]
+            )
             if self.mode == "nearest" or not doubled:
                 return self.original(hidden_states, output_size, *args, **kwargs)
             bias = self.original.conv.bias
@@ -124,7 +131,8 @@ def _make_module() -> Any:
             grid = phases.view(batch, 2, 2, self.out_channels, height + 1, width + 1)
             # Phase (a, b) of output pixel (i, j) sits at (i + a, j + b) of its padded-input conv output.
             rows = [
-                torch.stack([grid[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], dim=-1) for a in (0, 1)
+                torch.stack([grid[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], dim=-1)
+                for a in (0, 1)
             ]
             interleaved = torch.stack(rows, dim=3)  # [B, C, H, 2, W, 2]
             return interleaved.reshape(batch, self.out_channels, 2 * height, 2 * width)
@@ -149,7 +157,8 @@ def _module_class() -> Any:
 
 
 def set_upsample_conv_mode(root: torch.nn.Module, mode: UpsampleConvMode) -> int:
-    """Put every plain upsample-conv layer under `root` in `mode` (wrapping them on first use); returns how many.
+    """Put every plain upsample-conv layer under `root` in `mode` (wrapping them on first use); returns how
+    many.
 
     Idempotent and reversible: "nearest" runs the original modules. Call again after changing the
     models' dtype (the derived kernels follow the original weights' dtype at that call).
@@ -157,7 +166,12 @@ def set_upsample_conv_mode(root: torch.nn.Module, mode: UpsampleConvMode) -> int
     if mode not in UPSAMPLE_CONV_MODES:
         raise ValueError(f"upsample conv mode must be one of {', '.join(UPSAMPLE_CONV_MODES)}, got {mode!r}")
     return switch_wrapped(
-        root, _module_class(), mode, original_mode="nearest", wraps=_is_plain_upsample_conv, on_switch=_follow_dtype
+        root,
+        _module_class(),
+        mode,
+        original_mode="nearest",
+        wraps=_is_plain_upsample_conv,
+        on_switch=_follow_dtype,
     )
 
 

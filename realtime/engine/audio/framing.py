@@ -77,21 +77,27 @@ def gather_windows(hidden: np.ndarray, frame_indices: range | list[int], valid_p
 
 
 def gather_index(frame_indices: range | list[int], valid_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """Index form of `gather_windows` for tensors: (positions `[F,10]` clipped to >= 0, valid mask `[F,10]`)."""
+    """Index form of `gather_windows` for tensors: (positions `[F,10]` clipped to >= 0, valid mask
+    `[F,10]`)."""
     frames = np.asarray(list(frame_indices), dtype=np.int64)
-    starts = np.floor(frames * (WHISPER_RATE_HZ / VIDEO_FPS)).astype(np.int64) - CONTEXT_FRAMES * POSITIONS_PER_FRAME
+    starts = (
+        np.floor(frames * (WHISPER_RATE_HZ / VIDEO_FPS)).astype(np.int64)
+        - CONTEXT_FRAMES * POSITIONS_PER_FRAME
+    )
     positions = starts[:, None] + np.arange(WINDOW_POSITIONS)[None, :]
     valid = (positions >= 0) & (positions < valid_positions)
     return np.where(valid, positions, 0), valid
 
 
 def offline_windows(hidden: np.ndarray, n_samples: int) -> np.ndarray:
-    """MuseTalk v1.5's whole-clip windows: `hidden` `[P, 5, 384]` (segments concatenated) -> `[F, 50, 384]`."""
+    """MuseTalk v1.5's whole-clip windows: `hidden` `[P, 5, 384]` (segments concatenated) -> `[F, 50,
+    384]`."""
     return gather_windows(hidden, range(offline_frame_count(n_samples)), offline_position_count(n_samples))
 
 
 def positional_encoding(seq_len: int = WINDOW_ROWS, d_model: int = FEATURE_DIM) -> np.ndarray:
-    """MuseTalk's `PositionalEncoding(d_model=384)` table for the first `seq_len` rows, float32 `[seq_len, d_model]`.
+    """MuseTalk's `PositionalEncoding(d_model=384)` table for the first `seq_len` rows, float32 `[seq_len,
+    d_model]`.
 
     Upstream adds it to every `[50, 384]` window right before the UNet (`pe(whisper_batch)` in
     `scripts/inference.py` / `realtime_inference.py`): sin on even, cos on odd channels.

@@ -42,9 +42,11 @@ class FeatureFrame:
     index: int  # frame number on the stream's timeline (covers samples [index*640, (index+1)*640))
     utterance: int  # utterance counter of this stream (increments after end_of_utterance / reset)
     utterance_frame: int  # frame number within its utterance
-    features: Any  # engine-specific: musetalk torch.Tensor [50, 384] (PE applied, engine device); preview ndarray
+    # engine-specific: musetalk torch.Tensor [50, 384] (PE applied, engine device); preview ndarray
+    features: Any
     rms_dbfs: float  # level of this frame's own 640 samples
-    speech_weight: float  # 0: show the idle frame (engine bypassed); 1: the engine's mouth; between: crossfade
+    # 0: show the idle frame (engine bypassed); 1: the engine's mouth; between: crossfade
+    speech_weight: float
     padded: bool  # holds end-of-utterance silence padding
 
     @property
@@ -55,7 +57,9 @@ class FeatureFrame:
 class FrameFeaturizer(Protocol):
     """What an engine contributes to a stream: features for ready frames of the current utterance."""
 
-    def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]: ...
+    def features(
+        self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
+    ) -> list[Any]: ...
 
     def reset(self) -> None: ...
 
@@ -94,7 +98,8 @@ class AudioFeatureStream:
         self._append(array)
 
     def end_of_utterance(self) -> int:
-        """Pad the utterance to a whole frame with silence and make every frame ready; returns padding samples."""
+        """Pad the utterance to a whole frame with silence and make every frame ready; returns padding
+        samples."""
         if self._final_frames is not None or self._utterance_samples == 0:
             return 0
         remainder = self._utterance_samples % SAMPLES_PER_FRAME
@@ -128,7 +133,11 @@ class AudioFeatureStream:
     @property
     def pending_samples(self) -> int:
         """Samples pushed but not yet covered by a pulled frame."""
-        return len(self._carry) * SAMPLES_PER_FRAME + self._utterance_samples - self._next_frame * SAMPLES_PER_FRAME
+        return (
+            len(self._carry) * SAMPLES_PER_FRAME
+            + self._utterance_samples
+            - self._next_frame * SAMPLES_PER_FRAME
+        )
 
     @property
     def next_frame_index(self) -> int:
@@ -144,8 +153,9 @@ class AudioFeatureStream:
         return out
 
     def encode_plan(self, max_frames: int | None = None) -> list[Any]:
-        """The feature encodes `pull(max_frames)` would run now, as `(featurizer, segment, audio)` (empty when the
-        featurizer does not batch): a caller may run them for many streams at once and `store` the results."""
+        """The feature encodes `pull(max_frames)` would run now, as `(featurizer, segment, audio)` (empty
+        when the featurizer does not batch): a caller may run them for many streams at once and `store` the
+        results."""
         plan = getattr(self._featurizer, "encode_plan", None)
         budget = sys.maxsize if max_frames is None else max(0, max_frames)
         remaining = budget - len(self._carry)
@@ -155,7 +165,10 @@ class AudioFeatureStream:
         if end <= self._next_frame:
             return []
         result: list[Any] = plan(
-            self._audio, self._audio_base, range(self._next_frame, end), self._utterance_samples // SAMPLES_PER_POSITION
+            self._audio,
+            self._audio_base,
+            range(self._next_frame, end),
+            self._utterance_samples // SAMPLES_PER_POSITION,
         )
         return result
 
@@ -202,7 +215,10 @@ class AudioFeatureStream:
         if whole_frames > len(self._rms):
             start = len(self._rms) * SAMPLES_PER_FRAME - self._audio_base
             self._rms = np.concatenate(
-                [self._rms, frame_rms_dbfs(self._audio[start : whole_frames * SAMPLES_PER_FRAME - self._audio_base])]
+                [
+                    self._rms,
+                    frame_rms_dbfs(self._audio[start : whole_frames * SAMPLES_PER_FRAME - self._audio_base]),
+                ]
             )
 
     def _release_audio(self) -> None:

@@ -128,5 +128,6 @@ def face_box_mask(region: np.ndarray, face_box: Box, settings: BlendMaskSettings
 def parse_crops(frames: np.ndarray, face_boxes: list[Box], settings: BlendMaskSettings) -> list[np.ndarray]:
     """The expanded-box crops that are parsed, one per face box (RGB uint8, black outside the frame)."""
     return [
-        cut_padded(frame, expanded_box(box, settings.expand)) for frame, box in zip(frames, face_boxes, strict=True)
+        cut_padded(frame, expanded_box(box, settings.expand))
+        for frame, box in zip(frames, face_boxes, strict=True)
     ]

@@ -83,7 +83,9 @@ class FaceDetector:
         height, width = frame_rgb.shape[:2]
         scale = min(1.0, DETECTION_MAX_SIDE_PX / max(height, width))
         small = (
-            frame_rgb if scale == 1.0 else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            frame_rgb
+            if scale == 1.0
+            else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         )
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
         side = min(gray.shape)
@@ -105,8 +107,9 @@ class FaceDetector:
 
 
 def detection_workers(frame_count: int) -> int:
-    """Worker processes for detecting `frame_count` frames: 1 (in this process) for short avatars, else up to half
-    the cores this process may use (live sessions assemble their frames on the same host meanwhile)."""
+    """Worker processes for detecting `frame_count` frames: 1 (in this process) for short avatars, else up
+    to half the cores this process may use (live sessions assemble their frames on the same host
+    meanwhile)."""
     if frame_count < DETECT_POOL_MIN_FRAMES:
         return 1
     try:
@@ -137,11 +140,13 @@ def detect_faces(
     chunks = [chunk for chunk in np.array_split(np.arange(len(frames)), workers * 2) if len(chunk)]
     results: dict[int, list[Box | None]] = {}
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             futures = {
-                pool.submit(_detect_chunk, config, np.ascontiguousarray(frames[chunk[0] : chunk[-1] + 1])): int(
-                    chunk[0]
-                )
+                pool.submit(
+                    _detect_chunk, config, np.ascontiguousarray(frames[chunk[0] : chunk[-1] + 1])
+                ): int(chunk[0])
                 for chunk in chunks
             }
             done = 0
@@ -151,7 +156,8 @@ def detect_faces(
                 if on_frames:
                     on_frames(done)
     except (BrokenProcessPool, OSError) as exc:
-        # A worker that cannot start (e.g. a main module that cannot be imported again) must not fail the avatar.
+        # A worker that cannot start (e.g. a main module that cannot be imported again) must not fail the
+        # avatar.
         logger.warning("face detection workers failed; detecting in this process", extra={"error": repr(exc)})
         return detect_faces(frames, config, 1, on_frames)
     return [box for start in sorted(results) for box in results[start]]
@@ -162,7 +168,9 @@ def _detect_chunk(config: DetectorConfig, frames: np.ndarray) -> list[Box | None
     return [detector.detect(frame) for frame in frames]
 
 
-def musetalk_box_from_detection(*, x: float, y: float, w: float, h: float, frame_w: int, frame_h: int) -> Box | None:
+def musetalk_box_from_detection(
+    *, x: float, y: float, w: float, h: float, frame_w: int, frame_h: int
+) -> Box | None:
     """Map a frontal-face detection (x, y, w, h) to the landmark-style box MuseTalk crops with."""
     nose = y + NOSE_AT * h
     chin = y + CHIN_AT * h
@@ -175,7 +183,8 @@ def musetalk_box_from_detection(*, x: float, y: float, w: float, h: float, frame
 
 
 def musetalk_box_from_landmarks(landmarks: np.ndarray, frame_h: int) -> Box | None:
-    """Upstream's face box from the 68 face landmarks (iBUG order, frame pixels, `[68, 2]`), or None when unusable.
+    """Upstream's face box from the 68 face landmarks (iBUG order, frame pixels, `[68, 2]`), or None when
+    unusable.
 
     x: the landmarks' extent (the jaw contour's, in practice); y: from `n − (c − n)` (at least 0) down to `c`,
     where `n` is the nose landmark 29 (the lower nose bridge) and `c` the lowest landmark (the chin).
@@ -202,7 +211,8 @@ def crop_box_v15(face_box: Box, frame_h: int, extra_margin_px: int = EXTRA_MARGI
 
 
 def fill_missing(boxes: list[Box | None], max_gap_frames: int) -> list[Box | None]:
-    """Frames without a detection borrow the nearest detected frame's box when it is at most `max_gap_frames` away.
+    """Frames without a detection borrow the nearest detected frame's box when it is at most `max_gap_frames`
+    away.
 
     Alignment is kept either way: frame i keeps index i (upstream drops faceless frames from its
     latent list, which shifts every later frame against its image — we never do).

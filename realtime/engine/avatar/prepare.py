@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from realtime.disk_budget import evict_lru, touch
-from realtime.engine.avatar.blend_mask import BlendMaskSettings, face_box_mask, parse_crops, region_from_labels
+from realtime.engine.avatar.blend_mask import (
+    BlendMaskSettings,
+    face_box_mask,
+    parse_crops,
+    region_from_labels,
+)
 from realtime.engine.avatar.face import (
     CROP_SIZE_PX,
     Box,
@@ -53,7 +58,9 @@ BLEND_MASK_PARSED = "parsed"  # meta's `blend_mask`: "parsed:<mode>" or "ellipse
 BLEND_MASK_ELLIPSE = "ellipse"
 
 LatentEncoder = Callable[[np.ndarray], np.ndarray]  # crops [B,256,256,3] uint8 RGB -> [B,8,32,32] float16
-FaceParse = Callable[[list[np.ndarray]], np.ndarray]  # RGB uint8 crops (any sizes) -> [B,512,512] uint8 labels
+FaceParse = Callable[
+    [list[np.ndarray]], np.ndarray
+]  # RGB uint8 crops (any sizes) -> [B,512,512] uint8 labels
 ProgressCallback = Callable[[PrepareProgress], None]
 
 
@@ -71,9 +78,12 @@ def default_cache_root() -> Path:
     return Path(configured) / "avatars" if configured else Path.home() / ".cache" / "lipsync-live" / "avatars"
 
 
-def cache_key(digest: str, engine: str, engine_version: str, model_fingerprint: str, settings: PrepareSettings) -> str:
+def cache_key(
+    digest: str, engine: str, engine_version: str, model_fingerprint: str, settings: PrepareSettings
+) -> str:
     material = json.dumps(
-        [PREPARE_FORMAT_VERSION, digest, engine, engine_version, model_fingerprint, asdict(settings)], sort_keys=True
+        [PREPARE_FORMAT_VERSION, digest, engine, engine_version, model_fingerprint, asdict(settings)],
+        sort_keys=True,
     )
     return f"{engine}-{digest[:16]}-{hashlib.sha256(material.encode()).hexdigest()[:16]}"
 
@@ -116,7 +126,8 @@ def prepare_avatar(
             avatar = load_cached(entry, cache_hit=True)
         except (OSError, ValueError, KeyError) as exc:
             logger.warning(
-                "avatar cache entry unreadable; preparing again", extra={"entry": str(entry), "error": str(exc)}
+                "avatar cache entry unreadable; preparing again",
+                extra={"entry": str(entry), "error": str(exc)},
             )
         else:
             touch(entry)  # recently used: evicted last
@@ -144,7 +155,11 @@ def prepare_avatar(
     raw_boxes: list[Box | None] = []
     if decoded.manifest_boxes:  # a frame the manifest gives no box has no face
         for index, manifest_box in enumerate(decoded.manifest_boxes):
-            clipped = _clip_manifest_box(manifest_box, width, height, decoded.names[index]) if manifest_box else None
+            clipped = (
+                _clip_manifest_box(manifest_box, width, height, decoded.names[index])
+                if manifest_box
+                else None
+            )
             raw_boxes.append(clipped)
         report(count)
     elif detector is not None:
@@ -247,7 +262,10 @@ def _parsed_masks(
     """Each face frame's blend mask over its crop box, uint8 `[N, rows, cols]` padded to the largest box (zero
     beyond each frame's box and for frames without a face), by upstream's rule (see `blend_mask`)."""
     with_face = [int(i) for i in np.flatnonzero(has_face)]
-    sizes = [(int(crop_boxes[i][3] - crop_boxes[i][1]), int(crop_boxes[i][2] - crop_boxes[i][0])) for i in with_face]
+    sizes = [
+        (int(crop_boxes[i][3] - crop_boxes[i][1]), int(crop_boxes[i][2] - crop_boxes[i][0]))
+        for i in with_face
+    ]
     rows_px = max([1] + [h for h, _ in sizes])
     cols_px = max([1] + [w for _, w in sizes])
     masks = np.zeros((frames.shape[0], rows_px, cols_px), np.uint8)
@@ -269,7 +287,9 @@ def _box(row: np.ndarray) -> Box:
 def _clip_manifest_box(box: Box, width: int, height: int, frame_name: str) -> Box:
     x1, y1, x2, y2 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
     if x2 - x1 < 8 or y2 - y1 < 8:
-        raise AvatarManifestInvalid(f"avatar.json: the box for {frame_name} lies outside the {width}x{height} frame")
+        raise AvatarManifestInvalid(
+            f"avatar.json: the box for {frame_name} lies outside the {width}x{height} frame"
+        )
     return (x1, y1, x2, y2)
 
 

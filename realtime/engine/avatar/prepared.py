@@ -31,8 +31,8 @@ class Avatar:
     crop_boxes: np.ndarray  # [N, 4] int32: face box + v1.5 extra margin; -1 where no face
     has_face: np.ndarray  # [N] bool: False = the engine never touches this frame
     latents: np.ndarray | None  # [N, 8, 32, 32] float16 masked+reference VAE latents (musetalk only)
-    # [N, rows, cols] uint8: each frame's parsed blend mask over its crop box (top-left aligned, zero-padded to
-    # the largest box); None: the compositor's fixed ellipse.
+    # [N, rows, cols] uint8: each frame's parsed blend mask over its crop box (top-left aligned, zero-padded
+    # to the largest box); None: the compositor's fixed ellipse.
     blend_masks: np.ndarray | None = None
     blend_mask: str = "ellipse"  # "parsed:<mode>" | "ellipse": which mask the compositor uses
 

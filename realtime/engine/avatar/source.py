@@ -36,8 +36,8 @@ from realtime.engine.errors import (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_NAME = "avatar.json"
 MIN_SIDE_PX = 64
-# Entries skipped, not decoded: archivers' metadata folders, hidden files. activities/validate.py applies the same
-# rule, so a frame the validator counts is one the sidecar plays.
+# Entries skipped, not decoded: archivers' metadata folders, hidden files. activities/validate.py applies the
+# same rule, so a frame the validator counts is one the sidecar plays.
 IGNORED_ENTRY = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|Thumbs\.db$)")
 
 
@@ -46,8 +46,9 @@ class SourceLimits:
     max_frames: int = 3000
     max_frame_pixels: int = 4096 * 4096  # of one frame as stored
     max_uncompressed_bytes: int = 2 << 30
-    # Frames larger than this per side are scaled down (aspect kept, even sides) as each is decoded, so an avatar's
-    # frames in memory and in the cache are at most this size. infra/policies.yaml `assets.frames` holds the same.
+    # Frames larger than this per side are scaled down (aspect kept, even sides) as each is decoded, so an
+    # avatar's frames in memory and in the cache are at most this size. infra/policies.yaml `assets.frames`
+    # holds the same.
     max_output_side_px: int = 1024
     # frames x width x height after that scaling: the avatar's decoded-pixel budget (3 bytes each, held once).
     max_total_pixels: int = 150_000_000
@@ -58,7 +59,9 @@ class DecodedAvatar:
     kind: str  # "frames_zip" | "idle_video" | "image"
     frames: list[np.ndarray]  # RGB uint8, one size, even sides
     names: list[str]
-    manifest_boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)  # per frame, or empty
+    manifest_boxes: list[tuple[int, int, int, int] | None] = field(
+        default_factory=list
+    )  # per frame, or empty
 
 
 def natural_key(name: str) -> list[object]:
@@ -108,7 +111,8 @@ def _fit(rgb: np.ndarray, limits: SourceLimits) -> np.ndarray:
 
 
 class _PixelBudget:
-    """The decoded-pixel budget of one avatar, charged frame by frame (and up front when the count is known)."""
+    """The decoded-pixel budget of one avatar, charged frame by frame (and up front when the count is
+    known)."""
 
     def __init__(self, limits: SourceLimits, name: str) -> None:
         self.limits = limits
@@ -171,15 +175,19 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
             raise AvatarNoImages(f"{name} contains no images ({', '.join(IMAGE_SUFFIXES)})")
         if len(images) > limits.max_frames:
             raise AvatarTooLarge(f"{name} has {len(images)} images, over the limit of {limits.max_frames}")
-        # An image of max_frame_pixels needs at most 4 bytes a pixel plus headers: a larger entry is refused from
-        # the zip's directory, before it is read into memory.
+        # An image of max_frame_pixels needs at most 4 bytes a pixel plus headers: a larger entry is refused
+        # from the zip's directory, before it is read into memory.
         max_entry_bytes = limits.max_frame_pixels * 4 + (1 << 20)
         for info in images:
             if info.file_size > max_entry_bytes:
-                raise AvatarTooLarge(f"{info.filename} inflates to {info.file_size} bytes, over {max_entry_bytes}")
+                raise AvatarTooLarge(
+                    f"{info.filename} inflates to {info.file_size} bytes, over {max_entry_bytes}"
+                )
         total = sum(info.file_size for info in images)
         if total > limits.max_uncompressed_bytes:
-            raise AvatarTooLarge(f"{name} unpacks to {total} bytes, over the limit of {limits.max_uncompressed_bytes}")
+            raise AvatarTooLarge(
+                f"{name} unpacks to {total} bytes, over the limit of {limits.max_uncompressed_bytes}"
+            )
         images.sort(key=lambda info: natural_key(info.filename))
         frames: list[np.ndarray] = []
         budget = _PixelBudget(limits, name)
@@ -191,7 +199,9 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
                 raise AvatarUnreadableImage(f"{info.filename} cannot be read from the zip ({exc})") from exc
             frame, scale = _decode_image_scaled(payload, info.filename, limits)
             del payload
-            if not frames:  # all frames have one size: the first one prices the whole set before the rest decode
+            if (
+                not frames
+            ):  # all frames have one size: the first one prices the whole set before the rest decode
                 budget.check_total(len(images), frame.shape[1], frame.shape[0])
             budget.charge(frame)
             frames.append(frame)
@@ -201,7 +211,12 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
             boxes = [
                 None
                 if box is None
-                else (round(box[0] * scale), round(box[1] * scale), round(box[2] * scale), round(box[3] * scale))
+                else (
+                    round(box[0] * scale),
+                    round(box[1] * scale),
+                    round(box[2] * scale),
+                    round(box[3] * scale),
+                )
                 for box in boxes
             ]
     return DecodedAvatar("frames_zip", frames, names, boxes)
@@ -222,7 +237,9 @@ def _read_manifest(
         entries = [raw.get(n, by_name.get(n.rsplit("/", 1)[-1])) for n in names]
     elif isinstance(raw, list):
         if len(raw) != len(names):
-            raise AvatarManifestInvalid(f"{info.filename} lists {len(raw)} face boxes for {len(names)} frames")
+            raise AvatarManifestInvalid(
+                f"{info.filename} lists {len(raw)} face boxes for {len(names)} frames"
+            )
         entries = raw
     else:
         raise AvatarManifestInvalid(f'{info.filename}: "face_boxes" must be a list or an object')
@@ -231,7 +248,9 @@ def _read_manifest(
         if entry is None:
             boxes.append(None)
             continue
-        if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, int | float) for v in entry)):
+        if not (
+            isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, int | float) for v in entry)
+        ):
             raise AvatarManifestInvalid(f"{info.filename}: box for {frame_name} must be [x1, y1, x2, y2]")
         x1, y1, x2, y2 = (round(v) for v in entry)
         if x2 <= x1 or y2 <= y1:
@@ -246,7 +265,9 @@ def _decode_video(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar
     try:
         container: Any = av.open(io.BytesIO(data))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise AvatarUnsupported(f"{name} is neither a zip, an image nor a video PyAV can open ({exc})") from exc
+        raise AvatarUnsupported(
+            f"{name} is neither a zip, an image nor a video PyAV can open ({exc})"
+        ) from exc
     with container:
         if not container.streams.video:
             raise AvatarNoVideoStream(f"{name} has no video stream")
@@ -263,7 +284,9 @@ def _decode_video(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar
                 budget.charge(fitted)
                 frames.append(fitted)
         except av.error.FFmpegError as exc:
-            raise AvatarUnreadableVideo(f"{name}: decoding failed after {len(frames)} frames ({exc})") from exc
+            raise AvatarUnreadableVideo(
+                f"{name}: decoding failed after {len(frames)} frames ({exc})"
+            ) from exc
     if not frames:
         raise AvatarUnreadableVideo(f"{name}: the video stream holds no decodable frames")
     return DecodedAvatar("idle_video", frames, [f"{name}#{i}" for i in range(len(frames))])
@@ -279,7 +302,9 @@ def _check_sizes(decoded: DecodedAvatar) -> None:
             )
     height, width = first
     if min(height, width) < MIN_SIDE_PX:
-        raise AvatarUnsupported(f"frames are {width}x{height} px; at least {MIN_SIDE_PX} px per side is needed")
+        raise AvatarUnsupported(
+            f"frames are {width}x{height} px; at least {MIN_SIDE_PX} px per side is needed"
+        )
     even_h, even_w = height - height % 2, width - width % 2
     if (even_h, even_w) != (height, width):
         for index, frame in enumerate(decoded.frames):  # one frame at a time: never two copies of the set

@@ -1,4 +1,5 @@
-"""`lipsync models check`: what is in a MuseTalk model dir, what is wrong with it, and what "auto" would pick."""
+"""`lipsync models check`: what is in a MuseTalk model dir, what is wrong with it, and what "auto" would
+pick."""
 
 from __future__ import annotations
 

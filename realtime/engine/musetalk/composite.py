@@ -41,7 +41,8 @@ from realtime.engine.device import StagingPool, upload
 if TYPE_CHECKING:
     import torch
 
-MAX_FREE_STAGING_BUFFERS = 4  # a render lane keeps one batch in flight while it starts the next (of a few chunks)
+# a render lane keeps one batch in flight while it starts the next (of a few chunks)
+MAX_FREE_STAGING_BUFFERS = 4
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class PendingPaste:
     jobs: list[PasteJob]  # in the order of the regions' rows (grouped by avatar)
     positions: list[int]  # positions[row] = index of that row's job in the caller's order
     sizes_px: list[tuple[int, int]]  # (height, width) of each row's region
-    host: Any  # torch.Tensor uint8 [B, rows_px, cols_px, 3] on the host (pinned when enabled), once `event` is done
+    # torch.Tensor uint8 [B, rows_px, cols_px, 3] on the host (pinned when enabled), once `event` is done
+    host: Any
     event: Any  # torch.cuda.Event recorded after the copy, or None (CPU: already complete)
     keep_alive: Any = None  # the device tensor being copied, held until the copy is done
     staging: Any = None  # the pinned buffer `host` views, handed back to the compositor by `finish`
@@ -75,7 +77,9 @@ def resize_matrix(src_px: int, dst_px: int, antialias: bool) -> np.ndarray:
     # one-pixel-wide images gave other weights: measured, F.interpolate skips antialias there.)
     basis = torch.eye(src_px, dtype=torch.float32)[None, None]
     with torch.inference_mode():
-        resized = F.interpolate(basis, size=(dst_px, src_px), mode="bilinear", align_corners=False, antialias=antialias)
+        resized = F.interpolate(
+            basis, size=(dst_px, src_px), mode="bilinear", align_corners=False, antialias=antialias
+        )
     return resized[0, 0].contiguous().numpy()
 
 
@@ -91,13 +95,15 @@ class _AvatarRegions:
     face_cols: torch.Tensor  # float32 [sizes, cols_px, 256]
     mask_rows: torch.Tensor  # the ellipse mask's resize (plain bilinear), same shapes
     mask_cols: torch.Tensor
-    masks: torch.Tensor | None = None  # float32 [N, rows_px, cols_px] parsed masks in [0, 1]; None: the ellipse
+    # float32 [N, rows_px, cols_px] parsed masks in [0, 1]; None: the ellipse
+    masks: torch.Tensor | None = None
 
 
 def _size_tables(
     sizes: Sequence[int], padded_px: int, src_px: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index per frame, antialiased tables, plain tables) for the distinct `sizes`, zero-padded to `padded_px`."""
+    """(index per frame, antialiased tables, plain tables) for the distinct `sizes`, zero-padded to
+    `padded_px`."""
     import torch
 
     distinct = sorted(set(sizes))
@@ -195,11 +201,13 @@ class Compositor:
         return regions
 
     def paste(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> list[np.ndarray]:
-        """`faces`: [B, 3, 256, 256] float in [0, 1] on the device. Returns full RGB uint8 frames, one per job."""
+        """`faces`: [B, 3, 256, 256] float in [0, 1] on the device. Returns full RGB uint8 frames, one per
+        job."""
         return self.finish(self.paste_async(faces, jobs))
 
     def paste_async(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> PendingPaste:
-        """Blend on the device and start the copy of the blended regions to the host (asynchronous on CUDA)."""
+        """Blend on the device and start the copy of the blended regions to the host (asynchronous on
+        CUDA)."""
         import torch
 
         if not jobs:
@@ -220,10 +228,14 @@ class Compositor:
             cols_px = max(int(regions.rois.shape[2]) for regions, _ in groups)
             # One upload for every index of the call: avatar frame per row, face row per row.
             indices = upload(
-                torch.tensor([[job.frame for job in ordered], [job.face_row for job in ordered]], dtype=torch.long),
+                torch.tensor(
+                    [[job.frame for job in ordered], [job.face_row for job in ordered]], dtype=torch.long
+                ),
                 self._device,
             )
-            weights = upload(torch.tensor([min(1.0, job.weight) for job in ordered], dtype=torch.float32), self._device)
+            weights = upload(
+                torch.tensor([min(1.0, job.weight) for job in ordered], dtype=torch.float32), self._device
+            )
             parts: dict[str, list[torch.Tensor]] = {
                 "rois": [],
                 "face_rows": [],
@@ -271,7 +283,8 @@ class Compositor:
             )
             event = torch.cuda.Event()
             if self._copy_stream is not None:
-                # The copy waits for the blend, then runs beside whatever is enqueued next on the compute stream.
+                # The copy waits for the blend, then runs beside whatever is enqueued next on the compute
+                # stream.
                 self._copy_stream.wait_stream(torch.cuda.current_stream(self._device))
                 with torch.cuda.stream(self._copy_stream):
                     host.copy_(device_bytes, non_blocking=self._pinned)
@@ -279,10 +292,13 @@ class Compositor:
             else:
                 host.copy_(device_bytes, non_blocking=self._pinned)
                 event.record()
-            return PendingPaste(ordered, positions, sizes_px, host, event, keep_alive=device_bytes, staging=staging)
+            return PendingPaste(
+                ordered, positions, sizes_px, host, event, keep_alive=device_bytes, staging=staging
+            )
 
     def finish(self, pending: PendingPaste) -> list[np.ndarray]:
-        """Wait for the copy and drop each blended region into a copy of its idle frame (in the callers' order)."""
+        """Wait for the copy and drop each blended region into a copy of its idle frame (in the callers'
+        order)."""
         try:
             if pending.event is not None:
                 pending.event.synchronize()
@@ -298,7 +314,8 @@ class Compositor:
 
 
 def assemble_frame(pending: PendingPaste, host: np.ndarray, row: int) -> np.ndarray:
-    """Row `row` of a completed paste (`host`: its regions as numpy) dropped into a writable copy of its idle frame."""
+    """Row `row` of a completed paste (`host`: its regions as numpy) dropped into a writable copy of its
+    idle frame."""
     job, (height, width) = pending.jobs[row], pending.sizes_px[row]
     x1, y1 = int(job.avatar.crop_boxes[job.frame][0]), int(job.avatar.crop_boxes[job.frame][1])
     frame = np.array(job.avatar.frames[job.frame])

@@ -48,7 +48,14 @@ from realtime.engine.groupnorm import set_group_norm_mode
 from realtime.engine.musetalk.composite import Compositor, PasteJob, PendingPaste
 from realtime.engine.musetalk.latents import encode_crop_latents
 from realtime.engine.musetalk.whisper import WhisperStreamFeaturizer, WhisperWindows
-from realtime.engine.protocol import EngineBase, EngineConfig, EngineInfo, RenderRequest, StageProfile, maybe_stage
+from realtime.engine.protocol import (
+    EngineBase,
+    EngineConfig,
+    EngineInfo,
+    RenderRequest,
+    StageProfile,
+    maybe_stage,
+)
 from realtime.engine.upsample import set_upsample_conv_mode
 
 if TYPE_CHECKING:
@@ -78,18 +85,21 @@ class MuseTalkEngine(EngineBase):
         self._graphs_on = cuda and accel.cuda_graphs
         self._compile_on = cuda and accel.compile_mode != "off"
         self._windows = WhisperWindows(models, cuda_graph=self._graphs_on, buckets=accel.batch_buckets)
-        self._compositor = Compositor(self._device, pinned=accel.pinned_transfers, copy_stream=accel.overlap_copy)
+        self._compositor = Compositor(
+            self._device, pinned=accel.pinned_transfers, copy_stream=accel.overlap_copy
+        )
         self._latents: dict[str, torch.Tensor] = {}  # avatar key -> [N, 8, 32, 32] on device
         self._timestep = torch.zeros(1, device=self._device, dtype=torch.long)
         if cuda:
             torch.backends.cudnn.benchmark = accel.cudnn_benchmark
-        # Exact rewrite, on any device; switched back to the modules' own forward when off (models may be shared).
+        # Exact rewrite, on any device; switched back to the modules' own forward when off (models may be
+        # shared).
         upsample_mode = accel.upsample_conv_for(cuda)
         upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
         logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
         norm_mode = accel.group_norm_for(cuda)
-        # The models the render path compiles; the VAE encoder (avatar preparation) runs eager, where torch's own
-        # group norm is the faster one.
+        # The models the render path compiles; the VAE encoder (avatar preparation) runs eager, where torch's
+        # own group norm is the faster one.
         norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae.decoder))
         logger.info("group norms", extra={"mode": norm_mode, "layers": norms})
         if cuda and accel.channels_last:
@@ -103,7 +113,9 @@ class MuseTalkEngine(EngineBase):
         if self._compile_on:
             self.compile_cache_dir = configure_compile_cache(accel.compile_cache_dir)
             self._unet_compiled, self._unet_compiled_batch1 = self._compile_stage(self._unet_forward, "unet")
-            self._vae_compiled, self._vae_compiled_batch1 = self._compile_stage(self._decode_faces, "vae_decode")
+            self._vae_compiled, self._vae_compiled_batch1 = self._compile_stage(
+                self._decode_faces, "vae_decode"
+            )
         self._graph_stages: tuple[BucketGraphs, BucketGraphs] | None = None
         self._warm_up_batch_ms: dict[int, float] = {}
         self._info = EngineInfo(
@@ -113,18 +125,24 @@ class MuseTalkEngine(EngineBase):
             dtype=models.device.dtype_name,
             model_dir=model_dir,
             detail=detail
-            or (f"MuseTalk v1.5 weights from {model_dir}" if model_dir else "MuseTalk v1.5 with random weights")
+            or (
+                f"MuseTalk v1.5 weights from {model_dir}"
+                if model_dir
+                else "MuseTalk v1.5 with random weights"
+            )
             + f"; {models.blend_mask_note}",
         )
 
     def _compile_stage(
         self, fn: Callable[..., torch.Tensor], stage: str
     ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        """(compiled for buckets >= 2, compiled for bucket 1): one wrapper, or two when the shared one tunes its
-        kernels (the batch-1 compile is left untuned: tuning costs minutes of compile per graph)."""
+        """(compiled for buckets >= 2, compiled for bucket 1): one wrapper, or two when the shared one
+        tunes its kernels (the batch-1 compile is left untuned: tuning costs minutes of compile per graph)."""
         accel = self._accel
         tuned = stage in accel.compile_tuned_stages
-        shared = compile_fn(fn, accel.compile_mode, channels_last=accel.compile_channels_last, tune_kernels=tuned)
+        shared = compile_fn(
+            fn, accel.compile_mode, channels_last=accel.compile_channels_last, tune_kernels=tuned
+        )
         if not tuned:
             return shared, shared
         return shared, compile_fn(fn, accel.compile_mode, channels_last=accel.compile_channels_last)
@@ -141,7 +159,9 @@ class MuseTalkEngine(EngineBase):
 
     def encode_latents(self, crops: np.ndarray) -> np.ndarray:
         """Masked (lower half black) + reference latents `[B, 8, 32, 32]` of 256² RGB crops, as upstream."""
-        return encode_crop_latents(self._models.vae, self._models.vae_scaling_factor, self._device, self._dtype, crops)
+        return encode_crop_latents(
+            self._models.vae, self._models.vae_scaling_factor, self._device, self._dtype, crops
+        )
 
     def prepare_avatar(
         self, source: bytes | Path, *, on_progress: Callable[[PrepareProgress], None] | None = None
@@ -188,7 +208,11 @@ class MuseTalkEngine(EngineBase):
         The render lane calls this for every stream of a cross-session batch before pulling them:
         the pulls then find their segments cached. Returns the number of segments encoded.
         """
-        plan = [item for stream, count in zip(streams, max_frames, strict=True) for item in stream.encode_plan(count)]
+        plan = [
+            item
+            for stream, count in zip(streams, max_frames, strict=True)
+            for item in stream.encode_plan(count)
+        ]
         if not plan:
             return 0
         chunk = self._accel.max_bucket
@@ -224,11 +248,16 @@ class MuseTalkEngine(EngineBase):
 
     # --- rendering ---------------------------------------------------------------------------
 
-    def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]:
-        """Composited RGB uint8 frames, one per request, in order (bypassed ones are read-only idle frames)."""
+    def render(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> list[np.ndarray]:
+        """Composited RGB uint8 frames, one per request, in order (bypassed ones are read-only idle
+        frames)."""
         return self.render_async(requests, profile=profile).result()
 
-    def render_async(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> PendingRender:
+    def render_async(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> PendingRender:
         """Enqueue the device work for `requests` and return before it is done (with pinned transfers on CUDA:
         nothing here waits for the device); `result()` waits and assembles the frames. The render lane starts
         its next batch in between, so the host's frame assembly overlaps the device's next batch. Call
@@ -247,7 +276,9 @@ class MuseTalkEngine(EngineBase):
         pending = []
         for start in range(0, len(active), chunk):
             part = active[start : start + chunk]
-            pending.append((part, self._start_active([requests[i] for i, _ in part], [f for _, f in part], profile)))
+            pending.append(
+                (part, self._start_active([requests[i] for i, _ in part], [f for _, f in part], profile))
+            )
         if timing is not None:
             timing[1].record()
         if profile is not None:
@@ -266,7 +297,8 @@ class MuseTalkEngine(EngineBase):
 
     @property
     def chunk_frames(self) -> int:
-        """Frames per device batch: `max_batch_size`, capped at the largest bucket when shapes are bucketed."""
+        """Frames per device batch: `max_batch_size`, capped at the largest bucket when shapes are
+        bucketed."""
         chunk = max(1, self._config.max_batch_size)
         if self._graphs_on or self._compile_on:
             chunk = min(chunk, self._accel.max_bucket)
@@ -282,7 +314,9 @@ class MuseTalkEngine(EngineBase):
         import torch
 
         with torch.inference_mode():
-            latents = torch.stack([self._avatar_latents(r.avatar)[f] for r, f in zip(requests, frames, strict=True)])
+            latents = torch.stack(
+                [self._avatar_latents(r.avatar)[f] for r, f in zip(requests, frames, strict=True)]
+            )
             features = self._stack_features(requests)
             faces = self._faces(latents, features, profile)
             with maybe_stage(profile, "blend"):
@@ -298,7 +332,8 @@ class MuseTalkEngine(EngineBase):
         return unet_step(self._models, latents, features, self._timestep)
 
     def _decode_faces(self, predicted: torch.Tensor) -> torch.Tensor:
-        """UNet output latents -> faces `[B, 3, 256, 256]` in [0, 1] (lower rows only: see `LOWER_DECODE_NOTE`)."""
+        """UNet output latents -> faces `[B, 3, 256, 256]` in [0, 1] (lower rows only: see
+        `LOWER_DECODE_NOTE`)."""
         import torch
 
         first_row = self._accel.decode_from_latent_row
@@ -306,7 +341,8 @@ class MuseTalkEngine(EngineBase):
             predicted = predicted[:, :, first_row:]
         faces = decode_faces(self._models, predicted)
         if first_row > 0:
-            # Rows above the crop are under the mask's zero: replicate the first decoded row (no seam in the resize).
+            # Rows above the crop are under the mask's zero: replicate the first decoded row (no seam in the
+            # resize).
             top = faces[:, :, :1].expand(-1, -1, first_row * 8, -1)
             faces = torch.cat([top, faces], dim=2)
         return faces
@@ -347,7 +383,9 @@ class MuseTalkEngine(EngineBase):
             )
         return self._graph_stages
 
-    def _faces(self, latents: torch.Tensor, features: torch.Tensor, profile: StageProfile | None) -> torch.Tensor:
+    def _faces(
+        self, latents: torch.Tensor, features: torch.Tensor, profile: StageProfile | None
+    ) -> torch.Tensor:
         count = int(latents.shape[0])
         if not (self._graphs_on or self._compile_on):
             with maybe_stage(profile, "unet"):
@@ -393,11 +431,15 @@ class MuseTalkEngine(EngineBase):
         """(UNet input latents [B,8,32,32], UNet output latents [B,4,32,32]) for diagnostics (`--dump`)."""
         import torch
 
-        active = [r for r in requests if r.speech_weight > 0 and r.avatar.has_face[r.avatar.frame_at(r.frame_index)]]
+        active = [
+            r for r in requests if r.speech_weight > 0 and r.avatar.has_face[r.avatar.frame_at(r.frame_index)]
+        ]
         if not active:
             return np.zeros((0, 8, 32, 32), np.float32), np.zeros((0, 4, 32, 32), np.float32)
         with torch.inference_mode():
-            latents = torch.stack([self._avatar_latents(r.avatar)[r.avatar.frame_at(r.frame_index)] for r in active])
+            latents = torch.stack(
+                [self._avatar_latents(r.avatar)[r.avatar.frame_at(r.frame_index)] for r in active]
+            )
             predicted = unet_step(self._models, latents, self._stack_features(active), self._timestep)
             return latents.float().cpu().numpy(), predicted.float().cpu().numpy()
 
@@ -408,15 +450,17 @@ class MuseTalkEngine(EngineBase):
             torch.cuda.synchronize(self._device)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
-        """Run UNet + VAE + blend once per batch size (on CUDA: captures graphs, compiles), then once more timed
-        (`warm_up_batch_ms`: what the render lane's cost model starts from); returns the ms it all took."""
+        """Run UNet + VAE + blend once per batch size (on CUDA: captures graphs, compiles), then once more
+        timed (`warm_up_batch_ms`: what the render lane's cost model starts from); returns the ms it all
+        took."""
         import torch
 
         started = time.perf_counter()
         timed: dict[int, float] = {}
         with torch.inference_mode():
             for timing in (False, True):
-                # Largest first: a compiled graph shared by several buckets tunes its kernels at its first run.
+                # Largest first: a compiled graph shared by several buckets tunes its kernels at its first
+                # run.
                 for size in sorted(batch_sizes, reverse=True):
                     latents = torch.randn((size, 8, 32, 32), device=self._device).to(self._dtype)
                     features = torch.randn((size, 50, 384), device=self._device).to(self._dtype)
@@ -486,9 +530,9 @@ class MuseTalkEngine(EngineBase):
         self, artifacts_root: Path | None = None, max_frames: int | None = None, *, rebuild: bool = False
     ) -> PrebuiltWarmUp:
         """`warm_up_buckets` with the prebuilt engine artifacts under `artifacts_root` (default
-        `default_artifacts_root()`): the one for this engine's key is loaded before the first compile; none, or one
-        refused (another GPU, torch, model or setting: logged with its code), and the warm-up compiles from
-        nothing and saves one. `rebuild`: compile and save without looking for one."""
+        `default_artifacts_root()`): the one for this engine's key is loaded before the first compile;
+        none, or one refused (another GPU, torch, model or setting: logged with its code), and the warm-up
+        compiles from nothing and saves one. `rebuild`: compile and save without looking for one."""
         key = self.artifact_key()
         if key is None:
             return PrebuiltWarmUp("not_compiled", self.warm_up_buckets(max_frames))
@@ -518,7 +562,8 @@ class MuseTalkEngine(EngineBase):
         return self.warm_up_prebuilt(artifacts_dir)
 
     def warm_up_buckets(self, max_frames: int | None = None) -> float:
-        """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a capture."""
+        """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a
+        capture."""
         if not (self._graphs_on or self._compile_on):
             return self.warm_up((1,))  # eager: nothing is captured or compiled per shape
         limit = max_frames or self._accel.max_bucket
@@ -590,7 +635,8 @@ class PendingRender:
         return float(self._timing[0].elapsed_time(self._timing[1]))
 
     def host_ms(self) -> float | None:
-        """After `result()`: its host time once the device was done (frame assembly); None on CPU or before."""
+        """After `result()`: its host time once the device was done (frame assembly); None on CPU or
+        before."""
         return self._host_ms if self._timing is not None else None
 
     def result(self) -> list[np.ndarray]:

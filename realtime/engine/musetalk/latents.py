@@ -1,4 +1,5 @@
-"""The UNet's avatar-side input: masked + reference VAE latents of 256² face crops (computed once per avatar)."""
+"""The UNet's avatar-side input: masked + reference VAE latents of 256² face crops (computed once per
+avatar)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ if TYPE_CHECKING:
 def encode_crop_latents(
     vae: Any, scaling_factor: float, device: torch.device, dtype: torch.dtype, crops: np.ndarray
 ) -> np.ndarray:
-    """Masked (lower half black) + reference latents `[B, 8, 32, 32]` float16 of 256² RGB uint8 crops, as upstream."""
+    """Masked (lower half black) + reference latents `[B, 8, 32, 32]` float16 of 256² RGB uint8 crops, as
+    upstream."""
     import torch
 
     with torch.inference_mode():

@@ -39,17 +39,22 @@ class DeviceLogMel:
         self._device = device
         self._window = torch.hann_window(self.n_fft, device=device)
         # [n_freqs, n_mels] in the extractor; stored transposed for `filters @ power`.
-        self._filters = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32).T.copy()).to(device)
+        self._filters = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32).T.copy()).to(
+            device
+        )
 
     def __call__(self, segments: Sequence[np.ndarray]) -> torch.Tensor:
-        """`[len(segments), n_mels, frames]` float32 on the device; each segment holds at most 30 s of 16 kHz audio."""
+        """`[len(segments), n_mels, frames]` float32 on the device; each segment holds at most 30 s of 16
+        kHz audio."""
         import torch
 
         lengths = [min(len(segment), self.n_samples) for segment in segments]
-        # Gathered straight into the (pinned) upload buffer: at 24 streams that is ~46 MB per batch, copied once.
+        # Gathered straight into the (pinned) upload buffer: at 24 streams that is ~46 MB per batch, copied
+        # once.
         flat = host_staging(sum(lengths), torch.float32, self._device)
         np.concatenate(
-            [np.asarray(s[:n], dtype=np.float32) for s, n in zip(segments, lengths, strict=True)], out=flat.numpy()
+            [np.asarray(s[:n], dtype=np.float32) for s, n in zip(segments, lengths, strict=True)],
+            out=flat.numpy(),
         )
         samples = upload(flat, self._device)  # one upload: the real samples only
         audio = torch.zeros((len(segments), self.n_samples), dtype=torch.float32, device=self._device)

@@ -26,7 +26,9 @@ def probe_musetalk(config: EngineConfig) -> EngineProbe:
     try:
         report.raise_first()
     except ModelFilesMissing as exc:
-        problem = ModelFilesMissing(f"{exc.message}; run `lipsync models check --model-dir {config.model_dir}`")
+        problem = ModelFilesMissing(
+            f"{exc.message}; run `lipsync models check --model-dir {config.model_dir}`"
+        )
         if report.any_present:
             raise problem from exc
         reason = f"no MuseTalk weights under {config.model_dir} (see `lipsync models check`)"

@@ -42,9 +42,12 @@ if TYPE_CHECKING:
 class WhisperWindows:
     """Encodes audio segments and gathers per-frame windows on the models' device."""
 
-    def __init__(self, models: MuseTalkModels, *, cuda_graph: bool = False, buckets: tuple[int, ...] = (1,)) -> None:
-        """`cuda_graph`: replay captured graphs (CUDA only) for encodes of up to `buckets[-1]` segments, padded to
-        a bucket: the streaming path encodes one segment per stream, or one batch for many streams."""
+    def __init__(
+        self, models: MuseTalkModels, *, cuda_graph: bool = False, buckets: tuple[int, ...] = (1,)
+    ) -> None:
+        """`cuda_graph`: replay captured graphs (CUDA only) for encodes of up to `buckets[-1]` segments,
+        padded to a bucket: the streaming path encodes one segment per stream, or one batch for many
+        streams."""
         import torch
 
         self._encoder = models.whisper_encoder
@@ -70,7 +73,8 @@ class WhisperWindows:
                 self.encode_segments([np.zeros(SEGMENT_SAMPLES // 10, dtype=np.float32)] * bucket)
 
     def encode_segments(self, segments: list[np.ndarray]) -> torch.Tensor:
-        """Hidden states `[len(segments), 1500, 5, 384]` of up-to-30 s segments (batched in one encoder call)."""
+        """Hidden states `[len(segments), 1500, 5, 384]` of up-to-30 s segments (batched in one encoder
+        call)."""
         import torch
 
         with torch.inference_mode():
@@ -80,12 +84,13 @@ class WhisperWindows:
 
                 if self._graph is None:
                     self._graph = BucketGraphs(self._encode, self._device, torch.cuda.graph_pool_handle())
-                # Padded with empty segments to the bucket: the STFT too sees only bucket shapes (FFT plans are
-                # made per batch size, in warm-up rather than on a session's first batch of that size).
+                # Padded with empty segments to the bucket: the STFT too sees only bucket shapes (FFT plans
+                # are made per batch size, in warm-up rather than on a session's first batch of that size).
                 bucket = bucket_for(count, self._buckets)
                 padded = [*segments, *[np.zeros(0, dtype=np.float32)] * (bucket - count)]
                 features = self._log_mel(padded).to(self._dtype)
-                # A copy: the graph's output buffer is overwritten by the next encode, the callers cache these.
+                # A copy: the graph's output buffer is overwritten by the next encode, the callers cache
+                # these.
                 return self._graph.run(features)[:count].clone()
             return self._encode(self._log_mel(segments).to(self._dtype))
 
@@ -98,11 +103,16 @@ class WhisperWindows:
         return torch.cat(list(hidden), dim=0)
 
     def offline_windows(self, audio: np.ndarray) -> torch.Tensor:
-        """MuseTalk v1.5's windows for a whole clip, `[F, 50, 384]`, F = floor(len/16000*25); no positional encoding."""
+        """MuseTalk v1.5's windows for a whole clip, `[F, 50, 384]`, F = floor(len/16000*25); no positional
+        encoding."""
         hidden = self.offline_hidden(audio)
-        return self.gather(hidden, range(offline_frame_count(len(audio))), offline_position_count(len(audio)), 0)
+        return self.gather(
+            hidden, range(offline_frame_count(len(audio))), offline_position_count(len(audio)), 0
+        )
 
-    def gather(self, hidden: torch.Tensor, frames: range, valid_positions: int, hidden_offset: int) -> torch.Tensor:
+    def gather(
+        self, hidden: torch.Tensor, frames: range, valid_positions: int, hidden_offset: int
+    ) -> torch.Tensor:
         """Windows `[len(frames), 50, 384]` from `hidden` whose row 0 is whisper position `hidden_offset`.
 
         The index is built on the device from the range's start (`framing.gather_index` arithmetic): a pull
@@ -113,7 +123,9 @@ class WhisperWindows:
         if frames.step != 1:
             raise ValueError(f"frames must be a contiguous range, got {frames!r}")
         grid = self._window_grid.get(len(frames))
-        if grid is None:  # [F, 10]: position of window row k of the range's frame r, relative to its first frame
+        if (
+            grid is None
+        ):  # [F, 10]: position of window row k of the range's frame r, relative to its first frame
             rows = torch.arange(len(frames), device=hidden.device) * POSITIONS_PER_FRAME
             grid = rows[:, None] + torch.arange(WINDOW_POSITIONS, device=hidden.device)[None, :]
             self._window_grid[len(frames)] = grid
@@ -137,10 +149,12 @@ class WhisperStreamFeaturizer:
     def reset(self) -> None:
         self._segments.clear()
 
-    def encode_plan(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
-        """The `(featurizer, segment index, segment audio)` encodes that `features(...)` with the same arguments
-        would run; encode them together (`WhisperWindows.encode_segments`) and `store` the results so many
-        streams' features cost one batched encoder call instead of one call each."""
+    def encode_plan(
+        self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
+    ) -> list[Any]:
+        """The `(featurizer, segment index, segment audio)` encodes that `features(...)` with the same
+        arguments would run; encode them together (`WhisperWindows.encode_segments`) and `store` the
+        results so many streams' features cost one batched encoder call instead of one call each."""
         if len(frames) == 0:
             return []
         positions, _ = gather_index(frames, valid_positions)

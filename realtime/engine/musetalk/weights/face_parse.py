@@ -124,7 +124,9 @@ def build_bisenet(n_classes: int = PARSE_CLASSES) -> Any:
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             eighth, sixteenth, thirtysecond = self.resnet(x)
-            context = self.conv_avg(thirtysecond.mean(dim=(2, 3), keepdim=True))  # broadcast = nearest upsample
+            context = self.conv_avg(
+                thirtysecond.mean(dim=(2, 3), keepdim=True)
+            )  # broadcast = nearest upsample
             up32 = F.interpolate(self.arm32(thirtysecond) + context, size=sixteenth.shape[2:], mode="nearest")
             up32 = self.conv_head32(up32)
             up16 = F.interpolate(self.arm16(sixteenth) + up32, size=eighth.shape[2:], mode="nearest")
@@ -189,7 +191,9 @@ def _load_strict(module: Any, state: dict[str, Any], path: Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelWeightsMismatch(f"{path}: not a face-parsing BiSeNet state dict: {str(exc)[:1200]}") from exc
+        raise ModelWeightsMismatch(
+            f"{path}: not a face-parsing BiSeNet state dict: {str(exc)[:1200]}"
+        ) from exc
 
 
 @dataclass
@@ -214,7 +218,12 @@ class FaceParser:
             for start in range(0, len(crops), PARSE_BATCH):
                 batch = []
                 for crop in crops[start : start + PARSE_BATCH]:
-                    pixels = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device).permute(2, 0, 1)[None].float()
+                    pixels = (
+                        torch.from_numpy(np.ascontiguousarray(crop))
+                        .to(self.device)
+                        .permute(2, 0, 1)[None]
+                        .float()
+                    )
                     resized = F.interpolate(
                         pixels,
                         size=(PARSE_INPUT_PX, PARSE_INPUT_PX),
@@ -230,7 +239,8 @@ class FaceParser:
 
 
 def load_face_parser(layout: ModelLayout, device: Any, dtype: Any) -> FaceParser:
-    """BiSeNet from `face-parse-bisent/` (backbone, then the parsing checkpoint over it), strict; typed errors."""
+    """BiSeNet from `face-parse-bisent/` (backbone, then the parsing checkpoint over it), strict; typed
+    errors."""
     import torch
 
     started = time.perf_counter()
@@ -251,7 +261,8 @@ def load_face_parser(layout: ModelLayout, device: Any, dtype: Any) -> FaceParser
 
 
 def write_random_face_parse(layout: ModelLayout, seed: int = 0) -> None:
-    """Random BiSeNet weights in upstream's files and formats (the backbone file with a torchvision-style `fc`)."""
+    """Random BiSeNet weights in upstream's files and formats (the backbone file with a torchvision-style
+    `fc`)."""
     import torch
 
     torch.manual_seed(seed)

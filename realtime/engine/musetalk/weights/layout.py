@@ -120,7 +120,9 @@ class ModelLayout:
         return self.whisper_dir / "preprocessor_config.json"
 
     def vae_weights(self) -> Path:
-        return _first_existing(self.vae_dir, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+        return _first_existing(
+            self.vae_dir, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+        )
 
     def whisper_weights(self) -> Path:
         return _first_existing(self.whisper_dir, ("model.safetensors", "pytorch_model.bin"))
@@ -165,7 +167,8 @@ class ModelCheckReport:
     files: list[FileStatus] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     variants: dict[str, str] = field(default_factory=dict)
-    # Face parsing is optional: without its files the blend mask is the ellipse (half there or broken: a problem).
+    # Face parsing is optional: without its files the blend mask is the ellipse (half there or broken: a
+    # problem).
     face_parsing: FaceParsingStatus | None = None
 
     @property
@@ -182,7 +185,9 @@ class ModelCheckReport:
         if not self.problems:
             return
         first = sorted(self.problems, key=lambda p: order.get(p.code, 3))[0]
-        cls = {c.code: c for c in (ModelFilesMissing, ModelFileCorrupt, ModelConfigInvalid)}.get(first.code, ModelError)
+        cls = {c.code: c for c in (ModelFilesMissing, ModelFileCorrupt, ModelConfigInvalid)}.get(
+            first.code, ModelError
+        )
         raise cls(first.message)
 
     def to_json(self) -> dict[str, Any]:
@@ -262,8 +267,9 @@ def unet_config_problems(config: dict[str, Any], path: Path) -> list[str]:
     in_ch, out_ch = config.get("in_channels"), config.get("out_channels")
     if (in_ch, out_ch) == (KNOWN_BAD_V15_UPLOAD["in_channels"], KNOWN_BAD_V15_UPLOAD["out_channels"]):
         problems.append(
-            f"{path} declares in_channels=32/out_channels=16: this is the known bad musetalkV15/musetalk.json "
-            "upload (fixed upstream in April 2025); download musetalkV15/musetalk.json again "
+            f"{path} declares in_channels=32/out_channels=16: this is the known bad "
+            "musetalkV15/musetalk.json upload (fixed upstream in April 2025); "
+            "download musetalkV15/musetalk.json again "
             "(MuseTalk v1.5 needs in_channels=8, out_channels=4)"
         )
     else:
@@ -274,7 +280,8 @@ def unet_config_problems(config: dict[str, Any], path: Path) -> list[str]:
     cross = config.get("cross_attention_dim")
     if cross != WHISPER_WIDTH:
         problems.append(
-            f"{path}: cross_attention_dim is {cross!r}, MuseTalk v1.5 needs {WHISPER_WIDTH} (whisper-tiny features)"
+            f"{path}: cross_attention_dim is {cross!r}, "
+            f"MuseTalk v1.5 needs {WHISPER_WIDTH} (whisper-tiny features)"
         )
     name = config.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
@@ -292,7 +299,9 @@ def vae_config_problems(config: dict[str, Any], path: Path) -> list[str]:
     blocks = config.get("block_out_channels", [])
     # AutoencoderKL downsamples once between consecutive encoder blocks: 4 blocks = 8x.
     if not isinstance(blocks, list) or 2 ** (len(blocks) - 1) != VAE_DOWNSAMPLE:
-        problems.append(f"{path}: block_out_channels {blocks!r} must have 4 entries (8x downsampling, 256 px -> 32)")
+        problems.append(
+            f"{path}: block_out_channels {blocks!r} must have 4 entries (8x downsampling, 256 px -> 32)"
+        )
     return problems
 
 
@@ -345,7 +354,9 @@ def check_model_dir(model_dir: Path) -> ModelCheckReport:
         exists = path.is_file()
         report.files.append(FileStatus(role, path, exists, path.stat().st_size if exists else 0))
         if not exists:
-            report.problems.append(Problem(ModelFilesMissing.code, f"{role}: {path} is missing{nearby(path)}"))
+            report.problems.append(
+                Problem(ModelFilesMissing.code, f"{role}: {path} is missing{nearby(path)}")
+            )
     checks = (
         (layout.unet_config, unet_config_problems),
         (layout.vae_config, vae_config_problems),
@@ -391,7 +402,8 @@ def check_face_parsing(layout: ModelLayout) -> FaceParsingStatus:
 
 
 def nearby(path: Path) -> str:
-    """What the model dir holds where `path` was expected, as a clause for a 'missing' message ('' if nothing)."""
+    """What the model dir holds where `path` was expected, as a clause for a 'missing' message ('' if
+    nothing)."""
     parent = path.parent
     root = parent.parent
     # The directory name without its version or variant suffix: musetalkV15 -> musetalk, sd-vae-ft-mse -> sd.
@@ -406,7 +418,9 @@ def nearby(path: Path) -> str:
         shown = ", ".join(names[:NEARBY_NAMES_SHOWN]) + (", ..." if len(names) > NEARBY_NAMES_SHOWN else "")
         notes.append(f"{parent.name}/ holds: {shown}" if names else f"{parent.name}/ is empty")
     elif root.is_dir():
-        similar = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and p.name.lower().startswith(stem))
+        similar = sorted(
+            p.name + "/" for p in root.iterdir() if p.is_dir() and p.name.lower().startswith(stem)
+        )
         if similar:
             notes.append(f"no {parent.name}/ in {root}, but found {', '.join(similar[:NEARBY_NAMES_SHOWN])}")
         else:

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from realtime.engine.device import DeviceChoice
-from realtime.engine.errors import ModelConfigInvalid, ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
+from realtime.engine.errors import (
+    ModelConfigInvalid,
+    ModelFileCorrupt,
+    ModelFilesMissing,
+    ModelWeightsMismatch,
+)
 from realtime.engine.musetalk.weights.layout import (
     ModelLayout,
     check_face_parsing,
@@ -179,7 +184,9 @@ def load_whisper(layout: ModelLayout) -> tuple[Any, Any]:
                 state[key[len(prefix) :]] = tensor
                 break
     if not state:
-        raise ModelWeightsMismatch(f"{layout.whisper_weights()} holds no whisper encoder weights (model.encoder.*)")
+        raise ModelWeightsMismatch(
+            f"{layout.whisper_weights()} holds no whisper encoder weights (model.encoder.*)"
+        )
     encoder = _build_on_meta(WhisperEncoder, config)
     _strict_load(encoder, state, f"{layout.whisper_weights()} (encoder)")
     return encoder, extractor
@@ -217,7 +224,12 @@ def load_musetalk(model_dir: Path, device: DeviceChoice) -> MuseTalkModels:
     load_ms = (time.perf_counter() - started) * 1000
     logger.info(
         "musetalk models loaded",
-        extra={"model_dir": str(model_dir), "device": device.device, "dtype": device.dtype_name, "ms": load_ms},
+        extra={
+            "model_dir": str(model_dir),
+            "device": device.device,
+            "dtype": device.dtype_name,
+            "ms": load_ms,
+        },
     )
     return MuseTalkModels(
         unet=unet,

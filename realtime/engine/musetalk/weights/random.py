@@ -38,7 +38,12 @@ UNET_V15_CONFIG: dict[str, Any] = {
     "block_out_channels": [320, 640, 1280, 1280],
     "center_input_sample": False,
     "cross_attention_dim": 384,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -178,11 +183,14 @@ def write_checkpoint(model_dir: Path, size: Size = "tiny", seed: int = 0) -> Mod
     layout.vae_config.write_text(json.dumps(vae_config, indent=2) + "\n", encoding="utf-8")
     torch.save(vae.state_dict(), layout.vae_dir / "diffusion_pytorch_model.bin")
     layout.whisper_config.write_text(json.dumps(WHISPER_TINY_CONFIG, indent=2) + "\n", encoding="utf-8")
-    layout.whisper_preprocessor.write_text(json.dumps(WHISPER_PREPROCESSOR_CONFIG, indent=2) + "\n", encoding="utf-8")
+    layout.whisper_preprocessor.write_text(
+        json.dumps(WHISPER_PREPROCESSOR_CONFIG, indent=2) + "\n", encoding="utf-8"
+    )
     # Upstream's file is WhisperForConditionalGeneration's state dict (model.encoder.*, model.decoder.*);
     # only the encoder is written here because only the encoder is ever loaded.
     torch.save(
-        {f"model.encoder.{k}": v for k, v in encoder.state_dict().items()}, layout.whisper_dir / "pytorch_model.bin"
+        {f"model.encoder.{k}": v for k, v in encoder.state_dict().items()},
+        layout.whisper_dir / "pytorch_model.bin",
     )
     return layout
 
