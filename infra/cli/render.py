@@ -7,8 +7,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from realtime.engine.audio.framing import SAMPLE_RATE_HZ, SAMPLES_PER_FRAME
+from realtime.engine.audio.io import from_engine_rate
 from realtime.engine.musetalk.weights.layout import DEFAULT_MODEL_DIR
 from realtime.engine.registry import choices_help, engine_choices
+
+MP4_AUDIO_RATE_HZ = 48_000
 
 if TYPE_CHECKING:
     from realtime.engine.avatar.prepared import PrepareProgress
@@ -35,7 +41,7 @@ def _show_progress(progress: PrepareProgress) -> None:
 def _render(args: argparse.Namespace) -> int:
     from realtime.engine import EngineConfig, EngineError, create_engine  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.audio.io import load_audio_file  # noqa: PLC0415 (lipsync --help stays fast)
-    from realtime.engine.offline import dump_intermediates, render_clip, write_mp4  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.offline import dump_intermediates, render_clip  # noqa: PLC0415 (lipsync --help stays fast)
 
     try:
         selection = create_engine(
@@ -59,3 +65,26 @@ def _render(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(f"wrote {path}: {len(result.frames)} frames at 25 fps with the original audio\n")
     return 0
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], audio: np.ndarray) -> Path:
+    """H.264 + AAC MP4 of `frames` at 25 fps with `audio` (16 kHz) muxed in, written atomically."""
+    from realtime.outputs.encoder import EncoderSettings  # noqa: PLC0415 (heavy: PyAV)
+    from realtime.outputs.mp4 import Mp4Recorder  # noqa: PLC0415 (heavy: PyAV)
+
+    if not frames:
+        raise ValueError("no frames to write")
+    height, width = frames[0].shape[:2]
+    audio_48k = from_engine_rate(audio, MP4_AUDIO_RATE_HZ)
+    recorder = Mp4Recorder(path, EncoderSettings(width_px=width, height_px=height))
+    per_frame = MP4_AUDIO_RATE_HZ * SAMPLES_PER_FRAME // SAMPLE_RATE_HZ
+    try:
+        for index, frame in enumerate(frames):
+            chunk = audio_48k[index * per_frame : (index + 1) * per_frame]
+            if len(chunk) < per_frame:
+                chunk = np.pad(chunk, (0, per_frame - len(chunk)))
+            recorder.write(frame, index, chunk, index * per_frame)
+    except BaseException:
+        recorder.abandon()
+        raise
+    return recorder.close()

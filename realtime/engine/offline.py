@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from realtime.engine.audio.framing import SAMPLE_RATE_HZ, SAMPLES_PER_FRAME
 from realtime.engine.audio.stream import FeatureFrame
 from realtime.engine.avatar.prepared import Avatar
+from realtime.engine.musetalk.engine import MuseTalkEngine
+from realtime.engine.preview import PreviewEngine
 from realtime.engine.protocol import Engine, RenderRequest
 
 logger = logging.getLogger(__name__)
-
-MP4_AUDIO_RATE_HZ = 48_000
 
 
 @dataclass
@@ -63,10 +62,7 @@ def dump_intermediates(
         np.array([f.speech_weight for f in result.features], dtype=np.float32),
         "0 = idle frame",
     )
-    if engine.info.name == "musetalk":
-        from realtime.engine.musetalk.engine import MuseTalkEngine
-
-        assert isinstance(engine, MuseTalkEngine)
+    if isinstance(engine, MuseTalkEngine):
         save(
             "audio_features",
             engine.offline_windows(audio).float().cpu().numpy(),
@@ -100,7 +96,7 @@ def dump_intermediates(
             np.concatenate(outputs) if outputs else np.zeros((0, 4, 32, 32), np.float32),
             "UNet output [A,4,32,32] (before / scaling_factor), rows follow active_frames",
         )
-    else:
+    elif isinstance(engine, PreviewEngine):
         save(
             "openness",
             np.array([float(f.features[0]) for f in result.features], np.float32),
@@ -108,27 +104,3 @@ def dump_intermediates(
         )
     (out_dir / "index.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     return [out_dir / name for name in written]
-
-
-def write_mp4(path: Path, frames: list[np.ndarray], audio: np.ndarray) -> Path:
-    """H.264 + AAC MP4 of `frames` at 25 fps with `audio` (16 kHz) muxed in, written atomically."""
-    from realtime.engine.audio.io import from_engine_rate
-    from realtime.outputs.encoder import EncoderSettings
-    from realtime.outputs.mp4 import Mp4Recorder
-
-    if not frames:
-        raise ValueError("no frames to write")
-    height, width = frames[0].shape[:2]
-    audio_48k = from_engine_rate(audio, MP4_AUDIO_RATE_HZ)
-    recorder = Mp4Recorder(path, EncoderSettings(width_px=width, height_px=height))
-    per_frame = MP4_AUDIO_RATE_HZ * SAMPLES_PER_FRAME // SAMPLE_RATE_HZ
-    try:
-        for index, frame in enumerate(frames):
-            chunk = audio_48k[index * per_frame : (index + 1) * per_frame]
-            if len(chunk) < per_frame:
-                chunk = np.pad(chunk, (0, per_frame - len(chunk)))
-            recorder.write(frame, index, chunk, index * per_frame)
-    except BaseException:
-        recorder.abandon()
-        raise
-    return recorder.close()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from realtime.engine.accel import BucketGraphs, bucket_for
 from realtime.engine.audio.framing import (
     FEATURE_DIM,
     HIDDEN_LAYERS,
@@ -80,8 +81,6 @@ class WhisperWindows:
         with torch.inference_mode():
             count = len(segments)
             if self._use_graph and count <= self._buckets[-1]:
-                from realtime.engine.accel import BucketGraphs, bucket_for
-
                 if self._graph is None:
                     self._graph = BucketGraphs(self._encode, self._device, torch.cuda.graph_pool_handle())
                 # Padded with empty segments to the bucket: the STFT too sees only bucket shapes (FFT plans

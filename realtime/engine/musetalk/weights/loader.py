@@ -31,6 +31,7 @@ from realtime.engine.errors import (
     ModelFilesMissing,
     ModelWeightsMismatch,
 )
+from realtime.engine.musetalk.weights.face_parse import load_face_parser
 from realtime.engine.musetalk.weights.layout import (
     ModelLayout,
     check_face_parsing,
@@ -206,8 +207,6 @@ def load_musetalk(model_dir: Path, device: DeviceChoice) -> MuseTalkModels:
     parsing = check_face_parsing(layout)
     parser = None
     if parsing.usable:
-        from realtime.engine.musetalk.weights.face_parse import load_face_parser
-
         parser = load_face_parser(layout, torch_device, dtype)
         note = f"parsed jaw blend mask (BiSeNet from {layout.face_parse_weights.parent})"
     elif any(f.exists for f in parsing.files):

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from realtime.engine.device import DeviceChoice
 from realtime.engine.musetalk.weights.layout import ModelLayout
+from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
 if TYPE_CHECKING:
     import torch
-
-    from realtime.engine.device import DeviceChoice
-    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
 Size = Literal["tiny", "full"]
 
@@ -199,8 +198,6 @@ def random_models(size: Size, device: DeviceChoice, seed: int = 0) -> MuseTalkMo
     """The models of `size` with random weights, built directly on `device` (no files)."""
     import torch
     from transformers import WhisperFeatureExtractor
-
-    from realtime.engine.musetalk.weights.loader import MuseTalkModels
 
     started = time.perf_counter()
     with torch.device(device.torch_device()):
