@@ -62,6 +62,11 @@ class PreviewFeaturizer:
     def reset(self) -> None:
         """Stateless: openness is a function of the utterance's audio."""
 
+    def encode_plan(
+        self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
+    ) -> list[Any]:
+        return []  # levels cost nothing: nothing to batch
+
     def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
         first = max(0, frames.start - 1)
         last = frames.stop + 1  # the right neighbour: inside the 80 ms lookahead, or silence at the end

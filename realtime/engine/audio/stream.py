@@ -61,6 +61,13 @@ class FrameFeaturizer(Protocol):
         self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
     ) -> list[Any]: ...
 
+    def encode_plan(
+        self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
+    ) -> list[Any]:
+        """The encodes `features(...)` with the same arguments would run, for a caller to batch across
+        streams (`Engine.prefetch_features`); empty when this featurizer has nothing to batch."""
+        ...
+
     def reset(self) -> None: ...
 
 
@@ -156,21 +163,19 @@ class AudioFeatureStream:
         """The feature encodes `pull(max_frames)` would run now, as `(featurizer, segment, audio)` (empty
         when the featurizer does not batch): a caller may run them for many streams at once and `store` the
         results."""
-        plan = getattr(self._featurizer, "encode_plan", None)
         budget = sys.maxsize if max_frames is None else max(0, max_frames)
         remaining = budget - len(self._carry)
-        if plan is None or remaining <= 0:
+        if remaining <= 0:
             return []
         end = min(self._next_frame + remaining, self._ready_count())
         if end <= self._next_frame:
             return []
-        result: list[Any] = plan(
+        return self._featurizer.encode_plan(
             self._audio,
             self._audio_base,
             range(self._next_frame, end),
             self._utterance_samples // SAMPLES_PER_POSITION,
         )
-        return result
 
     def _take(self, end: int) -> list[FeatureFrame]:
         """Compute and consume the current utterance's ready frames up to (excluding) `end`."""

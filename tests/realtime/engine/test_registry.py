@@ -53,6 +53,9 @@ class MarkerFeaturizer:
     def reset(self) -> None:
         """Stateless."""
 
+    def encode_plan(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
+        return []
+
     def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
         start = frames.start * 640 - audio_base
         return list(frame_rms_dbfs(audio[start : start + len(frames) * 640]))
