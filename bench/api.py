@@ -44,6 +44,7 @@ from infra import stack
 from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
 from infra.paths import PROJECT_ROOT
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
+from realtime.engine.registry import engine_choices
 
 logger = logging.getLogger("bench.api")
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--sidecars", type=int, default=2)
     parser.add_argument("--slots", type=int, default=4, help="sessions per sidecar")
-    parser.add_argument("--engine", choices=("preview", "musetalk", "auto"), default="preview")
+    parser.add_argument("--engine", choices=engine_choices(), default="preview")
     parser.add_argument("--place-timeout-s", type=float, default=20.0, help="how long a session waits for a slot")
     parser.add_argument("--settle-timeout-s", type=float, default=120.0)
     parser.add_argument("--json", type=Path, required=True)

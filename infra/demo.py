@@ -473,8 +473,7 @@ class Demo:
         if not isinstance(engine, dict) or "name" not in engine:
             return "unknown", str(engine)
         name = str(engine["name"])
-        if name == "musetalk":
-            return name, f"MuseTalk v1.5 weights from {engine.get('model_dir')} on {engine.get('device')}"
+        # The sidecar's detail is the engine registry's sentence: which engine, why, and where it runs.
         return name, str(
             engine.get("detail")
             or f"CPU preview engine: no valid MuseTalk weights in {self.options.model_dir} (`lipsync models check`)"

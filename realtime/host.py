@@ -49,7 +49,7 @@ class PreparedAvatar:
 
 @dataclass(frozen=True)
 class WarmUpResult:
-    engine: str  # "musetalk" | "preview"
+    engine: str  # its name in realtime.engine.registry
     device: str
     warm_up_ms: float
     already_warm: bool

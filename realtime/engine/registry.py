@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from realtime.engine.errors import EngineError
+from realtime.engine.musetalk.engine import ENGINE_NAME as MUSETALK
 from realtime.engine.musetalk.select import DESCRIPTION as MUSETALK_DESCRIPTION
 from realtime.engine.musetalk.select import build_musetalk, probe_musetalk
+from realtime.engine.preview import ENGINE_NAME as PREVIEW
 from realtime.engine.preview import PreviewEngine
 from realtime.engine.protocol import Engine, EngineConfig, EngineProbe
 
@@ -125,7 +127,7 @@ def create_engine(config: EngineConfig) -> EngineSelection:
 
 register(
     EngineEntry(
-        name="musetalk",
+        name=MUSETALK,
         description=MUSETALK_DESCRIPTION,
         build=build_musetalk,
         probe=probe_musetalk,
@@ -134,7 +136,7 @@ register(
 )
 register(
     EngineEntry(
-        name="preview",
+        name=PREVIEW,
         description="CPU preview engine (no weights): the real avatar's mouth opens with the audio level",
         build=PreviewEngine,
         probe=_always_usable,
