@@ -36,7 +36,7 @@ from realtime.engine.registry import (
     register,
     unregister,
 )
-from realtime.host import AvatarAsset, OpenedOutput, OutputKind
+from realtime.host import AvatarAsset, OpenedOutput
 from realtime.ingest.resample import ConvertedAudio
 from realtime.sidecar.config import HostConfig, SidecarSettings, add_arguments
 from realtime.sidecar.engine_adapter import EngineTimingUnsupported
@@ -168,7 +168,7 @@ async def test_an_engine_registered_from_a_test_renders_a_sidecar_session(
         await asyncio.sleep(0.05)  # progress is reported from the lane thread through the loop
         assert prepared.frame_count == 6 and progress and progress[-1].frames_done == progress[-1].frames_total
         publisher = RecordingPublisher(prepared.width_px, prepared.height_px)
-        await host.start_publishing("s1", [publisher], OpenedOutput(OutputKind.RTMP, "test recording"))
+        await host.start_publishing("s1", [publisher], OpenedOutput("recording", "test recording"))
         runtime = host.runtime("s1")
         assert runtime is not None
         runtime.ingest(_speech(), "test", time.monotonic())
