@@ -62,15 +62,15 @@ import numpy as np
 
 from bench.machine import cpu_name
 from realtime.engine.accel import AccelConfig
-from realtime.engine.protocol import EngineConfig, RenderRequest, StageProfile
-from realtime.engine.musetalk.latents import encode_crop_latents
 from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.device import choose_device, configure_cpu_threads
 from realtime.engine.musetalk.engine import MuseTalkEngine
-from realtime.engine.preview import PreviewEngine
+from realtime.engine.musetalk.latents import encode_crop_latents
 from realtime.engine.musetalk.weights.face_parse import FaceParser, build_bisenet
 from realtime.engine.musetalk.weights.loader import load_musetalk
 from realtime.engine.musetalk.weights.random import configs, random_models, write_checkpoint
+from realtime.engine.preview import PreviewEngine
+from realtime.engine.protocol import EngineConfig, RenderRequest, StageProfile
 
 logger = logging.getLogger("bench.engine")
 

@@ -25,8 +25,8 @@ from typing import Any
 from realtime.engine.device import choose_device
 from realtime.engine.groupnorm import set_group_norm_mode
 from realtime.engine.musetalk.engine import decode_faces, unet_step
-from realtime.engine.upsample import set_upsample_conv_mode
 from realtime.engine.musetalk.weights.random import random_models
+from realtime.engine.upsample import set_upsample_conv_mode
 
 logger = logging.getLogger("bench.layout")
 

@@ -38,11 +38,11 @@ import numpy as np
 
 from bench.engine import astronaut_zip, device_name, speech_like
 from realtime.engine.accel import AccelConfig
-from realtime.engine.protocol import EngineConfig, RenderRequest
-from realtime.engine.musetalk.composite import PasteJob, assemble_frame
 from realtime.engine.device import choose_device
+from realtime.engine.musetalk.composite import PasteJob, assemble_frame
 from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.musetalk.weights.random import random_models
+from realtime.engine.protocol import EngineConfig, RenderRequest
 
 logger = logging.getLogger("bench.overlap")
 

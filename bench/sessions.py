@@ -51,11 +51,11 @@ from bench.engine import VARIANTS, astronaut_zip, speech_like
 from bench.machine import cpu_name
 from infra.livekit import LiveKitServerConfig, server_process
 from realtime.engine.accel import AccelConfig
-from realtime.engine.protocol import EngineConfig
 from realtime.engine.device import choose_device, configure_cpu_threads
 from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.musetalk.weights.loader import load_musetalk
 from realtime.engine.musetalk.weights.random import random_models, write_checkpoint
+from realtime.engine.protocol import EngineConfig
 from realtime.host import AvatarAsset
 from realtime.ingest.input import AudioInput
 from realtime.outputs.base import PublisherStats

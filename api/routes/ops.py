@@ -183,7 +183,8 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
 @router.get("/debug/musetalk", dependencies=[Depends(require_admin)])
 async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
     """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually runs."""
-    from infra.cli.models import check_document
+    # The API loads the engine's model-dir check only when an admin asks for it.
+    from realtime.engine.musetalk.check import check_document
 
     document = await asyncio.to_thread(check_document, svc.settings.model_dir, "auto")
     sidecars = await svc.sidecars.all_health()

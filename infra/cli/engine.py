@@ -49,9 +49,9 @@ def register(subparsers: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from realtime.engine.accel import DEFAULT_BATCH_BUCKETS, AccelConfig  # noqa: PLC0415 (lipsync --help stays fast)
-    from realtime.engine.protocol import EngineConfig  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.artifacts import default_artifacts_root  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.errors import EngineError  # noqa: PLC0415 (lipsync --help stays fast)
+    from realtime.engine.protocol import EngineConfig  # noqa: PLC0415 (lipsync --help stays fast)
     from realtime.engine.registry import create_engine  # noqa: PLC0415 (lipsync --help stays fast)
 
     started = time.perf_counter()

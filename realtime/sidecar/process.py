@@ -18,8 +18,8 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from realtime.engine.accel import AccelConfig
-from realtime.engine.protocol import EngineConfig
 from realtime.engine.avatar.prepare import default_cache_root
+from realtime.engine.protocol import EngineConfig
 from realtime.errors import LipsyncError
 from realtime.sidecar.config import SidecarSettings
 from realtime.sidecar.engine_adapter import EngineAdapter

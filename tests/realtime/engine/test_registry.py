@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from infra.cli.sidecar import add_sidecar_arguments
 from realtime.engine.audio.levels import frame_rms_dbfs
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepare import prepare_avatar
@@ -38,7 +39,7 @@ from realtime.engine.registry import (
 )
 from realtime.host import AvatarAsset, OpenedOutput
 from realtime.ingest.resample import ConvertedAudio
-from realtime.sidecar.config import HostConfig, SidecarSettings, add_arguments
+from realtime.sidecar.config import HostConfig, SidecarSettings
 from realtime.sidecar.engine_adapter import EngineTimingUnsupported
 from realtime.sidecar.process import build_host
 from tests.support import media
@@ -148,7 +149,7 @@ async def test_an_engine_registered_from_a_test_renders_a_sidecar_session(
     builds the registered engine by name, warms it, prepares the avatar with it and publishes its frames."""
     assert "marker" in engine_choices()
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_sidecar_arguments(parser)
     assert "marker" in parser.format_help()  # the sidecar's --engine choices come from the registry
     host = build_host(
         SidecarSettings(
