@@ -37,7 +37,6 @@ from realtime.ingest.ws_close import ws_close_code
 logger = logging.getLogger(__name__)
 
 WS_SOURCE = "ws"
-LOOKAHEAD_MS = 80
 # Periodic stats faster than this would let one client keep the event loop busy computing them for nothing.
 MIN_STATS_INTERVAL_MS = 100
 # Query parameters that are not part of the audio format (besides the server's credential parameters).
@@ -211,7 +210,7 @@ class AudioConnection:
                 pcm_format,
                 max_message_bytes=self.limits.max_message_bytes,
                 buffer_limit_ms=runtime.config.buffer_limit_ms,
-                lookahead_ms=LOOKAHEAD_MS,
+                lookahead_ms=runtime.lookahead_ms,
             )
         )
         try:

@@ -73,6 +73,11 @@ class IngestSession(Protocol):
     def config(self) -> BufferLimit: ...
 
     @property
+    def lookahead_ms(self) -> int:
+        """Audio a frame needs beyond its own before it renders: the engine's, told to clients in `ready`."""
+        ...
+
+    @property
     def stopped(self) -> bool:
         """True once the session's clock is gone: audio arriving later would never play."""
         ...

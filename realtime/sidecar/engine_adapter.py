@@ -152,6 +152,10 @@ class _SessionView:
     def avatar(self) -> AvatarView:
         return self._view
 
+    @property
+    def lookahead_ms(self) -> int:
+        return self._engine.timing.lookahead_ms
+
     def open_utterance(self) -> UtteranceStream:
         return _Utterance(self._engine, self._avatar)
 

@@ -69,6 +69,11 @@ class SessionEngine(Protocol):
     @property
     def avatar(self) -> AvatarView: ...
 
+    @property
+    def lookahead_ms(self) -> int:
+        """Audio a frame needs beyond its own before it can be rendered (the engine's `FrameTiming`)."""
+        ...
+
     def open_utterance(self) -> UtteranceStream: ...
 
 

@@ -173,6 +173,11 @@ class SessionRuntime:
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
+    def lookahead_ms(self) -> int:
+        """Audio a speech frame needs beyond its own before it renders (the engine's), told to audio clients."""
+        return self.engine.lookahead_ms
+
+    @property
     def running(self) -> bool:
         """The clock and the render task are both alive (either one alone publishes nothing useful)."""
         return bool(self._tasks) and not any(task.done() for task in self._tasks)

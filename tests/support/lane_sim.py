@@ -64,6 +64,7 @@ class FakeAvatar:
 
 class FakeSessionEngine:
     avatar = FakeAvatar()
+    lookahead_ms = 80
 
     def open_utterance(self) -> UtteranceStream:
         return FakeStream()

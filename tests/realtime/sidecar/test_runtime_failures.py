@@ -74,6 +74,8 @@ class SilentStream:
 
 
 class BreakingEngine:
+    lookahead_ms = 80
+
     def __init__(self, fail_at_tick: int) -> None:
         self.avatar = BreakingAvatar(fail_at_tick)
 
