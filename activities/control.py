@@ -119,7 +119,9 @@ class ControlActivities:
         placer = self._placer()
         # The registry refuses this acquire once this attempt is over (server time on both sides).
         deadline_s = (
-            (info.started_time + info.start_to_close_timeout).timestamp() if info.start_to_close_timeout else 0.0
+            (info.started_time + info.start_to_close_timeout).timestamp()
+            if info.start_to_close_timeout
+            else 0.0
         )
         # A re-placement frees its previous slot where it was held (and marks the lost sidecar suspect
         # there); a retried attempt may have landed anywhere, so it clears every registry of its pools.
@@ -134,7 +136,8 @@ class ControlActivities:
             request.avatar_key,
             request.exclude_incarnations,
             pools=request.pools,
-            release_first=info.attempt > 1 or (bool(request.exclude_incarnations) and not request.previous_registry_id),
+            release_first=info.attempt > 1
+            or (bool(request.exclude_incarnations) and not request.previous_registry_id),
             deadline_s=deadline_s,
         )
 

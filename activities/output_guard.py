@@ -1,4 +1,5 @@
-"""SSRF guard for output URLs: a caller's URL (e.g. rtmp(s)://) must not make a sidecar connect inside its network.
+"""SSRF guard for output URLs: a caller's URL (e.g. rtmp(s)://) must not make a sidecar connect inside its
+network.
 
 The sidecar pushes the session to whatever URL the session request names; unchecked, that is a
 way to open TCP connections from the GPU hosts to the metadata service, an internal port or the
@@ -23,7 +24,8 @@ from workflows.contracts import ErrorCode
 
 
 async def checked_output_url(url: str, guard: UrlGuard, allow_networks: list[str]) -> str:
-    """The URL to connect to (pinned to the checked address where the guard says so); AssetError when refused."""
+    """The URL to connect to (pinned to the checked address where the guard says so); AssetError when
+    refused."""
     try:
         guard.validate(url)
     except OutputError as exc:

@@ -83,7 +83,10 @@ class Placer:
     def registries(self, pool: str, key: str) -> list[str]:
         """The pool's registries in the order an acquire for `key` tries them: its home shard first."""
         home = shard_of(key, self.shards)
-        return [placement_registry_id(self.placement_id, pool, (home + k) % self.shards) for k in range(self.shards)]
+        return [
+            placement_registry_id(self.placement_id, pool, (home + k) % self.shards)
+            for k in range(self.shards)
+        ]
 
     # --- sidecars ---------------------------------------------------------------------------
 
@@ -206,7 +209,9 @@ class Placer:
         Without `registry_id`, every registry of `pools` is told, and each marks `suspect_incarnations`
         suspect. True when a registry that exists took it.
         """
-        targets = [registry_id] if registry_id else [r for pool in pools for r in self.registries(pool, session_id)]
+        targets = (
+            [registry_id] if registry_id else [r for pool in pools for r in self.registries(pool, session_id)]
+        )
         request = ReleaseSlot(session_id=session_id, suspect_incarnations=list(suspect_incarnations))
         results = await asyncio.gather(*(self._release_at(registry, request) for registry in targets))
         return any(results)

@@ -170,7 +170,9 @@ class SidecarActivities:
             try:
                 prepared = await self.host.prepare_avatar(
                     request.call.session_id,
-                    AvatarAsset(path=path, kind=avatar.asset.kind.value, digest_sha256=avatar.asset.digest_sha256),
+                    AvatarAsset(
+                        path=path, kind=avatar.asset.kind.value, digest_sha256=avatar.asset.digest_sha256
+                    ),
                     on_progress,
                 )
             except Exception as exc:
@@ -192,9 +194,14 @@ class SidecarActivities:
             try:
                 result = await self.host.warm_up()
             except Exception as exc:
-                raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="warm_up") from exc
+                raise application_error_from(
+                    exc, default_code=ErrorCode.SIDECAR_ERROR, context="warm_up"
+                ) from exc
         return EngineReady(
-            engine=result.engine, device=result.device, warm_up_ms=result.warm_up_ms, already_warm=result.already_warm
+            engine=result.engine,
+            device=result.device,
+            warm_up_ms=result.warm_up_ms,
+            already_warm=result.already_warm,
         )
 
     @activity.defn(name=ActivityName.OPEN_OUTPUT.value)
@@ -229,17 +236,21 @@ class SidecarActivities:
     async def _connect_output(
         self, step: str, context: str, connect: Callable[[], Awaitable[OpenedOutput]]
     ) -> OutputOpened:
-        """Await the host's open/switch with heartbeats; its typed failure becomes the activity's error code."""
+        """Await the host's open/switch with heartbeats; its typed failure becomes the activity's error
+        code."""
         async with self._shutdown_means_host_gone(step), _keep_alive():
             try:
                 opened = await connect()
             except Exception as exc:
-                raise application_error_from(exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=context) from exc
+                raise application_error_from(
+                    exc, default_code=ErrorCode.OUTPUT_OPEN_FAILED, context=context
+                ) from exc
         return OutputOpened(kind=opened.kind, detail=opened.detail)
 
     @activity.defn(name=ActivityName.RUN_SESSION.value)
     async def run_session(self, request: RunSessionInput) -> RunSessionResult:
-        """Serve until the host ends the session; heartbeat details are its stats (the workflow's liveness signal).
+        """Serve until the host ends the session; heartbeat details are its stats (the workflow's liveness
+        signal).
 
         With `reattach` (the workflow's reconcile after this run went silent) it attaches to the session this
         sidecar kept live, taking over from a run the server already gave up on; a session it no longer has
@@ -260,7 +271,9 @@ class SidecarActivities:
             activity_context.run(activity.heartbeat, dataclasses.asdict(stats))
             reported.set()
 
-        reporter = asyncio.create_task(self._report_stats(latest, reported, request.stats_report_interval_s, contact))
+        reporter = asyncio.create_task(
+            self._report_stats(latest, reported, request.stats_report_interval_s, contact)
+        )
         limits = RunLimits(
             idle_timeout_s=request.idle_timeout_s,
             max_duration_s=request.max_duration_s,
@@ -297,7 +310,9 @@ class SidecarActivities:
                 await self.host.stop_session(session_id, SessionEndReason.STOPPED)
             raise
         except Exception as exc:
-            raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="run_session") from exc
+            raise application_error_from(
+                exc, default_code=ErrorCode.SIDECAR_ERROR, context="run_session"
+            ) from exc
         finally:
             if contact.run is run_task:
                 contact.run = None
@@ -326,7 +341,8 @@ class SidecarActivities:
         previous = contact.run
         if previous is not None and not previous.done():
             logger.info(
-                "a reconcile takes the session over from a run the server gave up on", extra={"session_id": session_id}
+                "a reconcile takes the session over from a run the server gave up on",
+                extra={"session_id": session_id},
             )
             contact.superseded.add(previous)
             previous.cancel()
@@ -390,21 +406,27 @@ class SidecarActivities:
         try:
             await self.host.stop_session(request.call.session_id, reason)
         except Exception as exc:
-            raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="stop_session") from exc
+            raise application_error_from(
+                exc, default_code=ErrorCode.SIDECAR_ERROR, context="stop_session"
+            ) from exc
         return True
 
     @activity.defn(name=ActivityName.TEARDOWN.value)
     async def teardown(self, request: TeardownInput) -> bool:
         if request.call.incarnation != self.incarnation:
             # Meant for a predecessor under this sidecar id: its sessions died with it.
-            logger.info("teardown for another incarnation ignored", extra={"session": request.call.session_id})
+            logger.info(
+                "teardown for another incarnation ignored", extra={"session": request.call.session_id}
+            )
             return False
         self._forget(request.call.session_id)
         async with _keep_alive():
             try:
                 await self.host.teardown(request.call.session_id)
             except Exception as exc:
-                raise application_error_from(exc, default_code=ErrorCode.SIDECAR_ERROR, context="teardown") from exc
+                raise application_error_from(
+                    exc, default_code=ErrorCode.SIDECAR_ERROR, context="teardown"
+                ) from exc
         return True
 
     # --- helpers ------------------------------------------------------------------------
@@ -443,11 +465,14 @@ class SidecarActivities:
     async def _local_asset(self, asset: FetchedAsset, limits: FetchLimits) -> Path:
         """The validated asset on this host's disk (its store kept within its cap, this file kept)."""
         path = await self._find_or_fetch(asset, limits)
-        await asyncio.to_thread(fetch.keep_within_cap, path, self.config.asset_dir, self.config.asset_store_max_bytes)
+        await asyncio.to_thread(
+            fetch.keep_within_cap, path, self.config.asset_dir, self.config.asset_store_max_bytes
+        )
         return path
 
     async def _find_or_fetch(self, asset: FetchedAsset, limits: FetchLimits) -> Path:
-        """The validated asset on this host's disk: shared store, local copy, or a fresh download (digest checked)."""
+        """The validated asset on this host's disk: shared store, local copy, or a fresh download (digest
+        checked)."""
         suffix = ASSET_SUFFIXES[asset.kind]
         local = self.config.asset_dir / f"{asset.digest_sha256}{suffix}"
         if await asyncio.to_thread(_has_digest, local, asset.digest_sha256):

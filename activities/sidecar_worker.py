@@ -74,7 +74,10 @@ async def run_sidecar_worker(
         )
     check_pool(config.pool)
     placer = Placer(
-        client, config.placement_workflow_id, config.control_task_queue, shards=check_shards(config.placement_shards)
+        client,
+        config.placement_workflow_id,
+        config.control_task_queue,
+        shards=check_shards(config.placement_shards),
     )
     incarnation = uuid.uuid4().hex
     activities = SidecarActivities(host, config, incarnation)
@@ -141,7 +144,9 @@ async def _keep_registered(
         try:
             await _register(placer, host, config, incarnation, sessions)
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
-            logger.warning("placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)})
+            logger.warning(
+                "placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)}
+            )
 
 
 # --- `lipsync sidecar` wiring -----------------------------------------------------------------
@@ -176,7 +181,9 @@ class SidecarTemporalOptions:
         )
 
 
-def sidecar_worker_service(options: SidecarTemporalOptions) -> Callable[[SessionHost], Coroutine[Any, Any, None]]:
+def sidecar_worker_service(
+    options: SidecarTemporalOptions,
+) -> Callable[[SessionHost], Coroutine[Any, Any, None]]:
     """A `realtime.sidecar.process.serve()` service: connect (traced client) and serve the host's queue.
 
     It runs until the process stops (serve() cancels it, which departs placement and drains the

@@ -146,7 +146,8 @@ def _check_entries(archive: zipfile.ZipFile, zip_limits: ZipLimits, frame_limits
         if overall > zip_limits.max_compression_ratio:
             raise AssetError(
                 ErrorCode.ZIP_BOMB_RATIO,
-                f"the zip inflates {overall:.0f}x overall; the limit is {zip_limits.max_compression_ratio:g}x",
+                f"the zip inflates {overall:.0f}x overall; "
+                f"the limit is {zip_limits.max_compression_ratio:g}x",
             )
     if not frames:
         raise AssetError(ErrorCode.NO_FRAMES, "the zip holds no frame images")

@@ -151,10 +151,14 @@ async def relay_audio(
         # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
         # The caller's credential stays here: upstream, the relay carries the service credential.
         query = {
-            k: v for k, v in websocket.query_params.items() if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
+            k: v
+            for k, v in websocket.query_params.items()
+            if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
         }
         relay.sidecar = sidecar
-        relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (f"?{urlencode(query)}" if query else "")
+        relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (
+            f"?{urlencode(query)}" if query else ""
+        )
         try:
             upstream = await websockets.connect(
                 relay.upstream_url,
@@ -267,7 +271,8 @@ async def _wait_until_live(
                 websocket,
                 relay,
                 "not_live",
-                f"session {session_id} did not go live within {live_wait_s:.0f} s (phase {status.phase.value})",
+                f"session {session_id} did not go live within {live_wait_s:.0f} s (phase "
+                f"{status.phase.value})",
             )
             return None
         await asyncio.wait({reader}, timeout=STATUS_POLL_S)
@@ -331,7 +336,8 @@ async def _pump(
                 websocket,
                 relay,
                 "sidecar_gone",
-                f"the connection to sidecar {relay.sidecar!r} broke without a close ({code}): it stopped or died",
+                f"the connection to sidecar {relay.sidecar!r} broke without a close ({code}): it stopped or "
+                "died",
             )
             return
         with contextlib.suppress(Exception):

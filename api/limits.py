@@ -43,7 +43,11 @@ class RequestGate:
         headers = Headers(scope=scope)
         presented = presented_key(headers)
         if presented is None or principal_for(self.settings, presented) is None:
-            why = f"missing API key: send it in the {API_KEY_HEADER} header" if presented is None else "invalid API key"
+            why = (
+                f"missing API key: send it in the {API_KEY_HEADER} header"
+                if presented is None
+                else "invalid API key"
+            )
             await _refuse(scope, send, "unauthorized", why)
             return
         cap = max_body_bytes(scope["path"])

@@ -46,7 +46,8 @@ class ApiMetrics:
         )
         self.ttff = Histogram(
             "lipsync_session_ttff_seconds",
-            "time to first speech frame published (first PCM in -> first lip frame out), one sample per session",
+            "time to first speech frame published (first PCM in -> first lip frame out), one sample per "
+            "session",
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0),
             registry=self.registry,
         )

@@ -98,7 +98,10 @@ class CreateSessionIn(_Strict):
         if self.metadata is not None:
             if len(self.metadata) > MAX_METADATA_KEYS:
                 raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
-            if any(len(key) > 128 or len(value) > MAX_METADATA_VALUE_CHARS for key, value in self.metadata.items()):
+            if any(
+                len(key) > 128 or len(value) > MAX_METADATA_VALUE_CHARS
+                for key, value in self.metadata.items()
+            ):
                 raise ValueError(
                     f"metadata: keys up to 128 and values up to {MAX_METADATA_VALUE_CHARS} characters",
                 )

@@ -30,7 +30,9 @@ from realtime.outputs.registry import OUTPUTS
 from workflows.policy import MAX_POOL_NAME_CHARS, RetrySpec, SessionPolicy, is_pool_name
 
 POLICIES_ENV = "LIPSYNC_POLICIES"
-DEFAULT_POLICIES_PATH = Path(__file__).resolve().parent.parent / "infra" / "policies.yaml"  # a data file, not code
+DEFAULT_POLICIES_PATH = (
+    Path(__file__).resolve().parent.parent / "infra" / "policies.yaml"
+)  # a data file, not code
 SUPPORTED_VERSION = 1
 # Stats pushed into a workflow become history events; keep a session well under Temporal's
 # 10k-event warning even at its maximum duration.
@@ -147,7 +149,9 @@ def _decode_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
     fields = [field.name for field in dataclasses.fields(cls)]
     for name in value:
         if name not in fields:
-            raise PolicyError(source, _join(key, str(name)), f"unknown key (expected one of: {', '.join(fields)})")
+            raise PolicyError(
+                source, _join(key, str(name)), f"unknown key (expected one of: {', '.join(fields)})"
+            )
     kwargs = {}
     for name in fields:
         if name not in value:
@@ -195,14 +199,16 @@ def _check(policy: SessionPolicy, source: str) -> None:
         fail(
             "session.control_plane_grace_s",
             f"must be longer than activities.run_session.heartbeat_timeout_s + reconcile_s + "
-            f"session.stats_report_interval_s ({reconcile_window_s} s): a sidecar would end its sessions before "
+            f"session.stats_report_interval_s ({reconcile_window_s} s): a sidecar would end its sessions "
+            "before "
             "the workflow could reconcile with it",
         )
     reports = session.max_duration_s / session.stats_report_interval_s
     if reports > MAX_STATS_REPORTS_PER_SESSION:
         fail(
             "session.stats_report_interval_s",
-            f"too small for session.max_duration_s: {reports:.0f} reports per session would bloat the workflow "
+            f"too small for session.max_duration_s: {reports:.0f} reports per session would bloat the "
+            "workflow "
             f"history (at most {MAX_STATS_REPORTS_PER_SESSION})",
         )
 
@@ -245,7 +251,10 @@ def _check(policy: SessionPolicy, source: str) -> None:
 
     frames = policy.assets.frames
     if frames.min_side_px < MIN_FRAME_SIDE_PX:
-        fail("assets.frames.min_side_px", f"must be >= {MIN_FRAME_SIDE_PX} (WebRTC encoders refuse smaller frames)")
+        fail(
+            "assets.frames.min_side_px",
+            f"must be >= {MIN_FRAME_SIDE_PX} (WebRTC encoders refuse smaller frames)",
+        )
     if frames.max_side_px < frames.min_side_px:
         fail("assets.frames.max_side_px", "must be >= assets.frames.min_side_px")
     if frames.max_output_side_px < frames.min_side_px:

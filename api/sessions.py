@@ -155,7 +155,8 @@ class SessionService:
 
     def temporal_ui_url(self, session_id: str) -> str:
         workflow_id = quote(session_workflow_id(session_id), safe="")
-        return f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}/workflows/{workflow_id}"
+        namespace = self.settings.temporal_namespace
+        return f"{self.settings.temporal_ui_url}/namespaces/{namespace}/workflows/{workflow_id}"
 
     # --- operations ----------------------------------------------------------------------
 
@@ -183,7 +184,8 @@ class SessionService:
             if identity.startswith(VIEWER_IDENTITY_PREFIX):
                 raise ApiError(
                     "identity_reserved",
-                    f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens use it)",
+                    f"output.livekit.identity may not start with {VIEWER_IDENTITY_PREFIX!r} (viewer tokens "
+                    "use it)",
                 )
             livekit = LiveKitParams(
                 url=self.settings.sidecar_livekit_url,

@@ -37,7 +37,8 @@ def _placement_pools(value: str | None) -> tuple[str, ...]:
     bad = [pool for pool in pools if not is_pool_name(pool)]
     if bad:
         raise SettingsError(
-            f"LIPSYNC_POOLS names {bad}, which are not pool names (letters, digits, '-', '_' or '.'; comma-separated)"
+            f"LIPSYNC_POOLS names {bad}, which are not pool names (letters, digits, '-', '_' or '.'; "
+            "comma-separated)"
         )
     return pools
 
@@ -203,5 +204,7 @@ class ApiSettings:
             placement_pools=_placement_pools(os.environ.get("LIPSYNC_POOLS")),
             temporal_ui_url=os.environ.get("LIPSYNC_TEMPORAL_UI_URL", cls.temporal_ui_url).rstrip("/"),
             model_dir=Path(os.environ.get("LIPSYNC_MODEL_DIR", "models")),
-            policies_path=Path(os.environ["LIPSYNC_POLICIES"]) if os.environ.get("LIPSYNC_POLICIES") else None,
+            policies_path=Path(os.environ["LIPSYNC_POLICIES"])
+            if os.environ.get("LIPSYNC_POLICIES")
+            else None,
         )

@@ -59,7 +59,9 @@ def _pct(values: list[float], q: float) -> float | None:
 class Deployment:
     """The processes of a local deployment on free ports (what `lipsync demo` runs, with N sidecars)."""
 
-    def __init__(self, work_dir: Path, sidecars: int, slots: int, engine: str, place_timeout_s: float) -> None:
+    def __init__(
+        self, work_dir: Path, sidecars: int, slots: int, engine: str, place_timeout_s: float
+    ) -> None:
         self.work_dir = work_dir
         self.sidecar_count = sidecars
         self.slots = slots
@@ -126,7 +128,14 @@ class Deployment:
         started = time.monotonic()
         launch(
             "worker",
-            [*lipsync, "worker", "--temporal-address", temporal, "--asset-dir", str(self.work_dir / "worker-assets")],
+            [
+                *lipsync,
+                "worker",
+                "--temporal-address",
+                temporal,
+                "--asset-dir",
+                str(self.work_dir / "worker-assets"),
+            ],
             lambda: time.monotonic() - started > 2.0,
         )
         for sidecar_id, port in self.sidecar_ports.items():
@@ -152,7 +161,9 @@ class Deployment:
                 ],
                 lambda port=port: http_ok(f"http://127.0.0.1:{port}/healthz"),
             )
-        launch("api", [*lipsync, "api", "--port", str(self.api_port)], lambda: http_ok(f"{self.api_url}/healthz"))
+        launch(
+            "api", [*lipsync, "api", "--port", str(self.api_port)], lambda: http_ok(f"{self.api_url}/healthz")
+        )
         if not wait_until(lambda: http_ok(f"{self.api_url}/readyz", timeout_s=6.0), 120.0, 0.5):
             raise RuntimeError(f"the API never became ready; logs in {self.work_dir / 'logs'}")
 
@@ -172,7 +183,9 @@ async def run_sessions(
     headers = {"X-API-Key": deployment.api_key}
     limits = httpx.Limits(max_connections=sessions + 10, max_keepalive_connections=sessions + 10)
     status_ms: list[float] = []
-    async with httpx.AsyncClient(base_url=deployment.api_url, headers=headers, timeout=60, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=deployment.api_url, headers=headers, timeout=60, limits=limits
+    ) as http:
 
         async def start(index: int) -> dict[str, Any]:
             body = {
@@ -183,8 +196,13 @@ async def run_sessions(
             sent = time.perf_counter()
             response = await http.post("/v1/sessions", json=body)
             latency_ms = (time.perf_counter() - sent) * 1000
-            return {"id": body["session_id"], "sent": sent, "start_ms": latency_ms, "http": response.status_code,
-                    "body": response.json()}  # fmt: skip
+            return {
+                "id": body["session_id"],
+                "sent": sent,
+                "start_ms": latency_ms,
+                "http": response.status_code,
+                "body": response.json(),
+            }
 
         wall = time.perf_counter()
         started = await asyncio.gather(*(start(i) for i in range(sessions)))
@@ -242,7 +260,9 @@ async def run_sessions(
         "stop_ms": stop_ms,
         "live_ms": live_ms,
         "outcomes": dict(outcomes),
-        "finals": dict(Counter(entry.get("final", "-") for entry in started if entry.get("outcome") == "live")),
+        "finals": dict(
+            Counter(entry.get("final", "-") for entry in started if entry.get("outcome") == "live")
+        ),
         "http_codes": dict(Counter(str(entry["http"]) for entry in started)),
         "metrics_ok": "lipsync_sessions_ended_total" in metrics_text,
     }
@@ -254,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecars", type=int, default=2)
     parser.add_argument("--slots", type=int, default=4, help="sessions per sidecar")
     parser.add_argument("--engine", choices=engine_choices(), default="preview")
-    parser.add_argument("--place-timeout-s", type=float, default=20.0, help="how long a session waits for a slot")
+    parser.add_argument(
+        "--place-timeout-s", type=float, default=20.0, help="how long a session waits for a slot"
+    )
     parser.add_argument("--settle-timeout-s", type=float, default=120.0)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
@@ -271,17 +293,25 @@ def main(argv: list[str] | None = None) -> int:
         (assets / "astronaut.zip").write_bytes(avatar_zip_bytes())
         try:
             deployment.start()
-            logger.info("deployment ready: %d sidecars x %d slots; starting %d sessions", args.sidecars, args.slots,
-                        args.sessions)  # fmt: skip
+            logger.info(
+                "deployment ready: %d sidecars x %d slots; starting %d sessions",
+                args.sidecars,
+                args.slots,
+                args.sessions,
+            )
             with serve_directory(assets) as assets_url:
                 raw = asyncio.run(
-                    run_sessions(deployment, args.sessions, args.settle_timeout_s, f"{assets_url}/astronaut.zip")
+                    run_sessions(
+                        deployment, args.sessions, args.settle_timeout_s, f"{assets_url}/astronaut.zip"
+                    )
                 )
         finally:
             deployment.stop()
     outcomes: dict[str, int] = raw["outcomes"]
     live = outcomes.get("live", 0)
-    clear_failures = sum(count for outcome, count in outcomes.items() if outcome.startswith(("failed:", "http_")))
+    clear_failures = sum(
+        count for outcome, count in outcomes.items() if outcome.startswith(("failed:", "http_"))
+    )
     summary = {
         "sessions_requested": args.sessions,
         "sessions_started": raw["http_codes"].get("201", 0),

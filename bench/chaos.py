@@ -104,7 +104,9 @@ class ChaosDeployment(Deployment):
 
 
 class Chaos:
-    def __init__(self, deployment: ChaosDeployment, sessions: int, rng: random.Random, recover_s: float) -> None:
+    def __init__(
+        self, deployment: ChaosDeployment, sessions: int, rng: random.Random, recover_s: float
+    ) -> None:
         self.deployment = deployment
         self.session_count = sessions
         self.rng = rng
@@ -157,7 +159,9 @@ class Chaos:
         for session_id in self.sessions:
             status = await self.status(session_id)
             deadline = time.monotonic() + 60
-            while status.phase.value not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
+            while (
+                status.phase.value not in ("completed", "failed", "cancelled") and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(POLL_S)
                 status = await self.status(session_id)
             ends.append(f"{status.phase.value}:{status.end_reason.value if status.end_reason else '-'}")
@@ -177,7 +181,8 @@ class Chaos:
                                       "error": status.error.code if status.error else None})  # fmt: skip
                     continue
                 fresh = since is None or (
-                    bool(status.stats_reported_at) and datetime.fromisoformat(status.stats_reported_at) > since
+                    bool(status.stats_reported_at)
+                    and datetime.fromisoformat(status.stats_reported_at) > since
                 )
                 if not (predicate(status) and fresh):
                     still.append(session_id)
@@ -280,7 +285,8 @@ async def leaks(deployment: ChaosDeployment, temporal: Any) -> dict[str, Any]:
 
 
 def leaked_processes(work_dir: Path) -> int:
-    """Processes still running whose command line names this run's directory (after the deployment stopped)."""
+    """Processes still running whose command line names this run's directory (after the deployment
+    stopped)."""
     count = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         "replace_s_p50": _pct(chaos.replace_s, 50),
         "replace_s_max": round(max(chaos.replace_s), 2) if chaos.replace_s else None,
         "temporal_outage_s_max_survived": max(
-            (f["outage_s"] for f in chaos.faults if f["kind"] == "temporal" and not f["unrecovered"]), default=None
+            (f["outage_s"] for f in chaos.faults if f["kind"] == "temporal" and not f["unrecovered"]),
+            default=None,
         ),
         "wall_s": round(time.monotonic() - started, 1),
     }

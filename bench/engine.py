@@ -150,8 +150,11 @@ def build_models(args: argparse.Namespace, cache_dir: Path) -> Any:
     return random_models("full", device)
 
 
-def build_engine(args: argparse.Namespace, cache_dir: Path, models: Any, variant_config: dict[str, Any]) -> Any:
-    """An engine over `models` with the variant's accel settings (`dtype` casts the shared models in place)."""
+def build_engine(
+    args: argparse.Namespace, cache_dir: Path, models: Any, variant_config: dict[str, Any]
+) -> Any:
+    """An engine over `models` with the variant's accel settings (`dtype` casts the shared models in
+    place)."""
 
     import torch  # noqa: PLC0415 (heavy: torch)
 
@@ -220,7 +223,9 @@ def bench_musetalk(
     for batch in args.batches:
         try:
             rows.append(
-                measure_batch(engine, avatar, reference=reference, pull=pull, batch=batch, args=args, variant=variant)
+                measure_batch(
+                    engine, avatar, reference=reference, pull=pull, batch=batch, args=args, variant=variant
+                )
             )
         except Exception as exc:  # a failing batch size (e.g. out of memory) must not lose the others
             logger.exception("batch %d failed", batch)
@@ -253,10 +258,19 @@ def bench_musetalk(
 
 
 def measure_batch(
-    engine: Any, avatar: Any, *, reference: list[Any], pull: Any, batch: int, args: argparse.Namespace, variant: str
+    engine: Any,
+    avatar: Any,
+    *,
+    reference: list[Any],
+    pull: Any,
+    batch: int,
+    args: argparse.Namespace,
+    variant: str,
 ) -> dict[str, Any]:
     sync = engine.synchronize
-    requests = [RenderRequest(avatar, k, reference[(k * 7) % len(reference)].features, 1.0) for k in range(batch)]
+    requests = [
+        RenderRequest(avatar, k, reference[(k * 7) % len(reference)].features, 1.0) for k in range(batch)
+    ]
     for _ in range(args.warmup):
         pull(batch)
         engine.render(requests)
@@ -327,7 +341,9 @@ def bench_preview(iters: int, cache_dir: Path) -> dict[str, Any]:
     avatar = engine.prepare_avatar(astronaut_zip())
     frames = engine.offline_frames(speech_like(8.0, seed=1))
     # Only frames whose mouth is open: the idle ones cost nothing and would flatter the figure.
-    requests = [RenderRequest(avatar, f.index, f.features, 1.0) for f in frames if float(f.features[0]) >= 0.05]
+    requests = [
+        RenderRequest(avatar, f.index, f.features, 1.0) for f in frames if float(f.features[0]) >= 0.05
+    ]
     engine.render(requests[:25])
     t0 = time.perf_counter()
     count = 0
@@ -409,12 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | float16 | float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU) | float16 | float32"
+    )
     parser.add_argument("--model", choices=("tiny", "full-size-random"), default="tiny")
     parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: all allowed cores)"
+    )
     parser.add_argument(
         "--variants",
         type=lambda s: s.split(","),
@@ -422,9 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated engine settings to measure, in order: {', '.join(VARIANTS)}",
     )
     parser.add_argument("--buckets", type=lambda s: [int(v) for v in s.split(",")], default=None)
-    parser.add_argument("--compile-cache-dir", type=Path, default=None, help="inductor/Triton cache (persisted)")
-    parser.add_argument("--json-partial", action="store_true", help="also write PATH.partial.json after each variant")
-    parser.add_argument("--prep-frames", type=int, default=0, help="measure avatar preparation of N frames instead")
+    parser.add_argument(
+        "--compile-cache-dir", type=Path, default=None, help="inductor/Triton cache (persisted)"
+    )
+    parser.add_argument(
+        "--json-partial", action="store_true", help="also write PATH.partial.json after each variant"
+    )
+    parser.add_argument(
+        "--prep-frames", type=int, default=0, help="measure avatar preparation of N frames instead"
+    )
     parser.add_argument("--prep-px", type=int, default=FRAME_PX, help="frame side for --prep-frames")
     args = parser.parse_args(argv)
     if args.prep_frames < 0 or args.prep_px < 64:
@@ -492,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             "avatar_frames": AVATAR_FRAMES,
             "iters": args.iters,
             "torch_threads": torch.get_num_threads(),
-            "features_stage": "one stream pull of B frames: whisper-tiny encode of the 30 s segment + gather + PE",
+            "features_stage": "one stream pull of B frames: whisper-tiny encode of the 30 s segment + gather "
+            "+ PE",
             "python": sys.version.split()[0],
         },
         "summary": measured["summary"],

@@ -51,7 +51,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "unet-static": {"stage": "unet", "compile": "static"},
     "unet-dyn-force": {"stage": "unet", "compile": "dynamic", "force_layout": True},
     "vae-static-mat": {"stage": "vae", "compile": "static", "mode": "max-autotune-no-cudagraphs"},
-    "vae-force-sums": {"stage": "vae", "compile": "dynamic", "force_layout": True, "group_norm": "channel_sums"},
+    "vae-force-sums": {
+        "stage": "vae",
+        "compile": "dynamic",
+        "force_layout": True,
+        "group_norm": "channel_sums",
+    },
     "vae-force-sums-tconv": ENGINE_VAE,
     "vae-force-tconv": {"stage": "vae", "compile": "dynamic", "force_layout": True, "upsample": "transpose"},
     "vae-force-sums-nearest": {
@@ -158,12 +163,16 @@ def run_one(name: str, batch: int, out: Path) -> None:
         kinds: dict[str, float] = {}
         kernels: list[tuple[float, str]] = []
         for event in prof.key_averages():
-            device_us = float(getattr(event, "self_cpu_time_total" if smoke else "self_device_time_total", 0.0) or 0.0)
+            device_us = float(
+                getattr(event, "self_cpu_time_total" if smoke else "self_device_time_total", 0.0) or 0.0
+            )
             if device_us <= 0:
                 continue
             kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + device_us / 1000
             kernels.append((device_us / 1000, event.key[:90]))
-        result["kernel_ms_by_kind"] = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        result["kernel_ms_by_kind"] = {
+            k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
+        }
         result["top_kernels"] = [[round(ms, 2), key] for ms, key in sorted(kernels, reverse=True)[:12]]
     out.write_text(json.dumps(result) + "\n")
 
@@ -173,7 +182,14 @@ def conv_rates(batch: int) -> list[dict[str, Any]]:
 
     torch.backends.cudnn.benchmark = True
     rows = []
-    shapes = [(128, 128, 256), (256, 128, 256), (256, 256, 128), (512, 256, 128), (512, 512, 64), (512, 512, 32)]
+    shapes = [
+        (128, 128, 256),
+        (256, 128, 256),
+        (256, 256, 128),
+        (512, 256, 128),
+        (512, 512, 64),
+        (512, 512, 32),
+    ]
     with torch.inference_mode():
         for c_in, c_out, size in shapes:
             conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).cuda().half()
@@ -230,7 +246,8 @@ def main() -> None:
             "model": "tiny" if smoke else "full-size-random",
             "dtype": "float32" if smoke else "float16",
             "batch": args.batch,
-            "timing": "median of 12 calls after 3, CUDA-synchronised; kernels summed by kind from one profiled call",
+            "timing": "median of 12 calls after 3, CUDA-synchronised; kernels summed by kind from one "
+            "profiled call",
         },
         "summary": {},
         "conv_rates": [] if smoke else conv_rates(args.batch),

@@ -43,7 +43,8 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
     from tests.support.temporal_harness import Harness, fast_policy, wait_for_status  # noqa: PLC0415 (tests/ is not installed with the package)
 
     server = RestartableTemporal(
-        temporal.TemporalDevServerConfig(db_file=work_dir / "temporal.db").with_free_ports(), work_dir / "temporal.log"
+        temporal.TemporalDevServerConfig(db_file=work_dir / "temporal.db").with_free_ports(),
+        work_dir / "temporal.log",
     )
     lk_config = livekit.LiveKitServerConfig().with_free_ports()
     lk = livekit.server_process(lk_config, work_dir / "livekit")
@@ -101,7 +102,9 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
                 back = datetime.now(UTC)
                 await wait_for_status(
                     handle,
-                    lambda s: bool(s.stats_reported_at) and datetime.fromisoformat(s.stats_reported_at) > back,
+                    lambda s: (
+                        bool(s.stats_reported_at) and datetime.fromisoformat(s.stats_reported_at) > back
+                    ),
                     timeout_s=120,
                 )
                 await asyncio.sleep(30.0)  # a heartbeat timeout and a reconcile later: still live?
@@ -118,7 +121,9 @@ async def run(outage_s: float, work_dir: Path) -> dict[str, Any]:
                     "frames_during_outage": len(during),
                     "fps_during_outage": round(len(during) / (up_at - down_at), 2),
                     "max_frame_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
-                    "max_frame_gap_ms_before_outage": round(max(gaps_before) * 1000, 1) if gaps_before else None,
+                    "max_frame_gap_ms_before_outage": round(max(gaps_before) * 1000, 1)
+                    if gaps_before
+                    else None,
                     "phase_after": status.phase.value,
                     "sidecar_after": status.sidecar,
                     "same_sidecar": status.sidecar == sidecar_id,
@@ -163,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2) + "\n")
-    ok = summary["phase_after"] == "live" and summary["sidecar_losses"] == 0 and summary["end_reason"] == "stopped"
+    ok = (
+        summary["phase_after"] == "live"
+        and summary["sidecar_losses"] == 0
+        and summary["end_reason"] == "stopped"
+    )
     return 0 if ok else 1
 
 

@@ -71,10 +71,14 @@ def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: in
     import torch  # noqa: PLC0415 (heavy: torch)
 
     sync = engine.synchronize
-    requests = [RenderRequest(avatar, k, features[(k * 7) % len(features)].features, 1.0) for k in range(batch)]
+    requests = [
+        RenderRequest(avatar, k, features[(k * 7) % len(features)].features, 1.0) for k in range(batch)
+    ]
     row: dict[str, Any] = {"batch": batch}
     rounds = 3
-    row["serial_ms"] = _median_ms(lambda: [engine.render(requests) for _ in range(rounds)], sync, iters, rounds)
+    row["serial_ms"] = _median_ms(
+        lambda: [engine.render(requests) for _ in range(rounds)], sync, iters, rounds
+    )
     device = torch.device(engine.info.device)
     dtype = engine.models.device.torch_dtype()
     latents = torch.randn((batch, 8, 32, 32), device=device).to(dtype)
@@ -113,7 +117,9 @@ def measure(engine: Any, avatar: Any, features: list[Any], batch: int, iters: in
     return row
 
 
-def _streams(unet: Any, vae: Any, inputs: tuple[Any, Any], sync: Callable[[], None], iters: int) -> dict[str, Any]:
+def _streams(
+    unet: Any, vae: Any, inputs: tuple[Any, Any], sync: Callable[[], None], iters: int
+) -> dict[str, Any]:
     """Per-batch ms of UNet(k+1) ∥ VAE(k) on two streams, and of the same calls on one stream."""
     import torch  # noqa: PLC0415 (heavy: torch)
 
@@ -192,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "overlap",
         "device": device_name(str(device.device)),
         "torch": torch.__version__,
-        "settings": {"model": args.model, "dtype": device.dtype_name, "variant": "compile", "buckets": list(buckets)},
+        "settings": {
+            "model": args.model,
+            "dtype": device.dtype_name,
+            "variant": "compile",
+            "buckets": list(buckets),
+        },
         "summary": {"warm_up_s": round(warm_up_s, 1)},
         "results": rows,
     }

@@ -188,7 +188,13 @@ def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 async def _run_level(
-    placer: Any, fleet: SimulatedFleet, rate: float, *, level_s: float, hold_s: float, pids: dict[str, list[int]]
+    placer: Any,
+    fleet: SimulatedFleet,
+    rate: float,
+    *,
+    level_s: float,
+    hold_s: float,
+    pids: dict[str, list[int]],
 ) -> LevelResult:
     result = LevelResult(offered_starts_per_s=rate, sidecars=fleet.count)
     tasks: list[asyncio.Task[None]] = []
@@ -210,7 +216,9 @@ async def _run_level(
         result.placement_reasons[reason] = result.placement_reasons.get(reason, 0) + 1
         await asyncio.sleep(hold_s)
         try:
-            await asyncio.wait_for(placer.release(session_id, placement.registry_id), timeout=ACQUIRE_TIMEOUT_S)
+            await asyncio.wait_for(
+                placer.release(session_id, placement.registry_id), timeout=ACQUIRE_TIMEOUT_S
+            )
         except Exception as exc:
             result.fail("release_" + _failure_code(exc))
             return
@@ -301,7 +309,8 @@ def _start_registry_worker(target: str, queue: str, log_path: Path) -> subproces
 
 
 async def _serve_registry(target: str, queue: str) -> None:
-    """The registry worker process: the production PlacementWorkflow on `queue` (no sessions, no activities)."""
+    """The registry worker process: the production PlacementWorkflow on `queue` (no sessions, no
+    activities)."""
 
     client = await Client.connect(target)
     worker = Worker(client, task_queue=queue, workflows=[PlacementWorkflow], max_cached_workflows=10_000)
@@ -309,16 +318,23 @@ async def _serve_registry(target: str, queue: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--sidecars", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--rates", type=float, nargs="+", default=DEFAULT_RATES, help="offered starts/s, ascending")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=DEFAULT_RATES, help="offered starts/s, ascending"
+    )
     parser.add_argument("--level-s", type=float, default=10.0, help="seconds of traffic per rate level")
     parser.add_argument("--hold-s", type=float, default=0.5, help="how long each session holds its slot")
     parser.add_argument("--slots", type=int, default=20, help="slots per simulated sidecar")
     parser.add_argument("--shards", type=int, default=1, help="registry shards per pool")
     parser.add_argument(
-        "--registry-workers", type=int, default=1, help="registry worker processes (replicas of `lipsync worker`)"
+        "--registry-workers",
+        type=int,
+        default=1,
+        help="registry worker processes (replicas of `lipsync worker`)",
     )
     parser.add_argument("--registration-interval-s", type=float, default=5.0)
     parser.add_argument("--lease-s", type=float, default=15.0)

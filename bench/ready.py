@@ -1,14 +1,18 @@
-"""Engine readiness benchmark: a cold build of the prebuilt engine artifacts, then a new process made ready by them.
+"""Engine readiness benchmark: a cold build of the prebuilt engine artifacts, then a new process made ready by
+them.
 
     python -m bench.ready --json PATH [--model full-size-random|tiny] [--variant compile] [--device cuda]
         [--artifacts-dir DIR] [--phases build,ready] [--notes TEXT]
 
-Each phase runs in its own process with its own empty inductor/Triton cache (a new node), timed from the moment
+Each phase runs in its own process with its own empty inductor/Triton cache (a new node), timed from the
+moment
 this process starts it:
 
-* build — the engine warms up from nothing and saves its artifact (`MuseTalkEngine.warm_up_prebuilt(rebuild=True)`,
+* build — the engine warms up from nothing and saves its artifact
+(`MuseTalkEngine.warm_up_prebuilt(rebuild=True)`,
   what `lipsync engine build` does): `build_ms_cold`;
-* ready — the engine loads that artifact and warms up: every batch bucket compiled and captured, so any batch is
+* ready — the engine loads that artifact and warms up: every batch bucket compiled and captured, so any batch
+is
   servable without a compile: `ready_ms_prebuilt` (process start -> first servable batch).
 
 Writes a `bench.engine` document (`benchmark: engine`) whose summary holds those two figures, each phase's
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             "variant": args.variant,
             "engine": "musetalk",
             "phases": args.phases,
-            "ready_definition": "process start -> every batch bucket warm (compiled, graphs captured): servable",
+            "ready_definition": "process start -> every batch bucket warm (compiled, graphs captured): "
+            "servable",
             "command": "python -m bench.ready " + " ".join(argv if argv is not None else sys.argv[1:]),
             "notes": args.notes,
         },

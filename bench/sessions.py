@@ -104,9 +104,13 @@ def frame_px(text: str) -> tuple[int, int]:
     try:
         width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} must be N or WxH, e.g. 512 or 1280x720") from None
+        raise argparse.ArgumentTypeError(
+            f"frame size {text!r} must be N or WxH, e.g. 512 or 1280x720"
+        ) from None
     if len(parts) > 2 or width < 16 or height < 16 or width % 2 or height % 2:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} must be N or WxH with even sizes of at least 16 px")
+        raise argparse.ArgumentTypeError(
+            f"frame size {text!r} must be N or WxH with even sizes of at least 16 px"
+        )
     return width, height
 
 
@@ -126,7 +130,9 @@ def avatar_zip(width: int, height: int, count: int = 16) -> bytes:
             if frame is None:
                 raise RuntimeError(f"could not decode avatar frame {name}")
             left, top = (width - side) // 2, (height - side) // 2
-            padded = cv2.copyMakeBorder(frame, top, height - side - top, left, width - side - left, cv2.BORDER_REFLECT)
+            padded = cv2.copyMakeBorder(
+                frame, top, height - side - top, left, width - side - left, cv2.BORDER_REFLECT
+            )
             ok, png = cv2.imencode(".png", padded)
             if not ok:
                 raise RuntimeError(f"could not encode avatar frame {name}")
@@ -239,7 +245,9 @@ async def run_level(
     runtimes = []
     for index in range(sessions):
         publisher = (
-            await livekit.publisher(avatar.width_px, avatar.height_px) if livekit is not None else CountingPublisher()
+            await livekit.publisher(avatar.width_px, avatar.height_px)
+            if livekit is not None
+            else CountingPublisher()
         )
         runtime = SessionRuntime(f"bench-{index}", engine.open_session(avatar), [publisher], lane, config)
         runtimes.append(runtime)
@@ -260,7 +268,9 @@ async def run_level(
         cpu_s, speech_wall_s = time.process_time() - cpu_started_s, time.monotonic() - speech_started_s
         drain_until = time.monotonic() + 5.0
         # The runtime has no "drained" event; polling every 50 ms only delays the end of the level.
-        while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until:  # noqa: ASYNC110
+        while any(r.playing or r.timeline.pending_samples for r in runtimes):
+            if time.monotonic() >= drain_until:
+                break
             await asyncio.sleep(0.05)
     finally:
         lag_probe.cancel()
@@ -277,7 +287,10 @@ async def run_level(
     stats = [r.stats() for r in runtimes]
     for s in stats:
         assert s.audio_samples_received == (
-            s.audio_samples_rendered + s.audio_samples_pending + s.audio_samples_rejected + s.audio_samples_flushed
+            s.audio_samples_rendered
+            + s.audio_samples_pending
+            + s.audio_samples_rejected
+            + s.audio_samples_flushed
         ), s
     row: dict[str, Any] = {
         "sessions": sessions,
@@ -301,7 +314,9 @@ async def run_level(
         "lane_batches_cut_by_deadline": lane.stats.batches_cut_by_deadline,
         # not rendered: due before the batch could end
         "lane_frames_skipped_late": lane.stats.frames_skipped_late,
-        "lane_batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())},
+        "lane_batch_ms_by_bucket": {
+            str(b): round(ms, 2) for b, ms in sorted(lane.cost_model.measured().items())
+        },
         # Mean ms per batch in each part of a batch: the batched whisper encode, the per-job pulls, the
         # render.
         "lane_stage_ms_per_batch": {
@@ -327,7 +342,9 @@ async def run_level(
     }
     dropped += row["publisher_frames_dropped"]
     row["dropped_frames"] = dropped
-    row["ok"] = bool(row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0)
+    row["ok"] = bool(
+        row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0
+    )
     return row
 
 
@@ -441,7 +458,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             + (f"; each utterance's first {args.client_burst_s} s at once" if args.client_burst_s else ""),
             "output": "counting publisher (no network)"
             if args.publisher == "counting"
-            else "LiveKit SDK publisher per session, each into its own room of a local livekit-server (--dev)",
+            else "LiveKit SDK publisher per session, each into its own room of a local "
+            "livekit-server (--dev)",
             "warm_up_ms": round(warm_up_ms, 1),
             "engine_variant": args.variant if args.engine == "musetalk" else None,
             "max_batch_frames": args.max_batch_frames,
@@ -477,7 +495,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sessions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, required=True, help="the largest number of concurrent sessions")
+    parser.add_argument(
+        "--sessions", type=int, required=True, help="the largest number of concurrent sessions"
+    )
     parser.add_argument("--engine", choices=("preview", "musetalk"), default="preview")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--duration-s", type=float, default=10.0, help="how long each level runs")
@@ -492,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         default="counting",
         help="counting (no network) or livekit (a real livekit-server started for the run)",
     )
-    parser.add_argument("--variant", default="graphs", help="musetalk engine settings: a bench.engine variant")
+    parser.add_argument(
+        "--variant", default="graphs", help="musetalk engine settings: a bench.engine variant"
+    )
     parser.add_argument("--max-batch-frames", type=int, default=32, help="render lane batch limit")
     parser.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=None)
     parser.add_argument(
@@ -507,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "--client-burst-s",
         type=float,
         default=0.0,
-        help="each utterance's first seconds of audio sent at once (a TTS faster than real time); 0: real time",
+        help="each utterance's first seconds of audio sent at once (a TTS faster than real time); 0: real "
+        "time",
     )
     parser.add_argument(
         "--no-first-frame-priority",
@@ -515,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="plan every utterance with the load's full budget (RuntimeConfig.first_frame_priority off)",
     )
-    parser.add_argument("--all-levels", action="store_true", help="run every level (no stop once the curve turns)")
+    parser.add_argument(
+        "--all-levels", action="store_true", help="run every level (no stop once the curve turns)"
+    )
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")

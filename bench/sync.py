@@ -74,7 +74,9 @@ class Clip:
         return len(self.pcm) / self.rate_hz
 
     def at_48k(self) -> np.ndarray:
-        return np.asarray(soxr.resample(self.pcm.astype(np.float32) / 32768.0, self.rate_hz, 48_000), np.float32)
+        return np.asarray(
+            soxr.resample(self.pcm.astype(np.float32) / 32768.0, self.rate_hz, 48_000), np.float32
+        )
 
 
 def espeak(directory: Path, index: int, text: str) -> Clip:
@@ -110,7 +112,9 @@ class Sidecar:
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(on_core_0(argv) if pinned else argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                on_core_0(argv) if pinned else argv, stdout=log, stderr=subprocess.STDOUT
+            )
 
     @property
     def base_url(self) -> str:
@@ -289,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=20, help="per run (clean, stalled)")
     parser.add_argument("--interrupts", type=int, default=10)
     parser.add_argument("--stall-ms", type=float, default=250.0)
-    parser.add_argument("--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process")
-    parser.add_argument("--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)")
+    parser.add_argument(
+        "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
+    )
+    parser.add_argument(
+        "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
+    )
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -315,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             "engine": "preview",
             "utterances_per_run": args.utterances,
             "interrupts": args.interrupts,
-            "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run utterance "
+            "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run "
+            "utterance "
             "(idle) and in the middle of every fourth one (not measured)",
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
             "cpu_hog": args.cpu_hog,

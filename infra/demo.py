@@ -153,7 +153,9 @@ def speech_pcm(text: str, rate_hz: int = SPEECH_RATE_HZ) -> bytes:
             if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
                 raise DemoError("espeak-ng wrote an unexpected WAV format")
             source_rate = wav.getframerate()
-            samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+            samples = (
+                np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+            )
     resampled = np.asarray(soxr.resample(samples, source_rate, rate_hz), dtype=np.float32)
     return np.asarray(np.clip(resampled * 32768.0, -32768, 32767), dtype="<i2").tobytes()
 
@@ -193,7 +195,9 @@ def check_recording(path: Path, speech_start_s: float | None = None) -> Recordin
     rms = float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
     window = max(1, audio_rate // 100)
     count = len(samples) // window
-    envelope = np.sqrt(np.mean(samples[: count * window].reshape(count, window) ** 2, axis=1)) if count else None
+    envelope = (
+        np.sqrt(np.mean(samples[: count * window].reshape(count, window) ** 2, axis=1)) if count else None
+    )
     speech_times: np.ndarray = np.zeros(0)
     if envelope is not None and envelope.max() > 0:
         speech_times = np.nonzero(envelope > 0.1 * envelope.max())[0] * 0.01
@@ -204,10 +208,13 @@ def check_recording(path: Path, speech_start_s: float | None = None) -> Recordin
     )
     times = np.asarray(frame_times_s)
     idle_index = [i for i, t in enumerate(times) if t < first_speech_s - 0.2]
-    speech_index = [i for i, t in enumerate(times) if speech_times.size and np.min(np.abs(speech_times - t)) < 0.02]
+    speech_index = [
+        i for i, t in enumerate(times) if speech_times.size and np.min(np.abs(speech_times - t)) < 0.02
+    ]
     if len(idle_index) < 5 or len(speech_index) < 5:
         raise DemoError(
-            f"{path}: not enough idle ({len(idle_index)}) or speech ({len(speech_index)}) frames to judge the lips"
+            f"{path}: not enough idle ({len(idle_index)}) or speech ({len(speech_index)}) frames to judge "
+            "the lips"
         )
     reference = np.median(np.stack([frames[i] for i in idle_index]), axis=0)
 
@@ -391,7 +398,9 @@ class Demo:
             lambda: http_ok(f"{self.api_url}/healthz"),
         )
         if not wait_until(lambda: http_ok(f"{self.api_url}/readyz", timeout_s=6.0), READY_TIMEOUT_S, 0.5):
-            raise DemoError(f"the API never became ready: see {self.api_url}/readyz and {self.work_dir / 'logs'}")
+            raise DemoError(
+                f"the API never became ready: see {self.api_url}/readyz and {self.work_dir / 'logs'}"
+            )
         self.say(f"api: ready at {self.api_url} (OpenAPI {self.api_url}/docs)")
 
     def _stop_everything(self) -> None:
@@ -415,7 +424,9 @@ class Demo:
         assets_dir.mkdir(parents=True, exist_ok=True)
         (assets_dir / "astronaut.zip").write_bytes(avatar_zip_bytes())
         pcm = speech_pcm(self.options.text)
-        self.say(f"speech: {len(pcm) / 2 / SPEECH_RATE_HZ:.1f} s from espeak-ng, s16le mono {SPEECH_RATE_HZ} Hz")
+        self.say(
+            f"speech: {len(pcm) / 2 / SPEECH_RATE_HZ:.1f} s from espeak-ng, s16le mono {SPEECH_RATE_HZ} Hz"
+        )
         try:
             async with LipsyncClient(self.api_url, self.api_key) as client:
                 engine, detail = self._engine(await client.health())
@@ -437,7 +448,9 @@ class Demo:
                     phases = await self._wait_live(client, session_id)
                 await self._stream(client, created, pcm)
                 if self.options.hold_s > 0:
-                    self.say(f"  holding the session live for {self.options.hold_s:.0f} s (open the viewer URL)")
+                    self.say(
+                        f"  holding the session live for {self.options.hold_s:.0f} s (open the viewer URL)"
+                    )
                     await asyncio.sleep(self.options.hold_s)
                 await client.stop_session(session_id, "demo finished")
                 final = await client.wait_for_phase(
@@ -476,7 +489,8 @@ class Demo:
         # The sidecar's detail is the engine registry's sentence: which engine, why, and where it runs.
         return name, str(
             engine.get("detail")
-            or f"CPU preview engine: no valid MuseTalk weights in {self.options.model_dir} (`lipsync models check`)"
+            or f"CPU preview engine: no valid MuseTalk weights in {self.options.model_dir} (`lipsync models "
+            "check`)"
         )
 
     async def _wait_live(self, client: Any, session_id: str) -> list[str]:
@@ -488,7 +502,9 @@ class Demo:
                 phases.append(status.phase)
                 self.say(f"  phase: {status.phase}")
             if status.phase == "live":
-                self.say(f"  live on {status.sidecar} via {status.output} ({status.raw.get('output_detail')})")
+                self.say(
+                    f"  live on {status.sidecar} via {status.output} ({status.raw.get('output_detail')})"
+                )
                 return phases
             if status.is_terminal:
                 raise DemoError(f"session ended {status.phase} before going live: {status.error}")

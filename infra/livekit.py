@@ -43,7 +43,9 @@ def livekit_binary_path() -> Path:
 def binary_version(binary: Path) -> str | None:
     """The version the binary reports (`server --version`), or None if it does not run."""
     try:
-        result = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False)
+        result = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
     except OSError:
         return None
     words = result.stdout.split()

@@ -18,7 +18,9 @@ def main() -> int:
     log.info("system packages: %s", f"installed {installed}" if installed else "all present")
     cached = livekit.livekit_binary_path().exists()
     binary = livekit.ensure_livekit_server()
-    log.info("livekit-server %s: %s (%s)", livekit.LIVEKIT_SERVER_VERSION, binary, "cached" if cached else "built")
+    log.info(
+        "livekit-server %s: %s (%s)", livekit.LIVEKIT_SERVER_VERSION, binary, "cached" if cached else "built"
+    )
     log.info("viewer page: %s", web.ensure_viewer_built())
     return 0
 

@@ -113,7 +113,9 @@ def rtmp_config(ports: StackPorts) -> rtmp.RtmpServerConfig:
 
 def _processes(ports: StackPorts, directory: Path, *, detached: bool) -> dict[str, ManagedProcess]:
     processes = {
-        "temporal": temporal.dev_server_process(temporal_config(ports, directory), directory / "temporal.log"),
+        "temporal": temporal.dev_server_process(
+            temporal_config(ports, directory), directory / "temporal.log"
+        ),
         "livekit": livekit.server_process(livekit_config(ports), directory / "livekit"),
         "nginx-rtmp": rtmp.server_process(rtmp_config(ports), directory / "nginx"),
     }

@@ -35,7 +35,9 @@ def ensure_viewer_built() -> Path:
         modules.touch()
     sources = [*(VIEWER_SOURCE_DIR / "src").iterdir(), VIEWER_SOURCE_DIR / "package.json", lock]
     outputs = [VIEWER_STATIC_DIR / "index.html", VIEWER_STATIC_DIR / "viewer.js"]
-    if not all(p.exists() for p in outputs) or min(p.stat().st_mtime for p in outputs) < _newest_mtime(sources):
+    if not all(p.exists() for p in outputs) or min(p.stat().st_mtime for p in outputs) < _newest_mtime(
+        sources
+    ):
         _run([npm, "run", "build"])
     return VIEWER_STATIC_DIR
 

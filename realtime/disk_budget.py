@@ -28,7 +28,8 @@ def entry_bytes(path: Path) -> int:
 
 
 def store_bytes(root: Path) -> int:
-    """What the store's entries take on disk (staging areas excluded); 0 for a store that does not exist yet."""
+    """What the store's entries take on disk (staging areas excluded); 0 for a store that does not exist
+    yet."""
     if not root.is_dir():
         return 0
     return sum(entry_bytes(child) for child in root.iterdir() if not child.name.startswith("."))
@@ -41,7 +42,8 @@ def touch(path: Path) -> None:
 
 
 def evict_lru(root: Path, max_bytes: int, keep: Collection[Path] = ()) -> list[Path]:
-    """Delete the least recently used entries of `root` until it holds at most `max_bytes`; never those in `keep`.
+    """Delete the least recently used entries of `root` until it holds at most `max_bytes`; never those in
+    `keep`.
 
     Returns what was deleted. A store whose kept entries alone exceed the cap stays over it.
     """

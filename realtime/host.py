@@ -148,7 +148,8 @@ class SessionHost(Protocol):
     async def run_session(
         self, session_id: str, limits: RunLimits, on_stats: Callable[[SessionStats], None]
     ) -> SessionEnd:
-        """Serve the session until stop, idle timeout, max duration or client gone; calls on_stats periodically."""
+        """Serve the session until stop, idle timeout, max duration or client gone; calls on_stats
+        periodically."""
         ...
 
     async def stop_session(self, session_id: str, reason: SessionEndReason) -> None: ...

@@ -84,7 +84,9 @@ def _run_service(
         except ServiceStartError as exc:
             if attempt == attempts or "address already in use" not in str(exc).lower():
                 raise
-            logger.warning("service port taken during start-up; retrying on new ports", extra={"service": proc.name})
+            logger.warning(
+                "service port taken during start-up; retrying on new ports", extra={"service": proc.name}
+            )
     try:
         yield config, proc
     finally:

@@ -28,7 +28,8 @@ def _expand(path: str) -> list[str]:
 def _references() -> list[tuple[str, str | None]]:
     found = []
     for raw, symbol in REFERENCE.findall(DOC.read_text()):
-        # only paths from the project's root (`engine/` inside a sentence about realtime/ is a name, not a path)
+        # only paths from the project's root (`engine/` inside a sentence about realtime/ is a name, not a
+        # path)
         if raw.split("/")[0] not in ROOTS:
             continue
         for path in _expand(raw):
@@ -55,7 +56,9 @@ def test_the_architecture_doc_names_only_files_and_symbols_that_exist() -> None:
 
 def test_the_doc_lists_every_realtime_subpackage() -> None:
     text = DOC.read_text()
-    subpackages = sorted(p.name for p in (PROJECT_ROOT / "realtime").iterdir() if (p / "__init__.py").exists())
+    subpackages = sorted(
+        p.name for p in (PROJECT_ROOT / "realtime").iterdir() if (p / "__init__.py").exists()
+    )
     assert [name for name in subpackages if f"`{name}/`" not in text] == []
 
 

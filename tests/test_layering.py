@@ -4,8 +4,10 @@ layers, and the Temporal workflow modules import only temporalio and their contr
 The layers, lowest first:
 
 - `realtime` (the sidecar: engine, ingest, outputs, runtime) imports no other project package.
-- `workflows` (deterministic workflows and the contracts and policy they share) imports no other project package.
-- `activities` (Temporal activities) may import `workflows` (contracts, policy) and `realtime` (what they drive).
+- `workflows` (deterministic workflows and the contracts and policy they share) imports no other project
+package.
+- `activities` (Temporal activities) may import `workflows` (contracts, policy) and `realtime` (what they
+drive).
 - `api` (the FastAPI edge) may import `workflows` (contracts, client helpers) and, of `realtime`, only what
   declares things once for every layer: the error base `realtime.errors` (mapped once to HTTP), the output
   registry `realtime.outputs.registry` (output kinds, their request specs and URL guards) and the WebSocket
@@ -37,7 +39,12 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 # Modules of a forbidden package a layer may still import, and why.
 ALLOWED: dict[str, frozenset[str]] = {
     "api": frozenset(
-        {"realtime.errors", "realtime.outputs.registry", "realtime.ingest.ws_close", "realtime.engine.musetalk.check"}
+        {
+            "realtime.errors",
+            "realtime.outputs.registry",
+            "realtime.ingest.ws_close",
+            "realtime.engine.musetalk.check",
+        }
     ),
 }
 # Upward imports that exist today and have an owner moving them; each entry must still occur (a stale entry
@@ -52,7 +59,9 @@ def production_modules() -> Iterator[tuple[str, Path]]:
         for path in sorted((ROOT / package).rglob("*.py")):
             relative = path.relative_to(ROOT).with_suffix("")
             parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
-            if all(part.isidentifier() for part in parts):  # skips the separately packaged integrations' dashes
+            if all(
+                part.isidentifier() for part in parts
+            ):  # skips the separately packaged integrations' dashes
                 yield ".".join(parts), path
 
 
@@ -89,7 +98,8 @@ def upward_imports(module: str, source: str, is_package: bool = False) -> set[tu
     return {
         (module, target, line)
         for line, target in imported_modules(source, module, is_package)
-        if target.split(".")[0] in forbidden and not any(target == a or target.startswith(a + ".") for a in allowed)
+        if target.split(".")[0] in forbidden
+        and not any(target == a or target.startswith(a + ".") for a in allowed)
     }
 
 
@@ -99,7 +109,9 @@ def test_no_upward_imports() -> None:
         violations |= upward_imports(module, path.read_text(), path.name == "__init__.py")
     found_pairs = {(module, target) for module, target, _line in violations}
     new = sorted(v for v in violations if (v[0], v[1]) not in PENDING)
-    assert not new, "upward imports (module, imports, line): " + "; ".join(f"{m} -> {t} (line {n})" for m, t, n in new)
+    assert not new, "upward imports (module, imports, line): " + "; ".join(
+        f"{m} -> {t} (line {n})" for m, t, n in new
+    )
     stale = sorted(PENDING - found_pairs)
     assert not stale, f"PENDING lists imports that are gone (remove them): {stale}"
 

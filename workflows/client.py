@@ -1,4 +1,5 @@
-"""Client-side helpers for the API and the CLIs: start, stop and inspect sessions (connect: workflows.temporal_client).
+"""Client-side helpers for the API and the CLIs: start, stop and inspect sessions (connect:
+workflows.temporal_client).
 
 Not workflow code (never imported by a workflow), so it may use the Temporal client freely.
 """
@@ -56,7 +57,8 @@ async def start_session(
     memo: Mapping[str, Any] | None = None,
     tenant: str = "",
 ) -> SessionHandle:
-    """Start `session-<id>`; raises temporalio.exceptions.WorkflowAlreadyStartedError for a reused id (HTTP 409).
+    """Start `session-<id>`; raises temporalio.exceptions.WorkflowAlreadyStartedError for a reused id (HTTP
+    409).
 
     The policy goes into the input, so this run's retries/timeouts/limits are in its history.
     `tenant` (the API caller's) becomes the LipsyncTenant search attribute: who owns the session.

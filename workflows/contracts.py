@@ -144,7 +144,9 @@ class ErrorCode(StrEnum):
     ACQUIRE_EXPIRED = "acquire_expired"  # an acquire reached its registry after its caller gave up
     SIDECAR_LOST = "sidecar_lost"
     SIDECAR_RESTARTED = "sidecar_restarted"  # the queue is served by a newer process than the placement's
-    SIDECAR_SHUTTING_DOWN = "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
+    SIDECAR_SHUTTING_DOWN = (
+        "sidecar_shutting_down"  # the sidecar is stopping (SIGTERM): its steps were cut short
+    )
     # the sidecar is alive but no longer has the session (it ended it after the control-plane grace period)
     SIDECAR_SESSION_GONE = "sidecar_session_gone"
     SIDECAR_ERROR = "sidecar_error"  # the host raised something it did not classify
@@ -429,7 +431,9 @@ class SidecarLoss:
     # sidecar_restarted | sidecar_shutting_down | sidecar_session_gone
     timeout_type: str
     detected_at: str  # ISO 8601, workflow time
-    detail: str = ""  # the sidecar's own words when it answered (restarted, shutting down, session gone), else why
+    detail: str = (
+        ""  # the sidecar's own words when it answered (restarted, shutting down, session gone), else why
+    )
 
 
 @dataclass
@@ -451,7 +455,9 @@ class SessionStatus:
     output_attempts: list[OutputAttempt] = field(default_factory=list)
     sidecar_losses: list[SidecarLoss] = field(default_factory=list)
     replacements: int = 0
-    reconciles: int = 0  # run_session went silent and the workflow re-attached to the sidecar (outage survived)
+    reconciles: int = (
+        0  # run_session went silent and the workflow re-attached to the sidecar (outage survived)
+    )
     live_since: str = ""  # ISO 8601, workflow time of the first `live`
     ended_at: str = ""  # ISO 8601, workflow time the session stopped serving (teardown began)
     teardown_errors: list[ErrorInfo] = field(default_factory=list)

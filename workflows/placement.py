@@ -97,7 +97,8 @@ class PlacementWorkflow:
                 )
 
     async def _run_rearming_on_every_change(self) -> None:
-        """The loop of runs started before TIMER_ONLY_FOR_EXPIRY_PATCH, kept so that their histories replay."""
+        """The loop of runs started before TIMER_ONLY_FOR_EXPIRY_PATCH, kept so that their histories
+        replay."""
         while True:
             self._reclaim_expired()
             if self._should_continue_as_new():
@@ -145,7 +146,9 @@ class PlacementWorkflow:
                 held = {session for other in self._sidecars.values() for session in other.sessions}
                 record.sessions = [session for session in beat.sessions if session not in held]
             self._sidecars[beat.sidecar_id] = record
-            workflow.logger.info("sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total})
+            workflow.logger.info(
+                "sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total}
+            )
         else:
             if self._armed_until_s is None or now_s + beat.lease_s < self._armed_until_s:
                 self._rearm = True  # a lease shortened below the armed timer
@@ -180,12 +183,15 @@ class PlacementWorkflow:
         candidates = [
             record
             for record in self._sidecars.values()
-            if not record.suspect and record.incarnation not in excluded and len(record.sessions) < record.slots_total
+            if not record.suspect
+            and record.incarnation not in excluded
+            and len(record.sessions) < record.slots_total
         ]
         if not candidates:
             raise ApplicationError(
                 f"no sidecar has a free slot for session {request.session_id!r} "
-                f"({len(self._sidecars)} registered, {sum(len(r.sessions) for r in self._sidecars.values())} slots "
+                f"({len(self._sidecars)} registered, {sum(len(r.sessions) for r in self._sidecars.values())} "
+                "slots "
                 f"in use, {len(excluded)} excluded)",
                 type=ErrorCode.NO_CAPACITY,
             )
@@ -227,7 +233,8 @@ class PlacementWorkflow:
 
     @workflow.signal
     def release_slot(self, request: ReleaseSlot) -> None:
-        """`release` as a signal: durable once sent, cheaper, and outside the server's in-flight update limit."""
+        """`release` as a signal: durable once sent, cheaper, and outside the server's in-flight update
+        limit."""
         self._release(request.session_id)
         self._mark_suspect(request.suspect_incarnations)
         self._changed = True

@@ -98,7 +98,9 @@ class SessionLimits:
     idle_timeout_s: float  # no audio received for this long ends the session (`idle_timeout`)
     max_duration_s: float  # live time, summed over re-placements (`max_duration`)
     stats_interval_s: float  # run_session heartbeat cadence (details = stats)
-    stats_report_interval_s: float  # stats pushed into the workflow for `status`; each push is a history event
+    stats_report_interval_s: (
+        float  # stats pushed into the workflow for `status`; each push is a history event
+    )
     stop_grace_s: float  # after asking the sidecar to stop, wait this long before cancelling the run
     # A sidecar keeps a live session running this long without contact with the control plane
     # (Temporal or the workers unreachable), then ends it itself. The default (infra/policies.yaml's) decodes

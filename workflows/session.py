@@ -166,7 +166,9 @@ class SessionWorkflow:
 
         if self._status.error is not None:
             self._enter(Phase.FAILED)
-            raise ApplicationError(self._status.error.message, type=self._status.error.code, non_retryable=True)
+            raise ApplicationError(
+                self._status.error.message, type=self._status.error.code, non_retryable=True
+            )
         if cancelled:
             self._enter(Phase.CANCELLED)
             raise asyncio.CancelledError("session workflow cancelled")
@@ -220,7 +222,9 @@ class SessionWorkflow:
             self._enter(Phase.FETCHING)
             asset = await self._control(
                 ActivityName.FETCH_ASSETS,
-                FetchAssetsInput(session_id=self._request.session_id, source=self._request.avatar, limits=assets.fetch),
+                FetchAssetsInput(
+                    session_id=self._request.session_id, source=self._request.avatar, limits=assets.fetch
+                ),
                 FetchedAsset,
                 activities.fetch_assets,
             )
@@ -290,7 +294,9 @@ class SessionWorkflow:
                 self._enter(Phase.PREPARING)
                 self._status.avatar = await self._on_sidecar(
                     ActivityName.PREPARE_AVATAR,
-                    PrepareAvatarInput(call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch),
+                    PrepareAvatarInput(
+                        call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch
+                    ),
                     AvatarReady,
                     activities.prepare_avatar,
                 )
@@ -307,10 +313,13 @@ class SessionWorkflow:
         self._enter(Phase.OPENING_OUTPUT)
         failures = await self._open_first_of(0, live_switch=False)
         if failures is not None:
-            raise _SessionFailed(ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures))
+            raise _SessionFailed(
+                ErrorCode.OUTPUT_UNAVAILABLE, "no output could be opened: " + "; ".join(failures)
+            )
 
     async def _open_first_of(self, first: int, *, live_switch: bool) -> list[str] | None:
-        """Try the offered outputs from position `first` of the fallback order on the current sidecar; the first
+        """Try the offered outputs from position `first` of the fallback order on the current sidecar; the
+        first
         that opens becomes the session's output (None). Every attempt stays visible in status; returns the
         failures when none opened.
 
@@ -349,7 +358,9 @@ class SessionWorkflow:
                 )
                 continue
             self._status.output_attempts.append(
-                OutputAttempt(kind=spec.kind, sidecar_id=self._status.sidecar, ok=True, live_switch=live_switch)
+                OutputAttempt(
+                    kind=spec.kind, sidecar_id=self._status.sidecar, ok=True, live_switch=live_switch
+                )
             )
             self._output_index = index
             self._status.output = opened.kind
@@ -387,11 +398,14 @@ class SessionWorkflow:
             self._status.stats = result.stats
             self._status.end_reason = result.end_reason
             if result.end_reason in _OUTPUT_FAILURE_ENDS:
-                raise _SessionFailed(ErrorCode.OUTPUT_FAILED, "every output failed while the session was live")
+                raise _SessionFailed(
+                    ErrorCode.OUTPUT_FAILED, "every output failed while the session was live"
+                )
             if result.end_reason is EndReason.RUNTIME_FAILED:
                 raise _SessionFailed(
                     ErrorCode.RUNTIME_FAILED,
-                    f"the sidecar's clock or renderer for this session stopped: {result.detail or 'see its log'}",
+                    "the sidecar's clock or renderer for this session stopped: "
+                    f"{result.detail or 'see its log'}",
                 )
             return
 
@@ -409,7 +423,8 @@ class SessionWorkflow:
         return True
 
     async def _run_on_sidecar(self) -> RunSessionResult:
-        """Run the session on the current sidecar until it ends; reconcile with the sidecar when the run goes silent.
+        """Run the session on the current sidecar until it ends; reconcile with the sidecar when the run goes
+        silent.
 
         A heartbeat timeout alone does not prove the host dead: Temporal or the workers may have been
         unreachable while the sidecar kept the session live (it does, for the policy's control-plane
@@ -425,7 +440,8 @@ class SessionWorkflow:
                 placement = self._placement
                 assert placement is not None
                 workflow.logger.warning(
-                    "run_session went silent; reconciling with the sidecar", extra={"sidecar": placement.sidecar_id}
+                    "run_session went silent; reconciling with the sidecar",
+                    extra={"sidecar": placement.sidecar_id},
                 )
                 self._status.reconciles += 1
                 # A re-attached run that goes silent again is reconciled again: each round needs the sidecar
@@ -434,7 +450,8 @@ class SessionWorkflow:
                 self._last_silence = silent.loss
 
     async def _run_once(self, *, reattach: bool) -> RunSessionResult:
-        """One run_session on the current sidecar, ended by the host itself or by a stop the workflow sends."""
+        """One run_session on the current sidecar, ended by the host itself or by a stop the workflow
+        sends."""
         placement = self._placement
         assert placement is not None and self._live_since is not None
         limits = self._policy.session
@@ -484,7 +501,9 @@ class SessionWorkflow:
                 else:
                     wake_at = stop_sent_at + timedelta(seconds=limits.stop_grace_s)
                     if now >= wake_at:
-                        workflow.logger.warning("sidecar did not stop within the grace period; cancelling the run")
+                        workflow.logger.warning(
+                            "sidecar did not stop within the grace period; cancelling the run"
+                        )
                         handle.cancel()
                         break
                 awaiting_stop = stop_sent_at is None
@@ -504,7 +523,9 @@ class SessionWorkflow:
             return await handle
         except ActivityError as err:
             if isinstance(err.cause, ActivityCancelledError):
-                return RunSessionResult(end_reason=self._stop_reason or EndReason.STOPPED, stats=self._status.stats)
+                return RunSessionResult(
+                    end_reason=self._stop_reason or EndReason.STOPPED, stats=self._status.stats
+                )
             cause = err.cause
             if isinstance(cause, ActivityTimeoutError) and cause.last_heartbeat_details:
                 details = cause.last_heartbeat_details[0]
@@ -512,12 +533,18 @@ class SessionWorkflow:
                     self._status.stats = details
             if isinstance(cause, ActivityTimeoutError) and cause.type is TimeoutType.HEARTBEAT:
                 raise _RunWentSilent(self._loss(placement, _timeout_name(cause))) from err
-            if reattach and isinstance(cause, ActivityTimeoutError) and cause.type is TimeoutType.SCHEDULE_TO_START:
+            if (
+                reattach
+                and isinstance(cause, ActivityTimeoutError)
+                and cause.type is TimeoutType.SCHEDULE_TO_START
+            ):
                 # Silent, and no answer to the reconcile either: the host is gone. The loss names the
                 # silence that started it (the heartbeat timeout), detected now.
                 assert self._last_silence is not None
                 unanswered = f"no answer to the reconcile within {run_policy.reconcile_s:g} s"
-                raise _SidecarLost(self._loss(placement, self._last_silence.timeout_type, detail=unanswered)) from err
+                raise _SidecarLost(
+                    self._loss(placement, self._last_silence.timeout_type, detail=unanswered)
+                ) from err
             raise self._classify(ActivityName.RUN_SESSION, err, placement) from err
 
     def _loss(self, placement: Placement, timeout_type: str, *, detail: str = "") -> SidecarLoss:
@@ -567,7 +594,8 @@ class SessionWorkflow:
 
     def _after_sidecar_loss(self, loss: SidecarLoss) -> None:
         workflow.logger.warning(
-            "sidecar lost", extra={"sidecar": loss.sidecar_id, "timeout": loss.timeout_type, "phase": loss.phase}
+            "sidecar lost",
+            extra={"sidecar": loss.sidecar_id, "timeout": loss.timeout_type, "phase": loss.phase},
         )
         self._status.sidecar_losses.append(loss)
         session_gone = loss.timeout_type == ErrorCode.SIDECAR_SESSION_GONE
@@ -581,7 +609,9 @@ class SessionWorkflow:
         if self._stop_reason is not None:
             raise _Stopped()
         host_failure = self._policy.host_failure
-        what = f"sidecar {loss.sidecar_id} was lost ({_loss_cause(loss.timeout_type)}) while {loss.phase.value}"
+        what = (
+            f"sidecar {loss.sidecar_id} was lost ({_loss_cause(loss.timeout_type)}) while {loss.phase.value}"
+        )
         if loss.detail:
             what += f" [{loss.detail}]"
         code = ErrorCode.SIDECAR_SESSION_GONE if session_gone else ErrorCode.SIDECAR_LOST
@@ -604,7 +634,9 @@ class SessionWorkflow:
         self._zombie_teardowns.append(
             workflow.start_activity(
                 ActivityName.TEARDOWN,
-                TeardownInput(call=SidecarCall(session_id=self._request.session_id, incarnation=placement.incarnation)),
+                TeardownInput(
+                    call=SidecarCall(session_id=self._request.session_id, incarnation=placement.incarnation)
+                ),
                 result_type=bool,
                 task_queue=placement.task_queue,
                 start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
@@ -751,10 +783,12 @@ class SessionWorkflow:
                 # Retries ran out of time: the last attempt's reason (e.g. no_capacity) says more than
                 # "timeout".
                 return _SessionFailed(
-                    last.type, f"{name.value} gave up after its policy's {_timeout_name(cause)}: {last.message}"
+                    last.type,
+                    f"{name.value} gave up after its policy's {_timeout_name(cause)}: {last.message}",
                 )
             return _SessionFailed(
-                ErrorCode.ACTIVITY_TIMEOUT, f"{name.value} did not finish within its policy ({_timeout_name(cause)})"
+                ErrorCode.ACTIVITY_TIMEOUT,
+                f"{name.value} did not finish within its policy ({_timeout_name(cause)})",
             )
         return _SessionFailed(ErrorCode.SIDECAR_ERROR, f"{name.value} failed: {cause or err}")
 
@@ -771,7 +805,8 @@ class SessionWorkflow:
         return SidecarCall(session_id=self._request.session_id, incarnation=self._placement.incarnation)
 
     def _output_specs(self) -> list[OutputSpec]:
-        """The request's outputs in the policy's fallback order; kinds the policy does not name are never tried."""
+        """The request's outputs in the policy's fallback order; kinds the policy does not name are never
+        tried."""
         offered = self._request.output.offered()
         return [spec for kind in self._policy.outputs.fallback_order for spec in offered if spec.kind == kind]
 

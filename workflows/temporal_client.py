@@ -17,7 +17,8 @@ async def connect_client(target: str, namespace: str = "default", *, tracing: bo
 
 
 def worker_tracing_interceptors(client: Client) -> list[TracingInterceptor]:
-    """What a Worker must add for tracing: nothing when its client already traces (it applies to its workers)."""
+    """What a Worker must add for tracing: nothing when its client already traces (it applies to its
+    workers)."""
     if any(isinstance(interceptor, TracingInterceptor) for interceptor in client.config()["interceptors"]):
         return []
     return [TracingInterceptor()]

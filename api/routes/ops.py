@@ -55,7 +55,9 @@ async def _fresh_pollers(client: Client, queue: str, queue_type: TaskQueueType.V
     )
     now = time.time()
     return [
-        poller.identity for poller in response.pollers if now - poller.last_access_time.ToSeconds() <= POLLER_FRESH_S
+        poller.identity
+        for poller in response.pollers
+        if now - poller.last_access_time.ToSeconds() <= POLLER_FRESH_S
     ]
 
 
@@ -175,21 +177,29 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
     if not _is_admin(request):
         return {"status": "ok", "ready": ready}
     sidecars = await svc.sidecars.all_health()
-    engines = {sidecar_id: document.get("engine", document.get("error")) for sidecar_id, document in sidecars.items()}
-    caches = {sidecar_id: document.get("caches") for sidecar_id, document in sidecars.items() if "caches" in document}
+    engines = {
+        sidecar_id: document.get("engine", document.get("error")) for sidecar_id, document in sidecars.items()
+    }
+    caches = {
+        sidecar_id: document.get("caches")
+        for sidecar_id, document in sidecars.items()
+        if "caches" in document
+    }
     return {"status": "ok", "ready": ready, "checks": checks, "engines": engines, "caches": caches}
 
 
 @router.get("/debug/musetalk", dependencies=[Depends(require_admin)])
 async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
-    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually runs."""
+    """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually
+    runs."""
     # The API loads the engine's model-dir check only when an admin asks for it.
     from realtime.engine.musetalk.check import check_document
 
     document = await asyncio.to_thread(check_document, svc.settings.model_dir, "auto")
     sidecars = await svc.sidecars.all_health()
     document["sidecars"] = {
-        sidecar_id: {"engine": doc.get("engine"), "error": doc.get("error")} for sidecar_id, doc in sidecars.items()
+        sidecar_id: {"engine": doc.get("engine"), "error": doc.get("error")}
+        for sidecar_id, doc in sidecars.items()
     }
     return document
 

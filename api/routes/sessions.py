@@ -222,7 +222,8 @@ async def seed_audio(websocket: WebSocket) -> None:
         {
             "type": "error",
             "code": "missing_session_id",
-            "message": "give the session as a query parameter: /audio?session_id=<the id /session/start returned>",
+            "message": "give the session as a query parameter: /audio?session_id=<the id /session/start "
+            "returned>",
         }
     )
     await websocket.close(ws_close_code("missing_session_id"), reason="missing_session_id")

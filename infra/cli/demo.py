@@ -16,13 +16,19 @@ def register(subparsers: Any) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="run one real session end to end on the embedded stack and record it to out/demo.mp4",
-        description="Bring up the embedded stack, the worker, a sidecar and the API; start a session with a real "
-        "face through the API; stream espeak-ng speech over its audio WebSocket; stop it; write the recording. "
+        description="Bring up the embedded stack, the worker, a sidecar and the API; start a session with a "
+        "real "
+        "face through the API; stream espeak-ng speech over its audio WebSocket; stop it; write the "
+        "recording. "
         "Everything it started is stopped at the end.",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo.mp4"), help="where the recording goes")
-    demo.add_argument("--work-dir", type=Path, default=Path("build/demo"), help="logs, assets, raw recordings")
-    demo.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk v1.5 weights (./models)")
+    demo.add_argument(
+        "--work-dir", type=Path, default=Path("build/demo"), help="logs, assets, raw recordings"
+    )
+    demo.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="MuseTalk v1.5 weights (./models)"
+    )
     demo.add_argument(
         "--engine",
         choices=engine_choices(),
@@ -39,7 +45,10 @@ def register(subparsers: Any) -> None:
         "--trace-exporter", choices=("none", "console", "otlp"), default="none", help="spans of every process"
     )
     demo.add_argument(
-        "--hold-s", type=float, default=0.0, help="keep the session live this long after the speech (for the viewer)"
+        "--hold-s",
+        type=float,
+        default=0.0,
+        help="keep the session live this long after the speech (for the viewer)",
     )
     demo.set_defaults(handler=_demo)
 
@@ -88,7 +97,10 @@ def _demo(args: argparse.Namespace) -> int:
     say(f"engine: {result.engine} ({result.engine_detail})")
     say(f"phases: {' -> '.join(result.phases)}")
     say(f"Temporal UI (this session): {result.temporal_ui_url}")
-    say("  (a stack the demo started is stopped again: `lipsync stack up` brings the UI back with this history)")
+    say(
+        "  (a stack the demo started is stopped again: `lipsync stack up` brings the UI back with this "
+        "history)"
+    )
     say(f"viewer (live only during the session; `lipsync demo --hold-s 60` to watch): {result.viewer_url}")
     if result.trace_id:
         say(f"trace id: {result.trace_id}")

@@ -21,10 +21,14 @@ from realtime.engine.musetalk.weights.layout import DEFAULT_MODEL_DIR
 
 
 def register(subparsers: Any) -> None:
-    engine = subparsers.add_parser("engine", help="build and list prebuilt engine artifacts (compiled kernels)")
+    engine = subparsers.add_parser(
+        "engine", help="build and list prebuilt engine artifacts (compiled kernels)"
+    )
     sub = engine.add_subparsers(dest="engine_command", metavar="ACTION")
 
-    build = sub.add_parser("build", help="compile the MuseTalk engine from nothing here and save its artifact")
+    build = sub.add_parser(
+        "build", help="compile the MuseTalk engine from nothing here and save its artifact"
+    )
     build.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="default ./models")
     build.add_argument("--device", default="cuda", help="cuda | cuda:N (compiled kernels exist only on CUDA)")
     build.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA) | float16 | bfloat16")
@@ -37,12 +41,16 @@ def register(subparsers: Any) -> None:
     )
     build.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="as the sidecar's")
     build.add_argument("--buckets", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
-    build.add_argument("--artifacts-dir", type=Path, default=None, help="default $LIPSYNC_CACHE_DIR/engine-artifacts")
+    build.add_argument(
+        "--artifacts-dir", type=Path, default=None, help="default $LIPSYNC_CACHE_DIR/engine-artifacts"
+    )
     build.add_argument("--json", action="store_true", help="print one JSON document")
     build.set_defaults(handler=_build)
 
     listing = sub.add_parser("list", help="the artifacts under a root, with their keys")
-    listing.add_argument("--artifacts-dir", type=Path, default=None, help="default $LIPSYNC_CACHE_DIR/engine-artifacts")
+    listing.add_argument(
+        "--artifacts-dir", type=Path, default=None, help="default $LIPSYNC_CACHE_DIR/engine-artifacts"
+    )
     listing.set_defaults(handler=_list)
     engine.set_defaults(handler=lambda args: (engine.print_help(), 2)[1])
 
@@ -81,7 +89,8 @@ def _build(args: argparse.Namespace) -> int:
             return _fail(
                 args,
                 "engine_artifact_nothing_to_build",
-                f"the engine on {engine.info.device} compiles nothing (compiled kernels exist only on CUDA with a "
+                f"the engine on {engine.info.device} compiles nothing (compiled kernels exist only on CUDA "
+                "with a "
                 f"compile mode other than off): there is no artifact to build",
             )
         report = engine.warm_up_prebuilt(root, rebuild=True)
@@ -99,7 +108,8 @@ def _build(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(f"engine artifact {document['key_digest']} written to {document['path']}\n")
         sys.stdout.write(
-            f"  built in {document['build_ms_cold'] / 1000:.1f} s (warm-up {report.warm_up_ms / 1000:.1f} s)\n"
+            f"  built in {document['build_ms_cold'] / 1000:.1f} s (warm-up {report.warm_up_ms / 1000:.1f} "
+            "s)\n"
         )
     return 0 if document["ok"] else 1
 

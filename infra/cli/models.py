@@ -17,21 +17,29 @@ __all__ = ["check_document", "register"]  # check_document: also what the API's 
 
 
 def register(subparsers: Any) -> None:
-    models = subparsers.add_parser("models", help="inspect MuseTalk v1.5 model files; write tiny test checkpoints")
+    models = subparsers.add_parser(
+        "models", help="inspect MuseTalk v1.5 model files; write tiny test checkpoints"
+    )
     sub = models.add_subparsers(dest="models_command", metavar="ACTION")
 
     check = sub.add_parser("check", help="list the model files, their sizes, config validity and problems")
     check.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="default ./models")
     check.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (what would be used)")
-    check.add_argument("--load", action="store_true", help="also load every model (strict) to prove the weights fit")
+    check.add_argument(
+        "--load", action="store_true", help="also load every model (strict) to prove the weights fit"
+    )
     check.add_argument("--json", action="store_true", help="print one JSON document")
     check.set_defaults(handler=_check)
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real layout and file formats")
+    tiny = sub.add_parser(
+        "make-tiny", help="write a tiny random checkpoint in the real layout and file formats"
+    )
     tiny.add_argument("model_dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument(
-        "--no-face-parse", action="store_true", help="leave out face-parse-bisent/ (random BiSeNet weights, ~100 MB)"
+        "--no-face-parse",
+        action="store_true",
+        help="leave out face-parse-bisent/ (random BiSeNet weights, ~100 MB)",
     )
     tiny.set_defaults(handler=_make_tiny)
     models.set_defaults(handler=lambda args: (models.print_help(), 2)[1])
@@ -71,7 +79,11 @@ def _print_report(document: dict[str, Any]) -> None:
         out.write(f"device: {device['device']} {device['dtype']} ({device['reason']})\n")
     if "load" in document:
         load = document["load"]
-        loaded = f"ok in {load['ms']} ms; {load['blend_mask']}" if load["ok"] else f"{load['code']}: {load['message']}"
+        loaded = (
+            f"ok in {load['ms']} ms; {load['blend_mask']}"
+            if load["ok"]
+            else f"{load['code']}: {load['message']}"
+        )
         out.write(f"load: {loaded}\n")
     if document["problems"]:
         out.write("problems:\n")

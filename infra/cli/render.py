@@ -30,7 +30,9 @@ def register(subparsers: Any) -> None:
     render.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     render.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")
     render.add_argument("--batch-size", type=int, default=8)
-    render.add_argument("--dump", type=Path, default=None, help="write intermediates (.npy) to this directory")
+    render.add_argument(
+        "--dump", type=Path, default=None, help="write intermediates (.npy) to this directory"
+    )
     render.set_defaults(handler=_render)
 
 
@@ -45,7 +47,9 @@ def _render(args: argparse.Namespace) -> int:
 
     try:
         selection = create_engine(
-            EngineConfig(engine=args.engine, model_dir=args.model_dir, device=args.device, cache_dir=args.cache_dir)
+            EngineConfig(
+                engine=args.engine, model_dir=args.model_dir, device=args.device, cache_dir=args.cache_dir
+            )
         )
         sys.stderr.write(f"engine: {selection.name}: {selection.reason}\n")
         engine = selection.engine

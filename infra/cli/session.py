@@ -21,7 +21,9 @@ FINISH_TIMEOUT_S = 30.0  # after the last audio: the tail, lookahead padding and
 
 
 def register(subparsers: Any) -> None:
-    session = subparsers.add_parser("session", help="start, inspect, stop sessions and stream a WAV through the API")
+    session = subparsers.add_parser(
+        "session", help="start, inspect, stop sessions and stream a WAV through the API"
+    )
     session.add_argument(
         "--api-url",
         default=os.environ.get("LIPSYNC_API_URL", DEFAULT_API_URL),
@@ -32,12 +34,16 @@ def register(subparsers: Any) -> None:
     )
     actions = session.add_subparsers(dest="session_action", metavar="ACTION", required=True)
 
-    start = actions.add_parser("start", help="start a session; prints the start response (session id, audio URL)")
+    start = actions.add_parser(
+        "start", help="start a session; prints the start response (session id, audio URL)"
+    )
     avatar = start.add_mutually_exclusive_group(required=True)
     avatar.add_argument("--frames-zip-url", help="http(s) URL of a zip of face frames")
     avatar.add_argument("--idle-video-url", help="http(s) URL of a short idle video of the face")
     start.add_argument("--room", help="publish into this LiveKit room")
-    start.add_argument("--identity", help="the avatar's LiveKit identity (default: the server's, in the response)")
+    start.add_argument(
+        "--identity", help="the avatar's LiveKit identity (default: the server's, in the response)"
+    )
     start.add_argument("--publish-on-behalf", help="the agent identity the avatar stands in for")
     start.add_argument(
         "--no-publish-audio", action="store_true", help="publish video only (the caller publishes the speech)"
@@ -59,14 +65,18 @@ def register(subparsers: Any) -> None:
     stop.add_argument("--reason", default="stopped by lipsync session stop")
     stop.set_defaults(handler=_stop)
 
-    stream = actions.add_parser("stream", help="stream a 16-bit PCM WAV as one utterance; wait until it has played")
+    stream = actions.add_parser(
+        "stream", help="stream a 16-bit PCM WAV as one utterance; wait until it has played"
+    )
     stream.add_argument("session_id")
     stream.add_argument("wav", type=Path, metavar="FILE.wav")
     stream.add_argument(
         "--audio-ws-url",
         help="the audio_ws_url from the start response (default: the session status's, else the API's route)",
     )
-    stream.add_argument("--fast", action="store_true", help="send faster than real time (the server buffers it)")
+    stream.add_argument(
+        "--fast", action="store_true", help="send faster than real time (the server buffers it)"
+    )
     stream.set_defaults(handler=_stream)
 
 
@@ -96,7 +106,9 @@ def _start(args: argparse.Namespace) -> int:
             )
             body = dict(created.raw)
             if args.wait_live:
-                body["status"] = (await client.wait_until_live(created.session_id, timeout_s=READY_TIMEOUT_S)).raw
+                body["status"] = (
+                    await client.wait_until_live(created.session_id, timeout_s=READY_TIMEOUT_S)
+                ).raw
             return body
 
     return _run(args, run)
@@ -136,10 +148,14 @@ def _stream(args: argparse.Namespace) -> int:
                 await audio.stream_pcm(pcm, realtime=not args.fast)
                 buffered_s = 0.0 if not args.fast else len(pcm) / audio_format.bytes_per_sample_frame
                 buffered_s /= audio_format.sample_rate_hz
-                finished = await audio.next_event("playback_finished", timeout_s=FINISH_TIMEOUT_S + buffered_s)
+                finished = await audio.next_event(
+                    "playback_finished", timeout_s=FINISH_TIMEOUT_S + buffered_s
+                )
             return {
                 "session_id": args.session_id,
-                "audio_s": round(len(pcm) / audio_format.bytes_per_sample_frame / audio_format.sample_rate_hz, 3),
+                "audio_s": round(
+                    len(pcm) / audio_format.bytes_per_sample_frame / audio_format.sample_rate_hz, 3
+                ),
                 "playback_finished": finished,
             }
 
@@ -154,7 +170,9 @@ def read_wav(path: Path) -> tuple[Any, bytes]:
         with wave.open(str(path), "rb") as wav:
             if wav.getsampwidth() != 2:
                 raise ValueError(f"{path}: {8 * wav.getsampwidth()}-bit samples; convert it to 16-bit PCM")
-            audio_format = AudioFormat(sample_rate_hz=wav.getframerate(), encoding="s16le", channels=wav.getnchannels())
+            audio_format = AudioFormat(
+                sample_rate_hz=wav.getframerate(), encoding="s16le", channels=wav.getnchannels()
+            )
             pcm = wav.readframes(wav.getnframes())
     except (OSError, EOFError, wave.Error) as exc:
         raise ValueError(f"{path}: not a readable PCM WAV file ({exc})") from exc

@@ -46,9 +46,12 @@ from workflows.contracts import CONTROL_TASK_QUEUE, DEFAULT_POOL, PLACEMENT_WORK
 def register(subparsers: Any) -> None:
     sidecar = subparsers.add_parser(
         "sidecar",
-        help="run the realtime sidecar: Temporal worker on its own queue, WS audio ingest, engine, publishing",
-        description="Run the sidecar until Ctrl-C. Endpoints: WS /v1/sessions/{id}/audio (and /audio?session_id=), "
-        "GET /healthz, GET /v1/sessions/{id}/stats, dev control POST/DELETE /v1/sessions/{id} (with --dev-api). "
+        help="run the realtime sidecar: Temporal worker on its own queue, WS audio ingest, engine, "
+        "publishing",
+        description="Run the sidecar until Ctrl-C. Endpoints: WS /v1/sessions/{id}/audio (and "
+        "/audio?session_id=), "
+        "GET /healthz, GET /v1/sessions/{id}/stats, dev control POST/DELETE /v1/sessions/{id} (with "
+        "--dev-api). "
         "Every route but the bare /healthz needs the secret shared with the API ($LIPSYNC_SIDECAR_SECRET).",
     )
     add_sidecar_arguments(sidecar)
@@ -82,14 +85,18 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     """The sidecar process's own options: bind address, engine, avatar cache, host and server settings."""
 
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default {DEFAULT_PORT})"
+    )
     parser.add_argument(
         "--engine",
         choices=engine_choices(),
         default="auto",
         help=choices_help(),
     )
-    parser.add_argument("--model-dir", type=Path, default=Path("models"), help="MuseTalk layout (default ./models)")
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="MuseTalk layout (default ./models)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--cache-dir", type=Path, default=None, help="avatar cache root")
     parser.add_argument(
@@ -100,17 +107,26 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--slots", type=int, default=4, help="concurrent sessions this sidecar accepts")
     parser.add_argument("--sidecar-id", default=None, help="this sidecar's name (default: the hostname)")
-    parser.add_argument("--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)")
-    parser.add_argument("--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay")
+    parser.add_argument(
+        "--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)"
+    )
+    parser.add_argument(
+        "--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay"
+    )
     parser.add_argument(
         "--renew-audio-after-stall-ms",
         type=float,
         default=0.0,
-        help="renew the LiveKit audio track after a stall this long, so receivers' jitter buffers start afresh "
+        help="renew the LiveKit audio track after a stall this long, so receivers' jitter buffers start "
+        "afresh "
         "(0 = off, the default; docs/audio-protocol.md section 4)",
     )
-    parser.add_argument("--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most")
-    parser.add_argument("--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message")
+    parser.add_argument(
+        "--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most"
+    )
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=1024 * 1024, help="largest binary WS message"
+    )
     parser.add_argument(
         "--secret-file",
         type=Path,
@@ -124,7 +140,10 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         help="enable the dev control API (POST/DELETE /v1/sessions/{id}; service credential required)",
     )
     parser.add_argument(
-        "--dev-avatar-dir", type=Path, default=None, help="with --dev-api: the only directory it opens avatars from"
+        "--dev-avatar-dir",
+        type=Path,
+        default=None,
+        help="with --dev-api: the only directory it opens avatars from",
     )
     parser.add_argument(
         "--dev-livekit-url",
@@ -132,7 +151,9 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="with --dev-api: a LiveKit URL it may publish to (repeatable; none: no LiveKit output)",
     )
-    parser.add_argument("--no-warm-up", action="store_true", help="load the engine on first use, not at start")
+    parser.add_argument(
+        "--no-warm-up", action="store_true", help="load the engine on first use, not at start"
+    )
     parser.add_argument(
         "--compile",
         choices=COMPILE_MODES,
@@ -142,7 +163,8 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-kernel-tuning",
         action="store_true",
-        help="with --compile: skip tuning the VAE's kernels (a first start minutes shorter, ~5 %% fewer frames/s)",
+        help="with --compile: skip tuning the VAE's kernels (a first start minutes shorter, ~5 %% fewer "
+        "frames/s)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
     parser.add_argument(
@@ -209,7 +231,8 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
 def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the sidecar's Temporal worker connects and how it registers with placement."""
     group = parser.add_argument_group(
-        "Temporal", "the sidecar's worker on its own task queue (LiveKit credentials: $LIVEKIT_API_KEY/_SECRET)"
+        "Temporal",
+        "the sidecar's worker on its own task queue (LiveKit credentials: $LIVEKIT_API_KEY/_SECRET)",
     )
     add_connection_arguments(group)
     group.add_argument(
@@ -223,16 +246,21 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"local copies of avatar assets (default ${ASSET_DIR_ENV} or <cache dir>/assets)",
     )
-    group.add_argument("--recordings-dir", type=Path, default=None, help="MP4 recordings of sessions that ask for one")
     group.add_argument(
-        "--control-task-queue", default=CONTROL_TASK_QUEUE, help="where PlacementWorkflow runs (lipsync worker's)"
+        "--recordings-dir", type=Path, default=None, help="MP4 recordings of sessions that ask for one"
+    )
+    group.add_argument(
+        "--control-task-queue",
+        default=CONTROL_TASK_QUEUE,
+        help="where PlacementWorkflow runs (lipsync worker's)",
     )
     group.add_argument("--placement-id", default=PLACEMENT_WORKFLOW_ID, help="PlacementWorkflow id")
     add_placement_shards_argument(group)
     group.add_argument(
         "--pool",
         default=os.environ.get("LIPSYNC_POOL", DEFAULT_POOL),
-        help="the pool this sidecar serves, e.g. GPU type and region `h200.eu-west` (sessions ask for pools by "
+        help="the pool this sidecar serves, e.g. GPU type and region `h200.eu-west` (sessions ask for pools "
+        "by "
         f"policy: placement.pools; default $LIPSYNC_POOL or {DEFAULT_POOL})",
     )
     group.add_argument(
@@ -249,7 +277,9 @@ def add_temporal_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def temporal_options_from_args(args: argparse.Namespace, default_asset_dir: Path) -> SidecarTemporalOptions | None:
+def temporal_options_from_args(
+    args: argparse.Namespace, default_asset_dir: Path
+) -> SidecarTemporalOptions | None:
     """None with --no-temporal. Raises ValueError for a lease the registration cannot keep alive."""
     if args.no_temporal:
         return None

@@ -30,7 +30,8 @@ def add_placement_shards_argument(parser: ArgumentTarget) -> None:
         "--placement-shards",
         type=int,
         default=int(os.environ.get(PLACEMENT_SHARDS_ENV, "1")),
-        help=f"placement registries per pool; the same on every worker and sidecar (default ${PLACEMENT_SHARDS_ENV} "
+        help="placement registries per pool; the same on every worker and sidecar (default "
+        f"${PLACEMENT_SHARDS_ENV} "
         "or 1; docs/scaling.md)",
     )
 

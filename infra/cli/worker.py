@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"where downloaded avatar assets are stored (default ${ASSET_DIR_ENV} or <cache>/assets)",
     )
-    worker.add_argument("--placement-id", default=None, help="PlacementWorkflow id (default lipsync-placement)")
+    worker.add_argument(
+        "--placement-id", default=None, help="PlacementWorkflow id (default lipsync-placement)"
+    )
     add_placement_shards_argument(worker)
     worker.set_defaults(handler=_serve)
 

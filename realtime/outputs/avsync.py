@@ -37,7 +37,9 @@ from dataclasses import dataclass
 class AnchorDecision:
     drop_samples: int  # samples dropped from the head of the tick's audio (it would enter WebRTC late)
     pad_samples: int  # silence queued in front of it (it would enter WebRTC early)
-    error_ms: float  # where its first sample would have entered WebRTC vs its anchor, before correcting (+ = late)
+    error_ms: (
+        float  # where its first sample would have entered WebRTC vs its anchor, before correcting (+ = late)
+    )
     start_s: float  # predicted time (monotonic) at which the first kept sample enters WebRTC
 
 
@@ -138,8 +140,10 @@ class SourceClock:
     ) -> AnchorDecision:
         """How to queue a tick whose first sample belongs in WebRTC at `anchor_s`.
 
-        `late_speech_tolerance_samples` (for a tick that carries speech): audio this little late is kept and the
-        correction waits for the next silent tick, whose silence is dropped instead of words. Audio a little late
+        `late_speech_tolerance_samples` (for a tick that carries speech): audio this little late is kept and
+        the
+        correction waits for the next silent tick, whose silence is dropped instead of words. Audio a little
+        late
         is the side of lip sync viewers tolerate best; a larger error is corrected at once."""
         start_s = self.predicted_start_s(now_s)
         error = round((start_s - anchor_s) * self.rate_hz)

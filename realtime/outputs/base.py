@@ -71,7 +71,8 @@ class Publisher(Protocol):
         ...
 
     def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
-        """The session was interrupted: frames queued but not yet sent show `idle_frame(frame_index)` instead."""
+        """The session was interrupted: frames queued but not yet sent show `idle_frame(frame_index)`
+        instead."""
         ...
 
     async def close(self) -> None:

@@ -112,7 +112,9 @@ class AvMuxer:
             if len(chunk) < n:
                 chunk = np.pad(chunk, (0, n - len(chunk)))
             self._pending_audio = self._pending_audio[n:]
-            frame = av.AudioFrame.from_ndarray(np.clip(chunk, -1.0, 1.0)[None, :], format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.clip(chunk, -1.0, 1.0)[None, :], format="fltp", layout="mono"
+            )
             frame.sample_rate = self.settings.audio_sample_rate_hz
             assert self._audio_pts_samples is not None
             frame.pts = self._audio_pts_samples

@@ -105,8 +105,12 @@ class LiveKitPublisherOptions:
     reconnect_backoff_initial_s: float = 0.5
     reconnect_backoff_max_s: float = 5.0
     stream_name: str = "avatar"  # both tracks in one stream: receivers that lip-sync do so by it
-    av_offset_alarm_ms: float = 40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
-    calibrate_interval_s: float = 0.2  # how often the sender's pulled-audio count re-calibrates the queue model
+    av_offset_alarm_ms: float = (
+        40.0  # a frame whose send-side A/V offset is past this (one frame) is an alarm
+    )
+    calibrate_interval_s: float = (
+        0.2  # how often the sender's pulled-audio count re-calibrates the queue model
+    )
     # See LiveKitPublisher._maybe_renew_audio_track. 0 (off) by default: on a loaded host, stalls of the event
     # loop alone renew the track too, and each renewal cuts audio at subscribers (docs/audio-protocol.md).
     renew_audio_after_stall_ms: float = 0.0
@@ -118,7 +122,9 @@ class LiveKitPublisherOptions:
             raise ValueError(f"video size {self.width_px}x{self.height_px} must be even and at least 16x16")
         # The source pulls whole 10 ms blocks; the headroom plus a tick must fit in its queue.
         if self.audio_headroom_ms < 0 or self.audio_headroom_ms % 10:
-            raise ValueError(f"audio_headroom_ms {self.audio_headroom_ms} must be a non-negative multiple of 10")
+            raise ValueError(
+                f"audio_headroom_ms {self.audio_headroom_ms} must be a non-negative multiple of 10"
+            )
         if self.audio_headroom_ms + 2 * (1000 // self.frame_rate_fps) > self.audio_queue_ms:
             raise ValueError(f"audio_queue_ms {self.audio_queue_ms} cannot hold the headroom plus two ticks")
 
@@ -143,9 +149,13 @@ def _disconnect_reason_name(reason: object) -> str:
 class LiveKitPublisher:
     """Publishes one session into one room as the avatar participant."""
 
-    def __init__(self, target: LiveKitTarget, options: LiveKitPublisherOptions, clock: Clock = monotonic_clock) -> None:
+    def __init__(
+        self, target: LiveKitTarget, options: LiveKitPublisherOptions, clock: Clock = monotonic_clock
+    ) -> None:
         self.name = "livekit"
-        self._clock = clock  # time.monotonic (the session clock's and the event loop's); tests inject their own
+        self._clock = (
+            clock  # time.monotonic (the session clock's and the event loop's); tests inject their own
+        )
         self.target = target
         self.options = options
         self._stats = PublisherStats(name=self.name)
@@ -153,7 +163,9 @@ class LiveKitPublisher:
         self._audio_source: rtc.AudioSource | None = None
         self._audio_track: rtc.LocalAudioTrack | None = None
         self._source_clock = SourceClock(
-            PLAYOUT_SAMPLE_RATE_HZ, PULL_BLOCK_SAMPLES, 2 * options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000
+            PLAYOUT_SAMPLE_RATE_HZ,
+            PULL_BLOCK_SAMPLES,
+            2 * options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000,
         )
         self._calibrate_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
@@ -187,7 +199,8 @@ class LiveKitPublisher:
         return self._room
 
     def playout_delay_s(self) -> float:
-        """How long after its tick's deadline a tick's audio is heard: the headroom it waits in the audio source,
+        """How long after its tick's deadline a tick's audio is heard: the headroom it waits in the audio
+        source,
         then the receivers' audio path (Opus packets, jitter buffer), which `video_delay_ms` stands for."""
         if self._audio_source is None:
             return 0.0
@@ -206,7 +219,9 @@ class LiveKitPublisher:
     async def start(self) -> None:
         self._video_source = rtc.VideoSource(self.options.width_px, self.options.height_px)
         if self.target.publish_audio:
-            self._audio_source = rtc.AudioSource(PLAYOUT_SAMPLE_RATE_HZ, 1, queue_size_ms=self.options.audio_queue_ms)
+            self._audio_source = rtc.AudioSource(
+                PLAYOUT_SAMPLE_RATE_HZ, 1, queue_size_ms=self.options.audio_queue_ms
+            )
         await self._join()
 
     async def _join(self) -> None:
@@ -232,7 +247,9 @@ class LiveKitPublisher:
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await room.disconnect()
-            raise LiveKitPublishError(f"joined room {self.target.room!r} but could not publish: {exc}") from exc
+            raise LiveKitPublishError(
+                f"joined room {self.target.room!r} but could not publish: {exc}"
+            ) from exc
         room.on("disconnected", self._on_disconnected)
         room.on("reconnecting", lambda: self._on_transport_state(room, connected=False))
         room.on("reconnected", lambda: self._on_transport_state(room, connected=True))
@@ -299,7 +316,8 @@ class LiveKitPublisher:
     def _maybe_renew_audio_track(self, stall_ms: float, now_s: float) -> None:
         """After a stall of `renew_audio_after_stall_ms` or more, give receivers a fresh audio stream.
 
-        The sender's RTP clock counts samples, not time, so the audio sent after a stall reaches every receiver
+        The sender's RTP clock counts samples, not time, so the audio sent after a stall reaches every
+        receiver
         as packets that arrived that much late: their jitter buffers (NetEq) grow by the stall and keep that
         delay for seconds, which puts their audio far behind the video whatever the sender does next. A new
         track (new SSRC) starts a new jitter buffer at its normal depth. DTX (silence sends next to nothing)
@@ -343,7 +361,9 @@ class LiveKitPublisher:
                 self._stats.extra["audio_calibration_failures"] = (
                     self._stats.extra.get("audio_calibration_failures", 0.0) + 1
                 )
-                logger.debug("audio source stats failed", extra={"room": self.target.room, "error": repr(exc)})
+                logger.debug(
+                    "audio source stats failed", extra={"room": self.target.room, "error": repr(exc)}
+                )
                 continue
             answered_s = self._clock()
             measured = _pulled_audio(report)
@@ -369,7 +389,9 @@ class LiveKitPublisher:
         self._stats.connected = connected
         if not connected:
             self._stats.last_error = "reconnecting: the connection to livekit-server broke"
-            logger.warning("livekit connection lost; the SDK is resuming it", extra={"room": self.target.room})
+            logger.warning(
+                "livekit connection lost; the SDK is resuming it", extra={"room": self.target.room}
+            )
         else:
             logger.info("livekit connection resumed", extra={"room": self.target.room})
 
@@ -390,7 +412,8 @@ class LiveKitPublisher:
             )
             return
         logger.warning(
-            "livekit publisher disconnected; rejoining", extra={"room": self.target.room, "reason": reason_name}
+            "livekit publisher disconnected; rejoining",
+            extra={"room": self.target.room, "reason": reason_name},
         )
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
@@ -420,7 +443,9 @@ class LiveKitPublisher:
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
             self._stats.audio_samples_dropped += tick.speech_samples
-            self._last_tick_at_s = float("inf")  # an outage is not a stall: the track is new after a rejoin anyway
+            self._last_tick_at_s = float(
+                "inf"
+            )  # an outage is not a stall: the track is new after a rejoin anyway
             return
         residual_s: float | None = None
         if self._audio_source is not None:
@@ -459,20 +484,24 @@ class LiveKitPublisher:
             len(pcm),
             now_s,
             tolerance_samples=ANCHOR_TOLERANCE_SAMPLES,
-            max_pad_samples=capacity - len(pcm),  # the tick must still fit: a full source would block the clock
+            max_pad_samples=capacity
+            - len(pcm),  # the tick must still fit: a full source would block the clock
             late_speech_tolerance_samples=LATE_SPEECH_TOLERANCE_SAMPLES if tick.speech_samples else 0,
         )
         kept = pcm[decision.drop_samples :]
         # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech
         # first.
         dropped_speech = min(
-            tick.speech_samples, round(decision.drop_samples * TIMELINE_SAMPLE_RATE_HZ / PLAYOUT_SAMPLE_RATE_HZ)
+            tick.speech_samples,
+            round(decision.drop_samples * TIMELINE_SAMPLE_RATE_HZ / PLAYOUT_SAMPLE_RATE_HZ),
         )
         samples = np.concatenate([np.zeros(decision.pad_samples, dtype=np.int16), kept])
         extra = self._stats.extra
         extra["audio_anchor_error_ms_last"] = round(decision.error_ms, 3)
         for name, count in (("dropped", decision.drop_samples), ("padded", decision.pad_samples)):
-            if count:  # audio_resync_{dropped,padded}: re-anchorings; ..._samples: 48 kHz samples they took or added
+            if (
+                count
+            ):  # audio_resync_{dropped,padded}: re-anchorings; ..._samples: 48 kHz samples they took or added
                 extra[f"audio_resync_{name}"] = extra.get(f"audio_resync_{name}", 0.0) + 1
                 extra[f"audio_resync_{name}_samples"] = extra.get(f"audio_resync_{name}_samples", 0.0) + count
         if len(samples):
@@ -493,7 +522,8 @@ class LiveKitPublisher:
         return decision.start_s - (anchor_s + decision.drop_samples / PLAYOUT_SAMPLE_RATE_HZ)
 
     def _check_audio_slack(self, anchor_s: float, now_s: float) -> None:
-        """How long before WebRTC pulls it this tick's audio arrives; negative: the queue ran dry (an underrun:
+        """How long before WebRTC pulls it this tick's audio arrives; negative: the queue ran dry (an
+        underrun:
         silence went out in its place, and the re-anchoring drops what is late)."""
         slack_ms = (anchor_s - now_s) * 1000.0
         extra = self._stats.extra
@@ -522,7 +552,9 @@ class LiveKitPublisher:
         # capture time: receivers that lip-sync by capture time then see no offset at all.
         # libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
         audio_start_s = tick.deadline_s + self._audio_headroom_s
-        self._video_source.capture_frame(frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata)
+        self._video_source.capture_frame(
+            frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata
+        )
         self._stats.frames_published += 1
         lateness_ms = (self._clock() - audio_start_s) * 1000.0 - self.options.video_delay_ms
         extra = self._stats.extra
@@ -583,10 +615,13 @@ class LiveKitPublisher:
         self._queued_speech.clear()
         self._stats.audio_samples_published -= cleared
         self._stats.audio_samples_dropped += cleared
-        self._stats.extra["audio_samples_cleared"] = self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
+        self._stats.extra["audio_samples_cleared"] = (
+            self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
+        )
 
     async def _refill_after_clear(self) -> None:
-        """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to re-anchor."""
+        """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to
+        re-anchor."""
         async with self._audio_lock:
             if self._next_tick_deadline_s is None or self._audio_source is None:
                 return
@@ -620,7 +655,9 @@ class LiveKitPublisher:
         for handle, _tick in self._pending_video.values():
             handle.cancel()
         extra = self._stats.extra
-        extra["frames_discarded_at_close"] = extra.get("frames_discarded_at_close", 0.0) + len(self._pending_video)
+        extra["frames_discarded_at_close"] = extra.get("frames_discarded_at_close", 0.0) + len(
+            self._pending_video
+        )
         self._pending_video.clear()
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()

@@ -35,7 +35,9 @@ def mint_token(params: LiveKitParams, context: AdmissionContext) -> str:
     api_key = context.credentials.get(API_KEY_ENV, "")
     api_secret = context.credentials.get(API_SECRET_ENV, "")
     if not api_key or not api_secret:
-        raise LiveKitCredentialsMissing(f"this sidecar has no LiveKit credentials ({API_KEY_ENV} / {API_SECRET_ENV})")
+        raise LiveKitCredentialsMissing(
+            f"this sidecar has no LiveKit credentials ({API_KEY_ENV} / {API_SECRET_ENV})"
+        )
     grants = lkapi.VideoGrants(
         room_join=True, room=context.room, can_publish=True, can_subscribe=True, can_publish_data=True
     )
@@ -59,7 +61,10 @@ async def refuse_identity_collision(params: LiveKitParams, context: AdmissionCon
     url, room, identity = params.url, context.room, params.identity
     http_url = "http" + url.removeprefix("ws") if url.startswith("ws") else url
     client = lkapi.LiveKitAPI(
-        http_url, context.credentials.get(API_KEY_ENV, ""), context.credentials.get(API_SECRET_ENV, ""), failover=False
+        http_url,
+        context.credentials.get(API_KEY_ENV, ""),
+        context.credentials.get(API_SECRET_ENV, ""),
+        failover=False,
     )
     try:
         response = await client.room.list_participants(lkapi.ListParticipantsRequest(room=room))
@@ -75,8 +80,12 @@ async def refuse_identity_collision(params: LiveKitParams, context: AdmissionCon
     finally:
         await client.aclose()
     for participant in response.participants:
-        if participant.identity == identity and participant.attributes.get(SESSION_ATTRIBUTE) != context.session_id:
+        if (
+            participant.identity == identity
+            and participant.attributes.get(SESSION_ATTRIBUTE) != context.session_id
+        ):
             raise LiveKitIdentityInUse(
-                f"identity {identity!r} is already in room {room!r} (not as this session's avatar): the avatar "
+                f"identity {identity!r} is already in room {room!r} (not as this session's avatar): the "
+                "avatar "
                 "would kick that participant out; choose another output.livekit.identity"
             )

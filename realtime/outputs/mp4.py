@@ -37,7 +37,9 @@ class Mp4Recorder:
     def frames_written(self) -> int:
         return self._muxer.video_frames_written if self._muxer else 0
 
-    def write(self, frame_rgb: np.ndarray, frame_index: int, audio_48k: np.ndarray, audio_start_sample: int) -> None:
+    def write(
+        self, frame_rgb: np.ndarray, frame_index: int, audio_48k: np.ndarray, audio_start_sample: int
+    ) -> None:
         if self._muxer is None:
             raise RecordingError("recording already closed")
         self._muxer.write_video(frame_rgb, frame_index)

@@ -106,7 +106,9 @@ class OutputKind(Generic[P, T]):
     def to_params(self, params: P) -> dict[str, Any]:
         """The JSON object a spec carries for `params` (the inverse of `parse`)."""
         if not isinstance(params, self.params_type):
-            raise OutputParamsInvalid(f"output {self.name!r} takes {self.params_type.__name__}, not {params!r}")
+            raise OutputParamsInvalid(
+                f"output {self.name!r} takes {self.params_type.__name__}, not {params!r}"
+            )
         return dataclasses.asdict(params)  # type: ignore[call-overload]
 
 
@@ -128,7 +130,9 @@ class OutputRegistry:
         try:
             return self._kinds[name]
         except KeyError:
-            raise OutputKindUnknown(f"no output kind {name!r} is registered (known: {self.names()})") from None
+            raise OutputKindUnknown(
+                f"no output kind {name!r} is registered (known: {self.names()})"
+            ) from None
 
     def names(self) -> list[str]:
         return list(self._kinds)

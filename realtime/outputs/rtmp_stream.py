@@ -111,13 +111,17 @@ class RtmpStreamWriter:
                 "(is the server up, and does it allow publishing from this host?)"
             ) from exc
         self._mark_connected()
-        self._thread = threading.Thread(target=self._run, args=(muxer,), name="rtmp-stream-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(muxer,), name="rtmp-stream-writer", daemon=True
+        )
         self._thread.start()
 
     def _mark_connected(self) -> None:
         self.stats.connected = True
         self.stats.connects += 1
-        logger.info("rtmp connected", extra={"url": redact_rtmp_url(self.url), "connects": self.stats.connects})
+        logger.info(
+            "rtmp connected", extra={"url": redact_rtmp_url(self.url), "connects": self.stats.connects}
+        )
 
     def _count_drop(self, speech_samples: int) -> None:
         with self._drop_lock:
@@ -134,7 +138,9 @@ class RtmpStreamWriter:
     ) -> None:
         """One tick of the session clock: a frame and the audio that plays during it. Never blocks."""
         try:
-            self._queue.put_nowait(_Tick(frame_rgb, frame_index, audio_48k, audio_start_sample, speech_samples))
+            self._queue.put_nowait(
+                _Tick(frame_rgb, frame_index, audio_48k, audio_start_sample, speech_samples)
+            )
         except queue.Full:
             self._count_drop(speech_samples)
 
@@ -210,7 +216,9 @@ class RtmpStreamWriter:
                 self.stats.speech_samples_sent += tick.speech_samples
                 self.stats.playout_samples_sent += len(tick.audio_48k)
             except Exception as exc:
-                logger.warning("rtmp connection lost", extra={"url": redact_rtmp_url(self.url), "error": str(exc)})
+                logger.warning(
+                    "rtmp connection lost", extra={"url": redact_rtmp_url(self.url), "error": str(exc)}
+                )
                 self.stats.connected = False
                 self.stats.last_error = str(exc)
                 self._count_drop(tick.speech_samples)

@@ -19,7 +19,9 @@ def validate_rtmp_url(url: str) -> str:
         raise RtmpUrlError("the RTMP URL is empty or contains whitespace/control characters")
     parts = urlsplit(url)
     if parts.scheme.lower() not in RTMP_SCHEMES:
-        raise RtmpUrlError(f"the RTMP URL must start with rtmp:// or rtmps://, not {parts.scheme or 'nothing'}://")
+        raise RtmpUrlError(
+            f"the RTMP URL must start with rtmp:// or rtmps://, not {parts.scheme or 'nothing'}://"
+        )
     try:
         port = parts.port
     except ValueError as exc:
@@ -28,7 +30,9 @@ def validate_rtmp_url(url: str) -> str:
         raise RtmpUrlError("the RTMP URL has no host")
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) < 2:
-        raise RtmpUrlError("the RTMP URL needs an application and a stream key: rtmp://host[:port]/app/stream")
+        raise RtmpUrlError(
+            "the RTMP URL needs an application and a stream key: rtmp://host[:port]/app/stream"
+        )
     del port
     return url
 

@@ -37,7 +37,8 @@ class SwitchableOutput:
         await self._current.start()
 
     def playout_delay_s(self) -> float:
-        """The current output's (0 for one that does not report it): the session's playback events wait for it."""
+        """The current output's (0 for one that does not report it): the session's playback events wait for
+        it."""
         delay = getattr(self._current, "playout_delay_s", None)
         return float(delay()) if callable(delay) else 0.0
 
@@ -48,7 +49,8 @@ class SwitchableOutput:
         self._current.interrupt(idle_frame)
 
     async def switch_to(self, replacement: Publisher) -> None:
-        """Start `replacement` (raises if it cannot open: the current output stays), then retire the current one."""
+        """Start `replacement` (raises if it cannot open: the current output stays), then retire the current
+        one."""
         await replacement.start()
         old, self._current = self._current, replacement
         try:
@@ -69,7 +71,9 @@ class SwitchableOutput:
             setattr(self._retired, counter, getattr(self._retired, counter) + getattr(final, counter))
         self.switches += 1
         self.history.append(replacement.name)
-        logger.info("output switched", extra={"from": old.name, "to": replacement.name, "switches": self.switches})
+        logger.info(
+            "output switched", extra={"from": old.name, "to": replacement.name, "switches": self.switches}
+        )
 
     async def close(self) -> None:
         await self._current.close()
@@ -83,7 +87,8 @@ class SwitchableOutput:
             frames_dropped=self._retired.frames_dropped + current.frames_dropped,
             audio_samples_published=self._retired.audio_samples_published + current.audio_samples_published,
             audio_samples_dropped=self._retired.audio_samples_dropped + current.audio_samples_dropped,
-            playout_samples_published=self._retired.playout_samples_published + current.playout_samples_published,
+            playout_samples_published=self._retired.playout_samples_published
+            + current.playout_samples_published,
             reconnects=self._retired.reconnects + current.reconnects,
             last_error=current.last_error,
             extra={**current.extra, "switches": float(self.switches)},

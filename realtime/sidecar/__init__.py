@@ -7,5 +7,6 @@
 - `server`: the HTTP/WS routes (the audio socket itself is `realtime.ingest.connection`).
 - `dev_api`: the opt-in dev control API, which drives the same `SessionHost` calls as the activities.
 - `process`: the process: one engine, the host and the server on one event loop (run by `lipsync sidecar`).
-- `render_lane`: the process's one render lane (every session's engine work, earliest deadline first, batched).
+- `render_lane`: the process's one render lane (every session's engine work, earliest deadline first,
+batched).
 """

@@ -22,7 +22,13 @@ from realtime.engine.protocol import Engine, EngineConfig, FrameTiming, RenderHa
 from realtime.engine.registry import create_engine
 from realtime.host import AvatarAsset, PreparedAvatar
 from realtime.ingest.formats import FRAME_RATE_FPS, TIMELINE_SAMPLE_RATE_HZ
-from realtime.sidecar.engine_port import AvatarView, EngineStatus, SessionEngine, UtteranceClosed, UtteranceStream
+from realtime.sidecar.engine_port import (
+    AvatarView,
+    EngineStatus,
+    SessionEngine,
+    UtteranceClosed,
+    UtteranceStream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +113,8 @@ class _Utterance:
         return self._closed
 
     def pull_ahead(self, frames: int) -> None:
-        """Lane thread, before a batch's jobs run: compute the features of this utterance's next `frames` frames in
+        """Lane thread, before a batch's jobs run: compute the features of this utterance's next `frames`
+        frames in
         one pull (one window gather for all of its jobs in the batch); `render_requests` then takes them."""
         missing = frames - len(self._pulled)
         if missing > 0 and not self._closed:
@@ -117,17 +124,23 @@ class _Utterance:
         if self._closed:
             raise UtteranceClosed(f"frames {frame_indices[:1]}..: the utterance's stream was closed")
         if frame_indices and frame_indices[0] != self._next_frame:
-            raise ValueError(f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}")
+            raise ValueError(
+                f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}"
+            )
         missing = len(frame_indices) - len(self._pulled)
         if missing > 0:
-            # Audio that arrived after the lane's batched encode (`prepare_features`) waits for the next batch when
-            # the stream already holds these frames: applying it now would grow the encoded segment and make this
+            # Audio that arrived after the lane's batched encode (`prepare_features`) waits for the next batch
+            # when
+            # the stream already holds these frames: applying it now would grow the encoded segment and make
+            # this
             # pull re-encode it alone, once per job (at 8 sessions that doubled the lane's batch time).
             if self._stream.ready_frames < missing:
                 self.apply_inbox()
             self._pulled.extend(self._stream.pull(max_frames=missing))
         if len(self._pulled) < len(frame_indices):
-            raise ValueError(f"asked for {len(frame_indices)} frames, the feature stream had {len(self._pulled)} ready")
+            raise ValueError(
+                f"asked for {len(frame_indices)} frames, the feature stream had {len(self._pulled)} ready"
+            )
         features, self._pulled = self._pulled[: len(frame_indices)], self._pulled[len(frame_indices) :]
         self._next_frame += len(features)
         return [
@@ -183,9 +196,13 @@ class EngineAdapter:
 
     def info(self) -> EngineStatus:
         if self._engine is None:
-            return EngineStatus(name=self.config.engine, device=self.config.device, warm=False, detail="not loaded yet")
+            return EngineStatus(
+                name=self.config.engine, device=self.config.device, warm=False, detail="not loaded yet"
+            )
         info = self._engine.info
-        return EngineStatus(name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail)
+        return EngineStatus(
+            name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail
+        )
 
     def warm_up(self) -> bool:
         if self._warm:
@@ -194,7 +211,11 @@ class EngineAdapter:
         report = self.engine.warm_up_for_serving(self.config.artifacts_dir)
         logger.info(
             "engine warm",
-            extra={"artifacts": report.status, "warm_up_ms": round(report.warm_up_ms, 1), "refused": report.refused},
+            extra={
+                "artifacts": report.status,
+                "warm_up_ms": round(report.warm_up_ms, 1),
+                "refused": report.refused,
+            },
         )
         self._warm = True
         return False
@@ -233,10 +254,15 @@ class EngineAdapter:
         return self.engine.render_async(requests)
 
     def prepare_features(self, jobs: Sequence[tuple[object, int]]) -> int:
-        """Before a lane batch: encode every job's pending audio in one engine call (`RenderLane(prepare=...)`)."""
+        """Before a lane batch: encode every job's pending audio in one engine call
+        (`RenderLane(prepare=...)`)."""
         streams, counts = [], []
         # A closed source's jobs raise UtteranceClosed when they run: nothing of theirs is encoded.
-        live = [(source, frames) for source, frames in jobs if isinstance(source, _Utterance) and not source.closed]
+        live = [
+            (source, frames)
+            for source, frames in jobs
+            if isinstance(source, _Utterance) and not source.closed
+        ]
         for source, frames in live:
             streams.append(source.apply_inbox())
             counts.append(frames)

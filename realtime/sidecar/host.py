@@ -108,12 +108,15 @@ class SidecarHost:
         return self._lane.report(max_batch_ms=self.config.runtime.max_batch_ms)
 
     def slots_total(self) -> int:
-        """Configured slots, lowered to what the render lane's measured batch times sustain (admission control):
+        """Configured slots, lowered to what the render lane's measured batch times sustain (admission
+        control):
         a saturated sidecar refuses new sessions rather than letting every session on it drop frames."""
         max_batch_ms = self.config.runtime.max_batch_ms
         fps_per_session = FRAME_RATE_FPS * self.config.speech_duty  # idle frames cost the lane nothing
         measured = (
-            self._lane.capacity_sessions(fps_per_session, max_batch_ms=max_batch_ms) if self._lane is not None else None
+            self._lane.capacity_sessions(fps_per_session, max_batch_ms=max_batch_ms)
+            if self._lane is not None
+            else None
         )
         if measured is None:
             return self.config.slots_total
@@ -170,10 +173,13 @@ class SidecarHost:
             )
 
     async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
-        """Open the live output (any registered kind) and, with `target.record_path`, an MP4 recording beside it."""
+        """Open the live output (any registered kind) and, with `target.record_path`, an MP4 recording beside
+        it."""
         session = self._session(session_id)
         if session.avatar is None or session.prepared is None:
-            raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
+            raise SessionNotPrepared(
+                f"session {session_id} has no prepared avatar: call prepare_avatar first"
+            )
         publisher, opened = self._make_publisher(session_id, target, session.prepared)
         live = SwitchableOutput(publisher)
         publishers: list[Publisher] = [live]
@@ -191,7 +197,9 @@ class SidecarHost:
         switch (raised) leaves the session on its current output. Visible in stats as `fallbacks`."""
         session = self._session(session_id)
         if session.live_output is None or session.prepared is None or session.runtime is None:
-            raise SessionNotPrepared(f"session {session_id} has no open output to switch: call open_output first")
+            raise SessionNotPrepared(
+                f"session {session_id} has no open output to switch: call open_output first"
+            )
         publisher, opened = self._make_publisher(session_id, target, session.prepared)
         # Raises when the new output cannot open: the session stays on its output, agent bridge included.
         await session.live_output.switch_to(publisher)
@@ -218,17 +226,23 @@ class SidecarHost:
             session.bridge = bridge
             publisher.on_room(bridge.attach)
 
-    async def start_publishing(self, session_id: str, publishers: list[Publisher], opened: OpenedOutput) -> None:
+    async def start_publishing(
+        self, session_id: str, publishers: list[Publisher], opened: OpenedOutput
+    ) -> None:
         """Start `publishers` (any `realtime.outputs.base.Publisher`) and the session's clock."""
         session = self._session(session_id)
         if session.avatar is None:
-            raise SessionNotPrepared(f"session {session_id} has no prepared avatar: call prepare_avatar first")
+            raise SessionNotPrepared(
+                f"session {session_id} has no prepared avatar: call prepare_avatar first"
+            )
         if session.runtime is not None:
             raise OutputAlreadyOpen(f"session {session_id} already publishes to {session.output}")
         started: list[Publisher] = []
         try:
             for publisher in publishers:
-                await publisher.start()  # raises a typed OutputError: the workflow applies its fallback policy
+                await (
+                    publisher.start()
+                )  # raises a typed OutputError: the workflow applies its fallback policy
                 started.append(publisher)
             engine_view = self.engine.open_session(session.avatar)
         except BaseException:
@@ -237,7 +251,9 @@ class SidecarHost:
                 try:
                     await publisher.close()
                 except Exception:
-                    logger.exception("closing an output after a failed open failed", extra={"session_id": session_id})
+                    logger.exception(
+                        "closing an output after a failed open failed", extra={"session_id": session_id}
+                    )
             raise
         runtime = SessionRuntime(session_id, engine_view, publishers, self.lane, self.config.runtime)
         session.runtime, session.publishers, session.output = runtime, publishers, opened
@@ -250,7 +266,8 @@ class SidecarHost:
         kind = OUTPUTS.get(target.kind)  # raises OutputKindUnknown
         if not isinstance(target.target, kind.target_type):
             raise OutputUnsupported(
-                f"output kind {kind.name!r} takes a {kind.target_type.__name__}, not {type(target.target).__name__}"
+                f"output kind {kind.name!r} takes a {kind.target_type.__name__}, not "
+                f"{type(target.target).__name__}"
             )
         # H.264 (RTMP) and LiveKit's encoders need even sizes: an odd avatar loses its last row/column.
         width_px, height_px = _even_size(prepared)

@@ -71,7 +71,8 @@ async def serve(
     if settings.warm_up_at_start:
         result = await host.warm_up()
         logger.info(
-            "engine ready", extra={"engine": result.engine, "device": result.device, "warm_up_ms": result.warm_up_ms}
+            "engine ready",
+            extra={"engine": result.engine, "device": result.device, "warm_up_ms": result.warm_up_ms},
         )
     server_config = dataclasses.replace(
         settings.server,
@@ -85,7 +86,8 @@ async def serve(
         port=settings.port,
         log_level="warning",
         ws="websockets-sansio",
-        # Larger than our own limit, so an oversize message gets our typed error rather than a bare 1009 close.
+        # Larger than our own limit, so an oversize message gets our typed error rather than a bare 1009
+        # close.
         ws_max_size=max(16 * 1024 * 1024, 4 * settings.server.max_message_bytes),
         lifespan="off",
     )
@@ -118,7 +120,10 @@ async def serve(
         if server.started:
             logger.info(
                 "sidecar listening",
-                extra={"url": f"http://{settings.bind_host}:{settings.port}", "sidecar_id": settings.host.sidecar_id},
+                extra={
+                    "url": f"http://{settings.bind_host}:{settings.port}",
+                    "sidecar_id": settings.host.sidecar_id,
+                },
             )
             if started is not None:
                 started.set()
@@ -141,8 +146,10 @@ def _uvicorn_server_class() -> type[Any]:
     import uvicorn  # noqa: PLC0415 (heavy: uvicorn)
 
     class Server(uvicorn.Server):
-        """uvicorn's server without its signal capture: the sidecar owns SIGINT/SIGTERM so that it can tear its
-        sessions down first (uvicorn would re-raise the signal after its own shutdown and kill the process)."""
+        """uvicorn's server without its signal capture: the sidecar owns SIGINT/SIGTERM so that it can tear
+        its
+        sessions down first (uvicorn would re-raise the signal after its own shutdown and kill the
+        process)."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -155,11 +155,14 @@ class BatchCostModel:
         return None
 
     def sustainable_fps(self, latency_budget_ms: float) -> float | None:
-        """The best frames/s over measured buckets whose batch time fits `latency_budget_ms` (None: unknown)."""
+        """The best frames/s over measured buckets whose batch time fits `latency_budget_ms` (None:
+        unknown)."""
         measured = self.measured()
         # Known only once the frontier is: a bucket over the budget, or the largest bucket, was measured.
         # Small batches alone (a lightly loaded lane) say nothing about how far batching scales.
-        frontier_known = any(ms > latency_budget_ms for ms in measured.values()) or self.buckets[-1] in measured
+        frontier_known = (
+            any(ms > latency_budget_ms for ms in measured.values()) or self.buckets[-1] in measured
+        )
         if not frontier_known:
             return None
         rates = [b * 1000.0 / ms for b, ms in measured.items() if 0 < ms <= latency_budget_ms]
@@ -257,7 +260,9 @@ class RenderLane:
         `render_async` (the lane then pipelines batches, see "Pipelining"; without it, `render` runs each
         batch to the end); `speaking_hold_s`: how long a session still counts as speaking after its speech
         ended (see `planning_budget_ms`)."""
-        self._start_render: StartRenderFn = start_render or (lambda requests: RenderedFrames(render(requests)))
+        self._start_render: StartRenderFn = start_render or (
+            lambda requests: RenderedFrames(render(requests))
+        )
         self._prepare = prepare
         self.max_batch_frames = max_batch_frames
         self.buckets = tuple(buckets)
@@ -345,7 +350,9 @@ class RenderLane:
         """Concurrent speaking sessions this lane sustains, from measured batch times (None: not measured
         yet); `max_batch_ms`: the longest batch the sessions' planning budget absorbs
         (`RuntimeConfig.max_batch_ms`)."""
-        return self.cost_model.capacity_sessions(fps_per_session=fps_per_session, latency_budget_ms=max_batch_ms)
+        return self.cost_model.capacity_sessions(
+            fps_per_session=fps_per_session, latency_budget_ms=max_batch_ms
+        )
 
     def report(self, *, max_batch_ms: float = 160.0) -> dict[str, Any]:
         """What the lane has done and measured, for `/healthz`: where the GPU's time goes and why frames were
@@ -363,7 +370,9 @@ class RenderLane:
                 "pulls": round(stats.pulls_s, 3),
                 "render": round(stats.render_s, 3),
             },
-            "batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in sorted(self.cost_model.measured().items())},
+            "batch_ms_by_bucket": {
+                str(b): round(ms, 2) for b, ms in sorted(self.cost_model.measured().items())
+            },
             "speaking_sessions": self.speaking_sessions(),
             "capacity_sessions": self.capacity_sessions(max_batch_ms=max_batch_ms),
         }
@@ -414,7 +423,8 @@ class RenderLane:
         return fallback
 
     def recent_batch_ms(self, window_s: float = RECENT_BATCHES_WINDOW_S) -> float | None:
-        """The mean wall time of the render batches that finished within the last `window_s` (None: none did)."""
+        """The mean wall time of the render batches that finished within the last `window_s` (None: none
+        did)."""
         since_s = self._clock() - window_s
         with self._cond:
             while self._recent_batches and self._recent_batches[0][0] < since_s:
@@ -758,7 +768,8 @@ class RenderLane:
 
     @staticmethod
     def _take_requests(job: _Job) -> Sequence[Any] | None:
-        """Run a render job's request builder (its features); None when it was cancelled or failed (reported)."""
+        """Run a render job's request builder (its features); None when it was cancelled or failed
+        (reported)."""
         if not job.future.set_running_or_notify_cancel():
             return None
         try:
@@ -811,7 +822,9 @@ class RenderLane:
             # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames
             # that a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue
             # longer.
-            backlogged = frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
+            backlogged = (
+                frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
+            )
             # Except for first frames: their short lead counted on the batch they ride, not on a full one.
             head_feasible = head_feasible and (not backlogged or first.first_frames)
             while self._heap and self._heap[0].is_render:
@@ -852,7 +865,9 @@ class RenderLane:
             if self._entirely_late(job):
                 continue  # `_take_batch`/`_next_job` hand it out unrendered in its turn
             grown = frames + job.frames
-            if grown <= self.max_batch_frames and self._bucket_growth_keeps_head(first, frames, grown, head_feasible):
+            if grown <= self.max_batch_frames and self._bucket_growth_keeps_head(
+                first, frames, grown, head_feasible
+            ):
                 admitted.append(job)
                 frames = grown
                 continue

@@ -64,7 +64,9 @@ class PlaybackListener(Protocol):
 
     def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None: ...
 
-    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None: ...
+    def on_playback_finished(
+        self, utterance_id: int, source: str, position_s: float, interrupted: bool
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class FinishedPlayback:
 
 @dataclass
 class RuntimeCounters:
-    """What a session's clock and render task counted since it started; `SessionRuntime.stats` reports them."""
+    """What a session's clock and render task counted since it started; `SessionRuntime.stats` reports
+    them."""
 
     frames_published: int = 0
     speech_frames: int = 0
@@ -174,7 +177,8 @@ class SessionRuntime:
 
     @property
     def lookahead_ms(self) -> int:
-        """Audio a speech frame needs beyond its own before it renders (the engine's), told to audio clients."""
+        """Audio a speech frame needs beyond its own before it renders (the engine's), told to audio
+        clients."""
         return self.engine.lookahead_ms
 
     @property
@@ -299,7 +303,9 @@ class SessionRuntime:
             FinishedPlayback(
                 p.utterance.utterance_id,
                 p.utterance.source,
-                max(0.0, p.utterance.duration_played_s - (unheard_s if p.utterance.duration_played_s else 0.0)),
+                max(
+                    0.0, p.utterance.duration_played_s - (unheard_s if p.utterance.duration_played_s else 0.0)
+                ),
                 interrupted,
             )
             for p in self._plans
@@ -326,7 +332,8 @@ class SessionRuntime:
         return self._t0_s + tick * self._period_s
 
     def _update_speaking(self) -> None:
-        """Tell the lane whether this session has speech in flight (its load estimate counts such sessions)."""
+        """Tell the lane whether this session has speech in flight (its load estimate counts such
+        sessions)."""
         self.lane.set_speaking(self.session_id, bool(self._streams))
 
     def _planning_budget_ms(self, adding_frames: int = 0) -> float:
@@ -496,7 +503,9 @@ class SessionRuntime:
         if generation != self._generation or plan not in self._plans:
             return  # interrupted while rendering: the frames belong to flushed audio
         # How long before its tick the batch's first frame became ready (negative: it missed).
-        self.samples.render_slack_ms.append((self._tick_deadline(plan.start_tick + frames[0]) - self._clock()) * 1000.0)
+        self.samples.render_slack_ms.append(
+            (self._tick_deadline(plan.start_tick + frames[0]) - self._clock()) * 1000.0
+        )
         for frame_index, image in zip(frames, images, strict=False):
             if image is not None and frame_index >= plan.next_frame:  # None: skipped by the lane, too late
                 plan.rendered[frame_index] = image
@@ -568,10 +577,14 @@ class SessionRuntime:
                 stream.close()
             self._update_speaking()
             # What the engine changed on its own base frame fades out over the next idle frames.
-            self._crossfade_from = image.astype(np.int16) - self.engine.avatar.idle_frame(tick).astype(np.int16)
+            self._crossfade_from = image.astype(np.int16) - self.engine.avatar.idle_frame(tick).astype(
+                np.int16
+            )
             self._crossfade_left = self.config.crossfade_frames
             self._schedule_finished(
-                FinishedPlayback(utterance.utterance_id, utterance.source, utterance.duration_played_s, False),
+                FinishedPlayback(
+                    utterance.utterance_id, utterance.source, utterance.duration_played_s, False
+                ),
                 # the padding is not speech
                 audio_end_s=deadline + audio.timeline_samples / TIMELINE_SAMPLE_RATE_HZ,
             )
@@ -634,7 +647,11 @@ class SessionRuntime:
             if self._pending_started.pop(uid, None) is not None:
                 self._notify_started_now(utterance, frame_id)
 
-        self._pending_started[uid] = (loop.call_later(deadline_s + delay_s - self._clock(), fire), utterance, frame_id)
+        self._pending_started[uid] = (
+            loop.call_later(deadline_s + delay_s - self._clock(), fire),
+            utterance,
+            frame_id,
+        )
 
     def _schedule_finished(self, item: FinishedPlayback, *, audio_end_s: float) -> None:
         """`item` once the utterance's last sample (handed over at `audio_end_s`) has been heard."""
@@ -649,7 +666,11 @@ class SessionRuntime:
             if self._pending_finished.pop(uid, None) is not None:
                 self._notify_finished(item)
 
-        self._pending_finished[uid] = (loop.call_later(audio_end_s + delay_s - self._clock(), fire), item, audio_end_s)
+        self._pending_finished[uid] = (
+            loop.call_later(audio_end_s + delay_s - self._clock(), fire),
+            item,
+            audio_end_s,
+        )
 
     def _notify_started_now(self, utterance: Utterance, frame_id: int) -> None:
         for listener in list(self._listeners):
@@ -661,7 +682,9 @@ class SessionRuntime:
     def _notify_finished(self, item: FinishedPlayback) -> None:
         for listener in list(self._listeners):
             try:
-                listener.on_playback_finished(item.utterance_id, item.source, item.position_s, item.interrupted)
+                listener.on_playback_finished(
+                    item.utterance_id, item.source, item.position_s, item.interrupted
+                )
             except Exception:
                 logger.exception("playback listener failed")
 
@@ -716,7 +739,9 @@ class SessionRuntime:
             ttff_ms=samples.ttff_ms[0] if samples.ttff_ms else None,
             lateness_ms_p99=float(np.percentile(lateness, 99)) if lateness.size else None,
             # The send-side A/V offset of the last frame sent, from the first output that measures it.
-            av_offset_ms=next((ps.extra["av_offset_ms"] for ps in publisher_stats if "av_offset_ms" in ps.extra), None),
+            av_offset_ms=next(
+                (ps.extra["av_offset_ms"] for ps in publisher_stats if "av_offset_ms" in ps.extra), None
+            ),
             fallbacks=int(sum(ps.extra.get("switches", 0.0) for ps in publisher_stats)),
             extra=extra,
         )

@@ -10,7 +10,9 @@ from workflows.contracts import ErrorCode
 
 
 def test_a_retryable_error_may_be_retried() -> None:
-    error = to_application_error(AssetError(ErrorCode.ASSET_UNREACHABLE, "connection refused", retryable=True))
+    error = to_application_error(
+        AssetError(ErrorCode.ASSET_UNREACHABLE, "connection refused", retryable=True)
+    )
     assert error.type == "asset_unreachable"
     assert error.non_retryable is False
     assert error.message == "connection refused"
@@ -38,6 +40,10 @@ def test_a_host_call_keeps_a_lipsync_code_and_gives_anything_else_the_default() 
     other = application_error_from(
         RuntimeError("boom"), default_code=ErrorCode.OUTPUT_OPEN_FAILED, context="open_output"
     )
-    assert (other.type, other.message, other.non_retryable) == ("output_open_failed", "open_output: boom", True)
+    assert (other.type, other.message, other.non_retryable) == (
+        "output_open_failed",
+        "open_output: boom",
+        True,
+    )
     bare = application_error_from(RuntimeError(), default_code=ErrorCode.SIDECAR_ERROR, context="teardown")
     assert bare.message == "teardown: RuntimeError"

@@ -45,10 +45,26 @@ async def test_download_is_content_addressed_and_follows_checked_redirects(
         (Route(status=429, body=b"slow down"), ErrorCode.ASSET_HTTP_ERROR, True),
         (Route(body=b""), ErrorCode.ASSET_EMPTY, False),
         (Route(body=bytes(100_000)), ErrorCode.ASSET_TOO_LARGE, False),  # declared
-        (Route(body=bytes(100_000), send_length=False), ErrorCode.ASSET_TOO_LARGE, False),  # counted while streaming
-        (Route(body=b"x" * 100, headers=(("Content-Encoding", "gzip"),)), ErrorCode.ASSET_ENCODING_UNSUPPORTED, False),
-        (Route(body=bytes(4000), chunk_bytes=100, chunk_delay_s=0.1), ErrorCode.ASSET_TOO_SLOW, False),  # total
-        (Route(body=bytes(400), chunk_bytes=200, chunk_delay_s=1.5), ErrorCode.ASSET_TOO_SLOW, False),  # stall
+        (
+            Route(body=bytes(100_000), send_length=False),
+            ErrorCode.ASSET_TOO_LARGE,
+            False,
+        ),  # counted while streaming
+        (
+            Route(body=b"x" * 100, headers=(("Content-Encoding", "gzip"),)),
+            ErrorCode.ASSET_ENCODING_UNSUPPORTED,
+            False,
+        ),
+        (
+            Route(body=bytes(4000), chunk_bytes=100, chunk_delay_s=0.1),
+            ErrorCode.ASSET_TOO_SLOW,
+            False,
+        ),  # total
+        (
+            Route(body=bytes(400), chunk_bytes=200, chunk_delay_s=1.5),
+            ErrorCode.ASSET_TOO_SLOW,
+            False,
+        ),  # stall
         (Route(status=302), ErrorCode.ASSET_HTTP_ERROR, False),  # redirect without Location
     ],
     ids=[
@@ -65,7 +81,13 @@ async def test_download_is_content_addressed_and_follows_checked_redirects(
     ],
 )
 async def test_refusals_carry_their_code(
-    asset_server: AssetServer, limits: FetchLimits, tmp_path: Path, *, route: Route, code: ErrorCode, retryable: bool
+    asset_server: AssetServer,
+    limits: FetchLimits,
+    tmp_path: Path,
+    *,
+    route: Route,
+    code: ErrorCode,
+    retryable: bool,
 ) -> None:
     url = asset_server.add(f"/case-{code.value}-{id(route)}", route)
     with pytest.raises(AssetError) as refused:
@@ -94,7 +116,9 @@ async def test_every_redirect_hop_is_checked(
     assert refused.value.code is code and not refused.value.retryable, refused.value
 
 
-async def test_redirect_count_is_bounded(asset_server: AssetServer, limits: FetchLimits, tmp_path: Path) -> None:
+async def test_redirect_count_is_bounded(
+    asset_server: AssetServer, limits: FetchLimits, tmp_path: Path
+) -> None:
     asset_server.serve("/end.zip", b"ok")
     for index in range(3):
         asset_server.redirect(f"/chain{index}", f"/chain{index + 1}")
@@ -103,5 +127,7 @@ async def test_redirect_count_is_bounded(asset_server: AssetServer, limits: Fetc
     with pytest.raises(AssetError) as refused:
         await download(asset_server.url("/chain0"), tight, tmp_path, suffix=".zip")
     assert refused.value.code is ErrorCode.TOO_MANY_REDIRECTS
-    result = await download(asset_server.url("/chain1"), tight, tmp_path, suffix=".zip")  # exactly 3 hops: fine
+    result = await download(
+        asset_server.url("/chain1"), tight, tmp_path, suffix=".zip"
+    )  # exactly 3 hops: fine
     assert result.path.read_bytes() == b"ok"

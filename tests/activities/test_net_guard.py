@@ -45,7 +45,9 @@ def test_allow_list_opens_named_networks_only() -> None:
     check_address(ipaddress.ip_address("127.0.0.1"), policy, code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t")
     check_address(ipaddress.ip_address("10.20.3.4"), policy, code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t")
     with pytest.raises(AssetError) as refused:
-        check_address(ipaddress.ip_address("127.0.0.2"), policy, code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t")
+        check_address(
+            ipaddress.ip_address("127.0.0.2"), policy, code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t"
+        )
     assert refused.value.code is ErrorCode.URL_FORBIDDEN_ADDRESS and "loopback" in refused.value.message
     assert not refused.value.retryable
 
@@ -54,20 +56,32 @@ def test_metadata_needs_an_exact_entry_not_a_range() -> None:
     metadata = ipaddress.ip_address("169.254.169.254")
     with pytest.raises(AssetError):
         check_address(
-            metadata, AddressPolicy.from_cidrs(["169.254.0.0/16"]), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t"
+            metadata,
+            AddressPolicy.from_cidrs(["169.254.0.0/16"]),
+            code=ErrorCode.URL_FORBIDDEN_ADDRESS,
+            what="t",
         )
     check_address(
-        metadata, AddressPolicy.from_cidrs(["169.254.169.254/32"]), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="t"
+        metadata,
+        AddressPolicy.from_cidrs(["169.254.169.254/32"]),
+        code=ErrorCode.URL_FORBIDDEN_ADDRESS,
+        what="t",
     )
 
 
 async def test_every_resolved_address_must_pass() -> None:
     # `localhost` resolves to loopback only; with nothing allow-listed it is refused before any connection.
     with pytest.raises(AssetError) as refused:
-        await resolve_checked("localhost", 80, AddressPolicy(), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="host")
+        await resolve_checked(
+            "localhost", 80, AddressPolicy(), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="host"
+        )
     assert refused.value.code is ErrorCode.URL_FORBIDDEN_ADDRESS
     chosen = await resolve_checked(
-        "127.0.0.1", 80, AddressPolicy.from_cidrs(["127.0.0.1/32"]), code=ErrorCode.URL_FORBIDDEN_ADDRESS, what="host"
+        "127.0.0.1",
+        80,
+        AddressPolicy.from_cidrs(["127.0.0.1/32"]),
+        code=ErrorCode.URL_FORBIDDEN_ADDRESS,
+        what="host",
     )
     assert str(chosen) == "127.0.0.1"
 

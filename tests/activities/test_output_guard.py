@@ -57,8 +57,13 @@ async def test_allowed_names_are_pinned_to_the_checked_address() -> None:
         "rtmp://127.0.0.1:1935/live/key?x=1",
         "rtmp://[::1]:1935/live/key?x=1",
     }
-    assert await checked_output_url("rtmp://8.8.8.8/live/key", RTMP_URL_GUARD, []) == "rtmp://8.8.8.8/live/key"
-    assert await checked_output_url("rtmp://10.1.2.3/app/k", RTMP_URL_GUARD, ["10.0.0.0/8"]) == "rtmp://10.1.2.3/app/k"
+    assert (
+        await checked_output_url("rtmp://8.8.8.8/live/key", RTMP_URL_GUARD, []) == "rtmp://8.8.8.8/live/key"
+    )
+    assert (
+        await checked_output_url("rtmp://10.1.2.3/app/k", RTMP_URL_GUARD, ["10.0.0.0/8"])
+        == "rtmp://10.1.2.3/app/k"
+    )
     # rtmps:// keeps its name (TLS needs it for SNI).
     assert (
         await checked_output_url("rtmps://127.0.0.1/live/key", RTMP_URL_GUARD, ["127.0.0.1/32"])
@@ -68,7 +73,9 @@ async def test_allowed_names_are_pinned_to_the_checked_address() -> None:
 
 async def test_open_output_refuses_a_forbidden_rtmp_target_before_the_host_connects(tmp_path: Path) -> None:
     host = LoopbackSessionHost("t", sidecar_task_queue("t"), 2, tmp_path / "cache")
-    activities = SidecarActivities(host, SidecarWorkerConfig.for_host(host, tmp_path / "assets"), incarnation="now")
+    activities = SidecarActivities(
+        host, SidecarWorkerConfig.for_host(host, tmp_path / "assets"), incarnation="now"
+    )
     request = OpenOutputInput(
         call=SidecarCall("s1", incarnation="now"),
         spec=OutputSpec(RTMP.name, {"url": "rtmp://169.254.169.254/live/s1"}),

@@ -1,4 +1,5 @@
-"""Sidecar activities in Temporal's ActivityEnvironment: incarnation guard, asset copies, heartbeats, shutdown."""
+"""Sidecar activities in Temporal's ActivityEnvironment: incarnation guard, asset copies, heartbeats,
+shutdown."""
 
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ async def test_asset_not_on_this_disk_is_downloaded_and_digest_checked(
     body = media.frames_zip()
     url = asset_server.serve("/sidecar/a.zip", body)
     request = PrepareAvatarInput(
-        call=SidecarCall("s1", "current"), avatar=avatar(url, body, "/control-plane/only"), fetch=policy.assets.fetch
+        call=SidecarCall("s1", "current"),
+        avatar=avatar(url, body, "/control-plane/only"),
+        fetch=policy.assets.fetch,
     )
     ready = await ActivityEnvironment().run(activities.prepare_avatar, request)
     assert ready.frame_count == 6 and not ready.cache_hit
@@ -114,7 +117,9 @@ async def test_prepare_progress_from_the_real_hosts_render_thread_heartbeats(
     stored = tmp_path / "control-plane.zip"
     stored.write_bytes(body)
     request = PrepareAvatarInput(
-        call=SidecarCall("s1", "current"), avatar=avatar("http://x", body, str(stored)), fetch=policy.assets.fetch
+        call=SidecarCall("s1", "current"),
+        avatar=avatar("http://x", body, str(stored)),
+        fetch=policy.assets.fetch,
     )
     env = ActivityEnvironment()
     beats: list[tuple[Any, ...]] = []
@@ -144,7 +149,9 @@ async def test_steps_cut_short_by_worker_shutdown_say_the_sidecar_is_going_away(
     call = SidecarCall("s1", "current")
     await ActivityEnvironment().run(
         activities.prepare_avatar,
-        PrepareAvatarInput(call=call, avatar=avatar("http://x", body, str(stored)), fetch=policy.assets.fetch),
+        PrepareAvatarInput(
+            call=call, avatar=avatar("http://x", body, str(stored)), fetch=policy.assets.fetch
+        ),
     )
     # The test host probes RTMP with a real handshake: serve one on loopback.
     server = await asyncio.start_server(_rtmp_handshake, "127.0.0.1", 0)

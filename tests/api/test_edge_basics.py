@@ -33,7 +33,12 @@ async def test_wrong_api_key_is_rejected(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("payload", "field"),
-    [({}, "room"), ({"room": "bad room!"}, "room"), ({"room": "ok", "ttl_s": 5}, "ttl_s"), ({"room": 3}, "room")],
+    [
+        ({}, "room"),
+        ({"room": "bad room!"}, "room"),
+        ({"room": "ok", "ttl_s": 5}, "ttl_s"),
+        ({"room": 3}, "room"),
+    ],
 )
 async def test_validation_errors_are_422_with_field_names(
     client: httpx.AsyncClient, payload: dict[str, object], field: str

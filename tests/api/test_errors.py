@@ -29,10 +29,14 @@ async def client() -> httpx.AsyncClient:
     app = create_app(SETTINGS)
     app.add_api_route(
         "/test/exists",
-        lambda: _raise(ApiError("session_exists", "session 's1' already exists", headers={"X-Trace-Id": "t1"})),
+        lambda: _raise(
+            ApiError("session_exists", "session 's1' already exists", headers={"X-Trace-Id": "t1"})
+        ),
     )
     app.add_api_route("/test/engine", lambda: _raise(AvatarNoFace("no face in frame 3")))
-    app.add_api_route("/test/retry", lambda: _raise(ApiError("temporal_unavailable", "cannot reach Temporal")))
+    app.add_api_route(
+        "/test/retry", lambda: _raise(ApiError("temporal_unavailable", "cannot reach Temporal"))
+    )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")
 
 
@@ -62,7 +66,9 @@ def _codes_raised_in_api() -> set[str]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
-            literals = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            literals = [
+                a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
             if node.func.id in ("ApiError", "_refuse") and literals:
                 codes.add(literals[0])
     return codes

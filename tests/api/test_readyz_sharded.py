@@ -57,8 +57,16 @@ async def test_readyz_finds_a_sidecar_in_any_shard_of_the_configured_pools(world
 @pytest.mark.parametrize(
     ("name", "value", "problem"),
     [
-        ("LIPSYNC_PLACEMENT_SHARDS", "0", "LIPSYNC_PLACEMENT_SHARDS must be an integer from 1 to 1024, got '0'"),
-        ("LIPSYNC_PLACEMENT_SHARDS", "many", "LIPSYNC_PLACEMENT_SHARDS must be an integer from 1 to 1024, got 'many'"),
+        (
+            "LIPSYNC_PLACEMENT_SHARDS",
+            "0",
+            "LIPSYNC_PLACEMENT_SHARDS must be an integer from 1 to 1024, got '0'",
+        ),
+        (
+            "LIPSYNC_PLACEMENT_SHARDS",
+            "many",
+            "LIPSYNC_PLACEMENT_SHARDS must be an integer from 1 to 1024, got 'many'",
+        ),
         ("LIPSYNC_POOLS", "gpu.eu,eu west", "LIPSYNC_POOLS names ['eu west'], which are not pool names"),
     ],
 )

@@ -180,5 +180,9 @@ async def test_a_fatal_sidecar_close_reaches_the_client_with_its_reason(relay_ur
     """The sidecar refuses an unknown session with 1008 `unknown_session`: the relay passes both on."""
     async with websockets.connect(f"{relay_url}/v1/sessions/no-such-session/audio") as ws:
         messages = await until_closed(ws)
-    assert ws.close_code == 1008 and ws.close_reason == "unknown_session", (ws.close_code, ws.close_reason, messages)
+    assert ws.close_code == 1008 and ws.close_reason == "unknown_session", (
+        ws.close_code,
+        ws.close_reason,
+        messages,
+    )
     assert any(m.get("type") == "error" and m.get("code") == "unknown_session" for m in messages), messages

@@ -46,7 +46,9 @@ async def test_a_stop_right_after_create_is_never_lost(world: Harness, avatar_ur
             session_id = created.json()["session_id"]
             world.workflow_ids.append(f"session-{session_id}")
             await asyncio.sleep(delay_s)
-            stopped = await api.post(f"/v1/sessions/{session_id}/stop", json={"reason": "at once"}, headers=AUTH)
+            stopped = await api.post(
+                f"/v1/sessions/{session_id}/stop", json={"reason": "at once"}, headers=AUTH
+            )
             final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"})
             return session_id, stopped.status_code, stopped.text, final
 
@@ -59,18 +61,28 @@ async def test_a_stop_right_after_create_is_never_lost(world: Harness, avatar_ur
 
 
 async def test_stop_twice_at_once_while_placing_both_succeed(world: Harness, avatar_url: str) -> None:  # noqa: F811
-    """No sidecar: the session waits in `placing`; two concurrent stops both answer 200 and it ends `stopped`."""
+    """No sidecar: the session waits in `placing`; two concurrent stops both answer 200 and it ends
+    `stopped`."""
     async with make_api(world, assets__fetch__allow_networks=["127.0.0.1/32"]) as api:
-        body = {"avatar": {"frames_zip_url": avatar_url}, "output": {"livekit": {"room": f"r-{uuid.uuid4().hex[:8]}"}}}
+        body = {
+            "avatar": {"frames_zip_url": avatar_url},
+            "output": {"livekit": {"room": f"r-{uuid.uuid4().hex[:8]}"}},
+        }
         session_id = (await api.post("/v1/sessions", json=body, headers=AUTH)).json()["session_id"]
         world.workflow_ids.append(f"session-{session_id}")
         await wait_phase(api, session_id, {"placing"})
         first, second = await asyncio.gather(
-            *(api.post(f"/v1/sessions/{session_id}/stop", json={"reason": n}, headers=AUTH) for n in ("a", "b"))
+            *(
+                api.post(f"/v1/sessions/{session_id}/stop", json={"reason": n}, headers=AUTH)
+                for n in ("a", "b")
+            )
         )
         final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"})
         after = await api.post(f"/v1/sessions/{session_id}/stop", headers=AUTH)
-    assert (first.status_code, second.status_code, after.status_code) == (200, 200, 200), (first.text, second.text)
+    assert (first.status_code, second.status_code, after.status_code) == (200, 200, 200), (
+        first.text,
+        second.text,
+    )
     assert final["phase"] == "completed" and final["end_reason"] == "stopped", final
 
 

@@ -107,7 +107,10 @@ async def test_every_session_route_needs_an_api_key(world: Harness, method: str,
     ("body", "field"),
     [
         ({"output": {"livekit": {"room": "r"}}}, "avatar"),
-        ({"avatar": {"frames_zip_url": "http://a/x", "idle_video_url": "http://a/v"}, "output": LIVEKIT}, "avatar"),
+        (
+            {"avatar": {"frames_zip_url": "http://a/x", "idle_video_url": "http://a/v"}, "output": LIVEKIT},
+            "avatar",
+        ),
         ({"avatar": ZIP, "output": {"livekit": {"room": "bad room!"}}}, "output.livekit.room"),
         ({"avatar": ZIP, "output": {}}, "output"),
         ({"avatar": ZIP, "output": {"rtmp": {"url": "http://x"}}}, "output.rtmp.url"),
@@ -118,7 +121,9 @@ async def test_every_session_route_needs_an_api_key(world: Harness, method: str,
         (session_body(colour="blue"), "colour"),
     ],
 )  # fmt: skip
-async def test_validation_errors_are_422_with_field_names(world: Harness, body: dict[str, Any], field: str) -> None:
+async def test_validation_errors_are_422_with_field_names(
+    world: Harness, body: dict[str, Any], field: str
+) -> None:
     async with make_api(world) as api:
         response = await api.post("/v1/sessions", json=body, headers=AUTH)
     assert response.status_code == 422, response.text
@@ -136,7 +141,11 @@ async def test_validation_errors_are_422_with_field_names(world: Harness, body: 
         ("http://LocalHost./a.zip", "url_forbidden_address", "loopback"),
         ("http://[::ffff:127.0.0.1]/a.zip", "url_forbidden_address", "loopback"),
         ("http://[2002:7f00:1::1]/a.zip", "url_forbidden_address", "loopback"),  # 6to4 carrying 127.0.0.1
-        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/a.zip", "url_forbidden_address", "loopback"),  # Teredo
+        (
+            "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/a.zip",
+            "url_forbidden_address",
+            "loopback",
+        ),  # Teredo
         ("http://10.1.2.3/a.zip", "url_forbidden_address", "private"),
         ("http://192.168.0.10/a.zip", "url_forbidden_address", "private"),
         ("http://169.254.169.254/latest/meta-data/", "url_forbidden_address", "cloud metadata"),
@@ -145,7 +154,9 @@ async def test_validation_errors_are_422_with_field_names(world: Harness, body: 
         ("http://user:pw@example.com/a.zip", "url_invalid", "credentials"),
     ],
 )
-async def test_ssrf_literal_addresses_are_refused_at_the_door(world: Harness, url: str, code: str, words: str) -> None:
+async def test_ssrf_literal_addresses_are_refused_at_the_door(
+    world: Harness, url: str, code: str, words: str
+) -> None:
     async with make_api(world) as api:
         response = await api.post("/v1/sessions", json=session_body(url), headers=AUTH)
         listed = await api.get("/v1/sessions", headers=AUTH)
@@ -164,8 +175,10 @@ async def test_ssrf_literal_addresses_are_refused_at_the_door(world: Harness, ur
     ],
 )
 async def test_numeric_ip_forms_of_loopback_are_refused_up_front(world: Harness, url: str) -> None:
-    """Resolvers read these as 127.0.0.1: the API judges them as that address, 400 before any session starts (the
-    fetch activity's guard, which resolves every name, refuses them too: tests/activities/test_net_guard.py)."""
+    """Resolvers read these as 127.0.0.1: the API judges them as that address, 400 before any session starts
+    (the
+    fetch activity's guard, which resolves every name, refuses them too:
+    tests/activities/test_net_guard.py)."""
     async with make_api(world) as api:
         created = await api.post("/v1/sessions", json=session_body(url), headers=AUTH)
     assert created.status_code == 400, created.text
@@ -174,7 +187,9 @@ async def test_numeric_ip_forms_of_loopback_are_refused_up_front(world: Harness,
 
 async def test_created_session_fields_duplicate_409_and_trace_header(world: Harness) -> None:
     session_id = f"dup-{uuid.uuid4().hex[:8]}"
-    body = session_body(session_id=session_id, audio={"sample_rate": 48000, "encoding": "f32le", "channels": 2})
+    body = session_body(
+        session_id=session_id, audio={"sample_rate": 48000, "encoding": "f32le", "channels": 2}
+    )
     async with make_api(world) as api:
         first = await api.post("/v1/sessions", json=body, headers=AUTH)
         second = await api.post("/v1/sessions", json=body, headers=AUTH)
@@ -187,7 +202,11 @@ async def test_created_session_fields_duplicate_409_and_trace_header(world: Harn
     assert created["audio_ws_url"] == (
         f"ws://127.0.0.1:8000/v1/sessions/{session_id}/audio?sample_rate=48000&encoding=f32le&channels=2"
     )
-    assert created["livekit"] == {"url": "ws://127.0.0.1:7880", "room": "room-1", "identity": f"avatar-{session_id}"}
+    assert created["livekit"] == {
+        "url": "ws://127.0.0.1:7880",
+        "room": "room-1",
+        "identity": f"avatar-{session_id}",
+    }
     assert created["status_url"] == f"http://127.0.0.1:8000/v1/sessions/{session_id}"
     assert created["temporal_ui_url"] == f"http://ui.test/namespaces/default/workflows/session-{session_id}"
     assert second.status_code == 409
@@ -198,7 +217,9 @@ async def test_created_session_fields_duplicate_409_and_trace_header(world: Harn
     assert status.headers["X-Trace-Id"] == trace_id and status.json()["trace_id"] == trace_id
     assert final["phase"] == "failed" and final["error"]["code"] == "asset_unreachable"
     names = span_names(trace_id)
-    assert {"POST /v1/sessions", "StartWorkflow:SessionWorkflow", "RunActivity:fetch_assets"} <= set(names), names
+    assert {"POST /v1/sessions", "StartWorkflow:SessionWorkflow", "RunActivity:fetch_assets"} <= set(names), (
+        names
+    )
 
 
 async def test_unknown_sessions_are_404(world: Harness) -> None:
@@ -215,7 +236,8 @@ async def test_unknown_sessions_are_404(world: Harness) -> None:
 
 
 async def test_list_stop_and_interrupt_of_a_session(world: Harness, tmp_path: Path) -> None:
-    """A session waits in `placing` (no sidecar): listed by room and phase; interrupt needs audio; stop ends it."""
+    """A session waits in `placing` (no sidecar): listed by room and phase; interrupt needs audio; stop ends
+    it."""
     room = f"room-{uuid.uuid4().hex[:8]}"
     async with make_api(world, assets__fetch__allow_networks=["127.0.0.1/32"]) as api:
         from tests.support.asset_server import AssetServer
@@ -231,7 +253,9 @@ async def test_list_stop_and_interrupt_of_a_session(world: Harness, tmp_path: Pa
             await wait_phase(api, session_id, {"placing"})
             deadline = time.monotonic() + 15
             while True:  # visibility is eventually consistent
-                listed = (await api.get("/v1/sessions", params={"room": room}, headers=AUTH)).json()["sessions"]
+                listed = (await api.get("/v1/sessions", params={"room": room}, headers=AUTH)).json()[
+                    "sessions"
+                ]
                 if listed and listed[0]["phase"] == "placing":
                     break
                 assert time.monotonic() < deadline, listed
@@ -282,7 +306,9 @@ async def test_readyz_needs_a_control_worker_and_a_polling_sidecar(world: Harnes
 async def test_readyz_and_metrics_when_temporal_is_unreachable() -> None:
     from infra.process import free_port
 
-    settings = ApiSettings(api_keys=(KEY,), admin_keys=(ADMIN_KEY,), temporal_target=f"127.0.0.1:{free_port()}")
+    settings = ApiSettings(
+        api_keys=(KEY,), admin_keys=(ADMIN_KEY,), temporal_target=f"127.0.0.1:{free_port()}"
+    )
     app = create_app(settings, policy=fast_policy())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as api:
         ready = await api.get("/readyz", headers=ADMIN_AUTH)
@@ -307,14 +333,21 @@ async def test_metrics_count_sessions_by_phase(world: Harness) -> None:
     assert "lipsync_temporal_up 1.0" in text
     assert 'lipsync_sessions_ended_total{status="failed"}' in text
     assert 'lipsync_sessions_started_total{result="started"}' in text
-    assert 'lipsync_api_request_duration_seconds_count{method="POST",route="/v1/sessions",status="201"}' in text
+    assert (
+        'lipsync_api_request_duration_seconds_count{method="POST",route="/v1/sessions",status="201"}' in text
+    )
 
 
 async def test_openapi_documents_the_session_api(world: Harness) -> None:
     async with make_api(world) as api:
         document = (await api.get("/openapi.json")).json()
     paths = document["paths"]
-    for path in ("/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/stop", "/session/start"):
+    for path in (
+        "/v1/sessions",
+        "/v1/sessions/{session_id}",
+        "/v1/sessions/{session_id}/stop",
+        "/session/start",
+    ):
         assert path in paths, sorted(paths)
     assert "201" in paths["/v1/sessions"]["post"]["responses"]
     assert "409" in paths["/v1/sessions"]["post"]["responses"]
@@ -330,7 +363,11 @@ async def test_seed_session_start_maps_onto_a_session(world: Harness) -> None:
         )
         no_output = await api.post(
             "/session/start",
-            json={"room": "seed-room", "frames_zip_url": "http://assets.invalid/a.zip", "connect_livekit": False},
+            json={
+                "room": "seed-room",
+                "frames_zip_url": "http://assets.invalid/a.zip",
+                "connect_livekit": False,
+            },
             headers=AUTH,
         )
     assert response.status_code == 400 and response.json()["code"] == "url_forbidden_address"
@@ -348,13 +385,17 @@ async def test_debug_musetalk_reports_the_model_dir_like_models_check(world: Har
         services.settings = dataclasses.replace(services.settings, model_dir=tmp_path / "empty-models")
         response = await api.get("/debug/musetalk", headers=ADMIN_AUTH)
         tenant = await api.get("/debug/musetalk", headers=AUTH)
-    assert tenant.status_code == 403 and tenant.json()["code"] == "admin_only"  # model paths are the operator's
+    assert (
+        tenant.status_code == 403 and tenant.json()["code"] == "admin_only"
+    )  # model paths are the operator's
     assert response.status_code == 200, response.text
     document = response.json()
     expected = check_document(tmp_path / "empty-models")
     assert document["files"] == expected["files"] and document["ok"] is False
     assert document["engine_auto_would_use"] == "preview"
-    assert document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    assert (
+        document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    )
     assert document["sidecars"] == {}
 
 
@@ -368,7 +409,9 @@ async def test_list_pages_through_visibility(world: Harness) -> None:
             world.workflow_ids.append(f"session-{session_id}")
             ids.add(session_id)
         deadline = time.monotonic() + 15
-        while len((await api.get("/v1/sessions", params={"room": room}, headers=AUTH)).json()["sessions"]) < 2:
+        while (
+            len((await api.get("/v1/sessions", params={"room": room}, headers=AUTH)).json()["sessions"]) < 2
+        ):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
         first = (await api.get("/v1/sessions", params={"room": room, "page_size": 1}, headers=AUTH)).json()

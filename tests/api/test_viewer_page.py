@@ -38,7 +38,12 @@ def viewer_base_url() -> Iterator[str]:
 
 def _token(config: LiveKitServerConfig, identity: str, room: str, *, publish: bool) -> str:
     grants = api.VideoGrants(room_join=True, room=room, can_publish=publish, can_subscribe=True)
-    return api.AccessToken(config.api_key, config.api_secret).with_identity(identity).with_grants(grants).to_jwt()
+    return (
+        api.AccessToken(config.api_key, config.api_secret)
+        .with_identity(identity)
+        .with_grants(grants)
+        .to_jwt()
+    )
 
 
 async def _publish_moving_pattern(room: rtc.Room, stop: asyncio.Event) -> None:

@@ -12,7 +12,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 @cache
 def span_exporter() -> InMemorySpanExporter:
-    """Spans of every tracer in this process, from now on (added to the SDK provider, installed if need be)."""
+    """Spans of every tracer in this process, from now on (added to the SDK provider, installed if need
+    be)."""
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()

@@ -1,4 +1,5 @@
-"""bench.placement end to end at a tiny size (its own dev server, 4 sidecars, two 1-s levels) and its arithmetic."""
+"""bench.placement end to end at a tiny size (its own dev server, 4 sidecars, two 1-s levels) and its
+arithmetic."""
 
 from __future__ import annotations
 
@@ -24,10 +25,34 @@ def test_percentiles_interpolate_between_ranks_like_numpy() -> None:
 def test_the_benchmark_runs_against_a_real_server_and_writes_the_named_figures(tmp_path: Path) -> None:
     out = tmp_path / "placement.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.placement", "--sidecars", "4", "--shards", "2", "--rates", "4", "8",
-         "--level-s", "1", "--hold-s", "0.2", "--registration-interval-s", "1", "--lease-s", "5", "--json", str(out)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.placement",
+            "--sidecars",
+            "4",
+            "--shards",
+            "2",
+            "--rates",
+            "4",
+            "8",
+            "--level-s",
+            "1",
+            "--hold-s",
+            "0.2",
+            "--registration-interval-s",
+            "1",
+            "--lease-s",
+            "5",
+            "--json",
+            str(out),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())
     assert document["benchmark"] == "placement"

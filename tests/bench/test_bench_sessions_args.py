@@ -1,4 +1,5 @@
-"""bench.sessions' frame sizes: N or WxH, even and >= 16 px (what video encoders take), and the avatar at that size."""
+"""bench.sessions' frame sizes: N or WxH, even and >= 16 px (what video encoders take), and the avatar at that
+size."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 from bench.sessions import avatar_zip, frame_px
 
 
-@pytest.mark.parametrize(("text", "size"), [("512", (512, 512)), ("512x512", (512, 512)), ("1280X720", (1280, 720))])
+@pytest.mark.parametrize(
+    ("text", "size"), [("512", (512, 512)), ("512x512", (512, 512)), ("1280X720", (1280, 720))]
+)
 def test_frame_sizes_are_a_side_or_width_by_height(text: str, size: tuple[int, int]) -> None:
     assert frame_px(text) == size
 

@@ -1,4 +1,5 @@
-"""`lipsync demo`'s core on free ports in a temp dir: a real session end to end, recorded to an MP4 that is checked."""
+"""`lipsync demo`'s core on free ports in a temp dir: a real session end to end, recorded to an MP4 that is
+checked."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""End to end through the API only: start -> WS speech -> a LiveKit subscriber sees the lips move and hears the
+"""End to end through the API only: start -> WS speech -> a LiveKit subscriber sees the lips move and hears
+the
 speech -> stop -> completed, with one trace id from the HTTP request to the sidecar's activities.
 
 Real services: Temporal dev server, livekit-server; the production control worker (Harness), the
@@ -60,7 +61,9 @@ async def world(
     span_exporter()
     admin_keys = (ADMIN_AUTH["X-API-Key"],)
     async with (
-        api_stack(temporal_dev_server, livekit_server, tmp_path, api_keys=(KEY,), admin_keys=admin_keys) as stack,
+        api_stack(
+            temporal_dev_server, livekit_server, tmp_path, api_keys=(KEY,), admin_keys=admin_keys
+        ) as stack,
         httpx.AsyncClient(base_url=stack.api_url, headers=AUTH, timeout=30) as api,
     ):
         yield World(api, stack.api_url, stack.harness, stack.livekit, stack.avatar_url)
@@ -77,7 +80,9 @@ async def next_event(ws: Any, kind: str, timeout_s: float = 30.0) -> dict[str, A
                 return event
 
 
-async def wait_phase(api: httpx.AsyncClient, session_id: str, phases: set[str], timeout_s: float) -> dict[str, Any]:
+async def wait_phase(
+    api: httpx.AsyncClient, session_id: str, phases: set[str], timeout_s: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         body: dict[str, Any] = (await api.get(f"/v1/sessions/{session_id}")).json()
@@ -99,7 +104,9 @@ async def test_a_session_through_the_api_only(world: World) -> None:
     session_id, trace_id = body["session_id"], created.headers["X-Trace-Id"]
     world.harness.workflow_ids.append(f"session-{session_id}")
     token = (await api.post("/v1/livekit/token", json={"room": room, "identity": "e2e-viewer"})).json()
-    viewer = RoomRecorder(mouth_box=(0, 0, SIDE_PX, SIDE_PX))  # the whole frame: the face is still but the mouth
+    viewer = RoomRecorder(
+        mouth_box=(0, 0, SIDE_PX, SIDE_PX)
+    )  # the whole frame: the face is still but the mouth
     await viewer.connect(token["url"], token["token"])
     pcm = speech_pcm(SENTENCE)
     try:
@@ -118,7 +125,9 @@ async def test_a_session_through_the_api_only(world: World) -> None:
             finished = await next_event(ws, "playback_finished")
             await asyncio.sleep(1.0)
             debug = (await api.get("/debug/audio", params={"session_id": session_id})).json()
-            debug_all = (await api.get("/debug/audio", headers=ADMIN_AUTH)).json()  # every session: admins only
+            debug_all = (
+                await api.get("/debug/audio", headers=ADMIN_AUTH)
+            ).json()  # every session: admins only
             metrics = (await api.get("/metrics", headers=ADMIN_AUTH)).text
         stopped = await api.post(f"/v1/sessions/{session_id}/stop", json={"reason": "e2e done"})
         final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"}, 30)
@@ -146,14 +155,20 @@ async def test_a_session_through_the_api_only(world: World) -> None:
     assert debug["publishers"]["livekit"]["connected"] is True
     every = debug_all["sessions"][session_id]
     assert every["relay"]["bytes_to_sidecar"] == len(pcm) and every["sidecar_stats"]["frames_published"] > 0
-    ttff = re.search(rf'lipsync_session_ttff_ms{{session_id="{session_id}",sidecar="[^"]+"}} ([0-9.e+]+)', metrics)
+    ttff = re.search(
+        rf'lipsync_session_ttff_ms{{session_id="{session_id}",sidecar="[^"]+"}} ([0-9.e+]+)', metrics
+    )
     assert ttff is not None and 0 < float(ttff.group(1)) < 2000, metrics
-    pattern = rf'lipsync_session_audio_samples_total{{kind="received",session_id="{session_id}",sidecar="[^"]+"}} (\S+)'
+    labels = rf'kind="received",session_id="{session_id}",sidecar="[^"]+"'
+    pattern = rf"lipsync_session_audio_samples_total{{{labels}}} (\S+)"
     received = re.search(pattern, metrics)
     assert received is not None and float(received.group(1)) == len(pcm) // 2, metrics
     assert 'lipsync_sessions{phase="live"}' in metrics
-    # The sidecar's send-side A/V offset (last frame sent; positive = video late), measured once speech went out.
-    av_offset = re.search(rf'lipsync_session_av_offset_ms{{session_id="{session_id}",sidecar="[^"]+"}} (\S+)', metrics)
+    # The sidecar's send-side A/V offset (last frame sent; positive = video late), measured once speech went
+    # out.
+    av_offset = re.search(
+        rf'lipsync_session_av_offset_ms{{session_id="{session_id}",sidecar="[^"]+"}} (\S+)', metrics
+    )
     assert av_offset is not None and abs(float(av_offset.group(1))) < 1000, metrics
 
     # The subscriber saw the lips move with the speech and rest before it.
@@ -215,7 +230,9 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
 
     # A session that fails before it is live: the relay says why, with the session's error code.
     missing = world.avatar_url.replace("/astronaut.zip", "/missing.zip")
-    failing = (await api.post("/v1/sessions", json={"avatar": {"frames_zip_url": missing}, "output": LIVEKIT})).json()
+    failing = (
+        await api.post("/v1/sessions", json={"avatar": {"frames_zip_url": missing}, "output": LIVEKIT})
+    ).json()
     world.harness.workflow_ids.append(f"session-{failing['session_id']}")
     async with websockets.connect(failing["audio_ws_url"], additional_headers=AUTH) as ws:
         error = json.loads(await asyncio.wait_for(ws.recv(), 30))
@@ -225,14 +242,17 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
     assert ws.close_code == 1011
 
     # Interrupt through the API cuts the utterance being played.
-    created = await api.post("/v1/sessions", json={"avatar": {"frames_zip_url": world.avatar_url}, "output": LIVEKIT})
+    created = await api.post(
+        "/v1/sessions", json={"avatar": {"frames_zip_url": world.avatar_url}, "output": LIVEKIT}
+    )
     session_id = created.json()["session_id"]
     world.harness.workflow_ids.append(f"session-{session_id}")
     pcm = speech_pcm(SENTENCE)
     # audio_ws_url carries the session's audio token: the client streams without any key.
     assert "token=" in created.json()["audio_ws_url"]
     async with websockets.connect(created.json()["audio_ws_url"]) as ws:
-        # The whole utterance at once, before the session is even live: the relay keeps it and forwards it first.
+        # The whole utterance at once, before the session is even live: the relay keeps it and forwards it
+        # first.
         await ws.send(pcm)
         await next_event(ws, "ready", timeout_s=90)
         await next_event(ws, "playback_started")
@@ -242,7 +262,10 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
         debug = (await api.get("/debug/audio", params={"session_id": session_id})).json()
     await api.post(f"/v1/sessions/{session_id}/stop")
     final = await wait_phase(api, session_id, {"completed", "failed", "cancelled"}, 30)
-    assert interrupted.status_code == 200 and interrupted.json() == {"session_id": session_id, "interrupted": True}
+    assert interrupted.status_code == 200 and interrupted.json() == {
+        "session_id": session_id,
+        "interrupted": True,
+    }
     assert interrupted.headers["X-Trace-Id"] == created.headers["X-Trace-Id"]
     assert finished["interrupted"] is True
     assert 0.5 < finished["playback_position"] < len(pcm) / 2 / RATE_HZ - 1.0, finished
@@ -260,7 +283,8 @@ async def test_audio_relay_auth_failure_and_interrupt(world: World) -> None:
 
 
 async def test_the_seed_orchestrator_streams_to_audio_on_the_api(world: World) -> None:
-    """The seed opens `/audio?session_id=` on the service it called `/session/start` on: the API relays it like
+    """The seed opens `/audio?session_id=` on the service it called `/session/start` on: the API relays it
+    like
     `/v1/sessions/{id}/audio` (same auth, same protocol); the start response names the avatar's identity."""
     api = world.api
     base = f"ws://{world.api_url.removeprefix('http://')}"
@@ -279,7 +303,9 @@ async def test_the_seed_orchestrator_streams_to_audio_on_the_api(world: World) -
     body = started.json()
     session_id = body["session_id"]
     world.harness.workflow_ids.append(f"session-{session_id}")
-    assert body["livekit"]["identity"] == f"avatar-{session_id}"  # what an agent passes as destination_identity
+    assert (
+        body["livekit"]["identity"] == f"avatar-{session_id}"
+    )  # what an agent passes as destination_identity
     pcm = speech_pcm(SENTENCE)[: RATE_HZ * 2]  # 1 s
     async with websockets.connect(
         f"{base}/audio?session_id={session_id}&sample_rate={RATE_HZ}", additional_headers=AUTH

@@ -33,7 +33,9 @@ STARTER = textwrap.dedent(
     workdir = Path(sys.argv[1])
     services = [
         rtmp.server_process(rtmp.RtmpServerConfig().with_free_ports(), workdir / "nginx"),
-        temporal.dev_server_process(temporal.TemporalDevServerConfig().with_free_ports(), workdir / "temporal.log"),
+        temporal.dev_server_process(
+            temporal.TemporalDevServerConfig().with_free_ports(), workdir / "temporal.log"
+        ),
     ]
     for service in services:
         service.start()

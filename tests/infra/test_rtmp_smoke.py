@@ -24,7 +24,12 @@ def _push(url: str, seconds: float) -> None:
     with av.open(url, mode="w", format="flv") as container:
         video = container.add_stream("libx264", rate=FRAME_RATE_FPS)
         video.width, video.height, video.pix_fmt = WIDTH_PX, HEIGHT_PX, "yuv420p"
-        video.options = {"tune": "zerolatency", "preset": "ultrafast", "g": str(FRAME_RATE_FPS * 2), "bf": "0"}
+        video.options = {
+            "tune": "zerolatency",
+            "preset": "ultrafast",
+            "g": str(FRAME_RATE_FPS * 2),
+            "bf": "0",
+        }
         audio = container.add_stream("aac", rate=SAMPLE_RATE_HZ, layout="mono")
         samples_per_frame = 1024
         audio_samples_sent = 0

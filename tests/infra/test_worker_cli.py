@@ -47,10 +47,23 @@ async def test_worker_process_runs_sessions(
     # Tethered (infra.process.spawn): it dies with this test process however that ends.
     process = await asyncio.to_thread(
         spawn,
-        [sys.executable, "-m", "infra.cli", "worker", "--temporal-address", temporal_dev_server.target,
-         "--task-queue", queue, "--placement-id", f"placement-{queue}", "--asset-dir", str(tmp_path / "assets")],
-        log=log, cwd=PROJECT_ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "worker",
+            "--temporal-address",
+            temporal_dev_server.target,
+            "--task-queue",
+            queue,
+            "--placement-id",
+            f"placement-{queue}",
+            "--asset-dir",
+            str(tmp_path / "assets"),
+        ],
+        log=log,
+        cwd=PROJECT_ROOT,
+    )
     try:
         # The SSRF guard refuses this URL: the worker process ran the workflow and the fetch activity.
         request = SessionRequest(
@@ -79,9 +92,22 @@ async def test_worker_process_runs_sessions(
 def test_sidecar_subcommand_takes_its_temporal_options(tmp_path: Path) -> None:
     parser = build_parser()
     args = parser.parse_args(
-        ["sidecar", "--temporal-address", "127.0.0.1:1", "--placement-id", "p", "--control-task-queue", "q",
-         "--lease-s", "9", "--registration-interval-s", "3", "--asset-dir", str(tmp_path)]
-    )  # fmt: skip
+        [
+            "sidecar",
+            "--temporal-address",
+            "127.0.0.1:1",
+            "--placement-id",
+            "p",
+            "--control-task-queue",
+            "q",
+            "--lease-s",
+            "9",
+            "--registration-interval-s",
+            "3",
+            "--asset-dir",
+            str(tmp_path),
+        ]
+    )
     assert temporal_options_from_args(args, Path("/default")) == SidecarTemporalOptions(
         address="127.0.0.1:1",
         namespace="default",
@@ -103,11 +129,26 @@ async def test_sidecar_without_reachable_temporal_exits_with_an_error(tmp_path: 
     with log_path.open("wb") as log:
         process = await asyncio.to_thread(
             spawn,
-            [sys.executable, "-m", "infra.cli", "sidecar", "--temporal-address", f"127.0.0.1:{free_port()}",
-             "--engine", "preview", "--device", "cpu", "--no-warm-up", "--port", str(free_port()),
-             "--asset-dir", str(tmp_path / "assets")],
-            log=log, cwd=PROJECT_ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "sidecar",
+                "--temporal-address",
+                f"127.0.0.1:{free_port()}",
+                "--engine",
+                "preview",
+                "--device",
+                "cpu",
+                "--no-warm-up",
+                "--port",
+                str(free_port()),
+                "--asset-dir",
+                str(tmp_path / "assets"),
+            ],
+            log=log,
+            cwd=PROJECT_ROOT,
+        )
         try:
             returncode = await asyncio.to_thread(process.wait, 60)
         finally:
@@ -121,10 +162,19 @@ def test_worker_without_reachable_temporal_says_so(tmp_path: Path) -> None:
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         process = spawn(
-            [sys.executable, "-m", "infra.cli", "worker", "--temporal-address", f"127.0.0.1:{free_port()}",
-             "--asset-dir", str(tmp_path / "assets")],
-            log=log, cwd=PROJECT_ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "infra.cli",
+                "worker",
+                "--temporal-address",
+                f"127.0.0.1:{free_port()}",
+                "--asset-dir",
+                str(tmp_path / "assets"),
+            ],
+            log=log,
+            cwd=PROJECT_ROOT,
+        )
         try:
             returncode = process.wait(60)
         finally:

@@ -15,7 +15,15 @@ from realtime.errors import LipsyncError
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("api", "activities", "realtime", "infra")
-BUILTIN_EXCEPTIONS = {"Exception", "RuntimeError", "ValueError", "KeyError", "LookupError", "OSError", "TypeError"}
+BUILTIN_EXCEPTIONS = {
+    "Exception",
+    "RuntimeError",
+    "ValueError",
+    "KeyError",
+    "LookupError",
+    "OSError",
+    "TypeError",
+}
 # Not failures anyone reports: signals between the runtime and the render lane.
 CONTROL_FLOW = {"UtteranceClosed"}
 
@@ -57,6 +65,8 @@ def test_every_error_the_service_defines_is_a_lipsync_error() -> None:
     errors = {n for n in classes if n != LipsyncError.__name__ and _is_exception(n, classes, set())}
     assert {"EngineError", "IngestError", "AssetError", "ApiError", "OutputError", "SidecarError"} <= errors
     strays = sorted(
-        f"{classes[n][0]} {n}" for n in errors - CONTROL_FLOW if not _reaches(n, LipsyncError.__name__, classes, set())
+        f"{classes[n][0]} {n}"
+        for n in errors - CONTROL_FLOW
+        if not _reaches(n, LipsyncError.__name__, classes, set())
     )
     assert not strays, f"exception classes outside the error base: {strays}"

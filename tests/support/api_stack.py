@@ -98,7 +98,9 @@ async def api_stack(
             engine="preview",
             device="cpu",
             cache_dir=work_dir / "avatar-cache",
-            host=HostConfig(sidecar_id=sidecar_id, task_queue=sidecar_task_queue(sidecar_id), slots_total=slots),
+            host=HostConfig(
+                sidecar_id=sidecar_id, task_queue=sidecar_task_queue(sidecar_id), slots_total=slots
+            ),
             server=ServerConfig(service_secret=SIDECAR_SECRET, stats_interval_ms=0),
         )
         sidecar = asyncio.create_task(serve(settings, services=[temporal_side]))
@@ -123,7 +125,9 @@ async def api_stack(
             while not server.started:
                 assert not serving.done(), "the API server did not start"
                 await asyncio.sleep(0.05)
-            avatar_url = assets.serve("/astronaut.zip", avatar_zip_bytes(side_px=AVATAR_SIDE_PX), "application/zip")
+            avatar_url = assets.serve(
+                "/astronaut.zip", avatar_zip_bytes(side_px=AVATAR_SIDE_PX), "application/zip"
+            )
             yield ApiStack(
                 api_url=f"http://127.0.0.1:{api_port}",
                 api_key=api_keys[0],
@@ -146,7 +150,10 @@ def gray(frame_rgb: np.ndarray) -> np.ndarray:
 
 
 def lips_move_with_speech(
-    frames: list[Any], first_speech_frame_id: int, loud_frame_offsets: list[int], side_px: int = AVATAR_SIDE_PX
+    frames: list[Any],
+    first_speech_frame_id: int,
+    loud_frame_offsets: list[int],
+    side_px: int = AVATAR_SIDE_PX,
 ) -> tuple[float, float, int, int]:
     """(speech change, idle change, idle frames, speech frames) of the received mouth region.
 
@@ -170,7 +177,8 @@ def lips_move_with_speech(
 
 
 def loud_frame_offsets(pcm_s16le_16khz: bytes, fraction: float = 0.3) -> list[int]:
-    """Indices (from the utterance's first frame) of the 40 ms frames whose RMS is above `fraction` of the loudest."""
+    """Indices (from the utterance's first frame) of the 40 ms frames whose RMS is above `fraction` of the
+    loudest."""
     speech = np.frombuffer(pcm_s16le_16khz, dtype="<i2").astype(np.float32) / 32768.0
     per_frame = speech[: len(speech) // 640 * 640].reshape(-1, 640)
     level = np.sqrt((per_frame**2).mean(axis=1))

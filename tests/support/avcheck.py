@@ -113,7 +113,9 @@ class RoomRecorder:
 
     async def _read_audio(self, track: rtc.Track) -> None:
         async for event in rtc.AudioStream(track, sample_rate=PLAYOUT_RATE_HZ, num_channels=1):
-            self.audio_chunks.append((time.monotonic(), np.frombuffer(event.frame.data, dtype=np.int16).copy()))
+            self.audio_chunks.append(
+                (time.monotonic(), np.frombuffer(event.frame.data, dtype=np.int16).copy())
+            )
 
     async def wait_for(self, predicate: object, timeout_s: float) -> None:
         assert callable(predicate)
@@ -183,7 +185,9 @@ def envelope_correlation(received: np.ndarray, sent: np.ndarray, lag: int) -> fl
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def block_lags(received: np.ndarray, sent: np.ndarray, lag: int, block: int = 24_000, search: int = 4_800) -> list[int]:
+def block_lags(
+    received: np.ndarray, sent: np.ndarray, lag: int, block: int = 24_000, search: int = 4_800
+) -> list[int]:
     """For each loud `block` of the sent speech, its best lag relative to the global `lag` (in samples).
 
     All zero (±1 sample of codec phase) when the received audio is the sent audio, shifted as a whole; a

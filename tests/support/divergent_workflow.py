@@ -1,4 +1,5 @@
-"""A workflow that pretends to be SessionWorkflow but issues other commands (its own module: the sandbox imports it)."""
+"""A workflow that pretends to be SessionWorkflow but issues other commands (its own module: the sandbox
+imports it)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,10 @@ async def harness(temporal_client: Client, tmp_path: Path) -> AsyncIterator[Harn
 
 @pytest.fixture
 def sidecars(
-    temporal_dev_server: TemporalDevServerConfig, harness: Harness, tmp_path: Path, livekit_server: LiveKitServerConfig
+    temporal_dev_server: TemporalDevServerConfig,
+    harness: Harness,
+    tmp_path: Path,
+    livekit_server: LiveKitServerConfig,
 ) -> Iterator[SidecarProcesses]:
     """Real sidecar processes serving `harness`, publishing to the test livekit-server."""
     processes = SidecarProcesses(

@@ -1,4 +1,5 @@
-"""Separate virtualenvs for voice-agent frameworks whose pins conflict with the service's (livekit-agents, Pipecat).
+"""Separate virtualenvs for voice-agent frameworks whose pins conflict with the service's (livekit-agents,
+Pipecat).
 
 Each is built by the test that needs it, from PyPI, once per requirement set and interpreter,
 under the per-user cache (`infra.paths.cache_dir()/venvs/`), so CI on a clean machine builds it
@@ -47,10 +48,16 @@ def framework_python(name: str, requirements: list[str], constraints: Path) -> P
             return python
         shutil.rmtree(path, ignore_errors=True)
         started_s = time.monotonic()
-        env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT"}}
+        env = {
+            k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PIP_CONSTRAINT"}
+        }
         try:
             subprocess.run(
-                [str(base_python), "-m", "venv", str(path)], check=True, capture_output=True, timeout=120, env=env
+                [str(base_python), "-m", "venv", str(path)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+                env=env,
             )
             subprocess.run(
                 [
@@ -81,12 +88,14 @@ def framework_python(name: str, requirements: list[str], constraints: Path) -> P
 
 
 def integration_pythonpath(*integration_dirs: Path) -> str:
-    """PYTHONPATH for a framework env: the client and the given integrations' source trees, nothing of the service."""
+    """PYTHONPATH for a framework env: the client and the given integrations' source trees, nothing of the
+    service."""
     return os.pathsep.join(str(p) for p in (CLIENT_SRC, *integration_dirs))
 
 
 def framework_python_or_skip(name: str, requirements: list[str], constraints: Path) -> Path:
-    """`framework_python` for a test: an env that cannot be built fails the run in CI and skips the test elsewhere."""
+    """`framework_python` for a test: an env that cannot be built fails the run in CI and skips the test
+    elsewhere."""
     import pytest
 
     from tests.conftest import IN_CI

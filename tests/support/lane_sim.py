@@ -27,7 +27,9 @@ from realtime.sidecar.render_lane import BatchCostModel, RenderLane, bucket_for
 from realtime.sidecar.runtime import SessionRuntime
 
 CHUNK_MS = 20
-LOOKAHEAD_FRAMES = 2  # a frame is ready once 80 ms of audio after it exist, as in the engine's feature framing
+LOOKAHEAD_FRAMES = (
+    2  # a frame is ready once 80 ms of audio after it exist, as in the engine's feature framing
+)
 _FRAME = np.zeros((8, 8, 3), np.uint8)
 
 
@@ -72,10 +74,13 @@ class FakeSessionEngine:
 
 class SleepingDevice:
     """A fake engine with a device: a batch's `device_ms[bucket]` passes on a device thread (batches one after
-    another, as on a GPU stream) and its `host_ms[bucket]` on the caller's thread in `result()` (frame assembly).
+    another, as on a GPU stream) and its `host_ms[bucket]` on the caller's thread in `result()` (frame
+    assembly).
     `render` runs both in turn; `render_async` enqueues the device part and returns, for a pipelined lane."""
 
-    def __init__(self, device_ms: Mapping[int, float], host_ms: Mapping[int, float], buckets: Sequence[int]) -> None:
+    def __init__(
+        self, device_ms: Mapping[int, float], host_ms: Mapping[int, float], buckets: Sequence[int]
+    ) -> None:
         self.device_ms = dict(device_ms)
         self.host_ms = dict(host_ms)
         self.buckets = tuple(buckets)
@@ -150,13 +155,16 @@ class SimResult:
     lane_busy_fraction: float
     first_frames_jumped: int
     first_frames_displaced: int
-    miss_frame_indices: list[int]  # utterance frame index of each dropped frame (where in an utterance they fall)
+    miss_frame_indices: list[
+        int
+    ]  # utterance frame index of each dropped frame (where in an utterance they fall)
 
 
 async def _client(
     runtime: SessionRuntime, utterance_s: float, gap_s: float, stop_at_s: float, burst_s: float = 0.0
 ) -> None:
-    """`burst_s`: each utterance's first `burst_s` of audio arrives in one message (a TTS's first chunk), the rest
+    """`burst_s`: each utterance's first `burst_s` of audio arrives in one message (a TTS's first chunk), the
+    rest
     in real time from then on, so the audio stays `burst_s` ahead of real time."""
     timeline = np.zeros(16_000 * CHUNK_MS // 1000, np.float32)
     playout = np.zeros(PLAYOUT_SAMPLES_PER_FRAME * CHUNK_MS // 40, np.float32)
@@ -166,7 +174,9 @@ async def _client(
         started = time.monotonic()
         if burst_chunks:
             runtime.ingest(
-                ConvertedAudio(np.tile(timeline, burst_chunks), np.tile(playout, burst_chunks)), "sim", started
+                ConvertedAudio(np.tile(timeline, burst_chunks), np.tile(playout, burst_chunks)),
+                "sim",
+                started,
             )
         for index in range(burst_chunks, chunks):
             delay = started + (index - burst_chunks) * CHUNK_MS / 1000 - time.monotonic()
@@ -195,7 +205,8 @@ async def simulate(
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
     that has measured every bucket already (a sidecar that has been up), else from nothing. A batch costs
     `cost_ms[bucket]` of device time, then `host_ms[bucket]` (default none) on the lane thread
-    (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`; `burst_s`: each utterance's first
+    (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`; `burst_s`: each utterance's
+    first
     `burst_s` of audio arrives at once (`_client`; one value per session, or one for all)."""
     bursts_s = [burst_s] * sessions if isinstance(burst_s, float | int) else list(burst_s)
     buckets = tuple(sorted(cost_ms))
@@ -235,7 +246,9 @@ async def simulate(
             )
         )
         drain_until_s = time.monotonic() + 3.0
-        while any(r.playing or r.timeline.pending_samples for r in runtimes) and time.monotonic() < drain_until_s:  # noqa: ASYNC110
+        while any(r.playing or r.timeline.pending_samples for r in runtimes):
+            if time.monotonic() >= drain_until_s:
+                break
             await asyncio.sleep(0.05)
     finally:
         for runtime in runtimes:

@@ -41,7 +41,9 @@ def zip_of(entries: dict[str, bytes], *, compression: int = zipfile.ZIP_DEFLATED
 
 def frames_zip(count: int = 6, side_px: int = 128) -> bytes:
     """frame_1.png … frame_N.png (natural order differs from lexical order past 9)."""
-    return zip_of({f"frames/frame_{index}.png": png(astronaut_frame(side_px, index)) for index in range(1, count + 1)})
+    return zip_of(
+        {f"frames/frame_{index}.png": png(astronaut_frame(side_px, index)) for index in range(1, count + 1)}
+    )
 
 
 def noise_frames_zip(count: int = 3, side_px: int = 128) -> bytes:
@@ -90,7 +92,8 @@ def idle_video_bytes(directory: Path, count: int = 10, side_px: int = 128) -> by
 
 
 def resizing_video_bytes(directory: Path, sides_px: tuple[int, int] = (128, 96), count: int = 6) -> bytes:
-    """An MPEG-TS idle video whose resolution changes midway: two segments of different sizes, concatenated."""
+    """An MPEG-TS idle video whose resolution changes midway: two segments of different sizes,
+    concatenated."""
     import av
 
     parts = []
@@ -123,7 +126,9 @@ def audio_only_bytes(directory: Path, seconds: float = 0.5) -> bytes:
         samples = (0.2 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
         block = 1024
         for start in range(0, len(samples) - block + 1, block):
-            frame = av.AudioFrame.from_ndarray(samples[start : start + block][None, :], format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                samples[start : start + block][None, :], format="fltp", layout="mono"
+            )
             frame.sample_rate = rate
             frame.pts = start
             for packet in stream.encode(frame):

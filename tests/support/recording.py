@@ -52,4 +52,6 @@ class RecordingPublisher:
         ]
 
     def audio(self) -> np.ndarray:
-        return np.concatenate([t.audio_playout for t in self.ticks]) if self.ticks else np.zeros(0, np.float32)
+        return (
+            np.concatenate([t.audio_playout for t in self.ticks]) if self.ticks else np.zeros(0, np.float32)
+        )

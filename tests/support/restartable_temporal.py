@@ -9,7 +9,8 @@ from infra.process import ManagedProcess
 
 
 class RestartableTemporal:
-    """A Temporal dev server on fixed ports with a database file: stopped and started again, its state survives."""
+    """A Temporal dev server on fixed ports with a database file: stopped and started again, its state
+    survives."""
 
     def __init__(self, config: temporal.TemporalDevServerConfig, log_path: Path) -> None:
         self.config = config

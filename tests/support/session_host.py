@@ -193,13 +193,15 @@ class LoopbackSessionHost:
         return opened
 
     def break_runtime(self, session_id: str, detail: str) -> None:
-        """Test hook: the session's clock or render task died; run_session ends `runtime_failed` with `detail`."""
+        """Test hook: the session's clock or render task died; run_session ends `runtime_failed` with
+        `detail`."""
         session = self._session(session_id)
         session.runtime_failure = detail
         session.stop_event.set()
 
     def lose_output(self, session_id: str) -> None:
-        """Test hook: the session's live output went away (its server died); run_session ends `output_failed`."""
+        """Test hook: the session's live output went away (its server died); run_session ends
+        `output_failed`."""
         session = self._session(session_id)
         session.output_lost = True
         session.stop_event.set()
@@ -291,7 +293,9 @@ class LoopbackSessionHost:
         except httpx.HTTPError as exc:
             raise OutputProbeError(f"LiveKit at {url} is unreachable: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise OutputProbeError(f"LiveKit at {url} refused the token: HTTP {response.status_code} {response.text}")
+            raise OutputProbeError(
+                f"LiveKit at {url} refused the token: HTTP {response.status_code} {response.text}"
+            )
 
     async def _probe_rtmp(self, url: str) -> None:
         parts = urlsplit(url)
@@ -313,7 +317,9 @@ class LoopbackSessionHost:
                     with contextlib.suppress(OSError):
                         await writer.wait_closed()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            raise OutputProbeError(f"RTMP server at {url} is unreachable: {type(exc).__name__}: {exc}") from exc
+            raise OutputProbeError(
+                f"RTMP server at {url} is unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _decode_all_frames(asset: AvatarAsset, progress: Callable[[int, int], None]) -> tuple[int, int, int]:

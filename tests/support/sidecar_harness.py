@@ -101,7 +101,9 @@ def sidecar_settings(
             slots_total=4,
             runtime=RuntimeConfig(buffer_limit_ms=buffer_limit_ms),
         ),
-        server=ServerConfig(service_secret=SIDECAR_SECRET, max_message_bytes=max_message_bytes, stats_interval_ms=0),
+        server=ServerConfig(
+            service_secret=SIDECAR_SECRET, max_message_bytes=max_message_bytes, stats_interval_ms=0
+        ),
     )
 
 
@@ -164,10 +166,14 @@ class AccountingWatch:
                 self.check(session_id, runtime.stats(), live=False)
                 publishes_audio = all(_publishes_audio(p) for p in runtime.publishers)
                 stats = runtime.stats()
-                # Published + dropped (ticks not delivered, speech an interrupt cleared before it played) == rendered.
+                # Published + dropped (ticks not delivered, speech an interrupt cleared before it played) ==
+                # rendered.
                 first = runtime.publishers[0].stats().name if runtime.publishers else ""
                 dropped = int(stats.extra.get(f"{first}_audio_samples_dropped", 0.0))
-                if publishes_audio and stats.audio_samples_published + dropped != stats.audio_samples_rendered:
+                if (
+                    publishes_audio
+                    and stats.audio_samples_published + dropped != stats.audio_samples_rendered
+                ):
                     self.violations.append(f"{session_id}: published + dropped != rendered: {stats}")
                 self.checked.append(session_id)
 
@@ -183,7 +189,9 @@ class AccountingWatch:
         if stats.audio_samples_received != parts:
             self.violations.append(f"{session_id} ({'live' if live else 'after teardown'}): {stats}")
         if not live and stats.audio_samples_pending:
-            self.violations.append(f"{session_id}: {stats.audio_samples_pending} samples pending after teardown")
+            self.violations.append(
+                f"{session_id}: {stats.audio_samples_pending} samples pending after teardown"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +206,17 @@ async def sidecar(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
     assert not watch.violations, "\n".join(watch.violations)
 
 
-async def open_recorded_session(sidecar: RunningSidecar, session_id: str, avatar_zip_path: Path) -> RecordingPublisher:
+async def open_recorded_session(
+    sidecar: RunningSidecar, session_id: str, avatar_zip_path: Path
+) -> RecordingPublisher:
     """A live session whose output is a RecordingPublisher (every tick kept in memory, no network)."""
     from realtime.sidecar.host import SidecarHost
 
     host = sidecar.host
     assert isinstance(host, SidecarHost)
-    prepared = await host.prepare_avatar(session_id, AvatarAsset(avatar_zip_path, "frames_zip", ""), lambda _p: None)
+    prepared = await host.prepare_avatar(
+        session_id, AvatarAsset(avatar_zip_path, "frames_zip", ""), lambda _p: None
+    )
     publisher = RecordingPublisher(prepared.width_px, prepared.height_px)
     await host.start_publishing(session_id, [publisher], OpenedOutput(LIVEKIT.name, "recording"))
     return publisher

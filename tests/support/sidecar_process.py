@@ -91,7 +91,9 @@ class SidecarProcesses:
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while sidecar_id not in await self.harness.slots_held():
             if process.poll() is not None:
-                raise AssertionError(f"sidecar {name} exited with {process.returncode}:\n{log_tail(log_path)}")
+                raise AssertionError(
+                    f"sidecar {name} exited with {process.returncode}:\n{log_tail(log_path)}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"sidecar {name} did not register in {REGISTRATION_TIMEOUT_S} s:\n{log_tail(log_path)}"

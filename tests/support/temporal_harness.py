@@ -115,7 +115,8 @@ class Harness:
         self.lease_s = lease_s
         self.registration_interval_s = registration_interval_s
         self.suffix = suffix
-        # Named in every failure the harness raises (a chaos test puts its seed here, so a rare failure replays).
+        # Named in every failure the harness raises (a chaos test puts its seed here, so a rare failure
+        # replays).
         self.failure_context = ""
         self._root = root
         self.livekit_api_key, self.livekit_api_secret = livekit_credentials
@@ -150,7 +151,9 @@ class Harness:
             task_queue=self.control_queue,
             shards=self.shards,
         )
-        self._control_worker = await self._stack.enter_async_context(build_control_worker(self.client, config))
+        self._control_worker = await self._stack.enter_async_context(
+            build_control_worker(self.client, config)
+        )
 
     async def restart_control_worker(self) -> None:
         """Stop the control worker (its workflows are evicted from its cache) and start a fresh one."""
@@ -164,7 +167,9 @@ class Harness:
         self, name: str, *, slots: int = 2, pool: str = DEFAULT_POOL, **host_options: Any
     ) -> LoopbackSessionHost:
         sidecar_id = self.sidecar_id(name)
-        host = LoopbackSessionHost(sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir, **host_options)
+        host = LoopbackSessionHost(
+            sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir, **host_options
+        )
         config = SidecarWorkerConfig.for_host(
             host,
             self.asset_dir,
@@ -178,7 +183,9 @@ class Harness:
             livekit_api_secret=self.livekit_api_secret,
         )
         shutdown, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(run_sidecar_worker(self.client, host, config, shutdown=shutdown, ready=ready))
+        task = asyncio.create_task(
+            run_sidecar_worker(self.client, host, config, shutdown=shutdown, ready=ready)
+        )
         waiter = asyncio.create_task(ready.wait())
         done, _ = await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
@@ -198,7 +205,9 @@ class Harness:
     async def start(
         self, request: SessionRequest, policy: SessionPolicy | None = None
     ) -> WorkflowHandle[SessionWorkflow, Any]:
-        handle = await start_session(self.client, request, policy or fast_policy(), task_queue=self.control_queue)
+        handle = await start_session(
+            self.client, request, policy or fast_policy(), task_queue=self.control_queue
+        )
         self.workflow_ids.append(handle.id)
         return handle
 
@@ -259,7 +268,9 @@ async def register_search_attributes(client: Client) -> None:
 
     request = AddSearchAttributesRequest(
         namespace=client.namespace,
-        search_attributes={key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in search_attributes.ALL_KEYS},
+        search_attributes={
+            key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in search_attributes.ALL_KEYS
+        },
     )
     try:
         await client.operator_service.add_search_attributes(request)
@@ -289,7 +300,8 @@ async def wait_for_status(
 async def failed_with(
     handle: WorkflowHandle[SessionWorkflow, Any], code: ErrorCode
 ) -> tuple[ApplicationError, SessionStatus]:
-    """Wait for the session to fail with `code`: its result raises an ApplicationError of that type and its final
+    """Wait for the session to fail with `code`: its result raises an ApplicationError of that type and its
+    final
     status is FAILED with that error code. Returns the cause and the status for the test's own checks."""
     try:
         await handle.result()
@@ -299,7 +311,9 @@ async def failed_with(
         raise AssertionError(f"the session did not fail (expected {code.value})")
     assert isinstance(cause, ApplicationError) and cause.type == code.value, cause
     status = await handle.query(SessionWorkflow.status)
-    assert status.phase is Phase.FAILED and status.error is not None and status.error.code == code.value, status
+    assert status.phase is Phase.FAILED and status.error is not None and status.error.code == code.value, (
+        status
+    )
     return cause, status
 
 
@@ -315,9 +329,12 @@ def determinism_replayer() -> Replayer:
     """A Replayer of the project's workflows for determinism checks (with the workers' tracing interceptor).
 
     debug_mode turns off the SDK's wall-clock deadlock detector (an activation that does not yield within 2 s
-    fails). A replay checks determinism, and on a loaded machine the first activation of a replay (a fresh sandbox
-    decoding the workflow input) can take longer than that without any fault of the workflow's, and the replay then
-    fails with "[TMPRL1101] Potential deadlock detected", not a nondeterminism. Live workers keep the detector."""
+    fails). A replay checks determinism, and on a loaded machine the first activation of a replay (a fresh
+    sandbox
+    decoding the workflow input) can take longer than that without any fault of the workflow's, and the replay
+    then
+    fails with "[TMPRL1101] Potential deadlock detected", not a nondeterminism. Live workers keep the
+    detector."""
     return Replayer(
         workflows=[SessionWorkflow, PlacementWorkflow], interceptors=[TracingInterceptor()], debug_mode=True
     )
@@ -334,7 +351,9 @@ async def replay_all(
     for workflow_id in dict.fromkeys(workflow_ids):
         runs: list[str | None] = []
         with contextlib.suppress(Exception):  # servers without visibility listing: latest run only
-            runs = [execution.run_id async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+            runs = [
+                execution.run_id async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")
+            ]
         if not runs:
             runs = [None]
         for run_id in runs:

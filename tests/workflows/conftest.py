@@ -1,4 +1,5 @@
-"""Fixtures for the orchestration tests: a loopback asset server, avatars, and an isolated Temporal harness."""
+"""Fixtures for the orchestration tests: a loopback asset server, avatars, and an isolated Temporal
+harness."""
 
 from __future__ import annotations
 

@@ -84,7 +84,10 @@ CASES = [
         failing_activity=FETCH,
     ),
     Case(
-        "private_address", ErrorCode.URL_FORBIDDEN_ADDRESS, fixed("http://10.0.0.7/avatar.zip"), failing_activity=FETCH
+        "private_address",
+        ErrorCode.URL_FORBIDDEN_ADDRESS,
+        fixed("http://10.0.0.7/avatar.zip"),
+        failing_activity=FETCH,
     ),
     Case(
         "link_local_address",
@@ -99,7 +102,12 @@ CASES = [
         policy={"assets__fetch__allow_networks": ["127.0.0.1/32", "169.254.0.0/16"]},
         failing_activity=FETCH,
     ),
-    Case("ipv6_loopback", ErrorCode.URL_FORBIDDEN_ADDRESS, fixed("http://[::1]:9/avatar.zip"), failing_activity=FETCH),
+    Case(
+        "ipv6_loopback",
+        ErrorCode.URL_FORBIDDEN_ADDRESS,
+        fixed("http://[::1]:9/avatar.zip"),
+        failing_activity=FETCH,
+    ),
     Case(
         "redirect_to_private_address",
         ErrorCode.REDIRECT_FORBIDDEN_ADDRESS,
@@ -142,7 +150,11 @@ CASES = [
         failing_activity=FETCH,
     ),
     # --- zip safety ---
-    Case("not_a_zip", ErrorCode.NOT_A_ZIP, serve("/text.zip", lambda _: b"just some text, not an archive\n" * 50)),
+    Case(
+        "not_a_zip",
+        ErrorCode.NOT_A_ZIP,
+        serve("/text.zip", lambda _: b"just some text, not an archive\n" * 50),
+    ),
     Case("zip_bomb_ratio", ErrorCode.ZIP_BOMB_RATIO, serve("/bomb.zip", lambda _: media.bomb_zip(3 * MIB))),
     Case(
         "zip_too_large_uncompressed",
@@ -157,7 +169,9 @@ CASES = [
     Case(
         "path_traversal",
         ErrorCode.ZIP_PATH_TRAVERSAL,
-        serve("/traversal.zip", lambda _: media.zip_of({"../../evil.png": media.png(media.astronaut_frame())})),
+        serve(
+            "/traversal.zip", lambda _: media.zip_of({"../../evil.png": media.png(media.astronaut_frame())})
+        ),
     ),
     Case("symlink_entry", ErrorCode.ZIP_SYMLINK, serve("/symlink.zip", lambda _: media.symlink_zip())),
     Case(
@@ -188,7 +202,9 @@ CASES = [
             ),
         ),
     ),
-    Case("too_many_frames", ErrorCode.TOO_MANY_FRAMES, serve("/many.zip", lambda _: media.frames_zip(41, 64))),
+    Case(
+        "too_many_frames", ErrorCode.TOO_MANY_FRAMES, serve("/many.zip", lambda _: media.frames_zip(41, 64))
+    ),
     Case("frame_too_small", ErrorCode.FRAME_TOO_SMALL, serve("/tiny.zip", lambda _: media.frames_zip(2, 32))),
     Case("no_face", ErrorCode.NO_FACE, serve("/noise.zip", lambda _: media.noise_frames_zip())),
     # --- idle video ---
@@ -255,7 +271,9 @@ async def test_bad_asset_fails_the_session_with_its_reason_code(
     world: Harness, asset_server: AssetServer, tmp_path: Path, case: Case
 ) -> None:
     url = case.make_url(asset_server, tmp_path)
-    request = world.request(url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/live/x")), kind=case.kind)
+    request = world.request(
+        url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/live/x")), kind=case.kind
+    )
     handle = await world.start(request, fast_policy(**case.policy))
 
     _, status = await failed_with(handle, case.code)
@@ -270,7 +288,8 @@ async def test_bad_asset_fails_the_session_with_its_reason_code(
 
 
 async def test_worker_unharmed_after_bad_inputs(world: Harness, avatar_url: str, rtmp_server: Any) -> None:
-    """Same control worker and sidecar as every bad case above: a good session still goes live and ends cleanly."""
+    """Same control worker and sidecar as every bad case above: a good session still goes live and ends
+    cleanly."""
     request = world.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("after"))))
     handle = await world.start(request)
     live = await wait_for_status(handle, in_phase(Phase.LIVE))

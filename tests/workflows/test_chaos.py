@@ -1,4 +1,5 @@
-"""Chaos, CI-sized: a few live sessions through a random sequence of control-plane faults, invariants after each.
+"""Chaos, CI-sized: a few live sessions through a random sequence of control-plane faults, invariants after
+each.
 
 Real Temporal dev server (its own, restartable on its database file), the production control
 worker and sidecar workers around in-process loopback hosts (tests/support/temporal_harness.py),
@@ -84,13 +85,16 @@ async def ride_out_faults(
     )
     requests = [
         world.request(
-            avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"chaos-{world.suffix}-{i}")))
+            avatar_url,
+            output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"chaos-{world.suffix}-{i}"))),
         )
         for i in range(SESSIONS)
     ]
     handles = [await world.start(request, policy) for request in requests]
     for handle in handles:
-        await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.stats.get("frames_published", 0) > 0)
+        await wait_for_status(
+            handle, lambda s: s.phase is Phase.LIVE and s.stats.get("frames_published", 0) > 0
+        )
 
     async def temporal_outage() -> str:
         outage_s = rng.uniform(*OUTAGE_S)
@@ -119,7 +123,10 @@ async def ride_out_faults(
         what = await fault()
         statuses = [await wait_for_recovered(handle) for handle in handles]
         logger.info(
-            "fault: %s; all %d sessions live again %.1f s after it began", what, SESSIONS, time.monotonic() - began
+            "fault: %s; all %d sessions live again %.1f s after it began",
+            what,
+            SESSIONS,
+            time.monotonic() - began,
         )
         await check_invariants(world, statuses, stopped_sidecars)
 
@@ -139,13 +146,17 @@ async def wait_for_recovered(handle: WorkflowHandle[SessionWorkflow, Any]) -> Se
     return await wait_for_status(
         handle,
         lambda s: (
-            s.phase is Phase.LIVE and bool(s.stats_reported_at) and datetime.fromisoformat(s.stats_reported_at) > since
+            s.phase is Phase.LIVE
+            and bool(s.stats_reported_at)
+            and datetime.fromisoformat(s.stats_reported_at) > since
         ),
         timeout_s=RECOVERED_WITHIN_S,
     )
 
 
-async def check_invariants(world: Harness, statuses: list[SessionStatus], stopped_sidecars: list[str]) -> None:
+async def check_invariants(
+    world: Harness, statuses: list[SessionStatus], stopped_sidecars: list[str]
+) -> None:
     for status in statuses:
         assert status.error is None and status.end_reason is None, status
         assert status.sidecar not in stopped_sidecars, status

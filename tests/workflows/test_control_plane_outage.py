@@ -69,12 +69,15 @@ def rtmp_output(server: RtmpServerConfig) -> OutputRequest:
 
 
 async def ride_out_outage(server: RestartableTemporal, host: LoopbackSessionHost, session_id: str) -> float:
-    """Stop Temporal for OUTAGE_S while checking the sidecar keeps the session live; restart it. Returns the outage."""
+    """Stop Temporal for OUTAGE_S while checking the sidecar keeps the session live; restart it. Returns the
+    outage."""
     await asyncio.to_thread(server.stop)
     stopped_at = time.monotonic()
     while time.monotonic() - stopped_at < OUTAGE_S:
         session = host.sessions.get(session_id)
-        assert session is not None and session.stop_reason is None, "the sidecar ended the session during the outage"
+        assert session is not None and session.stop_reason is None, (
+            "the sidecar ended the session during the outage"
+        )
         await asyncio.sleep(0.5)
     await asyncio.to_thread(server.start)
     outage_s = time.monotonic() - stopped_at
@@ -112,20 +115,29 @@ async def test_a_live_session_survives_a_temporal_outage_and_carries_on(
     assert session is not None and session.stop_reason is None and host.torn_down == []
     # Placement still counts the session's slot on its sidecar (its lease lapsed during the outage).
     snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(host.sidecar_id, [request.session_id])]
+    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [
+        (host.sidecar_id, [request.session_id])
+    ]
 
     await stop_session(world.client, request.session_id)
     result = await handle.result()
-    assert result.end_reason is EndReason.STOPPED and result.sidecar == host.sidecar_id and result.replacements == 0
+    assert (
+        result.end_reason is EndReason.STOPPED
+        and result.sidecar == host.sidecar_id
+        and result.replacements == 0
+    )
     assert host.torn_down == [request.session_id]
     snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(host.sidecar_id, [])]  # no slot leaked
+    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [
+        (host.sidecar_id, [])
+    ]  # no slot leaked
 
 
 async def test_a_sidecar_ends_the_session_after_its_grace_and_the_workflow_says_exactly_that(
     world: Harness, temporal_server: RestartableTemporal, rtmp_server: RtmpServerConfig, avatar_url: str
 ) -> None:
-    """An outage longer than the policy's grace: the sidecar ends the session on its own; once Temporal is back,
+    """An outage longer than the policy's grace: the sidecar ends the session on its own; once Temporal is
+    back,
     the reconcile learns it and the session fails `sidecar_session_gone` (policy `end`), not a vague loss."""
     grace_s = HEARTBEAT_TIMEOUT_S + RECONCILE_S + 1.0  # the shortest grace the policy accepts, give or take
     host = await world.add_sidecar("a", slots=2)
@@ -146,9 +158,13 @@ async def test_a_sidecar_ends_the_session_after_its_grace_and_the_workflow_says_
     await asyncio.to_thread(temporal_server.start)
 
     _, status = await failed_with(handle, ErrorCode.SIDECAR_SESSION_GONE)
-    assert status.error is not None and "without contact with the control plane" in status.error.message, status
+    assert status.error is not None and "without contact with the control plane" in status.error.message, (
+        status
+    )
     [loss] = status.sidecar_losses
     assert loss.sidecar_id == host.sidecar_id and loss.timeout_type == ErrorCode.SIDECAR_SESSION_GONE.value
     assert status.reconciles >= 1
     snapshot = await world.snapshot()
-    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [(host.sidecar_id, [])]  # no slot leaked
+    assert [(r.sidecar_id, r.sessions) for r in snapshot.sidecars] == [
+        (host.sidecar_id, [])
+    ]  # no slot leaked

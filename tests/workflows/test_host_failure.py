@@ -1,4 +1,5 @@
-"""Host failure: a sidecar PROCESS killed (SIGKILL) or stopped (SIGTERM) mid-session, on the real Temporal dev server.
+"""Host failure: a sidecar PROCESS killed (SIGKILL) or stopped (SIGTERM) mid-session, on the real Temporal dev
+server.
 
 Each sidecar is a real `lipsync sidecar` process (tests/support/sidecar_process.py): the
 production sidecar (`SidecarHost`, CPU preview engine, HTTP server, LiveKit publishing to the
@@ -45,14 +46,19 @@ DETECTION_SLACK_S = 1.5  # server timer processing + our 0.1 s status polling, o
 
 
 @pytest.fixture(params=[1, 2], ids=["one-registry", "two-shards"])
-async def world(temporal_client: Client, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+async def world(
+    temporal_client: Client, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Harness]:
     async with Harness(temporal_client, tmp_path, shards=request.param) as harness:
         yield harness
 
 
 @pytest.fixture
 def sidecars(
-    temporal_dev_server: TemporalDevServerConfig, world: Harness, tmp_path: Path, livekit_server: LiveKitServerConfig
+    temporal_dev_server: TemporalDevServerConfig,
+    world: Harness,
+    tmp_path: Path,
+    livekit_server: LiveKitServerConfig,
 ) -> Iterator[SidecarProcesses]:
     processes = SidecarProcesses(
         temporal_dev_server.target,
@@ -90,14 +96,18 @@ async def test_sigkilled_sidecar_is_detected_and_the_session_moves_to_another(
     first = await sidecars.spawn("a")
     request = world.request(avatar_url, livekit_output(livekit_server))
     handle = await world.start(request, host_failure_policy("replace"))
-    live = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.stats.get("frames_published", 0) > 0)
+    live = await wait_for_status(
+        handle, lambda s: s.phase is Phase.LIVE and s.stats.get("frames_published", 0) > 0
+    )
     assert live.sidecar == first and live.avatar is not None and not live.avatar.cache_hit
     second = await sidecars.spawn("b")
 
     killed_at = datetime.now(UTC)
     sidecars.kill("a")
 
-    moved = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.sidecar == second, timeout_s=30)
+    moved = await wait_for_status(
+        handle, lambda s: s.phase is Phase.LIVE and s.sidecar == second, timeout_s=30
+    )
     [loss] = moved.sidecar_losses
     assert loss.sidecar_id == first and loss.timeout_type == "HEARTBEAT" and loss.phase is Phase.LIVE
     detection_s = (datetime.fromisoformat(loss.detected_at) - killed_at).total_seconds()
@@ -113,7 +123,9 @@ async def test_sigkilled_sidecar_is_detected_and_the_session_moves_to_another(
     assert moved.output == "livekit" and moved.stats.get("output") == "livekit"
     history = await handle.fetch_history()
     fetches = [
-        e for e in history.events if e.activity_task_scheduled_event_attributes.activity_type.name == "fetch_assets"
+        e
+        for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "fetch_assets"
     ]
     assert len(fetches) == 1  # assets were not fetched or validated again
 
@@ -151,7 +163,8 @@ async def test_sigkilled_sidecar_ends_the_session_when_policy_says_end(
     assert 0 < detection_s <= HEARTBEAT_TIMEOUT_S + RECONCILE_S + DETECTION_SLACK_S, detection_s
 
     await wait_for_lease_expiry(world, first)
-    # No slot leaked anywhere: released at teardown or reclaimed with the dead sidecar's lease, whichever came first.
+    # No slot leaked anywhere: released at teardown or reclaimed with the dead sidecar's lease, whichever came
+    # first.
     assert await world.slots_held() == {second: []}
 
 
@@ -174,7 +187,9 @@ async def test_sigterm_moves_the_session_at_once_instead_of_waiting_for_a_heartb
     assert await sidecars.terminate("a") == 0
     assert first not in await world.slots_held()  # departed, slot reclaimed
 
-    moved = await wait_for_status(handle, lambda s: s.phase is Phase.LIVE and s.sidecar == second, timeout_s=30)
+    moved = await wait_for_status(
+        handle, lambda s: s.phase is Phase.LIVE and s.sidecar == second, timeout_s=30
+    )
     [loss] = moved.sidecar_losses
     assert loss.sidecar_id == first and loss.phase is Phase.LIVE
     assert loss.timeout_type == ErrorCode.SIDECAR_SHUTTING_DOWN.value

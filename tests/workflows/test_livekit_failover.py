@@ -96,7 +96,8 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     )
     handle = await world.start(request, fast_policy())
     live = await wait_for_status(
-        handle, lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0
+        handle,
+        lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0,
     )
     frames_before = int(live.stats["frames_published"])
 
@@ -113,8 +114,12 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
         if status.output == "rtmp" and stream in await asyncio.to_thread(publishing_streams, rtmp_server):
             rtmp_live_s = elapsed_s
         await asyncio.sleep(0.1)
-    logger.info("LiveKit death noticed after %.2f s; RTMP live %.2f s after the kill", detected_s, rtmp_live_s)
-    print(f"\nfailover: LiveKit death noticed {detected_s:.2f} s, RTMP live {rtmp_live_s:.2f} s after SIGKILL")
+    logger.info(
+        "LiveKit death noticed after %.2f s; RTMP live %.2f s after the kill", detected_s, rtmp_live_s
+    )
+    print(
+        f"\nfailover: LiveKit death noticed {detected_s:.2f} s, RTMP live {rtmp_live_s:.2f} s after SIGKILL"
+    )
 
     assert detected_s is not None and detected_s <= DETECTED_WITHIN_S + SLACK_S, detected_s
     assert rtmp_live_s <= RTMP_LIVE_WITHIN_S + SLACK_S, rtmp_live_s
@@ -139,7 +144,8 @@ async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
     tmp_path: Path,
     avatar_url: str,
 ) -> None:
-    """The other direction, policy order [rtmp, livekit]: nginx-rtmp (this test's own) is SIGKILLed mid-session."""
+    """The other direction, policy order [rtmp, livekit]: nginx-rtmp (this test's own) is SIGKILLed
+    mid-session."""
     lk_config, _ = own_livekit
     nginx_config = RtmpServerConfig().with_free_ports()
     nginx = rtmp.server_process(nginx_config, tmp_path / "nginx")
@@ -155,7 +161,8 @@ async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
         )
         handle = await world.start(request, fast_policy(outputs__fallback_order=["rtmp", "livekit"]))
         await wait_for_status(
-            handle, lambda s: s.phase is Phase.LIVE and s.output == "rtmp" and s.stats.get("frames_published", 0) > 0
+            handle,
+            lambda s: s.phase is Phase.LIVE and s.output == "rtmp" and s.stats.get("frames_published", 0) > 0,
         )
         assert nginx.pid is not None
         killed_at = time.monotonic()

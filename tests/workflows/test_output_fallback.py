@@ -55,7 +55,9 @@ def sidecars(
     temporal_dev_server: TemporalDevServerConfig, world: Harness, tmp_path: Path
 ) -> Iterator[SidecarProcesses]:
     # Credentials let the sidecar mint a token; the LiveKit URL itself points at a closed port.
-    processes = SidecarProcesses(temporal_dev_server.target, world, tmp_path, livekit_credentials=("devkey", "x" * 32))
+    processes = SidecarProcesses(
+        temporal_dev_server.target, world, tmp_path, livekit_credentials=("devkey", "x" * 32)
+    )
     yield processes
     processes.stop_all()
 
@@ -168,7 +170,9 @@ async def test_output_lost_while_live_switches_to_the_next_output(
         ("rtmp", True, True),
     ]
     assert (await handle.describe()).typed_search_attributes.get(search_attributes.OUTPUT) == "rtmp"
-    with_stats = await wait_for_status(handle, lambda s: s.stats.get("fallbacks") == 1 and s.stats["output"] == "rtmp")
+    with_stats = await wait_for_status(
+        handle, lambda s: s.stats.get("fallbacks") == 1 and s.stats["output"] == "rtmp"
+    )
     assert with_stats.phase is Phase.LIVE
 
     await stop_session(live_world.client, request.session_id)
@@ -176,7 +180,11 @@ async def test_output_lost_while_live_switches_to_the_next_output(
     assert result.end_reason is EndReason.STOPPED and result.output == "rtmp"
     history = await handle.fetch_history()
     names = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
-    assert names.count("run_session") == 2 and names.count("switch_output") == 1 and names.count("open_output") == 1
+    assert (
+        names.count("run_session") == 2
+        and names.count("switch_output") == 1
+        and names.count("open_output") == 1
+    )
     assert request.session_id in host.torn_down and not host.sessions
 
 
@@ -185,14 +193,17 @@ async def test_output_lost_while_live_fails_the_session_when_no_output_is_left(
 ) -> None:
     host = await live_world.add_sidecar("gpu0")
     request = live_world.request(
-        avatar_url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar"))
+        avatar_url,
+        output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar")),
     )
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit", "rtmp"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))
     host.lose_output(request.session_id)  # no RTMP target in the request: nothing to switch to
     _, status = await failed_with(handle, ErrorCode.OUTPUT_FAILED)
     assert status.end_reason is EndReason.FAILED
-    assert request.session_id in host.torn_down and [r.sessions for r in (await live_world.snapshot()).sidecars] == [[]]
+    assert request.session_id in host.torn_down and [
+        r.sessions for r in (await live_world.snapshot()).sidecars
+    ] == [[]]
 
 
 async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_of_looking_live(
@@ -200,7 +211,8 @@ async def test_a_dead_session_runtime_fails_the_session_with_its_reason_instead_
 ) -> None:
     host = await live_world.add_sidecar("gpu0")
     request = live_world.request(
-        avatar_url, output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar"))
+        avatar_url,
+        output_request(livekit=LiveKitParams(url=livekit_server.ws_url, identity="lipsync-avatar")),
     )
     handle = await live_world.start(request, fast_policy(outputs__fallback_order=["livekit"]))
     await wait_for_status(handle, in_phase(Phase.LIVE))

@@ -1,4 +1,5 @@
-"""PlacementWorkflow on the real dev server: slots, leases, restarts, continue-as-new — through its real protocol."""
+"""PlacementWorkflow on the real dev server: slots, leases, restarts, continue-as-new — through its real
+protocol."""
 
 from __future__ import annotations
 
@@ -90,7 +91,10 @@ async def test_slots_are_spread_counted_released_and_never_doubled(registry: Reg
     assert sorted(len(sessions) for sessions in occupancy.values()) == [2, 2]
     with pytest.raises(WorkflowUpdateFailedError) as full:
         await acquire(handle, "s5")
-    assert isinstance(full.value.cause, ApplicationError) and full.value.cause.type == ErrorCode.NO_CAPACITY.value
+    assert (
+        isinstance(full.value.cause, ApplicationError)
+        and full.value.cause.type == ErrorCode.NO_CAPACITY.value
+    )
     assert "4 slots in use" in full.value.cause.message
 
     assert await handle.execute_update(PlacementWorkflow.release, ReleaseSlot("s2")) is True
@@ -155,7 +159,9 @@ async def test_state_survives_continue_as_new(registry: Registry) -> None:
     assert (await acquire(handle, "next")).sidecar_id == "a"
 
 
-async def test_session_fails_with_no_capacity_when_no_sidecar_is_registered(harness: Harness, avatar_url: str) -> None:
+async def test_session_fails_with_no_capacity_when_no_sidecar_is_registered(
+    harness: Harness, avatar_url: str
+) -> None:
     from temporalio.client import WorkflowFailureError
 
     request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
@@ -166,7 +172,9 @@ async def test_session_fails_with_no_capacity_when_no_sidecar_is_registered(harn
     assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.NO_CAPACITY.value
 
 
-async def test_waiting_out_the_placement_time_limit_fails_as_no_capacity(harness: Harness, avatar_url: str) -> None:
+async def test_waiting_out_the_placement_time_limit_fails_as_no_capacity(
+    harness: Harness, avatar_url: str
+) -> None:
     """Retries ended by the time limit (not by attempts) still report why: no_capacity, not a bare timeout.
 
     Temporal ends them either with a schedule-to-close timeout (the last failure as its cause) or,

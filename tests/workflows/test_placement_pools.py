@@ -1,4 +1,5 @@
-"""Sharded placement registries, pools and cache affinity, on the real dev server through the production client.
+"""Sharded placement registries, pools and cache affinity, on the real dev server through the production
+client.
 
 The registry tests drive `activities.placement_client.Placer` (what place_session, release_slot and
 the sidecar worker use) against PlacementWorkflows on a real worker; the session tests run whole
@@ -83,9 +84,9 @@ class Fleet:
         held: dict[str, list[str]] = {}
         for registry_id in self.registry_ids(*pools):
             try:
-                snapshot = await self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id).query(
-                    PlacementWorkflow.snapshot
-                )
+                snapshot = await self.client.get_workflow_handle_for(
+                    PlacementWorkflow.run, registry_id
+                ).query(PlacementWorkflow.snapshot)
             except Exception as exc:
                 if "not found" not in str(exc).lower():
                     raise
@@ -126,7 +127,9 @@ async def test_a_sidecar_that_prepared_the_avatar_is_preferred_while_it_has_room
     await registry.signal(PlacementWorkflow.heartbeat, beat("b", slots=4))
 
     async def place(session: str, avatar: str) -> tuple[str, str]:
-        placement = await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot(session, avatar_key=avatar))
+        placement = await registry.execute_update(
+            PlacementWorkflow.acquire, AcquireSlot(session, avatar_key=avatar)
+        )
         assert placement.registry_id == registry.id
         return placement.sidecar_id, placement.reason
 
@@ -147,13 +150,17 @@ async def test_an_acquire_that_arrives_after_its_deadline_takes_no_slot(
 ) -> None:
     await registry.signal(PlacementWorkflow.heartbeat, beat("a", slots=1))
     with pytest.raises(WorkflowUpdateFailedError) as late:
-        await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s1", not_after_s=time.time() - 5.0))
+        await registry.execute_update(
+            PlacementWorkflow.acquire, AcquireSlot("s1", not_after_s=time.time() - 5.0)
+        )
     cause = late.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == ErrorCode.ACQUIRE_EXPIRED.value
     snapshot = await registry.query(PlacementWorkflow.snapshot)
     assert [record.sessions for record in snapshot.sidecars] == [[]]
     # Within its deadline it lands.
-    placed = await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s1", not_after_s=time.time() + 60.0))
+    placed = await registry.execute_update(
+        PlacementWorkflow.acquire, AcquireSlot("s1", not_after_s=time.time() + 60.0)
+    )
     assert placed.sidecar_id == "a"
 
 
@@ -163,17 +170,23 @@ async def test_a_release_signal_frees_the_slot_and_marks_a_lost_sidecar_suspect(
     await registry.signal(PlacementWorkflow.heartbeat, beat("a", slots=1))
     await registry.signal(PlacementWorkflow.heartbeat, beat("b", slots=1))
     first = await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s1"))
-    await registry.signal(PlacementWorkflow.release_slot, ReleaseSlot("s1", suspect_incarnations=[first.incarnation]))
+    await registry.signal(
+        PlacementWorkflow.release_slot, ReleaseSlot("s1", suspect_incarnations=[first.incarnation])
+    )
     snapshot = await registry.query(PlacementWorkflow.snapshot)
     assert {record.sidecar_id: (record.sessions, record.suspect) for record in snapshot.sidecars} == {
         first.sidecar_id: ([], True),
         ("b" if first.sidecar_id == "a" else "a"): ([], False),
     }
     # The suspect sidecar gets no new session until it heartbeats again.
-    assert (await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s2"))).sidecar_id != first.sidecar_id
+    assert (
+        await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s2"))
+    ).sidecar_id != first.sidecar_id
 
 
-async def test_sharded_registries_place_until_the_whole_pool_is_full_and_release_everywhere(fleet: Fleet) -> None:
+async def test_sharded_registries_place_until_the_whole_pool_is_full_and_release_everywhere(
+    fleet: Fleet,
+) -> None:
     names = [f"gpu{index}" for index in range(8)]
     for name in names:
         await fleet.placer.heartbeat(name, f"{name}-1", 1, 60.0)
@@ -202,8 +215,11 @@ async def test_a_retried_acquire_leaves_no_slot_in_the_shard_it_moved_away_from(
     for name in ("gpu-a", "gpu-b", "gpu-c", "gpu-d", "gpu-e", "gpu-f"):
         await fleet.placer.heartbeat(name, f"{name}-1", 2, 60.0)
     first = await fleet.placer.acquire("s1", "avatar-1")
-    # The retry may start from another shard (here: another avatar key's home); release_first clears the old one.
-    other_key = next(f"avatar-{n}" for n in range(2, 100) if shard_of(f"avatar-{n}", 4) != shard_of("avatar-1", 4))
+    # The retry may start from another shard (here: another avatar key's home); release_first clears the old
+    # one.
+    other_key = next(
+        f"avatar-{n}" for n in range(2, 100) if shard_of(f"avatar-{n}", 4) != shard_of("avatar-1", 4)
+    )
     await fleet.placer.acquire("s1", other_key, release_first=True)
     held = await wait_until_held(fleet, lambda held: sum(map(len, held.values())) == 1, "default")
     assert [sessions for sessions in held.values() if sessions] == [["s1"]]
@@ -348,9 +364,22 @@ def test_sidecar_and_worker_command_lines_refuse_a_bad_pool_or_shard_count(tmp_p
         temporal_options_from_args(parser.parse_args(["sidecar", "--placement-shards", "0"]), tmp_path)
 
     result = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "worker", "--placement-shards", "0", "--asset-dir", str(tmp_path)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "infra.cli",
+            "worker",
+            "--placement-shards",
+            "0",
+            "--asset-dir",
+            str(tmp_path),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: --placement-shards: placement shards must be between 1 and 1024 (got 0)" in result.stderr
 

@@ -36,10 +36,18 @@ def test_shipped_file_is_valid_and_complete() -> None:
         ({"outputs.fallback_order": ["rtmp", "rtmp"]}, "outputs.fallback_order", "twice"),
         ({"assets.frames.require_face": "yes"}, "assets.frames.require_face", "true or false"),
         ({"assets.frames.min_side_px": 8}, "assets.frames.min_side_px", ">= 16"),
-        ({"assets.frames.max_output_side_px": 32}, "assets.frames.max_output_side_px", ">= assets.frames.min"),
+        (
+            {"assets.frames.max_output_side_px": 32},
+            "assets.frames.max_output_side_px",
+            ">= assets.frames.min",
+        ),
         ({"assets.frames.max_total_pixels": 5}, "assets.frames.max_total_pixels", "at least one frame"),
         ({"assets.fetch.allow_networks": ["10.0.0.0/33"]}, "assets.fetch.allow_networks[0]", "CIDR"),
-        ({"activities.run_session.heartbeat_timeout_s": 3}, "activities.run_session.heartbeat_timeout_s", "twice"),
+        (
+            {"activities.run_session.heartbeat_timeout_s": 3},
+            "activities.run_session.heartbeat_timeout_s",
+            "twice",
+        ),
         (
             {"activities.fetch_assets.retry.backoff_coefficient": 0.5},
             "activities.fetch_assets.retry.backoff_coefficient",
@@ -51,7 +59,11 @@ def test_shipped_file_is_valid_and_complete() -> None:
             ">= start_to_close_s",
         ),
         ({"session.stats_report_interval_s": 2}, "session.stats_report_interval_s", "bloat"),
-        ({"activities.teardown": {"start_to_close_s": 5}}, "activities.teardown.schedule_to_start_s", "missing key"),
+        (
+            {"activities.teardown": {"start_to_close_s": 5}},
+            "activities.teardown.schedule_to_start_s",
+            "missing key",
+        ),
         ({"version": 2}, "version", "unsupported version"),
     ],
 )

@@ -1,4 +1,5 @@
-"""SessionWorkflow runs started by an earlier release replay on this code (a deploy does not break sessions in flight).
+"""SessionWorkflow runs started by an earlier release replay on this code (a deploy does not break sessions in
+flight).
 
 tests/workflows/data/session-history-before-reconcile-*.json were recorded from real runs of the code
 before the control-plane reconcile (commit 596bf85's parent: `tests/workflows/test_session_lifecycle.py`
@@ -29,11 +30,18 @@ def test_the_recorded_histories_are_there() -> None:
 
 
 def test_the_defaults_for_older_inputs_are_the_shipped_policy() -> None:
-    """An input from before a field existed decodes with the value infra/policies.yaml ships (YAML still lists every
+    """An input from before a field existed decodes with the value infra/policies.yaml ships (YAML still lists
+    every
     key: the policy loader refuses a missing one)."""
     shipped = load_policies()
-    assert SessionLimits.__dataclass_fields__["control_plane_grace_s"].default == shipped.session.control_plane_grace_s
-    assert RunActivityPolicy.__dataclass_fields__["reconcile_s"].default == shipped.activities.run_session.reconcile_s
+    assert (
+        SessionLimits.__dataclass_fields__["control_plane_grace_s"].default
+        == shipped.session.control_plane_grace_s
+    )
+    assert (
+        RunActivityPolicy.__dataclass_fields__["reconcile_s"].default
+        == shipped.activities.run_session.reconcile_s
+    )
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=lambda path: path.stem)

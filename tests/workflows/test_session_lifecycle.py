@@ -1,4 +1,5 @@
-"""SessionWorkflow end to end on the real Temporal dev server: every phase to `live`, stop, teardown, completed.
+"""SessionWorkflow end to end on the real Temporal dev server: every phase to `live`, stop, teardown,
+completed.
 
 The happy path runs a real `lipsync sidecar` process into the real livekit-server; the
 stop/cancel edge cases use the in-process test host (tests/support/session_host.py), which
@@ -147,7 +148,9 @@ async def test_stop_while_preparing_cancels_the_step_and_tears_down(
     assert final.phase is Phase.COMPLETED and final.live_since == "" and final.teardown_errors == []
     assert request.session_id in host.torn_down and not host.sessions
     history = await handle.fetch_history()
-    assert any(e.HasField("activity_task_canceled_event_attributes") for e in history.events)  # prepare cancelled
+    assert any(
+        e.HasField("activity_task_canceled_event_attributes") for e in history.events
+    )  # prepare cancelled
     names = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
     assert "open_output" not in names and "run_session" not in names
     assert [r.sessions for r in (await harness.snapshot()).sidecars] == [[]]

@@ -98,8 +98,11 @@ def limits_policy(idle_timeout_s: float, max_duration_s: float) -> SessionPolicy
 
 
 def live_seconds(status: SessionStatus) -> float:
-    """Virtual seconds from going live to the end: the limit timer fired on time, not after some later jump."""
-    return (datetime.fromisoformat(status.ended_at) - datetime.fromisoformat(status.live_since)).total_seconds()
+    """Virtual seconds from going live to the end: the limit timer fired on time, not after some later
+    jump."""
+    return (
+        datetime.fromisoformat(status.ended_at) - datetime.fromisoformat(status.live_since)
+    ).total_seconds()
 
 
 async def run_until_limit(
@@ -112,7 +115,8 @@ async def run_until_limit(
     policy: SessionPolicy,
     limit_s: float,
 ) -> tuple[SessionStatus, timedelta, float]:
-    """Go live, skip to just past `limit_s` of live time, and let the session end. Returns status, skipped, wall s."""
+    """Go live, skip to just past `limit_s` of live time, and let the session end. Returns status, skipped,
+    wall s."""
     request = world.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_url)))
     handle = await world.start(request, policy)
     live = await wait_for_status(handle, in_phase(Phase.LIVE), timeout_s=60)

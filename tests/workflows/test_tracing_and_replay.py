@@ -50,7 +50,9 @@ async def test_one_trace_runs_from_the_caller_through_the_workflow_to_the_activi
 
 
 async def test_replay_gate_detects_a_nondeterministic_change(harness: Harness, avatar_url: str) -> None:
-    request = harness.request("http://10.9.9.9/a.zip", output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x")))
+    request = harness.request(
+        "http://10.9.9.9/a.zip", output_request(rtmp=RtmpTarget(url="rtmp://127.0.0.1:1/x"))
+    )
     handle = await harness.start(request)
     with pytest.raises(WorkflowFailureError):
         await handle.result()
@@ -63,17 +65,26 @@ async def test_replay_gate_detects_a_nondeterministic_change(harness: Harness, a
 
 
 def test_session_workflow_is_importable_in_the_sandbox() -> None:
-    """Workflow modules import only temporalio and their contracts (validated when a worker registers them)."""
+    """Workflow modules import only temporalio and their contracts (validated when a worker registers
+    them)."""
     import ast
 
-    for module in ("workflows/session.py", "workflows/placement.py", "workflows/contracts.py", "workflows/policy.py"):
+    for module in (
+        "workflows/session.py",
+        "workflows/placement.py",
+        "workflows/contracts.py",
+        "workflows/policy.py",
+    ):
         tree = ast.parse(Path(module).read_text())
         imported = {
             (node.module or "").split(".")[0]
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.level == 0
         } | {
-            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
         }
         assert imported <= {
             "__future__",

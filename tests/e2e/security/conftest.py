@@ -1,4 +1,5 @@
-"""Fixtures for the security tests: a loopback asset server, an isolated Temporal harness, real sidecar processes."""
+"""Fixtures for the security tests: a loopback asset server, an isolated Temporal harness, real sidecar
+processes."""
 
 from tests.support.fixtures import asset_server, avatar_url, harness, sidecars
 

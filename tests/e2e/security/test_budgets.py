@@ -36,7 +36,8 @@ from workflows.contracts import (
 
 pytestmark = pytest.mark.service
 
-# Peak RSS a 2048² x 100 avatar may add to a sidecar (goal: under 1.5 GB whatever the avatar; it used to add ~2.6 GB).
+# Peak RSS a 2048² x 100 avatar may add to a sidecar (goal: under 1.5 GB whatever the avatar; it used to add
+# ~2.6 GB).
 SIDECAR_PEAK_GROWTH_BOUND_MIB = 1024.0
 # The tests' fast policy with room for a large avatar and a real sidecar's heartbeats on two busy cores.
 LARGE_AVATAR_POLICY = fast_policy(
@@ -76,8 +77,10 @@ def _descendants(pid: int) -> list[int]:
 
 
 class TreeRss:
-    """Peak RSS of a process and its descendants (e.g. spawned face-detection workers), sampled every 50 ms, and
-    the process's own VmHWM: `peak_mib()` is the larger, so memory moved into helper processes still counts."""
+    """Peak RSS of a process and its descendants (e.g. spawned face-detection workers), sampled every 50 ms,
+    and
+    the process's own VmHWM: `peak_mib()` is the larger, so memory moved into helper processes still
+    counts."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -142,12 +145,18 @@ async def test_a_large_avatar_stays_within_the_sidecars_memory_and_disk_budget(
     limits = SourceLimits()
     assert live.avatar is not None and live.avatar.frame_count == 100
     # Scaled down to the output size as decoded: the cache holds 100 frames of 1024², not of 2048².
-    assert (live.avatar.width_px, live.avatar.height_px) == (limits.max_output_side_px, limits.max_output_side_px)
+    assert (live.avatar.width_px, live.avatar.height_px) == (
+        limits.max_output_side_px,
+        limits.max_output_side_px,
+    )
     cache_bytes = tree_bytes(harness.cache_dir)
     frame_bytes = 100 * limits.max_output_side_px**2 * 3
     caches = (await sidecars.healthz("gpu0"))["caches"]  # what /healthz (and the API's metrics) report
     assert caches["avatar_cache_bytes"] == cache_bytes and caches["avatar_cache_max_bytes"] > 0
-    print(f"sidecar peak RSS +{growth:.0f} MiB over idle {idle_peak:.0f} MiB; avatar cache {cache_bytes >> 20} MiB")
+    print(
+        f"sidecar peak RSS +{growth:.0f} MiB over idle {idle_peak:.0f} MiB; avatar cache {cache_bytes >> 20} "
+        "MiB"
+    )
     await stop_session(harness.client, request.session_id)
     await handle.result()
     assert growth < SIDECAR_PEAK_GROWTH_BOUND_MIB, f"sidecar peak RSS grew {growth:.0f} MiB"
@@ -208,7 +217,8 @@ async def test_a_4k_idle_video_stays_within_the_sidecars_memory_budget(
 
 
 def test_the_pixel_budget_refuses_before_decoding_the_set() -> None:
-    """A zip whose frames, scaled, exceed the budget is refused after its first frame, not after all of them."""
+    """A zip whose frames, scaled, exceed the budget is refused after its first frame, not after all of
+    them."""
     from realtime.engine.avatar.source import decode_source
     from realtime.engine.errors import AvatarTooLarge
 
@@ -221,7 +231,9 @@ def test_the_pixel_budget_refuses_before_decoding_the_set() -> None:
     with pytest.raises(AvatarTooLarge, match="decoded-pixel budget"):
         decode_source(zip_bytes(entries), limits)
     manifest = b'{"face_boxes": [[100, 120, 300, 360], null, [0, 0, 512, 512]]}'
-    decoded = decode_source(zip_bytes({**{f"f_{i}.jpg": good for i in range(1, 4)}, "avatar.json": manifest}), limits)
+    decoded = decode_source(
+        zip_bytes({**{f"f_{i}.jpg": good for i in range(1, 4)}, "avatar.json": manifest}), limits
+    )
     assert [frame.shape for frame in decoded.frames] == [(256, 256, 3)] * 3
     # The manifest's boxes are scaled with the frames they describe.
     assert decoded.manifest_boxes == [(50, 60, 150, 180), None, (0, 0, 256, 256)]
@@ -306,14 +318,16 @@ def test_the_validator_never_reads_a_huge_entry_into_memory(tmp_path: Path) -> N
     accepted = measure_validation(large)
     assert accepted.get("frames") == 100, accepted
     print(
-        f"validator peak RSS: 600 MB entry +{refused['growth_mib']:.0f} MiB, 2048x100 +{accepted['growth_mib']:.0f} MiB"
+        f"validator peak RSS: 600 MB entry +{refused['growth_mib']:.0f} MiB, 2048x100 "
+        f"+{accepted['growth_mib']:.0f} MiB"
     )
     for result in (refused, accepted):
         assert float(str(result["growth_mib"])) < WORKER_PEAK_GROWTH_BOUND_MIB, result
 
 
 def test_the_avatar_cache_stays_under_its_cap_least_recently_used_first(tmp_path: Path) -> None:
-    """20 distinct avatars through the preview engine's real prepare, with a cap below their total: the cache ends
+    """20 distinct avatars through the preview engine's real prepare, with a cap below their total: the cache
+    ends
     within the cap; the least recently used entries go first, and a cache hit makes an entry recent again."""
     from realtime.disk_budget import store_bytes
     from realtime.engine.preview import PreviewEngine
@@ -328,7 +342,9 @@ def test_the_avatar_cache_stays_under_its_cap_least_recently_used_first(tmp_path
         frame[0, 0] = (index, index, index)  # one pixel apart: another digest, the same face
         return frame
 
-    zips = [zip_bytes({f"f_{i}.png": png_bytes(distinct(index, i)) for i in range(1, 7)}) for index in range(21)]
+    zips = [
+        zip_bytes({f"f_{i}.png": png_bytes(distinct(index, i)) for i in range(1, 7)}) for index in range(21)
+    ]
 
     def avatar_zip(index: int) -> bytes:
         return zips[index]
@@ -336,7 +352,10 @@ def test_the_avatar_cache_stays_under_its_cap_least_recently_used_first(tmp_path
     keys = [engine.prepare_avatar(avatar_zip(index)).cache_dir.name for index in range(20)]
     total = store_bytes(root)
     entries = {path.name for path in root.iterdir() if not path.name.startswith(".")}
-    print(f"avatar cache after 20 distinct avatars: {total >> 20} MiB in {len(entries)} entries (cap {cap >> 20} MiB)")
+    print(
+        f"avatar cache after 20 distinct avatars: {total >> 20} MiB in {len(entries)} entries (cap "
+        f"{cap >> 20} MiB)"
+    )
     assert total <= cap
     assert 1 < len(entries) < 20 and keys[-1] in entries and keys[0] not in entries
     kept = [key for key in keys if key in entries]  # oldest first
@@ -353,8 +372,11 @@ def png_bytes(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-async def test_a_refused_download_leaves_the_asset_store_at_once(harness: Harness, asset_server: AssetServer) -> None:
-    """An avatar that fails validation (no face) is deleted from the control worker's asset store right away."""
+async def test_a_refused_download_leaves_the_asset_store_at_once(
+    harness: Harness, asset_server: AssetServer
+) -> None:
+    """An avatar that fails validation (no face) is deleted from the control worker's asset store right
+    away."""
     from tests.support.media import noise_frames_zip
     from tests.support.temporal_harness import failed_with
     from workflows.contracts import ErrorCode

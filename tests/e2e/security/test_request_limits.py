@@ -67,7 +67,10 @@ def api_process(temporal_dev_server: TemporalDevServerConfig, tmp_path: Path) ->
             while True:
                 assert process.poll() is None, log_tail(log_path)
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2, trust_env=False).status_code == 200:
+                    if (
+                        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2, trust_env=False).status_code
+                        == 200
+                    ):
                         break
                 assert time.monotonic() < deadline, log_tail(log_path)
                 time.sleep(0.2)
@@ -81,7 +84,9 @@ def api_process(temporal_dev_server: TemporalDevServerConfig, tmp_path: Path) ->
                 process.wait(timeout=5)
 
 
-async def raw_post(port: int, path: str, headers: dict[str, str], body_bytes: int, *, chunked: bool = False) -> int:
+async def raw_post(
+    port: int, path: str, headers: dict[str, str], body_bytes: int, *, chunked: bool = False
+) -> int:
     """POST `body_bytes` of zeros while reading the answer at the same time (a server that answers early and
     closes must not lose its answer to our still-running upload). Returns the HTTP status."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -130,7 +135,10 @@ async def test_unauthenticated_bodies_are_refused_before_they_are_read(api_proce
         started = time.monotonic()
         statuses = await asyncio.gather(
             *(raw_post(port, "/v1/sessions", {}, ATTACK_BODY_BYTES) for _ in range(2)),
-            *(raw_post(port, "/v1/livekit/token", {"X-API-Key": "wrong"}, ATTACK_BODY_BYTES) for _ in range(2)),
+            *(
+                raw_post(port, "/v1/livekit/token", {"X-API-Key": "wrong"}, ATTACK_BODY_BYTES)
+                for _ in range(2)
+            ),
         )
         attack_s = time.monotonic() - started
         prober.cancel()
@@ -138,7 +146,9 @@ async def test_unauthenticated_bodies_are_refused_before_they_are_read(api_proce
             await prober
         growth = rss_mib(pid) - idle_peak
     assert statuses == [401, 401, 401, 401]
-    assert growth < PEAK_RSS_GROWTH_BOUND_MIB, f"peak RSS grew {growth:.1f} MiB (idle peak {idle_peak:.1f} MiB)"
+    assert growth < PEAK_RSS_GROWTH_BOUND_MIB, (
+        f"peak RSS grew {growth:.1f} MiB (idle peak {idle_peak:.1f} MiB)"
+    )
     assert attack_s < 10, attack_s  # answered on the headers, not after 200 MB were uploaded and parsed
     assert healthz_s and max(healthz_s) < 1.0, healthz_s
 

@@ -89,7 +89,9 @@ async def test_an_unauthenticated_caller_gets_nothing_from_a_live_sidecar(
             for credential in (
                 {},
                 {"Authorization": "Bearer wrong"},
-                {"Authorization": f"Bearer {audio_token(session_id)}"},  # an audio token is no service credential
+                {
+                    "Authorization": f"Bearer {audio_token(session_id)}"
+                },  # an audio token is no service credential
                 {"Authorization": SIDECAR_SECRET},  # not a bearer
             ):
                 for method, path, body in attempts:
@@ -99,11 +101,17 @@ async def test_an_unauthenticated_caller_gets_nothing_from_a_live_sidecar(
                     assert session_id not in response.text and "127.0.0.1" not in response.text
             # With the credential, the dev control API is still off (it was not enabled): no stop, no open.
             service = service_headers()
-            assert (await anonymous.delete(f"/v1/sessions/{session_id}", headers=service)).status_code in (404, 405)
-            started = await anonymous.post("/v1/sessions/x", json={"avatar_path": "/etc/passwd"}, headers=service)
+            assert (await anonymous.delete(f"/v1/sessions/{session_id}", headers=service)).status_code in (
+                404,
+                405,
+            )
+            started = await anonymous.post(
+                "/v1/sessions/x", json={"avatar_path": "/etc/passwd"}, headers=service
+            )
             assert started.status_code in (404, 405)
 
-        # Taking over the audio socket: no token, another session's, an expired one, a forged one, the seed address.
+        # Taking over the audio socket: no token, another session's, an expired one, a forged one, the seed
+        # address.
         expired = sidecar_mint(SIDECAR_SECRET, session_id, int(time.time()) - 1)
         forged = sidecar_mint(OTHER_SECRET, session_id, int(time.time()) + 600)
         for url in (
@@ -154,7 +162,9 @@ async def test_the_dev_api_opens_only_what_its_policy_allows(tmp_path: Path) -> 
     transport = httpx.ASGITransport(app=create_app(host, config))
     livekit = {"url": "ws://127.0.0.1:7880", "room": "r", "identity": "i", "token": "t"}
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", headers=service_headers()) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://sidecar", headers=service_headers()
+        ) as c:
             answers = []
             for path in ("/etc/passwd", "/no/such/file.zip", str(allowed / "escape.zip"), "relative.zip"):
                 response = await c.post("/v1/sessions/s1", json={"avatar_path": path, "livekit": livekit})

@@ -37,8 +37,12 @@ async def api(harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
         placement_workflow_id=harness.placement_id,
     )
     # The production default: no network is allow-listed, so every non-public literal is refused.
-    app = create_app(settings, temporal_client=harness.client, policy=fast_policy(assets__fetch__allow_networks=[]))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+    app = create_app(
+        settings, temporal_client=harness.client, policy=fast_policy(assets__fetch__allow_networks=[])
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api.test"
+    ) as client:
         yield client
 
 
@@ -86,7 +90,8 @@ async def test_health_routes_show_nothing_internal_without_an_admin_key(api: htt
 
 
 def test_junk_entries_are_skipped_alike_by_validator_and_sidecar(tmp_path: Path) -> None:
-    """`__MACOSX/` folders and hidden files are skipped by both; a frame merely *named* like junk is a frame to
+    """`__MACOSX/` folders and hidden files are skipped by both; a frame merely *named* like junk is a frame
+    to
     both (the sidecar used to skip any name containing `__MACOSX`, which the validator counted)."""
     frame = png(astronaut_frame(128))
     data = zip_of(

@@ -84,7 +84,9 @@ async def api_server(
         await asyncio.gather(serving, return_exceptions=True)
 
 
-async def wait_phase(api: httpx.AsyncClient, session_id: str, phases: set[str], timeout_s: float) -> dict[str, Any]:
+async def wait_phase(
+    api: httpx.AsyncClient, session_id: str, phases: set[str], timeout_s: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         body: dict[str, Any] = (await api.get(f"/v1/sessions/{session_id}")).json()
@@ -118,7 +120,9 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
     ):
         avatar = {"frames_zip_url": avatar_url}
         # Rooms: another tenant's namespace is refused; a reserved identity is refused.
-        refused = await default.post("/v1/sessions", json={"avatar": avatar, "output": {"livekit": {"room": "acme.x"}}})
+        refused = await default.post(
+            "/v1/sessions", json={"avatar": avatar, "output": {"livekit": {"room": "acme.x"}}}
+        )
         assert refused.status_code == 403 and refused.json()["code"] == "room_not_allowed"
         reserved = await acme.post(
             "/v1/sessions",
@@ -126,7 +130,9 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
         )
         assert reserved.status_code == 400 and reserved.json()["code"] == "identity_reserved"
 
-        created = await acme.post("/v1/sessions", json={"avatar": avatar, "output": {"livekit": {"room": "show"}}})
+        created = await acme.post(
+            "/v1/sessions", json={"avatar": avatar, "output": {"livekit": {"room": "show"}}}
+        )
         assert created.status_code == 201, created.text
         session_id = created.json()["session_id"]
         harness.workflow_ids.append(f"session-{session_id}")
@@ -155,8 +161,12 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
         # Its owner and an admin see it (a room filter is namespaced as the room was).
         by_room = (await acme.get("/v1/sessions", params={"room": "show"})).json()["sessions"]
         assert [entry["session_id"] for entry in by_room] == [session_id]
-        assert session_id in {entry["session_id"] for entry in (await acme.get("/v1/sessions")).json()["sessions"]}
-        assert session_id in {entry["session_id"] for entry in (await admin.get("/v1/sessions")).json()["sessions"]}
+        assert session_id in {
+            entry["session_id"] for entry in (await acme.get("/v1/sessions")).json()["sessions"]
+        }
+        assert session_id in {
+            entry["session_id"] for entry in (await admin.get("/v1/sessions")).json()["sessions"]
+        }
         assert (await admin.get(f"/v1/sessions/{session_id}")).json()["phase"] == "live"
 
         # Viewer tokens: only for the caller's own rooms, subscribe-only, viewer- identities, capped lifetime.
@@ -192,8 +202,12 @@ async def test_tenants_see_and_touch_only_their_own_sessions_rooms_and_identitie
             harness.workflow_ids.append(f"session-{clash_id}")
             failed = await wait_phase(acme, clash_id, {"failed", "live"}, 60)
             assert failed["phase"] == "failed", failed
-            assert [attempt["error"]["code"] for attempt in failed["output_attempts"]] == ["livekit_identity_in_use"]
-            assert await participants(livekit_server, "acme.show2") == {"guest-7"}  # not kicked, nobody else joined
+            assert [attempt["error"]["code"] for attempt in failed["output_attempts"]] == [
+                "livekit_identity_in_use"
+            ]
+            assert await participants(livekit_server, "acme.show2") == {
+                "guest-7"
+            }  # not kicked, nobody else joined
         finally:
             await intruder.close()
 

@@ -44,7 +44,9 @@ def espeak_pcm(text: str) -> tuple[bytes, int]:
 
 class EspeakTTS(tts.TTS):
     def __init__(self) -> None:
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=False), sample_rate=ESPEAK_RATE_HZ, num_channels=1)
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=False), sample_rate=ESPEAK_RATE_HZ, num_channels=1
+        )
 
     def synthesize(self, text: str, *, conn_options: APIConnectOptions | None = None) -> tts.ChunkedStream:
         return _EspeakStream(tts=self, input_text=text, conn_options=conn_options or APIConnectOptions())

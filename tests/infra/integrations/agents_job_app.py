@@ -1,4 +1,5 @@
-"""A livekit-agents worker (AgentServer) whose job entrypoint is the README's example, for test_livekit_plugin.py.
+"""A livekit-agents worker (AgentServer) whose job entrypoint is the README's example, for
+test_livekit_plugin.py.
 
 Runs in the livekit-agents env (tests/support/framework_venv.py). It registers with the test's
 livekit-server under an agent name; the test dispatches it to a room. The entrypoint is the
@@ -97,7 +98,13 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     parser = argparse.ArgumentParser()
-    for name in ("--livekit-url", "--livekit-api-key", "--livekit-api-secret", "--agent-name", "--avatar-url"):
+    for name in (
+        "--livekit-url",
+        "--livekit-api-key",
+        "--livekit-api-secret",
+        "--agent-name",
+        "--avatar-url",
+    ):
         parser.add_argument(name, required=True)
     parser.add_argument("--text", required=True)
     parsed: Any = parser.parse_args()

@@ -78,7 +78,9 @@ async def main(args: argparse.Namespace) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-    lipsync = LipsyncVideoService(api_url=args.api_url, api_key=args.api_key, avatar=args.avatar_url, room=args.room)
+    lipsync = LipsyncVideoService(
+        api_url=args.api_url, api_key=args.api_key, avatar=args.avatar_url, room=args.room
+    )
     for name in ("on_ready", "on_playback_started", "on_playback_finished", "on_audio_error"):
 
         def forward(_service: Any, event: dict[str, Any], name: str = name) -> None:
@@ -104,7 +106,12 @@ async def main(args: argparse.Namespace) -> None:
     runner = asyncio.create_task(worker_runner.run())
     ready = await wait_event("on_ready")
     assert lipsync.session is not None and lipsync.session.livekit is not None
-    emit("ready", session_id=lipsync.session.session_id, avatar_identity=lipsync.session.livekit.identity, ready=ready)
+    emit(
+        "ready",
+        session_id=lipsync.session.session_id,
+        avatar_identity=lipsync.session.livekit.identity,
+        ready=ready,
+    )
 
     for command in iter_commands(reader):
         word = await command

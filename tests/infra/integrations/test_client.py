@@ -49,7 +49,9 @@ async def client(stack: ApiStack) -> AsyncIterator[LipsyncClient]:
 
 async def test_a_session_through_the_client(stack: ApiStack, client: LipsyncClient) -> None:
     room = "client-room"
-    created = await client.create_session(avatar=Avatar(frames_zip_url=stack.avatar_url), livekit=LiveKitOutput(room))
+    created = await client.create_session(
+        avatar=Avatar(frames_zip_url=stack.avatar_url), livekit=LiveKitOutput(room)
+    )
     stack.harness.workflow_ids.append(f"session-{created.session_id}")
     assert created.livekit is not None and created.livekit.room == room
     assert created.livekit.identity == f"avatar-{created.session_id}"
@@ -111,7 +113,9 @@ async def test_client_errors_carry_the_server_codes(stack: ApiStack, client: Lip
     assert unauthorized.value.status_code == 401
 
     with pytest.raises(ApiError) as invalid:
-        await client.create_session(avatar=Avatar(frames_zip_url=stack.avatar_url), livekit=LiveKitOutput("bad room!"))
+        await client.create_session(
+            avatar=Avatar(frames_zip_url=stack.avatar_url), livekit=LiveKitOutput("bad room!")
+        )
     assert invalid.value.status_code == 422 and invalid.value.code == "validation_error"
 
     # A session whose avatar cannot be fetched: waiting for it to go live names the failure ...
@@ -188,14 +192,18 @@ async def test_the_session_cli(stack: ApiStack, tmp_path: Path) -> None:
         wav.setframerate(24_000)
         wav.writeframes(pcm)
 
-    rc, out, err = await _cli(stack, "start", "--frames-zip-url", stack.avatar_url, "--room", "cli-room", "--wait-live")
+    rc, out, err = await _cli(
+        stack, "start", "--frames-zip-url", stack.avatar_url, "--room", "cli-room", "--wait-live"
+    )
     assert rc == 0, err
     started = json.loads(out)
     session_id = started["session_id"]
     stack.harness.workflow_ids.append(f"session-{session_id}")
     assert started["status"]["phase"] == "live" and started["livekit"]["identity"] == f"avatar-{session_id}"
 
-    rc, out, err = await _cli(stack, "stream", session_id, str(wav_path), "--audio-ws-url", started["audio_ws_url"])
+    rc, out, err = await _cli(
+        stack, "stream", session_id, str(wav_path), "--audio-ws-url", started["audio_ws_url"]
+    )
     assert rc == 0, err
     lines = out.splitlines()
     events = [json.loads(line)["event"] for line in lines if line.startswith('{"event"')]

@@ -1,4 +1,5 @@
-"""`lipsync_client.AudioStream` against a local WebSocket server: listeners see every event, the queue is bounded."""
+"""`lipsync_client.AudioStream` against a local WebSocket server: listeners see every event, the queue is
+bounded."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ async def test_listeners_see_every_event_and_the_queue_keeps_the_newest() -> Non
             audio.add_listener(lambda event: seen.append(int(event.get("n", -1))))
             assert (await audio.wait_ready(5))["session_id"] == "s"
             await audio.send_pcm(b"\x01\x00" * 160)
-            # All arrived and nobody read the queue yet (the stream exposes its close as a reason, not an event).
+            # All arrived and nobody read the queue yet (the stream exposes its close as a reason, not an
+            # event).
             while len(seen) < EVENTS or not audio.close_reason:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             queued = [int(event["n"]) async for event in audio.events() if event["type"] == "stats"]

@@ -144,9 +144,13 @@ def test_graceful_stops_fit_their_grace_periods_and_disruption_budgets_cover_eve
         assert len(covering) == 1, workload["metadata"]["name"]
         budget = covering[0]["spec"]
         replicas = workload["spec"]["replicas"]
-        assert budget.get("minAvailable", replicas - budget.get("maxUnavailable", 0)) < replicas  # drains can proceed
+        assert (
+            budget.get("minAvailable", replicas - budget.get("maxUnavailable", 0)) < replicas
+        )  # drains can proceed
         grace = pod_spec(workload)["terminationGracePeriodSeconds"]
-        pre_stop = container(workload).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_stop = (
+            container(workload).get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        )
         pre_stop_s = float(pre_stop[-1]) if pre_stop[:1] == ["sleep"] else 0.0
         assert grace >= pre_stop_s + 20, workload["metadata"]["name"]
     sidecar_grace = pod_spec(workloads[2])["terminationGracePeriodSeconds"]
@@ -161,7 +165,12 @@ def test_config_secret_and_policies_are_what_the_code_reads(tmp_path: Path) -> N
     for key in config:
         assert re.search(rf"[\"']{key}[\"']", sources), f"{key} is read by no code"
     secret = named("Secret", "lipsync-secrets")["stringData"]
-    assert set(secret) == {"LIPSYNC_API_KEYS", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "LIPSYNC_SIDECAR_SECRET"}
+    assert set(secret) == {
+        "LIPSYNC_API_KEYS",
+        "LIVEKIT_API_KEY",
+        "LIVEKIT_API_SECRET",
+        "LIPSYNC_SIDECAR_SECRET",
+    }
     sidecar_env = {e["name"] for e in container(named("StatefulSet", "lipsync-sidecar"))["env"]}
     assert "LIPSYNC_SIDECAR_SECRET" in sidecar_env  # the sidecar refuses to start without it
     assert all(value == "" for value in secret.values()), "never ship credentials"
@@ -170,7 +179,8 @@ def test_config_secret_and_policies_are_what_the_code_reads(tmp_path: Path) -> N
     assert config["LIPSYNC_POLICIES"] == f"{mounts['policies']}/policies.yaml"
     embedded = named("ConfigMap", "lipsync-policies")["data"]["policies.yaml"]
     assert embedded == POLICIES.read_text(), (
-        "k8s/policies.yaml differs from infra/policies.yaml: run python -m tests.infra.integrations.test_k8s_manifests"
+        "k8s/policies.yaml differs from infra/policies.yaml: run python -m "
+        "tests.infra.integrations.test_k8s_manifests"
     )
     policy_file = tmp_path / "policies.yaml"
     policy_file.write_text(embedded)

@@ -91,7 +91,9 @@ class AgentProcess:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                line = await asyncio.wait_for(self.process.stdout.readline(), max(0.1, deadline - time.monotonic()))
+                line = await asyncio.wait_for(
+                    self.process.stdout.readline(), max(0.1, deadline - time.monotonic())
+                )
             except TimeoutError:
                 raise AssertionError(f"agent: no {name!r} within {timeout_s} s\n{self.log_tail()}") from None
             if not line:
@@ -145,7 +147,9 @@ async def spawn_job_worker(python: Path, stack: ApiStack, *, agent_name: str, lo
 
 async def dispatch(stack: ApiStack, agent_name: str, room: str) -> None:
     """Ask livekit-server to dispatch the agent to `room`, as a deployment's backend would."""
-    async with livekit_api.LiveKitAPI(stack.livekit.ws_url, stack.livekit.api_key, stack.livekit.api_secret) as lk:
+    async with livekit_api.LiveKitAPI(
+        stack.livekit.ws_url, stack.livekit.api_key, stack.livekit.api_secret
+    ) as lk:
         await lk.agent_dispatch.create_dispatch(
             livekit_api.CreateAgentDispatchRequest(agent_name=agent_name, room=room)
         )
@@ -159,7 +163,10 @@ def speech_frames(viewer: RoomRecorder) -> tuple[list[Any], list[Any]]:
     """
     times = np.array([t for t, _ in viewer.audio_chunks])
     level = np.array(
-        [float(np.sqrt(np.mean((chunk.astype(np.float32) / 32768.0) ** 2))) for _, chunk in viewer.audio_chunks]
+        [
+            float(np.sqrt(np.mean((chunk.astype(np.float32) / 32768.0) ** 2)))
+            for _, chunk in viewer.audio_chunks
+        ]
     )
     loud = level > 0.3 * level.max()
     onset_s = float(times[np.argmax(level > 0.05 * level.max())])
@@ -178,7 +185,8 @@ async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
     try:
         await agent.event("registered")
         async with LipsyncClient(stack.api_url, stack.api_key) as client:
-            # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys: the API
+            # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys:
+            # the API
             # mints viewer tokens only for rooms where one of the caller's sessions runs.
             viewer_jwt = viewer_token_for(stack.livekit, "agents-viewer", room)
             viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
@@ -195,7 +203,11 @@ async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
                 assert avatar.attributes.get("lk.publish_on_behalf") == started["local_identity"]
                 # The agent publishes no audio of its own: the avatar speaks for it.
                 agent_participant = viewer.room.remote_participants[started["local_identity"]]
-                audio = [p for p in agent_participant.track_publications.values() if p.kind == rtc.TrackKind.KIND_AUDIO]
+                audio = [
+                    p
+                    for p in agent_participant.track_publications.values()
+                    if p.kind == rtc.TrackKind.KIND_AUDIO
+                ]
                 assert not audio, audio
 
                 await viewer.wait_for(lambda: len(viewer.frames) >= 50, 30)  # two seconds of idle first
@@ -250,7 +262,12 @@ async def test_a_failing_avatar_is_a_clear_error_not_a_wait(
 ) -> None:
     missing = stack.avatar_url.replace("/astronaut.zip", "/missing.zip")
     agent = await AgentProcess.spawn(
-        agents_python, stack, room="agents-fail-room", identity="agent-fail", avatar_url=missing, log=tmp_path / "a.log"
+        agents_python,
+        stack,
+        room="agents-fail-room",
+        identity="agent-fail",
+        avatar_url=missing,
+        log=tmp_path / "a.log",
     )
     started_s = time.monotonic()
     try:
@@ -273,7 +290,10 @@ async def test_an_avatar_that_does_not_join_in_time_is_a_clear_error_and_its_ses
     # avatar cannot have joined when the 0.5 s join timeout passes.
     body = avatar_zip_bytes(side_px=AVATAR_SIDE_PX)
     slow = Route(
-        body=body, headers=(("Content-Type", "application/zip"),), chunk_bytes=len(body) // 5 + 1, chunk_delay_s=0.5
+        body=body,
+        headers=(("Content-Type", "application/zip"),),
+        chunk_bytes=len(body) // 5 + 1,
+        chunk_delay_s=0.5,
     )
     slow_url = stack.assets.add("/slow-astronaut.zip", slow)
     agent = await AgentProcess.spawn(

@@ -89,7 +89,8 @@ class Tier:
         await asyncio.to_thread(process.stop)  # SIGTERM, then SIGKILL only past 10 s
         # uvicorn (the API) re-raises the SIGTERM it handled once its graceful shutdown is done.
         graceful = process.returncode == 0 or (
-            process.returncode == -signal.SIGTERM and "Finished server process" in process.log_path.read_text()
+            process.returncode == -signal.SIGTERM
+            and "Finished server process" in process.log_path.read_text()
         )
         assert graceful, f"{process.name} did not stop gracefully: exit {process.returncode}"
         await self.start(name)
@@ -128,26 +129,69 @@ async def cluster(
 
     def worker(name: str, n: int) -> ManagedProcess:
         log = logs / f"worker-{name}-{n}.log"
-        argv = [*python, "worker", "--temporal-address", temporal.target, "--task-queue", harness.control_queue,
-                "--placement-id", harness.placement_id, "--asset-dir", str(harness.asset_dir)]  # fmt: skip
+        argv = [
+            *python,
+            "worker",
+            "--temporal-address",
+            temporal.target,
+            "--task-queue",
+            harness.control_queue,
+            "--placement-id",
+            harness.placement_id,
+            "--asset-dir",
+            str(harness.asset_dir),
+        ]
         return ManagedProcess(
-            f"worker-{name}", argv, log, lambda: log.exists() and "control worker running" in log.read_text(),
-            cwd=PROJECT_ROOT, env=base_env,
-        )  # fmt: skip
+            f"worker-{name}",
+            argv,
+            log,
+            lambda: log.exists() and "control worker running" in log.read_text(),
+            cwd=PROJECT_ROOT,
+            env=base_env,
+        )
 
     def sidecar(name: str, n: int) -> ManagedProcess:
         sidecar_id = harness.sidecar_id(name)
-        argv = [*python, "sidecar", "--port", str(sidecar_ports[name]), "--engine", "preview", "--device", "cpu",
-                "--cache-dir", str(harness.cache_dir), "--slots", "2", "--sidecar-id", sidecar_id,
-                "--task-queue", sidecar_task_queue(sidecar_id), "--temporal-address", temporal.target,
-                "--asset-dir", str(harness.asset_dir), "--control-task-queue", harness.control_queue,
-                "--placement-id", harness.placement_id, "--lease-s", "3",
-                "--registration-interval-s", "0.5"]  # fmt: skip
+        argv = [
+            *python,
+            "sidecar",
+            "--port",
+            str(sidecar_ports[name]),
+            "--engine",
+            "preview",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(harness.cache_dir),
+            "--slots",
+            "2",
+            "--sidecar-id",
+            sidecar_id,
+            "--task-queue",
+            sidecar_task_queue(sidecar_id),
+            "--temporal-address",
+            temporal.target,
+            "--asset-dir",
+            str(harness.asset_dir),
+            "--control-task-queue",
+            harness.control_queue,
+            "--placement-id",
+            harness.placement_id,
+            "--lease-s",
+            "3",
+            "--registration-interval-s",
+            "0.5",
+        ]
         health_url = f"http://127.0.0.1:{sidecar_ports[name]}/healthz"
         return ManagedProcess(
-            f"sidecar-{name}", argv, logs / f"sidecar-{name}-{n}.log", lambda: _http_ok(health_url),
-            cwd=PROJECT_ROOT, env=base_env, startup_timeout_s=120.0,
-        )  # fmt: skip
+            f"sidecar-{name}",
+            argv,
+            logs / f"sidecar-{name}-{n}.log",
+            lambda: _http_ok(health_url),
+            cwd=PROJECT_ROOT,
+            env=base_env,
+            startup_timeout_s=120.0,
+        )
 
     sidecar_urls = ",".join(f"{harness.sidecar_id(n)}=http://127.0.0.1:{p}" for n, p in sidecar_ports.items())
 
@@ -164,9 +208,13 @@ async def cluster(
             "LIPSYNC_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         }
         return ManagedProcess(
-            f"api-{name}", [*python, "api", "--port", str(port)], logs / f"api-{name}-{n}.log",
-            lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"), cwd=PROJECT_ROOT, env=env,
-        )  # fmt: skip
+            f"api-{name}",
+            [*python, "api", "--port", str(port)],
+            logs / f"api-{name}-{n}.log",
+            lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"),
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
 
     tiers = {"worker": Tier(worker), "sidecar": Tier(sidecar), "api": Tier(api)}
     try:
@@ -244,7 +292,10 @@ async def speech_flows(speakers: list[Speaker], what: str) -> None:
     before = [s.finished for s in speakers]
     deadline = time.monotonic() + PROGRESS_TIMEOUT_S
     while any(s.finished <= b for s, b in zip(speakers, before, strict=True)):
-        assert time.monotonic() < deadline, (what, [(s.session_id, s.finished, s.failures[-3:]) for s in speakers])
+        assert time.monotonic() < deadline, (
+            what,
+            [(s.session_id, s.finished, s.failures[-3:]) for s in speakers],
+        )
         await asyncio.sleep(0.2)
 
 
@@ -257,11 +308,14 @@ async def test_rolling_restart_of_every_tier_drops_no_live_session(
         for index, port in enumerate(api_ports):  # one session through each API replica
             async with LipsyncClient(f"http://127.0.0.1:{port}", KEY) as client:
                 created = await client.create_session(
-                    avatar=Avatar(frames_zip_url=avatar_url), livekit=LiveKitOutput(room=f"replica-room-{index}")
+                    avatar=Avatar(frames_zip_url=avatar_url),
+                    livekit=LiveKitOutput(room=f"replica-room-{index}"),
                 )
             harness.workflow_ids.append(f"session-{created.session_id}")
             parts = urlsplit(created.audio_ws_url)
-            speakers.append(Speaker(created.session_id, parts.path + (f"?{parts.query}" if parts.query else "")))
+            speakers.append(
+                Speaker(created.session_id, parts.path + (f"?{parts.query}" if parts.query else ""))
+            )
         stop = asyncio.Event()
         phases: dict[str, list[str]] = {s.session_id: [] for s in speakers}
         tasks = [asyncio.create_task(speak(s, api_ports, pcm, stop)) for s in speakers]

@@ -56,7 +56,9 @@ def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-4000:] if log.exists() else ""
 
 
-async def next_event(process: asyncio.subprocess.Process, name: str, log: Path, timeout_s: float) -> dict[str, Any]:
+async def next_event(
+    process: asyncio.subprocess.Process, name: str, log: Path, timeout_s: float
+) -> dict[str, Any]:
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     while True:
@@ -74,13 +76,16 @@ async def next_event(process: asyncio.subprocess.Process, name: str, log: Path, 
             return event
 
 
-async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack: ApiStack, tmp_path: Path) -> None:
+async def test_a_pipecat_pipeline_drives_the_avatar(
+    pipecat_python: Path, stack: ApiStack, tmp_path: Path
+) -> None:
     room = "pipecat-room"
     log = tmp_path / "pipeline.log"
     env = {**os.environ, "PYTHONPATH": integration_pythonpath(INTEGRATION_DIR)}
     env.pop("VIRTUAL_ENV", None)
     async with LipsyncClient(stack.api_url, stack.api_key) as client:
-        # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys: the API
+        # The viewer joins before any session runs in the room, so its token comes from LiveKit's keys: the
+        # API
         # mints viewer tokens only for rooms where one of the caller's sessions runs.
         viewer_jwt = viewer_token_for(stack.livekit, "pipecat-viewer", room)
         viewer = RoomRecorder(mouth_box=(0, 0, AVATAR_SIDE_PX, AVATAR_SIDE_PX))
@@ -128,9 +133,13 @@ async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack:
     reference = speech_pcm(SENTENCE)
     seconds = len(reference) / 2 / 16_000
     finished = spoken["finished"]
-    assert finished["interrupted"] is False and abs(float(finished["playback_position"]) - seconds) < 0.3, spoken
+    assert finished["interrupted"] is False and abs(float(finished["playback_position"]) - seconds) < 0.3, (
+        spoken
+    )
     again = spoken_again["finished"]
-    assert again["interrupted"] is False and abs(float(again["playback_position"]) - seconds) < 0.3, spoken_again
+    assert again["interrupted"] is False and abs(float(again["playback_position"]) - seconds) < 0.3, (
+        spoken_again
+    )
     cut = interrupted["finished"]
     assert cut["interrupted"] is True and 0.5 < float(cut["playback_position"]) < 5.0, interrupted
     assert final.end_reason == "stopped" and final.error is None, final.raw
@@ -147,6 +156,7 @@ async def test_a_pipecat_pipeline_drives_the_avatar(pipecat_python: Path, stack:
     correlation = heard_speech_correlation(viewer.audio(), sent48)
     assert correlation >= 0.8, correlation
     sys.stdout.write(
-        f"pipeline speech: envelope correlation {correlation:.2f}; mouth change {speech_change:.1f} speaking vs "
+        f"pipeline speech: envelope correlation {correlation:.2f}; mouth change {speech_change:.1f} speaking "
+        "vs "
         f"{idle_change:.1f} idle; cut after {cut['playback_position']} s\n"
     )

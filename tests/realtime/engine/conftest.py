@@ -48,7 +48,9 @@ def musetalk_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     from realtime.engine import EngineConfig, create_engine
 
     selection = create_engine(
-        EngineConfig(engine="auto", model_dir=tiny_model_dir, device="cpu", cache_dir=tmp_path_factory.mktemp("cache"))
+        EngineConfig(
+            engine="auto", model_dir=tiny_model_dir, device="cpu", cache_dir=tmp_path_factory.mktemp("cache")
+        )
     )
     assert selection.name == "musetalk" and isinstance(selection.engine, MuseTalkEngine)
     return selection.engine
@@ -59,7 +61,9 @@ def preview_engine(tmp_path_factory: pytest.TempPathFactory) -> PreviewEngine:
     from realtime.engine import EngineConfig, create_engine
 
     empty = tmp_path_factory.mktemp("no-models")
-    selection = create_engine(EngineConfig(engine="auto", model_dir=empty, cache_dir=tmp_path_factory.mktemp("pcache")))
+    selection = create_engine(
+        EngineConfig(engine="auto", model_dir=empty, cache_dir=tmp_path_factory.mktemp("pcache"))
+    )
     assert selection.name == "preview" and isinstance(selection.engine, PreviewEngine)
     return selection.engine
 

@@ -1,4 +1,5 @@
-"""Engine speed-up switches on CPU with the tiny model: buckets, batched stream features, lower-half decode."""
+"""Engine speed-up switches on CPU with the tiny model: buckets, batched stream features, lower-half
+decode."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def test_buckets_and_config_are_validated() -> None:
         AccelConfig(decode_from_latent_row=12)  # would cut into the blend mask (it starts at face row 92)
     with pytest.raises(ValueError, match="group_norm"):
         AccelConfig(group_norm="fused")
-    with pytest.raises(ValueError, match="compile_tuned_stages may name unet and vae_decode, got \\('vae',\\)"):
+    with pytest.raises(
+        ValueError, match="compile_tuned_stages may name unet and vae_decode, got \\('vae',\\)"
+    ):
         AccelConfig(compile_tuned_stages=("vae",))
 
 
@@ -34,7 +37,9 @@ def test_group_norms_follow_the_layout_they_are_fast_in() -> None:
     assert compiled.group_norm_for(cuda=True) == "channel_sums"  # channels-last maps under inductor
     assert compiled.group_norm_for(cuda=False) == "native"  # CPU never compiles
     assert AccelConfig().group_norm_for(cuda=True) == "native"  # graphs only: eager kernels, NCHW
-    assert AccelConfig(compile_mode="default", compile_channels_last=False).group_norm_for(cuda=True) == "native"
+    assert (
+        AccelConfig(compile_mode="default", compile_channels_last=False).group_norm_for(cuda=True) == "native"
+    )
     assert AccelConfig(group_norm="channel_sums").group_norm_for(cuda=False) == "channel_sums"
     assert compiled.upsample_conv_for(cuda=True) == "transpose"  # no phase interleave over channels-last maps
     assert AccelConfig().upsample_conv_for(cuda=True) == "phases"
@@ -58,16 +63,24 @@ def test_compile_options_spell_out_the_mode_and_the_layout(monkeypatch: pytest.M
     compile_fn(print, "max-autotune-no-cudagraphs", channels_last=True)
     assert seen[0] is None
     assert seen[1] == {"force_layout_optimization": True}
-    assert seen[2]["force_layout_optimization"] and seen[2]["max_autotune"] and "triton.cudagraphs" not in seen[2]
+    assert (
+        seen[2]["force_layout_optimization"]
+        and seen[2]["max_autotune"]
+        and "triton.cudagraphs" not in seen[2]
+    )
 
 
 def test_streams_prefetched_in_one_batched_encode_give_the_features_of_separate_encodes(
     musetalk_engine: MuseTalkEngine, speech: np.ndarray
 ) -> None:
-    """The render lane encodes every stream of a batch at once (`prefetch_features`); the pulls then hit the cache
+    """The render lane encodes every stream of a batch at once (`prefetch_features`); the pulls then hit the
+    cache
     and return what each stream would have computed alone."""
     clips = [speech[: 40 * SAMPLES_PER_FRAME], speech[SAMPLES_PER_FRAME * 7 : SAMPLES_PER_FRAME * 30]]
-    alone, batched = [musetalk_engine.open_stream() for _ in clips], [musetalk_engine.open_stream() for _ in clips]
+    alone, batched = (
+        [musetalk_engine.open_stream() for _ in clips],
+        [musetalk_engine.open_stream() for _ in clips],
+    )
     for streams in (alone, batched):
         for stream, clip in zip(streams, clips, strict=True):
             stream.push(clip)
@@ -97,7 +110,8 @@ def test_streams_prefetched_in_one_batched_encode_give_the_features_of_separate_
 def _blended_difference(
     musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, speech: np.ndarray
 ) -> tuple[float, float]:
-    """(max |lower - full| grey levels where the pasted mask is > 0, max where it is 0), over speaking frames."""
+    """(max |lower - full| grey levels where the pasted mask is > 0, max where it is 0), over speaking
+    frames."""
     lower = MuseTalkEngine(
         musetalk_engine.models,
         EngineConfig(engine="musetalk", device="cpu", accel=AccelConfig(decode_from_latent_row=10)),
@@ -131,7 +145,8 @@ def test_lower_half_decode_leaves_everything_outside_the_mask_untouched(
 @pytest.mark.xfail(
     strict=True,
     reason="the cropped decode's GroupNorm statistics differ from the full face's (see LOWER_DECODE_NOTE): "
-    "tens of grey levels on random weights; kept as the bound real weights must meet before it is switched on",
+    "tens of grey levels on random weights; kept as the bound real weights must meet before it is "
+    "switched on",
 )
 def test_lower_half_decode_is_within_one_grey_level_inside_the_mask(
     musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, speech: np.ndarray

@@ -1,4 +1,5 @@
-"""Prebuilt engine artifacts: keyed by what compiled kernels depend on, refused with a code when they do not match,
+"""Prebuilt engine artifacts: keyed by what compiled kernels depend on, refused with a code when they do not
+match,
 rebuilt and saved then (`realtime.engine.artifacts`, `lipsync engine build`)."""
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def test_every_field_of_the_key_names_a_different_artifact_and_the_key_round_tri
 
 def test_the_model_hash_follows_the_architecture_not_the_weights() -> None:
     torch = pytest.importorskip("torch")
-    first, second = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)  # different random weights, same architecture
+    first, second = (
+        torch.nn.Linear(4, 3),
+        torch.nn.Linear(4, 3),
+    )  # different random weights, same architecture
     assert model_hash(first) == model_hash(second)
     assert model_hash(first) != model_hash(torch.nn.Linear(4, 5))
     assert model_hash(first) != model_hash(first.to(torch.float16))

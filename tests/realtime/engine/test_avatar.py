@@ -28,13 +28,19 @@ from tests.support.engine_media import astronaut_frames, frames_zip, idle_video,
 
 def test_zip_frames_come_in_natural_order(frames: list[np.ndarray], avatar_zip: bytes) -> None:
     decoded = decode_source(avatar_zip)
-    assert [name.rsplit("/", 1)[-1] for name in decoded.names][:3] == ["frame_1.png", "frame_2.png", "frame_3.png"]
+    assert [name.rsplit("/", 1)[-1] for name in decoded.names][:3] == [
+        "frame_1.png",
+        "frame_2.png",
+        "frame_3.png",
+    ]
     assert decoded.names[9].endswith("frame_10.png")
     for ours, original in zip(decoded.frames, frames, strict=True):
         np.testing.assert_array_equal(ours, original)
 
 
-def test_musetalk_avatar_has_faces_v15_crops_and_latents(musetalk_avatar: Avatar, frames: list[np.ndarray]) -> None:
+def test_musetalk_avatar_has_faces_v15_crops_and_latents(
+    musetalk_avatar: Avatar, frames: list[np.ndarray]
+) -> None:
     avatar = musetalk_avatar
     assert avatar.frame_count == len(frames) and (avatar.height_px, avatar.width_px) == frames[0].shape[:2]
     assert avatar.has_face.all()
@@ -92,7 +98,9 @@ def test_manifest_boxes_win_over_detection(preview_engine: PreviewEngine, frames
     np.testing.assert_array_equal(avatar.crop_boxes, [[60, 40, 160, 160]] * 3)
 
 
-def test_frames_without_a_face_keep_their_alignment(preview_engine: PreviewEngine, frames: list[np.ndarray]) -> None:
+def test_frames_without_a_face_keep_their_alignment(
+    preview_engine: PreviewEngine, frames: list[np.ndarray]
+) -> None:
     blank = np.full_like(frames[0], 128)
     mixed = frames[:2] + [blank] * 7 + frames[2:4]  # frames 2..8 have no face
     avatar = preview_engine.prepare_avatar(frames_zip(mixed))
@@ -197,6 +205,8 @@ def test_detection_falls_back_to_this_process_when_workers_cannot_start() -> Non
         "frame = cv2.resize(astronaut(), (256, 256))\n"
         "print(detect_faces(np.stack([frame] * 2), DetectorConfig(), 2))\n"
     )
-    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120, check=True
+    )
     assert "None" not in done.stdout and done.stdout.count("(") == 2
     assert "detecting in this process" in done.stderr

@@ -10,7 +10,9 @@ import pytest
 from bench.engine import main
 
 
-def test_prepare_benchmark_measures_cold_and_cached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_benchmark_measures_cold_and_cached(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "prep.json"
     args = ["--json", str(out), "--prep-frames", "3", "--prep-px", "256", "--device", "cpu", "--threads", "2"]
     assert main(args) == 0

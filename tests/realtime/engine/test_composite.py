@@ -50,7 +50,9 @@ def with_parsed_masks(avatar: Avatar, seed: int) -> Avatar:
     widths = avatar.crop_boxes[:, 2] - avatar.crop_boxes[:, 0]
     masks = np.zeros((avatar.frame_count, int(heights.max()), int(widths.max())), np.uint8)
     for index in np.flatnonzero(avatar.has_face):
-        masks[index, : heights[index], : widths[index]] = rng.integers(0, 256, (heights[index], widths[index]))
+        masks[index, : heights[index], : widths[index]] = rng.integers(
+            0, 256, (heights[index], widths[index])
+        )
     return dataclasses.replace(avatar, blend_masks=masks, blend_mask="parsed:jaw")
 
 
@@ -65,9 +67,9 @@ def reference_paste(face: torch.Tensor, avatar: Avatar, frame: int, weight: floa
     if avatar.blend_masks is not None:  # the frame's own parsed mask, already at the box's size
         mask = torch.from_numpy(np.array(avatar.blend_masks[frame, :height, :width])).float() / 255.0
     else:
-        mask = F.interpolate(torch.from_numpy(lower_face_mask())[None, None], size=(height, width), mode="bilinear")[
-            0, 0
-        ]
+        mask = F.interpolate(
+            torch.from_numpy(lower_face_mask())[None, None], size=(height, width), mode="bilinear"
+        )[0, 0]
     out = roi + (resized[0].permute(1, 2, 0) * 255.0 - roi) * (mask * weight)[..., None]
     expected = np.array(avatar.frames[frame])
     expected[y1:y2, x1:x2] = out.round().clamp(0, 255).to(torch.uint8).numpy()
@@ -78,7 +80,9 @@ def reference_paste(face: torch.Tensor, avatar: Avatar, frame: int, weight: floa
 @pytest.mark.parametrize("antialias", [True, False])
 def test_resize_matrix_is_f_interpolate(src_px: int, dst_px: int, antialias: bool) -> None:
     image = torch.rand(1, 2, src_px, 40, dtype=torch.float64).float()
-    expected = F.interpolate(image, size=(dst_px, 40), mode="bilinear", align_corners=False, antialias=antialias)
+    expected = F.interpolate(
+        image, size=(dst_px, 40), mode="bilinear", align_corners=False, antialias=antialias
+    )
     matrix = torch.from_numpy(resize_matrix(src_px, dst_px, antialias))
     assert matrix.shape == (dst_px, src_px)
     torch.testing.assert_close(matrix @ image, expected, atol=2e-6, rtol=1e-5)
@@ -94,7 +98,14 @@ def test_a_batch_of_two_avatars_pastes_like_one_face_at_a_time(parsed: str) -> N
         large = with_parsed_masks(large, seed=6)
     faces = torch.rand(9, 3, 256, 256, generator=torch.Generator().manual_seed(3))
     # Interleaved avatars, a repeated frame, weights under and at 1: rows come back in the callers' order.
-    plan = [(small, 0, 1.0), (large, 2, 0.4), (small, 3, 1.0), (large, 0, 1.0), (small, 0, 0.7), (large, 1, 1.0)]
+    plan = [
+        (small, 0, 1.0),
+        (large, 2, 0.4),
+        (small, 3, 1.0),
+        (large, 0, 1.0),
+        (small, 0, 0.7),
+        (large, 1, 1.0),
+    ]
     jobs = [PasteJob(avatar, frame, row, weight) for row, (avatar, frame, weight) in enumerate(plan)]
     compositor = Compositor(torch.device("cpu"))
 
@@ -112,7 +123,9 @@ def test_a_batch_of_two_avatars_pastes_like_one_face_at_a_time(parsed: str) -> N
         x1, y1, x2, y2 = (int(v) for v in job.avatar.crop_boxes[job.frame])
         outside = np.ones(frame.shape[:2], bool)
         outside[y1:y2, x1:x2] = False
-        assert np.array_equal(frame[outside], job.avatar.frames[job.frame][outside]), "nothing outside the box moves"
+        assert np.array_equal(frame[outside], job.avatar.frames[job.frame][outside]), (
+            "nothing outside the box moves"
+        )
     assert exact / total > 0.999
 
 

@@ -89,7 +89,9 @@ def test_positional_encoding_matches_the_upstream_formula() -> None:
     np.testing.assert_allclose(positional_encoding(), pe.numpy(), atol=1e-5)
 
 
-def test_streaming_features_match_offline_on_real_speech(musetalk_engine: MuseTalkEngine, speech: np.ndarray) -> None:
+def test_streaming_features_match_offline_on_real_speech(
+    musetalk_engine: MuseTalkEngine, speech: np.ndarray
+) -> None:
     import torch
 
     audio = speech[: 16_000 * 4]  # 4 s of espeak-ng speech
@@ -149,7 +151,9 @@ def test_end_of_utterance_pads_and_flushes_then_a_new_utterance_continues_the_ti
     assert frames[5].utterance_frame == 0 and frames[5].start_sample == 5 * 640
 
 
-def test_reset_drops_unpulled_audio_and_resumes_after_the_last_pulled_frame(preview_engine: PreviewEngine) -> None:
+def test_reset_drops_unpulled_audio_and_resumes_after_the_last_pulled_frame(
+    preview_engine: PreviewEngine,
+) -> None:
     stream = preview_engine.open_stream()
     stream.push(np.full(640 * 6 + 100, 0.2, np.float32))
     assert len(stream.pull(max_frames=2)) == 2
@@ -195,7 +199,8 @@ def test_gather_windows_zero_fills_outside_the_audio() -> None:
 
 @pytest.mark.parametrize("seconds", [0.0, 0.37, 2.5, 30.0])
 def test_device_log_mel_is_the_feature_extractors(musetalk_engine: MuseTalkEngine, seconds: float) -> None:
-    """The lane's on-device log-mel (real samples uploaded, padding made there) equals WhisperFeatureExtractor's."""
+    """The lane's on-device log-mel (real samples uploaded, padding made there) equals
+    WhisperFeatureExtractor's."""
     import torch
 
     from realtime.engine.musetalk.logmel import DeviceLogMel
@@ -204,7 +209,9 @@ def test_device_log_mel_is_the_feature_extractors(musetalk_engine: MuseTalkEngin
     rng = np.random.default_rng(int(seconds * 100))
     segments = [
         (0.3 * rng.standard_normal(int(seconds * 16_000))).astype(np.float32),
-        (0.1 * np.sin(np.arange(16_000 * 3) * 0.05)).astype(np.float32),  # a second, different length in the batch
+        (0.1 * np.sin(np.arange(16_000 * 3) * 0.05)).astype(
+            np.float32
+        ),  # a second, different length in the batch
     ]
     expected = extractor(segments, sampling_rate=16_000, return_tensors="np").input_features
     got = DeviceLogMel(extractor, torch.device("cpu"))(segments)
@@ -213,7 +220,8 @@ def test_device_log_mel_is_the_feature_extractors(musetalk_engine: MuseTalkEngin
 
 
 @pytest.mark.parametrize(
-    ("start", "count", "valid_positions", "hidden_offset"), [(0, 3, 40, 0), (7, 5, 21, 0), (750, 4, 1600, 1500)]
+    ("start", "count", "valid_positions", "hidden_offset"),
+    [(0, 3, 40, 0), (7, 5, 21, 0), (750, 4, 1600, 1500)],
 )
 def test_device_window_gather_matches_the_reference_indexing(
     musetalk_engine: MuseTalkEngine, start: int, count: int, valid_positions: int, hidden_offset: int

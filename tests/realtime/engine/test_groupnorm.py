@@ -23,9 +23,14 @@ def test_channel_sums_equal_group_norm(shape: tuple[int, ...], channels_last: bo
     bias = torch.randn(shape[1], generator=generator, dtype=torch.float64)
     x32, w32, b32 = x.float(), weight.float(), bias.float()
     expected = F.group_norm(x, 32, weight, bias, 1e-6)
-    torch.testing.assert_close(channel_sum_group_norm(x32, 32, w32, b32, 1e-6).double(), expected, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(
-        channel_sum_group_norm(x32, 32, None, None, 1e-6).double(), F.group_norm(x, 32, eps=1e-6), atol=2e-5, rtol=1e-5
+        channel_sum_group_norm(x32, 32, w32, b32, 1e-6).double(), expected, atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        channel_sum_group_norm(x32, 32, None, None, 1e-6).double(),
+        F.group_norm(x, 32, eps=1e-6),
+        atol=2e-5,
+        rtol=1e-5,
     )
 
 

@@ -13,7 +13,12 @@ import pytest
 from infra.cli import main
 from realtime.engine import EngineConfig, create_engine
 from realtime.engine.device import choose_device
-from realtime.engine.errors import ModelConfigInvalid, ModelFileCorrupt, ModelFilesMissing, ModelWeightsMismatch
+from realtime.engine.errors import (
+    ModelConfigInvalid,
+    ModelFileCorrupt,
+    ModelFilesMissing,
+    ModelWeightsMismatch,
+)
 from realtime.engine.musetalk.weights.layout import ModelLayout, check_model_dir
 from realtime.engine.musetalk.weights.loader import load_musetalk
 
@@ -53,7 +58,9 @@ def test_tiny_checkpoint_loads_strictly_and_keeps_the_musetalk_shapes(tiny_model
         latents = models.vae.encode(crop).latent_dist.mean
         assert tuple(latents.shape) == (1, 4, 32, 32)  # the 8x VAE downsampling MuseTalk relies on
         out = models.unet(
-            torch.randn(2, 8, 32, 32), torch.zeros(1, dtype=torch.long), encoder_hidden_states=torch.randn(2, 50, 384)
+            torch.randn(2, 8, 32, 32),
+            torch.zeros(1, dtype=torch.long),
+            encoder_hidden_states=torch.randn(2, 50, 384),
         ).sample
         assert tuple(out.shape) == (2, 4, 32, 32)
         mel = models.feature_extractor(np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="pt")
@@ -75,7 +82,9 @@ def test_truncated_weights_are_corrupt(model_copy: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(ModelFileCorrupt) as excinfo:
         load_musetalk(model_copy, choose_device("cpu"))
-    assert excinfo.value.code == "model_file_corrupt" and "diffusion_pytorch_model.bin" in excinfo.value.message
+    assert (
+        excinfo.value.code == "model_file_corrupt" and "diffusion_pytorch_model.bin" in excinfo.value.message
+    )
     assert any(p.code == "model_file_corrupt" for p in check_model_dir(model_copy).problems)
 
 
@@ -110,7 +119,9 @@ def test_weights_that_do_not_fit_the_config_fail_the_strict_load(model_copy: Pat
     assert excinfo.value.code == "model_weights_mismatch" and "unet.pth" in excinfo.value.message
 
 
-def test_auto_engine_falls_back_to_preview_only_when_no_weights_exist(tmp_path: Path, model_copy: Path) -> None:
+def test_auto_engine_falls_back_to_preview_only_when_no_weights_exist(
+    tmp_path: Path, model_copy: Path
+) -> None:
     selection = create_engine(EngineConfig(engine="auto", model_dir=tmp_path / "empty"))
     assert selection.name == "preview"
     assert "no MuseTalk weights" in selection.reason and "preview" in selection.reason
@@ -138,14 +149,18 @@ def test_models_check_cli_reports_files_and_problems(
     assert "missing" in text and "[model_files_missing]" in text and "known bad" in text
 
 
-def test_sd_vae_ft_mse_layout_is_accepted_and_named(model_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sd_vae_ft_mse_layout_is_accepted_and_named(
+    model_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (model_copy / "sd-vae").rename(model_copy / "sd-vae-ft-mse")
     report = check_model_dir(model_copy)
     assert report.ok and report.variants == {"vae": "sd-vae-ft-mse"}
     assert ModelLayout(model_copy).vae_weights().parent.name == "sd-vae-ft-mse"
     assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
     assert "vae in sd-vae-ft-mse/" in capsys.readouterr().out
-    assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu", "--load", "--json"]) == 0
+    assert (
+        main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu", "--load", "--json"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["load"]["blend_mask"].startswith("parsed jaw blend mask")
     models = load_musetalk(model_copy, choose_device("cpu"))
     assert models.vae_scaling_factor == pytest.approx(0.18215)
@@ -184,11 +199,17 @@ def test_face_parse_weights_load_strictly_and_parse(tiny_model_dir: Path) -> Non
     from realtime.engine.musetalk.weights.face_parse import load_face_parser
 
     report = check_model_dir(tiny_model_dir)
-    assert report.face_parsing is not None and report.face_parsing.usable and report.face_parsing.mask == "parsed_jaw"
+    assert (
+        report.face_parsing is not None
+        and report.face_parsing.usable
+        and report.face_parsing.mask == "parsed_jaw"
+    )
     layout = ModelLayout(tiny_model_dir)
     for path in (layout.face_parse_weights, layout.face_parse_backbone):
         assert zipfile.is_zipfile(path)
-    assert "fc.weight" in torch.load(layout.face_parse_backbone, weights_only=True)  # torchvision's resnet18 file
+    assert "fc.weight" in torch.load(
+        layout.face_parse_backbone, weights_only=True
+    )  # torchvision's resnet18 file
     parser = load_face_parser(layout, torch.device("cpu"), torch.float32)
     labels = parser.labels([np.zeros((90, 70, 3), np.uint8), np.full((300, 300, 3), 128, np.uint8)])
     assert labels.shape == (2, 512, 512) and labels.dtype == np.uint8 and labels.max() < 19
@@ -228,14 +249,20 @@ def test_without_face_parse_weights_the_ellipse_is_used_and_said(
     assert report.ok and report.face_parsing is not None and report.face_parsing.mask == "ellipse"
     assert main(["models", "check", "--model-dir", str(model_copy), "--json", "--device", "cpu"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    assert (
+        document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
+    )
     assert document["face_box"]["source"] == "cascade" and document["face_box"]["dwpose_present"] is False
     (model_copy / "dwpose").mkdir()
     (model_copy / "dwpose" / "dw-ll_ucoco_384.pth").write_bytes(b"rtmpose")
     assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
     assert "face box: cascade" in capsys.readouterr().out
     face_box = check_model_dir(model_copy).to_json()["face_box"]
-    assert face_box["dwpose_present"] is True and face_box["dwpose_used"] is False and "RTMPose" in face_box["why"]
+    assert (
+        face_box["dwpose_present"] is True
+        and face_box["dwpose_used"] is False
+        and "RTMPose" in face_box["why"]
+    )
     selection = create_engine(EngineConfig(engine="auto", model_dir=model_copy, device="cpu"))
     assert "ellipse blend mask" in selection.reason and "ellipse blend mask" in selection.engine.info.detail
 

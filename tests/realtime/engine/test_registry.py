@@ -45,7 +45,11 @@ from realtime.sidecar.process import build_host
 from tests.support import media
 from tests.support.recording import RecordingPublisher
 
-MARKER_RGB = (255, 0, 255)  # no avatar frame has it: a speech frame in this colour came from the marker engine
+MARKER_RGB = (
+    255,
+    0,
+    255,
+)  # no avatar frame has it: a speech frame in this colour came from the marker engine
 
 
 class MarkerFeaturizer:
@@ -54,7 +58,9 @@ class MarkerFeaturizer:
     def reset(self) -> None:
         """Stateless."""
 
-    def encode_plan(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
+    def encode_plan(
+        self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int
+    ) -> list[Any]:
         return []
 
     def features(self, audio: np.ndarray, audio_base: int, frames: range, valid_positions: int) -> list[Any]:
@@ -73,7 +79,9 @@ class MarkerEngine(EngineBase):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("marker", "marker-1", "cpu", "uint8", None, "test engine: speech frames are magenta")
+        return EngineInfo(
+            "marker", "marker-1", "cpu", "uint8", None, "test engine: speech frames are magenta"
+        )
 
     @property
     def timing(self) -> FrameTiming:
@@ -103,7 +111,9 @@ class MarkerEngine(EngineBase):
         stream.end_of_utterance()
         return stream.pull()
 
-    def render(self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None) -> list[np.ndarray]:
+    def render(
+        self, requests: Sequence[RenderRequest], *, profile: StageProfile | None = None
+    ) -> list[np.ndarray]:
         frames = []
         for request in requests:
             frame = np.array(request.avatar.frames[request.avatar.frame_at(request.frame_index)])
@@ -137,7 +147,9 @@ def _speech(seconds: float = 1.0, tone_hz: float = 220.0) -> ConvertedAudio:
     """A loud tone as the sidecar's ingest hands it on: 16 kHz for the engine, 48 kHz for playout."""
 
     def tone(rate_hz: int) -> np.ndarray:
-        return (0.3 * np.sin(2 * np.pi * tone_hz * np.arange(int(rate_hz * seconds)) / rate_hz)).astype(np.float32)
+        return (0.3 * np.sin(2 * np.pi * tone_hz * np.arange(int(rate_hz * seconds)) / rate_hz)).astype(
+            np.float32
+        )
 
     return ConvertedAudio(tone(16_000), tone(48_000))
 
@@ -167,7 +179,9 @@ async def test_an_engine_registered_from_a_test_renders_a_sidecar_session(
         progress: list[PrepareProgress] = []
         prepared = await host.prepare_avatar("s1", AvatarAsset(avatar_zip, "frames_zip", ""), progress.append)
         await asyncio.sleep(0.05)  # progress is reported from the lane thread through the loop
-        assert prepared.frame_count == 6 and progress and progress[-1].frames_done == progress[-1].frames_total
+        assert (
+            prepared.frame_count == 6 and progress and progress[-1].frames_done == progress[-1].frames_total
+        )
         publisher = RecordingPublisher(prepared.width_px, prepared.height_px)
         await host.start_publishing("s1", [publisher], OpenedOutput("recording", "test recording"))
         runtime = host.runtime("s1")
@@ -209,7 +223,9 @@ async def test_an_engine_on_another_frame_rate_is_refused_by_the_sidecar(tmp_pat
 
 def test_auto_tries_engines_in_rank_order_and_a_broken_one_fails_the_choice(tmp_path: Path) -> None:
     def absent(config: EngineConfig) -> EngineProbe:
-        return EngineProbe(usable=False, reason="no marker files", problem=ModelFilesMissing("no marker files"))
+        return EngineProbe(
+            usable=False, reason="no marker files", problem=ModelFilesMissing("no marker files")
+        )
 
     def broken(config: EngineConfig) -> EngineProbe:
         raise ModelFilesMissing("marker files half downloaded")
@@ -241,7 +257,9 @@ def test_auto_tries_engines_in_rank_order_and_a_broken_one_fails_the_choice(tmp_
 
 
 def test_unknown_and_taken_engine_names_are_refused() -> None:
-    with pytest.raises(EngineUnknown, match="unknown engine 'nope'; choose one of auto, musetalk, preview") as unknown:
+    with pytest.raises(
+        EngineUnknown, match="unknown engine 'nope'; choose one of auto, musetalk, preview"
+    ) as unknown:
         create_engine(EngineConfig(engine="nope"))
     assert isinstance(unknown.value, EngineError) and unknown.value.code == "engine_unknown"
     for taken in ("auto", "preview"):

@@ -55,7 +55,11 @@ def musetalk_clip(
 def test_a_3_second_clip_renders_75_frames(musetalk_clip: OfflineRender, musetalk_avatar: Avatar) -> None:
     assert len(musetalk_clip.frames) == 75
     for frame in musetalk_clip.frames:
-        assert frame.dtype == np.uint8 and frame.shape == (musetalk_avatar.height_px, musetalk_avatar.width_px, 3)
+        assert frame.dtype == np.uint8 and frame.shape == (
+            musetalk_avatar.height_px,
+            musetalk_avatar.width_px,
+            3,
+        )
 
 
 def test_mouth_moves_during_speech_and_is_the_idle_frame_in_silence(
@@ -115,7 +119,9 @@ def test_streamed_frames_render_like_a_session(
     for start in range(0, 16_000, 2_000):
         stream.push(speech[start : start + 2_000])
         ready = stream.pull()
-        rendered += musetalk_engine.render([RenderRequest.for_frame(musetalk_avatar, f.index, f) for f in ready])
+        rendered += musetalk_engine.render(
+            [RenderRequest.for_frame(musetalk_avatar, f.index, f) for f in ready]
+        )
     stream.end_of_utterance()
     ready = stream.pull()
     rendered += musetalk_engine.render([RenderRequest.for_frame(musetalk_avatar, f.index, f) for f in ready])
@@ -125,12 +131,15 @@ def test_streamed_frames_render_like_a_session(
 def test_started_renders_return_the_frames_of_render_in_start_order(
     musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, speech: np.ndarray
 ) -> None:
-    """`render_async` is `render` split in two: two batches started before either is collected (as the render lane
+    """`render_async` is `render` split in two: two batches started before either is collected (as the render
+    lane
     pipelines them) come back as `render` gives them, each in its own request order."""
     features = musetalk_engine.offline_frames(speech[:16_000])
     first = [RenderRequest.for_frame(musetalk_avatar, k, features[k]) for k in range(4)]
     second = [RenderRequest(musetalk_avatar, 9 - k, features[9 - k].features, 1.0) for k in range(3)]
-    second.append(RenderRequest(musetalk_avatar, 5, features[5].features, 0.0))  # idle: never reaches the models
+    second.append(
+        RenderRequest(musetalk_avatar, 5, features[5].features, 0.0)
+    )  # idle: never reaches the models
     expected = [musetalk_engine.render(first), musetalk_engine.render(second)]
     handles = [musetalk_engine.render_async(first), musetalk_engine.render_async(second)]
     assert all(handle.ready() and handle.device_ms() is None for handle in handles)  # CPU: done once started
@@ -143,7 +152,10 @@ def test_started_renders_return_the_frames_of_render_in_start_order(
 
 
 def test_features_of_the_other_engine_are_rejected(
-    musetalk_engine: MuseTalkEngine, musetalk_avatar: Avatar, preview_engine: PreviewEngine, preview_avatar: Avatar
+    musetalk_engine: MuseTalkEngine,
+    musetalk_avatar: Avatar,
+    preview_engine: PreviewEngine,
+    preview_avatar: Avatar,
 ) -> None:
     with pytest.raises(RenderRequestInvalid) as excinfo:
         musetalk_engine.render([RenderRequest(musetalk_avatar, 0, np.array([0.5], np.float32))])
@@ -207,7 +219,9 @@ def test_lipsync_render_writes_an_mp4_with_audio_and_dumps_intermediates(
     assert 20 < len(active) < 75  # the UNet ran for speech frames only
 
 
-def test_lipsync_render_reports_bad_input_with_a_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lipsync_render_reports_bad_input_with_a_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.zip"
     bad.write_bytes(frames_zip([]))
     wav = tmp_path / "none.wav"

@@ -63,7 +63,9 @@ def test_rendered_frames_are_unchanged_by_the_fused_upsampling(
             )
             outputs[mode] = engine.render(requests)
         wrapped = [
-            m for m in (*models.unet.modules(), *models.vae.modules()) if type(m).__name__ == "FusedUpsampleConv"
+            m
+            for m in (*models.unet.modules(), *models.vae.modules())
+            if type(m).__name__ == "FusedUpsampleConv"
         ]
         assert len(wrapped) >= 2  # the UNet's and the decoder's upsamplers are both covered
     finally:

@@ -204,7 +204,8 @@ def test_expanded_crop_is_black_outside_the_frame() -> None:
 
 
 def synthetic_landmarks(seed: int) -> np.ndarray:
-    """68 iBUG landmarks of a face turned and tilted at random: jaw 0-16, brows 17-26, nose 27-35, eyes, mouth."""
+    """68 iBUG landmarks of a face turned and tilted at random: jaw 0-16, brows 17-26, nose 27-35, eyes,
+    mouth."""
     rng = np.random.default_rng(seed)
     t = np.linspace(-1.0, 1.0, 17)
     jaw = np.stack([t * 1.0, 0.35 + 0.65 * np.sqrt(1 - 0.85 * t**2)], axis=1) * [70, 100]
@@ -216,7 +217,9 @@ def synthetic_landmarks(seed: int) -> np.ndarray:
         ],
         axis=1,
     ) * [70, 100]
-    eyes = np.stack([np.r_[np.linspace(-0.6, -0.2, 6), np.linspace(0.2, 0.6, 6)], np.full(12, -0.15)], axis=1) * [
+    eyes = np.stack(
+        [np.r_[np.linspace(-0.6, -0.2, 6), np.linspace(0.2, 0.6, 6)], np.full(12, -0.15)], axis=1
+    ) * [
         70,
         100,
     ]
@@ -229,7 +232,9 @@ def synthetic_landmarks(seed: int) -> np.ndarray:
     rotation = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
     scaled = points * [yaw * float(rng.uniform(1.2, 1.8)), float(rng.uniform(1.2, 1.8))]
     return (
-        scaled @ rotation.T + [float(rng.uniform(200, 300)), float(rng.uniform(150, 220))] + rng.normal(0, 1.5, (68, 2))
+        scaled @ rotation.T
+        + [float(rng.uniform(200, 300)), float(rng.uniform(150, 220))]
+        + rng.normal(0, 1.5, (68, 2))
     )
 
 

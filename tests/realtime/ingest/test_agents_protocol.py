@@ -129,7 +129,9 @@ async def test_an_agent_drives_the_avatar_over_byte_streams_and_rpc(
         avatar = viewer.remote_participants[avatar_identity]
         await until(lambda: avatar.attributes.get("lk.publish_on_behalf") == agent_identity)
         assert avatar.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-        await until(lambda: {p.name for p in avatar.track_publications.values()} == {"avatar_audio", "avatar_video"})
+        await until(
+            lambda: {p.name for p in avatar.track_publications.values()} == {"avatar_audio", "avatar_video"}
+        )
 
         # Segment 1: played to the end, then playback_finished(interrupted=false) at its full length.
         pcm = at_agent_rate(speech)
@@ -143,7 +145,8 @@ async def test_an_agent_drives_the_avatar_over_byte_streams_and_rpc(
 
         # Segment 2: cleared mid-way; the rest of its stream (sent after the clear) never plays.
         await agent.say(pcm)
-        # 1.2 s handed to the output: at least 1 s heard (the position reports what was heard, not what was handed)
+        # 1.2 s handed to the output: at least 1 s heard (the position reports what was heard, not what was
+        # handed)
         await until(lambda: runtime.playing and runtime.timeline.accounting.rendered > 24_000 + 19_200)
         assert await agent.clear_buffer() == "ok"
         await until(lambda: len(agent.finished) == 2)

@@ -23,7 +23,12 @@ def _code(exc: pytest.ExceptionInfo[IngestError]) -> str:
 
 def test_default_format_is_s16le_mono_16k() -> None:
     fmt = PcmFormat()
-    assert (fmt.sample_rate_hz, fmt.encoding, fmt.channels, fmt.bytes_per_frame) == (16_000, PcmEncoding.S16LE, 1, 2)
+    assert (fmt.sample_rate_hz, fmt.encoding, fmt.channels, fmt.bytes_per_frame) == (
+        16_000,
+        PcmEncoding.S16LE,
+        1,
+        2,
+    )
 
 
 def test_format_from_query_strings_and_aliases() -> None:

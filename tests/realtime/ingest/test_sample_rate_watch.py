@@ -26,7 +26,9 @@ from tests.support.sidecar_harness import RunningSidecar
 __all__ = ["session"]  # the fixture, used by name
 
 
-def stream(watch: RateWatch, *, seconds: float, real_rate_hz: int, declared_hz: int, start_s: float = 0.0) -> list:
+def stream(
+    watch: RateWatch, *, seconds: float, real_rate_hz: int, declared_hz: int, start_s: float = 0.0
+) -> list:
     """100 ms messages of `real_rate_hz` audio arriving in real time; returns the verdicts."""
     verdicts = []
     for index in range(int(seconds * 10)):

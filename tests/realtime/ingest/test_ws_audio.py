@@ -128,7 +128,9 @@ async def test_ready_speech_playback_events_and_stats(
         stats = await request_stats(ws)
         assert stats["session_id"] == session_id
         assert stats["audio_samples_received"] == speech.timeline_samples()
-        assert stats["audio_samples_rendered"] == stats["audio_samples_published"] == speech.timeline_samples()
+        assert (
+            stats["audio_samples_rendered"] == stats["audio_samples_published"] == speech.timeline_samples()
+        )
         assert stats["audio_samples_rejected"] == 0
         assert_adds_up(stats)
     # The same numbers over HTTP.
@@ -154,7 +156,9 @@ async def test_config_message_f32le_stereo_48k(
     session_id, recorder = session
     async with websockets.connect(sidecar.audio_url(session_id)) as ws:
         await recv_until(ws, "ready")
-        await ws.send(json.dumps({"type": "config", "sample_rate": 48000, "encoding": "f32le", "channels": 2}))
+        await ws.send(
+            json.dumps({"type": "config", "sample_rate": 48000, "encoding": "f32le", "channels": 2})
+        )
         applied = await recv_until(ws, "config_applied")
         assert applied["format"] == {"sample_rate": 48000, "encoding": "f32le", "channels": 2}
         left = tone(1.0, 48_000)

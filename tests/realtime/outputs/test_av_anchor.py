@@ -17,7 +17,12 @@ import pytest
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import PublishTick
 from realtime.outputs.livekit import PLAYOUT_SAMPLE_RATE_HZ, LiveKitPublisher
-from tests.realtime.outputs.test_publisher_drops import FakeClock, _AudioSource, connected_publisher, speech_tick
+from tests.realtime.outputs.test_publisher_drops import (
+    FakeClock,
+    _AudioSource,
+    connected_publisher,
+    speech_tick,
+)
 
 T0_S = 1000.0
 TICK_S = 0.04
@@ -28,14 +33,18 @@ BLOCK = 480  # one 10 ms pull at 48 kHz
 def tick(index: int, *, speech: int = 640) -> PublishTick:
     """Tick `index` of a clock started at T0_S, with a ramp as audio (so dropped heads are recognisable)."""
     ramp = ((np.arange(1920) + index * 1920) % 30000 / 32767.0).astype(np.float32)
-    return dataclasses.replace(speech_tick(index, speech), deadline_s=T0_S + index * TICK_S, audio_playout=ramp)
+    return dataclasses.replace(
+        speech_tick(index, speech), deadline_s=T0_S + index * TICK_S, audio_playout=ramp
+    )
 
 
 def first_samples(source: _AudioSource) -> list[int]:
     return [int(frame[0]) for frame in source.frames]
 
 
-async def publish_on_time(publisher: LiveKitPublisher, clock: FakeClock, indices: range, late_s: float = 0.0) -> None:
+async def publish_on_time(
+    publisher: LiveKitPublisher, clock: FakeClock, indices: range, late_s: float = 0.0
+) -> None:
     for index in indices:
         clock.now_s = T0_S + index * TICK_S + late_s
         await publisher.publish(tick(index))
@@ -66,8 +75,10 @@ async def test_ticks_on_time_keep_the_audio_on_its_anchor_with_one_initial_pad()
 
 
 async def test_after_a_stall_the_late_audio_is_dropped_and_the_next_tick_is_back_on_its_anchor() -> None:
-    """The event loop stalls 172 ms (below the clock's resync threshold): the clock then bursts the missed ticks.
-    Their audio is late (silence went out meanwhile): it is dropped, counted, and the audio is back in step."""
+    """The event loop stalls 172 ms (below the clock's resync threshold): the clock then bursts the missed
+    ticks.
+    Their audio is late (silence went out meanwhile): it is dropped, counted, and the audio is back in
+    step."""
     clock, source = FakeClock(T0_S), _AudioSource("queue")
     publisher = connected_publisher(source, clock)
     await publish_on_time(publisher, clock, range(10))
@@ -76,7 +87,8 @@ async def test_after_a_stall_the_late_audio_is_dropped_and_the_next_tick_is_back
     for index in range(10, 15):  # ticks 10..14 were due during the stall: all published at once
         await publisher.publish(tick(index))
     stats = publisher.stats()
-    # Tick 10's audio belonged in WebRTC at +60 ms, it is 112 ms late: dropped whole; tick 11 (72 ms late) too;
+    # Tick 10's audio belonged in WebRTC at +60 ms, it is 112 ms late: dropped whole; tick 11 (72 ms late)
+    # too;
     # tick 12 is 32 ms late: its head (30 ms, whole blocks) is dropped; ticks 13-14 are on their anchors.
     dropped_playout = stats.extra["audio_resync_dropped_samples"]
     assert dropped_playout == 2 * 1920 + 3 * BLOCK
@@ -112,21 +124,27 @@ async def test_a_small_slip_in_speech_keeps_the_words_and_the_next_silence_absor
 
 
 async def test_a_pull_thread_that_fell_behind_is_measured_and_the_excess_queue_dropped() -> None:
-    """CPU starvation: the source handed WebRTC 150 ms less than real time says (its queue is that much deeper than
-    meant, so the audio would play 150 ms behind the lips). The next calibration shows it; the excess is dropped."""
+    """CPU starvation: the source handed WebRTC 150 ms less than real time says (its queue is that much deeper
+    than
+    meant, so the audio would play 150 ms behind the lips). The next calibration shows it; the excess is
+    dropped."""
     clock, source = FakeClock(T0_S), _AudioSource("queue")
     publisher = connected_publisher(source, clock)
     await publish_on_time(publisher, clock, range(5))
     # The first measurement finds the sender's count 20 ms behind the model (it starts counting when its
     # transport is up): it only sets where the count stands, the queue keeps its depth.
     queued = publisher._source_clock.queued_samples(clock())
-    publisher._source_clock.calibrate(publisher._source_clock.position(clock()) - 20 * 48 - BLOCK // 2, clock())
+    publisher._source_clock.calibrate(
+        publisher._source_clock.position(clock()) - 20 * 48 - BLOCK // 2, clock()
+    )
     assert publisher._source_clock.queued_samples(clock()) == queued
     await publish_on_time(publisher, clock, range(5, 10))
     assert "audio_resync_dropped" not in publisher.stats().extra
     measured_at_s = clock()
     # The sender's count moves in whole pulls: between two pulls the position is half a block past it.
-    pulled = publisher._source_clock.position(measured_at_s) - 150 * PLAYOUT_SAMPLE_RATE_HZ // 1000 - BLOCK // 2
+    pulled = (
+        publisher._source_clock.position(measured_at_s) - 150 * PLAYOUT_SAMPLE_RATE_HZ // 1000 - BLOCK // 2
+    )
     publisher._source_clock.calibrate(pulled, measured_at_s)
     assert publisher._source_clock.last_calibration_error_ms == pytest.approx(-150.0)
     assert anchor_error_ms(publisher, 10, clock) == pytest.approx(150.0, abs=1.0)
@@ -139,7 +157,8 @@ async def test_a_pull_thread_that_fell_behind_is_measured_and_the_excess_queue_d
 
 
 async def test_a_queue_shallower_than_its_anchor_is_padded_with_silence() -> None:
-    """The clock restarted past a long stall while the source kept pulling (silence): the next tick would enter
+    """The clock restarted past a long stall while the source kept pulling (silence): the next tick would
+    enter
     WebRTC at once, 60 ms before the video it belongs to. Silence is queued in front of it instead."""
     clock, source = FakeClock(T0_S), _AudioSource("queue")
     publisher = connected_publisher(source, clock)
@@ -159,7 +178,11 @@ async def test_the_send_side_av_offset_is_measured_per_frame_and_alarms_past_its
     publisher = connected_publisher(source, clock)
     video_delay_s = publisher.options.video_delay_ms / 1000.0
     await publish_on_time(publisher, clock, range(3))
-    for index, video_late_s in ((0, 0.0), (1, 0.004), (2, 0.090)):  # frame 2 leaves 90 ms late (a stalled loop)
+    for index, video_late_s in (
+        (0, 0.0),
+        (1, 0.004),
+        (2, 0.090),
+    ):  # frame 2 leaves 90 ms late (a stalled loop)
         clock.now_s = T0_S + index * TICK_S + HEADROOM_S + video_delay_s + video_late_s
         publisher._pending_video.pop(index)[0].cancel()
         publisher._capture_video(tick(index))
@@ -182,7 +205,8 @@ def test_calibration_nudges_the_model_on_jitter_and_takes_a_jump_at_once() -> No
 
 
 def test_a_count_that_stopped_while_the_source_drained_is_rebased_not_taken_as_a_deep_queue() -> None:
-    """The sender's transport was down 2 s (its count froze) while the source kept draining: a 2 s queue cannot
+    """The sender's transport was down 2 s (its count froze) while the source kept draining: a 2 s queue
+    cannot
     exist in a 200 ms source, so the measurement only moves where the count stands; no speech is dropped."""
     model = SourceClock(48_000, BLOCK, capacity_samples=9600)
     model.start(0.0)

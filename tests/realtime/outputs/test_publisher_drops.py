@@ -1,5 +1,7 @@
-"""Speech in ticks an output cannot deliver is counted (`audio_samples_dropped`), so published + dropped == rendered
-holds for every output, across a live switch too. No network: the outputs are used before (or without) connecting."""
+"""Speech in ticks an output cannot deliver is counted (`audio_samples_dropped`), so published + dropped ==
+rendered
+holds for every output, across a live switch too. No network: the outputs are used before (or without)
+connecting."""
 
 from __future__ import annotations
 
@@ -53,7 +55,9 @@ async def test_a_disconnected_livekit_output_counts_the_speech_it_drops() -> Non
 
 
 async def test_a_full_recording_queue_counts_the_speech_it_drops(tmp_path: Path) -> None:
-    output = RecordingOutput(tmp_path / "r.mp4", WIDTH_PX, HEIGHT_PX, queue_size_frames=1)  # not started: no reader
+    output = RecordingOutput(
+        tmp_path / "r.mp4", WIDTH_PX, HEIGHT_PX, queue_size_frames=1
+    )  # not started: no reader
     await output.publish(speech_tick(0, 640))
     await output.publish(speech_tick(1, 500))
     stats = output.stats()
@@ -62,7 +66,9 @@ async def test_a_full_recording_queue_counts_the_speech_it_drops(tmp_path: Path)
 
 def test_a_full_rtmp_queue_counts_the_speech_it_drops() -> None:
     url = f"rtmp://127.0.0.1:{free_port()}/live/key"
-    publisher = RtmpStreamWriter(url, EncoderSettings(width_px=WIDTH_PX, height_px=HEIGHT_PX), queue_size_frames=1)
+    publisher = RtmpStreamWriter(
+        url, EncoderSettings(width_px=WIDTH_PX, height_px=HEIGHT_PX), queue_size_frames=1
+    )
     tick = speech_tick(0, 0)
     publisher.submit(tick.frame_rgb, 0, tick.audio_playout, 0, 640)  # not started: nothing drains the queue
     publisher.submit(tick.frame_rgb, 1, tick.audio_playout, 1920, 200)
@@ -90,7 +96,8 @@ class FakeClock:
 
 
 class _AudioSource:
-    """Stands in for `rtc.AudioSource`: `capture_frame` fails, hangs, or queues (then `clear_queue` empties it)."""
+    """Stands in for `rtc.AudioSource`: `capture_frame` fails, hangs, or queues (then `clear_queue` empties
+    it)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -122,7 +129,9 @@ class _VideoSource:
         pass
 
 
-def connected_publisher(source: _AudioSource, clock: Callable[[], float] = time.monotonic) -> LiveKitPublisher:
+def connected_publisher(
+    source: _AudioSource, clock: Callable[[], float] = time.monotonic
+) -> LiveKitPublisher:
     """A LiveKit output in the state a joined room leaves it, with a stand-in audio source (no network): its
     source started being pulled at `clock()`."""
     publisher = livekit_publisher(clock)
@@ -158,9 +167,12 @@ async def test_an_interrupt_takes_back_the_queued_speech_that_had_not_started_pl
     source = _AudioSource("queue")
     clock = FakeClock(1000.0)
     publisher = connected_publisher(source, clock)
-    # Three ticks queued on time; 100 ms later the first one is playing, the other two still wait in the queue.
+    # Three ticks queued on time; 100 ms later the first one is playing, the other two still wait in the
+    # queue.
     for index, speech in enumerate((640, 640, 320)):
-        await publisher.publish(dataclasses.replace(speech_tick(index, speech), deadline_s=1000.0 + 0.04 * index))
+        await publisher.publish(
+            dataclasses.replace(speech_tick(index, speech), deadline_s=1000.0 + 0.04 * index)
+        )
     assert publisher.stats().audio_samples_published == 1600
     clock.now_s += 0.1
     publisher.interrupt(lambda _index: np.zeros((HEIGHT_PX, WIDTH_PX, 3), dtype=np.uint8))

@@ -1,4 +1,5 @@
-"""MP4 recording: valid file with the right frame count and audio; never a complete-looking file after a crash."""
+"""MP4 recording: valid file with the right frame count and audio; never a complete-looking file after a
+crash."""
 
 from __future__ import annotations
 

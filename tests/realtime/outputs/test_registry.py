@@ -1,4 +1,5 @@
-"""The output registry: each kind declared once, and a kind registered by a test alone goes the whole real path.
+"""The output registry: each kind declared once, and a kind registered by a test alone goes the whole real
+path.
 
 The `memory` kind below exists only in this file (no production module names it). It is admitted
 by the real sidecar activity, opened by the real `SidecarHost` whose session clock feeds it frames
@@ -176,7 +177,9 @@ def test_params_round_trip_and_bad_params_name_the_field() -> None:
 @pytest.fixture
 async def sidecar_host(tmp_path: Path) -> AsyncIterator[SidecarHost]:
     settings = SidecarSettings(
-        engine="preview", cache_dir=tmp_path / "cache", host=HostConfig(sidecar_id="t", task_queue="t", slots_total=1)
+        engine="preview",
+        cache_dir=tmp_path / "cache",
+        host=HostConfig(sidecar_id="t", task_queue="t", slots_total=1),
     )
     host = build_host(settings)
     try:
@@ -195,7 +198,10 @@ async def test_a_kind_registered_by_a_test_is_admitted_opened_and_fed_frames_and
         sidecar_host, SidecarWorkerConfig.for_host(sidecar_host, tmp_path / "assets"), incarnation="now"
     )
     request = OpenOutputInput(
-        call=SidecarCall("s1", incarnation="now"), spec=OutputSpec(memory_kind, {"label": "a"}), room="r", record=False
+        call=SidecarCall("s1", incarnation="now"),
+        spec=OutputSpec(memory_kind, {"label": "a"}),
+        room="r",
+        record=False,
     )
     opened = await ActivityEnvironment().run(activities.open_output, request)
     assert (opened.kind, opened.detail) == (memory_kind, "memory:a")
@@ -217,7 +223,9 @@ async def test_a_kind_registered_by_a_test_is_admitted_opened_and_fed_frames_and
     runtime.end_utterance()
     await asyncio.wait_for(publisher.heard.wait(), timeout=20.0)
     speech_ticks = [tick for tick in publisher.ticks if tick.speech_samples > 0]
-    assert sum(tick.speech_samples for tick in speech_ticks) == len(timeline_t)  # every sample of speech arrived
+    assert sum(tick.speech_samples for tick in speech_ticks) == len(
+        timeline_t
+    )  # every sample of speech arrived
     assert all(np.abs(tick.audio_playout).max() > 0.1 for tick in speech_ticks)  # ...as audible audio
     frames = [tick.frame_index for tick in publisher.ticks]
     assert frames == list(range(frames[0], frames[0] + len(frames)))  # one frame per tick, none skipped
@@ -237,14 +245,17 @@ async def test_bad_params_of_a_registered_kind_fail_open_output_with_their_code(
         (OutputSpec(memory_kind, {"label": 3}), "output_params_invalid"),
         (OutputSpec("smtp", {}), "output_kind_unknown"),
     ]:
-        request = OpenOutputInput(call=SidecarCall("s1", incarnation="now"), spec=spec, room="r", record=False)
+        request = OpenOutputInput(
+            call=SidecarCall("s1", incarnation="now"), spec=spec, room="r", record=False
+        )
         with pytest.raises(ApplicationError) as refused:
             await ActivityEnvironment().run(activities.open_output, request)
         assert refused.value.type == code and refused.value.non_retryable
     assert OPENED == []
 
 
-# --- a test-only kind chosen by the real workflow as the fallback ---------------------------------------------
+# --- a test-only kind chosen by the real workflow as the fallback
+# ---------------------------------------------
 
 
 @pytest.mark.service
@@ -268,7 +279,10 @@ async def test_the_workflow_falls_back_to_a_kind_registered_by_a_test(
         (memory_kind, True, None),
     ]
     assert (live.output, live.output_detail) == (memory_kind, "memory:fallback")
-    assert [p.target.label for p in OPENED] == ["refusing", "fallback"]  # the loopback host opened it for real
+    assert [p.target.label for p in OPENED] == [
+        "refusing",
+        "fallback",
+    ]  # the loopback host opened it for real
     await stop_session(harness.client, request.session_id)
     result = await handle.result()
     assert result.end_reason is EndReason.STOPPED and result.output == memory_kind

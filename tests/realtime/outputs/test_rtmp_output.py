@@ -114,7 +114,9 @@ def test_publisher_reconnects_after_nginx_restart(
 ) -> None:
     config, nginx = rtmp_service
     url = config.publish_url("restart")
-    publisher = RtmpStreamWriter(url, SETTINGS, backoff_initial_s=0.1, backoff_max_s=0.5, connect_timeout_s=2.0)
+    publisher = RtmpStreamWriter(
+        url, SETTINGS, backoff_initial_s=0.1, backoff_max_s=0.5, connect_timeout_s=2.0
+    )
     publisher.start()
     _push(publisher, 25, set())
     nginx.stop()

@@ -20,10 +20,14 @@ from tests.support.media import frames_zip
 
 async def test_errors_carry_a_code_a_sentence_and_the_bad_fields() -> None:
     host = SidecarHost(NoEngine())  # type: ignore[arg-type]
-    transport = httpx.ASGITransport(app=create_app(host, ServerConfig(service_secret=SIDECAR_SECRET, dev_api=True)))
+    transport = httpx.ASGITransport(
+        app=create_app(host, ServerConfig(service_secret=SIDECAR_SECRET, dev_api=True))
+    )
     try:
         headers = service_headers()
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", headers=headers) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://sidecar", headers=headers
+        ) as client:
             bad = await client.post("/v1/sessions/s1", json={"avatar_path": "a.zip", "idle_timeout_s": -1})
             assert bad.status_code == 422
             body = bad.json()

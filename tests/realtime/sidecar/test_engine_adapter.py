@@ -20,13 +20,16 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> EngineAdapter:
 
     root = tmp_path_factory.mktemp("adapter")
     write_checkpoint(root / "models", "tiny")
-    return EngineAdapter(EngineConfig(engine="musetalk", model_dir=root / "models", device="cpu", cache_dir=root))
+    return EngineAdapter(
+        EngineConfig(engine="musetalk", model_dir=root / "models", device="cpu", cache_dir=root)
+    )
 
 
 def test_audio_arriving_after_the_batched_encode_waits_for_the_next_batch(
     adapter: EngineAdapter, tmp_path: Path
 ) -> None:
-    """Regression: the jobs' pulls re-applied audio that came in after `prepare_features`, so each pull re-encoded
+    """Regression: the jobs' pulls re-applied audio that came in after `prepare_features`, so each pull
+    re-encoded
     its 30 s segment alone (at 8 sessions on an H200 that doubled the lane's batch time)."""
     avatar_zip = tmp_path / "avatar.zip"
     avatar_zip.write_bytes(frames_zip(astronaut_frames()[:4]))
@@ -54,7 +57,8 @@ def test_audio_arriving_after_the_batched_encode_waits_for_the_next_batch(
         assert encodes == [1, 1]
         second = utterance.render_requests(list(range(10, 30)), list(range(10, 30)))
         assert len(second) == 20 and encodes == [1, 1]
-        # Frames beyond what the encoded audio made ready: the pull applies its inbox and encodes (correct, unbatched).
+        # Frames beyond what the encoded audio made ready: the pull applies its inbox and encodes (correct,
+        # unbatched).
         utterance.push_audio(speech[24_000:])
         third = utterance.render_requests(list(range(30, 40)), list(range(30, 40)))
         assert len(third) == 10 and encodes == [1, 1, 1]
@@ -63,7 +67,8 @@ def test_audio_arriving_after_the_batched_encode_waits_for_the_next_batch(
 
 
 def test_jobs_of_a_closed_utterance_encode_nothing_and_say_so(adapter: EngineAdapter, tmp_path: Path) -> None:
-    """Under load an utterance can finish playing (its stream closed) while jobs for its last frames still wait in
+    """Under load an utterance can finish playing (its stream closed) while jobs for its last frames still
+    wait in
     the lane. Before, those jobs pulled from the emptied stream and failed as render errors ("asked for 3
     frames, the feature stream had 1 ready"), counted against the session."""
     from realtime.sidecar.engine_port import UtteranceClosed
@@ -100,7 +105,9 @@ def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     assert config.accel.compile_tuned_stages == ("vae_decode",)
     assert config.max_batch_size == 32 and host.lane.max_batch_frames == 32
     host.lane.close()
-    untuned = build_host(settings_from_args(parser.parse_args(["--compile", "default", "--no-kernel-tuning"])))
+    untuned = build_host(
+        settings_from_args(parser.parse_args(["--compile", "default", "--no-kernel-tuning"]))
+    )
     assert untuned.engine.config.accel.compile_tuned_stages == ()  # type: ignore[attr-defined]
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "fast"])

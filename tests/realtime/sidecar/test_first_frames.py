@@ -1,4 +1,5 @@
-"""First frames jump the render lane's queue while the lane keeps deadlines (`RenderLane`, "First frames"), and a
+"""First frames jump the render lane's queue while the lane keeps deadlines (`RenderLane`, "First frames"),
+and a
 session whose audio arrived ahead of real time starts its utterance with the shorter lead that this allows."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from realtime.sidecar.render_lane import BatchCostModel, RenderLane
 from tests.support.lane_sim import simulate
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
-# The lane's batch times with the compiled engine on an H200 (bench/results/sessions-h200-*.json, an earlier run).
+# The lane's batch times with the compiled engine on an H200 (bench/results/sessions-h200-*.json, an earlier
+# run).
 H200_COMPILED_MS = {1: 9.3, 2: 15.0, 4: 20.0, 8: 27.5, 16: 49.0, 32: 86.0, 48: 123.0, 64: 158.0}
 
 
@@ -42,7 +44,9 @@ async def _batches(
         batches.append(names)
         return [np.zeros((2, 2, 3), np.uint8) for _ in requests]
 
-    lane = RenderLane(render, max_batch_frames=max_batch_frames, buckets=BUCKETS, cost_model=model, clock=lambda: 0.0)
+    lane = RenderLane(
+        render, max_batch_frames=max_batch_frames, buckets=BUCKETS, cost_model=model, clock=lambda: 0.0
+    )
     loop = asyncio.get_running_loop()
     gate = asyncio.Event()
     try:
@@ -51,7 +55,9 @@ async def _batches(
         )
         await asyncio.sleep(0.05)
         futures = [
-            asyncio.ensure_future(lane.render(deadline, _named(name, frames), frames=frames, first_frames=first))
+            asyncio.ensure_future(
+                lane.render(deadline, _named(name, frames), frames=frames, first_frames=first)
+            )
             for name, deadline, frames, first in jobs
         ]
         await asyncio.sleep(0.05)
@@ -99,7 +105,8 @@ async def test_without_the_mark_the_same_job_waits_its_turn_in_deadline_order() 
 
 
 async def test_first_frames_never_displace_a_job_that_would_then_miss_its_deadline() -> None:
-    # Every queued job is due within 100 ms: one batch later (50 + 50 + 5 ms) would be too late for each of them.
+    # Every queued job is due within 100 ms: one batch later (50 + 50 + 5 ms) would be too late for each of
+    # them.
     jobs = [
         ("a", 0.060, 4, False),
         ("b", 0.080, 4, False),
@@ -112,7 +119,9 @@ async def test_first_frames_never_displace_a_job_that_would_then_miss_its_deadli
     assert lane.stats.first_frames_displaced == 0
 
 
-async def test_first_frames_do_not_grow_the_batch_into_a_bucket_that_misses_the_most_urgent_deadline() -> None:
+async def test_first_frames_do_not_grow_the_batch_into_a_bucket_that_misses_the_most_urgent_deadline() -> (
+    None
+):
     # 8 frames fit the bucket paid for; the 4 first frames would make it a 16-frame batch (50 ms) and the most
     # urgent job, due in 40 ms, late. Nothing in the batch can wait a batch: the first frames go next.
     jobs = [("a", 0.040, 4, False), ("b", 0.045, 4, False), ("first", 0.600, 4, True)]
@@ -121,14 +130,19 @@ async def test_first_frames_do_not_grow_the_batch_into_a_bucket_that_misses_the_
 
 
 async def test_an_idle_lane_has_no_backlog_after_batches_of_several_jobs_per_source() -> None:
-    """The lane's count of frames in flight comes back to 0 (it once drifted up by the frames of every source's
+    """The lane's count of frames in flight comes back to 0 (it once drifted up by the frames of every
+    source's
     earlier jobs in a batch, so the planning budget counted a batch in flight that did not exist)."""
     lane = RenderLane(lambda requests: [np.zeros((2, 2, 3), np.uint8) for _ in requests], buckets=BUCKETS)
     sources = [object(), object()]
     try:
         for _ in range(3):
             await asyncio.gather(
-                *(lane.render(0.0, (lambda: [0, 0]), frames=2, source=source) for source in sources for _ in range(3))
+                *(
+                    lane.render(0.0, (lambda: [0, 0]), frames=2, source=source)
+                    for source in sources
+                    for _ in range(3)
+                )
             )
         assert lane.stats.frames_rendered == 36
         assert lane._inflight_frames == 0
@@ -137,10 +151,15 @@ async def test_an_idle_lane_has_no_backlog_after_batches_of_several_jobs_per_sou
         lane.close()
 
 
-async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_and_no_frame_is_dropped() -> None:
-    """8 sessions on 1.3 x the H200's batch times (about two thirds of the lane's peak rate while all speak), 6
-    streaming in real time and 2 whose TTS sends each utterance's first 0.6 s at once. The load's planning budget
-    is for frames that become ready in real time; frames that are ready already only need their batch. With the
+async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_and_no_frame_is_dropped() -> (
+    None
+):
+    """8 sessions on 1.3 x the H200's batch times (about two thirds of the lane's peak rate while all speak),
+    6
+    streaming in real time and 2 whose TTS sends each utterance's first 0.6 s at once. The load's planning
+    budget
+    is for frames that become ready in real time; frames that are ready already only need their batch. With
+    the
     first-frame priority the 2 start with that lead; without it they wait the full budget like the others.
     Neither run drops frames."""
     cost_ms = {bucket: 1.3 * ms for bucket, ms in H200_COMPILED_MS.items()}
@@ -152,7 +171,8 @@ async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_
     on = await simulate(8, cost_ms, RuntimeConfig(), burst_s=bursts_s, pipelined=True, **options)
     # 8 sessions × 2 utterances × 50 frames, and the start of a third (fewer when a stall delays the clients).
     assert min(off.speech_frames, on.speech_frames) > 700, (off.speech_frames, on.speech_frames)
-    # None in runs alone; room for one stall of the whole process on a busy machine (every session then loses the
+    # None in runs alone; room for one stall of the whole process on a busy machine (every session then loses
+    # the
     # same few utterance frames, mid-utterance), as in test_runtime's pipelined-lane simulation.
     assert off.dropped_frames <= off.speech_frames // 20, off
     assert on.dropped_frames <= on.speech_frames // 20, on
@@ -162,5 +182,6 @@ async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_
     realtime_on = statistics.median(v for ttffs in on.ttff_ms_by_session[:6] for v in ttffs)
     # Measured 0.5 of each (252 ms against 508 and 471 ms, beside a load average of 8 on 2 cores).
     assert bursty_on < 0.7 * bursty_off, (bursty_on, bursty_off)
-    # The real-time sessions keep the load's budget: their first frames could not be sooner without being late.
+    # The real-time sessions keep the load's budget: their first frames could not be sooner without being
+    # late.
     assert bursty_on < 0.7 * realtime_on, (bursty_on, realtime_on)

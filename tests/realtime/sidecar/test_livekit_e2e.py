@@ -1,4 +1,5 @@
-"""Acceptance, end to end: WS speech in -> sidecar (preview engine) -> real livekit-server -> a real subscriber.
+"""Acceptance, end to end: WS speech in -> sidecar (preview engine) -> real livekit-server -> a real
+subscriber.
 
 The subscriber checks what a viewer would: 25 fps video and the speech audio, lips that move
 with the speech and rest (idle cycle) in silence, audio whose envelope matches what was sent,
@@ -54,7 +55,8 @@ def host_of(sidecar: RunningSidecar) -> SidecarHost:
 
 
 def livekit_publisher(runtime: Any) -> Any:
-    """The session's LiveKit publisher (the one inside its switchable output): its stats are the sidecar's clock."""
+    """The session's LiveKit publisher (the one inside its switchable output): its stats are the sidecar's
+    clock."""
     output = runtime.publishers[0]
     return getattr(output, "current", output)
 
@@ -155,7 +157,8 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     assert 22.5 <= fps <= 27.5, fps
     ids = [f.frame_id for f in recorder.frames]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    # Frame metadata: the user timestamp is the tick's deadline (Unix µs), so end-to-end latency is measurable:
+    # Frame metadata: the user timestamp is the tick's deadline (Unix µs), so end-to-end latency is
+    # measurable:
     # headroom (60 ms) + video delay (40 ms) + encode, network and decode on loopback.
     latency = recorder.latency_ms()
     assert len(latency) == len(recorder.frames)
@@ -174,14 +177,18 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     ]
     loud = [n0 + k for k in range(len(level)) if level[k] > 0.3 * level.max()]
     speech_changes = [
-        mouth_change(by_id[i], avatar.idle_frame(i)[box[1] : box[3], box[0] : box[2]]) for i in loud if i in by_id
+        mouth_change(by_id[i], avatar.idle_frame(i)[box[1] : box[3], box[0] : box[2]])
+        for i in loud
+        if i in by_id
     ]
     assert len(idle_changes) > 40 and len(speech_changes) > 20
     assert np.percentile(idle_changes, 95) < IDLE_MAX_CHANGE, np.percentile(idle_changes, 95)
     assert np.median(speech_changes) > SPEECH_MIN_CHANGE, np.median(speech_changes)
     # The idle cycle advances: a silent frame matches its own cycle frame, not one 6 positions away.
     silent = [f for f in recorder.frames if f.frame_id < n0 and f.arrival_s < silence_until][-10:]
-    own = np.mean([mouth_change(f, avatar.idle_frame(f.frame_id)[box[1] : box[3], box[0] : box[2]]) for f in silent])
+    own = np.mean(
+        [mouth_change(f, avatar.idle_frame(f.frame_id)[box[1] : box[3], box[0] : box[2]]) for f in silent]
+    )
     other = np.mean(
         [mouth_change(f, avatar.idle_frame(f.frame_id + 6)[box[1] : box[3], box[0] : box[2]]) for f in silent]
     )
@@ -191,16 +198,23 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     received = recorder.audio()
     lag, similarity = align(received, sent48)
     correlation = envelope_correlation(received, sent48, lag)
-    renewals = stats.extra.get("livekit_audio_track_renewals", 0.0)  # after a stall of the (shared) event loop
+    renewals = stats.extra.get(
+        "livekit_audio_track_renewals", 0.0
+    )  # after a stall of the (shared) event loop
     assert correlation >= 0.9, (correlation, f"audio track renewals: {renewals}")
 
-    # A/V offset within one frame (40 ms), on the sidecar's clock: per frame, how much later than its audio the frame
-    # entered WebRTC (the publisher's send-side offset). At least 90 % of the utterance's frames (so its median too)
+    # A/V offset within one frame (40 ms), on the sidecar's clock: per frame, how much later than its audio
+    # the frame
+    # entered WebRTC (the publisher's send-side offset). At least 90 % of the utterance's frames (so its
+    # median too)
     # are within one frame; the count covers every frame sent while the speech played, idle ones included.
     assert send_side_alarms <= 0.1 * frame_count, (send_side_alarms, frame_count)
-    # At the subscriber the offset is measured too (tests/support/avcheck.py) and reported, and the speech onset must be
-    # in sync with the rest of the utterance there. Its absolute value is not asserted: the subscriber's jitter buffers
-    # add a constant of their own that a loaded machine moves by tens of ms either way (docs/audio-protocol.md §4).
+    # At the subscriber the offset is measured too (tests/support/avcheck.py) and reported, and the speech
+    # onset must be
+    # in sync with the rest of the utterance there. Its absolute value is not asserted: the subscriber's
+    # jitter buffers
+    # add a constant of their own that a loaded machine moves by tens of ms either way (docs/audio-protocol.md
+    # §4).
     offset = av_offset(recorder, lag, n0, len(sent48), speech_onset(sent48))
     logger.info(
         "e2e measured",
@@ -218,18 +232,23 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     )
     print(
         f"\nfps={fps:.2f} envelope_r={correlation:.3f} av_offset median={offset.median_ms:.1f} ms "
-        f"p10={offset.p10_ms:.1f} p90={offset.p90_ms:.1f} onset={offset.onset_ms:.1f} ms ({offset.frames} frames) "
+        f"p10={offset.p10_ms:.1f} p90={offset.p90_ms:.1f} onset={offset.onset_ms:.1f} ms ({offset.frames} "
+        "frames) "
         f"send-side frames past 40 ms {send_side_alarms:.0f} "
         f"frame latency p50={np.median(latency):.1f} ms"
     )
     assert offset.frames > 0.8 * frame_count
     assert abs(offset.onset_ms - offset.median_ms) <= 40.0, offset
 
-    # playback_finished means played out: it arrives when the subscriber hears the utterance's last sample (the
+    # playback_finished means played out: it arrives when the subscriber hears the utterance's last sample
+    # (the
     # clip's own trailing silence included: that is part of what the client sent).
     last_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
     finished_vs_heard_ms = (finished_at_s - last_heard_s) * 1000.0
-    print(f"playback_finished - the utterance's last sample heard at the subscriber: {finished_vs_heard_ms:.1f} ms")
+    print(
+        "playback_finished - the utterance's last sample heard at the subscriber: "
+        f"{finished_vs_heard_ms:.1f} ms"
+    )
     assert abs(finished_vs_heard_ms) <= 60.0, finished_vs_heard_ms
 
     # Accounting: every sample sent was played and published once.
@@ -276,23 +295,33 @@ async def test_interrupt_shows_idle_within_80_ms_and_stops_the_audio(
     def change(frame: Any) -> float:
         return mouth_change(frame, avatar.idle_frame(frame.frame_id)[box[1] : box[3], box[0] : box[2]])
 
-    # Timed on the sidecar's clock (it runs in this process: its clock is this time.monotonic()). A received frame
-    # names its tick's deadline (user_timestamp, wall clock) and the publisher hands it to WebRTC `capture_delay_s`
-    # after that deadline, so each frame's capture time is known without the subscriber's arrival times, which a
-    # loaded machine delays by its own decode and scheduling (the same for every frame, not the interrupt's doing).
+    # Timed on the sidecar's clock (it runs in this process: its clock is this time.monotonic()). A received
+    # frame
+    # names its tick's deadline (user_timestamp, wall clock) and the publisher hands it to WebRTC
+    # `capture_delay_s`
+    # after that deadline, so each frame's capture time is known without the subscriber's arrival times, which
+    # a
+    # loaded machine delays by its own decode and scheduling (the same for every frame, not the interrupt's
+    # doing).
     wall_minus_monotonic_s = time.time() - time.monotonic()
 
     def captured_at_s(frame: Any) -> float:
         return float(frame.user_timestamp_us / 1e6 - wall_minus_monotonic_s + capture_delay_s)
 
     before = [f for f in recorder.frames if f.frame_id >= n0 and captured_at_s(f) <= interrupted_at]
-    assert np.percentile([change(f) for f in before], 75) > SPEECH_MIN_CHANGE  # it was really speaking when cut
-    after = sorted((f for f in recorder.frames if captured_at_s(f) > interrupted_at), key=lambda f: f.frame_id)
+    assert (
+        np.percentile([change(f) for f in before], 75) > SPEECH_MIN_CHANGE
+    )  # it was really speaking when cut
+    after = sorted(
+        (f for f in recorder.frames if captured_at_s(f) > interrupted_at), key=lambda f: f.frame_id
+    )
     first_idle = next(i for i, f in enumerate(after) if change(f) < IDLE_MAX_CHANGE)
     latency_ms = (captured_at_s(after[first_idle]) - interrupted_at) * 1000
     at_subscriber_ms = (after[first_idle].arrival_s - interrupted_at) * 1000  # reported: the load adds to it
     # Once idle, idle for good: nothing of the flushed utterance shows up later.
-    assert all(change(f) < IDLE_MAX_CHANGE for f in after[first_idle:]), [round(change(f), 1) for f in after[:10]]
+    assert all(change(f) < IDLE_MAX_CHANGE for f in after[first_idle:]), [
+        round(change(f), 1) for f in after[:10]
+    ]
 
     # Audio stops: the last audible chunk arrives one tick (the audio already handed to WebRTC) plus the
     # receiver's audio pipeline after the interrupt, and silence follows.
@@ -308,7 +337,8 @@ async def test_interrupt_shows_idle_within_80_ms_and_stops_the_audio(
     assert audio_stop_ms <= 120.0, audio_stop_ms
 
     assert stats.audio_samples_flushed > 0
-    # Speech already handed to WebRTC but not yet playing was cleared by the interrupt: dropped, not published.
+    # Speech already handed to WebRTC but not yet playing was cleared by the interrupt: dropped, not
+    # published.
     cleared = int(stats.extra["livekit_audio_samples_dropped"])
     assert 0 < cleared <= 3 * 640, stats.extra  # at most the headroom (60 ms) and one tick
     assert stats.audio_samples_rendered == stats.audio_samples_published + cleared
@@ -329,7 +359,9 @@ async def test_the_audio_survives_event_loop_stalls_without_a_gap(
     recorder = RoomRecorder(mouth_box=box)
     await recorder.connect(livekit_server.ws_url, token(livekit_server, "viewer", room))
     host = host_of(sidecar)
-    stall_s = 0.035  # each stall makes a tick up to 35 ms late: the 60 ms headroom must absorb it (load adds more)
+    stall_s = (
+        0.035  # each stall makes a tick up to 35 ms late: the 60 ms headroom must absorb it (load adds more)
+    )
     try:
         await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 20)
         async with websockets.connect(sidecar.audio_url(session_id, sample_rate=speech.rate_hz)) as ws:
@@ -349,20 +381,25 @@ async def test_the_audio_survives_event_loop_stalls_without_a_gap(
     finally:
         await recorder.close()
         await host.teardown(session_id)
-    assert late_ticks >= 4  # the stalls really made ticks late (a tick 10 ms late empties a queue without headroom)
+    assert (
+        late_ticks >= 4
+    )  # the stalls really made ticks late (a tick 10 ms late empties a queue without headroom)
     sent48 = speech.at_48k()
     received = recorder.audio()
     lag, _ = align(received, sent48)
     lags = block_lags(received, sent48, lag)
     correlation = envelope_correlation(received, sent48, lag)
     print(
-        f"\nunder {stall_s * 1000:.0f} ms stalls: audio slack min {publisher_extra.get('audio_slack_ms_min')} ms, "
-        f"underruns {publisher_extra.get('audio_underruns', 0)}, block lags {lags}, envelope r {correlation:.3f}"
+        f"\nunder {stall_s * 1000:.0f} ms stalls: audio slack min "
+        f"{publisher_extra.get('audio_slack_ms_min')} ms, "
+        f"underruns {publisher_extra.get('audio_underruns', 0)}, block lags {lags}, envelope r "
+        f"{correlation:.3f}"
     )
     # The sidecar's side: every tick's audio reached the source before WebRTC pulled it (no sender gap).
     assert publisher_extra.get("audio_underruns", 0.0) == 0.0, publisher_extra
     assert publisher_extra["audio_slack_ms_min"] > 0.0
-    # The subscriber's side. Block lags are printed, not asserted: besides sender gaps (multiples of 10 ms), the
+    # The subscriber's side. Block lags are printed, not asserted: besides sender gaps (multiples of 10 ms),
+    # the
     # receiver's jitter buffer time-stretches by a few to ~15 ms when the packets it gets are bursty, and on a
     # CPU shared with other work they are (its WebRTC threads share the cores with this test's sender).
     assert len(lags) >= 5
@@ -373,7 +410,9 @@ async def test_video_only_when_the_caller_publishes_the_speech_itself(
     sidecar: RunningSidecar, livekit_server: LiveKitServerConfig, avatar_zip_path: Path
 ) -> None:
     session_id, room = "e2e-video-only", "room-e2e-video-only"
-    box, _ = await open_livekit_session(sidecar, livekit_server, session_id, room, avatar_zip_path, publish_audio=False)
+    box, _ = await open_livekit_session(
+        sidecar, livekit_server, session_id, room, avatar_zip_path, publish_audio=False
+    )
     recorder = RoomRecorder(mouth_box=box)
     await recorder.connect(livekit_server.ws_url, token(livekit_server, "viewer", room))
     host = host_of(sidecar)

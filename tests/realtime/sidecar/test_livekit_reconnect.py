@@ -1,4 +1,5 @@
-"""The LiveKit publisher survives a livekit-server restart: the session goes on and a new viewer sees it again.
+"""The LiveKit publisher survives a livekit-server restart: the session goes on and a new viewer sees it
+again.
 
 It restarts the session's shared livekit-server fixture on the same ports (stop, start): the
 fixture is healthy again when this test ends, whether it passed or not.
@@ -119,7 +120,8 @@ async def test_the_publisher_rejoins_when_the_server_makes_it_leave(
 async def test_an_avatar_removed_from_its_room_does_not_rejoin(
     sidecar: RunningSidecar, livekit_server: LiveKitServerConfig, avatar_zip_path: Path
 ) -> None:
-    """Removal (server API) is deliberate: rejoining would fight whoever removed it; the output reports down."""
+    """Removal (server API) is deliberate: rejoining would fight whoever removed it; the output reports
+    down."""
     session_id, room = "e2e-removed", "room-e2e-removed"
     await open_livekit_session(sidecar, livekit_server, session_id, room, avatar_zip_path)
     host = host_of(sidecar)
@@ -127,7 +129,9 @@ async def test_an_avatar_removed_from_its_room_does_not_rejoin(
     assert runtime is not None
     publisher = runtime.publishers[0]
     try:
-        async with api.LiveKitAPI(livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret) as lk:
+        async with api.LiveKitAPI(
+            livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+        ) as lk:
             await lk.room.remove_participant(
                 api.RoomParticipantIdentity(room=room, identity=f"lipsync-avatar-{session_id}")
             )

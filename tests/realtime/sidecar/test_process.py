@@ -26,7 +26,9 @@ from tests.support.credentials import audio_token, service_headers
 pytestmark = pytest.mark.service
 
 
-async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> dict:
+async def wait_healthy(
+    client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout_s: float = 60.0
+) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sidecar process exited during startup"
@@ -43,7 +45,8 @@ async def wait_healthy(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
 def start_sidecar_process(
     port: int, tmp_path: Path, log: IO[bytes], *, dev_avatar_dir: Path, livekit_url: str
 ) -> subprocess.Popen[bytes]:
-    """`lipsync sidecar --no-temporal` with the dev control API on, limited to `dev_avatar_dir` and one LiveKit URL.
+    """`lipsync sidecar --no-temporal` with the dev control API on, limited to `dev_avatar_dir` and one
+    LiveKit URL.
 
     Tethered (infra.process.spawn): it dies with this test process however that ends."""
     return spawn(
@@ -106,13 +109,17 @@ async def test_sidecar_process_serves_a_session_end_to_end(
             assert started.json()["avatar"]["width_px"] == 256
             await recorder.wait_for(lambda: len(recorder.frames) >= 10, 20)
 
-            audio_url = f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/audio?token={audio_token(session_id)}"
+            audio_url = (
+                f"ws://127.0.0.1:{port}/v1/sessions/{session_id}/audio?token={audio_token(session_id)}"
+            )
             async with websockets.connect(audio_url) as ws:
                 assert json.loads(await ws.recv())["type"] == "ready"
                 t = np.arange(16_000) / 16_000
                 await ws.send((0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype("<i2").tobytes())
                 await ws.send(json.dumps({"type": "end_of_utterance"}))
-                while (message := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != "playback_finished":
+                while (message := json.loads(await asyncio.wait_for(ws.recv(), 10)))[
+                    "type"
+                ] != "playback_finished":
                     assert message["type"] != "error", message
                 assert message["playback_position"] == pytest.approx(1.0)
             stats = (await client.get(f"/v1/sessions/{session_id}/stats")).json()

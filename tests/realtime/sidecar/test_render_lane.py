@@ -1,4 +1,5 @@
-"""The render lane's cross-session batching: bucket sizes, deadline-based batch formation, admission control."""
+"""The render lane's cross-session batching: bucket sizes, deadline-based batch formation, admission
+control."""
 
 from __future__ import annotations
 
@@ -23,7 +24,17 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 
 
 def test_bucket_for_picks_the_smallest_bucket_that_holds_the_frames() -> None:
-    assert [bucket_for(n, BUCKETS) for n in (1, 2, 3, 5, 17, 33, 49, 64, 65)] == [1, 2, 4, 8, 32, 48, 64, 64, 64]
+    assert [bucket_for(n, BUCKETS) for n in (1, 2, 3, 5, 17, 33, 49, 64, 65)] == [
+        1,
+        2,
+        4,
+        8,
+        32,
+        48,
+        64,
+        64,
+        64,
+    ]
 
 
 def test_cost_model_knows_capacity_only_once_the_batching_frontier_was_measured() -> None:
@@ -61,7 +72,8 @@ def test_skipping_trusts_only_buckets_that_ran_twice_and_their_fastest_recent_ba
 
 def test_one_slow_batch_does_not_make_the_lane_skip_the_frames_after_it() -> None:
     """A session at low load: frames due 40 ms ahead, one batch that took 300 ms. Judged by the moving average
-    (242 ms after the next batch) every later frame would look late, be skipped, measure nothing, and the whole
+    (242 ms after the next batch) every later frame would look late, be skipped, measure nothing, and the
+    whole
     utterance would go unrendered."""
     clock = _ManualClock()
     model = BatchCostModel(BUCKETS)
@@ -76,7 +88,8 @@ def test_one_slow_batch_does_not_make_the_lane_skip_the_frames_after_it() -> Non
 
     async def frames() -> list[list[np.ndarray | None]]:
         return [
-            await lane.render(clock.now_s + 0.04, _requests_from(k), frames=1, frame_period_s=0.04) for k in range(5)
+            await lane.render(clock.now_s + 0.04, _requests_from(k), frames=1, frame_period_s=0.04)
+            for k in range(5)
         ]
 
     try:
@@ -88,9 +101,13 @@ def test_one_slow_batch_does_not_make_the_lane_skip_the_frames_after_it() -> Non
     assert lane.stats.frames_skipped_late == 0
 
 
-def _blocked_lane(lane: RenderLane, loop: asyncio.AbstractEventLoop, gate: asyncio.Event) -> asyncio.Future[object]:
+def _blocked_lane(
+    lane: RenderLane, loop: asyncio.AbstractEventLoop, gate: asyncio.Event
+) -> asyncio.Future[object]:
     """Occupy the lane with a generic job until `gate` is set, so render jobs queue up behind it."""
-    return asyncio.ensure_future(lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result()))
+    return asyncio.ensure_future(
+        lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result())
+    )
 
 
 async def _run_batches(
@@ -109,7 +126,8 @@ async def _run_batches(
         blocker = _blocked_lane(lane, asyncio.get_running_loop(), gate)
         await asyncio.sleep(0.05)
         futures = [
-            asyncio.ensure_future(lane.render(deadline, _requests(frames), frames=frames)) for deadline, frames in jobs
+            asyncio.ensure_future(lane.render(deadline, _requests(frames), frames=frames))
+            for deadline, frames in jobs
         ]
         await asyncio.sleep(0.05)
         gate.set()
@@ -138,7 +156,8 @@ def _seeded_model(times_ms: dict[int, float]) -> BatchCostModel:
 
 async def test_a_batch_stops_growing_where_the_larger_bucket_would_miss_the_most_urgent_deadline() -> None:
     model = _seeded_model({4: 10.0, 8: 100.0, 16: 120.0})
-    # Now is 0 s. The urgent job (due in 50 ms) makes it alone at bucket 4 (10 ms) but not at bucket 8 (100 ms).
+    # Now is 0 s. The urgent job (due in 50 ms) makes it alone at bucket 4 (10 ms) but not at bucket 8 (100
+    # ms).
     batches, lane = await _run_batches(model, [(0.05, 4), (0.5, 4), (0.5, 4)])
     assert batches == [4, 8]
     assert lane.stats.batches_cut_by_deadline == 1
@@ -191,7 +210,9 @@ async def test_frames_due_before_their_batch_could_finish_are_not_rendered() -> 
         period_s = 0.04
         # Now is 0 s. L's frames were due 0.5 s ago; M's are due at 5, 45, 85, 125 ms; N's from 1 s on.
         late, urgent, loose = (
-            asyncio.ensure_future(lane.render(due_s, job(name, frames), frames=frames, frame_period_s=period_s))
+            asyncio.ensure_future(
+                lane.render(due_s, job(name, frames), frames=frames, frame_period_s=period_s)
+            )
             for name, due_s, frames in (("L", -0.5, 2), ("M", 0.005, 4), ("N", 1.0, 4))
         )
         await asyncio.sleep(0.05)
@@ -246,7 +267,9 @@ async def test_host_capacity_follows_the_measured_render_capacity_and_refuses_se
             host.sessions[f"s{index}"] = HostedSession(f"s{index}")
         assert host.capacity().slots_free == 0
         with pytest.raises(NoFreeSlot, match="6 slots"):
-            await host.prepare_avatar("s6", AvatarAsset(Path("never-read.zip"), "frames_zip", ""), lambda _p: None)
+            await host.prepare_avatar(
+                "s6", AvatarAsset(Path("never-read.zip"), "frames_zip", ""), lambda _p: None
+            )
     finally:
         await host.close()
 
@@ -269,7 +292,8 @@ class _TimedEngine(NoEngine):
 
 
 async def test_a_fresh_sidecar_knows_its_capacity_from_the_warm_up() -> None:
-    """Before, admission control knew nothing until live sessions had made the lane run its largest batches."""
+    """Before, admission control knew nothing until live sessions had made the lane run its largest
+    batches."""
     host = SidecarHost(_TimedEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
     try:
         assert host.capacity().slots_total == 10
@@ -293,7 +317,8 @@ def test_an_expected_speech_duty_scales_the_admitted_sessions() -> None:
         host.lane.close()
 
 
-# ---- the planning budget: how far ahead sessions plan an utterance's first tick ---------------------------------
+# ---- the planning budget: how far ahead sessions plan an utterance's first tick
+# ---------------------------------
 
 # A fake engine's known per-batch costs: 15 ms at 1 frame, 30 ms at 4, 45 ms at 8, 70 ms at 16, 105 ms at 32.
 _KNOWN_COST_MS = {1: 15.0, 2: 22.0, 4: 30.0, 8: 45.0, 16: 70.0, 32: 105.0}
@@ -337,7 +362,8 @@ def test_the_planning_budget_stays_at_the_minimum_for_one_session_and_moves_out_
                 lane.set_speaking(f"s{index}", True)
             assert lane.speaking_sessions() == sessions
             budgets[sessions] = lane.planning_budget_ms(min_ms=40.0, max_ms=1000.0, safety_factor=2.0)
-        # 1 session: a frame alone (15 ms) keeps up; 2 × 15 ms is under the minimum, which holds (TTFF as before).
+        # 1 session: a frame alone (15 ms) keeps up; 2 × 15 ms is under the minimum, which holds (TTFF as
+        # before).
         assert lane.steady_batch_ms(1) == 15.0 and budgets[1] == 40.0
         # The lane settles on the smallest bucket that keeps up with 25 % headroom: 4 sessions -> bucket 4
         # (4·30 <= 0.75·4·40), 2 batches of 30 ms.
@@ -345,7 +371,8 @@ def test_the_planning_budget_stays_at_the_minimum_for_one_session_and_moves_out_
         # 8 sessions: 8 frames take 45 ms > 40 ms, so frames pile up past 8; bucket 16 (8·70 > 0.75·16·40) has
         # no headroom either: bucket 32, 105 ms.
         assert lane.steady_batch_ms(8) == 105.0 and budgets[8] == pytest.approx(210.0)
-        # 20 sessions overload every bucket up to the 32-frame limit: the largest batch's time (its backlog grows).
+        # 20 sessions overload every bucket up to the 32-frame limit: the largest batch's time (its backlog
+        # grows).
         assert lane.steady_batch_ms(20) == 105.0 and budgets[20] == pytest.approx(210.0)
         assert lane.planning_budget_ms(min_ms=40.0, max_ms=240.0, safety_factor=3.0) == 240.0  # clamped
     finally:

@@ -1,5 +1,6 @@
 """The render lane pipelines batches over an engine's `render_async`: the next batch starts shortly before the
-device finishes the one in flight (or when a full batch waits), and the one in flight is collected after it."""
+device finishes the one in flight (or when a full batch waits), and the one in flight is collected after
+it."""
 
 from __future__ import annotations
 
@@ -93,7 +94,11 @@ def _lane(device: FakeDevice, *, measured_device_ms: float | None, max_batch_fra
         for bucket in BUCKETS:
             model.observe_device(bucket, measured_device_ms)
     return RenderLane(
-        _unused_render, start_render=device.start, max_batch_frames=max_batch_frames, buckets=BUCKETS, cost_model=model
+        _unused_render,
+        start_render=device.start,
+        max_batch_frames=max_batch_frames,
+        buckets=BUCKETS,
+        cost_model=model,
     )
 
 
@@ -105,7 +110,9 @@ def _values(results: Sequence[list[np.ndarray | None]]) -> list[int]:
     return [int(image[0, 0, 0]) for result in results for image in result if image is not None]
 
 
-async def test_frames_arriving_while_a_batch_is_on_the_device_start_together_just_before_it_finishes() -> None:
+async def test_frames_arriving_while_a_batch_is_on_the_device_start_together_just_before_it_finishes() -> (
+    None
+):
     device = FakeDevice(device_ms=150.0)
     lane = _lane(device, measured_device_ms=150.0)
     try:
@@ -130,9 +137,12 @@ async def test_frames_arriving_while_a_batch_is_on_the_device_start_together_jus
     assert lane.cost_model.device_ms(4) == pytest.approx(150.0)
 
 
-async def test_a_full_batch_waiting_does_not_queue_on_the_device_and_batches_are_timed_without_the_queue() -> None:
+async def test_a_full_batch_waiting_does_not_queue_on_the_device_and_batches_are_timed_without_queueing() -> (
+    None
+):
     """Started at once, a full batch would only wait on the device behind the batch in flight (frames none the
-    sooner) and its measured time would double (seen on an H200: 64-frame batches timed at 2 x their device time,
+    sooner) and its measured time would double (seen on an H200: 64-frame batches timed at 2 x their device
+    time,
     and the sidecar's capacity reported at half). It starts shortly before the device is done instead, and the
     lane times each batch by its own host and device time, not its wait behind the one before."""
     device = FakeDevice(device_ms=300.0)

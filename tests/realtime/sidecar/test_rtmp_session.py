@@ -72,7 +72,8 @@ class StreamReader:
         self.thread.start()
 
     def join(self, timeout_s: float) -> None:
-        """After the publisher has gone: nginx does not always close the play side, so a read timeout ends it."""
+        """After the publisher has gone: nginx does not always close the play side, so a read timeout ends
+        it."""
         assert self.thread is not None
         self.stop.set()
         self.thread.join(timeout=timeout_s)
@@ -178,10 +179,15 @@ async def test_rtmp_session_streams_speech_in_sync_and_records_it(
     session_id = "rtmp-speech"
     avatar = await prepare(host, session_id, avatar_zip_path)
     box = mouth_box_of(avatar)
-    idle_mouths = [avatar.idle_frame(i)[box[1] : box[3], box[0] : box[2]].astype(np.float32) for i in range(48)]  # type: ignore[attr-defined]
+    idle_mouths = [
+        avatar.idle_frame(i)[box[1] : box[3], box[0] : box[2]].astype(np.float32)  # type: ignore[attr-defined]
+        for i in range(48)
+    ]
     url = rtmp_server.publish_url(session_id)
     record_path = tmp_path / "session.mp4"
-    opened = await host.open_output(session_id, OutputTarget(RTMP.name, RtmpTarget(url), record_path=record_path))
+    opened = await host.open_output(
+        session_id, OutputTarget(RTMP.name, RtmpTarget(url), record_path=record_path)
+    )
     assert opened.kind is RTMP.name and session_id not in opened.detail  # the stream key is redacted
     reader = StreamReader(url, box, max_seconds=60)
     reader.start()
@@ -318,7 +324,9 @@ async def test_a_live_session_switches_from_livekit_to_rtmp_without_restarting(
         await asyncio.to_thread(reader.wait_for_frames, 25, 20)
         await asyncio.sleep(0.5)
         after = runtime.stats()
-        assert host.runtime(session_id) is runtime and runtime.tick > tick_before + 25  # same clock, kept going
+        assert (
+            host.runtime(session_id) is runtime and runtime.tick > tick_before + 25
+        )  # same clock, kept going
     finally:
         await host.teardown(session_id)
         await asyncio.to_thread(reader.join, 15)
@@ -353,7 +361,9 @@ async def test_after_an_output_failure_the_switched_session_runs_on(
     try:
         live = host.sessions[session_id].live_output
         assert live is not None and isinstance(live.current, RtmpOutput)
-        live.current._publisher.stats.connected = False  # what the media thread reports when the server is gone
+        live.current._publisher.stats.connected = (
+            False  # what the media thread reports when the server is gone
+        )
         ended = await asyncio.wait_for(host.run_session(session_id, limits, lambda _s: None), timeout=10)
         assert ended.reason is SessionEndReason.OUTPUT_FAILED
         second = OutputTarget(RTMP.name, RtmpTarget(rtmp_server.publish_url(f"{session_id}-b")))

@@ -1,4 +1,5 @@
-"""The session runtime on the real preview engine: idle cycle, speech frames, accounting, interrupts, crossfades.
+"""The session runtime on the real preview engine: idle cycle, speech frames, accounting, interrupts,
+crossfades.
 
 Output goes to a RecordingPublisher (no network): every tick is inspected.
 """
@@ -34,7 +35,9 @@ class Events:
     def on_playback_started(self, utterance_id: int, source: str, frame_id: int) -> None:
         self.started.append((utterance_id, source, frame_id))
 
-    def on_playback_finished(self, utterance_id: int, source: str, position_s: float, interrupted: bool) -> None:
+    def on_playback_finished(
+        self, utterance_id: int, source: str, position_s: float, interrupted: bool
+    ) -> None:
         self.finished.append((utterance_id, source, position_s, interrupted))
 
 
@@ -186,7 +189,9 @@ async def test_interrupt_flushes_and_cuts_to_idle_on_the_next_tick(
         await until(lambda: len(recorder.ticks) >= ticks_before + 10)
 
         after = recorder.ticks[ticks_before:]
-        assert all(t.kind is FrameKind.IDLE for t in after), [t.kind for t in after]  # a hard cut: no crossfade
+        assert all(t.kind is FrameKind.IDLE for t in after), [
+            t.kind for t in after
+        ]  # a hard cut: no crossfade
         assert not np.any(np.concatenate([t.audio_playout for t in after]))
         avatar = runtime.engine.avatar
         assert all(np.array_equal(t.frame_rgb, avatar.idle_frame(t.frame_index)) for t in after)
@@ -226,7 +231,9 @@ async def test_crossfade_when_an_utterance_ends_on_an_open_mouth(
         utterance_id = audio_input.end_utterance()
         await until(lambda: len(recorder.speech_ticks(utterance_id)) == 15)
         await until(
-            lambda: recorder.ticks[-1].kind is FrameKind.IDLE and recorder.ticks[-2].kind is not FrameKind.SPEECH
+            lambda: (
+                recorder.ticks[-1].kind is FrameKind.IDLE and recorder.ticks[-2].kind is not FrameKind.SPEECH
+            )
         )
         kinds = recorder.kinds()
         last_speech = max(i for i, k in enumerate(kinds) if k is FrameKind.SPEECH)
@@ -258,7 +265,9 @@ async def test_slow_client_pauses_the_utterance_without_losing_audio(
         await asyncio.sleep(0.3)
         audio_input.push(pcm[8000:])
         utterance_id = audio_input.end_utterance()
-        await until(lambda: sum(t.speech_samples for t in recorder.speech_ticks(utterance_id)) == len(pcm) // 2)
+        await until(
+            lambda: sum(t.speech_samples for t in recorder.speech_ticks(utterance_id)) == len(pcm) // 2
+        )
         assert runtime.counters.underrun_ticks > 0
         assert runtime.counters.render_misses == 0
         assert_accounting(runtime)
@@ -314,7 +323,8 @@ async def test_render_lane_runs_the_most_urgent_job_first_and_batches_queued_one
 
 
 # A fake engine whose batches only sleep, for the H200-measured batch times of the full-size model × 0.75
-# (bench/results/sessions-h200-20261130.json, an earlier run under `history`): one lane, six sessions streaming
+# (bench/results/sessions-h200-20261130.json, an earlier run under `history`): one lane, six sessions
+# streaming
 # speech at real-time pace.
 _SIM_COST_MS = {1: 13.0, 2: 19.0, 4: 26.0, 8: 38.0, 16: 60.0, 32: 90.0}
 # The lane's batch times with the compiled engine on an H200 (the same file, an earlier run).
@@ -326,18 +336,23 @@ async def test_a_load_adaptive_planning_budget_holds_sessions_that_the_fixed_bud
     adaptive = await simulate(6, _SIM_COST_MS, RuntimeConfig(), duration_s=3.0)
     assert fixed.speech_frames == adaptive.speech_frames > 400  # 6 sessions × 2 utterances × 38 frames
     # 40 ms between a frame becoming ready and its tick cannot hold a batch in flight plus the frame's own.
-    # (The lane skips the frames that would be late, so the misses stay below the load they would spiral into.)
+    # (The lane skips the frames that would be late, so the misses stay below the load they would spiral
+    # into.)
     assert fixed.dropped_frames > fixed.speech_frames // 10, fixed
     assert adaptive.dropped_frames == 0, adaptive
     # The price: utterances start later (more than the 40 ms minimum ahead), within the configured bound.
     bound_ms = RuntimeConfig().max_render_budget_ms
-    assert all(40.0 < budget_ms <= bound_ms for budget_ms in adaptive.planned_budget_ms), adaptive.planned_budget_ms
+    assert all(40.0 < budget_ms <= bound_ms for budget_ms in adaptive.planned_budget_ms), (
+        adaptive.planned_budget_ms
+    )
     assert statistics.median(adaptive.ttff_ms) > statistics.median(fixed.ttff_ms)
 
 
 async def test_past_full_load_the_misses_stay_near_the_excess_instead_of_spiralling() -> None:
-    """9 sessions where 6-7 fit (the batch times of the H200 × 2.4, a 480 ms planning bound). Rendering the frames
-    that are late anyway made the next ones late too: 81 % of the frames were missed in this simulation. Skipped,
+    """9 sessions where 6-7 fit (the batch times of the H200 × 2.4, a 480 ms planning bound). Rendering the
+    frames
+    that are late anyway made the next ones late too: 81 % of the frames were missed in this simulation.
+    Skipped,
     they leave the lane to the frames that can still be on time."""
     slow_ms = {bucket: 2.4 * ms for bucket, ms in _H200_COMPILED_MS.items()}
     result = await simulate(
@@ -348,22 +363,32 @@ async def test_past_full_load_the_misses_stay_near_the_excess_instead_of_spirall
 
 
 async def test_pipelined_batches_hold_a_load_that_batches_run_one_at_a_time_drop() -> None:
-    """13 sessions; per batch the H200's batch times on the device, then host work of half that (frame assembly;
+    """13 sessions; per batch the H200's batch times on the device, then host work of half that (frame
+    assembly;
     half, to make the effect plain). One batch at a time the lane reaches 64 frames / (158 + 79) ms = 270 fps
-    against 325 fps while all speak; pipelined (`render_async`), the host work overlaps the next batch's device
+    against 325 fps while all speak; pipelined (`render_async`), the host work overlaps the next batch's
+    device
     time: 405 fps."""
     host_ms = {bucket: ms / 2 for bucket, ms in _H200_COMPILED_MS.items()}
     options: dict[str, Any] = {"duration_s": 6.0, "utterance_s": 3.0, "gap_s": 0.6, "max_batch_frames": 64}
     serial = await simulate(13, _H200_COMPILED_MS, RuntimeConfig(), host_ms=host_ms, **options)
-    pipelined = await simulate(13, _H200_COMPILED_MS, RuntimeConfig(), host_ms=host_ms, pipelined=True, **options)
+    pipelined = await simulate(
+        13, _H200_COMPILED_MS, RuntimeConfig(), host_ms=host_ms, pipelined=True, **options
+    )
     assert serial.speech_frames == pipelined.speech_frames > 1500
     assert serial.dropped_frames > serial.speech_frames // 20, serial.dropped_frames
-    # None in nearly every run alone, also beside a busy core. In full CI runs: 13 of 1,950 once, and 52 once, all at
-    # utterance frames 62-66: every session lost the same 4 frames, as one ~160 ms stall of the whole process would
-    # do (the serial lane pays such a stall too). Bounds with room for one stall, still far below the serial lane's
+    # None in nearly every run alone, also beside a busy core. In full CI runs: 13 of 1,950 once, and 52 once,
+    # all at
+    # utterance frames 62-66: every session lost the same 4 frames, as one ~160 ms stall of the whole process
+    # would
+    # do (the serial lane pays such a stall too). Bounds with room for one stall, still far below the serial
+    # lane's
     # ~17 % (326-337 of 1,950 here).
     assert pipelined.dropped_frames <= pipelined.speech_frames // 20, pipelined.dropped_frames
-    assert pipelined.dropped_frames * 4 <= serial.dropped_frames, (pipelined.dropped_frames, serial.dropped_frames)
+    assert pipelined.dropped_frames * 4 <= serial.dropped_frames, (
+        pipelined.dropped_frames,
+        serial.dropped_frames,
+    )
 
 
 async def test_one_session_keeps_the_minimum_planning_budget_and_its_first_frame_latency() -> None:

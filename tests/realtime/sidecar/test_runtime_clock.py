@@ -1,4 +1,5 @@
-"""The session runtime runs on the clock it is given: ticks, deadlines, TTFF and the lane's job deadlines all on
+"""The session runtime runs on the clock it is given: ticks, deadlines, TTFF and the lane's job deadlines all
+on
 one injected clock, and the counters and samples it keeps are the ones its stats report reads."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.realtime.sidecar.test_runtime import until
 from tests.support.lane_sim import FakeSessionEngine
 from tests.support.recording import RecordingPublisher
 
-# Far from `time.monotonic()`: a deadline or timestamp taken from the process clock instead of the injected one
+# Far from `time.monotonic()`: a deadline or timestamp taken from the process clock instead of the injected
+# one
 # would be this far off (every frame late and skipped, a TTFF of hours).
 CLOCK_OFFSET_S = 10_000.0
 UTTERANCE_FRAMES = 25

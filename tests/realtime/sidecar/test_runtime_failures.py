@@ -1,4 +1,5 @@
-"""Failure and teardown paths: a dead clock surfaces, teardown always closes publishers, and audio that arrives
+"""Failure and teardown paths: a dead clock surfaces, teardown always closes publishers, and audio that
+arrives
 while a session or its connection is ending is counted (rejected), never lost from the accounting."""
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ async def test_a_dead_clock_is_reported_and_does_not_break_stop(lane: RenderLane
 
 
 async def test_run_session_ends_runtime_failed_when_the_clock_dies(lane: RenderLane) -> None:
-    """Without this the session looked live (no frames, no audio) until its idle timeout or maximum duration."""
+    """Without this the session looked live (no frames, no audio) until its idle timeout or maximum
+    duration."""
     host = SidecarHost(NoEngine())  # type: ignore[arg-type]
     publisher = RecordingPublisher(WIDTH_PX, HEIGHT_PX)
     await publisher.start()
@@ -118,7 +120,10 @@ async def test_run_session_ends_runtime_failed_when_the_clock_dies(lane: RenderL
     await runtime.start()
     try:
         end = await asyncio.wait_for(
-            host.run_session("dies", RunLimits(idle_timeout_s=60.0, max_duration_s=60.0), lambda _stats: None), 5.0
+            host.run_session(
+                "dies", RunLimits(idle_timeout_s=60.0, max_duration_s=60.0), lambda _stats: None
+            ),
+            5.0,
         )
     finally:
         await host.teardown("dies")
@@ -199,7 +204,9 @@ class ReplacedWhileReceiving:
 
     async def receive(self) -> dict[str, Any]:
         assert self.connection is not None
-        await self.connection._close(IngestError(IngestErrorCode.REPLACED, "a newer audio connection took over"))
+        await self.connection._close(
+            IngestError(IngestErrorCode.REPLACED, "a newer audio connection took over")
+        )
         return {"type": "websocket.receive", "bytes": self.payload}
 
     async def send_json(self, message: dict[str, Any]) -> None:

@@ -53,7 +53,13 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 logger = logging.getLogger("pipecat_lipsync")
 
-EVENT_HANDLERS = ("on_session_started", "on_ready", "on_playback_started", "on_playback_finished", "on_audio_error")
+EVENT_HANDLERS = (
+    "on_session_started",
+    "on_ready",
+    "on_playback_started",
+    "on_playback_finished",
+    "on_audio_error",
+)
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
@@ -79,7 +85,9 @@ class LipsyncVideoService(FrameProcessor):
         if session is None and (avatar is None or room is None):
             raise ValueError("LipsyncVideoService: give avatar and room (to start a session), or session")
         self._client = LipsyncClient(api_url, api_key)
-        self._avatar = avatar if isinstance(avatar, Avatar) or avatar is None else Avatar(frames_zip_url=avatar)
+        self._avatar = (
+            avatar if isinstance(avatar, Avatar) or avatar is None else Avatar(frames_zip_url=avatar)
+        )
         self._room = room
         self._identity = identity
         self._publish_on_behalf = publish_on_behalf
@@ -174,7 +182,9 @@ class LipsyncVideoService(FrameProcessor):
         async def send(audio: AudioStream) -> None:
             declared = audio.audio_format
             if (declared.sample_rate_hz, declared.channels) != (frame.sample_rate, frame.num_channels):
-                await audio.set_format(AudioFormat(sample_rate_hz=frame.sample_rate, channels=frame.num_channels))
+                await audio.set_format(
+                    AudioFormat(sample_rate_hz=frame.sample_rate, channels=frame.num_channels)
+                )
             await audio.send_pcm(frame.audio)
 
         try:
@@ -242,6 +252,8 @@ class LipsyncVideoService(FrameProcessor):
             if self._session is not None and self._owns_session and self._stop_session_on_end:
                 await self._client.stop_session(self._session.session_id, reason)
         except LipsyncError as exc:
-            logger.warning("lipsync-live: stopping the session failed", extra={"code": exc.code, "error": exc.message})
+            logger.warning(
+                "lipsync-live: stopping the session failed", extra={"code": exc.code, "error": exc.message}
+            )
         finally:
             await self._client.aclose()

@@ -116,8 +116,11 @@ class AudioStream:
     async def request_stats(self) -> None:
         await self._send_json({"type": "stats"})
 
-    async def stream_pcm(self, pcm: bytes, *, chunk_ms: int = DEFAULT_CHUNK_MS, realtime: bool = True) -> None:
-        """Send one utterance in `chunk_ms` pieces (at real-time pace unless `realtime=False`), then end it."""
+    async def stream_pcm(
+        self, pcm: bytes, *, chunk_ms: int = DEFAULT_CHUNK_MS, realtime: bool = True
+    ) -> None:
+        """Send one utterance in `chunk_ms` pieces (at real-time pace unless `realtime=False`), then end
+        it."""
         if chunk_ms <= 0:
             raise ValueError("chunk_ms must be positive")
         fmt = self.audio_format
@@ -206,12 +209,15 @@ class AudioStream:
                     self._ready.set_exception(
                         AudioStreamError(str(event.get("message", "")), code=str(event.get("code", "error")))
                     )
-                    self._ready.exception()  # retrieved here: a caller that never waits must not log it as lost
+                    # Retrieved here: a caller that never waits must not log it as lost.
+                    self._ready.exception()
                 for listener in list(self._listeners):
                     try:
                         listener(event)
                     except Exception:
-                        logger.exception("audio event listener failed", extra={"event_type": event.get("type")})
+                        logger.exception(
+                            "audio event listener failed", extra={"event_type": event.get("type")}
+                        )
                 self._enqueue(event)
         except ConnectionClosed:
             pass

@@ -114,7 +114,9 @@ class LipsyncClient:
         page_token: str | None = None,
     ) -> SessionPage:
         params = {"room": room, "phase": phase, "page_size": page_size, "page_token": page_token}
-        body = await self._request("GET", "/v1/sessions", params={k: v for k, v in params.items() if v is not None})
+        body = await self._request(
+            "GET", "/v1/sessions", params={k: v for k, v in params.items() if v is not None}
+        )
         return SessionPage(
             sessions=[SessionSummary.from_json(entry) for entry in body.get("sessions", [])],
             next_page_token=body.get("next_page_token"),
@@ -122,7 +124,9 @@ class LipsyncClient:
 
     async def stop_session(self, session_id: str, reason: str = "") -> SessionStatus:
         """Stop the session (idempotent); answers its status once the stop was accepted."""
-        body = await self._request("POST", f"/v1/sessions/{_segment(session_id)}/stop", json={"reason": reason})
+        body = await self._request(
+            "POST", f"/v1/sessions/{_segment(session_id)}/stop", json={"reason": reason}
+        )
         return SessionStatus.from_json(body)
 
     async def interrupt(self, session_id: str) -> None:
@@ -130,7 +134,9 @@ class LipsyncClient:
         (409 `no_audio_connection` otherwise); an `AudioStream` can also interrupt on its own socket."""
         await self._request("POST", f"/v1/sessions/{_segment(session_id)}/interrupt")
 
-    async def viewer_token(self, room: str, *, identity: str | None = None, ttl_s: int | None = None) -> ViewerToken:
+    async def viewer_token(
+        self, room: str, *, identity: str | None = None, ttl_s: int | None = None
+    ) -> ViewerToken:
         """Mint a subscribe-only LiveKit token for `room` (`POST /v1/livekit/token`)."""
         body: dict[str, Any] = {"room": room}
         if identity is not None:
@@ -189,10 +195,15 @@ class LipsyncClient:
         """
         parts = urlsplit(self.api_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return urlunsplit((scheme, parts.netloc, f"{parts.path}/v1/sessions/{_segment(session_id)}/audio", "", ""))
+        return urlunsplit(
+            (scheme, parts.netloc, f"{parts.path}/v1/sessions/{_segment(session_id)}/audio", "", "")
+        )
 
-    def audio_stream(self, target: SessionCreated | str, *, audio_format: AudioFormat | None = None) -> AudioStream:
-        """An `AudioStream` on the session's audio WebSocket (`async with client.audio_stream(created) as audio:`).
+    def audio_stream(
+        self, target: SessionCreated | str, *, audio_format: AudioFormat | None = None
+    ) -> AudioStream:
+        """An `AudioStream` on the session's audio WebSocket (`async with client.audio_stream(created) as
+        audio:`).
 
         `target` is the start response (its `audio_ws_url` is used as given) or an
         `audio_ws_url`. `audio_format`, when given, is declared with a `config` message on connect.
@@ -220,9 +231,13 @@ class LipsyncClient:
         if response.status_code >= 400:
             if isinstance(body, dict) and "code" in body:
                 raise ApiError(response.status_code, str(body["code"]), str(body.get("message", "")), body)
-            raise ApiError(response.status_code, "http_error", response.text[:500] or response.reason_phrase, body)
+            raise ApiError(
+                response.status_code, "http_error", response.text[:500] or response.reason_phrase, body
+            )
         if not isinstance(body, dict):
-            raise ApiError(response.status_code, "bad_response", f"{method} {path}: expected a JSON object", body)
+            raise ApiError(
+                response.status_code, "bad_response", f"{method} {path}: expected a JSON object", body
+            )
         return body
 
 

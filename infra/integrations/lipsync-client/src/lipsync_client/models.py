@@ -44,7 +44,8 @@ class Avatar:
 
 @dataclass(frozen=True)
 class LiveKitOutput:
-    """Publish into a LiveKit room. `identity` defaults to the server's choice (read it from the start response)."""
+    """Publish into a LiveKit room. `identity` defaults to the server's choice (read it from the start
+    response)."""
 
     room: str
     identity: str | None = None
@@ -103,7 +104,9 @@ class SessionCreated:
             session_id=str(_require(body, "session_id", what)),
             audio_ws_url=str(_require(body, "audio_ws_url", what)),
             status_url=str(body.get("status_url", "")),
-            livekit=LiveKitInfo(url=str(livekit["url"]), room=str(livekit["room"]), identity=str(livekit["identity"]))
+            livekit=LiveKitInfo(
+                url=str(livekit["url"]), room=str(livekit["room"]), identity=str(livekit["identity"])
+            )
             if isinstance(livekit, dict)
             else None,
             trace_id=body.get("trace_id"),

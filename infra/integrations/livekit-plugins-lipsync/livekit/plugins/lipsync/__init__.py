@@ -1,4 +1,5 @@
-"""lipsync-live avatars for LiveKit Agents: `AvatarSession(avatar=...).start(agent_session, room=ctx.room)`."""
+"""lipsync-live avatars for LiveKit Agents: `AvatarSession(avatar=...).start(agent_session,
+room=ctx.room)`."""
 
 from livekit.plugins.lipsync.avatar import AvatarSession, LipsyncAvatarError
 from livekit.plugins.lipsync.version import __version__

@@ -127,8 +127,12 @@ class AvatarSession:
             **self._options,
         )
         if created.livekit is None:
-            await self._client.stop_session(created.session_id, "the service answered without a LiveKit output")
-            raise LipsyncAvatarError("the service started the session without a LiveKit output", code="bad_response")
+            await self._client.stop_session(
+                created.session_id, "the service answered without a LiveKit output"
+            )
+            raise LipsyncAvatarError(
+                "the service started the session without a LiveKit output", code="bad_response"
+            )
         self._created = created
         avatar_identity = created.livekit.identity
         logger.info(
@@ -167,7 +171,9 @@ class AvatarSession:
 
     def _started(self) -> SessionCreated:
         if self._created is None:
-            raise LipsyncAvatarError("the avatar session is not started: await start() first", code="not_started")
+            raise LipsyncAvatarError(
+                "the avatar session is not started: await start() first", code="not_started"
+            )
         return self._created
 
     def _close_soon(self, reason: str) -> None:
@@ -184,12 +190,15 @@ class AvatarSession:
                 )
         except LipsyncError as exc:
             # The service may already have ended it (idle timeout, max duration); never raise from a close.
-            logger.warning("stopping the lipsync avatar session failed", extra={"error": str(exc), "code": exc.code})
+            logger.warning(
+                "stopping the lipsync avatar session failed", extra={"error": str(exc), "code": exc.code}
+            )
         finally:
             await self._client.aclose()
 
     async def _wait_for_avatar(self, room: rtc.Room, identity: str) -> None:
-        """Until `identity` is in the room; a session that fails first, or the timeout, raises with the reason."""
+        """Until `identity` is in the room; a session that fails first, or the timeout, raises with the
+        reason."""
         assert self._created is not None
         session_id = self._created.session_id
         joined = asyncio.ensure_future(utils.wait_for_participant(room=room, identity=identity))
@@ -204,15 +213,21 @@ class AvatarSession:
                     error = status.error
                     raise LipsyncAvatarError(
                         f"the avatar session {session_id} ended before the avatar joined room {room.name!r}: "
-                        + (f"{error.code}: {error.message}" if error else f"phase {phase}, {status.end_reason}"),
+                        + (
+                            f"{error.code}: {error.message}"
+                            if error
+                            else f"phase {phase}, {status.end_reason}"
+                        ),
                         code=error.code if error else "session_ended",
                         session_id=session_id,
                     )
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise LipsyncAvatarError(
-                        f"the avatar {identity!r} did not join room {room.name!r} within {self._join_timeout_s:.0f} s "
-                        f"(session {session_id} is {phase!r}; its Temporal history: {self._created.temporal_ui_url})",
+                        f"the avatar {identity!r} did not join room {room.name!r} within "
+                        f"{self._join_timeout_s:.0f} s "
+                        f"(session {session_id} is {phase!r}; its Temporal history: "
+                        f"{self._created.temporal_ui_url})",
                         code="avatar_join_timeout",
                         session_id=session_id,
                     )
@@ -220,7 +235,9 @@ class AvatarSession:
             joined.result()
         finally:
             joined.cancel()
-        logger.info("lipsync avatar joined the room", extra={"session_id": session_id, "avatar_identity": identity})
+        logger.info(
+            "lipsync avatar joined the room", extra={"session_id": session_id, "avatar_identity": identity}
+        )
 
 
 def _agent_identity(room: rtc.Room) -> str:
