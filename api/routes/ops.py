@@ -193,7 +193,7 @@ async def debug_musetalk(svc: ServicesDep) -> dict[str, Any]:
     """`lipsync models check --json` for this host's model dir, plus what each sidecar's engine actually
     runs."""
     # The API loads the engine's model-dir check only when an admin asks for it.
-    from realtime.engine.musetalk.check import check_document
+    from realtime.engine.musetalk.check import check_document  # noqa: PLC0415 (MuseTalk's check loads the engine's weight tooling: only on /debug)
 
     document = await asyncio.to_thread(check_document, svc.settings.model_dir, "auto")
     sidecars = await svc.sidecars.all_health()

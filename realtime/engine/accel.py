@@ -181,7 +181,7 @@ def configure_compile_cache(cache_dir: Path | None) -> Path:
     Must run before the first compile of the process: inductor reads these variables when it
     first needs its cache directory.
     """
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     root = (cache_dir or default_compile_cache_dir()).resolve()
     (root / "inductor").mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def compile_fn(
 ) -> Callable[..., Any]:
     """`torch.compile(fn)` in `mode`; `channels_last` forces inductor's channels-last layout of conv maps;
     `tune_kernels` has inductor tune each generated kernel's launch configuration by benchmark."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     # The mode's inductor options, spelled out: torch.compile takes either a mode or options, not both.
     options: dict[str, Any] = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
@@ -218,7 +218,7 @@ def compile_fn(
 def mark_batch_dynamic(tensors: Sequence[torch.Tensor], max_batch: int) -> None:
     """Mark dim 0 dynamic so one compiled graph serves the buckets >= 2 (`maybe_`: a bucket that dynamo still
     specialises, e.g. one equal to another dimension's size, gets its own compile instead of an error)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     del max_batch  # the guard dynamo derives may exclude some sizes; they recompile rather than fail
     for tensor in tensors:
@@ -263,7 +263,7 @@ class BucketGraphs:
         return captured.output
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> _Captured:
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         static = [value.clone() for value in inputs]
         if self.before_capture is not None:
@@ -285,7 +285,7 @@ class BucketGraphs:
 def pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
     """`tensor` with its batch grown to `size` by repeating its last row (real data: no NaN/denormal
     paths)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     missing = size - int(tensor.shape[0])
     if missing <= 0:

@@ -24,12 +24,12 @@ class DeviceChoice:
         return self.device.startswith("cuda")
 
     def torch_device(self) -> torch.device:
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         dtype: torch.dtype = getattr(torch, self.dtype_name)
         return dtype
@@ -41,7 +41,7 @@ def choose_device(requested: str = "auto", dtype: str = "auto") -> DeviceChoice:
 
     fp16 on CUDA (as MuseTalk runs), fp32 on CPU (fp16 convolutions on CPU are slow or unsupported).
     """
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     if requested == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +71,7 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 def host_staging(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An empty 1-D host tensor to fill, then `upload` without another copy (page-locked when `device` is
     CUDA)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     return torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda")
 
@@ -91,7 +91,7 @@ class StagingPool:
         fitting = [k for k, buffer in enumerate(self._free) if buffer.numel() >= numel]
         if fitting:
             return self._free.pop(min(fitting, key=lambda k: self._free[k].numel()))
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         return host_staging(int(numel * self._headroom) + 1, torch.uint8, self._device)
 
@@ -113,7 +113,7 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     torch defaults to every core of the host, which oversubscribes a shared machine; the
     scheduler affinity is what this process may actually use.
     """
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     if threads is None:
         try:

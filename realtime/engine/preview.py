@@ -156,7 +156,7 @@ class PreviewEngine(EngineBase):
 
 def open_mouth(frame: np.ndarray, mouth: MouthGeometry, face_height: int, openness: float) -> None:
     """Warp `frame` in place: drop the lower lip and jaw by `openness` and fill the opening."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     height, width = frame.shape[:2]
     gap = openness * MAX_JAW_DROP * face_height

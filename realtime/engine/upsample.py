@@ -64,7 +64,7 @@ def _is_plain_upsample_conv(module: Any) -> bool:
 
 
 def _exact(weight: torch.Tensor) -> torch.Tensor:
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     return weight.to(torch.promote_types(weight.dtype, torch.float32))  # sums of fp16 taps in fp32 at least
 
@@ -72,7 +72,7 @@ def _exact(weight: torch.Tensor) -> torch.Tensor:
 def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
     """`[Cout, Cin, 3, 3]` conv weight -> `[Cin, Cout, 4, 4]` stride-2 transposed-conv weight (fp32 or
     wider)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     exact = _exact(weight)
     taps = torch.tensor(TAPS, dtype=exact.dtype, device=weight.device)
@@ -81,7 +81,7 @@ def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
     """`[Cout, Cin, 3, 3]` -> `[4·Cout, Cin, 2, 2]`: phase (a, b) at channel group 2a + b (fp32 or wider)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     exact = _exact(weight)
     taps = torch.tensor(PHASE_TAPS, dtype=exact.dtype, device=weight.device)  # [phase, 2, 3]
@@ -91,9 +91,9 @@ def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _make_module() -> Any:
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
+    import torch.nn.functional as F  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
+    from torch import nn  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     class FusedUpsampleConv(nn.Module):
         """Stands in for a diffusers `Upsample2D` (same call signature); `mode` switches the form at any

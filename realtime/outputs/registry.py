@@ -168,7 +168,7 @@ class LiveKitTarget:
 
 
 async def _admit_livekit(params: LiveKitParams, context: AdmissionContext) -> LiveKitTarget:
-    from realtime.outputs import livekit_admission  # livekit-api: not needed by the API process
+    from realtime.outputs import livekit_admission  # livekit-api: not needed by the API process  # noqa: PLC0415 (a kind's codecs/WebRTC load only when it opens)
 
     token = livekit_admission.mint_token(params, context)
     await livekit_admission.refuse_identity_collision(params, context)
@@ -183,7 +183,7 @@ async def _admit_livekit(params: LiveKitParams, context: AdmissionContext) -> Li
 
 
 def _open_livekit(target: LiveKitTarget, context: PublisherContext) -> OpenedPublisher:
-    from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions  # WebRTC: sidecar only
+    from realtime.outputs.livekit import LiveKitPublisher, LiveKitPublisherOptions  # WebRTC: sidecar only  # noqa: PLC0415 (a kind's codecs/WebRTC load only when it opens)
 
     options = LiveKitPublisherOptions(
         width_px=context.width_px,
@@ -227,7 +227,7 @@ async def _admit_rtmp(params: RtmpTarget, context: AdmissionContext) -> RtmpTarg
 
 
 def _open_rtmp(target: RtmpTarget, context: PublisherContext) -> OpenedPublisher:
-    from realtime.outputs.rtmp import RtmpOutput  # PyAV: sidecar only
+    from realtime.outputs.rtmp import RtmpOutput  # PyAV: sidecar only  # noqa: PLC0415 (a kind's codecs/WebRTC load only when it opens)
 
     publisher = RtmpOutput(target.url, context.width_px, context.height_px)
     return OpenedPublisher(publisher, redact_rtmp_url(publisher.url))

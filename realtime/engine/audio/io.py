@@ -19,7 +19,7 @@ def to_engine_rate(samples: np.ndarray, sample_rate_hz: int) -> np.ndarray:
         raise AudioInvalid(f"expected mono samples, got shape {mono.shape}")
     if sample_rate_hz == SAMPLE_RATE_HZ:
         return mono
-    import soxr
+    import soxr  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     return np.asarray(soxr.resample(mono, sample_rate_hz, SAMPLE_RATE_HZ, quality="HQ"), dtype=np.float32)
 
@@ -29,14 +29,14 @@ def from_engine_rate(samples: np.ndarray, target_rate_hz: int) -> np.ndarray:
     mono = np.asarray(samples, dtype=np.float32)
     if target_rate_hz == SAMPLE_RATE_HZ:
         return mono
-    import soxr
+    import soxr  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     return np.asarray(soxr.resample(mono, SAMPLE_RATE_HZ, target_rate_hz, quality="HQ"), dtype=np.float32)
 
 
 def load_audio_file(path: Path) -> np.ndarray:
     """Decode any audio file PyAV can read to 16 kHz mono float32 (channels averaged)."""
-    import av
+    import av  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     try:
         container = av.open(str(path))

@@ -89,7 +89,7 @@ def cheek_bands(cheek_width_px: int) -> np.ndarray:
 
 def region_from_labels(labels: np.ndarray, mode: str = "jaw", cheek_width_px: int = 90) -> np.ndarray:
     """A 512² label map -> the repaint region, uint8 0/255, by upstream's `mode` rule."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     if mode == "raw":
         keep = np.isin(labels, (SKIN, *MOUTH_LABELS))
@@ -109,7 +109,7 @@ def region_from_labels(labels: np.ndarray, mode: str = "jaw", cheek_width_px: in
 
 def face_box_mask(region: np.ndarray, face_box: Box, settings: BlendMaskSettings) -> np.ndarray:
     """The 512² `region` (of `expanded_box(face_box)`) -> the blend mask over the face box, uint8 `[h, w]`."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     x1, y1, x2, y2 = face_box
     ex1, ey1, ex2, _ = expanded_box(face_box, settings.expand)

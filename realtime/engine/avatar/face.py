@@ -70,14 +70,14 @@ class FaceDetector:
 
     def _load(self) -> Any:
         if self._cascade is None:
-            from skimage.data import lbp_frontal_face_cascade_filename
-            from skimage.feature import Cascade
+            from skimage.data import lbp_frontal_face_cascade_filename  # noqa: PLC0415 (heavy native library: loaded on first use)
+            from skimage.feature import Cascade  # noqa: PLC0415 (heavy native library: loaded on first use)
 
             self._cascade = Cascade(lbp_frontal_face_cascade_filename())
         return self._cascade
 
     def detect(self, frame_rgb: np.ndarray) -> Box | None:
-        import cv2
+        import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
         cascade = self._load()
         height, width = frame_rgb.shape[:2]
@@ -232,7 +232,7 @@ def fill_missing(boxes: list[Box | None], max_gap_frames: int) -> list[Box | Non
 
 def lower_face_mask(size_px: int = CROP_SIZE_PX) -> np.ndarray:
     """The blend mask in face-box coordinates, float32 `[size, size]` in [0, 1] (see module docstring)."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     mask = np.zeros((size_px, size_px), dtype=np.float32)
     center = (size_px // 2, int(size_px * 0.74))

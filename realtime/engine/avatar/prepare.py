@@ -90,7 +90,7 @@ def cache_key(
 
 def crop_face(frame: np.ndarray, box: Box) -> np.ndarray:
     """The v1.5 crop resized to 256×256 with Lanczos, as upstream."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     x1, y1, x2, y2 = box
     return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE_PX, CROP_SIZE_PX), interpolation=cv2.INTER_LANCZOS4)

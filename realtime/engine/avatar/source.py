@@ -104,7 +104,7 @@ def _fit(rgb: np.ndarray, limits: SourceLimits) -> np.ndarray:
     height, width = rgb.shape[:2]
     if max(width, height) <= limits.max_output_side_px:
         return rgb
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     out_w, out_h = output_size(width, height, limits.max_output_side_px)
     return np.ascontiguousarray(cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_AREA))
@@ -139,7 +139,7 @@ def _decode_image(data: bytes, member: str, limits: SourceLimits) -> np.ndarray:
 
 def _decode_image_scaled(data: bytes, member: str, limits: SourceLimits) -> tuple[np.ndarray, float]:
     """The frame at its output size, and the factor it was scaled by (1.0: as stored)."""
-    import cv2
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     buffer = np.frombuffer(data, dtype=np.uint8)
     if buffer.size == 0:
@@ -260,7 +260,7 @@ def _read_manifest(
 
 
 def _decode_video(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
-    import av
+    import av  # noqa: PLC0415 (heavy native library: loaded on first use)
 
     try:
         container: Any = av.open(io.BytesIO(data))

@@ -70,8 +70,8 @@ class PendingPaste:
 @functools.lru_cache(maxsize=128)  # bounded: a long-lived sidecar meets ever new crop sizes (each ~1 KB/px)
 def resize_matrix(src_px: int, dst_px: int, antialias: bool) -> np.ndarray:
     """`[dst_px, src_px]` float32 M with `M @ v` = F.interpolate(v, dst_px, bilinear, align_corners=False)."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
+    import torch.nn.functional as F  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     # Rows resized, columns kept (an identity map along them): the result is the matrix itself. (A basis of
     # one-pixel-wide images gave other weights: measured, F.interpolate skips antialias there.)
@@ -104,7 +104,7 @@ def _size_tables(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(index per frame, antialiased tables, plain tables) for the distinct `sizes`, zero-padded to
     `padded_px`."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     distinct = sorted(set(sizes))
     where = {size: row for row, size in enumerate(distinct)}
@@ -122,7 +122,7 @@ class Compositor:
     def __init__(self, device: torch.device, *, pinned: bool = False, copy_stream: bool = False) -> None:
         """`pinned`: stage device -> host copies in page-locked memory; `copy_stream`: copy on a side stream
         (both CUDA only), so the host-side frame assembly of one chunk overlaps the next chunk's compute."""
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         self._device = device
         self._cuda = device.type == "cuda"
@@ -161,7 +161,7 @@ class Compositor:
             self.forget(avatar.key)
 
     def _regions(self, avatar: Avatar) -> _AvatarRegions:
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         regions = self._avatars.get(avatar.key)
         if regions is not None:
@@ -208,7 +208,7 @@ class Compositor:
     def paste_async(self, faces: torch.Tensor, jobs: Sequence[PasteJob]) -> PendingPaste:
         """Blend on the device and start the copy of the blended regions to the host (asynchronous on
         CUDA)."""
-        import torch
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
         if not jobs:
             return PendingPaste([], [], [], torch.zeros((0, 1, 1, 3), dtype=torch.uint8), None)
@@ -324,13 +324,13 @@ def assemble_frame(pending: PendingPaste, host: np.ndarray, row: int) -> np.ndar
 
 
 def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def _pad(tensor: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:
     """`tensor` zero-padded at the end of its last dims (`F.pad` order); itself when nothing is missing."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     return F.pad(tensor, pad) if any(pad) else tensor

@@ -16,7 +16,7 @@ def encode_crop_latents(
 ) -> np.ndarray:
     """Masked (lower half black) + reference latents `[B, 8, 32, 32]` float16 of 256² RGB uint8 crops, as
     upstream."""
-    import torch
+    import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
     with torch.inference_mode():
         pixels = torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).float() / 255.0
