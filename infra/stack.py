@@ -31,16 +31,18 @@ STATE_FILE_NAME = "stack.json"
 
 @dataclass(frozen=True)
 class StackPorts:
-    temporal: int = 7233
-    temporal_ui: int = 8233
-    temporal_http: int = 7243
-    temporal_metrics: int = 7244
-    livekit: int = 7880
-    livekit_rtc_tcp: int = 7881
-    livekit_rtc_udp: int = 7882
-    livekit_stun: int = 7883
-    rtmp: int = 1935
-    rtmp_http: int = 8089
+    """The stack's loopback ports: each service's defaults, or all free ones (`free()`) for a second stack."""
+
+    temporal: int = 7233  # frontend gRPC: workers, the API, the temporal CLI
+    temporal_ui: int = 8233  # the web UI (workflow histories)
+    temporal_http: int = 7243  # HTTP API
+    temporal_metrics: int = 7244  # Prometheus
+    livekit: int = 7880  # signalling (WebSocket) + RoomService
+    livekit_rtc_tcp: int = 7881  # ICE over TCP
+    livekit_rtc_udp: int = 7882  # ICE over UDP (one muxed port)
+    livekit_stun: int = 7883  # the STUN server pinned to loopback
+    rtmp: int = 1935  # nginx-rtmp ingest
+    rtmp_http: int = 8089  # nginx's HTTP side: /stat for health checks
 
     @classmethod
     def free(cls) -> StackPorts:
