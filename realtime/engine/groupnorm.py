@@ -2,17 +2,16 @@
 
 `nn.GroupNorm` normalises each (sample, group) over the group's channels and every pixel.
 Inductor lowers it as one reduction over a `[B, G, C/G · H · W]` view; on a channels-last map
-that view is not contiguous, its reduction walks memory with a stride of C elements, and on an
-H200 the VAE decode's norms took 42 ms of a 94 ms batch of 64 (`bench.layout`, against
-25 ms in the contiguous layout, whose convolutions however pay 30 ms of layout transposes).
-Here the statistics come from per-channel sums over the pixels (a reduction along the
-contiguous channel axis in channels-last, and along the pixels in the contiguous layout),
+that view is not contiguous and its reduction walks memory with a stride of C elements, which
+makes the VAE decode's norms a large share of its batch (figures: `bench.layout`,
+bench/results/engine-accel-notes.md). Here the statistics come from per-channel sums over the
+pixels (a reduction along the contiguous channel axis in channels-last, and along the pixels in
+the contiguous layout),
 folded into groups on tiny `[B, C]` tensors:
 
     mean_g = mean_c∈g mean_hw x          var_g = mean_c∈g mean_hw x² − mean_g²
 
-in float32, then `(x − mean_g) · rsqrt(var_g + eps) · weight + bias` (the decode at batch 64 on
-the H200: 94 -> 83 ms; 79 with the transposed upsample convs). It equals
+in float32, then `(x − mean_g) · rsqrt(var_g + eps) · weight + bias`. It equals
 `F.group_norm` up to float rounding (tests compare them); `GroupNormMode` "native" keeps the
 modules' own forward.
 """

@@ -138,8 +138,8 @@ class Compositor:
 
     def warm_up(self, faces: torch.Tensor) -> None:
         """Paste `faces` into a synthetic avatar once, so the first session does not pay this path's first use
-        (kernel loads, the matrix library's handles: on an H200 a first session's first batch otherwise took
-        long enough to cost it frames)."""
+        (kernel loads, the matrix library's handles), which would otherwise make a first session's first
+        batch late enough to cost it frames."""
         size_px = int(self._mask.shape[0])
         box = np.asarray([[8, 8, 8 + size_px - 40, 8 + size_px - 40]], np.int32)  # a face smaller than 256²
         avatar = Avatar(
