@@ -82,6 +82,10 @@ _SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 # there; a dead host cannot acknowledge, and its heartbeat/schedule-to-start timeouts bound the wait.
 _SIDECAR_CANCELLATION = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _OUTPUT_FAILURE_ENDS = frozenset({EndReason.OUTPUT_FAILED})
+# The start path that sessions started by this code take (histories without its marker replay the older
+# one): validate_assets runs as a local activity (a short check, no workflow task of its own) and
+# warm_up runs beside prepare_avatar instead of after it.
+_PATCH_QUICK_START = "quick-start-v1"
 # Failures that say the host itself is gone (not this step): the session may move to another sidecar.
 _HOST_GONE_CODES = frozenset(
     {
@@ -240,6 +244,7 @@ class SessionWorkflow:
                 ),
                 ValidatedAvatar,
                 activities.validate_assets,
+                local=workflow.patched(_PATCH_QUICK_START),
             )
             await self._bring_up()
             await self._serve()
@@ -292,22 +297,45 @@ class SessionWorkflow:
             self._status.placement_reason = placement.reason
             try:
                 self._enter(Phase.PREPARING)
-                self._status.avatar = await self._on_sidecar(
-                    ActivityName.PREPARE_AVATAR,
-                    PrepareAvatarInput(
-                        call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch
-                    ),
-                    AvatarReady,
-                    activities.prepare_avatar,
-                )
-                self._enter(Phase.WARMING_UP)
-                await self._on_sidecar(
-                    ActivityName.WARM_UP, WarmUpInput(call=self._call()), EngineReady, activities.warm_up
-                )
+                if workflow.patched(_PATCH_QUICK_START):
+                    await self._prepare_beside_warm_up()
+                else:
+                    self._status.avatar = await self._prepare_avatar()
+                    self._enter(Phase.WARMING_UP)
+                    await self._warm_up()
                 await self._open_output()
                 return
             except _SidecarLost as lost:
                 self._after_sidecar_loss(lost.loss)
+
+    async def _prepare_avatar(self) -> AvatarReady:
+        assert self._avatar is not None
+        return await self._on_sidecar(
+            ActivityName.PREPARE_AVATAR,
+            PrepareAvatarInput(call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch),
+            AvatarReady,
+            self._policy.activities.prepare_avatar,
+        )
+
+    async def _warm_up(self) -> EngineReady:
+        return await self._on_sidecar(
+            ActivityName.WARM_UP, WarmUpInput(call=self._call()), EngineReady, self._policy.activities.warm_up
+        )
+
+    async def _prepare_beside_warm_up(self) -> None:
+        """Both steps at once (the sidecar orders them on its render lane); the session is warming up once its
+        avatar is ready. When either fails or is stopped, the other is cancelled and its end awaited first, so
+        nothing still runs on the sidecar when the failure moves on (to teardown or a re-placement)."""
+        warming = asyncio.create_task(self._warm_up())
+        try:
+            self._status.avatar = await self._prepare_avatar()
+            self._enter(Phase.WARMING_UP)
+        except BaseException:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, _SessionFailed, _SidecarLost, _Stopped):
+                await warming
+            raise
+        await warming
 
     async def _open_output(self) -> None:
         self._enter(Phase.OPENING_OUTPUT)
@@ -702,8 +730,12 @@ class SessionWorkflow:
         *,
         interruptible: bool = True,
         cancellation_type: workflow.ActivityCancellationType = workflow.ActivityCancellationType.TRY_CANCEL,
+        local: bool = False,
     ) -> ResultT:
-        handle = workflow.start_activity(
+        """A control-plane step on the shared queue; `local`: run by this workflow's own worker within the
+        workflow task (for short steps: no task of its own on the queue, no workflow task after it)."""
+        start = workflow.start_local_activity if local else workflow.start_activity
+        handle = start(
             name,
             arg,
             result_type=result_type,
