@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, TimeoutType
 from temporalio.exceptions import CancelledError as ActivityCancelledError
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
@@ -324,18 +324,24 @@ class SessionWorkflow:
 
     async def _prepare_beside_warm_up(self) -> None:
         """Both steps at once (the sidecar orders them on its render lane); the session is warming up once its
-        avatar is ready. When either fails or is stopped, the other is cancelled and its end awaited first, so
-        nothing still runs on the sidecar when the failure moves on (to teardown or a re-placement)."""
+        avatar is ready. The first failure (or a stop) cancels the other step and awaits its end, so nothing
+        still runs on the sidecar when the failure moves on (to teardown or a re-placement)."""
+        preparing = asyncio.create_task(self._prepare_avatar())
         warming = asyncio.create_task(self._warm_up())
         try:
-            self._status.avatar = await self._prepare_avatar()
+            await workflow.wait_condition(lambda: preparing.done() or _failed(warming))
+            if _failed(warming):
+                warming.result()  # raises warm_up's failure
+            self._status.avatar = preparing.result()
             self._enter(Phase.WARMING_UP)
+            await warming
         except BaseException:
-            warming.cancel()
-            with contextlib.suppress(asyncio.CancelledError, _SessionFailed, _SidecarLost, _Stopped):
-                await warming
+            for task in (preparing, warming):
+                task.cancel()
+            for task in (preparing, warming):
+                with contextlib.suppress(asyncio.CancelledError, _SessionFailed, _SidecarLost, _Stopped):
+                    await task
             raise
-        await warming
 
     async def _open_output(self) -> None:
         self._enter(Phase.OPENING_OUTPUT)
@@ -789,7 +795,7 @@ class SessionWorkflow:
         except asyncio.CancelledError:
             await _cancel_and_wait(handle)
             raise
-        except ActivityError as err:
+        except FailureError as err:  # an ActivityError; a local activity's failure may arrive as its cause alone
             failure = self._classify(name, err, placement)
             if interruptible and isinstance(failure, _SessionFailed) and self._stop_reason is not None:
                 # The step failed in the same moment a stop was accepted: the caller asked the session to
@@ -798,8 +804,8 @@ class SessionWorkflow:
                 raise _Stopped() from err
             raise failure from err
 
-    def _classify(self, name: ActivityName, err: ActivityError, placement: Placement | None) -> Exception:
-        cause = err.cause
+    def _classify(self, name: ActivityName, err: FailureError, placement: Placement | None) -> Exception:
+        cause = err.cause if isinstance(err, ActivityError) else err
         if placement is not None and (
             isinstance(cause, ActivityTimeoutError)
             or (isinstance(cause, ApplicationError) and cause.type in _HOST_GONE_CODES)
@@ -863,8 +869,12 @@ class SessionWorkflow:
 
 async def _cancel_and_wait(handle: workflow.ActivityHandle[Any]) -> None:
     handle.cancel()
-    with contextlib.suppress(ActivityError, asyncio.CancelledError):
+    with contextlib.suppress(FailureError, asyncio.CancelledError):
         await handle
+
+
+def _failed(task: asyncio.Task[Any]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def _timeout_name(error: ActivityTimeoutError) -> str:
