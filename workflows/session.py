@@ -1,8 +1,8 @@
 """SessionWorkflow: one talking-avatar session, from asset URL to teardown (workflow id `session-<id>`).
 
-fetch_assets → validate_assets → place_session → prepare_avatar → warm_up → open_output
-(the policy's fallback order, e.g. LiveKit then RTMP) → run_session (long, heartbeating
-stats on the sidecar) → teardown + release_slot, always, from `finally`. When the output
+fetch_assets → validate_assets (a local activity) → place_session → prepare_avatar with warm_up
+beside it → open_output (the policy's fallback order, e.g. LiveKit then RTMP) → run_session
+(long, heartbeating stats on the sidecar) → teardown + release_slot, always, from `finally`. When the output
 fails while live (run_session ends `output_failed`), switch_output moves the session to the
 next output of the fallback order on the same sidecar, and it runs on.
 
