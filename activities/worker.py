@@ -17,7 +17,6 @@ from workflows.placement import PlacementWorkflow
 from workflows.session import SessionWorkflow
 from workflows.temporal_client import worker_tracing_interceptors
 
-
 # Workflow-side modules that hold only immutable definitions (dataclasses, enums, constants): the sandbox
 # shares them instead of importing them again for every workflow run, which would otherwise be most of a
 # new session's first workflow task. Modules with mutable state must never be listed.
