@@ -65,14 +65,8 @@ from infra import stack
 from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
 from infra.paths import PROJECT_ROOT
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
-from workflows.client import session_workflow_id
-
-from bench.machine import cpu_name
-from infra import stack
-from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
-from infra.paths import PROJECT_ROOT
-from infra.process import ManagedProcess, free_port, http_ok, wait_until
 from realtime.engine.registry import engine_choices
+from workflows.client import session_workflow_id
 
 logger = logging.getLogger("bench.api")
 

@@ -795,7 +795,8 @@ class SessionWorkflow:
         except asyncio.CancelledError:
             await _cancel_and_wait(handle)
             raise
-        except FailureError as err:  # an ActivityError; a local activity's failure may arrive as its cause alone
+        # An ActivityError; a local activity's failure may arrive as its cause alone.
+        except FailureError as err:
             failure = self._classify(name, err, placement)
             if interruptible and isinstance(failure, _SessionFailed) and self._stop_reason is not None:
                 # The step failed in the same moment a stop was accepted: the caller asked the session to

@@ -1,4 +1,5 @@
-"""ControlActivities.validate_assets remembers accepted avatars by digest and limits (a cached avatar's start)."""
+"""ControlActivities.validate_assets remembers accepted avatars by digest and limits (a cached avatar's
+start)."""
 
 from __future__ import annotations
 

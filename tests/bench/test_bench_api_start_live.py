@@ -22,7 +22,9 @@ def at(offset_ms: float) -> Timestamp:
 
 def started(event_id: int, offset_ms: float) -> HistoryEvent:
     return HistoryEvent(
-        event_id=event_id, event_time=at(offset_ms), event_type=EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED
+        event_id=event_id,
+        event_time=at(offset_ms),
+        event_type=EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
     )
 
 
@@ -30,15 +32,21 @@ def activity(
     first_id: int, name: str, scheduled_ms: float, started_ms: float, completed_ms: float
 ) -> list[HistoryEvent]:
     scheduled = HistoryEvent(
-        event_id=first_id, event_time=at(scheduled_ms), event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        event_id=first_id,
+        event_time=at(scheduled_ms),
+        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
     )
     scheduled.activity_task_scheduled_event_attributes.activity_type.name = name
     start = HistoryEvent(
-        event_id=first_id + 1, event_time=at(started_ms), event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+        event_id=first_id + 1,
+        event_time=at(started_ms),
+        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
     )
     start.activity_task_started_event_attributes.scheduled_event_id = first_id
     done = HistoryEvent(
-        event_id=first_id + 2, event_time=at(completed_ms), event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+        event_id=first_id + 2,
+        event_time=at(completed_ms),
+        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
     )
     done.activity_task_completed_event_attributes.scheduled_event_id = first_id
     return [scheduled, start, done]
@@ -93,7 +101,8 @@ def test_steps_add_up_to_start_to_ready() -> None:
         50.0,
         39.0,
     )
-    assert steps["validate_assets.total_ms"] == 10.0 and "validate_assets.run_ms" not in steps  # local: no split
+    # A local activity: no queue/run split.
+    assert steps["validate_assets.total_ms"] == 10.0 and "validate_assets.run_ms" not in steps
     assert steps["prepare_avatar.queue_ms"] == 20.0 and steps["warm_up.total_ms"] == 0.0
     assert steps["open_output.total_ms"] == 300.0
     assert (steps["to_run_scheduled_ms"], steps["run_pickup_ms"], steps["relay_ms"]) == (50.0, 10.0, 140.0)

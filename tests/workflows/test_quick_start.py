@@ -20,7 +20,9 @@ async def test_warm_up_failing_mid_prepare_cancels_prepare_and_tears_down(
 ) -> None:
     # A fresh avatar and a slow host: prepare_avatar takes seconds, warm_up fails at once beside it.
     url = asset_server.serve("/avatars/slow-prepare-warm-fails.zip", media.frames_zip(count=12, side_px=112))
-    host = await harness.add_sidecar("gpu0", prepare_frame_delay_s=0.25, warm_up_error="no device memory left")
+    host = await harness.add_sidecar(
+        "gpu0", prepare_frame_delay_s=0.25, warm_up_error="no device memory left"
+    )
     request = harness.request(url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("warm-fails"))))
     handle = await harness.start(request)
     _, status = await failed_with(handle, ErrorCode.SIDECAR_ERROR)
