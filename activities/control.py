@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,15 @@ from workflows.contracts import (
     ValidateAssetsInput,
     ValidatedAvatar,
 )
+from workflows.policy import FrameLimits, VideoLimits, ZipLimits
 
 logger = logging.getLogger(__name__)
 
 ASSET_SUFFIXES = {AvatarKind.FRAMES_ZIP: ".zip", AvatarKind.IDLE_VIDEO: ".video"}
+# Validation reports this worker remembers (least recently used first out); each is a few hundred bytes.
+VALIDATED_CACHE_ENTRIES = 1024
+# What a validation report depends on: the content (sha256 of the stored file), its kind and the limits.
+ValidationKey = tuple[str, AvatarKind, ZipLimits, FrameLimits, VideoLimits]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class ControlConfig:
 class ControlActivities:
     def __init__(self, config: ControlConfig) -> None:
         self.config = config
+        # A cached avatar's validation is not repeated: the same bytes (digest) under the same limits
+        # give the same report. Only accepted assets are remembered (a refused one leaves the store).
+        self._validated: OrderedDict[ValidationKey, validate.FramesReport] = OrderedDict()
 
     def definitions(self) -> Sequence[Callable[..., Any]]:
         return [self.fetch_assets, self.validate_assets, self.place_session, self.release_slot]
@@ -83,6 +92,11 @@ class ControlActivities:
     async def validate_assets(self, request: ValidateAssetsInput) -> ValidatedAvatar:
         asset = request.asset
         path = Path(asset.stored_path)
+        key: ValidationKey = (asset.digest_sha256, asset.kind, request.zip, request.frames, request.video)
+        report = self._validated.get(key)
+        if report is not None:
+            self._validated.move_to_end(key)
+            return _validated(asset, report)
         try:
             # Decoding is CPU work: off the event loop so this worker keeps polling and heartbeating.
             if asset.kind is AvatarKind.FRAMES_ZIP:
@@ -104,14 +118,10 @@ class ControlActivities:
             # A refused asset is never used: it leaves the store at once (a retry downloads it again).
             await asyncio.to_thread(path.unlink, missing_ok=True)
             raise to_application_error(exc) from exc
-        return ValidatedAvatar(
-            asset=asset,
-            frame_count=report.frame_count,
-            width_px=report.width_px,
-            height_px=report.height_px,
-            face=report.face,
-            fps=report.fps,
-        )
+        self._validated[key] = report
+        while len(self._validated) > VALIDATED_CACHE_ENTRIES:
+            self._validated.popitem(last=False)
+        return _validated(asset, report)
 
     @activity.defn(name=ActivityName.PLACE_SESSION.value)
     async def place_session(self, request: PlaceSessionInput) -> Placement:
@@ -152,3 +162,14 @@ class ControlActivities:
             self.config.task_queue,
             shards=self.config.shards,
         )
+
+
+def _validated(asset: FetchedAsset, report: validate.FramesReport) -> ValidatedAvatar:
+    return ValidatedAvatar(
+        asset=asset,
+        frame_count=report.frame_count,
+        width_px=report.width_px,
+        height_px=report.height_px,
+        face=report.face,
+        fps=report.fps,
+    )

@@ -46,7 +46,8 @@ from workflows.temporal_client import connect_client, worker_tracing_interceptor
 
 logger = logging.getLogger(__name__)
 
-# Sessions have run_session plus at most one short step in flight each; leave room for teardowns.
+# Sessions have at most two activities in flight each (run_session and one short step, or prepare_avatar
+# and warm_up while starting); leave room for teardowns.
 ACTIVITIES_PER_SLOT = 3
 # A stopping sidecar's run_session never ends by itself: after this grace its activities are
 # cancelled and report `sidecar_shutting_down`, so their sessions move to another sidecar at

@@ -45,6 +45,9 @@ _CLOSE_NO_STATUS = 1005  # a close frame without a code: a normal end, sent on a
 # A close frame's reason is at most 123 bytes of UTF-8.
 _MAX_CLOSE_REASON_BYTES = 123
 STATUS_POLL_S = 0.2
+# Once the output is opening, live is one step away: poll closer, so the caller's `ready` is not held back by
+# most of a poll period (the earlier phases take longer, and polling them faster would only load Temporal).
+STATUS_POLL_NEAR_LIVE_S = 0.05
 # The sidecar enforces its own, smaller limit with a typed error.
 UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
@@ -275,7 +278,8 @@ async def _wait_until_live(
                 f"{status.phase.value})",
             )
             return None
-        await asyncio.wait({reader}, timeout=STATUS_POLL_S)
+        poll_s = STATUS_POLL_NEAR_LIVE_S if status.phase == Phase.OPENING_OUTPUT else STATUS_POLL_S
+        await asyncio.wait({reader}, timeout=poll_s)
 
 
 async def _fail(websocket: WebSocket, relay: RelayState, code: str, message: str) -> None:

@@ -20,24 +20,45 @@ Measured:
 - then every session is stopped (`POST .../stop`, latency reported) and followed to its end.
 
 `sessions_unsettled` (neither live nor failed with a code within `--settle-timeout-s`) must be 0.
+
+Start -> live (`--start-live 1 20 --rounds 5`), with a cached avatar: one session first brings the
+avatar into every cache it has (fetch store, sidecar avatar cache), then for each concurrency C,
+`--rounds` times: C sessions are started at once, each client opens its `audio_ws_url` right after
+the 201 and waits for the sidecar's `ready` message (the moment a caller may stream: what "live"
+means to a client), then all are stopped and followed to their end before the next round.
+Reported per C: `start_to_ready_*_ms` (POST sent -> `ready` received, p50/p99/max) and the
+lifecycle's steps from each session's Temporal history (`steps`): for each activity, the time
+from the previous step's end to its completion (`total_ms`: the step's cost on the critical
+path), split into `gap_ms` (previous end -> scheduled: the workflow task between), `queue_ms`
+(scheduled -> started: worker pickup) and `run_ms` (started -> completed; a local activity has no
+split); `api_to_workflow_ms` (POST sent -> workflow started), `to_run_scheduled_ms` (last
+bring-up step done -> run_session scheduled, i.e. phase live), `run_pickup_ms` (run_session
+scheduled -> started on the sidecar) and `relay_ms` (run_session started -> `ready` at the client).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
+import shlex
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import websockets
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 
 from bench.machine import cpu_name
 from infra import stack
@@ -45,11 +66,21 @@ from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
 from infra.paths import PROJECT_ROOT
 from infra.process import ManagedProcess, free_port, http_ok, wait_until
 from realtime.engine.registry import engine_choices
+from workflows.client import session_workflow_id
 
 logger = logging.getLogger("bench.api")
 
 POLL_S = 1.0  # how often each simulated client polls its session (a realistic client, not a load test)
 TERMINAL = {"completed", "failed", "cancelled"}
+# The bring-up steps in lifecycle order; a step missing from a history (e.g. skipped) costs nothing.
+BRING_UP_STEPS = (
+    "fetch_assets",
+    "validate_assets",
+    "place_session",
+    "prepare_avatar",
+    "warm_up",
+    "open_output",
+)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -268,6 +299,210 @@ async def run_sessions(
     }
 
 
+@dataclass(frozen=True)
+class ActivitySpan:
+    """One activity of a session's history, as wall-clock seconds (the server's event times)."""
+
+    name: str
+    scheduled_s: float
+    started_s: float | None
+    completed_s: float | None
+
+
+def activity_spans(events: list[Any]) -> tuple[float | None, list[ActivitySpan]]:
+    """The workflow's start time and its activities (regular and local), in history order."""
+    started_at: float | None = None
+    scheduled: dict[int, tuple[str, float]] = {}
+    started: dict[int, float] = {}
+    spans: list[ActivitySpan] = []
+    for event in events:
+        at = event.event_time.ToMicroseconds() / 1e6
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            started_at = at
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            scheduled[event.event_id] = (
+                event.activity_task_scheduled_event_attributes.activity_type.name,
+                at,
+            )
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            started[event.activity_task_started_event_attributes.scheduled_event_id] = at
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            scheduled_id = event.activity_task_completed_event_attributes.scheduled_event_id
+            name, scheduled_at = scheduled.pop(scheduled_id)
+            spans.append(ActivitySpan(name, scheduled_at, started.get(scheduled_id), at))
+        elif kind == EventType.EVENT_TYPE_MARKER_RECORDED:
+            span = _local_activity_span(event.marker_recorded_event_attributes, at)
+            if span is not None:
+                spans.append(span)
+    # Still open (run_session of a live session) or ended without completing: no completion time.
+    spans.extend(ActivitySpan(name, at, started.get(sid), None) for sid, (name, at) in scheduled.items())
+    spans.sort(key=lambda span: span.scheduled_s)
+    return started_at, spans
+
+
+def _local_activity_span(marker: Any, recorded_s: float) -> ActivitySpan | None:
+    """A local activity's marker: its type and times are in the marker's `data` payload (JSON)."""
+    if marker.marker_name != "core_local_activity" or "data" not in marker.details:
+        return None
+    payloads = marker.details["data"].payloads
+    if not payloads:
+        return None
+    data = json.loads(payloads[0].data)
+    name = data.get("activity_type", "")
+    completed_s = _marker_time_s(data.get("complete_time")) or recorded_s
+    # The marker's schedule time is not comparable with its completion (it can even come after it), so a
+    # local activity's span is its completion only: its cost shows in `total_ms`, with no queue/run split.
+    return ActivitySpan(name, completed_s, None, completed_s)
+
+
+def _marker_time_s(value: Any) -> float | None:
+    """A protobuf-JSON timestamp (`{"seconds": .., "nanos": ..}` or an RFC 3339 string) as epoch seconds."""
+    if isinstance(value, dict):
+        return int(value.get("seconds", 0)) + int(value.get("nanos", 0)) / 1e9
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def lifecycle_breakdown(
+    post_sent_s: float, ready_s: float, workflow_started_s: float | None, spans: list[ActivitySpan]
+) -> dict[str, float]:
+    """Where one session's start -> ready went: each step's share of the critical path, in ms.
+
+    A step's `total_ms` runs from the previous step's end (or the workflow's start) to its own end,
+    so the shares add up to `start_to_ready_ms`; a step that overlaps the one before it only costs
+    what it adds past that step's end."""
+    out: dict[str, float] = {"start_to_ready_ms": (ready_s - post_sent_s) * 1000}
+    previous_end = workflow_started_s if workflow_started_s is not None else post_sent_s
+    out["api_to_workflow_ms"] = (previous_end - post_sent_s) * 1000
+    for name in BRING_UP_STEPS:
+        span = next((s for s in spans if s.name == name and s.completed_s is not None), None)
+        if span is None or span.completed_s is None:
+            continue
+        out[f"{name}.total_ms"] = max(0.0, span.completed_s - previous_end) * 1000
+        # Before the step was scheduled: the workflow task that scheduled it (negative: it overlaps the last).
+        out[f"{name}.gap_ms"] = (span.scheduled_s - previous_end) * 1000
+        if span.started_s is not None:
+            out[f"{name}.queue_ms"] = (span.started_s - span.scheduled_s) * 1000
+            out[f"{name}.run_ms"] = (span.completed_s - span.started_s) * 1000
+        previous_end = max(previous_end, span.completed_s)
+    run = next((s for s in spans if s.name == "run_session"), None)
+    if run is not None:
+        out["to_run_scheduled_ms"] = (run.scheduled_s - previous_end) * 1000
+        if run.started_s is not None:
+            out["run_pickup_ms"] = (run.started_s - run.scheduled_s) * 1000
+            out["relay_ms"] = (ready_s - run.started_s) * 1000
+    return {key: round(value, 1) for key, value in out.items()}
+
+
+async def _wait_ready(audio_ws_url: str, timeout_s: float) -> tuple[float | None, str]:
+    """Open the session's audio WebSocket and wait for the first message: (epoch time of `ready`, outcome)."""
+    try:
+        async with asyncio.timeout(timeout_s), websockets.connect(audio_ws_url, max_size=None) as ws:
+            message = json.loads(await ws.recv())
+            at = time.time()
+            if message.get("type") == "ready":
+                return at, "live"
+            return None, f"failed:{message.get('code', message.get('type'))}"
+    except TimeoutError:
+        return None, "unsettled"
+    except websockets.ConnectionClosed as exc:
+        return None, f"closed:{exc.rcvd.code if exc.rcvd else 'no_frame'}"
+
+
+async def run_start_live(
+    deployment: Deployment,
+    concurrency: list[int],
+    rounds: int,
+    settle_timeout_s: float,
+    avatar_url: str,
+) -> dict[str, Any]:
+    """Start -> ready at each concurrency, `rounds` times, after one session has cached the avatar."""
+    temporal = await Client.connect(f"127.0.0.1:{deployment.ports.temporal}")
+    headers = {"X-API-Key": deployment.api_key}
+    limits = httpx.Limits(
+        max_connections=max(concurrency) + 10, max_keepalive_connections=max(concurrency) + 10
+    )
+    async with httpx.AsyncClient(
+        base_url=deployment.api_url, headers=headers, timeout=60, limits=limits
+    ) as http:
+
+        async def one(index: int, tag: str) -> dict[str, Any]:
+            body = {
+                "session_id": f"bench-{tag}-{index:03d}-{secrets.token_hex(3)}",
+                "avatar": {"frames_zip_url": avatar_url},
+                "output": {"livekit": {"room": f"bench-room-{tag}-{index:03d}"}},
+            }
+            sent_s = time.time()
+            response = await http.post("/v1/sessions", json=body)
+            entry: dict[str, Any] = {"id": body["session_id"], "sent_s": sent_s, "http": response.status_code}
+            if response.status_code != 201:
+                entry["outcome"] = f"http_{response.status_code}:{response.json().get('code')}"
+                return entry
+            entry["created_ms"] = (time.time() - sent_s) * 1000
+            ready_s, entry["outcome"] = await _wait_ready(response.json()["audio_ws_url"], settle_timeout_s)
+            if ready_s is not None:
+                entry["ready_s"] = ready_s
+            return entry
+
+        async def end(entry: dict[str, Any]) -> None:
+            if entry["http"] != 201:
+                return
+            try:
+                await http.post(f"/v1/sessions/{entry['id']}/stop", json={"reason": "bench"})
+            except httpx.HTTPError as exc:  # an overloaded API; the stop may still land, so wait for the end
+                entry["stop_error"] = type(exc).__name__
+            handle = temporal.get_workflow_handle(session_workflow_id(entry["id"]))
+            with contextlib.suppress(Exception):  # the outcome is what counts here, not how it ended
+                async with asyncio.timeout(60):
+                    await handle.result()
+            if "ready_s" in entry:
+                history = await handle.fetch_history()
+                workflow_started_s, spans = activity_spans(list(history.events))
+                entry["steps"] = lifecycle_breakdown(
+                    entry["sent_s"], entry["ready_s"], workflow_started_s, spans
+                )
+
+        warm = await one(0, "cache")
+        await end(warm)
+        if warm.get("outcome") != "live":
+            raise RuntimeError(f"the avatar-caching session did not go live: {warm.get('outcome')}")
+        results: list[dict[str, Any]] = []
+        for count in concurrency:
+            entries: list[dict[str, Any]] = []
+            for round_index in range(rounds):
+                batch = await asyncio.gather(*(one(i, f"c{count}r{round_index}") for i in range(count)))
+                await asyncio.gather(*(end(entry) for entry in batch))
+                entries.extend(batch)
+            results.append(_start_live_summary(count, rounds, entries))
+    return {"warm_up_steps": warm.get("steps", {}), "results": results}
+
+
+def _start_live_summary(count: int, rounds: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    ready_ms = [entry["steps"]["start_to_ready_ms"] for entry in entries if "steps" in entry]
+    keys = sorted({key for entry in entries for key in entry.get("steps", {})})
+    steps = {
+        key: {
+            "p50": _pct([entry["steps"][key] for entry in entries if key in entry.get("steps", {})], 50),
+            "p99": _pct([entry["steps"][key] for entry in entries if key in entry.get("steps", {})], 99),
+        }
+        for key in keys
+    }
+    return {
+        "concurrent_starts": count,
+        "rounds": rounds,
+        "sessions": len(entries),
+        "outcomes": dict(Counter(entry["outcome"] for entry in entries)),
+        "stop_errors": dict(Counter(entry["stop_error"] for entry in entries if "stop_error" in entry)),
+        "created_p50_ms": _pct([entry["created_ms"] for entry in entries if "created_ms" in entry], 50),
+        "start_to_ready_p50_ms": _pct(ready_ms, 50),
+        "start_to_ready_p99_ms": _pct(ready_ms, 99),
+        "start_to_ready_max_ms": round(max(ready_ms), 1) if ready_ms else None,
+        "steps": steps,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=50)
@@ -280,7 +515,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle-timeout-s", type=float, default=120.0)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--start-live",
+        type=int,
+        nargs="+",
+        metavar="C",
+        help="measure start -> ready with a cached avatar at these concurrencies (instead of --sessions)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="--start-live: rounds at each concurrency")
+    parser.add_argument(
+        "--label", default="", help="--start-live: names this run in the JSON (e.g. before/after a change)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="--start-live: add this run to the JSON file's runs instead of replacing it",
+    )
     args = parser.parse_args(argv)
+    if args.start_live and args.sidecars * args.slots < max(args.start_live):
+        parser.error(
+            f"--start-live {max(args.start_live)} needs at least that many slots (--sidecars x --slots)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "infra.process"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -293,20 +548,34 @@ def main(argv: list[str] | None = None) -> int:
         (assets / "astronaut.zip").write_bytes(avatar_zip_bytes())
         try:
             deployment.start()
+            what = f"{args.start_live} x {args.rounds} rounds of" if args.start_live else str(args.sessions)
             logger.info(
-                "deployment ready: %d sidecars x %d slots; starting %d sessions",
+                "deployment ready: %d sidecars x %d slots; starting %s sessions",
                 args.sidecars,
                 args.slots,
-                args.sessions,
+                what,
             )
             with serve_directory(assets) as assets_url:
-                raw = asyncio.run(
-                    run_sessions(
-                        deployment, args.sessions, args.settle_timeout_s, f"{assets_url}/astronaut.zip"
+                if args.start_live:
+                    measured = asyncio.run(
+                        run_start_live(
+                            deployment,
+                            args.start_live,
+                            args.rounds,
+                            args.settle_timeout_s,
+                            f"{assets_url}/astronaut.zip",
+                        )
                     )
-                )
+                else:
+                    raw = asyncio.run(
+                        run_sessions(
+                            deployment, args.sessions, args.settle_timeout_s, f"{assets_url}/astronaut.zip"
+                        )
+                    )
         finally:
             deployment.stop()
+    if args.start_live:
+        return _write_start_live(args, measured, argv)
     outcomes: dict[str, int] = raw["outcomes"]
     live = outcomes.get("live", 0)
     clear_failures = sum(
@@ -359,6 +628,40 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     return 0 if summary["sessions_unsettled"] == 0 else 1
+
+
+def _write_start_live(args: argparse.Namespace, measured: dict[str, Any], argv: list[str] | None) -> int:
+    run = {
+        "label": args.label,
+        "command": shlex.join(["python", "-m", "bench.api", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {
+            "engine": args.engine,
+            "sidecars": args.sidecars,
+            "slots_per_sidecar": args.slots,
+            "output": "livekit (local livekit-server --dev)",
+            "avatar": "astronaut 256x256, 8 frames (infra.demo), cached by one session before the rounds",
+            "notes": args.notes,
+        },
+        "warm_up_steps": measured["warm_up_steps"],
+        "results": measured["results"],
+    }
+    document: dict[str, Any] = {
+        "benchmark": "api-start-live",
+        "device": cpu_name(),
+        "torch": None,
+        "runs": [],
+    }
+    if args.append and args.json.exists():
+        document = json.loads(args.json.read_text(encoding="utf-8"))
+    document["runs"].append(run)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    summary = [
+        {key: value for key, value in result.items() if key != "steps"} for result in measured["results"]
+    ]
+    print(json.dumps(summary, indent=2))
+    settled = all(result["outcomes"].get("live", 0) == result["sessions"] for result in measured["results"])
+    return 0 if settled else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """SessionWorkflow: one talking-avatar session, from asset URL to teardown (workflow id `session-<id>`).
 
-fetch_assets → validate_assets → place_session → prepare_avatar → warm_up → open_output
-(the policy's fallback order, e.g. LiveKit then RTMP) → run_session (long, heartbeating
-stats on the sidecar) → teardown + release_slot, always, from `finally`. When the output
+fetch_assets → validate_assets (a local activity) → place_session → prepare_avatar with warm_up
+beside it → open_output (the policy's fallback order, e.g. LiveKit then RTMP) → run_session
+(long, heartbeating stats on the sidecar) → teardown + release_slot, always, from `finally`. When the output
 fails while live (run_session ends `output_failed`), switch_output moves the session to the
 next output of the fallback order on the same sidecar, and it runs on.
 
@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, TimeoutType
 from temporalio.exceptions import CancelledError as ActivityCancelledError
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
@@ -82,6 +82,10 @@ _SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 # there; a dead host cannot acknowledge, and its heartbeat/schedule-to-start timeouts bound the wait.
 _SIDECAR_CANCELLATION = workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
 _OUTPUT_FAILURE_ENDS = frozenset({EndReason.OUTPUT_FAILED})
+# The start path that sessions started by this code take (histories without its marker replay the older
+# one): validate_assets runs as a local activity (a short check, no workflow task of its own) and
+# warm_up runs beside prepare_avatar instead of after it.
+_PATCH_QUICK_START = "quick-start-v1"
 # Failures that say the host itself is gone (not this step): the session may move to another sidecar.
 _HOST_GONE_CODES = frozenset(
     {
@@ -240,6 +244,7 @@ class SessionWorkflow:
                 ),
                 ValidatedAvatar,
                 activities.validate_assets,
+                local=workflow.patched(_PATCH_QUICK_START),
             )
             await self._bring_up()
             await self._serve()
@@ -292,22 +297,51 @@ class SessionWorkflow:
             self._status.placement_reason = placement.reason
             try:
                 self._enter(Phase.PREPARING)
-                self._status.avatar = await self._on_sidecar(
-                    ActivityName.PREPARE_AVATAR,
-                    PrepareAvatarInput(
-                        call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch
-                    ),
-                    AvatarReady,
-                    activities.prepare_avatar,
-                )
-                self._enter(Phase.WARMING_UP)
-                await self._on_sidecar(
-                    ActivityName.WARM_UP, WarmUpInput(call=self._call()), EngineReady, activities.warm_up
-                )
+                if workflow.patched(_PATCH_QUICK_START):
+                    await self._prepare_beside_warm_up()
+                else:
+                    self._status.avatar = await self._prepare_avatar()
+                    self._enter(Phase.WARMING_UP)
+                    await self._warm_up()
                 await self._open_output()
                 return
             except _SidecarLost as lost:
                 self._after_sidecar_loss(lost.loss)
+
+    async def _prepare_avatar(self) -> AvatarReady:
+        assert self._avatar is not None
+        return await self._on_sidecar(
+            ActivityName.PREPARE_AVATAR,
+            PrepareAvatarInput(call=self._call(), avatar=self._avatar, fetch=self._policy.assets.fetch),
+            AvatarReady,
+            self._policy.activities.prepare_avatar,
+        )
+
+    async def _warm_up(self) -> EngineReady:
+        return await self._on_sidecar(
+            ActivityName.WARM_UP, WarmUpInput(call=self._call()), EngineReady, self._policy.activities.warm_up
+        )
+
+    async def _prepare_beside_warm_up(self) -> None:
+        """Both steps at once (the sidecar orders them on its render lane); the session is warming up once its
+        avatar is ready. The first failure (or a stop) cancels the other step and awaits its end, so nothing
+        still runs on the sidecar when the failure moves on (to teardown or a re-placement)."""
+        preparing = asyncio.create_task(self._prepare_avatar())
+        warming = asyncio.create_task(self._warm_up())
+        try:
+            await workflow.wait_condition(lambda: preparing.done() or _failed(warming))
+            if _failed(warming):
+                warming.result()  # raises warm_up's failure
+            self._status.avatar = preparing.result()
+            self._enter(Phase.WARMING_UP)
+            await warming
+        except BaseException:
+            for task in (preparing, warming):
+                task.cancel()
+            for task in (preparing, warming):
+                with contextlib.suppress(asyncio.CancelledError, _SessionFailed, _SidecarLost, _Stopped):
+                    await task
+            raise
 
     async def _open_output(self) -> None:
         self._enter(Phase.OPENING_OUTPUT)
@@ -702,8 +736,12 @@ class SessionWorkflow:
         *,
         interruptible: bool = True,
         cancellation_type: workflow.ActivityCancellationType = workflow.ActivityCancellationType.TRY_CANCEL,
+        local: bool = False,
     ) -> ResultT:
-        handle = workflow.start_activity(
+        """A control-plane step on the shared queue; `local`: run by this workflow's own worker within the
+        workflow task (for short steps: no task of its own on the queue, no workflow task after it)."""
+        start = workflow.start_local_activity if local else workflow.start_activity
+        handle = start(
             name,
             arg,
             result_type=result_type,
@@ -757,7 +795,8 @@ class SessionWorkflow:
         except asyncio.CancelledError:
             await _cancel_and_wait(handle)
             raise
-        except ActivityError as err:
+        # An ActivityError; a local activity's failure may arrive as its cause alone.
+        except FailureError as err:
             failure = self._classify(name, err, placement)
             if interruptible and isinstance(failure, _SessionFailed) and self._stop_reason is not None:
                 # The step failed in the same moment a stop was accepted: the caller asked the session to
@@ -766,8 +805,8 @@ class SessionWorkflow:
                 raise _Stopped() from err
             raise failure from err
 
-    def _classify(self, name: ActivityName, err: ActivityError, placement: Placement | None) -> Exception:
-        cause = err.cause
+    def _classify(self, name: ActivityName, err: FailureError, placement: Placement | None) -> Exception:
+        cause = err.cause if isinstance(err, ActivityError) else err
         if placement is not None and (
             isinstance(cause, ActivityTimeoutError)
             or (isinstance(cause, ApplicationError) and cause.type in _HOST_GONE_CODES)
@@ -831,8 +870,12 @@ class SessionWorkflow:
 
 async def _cancel_and_wait(handle: workflow.ActivityHandle[Any]) -> None:
     handle.cancel()
-    with contextlib.suppress(ActivityError, asyncio.CancelledError):
+    with contextlib.suppress(FailureError, asyncio.CancelledError):
         await handle
+
+
+def _failed(task: asyncio.Task[Any]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
 
 
 def _timeout_name(error: ActivityTimeoutError) -> str:

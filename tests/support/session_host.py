@@ -101,6 +101,7 @@ class LoopbackSessionHost:
         *,
         probe_timeout_s: float = 2.0,
         prepare_frame_delay_s: float = 0.0,
+        warm_up_error: str = "",
     ) -> None:
         self.sidecar_id = sidecar_id
         self.task_queue = task_queue
@@ -108,6 +109,7 @@ class LoopbackSessionHost:
         self.cache_dir = cache_dir
         self.probe_timeout_s = probe_timeout_s
         self.prepare_frame_delay_s = prepare_frame_delay_s  # lets a test catch a session mid-prepare
+        self.warm_up_error = warm_up_error  # when set, warm_up fails with it (an engine that cannot warm up)
         self.sessions: dict[str, _Session] = {}
         self.torn_down: list[str] = []
         self._warm = False
@@ -159,6 +161,8 @@ class LoopbackSessionHost:
         return session.prepared
 
     async def warm_up(self) -> WarmUpResult:
+        if self.warm_up_error:
+            raise HostError(self.warm_up_error)
         started = time.perf_counter()
         already = self._warm
         self._warm = True

@@ -6,6 +6,7 @@ server); the last test proves that worker still takes a good session live afterw
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from workflows.contracts import (
 pytestmark = pytest.mark.service
 
 MIB = 1024 * 1024
+LOCAL_ACTIVITY_MARKER = "core_local_activity"  # the marker a local activity's end is recorded as
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,8 @@ async def world(temporal_client: Client, tmp_path_factory: pytest.TempPathFactor
 
 
 def _activity_attempts(events: list[HistoryEvent]) -> dict[str, list[int]]:
-    """Activity type -> attempt number of each of its completed/failed executions."""
+    """Activity type -> attempt number of each of its completed/failed executions (local activities included:
+    their marker records the attempt that ended them)."""
     names: dict[int, str] = {}
     attempts: dict[str, list[int]] = {}
     for event in events:
@@ -263,6 +266,9 @@ def _activity_attempts(events: list[HistoryEvent]) -> dict[str, list[int]]:
         elif event.HasField("activity_task_started_event_attributes"):
             started = event.activity_task_started_event_attributes
             attempts.setdefault(names[started.scheduled_event_id], []).append(started.attempt)
+        elif event.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER:
+            data = json.loads(event.marker_recorded_event_attributes.details["data"].payloads[0].data)
+            attempts.setdefault(data["activity_type"], []).append(data["attempt"])
     return attempts
 
 
