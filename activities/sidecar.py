@@ -208,11 +208,31 @@ class SidecarActivities:
     async def open_output(self, request: OpenOutputInput) -> OutputOpened:
         self._check_incarnation(request.call)
         target = await self._output_target(request)
+        fallbacks = await self._fallback_targets(request)
         return await self._connect_output(
             "open_output",
             f"{request.spec.kind} output",
-            lambda: self.host.open_output(request.call.session_id, target),
+            lambda: self.host.open_output(
+                request.call.session_id, target, fallbacks, switch_back_retry_s=request.switch_back_retry_s
+            ),
         )
+
+    async def _fallback_targets(self, request: OpenOutputInput) -> list[OutputTarget]:
+        """Admit the outputs after the opened one now, so the sidecar's own failover needs no round trip.
+        One refused here is left out (logged): the workflow's switch_output reports its error if it comes
+        to it."""
+        targets = []
+        for spec in request.fallbacks:
+            try:
+                targets.append(
+                    await self._output_target(dataclasses.replace(request, spec=spec, record=False))
+                )
+            except ApplicationError as exc:
+                logger.warning(
+                    "fallback output refused; the sidecar will not fail over to it",
+                    extra={"session_id": request.call.session_id, "output": spec.kind, "error": exc.message},
+                )
+        return targets
 
     @activity.defn(name=ActivityName.SWITCH_OUTPUT.value)
     async def switch_output(self, request: SwitchOutputInput) -> OutputOpened:
@@ -266,13 +286,18 @@ class SidecarActivities:
         # clock); heartbeating needs this activity's context, so carry a copy of it.
         activity_context = contextvars.copy_context()
 
+        urgent = asyncio.Event()
+
         def on_stats(stats: SessionStats) -> None:
+            if latest and (latest[0].output, latest[0].fallbacks) != (stats.output, stats.fallbacks):
+                # The output changed (the sidecar failed over or back): the workflow hears it now.
+                urgent.set()
             latest[:] = [stats]
             activity_context.run(activity.heartbeat, dataclasses.asdict(stats))
             reported.set()
 
         reporter = asyncio.create_task(
-            self._report_stats(latest, reported, request.stats_report_interval_s, contact)
+            self._report_stats(latest, reported, urgent, request.stats_report_interval_s, contact)
         )
         limits = RunLimits(
             idle_timeout_s=request.idle_timeout_s,
@@ -526,10 +551,15 @@ class SidecarActivities:
         return OutputTarget(kind.name, target, record_path=record_path)
 
     async def _report_stats(
-        self, latest: list[SessionStats], reported: asyncio.Event, interval_s: float, contact: _Contact
+        self,
+        latest: list[SessionStats],
+        reported: asyncio.Event,
+        urgent: asyncio.Event,
+        interval_s: float,
+        contact: _Contact,
     ) -> None:
-        """Push the latest stats into the workflow (for `status`) at the policy's report cadence; each report
-        that reaches Temporal renews the session's contact lease."""
+        """Push the latest stats into the workflow (for `status`) at the policy's report cadence, and at once
+        when `urgent` is set; each report that reaches Temporal renews the session's contact lease."""
         info = activity.info()
         assert info.workflow_id is not None  # sidecar activities are always started by a workflow
         handle = activity.client().get_workflow_handle(info.workflow_id)
@@ -544,7 +574,9 @@ class SidecarActivities:
                 contact.last_contact_s = time.monotonic()
             except Exception as exc:  # the next report retries; stats are best effort
                 logger.warning("stats report failed", extra={"workflow": info.workflow_id, "error": str(exc)})
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(urgent.wait(), timeout=interval_s)
+            urgent.clear()
 
 
 @contextlib.asynccontextmanager

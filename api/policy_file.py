@@ -39,7 +39,7 @@ SUPPORTED_VERSION = 1
 MAX_STATS_REPORTS_PER_SESSION = 5000
 MIN_FRAME_SIDE_PX = 16  # WebRTC encoders refuse smaller frames
 # Numeric keys that may be zero; every other number must be positive.
-_ZERO_ALLOWED = frozenset({"max_replacements", "max_redirects"})
+_ZERO_ALLOWED = frozenset({"max_replacements", "max_redirects", "switch_back_retry_s"})
 
 
 class PolicyError(LipsyncError, ValueError):

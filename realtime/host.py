@@ -7,7 +7,7 @@ the workflow contracts without importing anything heavy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -81,7 +81,8 @@ class SessionStats:
     """
 
     session_id: str
-    output: str = ""
+    output: str = ""  # the session's publishers by name, the live output first (e.g. "livekit,recording")
+    output_detail: str = ""  # the live output's room or URL (no credentials), as OpenedOutput.detail
     frames_published: int = 0
     speech_frames: int = 0
     idle_frames: int = 0
@@ -132,8 +133,18 @@ class SessionHost(Protocol):
 
     async def warm_up(self) -> WarmUpResult: ...
 
-    async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
-        """Connect the session's output; raises on failure (the workflow applies the fallback policy)."""
+    async def open_output(
+        self,
+        session_id: str,
+        target: OutputTarget,
+        fallbacks: Sequence[OutputTarget] = (),
+        switch_back_retry_s: float = 0.0,
+    ) -> OpenedOutput:
+        """Connect the session's output; raises on failure (the workflow applies the fallback policy).
+
+        While live, the host fails over to `fallbacks` (admitted, in order) on its own when the output dies,
+        and with `switch_back_retry_s` > 0 returns to `target` once it opens again; the stats it reports
+        (`output`, `fallbacks`) say where the session is."""
         ...
 
     async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:

@@ -345,6 +345,12 @@ class OpenOutputInput:
     record: bool
     # The policy's SSRF exemptions for caller-supplied output URLs (outputs.rtmp_allow_networks).
     allow_networks: list[str] = field(default_factory=list)
+    # The offered outputs after `spec` in the policy's fallback order: the sidecar admits them now and fails
+    # over to them itself when the live output dies (no round trip through the workflow).
+    fallbacks: list[OutputSpec] = field(default_factory=list)
+    # While on a fallback, retry `spec` at this interval and switch back once it opens (0: stay on the
+    # fallback).
+    switch_back_retry_s: float = 0.0
 
 
 @dataclass(frozen=True)

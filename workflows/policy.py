@@ -116,6 +116,9 @@ class OutputPolicy:
     # CIDRs an RTMP output URL may point into although private/loopback/link-local (the SSRF guard
     # refuses them otherwise), e.g. an internal RTMP relay. Cloud metadata needs an exact entry.
     rtmp_allow_networks: list[str]
+    # While a session is on a fallback, its sidecar retries the first output at this interval and switches
+    # back once it opens; 0 keeps it on the fallback. (Defaulted: sessions started before the key existed.)
+    switch_back_retry_s: float = 0.0
 
 
 @dataclass(frozen=True)

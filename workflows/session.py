@@ -210,6 +210,29 @@ class SessionWorkflow:
         if isinstance(received, int) and received > self._audio_samples_seen:
             self._audio_samples_seen = received
             self._last_audio_at = now
+        self._follow_sidecar_switch(report.stats)
+
+    def _follow_sidecar_switch(self, stats: dict[str, Any]) -> None:
+        """The sidecar moved a live session's output itself (failover to the next output, or back to the
+        first): status, the output attempts and the search attributes follow what it reports. The live output
+        is the first name of the stats' `output`. Outside LIVE the workflow's own open/switch is in flight and
+        records its outcome itself."""
+        live_output = str(stats.get("output") or "").split(",")[0]
+        if self._status.phase is not Phase.LIVE or not live_output or live_output == self._status.output:
+            return
+        kinds = [spec.kind for spec in self._output_specs()]
+        if live_output not in kinds:
+            return
+        self._output_index = kinds.index(live_output)
+        self._status.output_attempts.append(
+            OutputAttempt(kind=live_output, sidecar_id=self._status.sidecar, ok=True, live_switch=True)
+        )
+        workflow.logger.info(
+            "the sidecar switched the live output", extra={"from": self._status.output, "to": live_output}
+        )
+        self._status.output = live_output
+        self._status.output_detail = str(stats.get("output_detail") or "")
+        self._upsert_search_attributes()
 
     @workflow.query
     def status(self) -> SessionStatus:
@@ -369,7 +392,15 @@ class SessionWorkflow:
                 if live_switch
                 else (
                     ActivityName.OPEN_OUTPUT,
-                    OpenOutputInput(call, spec, request.room, request.output.record, allow_networks),
+                    OpenOutputInput(
+                        call,
+                        spec,
+                        request.room,
+                        request.output.record,
+                        allow_networks,
+                        fallbacks=self._output_specs()[index + 1 :],
+                        switch_back_retry_s=self._policy.outputs.switch_back_retry_s,
+                    ),
                 )
             )
             try:

@@ -3,7 +3,8 @@
 The session runtime keeps publishing to this one object; `switch_to` starts the new output
 first (so a failed switch leaves the old one in place), swaps it in between two ticks, then
 closes the old one. Stats add up across every output the session has used, so the sample
-accounting still holds after a switch, and `switches` makes the change visible.
+accounting still holds after a switch, and `switches` makes the change visible (`switch_backs`:
+those of them that returned to the session's first output once it was reachable again).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class SwitchableOutput:
         self._current = initial
         self._retired = PublisherStats(name="retired")
         self.switches = 0
+        self.switch_backs = 0
         self.history: list[str] = [initial.name]
 
     @property
@@ -48,10 +50,16 @@ class SwitchableOutput:
     def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
         self._current.interrupt(idle_frame)
 
-    async def switch_to(self, replacement: Publisher) -> None:
+    async def switch_to(
+        self, replacement: Publisher, *, started: bool = False, switch_back: bool = False
+    ) -> None:
         """Start `replacement` (raises if it cannot open: the current output stays), then retire the current
-        one."""
-        await replacement.start()
+        one.
+
+        started: the caller started it already (a standby connected while the current output was down).
+        switch_back: it is the session's first output again, counted apart from fallbacks."""
+        if not started:
+            await replacement.start()
         old, self._current = self._current, replacement
         try:
             await old.close()
@@ -70,9 +78,16 @@ class SwitchableOutput:
         ):
             setattr(self._retired, counter, getattr(self._retired, counter) + getattr(final, counter))
         self.switches += 1
+        self.switch_backs += int(switch_back)
         self.history.append(replacement.name)
         logger.info(
-            "output switched", extra={"from": old.name, "to": replacement.name, "switches": self.switches}
+            "output switched",
+            extra={
+                "from": old.name,
+                "to": replacement.name,
+                "switches": self.switches,
+                "switch_back": switch_back,
+            },
         )
 
     async def close(self) -> None:
@@ -91,5 +106,9 @@ class SwitchableOutput:
             + current.playout_samples_published,
             reconnects=self._retired.reconnects + current.reconnects,
             last_error=current.last_error,
-            extra={**current.extra, "switches": float(self.switches)},
+            extra={
+                **current.extra,
+                "switches": float(self.switches),
+                "switch_backs": float(self.switch_backs),
+            },
         )

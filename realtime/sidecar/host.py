@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from realtime.sidecar.errors import (
     SessionNotPrepared,
     UnknownSession,
 )
+from realtime.sidecar.failover import FailoverPlan, OutputWatch
 from realtime.sidecar.render_lane import BACKGROUND_DEADLINE_S, RenderLane
 from realtime.sidecar.runtime import SessionRuntime
 
@@ -68,6 +69,9 @@ class HostedSession:
     audio_clients: int = 0  # WS connections + agent streams open now
     had_audio_client: bool = False
     output_down_since_s: float | None = None
+    failover: FailoverPlan | None = None  # the live output's admitted fallbacks (realtime.sidecar.failover)
+    watch: asyncio.Task[None] | None = None  # the OutputWatch that fails the live output over
+    end_detail: str = ""  # why the session ended, when its end reason alone does not say
 
 
 class SidecarHost:
@@ -172,9 +176,19 @@ class SidecarHost:
                 already_warm=already,
             )
 
-    async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+    async def open_output(
+        self,
+        session_id: str,
+        target: OutputTarget,
+        fallbacks: Sequence[OutputTarget] = (),
+        switch_back_retry_s: float = 0.0,
+    ) -> OpenedOutput:
         """Open the live output (any registered kind) and, with `target.record_path`, an MP4 recording beside
-        it."""
+        it.
+
+        fallbacks: the admitted outputs that follow it in the session's fallback order; the sidecar fails over
+        to them itself (realtime.sidecar.failover) and, with `switch_back_retry_s` > 0, returns to `target`
+        once it opens again."""
         session = self._session(session_id)
         if session.avatar is None or session.prepared is None:
             raise SessionNotPrepared(
@@ -188,8 +202,41 @@ class SidecarHost:
             publishers.append(RecordingOutput(target.record_path, width_px, height_px))
         await self.start_publishing(session_id, publishers, opened)
         session.live_output = live
+        session.failover = FailoverPlan(
+            [OutputTarget(target.kind, target.target), *fallbacks], switch_back_retry_s=switch_back_retry_s
+        )
         self._attach_agent_bridge(session, publisher)
+        self._watch_output(session)
         return opened
+
+    def _watch_output(self, session: HostedSession) -> None:
+        """(Re)start the session's OutputWatch: it ends the session `output_failed` when no fallback opens."""
+        if session.live_output is None or session.failover is None:
+            return
+        if session.watch is not None and not session.watch.done():
+            return
+        session_id = session.session_id
+
+        def make_publisher(target: OutputTarget) -> tuple[Publisher, OpenedOutput]:
+            assert session.prepared is not None
+            return self._make_publisher(session_id, target, session.prepared)
+
+        def failed(detail: str) -> None:
+            session.end_detail = detail
+            session.stop_reason = session.stop_reason or SessionEndReason.OUTPUT_FAILED
+            session.stop_event.set()
+
+        watch = OutputWatch(
+            session_id,
+            session.live_output,
+            session.failover,
+            make_publisher,
+            down_timeout_s=lambda: self.config.output_down_timeout_s,
+            stopping=lambda: session.stop_reason is not None or self.sessions.get(session_id) is not session,
+            on_switched=lambda publisher, opened: self._switched(session, publisher, opened),
+            on_failed=failed,
+        )
+        session.watch = asyncio.get_running_loop().create_task(watch.run(), name=f"output-watch-{session_id}")
 
     async def switch_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
         """Move a live session to another output without restarting it: the clock, the audio
@@ -203,22 +250,34 @@ class SidecarHost:
         publisher, opened = self._make_publisher(session_id, target, session.prepared)
         # Raises when the new output cannot open: the session stays on its output, agent bridge included.
         await session.live_output.switch_to(publisher)
+        await self._switched(session, publisher, opened)
+        session.output_down_since_s = None
+        if session.failover is not None:
+            plan = session.failover
+            kinds = [t.kind for t in plan.targets]
+            if target.kind in kinds:
+                plan.current = kinds.index(target.kind)
+                plan.targets[plan.current] = OutputTarget(target.kind, target.target)
+        if session.stop_reason is SessionEndReason.OUTPUT_FAILED:
+            # The run that ended because the old output failed is over; the next run_session serves the new
+            # one.
+            session.stop_reason = None
+            session.end_detail = ""
+            session.stop_event.clear()
+            self._watch_output(session)
+        logger.info("session output switched", extra={"session_id": session_id, "output": opened.detail})
+        return opened
+
+    async def _switched(self, session: HostedSession, publisher: Publisher, opened: OpenedOutput) -> None:
+        """The live output is now `publisher`: an agent bridge follows it to its room."""
         if session.bridge is not None:
             bridge, session.bridge = session.bridge, None
             try:
                 await bridge.close()  # the agent's room was the old output's
             except Exception:
-                logger.exception("closing the agent bridge failed", extra={"session_id": session_id})
+                logger.exception("closing the agent bridge failed", extra={"session_id": session.session_id})
         session.output = opened
-        session.output_down_since_s = None
-        if session.stop_reason is SessionEndReason.OUTPUT_FAILED:
-            # The run that ended because the old output failed is over; the next run_session serves the new
-            # one.
-            session.stop_reason = None
-            session.stop_event.clear()
         self._attach_agent_bridge(session, publisher)
-        logger.info("session output switched", extra={"session_id": session_id, "output": opened.detail})
-        return opened
 
     def _attach_agent_bridge(self, session: HostedSession, publisher: Publisher) -> None:
         if isinstance(publisher, AgentRoomPublisher) and session.runtime is not None:
@@ -291,20 +350,31 @@ class SidecarHost:
             raise SessionNotPrepared(f"session {session_id} has no open output: call open_output first")
         started_s = time.monotonic()
         next_stats_s = started_s
+        switches_seen = session.live_output.switches if session.live_output is not None else 0
         while True:
             now = time.monotonic()
             reason = session.stop_reason or self._end_reason(session, runtime, limits, started_s, now)
             if reason is not None:
                 session.stop_reason = reason
-                stats = runtime.stats()
+                stats = self._stats(session, runtime)
                 on_stats(stats)
                 logger.info("session ends", extra={"session_id": session_id, "reason": str(reason)})
-                return SessionEnd(reason=reason, stats=stats, detail=runtime.task_failure or "")
-            if now >= next_stats_s:
-                on_stats(runtime.stats())
+                return SessionEnd(
+                    reason=reason, stats=stats, detail=runtime.task_failure or session.end_detail
+                )
+            live = session.live_output
+            if now >= next_stats_s or (live is not None and live.switches != switches_seen):
+                # A switch (the sidecar's own failover) is reported at once: the workflow's status follows it.
+                switches_seen = live.switches if live is not None else 0
+                on_stats(self._stats(session, runtime))
                 next_stats_s = now + limits.stats_interval_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.stop_event.wait(), timeout=min(0.25, limits.stats_interval_s))
+
+    def _stats(self, session: HostedSession, runtime: SessionRuntime) -> SessionStats:
+        stats = runtime.stats()
+        stats.output_detail = session.output.detail if session.output is not None else ""
+        return stats
 
     def _end_reason(
         self, session: HostedSession, runtime: SessionRuntime, limits: RunLimits, started_s: float, now: float
@@ -315,7 +385,11 @@ class SidecarHost:
             return SessionEndReason.RUNTIME_FAILED
         if now - started_s >= limits.max_duration_s:
             return SessionEndReason.MAX_DURATION
-        publisher_stats = [p.stats() for p in session.publishers]
+        # The live output's failure is its OutputWatch's to handle (fail over, or end the session).
+        watched = session.watch is not None
+        publisher_stats = [
+            p.stats() for p in session.publishers if not (watched and p is session.live_output)
+        ]
         if any(ps.extra.get("final_disconnect") for ps in publisher_stats):
             # Removed from the room / room closed: it will not come back, so waiting out the timeout only
             # delays the workflow's fallback (or the end of the session).
@@ -346,6 +420,10 @@ class SidecarHost:
             return
         session.stop_reason = session.stop_reason or SessionEndReason.STOPPED
         session.stop_event.set()
+        if session.watch is not None:
+            session.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session.watch
         # Each step is guarded: one failing must not leave the publishers (a LiveKit participant) connected.
         if session.bridge is not None:
             try:

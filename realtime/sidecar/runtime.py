@@ -742,7 +742,13 @@ class SessionRuntime:
             av_offset_ms=next(
                 (ps.extra["av_offset_ms"] for ps in publisher_stats if "av_offset_ms" in ps.extra), None
             ),
-            fallbacks=int(sum(ps.extra.get("switches", 0.0) for ps in publisher_stats)),
+            # Switches away from a failed output; a return to the first output is counted as `*_switch_backs`.
+            fallbacks=int(
+                sum(
+                    ps.extra.get("switches", 0.0) - ps.extra.get("switch_backs", 0.0)
+                    for ps in publisher_stats
+                )
+            ),
             extra=extra,
         )
 

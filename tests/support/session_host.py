@@ -15,8 +15,8 @@ What it really does (so the workflow has something true to observe):
 - runs the session on a wall clock: stats grow at 25 idle frames/s, reported every stats
   interval; ends on stop, idle timeout (no audio ever arrives here), max duration, or
   `output_failed` once a test calls `lose_output` (its live output went away);
-- switches a live session's output (probing the new one for real), which makes a session
-  whose run ended `output_failed` runnable again;
+- switches a live session's output when the workflow asks (probing the new one for real), which
+  makes a session whose run ended `output_failed` runnable again; it never fails over on its own;
 - tears down idempotently.
 It renders no pixels and publishes no media.
 """
@@ -30,7 +30,7 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -173,7 +173,16 @@ class LoopbackSessionHost:
             already_warm=already,
         )
 
-    async def open_output(self, session_id: str, target: OutputTarget) -> OpenedOutput:
+    async def open_output(
+        self,
+        session_id: str,
+        target: OutputTarget,
+        fallbacks: Sequence[OutputTarget] = (),
+        switch_back_retry_s: float = 0.0,
+    ) -> OpenedOutput:
+        # No failover of its own (the real sidecar's is tested in tests/workflows/test_livekit_failover):
+        # a lost output ends the run `output_failed`, which exercises the workflow's switch_output backstop.
+        del fallbacks, switch_back_retry_s
         session = self._session(session_id)
         if session.prepared is None:
             raise HostError(f"session {session_id} has no prepared avatar")
