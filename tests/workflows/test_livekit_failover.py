@@ -4,8 +4,10 @@ A real sidecar process (`lipsync sidecar`, CPU preview engine) publishes to its 
 livekit-server (this test's, so killing it harms no other test) on the real Temporal dev
 server; the request names LiveKit and RTMP (nginx-rtmp), the policy's order. livekit-server
 is SIGKILLed: the publisher sees its connection break at once (the SDK's `reconnecting`), the
-run ends `output_failed` after the sidecar's short output-down timeout, and switch_output
-moves the session to RTMP under the same session clock.
+sidecar starts the admitted RTMP output as a standby at that moment and moves the session to it
+after its short output-down timeout, under the same session clock, with no round trip through
+the workflow; the workflow's status follows from the stats report the switch sends at once.
+With the policy's switch back on, livekit-server started again brings the session back to it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from infra.process import ManagedProcess
 from infra.rtmp import RtmpServerConfig
 from infra.temporal import TemporalDevServerConfig
 from realtime.outputs.registry import LiveKitParams, RtmpTarget
+from tests.support.avcheck import RoomRecorder, token
 from tests.support.outputs import output_request
 from tests.support.sidecar_process import SidecarProcesses
 from tests.support.temporal_harness import Harness, fast_policy, wait_for_status
@@ -181,3 +184,65 @@ async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
         assert result.end_reason is EndReason.STOPPED and result.output == "livekit"
     finally:
         nginx.stop()
+
+
+async def test_after_livekit_returns_the_session_switches_back_to_it(
+    *,
+    world: Harness,
+    sidecars: SidecarProcesses,
+    own_livekit: tuple[livekit.LiveKitServerConfig, ManagedProcess],
+    rtmp_server: RtmpServerConfig,
+    avatar_url: str,
+    tmp_path: Path,
+) -> None:
+    """Policy `outputs.switch_back_retry_s`: livekit-server dies (the session fails over to RTMP), comes back on
+    the same port, and the sidecar, retrying it in the background, moves the session back; a real subscriber
+    then receives frames of the same session clock."""
+    lk_config, lk_process = own_livekit
+    sidecar_id = await sidecars.spawn("a")
+    request = world.request(
+        avatar_url,
+        output_request(
+            livekit=LiveKitParams(url=lk_config.ws_url, identity="lipsync-avatar-switch-back"),
+            rtmp=RtmpTarget(url=rtmp_server.publish_url(f"switch-back-{world.suffix}")),
+        ),
+    )
+    handle = await world.start(request, fast_policy(outputs__switch_back_retry_s=1.0))
+    await wait_for_status(
+        handle, lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0
+    )
+    assert lk_process.pid is not None
+    os.killpg(lk_process.pid, signal.SIGKILL)
+    on_rtmp = await wait_for_status(
+        handle, lambda s: s.output == "rtmp" and str(s.stats.get("output", "")).startswith("rtmp"), timeout_s=30
+    )
+    frame_on_rtmp = int(on_rtmp.stats["frames_published"])
+
+    restarted = livekit.server_process(lk_config, tmp_path / "livekit-again")  # same ports, a fresh server
+    restarted.start()
+    recorder = RoomRecorder(mouth_box=(0, 0, 8, 8))
+    try:
+        back = await wait_for_status(
+            handle,
+            lambda s: (
+                s.phase is Phase.LIVE and s.output == "livekit" and str(s.stats.get("output", "")).startswith("livekit")
+            ),
+            timeout_s=30,
+        )
+        await recorder.connect(lk_config.ws_url, token(lk_config, f"viewer-{world.suffix}", request.room))
+        # Frames of the session clock after the switch to RTMP: the clock went on, and the viewer sees it.
+        await recorder.wait_for(lambda: sum(f.frame_id > frame_on_rtmp for f in recorder.frames) >= 25, timeout_s=20)
+        assert back.sidecar == sidecar_id and back.replacements == 0 and back.sidecar_losses == []
+        assert [(a.kind, a.ok, a.live_switch) for a in back.output_attempts] == [
+            ("livekit", True, False),
+            ("rtmp", True, True),
+            ("livekit", True, True),
+        ]
+        # One fallback, one switch back: counted apart.
+        assert back.stats["fallbacks"] == 1 and back.stats["extra"]["livekit_switch_backs"] == 1.0, back.stats
+        await stop_session(world.client, request.session_id)
+        result = await handle.result()
+        assert result.end_reason is EndReason.STOPPED and result.output == "livekit"
+    finally:
+        await recorder.close()
+        restarted.stop()
