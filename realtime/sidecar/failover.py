@@ -15,7 +15,8 @@ Rules:
   the switch sends at once.
 - With a switch-back interval, while the session is on a later output its first output is tried again
   (a fresh connection) at that interval; once it opens the session moves back to it, counted as a
-  `switch_back` rather than a fallback. A first output removed on purpose is not tried again.
+  `switch_back` rather than a fallback. A first output removed on purpose is not tried again. Switch back
+  allowed, a fallback that dies tries the outputs before it too, once those after it failed.
 """
 
 from __future__ import annotations
@@ -121,10 +122,19 @@ class OutputWatch:
         plan = self.plan
         return plan.current > 0 and plan.switch_back_retry_s > 0 and not plan.first_removed
 
+    def _candidates(self) -> list[int]:
+        """The outputs after the live one in fallback order; with switch back allowed, then the ones before it
+        (a fallback dying while the first output is back need not wait for the next switch-back retry)."""
+        plan = self.plan
+        later = list(range(plan.current + 1, len(plan.targets)))
+        if plan.switch_back_retry_s <= 0:
+            return later
+        return later + [index for index in range(plan.current) if not (index == 0 and plan.first_removed)]
+
     async def _start_next(self) -> tuple[int, Publisher, OpenedOutput] | None:
-        """Start the first of the outputs after the live one that opens; None when none does."""
+        """Start the first candidate output that opens; None when none does."""
         self.plan.failures = []
-        for index in range(self.plan.current + 1, len(self.plan.targets)):
+        for index in self._candidates():
             target = self.plan.targets[index]
             publisher: Publisher | None = None
             try:

@@ -160,3 +160,19 @@ async def test_without_switch_back_the_session_stays_on_its_fallback(world: Worl
     assert [o.name for o in world.made] == ["rtmp"] and world.live.name == "rtmp"
     world.stopping = True
     await asyncio.wait_for(task, 2)
+
+
+async def test_a_dying_fallback_returns_to_the_first_output_when_switch_back_is_allowed() -> None:
+    world = World(refuse=frozenset({"livekit"}), switch_back_retry_s=60.0)  # no retry due during the test
+    await world.first.start()
+    task = asyncio.create_task(world.watch().run())
+    world.first.drop()
+    await wait_until(lambda: world.switched == ["rtmp"])
+    world.refuse.clear()  # livekit-server is back; then the RTMP ingest dies
+    fallback = world.live.current
+    assert isinstance(fallback, Output)
+    fallback.drop()
+    await wait_until(lambda: world.switched == ["rtmp", "livekit"])
+    assert world.live.name == "livekit" and world.plan.current == 0 and world.failed == []
+    world.stopping = True
+    await asyncio.wait_for(task, 2)
