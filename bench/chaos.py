@@ -6,7 +6,11 @@
 Deployment (bench.api's: the embedded stack — Temporal dev server on its database file,
 livekit-server, nginx-rtmp — one `lipsync worker`, `--sidecars` × `lipsync sidecar` with the
 preview engine, one `lipsync api`, all separate processes on free ports). Sessions are created
-through the API with LiveKit first and RTMP as the policy's fallback.
+through the API with LiveKit first and RTMP as the policy's fallback (switch back on, the policy's
+default). Every session speaks all along: a client per session streams espeak-ng speech through
+the API's audio WebSocket in real time (an utterance, a pause, the next), reconnecting with a fresh
+`audio_ws_url` whenever its socket closes (API or sidecar killed); the utterances that played out
+are counted per session.
 
 Faults, one at a time, in an order drawn from `--seed` (recorded in the JSON):
 - `temporal`: the Temporal server stopped for 8-20 s and started again on the same database;
@@ -14,8 +18,11 @@ Faults, one at a time, in an order drawn from `--seed` (recorded in the JSON):
 - `api`: the API process SIGKILLed and restarted;
 - `sidecar_kill`: a sidecar SIGKILLed (its sessions are re-placed: `replace_s`), then restarted;
 - `sidecar_pause`: a sidecar SIGSTOPped for 2-6 s (under the heartbeat timeout) and SIGCONTed;
-- `livekit`: livekit-server SIGKILLed (sessions fail over to RTMP: `failover_s`), restarted, and the
-  sessions replaced by fresh ones on LiveKit (stop, then start) so the next such fault measures again.
+- `livekit`: livekit-server SIGKILLed (sessions fail over to RTMP: `failover_s`, from the kill until the
+  workflow's status shows the session on RTMP), restarted on the same ports (sessions switch back to
+  LiveKit: `switch_back_s`, from the restart);
+- `rtmp`: nginx-rtmp SIGKILLed while the sessions are on LiveKit with RTMP as their admitted fallback,
+  restarted 2-5 s later (the sessions must not notice).
 
 After each fault every session must be live again with fresh stats within `--recover-s`;
 a session that ended or never recovered counts in `sessions_lost_unexpectedly`. At the end every
@@ -52,8 +59,33 @@ from workflows.temporal_client import connect_client
 
 logger = logging.getLogger("bench.chaos")
 
-FAULT_KINDS = ("temporal", "worker", "api", "sidecar_kill", "sidecar_pause", "livekit")
+FAULT_KINDS = ("temporal", "worker", "api", "sidecar_kill", "sidecar_pause", "livekit", "rtmp")
 POLL_S = 0.25
+SPEECH_TEXT = "The quick brown fox jumps over the lazy dog, while the avatar keeps talking through the chaos."
+SPEECH_RATE_HZ = 16_000
+CHUNK_S = 0.1  # the client sends 100 ms of PCM per message, paced in real time
+PAUSE_S = 1.0  # silence between two utterances
+
+
+def speech_pcm(directory: Path) -> bytes:
+    """espeak-ng speech as 16 kHz s16le mono (the audio WebSocket's default format)."""
+    import shutil
+    import subprocess
+
+    import av
+
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng): the sessions need speech")
+    wav = directory / "speech.wav"
+    subprocess.run([espeak, "-w", str(wav), SPEECH_TEXT], check=True, capture_output=True, timeout=60)
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SPEECH_RATE_HZ)
+    chunks: list[bytes] = []
+    with av.open(str(wav)) as container:
+        for frame in container.decode(audio=0):
+            chunks.extend(bytes(out.to_ndarray().tobytes()) for out in resampler.resample(frame))
+        chunks.extend(bytes(out.to_ndarray().tobytes()) for out in resampler.resample(None))
+    return b"".join(chunks)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -115,9 +147,14 @@ class Chaos:
         self.lost: list[dict[str, Any]] = []
         self.failover_s: list[float] = []
         self.replace_s: list[float] = []
+        self.switch_back_s: list[float] = []
         self.faults: list[dict[str, Any]] = []
         self.avatar_url = ""
         self.rtmp_url = ""
+        self.speech = b""
+        self.speakers: dict[str, asyncio.Task[None]] = {}
+        self.utterances: dict[str, int] = {}  # session -> utterances that played out (playback_finished)
+        self.audio_reconnects: dict[str, int] = {}
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -150,9 +187,62 @@ class Chaos:
                 response.raise_for_status()
                 created.append(response.json()["session_id"])
         self.sessions = created
+        for session_id in created:
+            self.speakers[session_id] = asyncio.create_task(self.speak(session_id))
         await self.wait_all(lambda s: s.phase.value == "live" and s.output == "livekit", since=None)
 
+    async def speak(self, session_id: str) -> None:
+        """Stream speech into the session until it is stopped, through the API's relay; reconnect on any close."""
+        import httpx
+        import websockets
+
+        chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
+        connects = 0
+        while True:
+            try:
+                async with httpx.AsyncClient(
+                    base_url=self.deployment.api_url, headers={"X-API-Key": self.deployment.api_key}, timeout=10
+                ) as http:
+                    response = await http.get(f"/v1/sessions/{session_id}")
+                    response.raise_for_status()
+                    session = response.json()
+                if session["phase"] in ("completed", "failed", "cancelled"):
+                    return
+                async with websockets.connect(session["audio_ws_url"], open_timeout=30) as ws:
+                    connects += 1
+                    self.audio_reconnects[session_id] = connects - 1
+                    while json.loads(await ws.recv()).get("type") != "ready":
+                        pass
+
+                    async def listen() -> None:
+                        async for message in ws:
+                            if isinstance(message, str) and json.loads(message).get("type") == "playback_finished":
+                                self.utterances[session_id] = self.utterances.get(session_id, 0) + 1
+
+                    listener = asyncio.create_task(listen())
+                    try:
+                        while not listener.done():
+                            for offset in range(0, len(self.speech), chunk_bytes):
+                                await ws.send(self.speech[offset : offset + chunk_bytes])
+                                await asyncio.sleep(CHUNK_S)
+                            await ws.send(json.dumps({"type": "end_of_utterance"}))
+                            await asyncio.sleep(PAUSE_S)
+                    finally:
+                        listener.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the API, the sidecar or the session went away: the client comes back
+                logger.debug("speech client of %s reconnects: %r", session_id, exc)
+            await asyncio.sleep(1.0)
+
+    async def stop_speakers(self) -> None:
+        for task in self.speakers.values():
+            task.cancel()
+        await asyncio.gather(*self.speakers.values(), return_exceptions=True)
+        self.speakers.clear()
+
     async def stop_sessions(self) -> list[str]:
+        await self.stop_speakers()
         for session_id in self.sessions:
             await stop_session(self.temporal, session_id, "bench.chaos")
         ends = []
@@ -237,25 +327,40 @@ class Chaos:
         elif kind == "livekit":
             killed = time.monotonic()
             os.killpg(deployment.stack_pid("livekit"), signal.SIGKILL)
-            pending = set(self.sessions)
-            while pending and time.monotonic() < killed + self.recover_s:
-                for session_id in list(pending):
-                    status = await self.status(session_id)
-                    if status.output == "rtmp" and status.phase.value == "live":
-                        self.failover_s.append(time.monotonic() - killed)
-                        pending.discard(session_id)
-                await asyncio.sleep(POLL_S)
+            record["failover_s"] = await self.wait_for_output("rtmp", killed, self.failover_s)
+            restarted = time.monotonic()
             await asyncio.to_thread(deployment.restart_stack_service, "livekit")
-            record["stopped_after_failover"] = await self.stop_sessions()
-            await self.start_sessions()
+            record["switch_back_s"] = await self.wait_for_output("livekit", restarted, self.switch_back_s)
+        elif kind == "rtmp":
+            down_s = self.rng.uniform(2.0, 5.0)
+            os.killpg(deployment.stack_pid("nginx-rtmp"), signal.SIGKILL)
+            await asyncio.sleep(down_s)
+            await asyncio.to_thread(deployment.restart_stack_service, "nginx-rtmp")
+            record["down_s"] = round(down_s, 1)
+            record["left_livekit"] = [s for s in self.sessions if (await self.status(s)).output != "livekit"]
         return record
 
-    async def run(self, faults: int) -> None:
+    async def wait_for_output(self, output: str, since: float, times_s: list[float]) -> list[float]:
+        """Poll until every session is live on `output`; each one's time since `since` goes to `times_s`."""
+        pending = set(self.sessions)
+        measured: list[float] = []
+        while pending and time.monotonic() < since + self.recover_s:
+            polled = list(pending)
+            statuses = await asyncio.gather(*(self.status(session_id) for session_id in polled))  # one round
+            for session_id, status in zip(polled, statuses, strict=True):
+                if status.output == output and status.phase.value == "live":
+                    measured.append(round(time.monotonic() - since, 2))
+                    pending.discard(session_id)
+            await asyncio.sleep(POLL_S)
+        times_s.extend(measured)
+        return measured
+
+    async def run(self, faults: int, kinds: tuple[str, ...]) -> None:
         self.temporal = await self.client()
         await self.start_sessions()
         order: list[str] = []
         while len(order) < faults:
-            round_kinds = list(FAULT_KINDS)
+            round_kinds = list(kinds)
             self.rng.shuffle(round_kinds)
             order.extend(round_kinds)
         for kind in order[:faults]:
@@ -309,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recover-s", type=float, default=120.0)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--kinds", default=",".join(FAULT_KINDS), help=f"comma-separated fault kinds to draw from (all: {FAULT_KINDS})"
+    )
     args = parser.parse_args(argv)
+    kinds = tuple(kind for kind in args.kinds.split(",") if kind)
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown or not kinds:
+        parser.error(f"--kinds: unknown fault kinds {unknown}; choose from {FAULT_KINDS}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "infra.process", "temporalio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -331,10 +443,11 @@ def main(argv: list[str] | None = None) -> int:
             with serve_directory(assets) as assets_url:
                 chaos.avatar_url = f"{assets_url}/astronaut.zip"
                 chaos.rtmp_url = f"rtmp://127.0.0.1:{deployment.ports.rtmp}/live"
+                chaos.speech = speech_pcm(work_dir)
 
                 async def body() -> None:
                     nonlocal ends, leak
-                    await chaos.run(args.faults)
+                    await chaos.run(args.faults, kinds)
                     ends = await chaos.stop_sessions()
                     await asyncio.sleep(3.0)  # teardown and release land
                     leak = await leaks(deployment, chaos.temporal)
@@ -355,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         "failover_s_max": round(max(chaos.failover_s), 2) if chaos.failover_s else None,
         "replace_s_p50": _pct(chaos.replace_s, 50),
         "replace_s_max": round(max(chaos.replace_s), 2) if chaos.replace_s else None,
+        "switch_back_s_p50": _pct(chaos.switch_back_s, 50),
+        "switch_back_s_max": round(max(chaos.switch_back_s), 2) if chaos.switch_back_s else None,
+        "utterances_played": sum(chaos.utterances.values()),
+        "sessions_that_spoke": sum(1 for count in chaos.utterances.values() if count),
+        "audio_reconnects": sum(chaos.audio_reconnects.values()),
+        "rtmp_faults_disturbing_livekit": sum(1 for f in chaos.faults if f["kind"] == "rtmp" and f.get("left_livekit")),
         "temporal_outage_s_max_survived": max(
             (f["outage_s"] for f in chaos.faults if f["kind"] == "temporal" and not f["unrecovered"]),
             default=None,
@@ -372,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             "slots_per_sidecar": args.slots,
             "seed": seed,
             "outputs": "livekit first, rtmp fallback (local livekit-server --dev, nginx-rtmp)",
-            "speech": "none: sessions idle (the preview engine renders idle frames)",
-            "fault_kinds": list(FAULT_KINDS),
+            "speech": f"every session, espeak-ng {SPEECH_TEXT!r} in a loop, {PAUSE_S:g} s pauses, via the API relay",
+            "fault_kinds": list(kinds),
             "notes": args.notes,
         },
         "summary": summary,
@@ -385,13 +504,17 @@ def main(argv: list[str] | None = None) -> int:
                 "final_ends": ends,
                 "failover_s": [round(v, 2) for v in chaos.failover_s],
                 "replace_s": [round(v, 2) for v in chaos.replace_s],
+                "switch_back_s": [round(v, 2) for v in chaos.switch_back_s],
+                "utterances": chaos.utterances,
+                "audio_reconnects": chaos.audio_reconnects,
             }
         ],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
-    return 0 if summary["sessions_lost_unexpectedly"] == 0 and summary["leaks"] == 0 else 1
+    healthy = summary["sessions_lost_unexpectedly"] == 0 and summary["leaks"] == 0
+    return 0 if healthy and summary["rtmp_faults_disturbing_livekit"] == 0 else 1
 
 
 if __name__ == "__main__":
