@@ -38,15 +38,19 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
+import websockets
 
 from bench.api import Deployment
 from bench.machine import cpu_name
@@ -69,11 +73,6 @@ PAUSE_S = 1.0  # silence between two utterances
 
 def speech_pcm(directory: Path) -> bytes:
     """espeak-ng speech as 16 kHz s16le mono (the audio WebSocket's default format)."""
-    import shutil
-    import subprocess
-
-    import av
-
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         raise SystemExit("espeak-ng is not installed (apt-get install espeak-ng): the sessions need speech")
@@ -103,21 +102,13 @@ class ChaosDeployment(Deployment):
         self.extra_processes: list[Any] = []
 
     def env(self) -> dict[str, str]:
+        """bench.api's environment (keys, sidecar secret and URLs) with the chaos run's policies."""
+        base = super().env()
         policies = demo_policies(
             self.work_dir,
             {"session.idle_timeout_s": 3600.0, "session.max_duration_s": 7200.0},
         )
-        return {
-            **stack.service_env(self.ports),
-            "LIPSYNC_API_KEYS": self.api_key,
-            "LIPSYNC_SIDECAR_URLS": ",".join(
-                f"{sid}=http://127.0.0.1:{port}" for sid, port in self.sidecar_ports.items()
-            ),
-            "LIPSYNC_POLICIES": str(policies),
-            "LIPSYNC_PUBLIC_BASE_URL": self.api_url,
-            "LIPSYNC_TRACE_EXPORTER": "none",
-            "PYTHONUNBUFFERED": "1",
-        }
+        return {**base, "LIPSYNC_POLICIES": str(policies)}
 
     def process(self, name: str) -> Any:
         return next(process for process in self.processes if process.name == name)
@@ -193,9 +184,6 @@ class Chaos:
 
     async def speak(self, session_id: str) -> None:
         """Stream speech into the session until it is stopped, through the API's relay; reconnect on any close."""
-        import httpx
-        import websockets
-
         chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
         connects = 0
         while True:
