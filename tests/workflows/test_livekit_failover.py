@@ -138,6 +138,13 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     await stop_session(world.client, request.session_id)
     result = await handle.result()
     assert result.end_reason is EndReason.STOPPED and result.output == "rtmp"
+    # The sidecar switched on its own: no run ended output_failed and no switch_output went through Temporal.
+    scheduled = [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in (await handle.fetch_history()).events
+        if event.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert "switch_output" not in scheduled and scheduled.count("run_session") == 1, scheduled
 
 
 async def test_a_dead_rtmp_ingest_fails_over_to_livekit_within_seconds(
