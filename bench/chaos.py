@@ -183,13 +183,16 @@ class Chaos:
         await self.wait_all(lambda s: s.phase.value == "live" and s.output == "livekit", since=None)
 
     async def speak(self, session_id: str) -> None:
-        """Stream speech into the session until it is stopped, through the API's relay; reconnect on any close."""
+        """Stream speech into the session until it is stopped, through the API's relay; reconnect on any
+        close."""
         chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
         connects = 0
         while True:
             try:
                 async with httpx.AsyncClient(
-                    base_url=self.deployment.api_url, headers={"X-API-Key": self.deployment.api_key}, timeout=10
+                    base_url=self.deployment.api_url,
+                    headers={"X-API-Key": self.deployment.api_key},
+                    timeout=10,
                 ) as http:
                     response = await http.get(f"/v1/sessions/{session_id}")
                     response.raise_for_status()
@@ -204,7 +207,10 @@ class Chaos:
 
                     async def listen() -> None:
                         async for message in ws:
-                            if isinstance(message, str) and json.loads(message).get("type") == "playback_finished":
+                            if (
+                                isinstance(message, str)
+                                and json.loads(message).get("type") == "playback_finished"
+                            ):
                                 self.utterances[session_id] = self.utterances.get(session_id, 0) + 1
 
                     listener = asyncio.create_task(listen())
@@ -403,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     parser.add_argument(
-        "--kinds", default=",".join(FAULT_KINDS), help=f"comma-separated fault kinds to draw from (all: {FAULT_KINDS})"
+        "--kinds",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated fault kinds to draw from (all: {FAULT_KINDS})",
     )
     args = parser.parse_args(argv)
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
@@ -461,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         "utterances_played": sum(chaos.utterances.values()),
         "sessions_that_spoke": sum(1 for count in chaos.utterances.values() if count),
         "audio_reconnects": sum(chaos.audio_reconnects.values()),
-        "rtmp_faults_disturbing_livekit": sum(1 for f in chaos.faults if f["kind"] == "rtmp" and f.get("left_livekit")),
+        "rtmp_faults_disturbing_livekit": sum(
+            1 for f in chaos.faults if f["kind"] == "rtmp" and f.get("left_livekit")
+        ),
         "temporal_outage_s_max_survived": max(
             (f["outage_s"] for f in chaos.faults if f["kind"] == "temporal" and not f["unrecovered"]),
             default=None,
@@ -479,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             "slots_per_sidecar": args.slots,
             "seed": seed,
             "outputs": "livekit first, rtmp fallback (local livekit-server --dev, nginx-rtmp)",
-            "speech": f"every session, espeak-ng {SPEECH_TEXT!r} in a loop, {PAUSE_S:g} s pauses, via the API relay",
+            "speech": (
+                f"every session, espeak-ng {SPEECH_TEXT!r} in a loop, {PAUSE_S:g} s pauses, via the API relay"
+            ),
             "fault_kinds": list(kinds),
             "notes": args.notes,
         },

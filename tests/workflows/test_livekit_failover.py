@@ -202,9 +202,9 @@ async def test_after_livekit_returns_the_session_switches_back_to_it(
     avatar_url: str,
     tmp_path: Path,
 ) -> None:
-    """Policy `outputs.switch_back_retry_s`: livekit-server dies (the session fails over to RTMP), comes back on
-    the same port, and the sidecar, retrying it in the background, moves the session back; a real subscriber
-    then receives frames of the same session clock."""
+    """Policy `outputs.switch_back_retry_s`: livekit-server dies (the session fails over to RTMP), comes back
+    on the same port, and the sidecar, retrying it in the background, moves the session back; a real
+    subscriber then receives frames of the same session clock."""
     lk_config, lk_process = own_livekit
     sidecar_id = await sidecars.spawn("a")
     request = world.request(
@@ -216,12 +216,15 @@ async def test_after_livekit_returns_the_session_switches_back_to_it(
     )
     handle = await world.start(request, fast_policy(outputs__switch_back_retry_s=1.0))
     await wait_for_status(
-        handle, lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0
+        handle,
+        lambda s: s.phase is Phase.LIVE and s.output == "livekit" and s.stats.get("frames_published", 0) > 0,
     )
     assert lk_process.pid is not None
     os.killpg(lk_process.pid, signal.SIGKILL)
     on_rtmp = await wait_for_status(
-        handle, lambda s: s.output == "rtmp" and str(s.stats.get("output", "")).startswith("rtmp"), timeout_s=30
+        handle,
+        lambda s: s.output == "rtmp" and str(s.stats.get("output", "")).startswith("rtmp"),
+        timeout_s=30,
     )
     frame_on_rtmp = int(on_rtmp.stats["frames_published"])
 
@@ -232,13 +235,17 @@ async def test_after_livekit_returns_the_session_switches_back_to_it(
         back = await wait_for_status(
             handle,
             lambda s: (
-                s.phase is Phase.LIVE and s.output == "livekit" and str(s.stats.get("output", "")).startswith("livekit")
+                s.phase is Phase.LIVE
+                and s.output == "livekit"
+                and str(s.stats.get("output", "")).startswith("livekit")
             ),
             timeout_s=30,
         )
         await recorder.connect(lk_config.ws_url, token(lk_config, f"viewer-{world.suffix}", request.room))
         # Frames of the session clock after the switch to RTMP: the clock went on, and the viewer sees it.
-        await recorder.wait_for(lambda: sum(f.frame_id > frame_on_rtmp for f in recorder.frames) >= 25, timeout_s=20)
+        await recorder.wait_for(
+            lambda: sum(f.frame_id > frame_on_rtmp for f in recorder.frames) >= 25, timeout_s=20
+        )
         assert back.sidecar == sidecar_id and back.replacements == 0 and back.sidecar_losses == []
         assert [(a.kind, a.ok, a.live_switch) for a in back.output_attempts] == [
             ("livekit", True, False),

@@ -54,7 +54,8 @@ class World:
         self.refuse = set(refuse)
         self.stopping = False
         self.plan = FailoverPlan(
-            [OutputTarget("livekit", None), OutputTarget("rtmp", None)], switch_back_retry_s=switch_back_retry_s
+            [OutputTarget("livekit", None), OutputTarget("rtmp", None)],
+            switch_back_retry_s=switch_back_retry_s,
         )
 
     def make(self, target: OutputTarget) -> tuple[Publisher, OpenedOutput]:
@@ -108,7 +109,9 @@ async def test_a_dead_output_moves_to_the_standby_started_when_it_dropped(world:
     await asyncio.wait_for(task, 2)
 
 
-async def test_an_output_back_within_the_timeout_keeps_the_session_and_closes_the_standby(world: World) -> None:
+async def test_an_output_back_within_the_timeout_keeps_the_session_and_closes_the_standby(
+    world: World,
+) -> None:
     await world.first.start()
     task = asyncio.create_task(world.watch().run())
     world.first.drop()
