@@ -208,6 +208,9 @@ class LiveKitPublisher:
         self._queued_speech: deque[tuple[float, int]] = deque()
         # How late the latest tick's first kept sample entered WebRTC vs its anchor (s): `playout_delay_s`.
         self._audio_lag_s = 0.0
+        # Interrupts so far and the idle frame they show: a tick being queued during one shows it too.
+        self._interrupts = 0
+        self._idle_frame: Callable[[int], np.ndarray] | None = None
         # Ticks whose audio reached the source: an interrupt compares it across its refill.
         self._captures = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -504,6 +507,7 @@ class LiveKitPublisher:
             )  # an outage is not a stall: the track is new after a rejoin anyway
             return
         residual_s: float | None = None
+        interrupts_before = self._interrupts
         if self._audio_source is not None:
             try:
                 async with self._audio_lock:
@@ -514,6 +518,12 @@ class LiveKitPublisher:
                 self._stats.frames_dropped += 1
                 self._stats.audio_samples_dropped += tick.speech_samples
                 raise
+        if self._interrupts != interrupts_before and tick.kind is not FrameKind.IDLE and self._idle_frame:
+            # An interrupt came while this tick's audio was being queued (its speech was cleared after it
+            # landed): its frame, not yet waiting for its capture time, shows the idle frame too.
+            tick = dataclasses.replace(
+                tick, frame_rgb=self._idle_frame(tick.frame_index), kind=FrameKind.IDLE
+            )
         self._audio_residual_s[tick.frame_index] = residual_s
         if residual_s is not None:
             self._audio_lag_s = residual_s
@@ -660,6 +670,8 @@ class LiveKitPublisher:
     def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
         """Frames still waiting for their capture time show the idle frame instead, and the speech queued in
         the audio source is dropped and replaced by silence: the cut reaches viewers at once."""
+        self._interrupts += 1
+        self._idle_frame = idle_frame
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
             self._audio_source.clear_queue()

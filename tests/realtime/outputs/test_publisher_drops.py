@@ -203,6 +203,8 @@ async def test_speech_whose_capture_was_under_way_at_an_interrupt_is_cleared_too
     source.gate.set()
     await publisher.publish(dataclasses.replace(speech_tick(0, 640), deadline_s=1000.0))
     source.gate.clear()
+    captured: list[tuple[int, FrameKind]] = []
+    publisher._capture_video = lambda tick: captured.append((tick.frame_index, tick.kind))  # type: ignore[method-assign]
     publishing = asyncio.create_task(
         publisher.publish(dataclasses.replace(speech_tick(1, 640), deadline_s=1000.04))
     )
@@ -215,6 +217,8 @@ async def test_speech_whose_capture_was_under_way_at_an_interrupt_is_cleared_too
         await asyncio.sleep(0)  # the refill after the clear
     stats = publisher.stats()
     assert source.clears == 2 and stats.extra["audio_clears_after_capture"] == 1
+    # Its frame, which was not waiting for its capture time yet at the interrupt, shows the idle frame too.
+    assert sorted(captured) == [(0, FrameKind.IDLE), (1, FrameKind.IDLE)]
     assert (stats.audio_samples_published, stats.audio_samples_dropped) == (0, 1280)
     await publisher.close()
 
