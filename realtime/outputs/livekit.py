@@ -106,7 +106,7 @@ class LiveKitPublisherOptions:
     # From entering WebRTC to heard at a receiver: a 20 ms Opus packet, the network, the receiver's jitter
     # buffer and playout. Playback events wait this long (realtime.sidecar.runtime). Not `video_delay_ms`:
     # that is the difference between the audio and the video paths, the audio path is the video's plus it.
-    receiver_audio_delay_ms: float = 100.0
+    receiver_audio_delay_ms: float = 80.0
     # A frame a stall held this long past its capture time is dropped (3 frames; see `_capture_video`).
     drop_video_later_than_ms: float = 120.0
     max_video_bitrate_bps: int = 1_500_000
