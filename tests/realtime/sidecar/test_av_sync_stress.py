@@ -132,15 +132,6 @@ async def speak(
     return Utterance(clip, int(started["frame_id"]), sent_at_s, label)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="does not hold reliably on the shared 2-core host: it passed 2 of 5 runs at load average 2-5 "
-    "and none of 8 at 5-18. After a 250 ms SIGSTOP the subscriber's audio jitter buffer grows 97 -> 170-270 "
-    "ms and stays (offsets -80..-230 ms); the audio track renewed in the silence after the stall brings it "
-    "back in most runs, but this subscriber's offsets also swing +-40-90 ms with the load alone, before any "
-    "stall too, and the utterance right after a renewal can start while the subscriber resubscribes "
-    "(docs/audio-protocol.md, 4)",
-)
 async def test_lip_sync_holds_at_a_subscriber_through_process_stalls_and_a_cpu_hog(
     sidecar_process: SidecarChild,
     cpu_hog: Any,
