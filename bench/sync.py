@@ -102,14 +102,20 @@ def on_core_0(argv: list[str]) -> list[str]:
 
 
 class Sidecar:
-    def __init__(self, work_dir: Path, *, pinned: bool = False, renew_after_stall_ms: float = 0.0) -> None:
+    def __init__(
+        self, work_dir: Path, livekit_url: str, *, pinned: bool = False, renew_after_stall_ms: float = 0.0
+    ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
+        # The dev API opens avatars only from the work dir and publishes only to this run's LiveKit server;
+        # the
+        # sidecar inherits the run's service secret (tests.support.credentials puts it in the environment).
         argv = [
             sys.executable, "-m", "infra.cli", "sidecar", "--no-temporal",
             "--port", str(self.port), "--engine", "preview", "--device", "cpu",
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
+            "--dev-api", "--dev-avatar-dir", str(work_dir), "--dev-livekit-url", livekit_url,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -121,8 +127,10 @@ class Sidecar:
         return f"http://127.0.0.1:{self.port}"
 
     async def wait_ready(self) -> None:
+        from tests.support.credentials import service_headers  # noqa: PLC0415 (tests/ is not installed with the package)
+
         deadline = time.monotonic() + 90
-        async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=2, trust_env=False, headers=service_headers()) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"sidecar exited with {self.process.returncode}")
@@ -216,18 +224,28 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    from tests.support.avcheck import RoomRecorder, token  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.avcheck import (  # noqa: PLC0415 (tests/ is not installed with the package)
+        RoomRecorder,
+        mean_jitter_delay_ms,
+        token,
+    )
+    from tests.support.credentials import (  # noqa: PLC0415 (tests/ is not installed with the package)
+        audio_token,
+        service_headers,
+    )
 
     config = livekit.LiveKitServerConfig().with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
-    sidecar = Sidecar(work_dir, pinned=args.cpu_hog, renew_after_stall_ms=args.renew_audio_after_stall_ms)
+    sidecar = Sidecar(
+        work_dir, config.ws_url, pinned=args.cpu_hog, renew_after_stall_ms=args.renew_audio_after_stall_ms
+    )
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
     hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
     clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
     avatar = work_dir / "astronaut.zip"
     avatar.write_bytes(avatar_zip_bytes())
-    recorder = RoomRecorder(mouth_box=(0, 0, 8, 8))
+    recorder = RoomRecorder(mouth_box=(0, 0, 8, 8), stats_interval_s=0.5)
     try:
         await sidecar.wait_ready()
         session_id, room = "bench-sync", "room-bench-sync"
@@ -241,27 +259,35 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 "token": token(config, identity, room),
             },
         }
-        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=60, trust_env=False, headers=service_headers()) as client:
             response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
             response.raise_for_status()
         await recorder.connect(config.ws_url, token(config, "viewer", room))
         await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
         rate = clips[0].rate_hz
-        url = f"ws://127.0.0.1:{sidecar.port}/v1/sessions/{session_id}/audio?sample_rate={rate}"
+        url = (
+            f"ws://127.0.0.1:{sidecar.port}/v1/sessions/{session_id}/audio?sample_rate={rate}"
+            f"&token={audio_token(session_id)}"
+        )
         clean: list[Spoken] = []
         stalled: list[Spoken] = []
         silences_ms: list[float] = []
+        phases: dict[str, tuple[float, float]] = {}  # run -> (start, end), for the subscriber's jitter buffer
         async with websockets.connect(url) as ws:
             await next_of(ws, "ready")
+            started_s = time.monotonic()
             for index in range(args.utterances):
                 clean.append(await speak(ws, clips[index % len(clips)]))
                 await asyncio.sleep(0.3)
+            phases["clean"] = (started_s, time.monotonic())
+            started_s = time.monotonic()
             for index in range(args.utterances):
                 await asyncio.to_thread(sidecar.stall, args.stall_ms / 1000.0)  # while idle
                 await asyncio.sleep(0.3)
                 mid = (lambda: sidecar.stall(args.stall_ms / 1000.0)) if index % 4 == 3 else None
                 stalled.append(await speak(ws, clips[index % len(clips)], stall=mid))
                 await asyncio.sleep(0.3)
+            phases["stalled"] = (started_s, time.monotonic())
             for index in range(args.interrupts):
                 await ws.send(clips[index % len(clips)].pcm.tobytes())
                 await ws.send(json.dumps({"type": "end_of_utterance"}))
@@ -274,7 +300,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 audible = [t for t, chunk in recorder.audio_chunks if t > interrupted_at - 1.0 and
                            np.abs(chunk).max() > 0.01 * 32768]  # fmt: skip
                 silences_ms.append(round((max(audible) - interrupted_at) * 1000.0, 1) if audible else 0.0)
-        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=10, trust_env=False, headers=service_headers()) as client:
             stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
     finally:
         await recorder.close()
@@ -285,7 +311,18 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         server.stop()
     clean_rows = [measure(recorder, spoken) for spoken in clean]
     stalled_rows = [measure(recorder, spoken) | {"measured": spoken.measured} for spoken in stalled]
-    return {"clean": clean_rows, "stalled": stalled_rows, "interrupt_silence_ms": silences_ms, "stats": stats}
+    jitter_ms = {
+        run: mean_jitter_delay_ms(recorder.jitter, "audio", *span) for run, span in phases.items()
+    } | {
+        f"{run}_video": mean_jitter_delay_ms(recorder.jitter, "video", *span) for run, span in phases.items()
+    }
+    return {
+        "clean": clean_rows,
+        "stalled": stalled_rows,
+        "interrupt_silence_ms": silences_ms,
+        "stats": stats,
+        "jitter_ms": jitter_ms,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             "utterances_measured_stalled": len(stalled),
             "audio_track_renewals": extra.get("livekit_audio_track_renewals", 0.0),
             "audio_resync_dropped_samples": extra.get("livekit_audio_resync_dropped_samples", 0.0),
+            # The subscriber's mean jitter-buffer delay per run (audio; video): what its audio path adds.
+            "subscriber_jitter_buffer_ms": {
+                key: None if value is None else round(value, 1) for key, value in raw["jitter_ms"].items()
+            },
         },
         "results": [
             *({"run": "clean", **row} for row in raw["clean"]),

@@ -117,9 +117,8 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         "--renew-audio-after-stall-ms",
         type=float,
         default=0.0,
-        help="renew the LiveKit audio track after a stall this long, so receivers' jitter buffers start "
-        "afresh "
-        "(0 = off, the default; docs/audio-protocol.md section 4)",
+        help="renew the LiveKit audio track in the next silence after a stall this long, so receivers' "
+        "jitter buffers start afresh (0 = off, the default; docs/audio-protocol.md section 4)",
     )
     parser.add_argument(
         "--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most"

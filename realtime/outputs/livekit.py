@@ -82,6 +82,11 @@ ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
 # In speech, audio up to two frames late is kept (avsync.SourceClock.plan): the next silence absorbs the
 # correction.
 LATE_SPEECH_TOLERANCE_SAMPLES = 2 * 1920
+# The most a late queue delays the playback events (the re-anchoring corrects anything later within a tick).
+MAX_PLAYOUT_LAG_S = 0.2
+# Two readings of the sender's pulled-audio count differ from real time by up to a pull plus the reading's
+# jitter.
+MISSED_PULL_NOISE_MS = 25.0
 
 
 class LiveKitConnectError(OutputError):
@@ -98,6 +103,12 @@ class LiveKitPublisherOptions:
     height_px: int
     frame_rate_fps: int = 25
     video_delay_ms: float = 40.0  # see the module docstring
+    # From entering WebRTC to heard at a receiver: a 20 ms Opus packet, the network, the receiver's jitter
+    # buffer and playout. Playback events wait this long (realtime.sidecar.runtime). Not `video_delay_ms`:
+    # that is the difference between the audio and the video paths, the audio path is the video's plus it.
+    receiver_audio_delay_ms: float = 80.0
+    # A frame a stall held this long past its capture time is dropped (3 frames; see `_capture_video`).
+    drop_video_later_than_ms: float = 120.0
     max_video_bitrate_bps: int = 1_500_000
     audio_headroom_ms: int = 60  # audio kept queued ahead of WebRTC's 10 ms pulls: absorbs clock jitter
     audio_queue_ms: int = 200  # the source's capacity: headroom + two 40 ms ticks (a refill, then a tick)
@@ -111,9 +122,12 @@ class LiveKitPublisherOptions:
     calibrate_interval_s: float = (
         0.2  # how often the sender's pulled-audio count re-calibrates the queue model
     )
-    # See LiveKitPublisher._maybe_renew_audio_track. 0 (off) by default: on a loaded host, stalls of the event
-    # loop alone renew the track too, and each renewal cuts audio at subscribers (docs/audio-protocol.md).
+    # See LiveKitPublisher._maybe_renew_audio_track: a stall this long (a tick that long after its period)
+    # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms`. 0 (off) by default:
+    # on a loaded host the event loop's own stalls renew it too, and an utterance that starts while receivers
+    # resubscribe loses its start at every receiver (docs/audio-protocol.md).
     renew_audio_after_stall_ms: float = 0.0
+    renew_audio_idle_ms: float = 300.0
     renew_audio_min_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -168,7 +182,11 @@ class LiveKitPublisher:
             2 * options.audio_queue_ms * PLAYOUT_SAMPLE_RATE_HZ // 1000,
         )
         self._calibrate_task: asyncio.Task[None] | None = None
+        # (track, seconds of audio it had pulled, when): the previous reading, for `_count_missed_pulls`.
+        self._last_pull_reading: tuple[rtc.LocalAudioTrack, float, float] | None = None
         self._renew_task: asyncio.Task[None] | None = None
+        self._renew_wanted = False  # a stall asked for a new audio track: it waits for silence
+        self._speech_end_s = -1e9  # when the last queued speech sample enters WebRTC (monotonic)
         self._last_renew_s = -1e9
         self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
         self._last_alarm_log_s = -1e9
@@ -188,6 +206,13 @@ class LiveKitPublisher:
         # interrupt's clear_queue takes back the ones that have not started, so they are not counted as
         # published.
         self._queued_speech: deque[tuple[float, int]] = deque()
+        # How late the latest tick's first kept sample entered WebRTC vs its anchor (s): `playout_delay_s`.
+        self._audio_lag_s = 0.0
+        # Interrupts so far and the idle frame they show: a tick being queued during one shows it too.
+        self._interrupts = 0
+        self._idle_frame: Callable[[int], np.ndarray] | None = None
+        # Ticks whose audio reached the source: an interrupt compares it across its refill.
+        self._captures = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -198,13 +223,20 @@ class LiveKitPublisher:
     def room(self) -> rtc.Room | None:
         return self._room
 
+    def capture_delay_s(self) -> float:
+        """How long after its tick's deadline a frame is handed to WebRTC: the audio headroom (when there is
+        audio) plus `video_delay_ms`."""
+        return self._audio_headroom_s + self.options.video_delay_ms / 1000.0
+
     def playout_delay_s(self) -> float:
         """How long after its tick's deadline a tick's audio is heard: the headroom it waits in the audio
-        source,
-        then the receivers' audio path (Opus packets, jitter buffer), which `video_delay_ms` stands for."""
+        source, plus how far from its anchor the latest tick's audio actually entered WebRTC (in speech the
+        re-anchoring keeps audio up to two frames late), then the receivers' audio path
+        (`receiver_audio_delay_ms`)."""
         if self._audio_source is None:
             return 0.0
-        return self._audio_headroom_s + self.options.video_delay_ms / 1000.0
+        lag_s = min(max(self._audio_lag_s, -self._audio_headroom_s), MAX_PLAYOUT_LAG_S)
+        return self._audio_headroom_s + lag_s + self.options.receiver_audio_delay_ms / 1000.0
 
     @property
     def agent_identity(self) -> str | None:
@@ -313,22 +345,34 @@ class LiveKitPublisher:
         self._audio_track = audio_track
         self._source_clock.start(self._clock())
 
-    def _maybe_renew_audio_track(self, stall_ms: float, now_s: float) -> None:
-        """After a stall of `renew_audio_after_stall_ms` or more, give receivers a fresh audio stream.
+    def _maybe_renew_audio_track(self, stall_ms: float, now_s: float, *, idle: bool) -> None:
+        """After a stall of `renew_audio_after_stall_ms` or more, give receivers a fresh audio stream, in
+        silence.
 
-        The sender's RTP clock counts samples, not time, so the audio sent after a stall reaches every
-        receiver
-        as packets that arrived that much late: their jitter buffers (NetEq) grow by the stall and keep that
-        delay for seconds, which puts their audio far behind the video whatever the sender does next. A new
-        track (new SSRC) starts a new jitter buffer at its normal depth. DTX (silence sends next to nothing)
-        makes a stall while idle harmless to receivers only some of the time (a comfort-noise update or the
-        catch-up of the source's pulls can still arrive late), so idle stalls renew too: in silence it costs
-        nothing audible."""
+        Audio RTP timestamps count samples, not time, and whatever a stall does at the sender (the source's
+        pull thread sends what was queued in a burst when it resumes, or finds the queue dry and sends
+        nothing, which leaves every later timestamp behind real time), receivers see packets that arrived up
+        to the stall late. Their jitter buffers (NetEq) raise their target delay on that and keep it for many
+        seconds, so the audio plays that much behind the video, whose capture timestamps follow the clock (the
+        video's jitter buffer does not grow), and nothing the sender queues afterwards can bring it back. A
+        new track (a new SSRC) starts a new jitter buffer at its normal depth. Renewing in speech cuts words
+        at every receiver (it takes a resubscription), so the renewal waits until no speech has entered
+        WebRTC for `renew_audio_idle_ms` (the tail has played out at receivers); an utterance that starts
+        first defers it."""
         threshold_ms = self.options.renew_audio_after_stall_ms
-        if not threshold_ms or stall_ms < threshold_ms or self._renew_task is not None:
+        if threshold_ms and stall_ms >= threshold_ms:
+            if not self._renew_wanted:
+                self._stats.extra["audio_track_renewals_wanted"] = (
+                    self._stats.extra.get("audio_track_renewals_wanted", 0.0) + 1
+                )
+            self._renew_wanted = True
+        if not self._renew_wanted or not idle or self._renew_task is not None or self._room is None:
             return
-        if now_s - self._last_renew_s < self.options.renew_audio_min_interval_s or self._room is None:
+        if (now_s - self._speech_end_s) * 1000.0 < self.options.renew_audio_idle_ms:
             return
+        if now_s - self._last_renew_s < self.options.renew_audio_min_interval_s:
+            return
+        self._renew_wanted = False
         self._last_renew_s = now_s
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_audio_track(self._room))
 
@@ -376,11 +420,26 @@ class LiveKitPublisher:
             at_s = min(max(at_s, asked_s), answered_s)
             self._source_clock.calibrate(round(pulled_s * PLAYOUT_SAMPLE_RATE_HZ), at_s)
             extra = self._stats.extra
+            self._count_missed_pulls(track, pulled_s, at_s)
             extra["audio_calibration_error_ms_last"] = round(self._source_clock.last_calibration_error_ms, 3)
             extra["audio_calibration_rebases"] = float(self._source_clock.rebases)
             extra["audio_queued_ms"] = round(
                 self._source_clock.queued_samples(answered_s) * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ, 3
             )
+
+    def _count_missed_pulls(self, track: rtc.LocalAudioTrack, pulled_s: float, at_s: float) -> None:
+        """`audio_pulls_missed_ms`: real time in which the sender took no audio from the source (its pull
+        thread was stopped or starved past what its catch-up found queued). Audio RTP timestamps count
+        samples, so every receiver's audio timeline falls that far behind the video's for as long as the
+        track lives."""
+        previous = self._last_pull_reading
+        self._last_pull_reading = (track, pulled_s, at_s)
+        if previous is None or previous[0] is not track:
+            return
+        missed_ms = ((at_s - previous[2]) - (pulled_s - previous[1])) * 1000.0
+        if missed_ms > MISSED_PULL_NOISE_MS:
+            extra = self._stats.extra
+            extra["audio_pulls_missed_ms"] = round(extra.get("audio_pulls_missed_ms", 0.0) + missed_ms, 3)
 
     def _on_transport_state(self, room: rtc.Room, *, connected: bool) -> None:
         """The SDK lost (reconnecting) or resumed (reconnected) the connection of the room in use."""
@@ -448,6 +507,7 @@ class LiveKitPublisher:
             )  # an outage is not a stall: the track is new after a rejoin anyway
             return
         residual_s: float | None = None
+        interrupts_before = self._interrupts
         if self._audio_source is not None:
             try:
                 async with self._audio_lock:
@@ -458,10 +518,18 @@ class LiveKitPublisher:
                 self._stats.frames_dropped += 1
                 self._stats.audio_samples_dropped += tick.speech_samples
                 raise
+        if self._interrupts != interrupts_before and tick.kind is not FrameKind.IDLE and self._idle_frame:
+            # An interrupt came while this tick's audio was being queued (its speech was cleared after it
+            # landed): its frame, not yet waiting for its capture time, shows the idle frame too.
+            tick = dataclasses.replace(
+                tick, frame_rgb=self._idle_frame(tick.frame_index), kind=FrameKind.IDLE
+            )
         self._audio_residual_s[tick.frame_index] = residual_s
+        if residual_s is not None:
+            self._audio_lag_s = residual_s
         loop = asyncio.get_running_loop()
         # loop.time() is time.monotonic(): the tick's deadline is directly a loop time.
-        when = tick.deadline_s + self._audio_headroom_s + self.options.video_delay_ms / 1000.0
+        when = tick.deadline_s + self.capture_delay_s()
         self._pending_video[tick.frame_index] = (loop.call_at(when, self._capture_video, tick), tick)
 
     async def _queue_tick_audio(self, tick: PublishTick) -> float | None:
@@ -477,7 +545,8 @@ class LiveKitPublisher:
         # A stall shows as the time since the previous tick past one period (the clock may have restarted
         # since, so the tick itself need not be late).
         period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
-        self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s)
+        idle = tick.speech_samples == 0
+        self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s, idle=idle)
         self._last_tick_at_s = now_s
         decision = self._source_clock.plan(
             anchor_s,
@@ -507,6 +576,7 @@ class LiveKitPublisher:
         if len(samples):
             frame = rtc.AudioFrame(samples.tobytes(), PLAYOUT_SAMPLE_RATE_HZ, 1, len(samples))
             await self._audio_source.capture_frame(frame)
+            self._captures += 1
             self._source_clock.captured(len(samples), now_s)
         published_speech = tick.speech_samples - dropped_speech
         self._stats.audio_samples_published += published_speech
@@ -517,6 +587,7 @@ class LiveKitPublisher:
             self._queued_speech.popleft()  # started playing: published for good
         if published_speech:
             self._queued_speech.append((decision.start_s, published_speech))
+            self._speech_end_s = decision.start_s + len(kept) / PLAYOUT_SAMPLE_RATE_HZ
         if not len(kept):
             return None
         return decision.start_s - (anchor_s + decision.drop_samples / PLAYOUT_SAMPLE_RATE_HZ)
@@ -542,6 +613,16 @@ class LiveKitPublisher:
         if not self._stats.connected or self._video_source is None:
             self._stats.frames_dropped += 1
             return
+        audio_start_s = tick.deadline_s + self._audio_headroom_s
+        lateness_ms = (self._clock() - audio_start_s) * 1000.0 - self.options.video_delay_ms
+        if lateness_ms > self.options.drop_video_later_than_ms:
+            # A stall held this frame past its capture time: sent now, with its capture timestamp, it would
+            # reach receivers that late, and their video jitter buffers would grow on it as NetEq does on late
+            # audio. Dropped, as the late head of the audio is (the next frames are on the clock again).
+            self._stats.frames_dropped += 1
+            extra = self._stats.extra
+            extra["video_frames_dropped_late"] = extra.get("video_frames_dropped_late", 0.0) + 1
+            return
         width, height = self.options.width_px, self.options.height_px
         # Odd-sized avatars lose their last row/column: I420 needs even dimensions.
         rgb = np.ascontiguousarray(tick.frame_rgb[:height, :width])
@@ -551,12 +632,10 @@ class LiveKitPublisher:
         # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom), not the delayed
         # capture time: receivers that lip-sync by capture time then see no offset at all.
         # libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
-        audio_start_s = tick.deadline_s + self._audio_headroom_s
         self._video_source.capture_frame(
             frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata
         )
         self._stats.frames_published += 1
-        lateness_ms = (self._clock() - audio_start_s) * 1000.0 - self.options.video_delay_ms
         extra = self._stats.extra
         extra["video_capture_lateness_ms_last"] = round(lateness_ms, 3)
         extra["video_capture_lateness_ms_max"] = round(
@@ -591,13 +670,15 @@ class LiveKitPublisher:
     def interrupt(self, idle_frame: Callable[[int], np.ndarray]) -> None:
         """Frames still waiting for their capture time show the idle frame instead, and the speech queued in
         the audio source is dropped and replaced by silence: the cut reaches viewers at once."""
+        self._interrupts += 1
+        self._idle_frame = idle_frame
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
             self._audio_source.clear_queue()
             self._source_clock.cleared(self._clock())
             self._drop_queued_speech()
             self._stats.extra["audio_clears"] = self._stats.extra.get("audio_clears", 0.0) + 1
-            task = loop.create_task(self._refill_after_clear())
+            task = loop.create_task(self._refill_after_clear(self._captures))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         for frame_index, (handle, tick) in list(self._pending_video.items()):
@@ -619,13 +700,22 @@ class LiveKitPublisher:
             self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
         )
 
-    async def _refill_after_clear(self) -> None:
-        """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to
-        re-anchor."""
+    async def _refill_after_clear(self, captures_at_clear: int) -> None:
+        """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to re-anchor.
+
+        A tick whose capture was under way at the clear (the lock was held) may have queued its speech after
+        it: that speech is cleared too, before the silence."""
         async with self._audio_lock:
             if self._next_tick_deadline_s is None or self._audio_source is None:
                 return
             now_s = self._clock()
+            if self._captures != captures_at_clear:
+                self._audio_source.clear_queue()
+                self._source_clock.cleared(now_s)
+                self._drop_queued_speech()
+                self._stats.extra["audio_clears_after_capture"] = (
+                    self._stats.extra.get("audio_clears_after_capture", 0.0) + 1
+                )
             blocks = round((self._next_tick_deadline_s + self._audio_headroom_s - now_s) * 100)
             tick_blocks = 100 // self.options.frame_rate_fps
             # At most headroom + one tick (the next tick is up to a tick away).

@@ -63,6 +63,33 @@ class ReceivedFrame:
     height_px: int
 
 
+@dataclass(frozen=True)
+class JitterSample:
+    """One reading of the subscriber's receive statistics for a track (cumulative counters, as WebRTC keeps
+    them)."""
+
+    at_s: float  # time.monotonic()
+    kind: str  # "audio" | "video"
+    jitter_buffer_delay_s: float  # summed over emitted samples (audio) or frames (video)
+    jitter_buffer_target_delay_s: float
+    emitted: int
+    concealed_samples: int
+    removed_for_acceleration: int
+    inserted_for_deceleration: int
+
+
+def mean_jitter_delay_ms(
+    samples: list[JitterSample], kind: str, since_s: float, until_s: float
+) -> float | None:
+    """The jitter buffer's mean delay (ms) over what it emitted between two readings around [since_s,
+    until_s]."""
+    rows = [row for row in samples if row.kind == kind and since_s <= row.at_s <= until_s]
+    if len(rows) < 2 or rows[-1].emitted <= rows[0].emitted:
+        return None
+    delay_s = rows[-1].jitter_buffer_delay_s - rows[0].jitter_buffer_delay_s
+    return 1000.0 * delay_s / (rows[-1].emitted - rows[0].emitted)
+
+
 @dataclass
 class RoomRecorder:
     """Subscribes to the avatar's tracks and records frames (mouth region) and audio with arrival times."""
@@ -74,11 +101,16 @@ class RoomRecorder:
     room: rtc.Room = field(default_factory=rtc.Room)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _audio_task: asyncio.Task[None] | None = None
+    # With `stats_interval_s`, the receive statistics of both tracks are read that often (measurements only).
+    stats_interval_s: float | None = None
+    jitter: list[JitterSample] = field(default_factory=list)
+    _tracks: dict[str, rtc.Track] = field(default_factory=dict)
 
     async def connect(self, url: str, jwt: str) -> None:
         @self.room.on("track_subscribed")
         def on_track(track: rtc.Track, publication: rtc.RemoteTrackPublication, participant: object) -> None:
             self.track_names[track.name] = "video" if track.kind == rtc.TrackKind.KIND_VIDEO else "audio"
+            self._tracks[self.track_names[track.name]] = track
             if track.kind == rtc.TrackKind.KIND_VIDEO:
                 self._tasks.append(asyncio.create_task(self._read_video(track)))
                 return
@@ -90,6 +122,33 @@ class RoomRecorder:
             self._tasks.append(self._audio_task)
 
         await self.room.connect(url, jwt)
+        if self.stats_interval_s is not None:
+            self._tasks.append(asyncio.create_task(self._read_stats(self.stats_interval_s)))
+
+    async def _read_stats(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            for kind, track in list(self._tracks.items()):
+                try:
+                    report = await track.get_stats()
+                except Exception:  # a track being replaced: the next reading has the new one
+                    continue
+                for item in report:
+                    if item.WhichOneof("stats") != "inbound_rtp":
+                        continue
+                    inbound = item.inbound_rtp.inbound
+                    self.jitter.append(
+                        JitterSample(
+                            at_s=time.monotonic(),
+                            kind=kind,
+                            jitter_buffer_delay_s=inbound.jitter_buffer_delay,
+                            jitter_buffer_target_delay_s=inbound.jitter_buffer_target_delay,
+                            emitted=int(inbound.jitter_buffer_emitted_count),
+                            concealed_samples=int(inbound.concealed_samples),
+                            removed_for_acceleration=int(inbound.removed_samples_for_acceleration),
+                            inserted_for_deceleration=int(inbound.inserted_samples_for_deceleration),
+                        )
+                    )
 
     async def _read_video(self, track: rtc.Track) -> None:
         x1, y1, x2, y2 = self.mouth_box
@@ -235,7 +294,17 @@ def av_offset(
             continue
         audio_time = recorder.audio_play_time(np.array([lag + k * SAMPLES_PER_FRAME_48K]))[0]
         offsets.append((frame.arrival_s - audio_time) * 1000.0)
-    onset_frame = by_id[start_frame_id + onset // SAMPLES_PER_FRAME_48K]
+    # The frame that shows the onset; a subscriber under load may have dropped it (its decoder queue
+    # overflowed):
+    # then the nearest received frame within two frames stands in, measured at its own first sample.
+    onset_k = onset // SAMPLES_PER_FRAME_48K
+    k = min(
+        (k for k in range(onset_k - 2, onset_k + 3) if start_frame_id + k in by_id),
+        key=lambda k: abs(k - onset_k),
+    )
+    onset_frame = by_id[start_frame_id + k]
+    if k != onset_k:
+        onset = k * SAMPLES_PER_FRAME_48K
     onset_in_frame_s = (onset % SAMPLES_PER_FRAME_48K) / PLAYOUT_RATE_HZ
     onset_audio = recorder.audio_play_time(np.array([lag + onset]))[0]
     values = np.array(offsets)

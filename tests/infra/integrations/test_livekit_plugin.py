@@ -33,23 +33,15 @@ from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, gray, heard_speech
 from tests.support.asset_server import Route
 from tests.support.avcheck import RoomRecorder, agent_token
 from tests.support.avcheck import token as viewer_token_for
-from tests.support.framework_venv import framework_python_or_skip, integration_pythonpath
+from tests.support.framework_venv import integration_pythonpath
 
 pytestmark = pytest.mark.service
 
-AGENTS_REQUIREMENTS = ["livekit-agents==1.8.9", "httpx==0.28.1", "websockets==17.4"]
 PLUGIN_DIR = PROJECT_ROOT / "infra" / "integrations" / "livekit-plugins-lipsync"
 AGENT_APP = Path(__file__).with_name("agents_app.py")
 AGENT_JOB_APP = Path(__file__).with_name("agents_job_app.py")
 SENTENCE = "Hello, I am the agent. The quick brown fox jumps over the lazy dog."
 EVENT_TIMEOUT_S = 90.0  # avatar preparation and the agent env's imports, on two busy cores
-
-
-@pytest.fixture(scope="module")
-def agents_python() -> Path:
-    return framework_python_or_skip(
-        "livekit-agents-1.8.9", AGENTS_REQUIREMENTS, Path(__file__).with_name("agents-constraints.txt")
-    )
 
 
 class AgentProcess:

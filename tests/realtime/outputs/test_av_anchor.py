@@ -9,6 +9,7 @@ stays exact.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import numpy as np
@@ -243,3 +244,82 @@ def test_the_queue_model_follows_the_sources_rules() -> None:
     # Inside the tolerance nothing changes.
     steady = model.plan(10.325, 1920, 10.3, tolerance_samples=BLOCK, max_pad_samples=7680)
     assert (steady.drop_samples, steady.pad_samples) == (0, 0)
+
+
+async def test_a_stall_renews_the_audio_track_in_the_next_silence_not_in_speech() -> None:
+    """Receivers' jitter buffers grow on the late audio of a stall and keep it
+    (LiveKitPublisher._maybe_renew_audio_
+    track): a stall past `renew_audio_after_stall_ms` renews the track, but only once no speech has entered
+    WebRTC
+    for `renew_audio_idle_ms`, so that no words are cut."""
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    publisher.options = dataclasses.replace(publisher.options, renew_audio_after_stall_ms=100.0)
+    renewals: list[float] = []
+
+    async def renew(room: object) -> None:
+        renewals.append(clock())
+        publisher._renew_task = None
+
+    publisher._room = object()  # type: ignore[assignment]
+    publisher._renew_audio_track = renew  # type: ignore[method-assign]
+    await publish_on_time(publisher, clock, range(10))
+    clock.now_s = T0_S + 10 * TICK_S + 0.25  # the process stopped for 250 ms in speech
+    await publisher.publish(tick(10))
+    assert publisher.stats().extra["audio_track_renewals_wanted"] == 1
+    for index in range(11, 20):  # the rest of the utterance, on time again: no renewal in speech
+        clock.now_s = T0_S + index * TICK_S + 0.25
+        await publisher.publish(tick(index))
+        await asyncio.sleep(0)
+    assert renewals == []
+    speech_end_s = publisher._speech_end_s
+    for index in range(20, 40):  # silence: the renewal waits until the speech's tail has played out
+        clock.now_s = T0_S + index * TICK_S + 0.25
+        await publisher.publish(tick(index, speech=0))
+        await asyncio.sleep(0)
+    assert len(renewals) == 1, renewals
+    assert renewals[0] - speech_end_s >= publisher.options.renew_audio_idle_ms / 1000.0
+    # A short stall (below the threshold) asks for nothing.
+    clock.now_s += 0.08
+    await publisher.publish(tick(40, speech=0))
+    assert publisher.stats().extra["audio_track_renewals_wanted"] == 1
+    await publisher.close()
+
+
+async def test_a_frame_a_stall_held_past_its_capture_time_is_dropped_not_sent_late() -> None:
+    """Sent late with its capture timestamp it would grow receivers' video jitter buffers, as late audio
+    does."""
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    await publish_on_time(publisher, clock, range(2))
+    capture_s = HEADROOM_S + publisher.options.video_delay_ms / 1000.0
+    for index, late_s in (
+        (0, 0.1),
+        (1, 0.25),
+    ):  # frame 0 100 ms late (kept), frame 1 250 ms (after a SIGSTOP)
+        clock.now_s = T0_S + index * TICK_S + capture_s + late_s
+        publisher._pending_video.pop(index)[0].cancel()
+        publisher._capture_video(tick(index))
+    stats = publisher.stats()
+    assert (stats.frames_published, stats.frames_dropped) == (1, 1)
+    assert stats.extra["video_frames_dropped_late"] == 1
+    await publisher.close()
+
+
+async def test_playback_events_wait_for_audio_that_entered_webrtc_late() -> None:
+    """In speech, audio up to two frames late is kept: its utterance is heard that much later, and the
+    playback
+    events (scheduled with `playout_delay_s`) wait for it."""
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    await publish_on_time(publisher, clock, range(5))
+    nominal_s = publisher.playout_delay_s()
+    assert nominal_s == pytest.approx(
+        HEADROOM_S + publisher.options.receiver_audio_delay_ms / 1000.0, abs=0.005
+    )
+    # Ticks 100 ms late from tick 5 on: the 60 ms headroom ran dry, tick 5's audio enters WebRTC 40 ms after
+    # its
+    # anchor and, being speech within two frames, stays there.
+    await publish_on_time(publisher, clock, range(5, 8), late_s=0.1)
+    assert publisher.playout_delay_s() - nominal_s == pytest.approx(0.04, abs=0.011)
+    await publisher.close()

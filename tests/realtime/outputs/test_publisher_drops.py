@@ -183,6 +183,46 @@ async def test_an_interrupt_takes_back_the_queued_speech_that_had_not_started_pl
     await publisher.close()
 
 
+class _GatedAudioSource(_AudioSource):
+    """A source whose captures complete only when the test opens the gate (a capture under way at an
+    interrupt)."""
+
+    def __init__(self) -> None:
+        super().__init__("queue")
+        self.gate = asyncio.Event()
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await self.gate.wait()
+        await super().capture_frame(frame)
+
+
+async def test_speech_whose_capture_was_under_way_at_an_interrupt_is_cleared_too() -> None:
+    source = _GatedAudioSource()
+    clock = FakeClock(1000.0)
+    publisher = connected_publisher(source, clock)
+    source.gate.set()
+    await publisher.publish(dataclasses.replace(speech_tick(0, 640), deadline_s=1000.0))
+    source.gate.clear()
+    captured: list[tuple[int, FrameKind]] = []
+    publisher._capture_video = lambda tick: captured.append((tick.frame_index, tick.kind))  # type: ignore[method-assign]
+    publishing = asyncio.create_task(
+        publisher.publish(dataclasses.replace(speech_tick(1, 640), deadline_s=1000.04))
+    )
+    await asyncio.sleep(0)  # tick 1's capture is under way ...
+    clock.now_s += 0.01
+    publisher.interrupt(lambda _index: np.zeros((HEIGHT_PX, WIDTH_PX, 3), dtype=np.uint8))
+    source.gate.set()  # ... and lands in the source after the clear
+    await publishing
+    for _ in range(5):
+        await asyncio.sleep(0)  # the refill after the clear
+    stats = publisher.stats()
+    assert source.clears == 2 and stats.extra["audio_clears_after_capture"] == 1
+    # Its frame, which was not waiting for its capture time yet at the interrupt, shows the idle frame too.
+    assert sorted(captured) == [(0, FrameKind.IDLE), (1, FrameKind.IDLE)]
+    assert (stats.audio_samples_published, stats.audio_samples_dropped) == (0, 1280)
+    await publisher.close()
+
+
 async def test_frames_waiting_for_their_capture_time_at_close_are_counted() -> None:
     """Before, they vanished from the accounting: frames handed in != published + dropped."""
     publisher = connected_publisher(_AudioSource("queue"))

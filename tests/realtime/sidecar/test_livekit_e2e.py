@@ -283,7 +283,7 @@ async def test_interrupt_shows_idle_within_80_ms_and_stops_the_audio(
         runtime = host.runtime(session_id)
         assert runtime is not None
         stats = runtime.stats()
-        capture_delay_s = livekit_publisher(runtime).playout_delay_s()
+        capture_delay_s = livekit_publisher(runtime).capture_delay_s()
     finally:
         await recorder.close()
         await host.teardown(session_id)
