@@ -31,7 +31,7 @@ from tests.infra.integrations.test_livekit_plugin import AgentProcess
 from tests.support.avcheck import PLAYOUT_RATE_HZ, RoomRecorder, agent_token, mean_jitter_delay_ms, token
 from tests.support.sidecar_child import sidecar_child
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.stress]
 
 AGENT_APP = Path(__file__).with_name("agents_playout_app.py")
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."

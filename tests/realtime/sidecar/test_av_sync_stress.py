@@ -41,7 +41,7 @@ from tests.support.avcheck import (
 from tests.support.sidecar_child import SidecarChild, on_core_0, sidecar_child
 from tests.support.sidecar_harness import SpeechClip, espeak
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.stress]
 
 SENTENCES = (
     "The rain in Spain stays mainly in the plain, said the professor.",
