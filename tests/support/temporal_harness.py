@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
@@ -28,6 +28,7 @@ from activities.sidecar import SidecarWorkerConfig
 from activities.sidecar_worker import run_sidecar_worker
 from activities.worker import build_control_worker
 from api.policy_file import load_policies
+from infra.paths import PROJECT_ROOT
 from tests.support.session_host import LoopbackSessionHost
 from workflows import search_attributes
 from workflows.client import start_session
@@ -52,6 +53,10 @@ from workflows.session import SessionWorkflow
 logger = logging.getLogger(__name__)
 
 LOOPBACK_ONLY = ["127.0.0.1/32"]
+
+# Where every failing replay's history is also written: pytest rotates its own temporary directories away,
+# and a nondeterminism seen once (e.g. only under a loaded whole-suite run) needs its history replayed again.
+FAILED_REPLAY_DIR = PROJECT_ROOT / "build" / "failed-replays"
 
 # Short timeouts so the suite stays fast; everything else comes from infra/policies.yaml.
 FAST_POLICY_OVERRIDES: dict[str, Any] = {
@@ -345,8 +350,8 @@ async def replay_all(
 ) -> int:
     """Replay every stored run of the given workflow ids; raises on any nondeterminism. Returns runs replayed.
 
-    A failure names the run, the replay error and `failure_context`; with `history_dir` the failing history
-    is written there as JSON, so it can be replayed again outside the test."""
+    A failure names the run, the replay error and `failure_context`; the failing history is written as JSON
+    (see replay_histories), so it can be replayed again outside the test."""
     histories = []
     for workflow_id in dict.fromkeys(workflow_ids):
         runs: list[str | None] = []
@@ -362,18 +367,37 @@ async def replay_all(
             except Exception as exc:  # a workflow that was never started (e.g. placement unused)
                 if "not found" not in str(exc).lower():
                     raise
+    return await replay_histories(histories, failure_context=failure_context, history_dir=history_dir)
+
+
+async def replay_histories(
+    histories: Iterable[WorkflowHistory],
+    *,
+    failure_context: str = "",
+    history_dir: Path | None = None,
+    failed_replay_dir: Path = FAILED_REPLAY_DIR,
+) -> int:
+    """Replay the histories with the determinism replayer; raises on the first failure. Returns runs replayed.
+
+    The failing history is written as JSON to `failed_replay_dir` (and to `history_dir` when given) before the
+    error is raised, and the error names where."""
     replayer = determinism_replayer()
+    replayed = 0
     for history in histories:
         result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
         if result.replay_failure is not None:
-            saved = ""
-            if history_dir is not None:
-                path = history_dir / f"{history.workflow_id}.{history.run_id}.history.json"
+            name = f"{history.workflow_id}.{history.run_id}.history.json"
+            paths = [
+                directory / name for directory in (history_dir, failed_replay_dir) if directory is not None
+            ]
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(history.to_json())
-                saved = f"; history saved to {path}"
+            saved = " and ".join(str(path) for path in paths)
             raise AssertionError(
                 f"replay of {history.workflow_id} run {history.run_id} failed: {result.replay_failure!r}"
-                f"{saved}{'; ' + failure_context if failure_context else ''}"
+                f"; history saved to {saved}{'; ' + failure_context if failure_context else ''}"
             ) from result.replay_failure
-    logger.info("replayed %d workflow histories", len(histories))
-    return len(histories)
+        replayed += 1
+    logger.info("replayed %d workflow histories", replayed)
+    return replayed
