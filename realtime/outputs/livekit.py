@@ -64,7 +64,7 @@ from livekit import rtc
 from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 
 from realtime.clock import Clock, monotonic_clock
-from realtime.ingest.formats import TIMELINE_SAMPLE_RATE_HZ
+from realtime.ingest.formats import PLAYOUT_SAMPLE_RATE_HZ, TIMELINE_SAMPLE_RATE_HZ
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
 from realtime.outputs.errors import OutputError
@@ -75,7 +75,6 @@ logger = logging.getLogger(__name__)
 AUDIO_TRACK_NAME = "avatar_audio"
 VIDEO_TRACK_NAME = "avatar_video"
 PUBLISH_ON_BEHALF_ATTRIBUTE = "lk.publish_on_behalf"
-PLAYOUT_SAMPLE_RATE_HZ = 48_000
 PULL_BLOCK_SAMPLES = PLAYOUT_SAMPLE_RATE_HZ // 100  # the source hands WebRTC 10 ms per pull
 # Anchor errors below this are left alone: one pull cannot be split, and the queue model is only that precise.
 ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2

@@ -15,9 +15,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from realtime.ingest.formats import PLAYOUT_SAMPLE_RATE_HZ
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import PublishTick
-from realtime.outputs.livekit import PLAYOUT_SAMPLE_RATE_HZ, LiveKitPublisher
+from realtime.outputs.livekit import LiveKitPublisher
 from tests.realtime.outputs.test_publisher_drops import (
     FakeClock,
     _AudioSource,
