@@ -18,11 +18,23 @@ from realtime.outputs.base import Publisher, PublisherStats, PublishTick
 
 logger = logging.getLogger(__name__)
 
+# Counters that add up across every output the session has used.
+_SUMMED_COUNTERS = (
+    "frames_published",
+    "frames_dropped",
+    "audio_samples_published",
+    "audio_samples_dropped",
+    "playout_samples_published",
+    "reconnects",
+)
+
 
 class SwitchableOutput:
     def __init__(self, initial: Publisher) -> None:
         self._current = initial
         self._retired = PublisherStats(name="retired")
+        # Outputs swapped out whose close is still running: their counters still count.
+        self._closing: list[Publisher] = []
         self.switches = 0
         self.switch_backs = 0
         self.history: list[str] = [initial.name]
@@ -60,7 +72,13 @@ class SwitchableOutput:
         switch_back: it is the session's first output again, counted apart from fallbacks."""
         if not started:
             await replacement.start()
+        # The swap and its counters happen together, with no await between: a stats sample taken while the
+        # old output closes already shows the new name *and* the switch that put it there.
         old, self._current = self._current, replacement
+        self._closing.append(old)
+        self.switches += 1
+        self.switch_backs += int(switch_back)
+        self.history.append(replacement.name)
         try:
             await old.close()
         except Exception:
@@ -68,18 +86,8 @@ class SwitchableOutput:
             # so.
             logger.exception("closing the replaced output failed", extra={"output": old.name})
         final = old.stats()
-        for counter in (
-            "frames_published",
-            "frames_dropped",
-            "audio_samples_published",
-            "audio_samples_dropped",
-            "playout_samples_published",
-            "reconnects",
-        ):
-            setattr(self._retired, counter, getattr(self._retired, counter) + getattr(final, counter))
-        self.switches += 1
-        self.switch_backs += int(switch_back)
-        self.history.append(replacement.name)
+        self._closing.remove(old)
+        self._retire(final)
         logger.info(
             "output switched",
             extra={
@@ -90,21 +98,28 @@ class SwitchableOutput:
             },
         )
 
+    def _retire(self, final: PublisherStats) -> None:
+        for counter in _SUMMED_COUNTERS:
+            setattr(self._retired, counter, getattr(self._retired, counter) + getattr(final, counter))
+
     async def close(self) -> None:
         await self._current.close()
 
     def stats(self) -> PublisherStats:
         current = self._current.stats()
+        summed = PublisherStats(name="summed")
+        for part in (self._retired, current, *(closing.stats() for closing in self._closing)):
+            for counter in _SUMMED_COUNTERS:
+                setattr(summed, counter, getattr(summed, counter) + getattr(part, counter))
         return PublisherStats(
             name=current.name,
             connected=current.connected,
-            frames_published=self._retired.frames_published + current.frames_published,
-            frames_dropped=self._retired.frames_dropped + current.frames_dropped,
-            audio_samples_published=self._retired.audio_samples_published + current.audio_samples_published,
-            audio_samples_dropped=self._retired.audio_samples_dropped + current.audio_samples_dropped,
-            playout_samples_published=self._retired.playout_samples_published
-            + current.playout_samples_published,
-            reconnects=self._retired.reconnects + current.reconnects,
+            frames_published=summed.frames_published,
+            frames_dropped=summed.frames_dropped,
+            audio_samples_published=summed.audio_samples_published,
+            audio_samples_dropped=summed.audio_samples_dropped,
+            playout_samples_published=summed.playout_samples_published,
+            reconnects=summed.reconnects,
             last_error=current.last_error,
             extra={
                 **current.extra,

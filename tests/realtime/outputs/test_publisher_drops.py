@@ -85,6 +85,39 @@ async def test_a_switch_keeps_the_retired_outputs_dropped_speech() -> None:
     assert (stats.audio_samples_dropped, stats.audio_samples_published) == (640, 640)
 
 
+class _SlowClosingPublisher(RecordingPublisher):
+    """Its `close` waits for the test to release it: a stats sample can be taken mid-switch."""
+
+    def __init__(self) -> None:
+        super().__init__(WIDTH_PX, HEIGHT_PX)
+        self.closing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def close(self) -> None:
+        self.closing.set()
+        await self.release.wait()
+        await super().close()
+
+
+async def test_stats_sampled_while_the_old_output_closes_already_count_the_switch() -> None:
+    """The status a workflow reads mid-switch must not pair the new output's name with the old counters
+    (it did: a switch back showed `livekit` with `switch_backs` 0), nor lose the old output's frames."""
+    first = _SlowClosingPublisher()
+    live = SwitchableOutput(first)
+    await live.publish(speech_tick(0, 640))
+    replacement = RecordingPublisher(WIDTH_PX, HEIGHT_PX)
+    switching = asyncio.create_task(live.switch_to(replacement, switch_back=True))
+    await first.closing.wait()
+    mid = live.stats()
+    assert live.current is replacement and (mid.extra["switches"], mid.extra["switch_backs"]) == (1.0, 1.0)
+    assert (mid.frames_published, mid.audio_samples_published) == (1, 640)
+    first.release.set()
+    await switching
+    await live.publish(speech_tick(1, 640))
+    after = live.stats()
+    assert (after.frames_published, after.audio_samples_published, after.extra["switches"]) == (2, 1280, 1.0)
+
+
 class FakeClock:
     """An injected monotonic clock: tests move it by hand (no sleeps)."""
 
