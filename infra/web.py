@@ -6,11 +6,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from api.app import VIEWER_STATIC_DIR
 from infra.paths import PROJECT_ROOT
 from realtime.errors import LipsyncError
 
 VIEWER_SOURCE_DIR = PROJECT_ROOT / "api" / "viewer"
-VIEWER_STATIC_DIR = PROJECT_ROOT / "api" / "static" / "viewer"
 
 
 class ViewerBuildError(LipsyncError, RuntimeError):
