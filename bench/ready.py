@@ -115,6 +115,11 @@ def _child(args: argparse.Namespace) -> int:
         result["compile_diagnostics"] = _compile_diagnostics()
     sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stdout.flush()
+    if state.building:
+        # The background compile was not waited for (--compiled-timeout-s): leave without joining it (its
+        # compile workers would hold the interpreter's exit).
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

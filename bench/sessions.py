@@ -569,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(document["summary"], indent=2))
+    if "building" in document["settings"]["serving"]:
+        # A background compile still runs (--compiled-timeout-s passed): leave without joining it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
