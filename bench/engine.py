@@ -25,8 +25,10 @@ bucket, cuDNN benchmark, fused upsample convolutions as 2×2 phases), `graphs-ne
 `graphs-cl` (+ channels-last), `lower` (+ lower-half decode), `compile` (inductor, default
 mode, channels-last conv maps, channel-sum group norms and tuned kernels, + graphs, every
 bucket; warm-up time = compile time, cold or warm from the on-disk cache), `compile-untuned`
-(without the kernel tuning), `compile-pageable` (device -> host copies to pageable memory:
-`render_async` then waits for the device, nothing pipelines), `compile-nchw` (inductor's own
+(without the kernel tuning), `compile-blocking` (the serving warm-up waits for the compiled
+graphs instead of serving eager graphs while a background thread compiles), `compile-pageable`
+(device -> host copies to pageable memory: `render_async` then waits for the device, nothing
+pipelines), `compile-nchw` (inductor's own
 layout choice: NCHW for a dynamic batch), `compile-cl-native` (channels-last with torch's
 group norm), `compile-nearest` (the same with plain upsampling), `compile-mat`
 (max-autotune-no-cudagraphs), `bf16` (graphs with the models cast to bfloat16: run it last).
@@ -127,6 +129,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # channels-last, channel-sum norms, tuned VAE
     "compile": {"cuda_graphs": True, "compile_mode": "default"},
     "compile-untuned": {"cuda_graphs": True, "compile_mode": "default", "compile_tuned_stages": ()},
+    # the serving warm-up waits for the compiled graphs (no eager graphs served in the meantime)
+    "compile-blocking": {"cuda_graphs": True, "compile_mode": "default", "serve_before_compile": False},
     "compile-pageable": {"cuda_graphs": True, "compile_mode": "default", "pinned_transfers": False},
     "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
     "compile-cl-native": {"cuda_graphs": True, "compile_mode": "default", "group_norm": "native"},

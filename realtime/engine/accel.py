@@ -19,6 +19,10 @@
 * **Tuned kernels** (`compile_tuned_stages`) — inductor benchmarks launch configurations of
   each generated kernel of a stage's shared compile (coordinate descent) when it first runs, at
   the largest bucket; the batch-1 compiles are not tuned.
+* **Serve before compile** (`serve_before_compile`) — with compile and graphs, the serving warm-up
+  captures graphs of the eager modules (seconds) and the engine serves on them while a background
+  thread compiles and captures the compiled graphs, which then replace them between two batches
+  (`realtime.engine.hotswap`; the engine's `serving_state()` says which variant renders).
 * **Channels-last maps under compile** (`compile_channels_last`) — inductor lays the conv maps
   out NHWC, the layout cuDNN's Hopper kernels use; left to itself it keeps NCHW for a dynamic
   batch, and every convolution then pays two layout transposes.
@@ -108,6 +112,12 @@ class AccelConfig:
     # (bench/results/engine-accel-notes.md). `warm_up` runs the largest bucket first, so the tuning sees the
     # size that carries the load.
     compile_tuned_stages: tuple[str, ...] = ("vae_decode",)
+    # With compile_mode and cuda_graphs: `warm_up_for_serving` captures graphs of the eager modules for every
+    # bucket (seconds, cuDNN's heuristics instead of its benchmark) and returns, so the engine serves at once;
+    # a background thread then compiles (from the prebuilt artifact when it matches), captures the compiled
+    # graphs and swaps them in between two batches (`realtime.engine.hotswap`). Off: the warm-up returns only
+    # once the compiled graphs are ready (minutes in a new process, even from the artifact).
+    serve_before_compile: bool = True
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
     # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else
     # native.
@@ -145,19 +155,22 @@ class AccelConfig:
     def max_bucket(self) -> int:
         return self.batch_buckets[-1]
 
-    def _compiled_channels_last(self, cuda: bool) -> bool:
-        return cuda and self.compile_mode != "off" and self.compile_channels_last
+    def _compiled_channels_last(self, cuda: bool, compiled: bool | None) -> bool:
+        compiled = self.compile_mode != "off" if compiled is None else compiled
+        return cuda and compiled and self.compile_channels_last
 
-    def upsample_conv_for(self, cuda: bool) -> UpsampleConvMode:
+    def upsample_conv_for(self, cuda: bool, compiled: bool | None = None) -> UpsampleConvMode:
+        """The upsample form of the compiled path (`compiled` None: whenever `compile_mode` is on) or, with
+        `compiled=False`, of the eager path (the graphs served while the compiled ones are built)."""
         if self.upsample_conv == "auto":
-            if self._compiled_channels_last(cuda):
+            if self._compiled_channels_last(cuda, compiled):
                 return "transpose"  # no phase interleave pass over channels-last maps
             return "phases" if cuda else "nearest"
         return self.upsample_conv  # type: ignore[return-value]  # validated in __post_init__
 
-    def group_norm_for(self, cuda: bool) -> GroupNormMode:
+    def group_norm_for(self, cuda: bool, compiled: bool | None = None) -> GroupNormMode:
         if self.group_norm == "auto":
-            return "channel_sums" if self._compiled_channels_last(cuda) else "native"
+            return "channel_sums" if self._compiled_channels_last(cuda, compiled) else "native"
         return self.group_norm  # type: ignore[return-value]  # validated in __post_init__
 
 

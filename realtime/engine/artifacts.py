@@ -237,7 +237,8 @@ def find_artifact(root: Path, expected: ArtifactKey) -> LoadedArtifact:
 class PrebuiltWarmUp:
     """How a warm-up used the prebuilt artifacts."""
 
-    # "loaded" | "built" (none there) | "rebuilt" (one was refused) | "not_compiled" (nothing to load)
+    # "loaded" | "built" (none there) | "rebuilt" (one was refused) | "not_compiled" (nothing to load) |
+    # "deferred" (serving uncompiled graphs; the compile runs in the background: `serving_state()`)
     status: str
     warm_up_ms: float  # the warm-up itself (compiles, captures, timed runs)
     load_ms: float = 0.0  # reading, checking and loading the artifact

@@ -24,6 +24,7 @@ from realtime.engine.audio.levels import SpeechGateConfig
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
 from realtime.engine.avatar.prepare import PrepareSettings
 from realtime.engine.avatar.prepared import Avatar, PrepareProgress
+from realtime.engine.hotswap import ServingState
 
 STAGES = ("features", "unet", "vae_decode", "blend")
 # Batch sizes an engine without shape buckets warms up for serving (the render lane's common batches).
@@ -235,6 +236,10 @@ class Engine(Protocol):
         """Render wall time per batch size, timed at the end of the last `warm_up` (empty: not measured)."""
         ...
 
+    def serving_state(self) -> ServingState:
+        """Which variant of the engine renders now and which one a background build will swap in."""
+        ...
+
 
 class EngineBase:
     """The optional capabilities' defaults: subclass it and implement `info`, `prepare_avatar`,
@@ -265,6 +270,9 @@ class EngineBase:
 
     def warm_up_for_serving(self, artifacts_dir: Path | None = None) -> PrebuiltWarmUp:
         return PrebuiltWarmUp("not_compiled", self.warm_up(DEFAULT_WARM_UP_BATCH_SIZES))
+
+    def serving_state(self) -> ServingState:
+        return ServingState("default")  # one variant, ready once warm
 
     @property
     def warm_up_batch_ms(self) -> dict[int, float]:

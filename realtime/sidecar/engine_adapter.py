@@ -201,7 +201,11 @@ class EngineAdapter:
             )
         info = self._engine.info
         return EngineStatus(
-            name=info.name, device=info.device, warm=self._warm, detail=self._reason or info.detail
+            name=info.name,
+            device=info.device,
+            warm=self._warm,
+            detail=self._reason or info.detail,
+            serving=self._engine.serving_state().describe() if self._warm else "",
         )
 
     def warm_up(self) -> bool:

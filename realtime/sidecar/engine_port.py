@@ -85,6 +85,7 @@ class EngineStatus:
     device: str
     warm: bool
     detail: str = ""  # e.g. why the preview engine stands in for musetalk
+    serving: str = ""  # the variant rendering now and any faster one being built (`ServingState.describe`)
 
 
 class EngineService(Protocol):

@@ -45,6 +45,7 @@ from realtime.engine.avatar.prepare import prepare_avatar
 from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import RenderRequestInvalid
 from realtime.engine.groupnorm import set_group_norm_mode
+from realtime.engine.hotswap import ServingState, VariantSwap
 from realtime.engine.musetalk.composite import Compositor, PasteJob, PendingPaste
 from realtime.engine.musetalk.latents import encode_crop_latents
 from realtime.engine.musetalk.whisper import WhisperStreamFeaturizer, WhisperWindows
@@ -92,16 +93,7 @@ class MuseTalkEngine(EngineBase):
         self._timestep = torch.zeros(1, device=self._device, dtype=torch.long)
         if cuda:
             torch.backends.cudnn.benchmark = accel.cudnn_benchmark
-        # Exact rewrite, on any device; switched back to the modules' own forward when off (models may be
-        # shared).
-        upsample_mode = accel.upsample_conv_for(cuda)
-        upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
-        logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
-        norm_mode = accel.group_norm_for(cuda)
-        # The models the render path compiles; the VAE encoder (avatar preparation) runs eager, where torch's
-        # own group norm is the faster one.
-        norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae.decoder))
-        logger.info("group norms", extra={"mode": norm_mode, "layers": norms})
+        self._set_layer_modes(compiled=self._compile_on)
         if cuda and accel.channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
@@ -117,6 +109,10 @@ class MuseTalkEngine(EngineBase):
                 self._decode_faces, "vae_decode"
             )
         self._graph_stages: tuple[BucketGraphs, BucketGraphs] | None = None
+        # Graphs replaced by a swap: kept, since a batch enqueued on them may still run.
+        self._retired_stages: list[tuple[BucketGraphs, BucketGraphs]] = []
+        self._swap: VariantSwap[_CompiledVariant] | None = None  # serving before the compiled graphs exist
+        self.background_report: PrebuiltWarmUp | None = None  # the background compile's, once it is done
         self._warm_up_batch_ms: dict[int, float] = {}
         self._info = EngineInfo(
             name=ENGINE_NAME,
@@ -132,6 +128,21 @@ class MuseTalkEngine(EngineBase):
             )
             + f"; {models.blend_mask_note}",
         )
+
+    def _set_layer_modes(self, *, compiled: bool) -> None:
+        """The upsample-conv and group-norm forms of the compiled path or of the eager one (exact rewrites,
+        on any device; switched back to the modules' own forward when off: models may be shared). Captured
+        graphs keep the form they were captured with."""
+        cuda = self._device.type == "cuda"
+        upsample_mode = self._accel.upsample_conv_for(cuda, compiled)
+        models = self._models
+        upsamplers = sum(set_upsample_conv_mode(m, upsample_mode) for m in (models.unet, models.vae))
+        logger.info("upsample convolutions", extra={"mode": upsample_mode, "layers": upsamplers})
+        norm_mode = self._accel.group_norm_for(cuda, compiled)
+        # The models the render path compiles; the VAE encoder (avatar preparation) runs eager, where torch's
+        # own group norm is the faster one.
+        norms = sum(set_group_norm_mode(m, norm_mode) for m in (models.unet, models.vae.decoder))
+        logger.info("group norms", extra={"mode": norm_mode, "layers": norms})
 
     def _compile_stage(
         self, fn: Callable[..., torch.Tensor], stage: str
@@ -351,37 +362,44 @@ class MuseTalkEngine(EngineBase):
         # Bucket 1 is a second (static) compile; without it, it runs eager (launch-bound, which graphs fix).
         return batch >= 2 or self._accel.compile_batch1
 
-    def _unet_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        compiled = self._unet_compiled if batch >= 2 else self._unet_compiled_batch1
-        if compiled is not None and self._compiled_for(batch):
-            return compiled
+    def _unet_fn(self, batch: int, *, compiled: bool = True) -> Callable[..., torch.Tensor]:
+        compiled_fn = self._unet_compiled if batch >= 2 else self._unet_compiled_batch1
+        if compiled and compiled_fn is not None and self._compiled_for(batch):
+            return compiled_fn
         return self._unet_forward
 
-    def _vae_fn(self, batch: int) -> Callable[..., torch.Tensor]:
-        compiled = self._vae_compiled if batch >= 2 else self._vae_compiled_batch1
-        if compiled is not None and self._compiled_for(batch):
-            return compiled
+    def _vae_fn(self, batch: int, *, compiled: bool = True) -> Callable[..., torch.Tensor]:
+        compiled_fn = self._vae_compiled if batch >= 2 else self._vae_compiled_batch1
+        if compiled and compiled_fn is not None and self._compiled_for(batch):
+            return compiled_fn
         return self._decode_faces
 
     def _stages(self) -> tuple[BucketGraphs, BucketGraphs]:
+        """The graphs the render path replays now (made on first use: compiled when compile is on)."""
+        stages = self._graph_stages  # one read: a background swap may replace it between two batches
+        if stages is None:
+            stages = self._graph_stages = self._make_stages(compiled=self._compile_on)
+        return stages
+
+    def _make_stages(self, *, compiled: bool) -> tuple[BucketGraphs, BucketGraphs]:
+        """UNet and VAE-decode graphs per bucket, of the compiled functions or of the eager modules, in a
+        memory pool of their own."""
         import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
 
-        if self._graph_stages is None:
-            pool = torch.cuda.graph_pool_handle()
-            max_batch = self._accel.max_bucket
-            marker = (lambda ts: mark_batch_dynamic(ts, max_batch)) if self._compile_on else None
+        pool = torch.cuda.graph_pool_handle()
+        max_batch = self._accel.max_bucket
+        marker = (lambda ts: mark_batch_dynamic(ts, max_batch)) if compiled and self._compile_on else None
 
-            def unet(latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-                return self._unet_fn(int(latents.shape[0]))(latents, features)
+        def unet(latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            return self._unet_fn(int(latents.shape[0]), compiled=compiled)(latents, features)
 
-            def vae(predicted: torch.Tensor) -> torch.Tensor:
-                return self._vae_fn(int(predicted.shape[0]))(predicted)
+        def vae(predicted: torch.Tensor) -> torch.Tensor:
+            return self._vae_fn(int(predicted.shape[0]), compiled=compiled)(predicted)
 
-            self._graph_stages = (
-                BucketGraphs(unet, self._device, pool, before_capture=_skip_batch1(marker)),
-                BucketGraphs(vae, self._device, pool, before_capture=_skip_batch1(marker)),
-            )
-        return self._graph_stages
+        return (
+            BucketGraphs(unet, self._device, pool, before_capture=_skip_batch1(marker)),
+            BucketGraphs(vae, self._device, pool, before_capture=_skip_batch1(marker)),
+        )
 
     def _faces(
         self, latents: torch.Tensor, features: torch.Tensor, profile: StageProfile | None
@@ -527,12 +545,18 @@ class MuseTalkEngine(EngineBase):
         )
 
     def warm_up_prebuilt(
-        self, artifacts_root: Path | None = None, max_frames: int | None = None, *, rebuild: bool = False
+        self,
+        artifacts_root: Path | None = None,
+        max_frames: int | None = None,
+        *,
+        rebuild: bool = False,
+        warm_up: Callable[[], float] | None = None,
     ) -> PrebuiltWarmUp:
         """`warm_up_buckets` with the prebuilt engine artifacts under `artifacts_root` (default
         `default_artifacts_root()`): the one for this engine's key is loaded before the first compile;
         none, or one refused (another GPU, torch, model or setting: logged with its code), and the warm-up
-        compiles from nothing and saves one. `rebuild`: compile and save without looking for one."""
+        compiles from nothing and saves one. `rebuild`: compile and save without looking for one; `warm_up`:
+        what compiles (default: `warm_up_buckets(max_frames)`)."""
         key = self.artifact_key()
         if key is None:
             return PrebuiltWarmUp("not_compiled", self.warm_up_buckets(max_frames))
@@ -550,7 +574,7 @@ class MuseTalkEngine(EngineBase):
         return warm_up_with_artifacts(
             artifacts_root or default_artifacts_root(),
             key,
-            warm_up=lambda: self.warm_up_buckets(max_frames),
+            warm_up=warm_up or (lambda: self.warm_up_buckets(max_frames)),
             load_blob=torch.compiler.load_cache_artifacts,
             save_blob=save_blob,
             cache_misses=cache_misses,
@@ -558,8 +582,94 @@ class MuseTalkEngine(EngineBase):
         )
 
     def warm_up_for_serving(self, artifacts_dir: Path | None = None) -> PrebuiltWarmUp:
-        """Every batch bucket, from the prebuilt engine artifacts when they match this engine."""
+        """Every batch bucket, from the prebuilt engine artifacts when they match this engine. With compile,
+        graphs and `serve_before_compile`: graphs of the eager modules now (status "deferred"), the compiled
+        graphs from a background thread (`serving_state()`, `wait_for_variant`)."""
+        if self._compile_on and self._graphs_on and self._accel.serve_before_compile:
+            return self._serve_then_compile(artifacts_dir)
         return self.warm_up_prebuilt(artifacts_dir)
+
+    def _serve_then_compile(self, artifacts_dir: Path | None) -> PrebuiltWarmUp:
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
+
+        if self._swap is not None:
+            raise RuntimeError("the engine already serves: warm_up_for_serving runs once")
+        self._set_layer_modes(compiled=False)
+        # cuDNN's benchmark times every algorithm of every convolution shape of every bucket: most of an eager
+        # warm-up. Its heuristics serve until the compiled graphs (warmed with the benchmark) replace these.
+        torch.backends.cudnn.benchmark = False
+        self._graph_stages = self._make_stages(compiled=False)
+        warm_ms = self.warm_up_buckets()
+        swap: VariantSwap[_CompiledVariant] = VariantSwap(EAGER_GRAPHS_VARIANT)
+        self._swap = swap
+        swap.start(
+            COMPILED_VARIANT,
+            functools.partial(self._build_compiled, artifacts_dir, self.batch_buckets),
+            self._install_compiled,
+        )
+        return PrebuiltWarmUp("deferred", warm_ms)
+
+    def _build_compiled(self, artifacts_dir: Path | None, buckets: Sequence[int]) -> _CompiledVariant:
+        """On the background thread: compile (from the artifact when it matches) and capture the compiled
+        graphs of every bucket on a stream of its own, without touching what the render thread replays."""
+        import torch  # noqa: PLC0415 (torch stack: loaded when an engine is built, never at import)
+
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        timed: dict[int, float] = {}
+
+        def warm() -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for timing in (False, True):
+                    for size in sorted(buckets, reverse=True):  # largest first, as `warm_up`
+                        latents = torch.randn((size, 8, 32, 32), device=self._device).to(self._dtype)
+                        features = torch.randn((size, 50, 384), device=self._device).to(self._dtype)
+                        stream.synchronize()
+                        tick = time.perf_counter()
+                        stages[1].run(stages[0].run(latents, features))
+                        stream.synchronize()
+                        if timing:
+                            timed[size] = (time.perf_counter() - tick) * 1000
+                        else:
+                            at_s = time.perf_counter() - started
+                            logger.info(
+                                "background compile: batch %d ready at %.1f s",
+                                size,
+                                at_s,
+                                extra={"batch": size, "at_s": round(at_s, 1)},
+                            )
+            return (time.perf_counter() - started) * 1000
+
+        with torch.cuda.stream(stream):
+            self._set_layer_modes(compiled=True)
+            torch.backends.cudnn.benchmark = self._accel.cudnn_benchmark
+            stages = self._make_stages(compiled=True)
+            report = self.warm_up_prebuilt(artifacts_dir, warm_up=warm)
+            stream.synchronize()
+        return _CompiledVariant(stages, timed, report)
+
+    def _install_compiled(self, variant: _CompiledVariant) -> None:
+        """Swap the compiled graphs in: the render thread's next batch replays them."""
+        current = self._graph_stages
+        if current is not None:
+            self._retired_stages.append(current)
+        self.background_report = variant.report
+        self._warm_up_batch_ms = variant.batch_ms
+        self._graph_stages = variant.stages
+
+    def serving_state(self) -> ServingState:
+        if self._swap is not None:
+            return self._swap.state()
+        if self._compile_on:
+            return ServingState(COMPILED_VARIANT if self._graphs_on else "compiled")
+        return ServingState(EAGER_GRAPHS_VARIANT if self._graphs_on else "eager")
+
+    def wait_for_variant(self, timeout_s: float | None = None) -> ServingState:
+        """Block until no background build is under way (or `timeout_s` passed); the state then."""
+        if self._swap is not None:
+            self._swap.wait(timeout_s)
+        return self.serving_state()
 
     def warm_up_buckets(self, max_frames: int | None = None) -> float:
         """`warm_up` of every bucket up to `max_frames` (default: all), so no frame ever waits for a
@@ -606,6 +716,21 @@ def _skip_batch1(
             marker(tensors)
 
     return mark
+
+
+EAGER_GRAPHS_VARIANT = "eager-graphs"  # CUDA graphs of the eager modules
+COMPILED_VARIANT = "compiled-graphs"  # CUDA graphs of the inductor-compiled functions
+
+
+class _CompiledVariant:
+    """What the background compile hands to the render path."""
+
+    def __init__(
+        self, stages: tuple[BucketGraphs, BucketGraphs], batch_ms: dict[int, float], report: PrebuiltWarmUp
+    ) -> None:
+        self.stages = stages
+        self.batch_ms = batch_ms
+        self.report = report
 
 
 class PendingRender:

@@ -44,6 +44,10 @@ def test_group_norms_follow_the_layout_they_are_fast_in() -> None:
     assert compiled.upsample_conv_for(cuda=True) == "transpose"  # no phase interleave over channels-last maps
     assert AccelConfig().upsample_conv_for(cuda=True) == "phases"
     assert compiled.upsample_conv_for(cuda=False) == "nearest"
+    # The eager graphs served while the compiled ones are built use the eager path's forms.
+    assert compiled.group_norm_for(cuda=True, compiled=False) == "native"
+    assert compiled.upsample_conv_for(cuda=True, compiled=False) == "phases"
+    assert compiled.upsample_conv_for(cuda=True, compiled=True) == "transpose"
 
 
 def test_compile_options_spell_out_the_mode_and_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,3 +164,10 @@ def test_warm_up_times_each_batch_size_for_the_render_lane(musetalk_engine: Muse
     musetalk_engine.warm_up((1, 2))
     timed = musetalk_engine.warm_up_batch_ms
     assert set(timed) == {1, 2} and all(ms > 0 for ms in timed.values())
+
+
+def test_a_cpu_engine_serves_its_only_variant_with_nothing_building(musetalk_engine: MuseTalkEngine) -> None:
+    # No graphs and no compile on CPU: nothing is deferred to a background build, and waiting returns at once.
+    state = musetalk_engine.wait_for_variant(0.0)
+    assert (state.variant, state.building, state.error) == ("eager", "", "")
+    assert musetalk_engine.background_report is None

@@ -118,3 +118,11 @@ def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     for bad in ("0", "-4", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--max-batch-frames", bad])
+
+
+def test_the_status_names_the_variant_that_serves_once_warm(tmp_path: Path) -> None:
+    adapter = EngineAdapter(EngineConfig(engine="preview", cache_dir=tmp_path))
+    assert adapter.info().serving == ""  # not loaded yet
+    adapter.warm_up()
+    status = adapter.info()
+    assert status.warm and status.serving == "serving default"  # one variant, nothing built in the background
