@@ -129,8 +129,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # channels-last, channel-sum norms, tuned VAE
     "compile": {"cuda_graphs": True, "compile_mode": "default"},
     "compile-untuned": {"cuda_graphs": True, "compile_mode": "default", "compile_tuned_stages": ()},
-    # the serving warm-up waits for the compiled graphs (no eager graphs served in the meantime)
-    "compile-blocking": {"cuda_graphs": True, "compile_mode": "default", "serve_before_compile": False},
+    # eager graphs served at once while the compiled ones build in the background (`--serve-before-compile`)
+    "compile-serve-first": {"cuda_graphs": True, "compile_mode": "default", "serve_before_compile": True},
+    "compile-untuned-serve-first": {
+        "cuda_graphs": True,
+        "compile_mode": "default",
+        "compile_tuned_stages": (),
+        "serve_before_compile": True,
+    },
     "compile-pageable": {"cuda_graphs": True, "compile_mode": "default", "pinned_transfers": False},
     "compile-nchw": {"cuda_graphs": True, "compile_mode": "default", "compile_channels_last": False},
     "compile-cl-native": {"cuda_graphs": True, "compile_mode": "default", "group_norm": "native"},

@@ -12,9 +12,9 @@ this process starts it:
 (`MuseTalkEngine.warm_up_prebuilt(rebuild=True)`,
   what `lipsync engine build` does): `build_ms_cold`;
 * ready — the engine warms up as a sidecar does (`warm_up_for_serving`): `ready_ms_prebuilt` is process start
-  -> every batch bucket servable without a capture or compile. With `serve_before_compile` (the default) that
-  is the graphs of the eager modules, and the compiled graphs (from the artifact) are swapped in by a
-  background thread: `compiled_ms_prebuilt` is process start -> that swap, with where the background
+  -> every batch bucket servable without a capture or compile. With `serve_before_compile` (the default
+  variant) that is the graphs of the eager modules, and the compiled graphs (from the artifact) are swapped
+  in by a background thread: `compiled_ms_prebuilt` is process start -> that swap, with where the background
   compile's time went (torch's compile counters and dynamo's per-phase times).
 
 Writes a `bench.engine` document (`benchmark: engine`) whose summary holds those two figures, each phase's
@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ready", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--model", choices=("tiny", "full-size-random"), default="full-size-random")
-    parser.add_argument("--variant", default="compile", help="a bench.engine variant (it must compile)")
+    parser.add_argument(
+        "--variant", default="compile-serve-first", help="a bench.engine variant (it must compile)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None)

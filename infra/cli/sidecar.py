@@ -165,6 +165,12 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --compile: skip tuning the VAE's kernels (a first start minutes shorter, ~5 %% fewer "
         "frames/s)",
     )
+    parser.add_argument(
+        "--serve-before-compile",
+        action="store_true",
+        help="with --compile: serve on CUDA graphs of the eager models at once and swap the compiled ones in "
+        "when built (opt-in: not yet measured on a GPU)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the models eagerly (CUDA)")
     parser.add_argument(
         "--max-batch-frames", type=_positive_int, default=64, help="frames per cross-session render batch"
@@ -207,6 +213,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         compile_mode=args.compile,
         kernel_tuning=not args.no_kernel_tuning,
         cuda_graphs=not args.no_cuda_graphs,
+        serve_before_compile=args.serve_before_compile,
         host=HostConfig(
             sidecar_id=sidecar_id,
             task_queue=args.task_queue or sidecar_id,

@@ -116,8 +116,10 @@ class AccelConfig:
     # bucket (seconds, cuDNN's heuristics instead of its benchmark) and returns, so the engine serves at once;
     # a background thread then compiles (from the prebuilt artifact when it matches), captures the compiled
     # graphs and swaps them in between two batches (`realtime.engine.hotswap`). Off: the warm-up returns only
-    # once the compiled graphs are ready (minutes in a new process, even from the artifact).
-    serve_before_compile: bool = True
+    # once the compiled graphs are ready (minutes in a new process, even from the artifact). Opt-in until a
+    # GPU
+    # run has shown a capture on the build thread beside replays on the render thread to be safe.
+    serve_before_compile: bool = False
     # "native" | "channel_sums" (`realtime.engine.groupnorm`: the same statistics from per-channel sums, which
     # channels-last maps read quickly), or "auto": channel_sums when compiling channels-last on CUDA, else
     # native.

@@ -51,6 +51,7 @@ def build_host(settings: SidecarSettings) -> SidecarHost:
         accel=AccelConfig(
             compile_mode=settings.compile_mode,
             cuda_graphs=settings.cuda_graphs,
+            serve_before_compile=settings.serve_before_compile,
             compile_tuned_stages=AccelConfig.compile_tuned_stages if settings.kernel_tuning else (),
         ),
     )
