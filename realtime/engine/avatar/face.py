@@ -204,6 +204,36 @@ def musetalk_box_from_landmarks(landmarks: np.ndarray, frame_h: int) -> Box | No
     return box
 
 
+def smooth_boxes(boxes: list[Box | None], window_frames: int, max_shift_px: int) -> list[Box | None]:
+    """Per-frame landmark boxes with their jitter damped: each coordinate becomes the mean of that coordinate
+    over a centred window of `window_frames` frames (shorter at the ends and where a faceless frame breaks the
+    run: a box never borrows from across a gap), rounded, but never more than `max_shift_px` from the frame's
+    own box — so a still head's box stops trembling while every box stays within the parity tolerance of
+    upstream's per-frame rule, and real motion is followed at once."""
+    if window_frames <= 1 or max_shift_px <= 0:
+        return list(boxes)
+    half = window_frames // 2
+    out: list[Box | None] = list(boxes)
+    index = 0
+    while index < len(boxes):
+        if boxes[index] is None:
+            index += 1
+            continue
+        end = index
+        while end < len(boxes) and boxes[end] is not None:
+            end += 1
+        run = np.array([boxes[k] for k in range(index, end)], dtype=np.float64)  # [n, 4]
+        sums = np.vstack([np.zeros((1, 4)), np.cumsum(run, axis=0)])
+        for k in range(len(run)):
+            lo, hi = max(0, k - half), min(len(run), k + half + 1)
+            mean = (sums[hi] - sums[lo]) / (hi - lo)
+            shifted = run[k] + np.clip(mean - run[k], -max_shift_px, max_shift_px)
+            x1, y1, x2, y2 = (int(v) for v in np.round(shifted))
+            out[index + k] = (x1, y1, x2, y2)
+        index = end
+    return out
+
+
 def crop_box_v15(face_box: Box, frame_h: int, extra_margin_px: int = EXTRA_MARGIN_PX) -> Box:
     """MuseTalk v1.5's crop: the face box with `extra_margin` px more at the bottom, within the frame."""
     x1, y1, x2, y2 = face_box
