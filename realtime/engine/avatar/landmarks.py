@@ -21,7 +21,8 @@ Detection and tracking (the shape predictor costs ~1 ms a frame, the detector ~1
   cut, or the face left), and the new landmarks' extent must agree with the box they were fitted in (IoU
   at least `track_min_iou`). A frame with neither a detection nor a tracked predecessor has no landmarks.
 
-Several faces: the largest detection, as the cascade path does.
+Several faces: the detector's most confident one (not the largest: on clothing, posters or
+background a false detection can be larger than the real face, but scores lower).
 """
 
 from __future__ import annotations
@@ -109,14 +110,14 @@ def _load(model_file: Path) -> tuple[Any, Any]:
 
 
 class FaceLandmarker:
-    """Largest face's 68 landmarks in a frame (detector + shape predictor)."""
+    """The most confident face's 68 landmarks in a frame (detector + shape predictor)."""
 
     def __init__(self, model_file: Path, settings: LandmarkSettings | None = None) -> None:
         self.settings = settings or LandmarkSettings()
         self._detector, self._predictor = _load(model_file)
 
     def detect(self, frame_rgb: np.ndarray) -> Rect | None:
-        """The largest face's detector box in frame pixels, or None."""
+        """The most confident face's detector box in frame pixels, or None."""
         import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
 
         height, width = frame_rgb.shape[:2]
@@ -127,12 +128,12 @@ class FaceLandmarker:
             else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         )
         small = np.ascontiguousarray(small)
-        found = self._detector(small, 0)
-        if len(found) == 0:
-            found = self._detector(small, 1)  # small faces: the detector's window is ~80 px
+        found, scores, _ = self._detector.run(small, 0, 0.0)
+        if len(found) == 0:  # small faces: the detector's window is ~80 px
+            found, scores, _ = self._detector.run(small, 1, 0.0)
         if len(found) == 0:
             return None
-        best = max(found, key=lambda r: r.width() * r.height())
+        best = found[int(np.argmax(scores))]
         return (best.left() / scale, best.top() / scale, best.right() / scale, best.bottom() / scale)
 
     def shape(self, frame_rgb: np.ndarray, rect: Rect) -> np.ndarray:

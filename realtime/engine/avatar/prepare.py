@@ -110,6 +110,16 @@ def planned_face_box_source(settings: PrepareSettings) -> str:
     return FACE_BOX_CASCADE
 
 
+def load_face_box_models(settings: PrepareSettings) -> float:
+    """Load the landmark model where preparation will use it (once per process; a warm sidecar's first avatar
+    then does not wait for it); returns the ms it took."""
+    started = time.perf_counter()
+    availability = landmark_availability()
+    if settings.face_box == "auto" and availability.model_file is not None:
+        FaceLandmarker(availability.model_file, settings.landmarks)
+    return (time.perf_counter() - started) * 1000
+
+
 def cache_key(
     digest: str, engine: str, engine_version: str, model_fingerprint: str, settings: PrepareSettings
 ) -> str:
