@@ -47,7 +47,7 @@ def tilted(image: np.ndarray, degrees: float) -> np.ndarray:
 
 def turned(image: np.ndarray, side: int) -> np.ndarray:
     """One side of the face squeezed in height and pulled inwards, as a head turned that way looks."""
-    src = np.float32([[150, 40], [300, 40], [300, 220], [150, 220]])
+    src = np.array([[150, 40], [300, 40], [300, 220], [150, 220]], np.float32)
     dst = src.copy()
     near = [1, 2] if side > 0 else [0, 3]  # the corners of the side that turns away
     dst[near[0], 1] += 25
@@ -71,7 +71,7 @@ def moving(image: np.ndarray, count: int) -> list[np.ndarray]:
     out = []
     for k in range(count):
         phase = 2 * np.pi * k / count
-        shift = np.float32([[1, 0, 3.0 * np.sin(phase)], [0, 1, 2.0 * np.cos(phase)]])
+        shift = np.array([[1, 0, 3.0 * np.sin(phase)], [0, 1, 2.0 * np.cos(phase)]], np.float32)
         out.append(
             cv2.warpAffine(image, shift, (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REFLECT)
         )
@@ -101,7 +101,8 @@ def test_landmark_box_on_a_real_face_is_upstreams_rule_and_agrees_with_the_casca
     assert avatar.face_box_source == FACE_BOX_LANDMARKS and avatar.has_face.all()
     assert avatar.landmarks is not None and np.isfinite(avatar.landmarks).all()
     for index, frame in enumerate(frames):
-        ours = tuple(int(v) for v in avatar.face_boxes[index])
+        x1, y1, x2, y2 = (int(v) for v in avatar.face_boxes[index])
+        ours = (x1, y1, x2, y2)
         theirs = upstream_box(avatar.landmarks[index])
         assert theirs is not None
         assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= BOX_TOLERANCE_PX, (
