@@ -403,8 +403,10 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
 
     # The first use of each model loads its kernels: a few crops first, as a warm sidecar would have (and the
     # landmark model, which the engine's warm-up loads).
-    encode(np.zeros((2, 256, 256, 3), np.uint8))
-    parse([np.zeros((300, 300, 3), np.uint8)])
+    with_models = args.prep_models == "all"
+    if with_models:
+        encode(np.zeros((2, 256, 256, 3), np.uint8))
+        parse([np.zeros((300, 300, 3), np.uint8)])
     settings = PrepareSettings(face_box=args.face_box)
     landmark_load_ms = load_face_box_models(settings)
     synced()
@@ -418,8 +420,8 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
             engine="musetalk",
             engine_version="bench",
             cache_root=cache_dir / "prep-cache",
-            encode_latents=encode,
-            parse_faces=parse,
+            encode_latents=encode if with_models else None,
+            parse_faces=parse if with_models else None,
             settings=settings,
         )
         synced()
@@ -443,8 +445,10 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         # decode, face_boxes, latents (crops + VAE), parse (parser + masks); the cache write is the rest.
         "stage_ms": meta["stage_ms"],
         "host_threads": prepare_threads(),
-        "vae": "tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)",
-        "parser": "BiSeNet (random weights)",
+        "vae": ("tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)")
+        if with_models
+        else "none (--prep-models none: the host-side steps only)",
+        "parser": "BiSeNet (random weights)" if with_models else "none",
     }
 
 
@@ -481,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prep-px", type=int, default=FRAME_PX, help="frame side for --prep-frames")
     parser.add_argument(
         "--face-box", choices=FACE_BOX_MODES, default="auto", help="face box source for --prep-frames"
+    )
+    parser.add_argument(
+        "--prep-models",
+        choices=("all", "none"),
+        default="all",
+        help="none: --prep-frames without the VAE and the parser (decode, face boxes and cache write only)",
     )
     args = parser.parse_args(argv)
     if args.prep_frames < 0 or args.prep_px < 64:

@@ -1,16 +1,18 @@
 """Face boxes in MuseTalk's sense, the v1.5 crop rule, and the lower-face blend mask.
 
-Detector: OpenCV's frontal-face LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by
+Fallback detector (the landmark box of `landmarks` is the primary source): OpenCV's frontal-face LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by
 scikit-image's `Cascade` because opencv-python 5 no longer ships a cascade classifier nor its
 XML files; scikit-image bundles that OpenCV cascade, so no weights are downloaded.
 
 MuseTalk's face box is not a detector box: upstream derives it from 68 face landmarks as
 `x`: jaw-contour extent, `y`: from `nose − (chin − nose)` down to the chin, so the box's
 vertical middle is the nose and its lower half is the mouth and jaw (which the UNet repaints);
-`musetalk_box_from_landmarks` is that rule. No landmark model is loaded (upstream's DWPose needs
-mmpose's RTMPose), so preparation maps the cascade's box (brows to lower lip/chin) onto that
-geometry with fixed proportions measured on frontal faces: nose at 62 % of the cascade box
-height, chin at 108 %, jaw contour 4 %…96 % of its width; manifest boxes win over both.
+`musetalk_box_from_landmarks` is that rule, applied per frame to dlib's 68 landmarks (same iBUG
+order as upstream's DWPose face keypoints; `landmarks`) and smoothed over time (`smooth_boxes`).
+Where no landmark model is installed (or `face_box="cascade"`), preparation maps the cascade's box
+(brows to lower lip/chin) onto that geometry with fixed proportions measured on frontal faces:
+nose at 62 % of the cascade box height, chin at 108 %, jaw contour 4 %…96 % of its width; manifest
+boxes win over both.
 
 v1.5 crop rule: `extra_margin` = 10 px added to the bottom of the face box (capped at the frame),
 then the crop is resized to 256×256.
