@@ -1,8 +1,9 @@
 """Face boxes in MuseTalk's sense, the v1.5 crop rule, and the lower-face blend mask.
 
-Fallback detector (the landmark box of `landmarks` is the primary source): OpenCV's frontal-face LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by
-scikit-image's `Cascade` because opencv-python 5 no longer ships a cascade classifier nor its
-XML files; scikit-image bundles that OpenCV cascade, so no weights are downloaded.
+Fallback detector (the landmark box of `landmarks` is the primary source): OpenCV's frontal-face
+LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by scikit-image's `Cascade` because
+opencv-python 5 no longer ships a cascade classifier nor its XML files; scikit-image bundles that
+OpenCV cascade, so no weights are downloaded.
 
 MuseTalk's face box is not a detector box: upstream derives it from 68 face landmarks as
 `x`: jaw-contour extent, `y`: from `nose − (chin − nose)` down to the chin, so the box's

@@ -2,8 +2,9 @@
 
 Steps: decode (zip / video / image; zip frames on threads) → face box per frame (manifest
 boxes win, else upstream's landmark box (`landmarks`, smoothed), else the cascade mapping; misses
-borrow a neighbour's box within `max_gap_frames`, else the frame is left to the idle path) → v1.5 crop boxes (+10 px bottom) → for MuseTalk, masked + reference latents of
-the 256² crops via the engine's `encode_latents` → with a face parser (`parse_faces`), each
+borrow a neighbour's box within `max_gap_frames`, else the frame is left to the idle path) →
+v1.5 crop boxes (+10 px bottom) → for MuseTalk, masked + reference latents of the 256² crops via
+the engine's `encode_latents` → with a face parser (`parse_faces`), each
 frame's parsed blend mask over its crop box (`blend_mask`: upstream's jaw rule); without one the
 compositor uses its fixed ellipse. Progress goes to `on_progress` in frame-steps (detection,
 then encoding, then parsing), so `frames_total` is frames × steps; each progress report names
