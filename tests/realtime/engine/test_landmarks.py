@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from skimage.data import astronaut
 
+from bench.face_box import astronaut_variants, box_iou, tilted
 from realtime.engine.avatar.face import Box, FaceDetector, smooth_boxes
 from realtime.engine.avatar.landmarks import (
     FaceLandmarker,
@@ -37,33 +38,7 @@ from realtime.engine.avatar.prepare import (
 from tests.realtime.engine.test_v15_parity import BOX_TOLERANCE_PX, upstream_box
 from tests.support.engine_media import frames_zip
 
-FACE_CENTER = (222.0, 125.0)  # the astronaut's nose, frame pixels
-
-
-def tilted(image: np.ndarray, degrees: float) -> np.ndarray:
-    rotation = cv2.getRotationMatrix2D(FACE_CENTER, degrees, 1.0)
-    return cv2.warpAffine(image, rotation, (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REFLECT)
-
-
-def turned(image: np.ndarray, side: int) -> np.ndarray:
-    """One side of the face squeezed in height and pulled inwards, as a head turned that way looks."""
-    src = np.array([[150, 40], [300, 40], [300, 220], [150, 220]], np.float32)
-    dst = src.copy()
-    near = [1, 2] if side > 0 else [0, 3]  # the corners of the side that turns away
-    dst[near[0], 1] += 25
-    dst[near[1], 1] -= 25
-    dst[near, 0] -= 30 * side
-    warp = cv2.getPerspectiveTransform(src, dst)
-    return cv2.warpPerspective(image, warp, (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REFLECT)
-
-
-VARIANTS = {
-    "frontal": lambda image: image,
-    "tilted-left": lambda image: tilted(image, 10),
-    "tilted-right": lambda image: tilted(image, -10),
-    "turned-left": lambda image: turned(image, -1),
-    "turned-right": lambda image: turned(image, 1),
-}
+VARIANTS = astronaut_variants()
 
 
 def moving(image: np.ndarray, count: int) -> list[np.ndarray]:
@@ -86,17 +61,11 @@ def landmarker() -> FaceLandmarker:
     return FaceLandmarker(availability.model_file)
 
 
-def box_iou(a: Box, b: Box) -> float:
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / area
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_landmark_box_on_a_real_face_is_upstreams_rule_and_agrees_with_the_cascade(
     variant: str, tmp_path: Path
 ) -> None:
-    frames = moving(VARIANTS[variant](astronaut()), 6)
+    frames = moving(VARIANTS[variant], 6)
     avatar = prepare_avatar(frames_zip(frames), engine="preview", engine_version="t", cache_root=tmp_path)
     assert avatar.face_box_source == FACE_BOX_LANDMARKS and avatar.has_face.all()
     assert avatar.landmarks is not None and np.isfinite(avatar.landmarks).all()
