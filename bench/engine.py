@@ -444,6 +444,7 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         "landmark_model_load_ms": round(landmark_load_ms, 1),
         # decode, face_boxes, latents (crops + VAE), parse (parser + masks); the cache write is the rest.
         "stage_ms": meta["stage_ms"],
+        "stage_cpu_ms": meta["stage_cpu_ms"],  # this process's CPU time (worker processes not counted)
         "host_threads": prepare_threads(),
         "vae": ("tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)")
         if with_models
