@@ -223,6 +223,8 @@ def prepare_avatar(
         if all(box is None for box in raw_boxes):
             logger.warning("no landmark face box in any frame; using the cascade", extra={"source": name})
             box_source, landmarks, raw_boxes = FACE_BOX_CASCADE, None, []
+        else:
+            raw_boxes = _cascade_where_no_landmarks(raw_boxes, frames, settings)
     if box_source == FACE_BOX_MANIFEST:  # a frame the manifest gives no box has no face
         for index, manifest_box in enumerate(decoded.manifest_boxes):
             clipped = (
@@ -355,6 +357,27 @@ def _landmark_boxes(
         },
     )
     return smooth_boxes(boxes, settings.box_smooth_window_frames, settings.box_smooth_max_shift_px), landmarks
+
+
+def _cascade_where_no_landmarks(
+    boxes: list[Box | None], frames: np.ndarray, settings: PrepareSettings
+) -> list[Box | None]:
+    """Landmark boxes, with the cascade's box for each frame that has none and no neighbour's to borrow
+    (within `max_gap_frames`, as `fill_missing` lends): short gaps keep the landmark geometry, longer ones
+    fall back per frame as upstream falls back to its detector's box."""
+    filled = fill_missing(boxes, settings.max_gap_frames)
+    missing = [index for index, box in enumerate(filled) if box is None]
+    if not missing:
+        return boxes
+    found = detect_faces(frames[missing], settings.detector, detection_workers(len(missing)))
+    out = list(boxes)
+    for index, box in zip(missing, found, strict=True):
+        out[index] = box
+    logger.info(
+        "cascade boxes for frames without landmarks",
+        extra={"frames": len(missing), "found": sum(box is not None for box in found)},
+    )
+    return out
 
 
 def _parsed_masks(

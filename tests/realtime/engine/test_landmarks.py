@@ -32,6 +32,7 @@ from realtime.engine.avatar.prepare import (
     FACE_BOX_CASCADE,
     FACE_BOX_LANDMARKS,
     PrepareSettings,
+    _cascade_where_no_landmarks,
     planned_face_box_source,
     prepare_avatar,
 )
@@ -171,3 +172,28 @@ def test_settings_refuse_unknown_values() -> None:
         PrepareSettings(face_box="dwpose")
     with pytest.raises(ValueError, match="detect_every_frames"):
         LandmarkSettings(detect_every_frames=0)
+
+
+def test_cascade_takes_over_where_the_landmark_model_finds_no_face(tmp_path: Path) -> None:
+    """A detector window larger than the downscaled face: the landmark model finds nothing, so every box is
+    the cascade's (and the avatar says so)."""
+    frames = moving(astronaut(), 3)
+    blind = PrepareSettings(landmarks=LandmarkSettings(detection_max_side_px=80))
+    avatar = prepare_avatar(
+        frames_zip(frames), engine="preview", engine_version="t", cache_root=tmp_path, settings=blind
+    )
+    assert avatar.face_box_source == FACE_BOX_CASCADE and avatar.landmarks is None and avatar.has_face.all()
+    cascade = FaceDetector().detect(frames[0])
+    assert cascade is not None and tuple(int(v) for v in avatar.face_boxes[0]) == cascade
+
+
+def test_frames_without_landmarks_fall_back_to_the_cascade_per_frame() -> None:
+    """Landmark boxes stay; a frame with none borrows a neighbour's within the gap, else the cascade's."""
+    image = astronaut()
+    frames = np.stack([image] * 6)
+    mark: Box = (1, 2, 3, 4)  # not a box any detector gives: shows which frames kept theirs
+    boxes: list[Box | None] = [mark, None, None, None, None, None]
+    out = _cascade_where_no_landmarks(boxes, frames, PrepareSettings(max_gap_frames=2))
+    cascade = FaceDetector().detect(image)
+    assert out[:3] == [mark, None, None]  # within the gap: left for fill_missing to lend the landmark box
+    assert out[3:] == [cascade] * 3
