@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -499,7 +500,11 @@ class MuseTalkEngine(EngineBase):
             stream.push(np.random.default_rng(0).uniform(-0.1, 0.1, 8 * SAMPLES_PER_FRAME).astype(np.float32))
             stream.pull()
         self.synchronize()
-        load_face_box_models(self._config.prepare)  # the landmark model: a first avatar need not load it
+        # The landmark model (~100 MB) loads on a thread: a first avatar need not load it, and readiness does
+        # not wait for it (a prepare that starts meanwhile waits on the loader's lock).
+        threading.Thread(
+            target=load_face_box_models, args=(self._config.prepare,), name="landmark-model-load", daemon=True
+        ).start()
         self._warm_up_batch_ms = timed
         return (time.perf_counter() - started) * 1000
 
