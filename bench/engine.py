@@ -64,7 +64,13 @@ import numpy as np
 
 from bench.machine import cpu_name
 from realtime.engine.accel import AccelConfig
-from realtime.engine.avatar.prepare import prepare_avatar
+from realtime.engine.avatar.prepare import (
+    FACE_BOX_MODES,
+    PrepareSettings,
+    load_face_box_models,
+    prepare_avatar,
+)
+from realtime.engine.avatar.workers import prepare_threads
 from realtime.engine.device import choose_device, configure_cpu_threads
 from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.musetalk.latents import encode_crop_latents
@@ -395,9 +401,14 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         spent_s["parse"] += time.perf_counter() - started
         return out
 
-    # The first use of each model loads its kernels: a few crops first, as a warm sidecar would have.
-    encode(np.zeros((2, 256, 256, 3), np.uint8))
-    parse([np.zeros((300, 300, 3), np.uint8)])
+    # The first use of each model loads its kernels: a few crops first, as a warm sidecar would have (and the
+    # landmark model, which the engine's warm-up loads).
+    with_models = args.prep_models == "all"
+    if with_models:
+        encode(np.zeros((2, 256, 256, 3), np.uint8))
+        parse([np.zeros((300, 300, 3), np.uint8)])
+    settings = PrepareSettings(face_box=args.face_box)
+    landmark_load_ms = load_face_box_models(settings)
     synced()
     spent_s.update(vae_encode=0.0, parse=0.0)
     data = astronaut_zip(args.prep_px, args.prep_frames)
@@ -409,11 +420,14 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
             engine="musetalk",
             engine_version="bench",
             cache_root=cache_dir / "prep-cache",
-            encode_latents=encode,
-            parse_faces=parse,
+            encode_latents=encode if with_models else None,
+            parse_faces=parse if with_models else None,
+            settings=settings,
         )
         synced()
         runs[run] = {"s": round(time.perf_counter() - started, 3), "cache_hit": avatar.cache_hit}
+        if run == "cold":
+            meta = json.loads((avatar.cache_dir / "meta.json").read_text(encoding="utf-8"))
     cold = runs["cold"]["s"]
     return {
         "frames": args.prep_frames,
@@ -426,8 +440,16 @@ def bench_prepare(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         "vae_encode_s": round(spent_s["vae_encode"], 3),
         "parse_s": round(spent_s["parse"], 3),
         "decode_detect_write_s": round(cold - spent_s["vae_encode"] - spent_s["parse"], 3),
-        "vae": "tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)",
-        "parser": "BiSeNet (random weights)",
+        "face_box_source": avatar.face_box_source,
+        "landmark_model_load_ms": round(landmark_load_ms, 1),
+        # decode, face_boxes, latents (crops + VAE), parse (parser + masks); the cache write is the rest.
+        "stage_ms": meta["stage_ms"],
+        "stage_cpu_ms": meta["stage_cpu_ms"],  # this process's CPU time (worker processes not counted)
+        "host_threads": prepare_threads(),
+        "vae": ("tiny" if args.model == "tiny" else "sd-vae (full architecture, random weights)")
+        if with_models
+        else "none (--prep-models none: the host-side steps only)",
+        "parser": "BiSeNet (random weights)" if with_models else "none",
     }
 
 
@@ -462,6 +484,15 @@ def main(argv: list[str] | None = None) -> int:
         "--prep-frames", type=int, default=0, help="measure avatar preparation of N frames instead"
     )
     parser.add_argument("--prep-px", type=int, default=FRAME_PX, help="frame side for --prep-frames")
+    parser.add_argument(
+        "--face-box", choices=FACE_BOX_MODES, default="auto", help="face box source for --prep-frames"
+    )
+    parser.add_argument(
+        "--prep-models",
+        choices=("all", "none"),
+        default="all",
+        help="none: --prep-frames without the VAE and the parser (decode, face boxes and cache write only)",
+    )
     args = parser.parse_args(argv)
     if args.prep_frames < 0 or args.prep_px < 64:
         parser.error("--prep-frames must be >= 0 and --prep-px >= 64")

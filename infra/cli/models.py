@@ -68,6 +68,11 @@ def _print_report(document: dict[str, Any]) -> None:
     if face_box:
         present = "present, " if face_box["dwpose_present"] else ""
         out.write(f"face box: {face_box['source']} ({face_box['detail']}; DWPose {present}not used)\n")
+        landmark_model = face_box.get("landmark_model") or {}
+        if landmark_model:
+            out.write(f"landmark model: {landmark_model['detail']}\n")
+            if landmark_model["usable"]:
+                out.write(f"  licence: {landmark_model['licence']}\n")
     if parsing.get("files"):
         mask = parsing["blend_mask"]
         why = "face-parsing weights present" if parsing["usable"] else "no usable face-parsing weights"

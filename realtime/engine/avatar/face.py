@@ -1,16 +1,19 @@
 """Face boxes in MuseTalk's sense, the v1.5 crop rule, and the lower-face blend mask.
 
-Detector: OpenCV's frontal-face LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by
-scikit-image's `Cascade` because opencv-python 5 no longer ships a cascade classifier nor its
-XML files; scikit-image bundles that OpenCV cascade, so no weights are downloaded.
+Fallback detector (the landmark box of `landmarks` is the primary source): OpenCV's frontal-face
+LBP cascade (`lbpcascade_frontalface_opencv.xml`), evaluated by scikit-image's `Cascade` because
+opencv-python 5 no longer ships a cascade classifier nor its XML files; scikit-image bundles that
+OpenCV cascade, so no weights are downloaded.
 
 MuseTalk's face box is not a detector box: upstream derives it from 68 face landmarks as
 `x`: jaw-contour extent, `y`: from `nose − (chin − nose)` down to the chin, so the box's
 vertical middle is the nose and its lower half is the mouth and jaw (which the UNet repaints);
-`musetalk_box_from_landmarks` is that rule. No landmark model is loaded (upstream's DWPose needs
-mmpose's RTMPose), so preparation maps the cascade's box (brows to lower lip/chin) onto that
-geometry with fixed proportions measured on frontal faces: nose at 62 % of the cascade box
-height, chin at 108 %, jaw contour 4 %…96 % of its width; manifest boxes win over both.
+`musetalk_box_from_landmarks` is that rule, applied per frame to dlib's 68 landmarks (same iBUG
+order as upstream's DWPose face keypoints; `landmarks`) and smoothed over time (`smooth_boxes`).
+Where no landmark model is installed (or `face_box="cascade"`), preparation maps the cascade's box
+(brows to lower lip/chin) onto that geometry with fixed proportions measured on frontal faces:
+nose at 62 % of the cascade box height, chin at 108 %, jaw contour 4 %…96 % of its width; manifest
+boxes win over both.
 
 v1.5 crop rule: `extra_margin` = 10 px added to the bottom of the face box (capped at the frame),
 then the crop is resized to 256×256.
@@ -202,6 +205,36 @@ def musetalk_box_from_landmarks(landmarks: np.ndarray, frame_h: int) -> Box | No
     if box[3] - box[1] <= 0 or box[2] - box[0] <= 0 or box[0] < 0:
         return None
     return box
+
+
+def smooth_boxes(boxes: list[Box | None], window_frames: int, max_shift_px: int) -> list[Box | None]:
+    """Per-frame landmark boxes with their jitter damped: each coordinate becomes the mean of that coordinate
+    over a centred window of `window_frames` frames (shorter at the ends and where a faceless frame breaks the
+    run: a box never borrows from across a gap), rounded, but never more than `max_shift_px` from the frame's
+    own box — so a still head's box stops trembling while every box stays within the parity tolerance of
+    upstream's per-frame rule, and real motion is followed at once."""
+    if window_frames <= 1 or max_shift_px <= 0:
+        return list(boxes)
+    half = window_frames // 2
+    out: list[Box | None] = list(boxes)
+    index = 0
+    while index < len(boxes):
+        if boxes[index] is None:
+            index += 1
+            continue
+        end = index
+        while end < len(boxes) and boxes[end] is not None:
+            end += 1
+        run = np.array([boxes[k] for k in range(index, end)], dtype=np.float64)  # [n, 4]
+        sums = np.vstack([np.zeros((1, 4)), np.cumsum(run, axis=0)])
+        for k in range(len(run)):
+            lo, hi = max(0, k - half), min(len(run), k + half + 1)
+            mean = (sums[hi] - sums[lo]) / (hi - lo)
+            shifted = run[k] + np.clip(mean - run[k], -max_shift_px, max_shift_px)
+            x1, y1, x2, y2 = (int(v) for v in np.round(shifted))
+            out[index + k] = (x1, y1, x2, y2)
+        index = end
+    return out
 
 
 def crop_box_v15(face_box: Box, frame_h: int, extra_margin_px: int = EXTRA_MARGIN_PX) -> Box:

@@ -14,6 +14,8 @@ class PrepareProgress:
 
     frames_done: int
     frames_total: int
+    # Where the face boxes come from: "landmarks:dlib-68" (upstream's rule), "cascade" or "manifest".
+    face_box_source: str = ""
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Avatar:
     # to the largest box); None: the compositor's fixed ellipse.
     blend_masks: np.ndarray | None = None
     blend_mask: str = "ellipse"  # "parsed:<mode>" | "ellipse": which mask the compositor uses
+    face_box_source: str = "cascade"  # "landmarks:dlib-68" | "cascade" | "manifest"
+    landmarks: np.ndarray | None = None  # [N, 68, 2] float32 frame px, NaN where a frame has none
 
     @property
     def frame_count(self) -> int:

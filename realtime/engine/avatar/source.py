@@ -16,12 +16,14 @@ import io
 import json
 import re
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from realtime.engine.avatar.workers import prepare_threads
 from realtime.engine.errors import (
     AvatarManifestInvalid,
     AvatarMixedSizes,
@@ -192,19 +194,26 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
         frames: list[np.ndarray] = []
         budget = _PixelBudget(limits, name)
         scale = 1.0
-        for info in images:
-            try:
-                payload = archive.read(info)
-            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
-                raise AvatarUnreadableImage(f"{info.filename} cannot be read from the zip ({exc})") from exc
-            frame, scale = _decode_image_scaled(payload, info.filename, limits)
-            del payload
-            if (
-                not frames
-            ):  # all frames have one size: the first one prices the whole set before the rest decode
-                budget.check_total(len(images), frame.shape[1], frame.shape[0])
-            budget.charge(frame)
-            frames.append(frame)
+        # Members are read here (one zip handle) and decoded on threads (OpenCV releases the GIL), a few per
+        # thread at a time so the pixel budget is charged before many more frames decode. The first frame
+        # decodes alone: all frames have one size, so it prices the whole set before the rest decode.
+        threads = prepare_threads()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="avatar-decode") as pool:
+            start = 0
+            while start < len(images):
+                chunk = images[start : start + (1 if start == 0 else threads * 2)]
+                payloads = [(_read_member(archive, info), info.filename) for info in chunk]
+                decoded = list(
+                    pool.map(lambda item: _decode_image_scaled(item[0], item[1], limits), payloads)
+                )
+                del payloads
+                for frame, frame_scale in decoded:
+                    if not frames:
+                        budget.check_total(len(images), frame.shape[1], frame.shape[0])
+                    budget.charge(frame)
+                    frames.append(frame)
+                    scale = frame_scale
+                start += len(chunk)
         names = [info.filename for info in images]
         boxes = _read_manifest(archive, manifest_info, names) if manifest_info is not None else []
         if scale != 1.0:  # the manifest's boxes are in the stored frames' pixels: scale them with the frames
@@ -220,6 +229,13 @@ def _decode_zip(data: bytes, limits: SourceLimits, name: str) -> DecodedAvatar:
                 for box in boxes
             ]
     return DecodedAvatar("frames_zip", frames, names, boxes)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+        raise AvatarUnreadableImage(f"{info.filename} cannot be read from the zip ({exc})") from exc
 
 
 def _read_manifest(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ from realtime.engine.artifacts import (
 from realtime.engine.audio.framing import SAMPLES_PER_FRAME
 from realtime.engine.audio.levels import frame_rms_dbfs, speech_weights
 from realtime.engine.audio.stream import AudioFeatureStream, FeatureFrame
-from realtime.engine.avatar.prepare import prepare_avatar
+from realtime.engine.avatar.prepare import load_face_box_models, prepare_avatar
 from realtime.engine.avatar.prepared import Avatar, PrepareProgress
 from realtime.engine.errors import RenderRequestInvalid
 from realtime.engine.groupnorm import set_group_norm_mode
@@ -499,6 +500,11 @@ class MuseTalkEngine(EngineBase):
             stream.push(np.random.default_rng(0).uniform(-0.1, 0.1, 8 * SAMPLES_PER_FRAME).astype(np.float32))
             stream.pull()
         self.synchronize()
+        # The landmark model (~100 MB) loads on a thread: a first avatar need not load it, and readiness does
+        # not wait for it (a prepare that starts meanwhile waits on the loader's lock).
+        threading.Thread(
+            target=load_face_box_models, args=(self._config.prepare,), name="landmark-model-load", daemon=True
+        ).start()
         self._warm_up_batch_ms = timed
         return (time.perf_counter() - started) * 1000
 

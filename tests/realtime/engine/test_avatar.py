@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from realtime.engine.avatar.face import EXTRA_MARGIN_PX
+from realtime.engine.avatar.prepare import FACE_BOX_LANDMARKS
 from realtime.engine.avatar.prepared import Avatar
 from realtime.engine.avatar.source import decode_source
 from realtime.engine.errors import (
@@ -66,7 +67,8 @@ def test_second_prepare_of_the_same_bytes_is_a_cache_hit(
     again: list[PrepareProgress] = []
     second = preview_engine.prepare_avatar(data, on_progress=again.append)
     assert second.cache_hit and second.key == first.key and second.cache_dir == first.cache_dir
-    assert again == [PrepareProgress(5, 5)]
+    assert first.face_box_source == FACE_BOX_LANDMARKS
+    assert again == [PrepareProgress(5, 5, FACE_BOX_LANDMARKS)]
     np.testing.assert_array_equal(second.frames, first.frames)
     other = preview_engine.prepare_avatar(frames_zip(frames[:4]))
     assert not other.cache_hit and other.key != first.key

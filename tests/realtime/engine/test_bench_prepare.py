@@ -22,6 +22,8 @@ def test_prepare_benchmark_measures_cold_and_cached(
     assert prepare["blend_mask"] == "parsed:jaw" and prepare["cached_hit"] is True
     assert prepare["parse_s"] > 0 and prepare["vae_encode_s"] > 0
     assert 0 < prepare["cached_s"] < prepare["cold_s"]
+    assert prepare["face_box_source"] == "landmarks:dlib-68"
+    assert set(prepare["stage_ms"]) == {"decode", "face_boxes", "latents", "parse"}
 
 
 def test_prepare_benchmark_refuses_nonsense_sizes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -252,11 +252,18 @@ def test_without_face_parse_weights_the_ellipse_is_used_and_said(
     assert (
         document["face_parsing"]["present"] is False and document["face_parsing"]["blend_mask"] == "ellipse"
     )
-    assert document["face_box"]["source"] == "cascade" and document["face_box"]["dwpose_present"] is False
+    assert (
+        document["face_box"]["source"] == "landmarks:dlib-68"
+        and document["face_box"]["dwpose_present"] is False
+    )
+    landmark_model = document["face_box"]["landmark_model"]
+    assert landmark_model["usable"] is True and landmark_model["file"].endswith("68_face_landmarks.dat")
+    assert "commercial" in landmark_model["licence"]
     (model_copy / "dwpose").mkdir()
     (model_copy / "dwpose" / "dw-ll_ucoco_384.pth").write_bytes(b"rtmpose")
     assert main(["models", "check", "--model-dir", str(model_copy), "--device", "cpu"]) == 0
-    assert "face box: cascade" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "face box: landmarks:dlib-68" in printed and "landmark model: dlib 68-point" in printed
     face_box = check_model_dir(model_copy).to_json()["face_box"]
     assert (
         face_box["dwpose_present"] is True

@@ -38,6 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from realtime.engine.avatar.landmarks import (
+    LANDMARK_MODEL_LICENCE,
+    LANDMARK_MODEL_NAME,
+    landmark_availability,
+)
 from realtime.engine.errors import ModelConfigInvalid, ModelError, ModelFileCorrupt, ModelFilesMissing
 
 DEFAULT_MODEL_DIR = Path("models")
@@ -206,15 +211,29 @@ class ModelCheckReport:
 
 
 def face_box_status(model_dir: Path) -> dict[str, Any]:
-    """Which face box preparation computes, and whether upstream's landmark model is in the model dir."""
+    """Which face box preparation computes (with the default `face_box="auto"`), from which landmark model,
+    and whether upstream's own landmark model is in the model dir."""
     dwpose = Path(model_dir) / DWPOSE_WEIGHTS
-    return {
-        "source": FACE_BOX_CASCADE,
-        "detail": "LBP cascade box mapped onto upstream's landmark geometry (avatar manifest boxes win)",
+    landmarks = landmark_availability()
+    status: dict[str, Any] = {
+        "source": f"landmarks:{LANDMARK_MODEL_NAME}" if landmarks.usable else FACE_BOX_CASCADE,
+        "detail": (
+            "upstream's box from 68 landmarks per frame (dlib's shape predictor), smoothed over 5 frames "
+            "(at most 2 px); the cascade mapping where a frame has none (avatar manifest boxes win)"
+            if landmarks.usable
+            else "LBP cascade box mapped onto upstream's landmark geometry (avatar manifest boxes win)"
+        ),
+        "landmark_model": {
+            "usable": landmarks.usable,
+            "file": str(landmarks.model_file) if landmarks.model_file else None,
+            "detail": landmarks.why,
+            "licence": LANDMARK_MODEL_LICENCE,
+        },
         "dwpose_present": dwpose.is_file(),
         "dwpose_used": False,
         "why": f"{DWPOSE_WEIGHTS} is an mmpose RTMPose checkpoint, which this engine does not implement",
     }
+    return status
 
 
 @dataclass(frozen=True)
