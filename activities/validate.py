@@ -36,6 +36,7 @@ from skimage.feature import Cascade
 from skimage.transform import rescale
 
 from activities.errors import AssetError
+from realtime.engine.avatar.landmarks import detect_face_rect, landmark_availability
 from realtime.engine.avatar.source import IGNORED_ENTRY
 from workflows.contracts import ErrorCode, FaceBox
 from workflows.policy import FrameLimits, VideoLimits, ZipLimits
@@ -286,7 +287,9 @@ def _check_side(name: str, width: int, height: int, limits: FrameLimits) -> None
 
 
 def _require_face(rgb: np.ndarray, name: str) -> FaceBox:
-    face = detect_face(rgb)
+    # Preparation finds faces with the landmark detector where it is installed, which accepts turned and
+    # tilted heads the frontal cascade misses: validation must not refuse an avatar preparation would take.
+    face = detect_face(rgb) or _detect_face_with_landmark_detector(rgb)
     if face is None:
         raise AssetError(ErrorCode.NO_FACE, f"no frontal face found in {name}; the avatar must show one")
     return face
@@ -313,6 +316,16 @@ def detect_face(rgb: np.ndarray) -> FaceBox | None:
         width_px=round(best["width"] / scale),
         height_px=round(best["height"] / scale),
     )
+
+
+def _detect_face_with_landmark_detector(rgb: np.ndarray) -> FaceBox | None:
+    if not landmark_availability().usable:
+        return None
+    rect = detect_face_rect(rgb)
+    if rect is None:
+        return None
+    left, top, right, bottom = (round(v) for v in rect)
+    return FaceBox(x_px=left, y_px=top, width_px=right - left, height_px=bottom - top)
 
 
 def validate_idle_video(path: Path, video_limits: VideoLimits, frame_limits: FrameLimits) -> FramesReport:

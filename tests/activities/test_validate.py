@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from activities.errors import AssetError
-from activities.validate import FramesReport, natural_key, validate_frames_zip, validate_idle_video
+from activities.validate import (
+    FramesReport,
+    detect_face,
+    natural_key,
+    validate_frames_zip,
+    validate_idle_video,
+)
+from bench.face_box import astronaut_variants
 from tests.support import media
 from tests.support.temporal_harness import fast_policy
 from workflows.contracts import ErrorCode
@@ -42,6 +49,18 @@ def test_good_zip_reports_frames_size_and_face(policy: SessionPolicy, tmp_path: 
     assert report.face is not None
     # The astronaut's face sits in the upper middle of the crop.
     assert 20 < report.face.x_px + report.face.width_px / 2 < 108 and report.face.y_px < 64
+
+
+def test_a_tilted_face_the_cascade_misses_is_found_as_preparation_finds_it(
+    policy: SessionPolicy, tmp_path: Path
+) -> None:
+    """Validation must not refuse an avatar that preparation (the landmark detector) accepts."""
+    frame = astronaut_variants()["tilted-right"]
+    assert detect_face(frame) is None  # the frontal cascade alone misses this head
+    report = check_zip(policy, write(tmp_path, media.zip_of({"0001.png": media.png(frame)})))
+    assert report.face is not None
+    # The astronaut's face, not the suit: its centre in the upper middle of the frame.
+    assert 180 < report.face.x_px + report.face.width_px / 2 < 280 and report.face.y_px < 120
 
 
 def test_natural_order() -> None:

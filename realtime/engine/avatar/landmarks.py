@@ -98,19 +98,54 @@ def landmark_availability() -> LandmarkAvailability:
 
 
 _models: dict[Path, tuple[Any, Any]] = {}
+_detectors: list[Any] = []
 _models_lock = threading.Lock()
+
+
+def _face_detector() -> Any:
+    """dlib's frontal face detector (HOG, built into the library: no model file), once per process."""
+    with _models_lock:
+        if not _detectors:
+            import dlib  # noqa: PLC0415 (heavy native library: loaded on first use)
+
+            _detectors.append(dlib.get_frontal_face_detector())
+        return _detectors[0]
 
 
 def _load(model_file: Path) -> tuple[Any, Any]:
     """(detector, shape predictor), loaded once per process: the predictor file is ~100 MB."""
+    detector = _face_detector()
     with _models_lock:
         loaded = _models.get(model_file)
         if loaded is None:
             import dlib  # noqa: PLC0415 (heavy native library: loaded on first use)
 
-            loaded = (dlib.get_frontal_face_detector(), dlib.shape_predictor(str(model_file)))
+            loaded = (detector, dlib.shape_predictor(str(model_file)))
             _models[model_file] = loaded
         return loaded
+
+
+def detect_face_rect(frame_rgb: np.ndarray, detection_max_side_px: int = 640) -> Rect | None:
+    """The most confident face's detector box in frame pixels, or None (dlib's detector on a frame scaled
+    to at most `detection_max_side_px`; a second, upsampled pass finds faces under its ~80 px window)."""
+    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
+
+    detector = _face_detector()
+    height, width = frame_rgb.shape[:2]
+    scale = min(1.0, detection_max_side_px / max(height, width))
+    small = (
+        frame_rgb
+        if scale == 1.0
+        else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    )
+    small = np.ascontiguousarray(small)
+    found, scores, _ = detector.run(small, 0, 0.0)
+    if len(found) == 0:
+        found, scores, _ = detector.run(small, 1, 0.0)
+    if len(found) == 0:
+        return None
+    best = found[int(np.argmax(scores))]
+    return (best.left() / scale, best.top() / scale, best.right() / scale, best.bottom() / scale)
 
 
 class FaceLandmarker:
@@ -118,27 +153,11 @@ class FaceLandmarker:
 
     def __init__(self, model_file: Path, settings: LandmarkSettings | None = None) -> None:
         self.settings = settings or LandmarkSettings()
-        self._detector, self._predictor = _load(model_file)
+        _, self._predictor = _load(model_file)
 
     def detect(self, frame_rgb: np.ndarray) -> Rect | None:
         """The most confident face's detector box in frame pixels, or None."""
-        import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
-
-        height, width = frame_rgb.shape[:2]
-        scale = min(1.0, self.settings.detection_max_side_px / max(height, width))
-        small = (
-            frame_rgb
-            if scale == 1.0
-            else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        )
-        small = np.ascontiguousarray(small)
-        found, scores, _ = self._detector.run(small, 0, 0.0)
-        if len(found) == 0:  # small faces: the detector's window is ~80 px
-            found, scores, _ = self._detector.run(small, 1, 0.0)
-        if len(found) == 0:
-            return None
-        best = found[int(np.argmax(scores))]
-        return (best.left() / scale, best.top() / scale, best.right() / scale, best.bottom() / scale)
+        return detect_face_rect(frame_rgb, self.settings.detection_max_side_px)
 
     def shape(self, frame_rgb: np.ndarray, rect: Rect) -> np.ndarray:
         """The 68 landmarks fitted in `rect`, float `[68, 2]` frame pixels (x, y)."""
