@@ -83,6 +83,7 @@ class PublisherContext:
     video_delay_ms: float
     max_video_bitrate_bps: int
     renew_audio_after_stall_ms: float
+    idle_audio_reserve_ms: int = 300  # see LiveKitPublisherOptions
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def _open_livekit(target: LiveKitTarget, context: PublisherContext) -> OpenedPub
         video_delay_ms=context.video_delay_ms,
         max_video_bitrate_bps=context.max_video_bitrate_bps,
         renew_audio_after_stall_ms=context.renew_audio_after_stall_ms,
+        idle_audio_reserve_ms=context.idle_audio_reserve_ms,
     )
     return OpenedPublisher(LiveKitPublisher(target, options), target.room)
 

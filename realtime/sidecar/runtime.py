@@ -104,11 +104,15 @@ class RuntimeSamples:
     render_slack_ms: deque[float] = field(init=False)
     # the lead each utterance's first tick was planned with
     planned_budget_ms: deque[float] = field(init=False)
+    # per utterance played out: playback_finished's send time minus when the output says its last speech
+    # sample is heard (+ = the event came late)
+    finished_error_ms: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.lateness_ms = deque(maxlen=self.window)
         self.render_slack_ms = deque(maxlen=self.window)
         self.planned_budget_ms = deque(maxlen=self.window)
+        self.finished_error_ms = deque(maxlen=self.window)
 
 
 @dataclass
@@ -664,6 +668,7 @@ class SessionRuntime:
 
         def fire() -> None:
             if self._pending_finished.pop(uid, None) is not None:
+                self._record_finished_error(uid)
                 self._notify_finished(item)
 
         self._pending_finished[uid] = (
@@ -671,6 +676,16 @@ class SessionRuntime:
             item,
             audio_end_s,
         )
+
+    def _record_finished_error(self, utterance_id: int) -> None:
+        """How far from the moment the outputs say the utterance's last speech sample is heard its
+        playback_finished goes out, on this clock (the first output that says so)."""
+        for publisher in self.publishers:
+            heard_at = getattr(publisher, "speech_heard_at_s", None)
+            heard_at_s = heard_at(utterance_id) if callable(heard_at) else None
+            if heard_at_s is not None:
+                self.samples.finished_error_ms.append((self._clock() - float(heard_at_s)) * 1000.0)
+                return
 
     def _notify_started_now(self, utterance: Utterance, frame_id: int) -> None:
         for listener in list(self._listeners):
@@ -714,6 +729,9 @@ class SessionRuntime:
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))
+        if samples.finished_error_ms:
+            extra["playback_finished_error_ms_last"] = samples.finished_error_ms[-1]
+            extra["playback_finished_error_ms_max_abs"] = max(abs(v) for v in samples.finished_error_ms)
         extra.update(self.ingest_warnings)
         for ps in publisher_stats:
             extra[f"{ps.name}_frames_published"] = float(ps.frames_published)
