@@ -103,7 +103,13 @@ def on_core_0(argv: list[str]) -> list[str]:
 
 class Sidecar:
     def __init__(
-        self, work_dir: Path, livekit_url: str, *, pinned: bool = False, renew_after_stall_ms: float = 0.0
+        self,
+        work_dir: Path,
+        livekit_url: str,
+        *,
+        pinned: bool = False,
+        renew_after_stall_ms: float = 0.0,
+        idle_audio_reserve_ms: int = 300,
     ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
@@ -115,6 +121,7 @@ class Sidecar:
             "--port", str(self.port), "--engine", "preview", "--device", "cpu",
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
+            "--idle-audio-reserve-ms", str(idle_audio_reserve_ms),
             "--dev-api", "--dev-avatar-dir", str(work_dir), "--dev-livekit-url", livekit_url,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
@@ -238,7 +245,11 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
     sidecar = Sidecar(
-        work_dir, config.ws_url, pinned=args.cpu_hog, renew_after_stall_ms=args.renew_audio_after_stall_ms
+        work_dir,
+        config.ws_url,
+        pinned=args.cpu_hog,
+        renew_after_stall_ms=args.renew_audio_after_stall_ms,
+        idle_audio_reserve_ms=args.idle_audio_reserve_ms,
     )
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
     hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
@@ -334,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
     )
     parser.add_argument(
-        "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
+        "--renew-audio-after-stall-ms", type=float, default=0.0, help="the sidecar's flag (0 = off)"
     )
+    parser.add_argument("--idle-audio-reserve-ms", type=int, default=300, help="the sidecar's flag (0 = off)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -366,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
             "cpu_hog": args.cpu_hog,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
+            "idle_audio_reserve_ms": args.idle_audio_reserve_ms,
             "notes": args.notes,
         },
         "summary": {
@@ -380,6 +393,18 @@ def main(argv: list[str] | None = None) -> int:
             "playback_finished_error_ms_p99": _pct([abs(row["finished_error_ms"]) for row in clean_ok], 99),
             "utterances_measured": len(clean),
             "utterances_measured_stalled": len(stalled),
+            # The sidecar's own clock (its session stats): frames whose send-side A/V offset was past one
+            # frame, playback_finished vs its own account of when the last speech sample is heard, how long
+            # speech still entered WebRTC after an interrupt, and real time its audio source sent nothing.
+            "send_av_offset_alarm_fraction": round(
+                extra.get("livekit_av_offset_alarms", 0.0)
+                / max(1.0, extra.get("livekit_av_offset_frames", 0.0)),
+                4,
+            ),
+            "send_playback_finished_error_ms_max_abs": extra.get("playback_finished_error_ms_max_abs"),
+            "send_interrupt_tail_ms_max": extra.get("livekit_audio_interrupt_tail_ms_max"),
+            "audio_pulls_missed_ms": extra.get("livekit_audio_pulls_missed_ms", 0.0),
+            "audio_idle_reserve_clears": extra.get("livekit_audio_idle_reserve_clears", 0.0),
             "audio_track_renewals": extra.get("livekit_audio_track_renewals", 0.0),
             "audio_resync_dropped_samples": extra.get("livekit_audio_resync_dropped_samples", 0.0),
             # The subscriber's mean jitter-buffer delay per run (audio; video): what its audio path adds.
