@@ -625,7 +625,8 @@ class LiveKitPublisher:
             self._queued_speech.popleft()  # started playing: published for good
         if published_speech:
             self._queued_speech.append((decision.start_s, published_speech))
-            # Speech sits at the head of the tick (a last tick is padded after it): it ends that far into `kept`.
+            # Speech sits at the head of the tick (a last tick is padded after it): it ends that far into
+            # `kept`.
             speech_playout = round(tick.speech_samples * PLAYOUT_SAMPLE_RATE_HZ / TIMELINE_SAMPLE_RATE_HZ)
             kept_speech = min(len(kept), max(0, speech_playout - decision.drop_samples))
             self._speech_end_s = decision.start_s + kept_speech / PLAYOUT_SAMPLE_RATE_HZ
