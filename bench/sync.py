@@ -19,9 +19,14 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
 Figures (docs/audio-protocol.md §4.1 method, tests/support/avcheck.py): per utterance the median
 A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
 percentiles of |median offset| over the clean utterances, `_stalled` over the stalled run;
-`interrupt_silence_ms_*`: interrupt sent → arrival of the last audible audio chunk;
+`interrupt_silence_ms_*`: interrupt sent → play time of the last audible audio chunk (its
+arrival, a starved reader's bursts undone: tests/support/avcheck.py);
 `playback_finished_error_ms_p99`: |playback_finished arrival − the subscriber's play time of the
-utterance's last sample| (clean utterances).
+utterance's last sample| (clean utterances). `send_*` figures are the sidecar's own (its session
+stats): the fraction of frames whose send-side A/V offset was past one frame, playback_finished
+vs its own account of when the last speech sample is heard, how long speech still entered WebRTC
+after an interrupt. `subscriber_jitter_buffer_ms` is the subscriber's mean audio (and video)
+jitter-buffer delay per run: how much a stall made its audio path grow.
 """
 
 from __future__ import annotations
@@ -282,7 +287,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         )
         clean: list[Spoken] = []
         stalled: list[Spoken] = []
-        silences_ms: list[float] = []
+        interrupted_at_s: list[float] = []
         phases: dict[str, tuple[float, float]] = {}  # run -> (start, end), for the subscriber's jitter buffer
         async with websockets.connect(url) as ws:
             await next_of(ws, "ready")
@@ -308,9 +313,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 await ws.send(json.dumps({"type": "interrupt"}))
                 await next_of(ws, "playback_finished")
                 await asyncio.sleep(1.0)
-                audible = [t for t, chunk in recorder.audio_chunks if t > interrupted_at - 1.0 and
-                           np.abs(chunk).max() > 0.01 * 32768]  # fmt: skip
-                silences_ms.append(round((max(audible) - interrupted_at) * 1000.0, 1) if audible else 0.0)
+                interrupted_at_s.append(interrupted_at)
         async with httpx.AsyncClient(timeout=10, trust_env=False, headers=service_headers()) as client:
             stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
     finally:
@@ -321,6 +324,13 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         sidecar.stop()
         server.stop()
     clean_rows = [measure(recorder, spoken) for spoken in clean]
+    # Interrupt sent -> the subscriber's last audible audio (play time of its loud chunks: avcheck).
+    plays_s = recorder.chunk_play_times()
+    loud = np.array([np.abs(chunk).max() > 0.01 * 32768 for _, chunk in recorder.audio_chunks])
+    silences_ms: list[float] = []
+    for at_s in interrupted_at_s:
+        heard = plays_s[loud & (plays_s > at_s - 1.0) & (plays_s < at_s + 1.0)]
+        silences_ms.append(round((float(heard.max()) - at_s) * 1000.0, 1) if heard.size else 0.0)
     stalled_rows = [measure(recorder, spoken) | {"measured": spoken.measured} for spoken in stalled]
     jitter_ms = {
         run: mean_jitter_delay_ms(recorder.jitter, "audio", *span) for run, span in phases.items()
