@@ -718,6 +718,11 @@ class LiveKitPublisher:
         extra["av_offset_ms"] = round(offset_ms, 3)
         extra["av_offset_ms_min"] = round(min(extra.get("av_offset_ms_min", offset_ms), offset_ms), 3)
         extra["av_offset_ms_max"] = round(max(extra.get("av_offset_ms_max", offset_ms), offset_ms), 3)
+        # Past what a stall in speech may leave until the next silence (LATE_SPEECH_TOLERANCE_SAMPLES).
+        if abs(offset_ms) > LATE_SPEECH_TOLERANCE_SAMPLES * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ:
+            extra["av_offset_frames_past_late_speech"] = (
+                extra.get("av_offset_frames_past_late_speech", 0.0) + 1
+            )
         if abs(offset_ms) <= self.options.av_offset_alarm_ms:
             return
         extra["av_offset_alarms"] = extra.get("av_offset_alarms", 0.0) + 1

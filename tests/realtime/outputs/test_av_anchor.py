@@ -192,6 +192,8 @@ async def test_the_send_side_av_offset_is_measured_per_frame_and_alarms_past_its
     assert extra["av_offset_ms_min"] == pytest.approx(0.0, abs=0.01)
     assert extra["av_offset_ms"] == pytest.approx(90.0, abs=0.01)
     assert extra["av_offset_alarms"] == 1
+    assert extra["av_offset_frames"] == 3
+    assert extra["av_offset_frames_past_late_speech"] == 1  # 90 ms: past the 80 ms a stall in speech may keep
     await publisher.close()
 
 
