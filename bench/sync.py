@@ -288,6 +288,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         clean: list[Spoken] = []
         stalled: list[Spoken] = []
         interrupted_at_s: list[float] = []
+        round_trips_ms: list[float] = []
         phases: dict[str, tuple[float, float]] = {}  # run -> (start, end), for the subscriber's jitter buffer
         async with websockets.connect(url) as ws:
             await next_of(ws, "ready")
@@ -312,6 +313,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 interrupted_at = time.monotonic()
                 await ws.send(json.dumps({"type": "interrupt"}))
                 await next_of(ws, "playback_finished")
+                # interrupt sent -> its playback_finished back: bounds the sidecar's share of the silence
+                round_trips_ms.append(round((time.monotonic() - interrupted_at) * 1000.0, 1))
                 await asyncio.sleep(1.0)
                 interrupted_at_s.append(interrupted_at)
         async with httpx.AsyncClient(timeout=10, trust_env=False, headers=service_headers()) as client:
@@ -341,6 +344,11 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "clean": clean_rows,
         "stalled": stalled_rows,
         "interrupt_silence_ms": silences_ms,
+        "interrupt_round_trip_ms": round_trips_ms,
+        # the subscriber's audio jitter-buffer delay in the second before each interrupt
+        "interrupt_jitter_ms": [
+            mean_jitter_delay_ms(recorder.jitter, "audio", at_s - 1.0, at_s) for at_s in interrupted_at_s
+        ],
         "stats": stats,
         "jitter_ms": jitter_ms,
     }
@@ -425,7 +433,20 @@ def main(argv: list[str] | None = None) -> int:
         "results": [
             *({"run": "clean", **row} for row in raw["clean"]),
             *({"run": "stalled", **row} for row in raw["stalled"]),
-            *({"run": "interrupt", "silence_ms": value} for value in raw["interrupt_silence_ms"]),
+            *(
+                {
+                    "run": "interrupt",
+                    "silence_ms": value,
+                    "round_trip_ms": round_trip_ms,
+                    "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
+                }
+                for value, round_trip_ms, jitter_ms in zip(
+                    raw["interrupt_silence_ms"],
+                    raw["interrupt_round_trip_ms"],
+                    raw["interrupt_jitter_ms"],
+                    strict=True,
+                )
+            ),
         ],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
