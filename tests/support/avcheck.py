@@ -309,13 +309,17 @@ def av_offset(
         audio_time = recorder.audio_play_time(np.array([lag + k * SAMPLES_PER_FRAME_48K]))[0]
         offsets.append((frame.arrival_s - audio_time) * 1000.0)
     # The frame that shows the onset; a subscriber under load may have dropped it (its decoder queue
-    # overflowed):
-    # then the nearest received frame within two frames stands in, measured at its own first sample.
+    # overflowed): then the nearest received frame within two frames stands in, measured at its own first
+    # sample. None of them received: KeyError (the onset frame's id), as for any frame looked up.
     onset_k = onset // SAMPLES_PER_FRAME_48K
-    k = min(
+    nearest = min(
         (k for k in range(onset_k - 2, onset_k + 3) if start_frame_id + k in by_id),
         key=lambda k: abs(k - onset_k),
+        default=None,
     )
+    if nearest is None:
+        raise KeyError(start_frame_id + onset_k)
+    k = nearest
     onset_frame = by_id[start_frame_id + k]
     if k != onset_k:
         onset = k * SAMPLES_PER_FRAME_48K
