@@ -147,6 +147,8 @@ class LiveKitPublisherOptions:
     renew_audio_after_stall_ms: float = 0.0
     renew_audio_idle_ms: float = 300.0
     renew_audio_min_interval_s: float = 2.0
+    # How long the old and the new audio track both carry the source's audio (see `_renew_audio_track`).
+    renew_audio_overlap_s: float = 1.0
 
     def __post_init__(self) -> None:
         # WebRTC encoders need >= 16 px; I420 needs even dimensions.
@@ -383,10 +385,10 @@ class LiveKitPublisher:
         to the stall late. Their jitter buffers (NetEq) raise their target delay on that and keep it for many
         seconds, so the audio plays that much behind the video, whose capture timestamps follow the clock (the
         video's jitter buffer does not grow), and nothing the sender queues afterwards can bring it back. A
-        new track (a new SSRC) starts a new jitter buffer at its normal depth. Renewing in speech cuts words
-        at every receiver (it takes a resubscription), so the renewal waits until no speech has entered
-        WebRTC for `renew_audio_idle_ms` (the tail has played out at receivers); an utterance that starts
-        first defers it."""
+        new track (a new SSRC) starts a new jitter buffer at its normal depth. A receiver switches to the new
+        track at a resubscription, so the renewal waits until no speech has entered WebRTC for
+        `renew_audio_idle_ms` (the tail has played out at receivers; an utterance that starts first defers
+        it), and the old track carries the audio until receivers have the new one (`_renew_audio_track`)."""
         threshold_ms = self.options.renew_audio_after_stall_ms
         if threshold_ms and stall_ms >= threshold_ms:
             if not self._renew_wanted:
@@ -405,12 +407,17 @@ class LiveKitPublisher:
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_audio_track(self._room))
 
     async def _renew_audio_track(self, room: rtc.Room) -> None:
-        old, self._audio_track = self._audio_track, None  # no calibration against a track being replaced
+        """Make before break: the new track is published on the same source first, so both carry the
+        source's audio (every pull goes to every track of the source) while receivers subscribe to the new
+        one, and the old one goes `renew_audio_overlap_s` later. A receiver that follows the newest track
+        (browsers, `avcheck.RoomRecorder`) hears no gap even when an utterance starts meanwhile."""
+        old = self._audio_track
         extra = self._stats.extra
         try:
+            await self._publish_audio_track(room)  # from here on the new track's count calibrates the model
+            await asyncio.sleep(self.options.renew_audio_overlap_s)
             if old is not None and old.sid:
                 await room.local_participant.unpublish_track(old.sid)
-            await self._publish_audio_track(room)
             extra["audio_track_renewals"] = extra.get("audio_track_renewals", 0.0) + 1
             logger.info("audio track renewed after a stall", extra={"room": self.target.room})
         except Exception as exc:
