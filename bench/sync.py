@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 key: None if value is None else round(value, 1) for key, value in raw["jitter_ms"].items()
             },
         },
+        "sidecar_stats": raw["stats"],  # the session's stats at the end of the run, as the sidecar reported
         "results": [
             *({"run": "clean", **row} for row in raw["clean"]),
             *({"run": "stalled", **row} for row in raw["stalled"]),
