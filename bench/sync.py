@@ -9,8 +9,9 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
 
 - clean: `--utterances` utterances, nothing injected;
 - stalled: `--utterances` utterances, each preceded by a SIGSTOP of the whole sidecar process
-  (`--stall-ms`) while idle, and every fourth one stalled again in the middle of its speech
-  (that one is not measured: its own audio and video lose the stall; the ones after it are);
+  (`--stall-ms`) while idle, and every `--stall-in-speech-every`th one (4; 0 = none) stalled
+  again in the middle of its speech (that one is not measured: its own audio and video lose the
+  stall; the ones after it are);
 - interrupts: `--interrupts` utterances sent at once and cut by `{"type":"interrupt"}` after 1 s.
 
 `--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
@@ -212,7 +213,13 @@ async def speak(ws: Any, clip: Clip, stall: Any = None) -> Spoken:
 
 
 def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
-    from tests.support.avcheck import align, av_offset, envelope_correlation, speech_onset  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.avcheck import (  # noqa: PLC0415 (tests/ is not installed with the package)
+        align,
+        av_offset,
+        envelope_correlation,
+        mean_jitter_delay_ms,
+        speech_onset,
+    )
 
     sent48 = spoken.clip.at_48k()
     arrivals = np.array([arrival for arrival, _ in recorder.audio_chunks])
@@ -227,7 +234,10 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
     except KeyError as exc:  # the subscriber lost that frame (its decoder queue overflowed under load)
         return {"error": f"frame {exc} not received"}
     end_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
+    jitter_ms = mean_jitter_delay_ms(recorder.jitter, "audio", spoken.sent_at_s, spoken.finished_at_s)
     return {
+        # the subscriber's audio jitter-buffer delay while it played
+        "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
         "median_ms": round(offset.median_ms, 1),
         "onset_ms": round(offset.onset_ms, 1),
         "envelope_r": round(envelope_correlation(recorder.audio(), sent48, lag), 3),
@@ -298,10 +308,15 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.3)
             phases["clean"] = (started_s, time.monotonic())
             started_s = time.monotonic()
+            every = args.stall_in_speech_every
             for index in range(args.utterances):
                 await asyncio.to_thread(sidecar.stall, args.stall_ms / 1000.0)  # while idle
                 await asyncio.sleep(0.3)
-                mid = (lambda: sidecar.stall(args.stall_ms / 1000.0)) if index % 4 == 3 else None
+                mid = (
+                    (lambda: sidecar.stall(args.stall_ms / 1000.0))
+                    if every and index % every == every - 1
+                    else None
+                )
                 stalled.append(await speak(ws, clips[index % len(clips)], stall=mid))
                 await asyncio.sleep(0.3)
             phases["stalled"] = (started_s, time.monotonic())
@@ -360,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupts", type=int, default=10)
     parser.add_argument("--stall-ms", type=float, default=250.0)
     parser.add_argument(
+        "--stall-in-speech-every",
+        type=int,
+        default=4,
+        help="stalled-run utterances stalled mid-speech (0 = none)",
+    )
+    parser.add_argument(
         "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
     )
     parser.add_argument(
@@ -392,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "interrupts": args.interrupts,
             "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run "
             "utterance "
-            "(idle) and in the middle of every fourth one (not measured)",
+            f"(idle) and in the middle of every {args.stall_in_speech_every}th one (not measured; 0 = none)",
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
             "cpu_hog": args.cpu_hog,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
