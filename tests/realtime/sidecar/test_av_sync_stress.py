@@ -27,8 +27,10 @@ load and still catch a real regression: every utterance after the stalls is hear
 many audible 10 ms windows reach the subscriber as the speech has: robust to the time-stretching of a
 starved subscriber's jitter buffer, which the envelope correlation is not), the two after the stall in
 silence within `MAX_SUBSCRIBER_OFFSET_MS` (a slip that never recovers, as before the re-anchoring, went
-on growing to seconds), and the offset grows by at most `MAX_SUBSCRIBER_GROWTH_MS` from the first
-utterance after the stalls to the last.
+on growing to seconds). Not asserted: that the subscriber's offset stays flat from one utterance to the
+next. Under load its own audio jitter buffer grows by itself (90 -> 390 ms over this test while the
+sidecar's send side stayed in step; 360 ms in the agents test, which has no stall), and the offset
+follows it.
 """
 
 from __future__ import annotations
@@ -80,7 +82,6 @@ PULL_NOISE_MS = 50.0  # two readings of the audio source's pulled count, each up
 MIN_HEARD_FRACTION = 0.5  # audible 10 ms windows received / in the speech sent
 AUDIBLE_PEAK = 0.02  # -34 dBFS: speech; silence and Opus' comfort noise stay far below
 MAX_SUBSCRIBER_OFFSET_MS = 1000.0  # the loaded subscriber's own audio jitter buffer alone reached 930 ms
-MAX_SUBSCRIBER_GROWTH_MS = 150.0  # from the first utterance after the stalls to the last
 AFTER_IDLE_STALL = 2  # the last two utterances
 
 
@@ -297,4 +298,3 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
         assert median_ms is None or abs(median_ms) <= MAX_SUBSCRIBER_OFFSET_MS, subscriber
     offsets_ms = [median_ms for median_ms, *_ in measured[2:] if median_ms is not None]
     assert len(offsets_ms) >= 2, subscriber  # a lost onset frame or two, not the whole video
-    assert abs(offsets_ms[-1]) <= abs(offsets_ms[0]) + MAX_SUBSCRIBER_GROWTH_MS, subscriber
