@@ -224,6 +224,7 @@ class LiveKitPublisher:
         self._speech_end_by_utterance: dict[int, float] = {}
         self._last_renew_s = -1e9
         self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
+        self._reserve_held = False  # the previous tick kept the idle reserve queued
         self._last_alarm_log_s = -1e9
         # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none
         # kept.
@@ -586,7 +587,10 @@ class LiveKitPublisher:
         # since, so the tick itself need not be late).
         period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
         idle = tick.speech_samples == 0
-        self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s, idle=idle)
+        stall_ms = (now_s - self._last_tick_at_s - period_s) * 1000.0
+        # A stall the idle reserve covered sent receivers no late audio: nothing to renew.
+        if not (self._reserve_held and stall_ms < self.options.idle_audio_reserve_ms):
+            self._maybe_renew_audio_track(stall_ms, now_s, idle=idle)
         self._last_tick_at_s = now_s
         # Speech is queued until the source has handed its last sample over (in the source's own time): the
         # idle reserve never grows behind it, and is never cleared from under it.
@@ -596,6 +600,7 @@ class LiveKitPublisher:
             reserve_s = max(0.0, self.options.idle_audio_reserve_ms / 1000.0 - self._audio_headroom_s)
         elif not idle and not speech_queued:
             self._clear_idle_reserve(anchor_s, now_s)
+        self._reserve_held = bool(reserve_s)
         decision = self._source_clock.plan(
             anchor_s + reserve_s,
             len(pcm),

@@ -424,3 +424,21 @@ async def test_late_speech_is_time_compressed_in_its_quiet_blocks_not_its_words(
     assert publisher.stats().audio_samples_dropped == 2 * BLOCK // 3  # speech at 16 kHz
     assert_accounting(publisher, 6 * 640)
     await publisher.close()
+
+
+async def test_a_stall_in_silence_the_reserve_covered_asks_for_no_renewal() -> None:
+    """The reserve sent receivers no late audio through it, so there is no jitter buffer to reset; with the
+    reserve off the same stall asks for a renewal."""
+    for reserve_ms, wanted in ((300, 0.0), (0, 1.0)):
+        clock, source = FakeClock(T0_S), _AudioSource("queue")
+        publisher = connected_publisher(source, clock)
+        publisher.options = dataclasses.replace(
+            publisher.options, renew_audio_after_stall_ms=100.0, idle_audio_reserve_ms=reserve_ms
+        )
+        for index in range(10):
+            clock.now_s = T0_S + index * TICK_S
+            await publisher.publish(tick(index, speech=0))
+        clock.now_s = T0_S + 10 * TICK_S + 0.25  # stopped for 250 ms while idle
+        await publisher.publish(tick(10, speech=0))
+        assert publisher.stats().extra.get("audio_track_renewals_wanted", 0.0) == wanted, reserve_ms
+        await publisher.close()
