@@ -115,7 +115,7 @@ class Sidecar:
         *,
         pinned: bool = False,
         renew_after_stall_ms: float = 0.0,
-        idle_audio_reserve_ms: int = 300,
+        idle_audio_reserve_ms: int = 0,
     ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
@@ -384,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
     )
     parser.add_argument(
-        "--renew-audio-after-stall-ms", type=float, default=0.0, help="the sidecar's flag (0 = off)"
+        "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
     )
-    parser.add_argument("--idle-audio-reserve-ms", type=int, default=300, help="the sidecar's flag (0 = off)")
+    parser.add_argument("--idle-audio-reserve-ms", type=int, default=0, help="the sidecar's flag (0 = off)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)

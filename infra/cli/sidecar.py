@@ -116,17 +116,17 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--renew-audio-after-stall-ms",
         type=float,
-        default=0.0,
+        default=100.0,
         help="renew the LiveKit audio track in the next silence after a stall this long, so receivers' "
-        "jitter buffers start afresh (0 = off, the default; docs/audio-protocol.md section 4)",
+        "jitter buffers start afresh (make before break; 0 = off; docs/audio-protocol.md section 4)",
     )
     parser.add_argument(
         "--idle-audio-reserve-ms",
         type=_pull_blocks_ms,
-        default=300,
+        default=0,
         help="silence kept queued in the LiveKit audio source while idle, so that a stall in silence up "
-        "to this long sends receivers no late audio (a multiple of 10; 0 = off; docs/audio-protocol.md "
-        "section 4)",
+        "to this long sends receivers no late audio (a multiple of 10; 0 = off, the default; "
+        "docs/audio-protocol.md section 4)",
     )
     parser.add_argument(
         "--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most"

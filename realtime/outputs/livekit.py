@@ -131,10 +131,12 @@ class LiveKitPublisherOptions:
     # While idle (no speech queued) the source is kept this deep in silence, so that a stall in silence
     # shorter than it (a stopped process, a starved pull thread, a stalled event loop) leaves the sender's
     # RTP clock in step with real time: receivers get no late audio and their jitter buffers do not grow
-    # (see the module docstring). The first speech tick clears that silence. 0 = off.
-    idle_audio_reserve_ms: int = 300
+    # (see the module docstring). The first speech tick clears that silence. 0 = off, the default: with
+    # this SDK a stall in silence did not grow receivers' jitter buffers without it either
+    # (docs/audio-protocol.md section 4).
+    idle_audio_reserve_ms: int = 0
     # The source's capacity: the idle reserve (or the headroom) + two 40 ms ticks (a refill, then a tick).
-    audio_queue_ms: int = 400
+    audio_queue_ms: int = 200
     connect_timeout_s: float = 10.0
     reconnect_backoff_initial_s: float = 0.5
     reconnect_backoff_max_s: float = 5.0
@@ -146,10 +148,9 @@ class LiveKitPublisherOptions:
         0.2  # how often the sender's pulled-audio count re-calibrates the queue model
     )
     # See LiveKitPublisher._maybe_renew_audio_track: a stall this long (a tick that long after its period)
-    # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms`. 0 (off) by default:
-    # on a loaded host the event loop's own stalls renew it too, and an utterance that starts while receivers
-    # resubscribe loses its start at every receiver (docs/audio-protocol.md).
-    renew_audio_after_stall_ms: float = 0.0
+    # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms` (make before break:
+    # `_renew_audio_track`). 0 = off.
+    renew_audio_after_stall_ms: float = 100.0
     renew_audio_idle_ms: float = 300.0
     renew_audio_min_interval_s: float = 2.0
     # How long the old and the new audio track both carry the source's audio (see `_renew_audio_track`).

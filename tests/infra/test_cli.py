@@ -40,6 +40,6 @@ def test_an_idle_audio_reserve_off_the_pull_grid_is_a_usage_error(
 def test_the_idle_audio_reserve_reaches_the_host_config() -> None:
     from infra.cli.sidecar import settings_from_args
 
-    args = build_parser().parse_args(["sidecar", "--idle-audio-reserve-ms", "0"])
-    assert settings_from_args(args).host.idle_audio_reserve_ms == 0
-    assert settings_from_args(build_parser().parse_args(["sidecar"])).host.idle_audio_reserve_ms == 300
+    assert settings_from_args(build_parser().parse_args(["sidecar"])).host.idle_audio_reserve_ms == 0
+    args = build_parser().parse_args(["sidecar", "--idle-audio-reserve-ms", "300"])
+    assert settings_from_args(args).host.idle_audio_reserve_ms == 300

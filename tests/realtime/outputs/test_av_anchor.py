@@ -334,8 +334,10 @@ async def test_silence_is_kept_in_reserve_while_idle_and_cleared_when_speech_sta
     no word dropped."""
     clock, source = FakeClock(T0_S), _AudioSource("queue")
     publisher = connected_publisher(source, clock)
-    reserve_ms = publisher.options.idle_audio_reserve_ms
-    assert reserve_ms >= 250  # covers the 250 ms stalls of the stress test
+    reserve_ms = 300
+    publisher.options = dataclasses.replace(
+        publisher.options, idle_audio_reserve_ms=reserve_ms, audio_queue_ms=reserve_ms + 100
+    )
     await publish_on_time(publisher, clock, range(5))  # speech
     clock.now_s = T0_S + 5 * TICK_S
     await publisher.publish(tick(5, speech=0))
@@ -367,7 +369,9 @@ async def test_a_stall_in_silence_shorter_than_the_reserve_leaves_the_source_a_q
     for reserve_ms, runs_dry in ((300, False), (0, True)):
         clock, source = FakeClock(T0_S), _AudioSource("queue")
         publisher = connected_publisher(source, clock)
-        publisher.options = dataclasses.replace(publisher.options, idle_audio_reserve_ms=reserve_ms)
+        publisher.options = dataclasses.replace(
+            publisher.options, idle_audio_reserve_ms=reserve_ms, audio_queue_ms=max(200, reserve_ms + 100)
+        )
         for index in range(12):
             clock.now_s = T0_S + index * TICK_S
             await publisher.publish(tick(index, speech=0))
@@ -433,7 +437,10 @@ async def test_a_stall_in_silence_the_reserve_covered_asks_for_no_renewal() -> N
         clock, source = FakeClock(T0_S), _AudioSource("queue")
         publisher = connected_publisher(source, clock)
         publisher.options = dataclasses.replace(
-            publisher.options, renew_audio_after_stall_ms=100.0, idle_audio_reserve_ms=reserve_ms
+            publisher.options,
+            renew_audio_after_stall_ms=100.0,
+            idle_audio_reserve_ms=reserve_ms,
+            audio_queue_ms=max(200, reserve_ms + 100),
         )
         for index in range(10):
             clock.now_s = T0_S + index * TICK_S
