@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             "send_playback_finished_error_ms_max_abs": extra.get("playback_finished_error_ms_max_abs"),
             "send_interrupt_tail_ms_max": extra.get("livekit_audio_interrupt_tail_ms_max"),
             "audio_pulls_missed_ms": extra.get("livekit_audio_pulls_missed_ms", 0.0),
-            "audio_idle_reserve_clears": extra.get("livekit_audio_idle_reserve_clears", 0.0),
+            "audio_silence_clears": extra.get("livekit_audio_silence_clears", 0.0),
             "audio_track_renewals": extra.get("livekit_audio_track_renewals", 0.0),
             "audio_resync_dropped_samples": extra.get("livekit_audio_resync_dropped_samples", 0.0),
             # The subscriber's mean jitter-buffer delay per run (audio; video): what its audio path adds.

@@ -25,10 +25,7 @@ drops the late head of its audio (the tick came after its audio was due, or the 
 fell behind real time) or queues silence in front of it (the queue is shallower than the
 anchor wants: the first tick, after a disconnect, an interrupt or a clock restart), so that
 after any stall the audio is back on the video's clock within one 10 ms block at the next
-tick. In speech, audio up to two frames late keeps its words: the tick's quiet 10 ms blocks (a
-pause, the silence before an onset) are dropped instead, as many as it is late, and what no
-pause absorbs waits for the next silence (time compression, `audio_resync_squeezed`).
-Dropped speech is counted (`audio_samples_dropped`, so published + dropped ==
+tick. Dropped speech is counted (`audio_samples_dropped`, so published + dropped ==
 rendered stays exact) and the send-side A/V offset (when the frame was captured, less the
 video delay, minus when its audio entered WebRTC) is measured for every frame and exported
 as `av_offset_ms`, with `av_offset_alarms` counting frames past `av_offset_alarm_ms`.
@@ -92,11 +89,9 @@ PUBLISH_ON_BEHALF_ATTRIBUTE = "lk.publish_on_behalf"
 PULL_BLOCK_SAMPLES = PLAYOUT_SAMPLE_RATE_HZ // 100  # the source hands WebRTC 10 ms per pull
 # Anchor errors below this are left alone: one pull cannot be split, and the queue model is only that precise.
 ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
-# In speech, audio up to two frames late is not dropped from the head (avsync.SourceClock.plan): the tick's
-# quiet blocks absorb the correction (`_squeeze_quiet_blocks`), else the next silence does.
+# In speech, audio up to two frames late is kept (avsync.SourceClock.plan): the next silence absorbs the
+# correction.
 LATE_SPEECH_TOLERANCE_SAMPLES = 2 * 1920
-# A pull block whose peak stays under this (-40 dBFS, int16) is quiet: a stall's late speech may lose it.
-QUIET_BLOCK_PEAK = 328
 # The most a late queue delays the playback events (the re-anchoring corrects anything later within a tick).
 MAX_PLAYOUT_LAG_S = 0.2
 # Utterances whose speech end `speech_heard_at_s` remembers (its playback events come within a second).
@@ -613,22 +608,15 @@ class LiveKitPublisher:
         )
         kept = pcm[decision.drop_samples :]
         # Speech sits at the head of a tick (a last tick is padded at its end): the dropped head is speech
-        # first, and the speech kept is the head of `kept`.
-        speech_playout = tick.speech_samples * PLAYOUT_SAMPLE_RATE_HZ // TIMELINE_SAMPLE_RATE_HZ
-        kept_speech = max(0, speech_playout - decision.drop_samples)
-        squeezed = 0
-        late_samples = round(decision.error_ms * PLAYOUT_SAMPLE_RATE_HZ / 1000.0)
-        if tick.speech_samples and not decision.drop_samples and late_samples >= ANCHOR_TOLERANCE_SAMPLES:
-            kept, kept_speech, squeezed = _squeeze_quiet_blocks(kept, kept_speech, late_samples)
-        dropped_speech = tick.speech_samples - kept_speech * TIMELINE_SAMPLE_RATE_HZ // PLAYOUT_SAMPLE_RATE_HZ
+        # first.
+        dropped_speech = min(
+            tick.speech_samples,
+            round(decision.drop_samples * TIMELINE_SAMPLE_RATE_HZ / PLAYOUT_SAMPLE_RATE_HZ),
+        )
         samples = np.concatenate([np.zeros(decision.pad_samples, dtype=np.int16), kept])
         extra = self._stats.extra
         extra["audio_anchor_error_ms_last"] = round(decision.error_ms, 3)
-        for name, count in (
-            ("dropped", decision.drop_samples),
-            ("padded", decision.pad_samples),
-            ("squeezed", squeezed),
-        ):
+        for name, count in (("dropped", decision.drop_samples), ("padded", decision.pad_samples)):
             if (
                 count
             ):  # audio_resync_{dropped,padded}: re-anchorings; ..._samples: 48 kHz samples they took or added
@@ -650,6 +638,10 @@ class LiveKitPublisher:
             self._queued_speech.popleft()  # started playing: published for good
         if published_speech:
             self._queued_speech.append((decision.start_s, published_speech))
+            # Speech sits at the head of the tick (a last tick is padded after it): it ends that far into
+            # `kept`.
+            speech_playout = round(tick.speech_samples * PLAYOUT_SAMPLE_RATE_HZ / TIMELINE_SAMPLE_RATE_HZ)
+            kept_speech = min(len(kept), max(0, speech_playout - decision.drop_samples))
             self._speech_end_s = decision.start_s + kept_speech / PLAYOUT_SAMPLE_RATE_HZ
             if tick.utterance_id is not None:
                 self._speech_end_by_utterance[tick.utterance_id] = self._speech_end_s
@@ -660,17 +652,20 @@ class LiveKitPublisher:
         return decision.start_s - (anchor_s + decision.drop_samples / PLAYOUT_SAMPLE_RATE_HZ)
 
     def _clear_idle_reserve(self, anchor_s: float, now_s: float) -> None:
-        """Speech starts while the source holds only silence deeper than the anchor wants (the idle reserve):
-        that silence is cleared, so the speech enters WebRTC at its anchor. Clearing the queue moves no RTP
-        timestamp (those count pulled samples): receivers see nothing of it."""
+        """Speech starts while the source holds only silence, deeper than the anchor wants (the idle reserve,
+        or a pull thread that fell behind): that silence is cleared rather than the speech's head dropped,
+        so the speech enters WebRTC at its anchor (or as near as a late tick can). Clearing the queue moves
+        no RTP timestamp (those count pulled samples): receivers see nothing of it."""
         assert self._audio_source is not None
+        if not self._source_clock.queued_samples(now_s):
+            return
         excess_s = self._source_clock.predicted_start_s(now_s) - anchor_s
         if excess_s * PLAYOUT_SAMPLE_RATE_HZ < ANCHOR_TOLERANCE_SAMPLES:
             return
         self._audio_source.clear_queue()
         self._source_clock.cleared(now_s)
         extra = self._stats.extra
-        extra["audio_idle_reserve_clears"] = extra.get("audio_idle_reserve_clears", 0.0) + 1
+        extra["audio_silence_clears"] = extra.get("audio_silence_clears", 0.0) + 1
 
     def speech_heard_at_s(self, utterance_id: int) -> float | None:
         """When the last speech sample of `utterance_id` that this output sent is heard at receivers: when it
@@ -879,28 +874,6 @@ class LiveKitPublisher:
 
     def stats(self) -> PublisherStats:
         return self._stats
-
-
-def _squeeze_quiet_blocks(
-    kept: np.ndarray, kept_speech: int, late_samples: int
-) -> tuple[np.ndarray, int, int]:
-    """Time-compress a speech tick whose audio would enter WebRTC `late_samples` late: drop up to that many
-    samples, in whole pull blocks, from the blocks of `kept` that are quiet (a pause between words, the
-    silence before an onset), so the audio catches up with its video without losing a word. Returns the
-    audio left, how much of its head is still speech, and how many samples were dropped."""
-    quiet = [
-        start
-        for start in range(0, len(kept) - PULL_BLOCK_SAMPLES + 1, PULL_BLOCK_SAMPLES)
-        if int(np.abs(kept[start : start + PULL_BLOCK_SAMPLES].astype(np.int32)).max()) < QUIET_BLOCK_PEAK
-    ][: round(late_samples / PULL_BLOCK_SAMPLES)]
-    if not quiet:
-        return kept, kept_speech, 0
-    keep = np.ones(len(kept), dtype=bool)
-    speech_dropped = 0
-    for start in quiet:
-        keep[start : start + PULL_BLOCK_SAMPLES] = False
-        speech_dropped += min(PULL_BLOCK_SAMPLES, max(0, kept_speech - start))
-    return kept[keep], kept_speech - speech_dropped, len(quiet) * PULL_BLOCK_SAMPLES
 
 
 def _pulled_audio(report: list[stats_pb2.RtcStats]) -> tuple[float, int] | None:
