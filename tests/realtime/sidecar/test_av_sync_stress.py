@@ -18,8 +18,9 @@ and after every utterance), with these tolerances:
 - the stall in speech was seen on the sidecar's clock and the audio track renewed in the silence after a
   stall (sample accounting exact: what the re-anchoring dropped is counted), and the stall in silence cost
   the audio source no pull (receivers got no late audio from it);
-- `playback_finished` left within `FINISHED_TOLERANCE_MS` of the sidecar's own account of when the
-  utterance's last speech sample is heard.
+- `playback_finished` left no earlier than `FINISHED_TOLERANCE_MS` before the sidecar's own account of
+  when the utterance's last speech sample is heard, and no later than that plus the lateness its own
+  clock measured for its ticks (p99): with the hog the event loop runs late, and the event's timer with it.
 
 The subscriber's figures (A/V offset per utterance, method of docs/audio-protocol.md §4.1; its jitter
 buffers) depend on the subscriber, which shares the loaded host (its own audio jitter buffer read
@@ -279,7 +280,11 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
         allowed = (1.0 - MIN_IN_STEP_FRACTION) * frames + (STALL_FRAMES if utterance is stalled else 0)
         assert utterance.delta("livekit_av_offset_frames_past_late_speech") <= allowed, send_side
         error_ms = utterance.after["playback_finished_error_ms_last"]
-        assert abs(error_ms) <= FINISHED_TOLERANCE_MS, send_side
+        loop_late_ms = stats["lateness_ms_p99"] or 0.0
+        assert -FINISHED_TOLERANCE_MS <= error_ms <= FINISHED_TOLERANCE_MS + loop_late_ms, (
+            loop_late_ms,
+            send_side,
+        )
     # The stall in silence cost no pull: the idle reserve held silence for every pull it caught.
     assert idle_missed_ms <= PULL_NOISE_MS, (idle_missed_ms, idle_before, idle_after)
     # Every sample is accounted for: what the re-anchoring dropped is counted, nothing vanished.
