@@ -30,16 +30,19 @@ rendered stays exact) and the send-side A/V offset (when the frame was captured,
 video delay, minus when its audio entered WebRTC) is measured for every frame and exported
 as `av_offset_ms`, with `av_offset_alarms` counting frames past `av_offset_alarm_ms`.
 
-While idle (no speech queued) the source is kept `idle_audio_reserve_ms` deep in silence instead of
-the headroom. The audio RTP timestamps count pulled samples, so a pull that finds the queue dry
-(a stalled event loop, a starved or stopped process) leaves every later packet that much behind
-real time, and receivers' jitter buffers grow on those late packets and keep the delay for many
-seconds. With silence in reserve a stall in silence shorter than the reserve costs no pull (a
-stopped pull thread catches up on queued silence, which DTX hardly sends), so receivers see no
-late audio. Speech never waits behind it: the first speech tick clears the queued silence (a
-clear moves no RTP timestamp) and is anchored as usual; the reserve grows again only once the
-last speech sample has entered WebRTC. `playback_finished` is measured against the output's own
-account of when the utterance's last speech sample is heard (`speech_heard_at_s`).
+After a stall of `renew_audio_after_stall_ms` the audio track is renewed in the next silence,
+make before break (`_maybe_renew_audio_track`, `_renew_audio_track`): audio RTP timestamps
+count pulled samples, so a stalled sender's audio reaches receivers late, their jitter
+buffers grow on it and keep the delay, and only a new track starts them afresh.
+
+With `idle_audio_reserve_ms` (off by default: docs/audio-protocol.md section 4 has the
+measurement) the source is kept that deep in silence while idle (no speech queued) instead of
+the headroom, so that a stall in silence shorter than that finds queued silence for every pull
+it held up (a stopped pull thread catches up on it, and DTX hardly sends silence). Speech never
+waits behind it: the first speech tick clears the queued silence (a clear moves no RTP
+timestamp) and is anchored as usual; the reserve grows again only once the last speech sample
+has entered WebRTC. `playback_finished` is measured against the output's own account of when
+the utterance's last speech sample is heard (`speech_heard_at_s`).
 
 An interrupt clears the source's queue (the speech already queued never goes out) and
 refills it with silence up to the next tick's deadline + headroom: the audio stops at once
