@@ -116,9 +116,10 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--renew-audio-after-stall-ms",
         type=float,
-        default=100.0,
+        default=0.0,
         help="renew the LiveKit audio track in the next silence after a stall this long, so receivers' "
-        "jitter buffers start afresh (make before break; 0 = off; docs/audio-protocol.md section 4)",
+        "jitter buffers start afresh (make before break; 0 = off, the default; docs/audio-protocol.md "
+        "section 4)",
     )
     parser.add_argument(
         "--idle-audio-reserve-ms",

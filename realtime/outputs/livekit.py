@@ -147,8 +147,9 @@ class LiveKitPublisherOptions:
     )
     # See LiveKitPublisher._maybe_renew_audio_track: a stall this long (a tick that long after its period)
     # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms` (make before break:
-    # `_renew_audio_track`). 0 = off.
-    renew_audio_after_stall_ms: float = 100.0
+    # `_renew_audio_track`). 0 = off, the default: a receiver that switches to the new track mid-utterance
+    # (the load's own event-loop stalls renew it too) drops what its old track's jitter buffer held.
+    renew_audio_after_stall_ms: float = 0.0
     renew_audio_idle_ms: float = 300.0
     renew_audio_min_interval_s: float = 2.0
     # How long the old and the new audio track both carry the source's audio (see `_renew_audio_track`).

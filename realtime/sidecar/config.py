@@ -53,7 +53,7 @@ class HostConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     video_delay_ms: float = 40.0  # see realtime.outputs.livekit
     max_video_bitrate_bps: int = 1_500_000
-    renew_audio_after_stall_ms: float = 100.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
+    renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
     idle_audio_reserve_ms: int = 0  # 0 = off; see LiveKitPublisherOptions.idle_audio_reserve_ms
     # An output disconnected this long ends the run `output_failed`, so the workflow moves the session to the
     # policy's next output. Short on purpose: outputs report a broken transport at once (LiveKit's signal
