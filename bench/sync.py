@@ -9,8 +9,9 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
 
 - clean: `--utterances` utterances, nothing injected;
 - stalled: `--utterances` utterances, each preceded by a SIGSTOP of the whole sidecar process
-  (`--stall-ms`) while idle, and every fourth one stalled again in the middle of its speech
-  (that one is not measured: its own audio and video lose the stall; the ones after it are);
+  (`--stall-ms`) while idle, and every `--stall-in-speech-every`th one (4; 0 = none) stalled
+  again in the middle of its speech (that one is not measured: its own audio and video lose the
+  stall; the ones after it are);
 - interrupts: `--interrupts` utterances sent at once and cut by `{"type":"interrupt"}` after 1 s.
 
 `--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
@@ -19,9 +20,14 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
 Figures (docs/audio-protocol.md §4.1 method, tests/support/avcheck.py): per utterance the median
 A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
 percentiles of |median offset| over the clean utterances, `_stalled` over the stalled run;
-`interrupt_silence_ms_*`: interrupt sent → arrival of the last audible audio chunk;
+`interrupt_silence_ms_*`: interrupt sent → play time of the last audible audio chunk (its
+arrival, a starved reader's bursts undone: tests/support/avcheck.py);
 `playback_finished_error_ms_p99`: |playback_finished arrival − the subscriber's play time of the
-utterance's last sample| (clean utterances).
+utterance's last sample| (clean utterances). `send_*` figures are the sidecar's own (its session
+stats): the fraction of frames whose send-side A/V offset was past one frame, playback_finished
+vs its own account of when the last speech sample is heard, how long speech still entered WebRTC
+after an interrupt. `subscriber_jitter_buffer_ms` is the subscriber's mean audio (and video)
+jitter-buffer delay per run: how much a stall made its audio path grow.
 """
 
 from __future__ import annotations
@@ -103,7 +109,13 @@ def on_core_0(argv: list[str]) -> list[str]:
 
 class Sidecar:
     def __init__(
-        self, work_dir: Path, livekit_url: str, *, pinned: bool = False, renew_after_stall_ms: float = 0.0
+        self,
+        work_dir: Path,
+        livekit_url: str,
+        *,
+        pinned: bool = False,
+        renew_after_stall_ms: float = 0.0,
+        idle_audio_reserve_ms: int = 0,
     ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
@@ -115,6 +127,7 @@ class Sidecar:
             "--port", str(self.port), "--engine", "preview", "--device", "cpu",
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
+            "--idle-audio-reserve-ms", str(idle_audio_reserve_ms),
             "--dev-api", "--dev-avatar-dir", str(work_dir), "--dev-livekit-url", livekit_url,
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
@@ -200,7 +213,13 @@ async def speak(ws: Any, clip: Clip, stall: Any = None) -> Spoken:
 
 
 def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
-    from tests.support.avcheck import align, av_offset, envelope_correlation, speech_onset  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.avcheck import (  # noqa: PLC0415 (tests/ is not installed with the package)
+        align,
+        av_offset,
+        envelope_correlation,
+        mean_jitter_delay_ms,
+        speech_onset,
+    )
 
     sent48 = spoken.clip.at_48k()
     arrivals = np.array([arrival for arrival, _ in recorder.audio_chunks])
@@ -215,7 +234,10 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
     except KeyError as exc:  # the subscriber lost that frame (its decoder queue overflowed under load)
         return {"error": f"frame {exc} not received"}
     end_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
+    jitter_ms = mean_jitter_delay_ms(recorder.jitter, "audio", spoken.sent_at_s, spoken.finished_at_s)
     return {
+        # the subscriber's audio jitter-buffer delay while it played
+        "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
         "median_ms": round(offset.median_ms, 1),
         "onset_ms": round(offset.onset_ms, 1),
         "envelope_r": round(envelope_correlation(recorder.audio(), sent48, lag), 3),
@@ -238,7 +260,11 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
     sidecar = Sidecar(
-        work_dir, config.ws_url, pinned=args.cpu_hog, renew_after_stall_ms=args.renew_audio_after_stall_ms
+        work_dir,
+        config.ws_url,
+        pinned=args.cpu_hog,
+        renew_after_stall_ms=args.renew_audio_after_stall_ms,
+        idle_audio_reserve_ms=args.idle_audio_reserve_ms,
     )
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
     hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
@@ -271,7 +297,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         )
         clean: list[Spoken] = []
         stalled: list[Spoken] = []
-        silences_ms: list[float] = []
+        interrupted_at_s: list[float] = []
+        round_trips_ms: list[float] = []
         phases: dict[str, tuple[float, float]] = {}  # run -> (start, end), for the subscriber's jitter buffer
         async with websockets.connect(url) as ws:
             await next_of(ws, "ready")
@@ -281,10 +308,15 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.3)
             phases["clean"] = (started_s, time.monotonic())
             started_s = time.monotonic()
+            every = args.stall_in_speech_every
             for index in range(args.utterances):
                 await asyncio.to_thread(sidecar.stall, args.stall_ms / 1000.0)  # while idle
                 await asyncio.sleep(0.3)
-                mid = (lambda: sidecar.stall(args.stall_ms / 1000.0)) if index % 4 == 3 else None
+                mid = (
+                    (lambda: sidecar.stall(args.stall_ms / 1000.0))
+                    if every and index % every == every - 1
+                    else None
+                )
                 stalled.append(await speak(ws, clips[index % len(clips)], stall=mid))
                 await asyncio.sleep(0.3)
             phases["stalled"] = (started_s, time.monotonic())
@@ -296,10 +328,10 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 interrupted_at = time.monotonic()
                 await ws.send(json.dumps({"type": "interrupt"}))
                 await next_of(ws, "playback_finished")
+                # interrupt sent -> its playback_finished back: bounds the sidecar's share of the silence
+                round_trips_ms.append(round((time.monotonic() - interrupted_at) * 1000.0, 1))
                 await asyncio.sleep(1.0)
-                audible = [t for t, chunk in recorder.audio_chunks if t > interrupted_at - 1.0 and
-                           np.abs(chunk).max() > 0.01 * 32768]  # fmt: skip
-                silences_ms.append(round((max(audible) - interrupted_at) * 1000.0, 1) if audible else 0.0)
+                interrupted_at_s.append(interrupted_at)
         async with httpx.AsyncClient(timeout=10, trust_env=False, headers=service_headers()) as client:
             stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
     finally:
@@ -310,6 +342,13 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         sidecar.stop()
         server.stop()
     clean_rows = [measure(recorder, spoken) for spoken in clean]
+    # Interrupt sent -> the subscriber's last audible audio (play time of its loud chunks: avcheck).
+    plays_s = recorder.chunk_play_times()
+    loud = np.array([np.abs(chunk).max() > 0.01 * 32768 for _, chunk in recorder.audio_chunks])
+    silences_ms: list[float] = []
+    for at_s in interrupted_at_s:
+        heard = plays_s[loud & (plays_s > at_s - 1.0) & (plays_s < at_s + 1.0)]
+        silences_ms.append(round((float(heard.max()) - at_s) * 1000.0, 1) if heard.size else 0.0)
     stalled_rows = [measure(recorder, spoken) | {"measured": spoken.measured} for spoken in stalled]
     jitter_ms = {
         run: mean_jitter_delay_ms(recorder.jitter, "audio", *span) for run, span in phases.items()
@@ -320,6 +359,11 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "clean": clean_rows,
         "stalled": stalled_rows,
         "interrupt_silence_ms": silences_ms,
+        "interrupt_round_trip_ms": round_trips_ms,
+        # the subscriber's audio jitter-buffer delay in the second before each interrupt
+        "interrupt_jitter_ms": [
+            mean_jitter_delay_ms(recorder.jitter, "audio", at_s - 1.0, at_s) for at_s in interrupted_at_s
+        ],
         "stats": stats,
         "jitter_ms": jitter_ms,
     }
@@ -331,11 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupts", type=int, default=10)
     parser.add_argument("--stall-ms", type=float, default=250.0)
     parser.add_argument(
+        "--stall-in-speech-every",
+        type=int,
+        default=4,
+        help="stalled-run utterances stalled mid-speech (0 = none)",
+    )
+    parser.add_argument(
         "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
     )
     parser.add_argument(
         "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
     )
+    parser.add_argument("--idle-audio-reserve-ms", type=int, default=0, help="the sidecar's flag (0 = off)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -362,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
             "interrupts": args.interrupts,
             "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run "
             "utterance "
-            "(idle) and in the middle of every fourth one (not measured)",
+            f"(idle) and in the middle of every {args.stall_in_speech_every}th one (not measured; 0 = none)",
             "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
             "cpu_hog": args.cpu_hog,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
+            "idle_audio_reserve_ms": args.idle_audio_reserve_ms,
             "notes": args.notes,
         },
         "summary": {
@@ -380,6 +432,18 @@ def main(argv: list[str] | None = None) -> int:
             "playback_finished_error_ms_p99": _pct([abs(row["finished_error_ms"]) for row in clean_ok], 99),
             "utterances_measured": len(clean),
             "utterances_measured_stalled": len(stalled),
+            # The sidecar's own clock (its session stats): frames whose send-side A/V offset was past one
+            # frame, playback_finished vs its own account of when the last speech sample is heard, how long
+            # speech still entered WebRTC after an interrupt, and real time its audio source sent nothing.
+            "send_av_offset_alarm_fraction": round(
+                extra.get("livekit_av_offset_alarms", 0.0)
+                / max(1.0, extra.get("livekit_av_offset_frames", 0.0)),
+                4,
+            ),
+            "send_playback_finished_error_ms_max_abs": extra.get("playback_finished_error_ms_max_abs"),
+            "send_interrupt_tail_ms_max": extra.get("livekit_audio_interrupt_tail_ms_max"),
+            "audio_pulls_missed_ms": extra.get("livekit_audio_pulls_missed_ms", 0.0),
+            "audio_silence_clears": extra.get("livekit_audio_silence_clears", 0.0),
             "audio_track_renewals": extra.get("livekit_audio_track_renewals", 0.0),
             "audio_resync_dropped_samples": extra.get("livekit_audio_resync_dropped_samples", 0.0),
             # The subscriber's mean jitter-buffer delay per run (audio; video): what its audio path adds.
@@ -387,10 +451,24 @@ def main(argv: list[str] | None = None) -> int:
                 key: None if value is None else round(value, 1) for key, value in raw["jitter_ms"].items()
             },
         },
+        "sidecar_stats": raw["stats"],  # the session's stats at the end of the run, as the sidecar reported
         "results": [
             *({"run": "clean", **row} for row in raw["clean"]),
             *({"run": "stalled", **row} for row in raw["stalled"]),
-            *({"run": "interrupt", "silence_ms": value} for value in raw["interrupt_silence_ms"]),
+            *(
+                {
+                    "run": "interrupt",
+                    "silence_ms": value,
+                    "round_trip_ms": round_trip_ms,
+                    "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
+                }
+                for value, round_trip_ms, jitter_ms in zip(
+                    raw["interrupt_silence_ms"],
+                    raw["interrupt_round_trip_ms"],
+                    raw["interrupt_jitter_ms"],
+                    strict=True,
+                )
+            ),
         ],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,16 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="renew the LiveKit audio track in the next silence after a stall this long, so receivers' "
-        "jitter buffers start afresh (0 = off, the default; docs/audio-protocol.md section 4)",
+        "jitter buffers start afresh (make before break; 0 = off, the default; docs/audio-protocol.md "
+        "section 4)",
+    )
+    parser.add_argument(
+        "--idle-audio-reserve-ms",
+        type=_pull_blocks_ms,
+        default=0,
+        help="silence kept queued in the LiveKit audio source while idle, so that a stall in silence up "
+        "to this long sends receivers no late audio (a multiple of 10; 0 = off, the default; "
+        "docs/audio-protocol.md section 4)",
     )
     parser.add_argument(
         "--buffer-limit-ms", type=int, default=60_000, help="audio queued per session, at most"
@@ -190,6 +199,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _pull_blocks_ms(text: str) -> int:
+    """Milliseconds of audio in whole 10 ms blocks (what the audio source hands WebRTC per pull)."""
+    value = int(text)
+    if value < 0 or value % 10:
+        raise argparse.ArgumentTypeError(f"a non-negative multiple of 10 ms, got {text}")
+    return value
+
+
 def _duty(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -221,6 +238,7 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             runtime=RuntimeConfig(buffer_limit_ms=args.buffer_limit_ms),
             video_delay_ms=args.video_delay_ms,
             renew_audio_after_stall_ms=args.renew_audio_after_stall_ms,
+            idle_audio_reserve_ms=args.idle_audio_reserve_ms,
             max_batch_frames=args.max_batch_frames,
             speech_duty=args.speech_duty,
         ),

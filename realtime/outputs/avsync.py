@@ -60,6 +60,8 @@ class SourceClock:
         self._base_position = 0  # samples handed to WebRTC at `_base_at_s`
         self._base_at_s: float | None = None
         self._queue_end = 0  # source position at which the last captured sample enters WebRTC
+        # Source position at which the last captured speech has entered WebRTC (see `speech_queued`).
+        self._speech_end = 0
         self._first_calibration = False
         self._catching_up = False
         self.calibrations = 0
@@ -73,9 +75,11 @@ class SourceClock:
         """A new sender started counting the source's audio (its track was published): position 0; what the
         source holds stays queued (nothing on the very first start)."""
         queued = self.queued_samples(now_s) if self.started else 0
+        speech_left = max(0, self._speech_end - self.position(now_s)) if self.started else 0
         self._base_position = 0
         self._base_at_s = now_s
         self._queue_end = queued
+        self._speech_end = speech_left
         self._first_calibration = True
 
     def position(self, now_s: float) -> int:
@@ -103,6 +107,7 @@ class SourceClock:
         if self._first_calibration:
             self._first_calibration = False
             self._queue_end += error
+            self._speech_end += error
         elif abs(error) <= self.jump_blocks * self.block_samples:
             measured = self.position(at_s) + round(error * self.nudge_weight)
         elif error < 0 and self.capacity_samples is not None and queued - error > self.capacity_samples:
@@ -110,6 +115,7 @@ class SourceClock:
             # a queue that deep cannot exist. Only where the count stands is taken, as on the first
             # measurement.
             self._queue_end += error
+            self._speech_end += error
             self.rebases += 1
         self._base_position = measured
         self._base_at_s = at_s
@@ -123,6 +129,16 @@ class SourceClock:
 
     def cleared(self, now_s: float) -> None:
         self._queue_end = self.position(now_s)
+        self._speech_end = min(self._speech_end, self._queue_end)
+
+    def speech_captured(self) -> None:
+        """The capture just made carries speech: it is queued until the source has handed all of it over."""
+        self._speech_end = self._queue_end
+
+    def speech_queued(self, now_s: float) -> bool:
+        """Speech captured earlier has not all entered WebRTC yet, in the source's own time (so a pull thread
+        that fell behind real time keeps it queued for longer)."""
+        return self.position(now_s) < self._speech_end
 
     def predicted_start_s(self, now_s: float) -> float:
         """When a sample captured now would enter WebRTC."""

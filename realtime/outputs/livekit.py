@@ -30,6 +30,20 @@ rendered stays exact) and the send-side A/V offset (when the frame was captured,
 video delay, minus when its audio entered WebRTC) is measured for every frame and exported
 as `av_offset_ms`, with `av_offset_alarms` counting frames past `av_offset_alarm_ms`.
 
+After a stall of `renew_audio_after_stall_ms` the audio track is renewed in the next silence,
+make before break (`_maybe_renew_audio_track`, `_renew_audio_track`): audio RTP timestamps
+count pulled samples, so a stalled sender's audio reaches receivers late, their jitter
+buffers grow on it and keep the delay, and only a new track starts them afresh.
+
+With `idle_audio_reserve_ms` (off by default: docs/audio-protocol.md section 4 has the
+measurement) the source is kept that deep in silence while idle (no speech queued) instead of
+the headroom, so that a stall in silence shorter than that finds queued silence for every pull
+it held up (a stopped pull thread catches up on it, and DTX hardly sends silence). Speech never
+waits behind it: the first speech tick clears the queued silence (a clear moves no RTP
+timestamp) and is anchored as usual; the reserve grows again only once the last speech sample
+has entered WebRTC. `playback_finished` is measured against the output's own account of when
+the utterance's last speech sample is heard (`speech_heard_at_s`).
+
 An interrupt clears the source's queue (the speech already queued never goes out) and
 refills it with silence up to the next tick's deadline + headroom: the audio stops at once
 and the audio/video alignment is re-anchored on the session clock (error < 10 ms, not
@@ -83,6 +97,8 @@ ANCHOR_TOLERANCE_SAMPLES = PULL_BLOCK_SAMPLES * 3 // 2
 LATE_SPEECH_TOLERANCE_SAMPLES = 2 * 1920
 # The most a late queue delays the playback events (the re-anchoring corrects anything later within a tick).
 MAX_PLAYOUT_LAG_S = 0.2
+# Utterances whose speech end `speech_heard_at_s` remembers (its playback events come within a second).
+MAX_TRACKED_UTTERANCES = 16
 # Two readings of the sender's pulled-audio count differ from real time by up to a pull plus the reading's
 # jitter.
 MISSED_PULL_NOISE_MS = 25.0
@@ -110,7 +126,15 @@ class LiveKitPublisherOptions:
     drop_video_later_than_ms: float = 120.0
     max_video_bitrate_bps: int = 1_500_000
     audio_headroom_ms: int = 60  # audio kept queued ahead of WebRTC's 10 ms pulls: absorbs clock jitter
-    audio_queue_ms: int = 200  # the source's capacity: headroom + two 40 ms ticks (a refill, then a tick)
+    # While idle (no speech queued) the source is kept this deep in silence, so that a stall in silence
+    # shorter than it (a stopped process, a starved pull thread, a stalled event loop) leaves the sender's
+    # RTP clock in step with real time: receivers get no late audio and their jitter buffers do not grow
+    # (see the module docstring). The first speech tick clears that silence. 0 = off, the default: with
+    # this SDK a stall in silence did not grow receivers' jitter buffers without it either
+    # (docs/audio-protocol.md section 4).
+    idle_audio_reserve_ms: int = 0
+    # The source's capacity: the idle reserve (or the headroom) + two 40 ms ticks (a refill, then a tick).
+    audio_queue_ms: int = 200
     connect_timeout_s: float = 10.0
     reconnect_backoff_initial_s: float = 0.5
     reconnect_backoff_max_s: float = 5.0
@@ -122,12 +146,14 @@ class LiveKitPublisherOptions:
         0.2  # how often the sender's pulled-audio count re-calibrates the queue model
     )
     # See LiveKitPublisher._maybe_renew_audio_track: a stall this long (a tick that long after its period)
-    # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms`. 0 (off) by default:
-    # on a loaded host the event loop's own stalls renew it too, and an utterance that starts while receivers
-    # resubscribe loses its start at every receiver (docs/audio-protocol.md).
+    # renews the audio track once no speech has entered WebRTC for `renew_audio_idle_ms` (make before break:
+    # `_renew_audio_track`). 0 = off, the default: a receiver that switches to the new track mid-utterance
+    # (the load's own event-loop stalls renew it too) drops what its old track's jitter buffer held.
     renew_audio_after_stall_ms: float = 0.0
     renew_audio_idle_ms: float = 300.0
     renew_audio_min_interval_s: float = 2.0
+    # How long the old and the new audio track both carry the source's audio (see `_renew_audio_track`).
+    renew_audio_overlap_s: float = 1.0
 
     def __post_init__(self) -> None:
         # WebRTC encoders need >= 16 px; I420 needs even dimensions.
@@ -138,8 +164,16 @@ class LiveKitPublisherOptions:
             raise ValueError(
                 f"audio_headroom_ms {self.audio_headroom_ms} must be a non-negative multiple of 10"
             )
-        if self.audio_headroom_ms + 2 * (1000 // self.frame_rate_fps) > self.audio_queue_ms:
-            raise ValueError(f"audio_queue_ms {self.audio_queue_ms} cannot hold the headroom plus two ticks")
+        if self.idle_audio_reserve_ms < 0 or self.idle_audio_reserve_ms % 10:
+            raise ValueError(
+                f"idle_audio_reserve_ms {self.idle_audio_reserve_ms} must be a non-negative multiple of 10"
+            )
+        deepest_ms = max(self.audio_headroom_ms, self.idle_audio_reserve_ms)
+        if deepest_ms + 2 * (1000 // self.frame_rate_fps) > self.audio_queue_ms:
+            raise ValueError(
+                f"audio_queue_ms {self.audio_queue_ms} cannot hold the headroom or the idle reserve plus two "
+                "ticks"
+            )
 
 
 RoomListener = Callable[[rtc.Room], None]
@@ -186,8 +220,11 @@ class LiveKitPublisher:
         self._renew_task: asyncio.Task[None] | None = None
         self._renew_wanted = False  # a stall asked for a new audio track: it waits for silence
         self._speech_end_s = -1e9  # when the last queued speech sample enters WebRTC (monotonic)
+        # The same per utterance (the latest few), for `speech_heard_at_s`.
+        self._speech_end_by_utterance: dict[int, float] = {}
         self._last_renew_s = -1e9
         self._last_tick_at_s = float("inf")  # when the previous tick's audio was queued (none yet: no stall)
+        self._reserve_held = False  # the previous tick kept the idle reserve queued
         self._last_alarm_log_s = -1e9
         # Per frame waiting for its capture: how late its audio enters WebRTC vs its anchor (s); None: none
         # kept.
@@ -354,10 +391,10 @@ class LiveKitPublisher:
         to the stall late. Their jitter buffers (NetEq) raise their target delay on that and keep it for many
         seconds, so the audio plays that much behind the video, whose capture timestamps follow the clock (the
         video's jitter buffer does not grow), and nothing the sender queues afterwards can bring it back. A
-        new track (a new SSRC) starts a new jitter buffer at its normal depth. Renewing in speech cuts words
-        at every receiver (it takes a resubscription), so the renewal waits until no speech has entered
-        WebRTC for `renew_audio_idle_ms` (the tail has played out at receivers); an utterance that starts
-        first defers it."""
+        new track (a new SSRC) starts a new jitter buffer at its normal depth. A receiver switches to the new
+        track at a resubscription, so the renewal waits until no speech has entered WebRTC for
+        `renew_audio_idle_ms` (the tail has played out at receivers; an utterance that starts first defers
+        it), and the old track carries the audio until receivers have the new one (`_renew_audio_track`)."""
         threshold_ms = self.options.renew_audio_after_stall_ms
         if threshold_ms and stall_ms >= threshold_ms:
             if not self._renew_wanted:
@@ -376,12 +413,17 @@ class LiveKitPublisher:
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_audio_track(self._room))
 
     async def _renew_audio_track(self, room: rtc.Room) -> None:
-        old, self._audio_track = self._audio_track, None  # no calibration against a track being replaced
+        """Make before break: the new track is published on the same source first, so both carry the
+        source's audio (every pull goes to every track of the source) while receivers subscribe to the new
+        one, and the old one goes `renew_audio_overlap_s` later. A receiver that follows the newest track
+        (browsers, `avcheck.RoomRecorder`) hears no gap even when an utterance starts meanwhile."""
+        old = self._audio_track
         extra = self._stats.extra
         try:
+            await self._publish_audio_track(room)  # from here on the new track's count calibrates the model
+            await asyncio.sleep(self.options.renew_audio_overlap_s)
             if old is not None and old.sid:
                 await room.local_participant.unpublish_track(old.sid)
-            await self._publish_audio_track(room)
             extra["audio_track_renewals"] = extra.get("audio_track_renewals", 0.0) + 1
             logger.info("audio track renewed after a stall", extra={"room": self.target.room})
         except Exception as exc:
@@ -545,10 +587,22 @@ class LiveKitPublisher:
         # since, so the tick itself need not be late).
         period_s = len(pcm) / PLAYOUT_SAMPLE_RATE_HZ
         idle = tick.speech_samples == 0
-        self._maybe_renew_audio_track((now_s - self._last_tick_at_s - period_s) * 1000.0, now_s, idle=idle)
+        stall_ms = (now_s - self._last_tick_at_s - period_s) * 1000.0
+        # A stall the idle reserve covered sent receivers no late audio: nothing to renew.
+        if not (self._reserve_held and stall_ms < self.options.idle_audio_reserve_ms):
+            self._maybe_renew_audio_track(stall_ms, now_s, idle=idle)
         self._last_tick_at_s = now_s
+        # Speech is queued until the source has handed its last sample over (in the source's own time): the
+        # idle reserve never grows behind it, and is never cleared from under it.
+        speech_queued = self._source_clock.speech_queued(now_s)
+        reserve_s = 0.0
+        if idle and not speech_queued:  # the queue is kept the reserve deep instead of the headroom
+            reserve_s = max(0.0, self.options.idle_audio_reserve_ms / 1000.0 - self._audio_headroom_s)
+        elif not idle and not speech_queued:
+            self._clear_idle_reserve(anchor_s, now_s)
+        self._reserve_held = bool(reserve_s)
         decision = self._source_clock.plan(
-            anchor_s,
+            anchor_s + reserve_s,
             len(pcm),
             now_s,
             tolerance_samples=ANCHOR_TOLERANCE_SAMPLES,
@@ -577,6 +631,8 @@ class LiveKitPublisher:
             await self._audio_source.capture_frame(frame)
             self._captures += 1
             self._source_clock.captured(len(samples), now_s)
+            if tick.speech_samples - dropped_speech:
+                self._source_clock.speech_captured()
         published_speech = tick.speech_samples - dropped_speech
         self._stats.audio_samples_published += published_speech
         self._stats.audio_samples_dropped += dropped_speech
@@ -586,10 +642,41 @@ class LiveKitPublisher:
             self._queued_speech.popleft()  # started playing: published for good
         if published_speech:
             self._queued_speech.append((decision.start_s, published_speech))
-            self._speech_end_s = decision.start_s + len(kept) / PLAYOUT_SAMPLE_RATE_HZ
-        if not len(kept):
-            return None
+            # Speech sits at the head of the tick (a last tick is padded after it): it ends that far into
+            # `kept`.
+            speech_playout = round(tick.speech_samples * PLAYOUT_SAMPLE_RATE_HZ / TIMELINE_SAMPLE_RATE_HZ)
+            kept_speech = min(len(kept), max(0, speech_playout - decision.drop_samples))
+            self._speech_end_s = decision.start_s + kept_speech / PLAYOUT_SAMPLE_RATE_HZ
+            if tick.utterance_id is not None:
+                self._speech_end_by_utterance[tick.utterance_id] = self._speech_end_s
+                while len(self._speech_end_by_utterance) > MAX_TRACKED_UTTERANCES:
+                    del self._speech_end_by_utterance[next(iter(self._speech_end_by_utterance))]
+        if not len(kept) or reserve_s:
+            return None  # nothing to pair with the frame: all dropped, or silence kept deep on purpose
         return decision.start_s - (anchor_s + decision.drop_samples / PLAYOUT_SAMPLE_RATE_HZ)
+
+    def _clear_idle_reserve(self, anchor_s: float, now_s: float) -> None:
+        """Speech starts while the source holds only silence, deeper than the anchor wants (the idle reserve,
+        or a pull thread that fell behind): that silence is cleared rather than the speech's head dropped,
+        so the speech enters WebRTC at its anchor (or as near as a late tick can). Clearing the queue moves
+        no RTP timestamp (those count pulled samples): receivers see nothing of it."""
+        assert self._audio_source is not None
+        if not self._source_clock.queued_samples(now_s):
+            return
+        excess_s = self._source_clock.predicted_start_s(now_s) - anchor_s
+        if excess_s * PLAYOUT_SAMPLE_RATE_HZ < ANCHOR_TOLERANCE_SAMPLES:
+            return
+        self._audio_source.clear_queue()
+        self._source_clock.cleared(now_s)
+        extra = self._stats.extra
+        extra["audio_silence_clears"] = extra.get("audio_silence_clears", 0.0) + 1
+
+    def speech_heard_at_s(self, utterance_id: int) -> float | None:
+        """When the last speech sample of `utterance_id` that this output sent is heard at receivers: when it
+        entered WebRTC (the queue model's prediction at its capture) plus `receiver_audio_delay_ms`. None for
+        an utterance it sent no speech of (or too long ago)."""
+        end_s = self._speech_end_by_utterance.get(utterance_id)
+        return None if end_s is None else end_s + self.options.receiver_audio_delay_ms / 1000.0
 
     def _check_audio_slack(self, anchor_s: float, now_s: float) -> None:
         """How long before WebRTC pulls it this tick's audio arrives; negative: the queue ran dry (an
@@ -647,9 +734,15 @@ class LiveKitPublisher:
         """The send-side A/V offset of one frame: how much later than its audio the frame left (less the video
         delay, which is deliberate); positive = video late, as at a subscriber."""
         extra = self._stats.extra
+        extra["av_offset_frames"] = extra.get("av_offset_frames", 0.0) + 1  # frames measured
         extra["av_offset_ms"] = round(offset_ms, 3)
         extra["av_offset_ms_min"] = round(min(extra.get("av_offset_ms_min", offset_ms), offset_ms), 3)
         extra["av_offset_ms_max"] = round(max(extra.get("av_offset_ms_max", offset_ms), offset_ms), 3)
+        # Past what a stall in speech may leave until the next silence (LATE_SPEECH_TOLERANCE_SAMPLES).
+        if abs(offset_ms) > LATE_SPEECH_TOLERANCE_SAMPLES * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ:
+            extra["av_offset_frames_past_late_speech"] = (
+                extra.get("av_offset_frames_past_late_speech", 0.0) + 1
+            )
         if abs(offset_ms) <= self.options.av_offset_alarm_ms:
             return
         extra["av_offset_alarms"] = extra.get("av_offset_alarms", 0.0) + 1
@@ -673,11 +766,16 @@ class LiveKitPublisher:
         self._idle_frame = idle_frame
         loop = asyncio.get_running_loop()
         if self._audio_source is not None and self._stats.connected:
+            now_s = self._clock()
+            speech_cut = self._source_clock.speech_queued(now_s)
             self._audio_source.clear_queue()
-            self._source_clock.cleared(self._clock())
+            self._source_clock.cleared(now_s)
             self._drop_queued_speech()
+            self._speech_end_s = min(self._speech_end_s, now_s)
+            if speech_cut:  # only the pull block in progress still carries speech
+                self._record_interrupt_tail(0.0)
             self._stats.extra["audio_clears"] = self._stats.extra.get("audio_clears", 0.0) + 1
-            task = loop.create_task(self._refill_after_clear(self._captures))
+            task = loop.create_task(self._refill_after_clear(self._captures, now_s))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         for frame_index, (handle, tick) in list(self._pending_video.items()):
@@ -699,7 +797,17 @@ class LiveKitPublisher:
             self._stats.extra.get("audio_samples_cleared", 0.0) + cleared
         )
 
-    async def _refill_after_clear(self, captures_at_clear: int) -> None:
+    def _record_interrupt_tail(self, cleared_after_s: float) -> None:
+        """`audio_interrupt_tail_ms`: how long after an interrupt speech still entered WebRTC, on this
+        output's clock: the time until its queue was cleared for good plus the pull block in progress."""
+        tail_ms = cleared_after_s * 1000.0 + PULL_BLOCK_SAMPLES * 1000.0 / PLAYOUT_SAMPLE_RATE_HZ
+        extra = self._stats.extra
+        extra["audio_interrupt_tail_ms_last"] = round(tail_ms, 3)
+        extra["audio_interrupt_tail_ms_max"] = round(
+            max(extra.get("audio_interrupt_tail_ms_max", 0.0), tail_ms), 3
+        )
+
+    async def _refill_after_clear(self, captures_at_clear: int, interrupted_at_s: float) -> None:
         """Silence up to the next tick's anchor, so that the cut does not wait for the next tick to re-anchor.
 
         A tick whose capture was under way at the clear (the lock was held) may have queued its speech after
@@ -709,9 +817,13 @@ class LiveKitPublisher:
                 return
             now_s = self._clock()
             if self._captures != captures_at_clear:
+                speech_cut = self._source_clock.speech_queued(now_s)  # the capture that landed queued speech
                 self._audio_source.clear_queue()
                 self._source_clock.cleared(now_s)
                 self._drop_queued_speech()
+                self._speech_end_s = min(self._speech_end_s, now_s)
+                if speech_cut:
+                    self._record_interrupt_tail(now_s - interrupted_at_s)
                 self._stats.extra["audio_clears_after_capture"] = (
                     self._stats.extra.get("audio_clears_after_capture", 0.0) + 1
                 )

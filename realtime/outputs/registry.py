@@ -83,6 +83,7 @@ class PublisherContext:
     video_delay_ms: float
     max_video_bitrate_bps: int
     renew_audio_after_stall_ms: float
+    idle_audio_reserve_ms: int = 0  # see LiveKitPublisherOptions
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ def _open_livekit(target: LiveKitTarget, context: PublisherContext) -> OpenedPub
         video_delay_ms=context.video_delay_ms,
         max_video_bitrate_bps=context.max_video_bitrate_bps,
         renew_audio_after_stall_ms=context.renew_audio_after_stall_ms,
+        idle_audio_reserve_ms=context.idle_audio_reserve_ms,
+        # The reserve plus two ticks must fit in the source's queue (LiveKitPublisherOptions).
+        audio_queue_ms=max(200, context.idle_audio_reserve_ms + 100),
     )
     return OpenedPublisher(LiveKitPublisher(target, options), target.room)
 

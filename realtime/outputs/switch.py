@@ -56,6 +56,13 @@ class SwitchableOutput:
         delay = getattr(self._current, "playout_delay_s", None)
         return float(delay()) if callable(delay) else 0.0
 
+    def speech_heard_at_s(self, utterance_id: int) -> float | None:
+        """The current output's (None for one that does not say): when the utterance's last speech sample
+        is heard."""
+        heard_at = getattr(self._current, "speech_heard_at_s", None)
+        value = heard_at(utterance_id) if callable(heard_at) else None
+        return None if value is None else float(value)
+
     async def publish(self, tick: PublishTick) -> None:
         await self._current.publish(tick)
 

@@ -54,6 +54,7 @@ class HostConfig:
     video_delay_ms: float = 40.0  # see realtime.outputs.livekit
     max_video_bitrate_bps: int = 1_500_000
     renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
+    idle_audio_reserve_ms: int = 0  # 0 = off; see LiveKitPublisherOptions.idle_audio_reserve_ms
     # An output disconnected this long ends the run `output_failed`, so the workflow moves the session to the
     # policy's next output. Short on purpose: outputs report a broken transport at once (LiveKit's signal
     # connection lost = reconnecting, RTMP's ffmpeg gone), and a viewer sees nothing meanwhile.

@@ -337,6 +337,7 @@ class SidecarHost:
             video_delay_ms=self.config.video_delay_ms,
             max_video_bitrate_bps=self.config.max_video_bitrate_bps,
             renew_audio_after_stall_ms=self.config.renew_audio_after_stall_ms,
+            idle_audio_reserve_ms=self.config.idle_audio_reserve_ms,
         )
         opened = kind.open(target.target, context)  # raises a typed OutputError (e.g. a malformed URL)
         return opened.publisher, OpenedOutput(kind.name, opened.detail)

@@ -104,11 +104,15 @@ class RuntimeSamples:
     render_slack_ms: deque[float] = field(init=False)
     # the lead each utterance's first tick was planned with
     planned_budget_ms: deque[float] = field(init=False)
+    # per utterance played out: playback_finished's send time minus when the output says its last speech
+    # sample is heard (+ = the event came late)
+    finished_error_ms: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.lateness_ms = deque(maxlen=self.window)
         self.render_slack_ms = deque(maxlen=self.window)
         self.planned_budget_ms = deque(maxlen=self.window)
+        self.finished_error_ms = deque(maxlen=self.window)
 
 
 @dataclass
@@ -537,6 +541,8 @@ class SessionRuntime:
                     logger.exception("publisher failed", extra={"session_id": self.session_id})
             self.counters.frames_published += 1
             self._tick += 1
+            if tick.utterance_id is not None and tick.utterance_id in self._pending_finished:
+                self._rearm_finished(tick.utterance_id)
 
     def _compose_tick(self, tick: int, deadline: float) -> PublishTick:
         wall_us = int((time.time() + (deadline - self._clock())) * 1_000_000)
@@ -659,18 +665,46 @@ class SessionRuntime:
         if not delay_s:
             self._notify_finished(item)
             return
-        loop = asyncio.get_running_loop()
-        uid = item.utterance_id
+        self._arm_finished(item, audio_end_s, audio_end_s + delay_s)
 
-        def fire() -> None:
-            if self._pending_finished.pop(uid, None) is not None:
-                self._notify_finished(item)
-
-        self._pending_finished[uid] = (
-            loop.call_later(audio_end_s + delay_s - self._clock(), fire),
-            item,
-            audio_end_s,
+    def _arm_finished(self, item: FinishedPlayback, audio_end_s: float, at_s: float) -> None:
+        handle = asyncio.get_running_loop().call_later(
+            max(0.0, at_s - self._clock()), self._fire_finished, item.utterance_id
         )
+        self._pending_finished[item.utterance_id] = (handle, item, audio_end_s)
+
+    def _rearm_finished(self, utterance_id: int) -> None:
+        """The utterance's last tick has been published: its event goes when the output says its last speech
+        sample is heard (the estimate it was scheduled with took the audio delay of an earlier tick, which a
+        stall or the re-anchoring may have changed since)."""
+        heard_at_s = self._speech_heard_at_s(utterance_id)
+        if heard_at_s is None:
+            return
+        handle, item, audio_end_s = self._pending_finished[utterance_id]
+        handle.cancel()
+        self._arm_finished(item, audio_end_s, heard_at_s)
+
+    def _fire_finished(self, utterance_id: int) -> None:
+        pending = self._pending_finished.pop(utterance_id, None)
+        if pending is not None:
+            self._record_finished_error(utterance_id)
+            self._notify_finished(pending[1])
+
+    def _speech_heard_at_s(self, utterance_id: int) -> float | None:
+        """When the first output that says so hears the utterance's last speech sample, on this clock."""
+        for publisher in self.publishers:
+            heard_at = getattr(publisher, "speech_heard_at_s", None)
+            heard_at_s = heard_at(utterance_id) if callable(heard_at) else None
+            if heard_at_s is not None:
+                return float(heard_at_s)
+        return None
+
+    def _record_finished_error(self, utterance_id: int) -> None:
+        """How far from the moment the outputs say the utterance's last speech sample is heard its
+        playback_finished goes out, on this clock (+ = late: the event loop was busy)."""
+        heard_at_s = self._speech_heard_at_s(utterance_id)
+        if heard_at_s is not None:
+            self.samples.finished_error_ms.append((self._clock() - heard_at_s) * 1000.0)
 
     def _notify_started_now(self, utterance: Utterance, frame_id: int) -> None:
         for listener in list(self._listeners):
@@ -714,6 +748,9 @@ class SessionRuntime:
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))
+        if samples.finished_error_ms:
+            extra["playback_finished_error_ms_last"] = samples.finished_error_ms[-1]
+            extra["playback_finished_error_ms_max_abs"] = max(abs(v) for v in samples.finished_error_ms)
         extra.update(self.ingest_warnings)
         for ps in publisher_stats:
             extra[f"{ps.name}_frames_published"] = float(ps.frames_published)

@@ -4,7 +4,12 @@ How A/V sync is measured at the subscriber (docs/audio-protocol.md repeats this)
 
 1. Every received video frame carries `frame_id` (the session clock's frame number) and its
    arrival time. Every received 10 ms audio chunk has an arrival time; received sample r
-   is taken to play at arrival(chunk) + (r - first sample of the chunk) / 48 000.
+   is taken to play at arrival(chunk) + (r - first sample of the chunk) / 48 000. The SDK
+   hands audio out at real-time pace but queues it while this reader is starved (a loaded
+   host), and the queued chunks then arrive in a burst: a chunk's play time is therefore
+   taken as the earlier of its arrival and the next chunk's play time less its own length
+   (a reader that fell behind makes audio look late; the stream itself never runs faster
+   than real time). Video frames are not queued (the SDK keeps the latest), so theirs stay.
 2. The received audio is aligned to the speech that was sent (cross-correlation of the 48 kHz
    signals), giving `lag`: the received-sample index of the utterance's first sample.
 3. The sidecar says which clock frame carried the utterance's first 40 ms (`playback_started`
@@ -198,12 +203,21 @@ class RoomRecorder:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate([chunk for _, chunk in self.audio_chunks]).astype(np.float32) / 32768.0
 
-    def audio_play_time(self, sample_index: np.ndarray) -> np.ndarray:
-        """Arrival-based play time of received samples (see the module docstring)."""
-        starts = np.cumsum([0] + [len(chunk) for _, chunk in self.audio_chunks])
+    def chunk_play_times(self) -> np.ndarray:
+        """Per received audio chunk, when its first sample plays: its arrival, bursts of a starved reader
+        undone (see the module docstring). With S_k the chunk's start in seconds of audio, play_k =
+        min(arrival_k, play_(k+1) - length_k) is S_k plus the running minimum of arrival - S from the end."""
+        lengths_s = np.array([len(chunk) for _, chunk in self.audio_chunks]) / PLAYOUT_RATE_HZ
         arrivals = np.array([t for t, _ in self.audio_chunks])
-        chunk = np.clip(np.searchsorted(starts, sample_index, side="right") - 1, 0, len(arrivals) - 1)
-        return np.asarray(arrivals[chunk] + (sample_index - starts[chunk]) / PLAYOUT_RATE_HZ)
+        starts_s = np.concatenate([[0.0], np.cumsum(lengths_s)[:-1]]) if len(lengths_s) else lengths_s
+        return np.asarray(np.minimum.accumulate((arrivals - starts_s)[::-1])[::-1] + starts_s)
+
+    def audio_play_time(self, sample_index: np.ndarray) -> np.ndarray:
+        """Play time of received samples (see the module docstring)."""
+        starts = np.cumsum([0] + [len(chunk) for _, chunk in self.audio_chunks])
+        plays = self.chunk_play_times()
+        chunk = np.clip(np.searchsorted(starts, sample_index, side="right") - 1, 0, len(plays) - 1)
+        return np.asarray(plays[chunk] + (sample_index - starts[chunk]) / PLAYOUT_RATE_HZ)
 
     def latency_ms(self) -> np.ndarray:
         """Per frame: arrival here minus the frame's tick on the sidecar's clock (its user timestamp)."""
@@ -295,13 +309,17 @@ def av_offset(
         audio_time = recorder.audio_play_time(np.array([lag + k * SAMPLES_PER_FRAME_48K]))[0]
         offsets.append((frame.arrival_s - audio_time) * 1000.0)
     # The frame that shows the onset; a subscriber under load may have dropped it (its decoder queue
-    # overflowed):
-    # then the nearest received frame within two frames stands in, measured at its own first sample.
+    # overflowed): then the nearest received frame within two frames stands in, measured at its own first
+    # sample. None of them received: KeyError (the onset frame's id), as for any frame looked up.
     onset_k = onset // SAMPLES_PER_FRAME_48K
-    k = min(
+    nearest = min(
         (k for k in range(onset_k - 2, onset_k + 3) if start_frame_id + k in by_id),
         key=lambda k: abs(k - onset_k),
+        default=None,
     )
+    if nearest is None:
+        raise KeyError(start_frame_id + onset_k)
+    k = nearest
     onset_frame = by_id[start_frame_id + k]
     if k != onset_k:
         onset = k * SAMPLES_PER_FRAME_48K

@@ -192,6 +192,8 @@ async def test_the_send_side_av_offset_is_measured_per_frame_and_alarms_past_its
     assert extra["av_offset_ms_min"] == pytest.approx(0.0, abs=0.01)
     assert extra["av_offset_ms"] == pytest.approx(90.0, abs=0.01)
     assert extra["av_offset_alarms"] == 1
+    assert extra["av_offset_frames"] == 3
+    assert extra["av_offset_frames_past_late_speech"] == 1  # 90 ms: past the 80 ms a stall in speech may keep
     await publisher.close()
 
 
@@ -324,3 +326,101 @@ async def test_playback_events_wait_for_audio_that_entered_webrtc_late() -> None
     await publish_on_time(publisher, clock, range(5, 8), late_s=0.1)
     assert publisher.playout_delay_s() - nominal_s == pytest.approx(0.04, abs=0.011)
     await publisher.close()
+
+
+async def test_silence_is_kept_in_reserve_while_idle_and_cleared_when_speech_starts() -> None:
+    """While idle the source is kept `idle_audio_reserve_ms` deep in silence, but only once the last speech
+    sample has entered WebRTC; the next speech tick clears that silence and enters WebRTC at its anchor, with
+    no word dropped."""
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    reserve_ms = 300
+    publisher.options = dataclasses.replace(
+        publisher.options, idle_audio_reserve_ms=reserve_ms, audio_queue_ms=reserve_ms + 100
+    )
+    await publish_on_time(publisher, clock, range(5))  # speech
+    clock.now_s = T0_S + 5 * TICK_S
+    await publisher.publish(tick(5, speech=0))
+    # Tick 4's speech is still queued (it enters WebRTC until +100 ms): the first silent tick keeps its
+    # anchor.
+    assert abs(anchor_error_ms(publisher, 6, clock)) < 1.0
+    for index in range(6, 12):
+        clock.now_s = T0_S + index * TICK_S
+        await publisher.publish(tick(index, speech=0))
+    # Idle: the queue grew to the reserve (and the tick just queued) and no A/V offset is taken on it.
+    queued_ms = publisher._source_clock.queued_samples(clock()) * 1000 / PLAYOUT_SAMPLE_RATE_HZ
+    assert queued_ms == pytest.approx(reserve_ms + 1000 * TICK_S, abs=1.0)
+    assert all(publisher._audio_residual_s[index] is None for index in range(7, 12))
+    clears_before = source.clears
+    clock.now_s = T0_S + 12 * TICK_S
+    await publisher.publish(tick(12))  # speech again
+    assert source.clears == clears_before + 1
+    assert publisher.stats().extra["audio_silence_clears"] == 1
+    assert abs(anchor_error_ms(publisher, 13, clock)) < 1.0
+    assert publisher._audio_residual_s[12] == pytest.approx(0.0, abs=0.001)
+    assert "audio_resync_dropped" not in publisher.stats().extra
+    assert publisher.stats().audio_samples_published == 6 * 640
+    await publisher.close()
+
+
+async def test_a_stall_in_silence_shorter_than_the_reserve_leaves_the_source_a_queue_to_pull() -> None:
+    """A 250 ms stop while idle: the source still held silence for every pull of it (none sent nothing, so
+    the RTP clock stayed on real time); with the reserve off the same stall runs the queue dry."""
+    for reserve_ms, runs_dry in ((300, False), (0, True)):
+        clock, source = FakeClock(T0_S), _AudioSource("queue")
+        publisher = connected_publisher(source, clock)
+        publisher.options = dataclasses.replace(
+            publisher.options, idle_audio_reserve_ms=reserve_ms, audio_queue_ms=max(200, reserve_ms + 100)
+        )
+        for index in range(12):
+            clock.now_s = T0_S + index * TICK_S
+            await publisher.publish(tick(index, speech=0))
+        queued_s = publisher._source_clock.queued_samples(clock()) / PLAYOUT_SAMPLE_RATE_HZ
+        assert (queued_s < 0.25) is runs_dry, (reserve_ms, queued_s)
+        await publisher.close()
+
+
+async def test_the_output_says_when_an_utterances_last_speech_sample_is_heard() -> None:
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    await publish_on_time(publisher, clock, range(5))
+    # Tick 4's audio enters WebRTC at its anchor (+60 ms) and lasts a tick; receivers hear it their delay
+    # later.
+    expected_s = T0_S + 4 * TICK_S + HEADROOM_S + TICK_S + publisher.options.receiver_audio_delay_ms / 1000.0
+    assert publisher.speech_heard_at_s(1) == pytest.approx(expected_s, abs=0.001)
+    assert publisher.speech_heard_at_s(2) is None  # an utterance it never sent
+    await publisher.close()
+
+
+async def test_an_interrupt_records_how_long_speech_still_entered_webrtc() -> None:
+    clock, source = FakeClock(T0_S), _AudioSource("queue")
+    publisher = connected_publisher(source, clock)
+    await publish_on_time(publisher, clock, range(5))
+    publisher.interrupt(lambda index: np.zeros((2, 2, 3), dtype=np.uint8))
+    await asyncio.sleep(0)  # the refill
+    extra = publisher.stats().extra
+    # Cleared at once: only the pull block in progress carried speech.
+    assert extra["audio_interrupt_tail_ms_last"] == pytest.approx(10.0)
+    assert not publisher._source_clock.speech_queued(clock())
+    await publisher.close()
+
+
+async def test_a_stall_in_silence_the_reserve_covered_asks_for_no_renewal() -> None:
+    """The reserve sent receivers no late audio through it, so there is no jitter buffer to reset; with the
+    reserve off the same stall asks for a renewal."""
+    for reserve_ms, wanted in ((300, 0.0), (0, 1.0)):
+        clock, source = FakeClock(T0_S), _AudioSource("queue")
+        publisher = connected_publisher(source, clock)
+        publisher.options = dataclasses.replace(
+            publisher.options,
+            renew_audio_after_stall_ms=100.0,
+            idle_audio_reserve_ms=reserve_ms,
+            audio_queue_ms=max(200, reserve_ms + 100),
+        )
+        for index in range(10):
+            clock.now_s = T0_S + index * TICK_S
+            await publisher.publish(tick(index, speech=0))
+        clock.now_s = T0_S + 10 * TICK_S + 0.25  # stopped for 250 ms while idle
+        await publisher.publish(tick(10, speech=0))
+        assert publisher.stats().extra.get("audio_track_renewals_wanted", 0.0) == wanted, reserve_ms
+        await publisher.close()
