@@ -137,16 +137,31 @@ async def _register(
     await placer.send_heartbeat(beat)
 
 
+def heartbeat_send_timeout_s(config: SidecarWorkerConfig) -> float:
+    """How long one registration heartbeat may take before it is abandoned for the next one.
+
+    While Temporal is unreachable the client retries a call with a back-off that grows to seconds between
+    attempts (about ten seconds in all), so an unbounded heartbeat sent during an outage reaches placement
+    only at its next attempt, seconds after Temporal is back. The registry renews a lease that fell due
+    during its own outage for one lease period only, so a fresh heartbeat must go out about every
+    registration interval once Temporal returns: each one is bounded by the interval, and by a third of
+    the lease where that is longer (a loaded host's slow round trip is not cut short).
+    """
+    return max(config.registration_interval_s, config.lease_s / 3)
+
+
 async def _keep_registered(
     placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
 ) -> None:
+    send_timeout_s = heartbeat_send_timeout_s(config)
     while True:
         await asyncio.sleep(config.registration_interval_s)
         try:
-            await _register(placer, host, config, incarnation, sessions)
+            await asyncio.wait_for(_register(placer, host, config, incarnation, sessions), send_timeout_s)
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
             logger.warning(
-                "placement heartbeat failed", extra={"sidecar": config.sidecar_id, "error": str(exc)}
+                "placement heartbeat failed",
+                extra={"sidecar": config.sidecar_id, "error": str(exc) or type(exc).__name__},
             )
 
 

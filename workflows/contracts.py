@@ -515,6 +515,10 @@ class SidecarRecord:
     pool: str = DEFAULT_POOL
     # avatar keys placed here by this incarnation, most recent last (bounded): prepared in its cache
     avatars: list[str] = field(default_factory=list)
+    lease_s: float = 0.0  # the lease its heartbeats ask for (0 in a record carried from a run that kept none)
+    # Its lease was renewed once because the registry itself was down when it was due; cleared by its next
+    # heartbeat (a sidecar that never comes back is reclaimed one lease later).
+    outage_renewed: bool = False
 
 
 @dataclass(frozen=True)

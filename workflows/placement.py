@@ -12,8 +12,10 @@ service to run. Every process already talks to Temporal, whose history makes thi
 durable and whose updates give each `acquire` a serialised, exactly-once read-modify-write
 (no lost slot under concurrent placements). Leases are durable timers: a sidecar that stops
 heartbeating (killed, partitioned) drops out `lease_s` after its last heartbeat and every
-slot it held is reclaimed, with no live process needed to notice. The state is small and
-carried through continue-as-new, so the history stays short however long it runs.
+slot it held is reclaimed, with no live process needed to notice (a lease that falls due while
+the registry itself is down gets one more period once it is back: `_renew_after_registry_outage`).
+The state is small and carried through continue-as-new, so the history stays short however long
+it runs.
 
 Protocol:
 - signal `heartbeat(SidecarHeartbeat)` — register/refresh a sidecar (sent with signal-with-start,
@@ -53,6 +55,9 @@ from workflows.contracts import (
 
 # Runs that carry this marker arm their timer only for lease expiry (not on every event).
 TIMER_ONLY_FOR_EXPIRY_PATCH = "placement-timer-only-for-expiry"
+# Runs that carry this marker renew the leases that fell due while the registry itself was down
+# (`_renew_after_registry_outage`); earlier runs reclaimed them.
+LEASE_RENEWED_AFTER_OUTAGE_PATCH = "placement-lease-renewed-after-outage"
 # Avatar keys remembered per sidecar for cache affinity: about what one sidecar's avatar cache holds.
 AVATARS_REMEMBERED = 32
 
@@ -139,6 +144,7 @@ class PlacementWorkflow:
                 reported_slots_free=beat.slots_free,
                 lease_expires_at_s=now_s + beat.lease_s,
                 pool=beat.pool,
+                lease_s=beat.lease_s,
             )
             if beat.sessions:
                 # The same process re-registering after its lease lapsed (Temporal was unreachable): its
@@ -155,6 +161,8 @@ class PlacementWorkflow:
             record.slots_total = beat.slots_total
             record.reported_slots_free = beat.slots_free
             record.lease_expires_at_s = now_s + beat.lease_s
+            record.lease_s = beat.lease_s
+            record.outage_renewed = False
             record.suspect = False
         self._changed = True
 
@@ -265,6 +273,7 @@ class PlacementWorkflow:
         return False
 
     def _reclaim_expired(self) -> None:
+        self._renew_after_registry_outage()
         now_s = self._now_s()
         for sidecar_id, record in list(self._sidecars.items()):
             if record.lease_expires_at_s <= now_s:
@@ -274,6 +283,41 @@ class PlacementWorkflow:
                     "sidecar lease expired; its slots are reclaimed",
                     extra={"sidecar": sidecar_id, "sessions": list(record.sessions)},
                 )
+
+    def _renew_after_registry_outage(self) -> None:
+        """A lease runs only while the registry can hear heartbeats.
+
+        The registry wakes for the earliest lease expiry on a durable timer. Waking much later than that
+        (by more than half the lease) means Temporal or its workers were down meanwhile: while the server
+        is down it refuses every heartbeat, and when it returns its overdue timers fire at once, before a
+        sidecar's client (backing off its retries) gets its next heartbeat through. Reclaiming then would
+        drop every sidecar at once and leave their live sessions holding no slot until each registers
+        again. So each lease due by now gets one more lease period from now: a live sidecar is heard
+        again within it (its next heartbeat clears the renewal), and one that died meanwhile is reclaimed
+        one lease later. A heartbeat the server accepted while only the workers were down is applied
+        before this runs (signals come first in an activation), so it never needs the renewal.
+        """
+        if self._armed_until_s is None:
+            return  # no expiry timer armed (or a run from before TIMER_ONLY_FOR_EXPIRY_PATCH)
+        now_s = self._now_s()
+        late_s = now_s - self._armed_until_s
+        due = [
+            record
+            for record in self._sidecars.values()
+            if record.lease_expires_at_s <= now_s
+            and record.lease_s > 0
+            and not record.outage_renewed
+            and late_s > record.lease_s / 2
+        ]
+        if not due or not workflow.patched(LEASE_RENEWED_AFTER_OUTAGE_PATCH):
+            return
+        for record in due:
+            record.lease_expires_at_s = now_s + record.lease_s
+            record.outage_renewed = True
+        workflow.logger.warning(
+            "registry woke late for a lease expiry (Temporal or its workers were down); leases renewed",
+            extra={"late_s": round(late_s, 1), "sidecars": [record.sidecar_id for record in due]},
+        )
 
     def _until_next_expiry(self) -> timedelta | None:
         if not self._sidecars:

@@ -164,6 +164,14 @@ class SessionWorkflow:
                 raise
             cancelled = True
             self._status.end_reason = EndReason.CANCELLED
+        except BaseException as err:
+            if not isinstance(err, Exception):
+                # Not an outcome of the session (those are Exceptions, or the cancel above): the SDK is
+                # tearing the workflow's coroutine down. An eviction ends each pending step with its own
+                # BaseException (awaiting a step's handle re-raises it), and a coroutine closed before it
+                # finished gets GeneratorExit. Either way the session goes on elsewhere: no teardown.
+                evicted = True
+            raise
         finally:
             if not evicted:
                 await self._teardown_shielded()

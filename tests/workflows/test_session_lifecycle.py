@@ -9,10 +9,12 @@ can be slowed down to catch a session mid-prepare.
 from __future__ import annotations
 
 import gc
+import inspect
+from pathlib import Path
 
 import pytest
 from livekit import api
-from temporalio.client import WorkflowFailureError, WorkflowHistory
+from temporalio.client import Client, WorkflowFailureError, WorkflowHistory
 from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
@@ -191,28 +193,50 @@ async def test_invalid_request_fails_before_any_work(harness: Harness, avatar_ur
 
 
 async def test_control_worker_restart_mid_session_leaves_the_session_live(
-    harness: Harness, rtmp_server: RtmpServerConfig, avatar_url: str, caplog: pytest.LogCaptureFixture
+    temporal_client: Client,
+    tmp_path: Path,
+    rtmp_server: RtmpServerConfig,
+    avatar_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The worker that runs the workflow stops (deploy, crash): its cached workflows are evicted, not ended.
 
     Eviction must not run the session's teardown (the session goes on, rebuilt from history by the
-    next worker): no teardown activity, no workflow API called from outside the workflow's loop.
+    next worker): no teardown activity, no workflow API called from outside the workflow's loop, and no
+    teardown begun and dropped when the evicted workflow's coroutine is closed (the SDK ends its pending
+    steps with its own BaseException, and a coroutine collected unfinished gets GeneratorExit; neither is a
+    CancelledError).
     """
-    host = await harness.add_sidecar("gpu0")
-    request = harness.request(avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("rw"))))
-    handle = await harness.start(request)
-    await wait_for_status(handle, in_phase(Phase.LIVE))
+    # Its own harness, closed inside this test: the stopped worker's evicted workflows are collected here.
+    async with Harness(temporal_client, tmp_path) as harness:
+        host = await harness.add_sidecar("gpu0")
+        request = harness.request(
+            avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url("rw")))
+        )
+        handle = await harness.start(request)
+        await wait_for_status(handle, in_phase(Phase.LIVE))
 
-    await harness.restart_control_worker()
-    gc.collect()  # an orphaned workflow future reports its exception when it is collected
-    assert "Not in workflow event loop" not in caplog.text
-    assert "Future exception was never retrieved" not in caplog.text
+        await harness.restart_control_worker()
+        gc.collect()  # an orphaned workflow future reports its exception when it is collected
+        assert "Not in workflow event loop" not in caplog.text
+        assert "Future exception was never retrieved" not in caplog.text
 
-    status = await wait_for_status(handle, in_phase(Phase.LIVE))  # served by the new worker, from history
-    assert status.sidecar == host.sidecar_id and request.session_id in host.sessions
-    await stop_session(harness.client, request.session_id)
-    result = await handle.result()
-    assert result.end_reason is EndReason.STOPPED
-    history = await handle.fetch_history()
-    names = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
-    assert names.count("teardown") == 1 and names.count("run_session") == 1
+        status = await wait_for_status(handle, in_phase(Phase.LIVE))  # the new worker, from history
+        assert status.sidecar == host.sidecar_id and request.session_id in host.sessions
+        await stop_session(harness.client, request.session_id)
+        result = await handle.result()
+        assert result.end_reason is EndReason.STOPPED
+        history = await handle.fetch_history()
+        names = [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events]
+        assert names.count("teardown") == 1 and names.count("run_session") == 1
+    # Its workflow objects go with the closed harness: a teardown begun while they were evicted or closed was
+    # created and never run (collected later, it warns "coroutine ... was never awaited").
+    gc.collect()
+    unstarted = [
+        coro
+        for coro in gc.get_objects()
+        if inspect.iscoroutine(coro)
+        and coro.__qualname__ == "SessionWorkflow._teardown"
+        and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
+    ]
+    assert not unstarted, "eviction began a teardown"
