@@ -468,6 +468,19 @@ def leaked_processes(work_dir: Path) -> int:
     return count
 
 
+def settle_work_dir(
+    work_dir: Path, *, keep_on_failure: bool, lost: list[dict[str, Any]], completed: bool
+) -> bool:
+    """Remove the run's work directory, unless it holds a failure's evidence to keep (a lost session, or a
+    run that did not complete) and `keep_on_failure`; True when kept."""
+    keep = keep_on_failure and (bool(lost) or not completed)
+    if keep:
+        logger.warning("a session was lost or the run failed: its evidence is kept in %s", work_dir)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return keep
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
@@ -535,11 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             process.stop()
         deployment.stop()
         processes_left = leaked_processes(work_dir)
-        keep = args.keep_on_failure and (bool(chaos.lost) or not completed)
-        if keep:
-            logger.warning("a session was lost or the run failed: its evidence is kept in %s", work_dir)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        keep = settle_work_dir(
+            work_dir, keep_on_failure=args.keep_on_failure, lost=chaos.lost, completed=completed
+        )
     leak_detail: dict[str, Any] = dict(leak)
     leak_detail["processes"] = processes_left
     summary = {
