@@ -36,6 +36,7 @@ import numpy as np
 import websockets
 from temporalio.client import Client
 
+from api.policy_file import load_policies
 from bench.chaos import CHUNK_S, PAUSE_S, SPEECH_RATE_HZ, SPEECH_TEXT, speech_pcm
 from bench.machine import cpu_name
 from infra import livekit, temporal
@@ -138,7 +139,7 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
     from tests.support.avcheck import RoomRecorder, token  # noqa: PLC0415 (tests/ is not installed with the package)
     from tests.support.credentials import audio_token  # noqa: PLC0415 (tests/ is not installed with the package)
     from tests.support.sidecar_process import SidecarProcesses  # noqa: PLC0415 (tests/ is not installed with the package)
-    from tests.support.temporal_harness import Harness, fast_policy, wait_for_status  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.temporal_harness import FAST_POLICY_OVERRIDES, Harness, wait_for_status  # noqa: PLC0415 (tests/ is not installed with the package)
 
     server = RestartableTemporal(
         temporal.TemporalDevServerConfig(db_file=work_dir / "temporal.db").with_free_ports(),
@@ -170,19 +171,21 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                         f"{assets_url}/astronaut.zip",
                         output_request(livekit=LiveKitParams(url=lk_config.ws_url, identity="avatar-outage")),
                     )
-                    # Production timeouts (infra/policies.yaml), with the loopback asset server allowed.
-                    policy = fast_policy(
-                        **{
-                            key.replace(".", "__"): value
-                            for key, value in {
-                                "session.idle_timeout_s": 3600.0,
-                                "session.max_duration_s": 7200.0,
-                                "session.stats_interval_s": 2.0,
-                                "session.stats_report_interval_s": 15.0,
-                                "activities.run_session.heartbeat_timeout_s": 10.0,
-                                "activities.run_session.reconcile_s": 15.0,
-                                "activities.run_session.schedule_to_start_s": 10.0,
-                            }.items()
+                    # Production timeouts (infra/policies.yaml: every activity's, not the tests' short ones,
+                    # which a loaded host misses during bring-up), with the loopback asset server allowed.
+                    policy = load_policies(
+                        overrides={
+                            **{
+                                key: value
+                                for key, value in FAST_POLICY_OVERRIDES.items()
+                                if not key.startswith("activities.")
+                            },
+                            "session.idle_timeout_s": 3600.0,
+                            "session.max_duration_s": 7200.0,
+                            "session.stats_interval_s": 2.0,
+                            "session.stats_report_interval_s": 15.0,
+                            "activities.run_session.heartbeat_timeout_s": 10.0,
+                            "activities.run_session.reconcile_s": 15.0,
                         }
                     )
                     handle = await world.start(request, policy)
