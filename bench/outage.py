@@ -99,6 +99,46 @@ class Speaker:
             await asyncio.sleep(1.0)
 
 
+LOOP_PROBE_S = 0.05  # how often this process's event loop is checked for stalls
+GAP_REPORT_MS = 200.0  # frame gaps at the subscriber longer than this are reported one by one
+
+
+def frame_gaps(
+    frames: list[Any], down_at: float, loop_lags: list[tuple[float, float]]
+) -> list[dict[str, Any]]:
+    """The subscriber's frame gaps over GAP_REPORT_MS from a second before the outage on (see the caller)."""
+    kept = [frame for frame in frames if frame.arrival_s >= down_at - 1.0]
+    gaps = []
+    for before, after in itertools.pairwise(kept):
+        gap_s = after.arrival_s - before.arrival_s
+        if gap_s * 1000 < GAP_REPORT_MS:
+            continue
+        stalled = [lag for at_s, lag in loop_lags if before.arrival_s - 0.5 <= at_s <= after.arrival_s]
+        gaps.append(
+            {
+                "at_s_from_outage": round(before.arrival_s - down_at, 2),
+                "gap_ms": round(gap_s * 1000, 1),
+                "frame_ids_skipped": after.frame_id - before.frame_id - 1,
+                "latency_ms_after": round((after.arrival_wall_us - after.user_timestamp_us) / 1000, 1),
+                "latency_ms_before": round((before.arrival_wall_us - before.user_timestamp_us) / 1000, 1),
+                "subscriber_loop_lag_ms": round(max(stalled, default=0.0) * 1000, 1),
+            }
+        )
+    return gaps
+
+
+async def session_counters(sidecars: Any, session_id: str) -> dict[str, float]:
+    """The sidecar's own counters for the session that tell a stall on its side (its /healthz)."""
+    stats = (await sidecars.healthz("a"))["sessions"].get(session_id) or {}
+    extra = stats.get("extra") or {}
+    return {
+        "frames_published": float(stats.get("frames_published", 0)),
+        "dropped_frames": float(stats.get("dropped_frames", 0)),
+        "clock_resyncs": float(extra.get("clock_resyncs", 0.0)),
+        "livekit_frames_dropped": float(extra.get("livekit_frames_dropped", 0.0)),
+    }
+
+
 def speech_s(chunks: list[tuple[float, np.ndarray]], since_s: float, until_s: float) -> float:
     """Seconds of audio heard between two instants whose level is speech's (see SPEECH_RMS)."""
     total_s = 0.0
@@ -207,6 +247,16 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                 await asyncio.sleep(BASELINE_S)  # a baseline: the same subscriber with Temporal up
 
                 load_1min: list[float] = []
+                loop_lags: list[tuple[float, float]] = []  # (when, how late) this process's loop woke up
+
+                async def watch_loop() -> None:
+                    while True:
+                        asked_at = time.monotonic()
+                        await asyncio.sleep(LOOP_PROBE_S)
+                        loop_lags.append((asked_at, time.monotonic() - asked_at - LOOP_PROBE_S))
+
+                loop_watch = asyncio.create_task(watch_loop())
+                sidecar_before = await session_counters(sidecars, request.session_id)
 
                 async def sample_load() -> None:
                     while True:
@@ -230,6 +280,8 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                 )
                 await asyncio.sleep(30.0)  # a heartbeat timeout and a reconcile later: still live?
                 status = await handle.query(SessionWorkflow.status)
+                loop_watch.cancel()
+                sidecar_after = await session_counters(sidecars, request.session_id)
                 arrivals = [frame.arrival_s for frame in viewer.frames if frame.arrival_s >= down_at - 1.0]
                 gaps = [b - a for a, b in itertools.pairwise(arrivals)]
                 before = [f.arrival_s for f in viewer.frames if down_at - BASELINE_S <= f.arrival_s < down_at]
@@ -250,6 +302,15 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                     "max_frame_gap_ms_before_outage": round(max(gaps_before) * 1000, 1)
                     if gaps_before
                     else None,
+                    # Each gap over GAP_REPORT_MS at the subscriber from the outage on, told apart: frames
+                    # the sidecar never sent (frame ids skipped) or frames held up on the way (late on
+                    # arrival), and whether this process's own event loop (which receives them) stalled.
+                    "frame_gaps": frame_gaps(viewer.frames, down_at, loop_lags),
+                    "subscriber_loop_lag_ms_max": round(max(lag for _, lag in loop_lags) * 1000, 1),
+                    "sidecar_counters_during": {
+                        key: round(sidecar_after.get(key, 0.0) - sidecar_before.get(key, 0.0), 3)
+                        for key in sorted(set(sidecar_before) | set(sidecar_after))
+                    },
                     "phase_after": status.phase.value,
                     "sidecar_after": status.sidecar,
                     "same_sidecar": status.sidecar == sidecar_id,
