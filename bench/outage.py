@@ -287,6 +287,8 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                 before = [f.arrival_s for f in viewer.frames if down_at - BASELINE_S <= f.arrival_s < down_at]
                 gaps_before = [b - a for a, b in itertools.pairwise(before)]
                 during = [f for f in viewer.frames if down_at <= f.arrival_s <= up_at]
+                # Before the stop below: the frames of the live session only, not of its teardown.
+                gaps_seen = frame_gaps(viewer.frames, down_at, loop_lags)
                 spoken: dict[str, Any] = {}
                 if speaker is not None:
                     speaking.cancel()
@@ -305,7 +307,7 @@ async def run(outage_s: float, work_dir: Path, speech: bool = True) -> dict[str,
                     # Each gap over GAP_REPORT_MS at the subscriber from the outage on, told apart: frames
                     # the sidecar never sent (frame ids skipped) or frames held up on the way (late on
                     # arrival), and whether this process's own event loop (which receives them) stalled.
-                    "frame_gaps": frame_gaps(viewer.frames, down_at, loop_lags),
+                    "frame_gaps": gaps_seen,
                     "subscriber_loop_lag_ms_max": round(max(lag for _, lag in loop_lags) * 1000, 1),
                     "sidecar_counters_during": {
                         key: round(sidecar_after.get(key, 0.0) - sidecar_before.get(key, 0.0), 3)
