@@ -20,7 +20,11 @@ Faults, one at a time, in an order drawn from `--seed` (recorded in the JSON):
 - `sidecar_pause`: a sidecar SIGSTOPped for 2-6 s (under the heartbeat timeout) and SIGCONTed;
 - `livekit`: livekit-server SIGKILLed (sessions fail over to RTMP: `failover_s`, from the kill until the
   workflow's status shows the session on RTMP), restarted on the same ports (sessions switch back to
-  LiveKit: `switch_back_s`, from the restart);
+  LiveKit: `switch_back_s`, from the restart). Each session's sidecar records the failover's steps
+  (realtime.sidecar.failover) and reports them with its stats: `failover_steps` sets them against the
+  kill, on the host's wall clock: `detect_s` (kill -> the sidecar saw LiveKit down), `switch_s` (kill ->
+  the session publishes to RTMP: the media-side failover), `standby_connect_s` (the RTMP standby's
+  connect, of which `rtmp_connect_wait_s` waiting for a thread) and `status_s` (`failover_s`);
 - `rtmp`: nginx-rtmp SIGKILLed while the sessions are on LiveKit with RTMP as their admitted fallback,
   restarted 2-5 s later (the sessions must not notice).
 
@@ -28,6 +32,10 @@ After each fault every session must be live again with fresh stats within `--rec
 a session that ended or never recovered counts in `sessions_lost_unexpectedly`. At the end every
 session is stopped and the leaks are counted: slots still held in placement, sessions still on a
 sidecar, and processes of the run still alive after the deployment stopped.
+
+A run that loses a session (or fails) keeps its work directory (`--keep-on-failure`, on by default):
+every process's log under `logs/` (sidecars, worker, api, stack services), each session's Temporal
+history under `histories/` and the lost sessions in `lost.json`; the path is printed at the end.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from bench.api import Deployment
 from bench.machine import cpu_name
 from infra import stack
 from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
-from workflows.client import session_status, stop_session
+from workflows.client import session_status, session_workflow_id, stop_session
 from workflows.contracts import PLACEMENT_WORKFLOW_ID
 from workflows.placement import PlacementWorkflow
 from workflows.temporal_client import connect_client
@@ -69,6 +77,7 @@ SPEECH_TEXT = "The quick brown fox jumps over the lazy dog, while the avatar kee
 SPEECH_RATE_HZ = 16_000
 CHUNK_S = 0.1  # the client sends 100 ms of PCM per message, paced in real time
 PAUSE_S = 1.0  # silence between two utterances
+LOAD_SAMPLE_S = 15.0  # the machine's 1-min load average is sampled this often during the run
 
 
 def speech_pcm(directory: Path) -> bytes:
@@ -137,6 +146,8 @@ class Chaos:
         self.sessions: list[str] = []
         self.lost: list[dict[str, Any]] = []
         self.failover_s: list[float] = []
+        self.failover_switch_s: list[float] = []  # kill -> the sidecar switched (its own record)
+        self.failover_detect_s: list[float] = []  # kill -> the sidecar saw the output down
         self.replace_s: list[float] = []
         self.switch_back_s: list[float] = []
         self.faults: list[dict[str, Any]] = []
@@ -146,6 +157,7 @@ class Chaos:
         self.speakers: dict[str, asyncio.Task[None]] = {}
         self.utterances: dict[str, int] = {}  # session -> utterances that played out (playback_finished)
         self.audio_reconnects: dict[str, int] = {}
+        self.load_1min: list[float] = []
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -320,8 +332,10 @@ class Chaos:
             record.update(sidecar=victim, pause_s=round(pause_s, 1))
         elif kind == "livekit":
             killed = time.monotonic()
+            killed_unix_s = time.time()
             os.killpg(deployment.stack_pid("livekit"), signal.SIGKILL)
             record["failover_s"] = await self.wait_for_output("rtmp", killed, self.failover_s)
+            record["failover_steps"] = await self.failover_steps(killed_unix_s)
             restarted = time.monotonic()
             await asyncio.to_thread(deployment.restart_stack_service, "livekit")
             record["switch_back_s"] = await self.wait_for_output("livekit", restarted, self.switch_back_s)
@@ -333,6 +347,32 @@ class Chaos:
             record["down_s"] = round(down_s, 1)
             record["left_livekit"] = [s for s in self.sessions if (await self.status(s)).output != "livekit"]
         return record
+
+    async def failover_steps(self, killed_unix_s: float) -> list[dict[str, Any]]:
+        """Each session's failover steps as its sidecar recorded them, against the kill (same host, wall
+        clock)."""
+        steps = []
+        for session_id in self.sessions:
+            status = await self.status(session_id)
+            extra = status.stats.get("extra") or {}
+            switched = extra.get("failover_switched_at_unix_s")
+            if switched is None or switched < killed_unix_s:
+                steps.append({"session": session_id, "sidecar": status.sidecar, "switched": False})
+                continue
+            entry = {
+                "session": session_id,
+                "sidecar": status.sidecar,
+                "detect_s": round(extra["failover_detected_at_unix_s"] - killed_unix_s, 3),
+                "switch_s": round(switched - killed_unix_s, 3),
+                "down_to_switch_s": extra.get("failover_down_to_switch_s"),
+                "standby_connect_s": extra.get("failover_standby_connect_s"),
+                "rtmp_connect_wait_s": extra.get("rtmp_connect_wait_s"),
+                "rtmp_connect_s": extra.get("rtmp_connect_s"),
+            }
+            steps.append(entry)
+            self.failover_switch_s.append(entry["switch_s"])
+            self.failover_detect_s.append(entry["detect_s"])
+        return steps
 
     async def wait_for_output(self, output: str, since: float, times_s: list[float]) -> list[float]:
         """Poll until every session is live on `output`; each one's time since `since` goes to `times_s`."""
@@ -349,7 +389,32 @@ class Chaos:
         times_s.extend(measured)
         return measured
 
+    async def keep_evidence(self, work_dir: Path) -> None:
+        """A loss's evidence beside the process logs: every session's Temporal history and the lost ones."""
+        histories = work_dir / "histories"
+        histories.mkdir(exist_ok=True)
+        for session_id in [*self.sessions, *(entry["session"] for entry in self.lost)]:
+            try:
+                text = await asyncio.wait_for(_history_json(self.temporal, session_id), 30)
+            except Exception as exc:  # Temporal may be the fault: the logs are kept all the same
+                logger.warning("history of %s not fetched: %r", session_id, exc)
+                continue
+            (histories / f"{session_id}.json").write_text(text)
+        (work_dir / "lost.json").write_text(json.dumps({"lost": self.lost, "faults": self.faults}, indent=2))
+
+    async def sample_load(self) -> None:
+        while True:
+            self.load_1min.append(round(os.getloadavg()[0], 2))
+            await asyncio.sleep(LOAD_SAMPLE_S)
+
     async def run(self, faults: int, kinds: tuple[str, ...]) -> None:
+        sampler = asyncio.create_task(self.sample_load())
+        try:
+            await self.run_faults(faults, kinds)
+        finally:
+            sampler.cancel()
+
+    async def run_faults(self, faults: int, kinds: tuple[str, ...]) -> None:
         self.temporal = await self.client()
         await self.start_sessions()
         order: list[str] = []
@@ -368,6 +433,11 @@ class Chaos:
             self.faults.append(record)
             if len(self.sessions) < self.session_count:
                 break  # a session was lost: the run has failed its invariant; stop and report it
+
+
+async def _history_json(temporal: Any, session_id: str) -> str:
+    history = await temporal.get_workflow_handle(session_workflow_id(session_id)).fetch_history()
+    return str(history.to_json())
 
 
 async def leaks(deployment: ChaosDeployment, temporal: Any) -> dict[str, Any]:
@@ -398,6 +468,19 @@ def leaked_processes(work_dir: Path) -> int:
     return count
 
 
+def settle_work_dir(
+    work_dir: Path, *, keep_on_failure: bool, lost: list[dict[str, Any]], completed: bool
+) -> bool:
+    """Remove the run's work directory, unless it holds a failure's evidence to keep (a lost session, or a
+    run that did not complete) and `keep_on_failure`; True when kept."""
+    keep = keep_on_failure and (bool(lost) or not completed)
+    if keep:
+        logger.warning("a session was lost or the run failed: its evidence is kept in %s", work_dir)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return keep
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=8)
@@ -408,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recover-s", type=float, default=120.0)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--keep-on-failure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the work directory (logs, histories, lost.json) when a session is lost or the run fails",
+    )
     parser.add_argument(
         "--kinds",
         default=",".join(FAULT_KINDS),
@@ -425,35 +514,43 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("seed %d", seed)
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
-        work_dir = Path(tmp)
-        deployment = ChaosDeployment(work_dir, args.sidecars, args.slots)
-        assets = work_dir / "assets"
-        assets.mkdir()
-        (assets / "astronaut.zip").write_bytes(avatar_zip_bytes())
-        chaos = Chaos(deployment, args.sessions, random.Random(seed), args.recover_s)
-        leak: dict[str, Any] = {}
-        ends: list[str] = []
-        try:
-            deployment.start()
-            with serve_directory(assets) as assets_url:
-                chaos.avatar_url = f"{assets_url}/astronaut.zip"
-                chaos.rtmp_url = f"rtmp://127.0.0.1:{deployment.ports.rtmp}/live"
-                chaos.speech = speech_pcm(work_dir)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
+    deployment = ChaosDeployment(work_dir, args.sidecars, args.slots)
+    assets = work_dir / "assets"
+    assets.mkdir()
+    (assets / "astronaut.zip").write_bytes(avatar_zip_bytes())
+    chaos = Chaos(deployment, args.sessions, random.Random(seed), args.recover_s)
+    leak: dict[str, Any] = {}
+    ends: list[str] = []
+    completed = False
+    try:
+        deployment.start()
+        with serve_directory(assets) as assets_url:
+            chaos.avatar_url = f"{assets_url}/astronaut.zip"
+            chaos.rtmp_url = f"rtmp://127.0.0.1:{deployment.ports.rtmp}/live"
+            chaos.speech = speech_pcm(work_dir)
 
-                async def body() -> None:
-                    nonlocal ends, leak
+            async def body() -> None:
+                nonlocal ends, leak
+                try:
                     await chaos.run(args.faults, kinds)
-                    ends = await chaos.stop_sessions()
-                    await asyncio.sleep(3.0)  # teardown and release land
-                    leak = await leaks(deployment, chaos.temporal)
+                finally:
+                    if chaos.lost and args.keep_on_failure:
+                        await chaos.keep_evidence(work_dir)
+                ends = await chaos.stop_sessions()
+                await asyncio.sleep(3.0)  # teardown and release land
+                leak = await leaks(deployment, chaos.temporal)
 
-                asyncio.run(body())
-        finally:
-            for process in deployment.extra_processes:
-                process.stop()
-            deployment.stop()
+            asyncio.run(body())
+        completed = True
+    finally:
+        for process in deployment.extra_processes:
+            process.stop()
+        deployment.stop()
         processes_left = leaked_processes(work_dir)
+        keep = settle_work_dir(
+            work_dir, keep_on_failure=args.keep_on_failure, lost=chaos.lost, completed=completed
+        )
     leak_detail: dict[str, Any] = dict(leak)
     leak_detail["processes"] = processes_left
     summary = {
@@ -462,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         "leaks": leak.get("slots_held", 0) + leak.get("sidecar_sessions", 0) + processes_left,
         "failover_s_p50": _pct(chaos.failover_s, 50),
         "failover_s_max": round(max(chaos.failover_s), 2) if chaos.failover_s else None,
+        "failover_switch_s_p50": _pct(chaos.failover_switch_s, 50),
+        "failover_switch_s_max": round(max(chaos.failover_switch_s), 2) if chaos.failover_switch_s else None,
+        "failover_detect_s_max": round(max(chaos.failover_detect_s), 2) if chaos.failover_detect_s else None,
         "replace_s_p50": _pct(chaos.replace_s, 50),
         "replace_s_max": round(max(chaos.replace_s), 2) if chaos.replace_s else None,
         "switch_back_s_p50": _pct(chaos.switch_back_s, 50),
@@ -493,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"every session, espeak-ng {SPEECH_TEXT!r} in a loop, {PAUSE_S:g} s pauses, via the API relay"
             ),
             "fault_kinds": list(kinds),
+            "load_average_1min": {
+                "sampled_every_s": LOAD_SAMPLE_S,
+                "min": min(chaos.load_1min, default=None),
+                "median": _pct(chaos.load_1min, 50),
+                "max": max(chaos.load_1min, default=None),
+            },
             "notes": args.notes,
         },
         "summary": summary,
@@ -505,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failover_s": [round(v, 2) for v in chaos.failover_s],
                 "replace_s": [round(v, 2) for v in chaos.replace_s],
                 "switch_back_s": [round(v, 2) for v in chaos.switch_back_s],
+                "kept_work_dir": str(work_dir) if keep else None,
                 "utterances": chaos.utterances,
                 "audio_reconnects": chaos.audio_reconnects,
             }
@@ -513,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    if keep:
+        print(f"bench.chaos: a session was lost or the run failed; logs, histories, lost.json: {work_dir}")
     healthy = summary["sessions_lost_unexpectedly"] == 0 and summary["leaks"] == 0
     return 0 if healthy and summary["rtmp_faults_disturbing_livekit"] == 0 else 1
 

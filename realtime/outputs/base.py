@@ -43,6 +43,12 @@ class PublishTick:
         return self.frame_index * len(self.audio_playout)
 
 
+# `PublisherStats.extra` key, 1.0 while a disconnected output knows its server is gone, not just slow: a fresh
+# connection to it was refused or failed. The session's failover need not wait out its output-down timeout
+# (meant for a transport that may resume by itself) before moving to the next output.
+SERVER_UNREACHABLE = "server_unreachable"
+
+
 @dataclass
 class PublisherStats:
     name: str

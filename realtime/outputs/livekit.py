@@ -58,7 +58,11 @@ caused by us) the publisher joins again with backoff on a fresh `rtc.Room` and r
 the same sources. Ticks while disconnected are counted as dropped, never queued (live).
 While the SDK is resuming (`reconnecting` until `reconnected`) nothing reaches a viewer, so
 the publisher reports itself not connected from the first moment: the session's output-down
-timeout, not the SDK's own retry budget, decides when the session falls back.
+timeout, not the SDK's own retry budget, decides when the session falls back. At that moment the
+publisher also opens a TCP connection to the server's address: refused (nothing listens: the
+server process or its host is gone), it reports `SERVER_UNREACHABLE`, and the session falls back
+without waiting out the timeout; so does a rejoin that fails. A server that still accepts
+connections may be resumed by the SDK, so the timeout stands.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -80,7 +85,7 @@ from livekit.rtc._proto import room_pb2, stats_pb2, track_pb2, video_frame_pb2
 from realtime.clock import Clock, monotonic_clock
 from realtime.ingest.formats import PLAYOUT_SAMPLE_RATE_HZ, TIMELINE_SAMPLE_RATE_HZ
 from realtime.outputs.avsync import SourceClock
-from realtime.outputs.base import FrameKind, PublisherStats, PublishTick
+from realtime.outputs.base import SERVER_UNREACHABLE, FrameKind, PublisherStats, PublishTick
 from realtime.outputs.errors import OutputError
 from realtime.outputs.registry import LiveKitTarget
 
@@ -102,6 +107,11 @@ MAX_TRACKED_UTTERANCES = 16
 # Two readings of the sender's pulled-audio count differ from real time by up to a pull plus the reading's
 # jitter.
 MISSED_PULL_NOISE_MS = 25.0
+# How long the probe of a lost server's address waits for its TCP handshake: on loopback or a LAN a refusal
+# comes back in milliseconds; a probe left unanswered proves nothing and leaves the timeout to decide.
+SERVER_PROBE_TIMEOUT_S = 1.0
+# How often a server that still takes connections is probed again while the publisher stays down.
+SERVER_PROBE_INTERVAL_S = 0.25
 
 
 class LiveKitConnectError(OutputError):
@@ -233,6 +243,7 @@ class LiveKitPublisher:
         self._room_listeners: list[RoomListener] = []
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None  # see _probe_server
         # Frames waiting for their capture time (deadline + headroom + video delay), by frame index.
         self._pending_video: dict[int, tuple[asyncio.TimerHandle, PublishTick]] = {}
         # Audio queue anchoring (see the module docstring): captures and refills are serialised by the lock.
@@ -323,6 +334,7 @@ class LiveKitPublisher:
         room.on("reconnected", lambda: self._on_transport_state(room, connected=True))
         self._room = room
         self._stats.connected = True
+        self._stats.extra.pop(SERVER_UNREACHABLE, None)
         logger.info(
             "livekit publisher connected",
             extra={
@@ -492,8 +504,42 @@ class LiveKitPublisher:
             logger.warning(
                 "livekit connection lost; the SDK is resuming it", extra={"room": self.target.room}
             )
+            if self._probe_task is None or self._probe_task.done():
+                self._probe_task = asyncio.get_running_loop().create_task(self._probe_server())
+                self._tasks.add(self._probe_task)
+                self._probe_task.add_done_callback(self._tasks.discard)
         else:
+            self._stats.extra.pop(SERVER_UNREACHABLE, None)
             logger.info("livekit connection resumed", extra={"room": self.target.room})
+
+    async def _probe_server(self) -> None:
+        """While the publisher is down: is anything listening at the server's address? Refused:
+        `SERVER_UNREACHABLE` (module docstring). Probed again while connections are still taken: a server
+        being killed may accept one last connection into its backlog just before its socket goes away."""
+        host, port = _server_address(self.target.url)
+        while not self._stats.connected and not self._closing:
+            try:
+                _reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), timeout=SERVER_PROBE_TIMEOUT_S
+                )
+            except TimeoutError:
+                continue  # slow, not gone: the SDK may still resume; the output-down timeout decides
+            except OSError as exc:
+                # Whichever room is current (the SDK may have given up and a rejoin begun meanwhile), the
+                # publisher is still down: a refusal tells about the server, not about one connection.
+                if not self._stats.connected and not self._closing:
+                    self._stats.extra[SERVER_UNREACHABLE] = 1.0
+                    self._stats.last_error = (
+                        f"reconnecting: livekit-server at {host}:{port} refused a new connection ({exc})"
+                    )
+                    logger.warning(
+                        "livekit-server unreachable", extra={"room": self.target.room, "error": str(exc)}
+                    )
+                return
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            await asyncio.sleep(SERVER_PROBE_INTERVAL_S)
 
     def _on_disconnected(self, reason: object = None) -> None:
         self._stats.connected = False
@@ -530,6 +576,7 @@ class LiveKitPublisher:
                 await self._join()
             except OutputError as exc:
                 self._stats.last_error = exc.message
+                self._stats.extra[SERVER_UNREACHABLE] = 1.0
                 logger.warning("livekit rejoin failed", extra={"error": exc.message, "retry_in_s": backoff_s})
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self.options.reconnect_backoff_max_s)
@@ -878,6 +925,13 @@ class LiveKitPublisher:
 
     def stats(self) -> PublisherStats:
         return self._stats
+
+
+def _server_address(url: str) -> tuple[str, int]:
+    """The host and TCP port a LiveKit URL (ws[s]:// or http[s]://) connects to."""
+    parts = urlsplit(url)
+    secure = parts.scheme in ("wss", "https")
+    return parts.hostname or "localhost", parts.port or (443 if secure else 80)
 
 
 def _pulled_audio(report: list[stats_pb2.RtcStats]) -> tuple[float, int] | None:

@@ -7,11 +7,12 @@ Encoding and network I/O happen on the media thread of `realtime.outputs.rtmp_st
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import numpy as np
 
-from realtime.outputs.base import PublisherStats, PublishTick
+from realtime.outputs.base import SERVER_UNREACHABLE, PublisherStats, PublishTick
 from realtime.outputs.encoder import EncoderSettings
 from realtime.outputs.rtmp_stream import RtmpStreamWriter
 from realtime.outputs.rtmp_url import redact_rtmp_url, validate_rtmp_url
@@ -24,6 +25,9 @@ class RtmpOutput:
         self._publisher = RtmpStreamWriter(
             url, EncoderSettings(width_px=width_px, height_px=height_px), connect_timeout_s=connect_timeout_s
         )
+        # The first connect's steps: waiting for a thread to run it, then the connect itself (open + probe).
+        self._connect_wait_s = 0.0
+        self._connect_s = 0.0
 
     @property
     def detail(self) -> str:
@@ -31,7 +35,17 @@ class RtmpOutput:
 
     async def start(self) -> None:
         # Connecting blocks on the network: keep it off the event loop.
-        await asyncio.to_thread(self._publisher.start)
+        called_s = time.monotonic()
+
+        def connect() -> None:
+            began_s = time.monotonic()
+            self._connect_wait_s = began_s - called_s
+            try:
+                self._publisher.start()
+            finally:
+                self._connect_s = time.monotonic() - began_s
+
+        await asyncio.to_thread(connect)
 
     async def publish(self, tick: PublishTick) -> None:
         self._publisher.submit(
@@ -56,5 +70,10 @@ class RtmpOutput:
             playout_samples_published=raw.playout_samples_sent,
             reconnects=raw.reconnects,
             last_error=raw.last_error,
-            extra={"audio_samples_flushed": float(raw.speech_samples_flushed)},
+            extra={
+                "audio_samples_flushed": float(raw.speech_samples_flushed),
+                "connect_wait_s": round(self._connect_wait_s, 3),
+                "connect_s": round(self._connect_s, 3),
+                **({SERVER_UNREACHABLE: 1.0} if raw.unreachable and not raw.connected else {}),
+            },
         )

@@ -38,6 +38,8 @@ class RtmpStats:
     playout_samples_sent: int = 0  # all audio sent (48 kHz samples)
     speech_samples_flushed: int = 0  # speech an interrupt silenced before it was sent (16 kHz units)
     last_error: str = ""
+    # A reconnect attempt failed since the connection was lost: the server is gone, not just slow.
+    unreachable: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class RtmpStreamWriter:
 
     def _mark_connected(self) -> None:
         self.stats.connected = True
+        self.stats.unreachable = False
         self.stats.connects += 1
         logger.info(
             "rtmp connected", extra={"url": redact_rtmp_url(self.url), "connects": self.stats.connects}
@@ -197,6 +200,7 @@ class RtmpStreamWriter:
                 except Exception as exc:
                     self._count_drop(tick.speech_samples)
                     self.stats.last_error = str(exc)
+                    self.stats.unreachable = True
                     next_attempt = now + backoff_s
                     backoff_s = min(backoff_s * 2, self.backoff_max_s)
                     continue

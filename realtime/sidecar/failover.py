@@ -7,9 +7,11 @@ Rules:
 - From the first moment it is down, the next output of the session's fallback order is started beside it,
   so that the switch costs no connect time when the down time reaches the host's `output_down_timeout_s`;
   should the output come back first, the standby is closed again.
-- Past that timeout (at once for a final disconnect) the session moves to the started standby under its
-  running clock. With none that opens, the session ends `output_failed` (the workflow's own fallback,
-  switch_output, stays the backstop).
+- Past that timeout the session moves to the started standby under its running clock; at once (as soon as
+  the standby has opened) for a final disconnect or an output that reports its server unreachable
+  (`SERVER_UNREACHABLE`: the timeout is for a transport that may resume, and a refused one will not).
+  With none that opens, the session ends `output_failed` (the workflow's own fallback, switch_output,
+  stays the backstop).
 - The switch is made here, not by the workflow, so failover never waits on the control plane (a round trip
   through Temporal and a worker, or an outage of either); the workflow learns of it from the stats report
   the switch sends at once.
@@ -17,6 +19,10 @@ Rules:
   (a fresh connection) at that interval; once it opens the session moves back to it, counted as a
   `switch_back` rather than a fallback. A first output removed on purpose is not tried again. Switch back
   allowed, a fallback that dies tries the outputs before it too, once those after it failed.
+- Every failover and switch back leaves its steps in `FailoverPlan.timings` (the session's stats report
+  carries them): when the watch saw the output down and when the session moved, as wall-clock instants an
+  observer on the same host can set against its own (e.g. when it killed the server), and the durations
+  between them on the sidecar's monotonic clock.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from realtime.host import OpenedOutput, OutputTarget
-from realtime.outputs.base import Publisher
+from realtime.outputs.base import SERVER_UNREACHABLE, Publisher
 from realtime.outputs.switch import SwitchableOutput
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ class FailoverPlan:
     failures: list[str] = field(
         default_factory=list
     )  # the latest outputs that failed to open, for the end detail
+    # The latest failover's and switch back's steps (see the module docstring), names carrying their unit.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class OutputWatch:
@@ -67,6 +75,7 @@ class OutputWatch:
         on_switched: Callable[[Publisher, OpenedOutput], Awaitable[None]],
         on_failed: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.session_id = session_id
         self.live = live
@@ -77,6 +86,9 @@ class OutputWatch:
         self._on_switched = on_switched
         self._on_failed = on_failed
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._down_at_unix_s = 0.0
+        self._standby_connect_s = 0.0
         self._standby: asyncio.Task[tuple[int, Publisher, OpenedOutput] | None] | None = None
 
     async def run(self) -> None:
@@ -87,6 +99,7 @@ class OutputWatch:
                 now_s = self._clock()
                 stats = self.live.stats()
                 final = bool(stats.extra.get("final_disconnect"))
+                unreachable = bool(stats.extra.get(SERVER_UNREACHABLE))
                 if stats.connected and not final:
                     down_since_s = None
                     await self._drop_standby()
@@ -96,6 +109,7 @@ class OutputWatch:
                 else:
                     if down_since_s is None:
                         down_since_s = now_s
+                        self._down_at_unix_s = self._wall_clock()
                         logger.warning(
                             "live output down; starting the next output as standby",
                             extra={
@@ -106,9 +120,11 @@ class OutputWatch:
                         )
                     if self._standby is None:
                         self._standby = asyncio.create_task(self._start_next())
-                    if final or now_s - down_since_s >= self._down_timeout_s():
+                    if final or unreachable or now_s - down_since_s >= self._down_timeout_s():
                         if self.plan.current == 0 and final:
                             self.plan.first_removed = True
+                        self.plan.timings["failover_waited_timeout"] = float(not (final or unreachable))
+                        self.plan.timings["failover_server_unreachable"] = float(unreachable)
                         if not await self._fail_over(down_since_s, stats.last_error):
                             return
                         down_since_s = None
@@ -137,6 +153,7 @@ class OutputWatch:
         for index in self._candidates():
             target = self.plan.targets[index]
             publisher: Publisher | None = None
+            began_s = self._clock()
             try:
                 publisher, opened = self._make_publisher(target)
                 await publisher.start()
@@ -149,6 +166,7 @@ class OutputWatch:
                 if publisher is not None:
                     await _close_quietly(publisher, self.session_id)
                 continue
+            self._standby_connect_s = self._clock() - began_s
             return index, publisher, opened
         return None
 
@@ -167,22 +185,31 @@ class OutputWatch:
         if self._stopping():
             await _close_quietly(publisher, self.session_id)
             return False
+        self._record_switch("failover", down_since_s)
         await self.live.switch_to(publisher, started=True)
         self.plan.current = index
         await self._on_switched(publisher, opened)
-        logger.info(
+        logger.warning(
             "output failed over on the sidecar",
-            extra={
-                "session_id": self.session_id,
-                "to": opened.kind,
-                "down_s": round(self._clock() - down_since_s, 3),
-            },
+            extra={"session_id": self.session_id, "to": opened.kind, **self.plan.timings},
         )
         return True
+
+    def _record_switch(self, step: str, since_s: float) -> None:
+        """The steps of the switch about to be made (`step`: failover or switch_back), taken before the swap
+        so that the stats report the swap triggers carries them."""
+        timings = self.plan.timings
+        timings[f"{step}_count"] = timings.get(f"{step}_count", 0.0) + 1.0
+        timings[f"{step}_switched_at_unix_s"] = self._wall_clock()
+        timings[f"{step}_standby_connect_s"] = round(self._standby_connect_s, 3)
+        if step == "failover":
+            timings["failover_detected_at_unix_s"] = self._down_at_unix_s
+            timings["failover_down_to_switch_s"] = round(self._clock() - since_s, 3)
 
     async def _try_switch_back(self) -> None:
         target = self.plan.targets[0]
         publisher: Publisher | None = None
+        began_s = self._clock()
         try:
             publisher, opened = self._make_publisher(target)
             await publisher.start()
@@ -201,6 +228,8 @@ class OutputWatch:
         if self._stopping():
             await _close_quietly(publisher, self.session_id)
             return
+        self._standby_connect_s = self._clock() - began_s
+        self._record_switch("switch_back", began_s)
         await self.live.switch_to(publisher, started=True, switch_back=True)
         self.plan.current = 0
         await self._on_switched(publisher, opened)

@@ -375,6 +375,9 @@ class SidecarHost:
     def _stats(self, session: HostedSession, runtime: SessionRuntime) -> SessionStats:
         stats = runtime.stats()
         stats.output_detail = session.output.detail if session.output is not None else ""
+        if session.failover is not None:
+            # The latest failover's steps, on the sidecar's clocks.
+            stats.extra.update(session.failover.timings)
         return stats
 
     def _end_reason(

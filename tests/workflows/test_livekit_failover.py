@@ -3,10 +3,11 @@
 A real sidecar process (`lipsync sidecar`, CPU preview engine) publishes to its own real
 livekit-server (this test's, so killing it harms no other test) on the real Temporal dev
 server; the request names LiveKit and RTMP (nginx-rtmp), the policy's order. livekit-server
-is SIGKILLed: the publisher sees its connection break at once (the SDK's `reconnecting`), the
-sidecar starts the admitted RTMP output as a standby at that moment and moves the session to it
-after its short output-down timeout, under the same session clock, with no round trip through
-the workflow; the workflow's status follows from the stats report the switch sends at once.
+is SIGKILLed: the publisher sees its connection break at once (the SDK's `reconnecting`) and
+finds nothing listening at the server's address, the sidecar starts the admitted RTMP output as
+a standby at that moment and moves the session to it as soon as it opens (no output-down timeout
+for a server that is gone), under the same session clock, with no round trip through the workflow;
+the workflow's status follows from the stats report the switch sends at once.
 With the policy's switch back on, livekit-server started again brings the session back to it.
 """
 
@@ -106,6 +107,7 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
 
     assert lk_process.pid is not None
     killed_at = time.monotonic()
+    killed_unix_s = time.time()
     os.killpg(lk_process.pid, signal.SIGKILL)
     detected_s = rtmp_live_s = None
     while rtmp_live_s is None:
@@ -134,6 +136,14 @@ async def test_a_dead_livekit_output_fails_over_to_rtmp_within_seconds(
     ]
     # Same session, same clock: the counters go on from where LiveKit left them, and the switch is counted.
     assert int(moved.stats["frames_published"]) > frames_before and moved.stats["fallbacks"] == 1, moved.stats
+    # The sidecar's own record of the steps (same host, wall clock): nothing listened at livekit-server's
+    # address any more, so the switch waited for the RTMP standby only, not for the output-down timeout.
+    steps = moved.stats["extra"]
+    assert steps["failover_server_unreachable"] == 1.0 and steps["failover_waited_timeout"] == 0.0, {
+        key: value for key, value in steps.items() if key.startswith(("failover", "livekit", "rtmp"))
+    }
+    assert steps["failover_detected_at_unix_s"] - killed_unix_s <= DETECTED_WITHIN_S, steps
+    assert steps["failover_switched_at_unix_s"] - killed_unix_s <= RTMP_LIVE_WITHIN_S, steps
 
     await stop_session(world.client, request.session_id)
     result = await handle.result()

@@ -121,14 +121,21 @@ def test_publisher_reconnects_after_nginx_restart(
     _push(publisher, 25, set())
     nginx.stop()
     _push(publisher, 25, set(), first_frame=25)  # server down: these cannot be delivered
+    pushed = 50
+    deadline_s = time.monotonic() + 5.0
+    while not publisher.stats.unreachable:  # a reconnect attempt was refused: the server is gone
+        assert time.monotonic() < deadline_s, publisher.stats
+        _push(publisher, 5, set(), first_frame=pushed)
+        pushed += 5
+    assert not publisher.stats.connected
     nginx.start()
     reader = Reader(url, max_seconds=15, expected_frames=25)
     thread = reader.start()
-    _push(publisher, 100, set(), first_frame=50)
+    _push(publisher, 100, set(), first_frame=pushed)
     publisher.close()
     thread.join(timeout=10)
     reader.stop.set()
-    assert publisher.stats.reconnects >= 1, publisher.stats
+    assert publisher.stats.reconnects >= 1 and not publisher.stats.unreachable, publisher.stats
     assert publisher.stats.frames_dropped > 0
     assert len(reader.frames) >= 25, "no frames after the server came back"
 

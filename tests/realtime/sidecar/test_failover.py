@@ -8,12 +8,13 @@ real livekit-server and nginx-rtmp.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from realtime.host import OpenedOutput, OutputTarget
-from realtime.outputs.base import Publisher
+from realtime.outputs.base import SERVER_UNREACHABLE, Publisher
 from realtime.outputs.switch import SwitchableOutput
 from realtime.sidecar.failover import FailoverPlan, OutputWatch
 from tests.support.recording import RecordingPublisher
@@ -24,15 +25,17 @@ DOWN_TIMEOUT_S = 0.3
 class Output(RecordingPublisher):
     """An output of one kind; `refuse` makes its start fail as an unreachable server's does."""
 
-    def __init__(self, kind: str, *, refuse: bool = False) -> None:
+    def __init__(self, kind: str, *, refuse: bool = False, connect_s: float = 0.0) -> None:
         super().__init__(16, 16)
         self.name = kind
         self.refuse = refuse
+        self.connect_s = connect_s
         self.started = self.closed = False
 
     async def start(self) -> None:
         if self.refuse:
             raise ConnectionRefusedError(f"{self.name} server unreachable")
+        await asyncio.sleep(self.connect_s)
         self.started = True
         await super().start()
 
@@ -40,8 +43,10 @@ class Output(RecordingPublisher):
         self.closed = True
         await super().close()
 
-    def drop(self) -> None:
+    def drop(self, *, unreachable: bool = False) -> None:
         self._stats.connected = False
+        if unreachable:  # as LiveKit's probe or RTMP's failed reconnect report a server that is gone
+            self._stats.extra[SERVER_UNREACHABLE] = 1.0
 
 
 class World:
@@ -53,13 +58,15 @@ class World:
         self.failed: list[str] = []
         self.refuse = set(refuse)
         self.stopping = False
+        self.down_timeout_s = DOWN_TIMEOUT_S
+        self.connect_s = 0.0  # how long each output made here takes to start
         self.plan = FailoverPlan(
             [OutputTarget("livekit", None), OutputTarget("rtmp", None)],
             switch_back_retry_s=switch_back_retry_s,
         )
 
     def make(self, target: OutputTarget) -> tuple[Publisher, OpenedOutput]:
-        output = Output(target.kind, refuse=target.kind in self.refuse)
+        output = Output(target.kind, refuse=target.kind in self.refuse, connect_s=self.connect_s)
         self.made.append(output)
         return output, OpenedOutput(target.kind, f"{target.kind}-detail")
 
@@ -72,7 +79,7 @@ class World:
             self.live,
             self.plan,
             self.make,
-            down_timeout_s=lambda: DOWN_TIMEOUT_S,
+            down_timeout_s=lambda: self.down_timeout_s,
             stopping=lambda: self.stopping,
             on_switched=self.on_switched,
             on_failed=self.failed.append,
@@ -105,6 +112,47 @@ async def test_a_dead_output_moves_to_the_standby_started_when_it_dropped(world:
     assert DOWN_TIMEOUT_S <= asyncio.get_running_loop().time() - started < DOWN_TIMEOUT_S + 0.5
     assert world.live.current is world.made[0] and world.first.closed and world.plan.current == 1
     assert world.live.switches == 1 and world.live.switch_backs == 0
+    world.stopping = True
+    await asyncio.wait_for(task, 2)
+
+
+async def test_the_failover_steps_are_recorded_on_the_sidecars_clocks(world: World) -> None:
+    world.connect_s = 0.1
+    await world.first.start()
+    task = asyncio.create_task(world.watch().run())
+    dropped_unix_s = time.time()
+    world.first.drop()
+    await wait_until(lambda: world.switched == ["rtmp"])
+    steps = world.plan.timings
+    assert steps["failover_count"] == 1.0 and steps["failover_waited_timeout"] == 1.0, steps
+    assert steps["failover_server_unreachable"] == 0.0, steps
+    # Seen down within the watch's interval (and a loaded loop's lag); switched at the timeout.
+    assert 0.0 <= steps["failover_detected_at_unix_s"] - dropped_unix_s < 0.5, steps
+    assert DOWN_TIMEOUT_S <= steps["failover_down_to_switch_s"] < DOWN_TIMEOUT_S + 0.5, steps
+    # The wall-clock instants and the monotonic duration tell the same story (to the rounding, 1 ms).
+    wall_s = steps["failover_switched_at_unix_s"] - steps["failover_detected_at_unix_s"]
+    assert abs(wall_s - steps["failover_down_to_switch_s"]) < 0.05, steps
+    assert 0.1 <= steps["failover_standby_connect_s"] < DOWN_TIMEOUT_S, steps
+    world.stopping = True
+    await asyncio.wait_for(task, 2)
+
+
+async def test_an_output_whose_server_is_unreachable_moves_once_the_standby_opens_without_the_timeout(
+    world: World,
+) -> None:
+    world.down_timeout_s = 60.0  # never reached in this test: only the unreachable report can move it
+    world.connect_s = 0.1
+    await world.first.start()
+    task = asyncio.create_task(world.watch().run())
+    world.first.drop()
+    await asyncio.sleep(0.3)
+    assert world.switched == [] and world.made[0].started, "a slow transport must wait for the timeout"
+    world.first.drop(unreachable=True)  # the probe found nothing listening at the server's address
+    await wait_until(lambda: world.switched == ["rtmp"], timeout_s=5.0)
+    steps = world.plan.timings
+    assert steps["failover_waited_timeout"] == 0.0 and steps["failover_server_unreachable"] == 1.0, steps
+    # Not a removal on purpose: the first output may come back, so switch back stays possible.
+    assert not world.plan.first_removed and world.live.name == "rtmp"
     world.stopping = True
     await asyncio.wait_for(task, 2)
 
