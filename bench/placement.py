@@ -88,6 +88,8 @@ class LevelResult:
     heartbeat_failures: int = 0
     placement_reasons: dict[str, int] = field(default_factory=dict)
     load_avg_1m_after: float = 0.0
+    # operations the placers sent during the level and the requests they carried (Placer.batching)
+    batching: dict[str, int] = field(default_factory=dict)
     # CPU seconds used during the level, per process role
     cpu_s: dict[str, float] = field(default_factory=dict)
 
@@ -111,6 +113,14 @@ class LevelResult:
             "releases_ok": self.releases_ok,
             "failures": dict(self.failures),
             "heartbeat_signals_per_s": round(self.heartbeats_sent * per_s, 1),
+            "acquire_updates_per_s": round(self.batching.get("acquire_updates", 0) * per_s, 1),
+            "release_signals_per_s": round(self.batching.get("release_signals", 0) * per_s, 1),
+            "acquires_per_update": round(
+                self.batching.get("acquire_requests", 0) / max(1, self.batching.get("acquire_updates", 0)), 2
+            ),
+            "releases_per_signal": round(
+                self.batching.get("release_requests", 0) / max(1, self.batching.get("release_signals", 0)), 2
+            ),
             "heartbeat_failures": self.heartbeat_failures,
             "placement_reasons": dict(self.placement_reasons),
             "load_avg_1m_after": round(self.load_avg_1m_after, 2),
@@ -187,8 +197,16 @@ def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return used
 
 
+def _batching(placers: list[Any]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for placer in placers:
+        for key, value in placer.batching().items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 async def _run_level(
-    placer: Any,
+    placers: list[Any],
     fleet: SimulatedFleet,
     rate: float,
     *,
@@ -202,6 +220,8 @@ async def _run_level(
 
     async def session(index: int) -> None:
         session_id = f"bench-{fleet.run_tag}-{rate:g}-{index}"
+        # Sessions spread over the control workers as the control queue spreads place_session activities.
+        placer = placers[index % len(placers)]
         started = time.perf_counter()
         try:
             placement = await asyncio.wait_for(
@@ -225,6 +245,7 @@ async def _run_level(
         result.releases_ok += 1
 
     sent_before, failed_before = fleet.sent, fleet.failed
+    batching_before = _batching(placers)
     cpu_before = _cpu_seconds(pids)
     began = time.perf_counter()
     count = int(rate * level_s)
@@ -239,6 +260,7 @@ async def _run_level(
     result.heartbeats_sent = fleet.sent - sent_before
     result.heartbeat_failures = fleet.failed - failed_before
     result.load_avg_1m_after = os.getloadavg()[0]
+    result.batching = {key: value - batching_before.get(key, 0) for key, value in _batching(placers).items()}
     cpu_after = _cpu_seconds(pids)
     result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
     return result
@@ -258,9 +280,18 @@ async def _bench_one(
 
     client = await Client.connect(target)
     placement_id = f"bench-placement-{uuid.uuid4().hex[:6]}"
-    placer = Placer(client, placement_id, control_queue, shards=args.shards)
+    # One Placer per simulated control worker (each batches only its own placements), and the fleet's own
+    # for the sidecars' renewals (plain signals, never batched: each sidecar is its own process).
+    placers = [
+        Placer(client, placement_id, control_queue, shards=args.shards, max_batch=args.max_batch)
+        for _ in range(args.control_workers)
+    ]
     fleet = SimulatedFleet(
-        placer, sidecars, slots=args.slots, interval_s=args.registration_interval_s, lease_s=args.lease_s
+        Placer(client, placement_id, control_queue, shards=args.shards),
+        sidecars,
+        slots=args.slots,
+        interval_s=args.registration_interval_s,
+        lease_s=args.lease_s,
     )
     load_before = os.getloadavg()
     cpu_count = len(os.sched_getaffinity(0))
@@ -270,7 +301,9 @@ async def _bench_one(
     rows: list[dict[str, Any]] = []
     try:
         for rate in args.rates:
-            level = await _run_level(placer, fleet, rate, level_s=args.level_s, hold_s=args.hold_s, pids=pids)
+            level = await _run_level(
+                placers, fleet, rate, level_s=args.level_s, hold_s=args.hold_s, pids=pids
+            )
             row = level.row(args.p99_limit_ms)
             logger.info("level done", extra=row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -285,6 +318,7 @@ async def _bench_one(
     return {
         "sidecars": sidecars,
         "shards": args.shards,
+        "control_workers": args.control_workers,
         "load_avg_before": [round(value, 2) for value in load_before],
         "cpus": cpu_count,
         "register_s": round(register_s, 1),
@@ -330,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float, default=0.5, help="how long each session holds its slot")
     parser.add_argument("--slots", type=int, default=20, help="slots per simulated sidecar")
     parser.add_argument("--shards", type=int, default=1, help="registry shards per pool")
+    parser.add_argument(
+        "--control-workers",
+        type=int,
+        default=1,
+        help="simulated control workers: sessions spread over this many Placers, each batching its own",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=128, help="most requests per acquire update / release signal"
+    )
     parser.add_argument(
         "--registry-workers",
         type=int,
@@ -388,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             "label": args.label,
             "shards": args.shards,
             "registry_workers": args.registry_workers,
+            "control_workers": args.control_workers,
+            "max_batch": args.max_batch,
             "slots_per_sidecar": args.slots,
             "registration_interval_s": args.registration_interval_s,
             "lease_s": args.lease_s,
