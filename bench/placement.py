@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -312,6 +313,13 @@ async def _bench_one(
                 break
     finally:
         await fleet.stop()
+    batching = _batching(placers)
+    operations = {
+        "acquires": batching.get("acquire_requests", 0),
+        "releases": batching.get("release_requests", 0),
+        "heartbeats": fleet.sent,
+    }
+    profile = await _history_profile(client, placement_id, operations) if args.profile_histories else None
     sustained = [row for row in rows if row["sustained"]]
     best = max(sustained, key=lambda row: row["updates_per_s"]) if sustained else None
     first_failing = next((row for row in rows if not row["sustained"]), None)
@@ -328,6 +336,35 @@ async def _bench_one(
         "acquire_ms_p99": best["acquire_ms_p99"] if best else None,
         "breaks_at_offered_starts_per_s": first_failing["offered_starts_per_s"] if first_failing else None,
         "levels": rows,
+        **({"history_profile": profile} if profile else {}),
+    }
+
+
+async def _history_profile(client: Client, placement_id: str, operations: dict[str, int]) -> dict[str, Any]:
+    """What the registries' histories hold for the whole run: events and workflow tasks per request.
+
+    Reads every run of every registry of `placement_id` (continue-as-new included) after the ramp.
+    `operations` counts the requests the driver made (acquires, releases, heartbeats).
+    """
+    counts: dict[str, int] = {}
+    runs = 0
+    async for execution in client.list_workflows(f"WorkflowId STARTS_WITH '{placement_id}'"):
+        runs += 1
+        history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+        for event in history.events:
+            name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").lower()
+            counts[name] = counts.get(name, 0) + 1
+    events = sum(counts.values())
+    requests = sum(operations.values())
+    workflow_tasks = counts.get("workflow_task_completed", 0)
+    return {
+        "registry_runs": runs,
+        "events": events,
+        "workflow_tasks": workflow_tasks,
+        "requests": operations,
+        "events_per_request": round(events / max(1, requests), 2),
+        "workflow_tasks_per_request": round(workflow_tasks / max(1, requests), 3),
+        "events_by_type": dict(sorted(counts.items(), key=lambda item: -item[1])),
     }
 
 
@@ -372,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-batch", type=int, default=128, help="most requests per acquire update / release signal"
+    )
+    parser.add_argument(
+        "--profile-histories",
+        action="store_true",
+        help="after the ramp, count the registries' history events and workflow tasks per request",
     )
     parser.add_argument(
         "--registry-workers",
