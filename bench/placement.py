@@ -14,6 +14,9 @@ on a control queue, as `lipsync worker` runs it) and this driver process, which 
 - session traffic: for each offered rate of the ramp, starts at that rate for `--level-s`
   seconds; each start acquires a slot the way the `place_session` activity does (the same
   `activities.placement_client.Placer`), holds it `--hold-s`, then releases it as `release_slot` does.
+  The starts are spread over `--control-workers` Placers, one per simulated control worker: each
+  batches only its own requests (per registry, one operation in flight), as a `lipsync worker`
+  replica does.
 
 Per level: acquire latency p50/p99 (request sent -> placement returned), failures (any
 acquire or release that raised, `no_capacity` included: the fleet has room for the offered
@@ -23,8 +26,12 @@ were sharded and a signal since), and each process role's CPU (server, registry 
 driver) with the server's CPU per operation (acquire, release or heartbeat). A level is
 sustained when acquire p99 <= `--p99-limit-ms` and nothing failed; the ramp stops after the
 first level that is not. `updates_per_s_max` is the
-achieved update rate of the best sustained level; heartbeats are reported separately
-(`heartbeat_signals_per_s`), since they are signals, not updates.
+achieved update rate of the best sustained level, counted in requests (acquires + releases);
+the operations that carried them are `acquire_updates_per_s` and `release_signals_per_s`, and
+`acquires_per_update` / `releases_per_signal` are the mean batch sizes. Heartbeats are reported
+separately (`heartbeat_signals_per_s`), since they are signals, not updates. With
+`--profile-histories`, the registries' histories are read after the ramp: events and workflow
+tasks per request (`history_profile`).
 
 The machine's load matters (the dev server, the registry worker and this driver share its
 cores): the JSON records the load average before each run.
