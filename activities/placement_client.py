@@ -15,6 +15,13 @@ a time, so one registry caps the fleet's placement rate; shards serve in paralle
   first. Each acquire carries a deadline (`not_after_s`) past which its registry refuses it,
   so an attempt that gave up cannot land a slot after its retry cleaned up.
 
+- Acquires and releases for one registry are batched per process (`_GroupCommit`): one
+  `acquire_batch` update / `release_batch` signal in flight per registry, the requests that
+  arrive meanwhile going together in the next. Each request in a batch is decided on its own.
+  Idle, a request goes at once, alone; busy, the server's and the registry's per-operation cost
+  is shared by the batch, so the cost per start falls as the load rises instead of the
+  registry's queue growing. Heartbeats are not batched: each sidecar is its own process.
+
 The control activities (`place_session`, `release_slot`), the sidecar worker's registration
 and `bench.placement` all go through `Placer`, so the benchmark measures the production path.
 """
@@ -118,11 +125,11 @@ class _GroupCommit(Generic[Request, Answer]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            except BaseException as exc:  # this task cancelled (loop shutting down): so are its callers
+            except BaseException:  # this task cancelled (loop shutting down): so are its callers
                 for _, future in batch + self._waiting:
                     future.cancel()
                 self._waiting = []
-                raise exc
+                raise
             for (_, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
                     future.set_result(answer)
