@@ -90,6 +90,7 @@ class LevelResult:
     acquires_ok: int = 0
     releases_ok: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    failure_examples: dict[str, str] = field(default_factory=dict)  # the first error of each kind
     acquire_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     heartbeats_sent: int = 0
@@ -101,8 +102,10 @@ class LevelResult:
     # CPU seconds used during the level, per process role
     cpu_s: dict[str, float] = field(default_factory=dict)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, error: BaseException | None = None) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1
+        if error is not None and code not in self.failure_examples:
+            self.failure_examples[code] = f"{error.__class__.__name__}: {error}"[:300]
 
     def row(self, p99_limit_ms: float) -> dict[str, Any]:
         p99 = _pct(self.acquire_ms, 99)
@@ -120,6 +123,7 @@ class LevelResult:
             "acquires_ok": self.acquires_ok,
             "releases_ok": self.releases_ok,
             "failures": dict(self.failures),
+            "failure_examples": dict(self.failure_examples),
             "heartbeat_signals_per_s": round(self.heartbeats_sent * per_s, 1),
             "acquire_updates_per_s": round(self.batching.get("acquire_updates", 0) * per_s, 1),
             "release_signals_per_s": round(self.batching.get("release_signals", 0) * per_s, 1),
@@ -236,7 +240,7 @@ async def _run_level(
                 placer.acquire(session_id, random.choice(avatars)), timeout=ACQUIRE_TIMEOUT_S
             )
         except Exception as exc:
-            result.fail(_failure_code(exc))
+            result.fail(_failure_code(exc), exc)
             return
         result.acquire_ms.append((time.perf_counter() - started) * 1000.0)
         result.acquires_ok += 1
@@ -248,7 +252,7 @@ async def _run_level(
                 placer.release(session_id, placement.registry_id), timeout=ACQUIRE_TIMEOUT_S
             )
         except Exception as exc:
-            result.fail("release_" + _failure_code(exc))
+            result.fail("release_" + _failure_code(exc), exc)
             return
         result.releases_ok += 1
 
