@@ -85,7 +85,8 @@ Answer = TypeVar("Answer")
 
 
 class _GroupCommit(Generic[Request, Answer]):
-    """Sends the requests for one registry in batches, with at most one batch in flight.
+    """Sends the requests for one registry in batches, with at most one batch in flight
+    (`max_batch` 1: no batching, every request sent at once on its own, as before batching).
 
     A request that finds nothing in flight goes at once, alone (no added latency when idle); the
     ones that arrive while a batch is in flight wait for it and go together in the next. So the
@@ -102,6 +103,12 @@ class _GroupCommit(Generic[Request, Answer]):
         self.requests_sent = 0
 
     async def submit(self, request: Request) -> Answer:
+        if self._max_batch == 1:
+            # Batching off: every request is its own operation, sent at once (none waits for another).
+            self.batches_sent += 1
+            self.requests_sent += 1
+            (answer,) = await self._send([request])
+            return answer
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         flusher = self._flusher

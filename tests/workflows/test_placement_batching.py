@@ -169,3 +169,19 @@ async def test_a_failed_operation_fails_only_the_requests_it_carried() -> None:
         3,
         4,
     ]
+
+
+async def test_with_batching_off_every_request_goes_at_once_on_its_own() -> None:
+    in_flight: list[list[int]] = []
+    all_sent = asyncio.Event()
+
+    async def send(requests: list[int]) -> list[int]:
+        in_flight.append(list(requests))
+        if len(in_flight) == 3:
+            all_sent.set()
+        await asyncio.wait_for(all_sent.wait(), timeout=5)  # none waits for another to finish
+        return requests
+
+    group: _GroupCommit[int, int] = _GroupCommit(send, max_batch=1)
+    assert await asyncio.gather(*(group.submit(n) for n in (1, 2, 3))) == [1, 2, 3]
+    assert in_flight == [[1], [2], [3]] and group.batches_sent == group.requests_sent == 3
