@@ -80,6 +80,10 @@ def check_pool(pool: str) -> str:
     return pool
 
 
+# Longest one batched operation may take: a place_session or release_slot attempt (start-to-close 10 s by
+# policy) is over by then, and the requests queued behind it go on.
+OPERATION_TIMEOUT_S = 10.0
+
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
@@ -94,9 +98,15 @@ class _GroupCommit(Generic[Request, Answer]):
     registry pays it once per batch instead of once per request.
     """
 
-    def __init__(self, send: Callable[[list[Request]], Awaitable[list[Answer]]], max_batch: int) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[Request]], Awaitable[list[Answer]]],
+        max_batch: int,
+        timeout_s: float = OPERATION_TIMEOUT_S,
+    ) -> None:
         self._send = send
         self._max_batch = max_batch
+        self._timeout_s = timeout_s
         self._waiting: list[tuple[Request, asyncio.Future[Answer]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.batches_sent = 0
@@ -126,7 +136,11 @@ class _GroupCommit(Generic[Request, Answer]):
             self.batches_sent += 1
             self.requests_sent += len(batch)
             try:
-                answers = await self._send([request for request, _ in batch])
+                # Bounded: an operation that never returns (a registry whose workflow tasks fail) must not
+                # hold back the requests queued behind it.
+                answers = await asyncio.wait_for(
+                    self._send([request for request, _ in batch]), self._timeout_s
+                )
             except Exception as exc:  # the whole operation failed: every request in it gets the error
                 for _, future in batch:
                     if not future.done():

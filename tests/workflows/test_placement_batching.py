@@ -185,3 +185,17 @@ async def test_with_batching_off_every_request_goes_at_once_on_its_own() -> None
     group: _GroupCommit[int, int] = _GroupCommit(send, max_batch=1)
     assert await asyncio.gather(*(group.submit(n) for n in (1, 2, 3))) == [1, 2, 3]
     assert in_flight == [[1], [2], [3]] and group.batches_sent == group.requests_sent == 3
+
+
+async def test_an_operation_that_never_returns_times_out_and_the_queue_goes_on() -> None:
+    async def send(requests: list[int]) -> list[int]:
+        if 1 in requests:
+            await asyncio.Event().wait()  # a registry that never answers this one
+        return requests
+
+    group: _GroupCommit[int, int] = _GroupCommit(send, max_batch=8, timeout_s=0.2)
+    stuck = asyncio.create_task(group.submit(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # 1 has left, alone
+    answers = await asyncio.wait_for(asyncio.gather(stuck, group.submit(2), return_exceptions=True), 5)
+    assert isinstance(answers[0], TimeoutError) and answers[1] == 2
