@@ -126,6 +126,11 @@ class _GroupCommit(Generic[Request, Answer]):
             self._flusher = asyncio.create_task(self._flush())
         return await future
 
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or in flight (each operation ends within its timeout)."""
+        while (flusher := self._flusher) is not None and not flusher.done():
+            await asyncio.gather(flusher, return_exceptions=True)
+
     async def _flush(self) -> None:
         while self._waiting:
             # A caller that gave up before its request left (cancelled, timed out) sends nothing.
@@ -191,6 +196,13 @@ class Placer:
             "release_signals": sum(group.batches_sent for group in releasers),
             "release_requests": sum(group.requests_sent for group in releasers),
         }
+
+    async def wait_idle(self) -> None:
+        """Return once no batched request of this Placer is queued or in flight (before closing its loop)."""
+        await asyncio.gather(
+            *(group.wait_idle() for group in self._acquirers.values()),
+            *(group.wait_idle() for group in self._releasers.values()),
+        )
 
     def _acquirer(self, registry_id: str) -> _GroupCommit[AcquireSlot, AcquireOutcome]:
         group = self._acquirers.get(registry_id)

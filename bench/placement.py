@@ -324,6 +324,8 @@ async def _bench_one(
                 break
     finally:
         await fleet.stop()
+        # Requests given up on by the ramp may still be in flight: let them end before the loop closes.
+        await asyncio.gather(*(placer.wait_idle() for placer in placers))
     batching = _batching(placers)
     operations = {
         "acquires": batching.get("acquire_requests", 0),

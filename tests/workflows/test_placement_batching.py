@@ -199,3 +199,21 @@ async def test_an_operation_that_never_returns_times_out_and_the_queue_goes_on()
     await asyncio.sleep(0)  # 1 has left, alone
     answers = await asyncio.wait_for(asyncio.gather(stuck, group.submit(2), return_exceptions=True), 5)
     assert isinstance(answers[0], TimeoutError) and answers[1] == 2
+
+
+async def test_wait_idle_returns_once_nothing_is_queued_or_in_flight() -> None:
+    release = asyncio.Event()
+
+    async def send(requests: list[int]) -> list[int]:
+        await release.wait()
+        return requests
+
+    group: _GroupCommit[int, int] = _GroupCommit(send, max_batch=4)
+    pending = [asyncio.create_task(group.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0)
+    idle = asyncio.create_task(group.wait_idle())
+    await asyncio.sleep(0.05)
+    assert not idle.done()  # a batch is in flight
+    release.set()
+    await asyncio.wait_for(idle, 5)
+    assert [task.result() for task in pending] == [1, 2, 3]
