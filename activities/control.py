@@ -60,6 +60,7 @@ class ControlActivities:
         # A cached avatar's validation is not repeated: the same bytes (digest) under the same limits
         # give the same report. Only accepted assets are remembered (a refused one leaves the store).
         self._validated: OrderedDict[ValidationKey, validate.FramesReport] = OrderedDict()
+        self._placer_cached: Placer | None = None
 
     def definitions(self) -> Sequence[Callable[..., Any]]:
         return [self.fetch_assets, self.validate_assets, self.place_session, self.release_slot]
@@ -156,12 +157,16 @@ class ControlActivities:
         return await self._placer().release(request.session_id, request.registry_id, pools=request.pools)
 
     def _placer(self) -> Placer:
-        return Placer(
-            activity.client(),
-            self.config.placement_workflow_id,
-            self.config.task_queue,
-            shards=self.config.shards,
-        )
+        # One Placer for the worker's life: concurrent placements for the same registry share its batches.
+        client = activity.client()
+        if self._placer_cached is None or self._placer_cached.client is not client:
+            self._placer_cached = Placer(
+                client,
+                self.config.placement_workflow_id,
+                self.config.task_queue,
+                shards=self.config.shards,
+            )
+        return self._placer_cached
 
 
 def _validated(asset: FetchedAsset, report: validate.FramesReport) -> ValidatedAvatar:

@@ -15,6 +15,13 @@ a time, so one registry caps the fleet's placement rate; shards serve in paralle
   first. Each acquire carries a deadline (`not_after_s`) past which its registry refuses it,
   so an attempt that gave up cannot land a slot after its retry cleaned up.
 
+- Acquires and releases for one registry are batched per process (`_GroupCommit`): one
+  `acquire_batch` update / `release_batch` signal in flight per registry, the requests that
+  arrive meanwhile going together in the next. Each request in a batch is decided on its own.
+  Idle, a request goes at once, alone; busy, the server's and the registry's per-operation cost
+  is shared by the batch, so the cost per start falls as the load rises instead of the
+  registry's queue growing. Heartbeats are not batched: each sidecar is its own process.
+
 The control activities (`place_session`, `release_slot`), the sidecar worker's registration
 and `bench.placement` all go through `Placer`, so the benchmark measures the production path.
 """
@@ -24,19 +31,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import NoCapacity, to_application_error
 from workflows.contracts import (
     DEFAULT_POOL,
+    MAX_PLACEMENT_BATCH,
+    AcquireBatch,
+    AcquireOutcome,
     AcquireSlot,
     ErrorCode,
     Placement,
     PlacementState,
+    ReleaseBatch,
     ReleaseSlot,
     SidecarDeparture,
     SidecarHeartbeat,
@@ -68,14 +80,157 @@ def check_pool(pool: str) -> str:
     return pool
 
 
-class Placer:
-    """Talks to the registries of `placement_id` (`shards` per pool), workflows on `control_queue`."""
+# Longest one batched operation may take: a place_session or release_slot attempt (start-to-close 10 s by
+# policy) is over by then, and the requests queued behind it go on.
+OPERATION_TIMEOUT_S = 10.0
 
-    def __init__(self, client: Client, placement_id: str, control_queue: str, *, shards: int = 1) -> None:
-        self._client = client
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
+
+
+class _GroupCommit(Generic[Request, Answer]):
+    """Sends the requests for one registry in batches, with at most one batch in flight
+    (`max_batch` 1: no batching, every request sent at once on its own, as before batching).
+
+    A request that finds nothing in flight goes at once, alone (no added latency when idle); the
+    ones that arrive while a batch is in flight wait for it and go together in the next. So the
+    batch size follows the load: the server's and the registry's cost is per operation, and a busy
+    registry pays it once per batch instead of once per request.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[Request]], Awaitable[list[Answer]]],
+        max_batch: int,
+        timeout_s: float = OPERATION_TIMEOUT_S,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._timeout_s = timeout_s
+        self._waiting: list[tuple[Request, asyncio.Future[Answer]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches_sent = 0
+        self.requests_sent = 0
+
+    async def submit(self, request: Request) -> Answer:
+        if self._max_batch == 1:
+            # Batching off: every request is its own operation, sent at once (none waits for another).
+            self.batches_sent += 1
+            self.requests_sent += 1
+            (answer,) = await self._send([request])
+            return answer
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher.get_loop() is not asyncio.get_running_loop():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or in flight (each operation ends within its timeout)."""
+        while (flusher := self._flusher) is not None and not flusher.done():
+            await asyncio.gather(flusher, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            # A caller that gave up before its request left (cancelled, timed out) sends nothing.
+            self._waiting = [(request, future) for request, future in self._waiting if not future.done()]
+            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+            if not batch:
+                return
+            self.batches_sent += 1
+            self.requests_sent += len(batch)
+            try:
+                # Bounded: an operation that never returns (a registry whose workflow tasks fail) must not
+                # hold back the requests queued behind it.
+                answers = await asyncio.wait_for(
+                    self._send([request for request, _ in batch]), self._timeout_s
+                )
+            except Exception as exc:  # the whole operation failed: every request in it gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException:  # this task cancelled (loop shutting down): so are its callers
+                for _, future in batch + self._waiting:
+                    future.cancel()
+                self._waiting = []
+                raise
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if not future.done():
+                    future.set_result(answer)
+
+
+class Placer:
+    """Talks to the registries of `placement_id` (`shards` per pool), workflows on `control_queue`.
+
+    Keep one Placer per process (per Temporal client): concurrent acquires and releases for the same
+    registry share its batches.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        placement_id: str,
+        control_queue: str,
+        *,
+        shards: int = 1,
+        max_batch: int = MAX_PLACEMENT_BATCH,
+    ) -> None:
+        self.client = client
         self.placement_id = placement_id
         self.control_queue = control_queue
         self.shards = check_shards(shards)
+        if not 1 <= max_batch <= MAX_PLACEMENT_BATCH:
+            raise ValueError(f"max_batch must be between 1 and {MAX_PLACEMENT_BATCH} (got {max_batch})")
+        self._max_batch = max_batch
+        self._acquirers: dict[str, _GroupCommit[AcquireSlot, AcquireOutcome]] = {}
+        self._releasers: dict[str, _GroupCommit[ReleaseSlot, bool]] = {}
+
+    def batching(self) -> dict[str, int]:
+        """Operations sent and requests they carried so far (requests / operations = mean batch size)."""
+        acquirers, releasers = self._acquirers.values(), self._releasers.values()
+        return {
+            "acquire_updates": sum(group.batches_sent for group in acquirers),
+            "acquire_requests": sum(group.requests_sent for group in acquirers),
+            "release_signals": sum(group.batches_sent for group in releasers),
+            "release_requests": sum(group.requests_sent for group in releasers),
+        }
+
+    async def wait_idle(self) -> None:
+        """Return once no batched request of this Placer is queued or in flight (before closing its loop)."""
+        await asyncio.gather(
+            *(group.wait_idle() for group in self._acquirers.values()),
+            *(group.wait_idle() for group in self._releasers.values()),
+        )
+
+    def _acquirer(self, registry_id: str) -> _GroupCommit[AcquireSlot, AcquireOutcome]:
+        group = self._acquirers.get(registry_id)
+        if group is None:
+            handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
+
+            async def send(requests: list[AcquireSlot]) -> list[AcquireOutcome]:
+                return await handle.execute_update(PlacementWorkflow.acquire_batch, AcquireBatch(requests))
+
+            group = self._acquirers[registry_id] = _GroupCommit(send, self._max_batch)
+        return group
+
+    def _releaser(self, registry_id: str) -> _GroupCommit[ReleaseSlot, bool]:
+        group = self._releasers.get(registry_id)
+        if group is None:
+            handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
+
+            async def send(requests: list[ReleaseSlot]) -> list[bool]:
+                try:
+                    await handle.signal(PlacementWorkflow.release_batch, ReleaseBatch(requests))
+                except RPCError as exc:
+                    if exc.status == RPCStatusCode.NOT_FOUND:
+                        return [False] * len(requests)  # no registry, so no slot to hold
+                    raise
+                return [True] * len(requests)
+
+            group = self._releasers[registry_id] = _GroupCommit(send, self._max_batch)
+        return group
 
     def registry_of_sidecar(self, sidecar_id: str, pool: str) -> str:
         return placement_registry_id(self.placement_id, pool, shard_of(sidecar_id, self.shards))
@@ -117,13 +272,13 @@ class Placer:
         try:
             # A plain signal while the registry runs (nearly always) costs the server less than
             # signal-with-start.
-            await self._client.get_workflow_handle(registry_id).signal(PlacementWorkflow.heartbeat, beat)
+            await self.client.get_workflow_handle(registry_id).signal(PlacementWorkflow.heartbeat, beat)
             return
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
         # Signal-with-start: the first sidecar of a shard creates its registry.
-        await self._client.start_workflow(
+        await self.client.start_workflow(
             PlacementWorkflow.run,
             PlacementState(),
             id=registry_id,
@@ -133,7 +288,7 @@ class Placer:
         )
 
     async def depart(self, sidecar_id: str, incarnation: str, pool: str = DEFAULT_POOL) -> None:
-        await self._client.get_workflow_handle(self.registry_of_sidecar(sidecar_id, pool)).signal(
+        await self.client.get_workflow_handle(self.registry_of_sidecar(sidecar_id, pool)).signal(
             PlacementWorkflow.depart, SidecarDeparture(sidecar_id=sidecar_id, incarnation=incarnation)
         )
 
@@ -166,28 +321,27 @@ class Placer:
         refusals: list[str] = []
         for pool in pools:
             for registry_id in self.registries(pool, avatar_key or session_id):
-                handle = self._client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
                 try:
-                    return await handle.execute_update(PlacementWorkflow.acquire, request)
-                except WorkflowUpdateFailedError as exc:
-                    cause = exc.cause
-                    if isinstance(cause, ApplicationError) and cause.type == ErrorCode.NO_CAPACITY:
-                        refusals.append(f"{registry_id}: {cause.message}")
-                        continue
-                    if isinstance(cause, ApplicationError) and cause.type == ErrorCode.ACQUIRE_EXPIRED:
-                        # This attempt is over as far as Temporal is concerned; should it still be
-                        # running (clocks), a retry is what it needs, not the session's end.
-                        raise ApplicationError(cause.message, type=cause.type) from exc
-                    if isinstance(cause, ApplicationError) and cause.type:
-                        raise ApplicationError(
-                            cause.message, type=cause.type, non_retryable=cause.non_retryable
-                        ) from exc
-                    raise
+                    outcome = await self._acquirer(registry_id).submit(request)
                 except RPCError as exc:
                     if exc.status == RPCStatusCode.NOT_FOUND:
                         refusals.append(f"{registry_id}: no sidecar has registered")
                         continue
                     raise
+                if outcome.placement is not None:
+                    return outcome.placement
+                if outcome.error_type == ErrorCode.NO_CAPACITY:
+                    refusals.append(f"{registry_id}: {outcome.error_message}")
+                    continue
+                if outcome.error_type == ErrorCode.ACQUIRE_EXPIRED:
+                    # This attempt is over as far as Temporal is concerned; should it still be
+                    # running (clocks), a retry is what it needs, not the session's end.
+                    raise ApplicationError(outcome.error_message, type=outcome.error_type)
+                raise ApplicationError(
+                    outcome.error_message or f"acquire refused by {registry_id}",
+                    type=outcome.error_type or None,
+                    non_retryable=outcome.non_retryable,
+                )
         asked = "; ".join(refusals[:4]) + ("; ..." if len(refusals) > 4 else "")
         raise to_application_error(
             NoCapacity(
@@ -213,15 +367,5 @@ class Placer:
             [registry_id] if registry_id else [r for pool in pools for r in self.registries(pool, session_id)]
         )
         request = ReleaseSlot(session_id=session_id, suspect_incarnations=list(suspect_incarnations))
-        results = await asyncio.gather(*(self._release_at(registry, request) for registry in targets))
+        results = await asyncio.gather(*(self._releaser(registry).submit(request) for registry in targets))
         return any(results)
-
-    async def _release_at(self, registry_id: str, request: ReleaseSlot) -> bool:
-        handle = self._client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
-        try:
-            await handle.signal(PlacementWorkflow.release_slot, request)
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                return False  # no registry, so no slot to hold
-            raise
-        return True

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from temporalio.client import Client
 
 from api.audio_relay import RelayRegistry
 from api.metrics import ApiMetrics
+from api.readiness import ReadinessCache
 from api.sessions import SessionService
 from api.settings import ApiSettings
 from api.sidecars import SidecarDirectory
@@ -23,6 +24,7 @@ class Services:
     sidecars: SidecarDirectory
     relays: RelayRegistry
     metrics: ApiMetrics
+    readiness: ReadinessCache = field(default_factory=ReadinessCache)
 
 
 def services(request: Request) -> Services:

@@ -14,6 +14,9 @@ on a control queue, as `lipsync worker` runs it) and this driver process, which 
 - session traffic: for each offered rate of the ramp, starts at that rate for `--level-s`
   seconds; each start acquires a slot the way the `place_session` activity does (the same
   `activities.placement_client.Placer`), holds it `--hold-s`, then releases it as `release_slot` does.
+  The starts are spread over `--control-workers` Placers, one per simulated control worker: each
+  batches only its own requests (per registry, one operation in flight), as a `lipsync worker`
+  replica does.
 
 Per level: acquire latency p50/p99 (request sent -> placement returned), failures (any
 acquire or release that raised, `no_capacity` included: the fleet has room for the offered
@@ -23,8 +26,12 @@ were sharded and a signal since), and each process role's CPU (server, registry 
 driver) with the server's CPU per operation (acquire, release or heartbeat). A level is
 sustained when acquire p99 <= `--p99-limit-ms` and nothing failed; the ramp stops after the
 first level that is not. `updates_per_s_max` is the
-achieved update rate of the best sustained level; heartbeats are reported separately
-(`heartbeat_signals_per_s`), since they are signals, not updates.
+achieved update rate of the best sustained level, counted in requests (acquires + releases);
+the operations that carried them are `acquire_updates_per_s` and `release_signals_per_s`, and
+`acquires_per_update` / `releases_per_signal` are the mean batch sizes. Heartbeats are reported
+separately (`heartbeat_signals_per_s`), since they are signals, not updates. With
+`--profile-histories`, the registries' histories are read after the ramp: events and workflow
+tasks per request (`history_profile`).
 
 The machine's load matters (the dev server, the registry worker and this driver share its
 cores): the JSON records the load average before each run.
@@ -49,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -82,17 +90,22 @@ class LevelResult:
     acquires_ok: int = 0
     releases_ok: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    failure_examples: dict[str, str] = field(default_factory=dict)  # the first error of each kind
     acquire_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     heartbeats_sent: int = 0
     heartbeat_failures: int = 0
     placement_reasons: dict[str, int] = field(default_factory=dict)
     load_avg_1m_after: float = 0.0
+    # operations the placers sent during the level and the requests they carried (Placer.batching)
+    batching: dict[str, int] = field(default_factory=dict)
     # CPU seconds used during the level, per process role
     cpu_s: dict[str, float] = field(default_factory=dict)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, error: BaseException | None = None) -> None:
         self.failures[code] = self.failures.get(code, 0) + 1
+        if error is not None and code not in self.failure_examples:
+            self.failure_examples[code] = f"{error.__class__.__name__}: {error}"[:300]
 
     def row(self, p99_limit_ms: float) -> dict[str, Any]:
         p99 = _pct(self.acquire_ms, 99)
@@ -110,7 +123,16 @@ class LevelResult:
             "acquires_ok": self.acquires_ok,
             "releases_ok": self.releases_ok,
             "failures": dict(self.failures),
+            "failure_examples": dict(self.failure_examples),
             "heartbeat_signals_per_s": round(self.heartbeats_sent * per_s, 1),
+            "acquire_updates_per_s": round(self.batching.get("acquire_updates", 0) * per_s, 1),
+            "release_signals_per_s": round(self.batching.get("release_signals", 0) * per_s, 1),
+            "acquires_per_update": round(
+                self.batching.get("acquire_requests", 0) / max(1, self.batching.get("acquire_updates", 0)), 2
+            ),
+            "releases_per_signal": round(
+                self.batching.get("release_requests", 0) / max(1, self.batching.get("release_signals", 0)), 2
+            ),
             "heartbeat_failures": self.heartbeat_failures,
             "placement_reasons": dict(self.placement_reasons),
             "load_avg_1m_after": round(self.load_avg_1m_after, 2),
@@ -187,8 +209,16 @@ def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return used
 
 
+def _batching(placers: list[Any]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for placer in placers:
+        for key, value in placer.batching().items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 async def _run_level(
-    placer: Any,
+    placers: list[Any],
     fleet: SimulatedFleet,
     rate: float,
     *,
@@ -202,13 +232,15 @@ async def _run_level(
 
     async def session(index: int) -> None:
         session_id = f"bench-{fleet.run_tag}-{rate:g}-{index}"
+        # Sessions spread over the control workers as the control queue spreads place_session activities.
+        placer = placers[index % len(placers)]
         started = time.perf_counter()
         try:
             placement = await asyncio.wait_for(
                 placer.acquire(session_id, random.choice(avatars)), timeout=ACQUIRE_TIMEOUT_S
             )
         except Exception as exc:
-            result.fail(_failure_code(exc))
+            result.fail(_failure_code(exc), exc)
             return
         result.acquire_ms.append((time.perf_counter() - started) * 1000.0)
         result.acquires_ok += 1
@@ -220,11 +252,12 @@ async def _run_level(
                 placer.release(session_id, placement.registry_id), timeout=ACQUIRE_TIMEOUT_S
             )
         except Exception as exc:
-            result.fail("release_" + _failure_code(exc))
+            result.fail("release_" + _failure_code(exc), exc)
             return
         result.releases_ok += 1
 
     sent_before, failed_before = fleet.sent, fleet.failed
+    batching_before = _batching(placers)
     cpu_before = _cpu_seconds(pids)
     began = time.perf_counter()
     count = int(rate * level_s)
@@ -239,6 +272,7 @@ async def _run_level(
     result.heartbeats_sent = fleet.sent - sent_before
     result.heartbeat_failures = fleet.failed - failed_before
     result.load_avg_1m_after = os.getloadavg()[0]
+    result.batching = {key: value - batching_before.get(key, 0) for key, value in _batching(placers).items()}
     cpu_after = _cpu_seconds(pids)
     result.cpu_s = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
     return result
@@ -258,9 +292,18 @@ async def _bench_one(
 
     client = await Client.connect(target)
     placement_id = f"bench-placement-{uuid.uuid4().hex[:6]}"
-    placer = Placer(client, placement_id, control_queue, shards=args.shards)
+    # One Placer per simulated control worker (each batches only its own placements), and the fleet's own
+    # for the sidecars' renewals (plain signals, never batched: each sidecar is its own process).
+    placers = [
+        Placer(client, placement_id, control_queue, shards=args.shards, max_batch=args.max_batch)
+        for _ in range(args.control_workers)
+    ]
     fleet = SimulatedFleet(
-        placer, sidecars, slots=args.slots, interval_s=args.registration_interval_s, lease_s=args.lease_s
+        Placer(client, placement_id, control_queue, shards=args.shards),
+        sidecars,
+        slots=args.slots,
+        interval_s=args.registration_interval_s,
+        lease_s=args.lease_s,
     )
     load_before = os.getloadavg()
     cpu_count = len(os.sched_getaffinity(0))
@@ -270,7 +313,9 @@ async def _bench_one(
     rows: list[dict[str, Any]] = []
     try:
         for rate in args.rates:
-            level = await _run_level(placer, fleet, rate, level_s=args.level_s, hold_s=args.hold_s, pids=pids)
+            level = await _run_level(
+                placers, fleet, rate, level_s=args.level_s, hold_s=args.hold_s, pids=pids
+            )
             row = level.row(args.p99_limit_ms)
             logger.info("level done", extra=row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -279,12 +324,22 @@ async def _bench_one(
                 break
     finally:
         await fleet.stop()
+        # Requests given up on by the ramp may still be in flight: let them end before the loop closes.
+        await asyncio.gather(*(placer.wait_idle() for placer in placers))
+    batching = _batching(placers)
+    operations = {
+        "acquires": batching.get("acquire_requests", 0),
+        "releases": batching.get("release_requests", 0),
+        "heartbeats": fleet.sent,
+    }
+    profile = await _history_profile(client, placement_id, operations) if args.profile_histories else None
     sustained = [row for row in rows if row["sustained"]]
     best = max(sustained, key=lambda row: row["updates_per_s"]) if sustained else None
     first_failing = next((row for row in rows if not row["sustained"]), None)
     return {
         "sidecars": sidecars,
         "shards": args.shards,
+        "control_workers": args.control_workers,
         "load_avg_before": [round(value, 2) for value in load_before],
         "cpus": cpu_count,
         "register_s": round(register_s, 1),
@@ -294,6 +349,35 @@ async def _bench_one(
         "acquire_ms_p99": best["acquire_ms_p99"] if best else None,
         "breaks_at_offered_starts_per_s": first_failing["offered_starts_per_s"] if first_failing else None,
         "levels": rows,
+        **({"history_profile": profile} if profile else {}),
+    }
+
+
+async def _history_profile(client: Client, placement_id: str, operations: dict[str, int]) -> dict[str, Any]:
+    """What the registries' histories hold for the whole run: events and workflow tasks per request.
+
+    Reads every run of every registry of `placement_id` (continue-as-new included) after the ramp.
+    `operations` counts the requests the driver made (acquires, releases, heartbeats).
+    """
+    counts: dict[str, int] = {}
+    runs = 0
+    async for execution in client.list_workflows(f"WorkflowId STARTS_WITH '{placement_id}'"):
+        runs += 1
+        history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+        for event in history.events:
+            name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_").lower()
+            counts[name] = counts.get(name, 0) + 1
+    events = sum(counts.values())
+    requests = sum(operations.values())
+    workflow_tasks = counts.get("workflow_task_completed", 0)
+    return {
+        "registry_runs": runs,
+        "events": events,
+        "workflow_tasks": workflow_tasks,
+        "requests": operations,
+        "events_per_request": round(events / max(1, requests), 2),
+        "workflow_tasks_per_request": round(workflow_tasks / max(1, requests), 3),
+        "events_by_type": dict(sorted(counts.items(), key=lambda item: -item[1])),
     }
 
 
@@ -330,6 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold-s", type=float, default=0.5, help="how long each session holds its slot")
     parser.add_argument("--slots", type=int, default=20, help="slots per simulated sidecar")
     parser.add_argument("--shards", type=int, default=1, help="registry shards per pool")
+    parser.add_argument(
+        "--control-workers",
+        type=int,
+        default=1,
+        help="simulated control workers: sessions spread over this many Placers, each batching its own",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=128, help="most requests per acquire update / release signal"
+    )
+    parser.add_argument(
+        "--profile-histories",
+        action="store_true",
+        help="after the ramp, count the registries' history events and workflow tasks per request",
+    )
     parser.add_argument(
         "--registry-workers",
         type=int,
@@ -388,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             "label": args.label,
             "shards": args.shards,
             "registry_workers": args.registry_workers,
+            "control_workers": args.control_workers,
+            "max_batch": args.max_batch,
             "slots_per_sidecar": args.slots,
             "registration_interval_s": args.registration_interval_s,
             "lease_s": args.lease_s,

@@ -549,6 +549,35 @@ class ReleaseSlot:
     suspect_incarnations: list[str] = field(default_factory=list)
 
 
+# Requests one batch may carry (`PlacementWorkflow.acquire_batch` / `release_batch`): bounds the update's
+# payload and the registry's work per activation.
+MAX_PLACEMENT_BATCH = 128
+
+
+@dataclass(frozen=True)
+class AcquireBatch:
+    """Acquires for one registry sent as one update: each is decided on its own, in order."""
+
+    requests: list[AcquireSlot]
+
+
+@dataclass(frozen=True)
+class AcquireOutcome:
+    """One request's answer in an AcquireBatch: a placement, or the refusal `acquire` would have raised."""
+
+    placement: Placement | None = None
+    error_type: str = ""  # an ErrorCode value when refused
+    error_message: str = ""
+    non_retryable: bool = False
+
+
+@dataclass(frozen=True)
+class ReleaseBatch:
+    """Releases for one registry sent as one signal."""
+
+    requests: list[ReleaseSlot]
+
+
 @dataclass(frozen=True)
 class PlacementSnapshot:
     sidecars: list[SidecarRecord]

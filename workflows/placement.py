@@ -27,8 +27,13 @@ Protocol:
   (cache affinity), else the one with the most free slots; fails with ApplicationError type
   `no_capacity` when none is free, `acquire_expired` past the request's `not_after_s`;
 - update `release(ReleaseSlot) -> bool` — free the session's slot (True if it held one);
-- signal `release_slot(ReleaseSlot)` — the same without a reply (what sessions send: a signal
-  is durable once accepted and costs the registry less than an update);
+- signal `release_slot(ReleaseSlot)` — the same without a reply (a signal is durable once
+  accepted and costs the registry less than an update);
+- update `acquire_batch(AcquireBatch) -> list[AcquireOutcome]` and signal
+  `release_batch(ReleaseBatch)` — many acquires or releases in one operation, each decided as
+  its own `acquire` / `release_slot` would be (a refusal answers its request only). What the
+  production client sends: the server's and this worker's cost is per operation, not per
+  request, so a busy registry pays it once per batch (`activities.placement_client`);
 - query `snapshot() -> PlacementSnapshot`.
 """
 
@@ -41,12 +46,16 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from workflows.contracts import (
+    MAX_PLACEMENT_BATCH,
+    AcquireBatch,
+    AcquireOutcome,
     AcquireSlot,
     ErrorCode,
     Placement,
     PlacementReason,
     PlacementSnapshot,
     PlacementState,
+    ReleaseBatch,
     ReleaseSlot,
     SidecarDeparture,
     SidecarHeartbeat,
@@ -177,6 +186,42 @@ class PlacementWorkflow:
 
     @workflow.update
     def acquire(self, request: AcquireSlot) -> Placement:
+        self._reclaim_expired()
+        return self._acquire(request)
+
+    @acquire.validator
+    def _validate_acquire(self, request: AcquireSlot) -> None:
+        if not request.session_id:
+            raise ValueError("acquire: session_id is empty")
+
+    @workflow.update
+    def acquire_batch(self, batch: AcquireBatch) -> list[AcquireOutcome]:
+        """`acquire` for each request in order, in one update: a refusal answers that request only."""
+        self._reclaim_expired()
+        outcomes: list[AcquireOutcome] = []
+        for request in batch.requests:
+            try:
+                outcomes.append(AcquireOutcome(placement=self._acquire(request)))
+            except ApplicationError as exc:
+                outcomes.append(
+                    AcquireOutcome(
+                        error_type=exc.type or "",
+                        error_message=exc.message,
+                        non_retryable=exc.non_retryable,
+                    )
+                )
+        return outcomes
+
+    @acquire_batch.validator
+    def _validate_acquire_batch(self, batch: AcquireBatch) -> None:
+        if not 1 <= len(batch.requests) <= MAX_PLACEMENT_BATCH:
+            raise ValueError(
+                f"acquire_batch: {len(batch.requests)} requests (1 to {MAX_PLACEMENT_BATCH} per batch)"
+            )
+        if not all(request.session_id for request in batch.requests):
+            raise ValueError("acquire_batch: a request's session_id is empty")
+
+    def _acquire(self, request: AcquireSlot) -> Placement:
         if request.not_after_s and self._now_s() > request.not_after_s:
             # The caller's attempt is over; its retry has released (or will find) nothing here.
             raise ApplicationError(
@@ -184,7 +229,6 @@ class PlacementWorkflow:
                 type=ErrorCode.ACQUIRE_EXPIRED,
                 non_retryable=True,
             )
-        self._reclaim_expired()
         excluded = set(request.exclude_incarnations)
         self._mark_suspect(request.exclude_incarnations)
         self._release(request.session_id)
@@ -227,11 +271,6 @@ class PlacementWorkflow:
             reason=reason.value,
         )
 
-    @acquire.validator
-    def _validate_acquire(self, request: AcquireSlot) -> None:
-        if not request.session_id:
-            raise ValueError("acquire: session_id is empty")
-
     @workflow.update
     def release(self, request: ReleaseSlot) -> bool:
         released = self._release(request.session_id)
@@ -245,6 +284,14 @@ class PlacementWorkflow:
         limit."""
         self._release(request.session_id)
         self._mark_suspect(request.suspect_incarnations)
+        self._changed = True
+
+    @workflow.signal
+    def release_batch(self, batch: ReleaseBatch) -> None:
+        """`release_slot` for each request, in one signal."""
+        for request in batch.requests:
+            self._release(request.session_id)
+            self._mark_suspect(request.suspect_incarnations)
         self._changed = True
 
     @workflow.query

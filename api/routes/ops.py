@@ -43,6 +43,9 @@ ClientDep = Annotated[Client, Depends(temporal_client)]
 # A poller re-polls at least once a minute (long poll); older entries are gone processes.
 POLLER_FRESH_S = 90.0
 READINESS_TIMEOUT_S = 5.0
+# Sidecars whose task queue one readiness check looks up: readiness needs one that polls, and a lookup per
+# registered sidecar would grow with the fleet.
+MAX_POLLER_LOOKUPS = 8
 
 
 async def _fresh_pollers(client: Client, queue: str, queue_type: TaskQueueType.ValueType) -> list[str]:
@@ -87,6 +90,7 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
         for shard in range(settings.placement_shards)
     ]
     missing: list[str] = []
+    poller_lookups = 0
     try:
         snapshots = []
         for registry_id in registries:
@@ -102,16 +106,28 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
                 missing.append(registry_id)  # no sidecar has registered with this shard yet
         records = [(record, snapshot.now_s) for snapshot in snapshots for record in snapshot.sidecars]
         for record, now_s in records:
-            pollers = await _fresh_pollers(client, record.task_queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
-            lease_ok = record.lease_expires_at_s > now_s
             sidecars[record.sidecar_id] = {
-                "ok": bool(pollers) and lease_ok,
+                "ok": False,
                 "task_queue": record.task_queue,
-                "pollers": pollers,
-                "lease_ok": lease_ok,
+                "pollers": None,  # not looked up (see below)
+                "lease_ok": record.lease_expires_at_s > now_s,
                 "slots_total": record.slots_total,
                 "sessions": len(record.sessions),
             }
+        # One task-queue lookup per sidecar would grow with the fleet: look up at most
+        # MAX_POLLER_LOOKUPS, the leased ones placement would fill first (most free slots), and stop
+        # at the first that polls.
+        candidates = sorted(
+            (record for record, now_s in records if record.lease_expires_at_s > now_s and not record.suspect),
+            key=lambda record: (len(record.sessions) - record.slots_total, record.sidecar_id),
+        )
+        for record in candidates[:MAX_POLLER_LOOKUPS]:
+            pollers = await _fresh_pollers(client, record.task_queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
+            poller_lookups += 1
+            entry = sidecars[record.sidecar_id]
+            entry["pollers"], entry["ok"] = pollers, bool(pollers)
+            if pollers:
+                break
         placement_error = (
             f"no placement registry exists yet (no sidecar has registered): {', '.join(missing)}"
             if len(missing) == len(registries)
@@ -122,6 +138,7 @@ async def readiness(svc: Services) -> tuple[bool, dict[str, Any]]:
     checks["sidecars"] = {
         "ok": any(entry["ok"] for entry in sidecars.values()),
         "registered": sidecars,
+        "poller_lookups": poller_lookups,
         **({"error": placement_error} if placement_error else {}),
     }
     ready = all(check["ok"] for check in checks.values())
@@ -141,8 +158,11 @@ def _is_admin(request: Request) -> bool:
     responses={503: {"description": "not ready; with an admin key, the body says which check failed"}},
 )
 async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
+    age_s = 0.0
     try:
-        ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
+        (ready, checks), age_s = await asyncio.wait_for(
+            svc.readiness.get(lambda: readiness(svc)), timeout=READINESS_TIMEOUT_S
+        )
     except TimeoutError:
         ready, checks = (
             False,
@@ -151,6 +171,7 @@ async def readyz(svc: ServicesDep, request: Request) -> JSONResponse:
     body: dict[str, Any] = {"ready": ready}
     if _is_admin(request):
         body["checks"] = checks
+        body["checks_age_s"] = round(age_s, 3)  # answers are shared between probes for a bounded time
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
@@ -171,7 +192,9 @@ async def health(svc: ServicesDep, request: Request) -> dict[str, Any]:
     """The seed's health: always 200 while the API serves; says whether a session could start now (with an
     admin key: the checks and each sidecar's engine)."""
     try:
-        ready, checks = await asyncio.wait_for(readiness(svc), timeout=READINESS_TIMEOUT_S)
+        (ready, checks), _ = await asyncio.wait_for(
+            svc.readiness.get(lambda: readiness(svc)), timeout=READINESS_TIMEOUT_S
+        )
     except TimeoutError:
         ready, checks = False, {}
     if not _is_admin(request):

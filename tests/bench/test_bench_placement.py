@@ -44,6 +44,9 @@ def test_the_benchmark_runs_against_a_real_server_and_writes_the_named_figures(t
             "1",
             "--lease-s",
             "5",
+            "--control-workers",
+            "2",
+            "--profile-histories",
             "--json",
             str(out),
         ],
@@ -66,3 +69,9 @@ def test_the_benchmark_runs_against_a_real_server_and_writes_the_named_figures(t
     assert first["acquires_ok"] == first["releases_ok"] == 4 and first["failures"] == {}
     assert sum(first["placement_reasons"].values()) == 4
     assert set(first["cpu_cores"]) == {"server", "registry_workers", "driver"}
+    # Batching is reported: every acquire went in some update, every release in some signal.
+    assert first["acquires_per_update"] >= 1.0 and first["releases_per_signal"] >= 1.0
+    profile = run["history_profile"]
+    assert profile["registry_runs"] >= 1 and profile["requests"]["acquires"] >= 4
+    assert profile["events_by_type"]["workflow_execution_update_accepted"] >= 1
+    assert profile["workflow_tasks_per_request"] > 0 and profile["events_per_request"] > 0
