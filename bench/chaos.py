@@ -51,6 +51,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,33 @@ def speech_pcm(directory: Path) -> bytes:
 
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
+
+
+async def speak_until_closed(
+    ws: websockets.ClientConnection, speech: bytes, on_playback_finished: Callable[[], None]
+) -> None:
+    """Wait for the session's `ready`, then send `speech` as utterances paced in real time (CHUNK_S per
+    message, PAUSE_S between) until the socket closes; `on_playback_finished` runs for each
+    `playback_finished` the sidecar sends back."""
+    while json.loads(await ws.recv()).get("type") != "ready":
+        pass
+
+    async def listen() -> None:
+        async for message in ws:
+            if isinstance(message, str) and json.loads(message).get("type") == "playback_finished":
+                on_playback_finished()
+
+    chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
+    listener = asyncio.create_task(listen())
+    try:
+        while not listener.done():
+            for offset in range(0, len(speech), chunk_bytes):
+                await ws.send(speech[offset : offset + chunk_bytes])
+                await asyncio.sleep(CHUNK_S)
+            await ws.send(json.dumps({"type": "end_of_utterance"}))
+            await asyncio.sleep(PAUSE_S)
+    finally:
+        listener.cancel()
 
 
 class ChaosDeployment(Deployment):
@@ -197,7 +225,6 @@ class Chaos:
     async def speak(self, session_id: str) -> None:
         """Stream speech into the session until it is stopped, through the API's relay; reconnect on any
         close."""
-        chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
         connects = 0
         while True:
             try:
@@ -214,27 +241,11 @@ class Chaos:
                 async with websockets.connect(session["audio_ws_url"], open_timeout=30) as ws:
                     connects += 1
                     self.audio_reconnects[session_id] = connects - 1
-                    while json.loads(await ws.recv()).get("type") != "ready":
-                        pass
 
-                    async def listen() -> None:
-                        async for message in ws:
-                            if (
-                                isinstance(message, str)
-                                and json.loads(message).get("type") == "playback_finished"
-                            ):
-                                self.utterances[session_id] = self.utterances.get(session_id, 0) + 1
+                    def finished() -> None:
+                        self.utterances[session_id] = self.utterances.get(session_id, 0) + 1
 
-                    listener = asyncio.create_task(listen())
-                    try:
-                        while not listener.done():
-                            for offset in range(0, len(self.speech), chunk_bytes):
-                                await ws.send(self.speech[offset : offset + chunk_bytes])
-                                await asyncio.sleep(CHUNK_S)
-                            await ws.send(json.dumps({"type": "end_of_utterance"}))
-                            await asyncio.sleep(PAUSE_S)
-                    finally:
-                        listener.cancel()
+                    await speak_until_closed(ws, self.speech, finished)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API, the sidecar or the session went away: the client comes back

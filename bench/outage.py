@@ -37,7 +37,7 @@ import websockets
 from temporalio.client import Client
 
 from api.policy_file import load_policies
-from bench.chaos import CHUNK_S, PAUSE_S, SPEECH_RATE_HZ, SPEECH_TEXT, speech_pcm
+from bench.chaos import PAUSE_S, SPEECH_RATE_HZ, SPEECH_TEXT, speak_until_closed, speech_pcm
 from bench.machine import cpu_name
 from infra import livekit, temporal
 from infra.demo import avatar_zip_bytes, serve_directory
@@ -66,32 +66,13 @@ class Speaker:
         self.closes: list[str] = []  # close codes and reasons seen, with the time
 
     async def run(self) -> None:
-        chunk_bytes = int(SPEECH_RATE_HZ * CHUNK_S) * 2
         while True:
             try:
                 async with websockets.connect(self.url, open_timeout=30) as ws:
                     self.connects += 1
-                    while json.loads(await ws.recv()).get("type") != "ready":
-                        pass
-
-                    async def listen() -> None:
-                        async for message in ws:
-                            if (
-                                isinstance(message, str)
-                                and json.loads(message).get("type") == "playback_finished"
-                            ):
-                                self.finished_at_s.append(time.monotonic())
-
-                    listener = asyncio.create_task(listen())
-                    try:
-                        while not listener.done():
-                            for offset in range(0, len(self.speech), chunk_bytes):
-                                await ws.send(self.speech[offset : offset + chunk_bytes])
-                                await asyncio.sleep(CHUNK_S)
-                            await ws.send(json.dumps({"type": "end_of_utterance"}))
-                            await asyncio.sleep(PAUSE_S)
-                    finally:
-                        listener.cancel()
+                    await speak_until_closed(
+                        ws, self.speech, lambda: self.finished_at_s.append(time.monotonic())
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the session's socket closed: say so, and come back

@@ -3,15 +3,17 @@ did not complete), with each session's Temporal history (from a real dev server)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
 from pathlib import Path
 
 import pytest
+import websockets
 from temporalio.client import Client
 
-from bench.chaos import Chaos, ChaosDeployment, settle_work_dir
+from bench.chaos import CHUNK_S, SPEECH_RATE_HZ, Chaos, ChaosDeployment, settle_work_dir, speak_until_closed
 from workflows.client import session_workflow_id
 
 
@@ -74,3 +76,32 @@ async def test_a_loss_keeps_every_sessions_history_and_the_lost_sessions(
     evidence = json.loads((work_dir / "lost.json").read_text())
     assert [entry["session"] for entry in evidence["lost"]] == [lost, never_started]
     assert evidence["faults"] == chaos.faults
+
+
+async def test_the_speech_client_sends_paced_utterances_and_counts_playback_finished() -> None:
+    """`speak_until_closed` (the chaos and outage benches' client) waits for `ready`, sends each utterance
+    in CHUNK_S messages then `end_of_utterance`, counts every `playback_finished`, and returns when the
+    sidecar closes the socket."""
+    speech = bytes(int(SPEECH_RATE_HZ * CHUNK_S) * 2 * 2 + 100)  # two whole chunks and a partial one
+    received: list[bytes | str] = []
+
+    async def sidecar(ws: websockets.ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "ready"}))
+        utterances = 0
+        async for message in ws:
+            received.append(message)
+            if isinstance(message, str) and json.loads(message)["type"] == "end_of_utterance":
+                utterances += 1
+                await ws.send(json.dumps({"type": "playback_finished"}))
+                if utterances == 2:
+                    await ws.close()
+
+    finished: list[int] = []
+    async with websockets.serve(sidecar, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with websockets.connect(f"ws://127.0.0.1:{port}") as ws:
+            await asyncio.wait_for(speak_until_closed(ws, speech, lambda: finished.append(1)), timeout=30)
+    per_utterance = [len(m) for m in received[:4]]
+    assert per_utterance[:3] == [int(SPEECH_RATE_HZ * CHUNK_S) * 2] * 2 + [100]
+    assert json.loads(received[3]) == {"type": "end_of_utterance"}
+    assert sum(isinstance(m, str) for m in received) == 2 and len(finished) == 2
