@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime.engine.avatar.face import downscaled_for_detection
 from realtime.engine.avatar.workers import prepare_threads
 
 logger = logging.getLogger(__name__)
@@ -128,16 +129,8 @@ def _load(model_file: Path) -> tuple[Any, Any]:
 def detect_face_rect(frame_rgb: np.ndarray, detection_max_side_px: int = 640) -> Rect | None:
     """The most confident face's detector box in frame pixels, or None (dlib's detector on a frame scaled
     to at most `detection_max_side_px`; a second, upsampled pass finds faces under its ~80 px window)."""
-    import cv2  # noqa: PLC0415 (heavy native library: loaded on first use)
-
     detector = _face_detector()
-    height, width = frame_rgb.shape[:2]
-    scale = min(1.0, detection_max_side_px / max(height, width))
-    small = (
-        frame_rgb
-        if scale == 1.0
-        else cv2.resize(frame_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    )
+    small, scale = downscaled_for_detection(frame_rgb, detection_max_side_px)
     small = np.ascontiguousarray(small)
     found, scores, _ = detector.run(small, 0, 0.0)
     if len(found) == 0:
