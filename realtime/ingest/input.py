@@ -28,6 +28,12 @@ from realtime.ingest.session import IngestSession
 
 logger = logging.getLogger(__name__)
 
+# A gap timer that fires this much after its due time found the event loop stalled (GC, a GIL-holding
+# thread, a CPU stall): audio the client sent meanwhile may still sit unread in the socket, so the gap is
+# not trusted yet. It is checked again after STALL_GRACE_S, by when the loop has read what was queued.
+GAP_TIMER_STALL_TOLERANCE_S = 0.1
+GAP_STALL_GRACE_S = 0.1
+
 
 class AudioInput:
     def __init__(
@@ -45,6 +51,7 @@ class AudioInput:
         self.source = source
         self.max_message_bytes = max_message_bytes
         self.utterance_gap_ms = utterance_gap_ms
+        self.gap_checks_deferred = 0  # gap timers that found the loop stalled and looked again
         self.converter = AudioConverter(pcm_format or PcmFormat())
         self._generation = runtime.timeline.generation
         self._first_byte_at_s: float | None = None
@@ -201,16 +208,30 @@ class AudioInput:
         if self.utterance_gap_ms <= 0:
             return
         self._cancel_gap_timer()
+        self._start_gap_timer(self.utterance_gap_ms / 1000.0)
+
+    def _start_gap_timer(self, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
-        self._gap_timer = loop.call_later(self.utterance_gap_ms / 1000.0, self._on_gap)
+        self._gap_timer = loop.call_later(delay_s, self._on_gap, loop.time() + delay_s)
 
     def _cancel_gap_timer(self) -> None:
         if self._gap_timer is not None:
             self._gap_timer.cancel()
             self._gap_timer = None
 
-    def _on_gap(self) -> None:
+    def _on_gap(self, due_s: float) -> None:
         self._gap_timer = None
+        late_s = asyncio.get_running_loop().time() - due_s
+        if late_s > GAP_TIMER_STALL_TOLERANCE_S:
+            self.gap_checks_deferred += 1
+            logger.info(
+                "utterance gap timer %.0f ms late (the event loop stalled): checking again once queued audio "
+                "is read",
+                late_s * 1000.0,
+                extra={"source": self.source},
+            )
+            self._start_gap_timer(GAP_STALL_GRACE_S)
+            return
         if self.runtime.timeline.open_utterance is not None or self.converter.holding:
             self.implicit_ends += 1
             logger.info(

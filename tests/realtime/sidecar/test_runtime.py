@@ -292,6 +292,37 @@ async def test_an_utterance_without_end_of_utterance_ends_after_the_gap(
         await sidecar.host.teardown("gap")  # type: ignore[attr-defined]
 
 
+async def test_a_stalled_event_loop_does_not_split_the_utterance(
+    sidecar: RunningSidecar, avatar_zip_path: Path
+) -> None:
+    """The gap timer falls due while the loop is blocked (GC, a GIL-holding thread) and runs before the task
+    that reads the audio the client sent meanwhile: it must look again, not end the utterance (it did: a
+    3 s utterance was reported finished at 1.0 s)."""
+    recorder = await open_recorded_session(sidecar, "stall-gap", avatar_zip_path)
+    runtime = runtime_of(sidecar, "stall-gap")
+    try:
+        audio_input = AudioInput(runtime, "test", PcmFormat(sample_rate_hz=48_000), utterance_gap_ms=200)
+        tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(48_000 // 4) / 48_000) * 32767).astype("<i2")
+        loop = asyncio.get_running_loop()
+
+        def stall() -> None:
+            time.sleep(0.45)  # the loop is blocked past the gap timer's due time
+            # Audio that arrived during the stall: a socket read resolves a future, whose task runs one loop
+            # iteration later, after the timers that fell due meanwhile.
+            loop.call_soon(loop.call_soon, audio_input.push, tone.tobytes())
+
+        audio_input.push(tone.tobytes())  # 250 ms
+        loop.call_later(0.05, stall)
+        await asyncio.sleep(0.6)
+        utterance_id = audio_input.end_utterance()
+        await until(lambda: runtime.timeline.pending_samples == 0 and not runtime.playing, timeout_s=5)
+        assert audio_input.implicit_ends == 0 and audio_input.gap_checks_deferred >= 1
+        assert sum(t.speech_samples for t in recorder.speech_ticks(utterance_id)) == 2 * 4000
+        assert_accounting(runtime)
+    finally:
+        await sidecar.host.teardown("stall-gap")  # type: ignore[attr-defined]
+
+
 async def test_render_lane_runs_the_most_urgent_job_first_and_batches_queued_ones() -> None:
     calls: list[list[str]] = []
     gate = asyncio.Event()
