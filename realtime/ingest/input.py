@@ -28,11 +28,11 @@ from realtime.ingest.session import IngestSession
 
 logger = logging.getLogger(__name__)
 
-# A gap timer that fires this much after its due time found the event loop stalled (GC, a GIL-holding
-# thread, a CPU stall): audio the client sent meanwhile may still sit unread in the socket, so the gap is
-# not trusted yet. It is checked again after STALL_GRACE_S, by when the loop has read what was queued.
-GAP_TIMER_STALL_TOLERANCE_S = 0.1
-GAP_STALL_GRACE_S = 0.1
+# The gap is confirmed by a second timer this long after the first: when the first fires at the end of an
+# event-loop stall (GC, a GIL-holding thread, a CPU stall), audio the client sent meanwhile may still sit
+# unread in the socket, and the loop reads it before the confirming timer runs. A confirming timer that is
+# itself late by more than this found another stall, and looks again.
+GAP_CONFIRM_S = 0.05
 
 
 class AudioInput:
@@ -208,29 +208,33 @@ class AudioInput:
         if self.utterance_gap_ms <= 0:
             return
         self._cancel_gap_timer()
-        self._start_gap_timer(self.utterance_gap_ms / 1000.0)
+        gap_s = self.utterance_gap_ms / 1000.0
+        self._start_gap_timer(max(0.0, gap_s - GAP_CONFIRM_S), confirming=False)
 
-    def _start_gap_timer(self, delay_s: float) -> None:
+    def _start_gap_timer(self, delay_s: float, *, confirming: bool) -> None:
         loop = asyncio.get_running_loop()
-        self._gap_timer = loop.call_later(delay_s, self._on_gap, loop.time() + delay_s)
+        self._gap_timer = loop.call_later(delay_s, self._on_gap, loop.time() + delay_s, confirming)
 
     def _cancel_gap_timer(self) -> None:
         if self._gap_timer is not None:
             self._gap_timer.cancel()
             self._gap_timer = None
 
-    def _on_gap(self, due_s: float) -> None:
+    def _on_gap(self, due_s: float, confirming: bool) -> None:
         self._gap_timer = None
+        if not confirming:
+            self._start_gap_timer(GAP_CONFIRM_S, confirming=True)
+            return
         late_s = asyncio.get_running_loop().time() - due_s
-        if late_s > GAP_TIMER_STALL_TOLERANCE_S:
+        if late_s > GAP_CONFIRM_S:
             self.gap_checks_deferred += 1
             logger.info(
-                "utterance gap timer %.0f ms late (the event loop stalled): checking again once queued audio "
+                "utterance gap check %.0f ms late (the event loop stalled): checking again once queued audio "
                 "is read",
                 late_s * 1000.0,
                 extra={"source": self.source},
             )
-            self._start_gap_timer(GAP_STALL_GRACE_S)
+            self._start_gap_timer(GAP_CONFIRM_S, confirming=True)
             return
         if self.runtime.timeline.open_utterance is not None or self.converter.holding:
             self.implicit_ends += 1
