@@ -528,6 +528,9 @@ class PlacementState:
     sidecars: list[SidecarRecord] = field(default_factory=list)
     continue_as_new_after_events: int = 2000
     reclaimed_sessions: int = 0  # slots freed by lease expiry so far (ops counter)
+    # Records whose lease lapsed, kept for a while in case the same process registers again
+    # (`lease_expires_at_s` is when each lapsed): see PlacementWorkflow._reclaim_expired.
+    lapsed: list[SidecarRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -583,3 +586,4 @@ class PlacementSnapshot:
     sidecars: list[SidecarRecord]
     reclaimed_sessions: int
     now_s: float
+    lapsed: list[SidecarRecord] = field(default_factory=list)  # leases lapsed, kept for a re-registration

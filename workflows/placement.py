@@ -67,6 +67,12 @@ TIMER_ONLY_FOR_EXPIRY_PATCH = "placement-timer-only-for-expiry"
 # Runs that carry this marker renew the leases that fell due while the registry itself was down
 # (`_renew_after_registry_outage`); earlier runs reclaimed them.
 LEASE_RENEWED_AFTER_OUTAGE_PATCH = "placement-lease-renewed-after-outage"
+# Runs that carry this marker keep a lapsed sidecar's record (`_reclaim_expired`) so that the same
+# process registering again gets back the slots of sessions placed on it but not yet started there.
+LAPSED_RECORDS_KEPT_PATCH = "placement-lapsed-records-kept"
+# How long a lapsed record is kept, in leases of its sidecar: a sidecar cut off from Temporal longer
+# than its control-plane grace (ten minutes by default, ten 60 s leases) ends its sessions itself.
+LAPSED_RECORD_KEPT_LEASES = 10
 # Avatar keys remembered per sidecar for cache affinity: about what one sidecar's avatar cache holds.
 AVATARS_REMEMBERED = 32
 
@@ -81,6 +87,7 @@ class PlacementWorkflow:
         self._sidecars: dict[str, SidecarRecord] = {record.sidecar_id: record for record in state.sidecars}
         self._continue_as_new_after_events = state.continue_as_new_after_events
         self._reclaimed_sessions = state.reclaimed_sessions
+        self._lapsed: dict[str, SidecarRecord] = {record.sidecar_id: record for record in state.lapsed}
         self._changed = False
         # When the lease-expiry timer now armed fires (workflow time, s); None while none is armed.
         self._armed_until_s: float | None = None
@@ -155,11 +162,20 @@ class PlacementWorkflow:
                 pool=beat.pool,
                 lease_s=beat.lease_s,
             )
-            if beat.sessions:
-                # The same process re-registering after its lease lapsed (Temporal was unreachable): its
-                # live sessions keep their slots, unless a re-placement already gave them one elsewhere.
+            lapsed = self._lapsed.pop(beat.sidecar_id, None)
+            if lapsed is not None and lapsed.incarnation != beat.incarnation:
+                lapsed = None  # a new process: the lapsed one's sessions died with it
+            # The same process re-registering after its lease lapsed (it could not reach Temporal): its
+            # live sessions keep their slots, and so do the sessions placed on it that it had not started
+            # yet (still in its lapsed record: their workflows go on there), unless a re-placement already
+            # gave them a slot elsewhere.
+            returning = list(beat.sessions)
+            if lapsed is not None:
+                returning += [session for session in lapsed.sessions if session not in returning]
+                record.avatars = list(lapsed.avatars)
+            if returning:
                 held = {session for other in self._sidecars.values() for session in other.sessions}
-                record.sessions = [session for session in beat.sessions if session not in held]
+                record.sessions = [session for session in returning if session not in held]
             self._sidecars[beat.sidecar_id] = record
             workflow.logger.info(
                 "sidecar registered", extra={"sidecar": beat.sidecar_id, "slots": beat.slots_total}
@@ -177,6 +193,9 @@ class PlacementWorkflow:
 
     @workflow.signal
     def depart(self, departure: SidecarDeparture) -> None:
+        lapsed = self._lapsed.get(departure.sidecar_id)
+        if lapsed is not None and lapsed.incarnation == departure.incarnation:
+            del self._lapsed[departure.sidecar_id]  # it drained its sessions: none will come back
         record = self._sidecars.get(departure.sidecar_id)
         if record is not None and record.incarnation == departure.incarnation:
             del self._sidecars[departure.sidecar_id]
@@ -300,6 +319,7 @@ class PlacementWorkflow:
             sidecars=sorted(self._sidecars.values(), key=lambda r: r.sidecar_id),
             reclaimed_sessions=self._reclaimed_sessions,
             now_s=self._now_s(),
+            lapsed=sorted(self._lapsed.values(), key=lambda r: r.sidecar_id),
         )
 
     # --- internals --------------------------------------------------------------------
@@ -313,6 +333,9 @@ class PlacementWorkflow:
                 record.suspect = True
 
     def _release(self, session_id: str) -> bool:
+        for lapsed in self._lapsed.values():
+            if session_id in lapsed.sessions:
+                lapsed.sessions.remove(session_id)  # ended (or re-placed) while its sidecar was cut off
         for record in self._sidecars.values():
             if session_id in record.sessions:
                 record.sessions.remove(session_id)
@@ -320,8 +343,20 @@ class PlacementWorkflow:
         return False
 
     def _reclaim_expired(self) -> None:
+        """Drop the sidecars whose lease ran out, and keep each one's record for a while.
+
+        A lapsed lease does not prove the process dead: a sidecar cut off from Temporal (its own link
+        down) keeps its live sessions and registers again, same incarnation, with the sessions it holds.
+        Those that were placed on it but had not reached it yet (their workflows have a slot there and
+        will start there) are in no report; the kept record gives them their slots back, so the sidecar
+        is never over-booked. A release meanwhile, a re-placement, a new incarnation or
+        LAPSED_RECORD_KEPT_LEASES leases of silence forgets them.
+        """
         self._renew_after_registry_outage()
         now_s = self._now_s()
+        for sidecar_id, record in list(self._lapsed.items()):
+            if now_s - record.lease_expires_at_s > LAPSED_RECORD_KEPT_LEASES * record.lease_s:
+                del self._lapsed[sidecar_id]
         for sidecar_id, record in list(self._sidecars.items()):
             if record.lease_expires_at_s <= now_s:
                 del self._sidecars[sidecar_id]
@@ -330,6 +365,8 @@ class PlacementWorkflow:
                     "sidecar lease expired; its slots are reclaimed",
                     extra={"sidecar": sidecar_id, "sessions": list(record.sessions)},
                 )
+                if record.lease_s > 0 and workflow.patched(LAPSED_RECORDS_KEPT_PATCH):
+                    self._lapsed[sidecar_id] = record
 
     def _renew_after_registry_outage(self) -> None:
         """A lease runs only while the registry can hear heartbeats.
@@ -384,6 +421,7 @@ class PlacementWorkflow:
             sidecars=list(self._sidecars.values()),
             continue_as_new_after_events=self._continue_as_new_after_events,
             reclaimed_sessions=self._reclaimed_sessions,
+            lapsed=list(self._lapsed.values()),
         )
 
     @staticmethod

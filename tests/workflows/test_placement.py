@@ -120,6 +120,46 @@ async def test_expired_lease_reclaims_every_slot_of_a_silent_sidecar(registry: R
     assert [r.sidecar_id for r in snapshot.sidecars] == ["healthy"]
 
 
+async def test_a_sidecar_cut_off_past_its_lease_gets_back_the_slots_of_sessions_it_had_not_started(
+    registry: Registry,
+) -> None:
+    """A lapsed lease does not prove the process dead: the same incarnation registering again gets back
+    the slots of sessions placed on it that it had not started yet (so it reports none of them), except
+    those released meanwhile; a new incarnation gets none of its predecessor's."""
+    handle, _ = registry
+    await handle.signal(PlacementWorkflow.heartbeat, beat("cut", "c1", slots=2, lease_s=1.0))
+    await handle.signal(PlacementWorkflow.heartbeat, beat("dead", "d1", slots=1, lease_s=1.0))
+    assert [(await acquire(handle, s)).sidecar_id for s in ["pending", "ended", "orphan"]] == [
+        "cut",
+        "cut",
+        "dead",
+    ]
+
+    deadline = time.monotonic() + 10
+    while await sessions_by_sidecar(handle):  # no heartbeats: both leases lapse
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    snapshot = await handle.query(PlacementWorkflow.snapshot)
+    assert {r.sidecar_id: r.sessions for r in snapshot.lapsed} == {
+        "cut": ["pending", "ended"],
+        "dead": ["orphan"],
+    }
+    assert snapshot.reclaimed_sessions == 3
+
+    # `ended` ends while its sidecar is cut off; then `cut` is heard again, reporting no session (`pending`
+    # had not reached it), and `dead` comes back as a new process.
+    assert await handle.execute_update(PlacementWorkflow.release, ReleaseSlot("ended")) is False
+    await handle.signal(PlacementWorkflow.heartbeat, beat("cut", "c1", slots=2))
+    await handle.signal(PlacementWorkflow.heartbeat, beat("dead", "d2", slots=1))
+    assert await sessions_by_sidecar(handle) == {"cut": ["pending"], "dead": []}
+    assert (await handle.query(PlacementWorkflow.snapshot)).lapsed == []
+
+    assert (await acquire(handle, "new1")).sidecar_id in {"cut", "dead"}
+    assert (await acquire(handle, "new2")).sidecar_id in {"cut", "dead"}
+    with pytest.raises(WorkflowUpdateFailedError):
+        await acquire(handle, "new3")  # cut: pending + one new; dead: one new
+
+
 async def test_restart_suspect_and_departure(registry: Registry) -> None:
     handle, _ = registry
     await handle.signal(PlacementWorkflow.heartbeat, beat("a", "old", slots=1))
