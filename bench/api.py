@@ -43,8 +43,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -57,10 +59,11 @@ from typing import Any
 import httpx
 import numpy as np
 import websockets
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause
 from temporalio.client import Client
 
 from bench.machine import cpu_name
+from bench.proc_cpu import cpu_delta_s, group_cpu_s
 from infra import stack
 from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
 from infra.paths import PROJECT_ROOT
@@ -70,6 +73,8 @@ from workflows.client import session_workflow_id
 
 logger = logging.getLogger("bench.api")
 
+# After the last `ready` of a round, how long its live sessions are sampled for their idle CPU cost.
+LIVE_SAMPLE_S = 2.0
 POLL_S = 1.0  # how often each simulated client polls its session (a realistic client, not a load test)
 TERMINAL = {"completed", "failed", "cancelled"}
 # The bring-up steps in lifecycle order; a step missing from a history (e.g. skipped) costs nothing.
@@ -197,6 +202,13 @@ class Deployment:
         )
         if not wait_until(lambda: http_ok(f"{self.api_url}/readyz", timeout_s=6.0), 120.0, 0.5):
             raise RuntimeError(f"the API never became ready; logs in {self.work_dir / 'logs'}")
+
+    def process_groups(self) -> dict[str, int]:
+        """Each service's process group (`name -> pgid`), for CPU accounting: the stack's and ours."""
+        state = stack.StackState.load(self.stack_dir)
+        groups = dict(state.pids) if state is not None else {}
+        groups.update({process.name: process.pid for process in self.processes if process.pid is not None})
+        return groups
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -341,6 +353,29 @@ def activity_spans(events: list[Any]) -> tuple[float | None, list[ActivitySpan]]
     return started_at, spans
 
 
+def workflow_task_troubles(events: list[Any]) -> dict[str, int]:
+    """Workflow tasks that timed out or failed in a history, by kind and by the step that completed last
+    before them (a timed-out task costs its whole timeout before it is retried; a worker that stalls past
+    the SDK's deadlock limit fails its task)."""
+    troubles: Counter[str] = Counter()
+    names: dict[int, str] = {}
+    last = "workflow_start"
+    for event in events:
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            names[event.event_id] = event.activity_task_scheduled_event_attributes.activity_type.name
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            last = names.get(event.activity_task_completed_event_attributes.scheduled_event_id, "?")
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+            timeout = event.workflow_task_timed_out_event_attributes.timeout_type
+            troubles[f"timed_out({TimeoutType.Name(timeout)}) after {last}"] += 1
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+            attributes = event.workflow_task_failed_event_attributes
+            cause = WorkflowTaskFailedCause.Name(attributes.cause)
+            troubles[f"failed({cause}: {attributes.failure.message[:80]}) after {last}"] += 1
+    return dict(troubles)
+
+
 def _local_activity_span(marker: Any, recorded_s: float) -> ActivitySpan | None:
     """A local activity's marker: its type and times are in the marker's `data` payload (JSON)."""
     if marker.marker_name != "core_local_activity" or "data" not in marker.details:
@@ -459,7 +494,9 @@ async def run_start_live(
                     await handle.result()
             if "ready_s" in entry:
                 history = await handle.fetch_history()
-                workflow_started_s, spans = activity_spans(list(history.events))
+                events = list(history.events)
+                workflow_started_s, spans = activity_spans(events)
+                entry["workflow_task_troubles"] = workflow_task_troubles(events)
                 entry["steps"] = lifecycle_breakdown(
                     entry["sent_s"], entry["ready_s"], workflow_started_s, spans
                 )
@@ -468,15 +505,82 @@ async def run_start_live(
         await end(warm)
         if warm.get("outcome") != "live":
             raise RuntimeError(f"the avatar-caching session did not go live: {warm.get('outcome')}")
+        groups = deployment.process_groups()
         results: list[dict[str, Any]] = []
         for count in concurrency:
             entries: list[dict[str, Any]] = []
+            cpu_rounds: list[dict[str, Any]] = []
             for round_index in range(rounds):
+                cpu_before, round_started_s = _cpu_now(groups), time.time()
                 batch = await asyncio.gather(*(one(i, f"c{count}r{round_index}") for i in range(count)))
+                cpu_up, bring_up_end_s = _cpu_now(groups), time.time()
+                # Every session that went live is still live: what they cost while nobody speaks.
+                await asyncio.sleep(LIVE_SAMPLE_S)
+                cpu_live = _cpu_now(groups)
+                cpu_rounds.append(
+                    {
+                        "bring_up_wall_s": round(bring_up_end_s - round_started_s, 2),
+                        "bring_up_cpu_s": cpu_delta_s(cpu_before, cpu_up),
+                        # Session-seconds lived inside the bring-up window (ready -> the last ready).
+                        "live_session_s_in_bring_up": round(
+                            sum(bring_up_end_s - entry["ready_s"] for entry in batch if "ready_s" in entry), 2
+                        ),
+                        "live_sessions": sum(1 for entry in batch if "ready_s" in entry),
+                        "live_sample_s": LIVE_SAMPLE_S,
+                        "live_sample_cpu_s": cpu_delta_s(cpu_up, cpu_live),
+                    }
+                )
                 await asyncio.gather(*(end(entry) for entry in batch))
                 entries.extend(batch)
-            results.append(_start_live_summary(count, rounds, entries))
+            summary = _start_live_summary(count, rounds, entries)
+            summary["cpu"] = cpu_summary(cpu_rounds)
+            results.append(summary)
     return {"warm_up_steps": warm.get("steps", {}), "results": results}
+
+
+def _cpu_now(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of every service's process group, and of this benchmark's own client."""
+    times = os.times()
+    return {**group_cpu_s(groups), "bench_client": times.user + times.system}
+
+
+def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Who burns the cores at one concurrency, over its rounds.
+
+    - `bring_up_cpu_s_per_start`: each process's CPU seconds from the round's POSTs to its last `ready`,
+      per started session (it includes what sessions already live spend meanwhile);
+    - `live_cores_per_session`: each process's CPU, in cores, per live idle session (sampled for
+      `live_sample_s` after the last `ready`, before the stops): rendering and publishing nobody speaks to;
+    - `start_cpu_s_per_start`: the bring-up's CPU less the live sessions' share of it (their session-seconds
+      in the window times `live_cores_per_session`), per start: what a start itself costs, the floor that
+      divides the cores into starts per second;
+    - `bring_up_cores_used`: the bring-up's CPU over its wall time (2.0 = both cores of a 2-core machine).
+    """
+    names = sorted({name for entry in rounds for name in entry["bring_up_cpu_s"]})
+    starts = sum(entry["live_sessions"] for entry in rounds) or 1
+    bring_up = {name: sum(entry["bring_up_cpu_s"].get(name, 0.0) for entry in rounds) for name in names}
+    session_s = sum(entry["live_sessions"] * entry["live_sample_s"] for entry in rounds)
+    live_cores = {
+        name: (
+            sum(entry["live_sample_cpu_s"].get(name, 0.0) for entry in rounds) / session_s
+            if session_s
+            else 0.0
+        )
+        for name in names
+    }
+    lived_in_bring_up_s = sum(entry["live_session_s_in_bring_up"] for entry in rounds)
+    bring_up_total_s = sum(bring_up.values())
+    live_share_s = sum(live_cores.values()) * lived_in_bring_up_s
+    wall_s = sum(entry["bring_up_wall_s"] for entry in rounds)
+    return {
+        "bring_up_cpu_s_per_start": {name: round(used / starts, 3) for name, used in bring_up.items()},
+        "bring_up_cpu_s_per_start_total": round(bring_up_total_s / starts, 3),
+        "live_cores_per_session": {name: round(cores, 4) for name, cores in live_cores.items()},
+        "live_cores_per_session_total": round(sum(live_cores.values()), 4),
+        "start_cpu_s_per_start": round(max(0.0, bring_up_total_s - live_share_s) / starts, 3),
+        "bring_up_cores_used": round(bring_up_total_s / wall_s, 2) if wall_s else None,
+        "rounds": rounds,
+    }
 
 
 def _start_live_summary(count: int, rounds: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -495,6 +599,9 @@ def _start_live_summary(count: int, rounds: int, entries: list[dict[str, Any]]) 
         "sessions": len(entries),
         "outcomes": dict(Counter(entry["outcome"] for entry in entries)),
         "stop_errors": dict(Counter(entry["stop_error"] for entry in entries if "stop_error" in entry)),
+        "workflow_task_troubles": dict(
+            sum((Counter(entry.get("workflow_task_troubles", {})) for entry in entries), Counter())
+        ),
         "created_p50_ms": _pct([entry["created_ms"] for entry in entries if "created_ms" in entry], 50),
         "start_to_ready_p50_ms": _pct(ready_ms, 50),
         "start_to_ready_p99_ms": _pct(ready_ms, 99),
@@ -530,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         "--append",
         action="store_true",
         help="--start-live: add this run to the JSON file's runs instead of replacing it",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, help="copy every process's log here before the deployment's directory goes"
     )
     args = parser.parse_args(argv)
     if args.start_live and args.sidecars * args.slots < max(args.start_live):
@@ -574,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
         finally:
             deployment.stop()
+            if args.keep_logs is not None:
+                for logs in (work_dir / "logs", deployment.stack_dir):
+                    shutil.copytree(logs, args.keep_logs / logs.name, dirs_exist_ok=True)
     if args.start_live:
         return _write_start_live(args, measured, argv)
     outcomes: dict[str, int] = raw["outcomes"]

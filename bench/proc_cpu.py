@@ -1,0 +1,41 @@
+"""CPU time used by process groups, read from /proc: who burns the cores during a benchmark.
+
+Each service of a local deployment runs in its own process group (infra.process.spawn), so a group's CPU
+is the sum of its live members' user + system time, plus what they have reaped from their own children.
+Linux only (the benchmarks' platform).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(groups: Mapping[str, int], proc: Path = Path("/proc")) -> dict[str, float]:
+    """CPU seconds used so far by each named process group (`name -> pgid`); a group with no live member
+    reads 0. One pass over `proc`."""
+    by_pgid = {pgid: name for name, pgid in groups.items()}
+    ticks = dict.fromkeys(groups, 0)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended between the listing and the read
+        # The command name (field 2) may hold spaces or ')': the fields after its last ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        name = by_pgid.get(int(fields[2]))  # fields: state ppid pgrp ...
+        if name is None:
+            continue
+        # utime stime cutime cstime (fields 14-17 of proc(5); here from index 11, as state is field 3).
+        ticks[name] += sum(int(value) for value in fields[11:15])
+    return {name: count / _CLOCK_TICKS_PER_S for name, count in ticks.items()}
+
+
+def cpu_delta_s(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """CPU seconds each group used between two readings (rounded to 10 ms: the kernel's tick)."""
+    return {name: round(max(0.0, after.get(name, 0.0) - used), 2) for name, used in before.items()}
