@@ -167,12 +167,17 @@ class AudioConnection:
         if refusal is not None:
             await self._close(refusal)
             return
-        runtime = self.sessions.runtime(self.session_id)
+        # A session still being brought up here is waited for (bounded): its client gets `ready` the moment
+        # the output opens, without polling. One this sidecar does not host is refused at once.
+        runtime = self.sessions.runtime(self.session_id) or await self.sessions.wait_runtime(
+            self.session_id, self.limits.output_open_wait_s
+        )
         if runtime is None:
             await self._close(
                 IngestError(
                     IngestErrorCode.UNKNOWN_SESSION,
-                    f"no live session {self.session_id!r} on this sidecar (is its output open?)",
+                    f"no live session {self.session_id!r} on this sidecar (not hosted here, ended, or its "
+                    f"output did not open within {self.limits.output_open_wait_s:g} s)",
                     fatal=True,
                 )
             )

@@ -107,6 +107,11 @@ class AudioSessions(Protocol):
         """The live session, or None when it is unknown or its output is not open yet."""
         ...
 
+    async def wait_runtime(self, session_id: str, timeout_s: float) -> IngestSession | None:
+        """The live session once its output is open: at once when it is, None at once for a session this
+        process does not host, else after waiting up to `timeout_s` (None if it ended or never opened)."""
+        ...
+
     def audio_client_joined(self, session_id: str) -> None: ...
 
     def audio_client_left(self, session_id: str) -> None: ...
@@ -127,3 +132,8 @@ class ConnectionLimits(Protocol):
 
     @property
     def stats_interval_ms(self) -> int: ...
+
+    @property
+    def output_open_wait_s(self) -> float:
+        """How long a connection for a hosted session waits for its output to open."""
+        ...

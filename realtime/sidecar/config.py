@@ -76,6 +76,10 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     utterance_gap_ms: int = DEFAULT_UTTERANCE_GAP_MS
     stats_interval_ms: int = 1000  # periodic `stats` messages on the audio WS (0: only on request)
+    # An audio WS for a session this sidecar hosts whose output is not open yet waits this long for it (then
+    # `unknown_session`), so a client (the API's relay) may connect while the session is still being brought
+    # up and get `ready` the moment it can stream.
+    output_open_wait_s: float = 30.0
     # The dev control API (POST/DELETE /v1/sessions/{id}) is off unless enabled, and even then opens only
     # avatar files under `dev_avatar_dir` and publishes only to the LiveKit URLs in `dev_livekit_urls`.
     dev_api: bool = False

@@ -66,6 +66,7 @@ class HostedSession:
     live_output: SwitchableOutput | None = None  # the live output (LiveKit or RTMP), switchable while live
     stop_reason: SessionEndReason | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)  # set once `runtime` runs (output open)
     audio_clients: int = 0  # WS connections + agent streams open now
     had_audio_client: bool = False
     output_down_since_s: float | None = None
@@ -153,6 +154,7 @@ class SidecarHost:
         except Exception:
             if session.runtime is None:
                 self.sessions.pop(session_id, None)  # nothing else holds the slot
+                session.stop_event.set()  # an audio connection waiting for its output stops waiting
             raise
         session.prepared, session.avatar = prepared, avatar
         return prepared
@@ -317,6 +319,7 @@ class SidecarHost:
         runtime = SessionRuntime(session_id, engine_view, publishers, self.lane, self.config.runtime)
         session.runtime, session.publishers, session.output = runtime, publishers, opened
         await runtime.start()
+        session.opened.set()
         logger.info("session output open", extra={"session_id": session_id, "output": opened.detail})
 
     def _make_publisher(
@@ -467,6 +470,24 @@ class SidecarHost:
     def runtime(self, session_id: str) -> SessionRuntime | None:
         session = self.sessions.get(session_id)
         return session.runtime if session is not None else None
+
+    async def wait_runtime(self, session_id: str, timeout_s: float) -> SessionRuntime | None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        if not session.opened.is_set():
+            waits = [
+                asyncio.ensure_future(session.opened.wait()),
+                asyncio.ensure_future(session.stop_event.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        if self.sessions.get(session_id) is not session or session.stop_reason is not None:
+            return None
+        return session.runtime if session.opened.is_set() else None
 
     def audio_client_joined(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
