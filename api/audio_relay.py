@@ -1,10 +1,15 @@
 """`WS /v1/sessions/{id}/audio` on the API: the session's audio, relayed to the sidecar that serves it.
 
 A caller gets `audio_ws_url` in the 201 of `POST /v1/sessions`, before the session has been
-placed on a sidecar, so that URL points here. The relay waits until the session is `live`
-(the sidecar's WS exists only then), connects to the sidecar's `/v1/sessions/{id}/audio` with
-the same query (format parameters), then passes messages both ways unchanged: the protocol
-is the sidecar's (docs/audio-protocol.md). While waiting it sends nothing; the sidecar's
+placed on a sidecar, so that URL points here. The relay waits until the session's sidecar has
+its avatar ready (phase `warming_up` or `opening_output`) or the session is `live`, connects to
+the sidecar's `/v1/sessions/{id}/audio` with the same query (format parameters) — the sidecar
+holds such an early connection until the output opens and then sends `ready`, so the caller
+hears of it at once, with no status polling meanwhile — then passes messages both ways
+unchanged: the protocol is the sidecar's (docs/audio-protocol.md). An early connection that the
+sidecar closes before `ready` (the session moved to another sidecar, or its output never opened
+there) is not the caller's end: the relay goes back to waiting, and connects to that sidecar
+again only once the session is `live`. While waiting it sends nothing; the sidecar's
 `ready` message is the caller's signal to stream, but audio sent earlier is kept (up to
 `EARLY_BUFFER_MAX_BYTES`) and forwarded first, in order — as the sidecar itself would accept
 it. If the session fails before `live`, the caller gets `{"type": "error", "code",
@@ -47,7 +52,15 @@ _MAX_CLOSE_REASON_BYTES = 123
 STATUS_POLL_S = 0.2
 # Once the output is opening, live is one step away: poll closer, so the caller's `ready` is not held back by
 # most of a poll period (the earlier phases take longer, and polling them faster would only load Temporal).
+# Only where the early connection is not possible (its sidecar refused it); otherwise the sidecar says `ready`
+# itself.
 STATUS_POLL_NEAR_LIVE_S = 0.05
+# Phases in which the session's sidecar hosts it (its avatar is prepared) but the output is not open yet: the
+# relay connects then, and the sidecar sends `ready` when the output opens.
+EARLY_CONNECT_PHASES = frozenset({Phase.WARMING_UP, Phase.OPENING_OUTPUT})
+# The sidecar's refusal of a connection for a session it does not (or no longer) host, or whose output did
+# not open within its wait.
+_REFUSED_UNKNOWN_SESSION = "unknown_session"
 # The sidecar enforces its own, smaller limit with a typed error.
 UPSTREAM_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 EARLY_BUFFER_MAX_BYTES = 16 * 1024 * 1024  # audio held while waiting for `live` (8 min of s16le 16 kHz)
@@ -72,6 +85,10 @@ class RelayState:
     early_bytes: int = 0  # sent by the caller before the sidecar was connected (forwarded first)
     queued_bytes: int = 0  # received from the caller, not yet sent to the sidecar
     reader_pauses: int = 0  # times the relay stopped reading the caller because the sidecar fell behind
+    early_connects: int = (
+        0  # connections made before `live` (the sidecar sends `ready` when its output opens)
+    )
+    early_refusals: int = 0  # of those, closed by the sidecar before `ready` (the relay waited again)
     binary_messages_to_sidecar: int = 0
     text_messages_to_sidecar: int = 0
     messages_to_client: int = 0
@@ -137,43 +154,76 @@ async def relay_audio(
     drained = asyncio.Event()  # set whenever the queue is back under LIVE_QUEUE_MAX_BYTES
     reader = asyncio.create_task(_read_client(websocket, inbox, relay, drained))
     try:
-        sidecar = await _wait_until_live(
-            websocket, session_id, status_of, live_wait_s=live_wait_s, relay=relay, reader=reader
-        )
-        if sidecar is None:
-            return
-        base = sidecars.ws_url(sidecar)
-        if base is None:
-            await _fail(
+        started_s = time.monotonic()
+        refused: set[str] = set()  # sidecars that closed an early connection: connect there only once live
+        while True:
+            found = await _wait_until_live(
                 websocket,
-                relay,
-                "sidecar_unknown",
-                f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS",
+                session_id,
+                status_of,
+                live_wait_s=live_wait_s,
+                relay=relay,
+                reader=reader,
+                early_to=lambda sidecar_id: sidecar_id not in refused,
+                started_s=started_s,
             )
-            return
-        # The session is in the upstream path; `session_id` is the seed route's way of naming it (`/audio`).
-        # The caller's credential stays here: upstream, the relay carries the service credential.
-        query = {
-            k: v
-            for k, v in websocket.query_params.items()
-            if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
-        }
-        relay.sidecar = sidecar
-        relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (
-            f"?{urlencode(query)}" if query else ""
-        )
-        try:
-            upstream = await websockets.connect(
-                relay.upstream_url,
-                additional_headers={**traceparent, **sidecars.service_headers()},
-                max_size=UPSTREAM_MAX_MESSAGE_BYTES,
+            if found is None:
+                return
+            sidecar, early = found
+            base = sidecars.ws_url(sidecar)
+            if base is None:
+                await _fail(
+                    websocket,
+                    relay,
+                    "sidecar_unknown",
+                    f"sidecar {sidecar!r} is not in LIPSYNC_SIDECAR_URLS",
+                )
+                return
+            # The session is in the upstream path; `session_id` is the seed route's way of naming it
+            # (`/audio`). The caller's credential stays here: upstream, the relay carries the service
+            # credential.
+            query = {
+                k: v
+                for k, v in websocket.query_params.items()
+                if k not in ("api_key", "session_id", AUDIO_TOKEN_PARAM)
+            }
+            relay.sidecar = sidecar
+            relay.upstream_url = f"{base}/v1/sessions/{session_id}/audio" + (
+                f"?{urlencode(query)}" if query else ""
             )
-        except (OSError, websockets.WebSocketException) as exc:
-            await _fail(websocket, relay, "sidecar_unreachable", f"{relay.upstream_url}: {exc}")
-            return
+            try:
+                upstream = await websockets.connect(
+                    relay.upstream_url,
+                    additional_headers={**traceparent, **sidecars.service_headers()},
+                    max_size=UPSTREAM_MAX_MESSAGE_BYTES,
+                )
+            except (OSError, websockets.WebSocketException) as exc:
+                if early:
+                    refused.add(sidecar)
+                    relay.early_refusals += 1
+                    continue
+                await _fail(websocket, relay, "sidecar_unreachable", f"{relay.upstream_url}: {exc}")
+                return
+            if early:
+                relay.early_connects += 1
+            first = await _first_upstream_message(upstream, reader)
+            if first is _CLIENT_LEFT:
+                with contextlib.suppress(Exception):
+                    await upstream.close()
+                return
+            if early and _refused_before_ready(first):
+                # Not the caller's end: the session moved, or its output did not open there in time.
+                refused.add(sidecar)
+                relay.early_refusals += 1
+                with contextlib.suppress(Exception):
+                    await upstream.close()
+                continue
+            break
         relay.upstream = upstream
         relay.state = "connected"
         relay.connected_at_s = time.time()
+        if isinstance(first, (str, bytes)):
+            await _to_client(websocket, relay, first)
         async with upstream:
             await _pump(websocket, upstream, relay, inbox, drained)
     finally:
@@ -237,6 +287,54 @@ def _taken(relay: RelayState, message: ClientMessage, drained: asyncio.Event) ->
         drained.set()
 
 
+_CLIENT_LEFT = object()  # the caller left while the relay waited for the sidecar's first message
+_UPSTREAM_CLOSED = object()  # the sidecar closed before sending anything
+
+
+async def _first_upstream_message(upstream: ClientConnection, reader: asyncio.Task[None]) -> object:
+    """The sidecar's first message (`ready`, or the error it closes with), unless the caller leaves first."""
+    receiving = asyncio.ensure_future(upstream.recv())
+    await asyncio.wait({receiving, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if not receiving.done():
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+            await receiving
+        return _CLIENT_LEFT
+    try:
+        return receiving.result()
+    except websockets.ConnectionClosed:
+        return _UPSTREAM_CLOSED
+
+
+def _refused_before_ready(first: object) -> bool:
+    """Whether an early connection's first event is the sidecar turning it away (not the session's end)."""
+    if first is _UPSTREAM_CLOSED:
+        return True
+    if not isinstance(first, str):
+        return False
+    with contextlib.suppress(ValueError):
+        document = json.loads(first)
+        return (
+            isinstance(document, dict)
+            and document.get("type") == "error"
+            and document.get("code") == _REFUSED_UNKNOWN_SESSION
+        )
+    return False
+
+
+async def _to_client(websocket: WebSocket, relay: RelayState, message: str | bytes) -> None:
+    """One sidecar message to the caller, counted (its latest non-stats message kept for /debug/audio)."""
+    relay.messages_to_client += 1
+    if isinstance(message, bytes):
+        await websocket.send_bytes(message)
+        return
+    await websocket.send_text(message)
+    with contextlib.suppress(ValueError):
+        document = json.loads(message)
+        if isinstance(document, dict) and document.get("type") != "stats":
+            relay.last_server_message = document
+
+
 async def _wait_until_live(
     websocket: WebSocket,
     session_id: str,
@@ -245,8 +343,12 @@ async def _wait_until_live(
     live_wait_s: float,
     relay: RelayState,
     reader: asyncio.Task[None],
-) -> str | None:
-    deadline = time.monotonic() + live_wait_s
+    early_to: Callable[[str], bool] = lambda _sidecar_id: False,
+    started_s: float | None = None,
+) -> tuple[str, bool] | None:
+    """(sidecar, early) once the session is live there, or earlier (early=True) once its sidecar hosts it
+    (EARLY_CONNECT_PHASES) and `early_to(sidecar)` allows; None after failing the caller (or it left)."""
+    deadline = (started_s if started_s is not None else time.monotonic()) + live_wait_s
     while True:
         if reader.done():
             if relay.close_reason == "early_buffer_full":
@@ -262,7 +364,9 @@ async def _wait_until_live(
             await _fail(websocket, relay, "not_found", f"no session {session_id!r}")
             return None
         if status.phase == Phase.LIVE and status.sidecar:
-            return str(status.sidecar)
+            return str(status.sidecar), False
+        if status.phase in EARLY_CONNECT_PHASES and status.sidecar and early_to(str(status.sidecar)):
+            return str(status.sidecar), True
         if status.phase in TERMINAL_PHASES or status.phase in (Phase.STOPPING, Phase.TEARING_DOWN):
             error = status.error
             code = error.code if error else "session_ended"
@@ -318,15 +422,7 @@ async def _pump(
     async def sidecar_to_client() -> None:
         try:
             async for message in upstream:
-                relay.messages_to_client += 1
-                if isinstance(message, bytes):
-                    await websocket.send_bytes(message)
-                    continue
-                await websocket.send_text(message)
-                with contextlib.suppress(ValueError):
-                    document = json.loads(message)
-                    if isinstance(document, dict) and document.get("type") != "stats":
-                        relay.last_server_message = document
+                await _to_client(websocket, relay, message)
         except websockets.ConnectionClosed:
             pass
         code, reason = upstream.close_code, upstream.close_reason or ""

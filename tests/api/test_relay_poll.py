@@ -30,7 +30,7 @@ async def polls_during(phase: Phase) -> int:
     reader = asyncio.create_task(asyncio.sleep(30))  # a caller that stays connected
     try:
         # The websocket is only written to when the wait fails, which this scripted status never makes it do.
-        sidecar = await _wait_until_live(
+        found = await _wait_until_live(
             cast(WebSocket, cast(Any, None)),
             "s-1",
             status_of,
@@ -40,7 +40,7 @@ async def polls_during(phase: Phase) -> int:
         )
     finally:
         reader.cancel()
-    assert sidecar == "sc-1"
+    assert found == ("sc-1", False)  # live (no sidecar named before, so no early connection)
     return sum(1 for at in reads if at < live_at)
 
 
