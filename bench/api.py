@@ -33,7 +33,12 @@ path), split into `gap_ms` (previous end -> scheduled: the workflow task between
 (scheduled -> started: worker pickup) and `run_ms` (started -> completed; a local activity has no
 split); `api_to_workflow_ms` (POST sent -> workflow started), `to_run_scheduled_ms` (last
 bring-up step done -> run_session scheduled, i.e. phase live), `run_pickup_ms` (run_session
-scheduled -> started on the sidecar) and `relay_ms` (run_session started -> `ready` at the client).
+scheduled -> started on the sidecar), `relay_ms` (run_session started -> `ready` at the client;
+negative when `ready` came first) and `ready_after_bring_up_ms` (last bring-up step done -> `ready`).
+Who burns the cores (`cpu`): each process group's CPU seconds (/proc) per start during the rounds'
+bring-up, its cores per live idle session (sampled `LIVE_SAMPLE_S` after each round's last `ready`),
+and what a start costs beyond the live sessions' share (`start_cpu_s_per_start`: the CPU floor of a
+start); `workflow_task_troubles` counts workflow tasks that timed out or failed, by the step before.
 """
 
 from __future__ import annotations
@@ -422,6 +427,9 @@ def lifecycle_breakdown(
             out[f"{name}.queue_ms"] = (span.started_s - span.scheduled_s) * 1000
             out[f"{name}.run_ms"] = (span.completed_s - span.started_s) * 1000
         previous_end = max(previous_end, span.completed_s)
+    # The last bring-up step's end (the output open on the sidecar) -> `ready` at the client: the relay's
+    # share. Its early connection makes it independent of run_session (which may start after `ready`).
+    out["ready_after_bring_up_ms"] = (ready_s - previous_end) * 1000
     run = next((s for s in spans if s.name == "run_session"), None)
     if run is not None:
         out["to_run_scheduled_ms"] = (run.scheduled_s - previous_end) * 1000

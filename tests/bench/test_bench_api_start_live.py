@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause
 from temporalio.api.history.v1 import HistoryEvent
 
-from bench.api import ActivitySpan, activity_spans, lifecycle_breakdown
+from bench.api import ActivitySpan, activity_spans, cpu_summary, lifecycle_breakdown, workflow_task_troubles
+from bench.proc_cpu import cpu_delta_s, group_cpu_s
 
 T0 = 1_800_000_000.0  # POST sent (epoch s)
 
@@ -120,3 +124,93 @@ def test_a_step_missing_from_the_history_costs_nothing() -> None:
     steps = lifecycle_breakdown(T0, T0 + 1.0, T0, spans)
     assert "validate_assets.total_ms" not in steps and "relay_ms" not in steps
     assert steps["fetch_assets.total_ms"] == 50.0
+
+
+def test_ready_before_run_session_shows_as_the_relays_share_after_bring_up() -> None:
+    """With the relay's early connection, `ready` can reach the client before run_session starts."""
+    spans = [
+        ActivitySpan("open_output", T0 + 0.2, T0 + 0.21, T0 + 0.5),
+        ActivitySpan("run_session", T0 + 0.6, T0 + 0.65, None),
+    ]
+    steps = lifecycle_breakdown(T0, T0 + 0.53, T0 + 0.01, spans)
+    assert steps["ready_after_bring_up_ms"] == 30.0
+    assert steps["relay_ms"] == -120.0  # ready came first
+
+
+def timed_out_task(event_id: int) -> HistoryEvent:
+    event = HistoryEvent(event_id=event_id, event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT)
+    event.workflow_task_timed_out_event_attributes.timeout_type = TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
+    return event
+
+
+def failed_task(event_id: int, message: str) -> HistoryEvent:
+    event = HistoryEvent(event_id=event_id, event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+    attributes = event.workflow_task_failed_event_attributes
+    attributes.cause = WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE
+    attributes.failure.message = message
+    return event
+
+
+def test_workflow_task_troubles_name_the_step_before_them() -> None:
+    events = [
+        started(1, 0),
+        timed_out_task(2),
+        *activity(5, "fetch_assets", 60, 61, 100),
+        *activity(10, "open_output", 430, 440, 700),
+        timed_out_task(13),
+        timed_out_task(14),
+        failed_task(15, "Potential deadlock detected"),
+    ]
+    assert workflow_task_troubles(events) == {
+        "timed_out(TIMEOUT_TYPE_START_TO_CLOSE) after workflow_start": 1,
+        "timed_out(TIMEOUT_TYPE_START_TO_CLOSE) after open_output": 2,
+        "failed(WORKFLOW_TASK_FAILED_CAUSE_WORKFLOW_WORKER_UNHANDLED_FAILURE: Potential deadlock detected) "
+        "after open_output": 1,
+    }
+    assert workflow_task_troubles([started(1, 0), *activity(5, "fetch_assets", 60, 61, 100)]) == {}
+
+
+def cpu_round(bring_up: dict[str, float], live: dict[str, float], lived_s: float) -> dict[str, Any]:
+    return {
+        "bring_up_wall_s": 4.0,
+        "bring_up_cpu_s": bring_up,
+        "live_session_s_in_bring_up": lived_s,
+        "live_sessions": 4,
+        "live_sample_s": 2.0,
+        "live_sample_cpu_s": live,
+    }
+
+
+def test_cpu_summary_separates_a_start_from_the_live_sessions_around_it() -> None:
+    # Two rounds of 4 starts: 8 sessions x 2 s sampled = 16 session-seconds; the sidecar used 1.6 s of CPU
+    # in them (0.1 core per live session), the API 0.16 s (0.01).
+    rounds = [
+        cpu_round({"sidecar": 3.0, "api": 1.0}, {"sidecar": 0.8, "api": 0.08}, lived_s=5.0),
+        cpu_round({"sidecar": 5.0, "api": 1.0}, {"sidecar": 0.8, "api": 0.08}, lived_s=15.0),
+    ]
+    summary = cpu_summary(rounds)
+    assert summary["bring_up_cpu_s_per_start"] == {"api": 0.25, "sidecar": 1.0}
+    assert summary["bring_up_cpu_s_per_start_total"] == 1.25
+    assert summary["live_cores_per_session"] == {"api": 0.01, "sidecar": 0.1}
+    # 10 s of bring-up CPU less 0.11 core x 20 session-seconds lived in the bring-ups, over 8 starts.
+    assert summary["start_cpu_s_per_start"] == round((10.0 - 0.11 * 20.0) / 8, 3)
+    assert summary["bring_up_cores_used"] == 1.25  # 10 CPU-s over 8 s of bring-up
+
+
+def test_group_cpu_reads_every_member_of_a_process_group(tmp_path: Path) -> None:
+    """A fake /proc: two members of group 100 (one with reaped children), one of another group, a
+    command name with spaces and a ')', and a non-process entry."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int, comm: str, pgrp: int, *, utime: int, stime: int, cutime: int = 0) -> None:
+        (tmp_path / str(pid)).mkdir()
+        fields = ["S", "1", str(pgrp), *["0"] * 8, str(utime), str(stime), str(cutime), "0", "20"]
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+
+    stat(100, "python", 100, utime=ticks, stime=ticks // 2)
+    stat(101, "odd name) x", 100, utime=ticks, stime=0, cutime=ticks)
+    stat(200, "livekit", 200, utime=3 * ticks, stime=0)
+    (tmp_path / "self").mkdir()
+    used = group_cpu_s({"sidecar": 100, "livekit": 200, "gone": 300}, proc=tmp_path)
+    assert used == {"sidecar": 3.5, "livekit": 3.0, "gone": 0.0}
+    assert cpu_delta_s({"sidecar": 1.0, "gone": 0.0}, used) == {"sidecar": 2.5, "gone": 0.0}
