@@ -160,8 +160,18 @@ class SidecarHost:
         return prepared
 
     async def warm_up(self) -> WarmUpResult:
+        started = time.perf_counter()
+        info = self.engine.info()
+        if info.warm:
+            # Nothing to run: answered here, not on the render lane, where it would queue behind the live
+            # sessions' frames and the other starts' avatar preparations (a session's start waits on it).
+            return WarmUpResult(
+                engine=info.name,
+                device=info.device,
+                warm_up_ms=(time.perf_counter() - started) * 1000.0,
+                already_warm=True,
+            )
         async with self._warm_lock:
-            started = time.perf_counter()
             already = await self.lane.call(BACKGROUND_DEADLINE_S, self.engine.warm_up)
             if not already:
                 # The lane's cost model starts from the warm-up's batch times: admission control and the

@@ -4,6 +4,7 @@ control."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from realtime.sidecar.config import HostConfig
 from realtime.sidecar.engine_port import EngineStatus
 from realtime.sidecar.errors import NoFreeSlot
 from realtime.sidecar.host import HostedSession, SidecarHost
-from realtime.sidecar.render_lane import BatchCostModel, RenderLane, bucket_for
+from realtime.sidecar.render_lane import BACKGROUND_DEADLINE_S, BatchCostModel, RenderLane, bucket_for
 from tests.support.fake_engine import NoEngine
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
@@ -303,6 +304,25 @@ async def test_a_fresh_sidecar_knows_its_capacity_from_the_warm_up() -> None:
         await host.warm_up()  # already warm: nothing is observed twice
         assert host.lane.cost_model.fastest_recent_ms(16) is None
     finally:
+        await host.close()
+
+
+async def test_a_warm_engine_answers_warm_up_without_waiting_for_the_lane() -> None:
+    """Every session start asks for a warm-up; once the engine is warm the answer must not queue behind the
+    lane's work (live sessions' frames, other starts' avatar preparations)."""
+    host = SidecarHost(_TimedEngine(), HostConfig(slots_total=10))  # type: ignore[arg-type]
+    release = threading.Event()
+    try:
+        assert not (await host.warm_up()).already_warm  # cold: it runs on the lane
+        busy = asyncio.ensure_future(host.lane.call(BACKGROUND_DEADLINE_S, lambda: release.wait(10.0)))
+        await asyncio.sleep(0.05)  # the lane thread is now blocked in that call
+        answer = await asyncio.wait_for(host.warm_up(), timeout=2.0)
+        assert answer.already_warm and answer.engine == "timed"
+        assert not busy.done()  # answered while the lane was still busy
+        release.set()
+        await busy
+    finally:
+        release.set()
         await host.close()
 
 
