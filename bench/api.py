@@ -68,7 +68,7 @@ from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCa
 from temporalio.client import Client
 
 from bench.machine import cpu_name
-from bench.proc_cpu import cpu_delta_s, group_cpu_s
+from bench.proc_cpu import cpu_delta_s, group_cpu_s, thread_cpu_s
 from infra import stack
 from infra.demo import avatar_zip_bytes, demo_policies, serve_directory
 from infra.paths import PROJECT_ROOT
@@ -78,6 +78,7 @@ from workflows.client import session_workflow_id
 
 logger = logging.getLogger("bench.api")
 
+SIDECAR_PREFIX = "bench-sidecar-"  # the sidecars' process names (Deployment)
 # After the last `ready` of a round, how long its live sessions are sampled for their idle CPU cost.
 LIVE_SAMPLE_S = 2.0
 POLL_S = 1.0  # how often each simulated client polls its session (a realistic client, not a load test)
@@ -111,7 +112,7 @@ class Deployment:
         self.ports = stack.StackPorts.free()
         self.stack_dir = work_dir / "stack"
         self.api_port = free_port()
-        self.sidecar_ports = {f"bench-sidecar-{i}": free_port() for i in range(sidecars)}
+        self.sidecar_ports = {f"{SIDECAR_PREFIX}{i}": free_port() for i in range(sidecars)}
         self.sidecar_secret = secrets.token_hex(32)  # shared by this deployment's API and sidecars
         self.api_key = "bench-" + secrets.token_hex(8)
         self.admin_key = "bench-admin-" + secrets.token_hex(8)  # /metrics is admin-only
@@ -520,8 +521,10 @@ async def run_start_live(
             cpu_rounds: list[dict[str, Any]] = []
             for round_index in range(rounds):
                 cpu_before, round_started_s = _cpu_now(groups), time.time()
+                threads_before = _sidecar_threads_now(groups)
                 batch = await asyncio.gather(*(one(i, f"c{count}r{round_index}") for i in range(count)))
                 cpu_up, bring_up_end_s = _cpu_now(groups), time.time()
+                threads_up = _sidecar_threads_now(groups)
                 # Every session that went live is still live: what they cost while nobody speaks.
                 await asyncio.sleep(LIVE_SAMPLE_S)
                 cpu_live = _cpu_now(groups)
@@ -529,6 +532,7 @@ async def run_start_live(
                     {
                         "bring_up_wall_s": round(bring_up_end_s - round_started_s, 2),
                         "bring_up_cpu_s": cpu_delta_s(cpu_before, cpu_up),
+                        "sidecar_threads_bring_up_cpu_s": cpu_delta_s(threads_before, threads_up),
                         # Session-seconds lived inside the bring-up window (ready -> the last ready).
                         "live_session_s_in_bring_up": round(
                             sum(bring_up_end_s - entry["ready_s"] for entry in batch if "ready_s" in entry), 2
@@ -552,6 +556,15 @@ def _cpu_now(groups: dict[str, int]) -> dict[str, float]:
     return {**group_cpu_s(groups), "bench_client": times.user + times.system}
 
 
+def _sidecar_threads_now(groups: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the sidecars' threads, by thread name, summed over the sidecars."""
+    total: Counter[str] = Counter()
+    for name, pgid in groups.items():
+        if name.startswith(SIDECAR_PREFIX):
+            total.update(thread_cpu_s(pgid))
+    return dict(total)
+
+
 def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Who burns the cores at one concurrency, over its rounds.
 
@@ -562,7 +575,9 @@ def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     - `start_cpu_s_per_start`: the bring-up's CPU less the live sessions' share of it (their session-seconds
       in the window times `live_cores_per_session`), per start: what a start itself costs, the floor that
       divides the cores into starts per second;
-    - `bring_up_cores_used`: the bring-up's CPU over its wall time (2.0 = both cores of a 2-core machine).
+    - `bring_up_cores_used`: the bring-up's CPU over its wall time (2.0 = both cores of a 2-core machine);
+    - `sidecar_thread_cpu_s_per_start`: the sidecars' bring-up CPU by thread name, per start (the Python
+      main thread is GIL-bound: what it spends per start is a serial floor however many cores there are).
     """
     names = sorted({name for entry in rounds for name in entry["bring_up_cpu_s"]})
     starts = sum(entry["live_sessions"] for entry in rounds) or 1
@@ -587,6 +602,18 @@ def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "live_cores_per_session_total": round(sum(live_cores.values()), 4),
         "start_cpu_s_per_start": round(max(0.0, bring_up_total_s - live_share_s) / starts, 3),
         "bring_up_cores_used": round(bring_up_total_s / wall_s, 2) if wall_s else None,
+        "sidecar_thread_cpu_s_per_start": dict(
+            sorted(
+                (
+                    (thread, round(used / starts, 3))
+                    for thread, used in sum(
+                        (Counter(entry.get("sidecar_threads_bring_up_cpu_s", {})) for entry in rounds),
+                        Counter(),
+                    ).items()
+                ),
+                key=lambda item: -item[1],
+            )
+        ),
         "rounds": rounds,
     }
 

@@ -39,3 +39,27 @@ def group_cpu_s(groups: Mapping[str, int], proc: Path = Path("/proc")) -> dict[s
 def cpu_delta_s(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
     """CPU seconds each group used between two readings (rounded to 10 ms: the kernel's tick)."""
     return {name: round(max(0.0, after.get(name, 0.0) - used), 2) for name, used in before.items()}
+
+
+def thread_cpu_s(pgid: int, proc: Path = Path("/proc")) -> dict[str, float]:
+    """CPU seconds so far of one process group's threads, summed by thread name (`comm`): e.g. a Python
+    process's main thread (its event loop, GIL-bound) apart from the native threads of its extensions."""
+    ticks: dict[str, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            tasks = list((entry / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])  # utime + stime
+    return {name: count / _CLOCK_TICKS_PER_S for name, count in ticks.items()}

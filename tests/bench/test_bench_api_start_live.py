@@ -13,7 +13,7 @@ from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCa
 from temporalio.api.history.v1 import HistoryEvent
 
 from bench.api import ActivitySpan, activity_spans, cpu_summary, lifecycle_breakdown, workflow_task_troubles
-from bench.proc_cpu import cpu_delta_s, group_cpu_s
+from bench.proc_cpu import cpu_delta_s, group_cpu_s, thread_cpu_s
 
 T0 = 1_800_000_000.0  # POST sent (epoch s)
 
@@ -214,3 +214,21 @@ def test_group_cpu_reads_every_member_of_a_process_group(tmp_path: Path) -> None
     used = group_cpu_s({"sidecar": 100, "livekit": 200, "gone": 300}, proc=tmp_path)
     assert used == {"sidecar": 3.5, "livekit": 3.0, "gone": 0.0}
     assert cpu_delta_s({"sidecar": 1.0, "gone": 0.0}, used) == {"sidecar": 2.5, "gone": 0.0}
+
+
+def test_thread_cpu_sums_a_groups_threads_by_name(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def line(pid: int, comm: str, pgrp: int, utime: int) -> str:
+        return f"{pid} ({comm}) " + " ".join(["S", "1", str(pgrp), *["0"] * 8, str(utime), "0", "0", "0"])
+
+    def process(pid: int, pgrp: int, threads: dict[int, tuple[str, int]]) -> None:
+        (tmp_path / str(pid) / "task").mkdir(parents=True)
+        (tmp_path / str(pid) / "stat").write_text(line(pid, "python", pgrp, 0))
+        for tid, (comm, utime) in threads.items():
+            (tmp_path / str(pid) / "task" / str(tid)).mkdir()
+            (tmp_path / str(pid) / "task" / str(tid) / "stat").write_text(line(tid, comm, pgrp, utime))
+
+    process(10, 10, {10: ("python", 2 * ticks), 11: ("tokio-rt (w)", ticks), 12: ("tokio-rt (w)", ticks)})
+    process(20, 20, {20: ("python", 5 * ticks)})  # another group: not counted
+    assert thread_cpu_s(10, proc=tmp_path) == {"python": 2.0, "tokio-rt (w)": 2.0}
