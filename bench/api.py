@@ -528,6 +528,7 @@ async def run_start_live(
                 # Every session that went live is still live: what they cost while nobody speaks.
                 await asyncio.sleep(LIVE_SAMPLE_S)
                 cpu_live = _cpu_now(groups)
+                threads_live = _sidecar_threads_now(groups)
                 cpu_rounds.append(
                     {
                         "bring_up_wall_s": round(bring_up_end_s - round_started_s, 2),
@@ -540,6 +541,7 @@ async def run_start_live(
                         "live_sessions": sum(1 for entry in batch if "ready_s" in entry),
                         "live_sample_s": LIVE_SAMPLE_S,
                         "live_sample_cpu_s": cpu_delta_s(cpu_up, cpu_live),
+                        "sidecar_threads_live_sample_cpu_s": cpu_delta_s(threads_up, threads_live),
                     }
                 )
                 await asyncio.gather(*(end(entry) for entry in batch))
@@ -577,9 +579,13 @@ def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
       divides the cores into starts per second;
     - `bring_up_cores_used`: the bring-up's CPU over its wall time (2.0 = both cores of a 2-core machine);
     - `sidecar_thread_cpu_s_per_start`: the sidecars' bring-up CPU by thread name, per start (the Python
-      main thread is GIL-bound: what it spends per start is a serial floor however many cores there are).
+      main thread is GIL-bound: what it spends per start is a serial floor however many cores there are);
+      `sidecar_thread_live_cores_per_session`: the same split of a live idle session's cost.
     """
     names = sorted({name for entry in rounds for name in entry["bring_up_cpu_s"]})
+    sidecar_threads_live = sum(
+        (Counter(entry.get("sidecar_threads_live_sample_cpu_s", {})) for entry in rounds), Counter()
+    )
     starts = sum(entry["live_sessions"] for entry in rounds) or 1
     bring_up = {name: sum(entry["bring_up_cpu_s"].get(name, 0.0) for entry in rounds) for name in names}
     session_s = sum(entry["live_sessions"] * entry["live_sample_s"] for entry in rounds)
@@ -614,6 +620,11 @@ def cpu_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 key=lambda item: -item[1],
             )
         ),
+        "sidecar_thread_live_cores_per_session": {
+            thread: round(used / session_s, 4)
+            for thread, used in sorted(sidecar_threads_live.items(), key=lambda item: -item[1])
+            if session_s
+        },
         "rounds": rounds,
     }
 
