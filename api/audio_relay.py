@@ -85,9 +85,7 @@ class RelayState:
     early_bytes: int = 0  # sent by the caller before the sidecar was connected (forwarded first)
     queued_bytes: int = 0  # received from the caller, not yet sent to the sidecar
     reader_pauses: int = 0  # times the relay stopped reading the caller because the sidecar fell behind
-    early_connects: int = (
-        0  # connections made before `live` (the sidecar sends `ready` when its output opens)
-    )
+    early_connects: int = 0  # connections made before `live` (the sidecar says `ready` once the output opens)
     early_refusals: int = 0  # of those, closed by the sidecar before `ready` (the relay waited again)
     binary_messages_to_sidecar: int = 0
     text_messages_to_sidecar: int = 0
