@@ -22,7 +22,9 @@ from realtime.sidecar.host import SidecarHost
 from tests.support.recording import RecordingPublisher
 from tests.support.sidecar_harness import RunningSidecar, sidecar_settings, start_sidecar, stop_sidecar
 
-OPEN_WAIT_S = 1.5  # the sidecar's bound on the wait, short so that the bounded case stays quick
+# The sidecar's bound on the wait: short, so that the bounded case stays quick, yet long enough that an
+# answer well inside it (under half) shows the wait was ended by its event, not by the bound.
+OPEN_WAIT_S = 3.0
 # Silence from the sidecar while the output is not open: long enough that a `ready` sent too early shows.
 QUIET_S = 0.4
 
@@ -64,8 +66,8 @@ async def test_a_connection_before_the_output_opens_gets_ready_when_it_opens(
     async with websockets.connect(sidecar.audio_url("early")) as ws:
         with pytest.raises(TimeoutError):
             await first_message(ws, QUIET_S)  # nothing while the output is not open
-        opened_s = time.monotonic()
         await host_of(sidecar).start_publishing("early", [publisher], OpenedOutput(LIVEKIT.name, "recording"))
+        opened_s = time.monotonic()
         ready = await first_message(ws, 5.0)
         # Woken by the output opening (an event), not found by polling: well inside the wait's bound.
         assert ready["type"] == "ready", ready
