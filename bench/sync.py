@@ -14,6 +14,10 @@ Utterances are espeak-ng sentences streamed at real-time pace over the sidecar's
   stall; the ones after it are);
 - interrupts: `--interrupts` utterances sent at once and cut by `{"type":"interrupt"}` after 1 s.
 
+livekit-server runs with `room.sync_streams` (infra/livekit.py), so the subscriber's libwebrtc
+lip-syncs the avatar's two tracks as a browser would; `--no-sync-streams` turns it off (each track
+its own stream id: the subscriber plays each as it arrives).
+
 `--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
 (the stress scenario of issue 18: stalls while the sidecar is starved).
 
@@ -27,7 +31,8 @@ utterance's last sample| (clean utterances). `send_*` figures are the sidecar's 
 stats): the fraction of frames whose send-side A/V offset was past one frame, playback_finished
 vs its own account of when the last speech sample is heard, how long speech still entered WebRTC
 after an interrupt. `subscriber_jitter_buffer_ms` is the subscriber's mean audio (and video)
-jitter-buffer delay per run: how much a stall made its audio path grow.
+jitter-buffer delay per run: how much a stall made its audio path grow; `_video_minimum` is the
+least delay its video buffer was held to, which A/V sync raises to follow the audio.
 """
 
 from __future__ import annotations
@@ -234,10 +239,15 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
     except KeyError as exc:  # the subscriber lost that frame (its decoder queue overflowed under load)
         return {"error": f"frame {exc} not received"}
     end_heard_s = float(recorder.audio_play_time(np.array([lag + len(sent48) - 1]))[0])
-    jitter_ms = mean_jitter_delay_ms(recorder.jitter, "audio", spoken.sent_at_s, spoken.finished_at_s)
+    span = (spoken.sent_at_s, spoken.finished_at_s)
+    jitter_ms = mean_jitter_delay_ms(recorder.jitter, "audio", *span)
+    video_ms = mean_jitter_delay_ms(recorder.jitter, "video", *span)
+    video_minimum_ms = mean_jitter_delay_ms(recorder.jitter, "video", *span, minimum=True)
     return {
-        # the subscriber's audio jitter-buffer delay while it played
+        # the subscriber's jitter-buffer delays while it played (video: held and least, A/V sync's share)
         "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
+        "subscriber_video_jitter_buffer_ms": None if video_ms is None else round(video_ms, 1),
+        "subscriber_video_minimum_delay_ms": None if video_minimum_ms is None else round(video_minimum_ms, 1),
         "median_ms": round(offset.median_ms, 1),
         "onset_ms": round(offset.onset_ms, 1),
         "envelope_r": round(envelope_correlation(recorder.audio(), sent48, lag), 3),
@@ -256,7 +266,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         service_headers,
     )
 
-    config = livekit.LiveKitServerConfig().with_free_ports()
+    config = livekit.LiveKitServerConfig(sync_streams=args.sync_streams).with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
     sidecar = Sidecar(
@@ -350,11 +360,17 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         heard = plays_s[loud & (plays_s > at_s - 1.0) & (plays_s < at_s + 1.0)]
         silences_ms.append(round((float(heard.max()) - at_s) * 1000.0, 1) if heard.size else 0.0)
     stalled_rows = [measure(recorder, spoken) | {"measured": spoken.measured} for spoken in stalled]
-    jitter_ms = {
-        run: mean_jitter_delay_ms(recorder.jitter, "audio", *span) for run, span in phases.items()
-    } | {
-        f"{run}_video": mean_jitter_delay_ms(recorder.jitter, "video", *span) for run, span in phases.items()
-    }
+    jitter_ms = (
+        {run: mean_jitter_delay_ms(recorder.jitter, "audio", *span) for run, span in phases.items()}
+        | {
+            f"{run}_video": mean_jitter_delay_ms(recorder.jitter, "video", *span)
+            for run, span in phases.items()
+        }
+        | {
+            f"{run}_video_minimum": mean_jitter_delay_ms(recorder.jitter, "video", *span, minimum=True)
+            for run, span in phases.items()
+        }
+    )
     return {
         "clean": clean_rows,
         "stalled": stalled_rows,
@@ -387,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
     )
     parser.add_argument("--idle-audio-reserve-ms", type=int, default=0, help="the sidecar's flag (0 = off)")
+    parser.add_argument(
+        "--no-sync-streams",
+        dest="sync_streams",
+        action="store_false",
+        help="livekit-server without room.sync_streams: the subscriber does not lip-sync the two tracks",
+    )
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
@@ -414,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             "stall": f"SIGSTOP of the sidecar process, {args.stall_ms:.0f} ms, before every stalled-run "
             "utterance "
             f"(idle) and in the middle of every {args.stall_in_speech_every}th one (not measured; 0 = none)",
-            "subscriber": "livekit.rtc in the bench process (native SDK, no lip-sync of its own)",
+            "subscriber": "livekit.rtc in the bench process (native SDK: libwebrtc, which lip-syncs the two "
+            "tracks when they share a stream id)",
+            "sync_streams": args.sync_streams,
             "cpu_hog": args.cpu_hog,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
             "idle_audio_reserve_ms": args.idle_audio_reserve_ms,

@@ -6,6 +6,12 @@ not discover an external IP, runs no TURN, and hands clients a STUN server on lo
 of the public default (clients would otherwise query Google's STUN servers). Its ICE/TCP
 listener (`rtc.tcp_port`) is the exception: livekit-server binds it on every interface (it has
 no address setting), so a reachable host must firewall that port.
+
+Rooms sync their streams (`room.sync_streams`): a subscriber then gets every track a participant
+published with the same `stream` under one media stream id (`<participant>|<stream>`), so receivers
+that lip-sync by stream (libwebrtc's, in browsers and the native SDKs) hold the avatar's video to its
+audio. Without it livekit-server gives each track its own stream id (`<participant>|<track>`) and no
+receiver syncs them.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -83,16 +89,16 @@ class LiveKitServerConfig:
     stun_port: int = 0  # nothing listens there: clients get a loopback STUN address, never a public one
     api_key: str = DEV_API_KEY
     api_secret: str = DEV_API_SECRET
+    # Tracks published with the same `stream` share one stream id at subscribers, which lip-sync them.
+    sync_streams: bool = True
 
     def with_free_ports(self) -> LiveKitServerConfig:
-        return LiveKitServerConfig(
-            host=self.host,
+        return replace(
+            self,
             port=self.port or free_port(self.host),
             rtc_tcp_port=self.rtc_tcp_port or free_port(self.host),
             rtc_udp_port=self.rtc_udp_port or free_udp_port(self.host),
             stun_port=self.stun_port or free_udp_port(self.host),
-            api_key=self.api_key,
-            api_secret=self.api_secret,
         )
 
     @property
@@ -119,6 +125,7 @@ class LiveKitServerConfig:
                 "turn_servers": [],
             },
             "turn": {"enabled": False},
+            "room": {"sync_streams": self.sync_streams},
             "logging": {"level": "info", "json": False},
         }
         return yaml.safe_dump(document, sort_keys=False)

@@ -23,6 +23,9 @@ def test_livekit_config_is_loopback_only() -> None:
     assert rtc["stun_servers"] == [f"127.0.0.1:{config.stun_port}"]
     assert rtc["turn_servers"] == []
     assert document["turn"]["enabled"] is False
+    # Subscribers get the avatar's tracks under one stream id, so that they lip-sync them
+    # (tests/infra/test_livekit_stream_sync.py shows what that does).
+    assert document["room"]["sync_streams"] is True
 
 
 def test_nginx_conf_listens_on_loopback(tmp_path: Path) -> None:

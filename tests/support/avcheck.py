@@ -77,6 +77,9 @@ class JitterSample:
     kind: str  # "audio" | "video"
     jitter_buffer_delay_s: float  # summed over emitted samples (audio) or frames (video)
     jitter_buffer_target_delay_s: float
+    # Summed like the delay: the least delay the buffer was held to, A/V sync's share included (a video
+    # buffer synced to a deeper audio buffer shows it here).
+    jitter_buffer_minimum_delay_s: float
     emitted: int
     concealed_samples: int
     removed_for_acceleration: int
@@ -84,14 +87,17 @@ class JitterSample:
 
 
 def mean_jitter_delay_ms(
-    samples: list[JitterSample], kind: str, since_s: float, until_s: float
+    samples: list[JitterSample], kind: str, since_s: float, until_s: float, *, minimum: bool = False
 ) -> float | None:
     """The jitter buffer's mean delay (ms) over what it emitted between two readings around [since_s,
-    until_s]."""
+    until_s]; with `minimum`, the mean least delay it was held to (A/V sync's share included)."""
     rows = [row for row in samples if row.kind == kind and since_s <= row.at_s <= until_s]
     if len(rows) < 2 or rows[-1].emitted <= rows[0].emitted:
         return None
-    delay_s = rows[-1].jitter_buffer_delay_s - rows[0].jitter_buffer_delay_s
+    if minimum:
+        delay_s = rows[-1].jitter_buffer_minimum_delay_s - rows[0].jitter_buffer_minimum_delay_s
+    else:
+        delay_s = rows[-1].jitter_buffer_delay_s - rows[0].jitter_buffer_delay_s
     return 1000.0 * delay_s / (rows[-1].emitted - rows[0].emitted)
 
 
@@ -148,6 +154,7 @@ class RoomRecorder:
                             kind=kind,
                             jitter_buffer_delay_s=inbound.jitter_buffer_delay,
                             jitter_buffer_target_delay_s=inbound.jitter_buffer_target_delay,
+                            jitter_buffer_minimum_delay_s=inbound.jitter_buffer_minimum_delay,
                             emitted=int(inbound.jitter_buffer_emitted_count),
                             concealed_samples=int(inbound.concealed_samples),
                             removed_for_acceleration=int(inbound.removed_samples_for_acceleration),
