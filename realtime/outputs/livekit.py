@@ -11,10 +11,12 @@ tick N's audio enters WebRTC at its deadline + headroom, whatever the loop's jit
 the headroom. The frame is captured at deadline + headroom + `video_delay_ms`. That delay
 exists because the two paths are not equally long at a receiver: Opus packetizes audio in
 blocks and the receiver's jitter buffer holds audio longer than
-video, so a frame captured with its audio reaches a native-SDK subscriber (no lip-sync of its
-own) before that audio. The delay is chosen to split that error between such a subscriber
-(video early) and a browser that lip-syncs by capture time (both tracks share one `stream`;
-video late), keeping both inside one frame. docs/audio-protocol.md gives the measurements;
+video, so a frame captured with its audio reaches a subscriber that does not lip-sync the two
+tracks before that audio. The delay is chosen to split that error between such a subscriber
+(video early) and one that lip-syncs them by capture time (libwebrtc's, native SDKs and browsers
+alike, when both tracks share one stream id: the same `stream`, passed on by livekit-server's
+`room.sync_streams`; video late, though below the 30 ms its synchroniser leaves alone), keeping
+both inside one frame. docs/audio-protocol.md gives the measurements;
 tests/realtime measures it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
@@ -762,8 +764,10 @@ class LiveKitPublisher:
         i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
         frame = rtc.VideoFrame(width, height, rtc.VideoBufferType.I420, i420.tobytes())
         metadata = video_frame_pb2.FrameMetadata(user_timestamp=tick.wall_time_us, frame_id=tick.frame_index)
-        # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom), not the delayed
-        # capture time: receivers that lip-sync by capture time then see no offset at all.
+        # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom). The SDK passes
+        # it through libwebrtc's TimestampAligner, which keeps the spacing of the timestamps but re-bases them
+        # on the time each frame is handed over, so receivers that lip-sync by capture time see the frame as
+        # captured `video_delay_ms` after its audio (the module docstring says why that is kept).
         # libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
         self._video_source.capture_frame(
             frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata
