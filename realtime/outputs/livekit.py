@@ -15,9 +15,8 @@ video, so a frame captured with its audio reaches a subscriber that does not lip
 tracks before that audio. The delay is chosen to split that error between such a subscriber
 (video early) and one that lip-syncs them by capture time (libwebrtc's, native SDKs and browsers
 alike, when both tracks share one stream id: the same `stream`, passed on by livekit-server's
-`room.sync_streams`; video late, though below the 30 ms its synchroniser leaves alone), keeping
-both inside one frame. docs/audio-protocol.md gives the measurements;
-tests/realtime measures it.
+`room.sync_streams`; video late), keeping both inside one frame. docs/audio-protocol.md gives
+the measurements; tests/realtime measures it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
 Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue
