@@ -400,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
     )
     parser.add_argument(
-        "--renew-audio-after-stall-ms", type=float, default=100.0, help="the sidecar's flag (0 = off)"
+        "--renew-audio-after-stall-ms",
+        type=float,
+        default=0.0,
+        help="the sidecar's flag (0 = off, the sidecar's default too)",
     )
     parser.add_argument("--idle-audio-reserve-ms", type=int, default=0, help="the sidecar's flag (0 = off)")
     parser.add_argument(
