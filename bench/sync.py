@@ -31,8 +31,9 @@ utterance's last sample| (clean utterances). `send_*` figures are the sidecar's 
 stats): the fraction of frames whose send-side A/V offset was past one frame, playback_finished
 vs its own account of when the last speech sample is heard, how long speech still entered WebRTC
 after an interrupt. `subscriber_jitter_buffer_ms` is the subscriber's mean audio (and video)
-jitter-buffer delay per run: how much a stall made its audio path grow; `_video_minimum` is the
-least delay its video buffer was held to, which A/V sync raises to follow the audio.
+jitter-buffer delay per run: how much a stall made its audio path grow, and whether the video
+followed (A/V sync); `_video_minimum` is the least delay its video buffer was held to (WebRTC's
+jitterBufferMinimumDelay).
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def measure(recorder: Any, spoken: Spoken) -> dict[str, Any]:
     video_ms = mean_jitter_delay_ms(recorder.jitter, "video", *span)
     video_minimum_ms = mean_jitter_delay_ms(recorder.jitter, "video", *span, minimum=True)
     return {
-        # the subscriber's jitter-buffer delays while it played (video: held and least, A/V sync's share)
+        # the subscriber's jitter-buffer delays while it played (video: mean and least)
         "subscriber_audio_jitter_buffer_ms": None if jitter_ms is None else round(jitter_ms, 1),
         "subscriber_video_jitter_buffer_ms": None if video_ms is None else round(video_ms, 1),
         "subscriber_video_minimum_delay_ms": None if video_minimum_ms is None else round(video_minimum_ms, 1),

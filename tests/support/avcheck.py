@@ -77,8 +77,7 @@ class JitterSample:
     kind: str  # "audio" | "video"
     jitter_buffer_delay_s: float  # summed over emitted samples (audio) or frames (video)
     jitter_buffer_target_delay_s: float
-    # Summed like the delay: the least delay the buffer was held to, A/V sync's share included (a video
-    # buffer synced to a deeper audio buffer shows it here).
+    # Summed like the delay: WebRTC's jitterBufferMinimumDelay, the least delay the buffer was held to.
     jitter_buffer_minimum_delay_s: float
     emitted: int
     concealed_samples: int
@@ -90,7 +89,7 @@ def mean_jitter_delay_ms(
     samples: list[JitterSample], kind: str, since_s: float, until_s: float, *, minimum: bool = False
 ) -> float | None:
     """The jitter buffer's mean delay (ms) over what it emitted between two readings around [since_s,
-    until_s]; with `minimum`, the mean least delay it was held to (A/V sync's share included)."""
+    until_s]; with `minimum`, the mean least delay it was held to."""
     rows = [row for row in samples if row.kind == kind and since_s <= row.at_s <= until_s]
     if len(rows) < 2 or rows[-1].emitted <= rows[0].emitted:
         return None
