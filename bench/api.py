@@ -64,7 +64,7 @@ from typing import Any
 import httpx
 import numpy as np
 import websockets
-from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause
+from temporalio.api.enums.v1 import EventType, TaskQueueKind, TimeoutType, WorkflowTaskFailedCause
 from temporalio.client import Client
 
 from bench.machine import cpu_name
@@ -382,6 +382,42 @@ def workflow_task_troubles(events: list[Any]) -> dict[str, int]:
     return dict(troubles)
 
 
+def workflow_task_timeouts(events: list[Any]) -> list[dict[str, Any]]:
+    """Each timed-out workflow task's times (epoch s) and queue, to line up with the worker's own logs and
+    thread dumps: when it was scheduled, when a worker took it (and which), and the task that followed it."""
+    found: list[dict[str, Any]] = []
+    tasks: dict[int, dict[str, Any]] = {}
+    for event in events:
+        at = event.event_time.ToMicroseconds() / 1e6
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            attributes = event.workflow_task_scheduled_event_attributes
+            tasks[event.event_id] = {
+                "scheduled_s": at,
+                "queue_kind": TaskQueueKind.Name(attributes.task_queue.kind),
+                "attempt": attributes.attempt,
+            }
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            attributes = event.workflow_task_started_event_attributes
+            task = tasks.get(attributes.scheduled_event_id, {})
+            task.update(started_s=at, identity=attributes.identity)
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
+            attributes = event.workflow_task_timed_out_event_attributes
+            task = dict(tasks.get(attributes.scheduled_event_id, {}))
+            task.update(timed_out_s=at, timeout_type=TimeoutType.Name(attributes.timeout_type))
+            found.append(task)
+        elif (
+            kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+            and found
+            and "retry_completed_s" not in found[-1]
+        ):
+            attributes = event.workflow_task_completed_event_attributes
+            retry = tasks.get(attributes.scheduled_event_id, {})
+            if retry.get("scheduled_s", 0.0) >= found[-1]["timed_out_s"]:
+                found[-1].update(retry_started_s=retry.get("started_s"), retry_completed_s=at)
+    return found
+
+
 def _local_activity_span(marker: Any, recorded_s: float) -> ActivitySpan | None:
     """A local activity's marker: its type and times are in the marker's `data` payload (JSON)."""
     if marker.marker_name != "core_local_activity" or "data" not in marker.details:
@@ -506,6 +542,8 @@ async def run_start_live(
                 events = list(history.events)
                 workflow_started_s, spans = activity_spans(events)
                 entry["workflow_task_troubles"] = workflow_task_troubles(events)
+                if timeouts := workflow_task_timeouts(events):
+                    entry["workflow_task_timeouts"] = timeouts
                 entry["steps"] = lifecycle_breakdown(
                     entry["sent_s"], entry["ready_s"], workflow_started_s, spans
                 )
@@ -648,6 +686,11 @@ def _start_live_summary(count: int, rounds: int, entries: list[dict[str, Any]]) 
         "workflow_task_troubles": dict(
             sum((Counter(entry.get("workflow_task_troubles", {})) for entry in entries), Counter())
         ),
+        "workflow_task_timeouts": [
+            {"session": entry["id"], **timeout}
+            for entry in entries
+            for timeout in entry.get("workflow_task_timeouts", [])
+        ],
         "created_p50_ms": _pct([entry["created_ms"] for entry in entries if "created_ms" in entry], 50),
         "start_to_ready_p50_ms": _pct(ready_ms, 50),
         "start_to_ready_p99_ms": _pct(ready_ms, 99),
