@@ -9,10 +9,17 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.api.enums.v1 import EventType, TimeoutType, WorkflowTaskFailedCause
+from temporalio.api.enums.v1 import EventType, TaskQueueKind, TimeoutType, WorkflowTaskFailedCause
 from temporalio.api.history.v1 import HistoryEvent
 
-from bench.api import ActivitySpan, activity_spans, cpu_summary, lifecycle_breakdown, workflow_task_troubles
+from bench.api import (
+    ActivitySpan,
+    activity_spans,
+    cpu_summary,
+    lifecycle_breakdown,
+    workflow_task_timeouts,
+    workflow_task_troubles,
+)
 from bench.proc_cpu import cpu_delta_s, group_cpu_s, thread_cpu_s
 
 T0 = 1_800_000_000.0  # POST sent (epoch s)
@@ -168,6 +175,55 @@ def test_workflow_task_troubles_name_the_step_before_them() -> None:
         "after open_output": 1,
     }
     assert workflow_task_troubles([started(1, 0), *activity(5, "fetch_assets", 60, 61, 100)]) == {}
+
+
+def workflow_task(
+    scheduled_id: int, kind: TaskQueueKind.ValueType, scheduled_ms: float, started_ms: float
+) -> list[HistoryEvent]:
+    scheduled = HistoryEvent(
+        event_id=scheduled_id,
+        event_time=at(scheduled_ms),
+        event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    )
+    scheduled.workflow_task_scheduled_event_attributes.task_queue.kind = kind
+    start = HistoryEvent(
+        event_id=scheduled_id + 1,
+        event_time=at(started_ms),
+        event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    )
+    start.workflow_task_started_event_attributes.scheduled_event_id = scheduled_id
+    start.workflow_task_started_event_attributes.identity = "1234@host"
+    return [scheduled, start]
+
+
+def test_workflow_task_timeouts_give_each_lost_tasks_times_and_its_retry() -> None:
+    lost = timed_out_task(22)
+    lost.event_time.CopyFrom(at(5270))
+    lost.workflow_task_timed_out_event_attributes.scheduled_event_id = 20
+    retry_done = HistoryEvent(
+        event_id=25, event_time=at(5630), event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    )
+    retry_done.workflow_task_completed_event_attributes.scheduled_event_id = 23
+    events = [
+        started(1, 0),
+        *workflow_task(20, TaskQueueKind.TASK_QUEUE_KIND_STICKY, 0, 1270),
+        lost,
+        *workflow_task(23, TaskQueueKind.TASK_QUEUE_KIND_NORMAL, 5270, 5360),
+        retry_done,
+    ]
+    (timeout,) = workflow_task_timeouts(events)
+    assert timeout == {
+        "scheduled_s": T0,
+        "queue_kind": "TASK_QUEUE_KIND_STICKY",
+        "attempt": 0,
+        "started_s": T0 + 1.27,
+        "identity": "1234@host",
+        "timed_out_s": T0 + 5.27,
+        "timeout_type": "TIMEOUT_TYPE_START_TO_CLOSE",
+        "retry_started_s": T0 + 5.36,
+        "retry_completed_s": T0 + 5.63,
+    }
+    assert workflow_task_timeouts(events[:3]) == []
 
 
 def cpu_round(bring_up: dict[str, float], live: dict[str, float], lived_s: float) -> dict[str, Any]:
