@@ -73,6 +73,14 @@ LAPSED_RECORDS_KEPT_PATCH = "placement-lapsed-records-kept"
 # How long a lapsed record is kept, in leases of its sidecar: a sidecar cut off from Temporal longer
 # than its control-plane grace (ten minutes by default, ten 60 s leases) ends its sessions itself.
 LAPSED_RECORD_KEPT_LEASES = 10
+# Runs that carry this marker continue as new only from a workflow task that delivered no update
+# (`_may_continue_as_new`); earlier runs continued from any task.
+CONTINUE_AS_NEW_BETWEEN_UPDATES_PATCH = "placement-continue-as-new-between-updates"
+# How many workflow tasks that delivered an update a due run lets pass before it continues as new anyway:
+# a registry whose every task carries an update (saturated) still closes its run, its history bounded.
+# It decides which task continues as new: change it only behind a new patch marker, or runs in flight
+# stop replaying.
+MAX_CONTINUE_AS_NEW_DEFERRALS = 100
 # Avatar keys remembered per sidecar for cache affinity: about what one sidecar's avatar cache holds.
 AVATARS_REMEMBERED = 32
 
@@ -92,15 +100,23 @@ class PlacementWorkflow:
         # When the lease-expiry timer now armed fires (workflow time, s); None while none is armed.
         self._armed_until_s: float | None = None
         self._rearm = False
+        # History length at the start of the workflow task that last delivered an update (-1: none yet).
+        # One workflow task is one activation here, and its history length is the same in every handler and
+        # in the main loop it wakes, on the first run as on replay: it names the task.
+        self._update_task_history_length = -1
+        # Workflow tasks that delivered an update since this run became due to continue as new.
+        self._continue_as_new_deferrals = 0
+        self._continue_as_new_between_updates = False
 
     @workflow.run
     async def run(self, state: PlacementState) -> None:
         if not workflow.patched(TIMER_ONLY_FOR_EXPIRY_PATCH):
             await self._run_rearming_on_every_change()  # a run that began before the patch
             return
+        self._continue_as_new_between_updates = workflow.patched(CONTINUE_AS_NEW_BETWEEN_UPDATES_PATCH)
         while True:
             self._reclaim_expired()
-            if self._should_continue_as_new():
+            if self._may_continue_as_new():
                 # Handlers still running would be lost with this run; let them finish first.
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 workflow.continue_as_new(self._state())
@@ -112,7 +128,7 @@ class PlacementWorkflow:
             # lease may be due (or was renewed meanwhile): the next turn reclaims or re-arms.
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
-                    lambda: self._rearm or self._should_continue_as_new(),
+                    lambda: self._rearm or self._may_continue_as_new(),
                     timeout=timeout,
                     timeout_summary="next sidecar lease expiry",
                 )
@@ -205,6 +221,7 @@ class PlacementWorkflow:
 
     @workflow.update
     def acquire(self, request: AcquireSlot) -> Placement:
+        self._note_update()
         self._reclaim_expired()
         return self._acquire(request)
 
@@ -216,6 +233,7 @@ class PlacementWorkflow:
     @workflow.update
     def acquire_batch(self, batch: AcquireBatch) -> list[AcquireOutcome]:
         """`acquire` for each request in order, in one update: a refusal answers that request only."""
+        self._note_update()
         self._reclaim_expired()
         outcomes: list[AcquireOutcome] = []
         for request in batch.requests:
@@ -292,6 +310,7 @@ class PlacementWorkflow:
 
     @workflow.update
     def release(self, request: ReleaseSlot) -> bool:
+        self._note_update()
         released = self._release(request.session_id)
         self._mark_suspect(request.suspect_incarnations)
         self._changed = True
@@ -415,6 +434,30 @@ class PlacementWorkflow:
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() >= self._continue_as_new_after_events
         )
+
+    def _note_update(self) -> None:
+        history_length = workflow.info().get_current_history_length()
+        if history_length != self._update_task_history_length and self._should_continue_as_new():
+            self._continue_as_new_deferrals += 1
+        self._update_task_history_length = history_length
+
+    def _may_continue_as_new(self) -> bool:
+        """Continue as new now: the run is due, and this workflow task delivered no update (or the run has
+        deferred it MAX_CONTINUE_AS_NEW_DEFERRALS times).
+
+        The server refuses a workflow task that closes the run while events or updates arrived during it
+        (cause UnhandledCommand: the workflow must see them first), and fails every update that task
+        delivered with a non-retryable "unexpected workflow task failure" even though none of them took
+        effect. A registry always has heartbeats arriving, so a continue-as-new races them; from a task that
+        delivered no update, losing that race costs a retried task and no caller's request.
+        """
+        if not self._should_continue_as_new():
+            return False
+        if not self._continue_as_new_between_updates:
+            return True
+        if workflow.info().get_current_history_length() != self._update_task_history_length:
+            return True
+        return self._continue_as_new_deferrals > MAX_CONTINUE_AS_NEW_DEFERRALS
 
     def _state(self) -> PlacementState:
         return PlacementState(
