@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -83,6 +84,26 @@ def check_pool(pool: str) -> str:
 # Longest one batched operation may take: a place_session or release_slot attempt (start-to-close 10 s by
 # policy) is over by then, and the requests queued behind it go on.
 OPERATION_TIMEOUT_S = 10.0
+
+# How many times one acquire batch is sent again after the server aborted it with its registry's refused
+# workflow task (`aborted_with_refused_workflow_task`); within OPERATION_TIMEOUT_S in all.
+ABORTED_UPDATE_RETRIES = 3
+# Pause before sending it again, times the attempt: the registry's next workflow task is already scheduled.
+ABORTED_UPDATE_BACKOFF_S = 0.05
+
+
+def aborted_with_refused_workflow_task(exc: RPCError) -> bool:
+    """The server aborted an update because it refused the workflow task that delivered it.
+
+    The server refuses a workflow task's completion when, for example, the task closes the run (continue-
+    as-new) while new events arrived during it (cause UnhandledCommand). It then aborts each update that
+    task delivered with WorkflowNotReady, "unexpected workflow task failure", without recording anything
+    of it: the update never took effect, and the same request may be sent again.
+    """
+    return exc.status == RPCStatusCode.FAILED_PRECONDITION and any(
+        detail.Is(WorkflowNotReadyFailure.DESCRIPTOR) for detail in exc.grpc_status.details
+    )
+
 
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
@@ -210,6 +231,19 @@ class Placer:
             handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
 
             async def send(requests: list[AcquireSlot]) -> list[AcquireOutcome]:
+                for attempt in range(1, ABORTED_UPDATE_RETRIES + 1):
+                    try:
+                        return await handle.execute_update(
+                            PlacementWorkflow.acquire_batch, AcquireBatch(requests)
+                        )
+                    except RPCError as exc:
+                        if not aborted_with_refused_workflow_task(exc):
+                            raise
+                        logger.info(
+                            "acquire batch aborted with a refused registry workflow task; sending it again",
+                            extra={"registry": registry_id, "requests": len(requests), "attempt": attempt},
+                        )
+                    await asyncio.sleep(ABORTED_UPDATE_BACKOFF_S * attempt)
                 return await handle.execute_update(PlacementWorkflow.acquire_batch, AcquireBatch(requests))
 
             group = self._acquirers[registry_id] = _GroupCommit(send, self._max_batch)
