@@ -526,7 +526,10 @@ class PlacementState:
     """PlacementWorkflow input; also what it carries across continue-as-new."""
 
     sidecars: list[SidecarRecord] = field(default_factory=list)
-    continue_as_new_after_events: int = 2000
+    # A busy registry's continue-as-new often loses the race with arriving heartbeats: the server refuses
+    # the task, the worker drops the run from its cache and replays the whole history before the registry
+    # answers again. That replay is what requests wait for, so the history it replays is kept short.
+    continue_as_new_after_events: int = 500
     reclaimed_sessions: int = 0  # slots freed by lease expiry so far (ops counter)
     # Records whose lease lapsed, kept for a while in case the same process registers again
     # (`lease_expires_at_s` is when each lapsed): see PlacementWorkflow._reclaim_expired.
