@@ -73,13 +73,15 @@ LAPSED_RECORDS_KEPT_PATCH = "placement-lapsed-records-kept"
 # How long a lapsed record is kept, in leases of its sidecar: a sidecar cut off from Temporal longer
 # than its control-plane grace (ten minutes by default, ten 60 s leases) ends its sessions itself.
 LAPSED_RECORD_KEPT_LEASES = 10
-# Runs that carry this marker continue as new only from a workflow task that delivered no update
+# Runs that carry this marker continue as new only from a workflow task that delivered no signal
 # (`_may_continue_as_new`); earlier runs continued from any task.
-CONTINUE_AS_NEW_BETWEEN_UPDATES_PATCH = "placement-continue-as-new-between-updates"
-# How many workflow tasks that delivered an update a due run lets pass before it continues as new anyway:
-# a registry whose every task carries an update (saturated) still closes its run, its history bounded.
-# It decides which task continues as new: change it only behind a new patch marker, or runs in flight
-# stop replaying.
+CONTINUE_AS_NEW_WITHOUT_SIGNALS_PATCH = "placement-continue-as-new-without-signals"
+# While a run is due to continue as new, it also wakes after this long: a task of its own that no signal
+# came with, for a registry that only heartbeats reach (no update arrives to wake it without a signal).
+CONTINUE_AS_NEW_WAKE = timedelta(milliseconds=100)
+# How many workflow tasks that delivered a signal a due run lets pass before it continues as new from any
+# task: the history stays bounded however busy the registry is. It decides which task continues as new:
+# change it only behind a new patch marker, or runs in flight stop replaying.
 MAX_CONTINUE_AS_NEW_DEFERRALS = 100
 # Avatar keys remembered per sidecar for cache affinity: about what one sidecar's avatar cache holds.
 AVATARS_REMEMBERED = 32
@@ -100,20 +102,22 @@ class PlacementWorkflow:
         # When the lease-expiry timer now armed fires (workflow time, s); None while none is armed.
         self._armed_until_s: float | None = None
         self._rearm = False
-        # History length at the start of the workflow task that last delivered an update (-1: none yet).
+        # History length at the start of the workflow task that last delivered a signal (-1: none yet).
         # One workflow task is one activation here, and its history length is the same in every handler and
         # in the main loop it wakes, on the first run as on replay: it names the task.
-        self._update_task_history_length = -1
-        # Workflow tasks that delivered an update since this run became due to continue as new.
+        self._signal_task_history_length = -1
+        # Workflow tasks that delivered a signal since this run became due to continue as new.
         self._continue_as_new_deferrals = 0
-        self._continue_as_new_between_updates = False
+        self._continue_as_new_without_signals = False
+        # The wait now armed includes the CONTINUE_AS_NEW_WAKE wake-up.
+        self._waking_to_continue = False
 
     @workflow.run
     async def run(self, state: PlacementState) -> None:
         if not workflow.patched(TIMER_ONLY_FOR_EXPIRY_PATCH):
             await self._run_rearming_on_every_change()  # a run that began before the patch
             return
-        self._continue_as_new_between_updates = workflow.patched(CONTINUE_AS_NEW_BETWEEN_UPDATES_PATCH)
+        self._continue_as_new_without_signals = workflow.patched(CONTINUE_AS_NEW_WITHOUT_SIGNALS_PATCH)
         while True:
             self._reclaim_expired()
             if self._may_continue_as_new():
@@ -123,12 +127,27 @@ class PlacementWorkflow:
             self._rearm = False
             timeout = self._until_next_expiry()
             self._armed_until_s = None if timeout is None else self._now_s() + timeout.total_seconds()
+            due = self._should_continue_as_new()
+            self._waking_to_continue = self._continue_as_new_without_signals and due
+            if self._waking_to_continue:
+                # Due, and this task came with a signal: wake soon in a task of its own. The lease timer's
+                # due time (`_armed_until_s`) stays what it was: this wake-up is not a lease expiry.
+                timeout = CONTINUE_AS_NEW_WAKE if timeout is None else min(timeout, CONTINUE_AS_NEW_WAKE)
             # Only a lease that ends before the armed timer re-arms it: heartbeats, acquires and
             # releases (nearly every event) add no timer commands to the history. On timeout a
             # lease may be due (or was renewed meanwhile): the next turn reclaims or re-arms.
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(
-                    lambda: self._rearm or self._may_continue_as_new(),
+                    lambda: (
+                        self._rearm
+                        or self._may_continue_as_new()
+                        # became due meanwhile: go round to arm the wake-up
+                        or (
+                            self._continue_as_new_without_signals
+                            and not self._waking_to_continue
+                            and self._should_continue_as_new()
+                        )
+                    ),
                     timeout=timeout,
                     timeout_summary="next sidecar lease expiry",
                 )
@@ -156,6 +175,7 @@ class PlacementWorkflow:
 
     @workflow.signal
     def heartbeat(self, beat: SidecarHeartbeat) -> None:
+        self._note_signal()
         now_s = self._now_s()
         record = self._sidecars.get(beat.sidecar_id)
         if record is None or record.incarnation != beat.incarnation:
@@ -209,6 +229,7 @@ class PlacementWorkflow:
 
     @workflow.signal
     def depart(self, departure: SidecarDeparture) -> None:
+        self._note_signal()
         lapsed = self._lapsed.get(departure.sidecar_id)
         if lapsed is not None and lapsed.incarnation == departure.incarnation:
             del self._lapsed[departure.sidecar_id]  # it drained its sessions: none will come back
@@ -221,7 +242,6 @@ class PlacementWorkflow:
 
     @workflow.update
     def acquire(self, request: AcquireSlot) -> Placement:
-        self._note_update()
         self._reclaim_expired()
         return self._acquire(request)
 
@@ -233,7 +253,6 @@ class PlacementWorkflow:
     @workflow.update
     def acquire_batch(self, batch: AcquireBatch) -> list[AcquireOutcome]:
         """`acquire` for each request in order, in one update: a refusal answers that request only."""
-        self._note_update()
         self._reclaim_expired()
         outcomes: list[AcquireOutcome] = []
         for request in batch.requests:
@@ -310,7 +329,6 @@ class PlacementWorkflow:
 
     @workflow.update
     def release(self, request: ReleaseSlot) -> bool:
-        self._note_update()
         released = self._release(request.session_id)
         self._mark_suspect(request.suspect_incarnations)
         self._changed = True
@@ -320,6 +338,7 @@ class PlacementWorkflow:
     def release_slot(self, request: ReleaseSlot) -> None:
         """`release` as a signal: durable once sent, cheaper, and outside the server's in-flight update
         limit."""
+        self._note_signal()
         self._release(request.session_id)
         self._mark_suspect(request.suspect_incarnations)
         self._changed = True
@@ -327,6 +346,7 @@ class PlacementWorkflow:
     @workflow.signal
     def release_batch(self, batch: ReleaseBatch) -> None:
         """`release_slot` for each request, in one signal."""
+        self._note_signal()
         for request in batch.requests:
             self._release(request.session_id)
             self._mark_suspect(request.suspect_incarnations)
@@ -435,27 +455,31 @@ class PlacementWorkflow:
             or info.get_current_history_length() >= self._continue_as_new_after_events
         )
 
-    def _note_update(self) -> None:
+    def _note_signal(self) -> None:
         history_length = workflow.info().get_current_history_length()
-        if history_length != self._update_task_history_length and self._should_continue_as_new():
+        if history_length != self._signal_task_history_length and self._should_continue_as_new():
             self._continue_as_new_deferrals += 1
-        self._update_task_history_length = history_length
+        self._signal_task_history_length = history_length
 
     def _may_continue_as_new(self) -> bool:
-        """Continue as new now: the run is due, and this workflow task delivered no update (or the run has
+        """Continue as new now: the run is due, and this workflow task delivered no signal (or the run has
         deferred it MAX_CONTINUE_AS_NEW_DEFERRALS times).
 
-        The server refuses a workflow task that closes the run while events or updates arrived during it
-        (cause UnhandledCommand: the workflow must see them first), and fails every update that task
-        delivered with a non-retryable "unexpected workflow task failure" even though none of them took
-        effect. A registry always has heartbeats arriving, so a continue-as-new races them; from a task that
-        delivered no update, losing that race costs a retried task and no caller's request.
+        The server refuses a task that closes the run while a signal arrived during it (cause
+        UnhandledCommand: the workflow must see it first; an update that arrives meanwhile moves to the
+        next run instead). It fails every update that task delivered with a non-retryable "unexpected
+        workflow task failure", though none of them took effect (the client sends them again), and the
+        worker drops the run from its cache and replays its whole history for the next task. That replay
+        takes long enough for more heartbeats to arrive, so a run that tried again from it would lose the
+        race again, task after task, while every request waits. The task after a refused one always
+        delivers the signal that arrived too late, so this rule lets it complete (from the replay) and
+        tries again from a later task of a cached run: one replay per lost race, never a run of them.
         """
         if not self._should_continue_as_new():
             return False
-        if not self._continue_as_new_between_updates:
+        if not self._continue_as_new_without_signals:
             return True
-        if workflow.info().get_current_history_length() != self._update_task_history_length:
+        if workflow.info().get_current_history_length() != self._signal_task_history_length:
             return True
         return self._continue_as_new_deferrals > MAX_CONTINUE_AS_NEW_DEFERRALS
 

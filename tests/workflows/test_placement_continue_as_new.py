@@ -1,15 +1,17 @@
 """A registry continuing as new while heartbeats and acquires keep arriving, on the real dev server.
 
-The server refuses a workflow task that closes the run (continue-as-new) while new events or updates
-arrived during it (cause `UnhandledCommand`), and aborts every update that task delivered with a
-non-retryable "Unable to perform workflow execution update due to unexpected workflow task failure."
-A registry at fleet scale always has heartbeats arriving, so it must continue as new only from a
-workflow task that delivered no update, and its clients must not lose an acquire to that race.
+The server refuses a workflow task that closes the run (continue-as-new) while a signal arrived during
+it (cause `UnhandledCommand`), aborts every update that task delivered with a non-retryable "Unable to
+perform workflow execution update due to unexpected workflow task failure." (none of them took effect),
+and the worker replays the whole run for the next task. A registry at fleet scale always has heartbeats
+arriving: it must not try again from that replayed task (it would lose again, task after task), and its
+clients must not lose an acquire to the race.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +39,9 @@ LOAD_S = 8.0
 MIN_RUNS = 5
 SIDECARS = 4
 HEARTBEAT_LOOPS = 4
+# Between two heartbeats of one loop: together the loops send several times the renewals one registry
+# gets from 250 sidecars renewing every 20 s, so heartbeats arrive during most workflow tasks.
+HEARTBEAT_PAUSE_S = 0.02
 ACQUIRE_LOOPS = 4
 # Between one plain acquire and the next of the same loop (the Placer test sends back to back).
 ACQUIRE_PAUSE_S = 0.02
@@ -84,30 +89,37 @@ async def registry(
 async def _heartbeats(handle: WorkflowHandle[PlacementWorkflow, None], loop: int, until: float) -> None:
     while time.monotonic() < until:
         await handle.signal(PlacementWorkflow.heartbeat, beat(f"gpu-{loop % SIDECARS}"))
+        await asyncio.sleep(HEARTBEAT_PAUSE_S)
 
 
 async def _runs(client: Client, workflow_id: str) -> list[str]:
     return [execution.run_id async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
 
 
-async def _failed_task_causes(client: Client, workflow_id: str) -> list[str]:
-    causes = []
+async def _workflow_task_outcomes(client: Client, workflow_id: str) -> list[list[str]]:
+    """Per run, each workflow task's outcome in order: "completed" or the cause it was refused for."""
+    outcomes = []
     for run_id in await _runs(client, workflow_id):
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
-        causes += [
-            f"{WorkflowTaskFailedCause.Name(event.workflow_task_failed_event_attributes.cause)} at event "
-            f"{event.event_id} of {len(history.events)}"
-            for event in history.events
-            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED
-        ]
-    return causes
+        outcomes.append(
+            [
+                "completed"
+                if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+                else WorkflowTaskFailedCause.Name(
+                    event.workflow_task_failed_event_attributes.cause
+                ).removeprefix("WORKFLOW_TASK_FAILED_CAUSE_")
+                for event in history.events
+                if event.event_type
+                in (EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED)
+            ]
+        )
+    return outcomes
 
 
-async def test_acquire_updates_survive_continue_as_new_under_heartbeats(
+async def test_a_refused_continue_as_new_is_never_followed_by_another_and_takes_no_slot(
     temporal_client: Client, registry: Registry
 ) -> None:
-    """Plain acquire updates (no client-side retry), each loop pausing between them as callers do: the
-    registry itself must not close a run from a workflow task that delivered one."""
+    """Plain acquire updates (no client-side resend) among heartbeats, through many continue-as-new."""
     handle, _ = registry
     load = Load()
     until = time.monotonic() + LOAD_S
@@ -128,27 +140,30 @@ async def test_acquire_updates_survive_continue_as_new_under_heartbeats(
         *(acquires(loop) for loop in range(ACQUIRE_LOOPS)),
     )
     runs = await _runs(temporal_client, handle.id)
-    causes = await _failed_task_causes(temporal_client, handle.id)
     assert len(runs) >= MIN_RUNS, f"only {len(runs)} runs: the load did not make the registry continue as new"
-    assert load.failures == [], (
-        f"{len(load.failures)} of {len(load.failures) + load.acquires_ok} acquires failed over "
-        f"{len(runs)} runs (failed workflow tasks: {causes}); first: {load.failures[0]}"
+    outcomes = await _workflow_task_outcomes(temporal_client, handle.id)
+    refused = [outcome for run in outcomes for outcome in run if outcome != "completed"]
+    # Refusals happen (heartbeats keep arriving) and are all the race, nothing else.
+    assert set(refused) <= {"UNHANDLED_COMMAND"}, refused
+    # The task after a refused one completes: one replay per lost race, never a run of them.
+    repeated = [run for run in outcomes if any("completed" not in pair for pair in itertools.pairwise(run))]
+    assert not repeated, (
+        f"refused tasks in a row ({len(refused)} refused over {len(runs)} runs): {repeated[0]}"
     )
-    # Every slot taken is still held after all those runs (state carried, none lost or doubled).
+    # An acquire the server aborted took no slot; every one answered holds exactly one.
     snapshot = await handle.query(PlacementWorkflow.snapshot)
     assert sum(len(record.sessions) for record in snapshot.sidecars) == load.acquires_ok
+    assert all("unexpected workflow task failure" in failure for failure in load.failures), load.failures[:3]
 
 
-@pytest.mark.parametrize(
-    "deferrals", [MAX_CONTINUE_AS_NEW_DEFERRALS, 0], ids=["registry-defers", "no-deferral"]
-)
+@pytest.mark.parametrize("deferrals", [MAX_CONTINUE_AS_NEW_DEFERRALS, 0], ids=["registry-waits", "any-task"])
 async def test_placer_acquires_and_releases_survive_continue_as_new_under_heartbeats(
     monkeypatch: pytest.MonkeyPatch, temporal_client: Client, registry: Registry, deferrals: int
 ) -> None:
     """The production client (batched acquire updates back to back, release signals) through the same races.
 
-    With no deferral the registry continues as new from tasks that delivered updates, as it did before
-    deferring: the client's own resend of an aborted batch is what keeps every acquire then."""
+    Whichever task the registry continues as new from (any task with no deferral, as before), the
+    client's own resend of a batch the server aborted is what keeps every acquire."""
     # Set before the registry fixture and undone after it (argument order), so the histories are replayed
     # at teardown with the value that produced them.
     monkeypatch.setattr(placement, "MAX_CONTINUE_AS_NEW_DEFERRALS", deferrals)
