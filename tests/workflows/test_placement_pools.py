@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
@@ -48,6 +49,7 @@ from workflows.contracts import (
     sidecar_task_queue,
 )
 from workflows.placement import PlacementWorkflow
+from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
 
@@ -333,6 +335,52 @@ async def test_a_draining_sidecar_s_session_moves_to_the_other_shard_and_no_slot
 
     await stop_session(sharded.client, request.session_id)
     assert (await handle.result()).end_reason is EndReason.STOPPED
+    await wait_for_no_slot_held(sharded)
+
+
+async def test_a_session_past_the_pool_s_slots_waits_in_placement_and_takes_a_slot_freed_on_another_shard(
+    sharded: Harness, rtmp_server: RtmpServerConfig, avatar_url: str
+) -> None:
+    """Admission across shards: the pool admits what its sidecars report (one slot each here); a session
+    past that waits in placement holding nothing, and takes the first slot freed in any shard of the pool."""
+    first_name, second_name = names_in_both_shards(sharded)
+    await sharded.add_sidecar(first_name, slots=1, pool=POOL)
+    await sharded.add_sidecar(second_name, slots=1, pool=POOL)
+    # no_capacity is retried every 0.2-0.5 s (fast policy): enough attempts to outlast the wait below.
+    policy = fast_policy(placement__pools=[POOL], activities__place_session__retry__maximum_attempts=200)
+
+    async def start(stream: str) -> tuple[str, WorkflowHandle[SessionWorkflow, Any]]:
+        output = output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"{stream}-{sharded.suffix}")))
+        request = sharded.request(avatar_url, output)
+        return request.session_id, await sharded.start(request, policy)
+
+    # One avatar, so one home shard: the second session finds it full and goes round to the other.
+    sessions = [await start("admit-a"), await start("admit-b")]
+    live = [await wait_for_status(handle, in_phase(Phase.LIVE)) for _, handle in sessions]
+    assert {status.sidecar for status in live} == {
+        sharded.sidecar_id(first_name),
+        sharded.sidecar_id(second_name),
+    }
+
+    waiting_id, waiting = await start("admit-c")
+    await wait_for_status(waiting, in_phase(Phase.PLACING))
+    await asyncio.sleep(2.0)  # several refused placement attempts
+    assert (await waiting.query(SessionWorkflow.status)).phase is Phase.PLACING
+    assert sorted(session for held in (await sharded.slots_held()).values() for session in held) == sorted(
+        session_id for session_id, _ in sessions
+    )
+
+    # The slot freed is in the shard the waiting session's avatar does not start at.
+    freed_id, freed = sessions[1]
+    await stop_session(sharded.client, freed_id)
+    assert (await freed.result()).end_reason is EndReason.STOPPED
+    placed = await wait_for_status(waiting, in_phase(Phase.LIVE))
+    assert placed.sidecar == live[1].sidecar
+    assert await sharded.slots_held() == {live[0].sidecar: [sessions[0][0]], live[1].sidecar: [waiting_id]}
+
+    for session_id, handle in (sessions[0], (waiting_id, waiting)):
+        await stop_session(sharded.client, session_id)
+        assert (await handle.result()).end_reason is EndReason.STOPPED
     await wait_for_no_slot_held(sharded)
 
 
