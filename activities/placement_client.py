@@ -85,11 +85,13 @@ def check_pool(pool: str) -> str:
 # policy) is over by then, and the requests queued behind it go on.
 OPERATION_TIMEOUT_S = 10.0
 
-# How many times one acquire batch is sent again after the server aborted it with its registry's refused
-# workflow task (`aborted_with_refused_workflow_task`); within OPERATION_TIMEOUT_S in all.
-ABORTED_UPDATE_RETRIES = 3
-# Pause before sending it again, times the attempt: the registry's next workflow task is already scheduled.
-ABORTED_UPDATE_BACKOFF_S = 0.05
+# An acquire batch the server aborted with its registry's refused workflow task
+# (`aborted_with_refused_workflow_task`) is sent again after this pause times the attempt (at most
+# ABORTED_UPDATE_MAX_PAUSE_S), for as long as the operation's OPERATION_TIMEOUT_S allows: the registry's next
+# workflow task is already scheduled, and a registry that loses several races in a row (one that
+# continues as new from any task) must not fail a request that was never applied.
+ABORTED_UPDATE_PAUSE_S = 0.05
+ABORTED_UPDATE_MAX_PAUSE_S = 0.5
 
 
 def aborted_with_refused_workflow_task(exc: RPCError) -> bool:
@@ -231,20 +233,24 @@ class Placer:
             handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
 
             async def send(requests: list[AcquireSlot]) -> list[AcquireOutcome]:
-                for attempt in range(1, ABORTED_UPDATE_RETRIES + 1):
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + OPERATION_TIMEOUT_S
+                attempt = 0
+                while True:
                     try:
                         return await handle.execute_update(
                             PlacementWorkflow.acquire_batch, AcquireBatch(requests)
                         )
                     except RPCError as exc:
-                        if not aborted_with_refused_workflow_task(exc):
+                        attempt += 1
+                        pause_s = min(ABORTED_UPDATE_PAUSE_S * attempt, ABORTED_UPDATE_MAX_PAUSE_S)
+                        if not aborted_with_refused_workflow_task(exc) or loop.time() + pause_s >= deadline:
                             raise
                         logger.info(
                             "acquire batch aborted with a refused registry workflow task; sending it again",
                             extra={"registry": registry_id, "requests": len(requests), "attempt": attempt},
                         )
-                    await asyncio.sleep(ABORTED_UPDATE_BACKOFF_S * attempt)
-                return await handle.execute_update(PlacementWorkflow.acquire_batch, AcquireBatch(requests))
+                    await asyncio.sleep(pause_s)
 
             group = self._acquirers[registry_id] = _GroupCommit(send, self._max_batch)
         return group
