@@ -14,14 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from fastapi import FastAPI, WebSocket
 
@@ -30,6 +29,7 @@ from api.sidecars import SidecarDirectory
 from infra.livekit import LiveKitServerConfig
 from infra.paths import PROJECT_ROOT
 from infra.process import free_port, spawn
+from tests.support.asgi_server import serve_asgi
 from tests.support.avcheck import token
 from tests.support.credentials import SIDECAR_SECRET, service_headers
 from tests.support.media import frames_zip
@@ -39,12 +39,6 @@ pytestmark = pytest.mark.service
 
 SIDECAR_ID = "sidecar-relay"
 HEALTHY_WITHIN_S = 90.0  # process start + engine warm-up, on two busy cores
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
-        yield
 
 
 @dataclass
@@ -121,17 +115,8 @@ async def relay_url(sidecar: Sidecar) -> AsyncIterator[str]:
             traceparent={},
         )
 
-    port = free_port()
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            assert not serving.done(), "the relay server did not start"
-            await asyncio.sleep(0.05)
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
+    async with serve_asgi(app, name="relay") as base_url:
+        yield base_url.replace("http://", "ws://", 1)
 
 
 async def until_closed(ws: websockets.ClientConnection) -> list[dict[str, Any]]:

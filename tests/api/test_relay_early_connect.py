@@ -10,26 +10,24 @@ connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from fastapi import FastAPI, WebSocket
 
 from api.audio_relay import RelayRegistry, relay_audio
 from api.sidecars import SidecarDirectory
-from infra.process import free_port
 from realtime.host import AvatarAsset, OpenedOutput
 from realtime.outputs.registry import LIVEKIT
 from realtime.sidecar.host import SidecarHost
+from tests.support.asgi_server import serve_asgi
 from tests.support.credentials import SIDECAR_SECRET
 from tests.support.recording import RecordingPublisher
 from tests.support.sidecar_harness import (
@@ -46,12 +44,6 @@ __all__ = ["avatar_zip_path"]
 SIDECAR_ID = "sidecar-early"
 PCM_BEFORE_READY = np.full(3200, 1000, dtype="<i2").tobytes()  # 200 ms at 16 kHz, sent before `ready`
 QUIET_S = 0.5  # no message reaches the caller while the output is not open
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
-        yield
 
 
 @dataclass
@@ -99,17 +91,10 @@ async def relay(sidecar: RunningSidecar) -> AsyncIterator[Relay]:
             traceparent={},
         )
 
-    port = free_port()
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            assert not serving.done(), "the relay server did not start"
-            await asyncio.sleep(0.05)
-        yield Relay(f"ws://127.0.0.1:{port}", script, registry)
+        async with serve_asgi(app, name="relay") as base_url:
+            yield Relay(base_url.replace("http://", "ws://", 1), script, registry)
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
         await directory.close()
 
 

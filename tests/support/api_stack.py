@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 
 from activities.sidecar import SidecarWorkerConfig
 from activities.sidecar_worker import run_sidecar_worker
@@ -27,6 +26,7 @@ from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
 from infra.temporal import TemporalDevServerConfig
 from realtime.sidecar.config import HostConfig, ServerConfig, SidecarSettings
+from tests.support.asgi_server import serve_asgi
 from tests.support.asset_server import AssetServer
 from tests.support.credentials import SIDECAR_SECRET
 from tests.support.temporal_harness import Harness, fast_policy
@@ -51,12 +51,6 @@ class ApiStack:
     avatar_url: str
     sidecar_url: str
     assets: AssetServer  # serves the avatar; tests add routes (slow, broken) to it
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
-        yield
 
 
 @contextlib.asynccontextmanager
@@ -118,28 +112,22 @@ async def api_stack(
         )
         policy = fast_policy(**{**SIDECAR_POLICY, **(policy_overrides or {})})
         app = create_app(api_settings, temporal_client=client, policy=policy)
-        server = _Server(uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning"))
-        serving = asyncio.create_task(server.serve())
         try:
-            await asyncio.wait_for(registered.wait(), 60)
-            while not server.started:
-                assert not serving.done(), "the API server did not start"
-                await asyncio.sleep(0.05)
-            avatar_url = assets.serve(
-                "/astronaut.zip", avatar_zip_bytes(side_px=AVATAR_SIDE_PX), "application/zip"
-            )
-            yield ApiStack(
-                api_url=f"http://127.0.0.1:{api_port}",
-                api_key=api_keys[0],
-                harness=harness,
-                livekit=livekit_server,
-                avatar_url=avatar_url,
-                sidecar_url=f"http://127.0.0.1:{sidecar_port}",
-                assets=assets,
-            )
+            async with serve_asgi(app, port=api_port, name="API") as api_url:
+                await asyncio.wait_for(registered.wait(), 60)
+                avatar_url = assets.serve(
+                    "/astronaut.zip", avatar_zip_bytes(side_px=AVATAR_SIDE_PX), "application/zip"
+                )
+                yield ApiStack(
+                    api_url=api_url,
+                    api_key=api_keys[0],
+                    harness=harness,
+                    livekit=livekit_server,
+                    avatar_url=avatar_url,
+                    sidecar_url=f"http://127.0.0.1:{sidecar_port}",
+                    assets=assets,
+                )
         finally:
-            server.should_exit = True
-            await asyncio.gather(serving, return_exceptions=True)
             sidecar.cancel()
             await asyncio.gather(sidecar, return_exceptions=True)
             assets.stop()

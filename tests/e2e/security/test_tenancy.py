@@ -15,13 +15,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import uvicorn
 import websockets
 from livekit import api as lkapi
 
@@ -29,6 +28,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from infra.livekit import LiveKitServerConfig
 from infra.process import free_port
+from tests.support.asgi_server import serve_asgi
 from tests.support.avcheck import RoomRecorder, token
 from tests.support.credentials import SIDECAR_SECRET
 from tests.support.sidecar_process import SidecarProcesses
@@ -44,12 +44,6 @@ SIDECAR_POLICY = {
     f"activities__{name}__heartbeat_timeout_s": 10.0
     for name in ("prepare_avatar", "warm_up", "open_output", "run_session", "stop_session", "teardown")
 }
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # pytest owns the signals
-        yield
 
 
 @contextlib.asynccontextmanager
@@ -72,16 +66,8 @@ async def api_server(
         public_base_url=f"http://127.0.0.1:{port}",
     )
     app = create_app(settings, temporal_client=harness.client, policy=fast_policy(**SIDECAR_POLICY))
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            assert not serving.done(), "the API server did not start"
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.gather(serving, return_exceptions=True)
+    async with serve_asgi(app, port=port, name="API") as base_url:
+        yield base_url
 
 
 async def wait_phase(
