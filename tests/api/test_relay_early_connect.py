@@ -24,12 +24,8 @@ from fastapi import FastAPI, WebSocket
 
 from api.audio_relay import RelayRegistry, relay_audio
 from api.sidecars import SidecarDirectory
-from realtime.host import AvatarAsset, OpenedOutput
-from realtime.outputs.registry import LIVEKIT
-from realtime.sidecar.host import SidecarHost
 from tests.support.asgi_server import serve_asgi
 from tests.support.credentials import SIDECAR_SECRET
-from tests.support.recording import RecordingPublisher
 from tests.support.sidecar_harness import (
     RunningSidecar,
     avatar_zip_path,
@@ -98,22 +94,6 @@ async def relay(sidecar: RunningSidecar) -> AsyncIterator[Relay]:
         await directory.close()
 
 
-def host_of(sidecar: RunningSidecar) -> SidecarHost:
-    assert isinstance(sidecar.host, SidecarHost)
-    return sidecar.host
-
-
-async def prepare(sidecar: RunningSidecar, session_id: str, avatar: Path) -> RecordingPublisher:
-    prepared = await host_of(sidecar).prepare_avatar(
-        session_id, AvatarAsset(avatar, "frames_zip", ""), lambda _p: None
-    )
-    return RecordingPublisher(prepared.width_px, prepared.height_px)
-
-
-async def open_output(sidecar: RunningSidecar, session_id: str, publisher: RecordingPublisher) -> None:
-    await host_of(sidecar).start_publishing(session_id, [publisher], OpenedOutput(LIVEKIT.name, "recording"))
-
-
 async def next_json(ws: websockets.ClientConnection, timeout_s: float) -> dict[str, Any]:
     document = json.loads(await asyncio.wait_for(ws.recv(), timeout=timeout_s))
     assert isinstance(document, dict)
@@ -130,14 +110,14 @@ async def until_state(relay: Relay, session_id: str, wanted: str, timeout_s: flo
 async def test_ready_reaches_the_caller_when_the_output_opens_before_the_status_says_live(
     sidecar: RunningSidecar, relay: Relay, avatar_zip_path: Path
 ) -> None:
-    publisher = await prepare(sidecar, "early", avatar_zip_path)
+    publisher = await sidecar.prepare_recorded("early", avatar_zip_path)
     async with websockets.connect(f"{relay.url}/v1/sessions/early/audio") as ws:
         await ws.send(PCM_BEFORE_READY)  # kept by the relay, in order, until the sidecar is ready
         await until_state(relay, "early", "early_connects")
         with pytest.raises(TimeoutError):
             await next_json(ws, QUIET_S)
         reads_before_open = len(relay.script.reads)
-        await open_output(sidecar, "early", publisher)
+        await sidecar.open_recorded("early", publisher)
         opened_s = time.monotonic()
         ready = await next_json(ws, 5.0)
         assert ready["type"] == "ready", ready
@@ -151,7 +131,7 @@ async def test_ready_reaches_the_caller_when_the_output_opens_before_the_status_
         while stats["type"] != "stats":
             stats = await next_json(ws, 5.0)
         assert stats["audio_samples_received"] == len(PCM_BEFORE_READY) // 2, stats
-    await host_of(sidecar).teardown("early")
+    await sidecar.sidecar_host.teardown("early")
 
 
 async def test_an_early_connection_the_sidecar_refuses_is_not_the_callers_end(
@@ -163,11 +143,11 @@ async def test_an_early_connection_the_sidecar_refuses_is_not_the_callers_end(
         await until_state(relay, "moved", "early_refusals")
         with pytest.raises(TimeoutError):
             await next_json(ws, QUIET_S)  # the refusal is not passed on
-        publisher = await prepare(sidecar, "moved", avatar_zip_path)
-        await open_output(sidecar, "moved", publisher)
+        publisher = await sidecar.prepare_recorded("moved", avatar_zip_path)
+        await sidecar.open_recorded("moved", publisher)
         relay.script.phase = Phase.LIVE
         ready = await next_json(ws, 5.0)
         assert ready["type"] == "ready", ready
         state = relay.registry.active["moved"]
         assert (state.early_connects, state.early_refusals) == (1, 1), state
-    await host_of(sidecar).teardown("moved")
+    await sidecar.sidecar_host.teardown("moved")

@@ -9,6 +9,7 @@ import wave
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ from realtime.sidecar.config import HostConfig, RuntimeConfig, ServerConfig, Sid
 from tests.support.credentials import SIDECAR_SECRET, audio_token
 from tests.support.engine_media import astronaut_frames, frames_zip
 from tests.support.recording import RecordingPublisher
+
+if TYPE_CHECKING:
+    from realtime.sidecar.host import SidecarHost
 
 SENTENCE = "Hello there. The quick brown fox jumps over the lazy dog, and this is a lip sync test."
 
@@ -79,6 +83,26 @@ class RunningSidecar:
     host: object  # SidecarHost (typed loosely: imported lazily)
     base_url: str
     ws_base: str
+
+    @property
+    def sidecar_host(self) -> SidecarHost:
+        from realtime.sidecar.host import SidecarHost
+
+        assert isinstance(self.host, SidecarHost)
+        return self.host
+
+    async def prepare_recorded(self, session_id: str, avatar_zip_path: Path) -> RecordingPublisher:
+        """The session prepared here (slot held, avatar ready), its output not open yet: the publisher that
+        `open_recorded` opens for it records what it is sent."""
+        avatar = await self.sidecar_host.prepare_avatar(
+            session_id, AvatarAsset(avatar_zip_path, "frames_zip", ""), lambda _p: None
+        )
+        return RecordingPublisher(avatar.width_px, avatar.height_px)
+
+    async def open_recorded(self, session_id: str, publisher: RecordingPublisher) -> None:
+        await self.sidecar_host.start_publishing(
+            session_id, [publisher], OpenedOutput(LIVEKIT.name, "recording")
+        )
 
     def audio_url(self, session_id: str, **params: object) -> str:
         """The session's audio WebSocket with a fresh audio token for it (as the API hands it out)."""

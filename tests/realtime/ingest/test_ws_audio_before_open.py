@@ -16,10 +16,6 @@ from typing import Any
 import pytest
 import websockets
 
-from realtime.host import AvatarAsset, OpenedOutput
-from realtime.outputs.registry import LIVEKIT
-from realtime.sidecar.host import SidecarHost
-from tests.support.recording import RecordingPublisher
 from tests.support.sidecar_harness import RunningSidecar, sidecar_settings, start_sidecar, stop_sidecar
 
 # The sidecar's bound on the wait: short, so that the bounded case stays quick, yet long enough that an
@@ -40,19 +36,6 @@ async def sidecar(tmp_path: Path) -> AsyncIterator[RunningSidecar]:
     await stop_sidecar(task)
 
 
-def host_of(sidecar: RunningSidecar) -> SidecarHost:
-    assert isinstance(sidecar.host, SidecarHost)
-    return sidecar.host
-
-
-async def prepared(sidecar: RunningSidecar, session_id: str, avatar_zip_path: Path) -> RecordingPublisher:
-    """The session prepared on the sidecar (slot held, avatar ready), its output not open yet."""
-    avatar = await host_of(sidecar).prepare_avatar(
-        session_id, AvatarAsset(avatar_zip_path, "frames_zip", ""), lambda _p: None
-    )
-    return RecordingPublisher(avatar.width_px, avatar.height_px)
-
-
 async def first_message(ws: websockets.ClientConnection, timeout_s: float) -> dict[str, Any]:
     document = json.loads(await asyncio.wait_for(ws.recv(), timeout=timeout_s))
     assert isinstance(document, dict)
@@ -62,11 +45,11 @@ async def first_message(ws: websockets.ClientConnection, timeout_s: float) -> di
 async def test_a_connection_before_the_output_opens_gets_ready_when_it_opens(
     sidecar: RunningSidecar, avatar_zip_path: Path
 ) -> None:
-    publisher = await prepared(sidecar, "early", avatar_zip_path)
+    publisher = await sidecar.prepare_recorded("early", avatar_zip_path)
     async with websockets.connect(sidecar.audio_url("early")) as ws:
         with pytest.raises(TimeoutError):
             await first_message(ws, QUIET_S)  # nothing while the output is not open
-        await host_of(sidecar).start_publishing("early", [publisher], OpenedOutput(LIVEKIT.name, "recording"))
+        await sidecar.open_recorded("early", publisher)
         opened_s = time.monotonic()
         ready = await first_message(ws, 5.0)
         # Woken by the output opening (an event), not found by polling: well inside the wait's bound.
@@ -74,18 +57,18 @@ async def test_a_connection_before_the_output_opens_gets_ready_when_it_opens(
         assert time.monotonic() - opened_s < OPEN_WAIT_S / 2
         await ws.send(json.dumps({"type": "stats"}))
         assert (await first_message(ws, 5.0))["type"] == "stats"  # a working session connection
-    await host_of(sidecar).teardown("early")
+    await sidecar.sidecar_host.teardown("early")
 
 
 async def test_a_session_torn_down_before_its_output_opens_refuses_the_waiting_connection(
     sidecar: RunningSidecar, avatar_zip_path: Path
 ) -> None:
-    await prepared(sidecar, "ends-early", avatar_zip_path)
+    await sidecar.prepare_recorded("ends-early", avatar_zip_path)
     async with websockets.connect(sidecar.audio_url("ends-early")) as ws:
         with pytest.raises(TimeoutError):
             await first_message(ws, QUIET_S)
         torn_down_s = time.monotonic()
-        await host_of(sidecar).teardown("ends-early")
+        await sidecar.sidecar_host.teardown("ends-early")
         error = await first_message(ws, 5.0)
         assert error["type"] == "error" and error["code"] == "unknown_session", error
         assert time.monotonic() - torn_down_s < OPEN_WAIT_S / 2  # at the teardown, not at the bound
@@ -97,7 +80,7 @@ async def test_a_session_torn_down_before_its_output_opens_refuses_the_waiting_c
 async def test_the_wait_for_an_output_that_never_opens_is_bounded(
     sidecar: RunningSidecar, avatar_zip_path: Path
 ) -> None:
-    await prepared(sidecar, "never-opens", avatar_zip_path)
+    await sidecar.prepare_recorded("never-opens", avatar_zip_path)
     async with websockets.connect(sidecar.audio_url("never-opens")) as ws:
         connected_s = time.monotonic()
         error = await first_message(ws, OPEN_WAIT_S + 5.0)
@@ -105,7 +88,7 @@ async def test_the_wait_for_an_output_that_never_opens_is_bounded(
         assert error["type"] == "error" and error["code"] == "unknown_session", error
         assert f"within {OPEN_WAIT_S:g} s" in error["message"]
         assert OPEN_WAIT_S - 0.1 <= waited_s < OPEN_WAIT_S + 4.0, waited_s
-    await host_of(sidecar).teardown("never-opens")
+    await sidecar.sidecar_host.teardown("never-opens")
 
 
 async def test_a_session_not_hosted_here_is_refused_at_once(sidecar: RunningSidecar) -> None:
