@@ -62,6 +62,7 @@ from temporalio.worker import Worker
 
 from activities.placement_client import Placer
 from bench.machine import cpu_name
+from bench.proc_cpu import pid_cpu_s
 from infra import temporal
 from infra.process import stop_process_group
 from workflows.placement import PlacementWorkflow
@@ -195,18 +196,7 @@ class SimulatedFleet:
 
 def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU time (user + system) each role's processes have used so far, from /proc (Linux)."""
-    ticks_per_s = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = {}
-    for role, role_pids in pids.items():
-        total = 0.0
-        for pid in role_pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / ticks_per_s  # utime, stime
-        used[role] = total
-    return used
+    return {role: pid_cpu_s(role_pids) for role, role_pids in pids.items()}
 
 
 def _batching(placers: list[Any]) -> dict[str, int]:

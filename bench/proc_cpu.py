@@ -8,10 +8,29 @@ Linux only (the benchmarks' platform).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 _CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(stat: str) -> list[str]:
+    """A /proc stat line's fields from `state` on: the command name (field 2) may hold spaces or ')', the
+    fields after its last ')' are fixed (index 0 = state, 2 = pgrp, 11/12 = utime/stime, 13/14 =
+    cutime/cstime)."""
+    return stat.rsplit(")", 1)[1].split()
+
+
+def pid_cpu_s(pids: Sequence[int], proc: Path = Path("/proc")) -> float:
+    """CPU seconds (user + system) the given processes have used so far; an ended one counts 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields((proc / str(pid) / "stat").read_text())
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLOCK_TICKS_PER_S
 
 
 def group_cpu_s(groups: Mapping[str, int], proc: Path = Path("/proc")) -> dict[str, float]:
@@ -26,13 +45,11 @@ def group_cpu_s(groups: Mapping[str, int], proc: Path = Path("/proc")) -> dict[s
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # ended between the listing and the read
-        # The command name (field 2) may hold spaces or ')': the fields after its last ')' are fixed.
-        fields = stat.rsplit(")", 1)[1].split()
-        name = by_pgid.get(int(fields[2]))  # fields: state ppid pgrp ...
+        fields = _stat_fields(stat)
+        name = by_pgid.get(int(fields[2]))
         if name is None:
             continue
-        # utime stime cutime cstime (fields 14-17 of proc(5); here from index 11, as state is field 3).
-        ticks[name] += sum(int(value) for value in fields[11:15])
+        ticks[name] += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
     return {name: count / _CLOCK_TICKS_PER_S for name, count in ticks.items()}
 
 
@@ -49,7 +66,7 @@ def thread_cpu_s(pgid: int, proc: Path = Path("/proc")) -> dict[str, float]:
         if not entry.name.isdigit():
             continue
         try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+            if int(_stat_fields((entry / "stat").read_text())[2]) != pgid:
                 continue
             tasks = list((entry / "task").iterdir())
         except OSError:
@@ -60,6 +77,6 @@ def thread_cpu_s(pgid: int, proc: Path = Path("/proc")) -> dict[str, float]:
             except OSError:
                 continue
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat.rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
             ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])  # utime + stime
     return {name: count / _CLOCK_TICKS_PER_S for name, count in ticks.items()}

@@ -32,42 +32,28 @@ def at(offset_ms: float) -> Timestamp:
 
 
 def started(event_id: int, offset_ms: float) -> HistoryEvent:
-    return HistoryEvent(
-        event_id=event_id,
-        event_time=at(offset_ms),
-        event_type=EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
-    )
+    return event(event_id, offset_ms, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED)
+
+
+def event(event_id: int, at_ms: float, event_type: EventType.ValueType) -> HistoryEvent:
+    return HistoryEvent(event_id=event_id, event_time=at(at_ms), event_type=event_type)
 
 
 def activity(
     first_id: int, name: str, scheduled_ms: float, started_ms: float, completed_ms: float
 ) -> list[HistoryEvent]:
-    scheduled = HistoryEvent(
-        event_id=first_id,
-        event_time=at(scheduled_ms),
-        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
-    )
+    scheduled = event(first_id, scheduled_ms, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
     scheduled.activity_task_scheduled_event_attributes.activity_type.name = name
-    start = HistoryEvent(
-        event_id=first_id + 1,
-        event_time=at(started_ms),
-        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED,
-    )
+    start = event(first_id + 1, started_ms, EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED)
     start.activity_task_started_event_attributes.scheduled_event_id = first_id
-    done = HistoryEvent(
-        event_id=first_id + 2,
-        event_time=at(completed_ms),
-        event_type=EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
-    )
+    done = event(first_id + 2, completed_ms, EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED)
     done.activity_task_completed_event_attributes.scheduled_event_id = first_id
     return [scheduled, start, done]
 
 
 def local_activity(event_id: int, name: str, scheduled_ms: float, completed_ms: float) -> HistoryEvent:
-    event = HistoryEvent(
-        event_id=event_id, event_time=at(completed_ms + 5), event_type=EventType.EVENT_TYPE_MARKER_RECORDED
-    )
-    marker = event.marker_recorded_event_attributes
+    recorded = event(event_id, completed_ms + 5, EventType.EVENT_TYPE_MARKER_RECORDED)
+    marker = recorded.marker_recorded_event_attributes
     marker.marker_name = "core_local_activity"
     data = {
         "activity_type": name,
@@ -75,7 +61,7 @@ def local_activity(event_id: int, name: str, scheduled_ms: float, completed_ms: 
         "complete_time": _json_time(completed_ms),
     }
     marker.details["data"].CopyFrom(Payloads(payloads=[Payload(data=json.dumps(data).encode())]))
-    return event
+    return recorded
 
 
 def _json_time(offset_ms: float) -> dict[str, int]:
@@ -180,17 +166,9 @@ def test_workflow_task_troubles_name_the_step_before_them() -> None:
 def workflow_task(
     scheduled_id: int, kind: TaskQueueKind.ValueType, scheduled_ms: float, started_ms: float
 ) -> list[HistoryEvent]:
-    scheduled = HistoryEvent(
-        event_id=scheduled_id,
-        event_time=at(scheduled_ms),
-        event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-    )
+    scheduled = event(scheduled_id, scheduled_ms, EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED)
     scheduled.workflow_task_scheduled_event_attributes.task_queue.kind = kind
-    start = HistoryEvent(
-        event_id=scheduled_id + 1,
-        event_time=at(started_ms),
-        event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
-    )
+    start = event(scheduled_id + 1, started_ms, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED)
     start.workflow_task_started_event_attributes.scheduled_event_id = scheduled_id
     start.workflow_task_started_event_attributes.identity = "1234@host"
     return [scheduled, start]
@@ -200,9 +178,7 @@ def test_workflow_task_timeouts_give_each_lost_tasks_times_and_its_retry() -> No
     lost = timed_out_task(22)
     lost.event_time.CopyFrom(at(5270))
     lost.workflow_task_timed_out_event_attributes.scheduled_event_id = 20
-    retry_done = HistoryEvent(
-        event_id=25, event_time=at(5630), event_type=EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
-    )
+    retry_done = event(25, 5630, EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED)
     retry_done.workflow_task_completed_event_attributes.scheduled_event_id = 23
     events = [
         started(1, 0),

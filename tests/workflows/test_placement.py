@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
 
 from realtime.outputs.registry import RtmpTarget
 from tests.support.outputs import output_request
+from tests.support.placement import running_registry, sidecar_beat
 from tests.support.temporal_harness import Harness, replay_all
 from workflows.contracts import (
     AcquireSlot,
@@ -35,28 +34,13 @@ Registry = tuple[WorkflowHandle[PlacementWorkflow, None], str]
 
 @pytest.fixture
 async def registry(temporal_client: Client) -> AsyncIterator[Registry]:
-    queue = f"placement-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue, workflows=[PlacementWorkflow]):
-        handle = await temporal_client.start_workflow(
-            PlacementWorkflow.run,
-            PlacementState(continue_as_new_after_events=60),
-            id=f"placement-{uuid.uuid4().hex[:8]}",
-            task_queue=queue,
-        )
-        yield handle, queue
-        await handle.terminate("test over")
-    assert await replay_all(temporal_client, [handle.id]) >= 1
+    async with running_registry(temporal_client, PlacementState(continue_as_new_after_events=60)) as running:
+        yield running
+    assert await replay_all(temporal_client, [running[0].id]) >= 1
 
 
 def beat(name: str, incarnation: str = "i1", *, slots: int = 2, lease_s: float = 30.0) -> SidecarHeartbeat:
-    return SidecarHeartbeat(
-        sidecar_id=name,
-        incarnation=incarnation,
-        task_queue=sidecar_task_queue(name),
-        slots_total=slots,
-        slots_free=slots,
-        lease_s=lease_s,
-    )
+    return sidecar_beat(name, incarnation, slots=slots, lease_s=lease_s)
 
 
 async def sessions_by_sidecar(handle: WorkflowHandle[PlacementWorkflow, None]) -> dict[str, list[str]]:

@@ -9,16 +9,15 @@ client's own logic.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
 
 from activities.placement_client import Placer, _GroupCommit
+from tests.support.placement import RegistryHandle, running_registry, sidecar_beat
 from tests.support.temporal_harness import replay_all
 from workflows.contracts import (
     MAX_PLACEMENT_BATCH,
@@ -26,35 +25,15 @@ from workflows.contracts import (
     AcquireSlot,
     ErrorCode,
     PlacementState,
-    SidecarHeartbeat,
-    sidecar_task_queue,
 )
 from workflows.placement import PlacementWorkflow
 
 
-def beat(name: str, *, slots: int) -> SidecarHeartbeat:
-    return SidecarHeartbeat(
-        sidecar_id=name,
-        incarnation=f"{name}-1",
-        task_queue=sidecar_task_queue(name),
-        slots_total=slots,
-        slots_free=slots,
-        lease_s=60.0,
-    )
-
-
 @pytest.fixture
-async def registry(
-    temporal_client: Client,
-) -> AsyncIterator[tuple[WorkflowHandle[PlacementWorkflow, None], str]]:
-    queue = f"placement-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue, workflows=[PlacementWorkflow]):
-        handle = await temporal_client.start_workflow(
-            PlacementWorkflow.run, PlacementState(), id=f"placement-{uuid.uuid4().hex[:8]}", task_queue=queue
-        )
-        yield handle, queue
-        await handle.terminate("test over")
-    assert await replay_all(temporal_client, [handle.id]) >= 1
+async def registry(temporal_client: Client) -> AsyncIterator[tuple[RegistryHandle, str]]:
+    async with running_registry(temporal_client, PlacementState()) as running:
+        yield running
+    assert await replay_all(temporal_client, [running[0].id]) >= 1
 
 
 async def _held(handle: WorkflowHandle[PlacementWorkflow, None]) -> dict[str, list[str]]:
@@ -68,7 +47,7 @@ async def test_concurrent_acquires_go_as_one_update_and_each_is_decided_on_its_o
 ) -> None:
     handle, queue = registry
     for name in ("a", "b", "c"):
-        await handle.signal(PlacementWorkflow.heartbeat, beat(name, slots=8))
+        await handle.signal(PlacementWorkflow.heartbeat, sidecar_beat(name, slots=8))
     # One shard of the default pool: the registry id is the placement id itself.
     placer = Placer(temporal_client, handle.id, queue, shards=1)
 

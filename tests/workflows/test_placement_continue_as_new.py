@@ -13,19 +13,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client, WorkflowHandle
-from temporalio.worker import Worker
 
 from activities.placement_client import Placer
+from tests.support.placement import running_registry, sidecar_beat
 from tests.support.temporal_harness import replay_all
 from workflows import placement
-from workflows.contracts import AcquireSlot, PlacementState, SidecarHeartbeat, sidecar_task_queue
+from workflows.contracts import AcquireSlot, PlacementState, SidecarHeartbeat
 from workflows.placement import MAX_CONTINUE_AS_NEW_DEFERRALS, PlacementWorkflow
 
 pytestmark = pytest.mark.service
@@ -48,14 +47,8 @@ ACQUIRE_PAUSE_S = 0.02
 
 
 def beat(name: str) -> SidecarHeartbeat:
-    return SidecarHeartbeat(
-        sidecar_id=name,
-        incarnation=f"{name}-1",
-        task_queue=sidecar_task_queue(name),
-        slots_total=100_000,  # never full: every refusal the test sees is a failure, not capacity
-        slots_free=100_000,
-        lease_s=600.0,
-    )
+    # never full: every refusal the test sees is a failure, not capacity
+    return sidecar_beat(name, slots=100_000, lease_s=600.0)
 
 
 Registry = tuple[WorkflowHandle[PlacementWorkflow, None], str]
@@ -71,18 +64,11 @@ class Load:
 async def registry(
     temporal_client: Client,
 ) -> AsyncIterator[tuple[WorkflowHandle[PlacementWorkflow, None], str]]:
-    queue = f"placement-can-{uuid.uuid4().hex[:8]}"
-    async with Worker(temporal_client, task_queue=queue, workflows=[PlacementWorkflow]):
-        handle = await temporal_client.start_workflow(
-            PlacementWorkflow.run,
-            PlacementState(continue_as_new_after_events=CONTINUE_AS_NEW_AFTER_EVENTS),
-            id=f"placement-can-{uuid.uuid4().hex[:8]}",
-            task_queue=queue,
-        )
+    state = PlacementState(continue_as_new_after_events=CONTINUE_AS_NEW_AFTER_EVENTS)
+    async with running_registry(temporal_client, state, name="placement-can") as (handle, queue):
         for index in range(SIDECARS):
             await handle.signal(PlacementWorkflow.heartbeat, beat(f"gpu-{index}"))
         yield handle, queue
-        await handle.terminate("test over")
     assert await replay_all(temporal_client, [handle.id]) >= MIN_RUNS
 
 

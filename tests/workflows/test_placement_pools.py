@@ -26,6 +26,7 @@ from activities.placement_client import Placer, check_pool, check_shards, shard_
 from infra.rtmp import RtmpServerConfig
 from realtime.outputs.registry import RtmpTarget
 from tests.support.outputs import output_request
+from tests.support.placement import sidecar_beat
 from tests.support.temporal_harness import (
     Harness,
     determinism_replayer,
@@ -44,9 +45,7 @@ from workflows.contracts import (
     PlacementReason,
     PlacementState,
     ReleaseSlot,
-    SidecarHeartbeat,
     placement_registry_id,
-    sidecar_task_queue,
 )
 from workflows.placement import PlacementWorkflow
 from workflows.session import SessionWorkflow
@@ -111,22 +110,11 @@ async def fleet(temporal_client: Client) -> AsyncIterator[Fleet]:
     await replay_all(temporal_client, world.registry_ids("default", "gpu.eu", "gpu.us"))
 
 
-def beat(name: str, *, slots: int, lease_s: float = 60.0) -> SidecarHeartbeat:
-    return SidecarHeartbeat(
-        sidecar_id=name,
-        incarnation=f"{name}-1",
-        task_queue=sidecar_task_queue(name),
-        slots_total=slots,
-        slots_free=slots,
-        lease_s=lease_s,
-    )
-
-
 async def test_a_sidecar_that_prepared_the_avatar_is_preferred_while_it_has_room(
     registry: WorkflowHandle[PlacementWorkflow, None],
 ) -> None:
-    await registry.signal(PlacementWorkflow.heartbeat, beat("a", slots=2))
-    await registry.signal(PlacementWorkflow.heartbeat, beat("b", slots=4))
+    await registry.signal(PlacementWorkflow.heartbeat, sidecar_beat("a", slots=2))
+    await registry.signal(PlacementWorkflow.heartbeat, sidecar_beat("b", slots=4))
 
     async def place(session: str, avatar: str) -> tuple[str, str]:
         placement = await registry.execute_update(
@@ -150,7 +138,7 @@ async def test_a_sidecar_that_prepared_the_avatar_is_preferred_while_it_has_room
 async def test_an_acquire_that_arrives_after_its_deadline_takes_no_slot(
     registry: WorkflowHandle[PlacementWorkflow, None],
 ) -> None:
-    await registry.signal(PlacementWorkflow.heartbeat, beat("a", slots=1))
+    await registry.signal(PlacementWorkflow.heartbeat, sidecar_beat("a", slots=1))
     with pytest.raises(WorkflowUpdateFailedError) as late:
         await registry.execute_update(
             PlacementWorkflow.acquire, AcquireSlot("s1", not_after_s=time.time() - 5.0)
@@ -169,8 +157,8 @@ async def test_an_acquire_that_arrives_after_its_deadline_takes_no_slot(
 async def test_a_release_signal_frees_the_slot_and_marks_a_lost_sidecar_suspect(
     registry: WorkflowHandle[PlacementWorkflow, None],
 ) -> None:
-    await registry.signal(PlacementWorkflow.heartbeat, beat("a", slots=1))
-    await registry.signal(PlacementWorkflow.heartbeat, beat("b", slots=1))
+    await registry.signal(PlacementWorkflow.heartbeat, sidecar_beat("a", slots=1))
+    await registry.signal(PlacementWorkflow.heartbeat, sidecar_beat("b", slots=1))
     first = await registry.execute_update(PlacementWorkflow.acquire, AcquireSlot("s1"))
     await registry.signal(
         PlacementWorkflow.release_slot, ReleaseSlot("s1", suspect_incarnations=[first.incarnation])

@@ -30,6 +30,29 @@ def lose_connection(publisher: LiveKitPublisher) -> None:
     publisher._on_transport_state(room, connected=False)  # type: ignore[arg-type]
 
 
+class CountingListener:
+    """A loopback TCP listener that accepts each connection, counts it and closes it: a server that is still
+    there, as the probe sees it."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen on a free port; returns the port."""
+        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _on_connect(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        writer.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
 async def until(predicate: object, timeout_s: float) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + timeout_s
@@ -63,45 +86,28 @@ async def test_nothing_listening_at_the_servers_address_flags_it_unreachable() -
 
 
 async def test_a_server_still_listening_is_not_flagged_until_it_goes_away() -> None:
-    accepted = 0
-
-    def on_connect(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    publisher = publisher_for(port)
+    listener = CountingListener()
+    publisher = publisher_for(await listener.start())
     lose_connection(publisher)
     # Probed again and again while the publisher stays down, never flagged: the SDK may still resume.
-    await until(lambda: accepted >= 2, 5.0)
+    await until(lambda: listener.accepted >= 2, 5.0)
     assert SERVER_UNREACHABLE not in publisher.stats().extra
-    server.close()
-    await server.wait_closed()
+    await listener.close()
     await until(lambda: publisher.stats().extra.get(SERVER_UNREACHABLE) == 1.0, 5.0)
     await publisher.close()
 
 
 async def test_the_probe_stops_once_the_publisher_is_connected_again() -> None:
-    accepted = 0
-
-    def on_connect(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    listener = CountingListener()
     try:
-        publisher = publisher_for(server.sockets[0].getsockname()[1])
+        publisher = publisher_for(await listener.start())
         lose_connection(publisher)
-        await until(lambda: accepted >= 1, 5.0)
+        await until(lambda: listener.accepted >= 1, 5.0)
         publisher._on_transport_state(publisher._room, connected=True)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)  # two probe intervals and more
-        probes = accepted
+        probes = listener.accepted
         await asyncio.sleep(0.6)
-        assert accepted == probes, "the probe went on after the connection was resumed"
+        assert listener.accepted == probes, "the probe went on after the connection was resumed"
         await publisher.close()
     finally:
-        server.close()
-        await server.wait_closed()
+        await listener.close()
