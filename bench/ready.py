@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "summary": {
             "build_ms_cold": build["process_wall_ms"] if build else None,
-            "ready_ms_prebuilt": ready["process_wall_ms"] if ready else None,
+            "ready_ms_prebuilt": ready["total_ms"] if ready else None,
             "ready_status": ready["status"] if ready else None,
             "ready_warm_up_ms": ready["warm_up_ms"] if ready else None,
             "ready_serving_variant": ready["serving_variant"] if ready else None,

@@ -25,6 +25,7 @@ from realtime.ingest.formats import FRAME_RATE_FPS, TIMELINE_SAMPLE_RATE_HZ
 from realtime.sidecar.engine_port import (
     AvatarView,
     EngineStatus,
+    FramesOutOfOrder,
     SessionEngine,
     UtteranceClosed,
     UtteranceStream,
@@ -123,30 +124,40 @@ class _Utterance:
     def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
         if self._closed:
             raise UtteranceClosed(f"frames {frame_indices[:1]}..: the utterance's stream was closed")
-        if frame_indices and frame_indices[0] != self._next_frame:
-            raise ValueError(
-                f"frames must be pulled in order: expected {self._next_frame}, got {frame_indices[0]}"
+        gap = frame_indices[0] - self._next_frame if frame_indices else 0
+        if gap < 0:
+            raise FramesOutOfOrder(
+                f"frames {frame_indices[0]}..{frame_indices[-1]}: frame {self._next_frame} was pulled already"
             )
-        missing = len(frame_indices) - len(self._pulled)
-        if missing > 0:
-            # Audio that arrived after the lane's batched encode (`prepare_features`) waits for the next batch
-            # when
-            # the stream already holds these frames: applying it now would grow the encoded segment and make
-            # this
-            # pull re-encode it alone, once per job (at 8 sessions that doubled the lane's batch time).
-            if self._stream.ready_frames < missing:
-                self.apply_inbox()
-            self._pulled.extend(self._stream.pull(max_frames=missing))
-        if len(self._pulled) < len(frame_indices):
-            raise ValueError(
-                f"asked for {len(frame_indices)} frames, the feature stream had {len(self._pulled)} ready"
+        if gap > 0:
+            # A job ahead of an earlier one of this stream: its frames stay aligned with their audio if the
+            # earlier frames' features are passed over (those frames are lost, not the rest of the utterance).
+            logger.warning(
+                "render job ahead of its stream: passing over frames",
+                extra={"expected_frame": self._next_frame, "frame": frame_indices[0], "passed_over": gap},
             )
-        features, self._pulled = self._pulled[: len(frame_indices)], self._pulled[len(frame_indices) :]
-        self._next_frame += len(features)
+        features = self._take_features(gap + len(frame_indices))[gap:]
+        self._next_frame += gap + len(features)
         return [
             RenderRequest(self._avatar, tick, feature.features, feature.speech_weight)
             for feature, tick in zip(features, ticks, strict=True)
         ]
+
+    def _take_features(self, count: int) -> list[FeatureFrame]:
+        """The stream's next `count` feature frames (pulled ahead by `pull_ahead`, or pulled now)."""
+        missing = count - len(self._pulled)
+        if missing > 0:
+            # Audio that arrived after the lane's batched encode (`prepare_features`) waits for the next batch
+            # when the stream already holds these frames: applying it now would grow the encoded segment and
+            # make this pull re-encode it alone, once per job (at 8 sessions that doubled the lane's batch
+            # time).
+            if self._stream.ready_frames < missing:
+                self.apply_inbox()
+            self._pulled.extend(self._stream.pull(max_frames=missing))
+        if len(self._pulled) < count:
+            raise ValueError(f"asked for {count} frames, the feature stream had {len(self._pulled)} ready")
+        features, self._pulled = self._pulled[:count], self._pulled[count:]
+        return features
 
     def close(self) -> None:
         with self._lock:

@@ -35,6 +35,11 @@ class UtteranceClosed(Exception):
     queued in the render lane before that has nothing left to render."""
 
 
+class FramesOutOfOrder(ValueError):
+    """`render_requests` for frames of a stream that later frames were already pulled past: this job's frames
+    are lost (the session holds its frame), the stream and its later frames go on."""
+
+
 class UtteranceStream(Protocol):
     """One utterance's streaming features.
 

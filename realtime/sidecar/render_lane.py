@@ -17,7 +17,8 @@ Rules, and why:
   not make the lane skip everything after it.
 - First frames (of a new utterance planned with less lead than the load's budget) jump the queue, but
   never push the batch into a bucket that misses the most urgent deadline nor displace a job that could
-  not wait one batch more.
+  not wait one batch more, and never ahead of their own stream's earlier jobs: a stream's features are
+  pulled in order, so one source's jobs take their requests in deadline order, skipped ones included.
 - Admission and planning: `BatchCostModel` keeps the measured batch time per bucket;
   `capacity_sessions` turns it into admission control, `planning_budget_ms` into how far ahead a session
   plans an utterance (the batch in flight plus its own, times a safety factor, plus the backlog).
@@ -692,15 +693,21 @@ class RenderLane:
                 logger.exception("batched feature preparation failed")
         pulls_started = time.perf_counter()
         self.stats.prepare_s += pulls_started - stage_started
-        # Skipped jobs still take their frames' features, before the batch's own (a stream is pulled in
-        # order).
-        for job in skipped:
+        # Every job takes its frames' features in deadline order, skipped ones too (a stream is pulled in
+        # order, and a source's later frames have later deadlines), whatever order the batch was formed in.
+        skipped_ids = {id(job) for job in skipped}
+        requests_of: dict[int, Sequence[Any]] = {}
+        for job in sorted([*skipped, *jobs]):
             taken = self._take_requests(job)
-            if taken is not None:
+            if taken is None:
+                continue
+            if id(job) in skipped_ids:
                 self.stats.frames_skipped_late += len(taken)
                 job.future.set_result([None] * len(taken))
+            else:
+                requests_of[id(job)] = taken
         self.stats.jobs_done += len(skipped)
-        batch = [(job, taken) for job in jobs if (taken := self._take_requests(job)) is not None]
+        batch = [(job, requests_of[id(job)]) for job in jobs if id(job) in requests_of]
         if not batch:
             return None
         keep = self._frames_in_time(batch)
@@ -861,8 +868,15 @@ class RenderLane:
         full_ms = self.cost_model.estimate_ms(self.max_batch_frames)
         admitted: list[_Job] = []
         displaced: list[_Job] = []
+        # A stream's frames are pulled in order: once one of a source's jobs stays queued, its later jobs stay
+        # too (admitted alone, a later job would take its features before the earlier job's).
+        held_sources: set[int] = set()
         for job in waiting:
+            source_key = id(job.source) if job.source is not None else id(job)
+            if source_key in held_sources:
+                continue
             if self._entirely_late(job):
+                held_sources.add(source_key)
                 continue  # `_take_batch`/`_next_job` hand it out unrendered in its turn
             grown = frames + job.frames
             if grown <= self.max_batch_frames and self._bucket_growth_keeps_head(
@@ -875,6 +889,7 @@ class RenderLane:
             # that can wait one more batch, latest deadlines first, never the most urgent job itself.
             this_ms = self.cost_model.estimate_ms(frames)
             if this_ms is None or full_ms is None:
+                held_sources.add(source_key)
                 continue  # unmeasured: no grounds to move anyone's frames later
             holds_until_s = now_s + (this_ms + full_ms) / 1000.0 + self._deadline_margin_s
             movable = sorted(
@@ -894,6 +909,7 @@ class RenderLane:
             if new_frames > self.max_batch_frames or not self._bucket_growth_keeps_head(
                 first, frames, new_frames, head_feasible
             ):
+                held_sources.add(source_key)
                 continue
             for candidate in chosen:
                 taken.remove(candidate)

@@ -50,7 +50,7 @@ from realtime.ingest.formats import FRAME_RATE_FPS, PLAYOUT_SAMPLES_PER_FRAME, T
 from realtime.ingest.resample import ConvertedAudio
 from realtime.outputs.base import FrameKind, Publisher, PublishTick
 from realtime.sidecar.config import RuntimeConfig
-from realtime.sidecar.engine_port import SessionEngine, UtteranceClosed, UtteranceStream
+from realtime.sidecar.engine_port import FramesOutOfOrder, SessionEngine, UtteranceClosed, UtteranceStream
 from realtime.sidecar.render_lane import RenderLane
 from realtime.sidecar.timeline import SessionTimeline, Utterance
 
@@ -497,6 +497,13 @@ class SessionRuntime:
             # Its utterance finished playing (or was flushed) while the job waited in the lane: nothing to
             # render.
             logger.debug("render job of a closed utterance", extra={"session_id": self.session_id})
+            images = []
+        except FramesOutOfOrder as exc:
+            # Overtaken by a later job of its stream (the lane keeps a stream's jobs in order; this is the
+            # backstop): only this job's frames are lost.
+            self.counters.render_errors += 1
+            self.last_error = f"render failed: {exc}"
+            logger.warning("render job overtaken", extra={"session_id": self.session_id, "error": str(exc)})
             images = []
         except Exception as exc:
             # A failed render costs frames (held frames count as dropped), never the session or its audio.

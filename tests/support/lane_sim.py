@@ -37,6 +37,7 @@ class FakeStream:
     def __init__(self) -> None:
         self.samples = 0
         self.ended = False
+        self.next_frame = 0  # as the engine's stream: frames are pulled in order
 
     def push_audio(self, samples_16k: np.ndarray) -> None:
         self.samples += int(samples_16k.size)
@@ -50,6 +51,11 @@ class FakeStream:
         return max(0, self.samples // TIMELINE_SAMPLES_PER_FRAME - LOOKAHEAD_FRAMES)
 
     def render_requests(self, frame_indices: list[int], ticks: list[int]) -> Sequence[Any]:
+        if frame_indices and frame_indices[0] != self.next_frame:
+            raise AssertionError(
+                f"frames pulled out of order: expected {self.next_frame}, got {frame_indices[0]}"
+            )
+        self.next_frame += len(frame_indices)
         return list(frame_indices)
 
     def close(self) -> None:

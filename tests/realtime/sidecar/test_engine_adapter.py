@@ -86,6 +86,39 @@ def test_jobs_of_a_closed_utterance_encode_nothing_and_say_so(adapter: EngineAda
         utterance.render_requests([2, 3, 4], [2, 3, 4])
 
 
+def test_a_job_that_overtakes_an_earlier_one_loses_only_the_earlier_frames(
+    adapter: EngineAdapter, tmp_path: Path
+) -> None:
+    """Regression (H200, 512² sessions): a job of frames 4.. ran before the job of frames 0..3 of its stream;
+    every later job of the utterance then failed ("frames must be pulled in order: expected 4, got 6", ... 74)
+    and the whole utterance was lost. Now the frames passed over are the only ones lost, and each later frame
+    keeps its own audio's features."""
+    from realtime.sidecar.engine_port import FramesOutOfOrder
+
+    avatar_zip = tmp_path / "avatar.zip"
+    avatar_zip.write_bytes(frames_zip(astronaut_frames()[:4]))
+    _, avatar = adapter.prepare_avatar(AvatarAsset(avatar_zip, "frames_zip", ""), lambda _progress: None)
+    session = adapter.open_session(avatar)
+    speech = (0.2 * np.sin(np.arange(16_000) * 0.03) * np.linspace(0, 1, 16_000)).astype(np.float32)
+    reference: Any = session.open_utterance()
+    reference.push_audio(speech)
+    reference.end()
+    expected = reference.render_requests(list(range(12)), list(range(12)))
+
+    utterance: Any = session.open_utterance()
+    utterance.push_audio(speech)
+    utterance.end()
+    ahead = utterance.render_requests([4, 5], [4, 5])  # overtook frames 0..3
+    assert [r.frame_index for r in ahead] == [4, 5]
+    for got, want in zip(ahead, expected[4:6], strict=True):
+        np.testing.assert_array_equal(got.features, want.features)  # aligned with its own audio
+    with pytest.raises(FramesOutOfOrder):
+        utterance.render_requests([0, 1, 2, 3], [0, 1, 2, 3])
+    after = utterance.render_requests([6, 7, 8], [6, 7, 8])  # the stream goes on
+    for got, want in zip(after, expected[6:9], strict=True):
+        np.testing.assert_array_equal(got.features, want.features)
+
+
 def test_sidecar_flags_reach_the_engine_and_the_render_lane() -> None:
     import argparse
 

@@ -129,6 +129,57 @@ async def test_first_frames_do_not_grow_the_batch_into_a_bucket_that_misses_the_
     assert batches == [["a", "b"], ["first"]]
 
 
+async def test_a_streams_later_first_frames_never_join_a_batch_without_its_earlier_ones() -> None:
+    """Regression (H200, 512² sessions): an utterance's first frames came as two jobs (frames 0..3 and 4..5);
+    the batch had room for the 2-frame job but not the 4-frame one, so frames 4..5 took their features before
+    0..3 and every later job of the stream failed. A stream's jobs now take their requests in order."""
+    taken: list[str] = []
+    batches: list[list[str]] = []
+
+    def render(requests: Sequence[object]) -> list[np.ndarray]:
+        batches.append(sorted({str(r) for r in requests}))
+        return [np.zeros((2, 2, 3), np.uint8) for _ in requests]
+
+    def job(name: str, frames: int) -> Callable[[], list[str]]:
+        def make_requests() -> list[str]:
+            taken.append(name)
+            return [name] * frames
+
+        return make_requests
+
+    lane = RenderLane(
+        render, max_batch_frames=16, buckets=BUCKETS, cost_model=_model(_TIMES_MS), clock=lambda: 0.0
+    )
+    stream = object()  # the utterance's feature stream: the jobs' shared source
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Event()
+    try:
+        blocker = asyncio.ensure_future(
+            lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result())
+        )
+        await asyncio.sleep(0.05)
+        queued = [
+            ("a", 0.060, 6, False, None),  # 14 frames due too soon to wait a batch: 2 frames of room are left
+            ("b", 0.080, 8, False, None),
+            ("s0", 0.600, 4, True, stream),  # does not fit
+            ("s1", 0.760, 2, True, stream),  # would fit, but must not go before s0
+        ]
+        futures = [
+            asyncio.ensure_future(
+                lane.render(deadline, job(name, frames), frames=frames, first_frames=first, source=source)
+            )
+            for name, deadline, frames, first, source in queued
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        await asyncio.gather(*futures)
+    finally:
+        lane.close()
+    assert taken.index("s0") < taken.index("s1")
+    assert batches == [["a", "b"], ["s0", "s1"]]
+
+
 async def test_an_idle_lane_has_no_backlog_after_batches_of_several_jobs_per_source() -> None:
     """The lane's count of frames in flight comes back to 0 (it once drifted up by the frames of every
     source's
