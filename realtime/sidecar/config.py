@@ -107,7 +107,8 @@ class SidecarSettings:
     # with compile_mode: AccelConfig.compile_tuned_stages as its default, else none
     kernel_tuning: bool = True
     cuda_graphs: bool = True
-    # With compile_mode: serve on eager CUDA graphs while the compiled ones build (AccelConfig).
-    serve_before_compile: bool = False
+    # With compile_mode: serve on eager CUDA graphs while the compiled ones build (AccelConfig): a node serves
+    # within seconds of its start, at a lower batch rate until the swap (admission follows the measured one).
+    serve_before_compile: bool = True
     host: HostConfig = field(default_factory=HostConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
