@@ -15,6 +15,7 @@ import numpy as np
 
 from realtime.engine.avatar.prepared import PrepareProgress
 from realtime.engine.protocol import RenderHandle
+from realtime.errors import LipsyncError
 from realtime.host import AvatarAsset, PreparedAvatar
 
 
@@ -35,9 +36,11 @@ class UtteranceClosed(Exception):
     queued in the render lane before that has nothing left to render."""
 
 
-class FramesOutOfOrder(ValueError):
+class FramesOutOfOrder(LipsyncError):
     """`render_requests` for frames of a stream that later frames were already pulled past: this job's frames
     are lost (the session holds its frame), the stream and its later frames go on."""
+
+    code = "frames_out_of_order"
 
 
 class UtteranceStream(Protocol):
