@@ -29,15 +29,18 @@ and `bench.placement` all go through `Placer`, so the benchmark measures the pro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Generic, TypeVar
 
 from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RetryConfig, RPCError, RPCStatusCode, ServiceClient
 
 from activities.errors import NoCapacity, to_application_error
 from workflows.contracts import (
@@ -105,6 +108,61 @@ def aborted_with_refused_workflow_task(exc: RPCError) -> bool:
     return exc.status == RPCStatusCode.FAILED_PRECONDITION and any(
         detail.Is(WorkflowNotReadyFailure.DESCRIPTOR) for detail in exc.grpc_status.details
     )
+
+
+# How long one attempt of an acquire update's RPC may wait before it is sent again under the same update id
+# (within the operation's OPERATION_TIMEOUT_S). The server deduplicates the id within a run, so a resend of
+# an update still pending there only joins it; one the server has set aside (the run was closing) is
+# admitted afresh. Above an answered acquire's usual latency on a busy registry, so resends stay rare.
+UPDATE_RPC_TIMEOUT_S = 0.25
+# Pause before sending an acquire update again after a retryable refusal (UPDATE_RETRYABLE), growing by
+# half at each attempt up to UPDATE_RETRY_MAX_PAUSE_S. Right after a registry's workflow task is refused,
+# and while its run continues as new, the server refuses every update at once with "workflow operation can
+# not be applied because workflow is closing" (UNAVAILABLE) for the few hundred ms the registry needs; the
+# SDK's own retry of it (long-poll backoff) reached the registry about a second later. These pauses reach it
+# within UPDATE_RETRY_MAX_PAUSE_S of being ready; a server that is down costs one small RPC per pause per
+# registry with a request in flight, until OPERATION_TIMEOUT_S.
+UPDATE_RETRY_PAUSE_S = 0.02
+UPDATE_RETRY_MAX_PAUSE_S = 0.2
+UPDATE_RETRYABLE = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.UNKNOWN,
+    }
+)
+# The acquire updates' own connection leaves retries to the loop in Placer._acquirer (the pauses above): at
+# most one immediate retry in the SDK (a max_retries of 0 would mean no limit).
+NO_RPC_RETRY = RetryConfig(
+    initial_interval_millis=1,
+    randomization_factor=0.0,
+    multiplier=1.0,
+    max_interval_millis=1,
+    max_elapsed_time_millis=1,
+    max_retries=1,
+)
+
+
+def rpc_timed_out(exc: WorkflowUpdateRPCTimeoutOrCancelledError) -> bool:
+    """The update's RPC ran out of its own deadline (the SDK reports it as an RPC error, deadline exceeded or
+    cancelled), as opposed to this caller's task being cancelled (an asyncio.CancelledError)."""
+    cause = exc.__cause__
+    return isinstance(cause, RPCError) and cause.status in (
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.CANCELLED,
+    )
+
+
+async def connect_for_updates(client: Client) -> Client:
+    """A client like `client` (namespace, converter, interceptors) on its own connection, whose RPCs are
+    not retried by the SDK (NO_RPC_RETRY): every other call keeps the client's retries."""
+    service = await ServiceClient.connect(
+        dataclasses.replace(client.service_client.config, retry_config=NO_RPC_RETRY)
+    )
+    options = client.config()
+    options["service_client"] = service
+    return Client(**options)
 
 
 Request = TypeVar("Request")
@@ -209,6 +267,12 @@ class Placer:
         self._max_batch = max_batch
         self._acquirers: dict[str, _GroupCommit[AcquireSlot, AcquireOutcome]] = {}
         self._releasers: dict[str, _GroupCommit[ReleaseSlot, bool]] = {}
+        # Acquire updates sent again under the same id after UPDATE_RPC_TIMEOUT_S without an answer.
+        self.update_rpc_resends = 0
+        # Acquire updates sent again after a retryable refusal (UPDATE_RETRYABLE).
+        self.update_retries = 0
+        # The connection acquire updates go through (connect_for_updates), made on first use.
+        self._update_client: asyncio.Task[Client] | None = None
 
     def batching(self) -> dict[str, int]:
         """Operations sent and requests they carried so far (requests / operations = mean batch size)."""
@@ -218,6 +282,8 @@ class Placer:
             "acquire_requests": sum(group.requests_sent for group in acquirers),
             "release_signals": sum(group.batches_sent for group in releasers),
             "release_requests": sum(group.requests_sent for group in releasers),
+            "update_rpc_resends": self.update_rpc_resends,
+            "update_retries": self.update_retries,
         }
 
     async def wait_idle(self) -> None:
@@ -227,29 +293,59 @@ class Placer:
             *(group.wait_idle() for group in self._releasers.values()),
         )
 
+    async def _client_for_updates(self) -> Client:
+        connecting = self._update_client
+        if connecting is None or (connecting.done() and connecting.exception() is not None):
+            connecting = self._update_client = asyncio.ensure_future(connect_for_updates(self.client))
+        return await asyncio.shield(connecting)
+
     def _acquirer(self, registry_id: str) -> _GroupCommit[AcquireSlot, AcquireOutcome]:
         group = self._acquirers.get(registry_id)
         if group is None:
-            handle = self.client.get_workflow_handle_for(PlacementWorkflow.run, registry_id)
 
             async def send(requests: list[AcquireSlot]) -> list[AcquireOutcome]:
+                handle = (await self._client_for_updates()).get_workflow_handle_for(
+                    PlacementWorkflow.run, registry_id
+                )
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + OPERATION_TIMEOUT_S
-                attempt = 0
+                aborted = retried = 0
+                update_id = uuid.uuid4().hex
                 while True:
                     try:
                         return await handle.execute_update(
-                            PlacementWorkflow.acquire_batch, AcquireBatch(requests)
+                            PlacementWorkflow.acquire_batch,
+                            AcquireBatch(requests),
+                            id=update_id,
+                            rpc_timeout=timedelta(seconds=UPDATE_RPC_TIMEOUT_S),
                         )
+                    except WorkflowUpdateRPCTimeoutOrCancelledError as exc:
+                        if not rpc_timed_out(exc) or loop.time() >= deadline:
+                            raise  # cancelled (this caller gave up), or the operation's bound is spent
+                        self.update_rpc_resends += 1
+                        continue  # not answered yet: ask again at once, same id
                     except RPCError as exc:
-                        attempt += 1
-                        pause_s = min(ABORTED_UPDATE_PAUSE_S * attempt, ABORTED_UPDATE_MAX_PAUSE_S)
-                        if not aborted_with_refused_workflow_task(exc) or loop.time() + pause_s >= deadline:
+                        if aborted_with_refused_workflow_task(exc):
+                            aborted += 1
+                            pause_s = min(ABORTED_UPDATE_PAUSE_S * aborted, ABORTED_UPDATE_MAX_PAUSE_S)
+                            logger.info(
+                                "acquire batch aborted with a refused registry workflow task; sent again",
+                                extra={
+                                    "registry": registry_id,
+                                    "requests": len(requests),
+                                    "attempt": aborted,
+                                },
+                            )
+                            # The server keeps the aborted id as aborted: the resend is a new update.
+                            update_id = uuid.uuid4().hex
+                        elif exc.status in UPDATE_RETRYABLE:
+                            pause_s = min(UPDATE_RETRY_PAUSE_S * 1.5**retried, UPDATE_RETRY_MAX_PAUSE_S)
+                            retried += 1
+                            self.update_retries += 1
+                        else:
                             raise
-                        logger.info(
-                            "acquire batch aborted with a refused registry workflow task; sending it again",
-                            extra={"registry": registry_id, "requests": len(requests), "attempt": attempt},
-                        )
+                        if loop.time() + pause_s >= deadline:
+                            raise
                     await asyncio.sleep(pause_s)
 
             group = self._acquirers[registry_id] = _GroupCommit(send, self._max_batch)
