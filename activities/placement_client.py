@@ -21,6 +21,11 @@ a time, so one registry caps the fleet's placement rate; shards serve in paralle
   Idle, a request goes at once, alone; busy, the server's and the registry's per-operation cost
   is shared by the batch, so the cost per start falls as the load rises instead of the
   registry's queue growing. Heartbeats are not batched: each sidecar is its own process.
+- Acquire updates retry on their own schedule (`Placer._acquirer`): while a registry closes its run
+  (continue-as-new, or right after one was refused) the server refuses updates at once as "workflow is
+  closing"; the Placer asks again within tens of ms, on a connection the SDK does not retry on (its
+  long-poll backoff answered about a second late), and sends an unanswered attempt again under the same
+  update id.
 
 The control activities (`place_session`, `release_slot`), the sidecar worker's registration
 and `bench.placement` all go through `Placer`, so the benchmark measures the production path.
@@ -272,7 +277,8 @@ class Placer:
         # Acquire updates sent again after a retryable refusal (UPDATE_RETRYABLE).
         self.update_retries = 0
         # The connection acquire updates go through (connect_for_updates), made on first use.
-        self._update_client: asyncio.Task[Client] | None = None
+        self._updates_client: Client | None = None
+        self._connecting: asyncio.Future[Client] | None = None
 
     def batching(self) -> dict[str, int]:
         """Operations sent and requests they carried so far (requests / operations = mean batch size)."""
@@ -294,10 +300,17 @@ class Placer:
         )
 
     async def _client_for_updates(self) -> Client:
-        connecting = self._update_client
-        if connecting is None or (connecting.done() and connecting.exception() is not None):
-            connecting = self._update_client = asyncio.ensure_future(connect_for_updates(self.client))
-        return await asyncio.shield(connecting)
+        if self._updates_client is None:
+            connecting = self._connecting
+            if (
+                connecting is None
+                or connecting.get_loop() is not asyncio.get_running_loop()
+                or (connecting.done() and (connecting.cancelled() or connecting.exception() is not None))
+            ):
+                # One connection for all the registries' acquires; a failed attempt is made again next time.
+                connecting = self._connecting = asyncio.ensure_future(connect_for_updates(self.client))
+            self._updates_client = await asyncio.shield(connecting)
+        return self._updates_client
 
     def _acquirer(self, registry_id: str) -> _GroupCommit[AcquireSlot, AcquireOutcome]:
         group = self._acquirers.get(registry_id)

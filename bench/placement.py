@@ -134,6 +134,9 @@ class LevelResult:
             "releases_per_signal": round(
                 self.batching.get("release_requests", 0) / max(1, self.batching.get("release_signals", 0)), 2
             ),
+            # acquire updates sent again: same id after an unanswered attempt, or after a retryable refusal
+            "update_rpc_resends": self.batching.get("update_rpc_resends", 0),
+            "update_retries": self.batching.get("update_retries", 0),
             "heartbeat_failures": self.heartbeat_failures,
             "placement_reasons": dict(self.placement_reasons),
             "load_avg_1m_after": round(self.load_avg_1m_after, 2),
