@@ -30,10 +30,17 @@ def _model(times_ms: dict[int, float]) -> BatchCostModel:
 
 
 async def _batches(
-    model: BatchCostModel, jobs: Sequence[tuple[str, float, int, bool]], *, max_batch_frames: int = 16
+    model: BatchCostModel,
+    jobs: Sequence[tuple[str, float, int, bool]],
+    *,
+    max_batch_frames: int = 16,
+    sources: dict[str, object] | None = None,
+    taken: list[str] | None = None,
 ) -> tuple[list[list[str]], RenderLane]:
     """Queue render jobs (name, deadline, frames, first_frames) behind a generic job, at a clock fixed at 0 s;
-    returns the names of the jobs in each batch the lane rendered, in order."""
+    returns the names of the jobs in each batch the lane rendered, in order. `sources`: a job's feature source
+    by name (jobs of one source are one utterance's stream); `taken` collects the names in the order the jobs
+    built their requests."""
     batches: list[list[str]] = []
 
     def render(requests: Sequence[object]) -> list[np.ndarray]:
@@ -56,7 +63,13 @@ async def _batches(
         await asyncio.sleep(0.05)
         futures = [
             asyncio.ensure_future(
-                lane.render(deadline, _named(name, frames), frames=frames, first_frames=first)
+                lane.render(
+                    deadline,
+                    _named(name, frames, taken),
+                    frames=frames,
+                    first_frames=first,
+                    source=(sources or {}).get(name),
+                )
             )
             for name, deadline, frames, first in jobs
         ]
@@ -69,8 +82,13 @@ async def _batches(
     return batches, lane
 
 
-def _named(name: str, frames: int) -> Callable[[], list[str]]:
-    return lambda: [name] * frames
+def _named(name: str, frames: int, taken: list[str] | None = None) -> Callable[[], list[str]]:
+    def make_requests() -> list[str]:
+        if taken is not None:
+            taken.append(name)
+        return [name] * frames
+
+    return make_requests
 
 
 # Batch times: 16 frames 50 ms, so a job that is put back holds when its deadline is >= 50 + 50 + 5 ms away.
@@ -133,49 +151,15 @@ async def test_a_streams_later_first_frames_never_join_a_batch_without_its_earli
     """Regression (H200, 512² sessions): an utterance's first frames came as two jobs (frames 0..3 and 4..5);
     the batch had room for the 2-frame job but not the 4-frame one, so frames 4..5 took their features before
     0..3 and every later job of the stream failed. A stream's jobs now take their requests in order."""
+    stream = object()  # the utterance's feature stream: the two jobs' shared source
+    jobs = [
+        ("a", 0.060, 6, False),  # 14 frames due too soon to wait a batch: 2 frames of room are left
+        ("b", 0.080, 8, False),
+        ("s0", 0.600, 4, True),  # does not fit
+        ("s1", 0.760, 2, True),  # would fit, but must not go before s0
+    ]
     taken: list[str] = []
-    batches: list[list[str]] = []
-
-    def render(requests: Sequence[object]) -> list[np.ndarray]:
-        batches.append(sorted({str(r) for r in requests}))
-        return [np.zeros((2, 2, 3), np.uint8) for _ in requests]
-
-    def job(name: str, frames: int) -> Callable[[], list[str]]:
-        def make_requests() -> list[str]:
-            taken.append(name)
-            return [name] * frames
-
-        return make_requests
-
-    lane = RenderLane(
-        render, max_batch_frames=16, buckets=BUCKETS, cost_model=_model(_TIMES_MS), clock=lambda: 0.0
-    )
-    stream = object()  # the utterance's feature stream: the jobs' shared source
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Event()
-    try:
-        blocker = asyncio.ensure_future(
-            lane.call(0.0, lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result())
-        )
-        await asyncio.sleep(0.05)
-        queued = [
-            ("a", 0.060, 6, False, None),  # 14 frames due too soon to wait a batch: 2 frames of room are left
-            ("b", 0.080, 8, False, None),
-            ("s0", 0.600, 4, True, stream),  # does not fit
-            ("s1", 0.760, 2, True, stream),  # would fit, but must not go before s0
-        ]
-        futures = [
-            asyncio.ensure_future(
-                lane.render(deadline, job(name, frames), frames=frames, first_frames=first, source=source)
-            )
-            for name, deadline, frames, first, source in queued
-        ]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await blocker
-        await asyncio.gather(*futures)
-    finally:
-        lane.close()
+    batches, _ = await _batches(_model(_TIMES_MS), jobs, sources={"s0": stream, "s1": stream}, taken=taken)
     assert taken.index("s0") < taken.index("s1")
     assert batches == [["a", "b"], ["s0", "s1"]]
 
