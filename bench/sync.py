@@ -18,8 +18,17 @@ livekit-server runs with `room.sync_streams` (infra/livekit.py), so the subscrib
 lip-syncs the avatar's two tracks as a browser would; `--no-sync-streams` turns it off (each track
 its own stream id: the subscriber plays each as it arrives).
 
-`--cpu-hog` pins the sidecar to core 0 together with a process spinning there for the whole run
-(the stress scenario of issue 18: stalls while the sidecar is starved).
+Placement (`--placement`): `split` (the default) runs the sidecar on core 0 and this process (the
+subscriber) and livekit-server on core 1: in a deployment they are other machines, so the sidecar's load
+must not starve them. `float` leaves them where the kernel puts them (on a 2-core host, often next to the
+sidecar and the hog). `--cpu-hog` runs a process spinning on the sidecar's core for the whole run (the
+stress scenario of issue 18: stalls while the sidecar is starved: a noisy neighbour on the sidecar's
+host). `--sidecar-nice` starts the sidecar at that nice value (what a deployment's systemd `Nice=` gives
+it; the hog stays at 0).
+
+`--rtp-timing` (root: it captures on loopback, bench/rtp_timing.py) splits the subscriber's audio delay per
+run: how late the sidecar sent its audio packets vs their RTP timestamps (`send_jitter_ms`), and how long
+livekit-server took to forward them (`forward_delay_ms`); the rest is the subscriber's own.
 
 Figures (docs/audio-protocol.md §4.1 method, tests/support/avcheck.py): per utterance the median
 A/V offset over its frames (positive = video late) and at its onset; `av_offset_ms_p50/p99` are
@@ -60,10 +69,11 @@ import numpy as np
 import soxr
 import websockets
 
+from bench import rtp_timing
 from bench.machine import cpu_name
 from infra import livekit
 from infra.demo import avatar_zip_bytes
-from infra.process import free_port
+from infra.process import free_port, pin_threads
 
 logger = logging.getLogger("bench.sync")
 
@@ -105,12 +115,16 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
+SIDECAR_CORE = 0  # the sidecar (and the hog) run here
+PEERS_CORE = 1  # the subscriber and livekit-server (other machines in a deployment) run here with `split`
+
+
 def on_core_0(argv: list[str]) -> list[str]:
     """`taskset -c 0`: every thread the process starts stays on core 0 (with the hog, for `--cpu-hog`)."""
     taskset = shutil.which("taskset")
     if taskset is None:
         raise SystemExit("taskset is not installed (apt-get install util-linux)")
-    return [taskset, "-c", "0", *argv]
+    return [taskset, "-c", str(SIDECAR_CORE), *argv]
 
 
 class Sidecar:
@@ -122,6 +136,7 @@ class Sidecar:
         pinned: bool = False,
         renew_after_stall_ms: float = 0.0,
         idle_audio_reserve_ms: int = 0,
+        nice: int = 0,
     ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
@@ -136,10 +151,12 @@ class Sidecar:
             "--idle-audio-reserve-ms", str(idle_audio_reserve_ms),
             "--dev-api", "--dev-avatar-dir", str(work_dir), "--dev-livekit-url", livekit_url,
         ]  # fmt: skip
+        if pinned:
+            argv = on_core_0(argv)
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                on_core_0(argv) if pinned else argv, stdout=log, stderr=subprocess.STDOUT
-            )
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def base_url(self) -> str:
@@ -267,15 +284,29 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         service_headers,
     )
 
+    split = args.placement == "split"
+    if split:
+        pin_threads(os.getpid(), {PEERS_CORE})  # the subscriber: threads started later inherit the core
     config = livekit.LiveKitServerConfig(sync_streams=args.sync_streams).with_free_ports()
     server = livekit.server_process(config, work_dir / "livekit")
     server.start()
+    if split and server.pid is not None:
+        pin_threads(server.pid, {PEERS_CORE})
+    capture_path = work_dir / "rtp.tsv"
+    capture = (
+        subprocess.Popen(  # noqa: ASYNC220 (started once, before the run)
+            [sys.executable, "-m", "bench.rtp_timing", "--out", str(capture_path), "--seconds", "3600"]
+        )
+        if args.rtp_timing
+        else None
+    )
     sidecar = Sidecar(
         work_dir,
         config.ws_url,
-        pinned=args.cpu_hog,
+        pinned=args.cpu_hog or split,
         renew_after_stall_ms=args.renew_audio_after_stall_ms,
         idle_audio_reserve_ms=args.idle_audio_reserve_ms,
+        nice=args.sidecar_nice,
     )
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
     hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
@@ -301,6 +332,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             response.raise_for_status()
         await recorder.connect(config.ws_url, token(config, "viewer", room))
         await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
+        if split:
+            pin_threads(os.getpid(), {PEERS_CORE})  # the SDK's threads, whichever thread started them
         rate = clips[0].rate_hz
         url = (
             f"ws://127.0.0.1:{sidecar.port}/v1/sessions/{session_id}/audio?sample_rate={rate}"
@@ -331,6 +364,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 stalled.append(await speak(ws, clips[index % len(clips)], stall=mid))
                 await asyncio.sleep(0.3)
             phases["stalled"] = (started_s, time.monotonic())
+            started_s = time.monotonic()
             for index in range(args.interrupts):
                 await ws.send(clips[index % len(clips)].pcm.tobytes())
                 await ws.send(json.dumps({"type": "end_of_utterance"}))
@@ -343,6 +377,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 round_trips_ms.append(round((time.monotonic() - interrupted_at) * 1000.0, 1))
                 await asyncio.sleep(1.0)
                 interrupted_at_s.append(interrupted_at)
+            phases["interrupts"] = (started_s, time.monotonic())
         async with httpx.AsyncClient(timeout=10, trust_env=False, headers=service_headers()) as client:
             stats = (await client.get(f"{sidecar.base_url}/v1/sessions/{session_id}/stats")).json()
     finally:
@@ -350,6 +385,9 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         if hog is not None:
             hog.kill()
             hog.wait(timeout=5)
+        if capture is not None:
+            capture.terminate()
+            capture.wait(timeout=10)
         sidecar.stop()
         server.stop()
     clean_rows = [measure(recorder, spoken) for spoken in clean]
@@ -383,7 +421,16 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         ],
         "stats": stats,
         "jitter_ms": jitter_ms,
+        "rtp_timing": _rtp_timing(capture_path, config.rtc_udp_port, phases) if capture is not None else None,
     }
+
+
+def _rtp_timing(path: Path, server_port: int, phases: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """bench.rtp_timing's figures per run; the phases are on the monotonic clock, the capture's on
+    CLOCK_REALTIME."""
+    to_wall_s = time.time() - time.monotonic()
+    windows = {name: (start + to_wall_s, end + to_wall_s) for name, (start, end) in phases.items()}
+    return rtp_timing.summarise(rtp_timing.read_capture(path), server_port, windows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +445,20 @@ def main(argv: list[str] | None = None) -> int:
         help="stalled-run utterances stalled mid-speech (0 = none)",
     )
     parser.add_argument(
-        "--cpu-hog", action="store_true", help="pin the sidecar to core 0 with a spinning process"
+        "--cpu-hog", action="store_true", help="a process spinning on the sidecar's core the whole run"
+    )
+    parser.add_argument(
+        "--placement",
+        choices=("split", "float"),
+        default="split",
+        help="split: sidecar on core 0, subscriber and livekit-server on core 1; float: the kernel decides "
+        "(the sidecar still on core 0 with --cpu-hog)",
+    )
+    parser.add_argument("--sidecar-nice", type=int, default=0, help="the sidecar's nice value (-20..19)")
+    parser.add_argument(
+        "--rtp-timing",
+        action="store_true",
+        help="capture RTP headers on loopback (root): the sidecar's send jitter, the server's forward delay",
     )
     parser.add_argument(
         "--renew-audio-after-stall-ms",
@@ -444,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             "tracks when they share a stream id)",
             "sync_streams": args.sync_streams,
             "cpu_hog": args.cpu_hog,
+            "placement": args.placement,
+            "sidecar_nice": args.sidecar_nice,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
             "idle_audio_reserve_ms": args.idle_audio_reserve_ms,
             "notes": args.notes,
@@ -478,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             "subscriber_jitter_buffer_ms": {
                 key: None if value is None else round(value, 1) for key, value in raw["jitter_ms"].items()
             },
+            # Per run, from the packets on loopback (--rtp-timing): the sidecar's audio send jitter and
+            # livekit-server's forward delay (bench/rtp_timing.py).
+            "rtp_timing": raw["rtp_timing"],
         },
         "sidecar_stats": raw["stats"],  # the session's stats at the end of the run, as the sidecar reported
         "results": [

@@ -154,6 +154,31 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def pin_threads(pid: int, cores: set[int]) -> dict[int, set[int]]:
+    """Put every current thread of `pid` on `cores` (threads they start later inherit it); returns each
+    thread's previous cores, for `restore_threads`. A thread that ended meanwhile is skipped. Linux only.
+
+    Used to model a deployment on one host: processes that stand in for other machines (a subscriber,
+    livekit-server) are kept off the cores of the process under test."""
+    previous: dict[int, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        with contextlib.suppress(ProcessLookupError):
+            previous[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cores)
+    return previous
+
+
+def restore_threads(pid: int, previous: dict[int, set[int]]) -> None:
+    """Undo `pin_threads`: every thread of `pid` back on its previous cores; threads started since get the
+    cores the process had (the union of the previous masks)."""
+    everywhere = set().union(*previous.values()) if previous else set(range(os.cpu_count() or 1))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, previous.get(tid, everywhere))
+
+
 def stop_process_group(pid: int, timeout_s: float = 10.0) -> None:
     """SIGTERM the process group led by `pid`, then SIGKILL what is left after `timeout_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
