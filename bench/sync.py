@@ -24,7 +24,7 @@ must not starve them. `float` leaves them where the kernel puts them (on a 2-cor
 sidecar and the hog). `--cpu-hog` runs a process spinning on the sidecar's core for the whole run (the
 stress scenario of issue 18: stalls while the sidecar is starved: a noisy neighbour on the sidecar's
 host). `--sidecar-nice` starts the sidecar at that nice value (what a deployment's systemd `Nice=` gives
-it; the hog stays at 0).
+it), `--hog-nice` the hog: the CPU share between the two depends only on the difference (docs/production.md).
 
 `--rtp-timing` (root: it captures on loopback, bench/rtp_timing.py) splits the subscriber's audio delay per
 run: how late the sidecar sent its audio packets vs their RTP timestamps (`send_jitter_ms`), and how long
@@ -137,6 +137,7 @@ class Sidecar:
         renew_after_stall_ms: float = 0.0,
         idle_audio_reserve_ms: int = 0,
         nice: int = 0,
+        video_delay_ms: float | None = None,
     ) -> None:
         self.port = free_port()
         self.log_path = work_dir / "sidecar.log"
@@ -149,6 +150,7 @@ class Sidecar:
             "--cache-dir", str(work_dir / "cache"), "--slots", "1", "--sidecar-id", "bench-sync",
             "--renew-audio-after-stall-ms", str(renew_after_stall_ms),
             "--idle-audio-reserve-ms", str(idle_audio_reserve_ms),
+            *(("--video-delay-ms", str(video_delay_ms)) if video_delay_ms is not None else ()),
             "--dev-api", "--dev-avatar-dir", str(work_dir), "--dev-livekit-url", livekit_url,
         ]  # fmt: skip
         if pinned:
@@ -307,9 +309,13 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         renew_after_stall_ms=args.renew_audio_after_stall_ms,
         idle_audio_reserve_ms=args.idle_audio_reserve_ms,
         nice=args.sidecar_nice,
+        video_delay_ms=args.video_delay_ms,
     )
     # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
-    hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"])) if args.cpu_hog else None  # noqa: ASYNC220
+    hog_argv = on_core_0([sys.executable, "-c", "while True: pass"])
+    if args.hog_nice:
+        hog_argv = ["nice", "-n", str(args.hog_nice), *hog_argv]
+    hog = subprocess.Popen(hog_argv) if args.cpu_hog else None  # noqa: ASYNC220
     clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
     avatar = work_dir / "astronaut.zip"
     avatar.write_bytes(avatar_zip_bytes())
@@ -454,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         help="split: sidecar on core 0, subscriber and livekit-server on core 1; float: the kernel decides "
         "(the sidecar still on core 0 with --cpu-hog)",
     )
-    parser.add_argument("--sidecar-nice", type=int, default=0, help="the sidecar's nice value (-20..19)")
+    parser.add_argument(
+        "--sidecar-nice", type=int, default=0, help="the sidecar's nice value (-20..19; below 0 needs root)"
+    )
+    parser.add_argument("--hog-nice", type=int, default=0, help="the hog's nice value (0..19)")
     parser.add_argument(
         "--rtp-timing",
         action="store_true",
@@ -467,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the sidecar's flag (0 = off, the sidecar's default too)",
     )
     parser.add_argument("--idle-audio-reserve-ms", type=int, default=0, help="the sidecar's flag (0 = off)")
+    parser.add_argument(
+        "--video-delay-ms", type=float, default=None, help="the sidecar's flag (default: the sidecar's)"
+    )
     parser.add_argument(
         "--no-sync-streams",
         dest="sync_streams",
@@ -506,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_hog": args.cpu_hog,
             "placement": args.placement,
             "sidecar_nice": args.sidecar_nice,
+            "hog_nice": args.hog_nice,
             "renew_audio_after_stall_ms": args.renew_audio_after_stall_ms,
             "idle_audio_reserve_ms": args.idle_audio_reserve_ms,
+            "video_delay_ms": args.video_delay_ms,
             "notes": args.notes,
         },
         "summary": {
