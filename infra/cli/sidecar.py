@@ -111,7 +111,10 @@ def add_sidecar_arguments(parser: argparse.ArgumentParser) -> None:
         "--task-queue", default=None, help="its own Temporal task queue (default: the sidecar id)"
     )
     parser.add_argument(
-        "--video-delay-ms", type=float, default=40.0, help="video hold for receivers' audio delay"
+        "--video-delay-ms",
+        type=float,
+        default=10.0,
+        help="how long after its audio each frame is handed to WebRTC (docs/audio-protocol.md section 4)",
     )
     parser.add_argument(
         "--renew-audio-after-stall-ms",

@@ -8,15 +8,17 @@ the video for good. A tick only 10-20 ms late (a busy event loop, a shared CPU) 
 that, so the queue is kept `audio_headroom_ms` deep: before the first tick (and again after
 a disconnect or an interrupt) it is filled with silence up to `deadline + headroom`, so
 tick N's audio enters WebRTC at its deadline + headroom, whatever the loop's jitter up to
-the headroom. The frame is captured at deadline + headroom + `video_delay_ms`. That delay
-exists because the two paths are not equally long at a receiver: Opus packetizes audio in
-blocks and the receiver's jitter buffer holds audio longer than
-video, so a frame captured with its audio reaches a subscriber that does not lip-sync the two
-tracks before that audio. The delay is chosen to split that error between such a subscriber
-(video early) and one that lip-syncs them by capture time (libwebrtc's, native SDKs and browsers
-alike, when both tracks share one stream id: the same `stream`, passed on by livekit-server's
-`room.sync_streams`; video late), keeping both inside one frame. docs/audio-protocol.md gives
-the measurements; tests/realtime measures it.
+the headroom. The frame is captured at deadline + headroom + `video_delay_ms`. Receivers that
+lip-sync the two tracks (libwebrtc's, native SDKs and browsers alike, when both tracks share one
+stream id: the same `stream`, passed on by livekit-server's `room.sync_streams`) see the frame as
+captured that much after its audio (the SDK re-bases a frame's capture time on its hand-over) and aim
+to show it that much later; their synchroniser leaves differences under 30 ms alone, so the offset
+they rest at lies between about 40 ms below the delay and 30 ms above it, and after a stall grew
+their audio buffer and the video followed it, at the top of that band. The delay is small (10 ms) so that band stays
+inside one frame both ways. A receiver that does not sync them plays each track as it arrives, and
+its audio path is longer (Opus packetizes 20 ms, its jitter buffer holds audio longer than video):
+there the video comes that much early, less the delay (≈ 27 ms), the direction viewers notice
+least. docs/audio-protocol.md gives the measurements; tests/realtime measures it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
 Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue
@@ -128,7 +130,7 @@ class LiveKitPublisherOptions:
     width_px: int
     height_px: int
     frame_rate_fps: int = 25
-    video_delay_ms: float = 40.0  # see the module docstring
+    video_delay_ms: float = 10.0  # see the module docstring
     # From entering WebRTC to heard at a receiver: a 20 ms Opus packet, the network, the receiver's jitter
     # buffer and playout. Playback events wait this long (realtime.sidecar.runtime). Not `video_delay_ms`:
     # that is the difference between the audio and the video paths, the audio path is the video's plus it.
@@ -766,7 +768,7 @@ class LiveKitPublisher:
         # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom). The SDK passes
         # it through libwebrtc's TimestampAligner, which keeps the spacing of the timestamps but re-bases them
         # on the time each frame is handed over, so receivers that lip-sync by capture time see the frame as
-        # captured `video_delay_ms` after its audio (the module docstring says why that is kept).
+        # captured `video_delay_ms` after its audio (the module docstring says why it is small).
         # libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
         self._video_source.capture_frame(
             frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata

@@ -51,7 +51,7 @@ class HostConfig:
     task_queue: str = "sidecar-local"
     slots_total: int = 4
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    video_delay_ms: float = 40.0  # see realtime.outputs.livekit
+    video_delay_ms: float = 10.0  # see realtime.outputs.livekit (LiveKitPublisherOptions.video_delay_ms)
     max_video_bitrate_bps: int = 1_500_000
     renew_audio_after_stall_ms: float = 0.0  # 0 = off; see LiveKitPublisher._maybe_renew_audio_track
     idle_audio_reserve_ms: int = 0  # 0 = off; see LiveKitPublisherOptions.idle_audio_reserve_ms

@@ -260,7 +260,7 @@ async def test_frames_waiting_for_their_capture_time_at_close_are_counted() -> N
     """Before, they vanished from the accounting: frames handed in != published + dropped."""
     publisher = connected_publisher(_AudioSource("queue"))
     now_s = time.monotonic()
-    for index in range(3):  # captured 100+ ms from now (deadline + headroom + video delay): still pending
+    for index in range(3):  # captured 70+ ms from now (deadline + headroom + video delay): still pending
         await publisher.publish(dataclasses.replace(speech_tick(index, 640), deadline_s=now_s + 0.04 * index))
     await publisher.close()
     stats = publisher.stats()

@@ -1,39 +1,32 @@
-"""Stress, end to end: lip sync through process stalls while a CPU hog starves the sidecar.
+"""Stress, end to end: lip sync through process stalls while a CPU hog shares the sidecar's core.
 
-A real sidecar process (`lipsync sidecar --no-temporal`, preview engine, renewal after a 100 ms stall on)
-publishes into a
-real livekit-server; a real subscriber (`livekit.rtc`, this process) records what it receives, with its
-receive statistics. A CPU hog spins on the sidecar's core the whole time. After one utterance before any
+A real sidecar process (`lipsync sidecar --no-temporal`, preview engine, the product's defaults) publishes
+into a real livekit-server; a real subscriber (`livekit.rtc`, this process) records what it receives, with
+its receive statistics. The placement models a deployment on one 2-core host: the sidecar and a CPU hog
+(a noisy neighbour spinning the whole time) share core 0; the subscriber and livekit-server, which stand
+in for other machines, run on core 1 (`peers_off_sidecar_core`). The sidecar has priority over the hog as
+docs/production.md asks of a deployment (systemd `Nice=-5` or a higher `CPUWeight=` than its neighbours):
+here the hog runs at nice 5, the same CPU weight ratio without privileges. After one utterance before any
 stall, the sidecar is SIGSTOPped for 250 ms twice — once in the middle of an utterance, once while idle —
 and the utterances after each stall are measured.
 
-What is asserted is what the sidecar controls, measured on its own clock (its session stats, read before
-and after every utterance), with these tolerances:
+The sidecar's own clock (its session stats, read before and after every utterance), with these tolerances:
 
 - send-side A/V offset (when a frame entered WebRTC, less the deliberate video delay, minus when its audio
   did): within two frames (80 ms) for at least 90 % of each utterance's frames after a stall, plus, in the
   utterance the stall hit, the frames the stall itself caught (`STALL_FRAMES`). Two frames, not one: in
   speech the sidecar keeps audio up to two frames late until the next silence rather than drop words
-  (docs/audio-protocol.md §4), and on a loaded host a late first tick leaves a whole utterance there
-  (frames past one frame, the alarm, are printed);
-- the stall in speech was seen on the sidecar's clock and the audio track renewed in the silence after a
-  stall (sample accounting exact: what the re-anchoring dropped is counted), and the stall in silence cost
-  the audio source no pull (receivers got no late audio from it);
+  (docs/audio-protocol.md §4);
+- the stall in speech was seen on the sidecar's clock (its audio source ran dry), and the stall in silence
+  cost the audio source no pull (receivers got no late audio from it); sample accounting exact;
 - `playback_finished` left no earlier than `FINISHED_TOLERANCE_MS` before the sidecar's own account of
   when the utterance's last speech sample is heard, and no later than that plus the lateness its own
   clock measured for its ticks (p99): with the hog the event loop runs late, and the event's timer with it.
 
-The subscriber's figures (A/V offset per utterance, method of docs/audio-protocol.md §4.1; its jitter
-buffers) depend on the subscriber, which shares the loaded host (its own audio jitter buffer read
-30-930 ms at load averages up to 22), so they are printed, and asserted only as far as they hold under
-load and still catch a real regression: every utterance after the stalls is heard (at least half as
-many audible 10 ms windows reach the subscriber as the speech has: robust to the time-stretching of a
-starved subscriber's jitter buffer, which the envelope correlation is not), the two after the stall in
-silence within `MAX_SUBSCRIBER_OFFSET_MS` (a slip that never recovers, as before the re-anchoring, went
-on growing to seconds). Not asserted: that the subscriber's offset stays flat from one utterance to the
-next. Under load its own audio jitter buffer grows by itself (90 -> 390 ms over this test while the
-sidecar's send side stayed in step; 360 ms in the agents test, which has no stall), and the offset
-follows it.
+The subscriber (method of docs/audio-protocol.md §4.1): every utterance after a stall is heard (at least
+half as many audible 10 ms windows as the speech has), and its A/V offset (median over its frames) is
+within `MAX_SUBSCRIBER_OFFSET_MS` (40 ms, issue 18's bound: one frame). The utterance the stall hit in
+speech is not bounded: its own audio and video lose the stall.
 """
 
 from __future__ import annotations
@@ -86,8 +79,8 @@ PULL_NOISE_MS = 50.0  # two readings of the audio source's pulled count, each up
 # Subscriber (this process, on the same loaded host).
 MIN_HEARD_FRACTION = 0.5  # audible 10 ms windows received / in the speech sent
 AUDIBLE_PEAK = 0.02  # -34 dBFS: speech; silence and Opus' comfort noise stay far below
-MAX_SUBSCRIBER_OFFSET_MS = 1000.0  # the loaded subscriber's own audio jitter buffer alone reached 930 ms
-AFTER_IDLE_STALL = 2  # the last two utterances
+MAX_SUBSCRIBER_OFFSET_MS = 40.0  # one frame
+HOG_NICE = 5  # the sidecar ranks above its neighbour (docs/production.md); unprivileged: the hog is niced
 READER_CATCH_UP_S = 3.0
 PEERS_CORE = 1  # the subscriber's and livekit-server's core; the sidecar and the hog share core 0
 
@@ -96,19 +89,16 @@ PEERS_CORE = 1  # the subscriber's and livekit-server's core; the sidecar and th
 async def sidecar_process(
     tmp_path: Path, livekit_server: LiveKitServerConfig, avatar_zip_path: Path
 ) -> AsyncIterator[SidecarChild]:
-    # The renewal after a stall is off by default (docs/audio-protocol.md section 4): this scenario is what
-    # it is for.
-    renew = ("--renew-audio-after-stall-ms", "100")
-    async with sidecar_child(
-        tmp_path, livekit_server, avatar_zip_path.parent, pinned=True, extra_args=renew
-    ) as child:
+    async with sidecar_child(tmp_path, livekit_server, avatar_zip_path.parent, pinned=True) as child:
         yield child
 
 
 @pytest.fixture
 def cpu_hog() -> Any:
-    """A process that spins on the sidecar's core for the whole test (the sidecar gets half of it)."""
-    hog = subprocess.Popen(on_core_0([sys.executable, "-c", "while True: pass"]))
+    """A process that spins on the sidecar's core for the whole test, ranked below the sidecar."""
+    hog = subprocess.Popen(
+        ["nice", "-n", str(HOG_NICE), *on_core_0([sys.executable, "-c", "while True: pass"])]
+    )
     try:
         yield hog
     finally:
@@ -301,11 +291,9 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
     )
 
     # ---- the sidecar's own clock ----------------------------------------------------------------------
-    # The sidecar's clock saw the stall in speech (a tick that much after its period), and the audio track
-    # was renewed in the silence after a stall (make before break).
+    # The sidecar's clock saw the stall in speech: a tick came after its audio was due.
     stalled = utterances[1]
-    assert stalled.delta("livekit_audio_track_renewals_wanted") >= 1, send_side
-    assert extra.get("livekit_audio_track_renewals", 0.0) >= 1, extra
+    assert stalled.delta("livekit_audio_underruns") >= 1, send_side
     for utterance in utterances[1:]:
         frames = utterance.delta("livekit_av_offset_frames")
         assert frames >= 0.5 * utterance.clip.duration_s * 1000.0 / FRAME_MS, send_side
@@ -317,7 +305,7 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
             loop_late_ms,
             send_side,
         )
-    # The stall in silence cost no pull: the idle reserve held silence for every pull it caught.
+    # The stall in silence cost no pull: the sender's RTP clock stayed in step with real time.
     assert idle_missed_ms <= PULL_NOISE_MS, (idle_missed_ms, idle_before, idle_after)
     # Every sample is accounted for: what the re-anchoring dropped is counted, nothing vanished.
     assert stats["audio_samples_received"] == (
@@ -334,7 +322,7 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
     # ---- the subscriber, within what holds on a loaded host -----------------------------------------
     for _median_ms, _onset_ms, _r, heard in measured[2:]:
         assert heard >= MIN_HEARD_FRACTION, subscriber
-    for median_ms, *_ in measured[-AFTER_IDLE_STALL:]:
+    for median_ms, *_ in measured[2:]:
         assert median_ms is None or abs(median_ms) <= MAX_SUBSCRIBER_OFFSET_MS, subscriber
     offsets_ms = [median_ms for median_ms, *_ in measured[2:] if median_ms is not None]
     assert len(offsets_ms) >= 2, subscriber  # a lost onset frame or two, not the whole video

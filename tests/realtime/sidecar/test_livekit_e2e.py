@@ -159,7 +159,7 @@ async def test_streamed_speech_reaches_a_subscriber_in_sync(
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     # Frame metadata: the user timestamp is the tick's deadline (Unix µs), so end-to-end latency is
     # measurable:
-    # headroom (60 ms) + video delay (40 ms) + encode, network and decode on loopback.
+    # headroom (60 ms) + video delay (10 ms) + encode, network and decode on loopback.
     latency = recorder.latency_ms()
     assert len(latency) == len(recorder.frames)
     assert 60.0 < float(np.median(latency)) < 400.0, np.median(latency)
