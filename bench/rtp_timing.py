@@ -35,6 +35,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +215,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float | None]:
 
 def summarise(
     packets: list[RtpPacket], server_port: int, windows: dict[str, tuple[float, float]]
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Per named window (CLOCK_REALTIME start, end): the publisher's audio send lateness and the server's
     forward delay, as percentiles (ms), and how many packets each leg had."""
     upward, downward = _flows(packets, server_port, OPUS_PACKET_TICKS)
@@ -224,7 +225,7 @@ def summarise(
     video_at = np.array([p.at_s for p in video])
     forward_at, forward = forward_delays_ms(upward, downward)
     up_at = np.array([p.at_s for p in upward])
-    result: dict[str, dict[str, object]] = {}
+    result: dict[str, dict[str, Any]] = {}
     for name, (start_s, end_s) in windows.items():
         in_up = (up_at >= start_s) & (up_at <= end_s) if len(up_at) else np.zeros(0, dtype=bool)
         in_down = (forward_at >= start_s) & (forward_at <= end_s) if len(forward_at) else np.zeros(0, bool)
