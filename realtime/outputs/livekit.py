@@ -11,14 +11,14 @@ tick N's audio enters WebRTC at its deadline + headroom, whatever the loop's jit
 the headroom. The frame is captured at deadline + headroom + `video_delay_ms`. Receivers that
 lip-sync the two tracks (libwebrtc's, native SDKs and browsers alike, when both tracks share one
 stream id: the same `stream`, passed on by livekit-server's `room.sync_streams`) see the frame as
-captured that much after its audio (the SDK re-bases a frame's capture time on its hand-over) and aim
-to show it that much later; their synchroniser leaves differences under 30 ms alone, so the offset
-they rest at lies between about 40 ms below the delay and 30 ms above it, and after a stall grew
-their audio buffer and the video followed it, at the top of that band. The delay is small (10 ms) so that band stays
-inside one frame both ways. A receiver that does not sync them plays each track as it arrives, and
-its audio path is longer (Opus packetizes 20 ms, its jitter buffer holds audio longer than video):
-there the video comes that much early, less the delay (≈ 27 ms), the direction viewers notice
-least. docs/audio-protocol.md gives the measurements; tests/realtime measures it.
+captured that much after its audio (the SDK re-bases a frame's capture time on its hand-over) and
+aim to show it that much later; their synchroniser leaves differences under 30 ms alone, so where
+they rest spans a band around the delay, and after a stall grew their audio buffer and the video
+followed it, they rest at its top. The delay is small so that the band stays inside one frame both
+ways. A receiver that does not sync them plays each track as it arrives, and its audio path is
+longer (Opus packetizes 20 ms, its jitter buffer holds audio longer than video): there the video
+comes early by that difference less the delay, the direction viewers notice least.
+docs/audio-protocol.md gives the measurements; tests/realtime measures it.
 With `publish_audio` off there is no audio queue, and frames are captured at deadline + `video_delay_ms`.
 
 Every tick is re-anchored on that clock (`avsync`): the publisher models the source's queue
