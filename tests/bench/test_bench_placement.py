@@ -4,14 +4,12 @@ arithmetic."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.placement import _pct
-from infra.paths import PROJECT_ROOT
+from tests.support.module_run import run_module
 
 
 def test_percentiles_interpolate_between_ranks_like_numpy() -> None:
@@ -24,11 +22,9 @@ def test_percentiles_interpolate_between_ranks_like_numpy() -> None:
 @pytest.mark.service
 def test_the_benchmark_runs_against_a_real_server_and_writes_the_named_figures(tmp_path: Path) -> None:
     out = tmp_path / "placement.json"
-    result = subprocess.run(
+    result = run_module(
+        "bench.placement",
         [
-            sys.executable,
-            "-m",
-            "bench.placement",
             "--sidecars",
             "4",
             "--shards",
@@ -50,11 +46,7 @@ def test_the_benchmark_runs_against_a_real_server_and_writes_the_named_figures(t
             "--json",
             str(out),
         ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        timeout_s=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(out.read_text())

@@ -4,23 +4,19 @@ registry's history."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from infra.paths import PROJECT_ROOT
+from tests.support.module_run import run_module
 
 
 @pytest.mark.service
 def test_the_trace_lines_every_acquire_update_up_with_its_registry_history(tmp_path: Path) -> None:
     out = tmp_path / "trace.json"
-    result = subprocess.run(
+    result = run_module(
+        "bench.placement_trace",
         [
-            sys.executable,
-            "-m",
-            "bench.placement_trace",
             "--sidecars",
             "4",
             "--shards",
@@ -41,11 +37,7 @@ def test_the_trace_lines_every_acquire_update_up_with_its_registry_history(tmp_p
             "--json",
             str(out),
         ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+        timeout_s=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     traced = json.loads(out.read_text())["result"]
