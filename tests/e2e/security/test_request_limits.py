@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -88,30 +89,44 @@ async def raw_post(
     port: int, path: str, headers: dict[str, str], body_bytes: int, *, chunked: bool = False
 ) -> int:
     """POST `body_bytes` of zeros while reading the answer at the same time (a server that answers early and
-    closes must not lose its answer to our still-running upload). Returns the HTTP status."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    closes must not lose its answer to our still-running upload). Returns the HTTP status.
+
+    A plain socket rather than asyncio streams: when the server has closed, our next write fails, and a
+    stream transport then closes itself and drops the answer it had not read yet; a socket keeps reading."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+
+    async def status_line() -> bytes:
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n" not in received:
+                chunk = await loop.sock_recv(sock, 4096)
+                if not chunk:
+                    break
+                received += chunk
+        return received.split(b"\r\n", 1)[0]
+
     lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {body_bytes}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-    status_line = asyncio.create_task(reader.readline())
-    sent = 0
+    reading = asyncio.create_task(status_line())
     try:
-        while sent < body_bytes and not status_line.done():
+        await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+        sent = 0
+        while sent < body_bytes and not reading.done():
             size = min(CHUNK_BYTES, body_bytes - sent)
             chunk = b"0" * size
-            writer.write(f"{size:x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk)
-            await writer.drain()
+            await loop.sock_sendall(sock, f"{size:x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk)
             sent += size
-        if chunked and not status_line.done():
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+        if chunked and not reading.done():
+            await loop.sock_sendall(sock, b"0\r\n\r\n")
     except (ConnectionResetError, BrokenPipeError):
         pass
-    line = await asyncio.wait_for(status_line, 30)
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+    try:
+        line = await asyncio.wait_for(reading, 30)
+    finally:
+        sock.close()
     assert line.startswith(b"HTTP/1.1 "), line
     return int(line.split()[1])
 
