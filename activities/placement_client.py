@@ -276,8 +276,7 @@ class Placer:
         self.update_rpc_resends = 0
         # Acquire updates sent again after a retryable refusal (UPDATE_RETRYABLE).
         self.update_retries = 0
-        # The connection acquire updates go through (connect_for_updates), made on first use.
-        self._updates_client: Client | None = None
+        # The connection acquire updates go through (connect_for_updates), made on first use per event loop.
         self._connecting: asyncio.Future[Client] | None = None
 
     def batching(self) -> dict[str, int]:
@@ -300,17 +299,15 @@ class Placer:
         )
 
     async def _client_for_updates(self) -> Client:
-        if self._updates_client is None:
-            connecting = self._connecting
-            if (
-                connecting is None
-                or connecting.get_loop() is not asyncio.get_running_loop()
-                or (connecting.done() and (connecting.cancelled() or connecting.exception() is not None))
-            ):
-                # One connection for all the registries' acquires; a failed attempt is made again next time.
-                connecting = self._connecting = asyncio.ensure_future(connect_for_updates(self.client))
-            self._updates_client = await asyncio.shield(connecting)
-        return self._updates_client
+        connecting = self._connecting
+        if (
+            connecting is None
+            or connecting.get_loop() is not asyncio.get_running_loop()
+            or (connecting.done() and (connecting.cancelled() or connecting.exception() is not None))
+        ):
+            # One connection for all the registries' acquires; a failed attempt is made again next time.
+            connecting = self._connecting = asyncio.ensure_future(connect_for_updates(self.client))
+        return await asyncio.shield(connecting)
 
     def _acquirer(self, registry_id: str) -> _GroupCommit[AcquireSlot, AcquireOutcome]:
         group = self._acquirers.get(registry_id)

@@ -45,6 +45,7 @@ from temporalio.client import (
     Interceptor,
     OutboundInterceptor,
     StartWorkflowUpdateInput,
+    WorkflowHistory,
     WorkflowUpdateHandle,
 )
 from temporalio.worker import Replayer
@@ -118,10 +119,21 @@ def _t(event: Any) -> float:
     return float(event.event_time.ToMicroseconds()) / 1e6
 
 
-async def _read_runs(client: Client, placement_id: str) -> dict[str, list[RunEvents]]:
+async def _histories(client: Client, placement_id: str) -> list[tuple[str, WorkflowHistory]]:
+    """(run id, history) of every run of every registry of this placement id, read once (the attribution and
+    the replay timing both use them)."""
+    return [
+        (
+            execution.run_id,
+            await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history(),
+        )
+        async for execution in client.list_workflows(f"WorkflowId STARTS_WITH '{placement_id}'")
+    ]
+
+
+def _read_runs(histories: list[tuple[str, WorkflowHistory]]) -> dict[str, list[RunEvents]]:
     runs: dict[str, list[RunEvents]] = {}
-    async for execution in client.list_workflows(f"WorkflowId STARTS_WITH '{placement_id}'"):
-        history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+    for run_id, history in histories:
         events = history.events
         tasks: list[tuple[float, float, float, str]] = []
         scheduled_s = started_s = 0.0
@@ -154,9 +166,9 @@ async def _read_runs(client: Client, placement_id: str) -> dict[str, list[RunEve
                 )
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
                 closed_s = _t(event)
-        runs.setdefault(execution.id, []).append(
+        runs.setdefault(history.workflow_id, []).append(
             RunEvents(
-                run_id=execution.run_id,
+                run_id=run_id,
                 started_s=_t(events[0]),
                 closed_s=closed_s,
                 tasks=tasks,
@@ -204,13 +216,12 @@ def _attribute(call: UpdateCall, registry_runs: list[RunEvents]) -> dict[str, An
     return row
 
 
-async def _replay_times(client: Client, placement_id: str) -> list[tuple[int, float]]:
+async def _replay_times(histories: list[tuple[str, WorkflowHistory]]) -> list[tuple[int, float]]:
     """(events, ms) to replay each closed registry run in this process: what a worker pays after a refused
     continue-as-new (it drops the run from its cache and replays it for the next task)."""
     replayer = Replayer(workflows=[PlacementWorkflow])
     times: list[tuple[int, float]] = []
-    async for execution in client.list_workflows(f"WorkflowId STARTS_WITH '{placement_id}'"):
-        history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+    for _, history in histories:
         began = time.perf_counter()
         await replayer.replay_workflow(history)
         times.append((len(history.events), round(1000.0 * (time.perf_counter() - began), 1)))
@@ -301,8 +312,9 @@ async def _trace(args: argparse.Namespace, target: str, queue: str) -> dict[str,
     load_after = os.getloadavg()
     await fleet.stop()
     await asyncio.gather(*(placer.wait_idle() for placer in placers))
-    runs = await _read_runs(client, placement_id)
-    replay_ms = await _replay_times(client, placement_id)
+    histories = await _histories(client, placement_id)
+    runs = _read_runs(histories)
+    replay_ms = await _replay_times(histories)
     slow_s = args.slow_ms / 1000.0
     slow_calls = [call for call in recorder.calls if call.returned_s - call.sent_s > slow_s or call.error]
     acquire_ms = [a["ms"] for a in acquires]

@@ -339,11 +339,10 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
         assert heard >= MIN_HEARD_FRACTION, subscriber
     # The stream's own offset: the subscriber's jitter-buffer changes since before any stall taken out.
     (base_audio_ms, base_video_ms) = buffers_ms[0]
+    assert base_audio_ms is not None and base_video_ms is not None, subscriber
     stream_offsets_ms = []
     for (median_ms, *_), (audio_ms, video_ms) in zip(measured[2:], buffers_ms[2:], strict=True):
         if median_ms is None or audio_ms is None or video_ms is None:
-            continue
-        if base_audio_ms is None or base_video_ms is None:
             continue
         stream_offsets_ms.append(
             round(median_ms + (audio_ms - base_audio_ms) - (video_ms - base_video_ms), 1)
