@@ -3,7 +3,7 @@
     python -m bench.sessions --sessions N --engine preview|musetalk --json PATH
         [--duration-s 10] [--device auto] [--model tiny|full-size-random] [--frame-px 256|512x512|1280x720]
         [--publisher counting|livekit] [--notes TEXT] [--levels 1,4,8] [--max-render-budget-ms 240]
-        [--client-burst-s 0.6] [--no-first-frame-priority]
+        [--client-burst-s 0.6] [--client-start lockstep,staggered] [--no-first-frame-priority]
 
 For each level n in 1, 2, 4, ... N (and N), n sessions run concurrently for `--duration-s`
 on one event loop and one render lane, exactly as in the sidecar (`SessionRuntime`,
@@ -205,12 +205,15 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
     return EngineAdapter(config, engine=engine, reason=f"musetalk {args.model}"), name, str(torch.__version__)
 
 
-async def client(audio_input: Any, pcm: bytes, stop_at: float, burst_s: float = 0.0) -> None:
+async def client(
+    audio_input: Any, pcm: bytes, stop_at: float, burst_s: float = 0.0, start_delay_s: float = 0.0
+) -> None:
     """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`; `burst_s`:
     each utterance's first `burst_s` is sent at once (a TTS that synthesises faster than real time), the rest
-    at real-time pace from then on."""
+    at real-time pace from then on; `start_delay_s`: silence before the first utterance (the call's phase)."""
     chunk = 16_000 * CHUNK_MS // 1000 * 2
     burst_chunks = round(burst_s * 1000 / CHUNK_MS)
+    await asyncio.sleep(start_delay_s)
     while time.monotonic() < stop_at:
         started = time.monotonic()
         for index, offset in enumerate(range(0, len(pcm), chunk)):
@@ -234,6 +237,7 @@ async def run_level(
     cost_model: Any = None,
     livekit: LiveKitRun | None = None,
     client_burst_s: float = 0.0,
+    client_start: str = "lockstep",
 ) -> dict[str, Any]:
     config = runtime_config or RuntimeConfig()
     lane = RenderLane(
@@ -265,7 +269,13 @@ async def run_level(
         stop_at = time.monotonic() + duration_s
         inputs = [AudioInput(runtime, "bench", utterance_gap_ms=0) for runtime in runtimes]
         cpu_started_s, speech_started_s = time.process_time(), time.monotonic()
-        await asyncio.gather(*(client(audio_input, pcm, stop_at, client_burst_s) for audio_input in inputs))
+        delays_s = client_start_delays_s(client_start, sessions, rng)
+        await asyncio.gather(
+            *(
+                client(audio_input, pcm, stop_at, client_burst_s, delay_s)
+                for audio_input, delay_s in zip(inputs, delays_s, strict=True)
+            )
+        )
         cpu_s, speech_wall_s = time.process_time() - cpu_started_s, time.monotonic() - speech_started_s
         drain_until = time.monotonic() + 5.0
         # The runtime has no "drained" event; polling every 50 ms only delays the end of the level.
@@ -295,6 +305,7 @@ async def run_level(
         ), s
     row: dict[str, Any] = {
         "sessions": sessions,
+        "client_start": client_start,
         "ttff_ms_p50": _pct(ttff, 50),
         "ttff_ms_p99": _pct(ttff, 99),
         "lateness_ms_p50": _pct(lateness, 50),
@@ -347,6 +358,21 @@ async def run_level(
         row["lateness_ms_p99"] is not None and row["lateness_ms_p99"] <= LATENESS_OK_MS and dropped == 0
     )
     return row
+
+
+CLIENT_STARTS = ("lockstep", "staggered")
+
+
+def client_start_delays_s(mode: str, sessions: int, rng: random.Random) -> list[float]:
+    """When each session's client starts speaking. "lockstep": all at once, so every utterance of every
+    session starts within the same few milliseconds (the worst case for TTFF: all first frames compete for
+    one batch). "staggered": each call at its own phase, uniform over one utterance cycle, as independent
+    conversations are (their utterances then start at unrelated times)."""
+    if mode == "lockstep":
+        return [0.0] * sessions
+    if mode == "staggered":
+        return [rng.uniform(0.0, UTTERANCE_S + GAP_S) for _ in range(sessions)]
+    raise ValueError(f"client start {mode!r}: expected one of {', '.join(CLIENT_STARTS)}")
 
 
 async def _probe_loop_lag(samples_ms: list[float], period_s: float = 0.01) -> None:
@@ -418,12 +444,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         # one sidecar process: the lane's measurements outlive each level's sessions
         cost_model = BatchCostModel()
-        rows = []
+        rows: list[dict[str, Any]] = []
         livekit = LiveKitRun(cache_dir / "livekit") if args.publisher == "livekit" else None
         if livekit is not None:
             livekit.start()
         try:
-            for sessions in args.levels or ladder(args.sessions):
+            for client_start, sessions in (
+                (mode, n) for mode in args.client_start for n in (args.levels or ladder(args.sessions))
+            ):
+                if rows and rows[-1]["client_start"] == client_start and _ladder_turned(rows, args):
+                    continue
                 row = await run_level(
                     engine,
                     avatar,
@@ -435,18 +465,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     cost_model=cost_model,
                     livekit=livekit,
                     client_burst_s=args.client_burst_s,
+                    client_start=client_start,
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                last_good = max((r["sessions"] for r in rows if r["ok"]), default=1)
-                if not args.all_levels and not row["ok"] and sessions >= 2 * last_good:
-                    break  # two levels past the last good one: the curve has turned
         finally:
             if livekit is not None:
                 livekit.stop()
         info = engine.info()
-    ok = [r for r in rows if r["ok"]]
-    best = max(ok, key=lambda r: r["sessions"]) if ok else None
+    by_start = {mode: _summary([r for r in rows if r["client_start"] == mode]) for mode in args.client_start}
     return {
         "benchmark": "sessions",
         "device": device,
@@ -461,6 +488,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "gap_s": GAP_S,
             "client_chunk_ms": CHUNK_MS,
             "client_burst_s": args.client_burst_s,
+            "client_start": args.client_start,
             "first_frame_priority": runtime_config.first_frame_priority,
             "input": "16 kHz s16le mono, real-time pace, through AudioInput (the WS path without the socket)"
             + (f"; each utterance's first {args.client_burst_s} s at once" if args.client_burst_s else ""),
@@ -482,28 +510,55 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "python": sys.version.split()[0],
         },
         "notes": args.notes,
-        "summary": {
-            "max_sessions_ok": best["sessions"] if best else 0,
-            "ttff_ms_p50": best["ttff_ms_p50"] if best else None,
-            "ttff_ms_p99": best["ttff_ms_p99"] if best else None,
-            "lateness_ms_p50": best["lateness_ms_p50"] if best else None,
-            "lateness_ms_p99": best["lateness_ms_p99"] if best else None,
-            "dropped_frames": best["dropped_frames"] if best else None,
-            "criterion": f"lateness p99 <= {LATENESS_OK_MS:.0f} ms and 0 dropped frames",
-            # Every level tried passed: the real limit lies above the largest N asked for.
-            "max_sessions_is_lower_bound": bool(rows) and all(r["ok"] for r in rows),
-            # The busiest second of the largest level that held: the aggregate rate rendered with every frame
-            # on time.
-            "rendered_fps_peak_1s_ok": best["lane_rendered_fps_peak_1s"] if best else None,
-            # At the largest level that held: this process's CPU per session-second (see the module
-            # docstring).
-            "cpu_cores_per_session": best["cpu_cores_per_session"] if best else None,
-        },
+        # The first --client-start mode's summary; every mode's in summary_by_client_start.
+        "summary": by_start[args.client_start[0]],
+        "summary_by_client_start": by_start,
         "results": rows,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _client_starts(text: str) -> list[str]:
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    for mode in modes:
+        if mode not in CLIENT_STARTS:
+            raise argparse.ArgumentTypeError(f"{mode!r}: expected {' or '.join(CLIENT_STARTS)}")
+    if not modes:
+        raise argparse.ArgumentTypeError("no client start mode given")
+    return modes
+
+
+def _ladder_turned(rows: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Whether this mode's ladder may stop: its last level failed two levels past its last good one."""
+    if args.all_levels:
+        return False
+    mode = rows[-1]["client_start"]
+    own = [r for r in rows if r["client_start"] == mode]
+    last_good = max((r["sessions"] for r in own if r["ok"]), default=1)
+    return not own[-1]["ok"] and own[-1]["sessions"] >= 2 * last_good
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if r["ok"]]
+    best = max(ok, key=lambda r: r["sessions"]) if ok else None
+    return {
+        "max_sessions_ok": best["sessions"] if best else 0,
+        "ttff_ms_p50": best["ttff_ms_p50"] if best else None,
+        "ttff_ms_p99": best["ttff_ms_p99"] if best else None,
+        "lateness_ms_p50": best["lateness_ms_p50"] if best else None,
+        "lateness_ms_p99": best["lateness_ms_p99"] if best else None,
+        "dropped_frames": best["dropped_frames"] if best else None,
+        "criterion": f"lateness p99 <= {LATENESS_OK_MS:.0f} ms and 0 dropped frames",
+        # Every level tried passed: the real limit lies above the largest N asked for.
+        "max_sessions_is_lower_bound": bool(rows) and all(r["ok"] for r in rows),
+        # The busiest second of the largest level that held: the aggregate rate rendered with every frame on
+        # time.
+        "rendered_fps_peak_1s_ok": best["lane_rendered_fps_peak_1s"] if best else None,
+        # At the largest level that held: this process's CPU per session-second (see the module docstring).
+        "cpu_cores_per_session": best["cpu_cores_per_session"] if best else None,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.sessions", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sessions", type=int, required=True, help="the largest number of concurrent sessions"
@@ -543,6 +598,13 @@ def main(argv: list[str] | None = None) -> int:
         "time",
     )
     parser.add_argument(
+        "--client-start",
+        type=_client_starts,
+        default=["lockstep"],
+        help="when the sessions' clients speak: lockstep (every utterance of every session starts together: "
+        "the worst case), staggered (each call at its own phase); a comma list runs the ladder for each",
+    )
+    parser.add_argument(
         "--no-first-frame-priority",
         dest="first_frame_priority",
         action="store_false",
@@ -561,7 +623,11 @@ def main(argv: list[str] | None = None) -> int:
         default=900.0,
         help="compile variants: how long to wait for the compiled graphs' swap before measuring",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # warm-up progress: cold compiles are long
     logging.getLogger("realtime.engine.musetalk.engine").setLevel(logging.INFO)

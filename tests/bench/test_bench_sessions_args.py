@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import argparse
 import io
+import random
 import zipfile
 
 import cv2
 import numpy as np
 import pytest
 
-from bench.sessions import avatar_zip, frame_px
+from bench.sessions import (
+    GAP_S,
+    UTTERANCE_S,
+    _client_starts,
+    _ladder_turned,
+    avatar_zip,
+    client_start_delays_s,
+    frame_px,
+    parse_args,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,3 +47,39 @@ def test_a_wide_avatar_keeps_the_face_square_and_reflects_the_sides() -> None:
     # The middle 180 columns are the square photo; the 70 columns either side mirror its edges.
     frame = frames[0]
     assert np.array_equal(frame[:, 69::-1], frame[:, 70:140])
+
+
+def test_lockstep_clients_start_together_and_staggered_ones_spread_over_a_cycle() -> None:
+    assert client_start_delays_s("lockstep", 4, random.Random(1)) == [0.0] * 4
+    delays_s = client_start_delays_s("staggered", 200, random.Random(1))
+    assert all(0.0 <= d <= UTTERANCE_S + GAP_S for d in delays_s)
+    # spread over the whole cycle, not bunched: every quarter of it holds some starts
+    quarters = {int(d / (UTTERANCE_S + GAP_S) * 4) for d in delays_s}
+    assert quarters >= {0, 1, 2, 3}
+    # one level's phases are the same from run to run (the level's seed)
+    assert client_start_delays_s("staggered", 5, random.Random(7)) == client_start_delays_s(
+        "staggered", 5, random.Random(7)
+    )
+
+
+def test_client_start_modes_parse_as_a_list_and_unknown_ones_are_refused() -> None:
+    required = ["--sessions", "4", "--json", "out.json"]
+    args = parse_args([*required, "--client-start", "lockstep,staggered"])
+    assert args.client_start == ["lockstep", "staggered"]
+    assert parse_args(required).client_start == ["lockstep"]
+    with pytest.raises(argparse.ArgumentTypeError, match="lockstep or staggered"):
+        _client_starts("poisson")
+    with pytest.raises(ValueError, match="expected one of"):
+        client_start_delays_s("poisson", 1, random.Random(0))
+
+
+def test_each_client_start_mode_runs_its_own_ladder_until_it_turns() -> None:
+    args = argparse.Namespace(all_levels=False)
+    rows = [
+        {"client_start": "lockstep", "sessions": 4, "ok": True},
+        {"client_start": "lockstep", "sessions": 8, "ok": False},
+    ]
+    assert _ladder_turned(rows, args)  # 8 >= 2 x 4 and failed
+    rows.append({"client_start": "staggered", "sessions": 4, "ok": True})
+    assert not _ladder_turned(rows, args)  # the staggered ladder starts afresh
+    assert not _ladder_turned(rows[:2], argparse.Namespace(all_levels=True))
