@@ -90,6 +90,7 @@ from realtime.ingest.formats import PLAYOUT_SAMPLE_RATE_HZ, TIMELINE_SAMPLE_RATE
 from realtime.outputs.avsync import SourceClock
 from realtime.outputs.base import SERVER_UNREACHABLE, FrameKind, PublisherStats, PublishTick
 from realtime.outputs.errors import OutputError
+from realtime.outputs.frame_handoff import FrameHandOff
 from realtime.outputs.registry import LiveKitTarget
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,8 @@ class LiveKitPublisher:
         # kept.
         self._audio_residual_s: dict[int, float | None] = {}
         self._video_source: rtc.VideoSource | None = None
+        # Frames reach the video source on a thread of their own (see `frame_handoff`).
+        self._frames = FrameHandOff("livekit", on_error=self._on_capture_error)
         self._room_listeners: list[RoomListener] = []
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -759,20 +762,29 @@ class LiveKitPublisher:
             extra = self._stats.extra
             extra["video_frames_dropped_late"] = extra.get("video_frames_dropped_late", 0.0) + 1
             return
-        width, height = self.options.width_px, self.options.height_px
-        # Odd-sized avatars lose their last row/column: I420 needs even dimensions.
-        rgb = np.ascontiguousarray(tick.frame_rgb[:height, :width])
-        i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-        frame = rtc.VideoFrame(width, height, rtc.VideoBufferType.I420, i420.tobytes())
-        metadata = video_frame_pb2.FrameMetadata(user_timestamp=tick.wall_time_us, frame_id=tick.frame_index)
-        # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom). The SDK passes
-        # it through libwebrtc's TimestampAligner, which keeps the spacing of the timestamps but re-bases them
-        # on the time each frame is handed over, so receivers that lip-sync by capture time see the frame as
-        # captured `video_delay_ms` after its audio (the module docstring says why it is small).
-        # libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
-        self._video_source.capture_frame(
-            frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata
+        source, width, height = self._video_source, self.options.width_px, self.options.height_px
+        frame_rgb, metadata = (
+            tick.frame_rgb,
+            video_frame_pb2.FrameMetadata(user_timestamp=tick.wall_time_us, frame_id=tick.frame_index),
         )
+
+        def capture() -> None:  # on the hand-off's thread: the conversion releases the GIL too
+            # Odd-sized avatars lose their last row/column: I420 needs even dimensions.
+            i420 = cv2.cvtColor(np.ascontiguousarray(frame_rgb[:height, :width]), cv2.COLOR_RGB2YUV_I420)
+            frame = rtc.VideoFrame(width, height, rtc.VideoBufferType.I420, i420.tobytes())
+            # The capture timestamp is when the tick's audio enters WebRTC (deadline + headroom). The SDK
+            # passes it through libwebrtc's TimestampAligner, which keeps the spacing of the timestamps but
+            # re-bases them on the time each frame is handed over, so receivers that lip-sync by capture time
+            # see the frame as captured `video_delay_ms` after its audio (the module docstring says why it is
+            # small). libwebrtc's capture clock is CLOCK_MONOTONIC in microseconds, as is time.monotonic().
+            source.capture_frame(frame, timestamp_us=int(audio_start_s * 1_000_000), metadata=metadata)
+
+        if not self._frames.submit(capture):
+            # The encoder is frames behind (a starved host): a stale frame would only add to its delay.
+            self._stats.frames_dropped += 1
+            extra = self._stats.extra
+            extra["video_frames_dropped_busy"] = extra.get("video_frames_dropped_busy", 0.0) + 1
+            return
         self._stats.frames_published += 1
         extra = self._stats.extra
         extra["video_capture_lateness_ms_last"] = round(lateness_ms, 3)
@@ -781,6 +793,13 @@ class LiveKitPublisher:
         )
         if residual_s is not None:
             self._record_av_offset(lateness_ms - residual_s * 1000.0)
+
+    def _on_capture_error(self, error: BaseException) -> None:
+        """A frame handed to the hand-off did not reach the source (it was closed under it): a drop, not a
+        publish."""
+        self._stats.frames_published -= 1
+        self._stats.frames_dropped += 1
+        logger.warning("a video frame did not reach the source: %s", error, extra={"room": self.target.room})
 
     def _record_av_offset(self, offset_ms: float) -> None:
         """The send-side A/V offset of one frame: how much later than its audio the frame left (less the video
@@ -912,6 +931,9 @@ class LiveKitPublisher:
             self._pending_video
         )
         self._pending_video.clear()
+        # Frames already handed over go in before the room goes and the source is freed (their captures use
+        # both).
+        await self._frames.aclose()
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
