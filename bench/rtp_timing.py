@@ -146,6 +146,11 @@ def _flows(
     return best[True], best[False]
 
 
+def publisher_audio(packets: list[RtpPacket], server_port: int) -> list[RtpPacket]:
+    """The publisher's audio packets to the server (see `_flows`)."""
+    return _flows(packets, server_port, OPUS_PACKET_TICKS)[0]
+
+
 def _media_times_s(flow: list[RtpPacket], clock_hz: int = RTP_CLOCK_HZ) -> np.ndarray:
     timestamps = np.array([p.rtp_timestamp for p in flow], dtype=np.float64)
     return np.asarray(np.unwrap(timestamps, period=2.0**32) / clock_hz)
