@@ -3,8 +3,8 @@
 One clock, the audio's: every tick the clock hands over frame N and the 1920 samples that
 play while it is shown. The audio goes into the `AudioSource` at once; the source hands
 10 ms to WebRTC every 10 ms from its own timer, and when its queue is empty at one of those
-pulls it sends nothing, so the receiver conceals a gap and its audio slips 10 ms against
-the video for good. A tick only 10-20 ms late (a busy event loop, a shared CPU) would do
+pulls it sends 10 ms of silence in its place, so the audio slips 10 ms against the video for
+good. A tick only 10-20 ms late (a busy event loop, a shared CPU) would do
 that, so the queue is kept `audio_headroom_ms` deep: before the first tick (and again after
 a disconnect or an interrupt) it is filled with silence up to `deadline + headroom`, so
 tick N's audio enters WebRTC at its deadline + headroom, whatever the loop's jitter up to
@@ -403,13 +403,15 @@ class LiveKitPublisher:
         """After a stall of `renew_audio_after_stall_ms` or more, give receivers a fresh audio stream, in
         silence.
 
-        Audio RTP timestamps count samples, not time, and whatever a stall does at the sender (the source's
-        pull thread sends what was queued in a burst when it resumes, or finds the queue dry and sends
-        nothing, which leaves every later timestamp behind real time), receivers see packets that arrived up
-        to the stall late. Their jitter buffers (NetEq) raise their target delay on that and keep it for many
-        seconds, so the audio plays that much behind the video, whose capture timestamps follow the clock (the
-        video's jitter buffer does not grow), and nothing the sender queues afterwards can bring it back. A
-        new track (a new SSRC) starts a new jitter buffer at its normal depth. A receiver switches to the new
+        Audio RTP timestamps count samples, not time: when a stopped process resumes, the source's pull thread
+        makes up the pulls it missed back to back (the queued audio, then silence), so receivers get the
+        whole stall's audio at once, up to the stall late, before this code runs again. A receiver's jitter
+        buffer (NetEq) plays it after concealing the gap, so the audio plays that much behind the video,
+        whose capture timestamps follow the clock (the video's jitter buffer does not grow); one that has
+        received the track only briefly also raises its target delay on it for seconds (its delay statistics
+        still weigh each new sample heavily: docs/audio-protocol.md section 4), and nothing the sender queues
+        afterwards can bring that back. A new track (a new SSRC) starts a new
+        jitter buffer at its normal depth. A receiver switches to the new
         track at a resubscription, so the renewal waits until no speech has entered WebRTC for
         `renew_audio_idle_ms` (the tail has played out at receivers; an utterance that starts first defers
         it), and the old track carries the audio until receivers have the new one (`_renew_audio_track`)."""

@@ -33,11 +33,12 @@ after one stall, growing) fails it, whatever the subscriber's buffers do. Its to
 because the buffers' delays are means over an utterance in which they move by up to ≈ 100 ms. The raw
 offset is printed, not bounded: issue 18 asks ≤ 40 ms for every utterance after the stall, and that does
 not hold at this subscriber. After a SIGSTOP in speech, the SDK's audio pacer sends the whole stall's
-audio in one burst when the process resumes (13 packets, 5–245 ms late: bench/rtp_timing.py), the
-subscriber's NetEq raises its delay on it (150–250 ms here) and lets it down over seconds, and its
-synchroniser follows with the video only gradually and rests within ±30 ms of its target
-(docs/audio-protocol.md §4 has the measurements). The utterance the stall hit is not bounded: its own
-audio and video lose the stall.
+audio in one burst when the process resumes (12–13 packets, up to 250 ms late, before the sidecar's
+code runs again: bench/stall_neteq.py). This subscriber has been receiving for about 10 s then, and a
+NetEq that young raises its target delay on the burst to ≈ 260 ms for ≈ 5 s (an older one plays the
+excess off at the next silence); its synchroniser follows with the video only gradually and rests within
+±30 ms of its target (docs/audio-protocol.md §4 has the measurements). The utterance the stall hit is
+not bounded: its own audio and video lose the stall.
 """
 
 from __future__ import annotations
