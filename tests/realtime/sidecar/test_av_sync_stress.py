@@ -7,8 +7,9 @@ its receive statistics. The placement models a deployment on one 2-core host: th
 in for other machines, run on core 1 (`peers_off_sidecar_core`). The sidecar has priority over the hog as
 docs/production.md asks of a deployment (systemd `Nice=-5` or a higher `CPUWeight=` than its neighbours):
 here the hog runs at nice 5, the same CPU weight ratio without privileges. After one utterance before any
-stall, the sidecar is SIGSTOPped for 250 ms twice — once in the middle of an utterance, once while idle —
-and the utterances after each stall are measured.
+stall, and more until the subscriber has received the audio for `MATURE_RECEIVER_S` (a viewer that has
+been watching a while: see below), the sidecar is SIGSTOPped for 250 ms twice — once in the middle of an
+utterance, once while idle — and the utterances after each stall are measured.
 
 The sidecar's own clock (its session stats, read before and after every utterance), with these tolerances:
 
@@ -25,20 +26,25 @@ The sidecar's own clock (its session stats, read before and after every utteranc
   clock measured for its ticks (p99): with the hog the event loop runs late, and the event's timer with it.
 
 The subscriber (method of docs/audio-protocol.md §4.1): every utterance after a stall is heard (at least
-half as many audible 10 ms windows as the speech has), and its A/V offset (median over its frames), less
-what the subscriber's own jitter buffers changed since the utterance before any stall (audio buffer growth
-makes the audio late, video buffer growth the video), is within `MAX_STREAM_OFFSET_MS`. That is the
-stream's own offset: a sender that lets audio and video slip apart (as before the re-anchoring: −415 ms
-after one stall, growing) fails it, whatever the subscriber's buffers do. Its tolerance is two frames
-because the buffers' delays are means over an utterance in which they move by up to ≈ 100 ms. The raw
-offset is printed, not bounded: issue 18 asks ≤ 40 ms for every utterance after the stall, and that does
-not hold at this subscriber. After a SIGSTOP in speech, the SDK's audio pacer sends the whole stall's
-audio in one burst when the process resumes (12–13 packets, up to 250 ms late, before the sidecar's
-code runs again: bench/stall_neteq.py). This subscriber has been receiving for about 10 s then, and a
-NetEq that young raises its target delay on the burst to ≈ 260 ms for ≈ 5 s (an older one plays the
-excess off at the next silence); its synchroniser follows with the video only gradually and rests within
-±30 ms of its target (docs/audio-protocol.md §4 has the measurements). The utterance the stall hit is
-not bounded: its own audio and video lose the stall.
+half as many audible 10 ms windows as the speech has), and its A/V offset (median over its frames) is
+within `MAX_OFFSET_MS`; that offset less what the subscriber's own jitter buffers changed since the
+utterance before any stall (audio buffer growth makes the audio late, video buffer growth the video) is
+within `MAX_STREAM_OFFSET_MS`. The second is the stream's own offset: a sender that lets audio and video
+slip apart (as before the re-anchoring: −415 ms after one stall, growing) fails it, whatever the
+subscriber's buffers do; its tolerance is two frames because the buffers' delays are means over an
+utterance in which they move by up to ≈ 100 ms. The first is what the viewer sees. Issue 18 asks ≤ 40 ms
+of it for every utterance after the stall; the bound is two frames because after a stall in speech the
+subscriber's synchroniser, which follows the audio buffer with the video only gradually and rests within
+±30 ms of its target, held the video up to +37 ms late once the audio was back (+42 … +59 ms in
+`bench.sync` runs with idle stalls before every utterance; docs/audio-protocol.md §4 has the
+measurements). That holds only for a viewer that has been receiving for a while, hence
+`MATURE_RECEIVER_S`: after a SIGSTOP in speech, the SDK's audio pacer sends the whole stall's audio in
+one burst when the process resumes (12–13 packets, up to 250 ms late, before the sidecar's code runs
+again), and a subscriber's NetEq in its first ≈ 20 s raises its target delay on that burst to ≈ 260 ms
+for ≈ 5 s (the next utterance read −186 ms, the one after +60 ms: `bench/stall_neteq.py`), while an older
+one keeps its target and plays the excess off at the next silence. No sender can prevent that burst
+(the whole process was stopped). The utterance the stall hit is not bounded: its own audio and video lose
+the stall.
 """
 
 from __future__ import annotations
@@ -92,6 +98,10 @@ PULL_NOISE_MS = 50.0  # two readings of the audio source's pulled count, each up
 MIN_HEARD_FRACTION = 0.5  # audible 10 ms windows received / in the speech sent
 AUDIBLE_PEAK = 0.02  # -34 dBFS: speech; silence and Opus' comfort noise stay far below
 MAX_STREAM_OFFSET_MS = 80.0  # two frames: see the module docstring
+MAX_OFFSET_MS = 80.0  # two frames: see the module docstring
+# The subscriber has received the audio this long before the first stall: its NetEq's delay statistics no
+# longer let one late burst lift its target (they weigh a new sample by more than 5 % for about 20 s).
+MATURE_RECEIVER_S = 30.0
 HOG_NICE = 5  # the sidecar ranks above its neighbour (docs/production.md); unprivileged: the hog is niced
 READER_CATCH_UP_S = 3.0
 PEERS_CORE = 1  # the subscriber's and livekit-server's core; the sidecar and the hog share core 0
@@ -227,6 +237,7 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
 
     try:
         await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 20)
+        subscribed_at_s = time.monotonic()
         async with websockets.connect(sidecar_process.audio_url(session_id, sentences[0].rate_hz)) as ws:
             await next_of(ws, "ready")
 
@@ -236,6 +247,11 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
                 )
 
             await say(3, "before any stall")
+            filler = 0
+            while time.monotonic() - subscribed_at_s < MATURE_RECEIVER_S:  # not measured
+                await asyncio.sleep(0.3)
+                await speak(sidecar_process, session_id, ws, sentences[filler % 4], label="filler")
+                filler += 1
             await asyncio.sleep(0.5)
             await say(0, "stalled mid-utterance", stall=stall)
             await asyncio.sleep(0.5)
@@ -356,3 +372,5 @@ async def test_lip_sync_holds_through_process_stalls_and_a_cpu_hog(
     )
     offsets_ms = [median_ms for median_ms, *_ in measured[2:] if median_ms is not None]
     assert len(offsets_ms) >= 2, subscriber  # a lost onset frame or two, not the whole video
+    # What the viewer sees, after both stalls.
+    assert max(abs(value) for value in offsets_ms) <= MAX_OFFSET_MS, subscriber
