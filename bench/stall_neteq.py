@@ -8,7 +8,9 @@ placement: the sidecar, and the hog with `--cpu-hog`, on core 0; livekit-server 
 process, on core 1). The sidecar is SIGSTOPped (`--stall-ms`) in the middle of an utterance twice: once
 while the subscriber's audio stream is young (a few seconds after it subscribed) and once when it is older
 than `--mature-after-s` (clean utterances fill the time in between); `--after` utterances follow each
-stall. Per stall the result has:
+stall. Then `--idle-stalls` times in silence, `IDLE_STALL_AFTER_S` after an utterance, each followed by one
+utterance (whether such a stall holds up Opus' DTX refresh, two packets every 400 ms of silence, is
+chance). Per stall the result has:
 
 - `burst`: the sidecar's audio packets that left within `BURST_WINDOW_MS` of the resume more than
   `LATE_MS` late against their RTP timestamps (kernel timestamps on loopback): how many, how late, and
@@ -59,6 +61,7 @@ BURST_WINDOW_MS = 50.0  # late packets that left this soon after the resume are 
 LATE_MS = 5.0  # later than a packet's send jitter on a quiet core (bench/rtp_timing.py: p99 under 1 ms)
 RISE_MS = 20.0  # a delay this far above its level before the stop counts as raised by the stall
 TRACE_BEFORE_S = 1.0
+IDLE_STALL_AFTER_S = 0.5  # a stall in silence comes this long after an utterance's playback_finished
 
 
 class ReceiveReading(Protocol):
@@ -158,6 +161,7 @@ def burst(lateness_ms: np.ndarray, sent_at_s: np.ndarray, resumed_at_s: float) -
 @dataclass
 class Stall:
     label: str
+    in_speech: bool = True
     stopped_at_s: float = 0.0
     resumed_at_s: float = 0.0
 
@@ -192,6 +196,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     avatar.write_bytes(avatar_zip_bytes())
     recorder = RoomRecorder(mouth_box=(0, 0, 8, 8), stats_interval_s=STATS_INTERVAL_S)
     stalls = [Stall("young"), Stall("mature")]
+    stalls += [Stall(f"idle{index}", in_speech=False) for index in range(args.idle_stalls)]
     spoken: list[tuple[str, bench_sync.Spoken]] = []
     try:
         await sidecar.wait_ready()
@@ -235,14 +240,22 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 await asyncio.sleep(0.3)
 
             await say(3, "before")
-            for stall in stalls:
+            for number, stall in enumerate(stalls):
                 index = 0
                 while stall.label == "mature" and time.monotonic() - subscribed_at_s < args.mature_after_s:
                     await say(index, "filler")
                     index += 1
-                await say(0, f"{stall.label} stalled", stall)
-                for after in range(args.after):
-                    await say(after + 1, f"{stall.label} after {after + 1}")
+                if stall.in_speech:
+                    await say(0, f"{stall.label} stalled", stall)
+                    for after in range(args.after):
+                        await say(after + 1, f"{stall.label} after {after + 1}")
+                    continue
+                # In silence, `IDLE_STALL_AFTER_S` after an utterance (Opus is in DTX by then).
+                await say(number, f"{stall.label} before")
+                await asyncio.sleep(IDLE_STALL_AFTER_S - 0.3)
+                await asyncio.to_thread(stop(stall))
+                await asyncio.sleep(IDLE_STALL_AFTER_S)
+                await say(number + 1, f"{stall.label} after 1")
             await asyncio.sleep(1.0)
     finally:
         await recorder.close()
@@ -260,18 +273,21 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     sent_at_s = np.array([packet.at_s for packet in upward]) + to_monotonic_s
     intervals = neteq_intervals(recorder.jitter)
     episodes = []
-    for stall in stalls:
+    for number, stall in enumerate(stalls):
         until_s = stall.resumed_at_s + args.trace_s
+        if number + 1 < len(stalls):  # not into the next stall's
+            until_s = min(until_s, stalls[number + 1].stopped_at_s - TRACE_BEFORE_S)
         delay = held_s(intervals, lambda row: row.delay_ms, stall.stopped_at_s, stall.resumed_at_s, until_s)
         target = held_s(intervals, lambda row: row.target_ms, stall.stopped_at_s, stall.resumed_at_s, until_s)
         rows = [
             {"label": label, **bench_sync.measure(recorder, utterance)}
             for label, utterance in spoken
-            if label.startswith(stall.label)
+            if label.startswith(f"{stall.label} ")
         ]
         episodes.append(
             {
                 "stall": stall.label,
+                "in_speech": stall.in_speech,
                 "subscribed_for_s": round(stall.stopped_at_s - subscribed_at_s, 1),
                 "burst": burst(lateness_ms, sent_at_s, stall.resumed_at_s),
                 "delay_ms_before": round(delay[0], 1),
@@ -308,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--after", type=int, default=3, help="utterances measured after each stall")
     parser.add_argument("--trace-s", type=float, default=8.0, help="NetEq trace after each resume")
+    parser.add_argument(
+        "--idle-stalls", type=int, default=4, help="stalls in silence after the mature one (each measured)"
+    )
     parser.add_argument("--cpu-hog", action="store_true", help="a process spinning on the sidecar's core")
     parser.add_argument(
         "--sidecar-nice", type=int, default=0, help="the sidecar's nice value (below 0: root)"
@@ -316,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--notes", default="")
     args = parser.parse_args(argv)
-    if args.after < 1 or args.trace_s <= 0 or args.stall_ms <= 0:
-        parser.error("--after must be at least 1, --trace-s and --stall-ms positive")
+    if args.after < 1 or args.trace_s <= 0 or args.stall_ms <= 0 or args.idle_stalls < 0:
+        parser.error(
+            "--after must be at least 1, --idle-stalls at least 0, --trace-s and --stall-ms positive"
+        )
     if os.geteuid() != 0:
         parser.error("capturing RTP on loopback needs root (CAP_NET_RAW)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -91,6 +91,7 @@ def test_the_burst_is_what_left_right_after_the_resume() -> None:
     ("argv", "message"),
     [
         (["--after", "0"], "--after must be at least 1"),
+        (["--idle-stalls", "-1"], "--idle-stalls at least 0"),
         (["--trace-s", "0"], "--trace-s and --stall-ms positive"),
         (["--stall-ms", "-1"], "--trace-s and --stall-ms positive"),
     ],
