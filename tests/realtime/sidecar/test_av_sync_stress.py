@@ -19,35 +19,35 @@ The sidecar's own clock (its session stats, read before and after every utteranc
   speech the sidecar keeps audio up to two frames late until the next silence rather than drop words
   (docs/audio-protocol.md §4);
 - the stall in speech was seen on the sidecar's clock (it restarted, or the re-anchoring dropped late
-  audio), and the stall in silence cost the audio source no pull (receivers got no late audio from it); sample
-  accounting exact;
+  audio), and the stall in silence cost the audio source no pull (its RTP clock stayed in step with real
+  time); sample accounting exact;
 - `playback_finished` left no earlier than `FINISHED_TOLERANCE_MS` before the sidecar's own account of
   when the utterance's last speech sample is heard, and no later than that plus the lateness its own
   clock measured for its ticks (p99): with the hog the event loop runs late, and the event's timer with it.
 
 The subscriber (method of docs/audio-protocol.md §4.1): every utterance after a stall is heard (at least
-half as many audible 10 ms windows as the speech has); its A/V offset (median over its frames) less what
-the subscriber's own jitter buffers changed since the utterance before any stall (audio buffer growth
-makes the audio late, video buffer growth the video) is within `MAX_STREAM_OFFSET_MS`; and the offset
-itself of the utterance after the stall in speech is within `MAX_OFFSET_MS`. The first bound is on the
-stream's own offset: a sender that lets audio and video slip apart (as before the re-anchoring: −415 ms
-after one stall, growing) fails it, whatever the subscriber's buffers do; its tolerance is two frames
-because the buffers' delays are means over an utterance in which they move by up to ≈ 100 ms. The second
-is what the viewer sees. Issue 18 asks ≤ 40 ms of it for every utterance after the stall; the bound is two
-frames because after a stall in speech the subscriber's synchroniser, which follows the audio buffer with
-the video only gradually and rests within ±30 ms of its target, held the video up to +37 ms late once the
-audio was back (docs/audio-protocol.md §4 has the measurements). That holds only for a viewer that has
-been receiving for a while, hence `MATURE_RECEIVER_S`: after a SIGSTOP in speech, the SDK's audio pacer
-sends the whole stall's audio in one burst when the process resumes (12–13 packets, up to 250 ms late,
-before the sidecar's code runs again), and a subscriber's NetEq in its first ≈ 20 s raises its target
-delay on that burst to ≈ 260 ms for ≈ 5 s (the next utterance read −186 ms, the one after +60 ms:
-`bench/stall_neteq.py`), while an older one keeps its target and plays the excess off at the next
-silence. After the stall in silence the offset is printed, not bounded: a stall that holds up Opus' DTX
-refresh (two packets every 400 ms of silence) sends it 60–100 ms late, and the subscriber's NetEq anchors
-its comfort noise, and so the next utterance, on it: that utterance plays that much later, its excess
-accelerated away only after ≈ 1.5 s (−87 and −89 ms read that way). No sender can prevent either late
-send (the whole process was stopped). The utterance the stall hit is not bounded: its own audio and video
-lose the stall.
+half as many audible 10 ms windows as the speech has); its A/V offset (median over its frames) less what the
+subscriber's own jitter buffers changed since the utterance before any stall (audio buffer growth makes the
+audio late, video buffer growth the video) is within `MAX_STREAM_OFFSET_MS`; and the offset itself of the
+utterance after the stall in speech is within `MAX_OFFSET_MS`. The first bound is on the stream's own
+offset: a sender that lets audio and video slip apart (as before the re-anchoring: −415 ms after one stall,
+growing) fails it, whatever the subscriber's buffers do; its tolerance is two frames because the buffers'
+delays are means over an utterance in which they move by up to ≈ 100 ms. The second is what the viewer sees.
+Issue 18 asks ≤ 40 ms of it for every utterance after the stall; the bound is two frames because after a
+stall in speech the subscriber's synchroniser, which follows the audio buffer with the video only gradually
+and rests within ±30 ms of its target, held the video +30 and +37 ms late (two runs) once the audio was back
+(docs/audio-protocol.md §4 has the measurements). That holds only for a viewer that has been receiving for a
+while, hence `MATURE_RECEIVER_S`: after a SIGSTOP in speech, the SDK's audio pacer sends the whole stall's
+audio in one burst when the process resumes (12–13 packets, up to 250 ms late, before the sidecar's code
+runs again), and a subscriber's NetEq in its first ≈ 20 s raises its target delay on that burst to ≈ 260 ms
+for ≈ 6 s (the next utterance read −189/−195 ms, the one after +71 ms: `bench/stall_neteq.py`), while an
+older one keeps its target and plays the excess off at the next silence. After the stall in silence the
+offset is printed, not bounded: a stall that holds up Opus' DTX refresh (two packets every 400 ms of
+silence) sends it 60–106 ms late, and the subscriber's NetEq anchors its comfort noise, and so the next
+utterance, on it: that utterance plays that much later, its excess accelerated away only after ≈ 2 s, and
+such stalls add up in its statistics (−72 and −83 ms after the fourth within 30 s in
+`bench/stall_neteq.py`). No sender can prevent either late send (the whole process was stopped). The
+utterance the stall hit is not bounded: its own audio and video lose the stall.
 """
 
 from __future__ import annotations
