@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
 import numpy as np
 import websockets
 
@@ -169,11 +168,9 @@ class Stall:
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     from tests.support.avcheck import (  # noqa: PLC0415 (tests/ is not installed with the package)
         RoomRecorder,
-        token,
     )
     from tests.support.credentials import (  # noqa: PLC0415 (tests/ is not installed with the package)
         audio_token,
-        service_headers,
     )
 
     pin_threads(os.getpid(), {bench_sync.PEERS_CORE})
@@ -187,10 +184,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         [sys.executable, "-m", "bench.rtp_timing", "--out", str(capture_path), "--seconds", "3600"]
     )
     sidecar = bench_sync.Sidecar(work_dir, config.ws_url, pinned=True, nice=args.sidecar_nice)
-    hog_argv = bench_sync.on_core_0([sys.executable, "-c", "while True: pass"])
-    if args.hog_nice:
-        hog_argv = ["nice", "-n", str(args.hog_nice), *hog_argv]
-    hog = subprocess.Popen(hog_argv) if args.cpu_hog else None  # noqa: ASYNC220
+    hog = bench_sync.start_hog(args.hog_nice) if args.cpu_hog else None
     clips = [bench_sync.espeak(work_dir, index, text) for index, text in enumerate(bench_sync.SENTENCES)]
     avatar = work_dir / "astronaut.zip"
     avatar.write_bytes(avatar_zip_bytes())
@@ -200,22 +194,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     spoken: list[tuple[str, bench_sync.Spoken]] = []
     try:
         await sidecar.wait_ready()
-        session_id, room = "bench-stall", "room-bench-stall"
-        identity = f"avatar-{session_id}"
-        body = {
-            "avatar_path": str(avatar),
-            "livekit": {
-                "url": config.ws_url,
-                "room": room,
-                "identity": identity,
-                "token": token(config, identity, room),
-            },
-        }
-        async with httpx.AsyncClient(timeout=60, trust_env=False, headers=service_headers()) as client:
-            response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
-            response.raise_for_status()
-        await recorder.connect(config.ws_url, token(config, "viewer", room))
-        await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
+        session_id = "bench-stall"
+        await bench_sync.start_watched_session(sidecar, config, avatar, session_id, recorder)
         subscribed_at_s = time.monotonic()
         pin_threads(os.getpid(), {bench_sync.PEERS_CORE})  # the SDK's threads, whichever thread started them
         url = (

@@ -127,6 +127,41 @@ def on_core_0(argv: list[str]) -> list[str]:
     return [taskset, "-c", str(SIDECAR_CORE), *argv]
 
 
+def start_hog(hog_nice: int) -> subprocess.Popen[bytes]:
+    """`--cpu-hog`: a process spinning on the sidecar's core the whole run (the sidecar gets half of it, more
+    at a `hog_nice` above its own)."""
+    argv = on_core_0([sys.executable, "-c", "while True: pass"])
+    if hog_nice:
+        argv = ["nice", "-n", str(hog_nice), *argv]
+    return subprocess.Popen(argv)
+
+
+async def start_watched_session(
+    sidecar: Sidecar, config: livekit.LiveKitServerConfig, avatar: Path, session_id: str, recorder: Any
+) -> None:
+    """Start `session_id` on the sidecar (the avatar at `avatar`) publishing into a room of its own as
+    `avatar-<session_id>`, connect `recorder` (an `avcheck.RoomRecorder`) to it as the viewer, and return once
+    the viewer receives both tracks."""
+    from tests.support.avcheck import token  # noqa: PLC0415 (tests/ is not installed with the package)
+    from tests.support.credentials import service_headers  # noqa: PLC0415 (the same)
+
+    room, identity = f"room-{session_id}", f"avatar-{session_id}"
+    body = {
+        "avatar_path": str(avatar),
+        "livekit": {
+            "url": config.ws_url,
+            "room": room,
+            "identity": identity,
+            "token": token(config, identity, room),
+        },
+    }
+    async with httpx.AsyncClient(timeout=60, trust_env=False, headers=service_headers()) as client:
+        response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
+        response.raise_for_status()
+    await recorder.connect(config.ws_url, token(config, "viewer", room))
+    await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
+
+
 class Sidecar:
     def __init__(
         self,
@@ -279,7 +314,6 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     from tests.support.avcheck import (  # noqa: PLC0415 (tests/ is not installed with the package)
         RoomRecorder,
         mean_jitter_delay_ms,
-        token,
     )
     from tests.support.credentials import (  # noqa: PLC0415 (tests/ is not installed with the package)
         audio_token,
@@ -311,33 +345,15 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         nice=args.sidecar_nice,
         video_delay_ms=args.video_delay_ms,
     )
-    # --cpu-hog: a process spinning on the sidecar's core the whole run (the sidecar gets half of it).
-    hog_argv = on_core_0([sys.executable, "-c", "while True: pass"])
-    if args.hog_nice:
-        hog_argv = ["nice", "-n", str(args.hog_nice), *hog_argv]
-    hog = subprocess.Popen(hog_argv) if args.cpu_hog else None  # noqa: ASYNC220
+    hog = start_hog(args.hog_nice) if args.cpu_hog else None
     clips = [espeak(work_dir, index, text) for index, text in enumerate(SENTENCES)]
     avatar = work_dir / "astronaut.zip"
     avatar.write_bytes(avatar_zip_bytes())
     recorder = RoomRecorder(mouth_box=(0, 0, 8, 8), stats_interval_s=0.5)
     try:
         await sidecar.wait_ready()
-        session_id, room = "bench-sync", "room-bench-sync"
-        identity = f"avatar-{session_id}"
-        body = {
-            "avatar_path": str(avatar),
-            "livekit": {
-                "url": config.ws_url,
-                "room": room,
-                "identity": identity,
-                "token": token(config, identity, room),
-            },
-        }
-        async with httpx.AsyncClient(timeout=60, trust_env=False, headers=service_headers()) as client:
-            response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
-            response.raise_for_status()
-        await recorder.connect(config.ws_url, token(config, "viewer", room))
-        await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
+        session_id = "bench-sync"
+        await start_watched_session(sidecar, config, avatar, session_id, recorder)
         if split:
             pin_threads(os.getpid(), {PEERS_CORE})  # the SDK's threads, whichever thread started them
         rate = clips[0].rate_hz
