@@ -25,6 +25,7 @@ from realtime.host import (
     AvatarAsset,
     OutputTarget,
 )
+from realtime.outputs.livekit import LiveKitPublisherOptions
 from realtime.outputs.registry import LIVEKIT, LiveKitTarget
 from realtime.sidecar.host import SidecarHost
 from tests.support.avcheck import (
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_MAX_CHANGE = 4.0  # mean |received - idle frame| in the mouth region, 0-255: codec noise only
 SPEECH_MIN_CHANGE = 8.0
+HEADROOM_MARGIN_MS = 10.0  # a tick's composition and audio queueing, after its lateness is taken
 SETTLE_S = 1.0  # idle before the speech: the silent frames must show the idle cycle
 
 
@@ -377,6 +379,10 @@ async def test_the_audio_survives_event_loop_stalls_without_a_gap(
         runtime = host.runtime(session_id)
         assert runtime is not None
         late_ticks = sum(1 for v in runtime.samples.lateness_ms if v >= 10.0)
+        # Ticks later than the headroom (less what composing the tick and queueing its audio take) empty the
+        # queue whatever it holds: the test's stalls stay within it, a loaded machine adds the rest.
+        headroom_ms = LiveKitPublisherOptions(width_px=16, height_px=16).audio_headroom_ms  # no flag sets it
+        past_headroom = sum(1 for v in runtime.samples.lateness_ms if v >= headroom_ms - HEADROOM_MARGIN_MS)
         publisher_extra = runtime.publishers[0].stats().extra
     finally:
         await recorder.close()
@@ -395,9 +401,11 @@ async def test_the_audio_survives_event_loop_stalls_without_a_gap(
         f"underruns {publisher_extra.get('audio_underruns', 0)}, block lags {lags}, envelope r "
         f"{correlation:.3f}"
     )
-    # The sidecar's side: every tick's audio reached the source before WebRTC pulled it (no sender gap).
-    assert publisher_extra.get("audio_underruns", 0.0) == 0.0, publisher_extra
-    assert publisher_extra["audio_slack_ms_min"] > 0.0
+    # The sidecar's side: every tick that came within the headroom had its audio at the source before WebRTC
+    # pulled it (no sender gap); only ticks the load made later than the headroom may have run it dry.
+    assert publisher_extra.get("audio_underruns", 0.0) <= past_headroom, (past_headroom, publisher_extra)
+    if past_headroom == 0:
+        assert publisher_extra["audio_slack_ms_min"] > 0.0
     # The subscriber's side. Block lags are printed, not asserted: besides sender gaps (multiples of 10 ms),
     # the
     # receiver's jitter buffer time-stretches by a few to ~15 ms when the packets it gets are bursty, and on a
