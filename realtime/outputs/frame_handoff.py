@@ -1,11 +1,11 @@
 """Hands a publisher's video frames to the SDK on a thread of its own, in order, off the event loop.
 
 LiveKit's `VideoSource.capture_frame` is a synchronous FFI call that returns only once libwebrtc has
-taken the frame, and that waits while the encoder thread encodes the frame before it: about one frame's
-encode time (1-4 ms of wall time per 512² to 1024² frame on a CPU core, of which ~0.15 ms is the call's
-own CPU). Made on the event loop, those waits add up over a sidecar's sessions (25 a second each) and
-stop every session's clock meanwhile. ctypes releases the GIL for the call, so one worker thread per
-publisher waits instead and the loop goes on.
+taken the frame, and it waits meanwhile for the encoder thread to finish the frame before: about one
+frame's encode time, most of it waiting rather than CPU (`bench.publish_cost` measures both). Made on the
+event loop, those waits add up over a sidecar's sessions (25 a second each) and hold every session's
+clock meanwhile. ctypes releases the GIL for the call, so one worker thread per publisher waits instead
+and the loop goes on.
 
 A worker `max_pending` frames behind refuses the next frame: the caller counts it as dropped, so an encoder
 that cannot keep 25 fps never builds a backlog of stale frames. The default, 5 (200 ms of video at 25 fps),
