@@ -12,11 +12,13 @@ a `timeout`, SIGKILL, a crash): the kernel sends it SIGTERM when its starter is 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -92,17 +94,54 @@ class ServiceStartError(LipsyncError, RuntimeError):
     code = "service_start_failed"
 
 
+# Ports handed out for listeners come from below the kernel's ephemeral range: the OS gives outgoing
+# connections their local ports from that range, so a port it picked for us (bind to port 0) could be taken
+# by any client socket between our pick and the service's bind ("address already in use" at a service's
+# start-up, seen in CI). A port outside it can be taken only by another listener, which the bind probe sees.
+LISTEN_PORTS = range(20_000, 32_768)
+_recent_ports: collections.deque[int] = collections.deque(maxlen=512)  # not handed out twice in a row
+_port_random = random.Random()
+
+
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range:
+    """The kernel's range for outgoing connections' local ports (Linux's default where it cannot be read)."""
+    try:
+        low, high = (int(value) for value in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32_768, 60_999
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on `host` right now, outside the ephemeral range (see `LISTEN_PORTS`)."""
+    return _free_listen_port(host, socket.SOCK_STREAM)
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    """A UDP port free on `host` right now, outside the ephemeral range (see `LISTEN_PORTS`)."""
+    return _free_listen_port(host, socket.SOCK_DGRAM)
+
+
+def _free_listen_port(host: str, kind: socket.SocketKind, attempts: int = 200) -> int:
+    ephemeral = ephemeral_ports()
+    candidates = [port for port in LISTEN_PORTS if port not in ephemeral]
+    for _ in range(attempts if candidates else 0):
+        port = _port_random.choice(candidates)
+        if port in _recent_ports:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # a listener (or a lingering connection) holds it
+        _recent_ports.append(port)
+        return port
+    # The ephemeral range covers ours (an unusual kernel setting), or everything there is taken: the OS picks.
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _recent_ports.append(port)
+    return port
 
 
 def tcp_port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
