@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import cpu_name
-from bench.sessions import LiveKitRun, avatar_zip, frame_px
+from bench.proc_cpu import thread_cpu_s
+from bench.sessions import LiveKitRun, avatar_zip, frame_px, pct
 from realtime.engine.protocol import EngineConfig
 from realtime.host import AvatarAsset
 from realtime.sidecar.config import RuntimeConfig
@@ -62,20 +63,6 @@ THREAD_GROUPS = {
     "AudioSourceCapt": "audio_source_pull",
     "livekit-audio": "audio_source_pull",
 }
-
-
-def thread_cpu_s(pid: int) -> dict[str, tuple[str, float]]:
-    """CPU seconds of every thread of `pid`: {tid: (comm, user + system seconds)}."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[str, tuple[str, float]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        out[task.name] = (comm, (int(fields[11]) + int(fields[12])) / ticks)
-    return out
 
 
 class _Timed:
@@ -118,13 +105,6 @@ async def _loop_lag(samples_ms: list[float], period_s: float = 0.01) -> None:
         samples_ms.append((time.perf_counter() - started - period_s) * 1000.0)
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))], 2)
-
-
 async def measure_level(
     livekit: LiveKitRun, engine: EngineAdapter, avatar: Any, sessions: int, *, duration_s: float, handoff: str
 ) -> dict[str, Any]:
@@ -154,9 +134,10 @@ async def measure_level(
             timer.reset()
         lag_ms: list[float] = []
         probe = asyncio.create_task(_loop_lag(lag_ms))
-        before, cpu_before, started = thread_cpu_s(os.getpid()), time.process_time(), time.monotonic()
+        pgid = os.getpgid(0)  # this process's group: the servers run in groups of their own
+        before, cpu_before, started = thread_cpu_s(pgid), time.process_time(), time.monotonic()
         await asyncio.sleep(duration_s)
-        after, cpu_after, wall_s = thread_cpu_s(os.getpid()), time.process_time(), time.monotonic() - started
+        after, cpu_after, wall_s = thread_cpu_s(pgid), time.process_time(), time.monotonic() - started
         probe.cancel()
     finally:
         for runtime in runtimes:
@@ -165,8 +146,8 @@ async def measure_level(
                 await publisher.close()
         lane.close()
     by_group: defaultdict[str, float] = defaultdict(float)
-    for tid, (comm, cpu_s) in after.items():
-        by_group[THREAD_GROUPS.get(comm, "other")] += cpu_s - before.get(tid, (comm, 0.0))[1]
+    for comm, cpu_s in after.items():
+        by_group[THREAD_GROUPS.get(comm.strip(), "other")] += cpu_s - before.get(comm, 0.0)
     frames = sum(t.calls for t in loop_timers)
     sdk_calls = max(1, sum(t.calls for t in sdk_timers))
     sdk_wall_s, sdk_cpu_s = sum(t.wall_s for t in sdk_timers), sum(t.cpu_s for t in sdk_timers)
@@ -183,9 +164,9 @@ async def measure_level(
         "loop_busy_fraction_video": round(sum(t.wall_s for t in loop_timers) / wall_s, 3),
         "sdk_capture_ms_per_frame_wall": round(sdk_wall_s * 1000.0 / sdk_calls, 3),
         "sdk_capture_ms_per_frame_cpu": round(sdk_cpu_s * 1000.0 / sdk_calls, 3),
-        "loop_lag_ms_p50": _pct(lag_ms, 50),
-        "loop_lag_ms_p99": _pct(lag_ms, 99),
-        "loop_lag_ms_max": _pct(lag_ms, 100),
+        "loop_lag_ms_p50": pct(lag_ms, 50),
+        "loop_lag_ms_p99": pct(lag_ms, 99),
+        "loop_lag_ms_max": pct(lag_ms, 100),
         "frames_dropped": sum(p.stats().frames_dropped for r in runtimes for p in r.publishers),
         "host_load_avg_1m": round(os.getloadavg()[0], 2),
     }

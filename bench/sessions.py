@@ -306,16 +306,16 @@ async def run_level(
     row: dict[str, Any] = {
         "sessions": sessions,
         "client_start": client_start,
-        "ttff_ms_p50": _pct(ttff, 50),
-        "ttff_ms_p99": _pct(ttff, 99),
-        "lateness_ms_p50": _pct(lateness, 50),
-        "lateness_ms_p99": _pct(lateness, 99),
+        "ttff_ms_p50": pct(ttff, 50),
+        "ttff_ms_p99": pct(ttff, 99),
+        "lateness_ms_p50": pct(lateness, 50),
+        "lateness_ms_p99": pct(lateness, 99),
         "dropped_frames": dropped,
         "underrun_ticks": sum(r.counters.underrun_ticks for r in runtimes),
         "clock_resyncs": sum(r.counters.clock_resyncs for r in runtimes),
-        "render_slack_ms_p1": _pct(slack, 1),
-        "planned_budget_ms_p50": _pct(budgets, 50),
-        "planned_budget_ms_max": _pct(budgets, 100),
+        "render_slack_ms_p1": pct(slack, 1),
+        "planned_budget_ms_p50": pct(budgets, 50),
+        "planned_budget_ms_max": pct(budgets, 100),
         "speech_frames": sum(s.speech_frames for s in stats),
         "frames_published": sum(s.frames_published for s in stats),
         "utterances": len(ttff),
@@ -341,7 +341,7 @@ async def run_level(
         },
         # The aggregate rate the lane reached: frames rendered in the busiest second of the level.
         "lane_rendered_fps_peak_1s": _peak_rate(rendered, window_s=1.0),
-        "loop_lag_ms_p99": _pct(loop_lag_ms, 99),  # event-loop responsiveness: how late a 10 ms sleep wakes
+        "loop_lag_ms_p99": pct(loop_lag_ms, 99),  # event-loop responsiveness: how late a 10 ms sleep wakes
         "lane_capacity_sessions": lane.capacity_sessions(max_batch_ms=config.max_batch_ms),
         "wall_s": round(wall_s, 2),
         # This process's CPU time per session-second while the clients spoke (see the module docstring).
@@ -404,7 +404,7 @@ def _peak_rate(samples: list[tuple[float, int]], *, window_s: float) -> float | 
     return round(best, 1) if best is not None else None
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
 

@@ -143,21 +143,13 @@ async def start_watched_session(
     `avatar-<session_id>`, connect `recorder` (an `avcheck.RoomRecorder`) to it as the viewer, and return once
     the viewer receives both tracks."""
     from tests.support.avcheck import token  # noqa: PLC0415 (tests/ is not installed with the package)
-    from tests.support.credentials import service_headers  # noqa: PLC0415 (the same)
+    from tests.support.sidecar_child import start_livekit_session  # noqa: PLC0415 (the same)
 
     room, identity = f"room-{session_id}", f"avatar-{session_id}"
-    body = {
-        "avatar_path": str(avatar),
-        "livekit": {
-            "url": config.ws_url,
-            "room": room,
-            "identity": identity,
-            "token": token(config, identity, room),
-        },
-    }
-    async with httpx.AsyncClient(timeout=60, trust_env=False, headers=service_headers()) as client:
-        response = await client.post(f"{sidecar.base_url}/v1/sessions/{session_id}", json=body)
-        response.raise_for_status()
+    response = await start_livekit_session(
+        sidecar.base_url, config, session_id, room=room, avatar_zip=avatar, identity=identity
+    )
+    response.raise_for_status()
     await recorder.connect(config.ws_url, token(config, "viewer", room))
     await recorder.wait_for(lambda: len(recorder.frames) >= 25 and len(recorder.audio_chunks) >= 50, 30)
 

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import threading
 import time
 
 import pytest
 
-from bench.publish_cost import _handoffs, _Timed, parse_args, thread_cpu_s
-
-
-def test_thread_cpu_is_read_per_thread_and_grows_with_its_work() -> None:
-    tid = str(threading.get_native_id())
-    comm, before_s = thread_cpu_s(os.getpid())[tid]
-    until = time.thread_time() + 0.3
-    while time.thread_time() < until:  # 0.3 s of this thread's CPU
-        pass
-    after_comm, after_s = thread_cpu_s(os.getpid())[tid]
-    assert comm == after_comm and comm
-    assert 0.2 <= after_s - before_s < 5.0  # clock ticks: 10 ms granularity
+from bench.publish_cost import _handoffs, _Timed, parse_args
 
 
 def test_the_timer_counts_calls_wall_and_cpu_and_passes_results_and_errors_through() -> None:

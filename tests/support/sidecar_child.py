@@ -69,17 +69,9 @@ class SidecarChild:
     async def open_livekit_session(
         self, livekit: LiveKitServerConfig, session_id: str, room: str, avatar_zip: Path, identity: str
     ) -> None:
-        body = {
-            "avatar_path": str(avatar_zip),
-            "livekit": {
-                "url": livekit.ws_url,
-                "room": room,
-                "identity": identity,
-                "token": token(livekit, identity, room),
-            },
-        }
-        async with httpx.AsyncClient(timeout=90, trust_env=False, headers=service_headers()) as client:
-            response = await client.post(f"{self.base_url}/v1/sessions/{session_id}", json=body)
+        response = await start_livekit_session(
+            self.base_url, livekit, session_id, room=room, avatar_zip=avatar_zip, identity=identity
+        )
         assert response.status_code == 200, response.text
 
     async def stats(self, session_id: str) -> dict[str, Any]:
@@ -93,6 +85,30 @@ class SidecarChild:
         async with httpx.AsyncClient(timeout=30, trust_env=False, headers=service_headers()) as client:
             with contextlib.suppress(httpx.HTTPError):
                 await client.delete(f"{self.base_url}/v1/sessions/{session_id}")
+
+
+async def start_livekit_session(
+    base_url: str,
+    livekit: LiveKitServerConfig,
+    session_id: str,
+    *,
+    room: str,
+    avatar_zip: Path,
+    identity: str,
+) -> httpx.Response:
+    """Ask a sidecar's dev API at `base_url` to start `session_id` with the avatar at `avatar_zip`, published
+    into `room` of `livekit` as `identity`; the sidecar's answer."""
+    body = {
+        "avatar_path": str(avatar_zip),
+        "livekit": {
+            "url": livekit.ws_url,
+            "room": room,
+            "identity": identity,
+            "token": token(livekit, identity, room),
+        },
+    }
+    async with httpx.AsyncClient(timeout=90, trust_env=False, headers=service_headers()) as client:
+        return await client.post(f"{base_url}/v1/sessions/{session_id}", json=body)
 
 
 @contextlib.asynccontextmanager
