@@ -36,6 +36,10 @@ class RuntimeConfig:
         return self.max_render_budget_ms / self.render_budget_safety
 
     render_batch_frames: int = 4  # frames per engine call, at most
+    # ...and per job among an utterance's first frames: when many utterances start together, the lane
+    # renders their frame 0s first, then their frame 1s, rather than each one's first four in turn (a lane
+    # simulation at an H200's batch times: bench/results/lane-policy-*.json).
+    first_frames_job_frames: int = 2
     crossfade_frames: int = 2  # speech -> idle blend when an utterance ends on an open mouth
     resync_after_ms: float = 250.0  # a clock this late (event loop stalled) restarts from now
     lateness_window_ticks: int = 3000  # ticks kept for lateness percentiles

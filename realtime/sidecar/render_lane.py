@@ -19,6 +19,13 @@ Rules, and why:
   never push the batch into a bucket that misses the most urgent deadline nor displace a job that could
   not wait one batch more, and never ahead of their own stream's earlier jobs: a stream's features are
   pulled in order, so one source's jobs take their requests in deadline order, skipped ones included.
+  Their lead is the shortest with which the batching rule, run ahead on the cost model
+  (`first_frames_budget_ms`, `lane_forecast`), renders them by their ticks without making a queued frame
+  late that would be in time without them.
+- Backlog: a full batch or more of frames due within two full batches' time makes the lane behind, and
+  then only throughput counts (full batches, no cutting for the most urgent deadline). Frames due later
+  (a TTS burst's) and first frames do not count: a burst of utterances that start together would
+  otherwise turn off the cutting that the first planned of them counted on.
 - Admission and planning: `BatchCostModel` keeps the measured batch time per bucket;
   `capacity_sessions` turns it into admission control, `planning_budget_ms` into how far ahead a session
   plans an utterance (the batch in flight plus its own, times a safety factor, plus the backlog).
@@ -48,6 +55,7 @@ import numpy as np
 
 from realtime.clock import Clock, monotonic_clock
 from realtime.engine.protocol import RenderedFrames, RenderHandle
+from realtime.sidecar.lane_forecast import ForecastJob, LaneCosts, bucket_for, forecast_ready_s
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +80,7 @@ START_LEAD_FACTOR = 1.5
 START_LEAD_MARGIN_MS = 1.0
 START_HOST_SMOOTHING = 0.2
 IN_FLIGHT_POLL_S = 0.002
-
-
-def bucket_for(frames: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket holding `frames` (the largest when none does)."""
-    for bucket in buckets:
-        if bucket >= frames:
-            return bucket
-    return buckets[-1]
+BACKLOG_HORIZON_BATCHES = 2.0  # see `_take_batch`: how far ahead queued frames count as the lane being behind
 
 
 def smoothed(previous: float | None, value: float, smoothing: float) -> float:
@@ -282,6 +283,8 @@ class RenderLane:
         self._start_host_ms: float | None = None
         self._inflight_frames = 0  # frames of the batches started and not yet collected (0: none)
         self._inflight_started_s = 0.0  # on `time.perf_counter`, like the cost model's measurements
+        # perf_counter estimate of when the device finishes every batch started (inf: unmeasured)
+        self._device_free_s = math.inf
         self._recent_batches: deque[tuple[float, float]] = deque()  # (finished at on `clock`, wall ms)
         self.stats = RenderLaneStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -439,12 +442,8 @@ class RenderLane:
         `adding_frames`: frames about to be submitted, counted as queued."""
         with self._cond:
             queued = sum(job.frames for job in self._heap if job.is_render)
-            inflight, inflight_started_s = self._inflight_frames, self._inflight_started_s
         queued += max(0, adding_frames)
-        total_ms = 0.0
-        if inflight:
-            inflight_ms = self.cost_model.estimate_ms(inflight) or 0.0
-            total_ms += max(0.0, inflight_ms - (time.perf_counter() - inflight_started_s) * 1000.0)
+        total_ms = self._inflight_rest_ms()
         full_batches, rest = divmod(queued, self.max_batch_frames)
         if full_batches:
             total_ms += full_batches * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0)
@@ -487,35 +486,108 @@ class RenderLane:
         safety_factor: float = 2.0,
         frame_period_ms: float = FRAME_PERIOD_MS,
         adding_frames: int = 1,
+        job_frames: int = 4,
+        first_due_s: Callable[[float], float] | None = None,
     ) -> float:
-        """The lead that `adding_frames` frames submitted now as `first_frames` need: the rest of the batch in
-        flight, then the next batch, which they ride (they jump the later frames; only first frames queued
-        before them and past a full batch push them to a batch after it), all × `safety_factor` / 2 for
-        jitter.
+        """The shortest lead for `adding_frames` frames submitted now as `first_frames` (frame j due at
+        lead + j·period, in jobs of `job_frames`) with which they are rendered by their ticks, with
+        `safety_factor` / 2 on each wait (up to two full batches of it) for jitter, and with which no queued
+        frame that would be in time without them misses its tick. `first_due_s`: when, on the lane's clock,
+        frame 0 is due with a given lead (ms), the session's first tick at least that far away; default
+        now + lead.
 
-        The next batch is formed shortly before the one in flight finishes, from every frame queued by then:
-        the frames queued now, these, and those the speaking sessions add meanwhile (one per period each).
-        Unlike `planning_budget_ms` this counts the batches as they will be, not the steady batch at the load:
-        frames that become ready in real time later need that, frames that are ready now only need to be
-        rendered once. `min_ms` before anything was measured."""
+        The waits are forecast by running the lane's batching rule ahead on its cost model
+        (`lane_forecast`), from when the device finishes the batches it has: earliest deadline first, so
+        frames due after these do not delay them however long the queue (a burst of utterances that start
+        together each wait for the others' first frames, not their whole bursts), while many frames due close
+        together make the lane cut its batches to the most urgent deadline, at fewer frames per second.
+        Clamped to [`min_ms`, `max_ms`]; `min_ms` before anything was measured."""
         if self.cost_model.estimate_ms(1) is None:
             return min_ms
-        adding = max(1, adding_frames)
+        adding, job_frames = max(1, adding_frames), max(1, job_frames)
+        factor = safety_factor / 2.0
+        period_s = frame_period_ms / 1000.0
+        now_s = self._clock()
         with self._cond:
-            queued = sum(job.frames for job in self._heap if job.is_render)
-            queued_first = sum(job.frames for job in self._heap if job.is_render and job.first_frames)
-            inflight, inflight_started_s = self._inflight_frames, self._inflight_started_s
-        inflight_rest_ms = 0.0
-        if inflight:
-            inflight_ms = self.cost_model.estimate_ms(inflight) or 0.0
-            inflight_rest_ms = max(0.0, inflight_ms - (time.perf_counter() - inflight_started_s) * 1000.0)
-        arriving = math.ceil(self.speaking_sessions() * inflight_rest_ms / frame_period_ms)
-        next_batch = min(self.max_batch_frames, queued + adding + arriving)
-        wait_ms = inflight_rest_ms + (self.cost_model.estimate_ms(next_batch) or 0.0)
-        # full batches of first frames ahead
-        batches_before = (queued_first + adding - 1) // self.max_batch_frames
-        wait_ms += batches_before * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0)
-        return min(max_ms, max(min_ms, wait_ms * safety_factor / 2.0))
+            queued = sorted(
+                (job.deadline_s, job.sequence, job.frames, job.first_frames)
+                for job in self._heap
+                if job.is_render
+            )
+        costs = self._lane_costs()
+        start_s = now_s + self._inflight_rest_ms() / 1000.0
+
+        # The jitter allowance grows with the wait up to two full batches' worth (the batch in flight and a
+        # frame's own, which the factor was set for), not over every batch of a long queue.
+        jitter_cap_s = 2.0 * (self.cost_model.estimate_ms(self.max_batch_frames) or 0.0) / 1000.0
+
+        def in_time(ready_s: float, due_s: float) -> bool:
+            wait_s = ready_s - now_s
+            return ready_s + (factor - 1.0) * min(wait_s, jitter_cap_s) <= due_s
+
+        queued_jobs = [ForecastJob(deadline_s, frames, first) for deadline_s, _, frames, first in queued]
+        alone_ready_s = forecast_ready_s(queued_jobs, start_s=start_s, costs=costs)
+        # The queued jobs these frames must not make late: those in time without them, by their deadlines
+        # alone (keeping their sessions' jitter allowance too gave a burst's last utterances all the lead).
+        protected = [
+            ready_s + self._deadline_margin_s <= job.deadline_s
+            for job, ready_s in zip(queued_jobs, alone_ready_s, strict=True)
+        ]
+
+        lead_ms = max(min_ms, 0.0)
+        while lead_ms < max_ms:
+            first_at_s = first_due_s(lead_ms) if first_due_s is not None else now_s + lead_ms / 1000.0
+            mine = [
+                ForecastJob(first_at_s + start * period_s, min(job_frames, adding - start), True)
+                for start in range(0, adding, job_frames)
+            ]
+            # Queued jobs first at equal deadlines (the lane's heap breaks ties by submission order).
+            merged = sorted(
+                [(job.deadline_s, 0, index, job) for index, job in enumerate(queued_jobs)]
+                + [(job.deadline_s, 1, index, job) for index, job in enumerate(mine)]
+            )
+            ready_s = forecast_ready_s([job for *_, job in merged], start_s=start_s, costs=costs)
+            if all(
+                in_time(ready, job.deadline_s)
+                if is_mine
+                else ready + self._deadline_margin_s <= job.deadline_s
+                for (_, is_mine, index, job), ready in zip(merged, ready_s, strict=True)
+                if is_mine or protected[index]
+            ):
+                return lead_ms
+            # The next lead that moves frame 0 to a later due time (the next tick, with `first_due_s`).
+            lead_ms = max(lead_ms + frame_period_ms / 8.0, (first_at_s - now_s) * 1000.0 + 1.0)
+        return max_ms
+
+    def _lane_costs(self) -> LaneCosts:
+        """The cost model as the forecast reads it (unmeasured sizes cost nothing: callers check first)."""
+        model = self.cost_model
+        return LaneCosts.read(
+            batch_ms=lambda frames: model.estimate_ms(frames) or 0.0,
+            device_ms=lambda frames: model.device_ms(frames) or model.estimate_ms(frames) or 0.0,
+            buckets=self.buckets,
+            max_batch_frames=self.max_batch_frames,
+            deadline_margin_s=self._deadline_margin_s,
+            backlog_horizon_batches=BACKLOG_HORIZON_BATCHES,
+        )
+
+    def _inflight_rest_ms(self) -> float:
+        """Estimated time until the device has finished the batches started and not yet collected (0:
+        none): when the lane pipelines, up to two (the one on the device and the next, started just before
+        it ends)."""
+        with self._cond:
+            inflight, started_s, device_free_s = (
+                self._inflight_frames,
+                self._inflight_started_s,
+                self._device_free_s,
+            )
+        if not inflight:
+            return 0.0
+        now_s = time.perf_counter()
+        by_batch_ms = max(0.0, (self.cost_model.estimate_ms(inflight) or 0.0) - (now_s - started_s) * 1000.0)
+        if not math.isfinite(device_free_s):
+            return by_batch_ms
+        return max(by_batch_ms, (device_free_s - now_s) * 1000.0)
 
     def _planning_batch_ms(self, frame_period_ms: float) -> float | None:
         """The batch time planning counts with (see `planning_budget_ms`); None before any measurement."""
@@ -736,6 +808,8 @@ class RenderLane:
         device_ms = self.cost_model.device_ms(count) if count else 0.0
         begins_s = max(now, after.device_done_s) if after is not None else now
         done_s = math.inf if device_ms is None else begins_s + device_ms / 1000.0
+        with self._cond:
+            self._device_free_s = done_s
         return _InFlight(batch, keep, count, frames, started, start_host_ms, handle, done_s)
 
     def _collect(self, in_flight: _InFlight) -> None:
@@ -825,13 +899,19 @@ class RenderLane:
         head_feasible = alone_ms is None or (
             self._clock() + alone_ms / 1000.0 + self._deadline_margin_s <= first.deadline_s
         )
+        horizon_s = self._backlog_horizon_s()
         with self._cond:
-            # A full batch or more waiting: the lane is behind, and only throughput brings it back (the frames
-            # that a big batch makes late are skipped, `_frames_in_time`); cutting would only make the queue
-            # longer.
-            backlogged = (
-                frames + sum(job.frames for job in self._heap if job.is_render) >= self.max_batch_frames
+            # A full batch or more due within two full batches' time: the lane is behind, and only throughput
+            # brings it back (the frames that a big batch makes late are skipped, `_frames_in_time`); cutting
+            # would only make the queue longer. Frames due later (audio that arrived ahead: a TTS burst) do
+            # not make it behind, nor do first frames (their leads were planned on batches that keep the most
+            # urgent deadline: `first_frames_budget_ms`).
+            due_soon = sum(
+                job.frames
+                for job in self._heap
+                if job.is_render and not job.first_frames and job.deadline_s <= horizon_s
             )
+            backlogged = frames + due_soon >= self.max_batch_frames
             # Except for first frames: their short lead counted on the batch they ride, not on a full one.
             head_feasible = head_feasible and (not backlogged or first.first_frames)
             while self._heap and self._heap[0].is_render:
@@ -928,6 +1008,12 @@ class RenderLane:
         self.stats.first_frames_displaced += len(displaced)
         taken.extend(admitted)
         taken.sort()  # deadline order, as `_frames_in_time` and the stream pulls expect
+
+    def _backlog_horizon_s(self) -> float:
+        """Frames due before this (the lane's clock) count toward a backlog: two full batches from now (the
+        batch being formed and the next); every queued frame while a full batch was never measured."""
+        full_ms = self.cost_model.estimate_ms(self.max_batch_frames)
+        return math.inf if full_ms is None else self._clock() + BACKLOG_HORIZON_BATCHES * full_ms / 1000.0
 
     def _bucket_growth_keeps_head(self, first: _Job, frames: int, grown: int, head_feasible: bool) -> bool:
         """Growing the batch from `frames` to `grown` keeps the most urgent job's deadline (same rule as

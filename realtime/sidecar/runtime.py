@@ -18,7 +18,9 @@ frame goes to the lane as soon as it is ready, while the session's earlier jobs 
 a frame then waits for at most the batch in flight and its own. Audio that arrived ahead of real
 time (a TTS burst) makes frames ready before their share of that budget: those are submitted as
 first frames, which jump the lane's queue, and the utterance starts with only the lead they need
-(`_first_tick_lead`; `RuntimeConfig.first_frame_priority`).
+(`_first_tick_lead`; `RuntimeConfig.first_frame_priority`). An utterance whose audio came while the one
+before it still plays starts right after it, unless that is sooner than its first frames can be
+rendered: then after a pause of a few ticks (`utterance_start_deferred_ticks`), audio and frames together.
 If the client's audio runs dry mid-utterance (it streams slower than real time), the
 utterance pauses: idle frames with silence, and it resumes one tick later.
 
@@ -90,6 +92,8 @@ class RuntimeCounters:
     clock_resyncs: int = 0  # stalls of the event loop long enough that the clock restarted from now
     interrupts: int = 0
     render_errors: int = 0
+    # ticks of pause put between an utterance and the one before it, so its first frames could be rendered
+    utterance_start_deferred_ticks: int = 0
 
 
 @dataclass
@@ -378,6 +382,15 @@ class SessionRuntime:
             if count is None:
                 return  # the previous utterance is still open: its length (and so this start) is unknown
             start_tick = last.start_tick + count
+            if self.config.first_frame_priority:
+                # Right after the one that plays, unless that is sooner than its first frames can be rendered
+                # (the lead was the previous utterance's, planned at another load): then a short pause at the
+                # boundary, with the audio, rather than frames missed after it.
+                budget_ms, lead_ms = self._first_tick_lead(ready)
+                earliest_tick = math.ceil((self._clock() + lead_ms / 1000.0 - self._t0_s) / self._period_s)
+                if earliest_tick > start_tick:
+                    self.counters.utterance_start_deferred_ticks += earliest_tick - start_tick
+                    start_tick = earliest_tick
         else:
             budget_ms, lead_ms = self._first_tick_lead(ready)
             self.samples.planned_budget_ms.append(lead_ms)
@@ -407,8 +420,19 @@ class SessionRuntime:
             safety_factor=self.config.render_budget_safety,
             frame_period_ms=period_ms,
             adding_frames=adding,
+            job_frames=self._first_frames_job_frames(),
+            first_due_s=self._first_tick_due_s,
         )
         return budget_ms, max(first_ms, budget_ms - max(0, ready_frames - 1) * period_ms)
+
+    def _first_tick_due_s(self, lead_ms: float) -> float:
+        """When the first tick at least `lead_ms` from now is due (how `_plan_next` rounds a lead)."""
+        due_s = self._clock() + lead_ms / 1000.0
+        return self._tick_deadline(max(self._tick, math.ceil((due_s - self._t0_s) / self._period_s)))
+
+    def _first_frames_job_frames(self) -> int:
+        """Frames per job among an utterance's first frames (`RuntimeConfig.first_frames_job_frames`)."""
+        return max(1, min(self.config.render_batch_frames, self.config.first_frames_job_frames))
 
     def _frames_submitted_at_once(self, ready_frames: int) -> int:
         """Frames ready now go to the lane at once (in jobs of `render_batch_frames`), up to
@@ -439,7 +463,7 @@ class SessionRuntime:
             if plan.next_to_render < limit:
                 stop = min(limit, plan.next_to_render + self.config.render_batch_frames)
                 if plan.next_to_render < plan.first_frames:  # a job is all first frames or none
-                    stop = min(stop, plan.first_frames)
+                    stop = min(stop, plan.first_frames, plan.next_to_render + self._first_frames_job_frames())
                 return plan, list(range(plan.next_to_render, stop))
             if plan.next_to_render < ready:
                 return None  # this utterance is far enough ahead; later ones wait their turn
@@ -752,6 +776,7 @@ class SessionRuntime:
             "clock_resyncs": float(counters.clock_resyncs),
             "interrupts": float(counters.interrupts),
             "render_errors": float(counters.render_errors),
+            "utterance_start_deferred_ticks": float(counters.utterance_start_deferred_ticks),
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))

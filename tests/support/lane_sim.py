@@ -164,10 +164,18 @@ class SimResult:
     miss_frame_indices: list[
         int
     ]  # utterance frame index of each dropped frame (where in an utterance they fall)
+    # pauses put between back-to-back utterances (`utterance_start_deferred_ticks`)
+    deferred_ticks: int = 0
 
 
 async def _client(
-    runtime: SessionRuntime, utterance_s: float, gap_s: float, stop_at_s: float, burst_s: float = 0.0
+    runtime: SessionRuntime,
+    utterance_s: float,
+    gap_s: float,
+    stop_at_s: float,
+    *,
+    burst_s: float = 0.0,
+    delay_s: float = 0.0,
 ) -> None:
     """`burst_s`: each utterance's first `burst_s` of audio arrives in one message (a TTS's first chunk), the
     rest
@@ -176,6 +184,7 @@ async def _client(
     playout = np.zeros(PLAYOUT_SAMPLES_PER_FRAME * CHUNK_MS // 40, np.float32)
     chunks = round(utterance_s * 1000 / CHUNK_MS)
     burst_chunks = min(chunks, round(burst_s * 1000 / CHUNK_MS))
+    await asyncio.sleep(delay_s)
     while time.monotonic() < stop_at_s:
         started = time.monotonic()
         if burst_chunks:
@@ -207,13 +216,15 @@ async def simulate(
     host_ms: Mapping[int, float] | None = None,
     pipelined: bool = False,
     burst_s: float | Sequence[float] = 0.0,
+    client_delays_s: Sequence[float] | None = None,
 ) -> SimResult:
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
     that has measured every bucket already (a sidecar that has been up), else from nothing. A batch costs
     `cost_ms[bucket]` of device time, then `host_ms[bucket]` (default none) on the lane thread
     (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`; `burst_s`: each utterance's
     first
-    `burst_s` of audio arrives at once (`_client`; one value per session, or one for all)."""
+    `burst_s` of audio arrives at once (`_client`; one value per session, or one for all); `client_delays_s`:
+    how long each session's client waits before its first utterance (none: all start together)."""
     bursts_s = [burst_s] * sessions if isinstance(burst_s, float | int) else list(burst_s)
     buckets = tuple(sorted(cost_ms))
     host = dict(host_ms) if host_ms is not None else dict.fromkeys(buckets, 0.0)
@@ -245,10 +256,11 @@ async def simulate(
             await runtime.start()
             await asyncio.sleep(rng.uniform(0.0, 0.04))  # clocks at arbitrary phases
         stop_at_s = time.monotonic() + duration_s
+        delays_s = list(client_delays_s) if client_delays_s is not None else [0.0] * sessions
         await asyncio.gather(
             *(
-                _client(runtime, utterance_s, gap_s, stop_at_s, burst)
-                for runtime, burst in zip(runtimes, bursts_s, strict=True)
+                _client(runtime, utterance_s, gap_s, stop_at_s, burst_s=burst, delay_s=delay_s)
+                for runtime, burst, delay_s in zip(runtimes, bursts_s, delays_s, strict=True)
             )
         )
         drain_until_s = time.monotonic() + 3.0
@@ -274,6 +286,7 @@ async def simulate(
         first_frames_jumped=lane.stats.first_frames_jumped,
         first_frames_displaced=lane.stats.first_frames_displaced,
         miss_frame_indices=misses,
+        deferred_ticks=sum(r.counters.utterance_start_deferred_ticks for r in runtimes),
     )
 
 

@@ -5,11 +5,15 @@ session whose audio arrived ahead of real time starts its utterance with the sho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 
 from realtime.sidecar.config import RuntimeConfig
 from realtime.sidecar.render_lane import BatchCostModel, RenderLane
@@ -220,3 +224,108 @@ async def test_sessions_whose_audio_arrives_ahead_show_their_first_frame_sooner_
     # The real-time sessions keep the load's budget: their first frames could not be sooner without being
     # late.
     assert bursty_on < 0.7 * realtime_on, (bursty_on, realtime_on)
+
+
+@contextlib.asynccontextmanager
+async def _lane_holding(
+    jobs: Sequence[tuple[float, int, bool]], model: BatchCostModel
+) -> AsyncIterator[RenderLane]:
+    """A lane at a clock fixed at 0 s whose thread is held by a generic job, with render jobs (deadline,
+    frames, first_frames) queued behind it: what a new utterance's planning sees."""
+    lane = RenderLane(
+        lambda requests: [np.zeros((2, 2, 3), np.uint8) for _ in requests],
+        max_batch_frames=64,
+        buckets=BUCKETS,
+        cost_model=model,
+        clock=lambda: 0.0,
+    )
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(lane.call(0.0, gate.wait))
+    try:
+        await asyncio.sleep(0.05)  # the lane thread is in the generic job
+        for deadline_s, frames, first in jobs:
+            lane.submit_render(deadline_s, _named("queued", frames), frames=frames, first_frames=first)
+        yield lane
+    finally:
+        gate.set()
+        await blocker
+        lane.close()
+
+
+async def test_a_new_utterances_lead_waits_for_the_frames_due_before_it_not_for_a_long_queue_due_after() -> (
+    None
+):
+    """Twenty utterances that start together each see the others' frames in the queue. A frame waits only for
+    those due before it (the lane renders earliest deadline first): 192 queued first frames due from 600 ms
+    on do not lengthen the lead of 4 frames that can ride one small batch now (the lead counted them all, in
+    three full batches, before)."""
+    model = _model(H200_COMPILED_MS)
+    queued = [(0.6 + 0.04 * (k // 4), 4, True) for k in range(48)]
+    async with _lane_holding(queued, model) as lane:
+        lead_ms = lane.first_frames_budget_ms(min_ms=40.0, max_ms=480.0, safety_factor=2.5, adding_frames=4)
+    # A 4-frame batch (20 ms) with the jitter allowance: the shortest lead planning gives.
+    assert lead_ms == pytest.approx(40.0)
+
+
+async def test_a_new_utterance_does_not_take_a_lead_that_would_make_a_queued_frame_late() -> None:
+    """A queued 16-frame job due at 56 ms is just in time alone (50 ms). New frames due before it would go
+    first and make it late, so the new utterance's lead puts them after it: its batch, then theirs (50 + 20 ms
+    and the allowance), not the 25 ms that the new frames alone would need."""
+    async with _lane_holding([(0.056, 16, False)], _model(_TIMES_MS)) as lane:
+        lead_ms = lane.first_frames_budget_ms(min_ms=10.0, max_ms=480.0, safety_factor=2.5, adding_frames=4)
+    assert 70.0 < lead_ms < 100.0, lead_ms
+
+
+async def test_the_lead_counts_every_batch_still_on_the_device() -> None:
+    """A pipelined lane starts its next batch shortly before the device finishes the one in flight: for a
+    moment two batches are on the device, and a new utterance's first frames wait for both. The lead counted
+    one batch's time from the first one's start (316 ms here, 266 left) instead of when the device is free
+    (600 ms)."""
+    cost_ms = {bucket: 2.0 * ms for bucket, ms in H200_COMPILED_MS.items()}  # 64 frames: 316 ms
+    async with _lane_holding([], _model(cost_ms)) as lane:
+        now_s = time.perf_counter()
+        # The state `_start_jobs` leaves: 2 x 64 frames started, the first 50 ms ago, the device busy 600 ms.
+        with lane._cond:
+            lane._inflight_frames = 128
+            lane._inflight_started_s = now_s - 0.050
+            lane._device_free_s = now_s + 0.600
+        lead_ms = lane.first_frames_budget_ms(min_ms=40.0, max_ms=2000.0, safety_factor=2.0, adding_frames=1)
+        with lane._cond:
+            lane._inflight_frames = 0
+    # The rest of the device's work, then a 1-frame batch (18.6 ms).
+    assert 600.0 < lead_ms < 650.0, lead_ms
+
+
+async def test_an_utterance_right_behind_one_about_to_end_starts_after_a_pause_not_missing_frames() -> None:
+    """One session on a slow lane (a 4-frame batch takes 150 ms). Its next utterance arrives while the one
+    playing has about 140 ms left: played right after it, frames 2-4 were not rendered in time (measured).
+    It starts a few ticks later instead, audio and frames together (`utterance_start_deferred_ticks`)."""
+    cost_ms = {1: 100.0, 2: 120.0, 4: 150.0, 8: 180.0, 16: 220.0}
+    result = await simulate(
+        1,
+        cost_ms,
+        RuntimeConfig(),
+        duration_s=2.6,
+        utterance_s=1.0,
+        # The burst keeps the audio 0.6 s ahead: each next utterance comes ~140 ms before the last one ends
+        # (deferred from gaps of about 0.65 to 0.88 s).
+        gap_s=0.75,
+        max_batch_frames=16,
+        burst_s=0.6,
+        pipelined=True,
+    )
+    assert result.deferred_ticks > 0, result
+    assert result.dropped_frames == 0, result
+
+
+async def test_frames_due_much_later_or_first_frames_do_not_make_the_lane_behind() -> None:
+    """A full batch or more due soon behind the most urgent job: the lane is behind, and it takes a full batch
+    for throughput. The same frames due later than two full batches (a TTS burst's), or marked first frames,
+    do not make it behind: the batch is cut to keep the urgent job's deadline (it was not, before)."""
+    # 16 frames (50 ms) keep a head due at 60 ms; 20 (bucket 32: 100 ms, scaled from 16) would not.
+    head = ("head", 0.060, 4, False)
+    for due_s, first, expected_frames in ((0.2, False, 64), (2.0, False, 16), (0.2, True, 16)):
+        others = [(f"other-{k}", due_s + 0.001 * k, 4, first) for k in range(16)]
+        batches, _ = await _batches(_model(_TIMES_MS), [head, *others], max_batch_frames=64)
+        assert 4 * len(batches[0]) == expected_frames, (due_s, first, batches)
+        assert batches[0][0] == "head"

@@ -1,0 +1,170 @@
+"""Lane policy bench: TTFF and dropped frames of many sessions on one render lane, on the CPU, with a GPU's
+batch times.
+
+    python -m bench.lane_policy --json bench/results/lane-policy-cpu-<yyyymmdd>.json \
+        [--sessions 8,16,20] [--client-start lockstep,staggered] [--seeds 1,2,3]
+
+It runs the real `SessionRuntime`s and `RenderLane` of a sidecar against an engine whose batches only take a
+known time per bucket (`tests/support/lane_sim.py`), with `bench.sessions`' client: each session streams
+`--utterance-s` utterances at real-time pace, the first `--burst-s` of each at once, `--gap-s` apart, all
+sessions together (`lockstep`) or each at its own phase (`staggered`). What it measures is the sidecar's
+planning and batching (how long a lead each utterance gets, which frames ride which batch), not a device:
+a change to those rules can be judged here before a GPU run confirms it.
+
+The batch times default to an H200's at 512x512 (`bench/results/sessions-512-h200-20261205.json`, the
+20-session level that held: the lane's measured wall time per bucket), scaled by `--cost-scale`. Those are
+whole batch times, host work included, which a pipelined lane partly overlaps with the next batch's device
+time; at 0.8 the simulation reproduces that level (TTFF p50 / p99 296 / 372 ms against 346 / 393 measured,
+0 dropped frames in both, mean batch 55.6 against 54.9 frames), while at 1.0 it drops hundreds of frames
+that the GPU did not. So 0.8 is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.machine import cpu_name
+from bench.sessions import GAP_S, UTTERANCE_S, client_start_delays_s, pct
+from realtime.sidecar.config import RuntimeConfig
+from tests.support.lane_sim import simulate
+
+# bench/results/sessions-512-h200-20261205.json, earlier_runs[0] ("call 5"), 20 sessions: 0 dropped frames.
+H200_512_BATCH_MS = {1: 8.77, 2: 12.59, 4: 17.35, 8: 25.29, 16: 40.46, 32: 68.67, 48: 99.94, 64: 136.77}
+DEFAULT_COST_SCALE = 0.8  # see the module docstring
+BURST_S = 0.6
+
+
+async def run_one(
+    sessions: int, client_start: str, seed: int, cost_ms: dict[int, float], args: argparse.Namespace
+) -> dict[str, Any]:
+    delays_s = client_start_delays_s(client_start, sessions, random.Random(seed))
+    started = time.monotonic()
+    result = await simulate(
+        sessions,
+        cost_ms,
+        RuntimeConfig(),
+        duration_s=args.duration_s,
+        utterance_s=args.utterance_s,
+        gap_s=args.gap_s,
+        max_batch_frames=args.max_batch_frames,
+        seed=seed,
+        pipelined=True,
+        burst_s=args.burst_s,
+        client_delays_s=delays_s,
+    )
+    return {
+        "sessions": sessions,
+        "client_start": client_start,
+        "seed": seed,
+        "ttff_ms": [round(v, 1) for v in result.ttff_ms],
+        "ttff_ms_p50": pct(result.ttff_ms, 50),
+        "ttff_ms_p99": pct(result.ttff_ms, 99),
+        "first_leads_ms": [round(v, 1) for v in result.planned_budget_ms],
+        "dropped_frames": result.dropped_frames,
+        "dropped_frame_indices": sorted(result.miss_frame_indices),
+        "speech_frames": result.speech_frames,
+        "utterance_start_deferred_ticks": result.deferred_ticks,
+        "lane_batches": result.lane_batches,
+        "lane_mean_batch_frames": round(result.lane_mean_batch_frames, 2),
+        "first_frames_jumped": result.first_frames_jumped,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per client start and session count, over the seeds: TTFF percentiles of every utterance, drops."""
+    summary: dict[str, Any] = {}
+    for row in rows:
+        key = f"{row['client_start']}_{row['sessions']}"
+        entry = summary.setdefault(key, {"ttff_ms": [], "dropped_frames": 0, "deferred_ticks": 0, "runs": 0})
+        entry["ttff_ms"].extend(row["ttff_ms"])
+        entry["dropped_frames"] += row["dropped_frames"]
+        entry["deferred_ticks"] += row["utterance_start_deferred_ticks"]
+        entry["runs"] += 1
+    return {
+        key: {
+            "ttff_ms_p50": pct(entry["ttff_ms"], 50),
+            "ttff_ms_p99": pct(entry["ttff_ms"], 99),
+            "utterances": len(entry["ttff_ms"]),
+            "dropped_frames": entry["dropped_frames"],
+            "utterance_start_deferred_ticks": entry["deferred_ticks"],
+            "runs": entry["runs"],
+        }
+        for key, entry in summary.items()
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    cost_ms = {bucket: ms * args.cost_scale for bucket, ms in H200_512_BATCH_MS.items()}
+    rows = []
+    for sessions in args.sessions:
+        for client_start in args.client_start:
+            for seed in args.seeds:
+                row = await run_one(sessions, client_start, seed, cost_ms, args)
+                print(
+                    f"{client_start} {sessions} seed {seed}: TTFF p50 {row['ttff_ms_p50']} / p99 "
+                    f"{row['ttff_ms_p99']} ms, {row['dropped_frames']} dropped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(row)
+    return {
+        "benchmark": "lane_policy",
+        "device": cpu_name(),
+        "settings": {
+            "batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in cost_ms.items()},
+            "cost_source": "H200 512x512, bench/results/sessions-512-h200-20261205.json (20 sessions held)",
+            "cost_scale": args.cost_scale,
+            "max_batch_frames": args.max_batch_frames,
+            "duration_s": args.duration_s,
+            "utterance_s": args.utterance_s,
+            "gap_s": args.gap_s,
+            "burst_s": args.burst_s,
+            "pipelined": True,
+            "runtime_config": "RuntimeConfig() defaults",
+            "command": " ".join(["python -m bench.lane_policy", *sys.argv[1:]]),
+            "notes": args.notes,
+        },
+        "summary": summarise(rows),
+        "results": rows,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--sessions", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 20])
+    parser.add_argument(
+        "--client-start", type=lambda s: s.split(","), default=["lockstep", "staggered"], help="comma list"
+    )
+    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3])
+    parser.add_argument("--cost-scale", type=float, default=DEFAULT_COST_SCALE)
+    parser.add_argument("--max-batch-frames", type=int, default=64)
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--utterance-s", type=float, default=UTTERANCE_S)
+    parser.add_argument("--gap-s", type=float, default=GAP_S)
+    parser.add_argument("--burst-s", type=float, default=BURST_S)
+    parser.add_argument("--notes", default="")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    document = asyncio.run(run(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(document["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
