@@ -525,14 +525,18 @@ class RenderLane:
             wait_s = ready_s - now_s
             return ready_s + (factor - 1.0) * min(wait_s, jitter_cap_s) <= due_s
 
+        def keeps_deadline(ready_s: float, due_s: float) -> bool:
+            return ready_s + self._deadline_margin_s <= due_s
+
         queued_jobs = [ForecastJob(deadline_s, frames, first) for deadline_s, _, frames, first in queued]
         alone_ready_s = forecast_ready_s(queued_jobs, start_s=start_s, costs=costs)
         # The queued jobs these frames must not make late: those in time without them, by their deadlines
         # alone (keeping their sessions' jitter allowance too gave a burst's last utterances all the lead).
         protected = [
-            ready_s + self._deadline_margin_s <= job.deadline_s
+            keeps_deadline(ready_s, job.deadline_s)
             for job, ready_s in zip(queued_jobs, alone_ready_s, strict=True)
         ]
+        queued_tagged = [(job.deadline_s, 0, index, job) for index, job in enumerate(queued_jobs)]
 
         lead_ms = max(min_ms, 0.0)
         while lead_ms < max_ms:
@@ -541,16 +545,13 @@ class RenderLane:
                 ForecastJob(first_at_s + start * period_s, min(job_frames, adding - start), True)
                 for start in range(0, adding, job_frames)
             ]
-            # Queued jobs first at equal deadlines (the lane's heap breaks ties by submission order).
-            merged = sorted(
-                [(job.deadline_s, 0, index, job) for index, job in enumerate(queued_jobs)]
-                + [(job.deadline_s, 1, index, job) for index, job in enumerate(mine)]
-            )
+            # Queued jobs first at equal deadlines (the lane's heap breaks ties by submission order); both
+            # lists are in deadline order already.
+            mine_tagged = [(job.deadline_s, 1, index, job) for index, job in enumerate(mine)]
+            merged = list(heapq.merge(queued_tagged, mine_tagged))
             ready_s = forecast_ready_s([job for *_, job in merged], start_s=start_s, costs=costs)
             if all(
-                in_time(ready, job.deadline_s)
-                if is_mine
-                else ready + self._deadline_margin_s <= job.deadline_s
+                in_time(ready, job.deadline_s) if is_mine else keeps_deadline(ready, job.deadline_s)
                 for (_, is_mine, index, job), ready in zip(merged, ready_s, strict=True)
                 if is_mine or protected[index]
             ):

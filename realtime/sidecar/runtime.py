@@ -387,15 +387,14 @@ class SessionRuntime:
                 # (the lead was the previous utterance's, planned at another load): then a short pause at the
                 # boundary, with the audio, rather than frames missed after it.
                 budget_ms, lead_ms = self._first_tick_lead(ready)
-                earliest_tick = math.ceil((self._clock() + lead_ms / 1000.0 - self._t0_s) / self._period_s)
+                earliest_tick = self._first_tick_after(lead_ms)
                 if earliest_tick > start_tick:
                     self.counters.utterance_start_deferred_ticks += earliest_tick - start_tick
                     start_tick = earliest_tick
         else:
             budget_ms, lead_ms = self._first_tick_lead(ready)
             self.samples.planned_budget_ms.append(lead_ms)
-            due = self._clock() + lead_ms / 1000.0
-            start_tick = max(self._tick, math.ceil((due - self._t0_s) / self._period_s))
+            start_tick = self._first_tick_after(lead_ms)
         first_frames = self._first_frames(start_tick, ready, budget_ms)
         self._plans.append(_Plan(utterance, stream, start_tick, first_frames=first_frames))
 
@@ -425,10 +424,14 @@ class SessionRuntime:
         )
         return budget_ms, max(first_ms, budget_ms - max(0, ready_frames - 1) * period_ms)
 
-    def _first_tick_due_s(self, lead_ms: float) -> float:
-        """When the first tick at least `lead_ms` from now is due (how `_plan_next` rounds a lead)."""
+    def _first_tick_after(self, lead_ms: float) -> int:
+        """The first tick at least `lead_ms` from now (how a lead becomes an utterance's start tick)."""
         due_s = self._clock() + lead_ms / 1000.0
-        return self._tick_deadline(max(self._tick, math.ceil((due_s - self._t0_s) / self._period_s)))
+        return max(self._tick, math.ceil((due_s - self._t0_s) / self._period_s))
+
+    def _first_tick_due_s(self, lead_ms: float) -> float:
+        """When that tick is due: what the lane's lead search places frame 0 at."""
+        return self._tick_deadline(self._first_tick_after(lead_ms))
 
     def _first_frames_job_frames(self) -> int:
         """Frames per job among an utterance's first frames (`RuntimeConfig.first_frames_job_frames`)."""
