@@ -17,6 +17,12 @@ whole batch times, host work included, which a pipelined lane partly overlaps wi
 time; at 0.8 the simulation reproduces that level (TTFF p50 / p99 296 / 372 ms against 346 / 393 measured,
 0 dropped frames in both, mean batch 55.6 against 54.9 frames), while at 1.0 it drops hundreds of frames
 that the GPU did not. So 0.8 is the default.
+
+`--engine-heap full-size` builds the full-size models on the CPU first and holds them through the run: a
+sidecar's heap (about 480,000 Python objects), whose full collections stop the event loop for 0.2-0.35 s on
+this 2-core machine unless it is frozen (`realtime.heap`, as the sidecar does after its warm-up;
+`--no-gc-freeze` leaves it unfrozen). Each row then has the collector's long pauses and the sessions' clock
+resyncs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 from bench.machine import cpu_name
 from bench.sessions import GAP_S, UTTERANCE_S, client_start_delays_s, pct
+from realtime.heap import GcPauses, freeze_long_lived
 from realtime.sidecar.config import RuntimeConfig
 from tests.support.lane_sim import simulate
 
@@ -46,19 +53,20 @@ async def run_one(
 ) -> dict[str, Any]:
     delays_s = client_start_delays_s(client_start, sessions, random.Random(seed))
     started = time.monotonic()
-    result = await simulate(
-        sessions,
-        cost_ms,
-        RuntimeConfig(),
-        duration_s=args.duration_s,
-        utterance_s=args.utterance_s,
-        gap_s=args.gap_s,
-        max_batch_frames=args.max_batch_frames,
-        seed=seed,
-        pipelined=True,
-        burst_s=args.burst_s,
-        client_delays_s=delays_s,
-    )
+    with GcPauses() as gc_pauses:
+        result = await simulate(
+            sessions,
+            cost_ms,
+            RuntimeConfig(),
+            duration_s=args.duration_s,
+            utterance_s=args.utterance_s,
+            gap_s=args.gap_s,
+            max_batch_frames=args.max_batch_frames,
+            seed=seed,
+            pipelined=True,
+            burst_s=args.burst_s,
+            client_delays_s=delays_s,
+        )
     return {
         "sessions": sessions,
         "client_start": client_start,
@@ -74,6 +82,12 @@ async def run_one(
         "lane_batches": result.lane_batches,
         "lane_mean_batch_frames": round(result.lane_mean_batch_frames, 2),
         "first_frames_jumped": result.first_frames_jumped,
+        "clock_resyncs": result.clock_resyncs,
+        # (s from the run's start, generation, ms) of each collection of 10 ms or more
+        "gc_long_pauses": [
+            [round(p.at_s - started, 3), p.generation, round(p.pause_ms, 1)]
+            for p in gc_pauses.stats().long_pauses
+        ],
         "wall_s": round(time.monotonic() - started, 1),
     }
 
@@ -83,8 +97,13 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for row in rows:
         key = f"{row['client_start']}_{row['sessions']}"
-        entry = summary.setdefault(key, {"ttff_ms": [], "dropped_frames": 0, "deferred_ticks": 0, "runs": 0})
+        entry = summary.setdefault(
+            key,
+            {"ttff_ms": [], "dropped_frames": 0, "deferred_ticks": 0, "runs": 0, "resyncs": 0, "gc_ms": []},
+        )
         entry["ttff_ms"].extend(row["ttff_ms"])
+        entry["resyncs"] += row["clock_resyncs"]
+        entry["gc_ms"].extend(pause[2] for pause in row["gc_long_pauses"])
         entry["dropped_frames"] += row["dropped_frames"]
         entry["deferred_ticks"] += row["utterance_start_deferred_ticks"]
         entry["runs"] += 1
@@ -95,14 +114,30 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "utterances": len(entry["ttff_ms"]),
             "dropped_frames": entry["dropped_frames"],
             "utterance_start_deferred_ticks": entry["deferred_ticks"],
+            "clock_resyncs": entry["resyncs"],
+            "gc_long_pauses": len(entry["gc_ms"]),
+            "gc_pause_ms_max": max(entry["gc_ms"], default=0.0),
             "runs": entry["runs"],
         }
         for key, entry in summary.items()
     }
 
 
+def hold_engine_heap(kind: str) -> Any:
+    """What `--engine-heap` asks for: None, or the full-size models built on the CPU (returned so the caller
+    holds them)."""
+    if kind == "none":
+        return None
+    from realtime.engine.device import choose_device  # noqa: PLC0415 (heavy: torch)
+    from realtime.engine.musetalk.weights.random import random_models  # noqa: PLC0415
+
+    return random_models("full", choose_device("cpu", "auto"))
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cost_ms = {bucket: ms * args.cost_scale for bucket, ms in H200_512_BATCH_MS.items()}
+    _held = hold_engine_heap(args.engine_heap)  # alive (a local) until the run returns
+    frozen = freeze_long_lived(collect_first=True) if args.gc_freeze else None
     rows = []
     for sessions in args.sessions:
         for client_start in args.client_start:
@@ -110,7 +145,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = await run_one(sessions, client_start, seed, cost_ms, args)
                 print(
                     f"{client_start} {sessions} seed {seed}: TTFF p50 {row['ttff_ms_p50']} / p99 "
-                    f"{row['ttff_ms_p99']} ms, {row['dropped_frames']} dropped",
+                    f"{row['ttff_ms_p99']} ms, {row['dropped_frames']} dropped, "
+                    f"{row['clock_resyncs']} resyncs, collector pauses {row['gc_long_pauses']}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -129,6 +165,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "burst_s": args.burst_s,
             "pipelined": True,
             "runtime_config": "RuntimeConfig() defaults",
+            "engine_heap": args.engine_heap,
+            "gc_freeze": args.gc_freeze,
+            "gc_frozen_objects": frozen.frozen_objects if frozen else 0,
             "command": " ".join(["python -m bench.lane_policy", *sys.argv[1:]]),
             "notes": args.notes,
         },
@@ -153,6 +192,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--utterance-s", type=float, default=UTTERANCE_S)
     parser.add_argument("--gap-s", type=float, default=GAP_S)
     parser.add_argument("--burst-s", type=float, default=BURST_S)
+    parser.add_argument(
+        "--engine-heap",
+        choices=("none", "full-size"),
+        default="none",
+        help="full-size: hold the full-size models built on the CPU (a sidecar's heap) through the run",
+    )
+    parser.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave the heap in the collector's full scans (the sidecar freezes it after warm-up)",
+    )
     parser.add_argument("--notes", default="")
     return parser.parse_args(argv)
 

@@ -56,6 +56,7 @@ from realtime.engine.musetalk.engine import MuseTalkEngine
 from realtime.engine.musetalk.weights.loader import load_musetalk
 from realtime.engine.musetalk.weights.random import random_models, write_checkpoint
 from realtime.engine.protocol import EngineConfig
+from realtime.heap import GcPauses, freeze_long_lived
 from realtime.host import AvatarAsset
 from realtime.ingest.input import AudioInput
 from realtime.outputs.base import PublisherStats
@@ -259,7 +260,9 @@ async def run_level(
     rng = random.Random(sessions)
     started = time.monotonic()
     loop_lag_ms: list[float] = []
-    lag_probe = asyncio.create_task(_probe_loop_lag(loop_lag_ms))
+    stalls: list[tuple[float, float]] = []
+    lag_probe = asyncio.create_task(_probe_loop_lag(loop_lag_ms, stalls))
+    gc_pauses = GcPauses().install()  # this level's collections: a stall's cause when they line up
     rendered: list[tuple[float, int]] = []  # (monotonic s, frames the lane rendered so far)
     rendered_probe = asyncio.create_task(_probe_rendered(lane, rendered))
     try:
@@ -284,12 +287,14 @@ async def run_level(
                 break
             await asyncio.sleep(0.05)
     finally:
+        gc_pauses.uninstall()
         lag_probe.cancel()
         rendered_probe.cancel()
         for runtime in runtimes:
             await runtime.stop()
         lane.close()
     wall_s = time.monotonic() - started
+    gc_stats = gc_pauses.stats()
     ttff = [v for r in runtimes for v in r.samples.ttff_ms]
     lateness = [v for r in runtimes for v in r.samples.lateness_ms]
     slack = [v for r in runtimes for v in r.samples.render_slack_ms]
@@ -342,6 +347,17 @@ async def run_level(
         # The aggregate rate the lane reached: frames rendered in the busiest second of the level.
         "lane_rendered_fps_peak_1s": _peak_rate(rendered, window_s=1.0),
         "loop_lag_ms_p99": pct(loop_lag_ms, 99),  # event-loop responsiveness: how late a 10 ms sleep wakes
+        "loop_lag_ms_max": pct(loop_lag_ms, 100),
+        # Each stall of the event loop (s from the level's start to its end, ms long) beside each long
+        # collector pause (s from the level's start to its start, generation, ms): lined up, the collector
+        # caused it.
+        "loop_stalls": [[round(at_s - started, 3), round(ms, 1)] for at_s, ms in stalls],
+        "gc_collections_by_generation": list(gc_stats.collections),
+        "gc_pause_ms_max_by_generation": [round(ms, 2) for ms in gc_stats.pause_ms_max],
+        "gc_long_pauses": [
+            [round(p.at_s - started, 3), p.generation, round(p.pause_ms, 1)] for p in gc_stats.long_pauses
+        ],
+        "gc_frozen_objects": gc_stats.frozen_objects,
         "lane_capacity_sessions": lane.capacity_sessions(max_batch_ms=config.max_batch_ms),
         "wall_s": round(wall_s, 2),
         # This process's CPU time per session-second while the clients spoke (see the module docstring).
@@ -375,12 +391,22 @@ def client_start_delays_s(mode: str, sessions: int, rng: random.Random) -> list[
     raise ValueError(f"client start {mode!r}: expected one of {', '.join(CLIENT_STARTS)}")
 
 
-async def _probe_loop_lag(samples_ms: list[float], period_s: float = 0.01) -> None:
-    """Sleep `period_s` over and over and record how late each wake-up is (the event loop's congestion)."""
+# A wake-up this late is a stall: the sessions' clocks resync after RuntimeConfig.resync_after_ms.
+STALL_MS = 100.0
+
+
+async def _probe_loop_lag(
+    samples_ms: list[float], stalls: list[tuple[float, float]], period_s: float = 0.01
+) -> None:
+    """Sleep `period_s` over and over and record how late each wake-up is (the event loop's congestion), and
+    when (monotonic s at the wake-up) each stall of at least STALL_MS ended."""
     while True:
         before = time.perf_counter()
         await asyncio.sleep(period_s)
-        samples_ms.append((time.perf_counter() - before - period_s) * 1000.0)
+        lag_ms = (time.perf_counter() - before - period_s) * 1000.0
+        samples_ms.append(lag_ms)
+        if lag_ms >= STALL_MS:
+            stalls.append((time.monotonic(), lag_ms))
 
 
 async def _probe_rendered(lane: Any, samples: list[tuple[float, int]], period_s: float = 0.1) -> None:
@@ -431,6 +457,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             serving = engine.engine.wait_for_variant(args.compiled_timeout_s)
         variant_ready_ms = (time.perf_counter() - warm_started) * 1000
         print(f"serving: {serving.describe()} after {variant_ready_ms:.0f} ms", flush=True)
+        # As the sidecar does after its warm-up (SidecarHost.warm_up, realtime.heap); --no-gc-freeze measures
+        # the stalls it prevents.
+        frozen = freeze_long_lived(collect_first=True) if args.gc_freeze else None
         avatar_path = cache_dir / "avatar.zip"
         avatar_path.write_bytes(avatar_zip(*args.frame_px))
         _, avatar = engine.prepare_avatar(AvatarAsset(avatar_path, "frames_zip", ""), lambda _p: None)
@@ -498,6 +527,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "livekit-server (--dev)",
             "warm_up_ms": round(warm_up_ms, 1),
             "variant_ready_ms": round(variant_ready_ms, 1),
+            "gc_freeze": args.gc_freeze,
+            "gc_frozen_objects": frozen.frozen_objects if frozen else 0,
+            "gc_freeze_collect_ms": frozen.collect_ms if frozen else None,
             "serving": serving.describe(),
             "engine_variant": args.variant if args.engine == "musetalk" else None,
             "max_batch_frames": args.max_batch_frames,
@@ -612,6 +644,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--all-levels", action="store_true", help="run every level (no stop once the curve turns)"
+    )
+    parser.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave the loaded heap in the collector's scans (the sidecar freezes it after warm-up)",
     )
     parser.add_argument("--notes", default="", help="free text stored in the result (machine load, caveats)")
     parser.add_argument(

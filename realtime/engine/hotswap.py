@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from realtime.heap import freeze_long_lived
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -78,6 +80,10 @@ class VariantSwap(Generic[T]):
         try:
             built = build()
             install(built)
+            # The build's compiled graphs and compiler caches stay for the process's life: keep them out of
+            # the serving threads' full collections (realtime.heap). No collection first: sessions may be
+            # live, and the freeze itself scans nothing.
+            freeze_long_lived(collect_first=False)
         except Exception as exc:  # any failure: keep serving the current variant, and say why
             reason = f"{type(exc).__name__}: {exc}"
             logger.exception(

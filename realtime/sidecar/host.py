@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from realtime.heap import GcPauses, freeze_long_lived
 from realtime.host import (
     AvatarAsset,
     Capacity,
@@ -82,6 +83,8 @@ class SidecarHost:
         self.sessions: dict[str, HostedSession] = {}
         self._lane: RenderLane | None = None
         self._warm_lock = asyncio.Lock()
+        # Timed while the sidecar serves (process.serve installs it); /healthz reports it.
+        self.gc_pauses = GcPauses()
 
     @property
     def lane(self) -> RenderLane:
@@ -180,6 +183,10 @@ class SidecarHost:
                 # those).
                 for frames, batch_ms in self.engine.warm_up_batch_ms().items():
                     self.lane.cost_model.observe(frames, batch_ms)
+                # What loading left (modules, models, compiled graphs) lives as long as the process: out of
+                # every later full collection's scan (realtime.heap). No session renders before this, so the
+                # collection's own pause stalls none.
+                freeze_long_lived(collect_first=True)
             info = self.engine.info()
             return WarmUpResult(
                 engine=info.name,

@@ -99,6 +99,7 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, server.request_exit)
             handled.append(signum)
+    host.gc_pauses.install()  # uninstalled below, with the sessions' teardown
     tasks: list[asyncio.Task[Any]] = [asyncio.create_task(service(host)) for service in services]
     failed: list[BaseException] = []
 
@@ -137,6 +138,7 @@ async def serve(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await host.close()  # every session torn down: rooms left, slots released
+        host.gc_pauses.uninstall()
         for signum in handled:
             loop.remove_signal_handler(signum)
     if failed:

@@ -4,7 +4,8 @@ Endpoints (docs/audio-protocol.md is the audio contract):
 - `WS  /v1/sessions/{session_id}/audio`   audio in, playback events + stats + errors out
 - `WS  /audio?session_id=...`              the same, at the seed's address
 - `GET /healthz`                           bare liveness; with the service credential: engine state,
-                                           capacity, the render lane, every session's stats
+                                           capacity, the render lane, collector pauses, every session's
+                                           stats
 - `GET /v1/sessions/{session_id}/stats`    one session's stats
 - `POST|DELETE /v1/sessions/{session_id}`  the dev control API (only with `dev_api`; realtime.sidecar.dev_api)
 
@@ -135,6 +136,9 @@ def create_app(host: SidecarHost, config: ServerConfig) -> FastAPI:
             "engine": dataclasses.asdict(info),
             "capacity": dataclasses.asdict(capacity),
             "render_lane": host.lane_report(),
+            # Full collections stop every session at once (realtime.heap): their pauses, to tell a stall from
+            # a slow render.
+            "gc": host.gc_pauses.stats().as_report(),
             "sessions": sessions,
             "caches": {
                 "avatar_cache_bytes": cache_bytes,

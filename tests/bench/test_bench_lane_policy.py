@@ -29,6 +29,8 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
             "ttff_ms": [100.0, 200.0],
             "dropped_frames": 1,
             "utterance_start_deferred_ticks": 2,
+            "clock_resyncs": 3,
+            "gc_long_pauses": [[1.5, 2, 240.0], [2.0, 1, 12.0]],
         },
         {
             "client_start": "staggered",
@@ -36,6 +38,8 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
             "ttff_ms": [300.0],
             "dropped_frames": 0,
             "utterance_start_deferred_ticks": 1,
+            "clock_resyncs": 0,
+            "gc_long_pauses": [[4.0, 2, 210.0]],
         },
     ]
     summary = summarise(rows)["staggered_4"]
@@ -43,4 +47,7 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
     assert summary["ttff_ms_p50"] == 200.0
     assert summary["dropped_frames"] == 1
     assert summary["utterance_start_deferred_ticks"] == 3
+    assert summary["clock_resyncs"] == 3
+    assert summary["gc_long_pauses"] == 3
+    assert summary["gc_pause_ms_max"] == 240.0
     assert summary["runs"] == 2

@@ -166,6 +166,7 @@ class SimResult:
     ]  # utterance frame index of each dropped frame (where in an utterance they fall)
     # pauses put between back-to-back utterances (`utterance_start_deferred_ticks`)
     deferred_ticks: int = 0
+    clock_resyncs: int = 0  # the sessions' clocks restarted after an event-loop stall
 
 
 async def _client(
@@ -287,6 +288,7 @@ async def simulate(
         first_frames_displaced=lane.stats.first_frames_displaced,
         miss_frame_indices=misses,
         deferred_ticks=sum(r.counters.utterance_start_deferred_ticks for r in runtimes),
+        clock_resyncs=sum(r.counters.clock_resyncs for r in runtimes),
     )
 
 

@@ -146,6 +146,11 @@ async def test_ready_speech_playback_events_and_stats(
         lane = health["render_lane"]
         assert lane["frames_rendered"] > 0 and lane["batches"] > 0 and lane["frames_skipped_late"] >= 0
         assert lane["batch_ms_by_bucket"] and set(lane["stage_s"]) == {"prepare", "pulls", "render"}
+        # The collector's pauses (realtime.heap): timed since the sidecar serves; what its warm-up froze.
+        gc_report = health["gc"]
+        assert len(gc_report["collections_by_generation"]) == 3
+        assert sum(gc_report["collections_by_generation"]) > 0  # a session rendered: young collections ran
+        assert gc_report["frozen_objects"] > 0
         missing = await client.get("/v1/sessions/nobody/stats")
         assert missing.status_code == 404
 
