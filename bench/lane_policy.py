@@ -57,7 +57,7 @@ async def run_one(
         result = await simulate(
             sessions,
             cost_ms,
-            RuntimeConfig(),
+            RuntimeConfig(first_frame_wait_ticks=args.first_frame_wait_ticks),
             duration_s=args.duration_s,
             utterance_s=args.utterance_s,
             gap_s=args.gap_s,
@@ -66,6 +66,7 @@ async def run_one(
             pipelined=True,
             burst_s=args.burst_s,
             client_delays_s=delays_s,
+            device_jitter=args.jitter,
         )
     return {
         "sessions": sessions,
@@ -79,6 +80,7 @@ async def run_one(
         "dropped_frame_indices": sorted(result.miss_frame_indices),
         "speech_frames": result.speech_frames,
         "utterance_start_deferred_ticks": result.deferred_ticks,
+        "first_frame_wait_ticks": result.first_frame_wait_ticks,
         "lane_batches": result.lane_batches,
         "lane_mean_batch_frames": round(result.lane_mean_batch_frames, 2),
         "first_frames_jumped": result.first_frames_jumped,
@@ -99,8 +101,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         key = f"{row['client_start']}_{row['sessions']}"
         entry = summary.setdefault(
             key,
-            {"ttff_ms": [], "dropped_frames": 0, "deferred_ticks": 0, "runs": 0, "resyncs": 0, "gc_ms": []},
+            {
+                "ttff_ms": [],
+                "dropped_frames": 0,
+                "deferred_ticks": 0,
+                "wait_ticks": 0,
+                "runs": 0,
+                "resyncs": 0,
+                "gc_ms": [],
+            },
         )
+        entry["wait_ticks"] += row.get("first_frame_wait_ticks", 0)
         entry["ttff_ms"].extend(row["ttff_ms"])
         entry["resyncs"] += row["clock_resyncs"]
         entry["gc_ms"].extend(pause[2] for pause in row["gc_long_pauses"])
@@ -114,6 +125,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "utterances": len(entry["ttff_ms"]),
             "dropped_frames": entry["dropped_frames"],
             "utterance_start_deferred_ticks": entry["deferred_ticks"],
+            "first_frame_wait_ticks": entry["wait_ticks"],
             "clock_resyncs": entry["resyncs"],
             "gc_long_pauses": len(entry["gc_ms"]),
             "gc_pause_ms_max": max(entry["gc_ms"], default=0.0),
@@ -158,13 +170,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_ms_by_bucket": {str(b): round(ms, 2) for b, ms in cost_ms.items()},
             "cost_source": "H200 512x512, bench/results/sessions-512-h200-20261205.json (20 sessions held)",
             "cost_scale": args.cost_scale,
+            "device_jitter": args.jitter,
             "max_batch_frames": args.max_batch_frames,
             "duration_s": args.duration_s,
             "utterance_s": args.utterance_s,
             "gap_s": args.gap_s,
             "burst_s": args.burst_s,
             "pipelined": True,
-            "runtime_config": "RuntimeConfig() defaults",
+            "runtime_config": "RuntimeConfig() defaults but first_frame_wait_ticks",
+            "first_frame_wait_ticks": args.first_frame_wait_ticks,
             "engine_heap": args.engine_heap,
             "gc_freeze": args.gc_freeze,
             "gc_frozen_objects": frozen.frozen_objects if frozen else 0,
@@ -192,6 +206,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--utterance-s", type=float, default=UTTERANCE_S)
     parser.add_argument("--gap-s", type=float, default=GAP_S)
     parser.add_argument("--burst-s", type=float, default=BURST_S)
+    parser.add_argument(
+        "--first-frame-wait-ticks",
+        type=int,
+        default=RuntimeConfig().first_frame_wait_ticks,
+        help="RuntimeConfig.first_frame_wait_ticks (0: a late frame 0 is dropped, as before it existed)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="each batch's device time varies uniformly by up to this fraction (a GPU's: 0.1-0.2)",
+    )
     parser.add_argument(
         "--engine-heap",
         choices=("none", "full-size"),

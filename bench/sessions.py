@@ -318,6 +318,8 @@ async def run_level(
         "dropped_frames": dropped,
         "underrun_ticks": sum(r.counters.underrun_ticks for r in runtimes),
         "clock_resyncs": sum(r.counters.clock_resyncs for r in runtimes),
+        "utterance_start_deferred_ticks": sum(r.counters.utterance_start_deferred_ticks for r in runtimes),
+        "first_frame_wait_ticks": sum(r.counters.first_frame_wait_ticks for r in runtimes),
         "render_slack_ms_p1": pct(slack, 1),
         "planned_budget_ms_p50": pct(budgets, 50),
         "planned_budget_ms_max": pct(budgets, 100),

@@ -40,6 +40,10 @@ class RuntimeConfig:
     # renders their frame 0s first, then their frame 1s, rather than each one's first four in turn (a lane
     # simulation at an H200's batch times: bench/results/lane-policy-*.json).
     first_frames_job_frames: int = 2
+    # Ticks an utterance's start may wait for a frame 0 still in the render lane: a lead planned as short as
+    # the lane's forecast allows is missed by a batch that runs a little long (GPU batch times vary by
+    # 10-20 %), and waiting a tick costs 40 ms of TTFF where playing costs a dropped first frame.
+    first_frame_wait_ticks: int = 2
     crossfade_frames: int = 2  # speech -> idle blend when an utterance ends on an open mouth
     resync_after_ms: float = 250.0  # a clock this late (event loop stalled) restarts from now
     lateness_window_ticks: int = 3000  # ticks kept for lateness percentiles

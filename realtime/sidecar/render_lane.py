@@ -197,6 +197,9 @@ class _Job:
     # render: frame k is due at deadline + k·period
     frame_period_s: float | None = field(compare=False, default=None)
     first_frames: bool = field(compare=False, default=False)  # render: jumps the queue (see "First frames")
+    # render: how late past its due time a frame may still be shown (an utterance's start waits that long
+    # for its frame 0), so the overload rules render it rather than skip it
+    late_grace_s: float = field(compare=False, default=0.0)
 
 
 @dataclass
@@ -308,6 +311,7 @@ class RenderLane:
         source: object | None = None,
         frame_period_s: float | None = None,
         first_frames: bool = False,
+        late_grace_s: float = 0.0,
     ) -> list[np.ndarray | None]:
         """Render the requests `make_requests` builds (on the lane thread), batched with other sessions' jobs
         (`submit_render`, awaited)."""
@@ -318,6 +322,7 @@ class RenderLane:
             source=source,
             frame_period_s=frame_period_s,
             first_frames=first_frames,
+            late_grace_s=late_grace_s,
         )
         result: list[np.ndarray | None] = await asyncio.wrap_future(future)
         return result
@@ -331,6 +336,7 @@ class RenderLane:
         source: object | None = None,
         frame_period_s: float | None = None,
         first_frames: bool = False,
+        late_grace_s: float = 0.0,
     ) -> Future[list[np.ndarray | None]]:
         """Queue a render job now (the lane's backlog counts it from here) and return its future.
 
@@ -339,7 +345,9 @@ class RenderLane:
         k is due at `deadline_s + k * frame_period_s`, and one that the batch would finish after comes back
         None (not rendered: see "Overload" above). Without it every request is rendered. `first_frames`: an
         utterance's first frames, planned with the shorter `first_frames_budget_ms` lead: they jump the queue
-        (see "First frames" above). Raises RuntimeError when the lane is closed."""
+        (see "First frames" above). `late_grace_s`: a request still counts as in time this long after its due
+        time (its session waits that long for it: an utterance's frame 0). Raises RuntimeError when the lane
+        is closed."""
         return self._submit(
             deadline_s,
             make_requests,
@@ -348,6 +356,7 @@ class RenderLane:
             source=source,
             frame_period_s=frame_period_s,
             first_frames=first_frames,
+            late_grace_s=late_grace_s,
         )
 
     def capacity_sessions(self, fps_per_session: float = 25.0, *, max_batch_ms: float = 160.0) -> int | None:
@@ -607,6 +616,7 @@ class RenderLane:
         source: object | None = None,
         frame_period_s: float | None = None,
         first_frames: bool = False,
+        late_grace_s: float = 0.0,
     ) -> Future[Any]:
         future: Future[Any] = Future()
         job = _Job(
@@ -619,6 +629,7 @@ class RenderLane:
             source,
             frame_period_s,
             first_frames,
+            max(0.0, late_grace_s),
         )
         with self._cond:
             if self._closed:
@@ -713,7 +724,7 @@ class RenderLane:
         alone_ms = self.cost_model.fastest_recent_ms(1)
         if alone_ms is None:
             return False
-        last_due_s = job.deadline_s + (job.frames - 1) * job.frame_period_s
+        last_due_s = job.deadline_s + job.late_grace_s + (job.frames - 1) * job.frame_period_s
         return last_due_s < self._clock() + alone_ms / 1000.0
 
     def _run_render_batch(self, first: _Job, skipped: list[_Job]) -> None:
@@ -867,7 +878,13 @@ class RenderLane:
         the largest k with d_k >= now + T(k); the earlier ones would miss their ticks anyway. Requests of jobs
         without a frame period count as always in time."""
         due = [
-            (math.inf if job.frame_period_s is None else job.deadline_s + k * job.frame_period_s, index, k)
+            (
+                math.inf
+                if job.frame_period_s is None
+                else job.deadline_s + job.late_grace_s + k * job.frame_period_s,
+                index,
+                k,
+            )
             for index, (job, requests) in enumerate(batch)
             for k in range(len(requests))
         ]

@@ -21,6 +21,8 @@ first frames, which jump the lane's queue, and the utterance starts with only th
 (`_first_tick_lead`; `RuntimeConfig.first_frame_priority`). An utterance whose audio came while the one
 before it still plays starts right after it, unless that is sooner than its first frames can be
 rendered: then after a pause of a few ticks (`utterance_start_deferred_ticks`), audio and frames together.
+A frame 0 that its batch delivers late (a batch ran longer than measured) holds the utterance's start for
+up to `first_frame_wait_ticks` ticks, audio and frames together, rather than playing over a held frame.
 If the client's audio runs dry mid-utterance (it streams slower than real time), the
 utterance pauses: idle frames with silence, and it resumes one tick later.
 
@@ -94,6 +96,8 @@ class RuntimeCounters:
     render_errors: int = 0
     # ticks of pause put between an utterance and the one before it, so its first frames could be rendered
     utterance_start_deferred_ticks: int = 0
+    # ticks an utterance's start waited, audio and frames together, for a frame 0 still in the render lane
+    first_frame_wait_ticks: int = 0
 
 
 @dataclass
@@ -131,6 +135,8 @@ class _Plan:
     # frames [0, first_frames) were planned with less lead than the load's budget: they jump
     first_frames: int = 0
     rendered: dict[int, np.ndarray] = field(default_factory=dict)
+    frame0_in_lane: bool = False  # the job with frame 0 was submitted and has not come back yet
+    start_waits: int = 0  # ticks this utterance's start waited for its frame 0
 
 
 class SessionRuntime:
@@ -486,6 +492,8 @@ class SessionRuntime:
             # batches to that frame's latency under load. Jobs of one stream still run in order (later ticks,
             # later deadline).
             plan.next_to_render = frames[-1] + 1
+            if frames[0] == 0:
+                plan.frame0_in_lane = True
             # Queued before this loop yields: the next session planning in this same loop turn (a burst of
             # sessions whose audio arrived together) sees these frames in the lane's backlog.
             pending = self._submit_render(plan, frames)
@@ -509,6 +517,8 @@ class SessionRuntime:
                 # frames that would be late are skipped, not rendered (overload)
                 frame_period_s=self._period_s,
                 first_frames=frames[0] < plan.first_frames,
+                # its utterance waits for frame 0 (`_waits_for_frame0`): render it late rather than skip it
+                late_grace_s=self.config.first_frame_wait_ticks * self._period_s if frames[0] == 0 else 0.0,
             )
         except Exception as exc:  # a closed lane: the job fails like a failed render (counted, logged)
             failed: Future[list[np.ndarray | None]] = Future()
@@ -538,6 +548,8 @@ class SessionRuntime:
             self.last_error = f"render failed: {exc}"
             logger.exception("render failed", extra={"session_id": self.session_id})
             images = []
+        if frames[0] == 0:
+            plan.frame0_in_lane = False  # rendered, skipped as too late, or failed: nothing more to wait for
         if generation != self._generation or plan not in self._plans:
             return  # interrupted while rendering: the frames belong to flushed audio
         # How long before its tick the batch's first frame became ready (negative: it missed).
@@ -585,12 +597,29 @@ class SessionRuntime:
             # Frame k plays once it can be rendered (its 80 ms lookahead exists, or the utterance ended):
             # playing its audio earlier would show a held frame over it.
             if plan.next_frame < plan.stream.ready_frame_count():
-                return self._speech_tick(plan, tick, deadline, wall_us)
-            # The client's audio has not caught up with the clock: pause this utterance for a tick.
-            self.counters.underrun_ticks += 1
+                if not self._waits_for_frame0(plan):
+                    return self._speech_tick(plan, tick, deadline, wall_us)
+                # Its frame 0 is still in the render lane (a batch ran long): start a tick later, audio and
+                # frames together, rather than play the first syllable over a held frame.
+                plan.start_waits += 1
+                self.counters.first_frame_wait_ticks += 1
+            else:
+                # The client's audio has not caught up with the clock: pause this utterance for a tick.
+                self.counters.underrun_ticks += 1
             for later in self._plans:
                 later.start_tick += 1
         return self._idle_tick(tick, deadline, wall_us)
+
+    def _waits_for_frame0(self, plan: _Plan) -> bool:
+        """Whether the utterance's start waits this tick: its frame 0 is not here but still coming, and it
+        has waited fewer than `RuntimeConfig.first_frame_wait_ticks`. Nothing has played yet, so waiting
+        costs the utterance one tick of latency where playing would cost a frame of its speech."""
+        return (
+            plan.next_frame == 0
+            and 0 not in plan.rendered
+            and plan.frame0_in_lane
+            and plan.start_waits < self.config.first_frame_wait_ticks
+        )
 
     def _speech_tick(self, plan: _Plan, tick: int, deadline: float, wall_us: int) -> PublishTick:
         utterance = plan.utterance
@@ -780,6 +809,7 @@ class SessionRuntime:
             "interrupts": float(counters.interrupts),
             "render_errors": float(counters.render_errors),
             "utterance_start_deferred_ticks": float(counters.utterance_start_deferred_ticks),
+            "first_frame_wait_ticks": float(counters.first_frame_wait_ticks),
         }
         if lateness.size:
             extra["lateness_ms_p50"] = float(np.percentile(lateness, 50))

@@ -85,21 +85,32 @@ class SleepingDevice:
     `render` runs both in turn; `render_async` enqueues the device part and returns, for a pipelined lane."""
 
     def __init__(
-        self, device_ms: Mapping[int, float], host_ms: Mapping[int, float], buckets: Sequence[int]
+        self,
+        device_ms: Mapping[int, float],
+        host_ms: Mapping[int, float],
+        buckets: Sequence[int],
+        *,
+        jitter: float = 0.0,
+        seed: int = 0,
     ) -> None:
+        """`jitter`: each batch's device time is its bucket's times a factor drawn uniformly from
+        [1 - jitter, 1 + jitter] (a real GPU's batches vary by 10-20 %)."""
         self.device_ms = dict(device_ms)
         self.host_ms = dict(host_ms)
         self.buckets = tuple(buckets)
+        self.jitter = jitter
+        self._rng = random.Random(seed)
         self._device_free_s = 0.0  # monotonic time the device finishes what it was given
         self._lock = threading.Lock()
 
     def render_async(self, requests: Sequence[Any]) -> _SleepingHandle:
         bucket = bucket_for(len(requests), self.buckets)
         with self._lock:
+            device_ms = self.device_ms[bucket] * (1.0 + self._rng.uniform(-self.jitter, self.jitter))
             begins_s = max(time.monotonic(), self._device_free_s)
-            self._device_free_s = begins_s + self.device_ms[bucket] / 1000.0
+            self._device_free_s = begins_s + device_ms / 1000.0
             done_s = self._device_free_s
-        return _SleepingHandle(len(requests), done_s, self.device_ms[bucket], self.host_ms[bucket])
+        return _SleepingHandle(len(requests), done_s, device_ms, self.host_ms[bucket])
 
     def render(self, requests: Sequence[Any]) -> list[np.ndarray]:
         return self.render_async(requests).result()
@@ -167,6 +178,7 @@ class SimResult:
     # pauses put between back-to-back utterances (`utterance_start_deferred_ticks`)
     deferred_ticks: int = 0
     clock_resyncs: int = 0  # the sessions' clocks restarted after an event-loop stall
+    first_frame_wait_ticks: int = 0  # utterance starts held for a frame 0 still in the lane
 
 
 async def _client(
@@ -218,6 +230,8 @@ async def simulate(
     pipelined: bool = False,
     burst_s: float | Sequence[float] = 0.0,
     client_delays_s: Sequence[float] | None = None,
+    device_jitter: float = 0.0,
+    device_ms_scale: float = 1.0,
 ) -> SimResult:
     """Run `sessions` concurrent sessions for `duration_s` (then drain); `seed_cost_model`: start from a lane
     that has measured every bucket already (a sidecar that has been up), else from nothing. A batch costs
@@ -225,7 +239,10 @@ async def simulate(
     (`SleepingDevice`); `pipelined`: the lane gets the engine's `render_async`; `burst_s`: each utterance's
     first
     `burst_s` of audio arrives at once (`_client`; one value per session, or one for all); `client_delays_s`:
-    how long each session's client waits before its first utterance (none: all start together)."""
+    how long each session's client waits before its first utterance (none: all start together);
+    `device_jitter`: each batch's device time varies by up to that fraction (`SleepingDevice`);
+    `device_ms_scale`: the device's batches take that multiple of `cost_ms` (the cost model is seeded with
+    `cost_ms`: a GPU slower than the lane has measured)."""
     bursts_s = [burst_s] * sessions if isinstance(burst_s, float | int) else list(burst_s)
     buckets = tuple(sorted(cost_ms))
     host = dict(host_ms) if host_ms is not None else dict.fromkeys(buckets, 0.0)
@@ -235,7 +252,13 @@ async def simulate(
             for bucket, ms in cost_ms.items():
                 model.observe(bucket, ms + host[bucket])
                 model.observe_device(bucket, ms)
-    device = SleepingDevice(cost_ms, host, buckets)
+    device = SleepingDevice(
+        {bucket: ms * device_ms_scale for bucket, ms in cost_ms.items()},
+        host,
+        buckets,
+        jitter=device_jitter,
+        seed=seed,
+    )
     lane = RenderLane(
         device.render,
         start_render=device.render_async if pipelined else None,
@@ -289,6 +312,7 @@ async def simulate(
         miss_frame_indices=misses,
         deferred_ticks=sum(r.counters.utterance_start_deferred_ticks for r in runtimes),
         clock_resyncs=sum(r.counters.clock_resyncs for r in runtimes),
+        first_frame_wait_ticks=sum(r.counters.first_frame_wait_ticks for r in runtimes),
     )
 
 
