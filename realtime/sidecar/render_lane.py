@@ -14,7 +14,8 @@ Rules, and why:
 - Overload: frames that a batch would finish after their tick are skipped (their features are still
   taken; the caller holds its frame): rendering them would make the next frames late too. Skipping
   judges by the fastest recent batch of the bucket, measured at least twice, so that one slow batch does
-  not make the lane skip everything after it.
+  not make the lane skip everything after it. A job's `late_grace_s` moves that line: an utterance's start
+  waits a tick or two for its frame 0, so that frame is rendered late rather than skipped.
 - First frames (of a new utterance planned with less lead than the load's budget) jump the queue, but
   never push the batch into a bucket that misses the most urgent deadline nor displace a job that could
   not wait one batch more, and never ahead of their own stream's earlier jobs: a stream's features are
