@@ -2,8 +2,9 @@
 
 Why: once the engine is loaded (torch, transformers, the models; with compile, dynamo's and inductor's
 caches and graphs) a sidecar holds hundreds of thousands to millions of Python objects that live as long as
-the process. A full (generation-2) collection scans every one of them with the GIL held: 0.2-0.5 s on a
-2-core machine with the tiny model and no compile (480,000 objects). For that long the event loop (every
+the process. A full (generation-2) collection scans every one of them with the GIL held: 0.2-0.35 s on a
+2-core machine with the full-size models and no compile (480,000 objects), 0.71 s on an H200 host after a
+compile (1.31 million; bench/results/runtime-notes.md, "Stalls"). For that long the event loop (every
 session's clock, the audio sockets) and the render thread's Python both stop; live sessions fall behind
 and resync their clocks. Collections of that generation come when enough new objects survived, so in a
 busy sidecar they arrive at unrelated moments, often when many sessions start at once.
