@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -100,7 +99,6 @@ class GcPauses:
     ) -> None:
         self._clock = clock
         self._long_pause_ms = long_pause_ms
-        self._lock = threading.Lock()
         self._started_s: float | None = None
         self._collections = [0] * GENERATIONS
         self._max_ms = [0.0] * GENERATIONS
@@ -123,7 +121,10 @@ class GcPauses:
         self.uninstall()
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        # Collections never overlap (the collector holds the GIL throughout), so one start time suffices.
+        # No lock here or in `stats`: any allocation (`stats` building its snapshot, say) may start a
+        # collection on the thread that holds it, and this callback would then wait for itself forever.
+        # Collections never overlap (the collector holds the GIL throughout), so this callback is the only
+        # writer, one start time suffices, and a reader at worst sees one collection half counted.
         now_s = self._clock()
         if phase == "start":
             self._started_s = now_s
@@ -133,19 +134,17 @@ class GcPauses:
             return  # installed mid-collection
         generation = min(max(int(info.get("generation", 0)), 0), GENERATIONS - 1)
         pause_ms = (now_s - started_s) * 1000.0
-        with self._lock:
-            self._collections[generation] += 1
-            self._max_ms[generation] = max(self._max_ms[generation], pause_ms)
-            self._total_ms += pause_ms
-            if pause_ms >= self._long_pause_ms:
-                self._long.append(GcPause(started_s, generation, pause_ms))
+        self._collections[generation] += 1
+        self._max_ms[generation] = max(self._max_ms[generation], pause_ms)
+        self._total_ms += pause_ms
+        if pause_ms >= self._long_pause_ms:
+            self._long.append(GcPause(started_s, generation, pause_ms))
 
     def stats(self) -> GcPauseStats:
-        with self._lock:
-            return GcPauseStats(
-                collections=tuple(self._collections),
-                pause_ms_max=tuple(self._max_ms),
-                pause_ms_total=self._total_ms,
-                frozen_objects=gc.get_freeze_count(),
-                long_pauses=tuple(self._long),
-            )
+        return GcPauseStats(
+            collections=tuple(self._collections),
+            pause_ms_max=tuple(self._max_ms),
+            pause_ms_total=self._total_ms,
+            frozen_objects=gc.get_freeze_count(),
+            long_pauses=tuple(self._long),
+        )

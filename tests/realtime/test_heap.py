@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +211,24 @@ def test_without_collecting_first_a_garbage_cycle_is_frozen_with_the_rest() -> N
         gc.unfreeze()
         gc.collect()
         assert cycle() is None
+
+
+def test_reading_the_stats_never_waits_on_a_collection_it_starts_itself() -> None:
+    """A collection may start at any allocation, `stats()`'s own included, and runs the monitor's callback on
+    that thread: with a lock shared by the two, the process hung for good (seen in CI). Run in a child process
+    with the collector at its most eager, so a hang fails the test instead of the suite."""
+    script = (
+        "import gc\n"
+        "from realtime.heap import GcPauses\n"
+        "pauses = GcPauses().install()\n"
+        "gc.set_threshold(1)\n"
+        "for _ in range(20_000):\n"
+        "    pauses.stats()\n"
+        "print(sum(pauses.stats().collections))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 0
