@@ -4,7 +4,6 @@ heap as the sidecar does (realtime.heap) unless told not to."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from collections.abc import Iterator
@@ -13,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from bench.sessions import STALL_MS, _probe_loop_lag, main
+from tests.support.heap_state import unfrozen_heap
 
 
 @pytest.fixture(autouse=True)
 def _nothing_frozen() -> Iterator[None]:
-    gc.unfreeze()
-    yield
-    gc.unfreeze()
+    with unfrozen_heap():
+        yield
 
 
 async def test_the_loop_probe_records_when_a_stall_ended_and_how_long_it_was() -> None:

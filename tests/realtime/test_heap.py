@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from realtime.heap import GcPause, GcPauses, freeze_long_lived
+from tests.support.heap_state import unfrozen_heap
 
 HELD_OBJECTS = 50_000
 
@@ -22,15 +23,11 @@ def _collector_restored() -> Iterator[None]:
     """Each test starts with nothing frozen (an earlier test's sidecar warm-up may have frozen the heap) and
     leaves no freeze, monitor or disabled collector behind for the tests after it."""
     callbacks = list(gc.callbacks)
-    enabled = gc.isenabled()
-    gc.unfreeze()
-    try:
-        yield
-    finally:
-        gc.callbacks[:] = callbacks  # the monitors a test installed (and did not uninstall) are gone
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
+    with unfrozen_heap():
+        try:
+            yield
+        finally:
+            gc.callbacks[:] = callbacks  # the monitors a test installed (and did not uninstall) are gone
 
 
 @contextlib.contextmanager

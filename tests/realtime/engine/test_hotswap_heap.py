@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from realtime.engine.hotswap import VariantSwap
+from tests.support.heap_state import unfrozen_heap
 
 WAIT_S = 30.0  # generous: only a hang fails these waits
 BUILT_OBJECTS = 1_000
@@ -16,11 +17,8 @@ BUILT_OBJECTS = 1_000
 
 @pytest.fixture(autouse=True)
 def _nothing_frozen() -> Iterator[None]:
-    gc.unfreeze()  # an earlier test's sidecar warm-up may have frozen the heap
-    try:
+    with unfrozen_heap():  # an earlier test's sidecar warm-up may have frozen the heap
         yield
-    finally:
-        gc.unfreeze()
 
 
 def build_graphs() -> list[list[int]]:

@@ -17,6 +17,7 @@ from realtime.sidecar.engine_adapter import EngineAdapter
 from realtime.sidecar.host import SidecarHost
 from realtime.sidecar.server import create_app
 from tests.support.credentials import SIDECAR_SECRET, service_headers
+from tests.support.heap_state import unfrozen_heap
 
 
 class _Node:
@@ -27,15 +28,9 @@ class _Node:
 @pytest.fixture(autouse=True)
 def _nothing_frozen() -> Iterator[None]:
     """Each test starts unfrozen (an earlier module's sidecar fixture may have frozen the heap) and leaves no
-    freeze, no disabled collector behind."""
-    enabled = gc.isenabled()
-    gc.unfreeze()
-    try:
+    disabled collector behind (tests.support.heap_state)."""
+    with unfrozen_heap():
         yield
-    finally:
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
 
 
 @pytest.fixture
