@@ -86,10 +86,7 @@ async def run_one(
         "first_frames_jumped": result.first_frames_jumped,
         "clock_resyncs": result.clock_resyncs,
         # (s from the run's start, generation, ms) of each collection of 10 ms or more
-        "gc_long_pauses": [
-            [round(p.at_s - started, 3), p.generation, round(p.pause_ms, 1)]
-            for p in gc_pauses.stats().long_pauses
-        ],
+        "gc_long_pauses": [pause.as_row(started) for pause in gc_pauses.stats().long_pauses],
         "wall_s": round(time.monotonic() - started, 1),
     }
 

@@ -356,9 +356,7 @@ async def run_level(
         "loop_stalls": [[round(at_s - started, 3), round(ms, 1)] for at_s, ms in stalls],
         "gc_collections_by_generation": list(gc_stats.collections),
         "gc_pause_ms_max_by_generation": [round(ms, 2) for ms in gc_stats.pause_ms_max],
-        "gc_long_pauses": [
-            [round(p.at_s - started, 3), p.generation, round(p.pause_ms, 1)] for p in gc_stats.long_pauses
-        ],
+        "gc_long_pauses": [pause.as_row(started) for pause in gc_stats.long_pauses],
         "gc_frozen_objects": gc_stats.frozen_objects,
         "lane_capacity_sessions": lane.capacity_sessions(max_batch_ms=config.max_batch_ms),
         "wall_s": round(wall_s, 2),

@@ -72,6 +72,10 @@ class GcPause:
     generation: int
     pause_ms: float
 
+    def as_row(self, origin_s: float) -> list[float]:
+        """[s from `origin_s` to its start, generation, ms]: how the benchmarks' JSON lists pauses."""
+        return [round(self.at_s - origin_s, 3), self.generation, round(self.pause_ms, 1)]
+
 
 @dataclass(frozen=True)
 class GcPauseStats:
