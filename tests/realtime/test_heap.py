@@ -16,6 +16,7 @@ from realtime.heap import GcPause, GcPauses, freeze_long_lived
 from tests.support.heap_state import unfrozen_heap
 
 HELD_OBJECTS = 50_000
+FROZEN_DEATHS_MAX = 100  # frozen objects that may die between two reads of the count
 
 
 @pytest.fixture(autouse=True)
@@ -160,11 +161,27 @@ def test_stats_report_the_frozen_objects() -> None:
     gc.freeze()
     frozen = gc.get_freeze_count()
     assert frozen > 0
-    assert pauses.stats().frozen_objects == frozen
-    assert pauses.stats().as_report()["frozen_objects"] == frozen
+    assert_counts_the_frozen_objects(pauses.stats().frozen_objects, frozen)
+    assert_counts_the_frozen_objects(int(pauses.stats().as_report()["frozen_objects"]), frozen)
 
 
 # ---- freeze_long_lived
+
+
+def assert_counts_the_frozen_objects(later: int, counted: int) -> None:
+    """A frozen object still dies when its last reference goes (freezing only hides it from the cycle scans),
+    and another thread of the test process may drop one between two reads (CI saw 2 of 740 000): the count
+    can fall a little between reads, never rise without a new freeze."""
+    assert counted - FROZEN_DEATHS_MAX <= later <= counted
+
+
+def test_a_frozen_object_still_dies_with_its_last_reference() -> None:
+    """Why the count read after a freeze may be a little lower than the freeze's own (CI saw it once)."""
+    held = [[index] for index in range(1_000)]
+    freeze_long_lived(collect_first=False)
+    counted = gc.get_freeze_count()
+    del held
+    assert gc.get_freeze_count() <= counted - 1_000
 
 
 def test_freezing_moves_the_long_lived_heap_out_of_the_oldest_generation() -> None:
@@ -178,7 +195,7 @@ def test_freezing_moves_the_long_lived_heap_out_of_the_oldest_generation() -> No
 
     assert gc.get_freeze_count() >= before - 1_000  # (a few may have died in the collection)
     assert gc.get_freeze_count() >= HELD_OBJECTS
-    assert frozen.frozen_objects == gc.get_freeze_count()
+    assert_counts_the_frozen_objects(gc.get_freeze_count(), frozen.frozen_objects)
     assert frozen.collect_ms >= 0.0
     after = gc.get_objects(generation=2)
     assert len(after) < before - HELD_OBJECTS  # what a full collection scans: far less
@@ -202,7 +219,8 @@ def test_without_collecting_first_a_garbage_cycle_is_frozen_with_the_rest() -> N
         cycle = garbage_cycle()
         frozen = freeze_long_lived(collect_first=False)
         assert frozen.collect_ms == 0.0
-        assert frozen.frozen_objects == gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0
+        assert_counts_the_frozen_objects(gc.get_freeze_count(), frozen.frozen_objects)
         gc.collect()
         assert cycle() is not None  # frozen: no collection scans it
         gc.unfreeze()
