@@ -162,7 +162,9 @@ def test_stats_report_the_frozen_objects() -> None:
     frozen = gc.get_freeze_count()
     assert frozen > 0
     assert_counts_the_frozen_objects(pauses.stats().frozen_objects, frozen)
-    assert_counts_the_frozen_objects(int(pauses.stats().as_report()["frozen_objects"]), frozen)
+    reported = pauses.stats().as_report()["frozen_objects"]
+    assert isinstance(reported, int)
+    assert_counts_the_frozen_objects(reported, frozen)
 
 
 # ---- freeze_long_lived
