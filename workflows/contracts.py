@@ -464,6 +464,10 @@ class SessionStatus:
     reconciles: int = (
         0  # run_session went silent and the workflow re-attached to the sidecar (outage survived)
     )
+    # A bring-up step the sidecar did not pick up within its schedule_to_start_s, asked once more with the
+    # poll back-off allowance (`run_session.reconcile_s`) before the host counts as lost: after a Temporal
+    # outage a live sidecar's pollers may wait that long before they poll again.
+    steps_asked_again: int = 0
     live_since: str = ""  # ISO 8601, workflow time of the first `live`
     ended_at: str = ""  # ISO 8601, workflow time the session stopped serving (teardown began)
     teardown_errors: list[ErrorInfo] = field(default_factory=list)

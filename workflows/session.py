@@ -86,6 +86,12 @@ _OUTPUT_FAILURE_ENDS = frozenset({EndReason.OUTPUT_FAILED})
 # one): validate_assets runs as a local activity (a short check, no workflow task of its own) and
 # warm_up runs beside prepare_avatar instead of after it.
 _PATCH_QUICK_START = "quick-start-v1"
+# Sessions started by this code ask a bring-up step that no worker picked up once more before the host counts
+# as lost (`_on_sidecar`); histories without the marker replay the older path (lost at the first timeout).
+_PATCH_ASK_AGAIN = "bring-up-ask-again-v1"
+# The steps asked again: they have not started when their schedule-to-start timeout fires, so a second
+# schedule runs them once. Ending steps (stop, teardown) are bounded by their own timeouts and fallbacks.
+_ASKED_AGAIN_STEPS = frozenset({ActivityName.PREPARE_AVATAR, ActivityName.WARM_UP, ActivityName.OPEN_OUTPUT})
 # Failures that say the host itself is gone (not this step): the session may move to another sidecar.
 _HOST_GONE_CODES = frozenset(
     {
@@ -803,18 +809,44 @@ class SessionWorkflow:
     ) -> ResultT:
         target = placement or self._placement
         assert target is not None
-        handle = workflow.start_activity(
-            name,
-            arg,
-            result_type=result_type,
-            task_queue=target.task_queue,
-            start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
-            schedule_to_start_timeout=timedelta(seconds=policy.schedule_to_start_s),
-            heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
-            retry_policy=_SINGLE_ATTEMPT,
-            cancellation_type=_SIDECAR_CANCELLATION,
-            summary=f"{name.value} on {target.sidecar_id}",
+
+        def start(schedule_to_start_s: float, summary: str) -> workflow.ActivityHandle[ResultT]:
+            return workflow.start_activity(
+                name,
+                arg,
+                result_type=result_type,
+                task_queue=target.task_queue,
+                start_to_close_timeout=timedelta(seconds=policy.start_to_close_s),
+                schedule_to_start_timeout=timedelta(seconds=schedule_to_start_s),
+                heartbeat_timeout=timedelta(seconds=policy.heartbeat_timeout_s),
+                retry_policy=_SINGLE_ATTEMPT,
+                cancellation_type=_SIDECAR_CANCELLATION,
+                summary=summary,
+            )
+
+        summary = f"{name.value} on {target.sidecar_id}"
+        handle = start(policy.schedule_to_start_s, summary)
+        try:
+            return await self._finish(handle, name, target, interruptible)
+        except _SidecarLost as lost:
+            # Not picked up: a dead host, or a live one whose pollers still back off after a Temporal outage
+            # (up to ~10 s, more than a bring-up step's schedule_to_start_s may be). The step never started,
+            # so it is scheduled once more with the allowance a reconcile gets; only a host that takes
+            # neither is lost (seen in the chaos test: a drain right after an outage excluded the healthy
+            # sidecar too, and every moved session failed `no_capacity`).
+            if (
+                name not in _ASKED_AGAIN_STEPS
+                or lost.loss.timeout_type != TimeoutType.SCHEDULE_TO_START.name
+                or not workflow.patched(_PATCH_ASK_AGAIN)
+            ):
+                raise
+        again_s = self._policy.activities.run_session.reconcile_s
+        workflow.logger.warning(
+            "sidecar step not picked up: asking once more",
+            extra={"step": name.value, "sidecar": target.sidecar_id, "schedule_to_start_s": again_s},
         )
+        self._status.steps_asked_again += 1
+        handle = start(again_s, f"{summary} (asked again: not picked up)")
         return await self._finish(handle, name, target, interruptible)
 
     async def _finish(

@@ -21,10 +21,11 @@ from typing import Any
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, Worker
 
 from activities.control import ControlConfig
-from activities.sidecar import SidecarWorkerConfig
+from activities.placement_client import Placer
+from activities.sidecar import SidecarActivities, SidecarWorkerConfig
 from activities.sidecar_worker import run_sidecar_worker
 from activities.worker import build_control_worker
 from api.policy_file import load_policies
@@ -43,6 +44,7 @@ from workflows.contracts import (
     PlacementSnapshot,
     SessionRequest,
     SessionStatus,
+    SidecarHeartbeat,
     placement_registry_id,
     sidecar_task_queue,
 )
@@ -200,6 +202,74 @@ class Harness:
             raise TimeoutError(f"sidecar {sidecar_id} did not register within 30 s")
         self.hosts[sidecar_id] = host
         self._sidecar_tasks[sidecar_id] = (task, shutdown)
+        return host
+
+    async def add_late_polling_sidecar(
+        self, name: str, *, polls_after_s: float | None, slots: int = 2
+    ) -> LoopbackSessionHost:
+        """A sidecar registered with placement at once whose queue is first polled `polls_after_s` later
+        (None: never): a live sidecar whose pollers still back off after a Temporal outage, or, never
+        polling, a process whose worker is wedged while its registration goes on. The real sidecar worker
+        registers only once it polls (`run_sidecar_worker`), so this one is put together from the same
+        parts here."""
+        sidecar_id = self.sidecar_id(name)
+        host = LoopbackSessionHost(sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir)
+        config = SidecarWorkerConfig.for_host(
+            host,
+            self.asset_dir,
+            control_task_queue=self.control_queue,
+            placement_workflow_id=self.placement_id,
+            placement_shards=self.shards,
+            lease_s=self.lease_s,
+            registration_interval_s=self.registration_interval_s,
+        )
+        placer = Placer(self.client, self.placement_id, self.control_queue, shards=self.shards)
+        incarnation = uuid.uuid4().hex
+        activities = SidecarActivities(host, config, incarnation)
+        shutdown = asyncio.Event()
+
+        async def register() -> None:
+            capacity = host.capacity()
+            await placer.send_heartbeat(
+                SidecarHeartbeat(
+                    sidecar_id=sidecar_id,
+                    incarnation=incarnation,
+                    task_queue=config.queue,
+                    slots_total=capacity.slots_total,
+                    slots_free=capacity.slots_free,
+                    lease_s=config.lease_s,
+                    pool=config.pool,
+                    sessions=sorted(activities.sessions_held),
+                )
+            )
+
+        async def serve() -> None:
+            async def keep_registered() -> None:
+                while True:
+                    await asyncio.sleep(config.registration_interval_s)
+                    await register()
+
+            registration = asyncio.create_task(keep_registered())
+            try:
+                if polls_after_s is None:
+                    await shutdown.wait()
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(shutdown.wait(), polls_after_s)
+                if shutdown.is_set():
+                    return
+                async with Worker(self.client, task_queue=config.queue, activities=activities.definitions()):
+                    await shutdown.wait()
+            finally:
+                registration.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registration
+                with contextlib.suppress(Exception):
+                    await placer.depart(sidecar_id, incarnation, config.pool)
+
+        await register()
+        self.hosts[sidecar_id] = host
+        self._sidecar_tasks[sidecar_id] = (asyncio.create_task(serve()), shutdown)
         return host
 
     async def stop_sidecar(self, sidecar_id: str) -> None:
