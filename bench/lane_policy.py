@@ -11,6 +11,11 @@ sessions together (`lockstep`) or each at its own phase (`staggered`). What it m
 planning and batching (how long a lead each utterance gets, which frames ride which batch), not a device:
 a change to those rules can be judged here before a GPU run confirms it.
 
+Each row has two TTFFs: `ttff_ms_*` over every utterance, and `turn_ttff_ms_*` over those that started a
+turn (their session idle when they were planned), the delay a caller hears. With `--gap-s` shorter than the
+burst plus a lead, each utterance arrives while the last one still plays and waits for its end (sentences
+of one answer, as the earlier rows ran); with `--gap-s 1.5` every utterance starts a turn.
+
 The batch times default to an H200's at 512x512 (`bench/results/sessions-512-h200-20261205.json`, the
 20-session level that held: the lane's measured wall time per bucket), scaled by `--cost-scale`. Those are
 whole batch times, host work included, which a pipelined lane partly overlaps with the next batch's device
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import cpu_name
-from bench.sessions import GAP_S, UTTERANCE_S, client_start_delays_s, pct
+from bench.sessions import GAP_S, UTTERANCE_S, client_cycle_s, client_start_delays_s, pct
 from realtime.heap import GcPauses, freeze_long_lived
 from realtime.sidecar.config import RuntimeConfig
 from tests.support.lane_sim import simulate
@@ -51,7 +56,12 @@ BURST_S = 0.6
 async def run_one(
     sessions: int, client_start: str, seed: int, cost_ms: dict[int, float], args: argparse.Namespace
 ) -> dict[str, Any]:
-    delays_s = client_start_delays_s(client_start, sessions, random.Random(seed))
+    delays_s = client_start_delays_s(
+        client_start,
+        sessions,
+        random.Random(seed),
+        cycle_s=client_cycle_s(args.burst_s, args.gap_s, args.utterance_s),
+    )
     started = time.monotonic()
     with GcPauses() as gc_pauses:
         result = await simulate(
@@ -75,6 +85,9 @@ async def run_one(
         "ttff_ms": [round(v, 1) for v in result.ttff_ms],
         "ttff_ms_p50": pct(result.ttff_ms, 50),
         "ttff_ms_p99": pct(result.ttff_ms, 99),
+        "turn_ttff_ms": [round(v, 1) for v in result.turn_ttff_ms],
+        "turn_ttff_ms_p50": pct(result.turn_ttff_ms, 50),
+        "turn_ttff_ms_p99": pct(result.turn_ttff_ms, 99),
         "first_leads_ms": [round(v, 1) for v in result.planned_budget_ms],
         "dropped_frames": result.dropped_frames,
         "dropped_frame_indices": sorted(result.miss_frame_indices),
@@ -100,6 +113,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             key,
             {
                 "ttff_ms": [],
+                "turn_ttff_ms": [],
                 "dropped_frames": 0,
                 "deferred_ticks": 0,
                 "wait_ticks": 0,
@@ -110,6 +124,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         )
         entry["wait_ticks"] += row.get("first_frame_wait_ticks", 0)
         entry["ttff_ms"].extend(row["ttff_ms"])
+        entry["turn_ttff_ms"].extend(row.get("turn_ttff_ms", []))
         entry["resyncs"] += row["clock_resyncs"]
         entry["gc_ms"].extend(pause[2] for pause in row["gc_long_pauses"])
         entry["dropped_frames"] += row["dropped_frames"]
@@ -120,6 +135,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "ttff_ms_p50": pct(entry["ttff_ms"], 50),
             "ttff_ms_p99": pct(entry["ttff_ms"], 99),
             "utterances": len(entry["ttff_ms"]),
+            # the TTFF a caller hears: utterances that started a turn (see bench.sessions' turn_ttff_ms_*)
+            "turn_ttff_ms_p50": pct(entry["turn_ttff_ms"], 50),
+            "turn_ttff_ms_p99": pct(entry["turn_ttff_ms"], 99),
+            "turn_utterances": len(entry["turn_ttff_ms"]),
             "dropped_frames": entry["dropped_frames"],
             "utterance_start_deferred_ticks": entry["deferred_ticks"],
             "first_frame_wait_ticks": entry["wait_ticks"],

@@ -207,11 +207,20 @@ def build_engine(args: argparse.Namespace, cache_dir: Path) -> tuple[Any, str, s
 
 
 async def client(
-    audio_input: Any, pcm: bytes, stop_at: float, burst_s: float = 0.0, start_delay_s: float = 0.0
+    audio_input: Any,
+    pcm: bytes,
+    stop_at: float,
+    *,
+    burst_s: float = 0.0,
+    start_delay_s: float = 0.0,
+    gap_s: float = GAP_S,
 ) -> None:
     """A TTS client: utterances at real-time pace in 20 ms messages, with gaps, until `stop_at`; `burst_s`:
     each utterance's first `burst_s` is sent at once (a TTS that synthesises faster than real time), the rest
-    at real-time pace from then on; `start_delay_s`: silence before the first utterance (the call's phase)."""
+    at real-time pace from then on; `start_delay_s`: silence before the first utterance (the call's phase);
+    `gap_s`: from the last message of one utterance to the first of the next. The audio sent ahead
+    (`burst_s`) and the session's lead still play after the last message, so with a gap shorter than both
+    the next utterance queues behind the one playing (sentences of one answer); longer, it starts a turn."""
     chunk = 16_000 * CHUNK_MS // 1000 * 2
     burst_chunks = round(burst_s * 1000 / CHUNK_MS)
     await asyncio.sleep(start_delay_s)
@@ -223,7 +232,7 @@ async def client(
                 await asyncio.sleep(delay)
             audio_input.push(pcm[offset : offset + chunk])
         audio_input.end_utterance()
-        await asyncio.sleep(GAP_S)
+        await asyncio.sleep(gap_s)
 
 
 async def run_level(
@@ -239,6 +248,7 @@ async def run_level(
     livekit: LiveKitRun | None = None,
     client_burst_s: float = 0.0,
     client_start: str = "lockstep",
+    client_gap_s: float = GAP_S,
 ) -> dict[str, Any]:
     config = runtime_config or RuntimeConfig()
     lane = RenderLane(
@@ -272,10 +282,19 @@ async def run_level(
         stop_at = time.monotonic() + duration_s
         inputs = [AudioInput(runtime, "bench", utterance_gap_ms=0) for runtime in runtimes]
         cpu_started_s, speech_started_s = time.process_time(), time.monotonic()
-        delays_s = client_start_delays_s(client_start, sessions, rng)
+        delays_s = client_start_delays_s(
+            client_start, sessions, rng, cycle_s=client_cycle_s(client_burst_s, client_gap_s)
+        )
         await asyncio.gather(
             *(
-                client(audio_input, pcm, stop_at, client_burst_s, delay_s)
+                client(
+                    audio_input,
+                    pcm,
+                    stop_at,
+                    burst_s=client_burst_s,
+                    start_delay_s=delay_s,
+                    gap_s=client_gap_s,
+                )
                 for audio_input, delay_s in zip(inputs, delays_s, strict=True)
             )
         )
@@ -296,6 +315,7 @@ async def run_level(
     wall_s = time.monotonic() - started
     gc_stats = gc_pauses.stats()
     ttff = [v for r in runtimes for v in r.samples.ttff_ms]
+    turn_ttff = [v for r in runtimes for v in r.samples.turn_ttff_ms]
     lateness = [v for r in runtimes for v in r.samples.lateness_ms]
     slack = [v for r in runtimes for v in r.samples.render_slack_ms]
     budgets = [v for r in runtimes for v in r.samples.planned_budget_ms]
@@ -313,6 +333,11 @@ async def run_level(
         "client_start": client_start,
         "ttff_ms_p50": pct(ttff, 50),
         "ttff_ms_p99": pct(ttff, 99),
+        # Utterances that started a turn (nothing of their session playing or planned): the TTFF a caller
+        # hears. The others waited for the one playing to end (`RuntimeSamples.turn_ttff_ms`).
+        "turn_ttff_ms_p50": pct(turn_ttff, 50),
+        "turn_ttff_ms_p99": pct(turn_ttff, 99),
+        "turn_utterances": len(turn_ttff),
         "lateness_ms_p50": pct(lateness, 50),
         "lateness_ms_p99": pct(lateness, 99),
         "dropped_frames": dropped,
@@ -379,15 +404,22 @@ async def run_level(
 CLIENT_STARTS = ("lockstep", "staggered")
 
 
-def client_start_delays_s(mode: str, sessions: int, rng: random.Random) -> list[float]:
+def client_cycle_s(burst_s: float, gap_s: float, utterance_s: float = UTTERANCE_S) -> float:
+    """How long a client takes from one utterance's first message to the next's (see `client`)."""
+    return max(0.0, utterance_s - burst_s) + gap_s
+
+
+def client_start_delays_s(
+    mode: str, sessions: int, rng: random.Random, *, cycle_s: float = UTTERANCE_S + GAP_S
+) -> list[float]:
     """When each session's client starts speaking. "lockstep": all at once, so every utterance of every
     session starts within the same few milliseconds (the worst case for TTFF: all first frames compete for
-    one batch). "staggered": each call at its own phase, uniform over one utterance cycle, as independent
-    conversations are (their utterances then start at unrelated times)."""
+    one batch). "staggered": each call at its own phase, uniform over one utterance cycle (`cycle_s`), as
+    independent conversations are (their utterances then start at unrelated times)."""
     if mode == "lockstep":
         return [0.0] * sessions
     if mode == "staggered":
-        return [rng.uniform(0.0, UTTERANCE_S + GAP_S) for _ in range(sessions)]
+        return [rng.uniform(0.0, cycle_s) for _ in range(sessions)]
     raise ValueError(f"client start {mode!r}: expected one of {', '.join(CLIENT_STARTS)}")
 
 
@@ -495,6 +527,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     livekit=livekit,
                     client_burst_s=args.client_burst_s,
                     client_start=client_start,
+                    client_gap_s=args.client_gap_s,
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -514,7 +547,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "publisher": args.publisher,
             "duration_s": args.duration_s,
             "utterance_s": UTTERANCE_S,
-            "gap_s": GAP_S,
+            "gap_s": args.client_gap_s,
             "client_chunk_ms": CHUNK_MS,
             "client_burst_s": args.client_burst_s,
             "client_start": args.client_start,
@@ -576,6 +609,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "max_sessions_ok": best["sessions"] if best else 0,
         "ttff_ms_p50": best["ttff_ms_p50"] if best else None,
         "ttff_ms_p99": best["ttff_ms_p99"] if best else None,
+        "turn_ttff_ms_p50": best["turn_ttff_ms_p50"] if best else None,
+        "turn_ttff_ms_p99": best["turn_ttff_ms_p99"] if best else None,
         "lateness_ms_p50": best["lateness_ms_p50"] if best else None,
         "lateness_ms_p99": best["lateness_ms_p99"] if best else None,
         "dropped_frames": best["dropped_frames"] if best else None,
@@ -628,6 +663,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="each utterance's first seconds of audio sent at once (a TTS faster than real time); 0: real "
         "time",
+    )
+    parser.add_argument(
+        "--client-gap-s",
+        type=float,
+        default=GAP_S,
+        help="from one utterance's last message to the next's first; shorter than --client-burst-s plus the "
+        "lead, utterances queue behind the one playing (one answer's sentences), longer (e.g. 1.5) each "
+        "starts a turn, whose TTFF a caller hears (turn_ttff_ms_*)",
     )
     parser.add_argument(
         "--client-start",

@@ -107,6 +107,10 @@ class RuntimeSamples:
 
     window: int
     ttff_ms: list[float] = field(default_factory=list)
+    # the TTFF of each utterance that started a turn: nothing of this session played or was planned when it
+    # was planned. The others followed one still playing, which holds their start until it ends: their TTFF
+    # is that wait, not a delay anyone hears (the speech goes on).
+    turn_ttff_ms: list[float] = field(default_factory=list)
     lateness_ms: deque[float] = field(init=False)  # how late each tick went out
     # how long before its tick a batch's first frame was ready
     render_slack_ms: deque[float] = field(init=False)
@@ -137,6 +141,9 @@ class _Plan:
     rendered: dict[int, np.ndarray] = field(default_factory=dict)
     frame0_in_lane: bool = False  # the job with frame 0 was submitted and has not come back yet
     start_waits: int = 0  # ticks this utterance's start waited for its frame 0
+    starts_turn: bool = (
+        False  # planned while nothing of this session played or was planned (see turn_ttff_ms)
+    )
 
 
 class SessionRuntime:
@@ -402,7 +409,10 @@ class SessionRuntime:
             self.samples.planned_budget_ms.append(lead_ms)
             start_tick = self._first_tick_after(lead_ms)
         first_frames = self._first_frames(start_tick, ready, budget_ms)
-        self._plans.append(_Plan(utterance, stream, start_tick, first_frames=first_frames))
+        starts_turn = not self._plans
+        self._plans.append(
+            _Plan(utterance, stream, start_tick, first_frames=first_frames, starts_turn=starts_turn)
+        )
 
     def _first_tick_lead(self, ready_frames: int) -> tuple[float, float]:
         """The load's planning budget B, and the lead of a new utterance's first tick.
@@ -632,7 +642,10 @@ class SessionRuntime:
         if k == 0:
             self._schedule_started(utterance, tick, deadline)
             if utterance.first_audio_at_s is not None:
-                self.samples.ttff_ms.append((self._clock() - utterance.first_audio_at_s) * 1000.0)
+                ttff_ms = (self._clock() - utterance.first_audio_at_s) * 1000.0
+                self.samples.ttff_ms.append(ttff_ms)
+                if plan.starts_turn:
+                    self.samples.turn_ttff_ms.append(ttff_ms)
         self.timeline.mark_played(utterance, audio)
         plan.next_frame = k + 1
         self.counters.speech_frames += 1

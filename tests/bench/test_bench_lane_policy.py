@@ -18,6 +18,9 @@ async def test_a_short_run_reports_each_level_and_client_start() -> None:
     for row in document["results"]:
         assert row["ttff_ms"], row  # every session spoke at least once
         assert row["speech_frames"] > 0
+        # each session's first utterance starts a turn; any later one counts as a turn only if it was
+        assert 2 <= len(row["turn_ttff_ms"]) <= len(row["ttff_ms"])
+        assert set(row["turn_ttff_ms"]) <= set(row["ttff_ms"])
     assert document["settings"]["batch_ms_by_bucket"]["64"] == round(0.8 * 136.77, 2)
 
 
@@ -27,6 +30,7 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
             "client_start": "staggered",
             "sessions": 4,
             "ttff_ms": [100.0, 200.0],
+            "turn_ttff_ms": [100.0],
             "dropped_frames": 1,
             "utterance_start_deferred_ticks": 2,
             "clock_resyncs": 3,
@@ -36,6 +40,7 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
             "client_start": "staggered",
             "sessions": 4,
             "ttff_ms": [300.0],
+            "turn_ttff_ms": [300.0],
             "dropped_frames": 0,
             "utterance_start_deferred_ticks": 1,
             "clock_resyncs": 0,
@@ -45,6 +50,8 @@ def test_the_summary_pools_every_utterance_of_a_level_over_its_runs() -> None:
     summary = summarise(rows)["staggered_4"]
     assert summary["utterances"] == 3
     assert summary["ttff_ms_p50"] == 200.0
+    assert summary["turn_utterances"] == 2
+    assert summary["turn_ttff_ms_p50"] == 200.0  # of 100 and 300
     assert summary["dropped_frames"] == 1
     assert summary["utterance_start_deferred_ticks"] == 3
     assert summary["clock_resyncs"] == 3

@@ -18,6 +18,7 @@ from bench.sessions import (
     _client_starts,
     _ladder_turned,
     avatar_zip,
+    client_cycle_s,
     client_start_delays_s,
     frame_px,
     parse_args,
@@ -60,6 +61,22 @@ def test_lockstep_clients_start_together_and_staggered_ones_spread_over_a_cycle(
     assert client_start_delays_s("staggered", 5, random.Random(7)) == client_start_delays_s(
         "staggered", 5, random.Random(7)
     )
+
+
+def test_staggered_phases_spread_over_the_client_cycle_of_the_gap_asked_for() -> None:
+    # 3 s utterances, the first 0.6 s sent at once: 2.4 s of sending, then the gap.
+    assert client_cycle_s(0.6, 1.5) == pytest.approx(UTTERANCE_S - 0.6 + 1.5)
+    assert client_cycle_s(0.0, 0.4, utterance_s=0.8) == pytest.approx(1.2)
+    cycle_s = client_cycle_s(0.6, 1.5)
+    delays_s = client_start_delays_s("staggered", 200, random.Random(2), cycle_s=cycle_s)
+    assert max(delays_s) <= cycle_s
+    assert max(delays_s) > UTTERANCE_S + GAP_S  # the longer cycle is used, not the default one
+
+
+def test_the_client_gap_defaults_to_the_earlier_runs_and_can_be_asked_for() -> None:
+    required = ["--sessions", "4", "--json", "out.json"]
+    assert parse_args(required).client_gap_s == GAP_S
+    assert parse_args([*required, "--client-gap-s", "1.5"]).client_gap_s == 1.5
 
 
 def test_client_start_modes_parse_as_a_list_and_unknown_ones_are_refused() -> None:

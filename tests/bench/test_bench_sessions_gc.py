@@ -65,3 +65,6 @@ def test_each_level_reports_collections_and_the_run_says_whether_the_heap_was_fr
     assert isinstance(row["gc_long_pauses"], list) and isinstance(row["loop_stalls"], list)
     assert row["loop_lag_ms_max"] >= row["loop_lag_ms_p99"]
     assert (row["gc_frozen_objects"] > 0) is freeze
+    # a 1 s level: each session's one utterance starts on an idle session, a turn
+    assert row["turn_utterances"] == row["utterances"] == 2
+    assert row["turn_ttff_ms_p99"] == row["ttff_ms_p99"]

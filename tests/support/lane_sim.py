@@ -166,6 +166,7 @@ class SimResult:
     dropped_frames: int
     ttff_ms: list[float]
     ttff_ms_by_session: list[list[float]]
+    turn_ttff_ms: list[float]  # utterances that started a turn (`RuntimeSamples.turn_ttff_ms`)
     planned_budget_ms: list[float]
     lane_batches: int
     lane_mean_batch_frames: float
@@ -303,6 +304,7 @@ async def simulate(
         dropped_frames=sum(r.counters.render_misses for r in runtimes),
         ttff_ms=[v for r in runtimes for v in r.samples.ttff_ms],
         ttff_ms_by_session=[list(r.samples.ttff_ms) for r in runtimes],
+        turn_ttff_ms=[v for r in runtimes for v in r.samples.turn_ttff_ms],
         planned_budget_ms=[v for r in runtimes for v in r.samples.planned_budget_ms],
         lane_batches=lane.stats.batches,
         lane_mean_batch_frames=lane.stats.frames_rendered / max(1, lane.stats.batches),
