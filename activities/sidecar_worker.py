@@ -103,11 +103,11 @@ async def run_sidecar_worker(
     )
     async with worker:
         # Register only once the queue is polled, so no placement points at a queue nobody serves.
-        await _register(placer, host, config, incarnation, activities.sessions_held)
+        await register_sidecar(placer, host, config, incarnation, activities.sessions_held)
         if ready is not None:
             ready.set()
         registration = asyncio.create_task(
-            _keep_registered(placer, host, config, incarnation, activities.sessions_held)
+            keep_registered(placer, host, config, incarnation, activities.sessions_held)
         )
         try:
             await stop.wait()
@@ -120,9 +120,10 @@ async def run_sidecar_worker(
     logger.info("sidecar worker stopped", extra={"sidecar": config.sidecar_id})
 
 
-async def _register(
+async def register_sidecar(
     placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
 ) -> None:
+    """One registration heartbeat: this incarnation's queue, free slots and the sessions it holds."""
     capacity = host.capacity()
     beat = SidecarHeartbeat(
         sidecar_id=config.sidecar_id,
@@ -150,14 +151,17 @@ def heartbeat_send_timeout_s(config: SidecarWorkerConfig) -> float:
     return max(config.registration_interval_s, config.lease_s / 3)
 
 
-async def _keep_registered(
+async def keep_registered(
     placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
 ) -> None:
+    """Renew the registration every `registration_interval_s` until cancelled (a failed one is logged)."""
     send_timeout_s = heartbeat_send_timeout_s(config)
     while True:
         await asyncio.sleep(config.registration_interval_s)
         try:
-            await asyncio.wait_for(_register(placer, host, config, incarnation, sessions), send_timeout_s)
+            await asyncio.wait_for(
+                register_sidecar(placer, host, config, incarnation, sessions), send_timeout_s
+            )
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
             logger.warning(
                 "placement heartbeat failed",

@@ -26,7 +26,7 @@ from temporalio.worker import Replayer, Worker
 from activities.control import ControlConfig
 from activities.placement_client import Placer
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
-from activities.sidecar_worker import run_sidecar_worker
+from activities.sidecar_worker import keep_registered, register_sidecar, run_sidecar_worker
 from activities.worker import build_control_worker
 from api.policy_file import load_policies
 from infra.paths import PROJECT_ROOT
@@ -44,7 +44,6 @@ from workflows.contracts import (
     PlacementSnapshot,
     SessionRequest,
     SessionStatus,
-    SidecarHeartbeat,
     placement_registry_id,
     sidecar_task_queue,
 )
@@ -177,18 +176,7 @@ class Harness:
         host = LoopbackSessionHost(
             sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir, **host_options
         )
-        config = SidecarWorkerConfig.for_host(
-            host,
-            self.asset_dir,
-            control_task_queue=self.control_queue,
-            placement_workflow_id=self.placement_id,
-            placement_shards=self.shards,
-            pool=pool,
-            lease_s=self.lease_s,
-            registration_interval_s=self.registration_interval_s,
-            livekit_api_key=self.livekit_api_key,
-            livekit_api_secret=self.livekit_api_secret,
-        )
+        config = self._worker_config(host, pool)
         shutdown, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(
             run_sidecar_worker(self.client, host, config, shutdown=shutdown, ready=ready)
@@ -214,42 +202,15 @@ class Harness:
         parts here."""
         sidecar_id = self.sidecar_id(name)
         host = LoopbackSessionHost(sidecar_id, sidecar_task_queue(sidecar_id), slots, self.cache_dir)
-        config = SidecarWorkerConfig.for_host(
-            host,
-            self.asset_dir,
-            control_task_queue=self.control_queue,
-            placement_workflow_id=self.placement_id,
-            placement_shards=self.shards,
-            lease_s=self.lease_s,
-            registration_interval_s=self.registration_interval_s,
-        )
+        config = self._worker_config(host, DEFAULT_POOL)
         placer = Placer(self.client, self.placement_id, self.control_queue, shards=self.shards)
         incarnation = uuid.uuid4().hex
         activities = SidecarActivities(host, config, incarnation)
+        sessions = activities.sessions_held
         shutdown = asyncio.Event()
 
-        async def register() -> None:
-            capacity = host.capacity()
-            await placer.send_heartbeat(
-                SidecarHeartbeat(
-                    sidecar_id=sidecar_id,
-                    incarnation=incarnation,
-                    task_queue=config.queue,
-                    slots_total=capacity.slots_total,
-                    slots_free=capacity.slots_free,
-                    lease_s=config.lease_s,
-                    pool=config.pool,
-                    sessions=sorted(activities.sessions_held),
-                )
-            )
-
         async def serve() -> None:
-            async def keep_registered() -> None:
-                while True:
-                    await asyncio.sleep(config.registration_interval_s)
-                    await register()
-
-            registration = asyncio.create_task(keep_registered())
+            registration = asyncio.create_task(keep_registered(placer, host, config, incarnation, sessions))
             try:
                 if polls_after_s is None:
                     await shutdown.wait()
@@ -267,10 +228,24 @@ class Harness:
                 with contextlib.suppress(Exception):
                     await placer.depart(sidecar_id, incarnation, config.pool)
 
-        await register()
+        await register_sidecar(placer, host, config, incarnation, sessions)
         self.hosts[sidecar_id] = host
         self._sidecar_tasks[sidecar_id] = (asyncio.create_task(serve()), shutdown)
         return host
+
+    def _worker_config(self, host: LoopbackSessionHost, pool: str) -> SidecarWorkerConfig:
+        return SidecarWorkerConfig.for_host(
+            host,
+            self.asset_dir,
+            control_task_queue=self.control_queue,
+            placement_workflow_id=self.placement_id,
+            placement_shards=self.shards,
+            pool=pool,
+            lease_s=self.lease_s,
+            registration_interval_s=self.registration_interval_s,
+            livekit_api_key=self.livekit_api_key,
+            livekit_api_secret=self.livekit_api_secret,
+        )
 
     async def stop_sidecar(self, sidecar_id: str) -> None:
         task, shutdown = self._sidecar_tasks.pop(sidecar_id)

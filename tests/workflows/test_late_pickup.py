@@ -10,15 +10,17 @@ step once more with `run_session.reconcile_s` (the allowance a reconcile gets fo
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+from temporalio.client import WorkflowHandle
 
 from infra.rtmp import RtmpServerConfig
 from realtime.outputs.registry import RtmpTarget
 from tests.support.outputs import output_request
 from tests.support.temporal_harness import Harness, failed_with, fast_policy, wait_for_status
 from workflows.client import stop_session
-from workflows.contracts import EndReason, ErrorCode, Phase
+from workflows.contracts import EndReason, ErrorCode, Phase, SessionRequest
 from workflows.session import SessionWorkflow
 
 pytestmark = pytest.mark.service
@@ -28,14 +30,22 @@ ASK_AGAIN_S = 6.0  # run_session.reconcile_s: the second schedule's allowance
 POLLS_AFTER_S = 4.0  # later than the first schedule allows, within the second
 
 
+async def start_on_late_sidecar(
+    harness: Harness, rtmp_server: RtmpServerConfig, avatar_url: str, name: str, polls_after_s: float | None
+) -> tuple[SessionRequest, WorkflowHandle[SessionWorkflow, Any]]:
+    """The world's only sidecar polls `polls_after_s` late; a session is started onto it."""
+    await harness.add_late_polling_sidecar(name, polls_after_s=polls_after_s)
+    request = harness.request(
+        avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"{name}-{harness.suffix}")))
+    )
+    handle = await harness.start(request, fast_policy(activities__run_session__reconcile_s=ASK_AGAIN_S))
+    return request, handle
+
+
 async def test_a_sidecar_that_polls_late_keeps_the_session(
     harness: Harness, rtmp_server: RtmpServerConfig, avatar_url: str
 ) -> None:
-    await harness.add_late_polling_sidecar("late", polls_after_s=POLLS_AFTER_S)
-    request = harness.request(
-        avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"late-{harness.suffix}")))
-    )
-    handle = await harness.start(request, fast_policy(activities__run_session__reconcile_s=ASK_AGAIN_S))
+    request, handle = await start_on_late_sidecar(harness, rtmp_server, avatar_url, "late", POLLS_AFTER_S)
     status = await wait_for_status(
         handle,
         lambda s: s.phase is Phase.LIVE and s.stats.get("frames_published", 0) > 0,
@@ -59,12 +69,8 @@ async def test_a_sidecar_that_polls_late_keeps_the_session(
 async def test_a_sidecar_that_never_polls_is_lost_after_the_second_schedule(
     harness: Harness, rtmp_server: RtmpServerConfig, avatar_url: str
 ) -> None:
-    await harness.add_late_polling_sidecar("wedged", polls_after_s=None)
-    request = harness.request(
-        avatar_url, output_request(rtmp=RtmpTarget(url=rtmp_server.publish_url(f"wedged-{harness.suffix}")))
-    )
     started_s = time.monotonic()
-    handle = await harness.start(request, fast_policy(activities__run_session__reconcile_s=ASK_AGAIN_S))
+    _, handle = await start_on_late_sidecar(harness, rtmp_server, avatar_url, "wedged", None)
     # Lost once both schedules ran out, then no other sidecar: the session fails for want of capacity.
     _, status = await failed_with(handle, ErrorCode.NO_CAPACITY)
     assert time.monotonic() - started_s >= SCHEDULE_TO_START_S + ASK_AGAIN_S
