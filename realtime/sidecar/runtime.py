@@ -141,9 +141,8 @@ class _Plan:
     rendered: dict[int, np.ndarray] = field(default_factory=dict)
     frame0_in_lane: bool = False  # the job with frame 0 was submitted and has not come back yet
     start_waits: int = 0  # ticks this utterance's start waited for its frame 0
-    starts_turn: bool = (
-        False  # planned while nothing of this session played or was planned (see turn_ttff_ms)
-    )
+    # planned while nothing of this session played or was planned (see `RuntimeSamples.turn_ttff_ms`)
+    starts_turn: bool = False
 
 
 class SessionRuntime:
