@@ -154,6 +154,16 @@ class SessionOut(BaseModel):
     output_attempts: list[dict[str, Any]] = Field(default_factory=list)
     replacements: int = 0
     sidecar_losses: list[dict[str, Any]] = Field(default_factory=list)
+    reconciles: int = Field(
+        default=0,
+        description="times the session's sidecar went silent (e.g. a control-plane outage) and the workflow "
+        "re-attached to it, the session going on",
+    )
+    steps_asked_again: int = Field(
+        default=0,
+        description="start-up steps the sidecar did not pick up in time and that were scheduled once more "
+        "before it would count as lost (its pollers back off after a control-plane outage)",
+    )
     trace_id: str | None = None
     temporal_ui_url: str = ""
 

@@ -364,6 +364,8 @@ class SessionService:
             output_attempts=[dataclasses.asdict(attempt) for attempt in status.output_attempts],
             replacements=status.replacements,
             sidecar_losses=[dataclasses.asdict(loss) for loss in status.sidecar_losses],
+            reconciles=status.reconciles,
+            steps_asked_again=status.steps_asked_again,
             trace_id=trace_id_of(traceparent) if traceparent else None,
             temporal_ui_url=self.temporal_ui_url(session_id),
         )

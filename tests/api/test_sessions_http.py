@@ -216,6 +216,8 @@ async def test_created_session_fields_duplicate_409_and_trace_header(world: Harn
     assert created["trace_id"] == trace_id and len(trace_id) == 32
     assert status.headers["X-Trace-Id"] == trace_id and status.json()["trace_id"] == trace_id
     assert final["phase"] == "failed" and final["error"]["code"] == "asset_unreachable"
+    # how the control plane's faults touched it: nothing here (the fetch failed before any sidecar)
+    assert (final["replacements"], final["reconciles"], final["steps_asked_again"]) == (0, 0, 0)
     names = span_names(trace_id)
     assert {"POST /v1/sessions", "StartWorkflow:SessionWorkflow", "RunActivity:fetch_assets"} <= set(names), (
         names
