@@ -124,7 +124,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         )
         entry["wait_ticks"] += row.get("first_frame_wait_ticks", 0)
         entry["ttff_ms"].extend(row["ttff_ms"])
-        entry["turn_ttff_ms"].extend(row.get("turn_ttff_ms", []))
+        entry["turn_ttff_ms"].extend(row["turn_ttff_ms"])
         entry["resyncs"] += row["clock_resyncs"]
         entry["gc_ms"].extend(pause[2] for pause in row["gc_long_pauses"])
         entry["dropped_frames"] += row["dropped_frames"]

@@ -409,9 +409,7 @@ def client_cycle_s(burst_s: float, gap_s: float, utterance_s: float = UTTERANCE_
     return max(0.0, utterance_s - burst_s) + gap_s
 
 
-def client_start_delays_s(
-    mode: str, sessions: int, rng: random.Random, *, cycle_s: float = UTTERANCE_S + GAP_S
-) -> list[float]:
+def client_start_delays_s(mode: str, sessions: int, rng: random.Random, *, cycle_s: float) -> list[float]:
     """When each session's client starts speaking. "lockstep": all at once, so every utterance of every
     session starts within the same few milliseconds (the worst case for TTFF: all first frames compete for
     one batch). "staggered": each call at its own phase, uniform over one utterance cycle (`cycle_s`), as

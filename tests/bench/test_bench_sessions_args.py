@@ -24,6 +24,8 @@ from bench.sessions import (
     parse_args,
 )
 
+CYCLE_S = UTTERANCE_S + GAP_S  # an utterance sent in real time, then the gap
+
 
 @pytest.mark.parametrize(
     ("text", "size"), [("512", (512, 512)), ("512x512", (512, 512)), ("1280X720", (1280, 720))]
@@ -51,15 +53,15 @@ def test_a_wide_avatar_keeps_the_face_square_and_reflects_the_sides() -> None:
 
 
 def test_lockstep_clients_start_together_and_staggered_ones_spread_over_a_cycle() -> None:
-    assert client_start_delays_s("lockstep", 4, random.Random(1)) == [0.0] * 4
-    delays_s = client_start_delays_s("staggered", 200, random.Random(1))
+    assert client_start_delays_s("lockstep", 4, random.Random(1), cycle_s=CYCLE_S) == [0.0] * 4
+    delays_s = client_start_delays_s("staggered", 200, random.Random(1), cycle_s=CYCLE_S)
     assert all(0.0 <= d <= UTTERANCE_S + GAP_S for d in delays_s)
     # spread over the whole cycle, not bunched: every quarter of it holds some starts
     quarters = {int(d / (UTTERANCE_S + GAP_S) * 4) for d in delays_s}
     assert quarters >= {0, 1, 2, 3}
     # one level's phases are the same from run to run (the level's seed)
-    assert client_start_delays_s("staggered", 5, random.Random(7)) == client_start_delays_s(
-        "staggered", 5, random.Random(7)
+    assert client_start_delays_s("staggered", 5, random.Random(7), cycle_s=CYCLE_S) == client_start_delays_s(
+        "staggered", 5, random.Random(7), cycle_s=CYCLE_S
     )
 
 
@@ -70,7 +72,7 @@ def test_staggered_phases_spread_over_the_client_cycle_of_the_gap_asked_for() ->
     cycle_s = client_cycle_s(0.6, 1.5)
     delays_s = client_start_delays_s("staggered", 200, random.Random(2), cycle_s=cycle_s)
     assert max(delays_s) <= cycle_s
-    assert max(delays_s) > UTTERANCE_S + GAP_S  # the longer cycle is used, not the default one
+    assert max(delays_s) > UTTERANCE_S + GAP_S  # the longer cycle is used, not a real-time client's
 
 
 def test_the_client_gap_defaults_to_the_earlier_runs_and_can_be_asked_for() -> None:
@@ -87,7 +89,7 @@ def test_client_start_modes_parse_as_a_list_and_unknown_ones_are_refused() -> No
     with pytest.raises(argparse.ArgumentTypeError, match="lockstep or staggered"):
         _client_starts("poisson")
     with pytest.raises(ValueError, match="expected one of"):
-        client_start_delays_s("poisson", 1, random.Random(0))
+        client_start_delays_s("poisson", 1, random.Random(0), cycle_s=CYCLE_S)
 
 
 def test_each_client_start_mode_runs_its_own_ladder_until_it_turns() -> None:

@@ -212,15 +212,13 @@ class Harness:
         async def serve() -> None:
             registration = asyncio.create_task(keep_registered(placer, host, config, incarnation, sessions))
             try:
-                if polls_after_s is None:
-                    await shutdown.wait()
-                    return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(shutdown.wait(), polls_after_s)
-                if shutdown.is_set():
-                    return
-                async with Worker(self.client, task_queue=config.queue, activities=activities.definitions()):
-                    await shutdown.wait()
+                    await asyncio.wait_for(shutdown.wait(), polls_after_s)  # None: until shut down
+                if not shutdown.is_set():
+                    async with Worker(
+                        self.client, task_queue=config.queue, activities=activities.definitions()
+                    ):
+                        await shutdown.wait()
             finally:
                 registration.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
