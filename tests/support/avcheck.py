@@ -9,7 +9,11 @@ How A/V sync is measured at the subscriber (docs/audio-protocol.md repeats this)
    host), and the queued chunks then arrive in a burst: a chunk's play time is therefore
    taken as the earlier of its arrival and the next chunk's play time less its own length
    (a reader that fell behind makes audio look late; the stream itself never runs faster
-   than real time). Video frames are not queued (the SDK keeps the latest), so theirs stay.
+   than real time). The A/V offset keeps each video frame's arrival: a starved reader makes
+   video look late, never early, so the measured offset errs towards the failing side.
+   Where a test asks which frames showed while the audio was loud, both sides need play
+   times: video frames queue the same way (the Python stream's queue is unbounded), and
+   `frame_play_times` undoes their bursts with the frames' capture timestamps.
 2. The received audio is aligned to the speech that was sent (cross-correlation of the 48 kHz
    signals), giving `lag`: the received-sample index of the utterance's first sample.
 3. The sidecar says which clock frame carried the utterance's first 40 ms (`playback_started`
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 from livekit import api, rtc
@@ -218,6 +224,19 @@ class RoomRecorder:
         starts_s = np.concatenate([[0.0], np.cumsum(lengths_s)[:-1]]) if len(lengths_s) else lengths_s
         return np.asarray(np.minimum.accumulate((arrivals - starts_s)[::-1])[::-1] + starts_s)
 
+    def frame_play_times(self) -> np.ndarray:
+        """Per received frame (as in `frames`), when it shows: its arrival, bursts of a starved reader undone
+        as for audio, with the frame's capture time on the sidecar's clock (its user timestamp) as its place
+        in the stream. NaN for frames without a timestamp (none: the avatar stamps every frame)."""
+        stamped = np.array([f.user_timestamp_us > 0 for f in self.frames], dtype=bool)
+        arrivals = np.array([f.arrival_s for f in self.frames])
+        positions_s = np.array([f.user_timestamp_us for f in self.frames], dtype=np.float64) / 1e6
+        plays = np.full(len(self.frames), np.nan)
+        if stamped.any():
+            lead = (arrivals - positions_s)[stamped]
+            plays[stamped] = np.minimum.accumulate(lead[::-1])[::-1] + positions_s[stamped]
+        return plays
+
     def audio_play_time(self, sample_index: np.ndarray) -> np.ndarray:
         """Play time of received samples (see the module docstring)."""
         starts = np.cumsum([0] + [len(chunk) for _, chunk in self.audio_chunks])
@@ -234,6 +253,53 @@ class RoomRecorder:
     def fps(self, since_s: float | None = None) -> float:
         times = [f.arrival_s for f in self.frames if since_s is None or f.arrival_s >= since_s]
         return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def idle_and_loud_frames(
+    recorder: RoomRecorder, side_px: int, *, idle_margin_s: float = 0.3, loud_fraction: float = 0.3
+) -> tuple[list[ReceivedFrame], list[ReceivedFrame]]:
+    """(full-size frames shown before the heard speech began, those shown while it was loud), by play time.
+
+    For tests that know neither the utterance's first frame nor its samples (the speech came from a client
+    we did not write): the avatar publishes audio and video from one clock, so a frame and the audio that
+    played with it belong together. Play times, not arrivals: on a loaded host both streams can reach this
+    reader in bursts, each on its own schedule (see the module docstring); compared by arrival, smooth
+    frames against audio handed out in 100 ms bursts miss loud audio about half the time.
+    Loud: a 10 ms chunk above `loud_fraction` of the loudest; the speech began at the first chunk above 5 %.
+    """
+    times = recorder.chunk_play_times()
+    level = np.array(
+        [
+            float(np.sqrt(np.mean((chunk.astype(np.float32) / 32768.0) ** 2)))
+            for _, chunk in recorder.audio_chunks
+        ]
+    )
+    if not level.size or level.max() <= 0.0:
+        return [], []
+    onset_s = float(times[np.argmax(level > 0.05 * level.max())])
+    loud_times = np.sort(times[level > loud_fraction * level.max()])
+    half_chunk_s = 0.02  # a frame shows for 40 ms: within 20 ms of a loud chunk's start is "with" it
+    idle: list[ReceivedFrame] = []
+    loud: list[ReceivedFrame] = []
+    for frame, play_s in zip(recorder.frames, recorder.frame_play_times(), strict=True):
+        if (frame.width_px, frame.height_px) != (side_px, side_px) or not np.isfinite(play_s):
+            continue
+        if play_s < onset_s - idle_margin_s:
+            idle.append(frame)
+        elif np.min(np.abs(loud_times - play_s)) < half_chunk_s:
+            loud.append(frame)
+    return idle, loud
+
+
+def received_frames_summary(recorder: RoomRecorder) -> dict[str, object]:
+    """What a failing frame count needs to be read: the sizes received and the gaps in the clock's frame
+    numbers (frames the subscriber never got)."""
+    ids = [f.frame_id for f in recorder.frames if f.frame_id >= 0]
+    return {
+        "sizes": dict(Counter(f"{f.width_px}x{f.height_px}" for f in recorder.frames)),
+        "frame_id_gaps": dict(Counter(b - a for a, b in pairwise(ids) if b - a != 1)),
+        "frames": len(recorder.frames),
+    }
 
 
 def mouth_change(frame: ReceivedFrame, idle_mouth: np.ndarray) -> float:

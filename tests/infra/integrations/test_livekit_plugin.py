@@ -31,7 +31,7 @@ from infra.demo import avatar_zip_bytes, speech_pcm
 from infra.paths import PROJECT_ROOT
 from tests.support.api_stack import AVATAR_SIDE_PX, ApiStack, gray, heard_speech_correlation
 from tests.support.asset_server import Route
-from tests.support.avcheck import RoomRecorder, agent_token
+from tests.support.avcheck import RoomRecorder, agent_token, idle_and_loud_frames, received_frames_summary
 from tests.support.avcheck import token as viewer_token_for
 from tests.support.framework_venv import integration_pythonpath
 
@@ -147,28 +147,6 @@ async def dispatch(stack: ApiStack, agent_name: str, room: str) -> None:
         )
 
 
-def speech_frames(viewer: RoomRecorder) -> tuple[list[Any], list[Any]]:
-    """(idle frames before the speech, frames shown while the heard speech was loud), by arrival time.
-
-    The avatar publishes audio and video from one clock, so at the subscriber a frame and the
-    audio that arrived with it belong together (within a frame or two).
-    """
-    times = np.array([t for t, _ in viewer.audio_chunks])
-    level = np.array(
-        [
-            float(np.sqrt(np.mean((chunk.astype(np.float32) / 32768.0) ** 2)))
-            for _, chunk in viewer.audio_chunks
-        ]
-    )
-    loud = level > 0.3 * level.max()
-    onset_s = float(times[np.argmax(level > 0.05 * level.max())])
-    full = [f for f in viewer.frames if (f.width_px, f.height_px) == (AVATAR_SIDE_PX, AVATAR_SIDE_PX)]
-    idle = [f for f in full if f.arrival_s < onset_s - 0.3]
-    loud_times = times[loud]
-    spoken = [f for f in full if loud_times.size and np.min(np.abs(loud_times - f.arrival_s)) < 0.02]
-    return idle, spoken
-
-
 async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
     agents_python: Path, stack: ApiStack, tmp_path: Path
 ) -> None:
@@ -233,8 +211,13 @@ async def test_an_agent_job_with_the_readme_example_drives_the_avatar(
     correlation = heard_speech_correlation(viewer.audio(), sent48)
     assert correlation >= 0.8, correlation
     # ... and saw the lips move while it was loud, not before.
-    idle, spoken = speech_frames(viewer)
-    assert len(idle) >= 25 and len(spoken) >= 20, (len(idle), len(spoken))
+    idle, spoken = idle_and_loud_frames(viewer, AVATAR_SIDE_PX)
+    assert len(idle) >= 25 and len(spoken) >= 20, (
+        len(idle),
+        len(spoken),
+        received_frames_summary(viewer),
+        stats,
+    )
     reference_mouth = np.median(np.stack([gray(f.mouth) for f in idle[-25:]]), axis=0)
 
     def change(frame: Any) -> float:
