@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -101,26 +101,34 @@ async def run_sidecar_worker(
             "registry": placer.registry_of_sidecar(config.sidecar_id, config.pool),
         },
     )
-    async with worker:
-        # Register only once the queue is polled, so no placement points at a queue nobody serves.
-        await register_sidecar(placer, host, config, incarnation, activities.sessions_held)
+    # Register only once the queue is polled (the worker entered first), so no placement points at a queue
+    # nobody serves; leave placement before the worker drains.
+    async with worker, placement_registration(placer, host, config, incarnation, activities.sessions_held):
         if ready is not None:
             ready.set()
-        registration = asyncio.create_task(
-            keep_registered(placer, host, config, incarnation, activities.sessions_held)
-        )
-        try:
-            await stop.wait()
-        finally:
-            registration.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await registration
-            with contextlib.suppress(Exception):
-                await placer.depart(config.sidecar_id, incarnation, config.pool)
+        await stop.wait()
     logger.info("sidecar worker stopped", extra={"sidecar": config.sidecar_id})
 
 
-async def register_sidecar(
+@contextlib.asynccontextmanager
+async def placement_registration(
+    placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
+) -> AsyncIterator[None]:
+    """Registered with placement while inside: one registration on entry, renewed every
+    `registration_interval_s`, and on exit the renewals stop and placement is told this incarnation left."""
+    await _register(placer, host, config, incarnation, sessions)
+    renewals = asyncio.create_task(_keep_registered(placer, host, config, incarnation, sessions))
+    try:
+        yield
+    finally:
+        renewals.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewals
+        with contextlib.suppress(Exception):
+            await placer.depart(config.sidecar_id, incarnation, config.pool)
+
+
+async def _register(
     placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
 ) -> None:
     """One registration heartbeat: this incarnation's queue, free slots and the sessions it holds."""
@@ -151,7 +159,7 @@ def heartbeat_send_timeout_s(config: SidecarWorkerConfig) -> float:
     return max(config.registration_interval_s, config.lease_s / 3)
 
 
-async def keep_registered(
+async def _keep_registered(
     placer: Placer, host: SessionHost, config: SidecarWorkerConfig, incarnation: str, sessions: set[str]
 ) -> None:
     """Renew the registration every `registration_interval_s` until cancelled (a failed one is logged)."""
@@ -159,9 +167,7 @@ async def keep_registered(
     while True:
         await asyncio.sleep(config.registration_interval_s)
         try:
-            await asyncio.wait_for(
-                register_sidecar(placer, host, config, incarnation, sessions), send_timeout_s
-            )
+            await asyncio.wait_for(_register(placer, host, config, incarnation, sessions), send_timeout_s)
         except Exception as exc:  # Temporal briefly unreachable: the lease covers a few missed beats
             logger.warning(
                 "placement heartbeat failed",

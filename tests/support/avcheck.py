@@ -106,6 +106,14 @@ def mean_jitter_delay_ms(
     return 1000.0 * delay_s / (rows[-1].emitted - rows[0].emitted)
 
 
+def _bursts_undone(arrivals_s: np.ndarray, positions_s: np.ndarray) -> np.ndarray:
+    """Play times of items that reached a reader at `arrivals_s` and sit at `positions_s` in their stream:
+    each item plays no later than the next one's play time less the distance between them, i.e. its
+    position plus the running minimum of arrival - position from the end (a stream never runs faster than
+    real time; a starved reader only delays)."""
+    return np.asarray(np.minimum.accumulate((arrivals_s - positions_s)[::-1])[::-1] + positions_s)
+
+
 @dataclass
 class RoomRecorder:
     """Subscribes to the avatar's tracks and records frames (mouth region) and audio with arrival times."""
@@ -222,7 +230,7 @@ class RoomRecorder:
         lengths_s = np.array([len(chunk) for _, chunk in self.audio_chunks]) / PLAYOUT_RATE_HZ
         arrivals = np.array([t for t, _ in self.audio_chunks])
         starts_s = np.concatenate([[0.0], np.cumsum(lengths_s)[:-1]]) if len(lengths_s) else lengths_s
-        return np.asarray(np.minimum.accumulate((arrivals - starts_s)[::-1])[::-1] + starts_s)
+        return _bursts_undone(arrivals, starts_s)
 
     def frame_play_times(self) -> np.ndarray:
         """Per received frame (as in `frames`), when it shows: its arrival, bursts of a starved reader undone
@@ -232,9 +240,7 @@ class RoomRecorder:
         arrivals = np.array([f.arrival_s for f in self.frames])
         positions_s = np.array([f.user_timestamp_us for f in self.frames], dtype=np.float64) / 1e6
         plays = np.full(len(self.frames), np.nan)
-        if stamped.any():
-            lead = (arrivals - positions_s)[stamped]
-            plays[stamped] = np.minimum.accumulate(lead[::-1])[::-1] + positions_s[stamped]
+        plays[stamped] = _bursts_undone(arrivals[stamped], positions_s[stamped])
         return plays
 
     def audio_play_time(self, sample_index: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from temporalio.worker import Replayer, Worker
 from activities.control import ControlConfig
 from activities.placement_client import Placer
 from activities.sidecar import SidecarActivities, SidecarWorkerConfig
-from activities.sidecar_worker import keep_registered, register_sidecar, run_sidecar_worker
+from activities.sidecar_worker import placement_registration, run_sidecar_worker
 from activities.worker import build_control_worker
 from api.policy_file import load_policies
 from infra.paths import PROJECT_ROOT
@@ -98,6 +98,17 @@ def fast_policy(**overrides: Any) -> SessionPolicy:
     merged = dict(FAST_POLICY_OVERRIDES)
     merged.update({key.replace("__", "."): value for key, value in overrides.items()})
     return load_policies(overrides=merged)
+
+
+async def _registered(sidecar_id: str, task: asyncio.Task[None], registered: asyncio.Event) -> None:
+    """Wait until the sidecar served by `task` has registered; its error if it failed first."""
+    waiter = asyncio.create_task(registered.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        if task.done():
+            task.result()  # raises the worker's error
+        raise TimeoutError(f"sidecar {sidecar_id} did not register within 30 s")
 
 
 class Harness:
@@ -181,13 +192,7 @@ class Harness:
         task = asyncio.create_task(
             run_sidecar_worker(self.client, host, config, shutdown=shutdown, ready=ready)
         )
-        waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:
-            waiter.cancel()
-            if task.done():
-                task.result()  # raises the worker's error
-            raise TimeoutError(f"sidecar {sidecar_id} did not register within 30 s")
+        await _registered(sidecar_id, task, ready)
         self.hosts[sidecar_id] = host
         self._sidecar_tasks[sidecar_id] = (task, shutdown)
         return host
@@ -206,12 +211,11 @@ class Harness:
         placer = Placer(self.client, self.placement_id, self.control_queue, shards=self.shards)
         incarnation = uuid.uuid4().hex
         activities = SidecarActivities(host, config, incarnation)
-        sessions = activities.sessions_held
-        shutdown = asyncio.Event()
+        shutdown, registered = asyncio.Event(), asyncio.Event()
 
         async def serve() -> None:
-            registration = asyncio.create_task(keep_registered(placer, host, config, incarnation, sessions))
-            try:
+            async with placement_registration(placer, host, config, incarnation, activities.sessions_held):
+                registered.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shutdown.wait(), polls_after_s)  # None: until shut down
                 if not shutdown.is_set():
@@ -219,16 +223,11 @@ class Harness:
                         self.client, task_queue=config.queue, activities=activities.definitions()
                     ):
                         await shutdown.wait()
-            finally:
-                registration.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await registration
-                with contextlib.suppress(Exception):
-                    await placer.depart(sidecar_id, incarnation, config.pool)
 
-        await register_sidecar(placer, host, config, incarnation, sessions)
+        task = asyncio.create_task(serve())
+        await _registered(sidecar_id, task, registered)
         self.hosts[sidecar_id] = host
-        self._sidecar_tasks[sidecar_id] = (asyncio.create_task(serve()), shutdown)
+        self._sidecar_tasks[sidecar_id] = (task, shutdown)
         return host
 
     def _worker_config(self, host: LoopbackSessionHost, pool: str) -> SidecarWorkerConfig:
